@@ -1,0 +1,3 @@
+//! firstrt: LLM inference on wgpu compute shaders with FiRST layer skipping.
+
+pub mod model;

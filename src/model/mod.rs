@@ -1,0 +1,1 @@
+//! Model files: GGUF and Hugging Face folders, configuration, weights, tokenizer, chat template.
