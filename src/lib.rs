@@ -1,3 +1,5 @@
 //! firstrt: LLM inference on wgpu compute shaders with FiRST layer skipping.
 
+pub mod gpu;
+pub mod kernels;
 pub mod model;

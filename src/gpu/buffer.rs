@@ -1,0 +1,220 @@
+//! Typed GPU buffers: an element type and a shape over a `wgpu::Buffer`, with upload and readback.
+
+use half::f16;
+use wgpu::util::DeviceExt;
+
+use super::{GpuContext, GpuError};
+
+/// Element type of a GPU tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    /// IEEE half floats, two to a 32-bit word (read as `f16` or through `unpack2x16float`).
+    F16,
+    U32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DType> {
+        match s {
+            "f32" => Some(DType::F32),
+            "f16" => Some(DType::F16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::U32 => "u32",
+        })
+    }
+}
+
+/// Buffers are padded to 16 bytes so that vec4 loads of the last element stay in bounds.
+fn padded_size(bytes: usize) -> u64 {
+    (bytes.max(16).div_ceil(16) * 16) as u64
+}
+
+const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// A storage buffer holding `shape` elements of `dtype`, row-major.
+#[derive(Debug, Clone)]
+pub struct GpuTensor {
+    pub buffer: wgpu::Buffer,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub label: String,
+}
+
+impl GpuTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of the elements (without padding).
+    pub fn byte_len(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    fn check_size(ctx: &GpuContext, label: &str, bytes: u64) -> Result<(), GpuError> {
+        if bytes > ctx.limits.max_buffer_size {
+            return Err(GpuError::BufferTooLarge {
+                label: label.to_string(),
+                needed: bytes,
+                limit: ctx.limits.max_buffer_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// A zero-filled tensor.
+    pub fn zeros(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize]) -> Result<GpuTensor, GpuError> {
+        let bytes = padded_size(shape.iter().product::<usize>() * dtype.size());
+        Self::check_size(ctx, label, bytes)?;
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: STORAGE_USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string() })
+    }
+
+    fn from_bytes(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<GpuTensor, GpuError> {
+        debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * dtype.size());
+        let size = padded_size(bytes.len());
+        Self::check_size(ctx, label, size)?;
+        let buffer = if size as usize == bytes.len() {
+            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytes,
+                usage: STORAGE_USAGE,
+            })
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(size as usize, 0);
+            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &padded,
+                usage: STORAGE_USAGE,
+            })
+        };
+        Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string() })
+    }
+
+    pub fn from_f32(ctx: &GpuContext, label: &str, shape: &[usize], data: &[f32]) -> Result<GpuTensor, GpuError> {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "{label}: shape {shape:?} vs {} values", data.len());
+        Self::from_bytes(ctx, label, DType::F32, shape, bytemuck::cast_slice(data))
+    }
+
+    pub fn from_f16(ctx: &GpuContext, label: &str, shape: &[usize], data: &[f16]) -> Result<GpuTensor, GpuError> {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "{label}: shape {shape:?} vs {} values", data.len());
+        Self::from_bytes(ctx, label, DType::F16, shape, bytemuck::cast_slice(data))
+    }
+
+    pub fn from_u32(ctx: &GpuContext, label: &str, shape: &[usize], data: &[u32]) -> Result<GpuTensor, GpuError> {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "{label}: shape {shape:?} vs {} values", data.len());
+        Self::from_bytes(ctx, label, DType::U32, shape, bytemuck::cast_slice(data))
+    }
+
+    /// Upload f32 values converted to `dtype` (F32 or F16).
+    pub fn from_f32_as(ctx: &GpuContext, label: &str, shape: &[usize], data: &[f32], dtype: DType) -> Result<GpuTensor, GpuError> {
+        match dtype {
+            DType::F32 => Self::from_f32(ctx, label, shape, data),
+            DType::F16 => {
+                let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+                Self::from_f16(ctx, label, shape, &h)
+            }
+            DType::U32 => panic!("{label}: cannot convert f32 data to u32"),
+        }
+    }
+
+    /// Overwrite the start of the buffer with `data` (queued; visible to the next submission).
+    pub fn write_f32(&self, ctx: &GpuContext, data: &[f32]) {
+        ctx.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+    }
+
+    pub fn write_u32(&self, ctx: &GpuContext, data: &[u32]) {
+        ctx.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+    }
+
+    /// Copy `bytes` bytes from the start of the buffer back to the CPU (blocking).
+    pub fn read_bytes(&self, ctx: &GpuContext, bytes: usize) -> Result<Vec<u8>, GpuError> {
+        read_buffer(ctx, &self.buffer, 0, bytes, &self.label)
+    }
+
+    pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
+        match self.dtype {
+            DType::F32 => Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(ctx, self.byte_len())?)),
+            DType::F16 => {
+                let raw = self.read_bytes(ctx, self.byte_len().div_ceil(4) * 4)?;
+                let h: Vec<f16> = bytemuck::pod_collect_to_vec(&raw);
+                Ok(h[..self.numel()].iter().map(|v| v.to_f32()).collect())
+            }
+            DType::U32 => Ok(self.read_u32(ctx)?.into_iter().map(|v| v as f32).collect()),
+        }
+    }
+
+    pub fn read_u32(&self, ctx: &GpuContext) -> Result<Vec<u32>, GpuError> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(ctx, self.numel() * 4)?))
+    }
+}
+
+/// Read `len` bytes at `offset` of `buffer` (which must have COPY_SRC) back to the CPU.
+pub fn read_buffer(ctx: &GpuContext, buffer: &wgpu::Buffer, offset: u64, len: usize, label: &str) -> Result<Vec<u8>, GpuError> {
+    let size = (len.max(4).div_ceil(4) * 4) as u64;
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+    ctx.queue.submit([encoder.finish()]);
+    map_and_read(ctx, &staging, len, label)
+}
+
+/// Map a MAP_READ buffer (after its copy was submitted), wait, and copy `len` bytes out.
+pub fn map_and_read(ctx: &GpuContext, staging: &wgpu::Buffer, len: usize, label: &str) -> Result<Vec<u8>, GpuError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.wait()?;
+    let mapped = rx
+        .recv()
+        .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?
+        .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
+    let _ = mapped;
+    let out = {
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
+        view[..len].to_vec()
+    };
+    staging.unmap();
+    Ok(out)
+}
+
+/// A small uniform buffer holding one `#[repr(C)]` parameter struct.
+pub fn uniform<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, value: &T) -> wgpu::Buffer {
+    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytemuck::bytes_of(value),
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    })
+}
