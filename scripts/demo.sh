@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set-up, then ask the test model a chat question.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model="$(scripts/setup.sh)"
+cargo run --release --quiet -- run --model "$model" --chat --max-tokens 64 \
+    --prompt "${1:-What is the capital of France?}"

@@ -1,0 +1,383 @@
+//! `firstrt run` and `firstrt chat`.
+
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use firstrt::gpu::GpuOptions;
+use firstrt::kernels::sample::SamplerConfig;
+use firstrt::model::chat::ChatMessage;
+use firstrt::model::tokenizer::StreamDecoder;
+use firstrt::runtime::{GenerateOptions, Generation, LayerPlan, LoadedModel, Session, SessionOptions, generate, generate_with};
+
+use super::{ModelArgs, load_model};
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Sample among the K most likely tokens (0: no limit beyond the 256 candidates read back).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling: the smallest set of candidates whose probability reaches P.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Random seed (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the generated text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn sampler(&self) -> SamplerConfig {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        SamplerConfig { temperature: self.temperature.max(0.0), top_k: self.top_k, top_p: self.top_p.clamp(0.0, 1.0), seed }
+    }
+
+    /// Candidates the GPU hands back per token.
+    fn candidates(&self) -> usize {
+        if self.temperature <= 0.0 {
+            1
+        } else if self.top_k == 0 {
+            firstrt::runtime::session::MAX_CANDIDATES
+        } else {
+            self.top_k.min(firstrt::runtime::session::MAX_CANDIDATES)
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// Skip these decoder layers (0-based, comma-separated) for the whole sequence.
+    #[arg(long, value_delimiter = ',')]
+    pub skip_layers: Vec<usize>,
+    /// Print each layer's run/skip decision to stderr.
+    #[arg(long)]
+    pub show_plan: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (default: read from stdin).
+    #[arg(long, short = 'p')]
+    pub prompt: Option<String>,
+    /// Token ids used as they are (no template, no BOS), e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "chat"])]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Keep only the end of a prompt that does not fit the context, instead of failing.
+    #[arg(long)]
+    pub truncate: bool,
+    /// Print one JSON object (ids, text, timings, plan) on stdout instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the logits of the last prompt position to this safetensors file (tensor `logits`, [vocab] f32).
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A system message for the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+}
+
+fn context_len(model: &LoadedModel, args: &ModelArgs) -> usize {
+    args.ctx.unwrap_or_else(|| model.weights.config.max_position.clamp(1, 4096))
+}
+
+fn plan_for(model: &LoadedModel, args: &PlanArgs) -> Result<LayerPlan> {
+    let n = model.weights.config.n_layers;
+    let plan = LayerPlan::skipping(n, &args.skip_layers)?;
+    if args.show_plan {
+        for l in 0..n {
+            eprintln!("layer {l:>3}: {}", if plan.runs(l) { "run" } else { "skip" });
+        }
+        eprintln!("plan: {} of {n} layers run, skipped {:?}", plan.kept(), plan.skipped_layers());
+    }
+    Ok(plan)
+}
+
+/// Streams decoded text to stdout, holding back any tail that could start a stop string.
+struct TextSink<'a> {
+    decoder: StreamDecoder<'a>,
+    stops: &'a [String],
+    text: String,
+    printed: usize,
+    echo: bool,
+    stopped: bool,
+}
+
+impl<'a> TextSink<'a> {
+    fn new(model: &'a LoadedModel, stops: &'a [String], echo: bool) -> Self {
+        TextSink { decoder: StreamDecoder::new(&model.tokenizer), stops, text: String::new(), printed: 0, echo, stopped: false }
+    }
+
+    /// Add a token; false once a stop string has appeared.
+    fn push(&mut self, id: u32) -> Result<bool> {
+        if let Some(piece) = self.decoder.push(id)? {
+            self.text.push_str(&piece);
+        }
+        self.emit(false)
+    }
+
+    fn emit(&mut self, finished: bool) -> Result<bool> {
+        let mut end = self.text.len();
+        for s in self.stops.iter().filter(|s| !s.is_empty()) {
+            if let Some(at) = self.text.find(s.as_str()) {
+                end = end.min(at);
+                self.stopped = true;
+            }
+        }
+        if !self.stopped && !finished {
+            // Hold back a suffix that is a prefix of a stop string.
+            for s in self.stops.iter().filter(|s| !s.is_empty()) {
+                for k in (1..s.len()).rev() {
+                    if s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
+                        end = end.min(self.text.len() - k);
+                        break;
+                    }
+                }
+            }
+        }
+        if self.stopped {
+            self.text.truncate(end);
+        }
+        if end > self.printed {
+            if self.echo {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&self.text.as_bytes()[self.printed..end])?;
+                out.flush()?;
+            }
+            self.printed = end;
+        }
+        Ok(!self.stopped)
+    }
+
+    fn finish(&mut self) -> Result<String> {
+        if !self.stopped {
+            self.text.push_str(&self.decoder.finish());
+            self.emit(true)?;
+        }
+        Ok(self.text.clone())
+    }
+}
+
+fn print_timings(g: &Generation) {
+    let t = &g.timings;
+    eprintln!(
+        "\nprefill: {} tokens in {:.2} s ({:.1} tok/s) | decode: {} tokens in {:.2} s ({:.1} tok/s, {:.1} ms/token) | stop: {:?}",
+        t.prefill_tokens,
+        t.prefill_s,
+        t.prefill_tok_s(),
+        t.decode_tokens,
+        t.decode_s,
+        t.decode_tok_s(),
+        if t.decode_tokens > 0 { 1000.0 * t.decode_s / t.decode_tokens as f64 } else { 0.0 },
+        g.stop
+    );
+}
+
+fn write_logits(path: &PathBuf, logits: &[f32]) -> Result<()> {
+    let bytes: &[u8] = bytemuck::cast_slice(logits);
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![logits.len()], bytes)?;
+    safetensors::serialize_to_file([("logits", view)], None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
+    let (_ctx, model) = load_model(gpu, &args.model)?;
+    let mut prompt_ids = if let Some(ids) = &args.prompt_ids {
+        ids.clone()
+    } else {
+        let text = match &args.prompt {
+            Some(p) => p.clone(),
+            None => {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
+                s
+            }
+        };
+        if args.chat {
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+            }
+            messages.push(ChatMessage { role: "user".into(), content: text });
+            model.chat_ids(&messages)?
+        } else {
+            model.text_ids(&text)?
+        }
+    };
+    let ctx_len = context_len(&model, &args.model);
+    if prompt_ids.len() >= ctx_len {
+        if !args.truncate {
+            bail!(
+                "the prompt has {} tokens but the context holds {ctx_len} (room is needed for at least one generated token); raise --ctx or pass --truncate",
+                prompt_ids.len()
+            );
+        }
+        let keep = ctx_len.saturating_sub(args.sampling.max_tokens.min(ctx_len / 2)).max(1);
+        let cut = prompt_ids.len() - keep;
+        eprintln!("warning: prompt truncated from {} to its last {keep} tokens", prompt_ids.len());
+        prompt_ids.drain(..cut);
+    }
+    let plan = plan_for(&model, &args.plan)?;
+    let mut session = Session::new(
+        &model.weights,
+        SessionOptions { ctx_len, candidates: args.sampling.candidates() },
+        plan,
+    )?;
+    let options = GenerateOptions {
+        max_tokens: args.sampling.max_tokens,
+        sampler: args.sampling.sampler(),
+        end_ids: model.tokenizer.end_ids.clone(),
+    };
+    let mut sink = TextSink::new(&model, &args.sampling.stop, !args.json);
+    let mut sink_error = None;
+    let logits_out = args.logits_out.clone();
+    let generation = generate_with(
+        &mut session,
+        &prompt_ids,
+        &options,
+        &mut |s: &Session| {
+            if let Some(path) = &logits_out {
+                let logits = s.read_logits()?;
+                write_logits(path, &logits).map_err(|e| firstrt::runtime::RuntimeError::Output(format!("--logits-out: {e:#}")))?;
+            }
+            Ok(())
+        },
+        &mut |id| match sink.push(id) {
+            Ok(go_on) => go_on,
+            Err(e) => {
+                sink_error = Some(e);
+                false
+            }
+        },
+    )?;
+    if let Some(e) = sink_error {
+        return Err(e);
+    }
+    let text = sink.finish()?;
+    if args.json {
+        let out = serde_json::json!({
+            "prompt_ids": generation.prompt_ids,
+            "generated_ids": generation.generated_ids,
+            "text": text,
+            "stop_reason": generation.stop,
+            "skipped_layers": session.plan().skipped_layers(),
+            "timings": {
+                "prefill_tokens": generation.timings.prefill_tokens,
+                "prefill_s": generation.timings.prefill_s,
+                "prefill_tok_s": generation.timings.prefill_tok_s(),
+                "decode_tokens": generation.timings.decode_tokens,
+                "decode_s": generation.timings.decode_s,
+                "decode_tok_s": generation.timings.decode_tok_s(),
+                "ttft_s": generation.timings.ttft_s,
+            },
+        });
+        println!("{out}");
+    } else {
+        println!();
+    }
+    print_timings(&generation);
+    Ok(())
+}
+
+pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
+    let (_ctx, model) = load_model(gpu, &args.model)?;
+    if model.template.is_none() {
+        bail!("{} has no chat template", args.model.model.display());
+    }
+    let ctx_len = context_len(&model, &args.model);
+    let plan = plan_for(&model, &args.plan)?;
+    let mut session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: args.sampling.candidates() }, plan)?;
+    let mut messages: Vec<ChatMessage> = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+    }
+    let options = GenerateOptions {
+        max_tokens: args.sampling.max_tokens,
+        sampler: args.sampling.sampler(),
+        end_ids: model.tokenizer.end_ids.clone(),
+    };
+    // Token ids the session's cache holds, so each turn prefills only what is new.
+    let mut cached: Vec<u32> = Vec::new();
+    eprintln!("chat with {} — an empty line or Ctrl-D ends", args.model.model.display());
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush().ok();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(ChatMessage { role: "user".into(), content: line.trim_end_matches(['\n', '\r']).to_string() });
+        let ids = model.chat_ids(&messages)?;
+        // Reuse the cache when the new rendering extends what it holds; else start over.
+        let new_ids = if ids.starts_with(&cached) && session.position() == cached.len() {
+            ids[cached.len()..].to_vec()
+        } else {
+            session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: args.sampling.candidates() }, session.plan().clone())?;
+            cached.clear();
+            ids.clone()
+        };
+        if session.position() + new_ids.len() >= ctx_len {
+            eprintln!("(the conversation no longer fits the context of {ctx_len} tokens; starting over)");
+            messages.drain(..messages.len() - 1);
+            session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: args.sampling.candidates() }, session.plan().clone())?;
+            cached.clear();
+            continue;
+        }
+        let mut sink = TextSink::new(&model, &args.sampling.stop, true);
+        let mut sink_error = None;
+        let g = generate(&mut session, &new_ids, &options, &mut |id| match sink.push(id) {
+            Ok(go_on) => go_on,
+            Err(e) => {
+                sink_error = Some(e);
+                false
+            }
+        })?;
+        if let Some(e) = sink_error {
+            return Err(e);
+        }
+        let reply = sink.finish()?;
+        println!();
+        print_timings(&g);
+        cached.extend_from_slice(&new_ids);
+        // The last sampled token was never fed to the session; the next turn's rendering
+        // re-feeds the reply as the template writes it.
+        cached.extend_from_slice(&g.generated_ids[..g.generated_ids.len().saturating_sub(1)]);
+        messages.push(ChatMessage { role: "assistant".into(), content: reply });
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! `firstrt tokenize` and `firstrt inspect`: no GPU needed.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use firstrt::model::open_model;
+use firstrt::runtime::load_tokenizer;
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// The text to tokenize.
+    #[arg(long)]
+    pub text: String,
+    /// Print `{"ids": [...]}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Context length to size the KV cache for (default: the model's, capped at 4096).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+pub fn tokenize(args: TokenizeArgs) -> Result<()> {
+    let tok = load_tokenizer(&args.model)?;
+    let ids = tok.encode(&args.text).context("tokenizing")?;
+    if args.json {
+        println!("{}", serde_json::json!({ "ids": ids }));
+    } else {
+        for id in &ids {
+            let piece = tok.id_to_token(*id).unwrap_or_default();
+            println!("{id:>8}  {piece:?}");
+        }
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+pub fn inspect(args: InspectArgs) -> Result<()> {
+    let source = open_model(&args.model)?;
+    let c = source.config().clone();
+    let tok = load_tokenizer(&args.model)?;
+    let ctx_len = args.ctx.unwrap_or_else(|| c.max_position.clamp(1, 4096));
+    println!("model:        {}", args.model.display());
+    println!("name:         {}", c.name);
+    println!("architecture: {:?}", c.arch);
+    println!("layers:       {}", c.n_layers);
+    println!("hidden:       {} (heads {}, kv heads {}, head dim {})", c.d_model, c.n_heads, c.n_kv_heads, c.head_dim);
+    println!("ffn:          {}", c.d_ff);
+    println!("vocab:        {}", c.vocab_size);
+    println!("rope:         theta {} scaling {:?}", c.rope_theta, c.rope_scaling);
+    println!("rms eps:      {}", c.rms_eps);
+    println!("context:      {} (model maximum {})", ctx_len, c.max_position);
+    println!("tied embed:   {}", c.tied_embeddings);
+    println!("file dtypes:  {}", source.describe_dtypes());
+    println!(
+        "tokenizer:    {} tokens, bos {:?}, eos {:?}, add_bos {}, end ids {:?}, chat template {}",
+        tok.vocab_size(),
+        tok.bos_token,
+        tok.eos_token,
+        tok.add_bos,
+        tok.end_ids,
+        if tok.chat_template.is_some() { "yes" } else { "no" }
+    );
+    let params = c.parameter_count();
+    let kv = (2 * c.n_layers * ctx_len * c.n_kv_heads * c.head_dim * 4) as u64;
+    for (dtype, bytes_per) in [("f32", 4u64), ("f16", 2u64)] {
+        println!(
+            "GPU memory ({dtype}): weights {} + KV cache {} (f32, {ctx_len} positions) = {}",
+            mib(params * bytes_per),
+            mib(kv),
+            mib(params * bytes_per + kv)
+        );
+    }
+    Ok(())
+}

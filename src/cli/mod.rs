@@ -1,0 +1,95 @@
+//! Command-line parsing and the subcommands.
+
+mod generate;
+mod inspect;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use firstrt::gpu::{DType, GpuContext, GpuOptions, list_adapters};
+use firstrt::runtime::LoadedModel;
+
+#[derive(Parser, Debug)]
+#[command(name = "firstrt", version, about = "LLM inference on wgpu compute shaders with FiRST layer skipping")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// GPU backend: vulkan, metal, dx12 or gl (default: WGPU_BACKEND, else the best adapter of any).
+    #[arg(long, global = true)]
+    backend: Option<String>,
+    /// Use the adapter whose name contains this text (default: WGPU_ADAPTER_NAME).
+    #[arg(long, global = true)]
+    adapter: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List every GPU adapter with its backend, driver, features and limits.
+    Devices,
+    /// Generate text from a prompt, streamed to stdout.
+    Run(generate::RunArgs),
+    /// An interactive multi-turn chat using the model's chat template.
+    Chat(generate::ChatArgs),
+    /// Print the token ids of a text (no special tokens added).
+    Tokenize(inspect::TokenizeArgs),
+    /// Architecture, sizes, dtypes, tokenizer and the memory that loading will need.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Options every command that loads a model shares.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Dtype of the weights on the GPU.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
+    pub dtype: String,
+    /// Context length (KV-cache rows); default: the model's, capped at 4096.
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let gpu = GpuOptions { backend: cli.backend.clone(), adapter: cli.adapter.clone(), max_binding_override: None };
+    match cli.command {
+        Command::Devices => {
+            let adapters = list_adapters(&gpu)?;
+            if adapters.is_empty() {
+                bail!("{}", firstrt::gpu::DRIVER_HINT);
+            }
+            for (i, a) in adapters.iter().enumerate() {
+                println!("[{i}] {a}");
+            }
+            Ok(())
+        }
+        Command::Run(args) => generate::run(&gpu, args),
+        Command::Chat(args) => generate::chat(&gpu, args),
+        Command::Tokenize(args) => inspect::tokenize(args),
+        Command::Inspect(args) => inspect::inspect(args),
+    }
+}
+
+/// Open the GPU and load the model with a progress bar on stderr.
+pub fn load_model(gpu: &GpuOptions, args: &ModelArgs) -> Result<(Arc<GpuContext>, LoadedModel)> {
+    let ctx = GpuContext::new(gpu)?;
+    log::info!("using {} ({:?})", ctx.info.name, ctx.info.backend);
+    let dtype = DType::parse(&args.dtype).context("--dtype")?;
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("loading {}", args.model.display()));
+    let model = LoadedModel::load(&ctx, &args.model, dtype, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("loading {}", args.model.display()))?;
+    bar.finish_and_clear();
+    Ok((ctx, model))
+}

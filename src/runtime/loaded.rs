@@ -1,0 +1,75 @@
+//! A model ready to generate: weights on the GPU, its tokenizer and chat template, from a GGUF
+//! file or a Hugging Face folder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::gpu::{DType, GpuContext};
+use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::gguf::GgufFile;
+use crate::model::tokenizer::ModelTokenizer;
+use crate::model::{WeightSource, open_model};
+
+use super::{GpuWeights, RuntimeError};
+
+pub struct LoadedModel {
+    pub path: PathBuf,
+    pub weights: Arc<GpuWeights>,
+    pub tokenizer: ModelTokenizer,
+    pub template: Option<ChatTemplate>,
+    /// Summary of the file's tensor types, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
+    pub file_dtypes: String,
+}
+
+/// Read the tokenizer (and chat template) that belongs to the model at `path`.
+pub fn load_tokenizer(path: &Path) -> Result<ModelTokenizer, RuntimeError> {
+    let tok = if path.is_dir() {
+        ModelTokenizer::from_hf_dir(path)
+    } else {
+        let gguf = GgufFile::open(path)?;
+        ModelTokenizer::from_gguf_metadata(&gguf.metadata)
+    };
+    tok.map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", path.display())))
+}
+
+impl LoadedModel {
+    /// Load and upload everything. `progress` sees (steps done, steps in all).
+    pub fn load(
+        ctx: &Arc<GpuContext>,
+        path: &Path,
+        dtype: DType,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<LoadedModel, RuntimeError> {
+        let source: Box<dyn WeightSource> = open_model(path)?;
+        let tokenizer = load_tokenizer(path)?;
+        let template = match tokenizer.chat_template.as_deref() {
+            Some(t) => Some(
+                ChatTemplate::new(t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())
+                    .map_err(|e| RuntimeError::Tokenizer(format!("{}: chat template: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let file_dtypes = source.describe_dtypes();
+        let weights = Arc::new(GpuWeights::load(ctx, source.as_ref(), dtype, progress)?);
+        Ok(LoadedModel { path: path.to_path_buf(), weights, tokenizer, template, file_dtypes })
+    }
+
+    /// Render `messages` with the model's chat template (with the generation prompt) and encode.
+    pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, RuntimeError> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            RuntimeError::Tokenizer(format!("{} has no chat template; run without --chat", self.path.display()))
+        })?;
+        let text = template.render(messages, true).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        self.tokenizer.encode(&text).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+    }
+
+    /// Encode plain text, with a BOS token first when the model's tokenizer asks for one.
+    pub fn text_ids(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
+        let mut ids = Vec::new();
+        if self.tokenizer.add_bos {
+            ids.extend(self.tokenizer.bos_id);
+        }
+        ids.extend(self.tokenizer.encode(text).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?);
+        Ok(ids)
+    }
+}

@@ -1,0 +1,81 @@
+//! Generation: weights on the GPU, sessions (one per sequence), the layer plan and the
+//! token loop.
+
+pub mod generate;
+pub mod loaded;
+pub mod session;
+pub mod weights;
+
+pub use generate::{GenerateOptions, Generation, StopReason, Timings, generate, generate_with};
+pub use session::{Session, SessionOptions, StepOutput};
+pub use loaded::{LoadedModel, load_tokenizer};
+pub use weights::GpuWeights;
+
+use crate::gpu::GpuError;
+use crate::model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the prompt needs {needed} positions but the context holds {ctx_len}; raise --ctx or pass --truncate")]
+    ContextFull { needed: usize, ctx_len: usize },
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    BadToken { id: u32, vocab: usize },
+    #[error("the prompt is empty: at least one token is needed")]
+    EmptyPrompt,
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("{0}")]
+    Output(String),
+    #[error("layer plan: {0}")]
+    Plan(String),
+}
+
+/// Which decoder layers a sequence runs. Fixed after prefill; a skipped layer passes its input
+/// through unchanged and never has KV-cache entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerPlan {
+    run: Vec<bool>,
+}
+
+impl LayerPlan {
+    /// Every layer runs.
+    pub fn full(n_layers: usize) -> LayerPlan {
+        LayerPlan { run: vec![true; n_layers] }
+    }
+
+    /// Skip exactly the listed layers (0-based).
+    pub fn skipping(n_layers: usize, skip: &[usize]) -> Result<LayerPlan, RuntimeError> {
+        let mut run = vec![true; n_layers];
+        for &l in skip {
+            if l >= n_layers {
+                return Err(RuntimeError::Plan(format!("layer {l} does not exist: the model has {n_layers} layers (0..{})", n_layers - 1)));
+            }
+            run[l] = false;
+        }
+        Ok(LayerPlan { run })
+    }
+
+    pub fn len(&self) -> usize {
+        self.run.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.run.is_empty()
+    }
+
+    pub fn runs(&self, layer: usize) -> bool {
+        self.run.get(layer).copied().unwrap_or(false)
+    }
+
+    pub fn kept(&self) -> usize {
+        self.run.iter().filter(|&&r| r).count()
+    }
+
+    pub fn skipped_layers(&self) -> Vec<usize> {
+        self.run.iter().enumerate().filter(|(_, r)| !**r).map(|(i, _)| i).collect()
+    }
+}

@@ -1,0 +1,335 @@
+//! A session: one sequence's KV cache, activations, position and layer plan over shared weights.
+//!
+//! Prefill runs all prompt tokens through the matmul kernels in one command encoding. Decode runs
+//! one token per step through the matrix-vector kernels; its dispatches (pipelines, bind groups,
+//! workgroup counts) are prepared once and re-recorded every step, with only the step uniform
+//! (position) and the token id written by `queue.write_buffer`: no buffer or bind group is
+//! created per token. A layer that the plan skips contributes no dispatch and holds no KV cache.
+
+use std::sync::Arc;
+
+use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuTensor};
+use crate::kernels::attention::{AttnShape, attention};
+use crate::kernels::choice::{matmul_variant, matvec_variant};
+use crate::kernels::embedding::embedding;
+use crate::kernels::matmul::matmul;
+use crate::kernels::matvec::matvec;
+use crate::kernels::rmsnorm::rmsnorm;
+use crate::kernels::rope::{RopeScalingParams, RopeTables, rope_qkv_write};
+use crate::kernels::sample::{argmax, decode_pairs, top_k};
+use crate::kernels::step::{StepBuffer, StepParams};
+use crate::kernels::swiglu::swiglu;
+
+use super::weights::GpuWeights;
+use super::{LayerPlan, RuntimeError};
+
+/// The most candidates the sampler sees per token (GPU top-k, then the CPU samples).
+pub const MAX_CANDIDATES: usize = 256;
+
+/// Per-sequence options.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Context length: KV-cache rows per kept layer.
+    pub ctx_len: usize,
+    /// Candidates read back per token: 1 = greedy (argmax), else top-k (at most MAX_CANDIDATES).
+    pub candidates: usize,
+}
+
+/// A layer's KV cache: `[ctx_len, n_kv_heads * head_dim]` f32 each.
+#[derive(Debug)]
+pub struct LayerCache {
+    pub k: GpuTensor,
+    pub v: GpuTensor,
+}
+
+/// Activation buffers for up to `rows` tokens at once.
+#[derive(Debug)]
+struct Activations {
+    rows: usize,
+    ids: GpuTensor,     // [rows] u32
+    x: GpuTensor,       // [rows, d] f32: the residual stream
+    xn: GpuTensor,      // [rows, d] f32: normalised input of a block
+    qkv: GpuTensor,     // [rows, (n_heads + 2 n_kv) * head_dim] f32
+    q: GpuTensor,       // [rows, n_heads * head_dim] f32: rotated queries
+    attn: GpuTensor,    // [rows, n_heads * head_dim] f32: attention output
+    gate_up: GpuTensor, // [rows, 2 d_ff] f32
+    act: GpuTensor,     // [rows, d_ff] f32
+}
+
+impl Activations {
+    fn new(ctx: &GpuContext, w: &GpuWeights, rows: usize) -> Result<Activations, RuntimeError> {
+        let c = &w.config;
+        let q_dim = c.n_heads * c.head_dim;
+        let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+        let f = |name: &str, cols: usize| GpuTensor::zeros(ctx, name, DType::F32, &[rows, cols]);
+        Ok(Activations {
+            rows,
+            ids: GpuTensor::zeros(ctx, "ids", DType::U32, &[rows])?,
+            x: f("x", c.d_model)?,
+            xn: f("xn", c.d_model)?,
+            qkv: f("qkv", qkv_dim)?,
+            q: f("q", q_dim)?,
+            attn: f("attn", q_dim)?,
+            gate_up: f("gate_up", 2 * c.d_ff)?,
+            act: f("act", c.d_ff)?,
+        })
+    }
+}
+
+/// What one step hands back: the sampling candidates of the last position.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// (token id, logit), best first; one entry when greedy.
+    pub candidates: Vec<(u32, f32)>,
+}
+
+pub struct Session {
+    pub weights: Arc<GpuWeights>,
+    ctx: Arc<GpuContext>,
+    options: SessionOptions,
+    plan: LayerPlan,
+    /// Tokens in the cache.
+    pos: usize,
+    caches: Vec<Option<LayerCache>>,
+    rope: RopeTables,
+    step: StepBuffer,
+    final_row: GpuTensor, // [1, d] f32: normalised last row
+    logits: GpuTensor,    // [vocab] f32: logits of the last position of the last step
+    picked: GpuTensor,    // [2 * candidates] u32: (id, f32 bits) pairs
+    staging: wgpu::Buffer, // MAP_READ copy of `picked`
+    prefill_acts: Option<Activations>,
+    decode_acts: Activations,
+    /// The prepared decode step, built on the first decode after the plan is fixed.
+    decode_program: Option<Vec<Dispatch>>,
+    /// Dispatches recorded by the last step (for tests and profiling).
+    pub last_dispatch_count: usize,
+}
+
+impl Session {
+    pub fn new(weights: &Arc<GpuWeights>, options: SessionOptions, plan: LayerPlan) -> Result<Session, RuntimeError> {
+        let ctx = weights.ctx.clone();
+        let c = &weights.config;
+        if plan.len() != c.n_layers {
+            return Err(RuntimeError::Plan(format!("plan has {} layers, the model {}", plan.len(), c.n_layers)));
+        }
+        if options.ctx_len == 0 {
+            return Err(RuntimeError::Plan("context length must be at least 1".into()));
+        }
+        let candidates = options.candidates.clamp(1, MAX_CANDIDATES);
+        let options = SessionOptions { candidates, ..options };
+        let kv_dim = c.n_kv_heads * c.head_dim;
+        let mut caches = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            caches.push(if plan.runs(l) {
+                Some(LayerCache {
+                    k: GpuTensor::zeros(&ctx, &format!("layer.{l}.k_cache"), DType::F32, &[options.ctx_len, kv_dim])?,
+                    v: GpuTensor::zeros(&ctx, &format!("layer.{l}.v_cache"), DType::F32, &[options.ctx_len, kv_dim])?,
+                })
+            } else {
+                None
+            });
+        }
+        let scaling = c.rope_scaling.as_ref().map(|s| RopeScalingParams {
+            factor: s.factor,
+            low_freq_factor: s.low_freq_factor,
+            high_freq_factor: s.high_freq_factor,
+            original_max_position: s.original_max_position_embeddings,
+        });
+        let rope = RopeTables::new(&ctx, c.head_dim, c.rope_theta, scaling.as_ref(), options.ctx_len)?;
+        let picked = GpuTensor::zeros(&ctx, "picked", DType::U32, &[2 * candidates])?;
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("picked.readback"),
+            size: (8 * candidates).max(16) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Session {
+            weights: weights.clone(),
+            step: StepBuffer::new(&ctx),
+            final_row: GpuTensor::zeros(&ctx, "final_row", DType::F32, &[1, c.d_model])?,
+            logits: GpuTensor::zeros(&ctx, "logits", DType::F32, &[c.vocab_size])?,
+            decode_acts: Activations::new(&ctx, weights, 1)?,
+            ctx,
+            options,
+            plan,
+            pos: 0,
+            caches,
+            rope,
+            picked,
+            staging,
+            prefill_acts: None,
+            decode_program: None,
+            last_dispatch_count: 0,
+        })
+    }
+
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub fn ctx_len(&self) -> usize {
+        self.options.ctx_len
+    }
+
+    pub fn plan(&self) -> &LayerPlan {
+        &self.plan
+    }
+
+    /// Bytes held by this session's KV caches.
+    pub fn kv_bytes(&self) -> u64 {
+        self.caches.iter().flatten().map(|c| (c.k.byte_len() + c.v.byte_len()) as u64).sum()
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<(), RuntimeError> {
+        let vocab = self.weights.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RuntimeError::BadToken { id: bad, vocab });
+        }
+        if self.pos + ids.len() > self.options.ctx_len {
+            return Err(RuntimeError::ContextFull { needed: self.pos + ids.len(), ctx_len: self.options.ctx_len });
+        }
+        Ok(())
+    }
+
+    /// Run `ids` (the prompt, or a further turn of it) through every kept layer and return the
+    /// candidates for the next token.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<StepOutput, RuntimeError> {
+        if ids.is_empty() {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        self.check_ids(ids)?;
+        let t = ids.len();
+        if self.prefill_acts.as_ref().is_none_or(|a| a.rows < t) {
+            self.prefill_acts = Some(Activations::new(&self.ctx, &self.weights, t)?);
+        }
+        let acts = self.prefill_acts.as_ref().expect("allocated above");
+        let program = self.build_program(acts, t, "prefill")?;
+        acts.ids.write_u32(&self.ctx, ids);
+        self.step.write(&self.ctx, &StepParams { pos0: self.pos as u32, n_tokens: t as u32, kv_len: (self.pos + t) as u32, _pad: 0 });
+        let out = self.execute(&program)?;
+        self.pos += t;
+        Ok(out)
+    }
+
+    /// Run one generated token and return the candidates for the next.
+    pub fn decode(&mut self, id: u32) -> Result<StepOutput, RuntimeError> {
+        self.check_ids(&[id])?;
+        if self.decode_program.is_none() {
+            let program = self.build_program(&self.decode_acts, 1, "decode")?;
+            self.decode_program = Some(program);
+        }
+        self.decode_acts.ids.write_u32(&self.ctx, &[id]);
+        self.step.write(&self.ctx, &StepParams { pos0: self.pos as u32, n_tokens: 1, kv_len: self.pos as u32 + 1, _pad: 0 });
+        let program = self.decode_program.take().expect("built above");
+        let out = self.execute(&program);
+        self.decode_program = Some(program);
+        self.pos += 1;
+        out
+    }
+
+    /// The logits of the last position of the last step (a full `[vocab]` read-back).
+    pub fn read_logits(&self) -> Result<Vec<f32>, RuntimeError> {
+        Ok(self.logits.read_f32(&self.ctx)?)
+    }
+
+    /// Dispatches that one decode step records: the fixed part plus the per-layer part times
+    /// the kept layers.
+    pub fn decode_dispatch_count(&self) -> Option<usize> {
+        self.decode_program.as_ref().map(|p| p.len())
+    }
+
+    fn linear(
+        &self,
+        label: &str,
+        x: &GpuTensor,
+        rows: usize,
+        w: &GpuMatrix,
+        bias: Option<&GpuTensor>,
+        y: &GpuTensor,
+        y_stride: usize,
+        accumulate: bool,
+        decode: bool,
+    ) -> Result<Vec<Dispatch>, RuntimeError> {
+        Ok(if decode {
+            matvec(&self.ctx, label, x, w, bias, y, 0, accumulate, matvec_variant(&self.ctx))?
+        } else {
+            matmul(&self.ctx, label, x, rows, w, bias, y, y_stride, 0, accumulate, matmul_variant(&self.ctx))?
+        })
+    }
+
+    /// Every dispatch of one step over `rows` tokens, in order.
+    fn build_program(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
+        let ctx = &*self.ctx;
+        let w = &*self.weights;
+        let c = &w.config;
+        let decode = phase == "decode";
+        let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+        let mut p: Vec<Dispatch> = Vec::new();
+        p.extend(embedding(ctx, &format!("{phase}/embed"), &a.ids, rows, &w.embed, &a.x)?);
+        for (l, lw) in w.layers.iter().enumerate() {
+            let Some(cache) = &self.caches[l] else { continue };
+            let at = |name: &str| format!("{phase}/layer.{l}/{name}");
+            p.push(rmsnorm(ctx, &at("attn.norm"), &a.x, 0, &lw.attn_norm, &a.xn, rows, c.rms_eps)?);
+            p.extend(self.linear(&at("attn.qkv"), &a.xn, rows, &lw.qkv, lw.qkv_bias.as_ref(), &a.qkv, qkv_dim, false, decode)?);
+            p.push(rope_qkv_write(ctx, &at("attn.rope"), &a.qkv, rows, shape, &self.rope, &self.step, &a.q, &cache.k, &cache.v)?);
+            p.extend(attention(ctx, &at("attn.core"), &a.q, rows, &cache.k, &cache.v, shape, &self.step, &a.attn)?);
+            p.extend(self.linear(&at("attn.o"), &a.attn, rows, &lw.o, None, &a.x, c.d_model, true, decode)?);
+            p.push(rmsnorm(ctx, &at("mlp.norm"), &a.x, 0, &lw.ffn_norm, &a.xn, rows, c.rms_eps)?);
+            p.extend(self.linear(&at("mlp.gate_up"), &a.xn, rows, &lw.gate_up, None, &a.gate_up, 2 * c.d_ff, false, decode)?);
+            p.push(swiglu(ctx, &at("mlp.act"), &a.gate_up, rows, c.d_ff, &a.act)?);
+            p.extend(self.linear(&at("mlp.down"), &a.act, rows, &lw.down, None, &a.x, c.d_model, true, decode)?);
+        }
+        p.push(rmsnorm(ctx, &format!("{phase}/final_norm"), &a.x, rows - 1, &w.final_norm, &self.final_row, 1, c.rms_eps)?);
+        p.extend(matvec(ctx, &format!("{phase}/lm_head"), &self.final_row, w.output(), None, &self.logits, 0, false, matvec_variant(ctx))?);
+        let n = c.vocab_size;
+        if self.options.candidates == 1 {
+            p.extend(argmax(ctx, &format!("{phase}/sample"), &self.logits, n, &self.picked)?);
+        } else {
+            p.extend(top_k(ctx, &format!("{phase}/sample"), &self.logits, n, self.options.candidates, &self.picked)?);
+        }
+        Ok(p)
+    }
+
+    /// Record `program` into one pass (a debug group per layer), copy the picked candidates to
+    /// the staging buffer, submit and read them back.
+    fn execute(&mut self, program: &[Dispatch]) -> Result<StepOutput, RuntimeError> {
+        let ctx = &*self.ctx;
+        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
+            let mut group: Option<&str> = None;
+            for d in program {
+                let layer = layer_of(&d.label);
+                if layer != group {
+                    if group.is_some() {
+                        pass.pop_debug_group();
+                    }
+                    if let Some(name) = layer {
+                        pass.push_debug_group(name);
+                    }
+                    group = layer;
+                }
+                d.record(&mut pass);
+            }
+            if group.is_some() {
+                pass.pop_debug_group();
+            }
+        }
+        let bytes = 8 * self.options.candidates;
+        encoder.copy_buffer_to_buffer(&self.picked.buffer, 0, &self.staging, 0, bytes as u64);
+        ctx.queue.submit([encoder.finish()]);
+        self.last_dispatch_count = program.len();
+        let raw = crate::gpu::buffer::map_and_read(ctx, &self.staging, bytes, "picked")?;
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&raw);
+        Ok(StepOutput { candidates: decode_pairs(&words) })
+    }
+}
+
+/// `prefill/layer.12/attn.qkv` -> `Some("prefill/layer.12")`.
+fn layer_of(label: &str) -> Option<&str> {
+    let start = label.find("/layer.")?;
+    let rest = &label[start + 1..];
+    let end = rest.find('/').map_or(label.len(), |e| start + 1 + e);
+    Some(&label[..end])
+}

@@ -1,0 +1,140 @@
+//! The model's weights on the GPU, in the layout the kernels want: Q, K and V stacked into one
+//! matrix (one projection per layer), gate and up stacked likewise, norms in f32.
+
+use std::sync::Arc;
+
+use crate::gpu::{DType, GpuContext, GpuMatrix, GpuTensor};
+use crate::model::{HostTensor, ModelConfig, WeightSource};
+
+use super::RuntimeError;
+
+/// One decoder layer's weights.
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub attn_norm: GpuTensor, // [d] f32
+    pub qkv: GpuMatrix,       // [(n_heads + 2 n_kv_heads) * head_dim, d]: q rows, then k, then v
+    pub qkv_bias: Option<GpuTensor>, // [(n_heads + 2 n_kv_heads) * head_dim] f32 (qwen2)
+    pub o: GpuMatrix,         // [d, n_heads * head_dim]
+    pub ffn_norm: GpuTensor,  // [d] f32
+    pub gate_up: GpuMatrix,   // [2 d_ff, d]: gate rows, then up
+    pub down: GpuMatrix,      // [d, d_ff]
+}
+
+/// Every weight of the model, uploaded once; sessions share it.
+#[derive(Debug)]
+pub struct GpuWeights {
+    pub ctx: Arc<GpuContext>,
+    pub config: ModelConfig,
+    /// Dtype of the matrices (norms stay f32).
+    pub dtype: DType,
+    pub embed: GpuMatrix,           // [vocab, d]
+    pub final_norm: GpuTensor,      // [d] f32
+    pub lm_head: Option<GpuMatrix>, // [vocab, d]; None when tied to `embed`
+    pub layers: Vec<LayerWeights>,
+}
+
+fn stack(parts: &[&HostTensor]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(parts.iter().map(|t| t.data.len()).sum());
+    for p in parts {
+        out.extend_from_slice(&p.data);
+    }
+    out
+}
+
+impl GpuWeights {
+    /// Read every tensor from `source`, convert to `dtype` and upload. `progress` is called with
+    /// (tensors done, tensors in all) after each layer.
+    pub fn load(
+        ctx: &Arc<GpuContext>,
+        source: &dyn WeightSource,
+        dtype: DType,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<GpuWeights, RuntimeError> {
+        let cfg = source.config().clone();
+        let d = cfg.d_model;
+        let total = cfg.n_layers + 2;
+        let vector = |name: &str| -> Result<GpuTensor, RuntimeError> {
+            let t = source.get(name)?;
+            Ok(GpuTensor::from_f32(ctx, name, &[t.data.len()], &t.data)?)
+        };
+        let matrix = |label: &str, parts: &[&HostTensor]| -> Result<GpuMatrix, RuntimeError> {
+            let rows: usize = parts.iter().map(|t| t.shape[0]).sum();
+            let cols = parts[0].shape[1];
+            Ok(GpuMatrix::upload(ctx, label, rows, cols, &stack(parts), dtype)?)
+        };
+
+        let embed_host = source.get("model.embed_tokens.weight")?;
+        let embed = matrix("embed_tokens", &[&embed_host])?;
+        drop(embed_host);
+        let final_norm = vector("model.norm.weight")?;
+        let lm_head = if cfg.tied_embeddings {
+            None
+        } else {
+            let t = source.get("lm_head.weight")?;
+            Some(matrix("lm_head", &[&t])?)
+        };
+        progress(2, total);
+
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("model.layers.{i}");
+            let q = source.get(&format!("{p}.self_attn.q_proj.weight"))?;
+            let k = source.get(&format!("{p}.self_attn.k_proj.weight"))?;
+            let v = source.get(&format!("{p}.self_attn.v_proj.weight"))?;
+            let qkv = matrix(&format!("layer.{i}.attn.qkv"), &[&q, &k, &v])?;
+            drop((q, k, v));
+            let qkv_bias = if cfg.qkv_bias {
+                let bq = source.get(&format!("{p}.self_attn.q_proj.bias"))?;
+                let bk = source.get(&format!("{p}.self_attn.k_proj.bias"))?;
+                let bv = source.get(&format!("{p}.self_attn.v_proj.bias"))?;
+                let b = stack(&[&bq, &bk, &bv]);
+                Some(GpuTensor::from_f32(ctx, &format!("layer.{i}.attn.qkv_bias"), &[b.len()], &b)?)
+            } else {
+                None
+            };
+            let o = source.get(&format!("{p}.self_attn.o_proj.weight"))?;
+            let o = matrix(&format!("layer.{i}.attn.o"), &[&o])?;
+            let gate = source.get(&format!("{p}.mlp.gate_proj.weight"))?;
+            let up = source.get(&format!("{p}.mlp.up_proj.weight"))?;
+            let gate_up = matrix(&format!("layer.{i}.mlp.gate_up"), &[&gate, &up])?;
+            drop((gate, up));
+            let down = source.get(&format!("{p}.mlp.down_proj.weight"))?;
+            let down = matrix(&format!("layer.{i}.mlp.down"), &[&down])?;
+            layers.push(LayerWeights {
+                attn_norm: vector(&format!("{p}.input_layernorm.weight"))?,
+                qkv,
+                qkv_bias,
+                o,
+                ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_up,
+                down,
+            });
+            progress(i + 3, total);
+        }
+        debug_assert_eq!(embed.cols, d);
+        Ok(GpuWeights { ctx: ctx.clone(), config: cfg, dtype, embed, final_norm, lm_head, layers })
+    }
+
+    /// The output projection: `lm_head`, or the embedding table when tied.
+    pub fn output(&self) -> &GpuMatrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Bytes of all matrices and vectors on the GPU.
+    pub fn byte_len(&self) -> u64 {
+        let mut total = self.embed.byte_len() + self.final_norm.byte_len() as u64;
+        total += self.lm_head.as_ref().map_or(0, |m| m.byte_len());
+        for l in &self.layers {
+            total += l.qkv.byte_len() + l.o.byte_len() + l.gate_up.byte_len() + l.down.byte_len();
+            total += (l.attn_norm.byte_len() + l.ffn_norm.byte_len()) as u64;
+            total += l.qkv_bias.as_ref().map_or(0, |b| b.byte_len() as u64);
+        }
+        total
+    }
+
+    /// Bytes of weights that one decode step reads for layer `i` (its four matrices).
+    pub fn layer_bytes(&self, i: usize) -> u64 {
+        let l = &self.layers[i];
+        l.qkv.byte_len() + l.o.byte_len() + l.gate_up.byte_len() + l.down.byte_len()
+    }
+}
