@@ -492,6 +492,20 @@ mod tests {
     }
 
     #[test]
+    fn common_template_idioms_work() {
+        // Idioms from Llama 3 / Mistral style templates: namespace(), `is defined`, trim, slicing.
+        let source = concat!(
+            "{% set ns = namespace(system='') %}",
+            "{% if messages[0]['role'] == 'system' %}{% set ns.system = messages[0]['content'] | trim %}",
+            "{% set messages = messages[1:] %}{% endif %}",
+            "{% if tools is defined and tools %}TOOLS{% endif %}",
+            "[{{ ns.system }}]{% for m in messages %}{{ m.role | upper }}:{{ m.content }};{% endfor %}",
+        );
+        let messages = [ChatMessage::system("  be brief \n"), ChatMessage::user("hi")];
+        assert_eq!(render(source, &messages).unwrap(), "[be brief]USER:hi;");
+    }
+
+    #[test]
     fn strftime_formats_a_known_date() {
         // 2024-02-29 13:05:09 UTC, a Thursday, day 60 of the year.
         let t = 1_709_211_909;

@@ -509,9 +509,8 @@ impl ModelTokenizer {
             end_ids.extend(optional_token_id(meta, key, tokens.len())?);
         }
         for name in END_OF_GENERATION_TOKENS {
-            if let Some(&id) = inner
-                .get_vocab(true)
-                .get(*name)
+            if let Some(id) = inner
+                .token_to_id(name)
                 .filter(|id| special_ids.contains(id))
             {
                 end_ids.push(id);
