@@ -1,0 +1,521 @@
+//! Chat templates: Hugging Face-compatible Jinja rendering with minijinja.
+//!
+//! Mirrors what `transformers` sets up for `apply_chat_template`: `trim_blocks` and
+//! `lstrip_blocks` on, the variables `messages`, `add_generation_prompt`, `bos_token`,
+//! `eos_token`, the function `raise_exception(msg)`, `strftime_now(fmt)`, Python-style
+//! `tojson`, and Python string/dict/list methods (`.strip()`, `.startswith()`, `.items()`, …).
+
+use std::fmt::Write as _;
+
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind, context};
+use serde::{Deserialize, Serialize};
+
+use crate::model::tokenizer::TokenizerError;
+
+const TEMPLATE_NAME: &str = "chat";
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new("system", content)
+    }
+
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new("user", content)
+    }
+
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new("assistant", content)
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Marks an error raised by the template itself through `raise_exception`.
+#[derive(Debug)]
+struct RaisedByTemplate(String);
+
+impl std::fmt::Display for RaisedByTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RaisedByTemplate {}
+
+impl ChatTemplate {
+    /// Compiles `source`. Missing BOS/EOS strings render as empty strings.
+    pub fn new(
+        source: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<Self, TokenizerError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", python_tojson);
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| TokenizerError::TemplateSyntax {
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.unwrap_or_default().to_string(),
+            eos_token: eos_token.unwrap_or_default().to_string(),
+        })
+    }
+
+    /// Renders the conversation; with `add_generation_prompt` the text ends with the header of
+    /// an assistant turn, ready for generation.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let template =
+            self.env
+                .get_template(TEMPLATE_NAME)
+                .map_err(|e| TokenizerError::TemplateRender {
+                    message: e.to_string(),
+                })?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(render_error)
+    }
+}
+
+fn render_error(error: Error) -> TokenizerError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(current) = cause {
+        if let Some(raised) = current.downcast_ref::<RaisedByTemplate>() {
+            return TokenizerError::TemplateException {
+                message: raised.0.clone(),
+            };
+        }
+        cause = current.source();
+    }
+    TokenizerError::TemplateRender {
+        message: error.to_string(),
+    }
+}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
+        .with_source(RaisedByTemplate(message)))
+}
+
+/// `strftime_now(format)`: the current time (UTC) formatted like Python's `strftime`.
+fn strftime_now(format: String) -> Result<String, Error> {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("system clock before 1970: {e}"),
+            )
+        })?
+        .as_secs() as i64;
+    Ok(strftime_utc(&format, seconds))
+}
+
+const MONTH_NAMES: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const WEEKDAY_NAMES: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+
+/// Formats a Unix time (UTC) with the common `strftime` directives; unknown directives are kept.
+pub(crate) fn strftime_utc(format: &str, unix_seconds: i64) -> String {
+    let days = unix_seconds.div_euclid(86_400);
+    let second_of_day = unix_seconds.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
+    let (hour, minute, second) = (
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+    );
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday; 0 = Monday
+    let day_of_year = days - days_from_civil(year, 1, 1) + 1;
+    let month_name = MONTH_NAMES[(month - 1) as usize];
+    let weekday_name = WEEKDAY_NAMES[weekday];
+
+    let mut out = String::with_capacity(format.len() + 16);
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let Some(directive) = chars.next() else {
+            out.push('%');
+            break;
+        };
+        let _ = match directive {
+            'Y' => write!(out, "{year}"),
+            'y' => write!(out, "{:02}", year.rem_euclid(100)),
+            'm' => write!(out, "{month:02}"),
+            'd' => write!(out, "{day:02}"),
+            'e' => write!(out, "{day:2}"),
+            'H' => write!(out, "{hour:02}"),
+            'I' => write!(out, "{:02}", (hour + 11) % 12 + 1),
+            'p' => write!(out, "{}", if hour < 12 { "AM" } else { "PM" }),
+            'M' => write!(out, "{minute:02}"),
+            'S' => write!(out, "{second:02}"),
+            'j' => write!(out, "{day_of_year:03}"),
+            'B' => write!(out, "{month_name}"),
+            'b' | 'h' => write!(out, "{}", &month_name[..3]),
+            'A' => write!(out, "{weekday_name}"),
+            'a' => write!(out, "{}", &weekday_name[..3]),
+            'u' => write!(out, "{}", weekday + 1),
+            'w' => write!(out, "{}", (weekday + 1) % 7),
+            'F' => write!(out, "{year}-{month:02}-{day:02}"),
+            'T' => write!(out, "{hour:02}:{minute:02}:{second:02}"),
+            '%' => write!(out, "%"),
+            other => write!(out, "%{other}"),
+        };
+    }
+    out
+}
+
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153; // 0 = March
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Day count since 1970-01-01 of a civil date (inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let month_index = if month > 2 { month - 3 } else { month + 9 };
+    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=indent,
+/// sort_keys=False)`, i.e. Python's separators (`", "`, `": "`) and no HTML escaping.
+fn python_tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let options = JsonOptions {
+        indent,
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+        sort_keys: sort_keys.unwrap_or(false),
+    };
+    let mut out = String::new();
+    write_json(&mut out, value, &options, 0)?;
+    Ok(Value::from(out))
+}
+
+struct JsonOptions {
+    indent: Option<usize>,
+    ensure_ascii: bool,
+    sort_keys: bool,
+}
+
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    options: &JsonOptions,
+    depth: usize,
+) -> Result<(), Error> {
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number => match value.as_i64() {
+            Some(int) if !value.to_string().contains(['.', 'e', 'E', 'n', 'N']) => {
+                let _ = write!(out, "{int}");
+            }
+            _ => {
+                let float = f64::try_from(value.clone())?;
+                if float.is_nan() {
+                    out.push_str("NaN");
+                } else if float.is_infinite() {
+                    out.push_str(if float > 0.0 { "Infinity" } else { "-Infinity" });
+                } else {
+                    out.push_str(&python_float_repr(float));
+                }
+            }
+        },
+        ValueKind::String => write_json_string(
+            out,
+            value.as_str().unwrap_or_default(),
+            options.ensure_ascii,
+        ),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = value.try_iter()?.collect();
+            write_container(out, '[', ']', &items, options, depth, |out, item, depth| {
+                write_json(out, item, options, depth)
+            })?;
+        }
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = value.try_iter()?.collect();
+            if options.sort_keys {
+                keys.sort_by_key(|k| k.to_string());
+            }
+            write_container(out, '{', '}', &keys, options, depth, |out, key, depth| {
+                let key_text = match key.as_str() {
+                    Some(s) => s.to_string(),
+                    None => key.to_string(),
+                };
+                write_json_string(out, &key_text, options.ensure_ascii);
+                out.push_str(": ");
+                write_json(out, &value.get_item(key)?, options, depth)
+            })?;
+        }
+        other => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson cannot serialise a value of kind {other}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn write_container(
+    out: &mut String,
+    open: char,
+    close: char,
+    items: &[Value],
+    options: &JsonOptions,
+    depth: usize,
+    mut write_item: impl FnMut(&mut String, &Value, usize) -> Result<(), Error>,
+) -> Result<(), Error> {
+    out.push(open);
+    if items.is_empty() {
+        out.push(close);
+        return Ok(());
+    }
+    for (index, item) in items.iter().enumerate() {
+        match options.indent {
+            Some(indent) => {
+                if index > 0 {
+                    out.push(',');
+                }
+                out.push('\n');
+                out.extend(std::iter::repeat_n(' ', indent * (depth + 1)));
+            }
+            None if index > 0 => out.push_str(", "),
+            None => {}
+        }
+        write_item(out, item, depth + 1)?;
+    }
+    if let Some(indent) = options.indent {
+        out.push('\n');
+        out.extend(std::iter::repeat_n(' ', indent * depth));
+    }
+    out.push(close);
+    Ok(())
+}
+
+fn write_json_string(out: &mut String, text: &str, ensure_ascii: bool) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ensure_ascii && !c.is_ascii()) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Python's `repr(float)`: shortest round-trip digits, always with a `.0` or an exponent.
+fn python_float_repr(value: f64) -> String {
+    let abs = value.abs();
+    if abs != 0.0 && !(1e-4..1e16).contains(&abs) {
+        // Python: 1e+16, 1.5e-05
+        let formatted = format!("{value:e}");
+        let (mantissa, exponent) = formatted.split_once('e').unwrap_or((&formatted, "0"));
+        let exponent: i32 = exponent.parse().unwrap_or(0);
+        let sign = if exponent < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exponent.abs());
+    }
+    let text = format!("{value}");
+    if text.contains('.') {
+        text
+    } else {
+        format!("{text}.0")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(source: &str, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
+        ChatTemplate::new(source, Some("<s>"), Some("</s>"))?.render(messages, true)
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_like_transformers() {
+        let source = "{% for m in messages %}\n    {% if loop.first %}[first]{% endif %}\n{{ m.role }}|{% endfor %}";
+        let text = render(
+            source,
+            &[ChatMessage::user("a"), ChatMessage::assistant("b")],
+        )
+        .unwrap();
+        assert_eq!(text, "[first]user|assistant|");
+    }
+
+    #[test]
+    fn bos_eos_and_generation_prompt_variables() {
+        let source = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}>{% endif %}";
+        let template = ChatTemplate::new(source, Some("<s>"), Some("</s>")).unwrap();
+        let messages = [ChatMessage::user("hi")];
+        assert_eq!(template.render(&messages, true).unwrap(), "<s>hi</s>>");
+        assert_eq!(template.render(&messages, false).unwrap(), "<s>hi</s>");
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let source = "{% for m in messages %}{{ m.content.strip() }}{% if m.content.startswith(' x') %}!{% endif %}{% endfor %}";
+        assert_eq!(
+            render(source, &[ChatMessage::user(" x y \n")]).unwrap(),
+            "x y!"
+        );
+    }
+
+    #[test]
+    fn raise_exception_becomes_a_typed_error() {
+        let source = "{% if messages[0].role != 'system' %}{{ raise_exception('system message required') }}{% endif %}";
+        match render(source, &[ChatMessage::user("hi")]) {
+            Err(TokenizerError::TemplateException { message }) => {
+                assert_eq!(message, "system message required")
+            }
+            other => panic!("expected TemplateException, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn syntax_error_is_reported_at_compile_time() {
+        let result = ChatTemplate::new("{% for m in messages %}", None, None);
+        assert!(
+            matches!(result, Err(TokenizerError::TemplateSyntax { .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn tojson_matches_python_json_dumps() {
+        let source = "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}";
+        let text = render(source, &[ChatMessage::user("<a> \"q\" é\n")]).unwrap();
+        assert_eq!(
+            text,
+            "[{\"role\": \"user\", \"content\": \"<a> \\\"q\\\" é\\n\"}]|{\n  \"role\": \"user\",\n  \"content\": \"<a> \\\"q\\\" é\\n\"\n}"
+        );
+        let numbers = render("{{ [1, 2.5, 3.0, none, true] | tojson }}", &[]).unwrap();
+        assert_eq!(numbers, "[1, 2.5, 3.0, null, true]");
+    }
+
+    #[test]
+    fn common_template_idioms_work() {
+        // Idioms from Llama 3 / Mistral style templates: namespace(), `is defined`, trim, slicing.
+        let source = concat!(
+            "{% set ns = namespace(system='') %}",
+            "{% if messages[0]['role'] == 'system' %}{% set ns.system = messages[0]['content'] | trim %}",
+            "{% set messages = messages[1:] %}{% endif %}",
+            "{% if tools is defined and tools %}TOOLS{% endif %}",
+            "[{{ ns.system }}]{% for m in messages %}{{ m.role | upper }}:{{ m.content }};{% endfor %}",
+        );
+        let messages = [ChatMessage::system("  be brief \n"), ChatMessage::user("hi")];
+        assert_eq!(render(source, &messages).unwrap(), "[be brief]USER:hi;");
+    }
+
+    #[test]
+    fn strftime_formats_a_known_date() {
+        // 2024-02-29 13:05:09 UTC, a Thursday, day 60 of the year.
+        let t = 1_709_211_909;
+        assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", t), "2024-02-29 13:05:09");
+        assert_eq!(
+            strftime_utc("%d %B %Y, %A (%a %b) day %j %%", t),
+            "29 February 2024, Thursday (Thu Feb) day 060 %"
+        );
+        assert_eq!(strftime_utc("%Y-%m-%d", 0), "1970-01-01");
+        let now = render("{{ strftime_now('%Y') }}", &[]).unwrap();
+        assert!(now.parse::<i32>().is_ok_and(|year| year >= 2024), "{now}");
+    }
+}
