@@ -184,7 +184,7 @@ impl<'a> TextSink<'a> {
 
     fn finish(&mut self) -> Result<String> {
         if !self.stopped {
-            self.text.push_str(&self.decoder.finish());
+            self.text.push_str(&self.decoder.finish()?);
             self.emit(true)?;
         }
         Ok(self.text.clone())
@@ -260,7 +260,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
     let options = GenerateOptions {
         max_tokens: args.sampling.max_tokens,
         sampler: args.sampling.sampler(),
-        end_ids: model.tokenizer.end_ids.clone(),
+        end_ids: model.tokenizer.end_ids().to_vec(),
     };
     let mut sink = TextSink::new(&model, &args.sampling.stop, !args.json);
     let mut sink_error = None;
@@ -328,7 +328,7 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
     let options = GenerateOptions {
         max_tokens: args.sampling.max_tokens,
         sampler: args.sampling.sampler(),
-        end_ids: model.tokenizer.end_ids.clone(),
+        end_ids: model.tokenizer.end_ids().to_vec(),
     };
     // Token ids the session's cache holds, so each turn prefills only what is new.
     let mut cached: Vec<u32> = Vec::new();

@@ -31,7 +31,7 @@ pub struct InspectArgs {
 
 pub fn tokenize(args: TokenizeArgs) -> Result<()> {
     let tok = load_tokenizer(&args.model)?;
-    let ids = tok.encode(&args.text).context("tokenizing")?;
+    let ids = tok.encode_with_bos(&args.text, false).context("tokenizing")?;
     if args.json {
         println!("{}", serde_json::json!({ "ids": ids }));
     } else {
@@ -67,11 +67,11 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     println!(
         "tokenizer:    {} tokens, bos {:?}, eos {:?}, add_bos {}, end ids {:?}, chat template {}",
         tok.vocab_size(),
-        tok.bos_token,
-        tok.eos_token,
-        tok.add_bos,
-        tok.end_ids,
-        if tok.chat_template.is_some() { "yes" } else { "no" }
+        tok.bos_token(),
+        tok.eos_token(),
+        tok.add_bos(),
+        tok.end_ids(),
+        if tok.chat_template_source().is_some() { "yes" } else { "no" }
     );
     let params = c.parameter_count();
     let kv = (2 * c.n_layers * ctx_len * c.n_kv_heads * c.head_dim * 4) as u64;

@@ -42,9 +42,9 @@ impl LoadedModel {
     ) -> Result<LoadedModel, RuntimeError> {
         let source: Box<dyn WeightSource> = open_model(path)?;
         let tokenizer = load_tokenizer(path)?;
-        let template = match tokenizer.chat_template.as_deref() {
+        let template = match tokenizer.chat_template_source() {
             Some(t) => Some(
-                ChatTemplate::new(t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())
+                ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token())
                     .map_err(|e| RuntimeError::Tokenizer(format!("{}: chat template: {e}", path.display())))?,
             ),
             None => None,
@@ -60,16 +60,12 @@ impl LoadedModel {
             RuntimeError::Tokenizer(format!("{} has no chat template; run without --chat", self.path.display()))
         })?;
         let text = template.render(messages, true).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
-        self.tokenizer.encode(&text).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+        // The template writes its own BOS where the model wants one.
+        self.tokenizer.encode_with_bos(&text, false).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
     }
 
     /// Encode plain text, with a BOS token first when the model's tokenizer asks for one.
     pub fn text_ids(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
-        let mut ids = Vec::new();
-        if self.tokenizer.add_bos {
-            ids.extend(self.tokenizer.bos_id);
-        }
-        ids.extend(self.tokenizer.encode(text).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?);
-        Ok(ids)
+        self.tokenizer.encode(text).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
     }
 }
