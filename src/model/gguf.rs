@@ -740,3 +740,285 @@ impl GgufFile {
         dequantize(name, info.ggml_type, bytes, n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf_test_writer::{GgufBuilder, TempFile};
+    use half::f16;
+
+    fn q8_0_block(d: f32, first: i8) -> Vec<u8> {
+        let mut b = f16::from_f32(d).to_le_bytes().to_vec();
+        b.extend((0..32).map(|j| first.wrapping_add(j) as u8));
+        b
+    }
+
+    fn sample_builder() -> GgufBuilder {
+        let f16_values = [1.0f32, -0.5, 2.0, 0.25];
+        let mut q8 = q8_0_block(0.5, -16);
+        q8.extend(q8_0_block(0.25, 3));
+        GgufBuilder::new()
+            .kv("general.architecture", MetaValue::String("llama".into()))
+            .kv("t.u8", MetaValue::U8(200))
+            .kv("t.i8", MetaValue::I8(-5))
+            .kv("t.u16", MetaValue::U16(60000))
+            .kv("t.i16", MetaValue::I16(-300))
+            .kv("t.u32", MetaValue::U32(4_000_000_000))
+            .kv("t.i32", MetaValue::I32(-70000))
+            .kv("t.u64", MetaValue::U64(1 << 40))
+            .kv("t.i64", MetaValue::I64(-(1 << 40)))
+            .kv("t.f32", MetaValue::F32(1e-5))
+            .kv("t.f64", MetaValue::F64(0.1))
+            .kv("t.bool", MetaValue::Bool(true))
+            .kv("t.empty", MetaValue::Array(vec![]))
+            .kv(
+                "t.strings",
+                MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("é✓".into())]),
+            )
+            .kv(
+                "t.nested",
+                MetaValue::Array(vec![
+                    MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(-2)]),
+                    MetaValue::Array(vec![MetaValue::I32(3)]),
+                ]),
+            )
+            .f32_tensor("a.f32", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.5])
+            .tensor("b.f16", &[4], GgmlType::F16, f16_values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect())
+            .tensor("c.q8", &[32, 2], GgmlType::Q8_0, q8)
+    }
+
+    fn open_bytes(tag: &str, bytes: &[u8]) -> (TempFile, Result<GgufFile, ModelError>) {
+        let file = TempFile::with_bytes(tag, bytes);
+        let result = GgufFile::open(&file.path);
+        (file, result)
+    }
+
+    #[test]
+    fn round_trip_metadata_and_tensors() {
+        for (version, alignment) in [(3, None), (2, Some(64u32)), (3, Some(8))] {
+            let mut builder = sample_builder();
+            builder.version = version;
+            builder.alignment = alignment;
+            let file = builder.write_temp("roundtrip");
+            let g = GgufFile::open(&file.path).unwrap();
+            assert_eq!(g.version, version);
+            let align = u64::from(alignment.unwrap_or(32));
+            assert_eq!(g.alignment(), align);
+            assert_eq!(g.data_offset() % align, 0);
+
+            for (key, value) in &builder.kvs {
+                assert_eq!(g.meta(key), Some(value), "key {key}");
+            }
+            assert_eq!(g.meta_str("general.architecture").unwrap(), "llama");
+            assert_eq!(g.meta_u64("t.u32").unwrap(), 4_000_000_000);
+            assert_eq!(g.meta_u64("t.u64").unwrap(), 1 << 40);
+            assert_eq!(g.meta("t.i64").unwrap().as_i64(), Some(-(1 << 40)));
+            assert_eq!(g.meta("t.i8").unwrap().as_u64(), None);
+            assert_eq!(g.meta_f64("t.f32").unwrap(), f64::from(1e-5f32));
+            assert_eq!(g.meta("t.bool").unwrap().as_bool(), Some(true));
+            let nested = g.meta("t.nested").unwrap().as_array().unwrap();
+            assert_eq!(nested[0].as_array().unwrap()[1].as_i64(), Some(-2));
+            assert_eq!(g.meta("t.strings").unwrap().as_array().unwrap()[1].as_str(), Some("é✓"));
+
+            assert_eq!(g.tensors.len(), 3);
+            let a = g.tensor_info("a.f32").unwrap();
+            assert_eq!(a.dims, vec![3, 2]);
+            assert_eq!(a.row_major_shape(), vec![2, 3]);
+            assert_eq!(g.tensor_f32("a.f32").unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5]);
+            assert_eq!(g.tensor_f32("b.f16").unwrap(), vec![1.0, -0.5, 2.0, 0.25]);
+            let q = g.tensor_f32("c.q8").unwrap();
+            assert_eq!(q.len(), 64);
+            assert_eq!(q[0], -8.0);
+            assert_eq!(q[31], 7.5);
+            assert_eq!(q[32], 0.75);
+            let c = g.tensor_info("c.q8").unwrap();
+            assert_eq!(c.offset % align, 0);
+            assert_eq!(g.tensor_bytes(c).unwrap().len(), 68);
+            assert!(g.tensor_info("missing").is_none());
+        }
+    }
+
+    #[test]
+    fn missing_and_mistyped_keys_name_key_and_file() {
+        let file = sample_builder().write_temp("keys");
+        let g = GgufFile::open(&file.path).unwrap();
+        let err = g.meta_u64("llama.block_count").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ModelError::MissingKey { ref key, .. } if key == "llama.block_count"));
+        assert!(msg.contains("llama.block_count") && msg.contains(&*file.path.to_string_lossy()), "{msg}");
+        assert!(matches!(g.meta_u64("general.architecture"), Err(ModelError::WrongKeyType { .. })));
+        assert!(matches!(g.meta_str("t.u8"), Err(ModelError::WrongKeyType { .. })));
+        assert!(matches!(g.tensor_f32("nope"), Err(ModelError::MissingTensor { tensor, .. }) if tensor == "nope"));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample_builder().build();
+        for cut in 0..bytes.len() {
+            let (_file, result) = open_bytes("cut", &bytes[..cut]);
+            assert!(result.is_err(), "prefix of {cut} of {} bytes opened", bytes.len());
+        }
+        // a cut inside the last tensor's data names that tensor
+        let (_file, result) = open_bytes("cut", &bytes[..bytes.len() - 1]);
+        match result {
+            Err(ModelError::Truncated { what, .. }) => assert!(what.contains("c.q8"), "{what}"),
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+        // a cut in the header
+        assert!(matches!(open_bytes("cut", &bytes[..10]).1, Err(ModelError::Truncated { .. })));
+    }
+
+    #[test]
+    fn bad_magic_and_versions() {
+        let mut bytes = sample_builder().build();
+        bytes[0] = b'X';
+        assert!(matches!(open_bytes("magic", &bytes).1, Err(ModelError::BadMagic { .. })));
+        for version in [1u32, 4, u32::MAX] {
+            let mut builder = sample_builder();
+            builder.version = version;
+            let (_f, result) = open_bytes("version", &builder.build());
+            assert!(
+                matches!(result, Err(ModelError::UnsupportedVersion { version: v, .. }) if v == version),
+                "version {version}"
+            );
+        }
+    }
+
+    /// A header with the given counts followed by `rest`.
+    fn raw_file(tensor_count: u64, kv_count: u64, rest: &[u8]) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&tensor_count.to_le_bytes());
+        out.extend_from_slice(&kv_count.to_le_bytes());
+        out.extend_from_slice(rest);
+        out.resize(out.len() + 256, 0);
+        out
+    }
+
+    #[test]
+    fn absurd_counts_and_lengths_are_rejected_without_allocating() {
+        let (_f, r) = open_bytes("count", &raw_file(1 << 60, 0, &[]));
+        assert!(matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60), "{r:?}");
+        let (_f, r) = open_bytes("count", &raw_file(0, 1 << 60, &[]));
+        assert!(matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60), "{r:?}");
+
+        // key with a string length of 2^50
+        let (_f, r) = open_bytes("strlen", &raw_file(0, 1, &(1u64 << 50).to_le_bytes()));
+        assert!(matches!(r, Err(ModelError::Truncated { .. })), "{r:?}");
+
+        // string value with length 2^50
+        let mut kv = Vec::new();
+        crate::model::gguf_test_writer::put_string(&mut kv, "k");
+        kv.extend_from_slice(&8u32.to_le_bytes());
+        kv.extend_from_slice(&(1u64 << 50).to_le_bytes());
+        let (_f, r) = open_bytes("strlen", &raw_file(0, 1, &kv));
+        assert!(matches!(r, Err(ModelError::Truncated { ref what, .. }) if what.contains("'k'")), "{r:?}");
+
+        // array of 2^60 u64
+        let mut kv = Vec::new();
+        crate::model::gguf_test_writer::put_string(&mut kv, "arr");
+        kv.extend_from_slice(&9u32.to_le_bytes());
+        kv.extend_from_slice(&10u32.to_le_bytes());
+        kv.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let (_f, r) = open_bytes("arrlen", &raw_file(0, 1, &kv));
+        assert!(matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60), "{r:?}");
+
+        // deeply nested arrays
+        let mut kv = Vec::new();
+        crate::model::gguf_test_writer::put_string(&mut kv, "deep");
+        kv.extend_from_slice(&9u32.to_le_bytes());
+        for _ in 0..100 {
+            kv.extend_from_slice(&9u32.to_le_bytes());
+            kv.extend_from_slice(&1u64.to_le_bytes());
+        }
+        let (_f, r) = open_bytes("deep", &raw_file(0, 1, &kv));
+        assert!(matches!(r, Err(ModelError::LimitExceeded { .. })), "{r:?}");
+
+        // unknown value type
+        let mut kv = Vec::new();
+        crate::model::gguf_test_writer::put_string(&mut kv, "odd");
+        kv.extend_from_slice(&77u32.to_le_bytes());
+        let (_f, r) = open_bytes("vtype", &raw_file(0, 1, &kv));
+        assert!(matches!(r, Err(ModelError::Malformed { .. })), "{r:?}");
+
+        // tensor with 1000 dims, and one whose dims overflow
+        let mut info = Vec::new();
+        crate::model::gguf_test_writer::put_string(&mut info, "t");
+        info.extend_from_slice(&1000u32.to_le_bytes());
+        let (_f, r) = open_bytes("ndims", &raw_file(1, 0, &info));
+        assert!(matches!(r, Err(ModelError::LimitExceeded { value: 1000, .. })), "{r:?}");
+
+        let b = GgufBuilder::new().tensor("huge", &[1 << 32, 1 << 32, 1 << 32], GgmlType::F32, vec![]);
+        let (_f, r) = open_bytes("overflow", &b.build());
+        assert!(matches!(r, Err(ModelError::Malformed { ref what, .. }) if what.contains("huge")), "{r:?}");
+        let b = GgufBuilder::new().tensor("big", &[1 << 40], GgmlType::F32, vec![0; 4]);
+        let (_f, r) = open_bytes("big", &b.build());
+        assert!(matches!(r, Err(ModelError::Truncated { ref what, .. }) if what.contains("big")), "{r:?}");
+    }
+
+    #[test]
+    fn unknown_or_unsupported_types_fail_only_when_read() {
+        let b = GgufBuilder::new()
+            .f32_tensor("ok", &[2], &[1.0, 2.0])
+            .tensor("mystery", &[16], GgmlType::Other(1234), vec![0; 16])
+            .tensor("q2k", &[256], GgmlType::Q2_K, vec![0; 84]);
+        let file = b.write_temp("types");
+        let g = GgufFile::open(&file.path).unwrap();
+        assert_eq!(g.tensor_f32("ok").unwrap(), vec![1.0, 2.0]);
+        let err = g.tensor_f32("mystery").unwrap_err();
+        assert!(matches!(&err, ModelError::UnsupportedType { tensor, ty } if tensor == "mystery" && ty.contains("1234")));
+        let err = g.tensor_f32("q2k").unwrap_err();
+        assert!(matches!(&err, ModelError::UnsupportedType { tensor, ty } if tensor == "q2k" && ty == "Q2_K"));
+        // known layouts are still size-checked at open
+        let b = GgufBuilder::new().tensor("q2k", &[256], GgmlType::Q2_K, vec![0; 83]);
+        assert!(matches!(open_bytes("q2k", &b.build()).1, Err(ModelError::Truncated { .. })));
+        // a quantised row must be whole blocks
+        let b = GgufBuilder::new().tensor("q8", &[16, 2], GgmlType::Q8_0, vec![0; 34]);
+        assert!(matches!(open_bytes("q8", &b.build()).1, Err(ModelError::Malformed { .. })));
+    }
+
+    #[test]
+    fn misaligned_offsets_duplicates_and_bad_alignment_are_malformed() {
+        let b = GgufBuilder::new().f32_tensor("x", &[1], &[1.0]).f32_tensor("x", &[1], &[2.0]);
+        assert!(matches!(open_bytes("dup", &b.build()).1, Err(ModelError::Malformed { ref what, .. }) if what.contains("'x'")));
+
+        let b = GgufBuilder::new().kv("k", MetaValue::U8(1)).kv("k", MetaValue::U8(2));
+        assert!(matches!(open_bytes("dupkey", &b.build()).1, Err(ModelError::Malformed { .. })));
+
+        let mut b = GgufBuilder::new().f32_tensor("x", &[1], &[1.0]);
+        b.alignment = Some(3);
+        assert!(matches!(open_bytes("align", &b.build()).1, Err(ModelError::Malformed { .. })));
+
+        // patch the offset field of the only tensor (last 8 bytes of its info) to 4
+        let b = GgufBuilder::new().f32_tensor("x", &[2], &[1.0, 2.0]);
+        let (mut bytes, info_start) = b.build_with_info_start();
+        let offset_at = info_start + 8 + 1 + 4 + 8 + 4;
+        bytes[offset_at..offset_at + 8].copy_from_slice(&4u64.to_le_bytes());
+        assert!(matches!(open_bytes("misaligned", &bytes).1, Err(ModelError::Malformed { .. })));
+    }
+
+    #[test]
+    fn random_corruption_never_panics() {
+        let bytes = sample_builder().build();
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..300 {
+            let mut corrupt = bytes.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % corrupt.len() as u64) as usize;
+                corrupt[at] = next() as u8;
+            }
+            let (_f, result) = open_bytes("fuzz", &corrupt);
+            if let Ok(g) = result {
+                for t in &g.tensors {
+                    let _ = g.tensor_f32(&t.name);
+                }
+            }
+        }
+    }
+}

@@ -6,3 +6,6 @@ pub mod gguf;
 
 pub use error::ModelError;
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, MetaValue};
+
+#[cfg(test)]
+pub(crate) mod gguf_test_writer;
