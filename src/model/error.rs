@@ -83,6 +83,9 @@ pub enum ModelError {
         source: safetensors::SafeTensorError,
     },
 
+    #[error("{path}: missing {what}")]
+    MissingFile { path: PathBuf, what: String },
+
     #[error("{path}: not a .gguf file nor a Hugging Face model folder")]
     UnknownModelFormat { path: PathBuf },
 }

@@ -4,10 +4,12 @@ pub mod config;
 pub mod dequant;
 pub mod error;
 pub mod gguf;
+pub mod weights;
 
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, MetaValue};
+pub use weights::{GgufWeights, HfWeights, HostTensor, WeightSource, open_model};
 
 #[cfg(test)]
 pub(crate) mod gguf_test_writer;
