@@ -3,3 +3,6 @@
 pub mod gpu;
 pub mod kernels;
 pub mod model;
+pub mod runtime;
+#[doc(hidden)]
+pub mod testdata;

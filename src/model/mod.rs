@@ -1,5 +1,17 @@
 //! Model files: GGUF and Hugging Face folders, configuration, weights, tokenizer, chat template.
 
 pub mod chat;
-pub mod gguf_meta;
+pub mod config;
+pub mod dequant;
+pub mod error;
+pub mod gguf;
 pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig, RopeScaling};
+pub use error::ModelError;
+pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, MetaValue};
+pub use weights::{GgufWeights, HfWeights, HostTensor, WeightSource, open_model};
+
+#[cfg(test)]
+pub(crate) mod gguf_test_writer;

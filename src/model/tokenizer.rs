@@ -29,7 +29,7 @@ use tokenizers::{
 };
 
 use crate::model::chat::ChatTemplate;
-use crate::model::gguf_meta::MetaValue;
+use crate::model::gguf::MetaValue;
 
 /// Everything that can go wrong while building or using a tokenizer or chat template.
 #[derive(Debug, thiserror::Error)]
@@ -880,7 +880,5 @@ fn new_suffix<'w>(emitted: &str, window: &'w str) -> &'w str {
     &window[common..]
 }
 
-#[cfg(test)]
-mod test_gguf_reader;
 #[cfg(test)]
 mod tests;

@@ -2,35 +2,12 @@
 //! the model loaded once per test binary.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use firstrt::gpu::{DType, test_context};
 use firstrt::runtime::LoadedModel;
 
-pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// The test model: $FIRSTRT_MODEL, else $FIRSTRT_CACHE (default ~/.cache/firstrt)/MODEL_FILE.
-pub fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("FIRSTRT_MODEL") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var("FIRSTRT_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/firstrt")
-    });
-    let path = cache.join(MODEL_FILE);
-    assert!(path.exists(), "test model {} is missing: run scripts/fetch-test-model.sh", path.display());
-    path
-}
-
-/// ../shared/fixtures/smollm2-135m-instruct beside the checkout, or $FIRSTRT_FIXTURES.
-pub fn fixtures_dir() -> PathBuf {
-    let dir = std::env::var("FIRSTRT_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/smollm2-135m-instruct")
-    });
-    assert!(dir.join("cases.json").exists(), "fixtures not found at {} (set FIRSTRT_FIXTURES)", dir.display());
-    dir
-}
+pub use firstrt::testdata::{fixtures_dir, model_path};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Case {

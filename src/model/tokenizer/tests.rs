@@ -4,53 +4,20 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 
-use super::test_gguf_reader::read_metadata;
 use super::*;
 use crate::model::chat::ChatMessage;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures: the SmolLM2 GGUF and the transformers ground truth.
 
-const FIXTURE_SET: &str = "smollm2-135m-instruct";
-const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `$FIRSTRT_FIXTURES`, or `../shared/fixtures` next to the crate.
-fn fixtures_dir() -> PathBuf {
-    let dir = match std::env::var_os("FIRSTRT_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
-    };
-    let set = dir.join(FIXTURE_SET);
-    assert!(
-        set.is_dir(),
-        "fixtures not found at {} (set FIRSTRT_FIXTURES to the folder holding {FIXTURE_SET}/)",
-        set.display()
-    );
-    set
-}
-
-/// `$FIRSTRT_SMOLLM2_GGUF`, or `~/.cache/firstrt/SmolLM2-135M-Instruct.Q4_1.gguf`.
-fn smollm2_gguf_path() -> PathBuf {
-    let path = match std::env::var_os("FIRSTRT_SMOLLM2_GGUF") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let home = std::env::var_os("HOME").expect("HOME is not set; set FIRSTRT_SMOLLM2_GGUF");
-            PathBuf::from(home).join(".cache/firstrt").join(GGUF_NAME)
-        }
-    };
-    assert!(
-        path.is_file(),
-        "model file not found at {} (set FIRSTRT_SMOLLM2_GGUF)",
-        path.display()
-    );
-    path
-}
+use crate::testdata::{fixtures_dir, model_path as smollm2_gguf_path};
 
 fn smollm2_metadata() -> &'static BTreeMap<String, MetaValue> {
     static META: OnceLock<BTreeMap<String, MetaValue>> = OnceLock::new();
     META.get_or_init(|| {
         let path = smollm2_gguf_path();
-        read_metadata(&path)
+        crate::model::GgufFile::open(&path)
+            .map(|g| g.metadata)
             .unwrap_or_else(|e| panic!("reading GGUF metadata of {}: {e}", path.display()))
     })
 }

@@ -1,0 +1,628 @@
+//! Hyper-parameters of a LLaMA-family model, read from GGUF metadata or a Hugging Face
+//! `config.json`.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::error::ModelError;
+use super::gguf::GgufFile;
+
+/// Supported model families. All share the LLaMA block (RMSNorm, rotate-half RoPE, GQA
+/// attention, SwiGLU MLP); Qwen2 adds q/k/v biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    /// Maps a GGUF `general.architecture` or Hugging Face `model_type` / `architectures[0]`.
+    pub fn from_name(name: &str) -> Result<Arch, ModelError> {
+        match name {
+            "llama" | "LlamaForCausalLM" => Ok(Arch::Llama),
+            "mistral" | "MistralForCausalLM" => Ok(Arch::Mistral),
+            "qwen2" | "Qwen2ForCausalLM" => Ok(Arch::Qwen2),
+            other => Err(ModelError::UnsupportedArch {
+                arch: other.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Llama 3 style RoPE frequency scaling (`rope_type: "llama3"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: u32,
+}
+
+/// Llama 3.x defaults for the parameters that GGUF files do not store.
+const LLAMA3_LOW_FREQ_FACTOR: f32 = 1.0;
+const LLAMA3_HIGH_FREQ_FACTOR: f32 = 4.0;
+const LLAMA3_ORIGINAL_CONTEXT: u32 = 8192;
+
+/// What a forward pass needs to know about the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub n_layers: usize,
+    /// Hidden size.
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// MLP intermediate size.
+    pub d_ff: usize,
+    pub vocab_size: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position: usize,
+    /// The output projection reuses `model.embed_tokens.weight`.
+    pub tied_embeddings: bool,
+    /// q/k/v projections have biases (Qwen2).
+    pub qkv_bias: bool,
+    pub name: String,
+}
+
+fn to_usize(path: &Path, key: &str, v: u64) -> Result<usize, ModelError> {
+    usize::try_from(v).map_err(|_| ModelError::BadConfig {
+        path: path.to_path_buf(),
+        what: format!("{key} = {v} does not fit in usize"),
+    })
+}
+
+impl ModelConfig {
+    /// Reads the hyper-parameters from GGUF metadata (`{arch}.block_count`, ...).
+    pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig, ModelError> {
+        let arch_name = g.meta_str("general.architecture")?;
+        let arch = Arch::from_name(arch_name)?;
+        let key = |suffix: &str| format!("{arch_name}.{suffix}");
+        let usize_key = |suffix: &str| -> Result<usize, ModelError> {
+            let k = key(suffix);
+            to_usize(&g.path, &k, g.meta_u64(&k)?)
+        };
+        let optional_usize = |suffix: &str| -> Result<Option<usize>, ModelError> {
+            let k = key(suffix);
+            match g.meta(&k) {
+                None => Ok(None),
+                Some(_) => usize_key(suffix).map(Some),
+            }
+        };
+
+        let n_layers = usize_key("block_count")?;
+        let d_model = usize_key("embedding_length")?;
+        let n_heads = usize_key("attention.head_count")?;
+        let n_kv_heads = optional_usize("attention.head_count_kv")?.unwrap_or(n_heads);
+        let d_ff = usize_key("feed_forward_length")?;
+        let head_dim = match optional_usize("attention.key_length")? {
+            Some(hd) => hd,
+            None => d_model.checked_div(n_heads).unwrap_or(0),
+        };
+        let rms_eps = g.meta_f64(&key("attention.layer_norm_rms_epsilon"))? as f32;
+        let rope_theta = match g.meta(&key("rope.freq_base")) {
+            None => 10_000.0,
+            Some(_) => g.meta_f64(&key("rope.freq_base"))? as f32,
+        };
+        let max_position = usize_key("context_length")?;
+
+        let vocab_size = if let Some(tokens) =
+            g.meta("tokenizer.ggml.tokens").and_then(|v| v.as_array())
+        {
+            tokens.len()
+        } else if let Some(n) = optional_usize("vocab_size")? {
+            n
+        } else {
+            let embd =
+                g.tensor_info("token_embd.weight")
+                    .ok_or_else(|| ModelError::MissingKey {
+                        path: g.path.clone(),
+                        key: "tokenizer.ggml.tokens (or token_embd.weight for the vocabulary size)"
+                            .into(),
+                    })?;
+            let n = embd.dims.get(1).copied().unwrap_or(0);
+            to_usize(&g.path, "token_embd.weight dims[1]", n)?
+        };
+
+        let rope_scaling = Self::gguf_rope_scaling(g, arch_name)?;
+        let name = g
+            .meta("general.name")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .or_else(|| g.path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+
+        let config = ModelConfig {
+            arch,
+            n_layers,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            d_ff,
+            vocab_size,
+            rms_eps,
+            rope_theta,
+            rope_scaling,
+            max_position,
+            tied_embeddings: g.tensor_info("output.weight").is_none(),
+            qkv_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
+            name,
+        };
+        config.validate(&g.path)?;
+        Ok(config)
+    }
+
+    /// GGUF stores llama3 scaling either as `{arch}.rope.scaling.*` keys or only as a
+    /// precomputed `rope_freqs.weight` tensor (llama.cpp's converter for Llama 3.1+). In the
+    /// latter case the factor is the largest frequency divisor and the other parameters take
+    /// the Llama 3 defaults (low 1, high 4, original context 8192).
+    fn gguf_rope_scaling(g: &GgufFile, arch_name: &str) -> Result<Option<RopeScaling>, ModelError> {
+        let key = |suffix: &str| format!("{arch_name}.rope.scaling.{suffix}");
+        let kind = g.meta(&key("type")).and_then(|v| v.as_str());
+        match kind {
+            None | Some("none") => {}
+            Some("llama3") => {
+                let f32_or = |suffix: &str, default: f32| -> Result<f32, ModelError> {
+                    match g.meta(&key(suffix)) {
+                        None => Ok(default),
+                        Some(_) => Ok(g.meta_f64(&key(suffix))? as f32),
+                    }
+                };
+                let original = match g.meta(&key("original_context_length")) {
+                    None => LLAMA3_ORIGINAL_CONTEXT,
+                    Some(_) => u32::try_from(g.meta_u64(&key("original_context_length"))?)
+                        .map_err(|_| ModelError::BadConfig {
+                            path: g.path.clone(),
+                            what: format!("{} does not fit in u32", key("original_context_length")),
+                        })?,
+                };
+                return Ok(Some(RopeScaling {
+                    factor: g.meta_f64(&key("factor"))? as f32,
+                    low_freq_factor: f32_or("low_freq_factor", LLAMA3_LOW_FREQ_FACTOR)?,
+                    high_freq_factor: f32_or("high_freq_factor", LLAMA3_HIGH_FREQ_FACTOR)?,
+                    original_max_position_embeddings: original,
+                }));
+            }
+            Some(other) => {
+                return Err(ModelError::UnsupportedRopeScaling {
+                    path: g.path.clone(),
+                    kind: other.to_owned(),
+                });
+            }
+        }
+        if g.tensor_info("rope_freqs.weight").is_some() {
+            let freqs = g.tensor_f32("rope_freqs.weight")?;
+            let factor = freqs.iter().copied().fold(1.0f32, f32::max);
+            log::warn!(
+                "{}: llama3 rope scaling taken from rope_freqs.weight (factor {factor}); \
+                 assuming low_freq_factor {LLAMA3_LOW_FREQ_FACTOR}, high_freq_factor \
+                 {LLAMA3_HIGH_FREQ_FACTOR}, original context {LLAMA3_ORIGINAL_CONTEXT}",
+                g.path.display()
+            );
+            return Ok(Some(RopeScaling {
+                factor,
+                low_freq_factor: LLAMA3_LOW_FREQ_FACTOR,
+                high_freq_factor: LLAMA3_HIGH_FREQ_FACTOR,
+                original_max_position_embeddings: LLAMA3_ORIGINAL_CONTEXT,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_config(path: &Path) -> Result<ModelConfig, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let name = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self::from_hf_json(path, &json, name)
+    }
+
+    /// Parses an already-loaded `config.json`; `path` is used in errors only.
+    pub fn from_hf_json(
+        path: &Path,
+        json: &Value,
+        name: String,
+    ) -> Result<ModelConfig, ModelError> {
+        let missing = |key: &str| ModelError::MissingKey {
+            path: path.to_path_buf(),
+            key: key.to_owned(),
+        };
+        let bad = |key: &str, expected: &'static str| ModelError::WrongKeyType {
+            path: path.to_path_buf(),
+            key: key.to_owned(),
+            expected,
+            found: json.get(key).map(|v| v.to_string()).unwrap_or_default(),
+        };
+        let present = |key: &str| json.get(key).filter(|v| !v.is_null());
+        let opt_usize = |key: &str| -> Result<Option<usize>, ModelError> {
+            match present(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| bad(key, "a non-negative integer")),
+            }
+        };
+        let req_usize = |key: &str| opt_usize(key)?.ok_or_else(|| missing(key));
+        let opt_f64 = |key: &str| -> Result<Option<f64>, ModelError> {
+            match present(key) {
+                None => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(key, "a number")),
+            }
+        };
+
+        let arch_name = present("model_type")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                present("architectures")
+                    .and_then(|a| a.get(0))
+                    .and_then(Value::as_str)
+            })
+            .ok_or_else(|| missing("model_type"))?;
+        let arch = Arch::from_name(arch_name)?;
+
+        let d_model = req_usize("hidden_size")?;
+        let n_heads = req_usize("num_attention_heads")?;
+        let n_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+        let head_dim = match opt_usize("head_dim")? {
+            Some(hd) => hd,
+            None => d_model.checked_div(n_heads).unwrap_or(0),
+        };
+        let tied_embeddings = match present("tie_word_embeddings") {
+            None => false,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| bad("tie_word_embeddings", "a bool"))?,
+        };
+        let qkv_bias = match (arch, present("attention_bias")) {
+            (Arch::Qwen2, _) => true,
+            (_, None) => false,
+            (_, Some(v)) => v.as_bool().ok_or_else(|| bad("attention_bias", "a bool"))?,
+        };
+
+        let rope_scaling = match present("rope_scaling") {
+            None => None,
+            Some(rs) => {
+                let kind = rs
+                    .get("rope_type")
+                    .or_else(|| rs.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("(none)");
+                if kind != "llama3" {
+                    return Err(ModelError::UnsupportedRopeScaling {
+                        path: path.to_path_buf(),
+                        kind: kind.to_owned(),
+                    });
+                }
+                let num = |key: &str| -> Result<f64, ModelError> {
+                    rs.get(key)
+                        .and_then(Value::as_f64)
+                        .ok_or_else(|| missing(&format!("rope_scaling.{key}")))
+                };
+                let original = num("original_max_position_embeddings")?;
+                Some(RopeScaling {
+                    factor: num("factor")? as f32,
+                    low_freq_factor: num("low_freq_factor")? as f32,
+                    high_freq_factor: num("high_freq_factor")? as f32,
+                    original_max_position_embeddings: original as u32,
+                })
+            }
+        };
+
+        let config = ModelConfig {
+            arch,
+            n_layers: req_usize("num_hidden_layers")?,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            d_ff: req_usize("intermediate_size")?,
+            vocab_size: req_usize("vocab_size")?,
+            rms_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            rope_theta: opt_f64("rope_theta")?.unwrap_or(10_000.0) as f32,
+            rope_scaling,
+            max_position: req_usize("max_position_embeddings")?,
+            tied_embeddings,
+            qkv_bias,
+            name,
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Rejects sizes a forward pass cannot use: zeros, heads that do not group, odd head_dim.
+    fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        let bad = |what: String| {
+            Err(ModelError::BadConfig {
+                path: path.to_path_buf(),
+                what,
+            })
+        };
+        for (name, v) in [
+            ("n_layers", self.n_layers),
+            ("d_model", self.d_model),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("d_ff", self.d_ff),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} is 0"));
+            }
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad(format!(
+                "{} heads are not a multiple of {} kv heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} is odd (RoPE rotates pairs)",
+                self.head_dim
+            ));
+        }
+        if self.n_heads.checked_mul(self.head_dim).is_none() {
+            return bad("n_heads * head_dim overflows".into());
+        }
+        let positive = |x: f32| x > 0.0 && x.is_finite();
+        if !positive(self.rms_eps) || !positive(self.rope_theta) {
+            return bad(format!(
+                "rms_eps {} and rope_theta {} must be positive",
+                self.rms_eps, self.rope_theta
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rows of the q projection: n_heads * head_dim.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Rows of each of the k and v projections: n_kv_heads * head_dim.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::{GgmlType, MetaValue};
+    use crate::model::gguf_test_writer::GgufBuilder;
+    use serde_json::json;
+
+    fn llama_builder() -> GgufBuilder {
+        GgufBuilder::new()
+            .kv("general.architecture", MetaValue::String("llama".into()))
+            .kv("general.name", MetaValue::String("tiny".into()))
+            .kv("llama.block_count", MetaValue::U32(2))
+            .kv("llama.embedding_length", MetaValue::U32(8))
+            .kv("llama.attention.head_count", MetaValue::U32(2))
+            .kv("llama.attention.head_count_kv", MetaValue::U32(1))
+            .kv("llama.feed_forward_length", MetaValue::U32(12))
+            .kv(
+                "llama.attention.layer_norm_rms_epsilon",
+                MetaValue::F32(1e-5),
+            )
+            .kv("llama.rope.freq_base", MetaValue::F32(500_000.0))
+            .kv("llama.context_length", MetaValue::U32(128))
+            .kv(
+                "tokenizer.ggml.tokens",
+                MetaValue::Array((0..5).map(|i| MetaValue::String(format!("t{i}"))).collect()),
+            )
+    }
+
+    #[test]
+    fn gguf_llama_config() {
+        let file = llama_builder().write_temp("cfg");
+        let g = GgufFile::open(&file.path).unwrap();
+        let c = ModelConfig::from_gguf(&g).unwrap();
+        assert_eq!(
+            c,
+            ModelConfig {
+                arch: Arch::Llama,
+                n_layers: 2,
+                d_model: 8,
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 4,
+                d_ff: 12,
+                vocab_size: 5,
+                rms_eps: 1e-5,
+                rope_theta: 500_000.0,
+                rope_scaling: None,
+                max_position: 128,
+                tied_embeddings: true,
+                qkv_bias: false,
+                name: "tiny".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn gguf_rope_scaling_from_keys_and_from_rope_freqs() {
+        let b = llama_builder()
+            .kv(
+                "llama.rope.scaling.type",
+                MetaValue::String("llama3".into()),
+            )
+            .kv("llama.rope.scaling.factor", MetaValue::F32(32.0))
+            .kv(
+                "llama.rope.scaling.original_context_length",
+                MetaValue::U32(8192),
+            );
+        let file = b.write_temp("rope");
+        let c = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            })
+        );
+
+        let b = llama_builder().f32_tensor("rope_freqs.weight", &[2], &[1.0, 8.0]);
+        let file = b.write_temp("ropefreqs");
+        let c = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap();
+        assert_eq!(c.rope_scaling.map(|r| r.factor), Some(8.0));
+
+        let b = llama_builder().kv("llama.rope.scaling.type", MetaValue::String("yarn".into()));
+        let file = b.write_temp("yarn");
+        let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, ModelError::UnsupportedRopeScaling { ref kind, .. } if kind == "yarn")
+        );
+    }
+
+    #[test]
+    fn gguf_missing_key_and_unsupported_arch() {
+        let mut b = llama_builder();
+        b.kvs.retain(|(k, _)| k != "llama.feed_forward_length");
+        let file = b.write_temp("nokey");
+        let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, ModelError::MissingKey { ref key, .. } if key == "llama.feed_forward_length"),
+            "{err}"
+        );
+
+        let b = GgufBuilder::new().kv("general.architecture", MetaValue::String("mamba".into()));
+        let file = b.write_temp("mamba");
+        let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("mamba") && msg.contains("qwen2") && msg.contains("llama"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn gguf_untied_and_biased() {
+        let b = llama_builder()
+            .tensor("output.weight", &[8, 5], GgmlType::F32, vec![0; 160])
+            .f32_tensor("blk.0.attn_q.bias", &[8], &[0.0; 8]);
+        let file = b.write_temp("untied");
+        let c = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap();
+        assert!(!c.tied_embeddings);
+        assert!(c.qkv_bias);
+    }
+
+    #[test]
+    fn hf_llama3_config() {
+        let json = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_attention_heads": 32,
+            "num_hidden_layers": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 500000.0,
+            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "max_position_embeddings": 131072,
+            "tie_word_embeddings": true,
+            "vocab_size": 128256
+        });
+        let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, "Llama-3.2-1B".into())
+            .unwrap();
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!(
+            (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim),
+            (16, 2048, 32, 8, 64)
+        );
+        assert_eq!(
+            (c.d_ff, c.vocab_size, c.max_position),
+            (8192, 128256, 131072)
+        );
+        assert_eq!((c.rms_eps, c.rope_theta), (1e-5, 500000.0));
+        assert!(c.tied_embeddings && !c.qkv_bias);
+        assert_eq!(c.rope_scaling.unwrap().factor, 32.0);
+    }
+
+    #[test]
+    fn hf_qwen2_and_mistral_configs() {
+        let json = json!({
+            "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+            "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+            "tie_word_embeddings": true, "vocab_size": 151936, "rope_scaling": null
+        });
+        let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, String::new()).unwrap();
+        assert_eq!(
+            (c.arch, c.head_dim, c.qkv_bias, c.rope_scaling),
+            (Arch::Qwen2, 64, true, None)
+        );
+
+        let json = json!({
+            "model_type": "mistral", "hidden_size": 5120, "intermediate_size": 14336,
+            "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "head_dim": 128,
+            "max_position_embeddings": 1024000, "vocab_size": 131072
+        });
+        let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, String::new()).unwrap();
+        assert_eq!(
+            (c.arch, c.head_dim, c.tied_embeddings, c.rope_theta),
+            (Arch::Mistral, 128, false, 10000.0)
+        );
+    }
+
+    #[test]
+    fn hf_errors_name_the_problem() {
+        let base = json!({"model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
+            "num_attention_heads": 2, "num_hidden_layers": 1, "max_position_embeddings": 16, "vocab_size": 4});
+        assert!(ModelConfig::from_hf_json(Path::new("c.json"), &base, String::new()).is_ok());
+
+        let mut j = base.clone();
+        j["model_type"] = json!("gpt2");
+        let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+        assert!(matches!(err, ModelError::UnsupportedArch { ref arch } if arch == "gpt2"));
+
+        let mut j = base.clone();
+        j.as_object_mut().unwrap().remove("vocab_size");
+        let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+        assert!(matches!(err, ModelError::MissingKey { ref key, .. } if key == "vocab_size"));
+
+        let mut j = base.clone();
+        j["hidden_size"] = json!(-8);
+        assert!(matches!(
+            ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()),
+            Err(ModelError::WrongKeyType { .. })
+        ));
+
+        let mut j = base.clone();
+        j["num_key_value_heads"] = json!(3);
+        assert!(matches!(
+            ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()),
+            Err(ModelError::BadConfig { .. })
+        ));
+
+        let mut j = base;
+        j["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        assert!(matches!(
+            ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()),
+            Err(ModelError::UnsupportedRopeScaling { ref kind, .. }) if kind == "linear"
+        ));
+    }
+}

@@ -1,0 +1,197 @@
+//! Test-only GGUF writer: builds small GGUF files in memory so that the reader, the config
+//! parser and the weight mapping can be tested without real model files.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::gguf::{GgmlType, MetaValue};
+
+pub(crate) struct TestTensor {
+    pub name: String,
+    /// GGUF order, ne[0] first.
+    pub dims: Vec<u64>,
+    pub type_id: u32,
+    pub data: Vec<u8>,
+}
+
+/// Builder of a GGUF file image.
+pub(crate) struct GgufBuilder {
+    pub version: u32,
+    /// Written as `general.alignment` (u32) when set; the data is aligned to it either way.
+    pub alignment: Option<u32>,
+    pub kvs: Vec<(String, MetaValue)>,
+    pub tensors: Vec<TestTensor>,
+}
+
+fn type_id(v: &MetaValue) -> u32 {
+    match v {
+        MetaValue::U8(_) => 0,
+        MetaValue::I8(_) => 1,
+        MetaValue::U16(_) => 2,
+        MetaValue::I16(_) => 3,
+        MetaValue::U32(_) => 4,
+        MetaValue::I32(_) => 5,
+        MetaValue::F32(_) => 6,
+        MetaValue::Bool(_) => 7,
+        MetaValue::String(_) => 8,
+        MetaValue::Array(_) => 9,
+        MetaValue::U64(_) => 10,
+        MetaValue::I64(_) => 11,
+        MetaValue::F64(_) => 12,
+    }
+}
+
+pub(crate) fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Writes a value without its type tag.
+fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
+    match v {
+        MetaValue::U8(x) => out.push(*x),
+        MetaValue::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        MetaValue::Bool(x) => out.push(u8::from(*x)),
+        MetaValue::String(s) => put_string(out, s),
+        MetaValue::Array(items) => {
+            let elem_type = items.first().map_or(0, type_id);
+            out.extend_from_slice(&elem_type.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(out, item);
+            }
+        }
+    }
+}
+
+impl GgufBuilder {
+    pub fn new() -> Self {
+        GgufBuilder {
+            version: 3,
+            alignment: None,
+            kvs: Vec::new(),
+            tensors: Vec::new(),
+        }
+    }
+
+    pub fn kv(mut self, key: &str, value: MetaValue) -> Self {
+        self.kvs.push((key.to_owned(), value));
+        self
+    }
+
+    pub fn tensor(mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Self {
+        self.tensors.push(TestTensor {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            type_id: ty.id(),
+            data,
+        });
+        self
+    }
+
+    pub fn f32_tensor(self, name: &str, dims: &[u64], values: &[f32]) -> Self {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensor(name, dims, GgmlType::F32, data)
+    }
+
+    /// The file image, and the byte position where the tensor infos start.
+    pub fn build_with_info_start(&self) -> (Vec<u8>, usize) {
+        let alignment = u64::from(self.alignment.unwrap_or(32));
+        let mut kvs = self.kvs.clone();
+        if let Some(a) = self.alignment {
+            kvs.push(("general.alignment".to_owned(), MetaValue::U32(a)));
+        }
+        let mut out = b"GGUF".to_vec();
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+        for (key, value) in &kvs {
+            put_string(&mut out, key);
+            out.extend_from_slice(&type_id(value).to_le_bytes());
+            put_value(&mut out, value);
+        }
+        let info_start = out.len();
+        let mut offset = 0u64;
+        let mut offsets = Vec::new();
+        for t in &self.tensors {
+            put_string(&mut out, &t.name);
+            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&t.type_id.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + t.data.len() as u64).next_multiple_of(alignment);
+        }
+        let data_start = (out.len() as u64).next_multiple_of(alignment);
+        for (t, off) in self.tensors.iter().zip(offsets) {
+            out.resize((data_start + off) as usize, 0);
+            out.extend_from_slice(&t.data);
+        }
+        (out, info_start)
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        self.build_with_info_start().0
+    }
+
+    /// Writes the image to a fresh temporary file and returns its path.
+    pub fn write_temp(&self, tag: &str) -> TempFile {
+        TempFile::with_bytes(tag, &self.build())
+    }
+}
+
+/// A file under the system temp dir, removed when dropped.
+pub(crate) struct TempFile {
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    pub fn with_bytes(tag: &str, bytes: &[u8]) -> TempFile {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "firstrt-test-{}-{tag}-{n}.gguf",
+            std::process::id()
+        ));
+        std::fs::write(&path, bytes).expect("write temp GGUF");
+        TempFile { path }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A directory under the system temp dir, removed with its contents when dropped.
+pub(crate) struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("firstrt-test-{}-{tag}-dir{n}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
