@@ -2,6 +2,8 @@
 //! the parameter struct, a typed function that prepares a [`Dispatch`](crate::gpu::Dispatch)
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
+pub mod add;
 pub mod rmsnorm;
+pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;
