@@ -3,6 +3,7 @@
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
 pub mod add;
+pub mod embedding;
 pub mod rmsnorm;
 pub mod swiglu;
 #[doc(hidden)]
