@@ -5,6 +5,7 @@
 pub mod add;
 pub mod embedding;
 pub mod rmsnorm;
+pub mod router;
 pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;
