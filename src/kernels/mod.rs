@@ -6,6 +6,7 @@ pub mod add;
 pub mod embedding;
 pub mod rmsnorm;
 pub mod router;
+pub mod sample;
 pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;
