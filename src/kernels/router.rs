@@ -178,9 +178,9 @@ pub fn router_ref(
     } else {
         let w2 = w2.expect("router_ref: w2 is required when r > 0");
         let mut z = b2.unwrap_or(0.0) as f64;
-        for j in 0..r {
+        for (j, &w) in w2.iter().enumerate().take(r) {
             let a = unit(j);
-            z += w2[j] as f64 * a * sigmoid(a);
+            z += w as f64 * a * sigmoid(a);
         }
         z
     };

@@ -180,7 +180,7 @@ impl Sampler {
     pub fn pick(&mut self, candidates: &[(u32, f32)]) -> u32 {
         let Some(&(first, top)) = candidates.first() else { return 0 };
         let t = self.cfg.temperature;
-        if !(t > 0.0) || !t.is_finite() || !top.is_finite() {
+        if !t.is_finite() || t <= 0.0 || !top.is_finite() {
             return first;
         }
         let cands = if self.cfg.top_k > 0 { &candidates[..self.cfg.top_k.min(candidates.len())] } else { candidates };
