@@ -2,6 +2,11 @@
 //! the parameter struct, a typed function that prepares a [`Dispatch`](crate::gpu::Dispatch)
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
+pub mod add;
+pub mod embedding;
 pub mod rmsnorm;
+pub mod router;
+pub mod sample;
+pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;

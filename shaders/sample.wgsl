@@ -1,0 +1,135 @@
+// Reductions over the logits for sampling; only a few words are read back per token.
+//
+// Both entries reduce a list of entries (value, index): the logits themselves (from_logits = 1,
+// index = position) or (index, f32 bits) pairs from an earlier pass. Each workgroup writes its
+// result pairs to dst; the host chains passes until one workgroup is left.
+// Order: larger value first, equal values by lower index (like torch.argmax / a stable sort).
+// NaN logits count as -inf. Padding beyond n is (-inf, 0xffffffff) and sorts after every entry.
+
+struct SampleParams {
+    n: u32,           // entries in the input list
+    k: u32,           // top_k: pairs written per workgroup (argmax: 1)
+    from_logits: u32, // 1: read logits; 0: read src pairs
+    _pad0: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: SampleParams;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;          // [n] f32 (from_logits = 1)
+@group(0) @binding(2) var<storage, read> src: array<vec2<u32>>;       // [n] (index, f32 bits) (from_logits = 0)
+@group(0) @binding(3) var<storage, read_write> dst: array<vec2<u32>>; // [workgroups * k] (index, f32 bits)
+
+const PAD_INDEX: u32 = 0xffffffffu;
+
+struct Entry {
+    v: f32,
+    i: u32,
+};
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+fn load(i: u32) -> Entry {
+    if (i >= p.n) {
+        return Entry(neg_inf(), PAD_INDEX);
+    }
+    var bits: u32;
+    var idx: u32;
+    if (p.from_logits != 0u) {
+        bits = bitcast<u32>(logits[i]);
+        idx = i;
+    } else {
+        let e = src[i];
+        bits = e.y;
+        idx = e.x;
+    }
+    if ((bits & 0x7fffffffu) > 0x7f800000u) { // NaN
+        bits = 0xff800000u;
+    }
+    return Entry(bitcast<f32>(bits), idx);
+}
+
+// True when (va, ia) comes strictly before (vb, ib).
+fn before(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
+    return va > vb || (va == vb && ia < ib);
+}
+
+// ---- argmax: each workgroup reduces AM_ITEMS * 256 entries to one pair ----
+
+const AM_ITEMS: u32 = 16u;
+
+var<workgroup> rv: array<f32, 256>;
+var<workgroup> ri: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn argmax(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = wg.x + wg.y * nwg.x;
+    let base = w * 256u * AM_ITEMS;
+    var bv = neg_inf();
+    var bi = PAD_INDEX;
+    for (var q = 0u; q < AM_ITEMS; q++) {
+        let e = load(base + q * 256u + tid);
+        if (before(e.v, e.i, bv, bi)) {
+            bv = e.v;
+            bi = e.i;
+        }
+    }
+    rv[tid] = bv;
+    ri[tid] = bi;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (tid < s && before(rv[tid + s], ri[tid + s], rv[tid], ri[tid])) {
+            rv[tid] = rv[tid + s];
+            ri[tid] = ri[tid + s];
+        }
+        workgroupBarrier();
+    }
+    if (tid == 0u) {
+        dst[w] = vec2<u32>(ri[0], bitcast<u32>(rv[0]));
+    }
+}
+
+// ---- top_k: each workgroup sorts a tile of TILE entries (bitonic) and keeps the first k ----
+
+const TILE: u32 = 1024u;
+
+var<workgroup> sv: array<f32, 1024>;
+var<workgroup> si: array<u32, 1024>;
+
+@compute @workgroup_size(256)
+fn top_k(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = wg.x + wg.y * nwg.x;
+    let base = w * TILE;
+    for (var q = 0u; q < TILE / 256u; q++) {
+        let l = q * 256u + tid;
+        let e = load(base + l);
+        sv[l] = e.v;
+        si[l] = e.i;
+    }
+    workgroupBarrier();
+    for (var size = 2u; size <= TILE; size <<= 1u) {
+        for (var stride = size >> 1u; stride > 0u; stride >>= 1u) {
+            for (var q = 0u; q < TILE / 512u; q++) {
+                let pair = q * 256u + tid;
+                let a = ((pair & ~(stride - 1u)) << 1u) | (pair & (stride - 1u));
+                let b = a + stride;
+                let va = sv[a];
+                let ia = si[a];
+                let vb = sv[b];
+                let ib = si[b];
+                // Runs with (a & size) == 0 end in "before" order, the others reversed.
+                let forward = (a & size) == 0u;
+                if (before(vb, ib, va, ia) == forward) {
+                    sv[a] = vb;
+                    si[a] = ib;
+                    sv[b] = va;
+                    si[b] = ia;
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+    for (var l = tid; l < p.k; l += 256u) {
+        dst[w * p.k + l] = vec2<u32>(si[l], bitcast<u32>(sv[l]));
+    }
+}

@@ -1,0 +1,32 @@
+// SwiGLU: out[t, j] = silu(gate_up[t, j]) * gate_up[t, ff + j], silu(x) = x * sigmoid(x).
+// One invocation per output element; the sigmoid never overflows (exp of a non-positive value).
+
+struct SwigluParams {
+    rows: u32,
+    ff: u32,
+    _pad0: u32,
+    _pad1: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: SwigluParams;
+@group(0) @binding(1) var<storage, read> gate_up: array<f32>;   // [rows, 2 * ff] f32: gate | up
+@group(0) @binding(2) var<storage, read_write> out: array<f32>; // [rows, ff] f32
+
+fn sigmoid(x: f32) -> f32 {
+    let e = exp(-abs(x));
+    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
+}
+
+@compute @workgroup_size(256)
+fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i >= p.rows * p.ff) {
+        return;
+    }
+    let t = i / p.ff;
+    let j = i - t * p.ff;
+    let base = t * 2u * p.ff;
+    let g = gate_up[base + j];
+    let u = gate_up[base + p.ff + j];
+    out[i] = g * sigmoid(g) * u;
+}

@@ -1,0 +1,195 @@
+//! Token embedding lookup: `out[t, :] = table[ids[t], :]`, with the table (`[vocab, d]`, f32 or
+//! f16) possibly split by rows over several buffers ([`GpuMatrix`] chunks): one dispatch per
+//! chunk, each writing the rows of the tokens whose ids fall in it.
+//!
+//! Ids outside `0..vocab` leave their output row untouched (the runtime validates ids on the
+//! CPU); the bound check on the GPU keeps them from reading outside the table.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::buffer::uniform;
+use crate::gpu::dispatch::grid;
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, ShaderVariant, WeightKind};
+
+const SOURCE: &str = include_str!("../../shaders/embedding.wgsl");
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct EmbeddingParams {
+    pub rows: u32,
+    pub dim: u32,
+    pub row0: u32,
+    pub chunk_rows: u32,
+}
+
+/// Look up `rows` token ids (`ids`: `[T]` u32) in `table` (`[vocab, d]`) into `out` (`[T, d]`
+/// f32), reading f16 tables the way [`WeightKind::for_dtype`] chooses.
+pub fn embedding(
+    ctx: &GpuContext,
+    label: &str,
+    ids: &GpuTensor,
+    rows: usize,
+    table: &GpuMatrix,
+    out: &GpuTensor,
+) -> Result<Vec<Dispatch>, GpuError> {
+    embedding_with_kind(ctx, label, ids, rows, table, out, WeightKind::for_dtype(ctx, table.dtype))
+}
+
+/// [`embedding`] with an explicit way of reading the table (tests use every kind).
+pub fn embedding_with_kind(
+    ctx: &GpuContext,
+    label: &str,
+    ids: &GpuTensor,
+    rows: usize,
+    table: &GpuMatrix,
+    out: &GpuTensor,
+    kind: WeightKind,
+) -> Result<Vec<Dispatch>, GpuError> {
+    let d = table.cols;
+    if kind.dtype() != table.dtype {
+        return Err(GpuError::InvalidArgument(format!("{label}: table {} is {}, kind {}", table.label, table.dtype, kind.name())));
+    }
+    if kind == WeightKind::F16 && !ctx.has_f16() {
+        return Err(GpuError::InvalidArgument(format!("{label}: WeightKind::F16 needs SHADER_F16")));
+    }
+    if ids.dtype != DType::U32 || out.dtype != DType::F32 {
+        return Err(GpuError::InvalidArgument(format!("{label}: embedding needs u32 ids and an f32 output")));
+    }
+    if ids.numel() < rows || out.numel() < rows * d {
+        return Err(GpuError::InvalidArgument(format!(
+            "{label}: embedding of {rows} tokens x {d} needs ids >= {rows} and out >= {} elements, got {} and {}",
+            rows * d,
+            ids.numel(),
+            out.numel()
+        )));
+    }
+    if rows * d > u32::MAX as usize / 2 || table.rows > u32::MAX as usize {
+        return Err(GpuError::InvalidArgument(format!("{label}: embedding of [{rows}, {d}] is too large")));
+    }
+    let variant = ShaderVariant::new("embedding", SOURCE, "embedding").weights("W_DECL", kind, 2, "w");
+    let pipeline = ctx.pipeline(&variant)?;
+    let n = rows * d;
+    let mut dispatches = Vec::with_capacity(table.chunks.len());
+    for (c, chunk) in table.chunks.iter().enumerate() {
+        if chunk.rows * d > u32::MAX as usize {
+            return Err(GpuError::InvalidArgument(format!("{label}: table chunk {c} is too large")));
+        }
+        let params = EmbeddingParams { rows: rows as u32, dim: d as u32, row0: chunk.row0 as u32, chunk_rows: chunk.rows as u32 };
+        let name = if table.chunks.len() == 1 { label.to_string() } else { format!("{label}[chunk {c}]") };
+        let u = uniform(ctx, &name, &params);
+        // Every chunk checks every output element; only the rows of its own ids are copied
+        // (counted here as if each chunk copied its share).
+        let share = (n as u64 * chunk.rows as u64).div_ceil(table.rows.max(1) as u64);
+        let cost = Cost { flops: 0, bytes: 4 * rows as u64 + share * (table.dtype.size() as u64 + 4) };
+        dispatches.push(Dispatch::new(
+            ctx,
+            &pipeline,
+            name,
+            &[
+                u.as_entire_binding(),
+                ids.buffer.as_entire_binding(),
+                chunk.tensor.buffer.as_entire_binding(),
+                out.buffer.as_entire_binding(),
+            ],
+            grid((n as u32).div_ceil(256)),
+            cost,
+        ));
+    }
+    Ok(dispatches)
+}
+
+/// CPU reference: rows of `table` (`[vocab, d]`) for `ids`; an id outside the table leaves its
+/// row as it is in `out_before` (`[T, d]`).
+pub fn embedding_ref(ids: &[u32], table: &[f32], d: usize, out_before: &[f32]) -> Vec<f32> {
+    let vocab = table.len() / d.max(1);
+    let mut out = out_before.to_vec();
+    for (t, &id) in ids.iter().enumerate() {
+        if (id as usize) < vocab {
+            out[t * d..(t + 1) * d].copy_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{GpuOptions, test_context};
+    use crate::kernels::testing::{assert_close, random_vec, round_f16};
+    use rand::{Rng, SeedableRng};
+
+    fn kinds(ctx: &GpuContext) -> Vec<WeightKind> {
+        let mut k = vec![WeightKind::F32, WeightKind::F16Packed];
+        if ctx.has_f16() {
+            k.push(WeightKind::F16);
+        }
+        k
+    }
+
+    fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
+    }
+
+    /// Runs one lookup and checks it; returns the number of chunks of the table.
+    fn check(ctx: &GpuContext, vocab: usize, d: usize, ids: &[u32], kind: WeightKind, seed: u64) -> usize {
+        let data = random_vec(vocab * d, seed);
+        let table = GpuMatrix::upload(ctx, "table", vocab, d, &data, kind.dtype()).unwrap();
+        let want_table = if kind == WeightKind::F32 { data.clone() } else { round_f16(&data) };
+        let rows = ids.len();
+        let before = vec![-7.5f32; rows * d];
+        let gids = GpuTensor::from_u32(ctx, "ids", &[rows], ids).unwrap();
+        let out = GpuTensor::from_f32(ctx, "out", &[rows, d], &before).unwrap();
+        let ds = embedding_with_kind(ctx, "embedding", &gids, rows, &table, &out, kind).unwrap();
+        assert_eq!(ds.len(), table.chunks.len());
+        ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+        let what = format!("embedding vocab={vocab} d={d} T={rows} {}", kind.name());
+        assert_close(&out.read_f32(ctx).unwrap(), &embedding_ref(ids, &want_table, d, &before), 0.0, 0.0, &what);
+        table.chunks.len()
+    }
+
+    #[test]
+    fn embedding_matches_reference() {
+        let ctx = test_context();
+        for kind in kinds(&ctx) {
+            for (i, (vocab, d, t)) in [(1, 1, 1), (7, 7, 7), (257, 33, 257), (1757, 13, 5), (4000, 576, 1757)].into_iter().enumerate() {
+                let ids = random_ids(t, vocab, 50 + i as u64);
+                check(&ctx, vocab, d, &ids, kind, 60 + i as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn embedding_skips_out_of_range_ids() {
+        let ctx = test_context();
+        for kind in kinds(&ctx) {
+            let ids = [3u32, 257, 0, u32::MAX, 256, 1 << 31];
+            check(&ctx, 257, 9, &ids, kind, 7);
+        }
+    }
+
+    #[test]
+    fn embedding_of_a_split_table() {
+        // d odd, rows of 13 f16 (26 bytes) or f32 (52 bytes): a 600-byte binding splits a
+        // 103-row table into >= 3 chunks.
+        let ctx = GpuContext::new(&GpuOptions { max_binding_override: Some(600), ..Default::default() }).unwrap();
+        for kind in kinds(&ctx) {
+            let mut ids = random_ids(300, 103, 9);
+            ids.extend([0, 102, 103, 51, u32::MAX]);
+            let chunks = check(&ctx, 103, 13, &ids, kind, 11);
+            assert!(chunks >= 3, "{} chunks", chunks);
+        }
+    }
+
+    #[test]
+    fn embedding_rejects_mismatched_kind_and_short_output() {
+        let ctx = test_context();
+        let table = GpuMatrix::upload(&ctx, "table", 4, 3, &random_vec(12, 1), DType::F16).unwrap();
+        let ids = GpuTensor::from_u32(&ctx, "ids", &[2], &[0, 1]).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[2, 3]).unwrap();
+        assert!(embedding_with_kind(&ctx, "e", &ids, 2, &table, &out, WeightKind::F32).is_err());
+        let short = GpuTensor::zeros(&ctx, "out", DType::F32, &[1, 3]).unwrap();
+        assert!(embedding(&ctx, "e", &ids, 2, &table, &short).is_err());
+        assert!(embedding(&ctx, "e", &ids, 2, &table, &out).is_ok());
+    }
+}

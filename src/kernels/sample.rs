@@ -1,0 +1,385 @@
+//! Token selection with only a few bytes read back per token.
+//!
+//! On the GPU: [`argmax`] (greedy decoding: one `(index, value)` pair) and [`top_k`] (the `k <=
+//! 256` largest logits, sorted). Both are reductions in passes: every workgroup reduces a tile
+//! of entries to one pair (argmax, 4096 entries per workgroup) or to its `k` best (top-k, a
+//! bitonic sort of 1024 entries per workgroup), and passes repeat until one workgroup is left.
+//! Order: larger value first, equal values by lower index (as `torch.argmax` and a stable sort
+//! do). NaN logits count as `-inf`.
+//!
+//! On the CPU: [`Sampler`] picks one token from the top-k candidates with temperature, top-p
+//! (nucleus) and a seeded RNG. **Sampling considers at most the 256 most likely tokens**: when
+//! top-k is 0 (disabled) the runtime reads back the top 256 candidates
+//! (`k = min(top_k or 256, 256)`), so the tail of the distribution beyond them is never drawn.
+
+use bytemuck::{Pod, Zeroable};
+use rand::{Rng, SeedableRng};
+
+use crate::gpu::buffer::uniform;
+use crate::gpu::dispatch::grid;
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+
+const SOURCE: &str = include_str!("../../shaders/sample.wgsl");
+
+/// Entries one argmax workgroup reduces (256 invocations x 16).
+pub const ARGMAX_TILE: usize = 256 * 16;
+/// Entries one top-k workgroup sorts.
+pub const TOPK_TILE: usize = 1024;
+/// The largest k that [`top_k`] supports.
+pub const MAX_TOP_K: usize = 256;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct SampleParams {
+    pub n: u32,
+    pub k: u32,
+    pub from_logits: u32,
+    pub _pad0: u32,
+}
+
+/// Chain reduction passes: each workgroup of a pass turns `tile` entries into `per_group` pairs,
+/// until one workgroup writes the result into `out`.
+#[allow(clippy::too_many_arguments)]
+fn reduce_passes(
+    ctx: &GpuContext,
+    label: &str,
+    entry: &'static str,
+    logits: &GpuTensor,
+    n: usize,
+    tile: usize,
+    per_group: usize,
+    out: &GpuTensor,
+) -> Result<Vec<Dispatch>, GpuError> {
+    let pipeline = ctx.pipeline(&ShaderVariant::new("sample", SOURCE, entry))?;
+    let mut dispatches = Vec::new();
+    let mut src: Option<GpuTensor> = None; // None: the logits
+    let mut m = n;
+    loop {
+        let groups = m.div_ceil(tile);
+        let last = groups == 1;
+        let dst = if last {
+            out.clone()
+        } else {
+            GpuTensor::zeros(ctx, &format!("{label}.pass{}", dispatches.len()), DType::U32, &[groups * per_group, 2])?
+        };
+        let params = SampleParams { n: m as u32, k: per_group as u32, from_logits: u32::from(src.is_none()), _pad0: 0 };
+        let u = uniform(ctx, label, &params);
+        // When reading the logits, `src` is not read: bind the (read-only) logits in its place.
+        let src_buf = src.as_ref().map_or(&logits.buffer, |s| &s.buffer);
+        let in_bytes = if src.is_none() { 4 * m } else { 8 * m };
+        dispatches.push(Dispatch::new(
+            ctx,
+            &pipeline,
+            format!("{label}.pass{}", dispatches.len()),
+            &[
+                u.as_entire_binding(),
+                logits.buffer.as_entire_binding(),
+                src_buf.as_entire_binding(),
+                dst.buffer.as_entire_binding(),
+            ],
+            grid(groups as u32),
+            Cost { flops: m as u64, bytes: (in_bytes + 8 * groups * per_group) as u64 },
+        ));
+        if last {
+            return Ok(dispatches);
+        }
+        m = groups * per_group;
+        src = Some(dst);
+    }
+}
+
+fn check_logits(label: &str, logits: &GpuTensor, n: usize) -> Result<(), GpuError> {
+    if logits.dtype != DType::F32 || logits.numel() < n || n == 0 || n > (u32::MAX / 2) as usize {
+        return Err(GpuError::InvalidArgument(format!(
+            "{label}: need {n} (> 0) f32 logits, got {} {}",
+            logits.numel(),
+            logits.dtype
+        )));
+    }
+    Ok(())
+}
+
+/// Index and value of the largest of the first `n` logits (`[V]` f32), written to `out` as two
+/// u32 words: the index, then the f32 bits of the value. Ties go to the lowest index.
+pub fn argmax(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
+    check_logits(label, logits, n)?;
+    if out.dtype == DType::F16 || out.byte_len() < 8 {
+        return Err(GpuError::InvalidArgument(format!("{label}: argmax needs an output of 2 u32 words")));
+    }
+    reduce_passes(ctx, label, "argmax", logits, n, ARGMAX_TILE, 1, out)
+}
+
+/// The `k` (1..=256, <= n) largest of the first `n` logits, written to `out` as `k` pairs of u32
+/// words (index, f32 bits of the value), sorted by value descending, ties lowest index first.
+/// Read back `2 * k` words and turn them into pairs with [`decode_pairs`].
+pub fn top_k(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
+    check_logits(label, logits, n)?;
+    if k == 0 || k > MAX_TOP_K || k > n {
+        return Err(GpuError::InvalidArgument(format!("{label}: top_k with k = {k} of {n} (1 <= k <= min(n, {MAX_TOP_K}))")));
+    }
+    if out.dtype == DType::F16 || out.byte_len() < 8 * k {
+        return Err(GpuError::InvalidArgument(format!("{label}: top_k needs an output of {} u32 words", 2 * k)));
+    }
+    reduce_passes(ctx, label, "top_k", logits, n, TOPK_TILE, k, out)
+}
+
+/// Read-back words `[index, f32 bits, index, f32 bits, ..]` as `(index, value)` pairs.
+pub fn decode_pairs(raw: &[u32]) -> Vec<(u32, f32)> {
+    raw.chunks_exact(2).map(|w| (w[0], f32::from_bits(w[1]))).collect()
+}
+
+/// CPU reference of the GPU order: value descending (NaN as -inf, -0 equal to +0), ties by
+/// lower index.
+pub fn sorted_ref(logits: &[f32]) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &x)| (i as u32, if x.is_nan() { f32::NEG_INFINITY } else { x })).collect();
+    v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+    v
+}
+
+/// CPU reference of [`argmax`].
+pub fn argmax_ref(logits: &[f32]) -> (u32, f32) {
+    sorted_ref(logits)[0]
+}
+
+/// CPU reference of [`top_k`].
+pub fn top_k_ref(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut v = sorted_ref(logits);
+    v.truncate(k);
+    v
+}
+
+/// How to pick the next token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerConfig {
+    /// 0 (or less): greedy, the first candidate.
+    pub temperature: f32,
+    /// Candidates kept (0: all that are given; the runtime gives at most 256).
+    pub top_k: usize,
+    /// Nucleus: keep the smallest prefix of candidates with probability mass >= top_p
+    /// (1 keeps all, 0 keeps only the first).
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+/// Picks tokens from top-k candidates with a seeded RNG: the same seed and candidates give the
+/// same sequence.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub cfg: SamplerConfig,
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampler {
+    pub fn new(cfg: SamplerConfig) -> Sampler {
+        Sampler { cfg, rng: rand::rngs::StdRng::seed_from_u64(cfg.seed) }
+    }
+
+    /// Pick a token id from `candidates` (`(id, logit)`, sorted by logit descending, as
+    /// [`top_k`] returns them). Empty candidates give token 0.
+    pub fn pick(&mut self, candidates: &[(u32, f32)]) -> u32 {
+        let Some(&(first, top)) = candidates.first() else { return 0 };
+        let t = self.cfg.temperature;
+        if !t.is_finite() || t <= 0.0 || !top.is_finite() {
+            return first;
+        }
+        let cands = if self.cfg.top_k > 0 { &candidates[..self.cfg.top_k.min(candidates.len())] } else { candidates };
+        // Softmax over logit / T, relative to the largest (the first).
+        let max = top as f64 / t as f64;
+        let weights: Vec<f64> = cands
+            .iter()
+            .map(|&(_, l)| if l.is_nan() { 0.0 } else { (l as f64 / t as f64 - max).exp() })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        // Nucleus: the smallest prefix with mass >= top_p (at least one candidate).
+        let keep = if self.cfg.top_p >= 1.0 {
+            cands.len()
+        } else {
+            let target = self.cfg.top_p.max(0.0) as f64 * total;
+            let mut mass = 0.0;
+            let mut keep = cands.len();
+            for (i, w) in weights.iter().enumerate() {
+                mass += w;
+                if mass >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            keep
+        };
+        let kept_mass: f64 = weights[..keep].iter().sum();
+        let mut u = self.rng.random::<f64>() * kept_mass;
+        for (i, w) in weights[..keep].iter().enumerate() {
+            if u < *w {
+                return cands[i].0;
+            }
+            u -= w;
+        }
+        cands[keep - 1].0 // rounding: u landed at the very end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::test_context;
+    use crate::kernels::testing::random_vec;
+
+    fn gpu_argmax(ctx: &GpuContext, logits: &[f32]) -> (u32, f32) {
+        let n = logits.len();
+        let g = GpuTensor::from_f32(ctx, "logits", &[n], logits).unwrap();
+        let out = GpuTensor::zeros(ctx, "out", DType::U32, &[2]).unwrap();
+        let ds = argmax(ctx, "argmax", &g, n, &out).unwrap();
+        ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+        decode_pairs(&out.read_u32(ctx).unwrap())[0]
+    }
+
+    fn gpu_top_k(ctx: &GpuContext, logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let n = logits.len();
+        let g = GpuTensor::from_f32(ctx, "logits", &[n], logits).unwrap();
+        let out = GpuTensor::zeros(ctx, "out", DType::U32, &[k, 2]).unwrap();
+        let ds = top_k(ctx, "top_k", &g, n, k, &out).unwrap();
+        ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+        decode_pairs(&out.read_u32(ctx).unwrap())
+    }
+
+    #[test]
+    fn argmax_matches_reference() {
+        let ctx = test_context();
+        for (i, n) in [1usize, 7, 257, 1757, 4096, 4097, 49152, 128256].into_iter().enumerate() {
+            let logits: Vec<f32> = random_vec(n, 300 + i as u64).iter().map(|v| v * 20.0).collect();
+            assert_eq!(gpu_argmax(&ctx, &logits), argmax_ref(&logits), "argmax n={n}");
+        }
+    }
+
+    #[test]
+    fn argmax_ties_go_to_the_lowest_index() {
+        let ctx = test_context();
+        let n = 128256;
+        let mut logits = random_vec(n, 5);
+        // The maximum appears in several workgroups' tiles and within one tile.
+        for i in [100_000usize, 70_001, 70_000, 9_000, 8_999, 127_000] {
+            logits[i] = 3.5;
+        }
+        assert_eq!(gpu_argmax(&ctx, &logits), (8_999, 3.5));
+        assert_eq!(gpu_argmax(&ctx, &vec![-2.0; 5000]), (0, -2.0));
+        assert_eq!(gpu_argmax(&ctx, &vec![f32::NEG_INFINITY; 300]), (0, f32::NEG_INFINITY));
+        // -0 and +0 are equal: the lower index wins whatever the sign.
+        let mut zeros = vec![-1.0f32; 600];
+        zeros[400] = 0.0;
+        zeros[300] = -0.0;
+        assert_eq!(gpu_argmax(&ctx, &zeros).0, 300);
+        let mut with_nan = random_vec(777, 6);
+        with_nan[3] = f32::NAN;
+        with_nan[600] = 7.0;
+        assert_eq!(gpu_argmax(&ctx, &with_nan), (600, 7.0));
+    }
+
+    #[test]
+    fn top_k_matches_a_sort() {
+        let ctx = test_context();
+        let n = 49152;
+        // Few distinct values so that ties cross tile and pass boundaries.
+        let coarse: Vec<f32> = random_vec(n, 77).iter().map(|v| (v * 300.0).round()).collect();
+        let fine: Vec<f32> = random_vec(n, 78).iter().map(|v| v * 10.0).collect();
+        for logits in [&fine, &coarse] {
+            for k in [1usize, 40, 256] {
+                assert_eq!(gpu_top_k(&ctx, logits, k), top_k_ref(logits, k), "top_k k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_on_odd_sizes() {
+        let ctx = test_context();
+        for (i, (n, k)) in [(1usize, 1usize), (7, 7), (257, 40), (1757, 256), (128256, 50)].into_iter().enumerate() {
+            let logits: Vec<f32> = random_vec(n, 400 + i as u64).iter().map(|v| (v * 50.0).round() / 4.0).collect();
+            assert_eq!(gpu_top_k(&ctx, &logits, k), top_k_ref(&logits, k), "top_k n={n} k={k}");
+        }
+        let mut masked = vec![f32::NEG_INFINITY; 2000];
+        masked[1500] = 1.0;
+        masked[7] = f32::NAN;
+        assert_eq!(gpu_top_k(&ctx, &masked, 5), top_k_ref(&masked, 5));
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let ctx = test_context();
+        let g = GpuTensor::from_f32(&ctx, "logits", &[10], &random_vec(10, 1)).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::U32, &[8, 2]).unwrap();
+        assert!(top_k(&ctx, "t", &g, 10, 0, &out).is_err());
+        assert!(top_k(&ctx, "t", &g, 10, 11, &out).is_err());
+        assert!(top_k(&ctx, "t", &g, 10, 9, &out).is_err(), "output too small");
+        assert!(top_k(&ctx, "t", &g, 11, 1, &out).is_err(), "logits too short");
+        assert!(argmax(&ctx, "a", &g, 0, &out).is_err());
+        assert!(top_k(&ctx, "t", &g, 10, 8, &out).is_ok());
+    }
+
+    #[test]
+    fn decode_pairs_reads_index_and_bits() {
+        assert_eq!(decode_pairs(&[3, 1.5f32.to_bits(), 9, (-2.0f32).to_bits(), 77]), vec![(3, 1.5), (9, -2.0)]);
+    }
+
+    fn cfg(temperature: f32, top_p: f32, seed: u64) -> SamplerConfig {
+        SamplerConfig { temperature, top_k: 0, top_p, seed }
+    }
+
+    const CANDS: [(u32, f32); 4] = [(42, 3.0), (7, 2.5), (1000, 1.0), (5, -1.0)];
+
+    #[test]
+    fn sampler_temperature_zero_is_greedy() {
+        let mut s = Sampler::new(cfg(0.0, 1.0, 1));
+        assert!((0..100).all(|_| s.pick(&CANDS) == 42));
+        assert_eq!(s.pick(&[]), 0);
+    }
+
+    #[test]
+    fn sampler_is_repeatable_for_a_seed() {
+        let draw = |seed| {
+            let mut s = Sampler::new(cfg(1.5, 0.95, seed));
+            (0..200).map(|_| s.pick(&CANDS)).collect::<Vec<_>>()
+        };
+        let a = draw(1234);
+        assert_eq!(a, draw(1234));
+        assert_ne!(a, draw(1235));
+        assert!(a.iter().any(|&t| t != 42), "a hot sampler picks more than the first");
+    }
+
+    #[test]
+    fn sampler_top_p_zero_keeps_only_the_first() {
+        let mut s = Sampler::new(cfg(5.0, 0.0, 3));
+        assert!((0..500).all(|_| s.pick(&CANDS) == 42));
+    }
+
+    #[test]
+    fn sampler_top_p_and_top_k_cut_the_tail() {
+        // p ~ [0.55, 0.33, 0.07, 0.004] at T = 1: top_p 0.8 keeps the first two.
+        let mut s = Sampler::new(cfg(1.0, 0.8, 9));
+        let picks: Vec<u32> = (0..2000).map(|_| s.pick(&CANDS)).collect();
+        assert!(picks.iter().all(|t| [42, 7].contains(t)));
+        assert!(picks.contains(&7));
+        let mut s = Sampler::new(SamplerConfig { top_k: 1, ..cfg(2.0, 1.0, 9) });
+        assert!((0..500).all(|_| s.pick(&CANDS) == 42));
+    }
+
+    #[test]
+    fn sampler_frequencies_follow_the_softmax() {
+        let cands = [(10u32, 1.2f32), (20, 0.5), (30, -0.3)];
+        for t in [1.0f32, 0.7] {
+            let z: Vec<f64> = cands.iter().map(|c| (c.1 as f64 / t as f64).exp()).collect();
+            let sum: f64 = z.iter().sum();
+            let mut s = Sampler::new(cfg(t, 1.0, 2024));
+            let draws = 20_000;
+            let mut counts = [0usize; 3];
+            for _ in 0..draws {
+                let id = s.pick(&cands);
+                counts[cands.iter().position(|c| c.0 == id).unwrap()] += 1;
+            }
+            for i in 0..3 {
+                let freq = counts[i] as f64 / draws as f64;
+                let p = z[i] / sum;
+                assert!((freq - p).abs() < 0.02, "T={t} candidate {i}: frequency {freq}, softmax {p}");
+            }
+        }
+    }
+}
