@@ -2,6 +2,7 @@
 //! the parameter struct, a typed function that prepares a [`Dispatch`](crate::gpu::Dispatch)
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
+pub mod choice;
 pub mod matmul;
 pub mod matvec;
 pub mod rmsnorm;
