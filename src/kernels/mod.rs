@@ -3,6 +3,7 @@
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
 pub mod choice;
+pub mod copy;
 pub mod matmul;
 pub mod matvec;
 pub mod rmsnorm;

@@ -1,0 +1,21 @@
+// Plain copy dst[i] = src[i] over vec4<f32> elements: the bandwidth reference of the kernel bench.
+// Each invocation copies one vec4; consecutive invocations copy consecutive vec4s.
+
+struct CopyParams {
+    n4: u32,  // vec4 elements to copy
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: CopyParams;
+@group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;        // [n4] vec4
+@group(0) @binding(2) var<storage, read_write> dst: array<vec4<f32>>;  // [>= n4] vec4
+
+@compute @workgroup_size(256)
+fn copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i < p.n4) {
+        dst[i] = src[i];
+    }
+}
