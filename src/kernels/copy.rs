@@ -8,7 +8,8 @@ use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
 
 const SOURCE: &str = include_str!("../../shaders/copy.wgsl");
-const WG: u32 = 256;
+const WG: u32 = 64;
+const PER: u32 = 8;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -33,7 +34,7 @@ pub fn copy(ctx: &GpuContext, label: &str, src: &GpuTensor, dst: &GpuTensor) -> 
         &pipeline,
         label,
         &[u.as_entire_binding(), src.buffer.as_entire_binding(), dst.buffer.as_entire_binding()],
-        grid(n4.div_ceil(WG)),
+        grid(n4.div_ceil(WG * PER)),
         Cost { flops: 0, bytes: 2 * bytes as u64 },
     ))
 }
