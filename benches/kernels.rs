@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor};
 use firstrt::kernels::copy::copy;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
-use firstrt::kernels::matvec::{MatvecVariant, matvec};
+use firstrt::gpu::WeightKind;
+use firstrt::kernels::matvec::{MatvecVariant, matvec, matvec_with_kind};
 
 /// Aim for about this much wall time per repeat.
 const TARGET: Duration = Duration::from_millis(60);
@@ -117,6 +118,10 @@ fn main() {
             for v in MatvecVariant::ALL {
                 let ds = matvec(&ctx, "matvec", &x, &w, None, &y, 0, false, v).unwrap();
                 b.case(&format!("matvec {} {dtype}", v.name()), &format!("{n}x{k}"), &ds, true);
+                if dtype == DType::F16 && ctx.has_f16() {
+                    let ds = matvec_with_kind(&ctx, "matvec", &x, &w, None, &y, 0, false, v, WeightKind::F16Packed).unwrap();
+                    b.case(&format!("matvec {} f16packed", v.name()), &format!("{n}x{k}"), &ds, true);
+                }
             }
         }
     }

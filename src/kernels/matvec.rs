@@ -15,7 +15,7 @@ use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTens
 const SOURCE: &str = include_str!("../../shaders/matvec.wgsl");
 
 /// Rows per invocation of the `Rows` variant.
-pub const ROWS_PER_INVOCATION: u32 = 4;
+pub const ROWS_PER_INVOCATION: u32 = 2;
 /// Workgroup size of the `Rows` variant.
 pub const ROWS_WG: u32 = 64;
 /// Workgroup size of the `Reduce` variant (a power of two).
