@@ -18,7 +18,7 @@ const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 /// Workgroup size of the `RegBlock` variant.
 pub const REGBLOCK_WG: u32 = 64;
 /// Rows of x per `RegBlock` invocation.
-pub const REGBLOCK_TM: u32 = 4;
+pub const REGBLOCK_TM: u32 = 2;
 /// Rows of w per `RegBlock` invocation.
 pub const REGBLOCK_TN: u32 = 4;
 /// Output tile of one `Tiled` workgroup (rows of x and rows of w).
