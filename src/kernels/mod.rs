@@ -3,7 +3,11 @@
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
 pub mod add;
+pub mod choice;
+pub mod copy;
 pub mod embedding;
+pub mod matmul;
+pub mod matvec;
 pub mod rmsnorm;
 pub mod router;
 pub mod sample;

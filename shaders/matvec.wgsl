@@ -1,0 +1,115 @@
+// Matrix-vector product for decode (one token): y[y_col0 + row0 + n] (+)= dot(w[n, :], x) (+ bias[row0 + n])
+// for the rows n < p.rows of one chunk of a weight matrix. Accumulation is in f32.
+//
+// Placeholders (filled from Rust): W_DECL / X_DECL declare the weights / input with accessors w_4, w_1,
+// x_4, x_1; ALIGNED is true when K % 4 == 0 (rows start on a vec4 boundary); WG is the workgroup size;
+// R the rows per invocation (matvec_rows).
+
+struct MatvecParams {
+    rows: u32,    // rows of this chunk of w
+    k: u32,       // columns of w = length of x
+    row0: u32,    // first row of the chunk in the whole matrix (bias index, y column)
+    y_col0: u32,  // y index of row 0 of the whole matrix
+    flags: u32,   // bit 0: accumulate into y; bit 1: add bias
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: MatvecParams;
+{{X_DECL}}  // binding 1, x: [k] f32
+{{W_DECL}}  // binding 2, w: [rows, k] f32 or f16 (this chunk)
+@group(0) @binding(3) var<storage, read> bias: array<f32>;       // [rows of the whole matrix] (x when unused)
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;    // [>= y_col0 + rows of the whole matrix]
+
+const ALIGNED: bool = {{ALIGNED}};
+const WG: u32 = {{WG}}u;
+const R: u32 = {{R}}u;
+
+fn store(n: u32, v: f32) {
+    var s = v;
+    if ((p.flags & 2u) != 0u) {
+        s += bias[p.row0 + n];
+    }
+    let i = p.y_col0 + p.row0 + n;
+    if ((p.flags & 1u) != 0u) {
+        s += y[i];
+    }
+    y[i] = s;
+}
+
+// Each invocation owns R consecutive rows and walks K in vec4 steps with one vec4 accumulator per
+// row; consecutive invocations own consecutive row groups. No workgroup memory.
+@compute @workgroup_size(WG)
+fn matvec_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let first = (gid.x + gid.y * nwg.x * WG) * R;
+    if (first >= p.rows) {
+        return;
+    }
+    var acc: array<vec4<f32>, R>;
+    var base: array<u32, R>;
+    for (var r = 0u; r < R; r++) {
+        acc[r] = vec4<f32>(0.0);
+        base[r] = min(first + r, p.rows - 1u) * p.k; // clamped: loads stay in bounds, stores are skipped
+    }
+    if (ALIGNED) {
+        let k4 = p.k / 4u;
+        for (var r = 0u; r < R; r++) {
+            base[r] = base[r] / 4u;
+        }
+        for (var i = 0u; i < k4; i++) {
+            let xv = x_4(i);
+            for (var r = 0u; r < R; r++) {
+                acc[r] = fma(w_4(base[r] + i), xv, acc[r]);
+            }
+        }
+    } else {
+        for (var i = 0u; i < p.k; i++) {
+            let xv = x_1(i);
+            for (var r = 0u; r < R; r++) {
+                acc[r].x = fma(w_1(base[r] + i), xv, acc[r].x);
+            }
+        }
+    }
+    for (var r = 0u; r < R; r++) {
+        let n = first + r;
+        if (n < p.rows) {
+            let a = acc[r];
+            store(n, (a.x + a.y) + (a.z + a.w));
+        }
+    }
+}
+
+// One workgroup per row: the invocations stride over K, then reduce through workgroup memory.
+var<workgroup> partial: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn matvec_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let n = wg.x + wg.y * nwg.x; // uniform across the workgroup
+    let row = min(n, p.rows - 1u);
+    var acc = vec4<f32>(0.0);
+    if (ALIGNED) {
+        let base = row * p.k / 4u;
+        let k4 = p.k / 4u;
+        for (var i = lid; i < k4; i += WG) {
+            acc = fma(w_4(base + i), x_4(i), acc);
+        }
+    } else {
+        let base = row * p.k;
+        for (var i = lid; i < p.k; i += WG) {
+            acc.x = fma(w_1(base + i), x_1(i), acc.x);
+        }
+    }
+    partial[lid] = (acc.x + acc.y) + (acc.z + acc.w);
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            partial[lid] += partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u && n < p.rows) {
+        store(n, partial[0]);
+    }
+}

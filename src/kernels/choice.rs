@@ -1,0 +1,266 @@
+//! Which kernel variant to use on this adapter, decided once per process per family.
+//!
+//! In order: the environment variable `FIRSTRT_KERNEL` (e.g. `matmul=tiled,matvec=reduce`, or a
+//! bare variant name such as `tiled`, `regblock`, `rows`, `reduce`); the on-disk cache
+//! `$FIRSTRT_CACHE/kernel-choice.json` (default `~/.cache/firstrt`) keyed by
+//! [`GpuContext::adapter_key`]; else a short measurement of every variant on a representative
+//! shape, whose result is written to the cache. The choice is kept in `ctx.kernel_choices`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::gpu::{DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor};
+use crate::kernels::matmul::{MatmulVariant, matmul};
+use crate::kernels::matvec::{MatvecVariant, matvec};
+
+/// Variants forced through `FIRSTRT_KERNEL`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forced {
+    pub matmul: Option<MatmulVariant>,
+    pub matvec: Option<MatvecVariant>,
+}
+
+/// Parse a `FIRSTRT_KERNEL` value: a comma list of `family=variant` or bare variant names.
+/// Unknown entries are returned as an error naming them.
+pub fn parse_forced(spec: &str) -> Result<Forced, String> {
+    let mut f = Forced::default();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let item = item.to_ascii_lowercase();
+        let (family, name) = match item.split_once('=') {
+            Some((a, b)) => (Some(a.trim()), b.trim()),
+            None => (None, item.as_str()),
+        };
+        match (family, MatmulVariant::parse(name), MatvecVariant::parse(name)) {
+            (None | Some("matmul"), Some(v), _) => f.matmul = Some(v),
+            (None | Some("matvec"), _, Some(v)) => f.matvec = Some(v),
+            _ => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled, matvec=rows|reduce)")),
+        }
+    }
+    Ok(f)
+}
+
+fn forced_from_env() -> Forced {
+    match std::env::var("FIRSTRT_KERNEL") {
+        Ok(spec) => parse_forced(&spec).unwrap_or_else(|e| {
+            log::warn!("{e}; ignoring it");
+            Forced::default()
+        }),
+        Err(_) => Forced::default(),
+    }
+}
+
+/// `$FIRSTRT_CACHE/kernel-choice.json`, default `~/.cache/firstrt/kernel-choice.json`.
+pub fn cache_path() -> Option<PathBuf> {
+    let dir = match std::env::var_os("FIRSTRT_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache").join("firstrt"),
+    };
+    Some(dir.join("kernel-choice.json"))
+}
+
+/// The cache file: adapter key -> family -> variant name.
+type CacheFile = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The cached variant of `family` for adapter `key` in the cache file at `path`, if any.
+pub fn read_cache_at(path: &Path, key: &str, family: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let cache: CacheFile = serde_json::from_str(&text).ok()?;
+    cache.get(key)?.get(family).cloned()
+}
+
+/// Record `variant` for (`key`, `family`) in the cache file at `path`, keeping other entries.
+pub fn write_cache_at(path: &Path, key: &str, family: &str, variant: &str) -> std::io::Result<()> {
+    let mut cache: CacheFile = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    cache.entry(key.to_string()).or_default().insert(family.to_string(), variant.to_string());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(&cache).map_err(std::io::Error::other)?;
+    std::fs::write(path, text)
+}
+
+/// The choice for `family`: forced, cached in memory or on disk, or measured by `measure`.
+fn choose(
+    ctx: &GpuContext,
+    family: &'static str,
+    forced: Option<&'static str>,
+    cache: Option<&Path>,
+    measure: impl FnOnce() -> Result<&'static str, GpuError>,
+    fallback: &'static str,
+) -> String {
+    let mut choices = ctx.kernel_choices.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(v) = choices.get(family) {
+        return v.clone();
+    }
+    let key = ctx.adapter_key();
+    let chosen = if let Some(v) = forced {
+        log::info!("kernel choice: {family} = {v} (forced by FIRSTRT_KERNEL)");
+        v.to_string()
+    } else if let Some(v) = cache.and_then(|p| read_cache_at(p, &key, family)) {
+        log::info!("kernel choice: {family} = {v} (cached for this adapter in {})", cache.map_or(String::new(), |p| p.display().to_string()));
+        v
+    } else {
+        match measure() {
+            Ok(v) => {
+                log::info!("kernel choice: {family} = {v} (measured)");
+                if let Some(path) = cache {
+                    if let Err(e) = write_cache_at(path, &key, family, v) {
+                        log::warn!("could not write the kernel choice cache {}: {e}", path.display());
+                    }
+                }
+                v.to_string()
+            }
+            Err(e) => {
+                log::warn!("kernel choice: measuring {family} failed ({e}); using {fallback}");
+                fallback.to_string()
+            }
+        }
+    };
+    choices.insert(family, chosen.clone());
+    chosen
+}
+
+fn is_cpu(ctx: &GpuContext) -> bool {
+    ctx.info.device_type == wgpu::DeviceType::Cpu
+}
+
+/// The matmul variant for this adapter (decided once per process).
+pub fn matmul_variant(ctx: &GpuContext) -> MatmulVariant {
+    let fallback = if is_cpu(ctx) { MatmulVariant::RegBlock } else { MatmulVariant::Tiled };
+    let forced = forced_from_env().matmul.map(MatmulVariant::name);
+    let name = choose(ctx, "matmul", forced, cache_path().as_deref(), || measure_matmul(ctx).map(MatmulVariant::name), fallback.name());
+    MatmulVariant::parse(&name).unwrap_or(fallback)
+}
+
+/// The matvec variant for this adapter (decided once per process).
+pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
+    let fallback = if is_cpu(ctx) { MatvecVariant::Rows } else { MatvecVariant::Reduce };
+    let forced = forced_from_env().matvec.map(MatvecVariant::name);
+    let name = choose(ctx, "matvec", forced, cache_path().as_deref(), || measure_matvec(ctx).map(MatvecVariant::name), fallback.name());
+    MatvecVariant::parse(&name).unwrap_or(fallback)
+}
+
+/// Best-of-`reps` wall time of running `dispatches` in one pass (after one warm-up run).
+pub fn time_dispatches(ctx: &GpuContext, dispatches: &[&Dispatch], reps: usize) -> Result<Duration, GpuError> {
+    ctx.run("choice warm-up", dispatches)?;
+    let mut best = Duration::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        ctx.run("choice", dispatches)?;
+        best = best.min(t.elapsed());
+    }
+    Ok(best)
+}
+
+fn pseudo_random(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect()
+}
+
+/// Time matvec 1536x576 and 576x1536 (f32) with each variant; the fastest total wins.
+fn measure_matvec(ctx: &GpuContext) -> Result<MatvecVariant, GpuError> {
+    let shapes = [(1536, 576), (576, 1536)];
+    let mut best = (Duration::MAX, MatvecVariant::Rows);
+    for variant in MatvecVariant::ALL {
+        let mut total = Duration::ZERO;
+        for (n, k) in shapes {
+            let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F32)?;
+            let x = GpuTensor::from_f32(ctx, "choice.x", &[k], &pseudo_random(k))?;
+            let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[n])?;
+            let ds = matvec(ctx, "choice.matvec", &x, &w, None, &y, 0, false, variant)?;
+            let list: Vec<&Dispatch> = ds.iter().cycle().take(8 * ds.len()).collect();
+            total += time_dispatches(ctx, &list, 3)?;
+        }
+        log::debug!("kernel choice: matvec {} took {total:?}", variant.name());
+        if total < best.0 {
+            best = (total, variant);
+        }
+    }
+    Ok(best.1)
+}
+
+/// Time matmul T=64 on 576x576 (f32) with each variant.
+fn measure_matmul(ctx: &GpuContext) -> Result<MatmulVariant, GpuError> {
+    let (t, n, k) = (64, 576, 576);
+    let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F32)?;
+    let x = GpuTensor::from_f32(ctx, "choice.x", &[t, k], &pseudo_random(t * k))?;
+    let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[t, n])?;
+    let mut best = (Duration::MAX, MatmulVariant::RegBlock);
+    for variant in MatmulVariant::ALL {
+        let ds = matmul(ctx, "choice.matmul", &x, t, &w, None, &y, n, 0, false, variant)?;
+        let list: Vec<&Dispatch> = ds.iter().cycle().take(2 * ds.len()).collect();
+        let took = time_dispatches(ctx, &list, 3)?;
+        log::debug!("kernel choice: matmul {} took {took:?}", variant.name());
+        if took < best.0 {
+            best = (took, variant);
+        }
+    }
+    Ok(best.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::test_context;
+
+    #[test]
+    fn forced_variants_parse() {
+        assert_eq!(
+            parse_forced("matmul=tiled,matvec=reduce").unwrap(),
+            Forced { matmul: Some(MatmulVariant::Tiled), matvec: Some(MatvecVariant::Reduce) }
+        );
+        assert_eq!(parse_forced("tiled").unwrap(), Forced { matmul: Some(MatmulVariant::Tiled), matvec: None });
+        assert_eq!(parse_forced(" Rows ").unwrap(), Forced { matmul: None, matvec: Some(MatvecVariant::Rows) });
+        assert_eq!(
+            parse_forced("regblock, matvec = rows").unwrap(),
+            Forced { matmul: Some(MatmulVariant::RegBlock), matvec: Some(MatvecVariant::Rows) }
+        );
+        assert_eq!(parse_forced("").unwrap(), Forced::default());
+        assert!(parse_forced("matmul=rows").is_err());
+        assert!(parse_forced("matvec=tiled").is_err());
+        assert!(parse_forced("fast").is_err());
+    }
+
+    #[test]
+    fn forced_choice_wins_and_sticks() {
+        let ctx = test_context();
+        // A private context entry: choose() with a forced value stores it, later calls reuse it.
+        let v = choose(&ctx, "test-forced", Some("b"), None, || Ok("a"), "c");
+        assert_eq!(v, "b");
+        let again = choose(&ctx, "test-forced", None, None, || panic!("must not measure twice"), "c");
+        assert_eq!(again, "b");
+    }
+
+    #[test]
+    fn measured_choice_goes_to_the_cache_and_back() {
+        let ctx = test_context();
+        let dir = std::env::temp_dir().join(format!("firstrt-choice-test-{}", std::process::id()));
+        let path = dir.join("kernel-choice.json");
+        let _ = std::fs::remove_file(&path);
+        let v = choose(&ctx, "test-measured", None, Some(&path), || Ok("fast"), "slow");
+        assert_eq!(v, "fast");
+        assert_eq!(read_cache_at(&path, &ctx.adapter_key(), "test-measured").as_deref(), Some("fast"));
+        assert_eq!(read_cache_at(&path, "another adapter", "test-measured"), None);
+        // A fresh process (here: a fresh family name) reads it back instead of measuring.
+        write_cache_at(&path, &ctx.adapter_key(), "test-cached", "tiled").unwrap();
+        let c = choose(&ctx, "test-cached", None, Some(&path), || panic!("cached: must not measure"), "slow");
+        assert_eq!(c, "tiled");
+        // The first entry survived the second write.
+        assert_eq!(read_cache_at(&path, &ctx.adapter_key(), "test-measured").as_deref(), Some("fast"));
+        // A failed measurement falls back.
+        let f = choose(&ctx, "test-failed", None, None, || Err(GpuError::Device("no".into())), "slow");
+        assert_eq!(f, "slow");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn measured_variants_are_valid() {
+        let ctx = test_context();
+        // The measurement itself (not its outcome, which depends on the machine) must work.
+        measure_matvec(&ctx).unwrap();
+        measure_matmul(&ctx).unwrap();
+    }
+}
