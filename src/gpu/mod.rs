@@ -47,6 +47,9 @@ pub enum GpuError {
         "tensor {label} needs {needed} bytes in one buffer, more than the adapter's max_buffer_size {limit}"
     )]
     BufferTooLarge { label: String, needed: u64, limit: u64 },
+    /// A kernel was asked for shapes or sizes it does not support (or that do not match).
+    #[error("invalid kernel arguments: {0}")]
+    InvalidArgument(String),
 }
 
 /// What the user asked for when choosing an adapter.
