@@ -8,9 +8,9 @@
 //   attn_split:   flash-decoding: one invocation per (t, split s, h) over keys
 //                 [s*keys_per_split, (s+1)*keys_per_split) ∩ [0, pos], writes partial (m, l, acc).
 //   attn_combine: one invocation per (t, h, 4-lane group j of head_dim) merges the partials.
-// {{HD}} is head_dim and {{HD4}} = ceil(head_dim / 4); q/k/v are read through q4/k4/v4 (a vec4
+// The placeholder HD is head_dim and HD4 = ceil(head_dim / 4); q/k/v are read through q4/k4/v4 (a vec4
 // of head_dim lanes 4j..4j+3 of the head starting at element `base`, zero past head_dim) and out
-// written through store_out; {{DECLS_*}} declare them for the vec4 (head_dim % 4 == 0) or the
+// written through store_out; the DECLS_* placeholders declare them for the vec4 (head_dim % 4 == 0) or the
 // scalar layout.
 
 const HD: u32 = {{HD}}u;

@@ -298,3 +298,174 @@ pub fn attention_ref(q: &[f32], rows: usize, k_cache: &[f32], v_cache: &[f32], p
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::test_context;
+    use crate::kernels::step::StepParams;
+    use crate::kernels::testing::{assert_close, random_vec};
+
+    const GQA: AttnShape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+    const MHA_ODD: AttnShape = AttnShape { n_heads: 4, n_kv_heads: 4, head_dim: 7 };
+    const GQA_12: AttnShape = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 12 };
+
+    /// Caches of `max_pos` random rows on the GPU and the CPU.
+    struct Cache {
+        k: Vec<f32>,
+        v: Vec<f32>,
+        gk: GpuTensor,
+        gv: GpuTensor,
+    }
+
+    fn cache(shape: AttnShape, max_pos: usize, seed: u64) -> Cache {
+        let ctx = test_context();
+        let k = random_vec(max_pos * shape.kv_dim(), seed);
+        let v = random_vec(max_pos * shape.kv_dim(), seed + 1);
+        let gk = GpuTensor::from_f32(&ctx, "k", &[max_pos, shape.kv_dim()], &k).unwrap();
+        let gv = GpuTensor::from_f32(&ctx, "v", &[max_pos, shape.kv_dim()], &v).unwrap();
+        Cache { k, v, gk, gv }
+    }
+
+    /// Prepare `variant` for `rows` rows, run it at pos0 with a random q scaled by `q_scale`,
+    /// and compare with the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn check(shape: AttnShape, c: &Cache, rows: usize, pos0: usize, variant: AttnVariant, q_scale: f32, seed: u64) {
+        let ctx = test_context();
+        let q: Vec<f32> = random_vec(rows * shape.q_dim(), seed).iter().map(|v| v * q_scale).collect();
+        let gq = GpuTensor::from_f32(&ctx, "q", &[rows, shape.q_dim()], &q).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[rows, shape.q_dim()]).unwrap();
+        let step = StepBuffer::new(&ctx);
+        step.write(&ctx, &StepParams::new(pos0, rows));
+        let ds = attention_variant(&ctx, "attn", &gq, rows, &c.gk, &c.gv, shape, &step, &out, variant).unwrap();
+        ctx.run("attn", &ds.iter().collect::<Vec<_>>()).unwrap();
+        let want = attention_ref(&q, rows, &c.k, &c.v, pos0, shape);
+        let what = format!("{shape:?} {variant:?} T={rows} pos0={pos0} q_scale={q_scale}");
+        assert_close(&out.read_f32(&ctx).unwrap(), &want, 2e-5, 1e-4, &what);
+    }
+
+    #[test]
+    fn attention_reference_is_softmax_weighted_values() {
+        // One head, two keys: the weights are softmax(q.k / sqrt(d)); the first query sees key 0 only.
+        let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 4 };
+        let q = [1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0];
+        let k = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+        let v = [1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 0.0];
+        let out = attention_ref(&q, 2, &k, &v, 0, shape);
+        assert_eq!(&out[..4], &v[..4]);
+        let (w0, w1) = (1.0f64, 1.0f64.exp()); // scores 0 and 2/2 = 1
+        for i in 0..4 {
+            let want = (w0 * v[i] as f64 + w1 * v[4 + i] as f64) / (w0 + w1);
+            assert!((out[4 + i] as f64 - want).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn attention_rows_matches_reference() {
+        for (i, shape) in [GQA, MHA_ODD, GQA_12].into_iter().enumerate() {
+            let c = cache(shape, 420, 100 + i as u64);
+            for (j, &(rows, pos0)) in [(1, 0), (1, 419), (7, 3), (300, 0), (300, 117)].iter().enumerate() {
+                check(shape, &c, rows, pos0, AttnVariant::Rows, 1.0, 200 + j as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_split_matches_reference() {
+        for (i, shape) in [GQA, MHA_ODD, GQA_12].into_iter().enumerate() {
+            let c = cache(shape, 420, 110 + i as u64);
+            for (j, &(rows, pos0)) in [(1, 0), (1, 256), (1, 419), (4, 30), (7, 100)].iter().enumerate() {
+                for kps in [1, 7, DEFAULT_KEYS_PER_SPLIT] {
+                    check(shape, &c, rows, pos0, AttnVariant::Split { keys_per_split: kps }, 1.0, 300 + j as u64);
+                }
+            }
+            // A long prefill through the split variant (chunks larger than the cache's tail).
+            check(shape, &c, 300, 117, AttnVariant::Split { keys_per_split: 64 }, 1.0, 310);
+        }
+    }
+
+    #[test]
+    fn attention_is_stable_for_large_scores() {
+        // Scores up to ~|q| |k| / 8 with q scaled by 60: exp would overflow without the running max.
+        let c = cache(GQA, 300, 120);
+        for variant in [AttnVariant::Rows, AttnVariant::Split { keys_per_split: 16 }] {
+            check(GQA, &c, 7, 200, variant, 60.0, 400);
+        }
+    }
+
+    #[test]
+    fn decode_reuses_one_prepared_dispatch_list() {
+        // One dispatch list per variant prepared for rows = 1 and a 1800-row cache, re-recorded for
+        // steps at kv_len 1, 257, 1757 and 2 with new q values and step uniforms.
+        let ctx = test_context();
+        for (i, shape) in [GQA, MHA_ODD].into_iter().enumerate() {
+            let max_pos = 1800;
+            let c = cache(shape, max_pos, 130 + i as u64);
+            let gq = GpuTensor::zeros(&ctx, "q", DType::F32, &[1, shape.q_dim()]).unwrap();
+            let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[1, shape.q_dim()]).unwrap();
+            let step = StepBuffer::new(&ctx);
+            let variants = [
+                None,
+                Some(AttnVariant::Rows),
+                Some(AttnVariant::Split { keys_per_split: 7 }),
+                Some(AttnVariant::Split { keys_per_split: 256 }),
+            ];
+            for v in variants {
+                let ds = match v {
+                    None => attention(&ctx, "attn", &gq, 1, &c.gk, &c.gv, shape, &step, &out).unwrap(),
+                    Some(v) => attention_variant(&ctx, "attn", &gq, 1, &c.gk, &c.gv, shape, &step, &out, v).unwrap(),
+                };
+                assert_eq!(ds.len(), if v == Some(AttnVariant::Rows) { 1 } else { 2 });
+                for (s, kv_len) in [1usize, 257, 1757, 2].into_iter().enumerate() {
+                    let q = random_vec(shape.q_dim(), 500 + s as u64);
+                    gq.write_f32(&ctx, &q);
+                    step.write(&ctx, &StepParams::new(kv_len - 1, 1));
+                    ctx.run("decode", &ds.iter().collect::<Vec<_>>()).unwrap();
+                    let want = attention_ref(&q, 1, &c.k, &c.v, kv_len - 1, shape);
+                    let what = format!("decode {shape:?} {v:?} kv_len={kv_len}");
+                    assert_close(&out.read_f32(&ctx).unwrap(), &want, 2e-5, 1e-4, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_reads_rows_from_the_step_uniform() {
+        // Prepared for 7 rows, run with a 3-token step: rows 3.. of out keep their contents.
+        let ctx = test_context();
+        let shape = GQA_12;
+        let c = cache(shape, 64, 140);
+        let q = random_vec(7 * shape.q_dim(), 141);
+        let gq = GpuTensor::from_f32(&ctx, "q", &[7, shape.q_dim()], &q).unwrap();
+        let step = StepBuffer::new(&ctx);
+        step.write(&ctx, &StepParams::new(20, 3));
+        for variant in [AttnVariant::Rows, AttnVariant::Split { keys_per_split: 5 }] {
+            let out = GpuTensor::from_f32(&ctx, "out", &[7, shape.q_dim()], &vec![9.0; 7 * shape.q_dim()]).unwrap();
+            let ds = attention_variant(&ctx, "attn", &gq, 7, &c.gk, &c.gv, shape, &step, &out, variant).unwrap();
+            ctx.run("attn", &ds.iter().collect::<Vec<_>>()).unwrap();
+            let mut want = attention_ref(&q[..3 * shape.q_dim()], 3, &c.k, &c.v, 20, shape);
+            want.resize(7 * shape.q_dim(), 9.0);
+            assert_close(&out.read_f32(&ctx).unwrap(), &want, 2e-5, 1e-4, &format!("{variant:?}"));
+        }
+    }
+
+    #[test]
+    fn attention_rejects_bad_arguments() {
+        let ctx = test_context();
+        let step = StepBuffer::new(&ctx);
+        let shape = GQA_12;
+        let q = GpuTensor::zeros(&ctx, "q", DType::F32, &[2, shape.q_dim()]).unwrap();
+        let k = GpuTensor::zeros(&ctx, "k", DType::F32, &[8, shape.kv_dim()]).unwrap();
+        let bad_heads = AttnShape { n_heads: 6, n_kv_heads: 4, head_dim: 12 };
+        let r = attention(&ctx, "a", &q, 2, &k, &k, bad_heads, &step, &q);
+        assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "6/4 heads");
+        let r = attention(&ctx, "a", &q, 3, &k, &k, shape, &step, &q);
+        assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "q too small for 3 rows");
+        let odd_cache = GpuTensor::zeros(&ctx, "k", DType::F32, &[8 * shape.kv_dim() + 1]).unwrap();
+        let r = attention(&ctx, "a", &q, 2, &odd_cache, &k, shape, &step, &q);
+        assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "cache not a whole number of rows");
+        let r = attention_variant(&ctx, "a", &q, 2, &k, &k, shape, &step, &q, AttnVariant::Split { keys_per_split: 0 });
+        assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "zero keys per split");
+        assert!(attention(&ctx, "a", &q, 2, &k, &k, shape, &step, &q).is_ok());
+    }
+}
