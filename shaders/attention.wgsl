@@ -65,7 +65,29 @@ fn attend(t: u32, h: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>, 
     let kvb = (h / p.group) * HD;
     var m = NEG_BIG;
     var l = 0.0;
-    for (var key = k0; key < k1; key++) {
+    var key = k0;
+    // Blocks of four keys: one rescale of acc per block, and each q/acc lane is touched once per
+    // four keys.
+    for (; key + 4u <= k1; key += 4u) {
+        let kb0 = key * p.kv_stride + kvb;
+        let kb1 = kb0 + p.kv_stride;
+        let kb2 = kb1 + p.kv_stride;
+        let kb3 = kb2 + p.kv_stride;
+        var s4 = vec4<f32>(0.0);
+        for (var j = 0u; j < HD4; j++) {
+            let qj = qv[j];
+            s4 += vec4<f32>(dot(qj, k4(kb0, j)), dot(qj, k4(kb1, j)), dot(qj, k4(kb2, j)), dot(qj, k4(kb3, j)));
+        }
+        let m_new = max(m, max(max(s4.x, s4.y), max(s4.z, s4.w)));
+        let corr = exp(m - m_new);
+        let e = exp(s4 - vec4<f32>(m_new));
+        l = l * corr + (e.x + e.y + e.z + e.w);
+        for (var j = 0u; j < HD4; j++) {
+            (*acc)[j] = (*acc)[j] * corr + e.x * v4(kb0, j) + e.y * v4(kb1, j) + e.z * v4(kb2, j) + e.w * v4(kb3, j);
+        }
+        m = m_new;
+    }
+    for (; key < k1; key++) {
         let kb = key * p.kv_stride + kvb;
         var s = 0.0;
         for (var j = 0u; j < HD4; j++) {

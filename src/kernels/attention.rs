@@ -468,4 +468,48 @@ mod tests {
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "zero keys per split");
         assert!(attention(&ctx, "a", &q, 2, &k, &k, shape, &step, &q).is_ok());
     }
+
+    /// Rough timings for SmolLM2's shape (9/3/64) on the current adapter; prints, asserts nothing
+    /// about speed. `cargo test --release --lib attention_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn attention_timing() {
+        let ctx = test_context();
+        let shape = GQA;
+        let max_pos = 8192;
+        let c = cache(shape, max_pos, 150);
+        let step = StepBuffer::new(&ctx);
+        let time = |ds: &[Dispatch], iters: usize| {
+            let refs: Vec<&Dispatch> = ds.iter().collect();
+            ctx.run("warm", &refs).unwrap();
+            let t0 = std::time::Instant::now();
+            for _ in 0..iters {
+                ctx.run("t", &refs).unwrap();
+            }
+            t0.elapsed().as_secs_f64() * 1e3 / iters as f64
+        };
+        println!("adapter: {}", ctx.info.name);
+        let gq = GpuTensor::from_f32(&ctx, "q", &[128, shape.q_dim()], &random_vec(128 * shape.q_dim(), 1)).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[128, shape.q_dim()]).unwrap();
+        for kv_len in [128, 1024, 4096] {
+            step.write(&ctx, &StepParams::new(kv_len - 1, 1));
+            let mut variants = vec![AttnVariant::Rows];
+            variants.extend([8, 16, 32, 64, 128].map(|k| AttnVariant::Split { keys_per_split: k }));
+            for v in variants {
+                let ds = attention_variant(&ctx, "a", &gq, 1, &c.gk, &c.gv, shape, &step, &out, v).unwrap();
+                println!("decode kv_len {kv_len:5} max_pos {max_pos} {v:?}: {:.3} ms", time(&ds, 20));
+            }
+        }
+        for pos0 in [0, 1000] {
+            step.write(&ctx, &StepParams::new(pos0, 128));
+            for v in [AttnVariant::Rows, AttnVariant::Split { keys_per_split: 64 }, AttnVariant::Split { keys_per_split: 256 }] {
+                let ds = attention_variant(&ctx, "a", &gq, 128, &c.gk, &c.gv, shape, &step, &out, v).unwrap();
+                println!("prefill T=128 pos0 {pos0} {v:?}: {:.3} ms", time(&ds, 5));
+            }
+        }
+        // The empty step: what one submit + wait costs here.
+        step.write(&ctx, &StepParams::new(0, 0));
+        let ds = attention_variant(&ctx, "a", &gq, 1, &c.gk, &c.gv, shape, &step, &out, AttnVariant::Rows).unwrap();
+        println!("empty step (submit + wait overhead): {:.3} ms", time(&ds, 20));
+    }
 }
