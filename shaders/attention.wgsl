@@ -56,6 +56,8 @@ struct StepParams {
 const NEG_BIG: f32 = -3.0e38;
 
 // Online softmax over keys [k0, k1) for query head h of row t; returns (m, l) and fills acc.
+// (Tried: fully unrolling the head_dim loops into named vec4 registers; on llvmpipe it was
+// 2-3x slower than these loops, presumably register spills, and shader compiles took much longer.)
 fn attend(t: u32, h: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>, HD4>>) -> vec2<f32> {
     let qb = t * p.q_stride + h * HD;
     var qv: array<vec4<f32>, HD4>;
