@@ -3,14 +3,17 @@
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
 pub mod add;
+pub mod attention;
 pub mod choice;
 pub mod copy;
 pub mod embedding;
 pub mod matmul;
 pub mod matvec;
 pub mod rmsnorm;
+pub mod rope;
 pub mod router;
 pub mod sample;
+pub mod step;
 pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;

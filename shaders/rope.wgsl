@@ -1,0 +1,75 @@
+// RoPE on the q and k parts of a fused QKV projection, writing q to q_out and k, v into the KV
+// cache at the step's positions (HF LLaMA rotate-half layout):
+//   for each head, x1 = x[0..hd/2], x2 = x[hd/2..]
+//   out1 = x1 * cos - x2 * sin,  out2 = x2 * cos + x1 * sin
+// cos/sin come from CPU-computed tables, so no transcendental functions run here.
+// One invocation per (t, head slot, i < hd/2): head slots are n_heads q heads, then n_kv_heads k
+// heads (rotated), then n_kv_heads v heads (copied); each invocation moves the pair (i, i + hd/2).
+
+struct RopeParams {
+    rows: u32,       // T the dispatch was prepared for (the step's n_tokens may be smaller)
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    half_dim: u32,   // head_dim / 2
+    max_pos: u32,    // rows of the caches and tables; positions at or beyond are not written
+    _pad0: u32,
+    _pad1: u32,
+};
+
+struct StepParams {
+    pos0: u32,
+    n_tokens: u32,
+    kv_len: u32,
+    _pad: u32,
+};
+
+@group(0) @binding(0) var<uniform> p: RopeParams;
+@group(0) @binding(1) var<uniform> step: StepParams;
+@group(0) @binding(2) var<storage, read> qkv: array<f32>;            // [T, (n_heads + 2*n_kv_heads) * head_dim]
+@group(0) @binding(3) var<storage, read> cos_t: array<f32>;          // [max_pos, head_dim/2]
+@group(0) @binding(4) var<storage, read> sin_t: array<f32>;          // [max_pos, head_dim/2]
+@group(0) @binding(5) var<storage, read_write> q_out: array<f32>;    // [T, n_heads * head_dim]
+@group(0) @binding(6) var<storage, read_write> k_cache: array<f32>;  // [max_pos, n_kv_heads * head_dim]
+@group(0) @binding(7) var<storage, read_write> v_cache: array<f32>;  // [max_pos, n_kv_heads * head_dim]
+
+@compute @workgroup_size(64)
+fn rope_qkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = gid.x + gid.y * nwg.x * 64u;
+    let slots = p.n_heads + 2u * p.n_kv_heads;
+    let per_row = slots * p.half_dim;
+    let t = idx / per_row;
+    if (t >= min(step.n_tokens, p.rows)) {
+        return;
+    }
+    let pos = step.pos0 + t;
+    if (pos >= p.max_pos) {
+        return;
+    }
+    let rem = idx - t * per_row;
+    let j = rem / p.half_dim;
+    let i = rem - j * p.half_dim;
+    let src = t * slots * p.head_dim + j * p.head_dim + i;
+    let x1 = qkv[src];
+    let x2 = qkv[src + p.half_dim];
+    let kv_dim = p.n_kv_heads * p.head_dim;
+    if (j < p.n_heads + p.n_kv_heads) {
+        let c = cos_t[pos * p.half_dim + i];
+        let s = sin_t[pos * p.half_dim + i];
+        let o1 = x1 * c - x2 * s;
+        let o2 = x2 * c + x1 * s;
+        if (j < p.n_heads) {
+            let dst = t * p.n_heads * p.head_dim + j * p.head_dim + i;
+            q_out[dst] = o1;
+            q_out[dst + p.half_dim] = o2;
+        } else {
+            let dst = pos * kv_dim + (j - p.n_heads) * p.head_dim + i;
+            k_cache[dst] = o1;
+            k_cache[dst + p.half_dim] = o2;
+        }
+    } else {
+        let dst = pos * kv_dim + (j - p.n_heads - p.n_kv_heads) * p.head_dim + i;
+        v_cache[dst] = x1;
+        v_cache[dst + p.half_dim] = x2;
+    }
+}

@@ -1,0 +1,515 @@
+//! Causal attention with GQA over the f32 KV cache, for prefill and decode.
+//!
+//! Two variants (see `shaders/attention.wgsl`):
+//! - [`AttnVariant::Rows`]: one invocation per (query row, head) over all its keys; the prefill path.
+//! - [`AttnVariant::Split`]: flash-decoding; the key range is cut into fixed chunks of
+//!   `keys_per_split` keys, one invocation per (row, chunk, head) computes a partial online
+//!   softmax, and a second dispatch merges the partials. The dispatch is sized for the whole
+//!   cache (`max_pos`), so one prepared pair serves every decode step; chunks past the step's
+//!   keys return at once.
+//!
+//! Both read `pos0` and `n_tokens` from the per-step uniform ([`StepBuffer`]).
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::gpu::buffer::uniform;
+use crate::gpu::dispatch::grid;
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::kernels::rope::{cache_rows, check_f32, AttnShape};
+use crate::kernels::step::StepBuffer;
+
+const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
+
+/// Keys per split of the flash-decoding variant chosen by [`attention`].
+pub const DEFAULT_KEYS_PER_SPLIT: usize = 32;
+
+/// [`attention`] uses the split variant up to this many rows, the rows variant above.
+pub const SPLIT_MAX_ROWS: usize = 4;
+
+/// Which attention kernel to prepare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnVariant {
+    /// One invocation per (row, head) over all keys: one dispatch.
+    Rows,
+    /// Flash-decoding with this many keys per split: two dispatches (partials, combine).
+    Split { keys_per_split: usize },
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct AttnParams {
+    pub rows: u32,
+    pub n_heads: u32,
+    pub group: u32,
+    pub q_stride: u32,
+    pub kv_stride: u32,
+    pub max_pos: u32,
+    pub splits: u32,
+    pub keys_per_split: u32,
+    pub scale: f32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+}
+
+/// WGSL declaring the q/k/v bindings with accessors `q4/k4/v4(base, j) -> vec4<f32>` (lanes
+/// 4j..4j+3 of the head starting at element `base`, zero past head_dim), and an output binding
+/// with `store_NAME(base, j, v)`.
+fn decls(head_dim: usize) -> (String, String, String) {
+    let vec4 = head_dim % 4 == 0;
+    let read = |binding: u32, var: &str, f: &str| {
+        if vec4 {
+            format!(
+                "@group(0) @binding({binding}) var<storage, read> {var}: array<vec4<f32>>;\n\
+                 fn {f}(base: u32, j: u32) -> vec4<f32> {{ return {var}[(base >> 2u) + j]; }}\n"
+            )
+        } else {
+            format!(
+                "@group(0) @binding({binding}) var<storage, read> {var}: array<f32>;\n\
+                 fn {f}(base: u32, j: u32) -> vec4<f32> {{\n\
+                 \x20   var r = vec4<f32>(0.0);\n\
+                 \x20   let e = base + 4u * j;\n\
+                 \x20   let n = min(HD - 4u * j, 4u);\n\
+                 \x20   for (var c = 0u; c < n; c++) {{ r[c] = {var}[e + c]; }}\n\
+                 \x20   return r;\n\
+                 }}\n"
+            )
+        }
+    };
+    let write = |binding: u32, var: &str, f: &str| {
+        if vec4 {
+            format!(
+                "@group(0) @binding({binding}) var<storage, read_write> {var}: array<vec4<f32>>;\n\
+                 fn {f}(base: u32, j: u32, v: vec4<f32>) {{ {var}[(base >> 2u) + j] = v; }}\n"
+            )
+        } else {
+            format!(
+                "@group(0) @binding({binding}) var<storage, read_write> {var}: array<f32>;\n\
+                 fn {f}(base: u32, j: u32, v: vec4<f32>) {{\n\
+                 \x20   let e = base + 4u * j;\n\
+                 \x20   let n = min(HD - 4u * j, 4u);\n\
+                 \x20   for (var c = 0u; c < n; c++) {{ {var}[e + c] = v[c]; }}\n\
+                 }}\n"
+            )
+        }
+    };
+    let qkv = read(2, "q", "q4") + &read(3, "k_cache", "k4") + &read(4, "v_cache", "v4");
+    (qkv, write(5, "out", "store_out"), write(4, "c_out", "store_cout"))
+}
+
+fn variant(entry: &'static str, head_dim: usize) -> ShaderVariant {
+    let (qkv, out, cout) = decls(head_dim);
+    ShaderVariant::new("attention", SOURCE, entry)
+        .define("HD", head_dim)
+        .define("HD4", head_dim.div_ceil(4))
+        .define("DECLS_QKV", qkv)
+        .define("DECLS_OUT", out)
+        .define("DECLS_COUT", cout)
+}
+
+/// The variant [`attention`] picks for `rows` query rows.
+pub fn default_variant(rows: usize) -> AttnVariant {
+    if rows <= SPLIT_MAX_ROWS {
+        AttnVariant::Split { keys_per_split: DEFAULT_KEYS_PER_SPLIT }
+    } else {
+        AttnVariant::Rows
+    }
+}
+
+/// Causal attention with GQA (kv head = h / (n_heads / n_kv_heads)): for t < rows (the step's
+/// `n_tokens`, at most `rows`), the query at position `p = pos0 + t` attends to cache rows 0..=p.
+/// `q`, `out`: `[T, n_heads head_dim]` f32; caches `[max_pos, n_kv_heads head_dim]` f32.
+/// `rows` sizes the dispatch; pos0 and n_tokens come from `step` at run time. Picks the variant
+/// with [`default_variant`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    ctx: &GpuContext,
+    label: &str,
+    q: &GpuTensor,
+    rows: usize,
+    k_cache: &GpuTensor,
+    v_cache: &GpuTensor,
+    shape: AttnShape,
+    step: &StepBuffer,
+    out: &GpuTensor,
+) -> Result<Vec<Dispatch>, GpuError> {
+    attention_variant(ctx, label, q, rows, k_cache, v_cache, shape, step, out, default_variant(rows))
+}
+
+/// [`attention`] with an explicit variant.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_variant(
+    ctx: &GpuContext,
+    label: &str,
+    q: &GpuTensor,
+    rows: usize,
+    k_cache: &GpuTensor,
+    v_cache: &GpuTensor,
+    shape: AttnShape,
+    step: &StepBuffer,
+    out: &GpuTensor,
+    variant_choice: AttnVariant,
+) -> Result<Vec<Dispatch>, GpuError> {
+    shape.check()?;
+    if rows == 0 {
+        return Err(GpuError::InvalidArgument(format!("{label}: rows must be at least 1")));
+    }
+    let hd = shape.head_dim;
+    check_f32(q, rows * shape.q_dim(), "q")?;
+    check_f32(out, rows * shape.q_dim(), "out")?;
+    let k_rows = cache_rows(k_cache, shape.kv_dim(), "k_cache")?;
+    let v_rows = cache_rows(v_cache, shape.kv_dim(), "v_cache")?;
+    let max_pos = k_rows.min(v_rows);
+    let (splits, keys_per_split) = match variant_choice {
+        AttnVariant::Rows => (1, max_pos),
+        AttnVariant::Split { keys_per_split } => {
+            if keys_per_split == 0 {
+                return Err(GpuError::InvalidArgument(format!("{label}: keys_per_split must be at least 1")));
+            }
+            (max_pos.div_ceil(keys_per_split), keys_per_split)
+        }
+    };
+    let hd4 = hd.div_ceil(4);
+    let invocations = match variant_choice {
+        AttnVariant::Rows => rows * shape.n_heads,
+        AttnVariant::Split { .. } => (rows * splits * shape.n_heads).max(rows * shape.n_heads * hd4),
+    };
+    if invocations > u32::MAX as usize || rows * splits * shape.n_heads * hd4 > u32::MAX as usize {
+        return Err(GpuError::InvalidArgument(format!("{label}: {rows} rows are too many for one dispatch")));
+    }
+    let params = AttnParams {
+        rows: rows as u32,
+        n_heads: shape.n_heads as u32,
+        group: (shape.n_heads / shape.n_kv_heads) as u32,
+        q_stride: shape.q_dim() as u32,
+        kv_stride: shape.kv_dim() as u32,
+        max_pos: max_pos as u32,
+        splits: splits as u32,
+        keys_per_split: keys_per_split as u32,
+        scale: 1.0 / (hd as f32).sqrt(),
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
+    };
+    let u = uniform(ctx, label, &params);
+    // Cost of a step with the full cache (the dispatch is sized for it).
+    let attn_cost = Cost {
+        flops: (4 * rows * shape.n_heads * max_pos * hd) as u64,
+        bytes: (4 * (2 * rows * shape.q_dim() + 2 * max_pos * shape.kv_dim())) as u64,
+    };
+    match variant_choice {
+        AttnVariant::Rows => {
+            let pipeline = ctx.pipeline(&variant("attn_rows", hd))?;
+            Ok(vec![Dispatch::new(
+                ctx,
+                &pipeline,
+                label,
+                &[
+                    u.as_entire_binding(),
+                    step.buffer.as_entire_binding(),
+                    q.buffer.as_entire_binding(),
+                    k_cache.buffer.as_entire_binding(),
+                    v_cache.buffer.as_entire_binding(),
+                    out.buffer.as_entire_binding(),
+                ],
+                grid((rows * shape.n_heads).div_ceil(64) as u32),
+                attn_cost,
+            )])
+        }
+        AttnVariant::Split { .. } => {
+            let n_part = rows * splits * shape.n_heads;
+            let part_ml = GpuTensor::zeros(ctx, &format!("{label}.part_ml"), DType::F32, &[n_part, 2])?;
+            let part_acc = GpuTensor::zeros(ctx, &format!("{label}.part_acc"), DType::F32, &[n_part, hd4 * 4])?;
+            let split = ctx.pipeline(&variant("attn_split", hd))?;
+            let combine = ctx.pipeline(&variant("attn_combine", hd))?;
+            let partials = Dispatch::new(
+                ctx,
+                &split,
+                format!("{label}.split"),
+                &[
+                    u.as_entire_binding(),
+                    step.buffer.as_entire_binding(),
+                    q.buffer.as_entire_binding(),
+                    k_cache.buffer.as_entire_binding(),
+                    v_cache.buffer.as_entire_binding(),
+                    part_ml.buffer.as_entire_binding(),
+                    part_acc.buffer.as_entire_binding(),
+                ],
+                grid(n_part.div_ceil(64) as u32),
+                Cost { bytes: attn_cost.bytes + (4 * n_part * (2 + hd4 * 4)) as u64, ..attn_cost },
+            );
+            let n_comb = rows * shape.n_heads * hd4;
+            let merge = Dispatch::new(
+                ctx,
+                &combine,
+                format!("{label}.combine"),
+                &[
+                    u.as_entire_binding(),
+                    step.buffer.as_entire_binding(),
+                    part_ml.buffer.as_entire_binding(),
+                    part_acc.buffer.as_entire_binding(),
+                    out.buffer.as_entire_binding(),
+                ],
+                grid(n_comb.div_ceil(64) as u32),
+                Cost {
+                    flops: (4 * n_part * hd4 * 4) as u64,
+                    bytes: (4 * (n_part * (2 + hd4 * 4) + rows * shape.q_dim())) as u64,
+                },
+            );
+            Ok(vec![partials, merge])
+        }
+    }
+}
+
+/// CPU reference (f64 accumulation): `q` `[rows, n_heads head_dim]`, caches `[>= pos0 + rows,
+/// n_kv_heads head_dim]`; row t at position pos0 + t attends to cache rows 0..=pos0 + t.
+pub fn attention_ref(q: &[f32], rows: usize, k_cache: &[f32], v_cache: &[f32], pos0: usize, shape: AttnShape) -> Vec<f32> {
+    let (hd, qd, kvd) = (shape.head_dim, shape.q_dim(), shape.kv_dim());
+    let group = shape.n_heads / shape.n_kv_heads;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = vec![0.0f32; rows * qd];
+    let mut scores = Vec::new();
+    for t in 0..rows {
+        let n_keys = pos0 + t + 1;
+        for h in 0..shape.n_heads {
+            let qh = &q[t * qd + h * hd..][..hd];
+            let kvb = (h / group) * hd;
+            scores.clear();
+            for key in 0..n_keys {
+                let kh = &k_cache[key * kvd + kvb..][..hd];
+                let s: f64 = qh.iter().zip(kh).map(|(&a, &b)| a as f64 * b as f64).sum();
+                scores.push(s * scale);
+            }
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - m).exp();
+                sum += *s;
+            }
+            let o = &mut out[t * qd + h * hd..][..hd];
+            for (i, oi) in o.iter_mut().enumerate() {
+                let mut acc = 0.0;
+                for (key, &w) in scores.iter().enumerate() {
+                    acc += w * v_cache[key * kvd + kvb + i] as f64;
+                }
+                *oi = (acc / sum) as f32;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::test_context;
+    use crate::kernels::step::StepParams;
+    use crate::kernels::testing::{assert_close, random_vec};
+
+    const GQA: AttnShape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+    const MHA_ODD: AttnShape = AttnShape { n_heads: 4, n_kv_heads: 4, head_dim: 7 };
+    const GQA_12: AttnShape = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 12 };
+
+    /// Caches of `max_pos` random rows on the GPU and the CPU.
+    struct Cache {
+        k: Vec<f32>,
+        v: Vec<f32>,
+        gk: GpuTensor,
+        gv: GpuTensor,
+    }
+
+    fn cache(shape: AttnShape, max_pos: usize, seed: u64) -> Cache {
+        let ctx = test_context();
+        let k = random_vec(max_pos * shape.kv_dim(), seed);
+        let v = random_vec(max_pos * shape.kv_dim(), seed + 1);
+        let gk = GpuTensor::from_f32(&ctx, "k", &[max_pos, shape.kv_dim()], &k).unwrap();
+        let gv = GpuTensor::from_f32(&ctx, "v", &[max_pos, shape.kv_dim()], &v).unwrap();
+        Cache { k, v, gk, gv }
+    }
+
+    /// Prepare `variant` for `rows` rows, run it at pos0 with a random q scaled by `q_scale`,
+    /// and compare with the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn check(shape: AttnShape, c: &Cache, rows: usize, pos0: usize, variant: AttnVariant, q_scale: f32, seed: u64) {
+        let ctx = test_context();
+        let q: Vec<f32> = random_vec(rows * shape.q_dim(), seed).iter().map(|v| v * q_scale).collect();
+        let gq = GpuTensor::from_f32(&ctx, "q", &[rows, shape.q_dim()], &q).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[rows, shape.q_dim()]).unwrap();
+        let step = StepBuffer::new(&ctx);
+        step.write(&ctx, &StepParams::new(pos0, rows));
+        let ds = attention_variant(&ctx, "attn", &gq, rows, &c.gk, &c.gv, shape, &step, &out, variant).unwrap();
+        ctx.run("attn", &ds.iter().collect::<Vec<_>>()).unwrap();
+        let want = attention_ref(&q, rows, &c.k, &c.v, pos0, shape);
+        let what = format!("{shape:?} {variant:?} T={rows} pos0={pos0} q_scale={q_scale}");
+        assert_close(&out.read_f32(&ctx).unwrap(), &want, 2e-5, 1e-4, &what);
+    }
+
+    #[test]
+    fn attention_reference_is_softmax_weighted_values() {
+        // One head, two keys: the weights are softmax(q.k / sqrt(d)); the first query sees key 0 only.
+        let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 4 };
+        let q = [1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0];
+        let k = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+        let v = [1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 1.0, 0.0];
+        let out = attention_ref(&q, 2, &k, &v, 0, shape);
+        assert_eq!(&out[..4], &v[..4]);
+        let (w0, w1) = (1.0f64, 1.0f64.exp()); // scores 0 and 2/2 = 1
+        for i in 0..4 {
+            let want = (w0 * v[i] as f64 + w1 * v[4 + i] as f64) / (w0 + w1);
+            assert!((out[4 + i] as f64 - want).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn attention_rows_matches_reference() {
+        for (i, shape) in [GQA, MHA_ODD, GQA_12].into_iter().enumerate() {
+            let c = cache(shape, 420, 100 + i as u64);
+            for (j, &(rows, pos0)) in [(1, 0), (1, 419), (7, 3), (300, 0), (300, 117)].iter().enumerate() {
+                check(shape, &c, rows, pos0, AttnVariant::Rows, 1.0, 200 + j as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_split_matches_reference() {
+        for (i, shape) in [GQA, MHA_ODD, GQA_12].into_iter().enumerate() {
+            let c = cache(shape, 420, 110 + i as u64);
+            for (j, &(rows, pos0)) in [(1, 0), (1, 256), (1, 419), (4, 30), (7, 100)].iter().enumerate() {
+                for kps in [1, 7, DEFAULT_KEYS_PER_SPLIT] {
+                    check(shape, &c, rows, pos0, AttnVariant::Split { keys_per_split: kps }, 1.0, 300 + j as u64);
+                }
+            }
+            // A long prefill through the split variant (chunks larger than the cache's tail).
+            check(shape, &c, 300, 117, AttnVariant::Split { keys_per_split: 64 }, 1.0, 310);
+        }
+    }
+
+    #[test]
+    fn attention_is_stable_for_large_scores() {
+        // Scores up to ~|q| |k| / 8 with q scaled by 60: exp would overflow without the running max.
+        let c = cache(GQA, 300, 120);
+        for variant in [AttnVariant::Rows, AttnVariant::Split { keys_per_split: 16 }] {
+            check(GQA, &c, 7, 200, variant, 60.0, 400);
+        }
+    }
+
+    #[test]
+    fn decode_reuses_one_prepared_dispatch_list() {
+        // One dispatch list per variant prepared for rows = 1 and a 1800-row cache, re-recorded for
+        // steps at kv_len 1, 257, 1757 and 2 with new q values and step uniforms.
+        let ctx = test_context();
+        for (i, shape) in [GQA, MHA_ODD].into_iter().enumerate() {
+            let max_pos = 1800;
+            let c = cache(shape, max_pos, 130 + i as u64);
+            let gq = GpuTensor::zeros(&ctx, "q", DType::F32, &[1, shape.q_dim()]).unwrap();
+            let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[1, shape.q_dim()]).unwrap();
+            let step = StepBuffer::new(&ctx);
+            let variants = [
+                None,
+                Some(AttnVariant::Rows),
+                Some(AttnVariant::Split { keys_per_split: 7 }),
+                Some(AttnVariant::Split { keys_per_split: 256 }),
+            ];
+            for v in variants {
+                let ds = match v {
+                    None => attention(&ctx, "attn", &gq, 1, &c.gk, &c.gv, shape, &step, &out).unwrap(),
+                    Some(v) => attention_variant(&ctx, "attn", &gq, 1, &c.gk, &c.gv, shape, &step, &out, v).unwrap(),
+                };
+                assert_eq!(ds.len(), if v == Some(AttnVariant::Rows) { 1 } else { 2 });
+                for (s, kv_len) in [1usize, 257, 1757, 2].into_iter().enumerate() {
+                    let q = random_vec(shape.q_dim(), 500 + s as u64);
+                    gq.write_f32(&ctx, &q);
+                    step.write(&ctx, &StepParams::new(kv_len - 1, 1));
+                    ctx.run("decode", &ds.iter().collect::<Vec<_>>()).unwrap();
+                    let want = attention_ref(&q, 1, &c.k, &c.v, kv_len - 1, shape);
+                    let what = format!("decode {shape:?} {v:?} kv_len={kv_len}");
+                    assert_close(&out.read_f32(&ctx).unwrap(), &want, 2e-5, 1e-4, &what);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_reads_rows_from_the_step_uniform() {
+        // Prepared for 7 rows, run with a 3-token step: rows 3.. of out keep their contents.
+        let ctx = test_context();
+        let shape = GQA_12;
+        let c = cache(shape, 64, 140);
+        let q = random_vec(7 * shape.q_dim(), 141);
+        let gq = GpuTensor::from_f32(&ctx, "q", &[7, shape.q_dim()], &q).unwrap();
+        let step = StepBuffer::new(&ctx);
+        step.write(&ctx, &StepParams::new(20, 3));
+        for variant in [AttnVariant::Rows, AttnVariant::Split { keys_per_split: 5 }] {
+            let out = GpuTensor::from_f32(&ctx, "out", &[7, shape.q_dim()], &vec![9.0; 7 * shape.q_dim()]).unwrap();
+            let ds = attention_variant(&ctx, "attn", &gq, 7, &c.gk, &c.gv, shape, &step, &out, variant).unwrap();
+            ctx.run("attn", &ds.iter().collect::<Vec<_>>()).unwrap();
+            let mut want = attention_ref(&q[..3 * shape.q_dim()], 3, &c.k, &c.v, 20, shape);
+            want.resize(7 * shape.q_dim(), 9.0);
+            assert_close(&out.read_f32(&ctx).unwrap(), &want, 2e-5, 1e-4, &format!("{variant:?}"));
+        }
+    }
+
+    #[test]
+    fn attention_rejects_bad_arguments() {
+        let ctx = test_context();
+        let step = StepBuffer::new(&ctx);
+        let shape = GQA_12;
+        let q = GpuTensor::zeros(&ctx, "q", DType::F32, &[2, shape.q_dim()]).unwrap();
+        let k = GpuTensor::zeros(&ctx, "k", DType::F32, &[8, shape.kv_dim()]).unwrap();
+        let bad_heads = AttnShape { n_heads: 6, n_kv_heads: 4, head_dim: 12 };
+        let r = attention(&ctx, "a", &q, 2, &k, &k, bad_heads, &step, &q);
+        assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "6/4 heads");
+        let r = attention(&ctx, "a", &q, 3, &k, &k, shape, &step, &q);
+        assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "q too small for 3 rows");
+        let odd_cache = GpuTensor::zeros(&ctx, "k", DType::F32, &[8 * shape.kv_dim() + 1]).unwrap();
+        let r = attention(&ctx, "a", &q, 2, &odd_cache, &k, shape, &step, &q);
+        assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "cache not a whole number of rows");
+        let r = attention_variant(&ctx, "a", &q, 2, &k, &k, shape, &step, &q, AttnVariant::Split { keys_per_split: 0 });
+        assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "zero keys per split");
+        assert!(attention(&ctx, "a", &q, 2, &k, &k, shape, &step, &q).is_ok());
+    }
+
+    /// Rough timings for SmolLM2's shape (9/3/64) on the current adapter; prints, asserts nothing
+    /// about speed. `cargo test --release --lib attention_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn attention_timing() {
+        let ctx = test_context();
+        let shape = GQA;
+        let max_pos = 8192;
+        let c = cache(shape, max_pos, 150);
+        let step = StepBuffer::new(&ctx);
+        let time = |ds: &[Dispatch], iters: usize| {
+            let refs: Vec<&Dispatch> = ds.iter().collect();
+            ctx.run("warm", &refs).unwrap();
+            let t0 = std::time::Instant::now();
+            for _ in 0..iters {
+                ctx.run("t", &refs).unwrap();
+            }
+            t0.elapsed().as_secs_f64() * 1e3 / iters as f64
+        };
+        println!("adapter: {}", ctx.info.name);
+        let gq = GpuTensor::from_f32(&ctx, "q", &[128, shape.q_dim()], &random_vec(128 * shape.q_dim(), 1)).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[128, shape.q_dim()]).unwrap();
+        for kv_len in [128, 1024, 4096] {
+            step.write(&ctx, &StepParams::new(kv_len - 1, 1));
+            let mut variants = vec![AttnVariant::Rows];
+            variants.extend([8, 16, 32, 64, 128].map(|k| AttnVariant::Split { keys_per_split: k }));
+            for v in variants {
+                let ds = attention_variant(&ctx, "a", &gq, 1, &c.gk, &c.gv, shape, &step, &out, v).unwrap();
+                println!("decode kv_len {kv_len:5} max_pos {max_pos} {v:?}: {:.3} ms", time(&ds, 20));
+            }
+        }
+        for pos0 in [0, 1000] {
+            step.write(&ctx, &StepParams::new(pos0, 128));
+            for v in [AttnVariant::Rows, AttnVariant::Split { keys_per_split: 64 }, AttnVariant::Split { keys_per_split: 256 }] {
+                let ds = attention_variant(&ctx, "a", &gq, 128, &c.gk, &c.gv, shape, &step, &out, v).unwrap();
+                println!("prefill T=128 pos0 {pos0} {v:?}: {:.3} ms", time(&ds, 5));
+            }
+        }
+        // The empty step: what one submit + wait costs here.
+        step.write(&ctx, &StepParams::new(0, 0));
+        let ds = attention_variant(&ctx, "a", &gq, 1, &c.gk, &c.gv, shape, &step, &out, AttnVariant::Rows).unwrap();
+        println!("empty step (submit + wait overhead): {:.3} ms", time(&ds, 20));
+    }
+}
