@@ -401,6 +401,20 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+
+    /// Parameters of one decoder layer (projections, norms and q/k/v biases).
+    pub fn layer_parameter_count(&self) -> u64 {
+        let (d, q, kv, ff) = (self.d_model as u64, self.q_dim() as u64, self.kv_dim() as u64, self.d_ff as u64);
+        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        d * (q + 2 * kv) + q * d + 3 * d * ff + 2 * d + bias
+    }
+
+    /// Parameters of the whole model (a tied LM head counted once).
+    pub fn parameter_count(&self) -> u64 {
+        let embed = (self.vocab_size * self.d_model) as u64;
+        let head = if self.tied_embeddings { 0 } else { embed };
+        embed + head + self.d_model as u64 + self.n_layers as u64 * self.layer_parameter_count()
+    }
 }
 
 #[cfg(test)]

@@ -9,13 +9,13 @@
 use std::sync::Arc;
 
 use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuTensor};
-use crate::kernels::attention::{AttnShape, attention};
+use crate::kernels::attention::attention;
 use crate::kernels::choice::{matmul_variant, matvec_variant};
 use crate::kernels::embedding::embedding;
 use crate::kernels::matmul::matmul;
 use crate::kernels::matvec::matvec;
 use crate::kernels::rmsnorm::rmsnorm;
-use crate::kernels::rope::{RopeScalingParams, RopeTables, rope_qkv_write};
+use crate::kernels::rope::{AttnShape, RopeScalingParams, RopeTables, rope_qkv_write};
 use crate::kernels::sample::{argmax, decode_pairs, top_k};
 use crate::kernels::step::{StepBuffer, StepParams};
 use crate::kernels::swiglu::swiglu;
