@@ -257,30 +257,40 @@ impl Session {
         })
     }
 
-    /// Every dispatch of one step over `rows` tokens, in order.
-    fn build_program(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
+    /// Dispatches that turn token ids into the residual stream.
+    fn head(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
+        Ok(embedding(&self.ctx, &format!("{phase}/embed"), &a.ids, rows, &self.weights.embed, &a.x)?)
+    }
+
+    /// Layer `l`'s dispatches over `rows` tokens (the layer must have a cache).
+    fn layer(&self, a: &Activations, rows: usize, phase: &str, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
         let ctx = &*self.ctx;
-        let w = &*self.weights;
-        let c = &w.config;
+        let c = &self.weights.config;
+        let lw = &self.weights.layers[l];
+        let cache = self.caches[l].as_ref().ok_or_else(|| RuntimeError::Plan(format!("layer {l} runs but has no KV cache")))?;
         let decode = phase == "decode";
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
         let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+        let at = |name: &str| format!("{phase}/layer.{l}/{name}");
         let mut p: Vec<Dispatch> = Vec::new();
-        p.extend(embedding(ctx, &format!("{phase}/embed"), &a.ids, rows, &w.embed, &a.x)?);
-        for (l, lw) in w.layers.iter().enumerate() {
-            let Some(cache) = &self.caches[l] else { continue };
-            let at = |name: &str| format!("{phase}/layer.{l}/{name}");
-            p.push(rmsnorm(ctx, &at("attn.norm"), &a.x, 0, &lw.attn_norm, &a.xn, rows, c.rms_eps)?);
-            p.extend(self.linear(&at("attn.qkv"), &a.xn, rows, &lw.qkv, lw.qkv_bias.as_ref(), &a.qkv, qkv_dim, false, decode)?);
-            p.push(rope_qkv_write(ctx, &at("attn.rope"), &a.qkv, rows, shape, &self.rope, &self.step, &a.q, &cache.k, &cache.v)?);
-            p.extend(attention(ctx, &at("attn.core"), &a.q, rows, &cache.k, &cache.v, shape, &self.step, &a.attn)?);
-            p.extend(self.linear(&at("attn.o"), &a.attn, rows, &lw.o, None, &a.x, c.d_model, true, decode)?);
-            p.push(rmsnorm(ctx, &at("mlp.norm"), &a.x, 0, &lw.ffn_norm, &a.xn, rows, c.rms_eps)?);
-            p.extend(self.linear(&at("mlp.gate_up"), &a.xn, rows, &lw.gate_up, None, &a.gate_up, 2 * c.d_ff, false, decode)?);
-            p.push(swiglu(ctx, &at("mlp.act"), &a.gate_up, rows, c.d_ff, &a.act)?);
-            p.extend(self.linear(&at("mlp.down"), &a.act, rows, &lw.down, None, &a.x, c.d_model, true, decode)?);
-        }
-        p.push(rmsnorm(ctx, &format!("{phase}/final_norm"), &a.x, rows - 1, &w.final_norm, &self.final_row, 1, c.rms_eps)?);
+        p.push(rmsnorm(ctx, &at("attn.norm"), &a.x, 0, &lw.attn_norm, &a.xn, rows, c.rms_eps)?);
+        p.extend(self.linear(&at("attn.qkv"), &a.xn, rows, &lw.qkv, lw.qkv_bias.as_ref(), &a.qkv, qkv_dim, false, decode)?);
+        p.push(rope_qkv_write(ctx, &at("attn.rope"), &a.qkv, rows, shape, &self.rope, &self.step, &a.q, &cache.k, &cache.v)?);
+        p.extend(attention(ctx, &at("attn.core"), &a.q, rows, &cache.k, &cache.v, shape, &self.step, &a.attn)?);
+        p.extend(self.linear(&at("attn.o"), &a.attn, rows, &lw.o, None, &a.x, c.d_model, true, decode)?);
+        p.push(rmsnorm(ctx, &at("mlp.norm"), &a.x, 0, &lw.ffn_norm, &a.xn, rows, c.rms_eps)?);
+        p.extend(self.linear(&at("mlp.gate_up"), &a.xn, rows, &lw.gate_up, None, &a.gate_up, 2 * c.d_ff, false, decode)?);
+        p.push(swiglu(ctx, &at("mlp.act"), &a.gate_up, rows, c.d_ff, &a.act)?);
+        p.extend(self.linear(&at("mlp.down"), &a.act, rows, &lw.down, None, &a.x, c.d_model, true, decode)?);
+        Ok(p)
+    }
+
+    /// Final norm of the last row, LM head and the sampling kernel.
+    fn tail(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
+        let ctx = &*self.ctx;
+        let w = &*self.weights;
+        let c = &w.config;
+        let mut p = vec![rmsnorm(ctx, &format!("{phase}/final_norm"), &a.x, rows - 1, &w.final_norm, &self.final_row, 1, c.rms_eps)?];
         p.extend(matvec(ctx, &format!("{phase}/lm_head"), &self.final_row, w.output(), None, &self.logits, 0, false, matvec_variant(ctx))?);
         let n = c.vocab_size;
         if self.options.candidates == 1 {
@@ -288,6 +298,18 @@ impl Session {
         } else {
             p.extend(top_k(ctx, &format!("{phase}/sample"), &self.logits, n, self.options.candidates, &self.picked)?);
         }
+        Ok(p)
+    }
+
+    /// Every dispatch of one step over `rows` tokens under the current plan, in order.
+    fn build_program(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
+        let mut p = self.head(a, rows, phase)?;
+        for l in 0..self.weights.layers.len() {
+            if self.plan.runs(l) {
+                p.extend(self.layer(a, rows, phase, l)?);
+            }
+        }
+        p.extend(self.tail(a, rows, phase)?);
         Ok(p)
     }
 

@@ -1,0 +1,133 @@
+//! The `firstrt` binary as a user runs it: tokenize, run with --prompt-ids/--json/--logits-out,
+//! streaming with --chat, inspect, and clear one-line errors for bad input.
+
+mod common;
+
+use std::process::Command;
+
+use common::{cases, fixture_tensor, fixtures_dir, max_abs_diff, model_path};
+
+fn firstrt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_firstrt"))
+}
+
+fn run_ok(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().expect("running firstrt");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "firstrt failed: {stderr}");
+    (stdout, stderr)
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("running firstrt");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "firstrt should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(!stderr.contains("panicked"), "a panic reached the user: {stderr}");
+    stderr
+}
+
+#[test]
+fn tokenize_json_matches_transformers() {
+    let text = std::fs::read_to_string(fixtures_dir().join("tokenizer_cases.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    for case in cases.iter().take(6) {
+        let text = case["text"].as_str().unwrap();
+        let (stdout, _) = run_ok(firstrt().args(["tokenize", "--json", "--text", text]).arg("--model").arg(model_path()));
+        let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(got["ids"], case["ids"], "tokenize {text:?}");
+    }
+}
+
+#[test]
+fn run_prompt_ids_json_and_logits_out() {
+    let case = cases().into_iter().find(|c| c.name == "one_token_raw").unwrap();
+    let dir = std::env::temp_dir().join(format!("firstrt-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let logits_path = dir.join("logits.safetensors");
+    let ids = case.prompt_ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let (stdout, stderr) = run_ok(
+        firstrt()
+            .arg("run")
+            .arg("--model")
+            .arg(model_path())
+            .args(["--prompt-ids", &ids, "--temperature", "0", "--max-tokens", "8", "--json", "--logits-out"])
+            .arg(&logits_path),
+    );
+    let out: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object on stdout");
+    assert_eq!(out["prompt_ids"], serde_json::json!(case.prompt_ids));
+    let generated: Vec<u32> = serde_json::from_value(out["generated_ids"].clone()).unwrap();
+    assert_eq!(generated, case.greedy_ids[..8]);
+    assert!(out["text"].is_string() && out["timings"]["decode_tok_s"].is_number());
+    assert!(stderr.contains("decode:"), "timing summary on stderr: {stderr}");
+
+    let bytes = std::fs::read(&logits_path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.shape(), &[49152]);
+    let got: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+    let (_, want) = fixture_tensor(&case.logits_key);
+    assert!(max_abs_diff(&got, &want) < 1e-3);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn run_chat_streams_text_to_stdout_only() {
+    let (stdout, stderr) = run_ok(
+        firstrt()
+            .arg("run")
+            .arg("--model")
+            .arg(model_path())
+            .args(["--chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24"]),
+    );
+    assert!(stdout.contains("Paris"), "answer: {stdout}");
+    assert!(!stdout.contains("prefill:"), "timings must go to stderr");
+    assert!(stderr.contains("prefill:"));
+}
+
+#[test]
+fn stop_string_ends_generation_before_it() {
+    let (stdout, _) = run_ok(
+        firstrt()
+            .arg("run")
+            .arg("--model")
+            .arg(model_path())
+            .args(["--chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24"])
+            .args(["--stop", "Paris"]),
+    );
+    assert!(!stdout.contains("Paris"), "the stop string and what follows are not printed: {stdout}");
+}
+
+#[test]
+fn inspect_reports_the_model() {
+    let (stdout, _) = run_ok(firstrt().arg("inspect").arg("--model").arg(model_path()));
+    assert!(stdout.contains("layers:       30"), "{stdout}");
+    assert!(stdout.contains("vocab:        49152"), "{stdout}");
+    assert!(stdout.contains("Q4_1"), "{stdout}");
+}
+
+#[test]
+fn prompt_longer_than_context_is_a_clear_error() {
+    let ids = vec!["1"; 40].join(",");
+    let err = run_err(firstrt().arg("run").arg("--model").arg(model_path()).args(["--prompt-ids", &ids, "--ctx", "16"]));
+    assert!(err.contains("40 tokens") && err.contains("16"), "{err}");
+}
+
+#[test]
+fn bad_model_files_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("firstrt-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let truncated = dir.join("truncated.gguf");
+    let bytes = std::fs::read(model_path()).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = run_err(firstrt().arg("run").arg("--model").arg(&truncated).args(["--prompt", "hi"]));
+    assert!(err.contains("truncated.gguf"), "{err}");
+
+    let missing = dir.join("nope.gguf");
+    let err = run_err(firstrt().arg("inspect").arg("--model").arg(&missing));
+    assert!(err.contains("nope.gguf"), "{err}");
+
+    let err = run_err(firstrt().arg("run").arg("--model").arg(model_path()).args(["--prompt-ids", "99999999"]));
+    assert!(err.contains("99999999"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
