@@ -1,0 +1,109 @@
+//! End-to-end speed on the test model: prefill tok/s for a 128-token prompt and decode tok/s
+//! over 64 greedy tokens, f32 and f16, full model and static skip plans; medians of repeats.
+//!
+//! `cargo bench --bench generate [-- FILTER] [--repeat N]`. Rows are printed as they finish.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use firstrt::gpu::{DType, GpuContext, GpuOptions};
+use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
+
+const PROMPT_LEN: usize = 128;
+const GEN: usize = 64;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+/// 128 prompt ids: the fixture's long story prompt, cut to length.
+fn prompt_ids(model: &LoadedModel) -> Vec<u32> {
+    let text = "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker \
+                who repaired every clock in the valley. Each morning he opened his shop, wound the tall clock by the \
+                door, and listened to the town wake up. Children came to watch him work, because his hands moved \
+                faster than anyone could follow, and he told stories about the gears as if they were alive. One \
+                winter, a stranger arrived with a broken pocket watch that no one else could fix, and asked him to \
+                mend it before the first snow melted. The clockmaker turned the watch over in his hands for a long time.";
+    let mut ids = model.text_ids(text).expect("tokenizing the bench prompt");
+    while ids.len() < PROMPT_LEN {
+        ids.extend_from_within(..);
+    }
+    ids.truncate(PROMPT_LEN);
+    ids
+}
+
+struct Run {
+    prefill_tok_s: f64,
+    decode_ms: f64,
+}
+
+fn one_run(model: &LoadedModel, plan: &LayerPlan, ids: &[u32]) -> Run {
+    let mut s = Session::new(&model.weights, SessionOptions { ctx_len: PROMPT_LEN + GEN + 1, candidates: 1 }, plan.clone())
+        .expect("session");
+    let t0 = Instant::now();
+    let mut out = s.prefill(ids).expect("prefill");
+    let prefill = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    for _ in 0..GEN {
+        let next = out.candidates[0].0;
+        out = s.decode(next).expect("decode");
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    Run { prefill_tok_s: ids.len() as f64 / prefill, decode_ms: 1000.0 * decode / GEN as f64 }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let repeat = args
+        .iter()
+        .position(|a| a == "--repeat")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5usize);
+    let filter: Vec<&String> = args.iter().filter(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).collect();
+    let ctx = GpuContext::new(&GpuOptions::default()).expect("GPU adapter");
+    println!("adapter: {} ({:?}, {} {})", ctx.info.name, ctx.info.backend, ctx.info.driver, ctx.info.driver_info);
+    println!("model: {}, prompt {PROMPT_LEN} tokens, {GEN} greedy tokens, median of {repeat} runs after a warm-up", firstrt::testdata::MODEL_FILE);
+    println!("{:<6} {:<8} {:>14} {:>12} {:>10} {:>12}", "dtype", "skipped", "prefill tok/s", "decode ms", "decode t/s", "vs full");
+    for dtype in [DType::F32, DType::F16] {
+        let name = format!("{dtype}");
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let model = Arc::new(
+            LoadedModel::load(&ctx, &firstrt::testdata::model_path(), dtype, &mut |_, _| {}).expect("loading the test model"),
+        );
+        let ids = prompt_ids(&model);
+        let n_layers = model.weights.config.n_layers;
+        let mut full_ms = None;
+        for k in [0usize, 3, 6, 9, 12, 15] {
+            // Skip k layers from the middle of the stack, keeping the first and the last.
+            let start = (n_layers - k) / 2;
+            let skip: Vec<usize> = (start..start + k).collect();
+            let plan = LayerPlan::skipping(n_layers, &skip).expect("plan");
+            one_run(&model, &plan, &ids); // warm-up: pipelines, kernel choice
+            let mut prefill = Vec::new();
+            let mut decode = Vec::new();
+            for _ in 0..repeat {
+                let r = one_run(&model, &plan, &ids);
+                prefill.push(r.prefill_tok_s);
+                decode.push(r.decode_ms);
+            }
+            let ms = median(&mut decode);
+            let full = *full_ms.get_or_insert(ms);
+            let ideal = full * (1.0 - k as f64 / n_layers as f64);
+            println!(
+                "{:<6} {:<8} {:>14.1} {:>12.2} {:>10.2} {:>7.3} (ideal {:.3})",
+                name,
+                format!("{k}/{n_layers}"),
+                median(&mut prefill),
+                ms,
+                1000.0 / ms,
+                ms / full,
+                ideal / full
+            );
+        }
+    }
+}
