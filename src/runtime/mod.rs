@@ -3,6 +3,7 @@
 
 pub mod generate;
 pub mod loaded;
+pub mod routed;
 pub mod session;
 pub mod weights;
 
@@ -45,6 +46,11 @@ impl LayerPlan {
     /// Every layer runs.
     pub fn full(n_layers: usize) -> LayerPlan {
         LayerPlan { run: vec![true; n_layers] }
+    }
+
+    /// From run flags, one per layer.
+    pub fn from_flags(run: Vec<bool>) -> LayerPlan {
+        LayerPlan { run }
     }
 
     /// Skip exactly the listed layers (0-based).

@@ -15,11 +15,14 @@ use crate::kernels::embedding::embedding;
 use crate::kernels::matmul::matmul;
 use crate::kernels::matvec::matvec;
 use crate::kernels::rmsnorm::rmsnorm;
+use crate::kernels::router::router_gate;
 use crate::kernels::rope::{AttnShape, RopeScalingParams, RopeTables, rope_qkv_write};
 use crate::kernels::sample::{argmax, decode_pairs, top_k};
 use crate::kernels::step::{StepBuffer, StepParams};
 use crate::kernels::swiglu::swiglu;
 
+use super::plan::{PlanDecider, PlanPolicy, decide_plan};
+use super::routed::Routing;
 use super::weights::GpuWeights;
 use super::{LayerPlan, RuntimeError};
 
@@ -103,6 +106,11 @@ pub struct Session {
     decode_program: Option<Vec<Dispatch>>,
     /// Dispatches recorded by the last step (for tests and profiling).
     pub last_dispatch_count: usize,
+    /// Routers that decide the plan during the first prefill; None once the plan is fixed.
+    routing: Option<Routing>,
+    /// Each layer's router probability from the routed prefill (None: no router, or static plan).
+    probs: Vec<Option<f32>>,
+    probs_buf: GpuTensor, // [n_layers] f32: router outputs
 }
 
 impl Session {
@@ -160,7 +168,113 @@ impl Session {
             prefill_acts: None,
             decode_program: None,
             last_dispatch_count: 0,
+            routing: None,
+            probs: vec![None; c.n_layers],
+            probs_buf: GpuTensor::zeros(&weights.ctx, "router.probs", DType::F32, &[c.n_layers])?,
         })
+    }
+
+    /// A session whose plan the routers decide during its first prefill. No KV cache is
+    /// allocated until a layer is known to run.
+    pub fn with_routers(weights: &Arc<GpuWeights>, options: SessionOptions, routing: Routing) -> Result<Session, RuntimeError> {
+        let n = weights.config.n_layers;
+        if routing.routers.layers.len() != n {
+            return Err(RuntimeError::Plan(format!("routers for {} layers, the model has {n}", routing.routers.layers.len())));
+        }
+        routing.policy.validate().map_err(|e| RuntimeError::Plan(e.to_string()))?;
+        let mut s = Session::new(weights, options, LayerPlan::full(n))?;
+        s.caches.iter_mut().for_each(|c| *c = None);
+        s.routing = Some(routing);
+        Ok(s)
+    }
+
+    /// Each layer's router probability, once the routed prefill has run.
+    pub fn router_probs(&self) -> &[Option<f32>] {
+        &self.probs
+    }
+
+    /// True once the plan can no longer change (after the first prefill of a routed session).
+    pub fn plan_fixed(&self) -> bool {
+        self.routing.is_none()
+    }
+
+    fn ensure_cache(&mut self, l: usize) -> Result<(), RuntimeError> {
+        if self.caches[l].is_none() {
+            let c = &self.weights.config;
+            let kv_dim = c.n_kv_heads * c.head_dim;
+            let n = self.options.ctx_len;
+            self.caches[l] = Some(LayerCache {
+                k: GpuTensor::zeros(&self.ctx, &format!("layer.{l}.k_cache"), DType::F32, &[n, kv_dim])?,
+                v: GpuTensor::zeros(&self.ctx, &format!("layer.{l}.v_cache"), DType::F32, &[n, kv_dim])?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The routed prefill: router l reads the hidden states that reach layer l (after the
+    /// earlier decisions) and its probability is read back before layer l is encoded. With a
+    /// budget (--max-skip/--min-skip) the probabilities of this pass pick the final plan; when
+    /// that differs from the threshold-only plan, the prompt is prefilled again under it so that
+    /// the cache only holds what the final plan computes.
+    fn prefill_routed(&mut self, ids: &[u32], routing: Routing) -> Result<StepOutput, RuntimeError> {
+        let t = ids.len();
+        let n = self.weights.config.n_layers;
+        let tau_only = PlanPolicy { max_skip: None, min_skip: None, ..routing.policy.clone() };
+        let mut decider = PlanDecider::new(routing.routers.has_router(), tau_only);
+        let mut run = vec![true; n];
+        let acts = self.prefill_acts.take().expect("allocated by prefill");
+        let mut segment = self.head(&acts, t, "prefill")?;
+        for l in 0..n {
+            if let Some(rw) = &routing.routers.layers[l] {
+                segment.extend(router_gate(&self.ctx, &format!("prefill/layer.{l}/router"), &acts.x, t, rw, &self.probs_buf, l)?);
+                self.submit(&segment);
+                segment.clear();
+                let raw = crate::gpu::buffer::read_buffer(&self.ctx, &self.probs_buf.buffer, 4 * l as u64, 4, "router.probs")?;
+                self.probs[l] = Some(f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]));
+            }
+            run[l] = decider.decide(l, self.probs[l]).map_err(|e| RuntimeError::Plan(e.to_string()))?;
+            if run[l] {
+                self.ensure_cache(l)?;
+                segment.extend(self.layer(&acts, t, "prefill", l)?);
+            }
+        }
+        let budgeted = decide_plan(&self.probs, &routing.policy);
+        let result = if budgeted == run {
+            self.plan = LayerPlan::from_flags(run);
+            segment.extend(self.tail(&acts, t, "prefill")?);
+            self.execute(&segment)
+        } else {
+            log::info!("router budget changes the plan: prefilling again");
+            self.plan = LayerPlan::from_flags(budgeted);
+            for l in 0..n {
+                if self.plan.runs(l) {
+                    self.ensure_cache(l)?;
+                } else {
+                    self.caches[l] = None;
+                }
+            }
+            let program = self.build_program(&acts, t, "prefill")?;
+            self.execute(&program)
+        };
+        for l in 0..n {
+            if !self.plan.runs(l) {
+                self.caches[l] = None;
+            }
+        }
+        self.prefill_acts = Some(acts);
+        result
+    }
+
+    /// Record `program` into one pass and submit it without waiting.
+    fn submit(&self, program: &[Dispatch]) {
+        let mut encoder = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segment") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("segment"), timestamp_writes: None });
+            for d in program {
+                d.record(&mut pass);
+            }
+        }
+        self.ctx.queue.submit([encoder.finish()]);
     }
 
     pub fn position(&self) -> usize {
@@ -202,11 +316,17 @@ impl Session {
         if self.prefill_acts.as_ref().is_none_or(|a| a.rows < t) {
             self.prefill_acts = Some(Activations::new(&self.ctx, &self.weights, t)?);
         }
-        let acts = self.prefill_acts.as_ref().expect("allocated above");
-        let program = self.build_program(acts, t, "prefill")?;
-        acts.ids.write_u32(&self.ctx, ids);
+        if let Some(acts) = &self.prefill_acts {
+            acts.ids.write_u32(&self.ctx, ids);
+        }
         self.step.write(&self.ctx, &StepParams { pos0: self.pos as u32, n_tokens: t as u32, kv_len: (self.pos + t) as u32, _pad: 0 });
-        let out = self.execute(&program)?;
+        let out = if let Some(routing) = self.routing.take() {
+            self.prefill_routed(ids, routing)?
+        } else {
+            let acts = self.prefill_acts.as_ref().expect("allocated above");
+            let program = self.build_program(acts, t, "prefill")?;
+            self.execute(&program)?
+        };
         self.pos += t;
         Ok(out)
     }
