@@ -3,6 +3,7 @@
 
 pub mod generate;
 pub mod loaded;
+pub mod plan;
 pub mod session;
 pub mod weights;
 
