@@ -10,7 +10,7 @@ use firstrt::gpu::GpuOptions;
 use firstrt::kernels::sample::SamplerConfig;
 use firstrt::model::chat::ChatMessage;
 use firstrt::model::tokenizer::StreamDecoder;
-use firstrt::runtime::{GenerateOptions, Generation, LayerPlan, LoadedModel, Session, SessionOptions, generate, generate_with};
+use firstrt::runtime::{GenerateOptions, Generation, LayerPlan, LoadedModel, PlanPolicyArgs, Session, SessionOptions, generate_with};
 
 use super::{ModelArgs, load_model};
 
@@ -59,11 +59,51 @@ impl SamplingArgs {
 #[derive(Args, Debug, Clone)]
 pub struct PlanArgs {
     /// Skip these decoder layers (0-based, comma-separated) for the whole sequence.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "routers")]
     pub skip_layers: Vec<usize>,
-    /// Print each layer's run/skip decision to stderr.
+    /// A FiRST router file: routers decide during prefill which layers this input runs.
+    #[arg(long)]
+    pub routers: Option<PathBuf>,
+    /// A layer runs iff its router's probability is at least this (default: the file's).
+    #[arg(long, requires = "routers")]
+    pub router_threshold: Option<f32>,
+    /// Skip at most N layers (the N lowest probabilities among those below the threshold).
+    #[arg(long, requires = "routers")]
+    pub max_skip: Option<usize>,
+    /// Skip at least N layers (the N lowest probabilities).
+    #[arg(long, requires = "routers")]
+    pub min_skip: Option<usize>,
+    /// Print each layer's router probability and run/skip decision to stderr.
     #[arg(long)]
     pub show_plan: bool,
+}
+
+impl PlanArgs {
+    /// A session under these options: routed, or with a static plan.
+    fn session(&self, model: &LoadedModel, options: SessionOptions) -> Result<Session> {
+        let n = model.weights.config.n_layers;
+        Ok(match &self.routers {
+            Some(path) => {
+                let policy = PlanPolicyArgs { threshold: self.router_threshold, max_skip: self.max_skip, min_skip: self.min_skip };
+                let (_, routing) = model.load_routers(path, &policy).with_context(|| format!("loading {}", path.display()))?;
+                Session::with_routers(&model.weights, options, routing)?
+            }
+            None => Session::new(&model.weights, options, LayerPlan::skipping(n, &self.skip_layers)?)?,
+        })
+    }
+
+    /// After the first prefill: print the plan when asked.
+    fn report(&self, session: &Session) {
+        if !self.show_plan {
+            return;
+        }
+        let plan = session.plan();
+        for (l, p) in session.router_probs().iter().enumerate() {
+            let p = p.map_or("    -".to_string(), |p| format!("{p:.3}"));
+            eprintln!("layer {l:>3}: p = {p}  {}", if plan.runs(l) { "run" } else { "skip" });
+        }
+        eprintln!("plan: {} of {} layers run, skipped {:?}", plan.kept(), plan.len(), plan.skipped_layers());
+    }
 }
 
 #[derive(Args, Debug)]
@@ -112,18 +152,6 @@ pub struct ChatArgs {
 
 fn context_len(model: &LoadedModel, args: &ModelArgs) -> usize {
     args.ctx.unwrap_or_else(|| model.weights.config.max_position.clamp(1, 4096))
-}
-
-fn plan_for(model: &LoadedModel, args: &PlanArgs) -> Result<LayerPlan> {
-    let n = model.weights.config.n_layers;
-    let plan = LayerPlan::skipping(n, &args.skip_layers)?;
-    if args.show_plan {
-        for l in 0..n {
-            eprintln!("layer {l:>3}: {}", if plan.runs(l) { "run" } else { "skip" });
-        }
-        eprintln!("plan: {} of {n} layers run, skipped {:?}", plan.kept(), plan.skipped_layers());
-    }
-    Ok(plan)
 }
 
 /// Streams decoded text to stdout, holding back any tail that could start a stop string.
@@ -251,12 +279,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
         eprintln!("warning: prompt truncated from {} to its last {keep} tokens", prompt_ids.len());
         prompt_ids.drain(..cut);
     }
-    let plan = plan_for(&model, &args.plan)?;
-    let mut session = Session::new(
-        &model.weights,
-        SessionOptions { ctx_len, candidates: args.sampling.candidates() },
-        plan,
-    )?;
+    let mut session = args.plan.session(&model, SessionOptions { ctx_len, candidates: args.sampling.candidates() })?;
     let options = GenerateOptions {
         max_tokens: args.sampling.max_tokens,
         sampler: args.sampling.sampler(),
@@ -265,11 +288,13 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
     let mut sink = TextSink::new(&model, &args.sampling.stop, !args.json);
     let mut sink_error = None;
     let logits_out = args.logits_out.clone();
+    let plan_args = args.plan.clone();
     let generation = generate_with(
         &mut session,
         &prompt_ids,
         &options,
         &mut |s: &Session| {
+            plan_args.report(s);
             if let Some(path) = &logits_out {
                 let logits = s.read_logits()?;
                 write_logits(path, &logits).map_err(|e| firstrt::runtime::RuntimeError::Output(format!("--logits-out: {e:#}")))?;
@@ -319,8 +344,8 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
         bail!("{} has no chat template", args.model.model.display());
     }
     let ctx_len = context_len(&model, &args.model);
-    let plan = plan_for(&model, &args.plan)?;
-    let mut session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: args.sampling.candidates() }, plan)?;
+    let options_for = || SessionOptions { ctx_len, candidates: args.sampling.candidates() };
+    let mut session = args.plan.session(&model, options_for())?;
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(system) = &args.system {
         messages.push(ChatMessage { role: "system".into(), content: system.clone() });
@@ -347,26 +372,38 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
         let new_ids = if ids.starts_with(&cached) && session.position() == cached.len() {
             ids[cached.len()..].to_vec()
         } else {
-            session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: args.sampling.candidates() }, session.plan().clone())?;
+            session = args.plan.session(&model, options_for())?;
             cached.clear();
             ids.clone()
         };
         if session.position() + new_ids.len() >= ctx_len {
             eprintln!("(the conversation no longer fits the context of {ctx_len} tokens; starting over)");
             messages.drain(..messages.len() - 1);
-            session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: args.sampling.candidates() }, session.plan().clone())?;
+            session = args.plan.session(&model, options_for())?;
             cached.clear();
             continue;
         }
         let mut sink = TextSink::new(&model, &args.sampling.stop, true);
         let mut sink_error = None;
-        let g = generate(&mut session, &new_ids, &options, &mut |id| match sink.push(id) {
-            Ok(go_on) => go_on,
-            Err(e) => {
-                sink_error = Some(e);
-                false
-            }
-        })?;
+        let first_turn = session.position() == 0;
+        let g = generate_with(
+            &mut session,
+            &new_ids,
+            &options,
+            &mut |s: &Session| {
+                if first_turn {
+                    args.plan.report(s);
+                }
+                Ok(())
+            },
+            &mut |id| match sink.push(id) {
+                Ok(go_on) => go_on,
+                Err(e) => {
+                    sink_error = Some(e);
+                    false
+                }
+            },
+        )?;
         if let Some(e) = sink_error {
             return Err(e);
         }

@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod routers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ enum Command {
     Tokenize(inspect::TokenizeArgs),
     /// Architecture, sizes, dtypes, tokenizer and the memory that loading will need.
     Inspect(inspect::InspectArgs),
+    /// FiRST router files: `routers init` writes a starting file for a model.
+    Routers(routers::RoutersArgs),
 }
 
 /// Options every command that loads a model shares.
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => generate::chat(&gpu, args),
         Command::Tokenize(args) => inspect::tokenize(args),
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Routers(args) => routers::run(args),
     }
 }
 

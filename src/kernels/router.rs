@@ -147,6 +147,54 @@ pub fn router_gate(
     Ok(dispatches)
 }
 
+impl RouterWeights {
+    /// Uploads one layer of a router file (`rank` r, hidden size `d`), checking every tensor's
+    /// length first: `norm [d]`, `w1 [max(r, 1), d]`, `b1 [max(r, 1)]`, and for `r > 0`
+    /// `w2 [1, r]` and `b2`.
+    pub fn from_layer(
+        ctx: &GpuContext,
+        label: &str,
+        layer: &crate::model::routers::RouterLayer,
+        rank: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<RouterWeights, GpuError> {
+        let nh = rank.max(1);
+        let len = |what: &str, got: usize, want: usize| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(GpuError::InvalidArgument(format!("{label}: router {what} has {got} values, expected {want} (r = {rank}, d = {d})")))
+            }
+        };
+        len("norm", layer.norm.len(), d)?;
+        len("w1", layer.w1.len(), nh * d)?;
+        len("b1", layer.b1.len(), nh)?;
+        let (w2, b2) = match (rank, &layer.w2, layer.b2) {
+            (0, None, None) => (None, None),
+            (0, _, _) => return Err(GpuError::InvalidArgument(format!("{label}: a linear router (r = 0) has no w2/b2"))),
+            (_, Some(w2), Some(b2)) => {
+                len("w2", w2.len(), rank)?;
+                (
+                    Some(GpuTensor::from_f32(ctx, &format!("{label}.w2"), &[1, rank], w2)?),
+                    Some(GpuTensor::from_f32(ctx, &format!("{label}.b2"), &[1], &[b2])?),
+                )
+            }
+            _ => return Err(GpuError::InvalidArgument(format!("{label}: router with r = {rank} needs w2 and b2"))),
+        };
+        Ok(RouterWeights {
+            norm: GpuTensor::from_f32(ctx, &format!("{label}.norm"), &[d], &layer.norm)?,
+            eps,
+            w1: GpuTensor::from_f32(ctx, &format!("{label}.w1"), &[nh, d], &layer.w1)?,
+            b1: GpuTensor::from_f32(ctx, &format!("{label}.b1"), &[nh], &layer.b1)?,
+            w2,
+            b2,
+            r: rank,
+            d,
+        })
+    }
+}
+
 /// CPU reference (f64 accumulation) of the router probability.
 #[allow(clippy::too_many_arguments)]
 pub fn router_ref(

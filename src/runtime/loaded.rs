@@ -10,7 +10,19 @@ use crate::model::gguf::GgufFile;
 use crate::model::tokenizer::ModelTokenizer;
 use crate::model::{WeightSource, open_model};
 
+use crate::model::routers::{RouterFile, model_identity};
+
+use super::plan::PlanPolicy;
+use super::routed::{GpuRouters, Routing};
 use super::{GpuWeights, RuntimeError};
+
+/// What the user asked of the routers: a threshold overriding the file's, and budgets.
+#[derive(Debug, Clone, Default)]
+pub struct PlanPolicyArgs {
+    pub threshold: Option<f32>,
+    pub max_skip: Option<usize>,
+    pub min_skip: Option<usize>,
+}
 
 pub struct LoadedModel {
     pub path: PathBuf,
@@ -19,6 +31,8 @@ pub struct LoadedModel {
     pub template: Option<ChatTemplate>,
     /// Summary of the file's tensor types, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
     pub file_dtypes: String,
+    /// The file, kept open (memory-mapped) for what is read later: router identity, adapters.
+    pub source: Box<dyn WeightSource>,
 }
 
 /// Read the tokenizer (and chat template) that belongs to the model at `path`.
@@ -51,7 +65,22 @@ impl LoadedModel {
         };
         let file_dtypes = source.describe_dtypes();
         let weights = Arc::new(GpuWeights::load(ctx, source.as_ref(), dtype, progress)?);
-        Ok(LoadedModel { path: path.to_path_buf(), weights, tokenizer, template, file_dtypes })
+        Ok(LoadedModel { path: path.to_path_buf(), weights, tokenizer, template, file_dtypes, source })
+    }
+
+    /// Read a router file, check that it was made for this model, and upload it.
+    pub fn load_routers(&self, path: &Path, policy: &PlanPolicyArgs) -> Result<(RouterFile, Routing), RuntimeError> {
+        let identity = model_identity(self.source.as_ref())?;
+        let file = RouterFile::load(path, &identity).map_err(|e| RuntimeError::Routers(e.to_string()))?;
+        let policy = PlanPolicy {
+            threshold: policy.threshold.unwrap_or(file.threshold),
+            max_skip: policy.max_skip,
+            min_skip: policy.min_skip,
+            skip_first_last: file.skip_first_last,
+        };
+        policy.validate().map_err(|e| RuntimeError::Plan(e.to_string()))?;
+        let routers = Arc::new(GpuRouters::upload(&self.weights.ctx, &file)?);
+        Ok((file, Routing { routers, policy }))
     }
 
     /// Render `messages` with the model's chat template (with the generation prompt) and encode.

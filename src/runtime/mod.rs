@@ -3,13 +3,14 @@
 
 pub mod generate;
 pub mod loaded;
+pub mod plan;
 pub mod routed;
 pub mod session;
 pub mod weights;
 
 pub use generate::{GenerateOptions, Generation, StopReason, Timings, generate, generate_with};
 pub use session::{Session, SessionOptions, StepOutput};
-pub use loaded::{LoadedModel, load_tokenizer};
+pub use loaded::{LoadedModel, PlanPolicyArgs, load_tokenizer};
 pub use weights::GpuWeights;
 
 use crate::gpu::GpuError;
@@ -27,6 +28,8 @@ pub enum RuntimeError {
     BadToken { id: u32, vocab: usize },
     #[error("the prompt is empty: at least one token is needed")]
     EmptyPrompt,
+    #[error("router file: {0}")]
+    Routers(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("{0}")]
