@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use firstrt::model::open_model;
-use firstrt::model::routers::{RouterFile, model_identity};
+use firstrt::model::routers::{MAX_RANK, RouterFile, model_identity};
 
 #[derive(Args, Debug)]
 pub struct RoutersArgs {
@@ -53,6 +53,8 @@ pub fn run(args: RoutersArgs) -> Result<()> {
 
 fn init(a: InitArgs) -> Result<()> {
     anyhow::ensure!(a.bias.is_finite(), "--bias {} must be a finite number", a.bias);
+    // Checked before init allocates r x d weights per layer.
+    anyhow::ensure!(a.rank <= MAX_RANK, "--r {} is over the limit of {MAX_RANK}", a.rank);
     let source = open_model(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let identity = model_identity(source.as_ref()).with_context(|| format!("identifying {}", a.model.display()))?;
     let eps = a.eps.unwrap_or(source.config().rms_eps);
@@ -109,6 +111,10 @@ mod tests {
         let cli = TestCli::try_parse_from(["routers", "init", "-m", m, "-o", bad.to_str().unwrap(), "--threshold", "2"]).unwrap();
         let err = run(RoutersArgs { command: cli.command }).unwrap_err();
         assert!(format!("{err:#}").contains("threshold"), "{err:#}");
+        assert!(!bad.exists());
+        let cli = TestCli::try_parse_from(["routers", "init", "-m", m, "-o", bad.to_str().unwrap(), "--r", "70000"]).unwrap();
+        let err = run(RoutersArgs { command: cli.command }).unwrap_err();
+        assert!(format!("{err:#}").contains("--r 70000"), "{err:#}");
         assert!(!bad.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -278,10 +278,12 @@ mod tests {
         };
         for case in 0..200 {
             let n = 1 + case % 9;
-            let probs: Vec<Option<f32>> = (0..n).map(|_| {
-                let v = next();
-                (v > 0.15).then(|| next())
-            }).collect();
+            let probs: Vec<Option<f32>> = (0..n)
+                .map(|_| {
+                    let v = next();
+                    (v > 0.15).then(&mut next)
+                })
+                .collect();
             for sfl in [false, true] {
                 let p = policy(0.5, None, None, sfl);
                 assert_eq!(online(&probs, &p), decide_plan(&probs, &p), "{probs:?} skip_first_last={sfl}");

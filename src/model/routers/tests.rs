@@ -141,7 +141,8 @@ fn file_for_another_model_is_rejected_naming_the_field() {
     let f = RouterFile::init(&identity(4, 8), 2, 1.0, 1e-5, 0.5);
     let path = dir.path.join("r.safetensors");
     f.save(&path).unwrap();
-    let cases: [(&str, Box<dyn Fn(&mut ModelIdentity)>, &str, &str); 5] = [
+    type Change = Box<dyn Fn(&mut ModelIdentity)>;
+    let cases: [(&str, Change, &str, &str); 5] = [
         ("model_layers", Box::new(|m| m.n_layers = 30), "4", "30"),
         ("model_hidden", Box::new(|m| m.d_model = 576), "8", "576"),
         ("model_vocab", Box::new(|m| m.vocab_size = 49152), "100", "49152"),
@@ -297,7 +298,8 @@ fn save_rejects_inconsistent_files() {
     let dir = TempDir::new("routers-save");
     let path = dir.path.join("r.safetensors");
     let good = random_file(2);
-    let cases: [(&str, Box<dyn Fn(&mut RouterFile)>); 7] = [
+    type Change = Box<dyn Fn(&mut RouterFile)>;
+    let cases: [(&str, Change); 7] = [
         ("slots", Box::new(|f| {
             f.layers.pop();
         })),
@@ -441,10 +443,10 @@ fn upload_matches_probability_ref() {
             ctx.run("router", &ds.iter().collect::<Vec<_>>()).unwrap();
         }
         let got = probs.read_f32(&ctx).unwrap();
-        for l in 0..5 {
+        for (l, &g) in got.iter().enumerate() {
             match f.probability_ref(l, &h, rows).unwrap() {
-                None => assert_eq!(got[l], -1.0),
-                Some(want) => assert!((got[l] - want).abs() < 2e-5, "rank {rank} layer {l}: {} vs {want}", got[l]),
+                None => assert_eq!(g, -1.0),
+                Some(want) => assert!((g - want).abs() < 2e-5, "rank {rank} layer {l}: {g} vs {want}"),
             }
         }
     }
