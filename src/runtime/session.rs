@@ -352,10 +352,10 @@ impl Session {
         Ok(self.logits.read_f32(&self.ctx)?)
     }
 
-    /// Dispatches that one decode step records: the fixed part plus the per-layer part times
-    /// the kept layers.
-    pub fn decode_dispatch_count(&self) -> Option<usize> {
-        self.decode_program.as_ref().map(|p| p.len())
+    /// Labels of the dispatches that one decode step records (after the first decode): the
+    /// fixed part plus the per-layer part of each kept layer.
+    pub fn decode_labels(&self) -> Option<Vec<&str>> {
+        self.decode_program.as_ref().map(|p| p.iter().map(|d| d.label.as_str()).collect())
     }
 
     fn linear(
