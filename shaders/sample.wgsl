@@ -10,7 +10,7 @@ struct SampleParams {
     n: u32,           // entries in the input list
     k: u32,           // top_k: pairs written per workgroup (argmax: 1)
     from_logits: u32, // 1: read logits; 0: read src pairs
-    _pad0: u32,
+    aux: u32,         // top_k_select: u32 words of fallback dispatch arguments; else unused
 };
 
 @group(0) @binding(0) var<uniform> p: SampleParams;
@@ -131,5 +131,92 @@ fn top_k(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
     }
     for (var l = tid; l < p.k; l += 256u) {
         dst[w * p.k + l] = vec2<u32>(si[l], bitcast<u32>(sv[l]));
+    }
+}
+
+// ---- top_k_select: one workgroup, exact, without sorting all entries ----
+//
+// 1. Invocation t finds the best entry of its strided subset {t, t + 256, ..}: 256 disjoint
+//    subsets' maxima. 2. Their k-th in the order (ranks are distinct: indices are) is a threshold
+//    T: the k subset maxima up to T are k distinct entries not after T, so the true top k are not
+//    after T either. 3. Entries not after T (at least k, at most k subsets) are compacted into
+//    workgroup memory; when they fit (SEL_CAP), each one's rank among them is counted and the
+//    first k are written to dst. Otherwise nothing is written here and the fallback tile passes
+//    (dispatched indirectly from `fb_args`, zero workgroups in the common case) do the work.
+
+const SEL_CAP: u32 = 1024u; // = TILE: the candidates live in sv / si
+
+@group(0) @binding(4) var<storage, read> fb_full: array<u32>;        // [aux] dispatch args of the fallback passes
+@group(0) @binding(5) var<storage, read_write> fb_args: array<u32>;  // [aux] the args used: fb_full or zero workgroups
+
+var<workgroup> mv: array<f32, 256>;
+var<workgroup> mi: array<u32, 256>;
+var<workgroup> thr_v: f32;
+var<workgroup> thr_i: u32;
+var<workgroup> n_cand: atomic<u32>;
+
+@compute @workgroup_size(256)
+fn top_k_select(@builtin(local_invocation_index) tid: u32) {
+    var bv = neg_inf();
+    var bi = PAD_INDEX;
+    for (var i = tid; i < p.n; i += 256u) {
+        let e = load(i);
+        if (before(e.v, e.i, bv, bi)) {
+            bv = e.v;
+            bi = e.i;
+        }
+    }
+    mv[tid] = bv;
+    mi[tid] = bi;
+    if (tid == 0u) {
+        atomicStore(&n_cand, 0u);
+    }
+    workgroupBarrier();
+    // Subsets without entries (n < 256) rank after every real entry, and k <= n: the invocation
+    // of rank k - 1 holds a real entry and is the only one with that rank.
+    var rank = 0u;
+    for (var s = 0u; s < 256u; s++) {
+        if (before(mv[s], mi[s], bv, bi)) {
+            rank++;
+        }
+    }
+    if (rank == p.k - 1u) {
+        thr_v = bv;
+        thr_i = bi;
+    }
+    workgroupBarrier();
+    let tv = thr_v;
+    let ti = thr_i;
+    for (var i = tid; i < p.n; i += 256u) {
+        let e = load(i);
+        if (!before(tv, ti, e.v, e.i)) {
+            let at = atomicAdd(&n_cand, 1u);
+            if (at < SEL_CAP) {
+                sv[at] = e.v;
+                si[at] = e.i;
+            }
+        }
+    }
+    workgroupBarrier();
+    let c = atomicLoad(&n_cand);
+    let fits = c <= SEL_CAP;
+    if (fits) {
+        for (var a = tid; a < c; a += 256u) {
+            let va = sv[a];
+            let ia = si[a];
+            var r = 0u;
+            for (var b = 0u; b < c; b++) {
+                if (before(sv[b], si[b], va, ia)) {
+                    r++;
+                }
+            }
+            if (r < p.k) {
+                dst[r] = vec2<u32>(ia, bitcast<u32>(va));
+            }
+        }
+    }
+    // Fallback arguments are (x, y, z) triples: zero x workgroups when done here.
+    for (var w = tid; w < p.aux; w += 256u) {
+        fb_args[w] = select(fb_full[w], 0u, fits && w % 3u == 0u);
     }
 }

@@ -5,20 +5,39 @@
 //! `$FIRSTRT_CACHE/kernel-choice.json` (default `~/.cache/firstrt`) keyed by
 //! [`GpuContext::adapter_key`]; else a short measurement of every variant on a representative
 //! shape, whose result is written to the cache. The choice is kept in `ctx.kernel_choices`.
+//!
+//! Besides the matmul and matvec variants, the family `f16read` chooses how kernels read f16
+//! weights where SHADER_F16 exists: `native` ([`WeightKind::F16`]) or `packed`
+//! ([`WeightKind::F16Packed`]); on lavapipe the packed form is faster (it loads 32-bit words).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::gpu::{DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor};
+use crate::gpu::{DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, WeightKind};
 use crate::kernels::matmul::{MatmulVariant, matmul};
-use crate::kernels::matvec::{MatvecVariant, matvec};
+use crate::kernels::matvec::{MatvecVariant, matvec, matvec_with_kind};
 
 /// Variants forced through `FIRSTRT_KERNEL`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Forced {
     pub matmul: Option<MatmulVariant>,
     pub matvec: Option<MatvecVariant>,
+    /// `f16read=native|packed`.
+    pub f16read: Option<WeightKind>,
+}
+
+/// The `f16read` names of the two ways of reading f16 weights.
+fn f16read_name(kind: WeightKind) -> &'static str {
+    if kind == WeightKind::F16 { "native" } else { "packed" }
+}
+
+fn f16read_parse(s: &str) -> Option<WeightKind> {
+    match s {
+        "native" => Some(WeightKind::F16),
+        "packed" => Some(WeightKind::F16Packed),
+        _ => None,
+    }
 }
 
 /// Parse a `FIRSTRT_KERNEL` value: a comma list of `family=variant` or bare variant names.
@@ -31,10 +50,19 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
             Some((a, b)) => (Some(a.trim()), b.trim()),
             None => (None, item.as_str()),
         };
+        if family == Some("f16read") {
+            match f16read_parse(name) {
+                Some(k) => {
+                    f.f16read = Some(k);
+                    continue;
+                }
+                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f16read=native|packed)")),
+            }
+        }
         match (family, MatmulVariant::parse(name), MatvecVariant::parse(name)) {
             (None | Some("matmul"), Some(v), _) => f.matmul = Some(v),
             (None | Some("matvec"), _, Some(v)) => f.matvec = Some(v),
-            _ => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled, matvec=rows|reduce)")),
+            _ => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled, matvec=rows|reduce, f16read=native|packed)")),
         }
     }
     Ok(f)
@@ -144,6 +172,44 @@ pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
     MatvecVariant::parse(&name).unwrap_or(fallback)
 }
 
+/// How kernels read weights of `dtype` on this adapter: f32 as [`WeightKind::F32`]; f16 as
+/// [`WeightKind::F16Packed`] without SHADER_F16, else as the measured (or forced, or cached)
+/// `f16read` choice.
+pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
+    let plain = WeightKind::for_dtype(ctx, dtype);
+    if plain != WeightKind::F16 {
+        return plain;
+    }
+    let forced = forced_from_env().f16read.map(f16read_name);
+    let name = choose(ctx, "f16read", forced, cache_path().as_deref(), || measure_f16read(ctx).map(f16read_name), "native");
+    f16read_parse(&name).unwrap_or(WeightKind::F16)
+}
+
+/// Time matvec (the `Rows` variant) 3072x576 and 576x1536 with f16 weights read natively and
+/// packed, alternating the two kinds over several rounds (other load on the machine then hits both
+/// alike); the smaller best time wins.
+fn measure_f16read(ctx: &GpuContext) -> Result<WeightKind, GpuError> {
+    let kinds = [WeightKind::F16, WeightKind::F16Packed];
+    let mut programs: Vec<Vec<Vec<Dispatch>>> = vec![Vec::new(), Vec::new()];
+    for (n, k) in [(3072, 576), (576, 1536)] {
+        let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F16)?;
+        let x = GpuTensor::from_f32(ctx, "choice.x", &[k], &pseudo_random(k))?;
+        let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[n])?;
+        for (slot, &kind) in programs.iter_mut().zip(&kinds) {
+            slot.push(matvec_with_kind(ctx, "choice.f16read", &x, &w, None, &y, 0, false, MatvecVariant::Rows, kind)?);
+        }
+    }
+    let mut best = [Duration::MAX; 2];
+    for _round in 0..4 {
+        for (b, prog) in best.iter_mut().zip(&programs) {
+            let list: Vec<&Dispatch> = prog.iter().flat_map(|ds| ds.iter().cycle().take(4 * ds.len())).collect();
+            *b = (*b).min(time_dispatches(ctx, &list, 2)?);
+        }
+    }
+    log::debug!("kernel choice: f16read native took {:?}, packed {:?}", best[0], best[1]);
+    Ok(if best[1] < best[0] { WeightKind::F16Packed } else { WeightKind::F16 })
+}
+
 /// Best-of-`reps` wall time of running `dispatches` in one pass (after one warm-up run).
 pub fn time_dispatches(ctx: &GpuContext, dispatches: &[&Dispatch], reps: usize) -> Result<Duration, GpuError> {
     ctx.run("choice warm-up", dispatches)?;
@@ -210,18 +276,22 @@ mod tests {
     fn forced_variants_parse() {
         assert_eq!(
             parse_forced("matmul=tiled,matvec=reduce").unwrap(),
-            Forced { matmul: Some(MatmulVariant::Tiled), matvec: Some(MatvecVariant::Reduce) }
+            Forced { matmul: Some(MatmulVariant::Tiled), matvec: Some(MatvecVariant::Reduce), f16read: None }
         );
-        assert_eq!(parse_forced("tiled").unwrap(), Forced { matmul: Some(MatmulVariant::Tiled), matvec: None });
-        assert_eq!(parse_forced(" Rows ").unwrap(), Forced { matmul: None, matvec: Some(MatvecVariant::Rows) });
+        assert_eq!(parse_forced("tiled").unwrap(), Forced { matmul: Some(MatmulVariant::Tiled), matvec: None, f16read: None });
+        assert_eq!(parse_forced(" Rows ").unwrap(), Forced { matmul: None, matvec: Some(MatvecVariant::Rows), f16read: None });
         assert_eq!(
             parse_forced("regblock, matvec = rows").unwrap(),
-            Forced { matmul: Some(MatmulVariant::RegBlock), matvec: Some(MatvecVariant::Rows) }
+            Forced { matmul: Some(MatmulVariant::RegBlock), matvec: Some(MatvecVariant::Rows), f16read: None }
         );
         assert_eq!(parse_forced("").unwrap(), Forced::default());
         assert!(parse_forced("matmul=rows").is_err());
         assert!(parse_forced("matvec=tiled").is_err());
         assert!(parse_forced("fast").is_err());
+        assert_eq!(parse_forced("f16read=packed").unwrap().f16read, Some(WeightKind::F16Packed));
+        assert_eq!(parse_forced("rows,f16read=native").unwrap().f16read, Some(WeightKind::F16));
+        assert!(parse_forced("f16read=rows").is_err());
+        assert!(parse_forced("packed").is_err());
     }
 
     #[test]
@@ -262,5 +332,19 @@ mod tests {
         // The measurement itself (not its outcome, which depends on the machine) must work.
         measure_matvec(&ctx).unwrap();
         measure_matmul(&ctx).unwrap();
+        if ctx.has_f16() {
+            measure_f16read(&ctx).unwrap();
+        }
+    }
+
+    #[test]
+    fn weight_kind_reads_each_dtype() {
+        let ctx = test_context();
+        assert_eq!(weight_kind(&ctx, DType::F32), WeightKind::F32);
+        let k = weight_kind(&ctx, DType::F16);
+        assert_eq!(k.dtype(), DType::F16);
+        if !ctx.has_f16() {
+            assert_eq!(k, WeightKind::F16Packed);
+        }
     }
 }

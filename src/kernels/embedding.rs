@@ -23,7 +23,7 @@ pub struct EmbeddingParams {
 }
 
 /// Look up `rows` token ids (`ids`: `[T]` u32) in `table` (`[vocab, d]`) into `out` (`[T, d]`
-/// f32), reading f16 tables the way [`WeightKind::for_dtype`] chooses.
+/// f32), reading f16 tables the way [`crate::kernels::choice::weight_kind`] chooses.
 pub fn embedding(
     ctx: &GpuContext,
     label: &str,
@@ -32,7 +32,7 @@ pub fn embedding(
     table: &GpuMatrix,
     out: &GpuTensor,
 ) -> Result<Vec<Dispatch>, GpuError> {
-    embedding_with_kind(ctx, label, ids, rows, table, out, WeightKind::for_dtype(ctx, table.dtype))
+    embedding_with_kind(ctx, label, ids, rows, table, out, crate::kernels::choice::weight_kind(ctx, table.dtype))
 }
 
 /// [`embedding`] with an explicit way of reading the table (tests use every kind).

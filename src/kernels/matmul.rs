@@ -75,7 +75,7 @@ pub fn matmul(
     accumulate: bool,
     variant: MatmulVariant,
 ) -> Result<Vec<Dispatch>, GpuError> {
-    let kind = WeightKind::for_dtype(ctx, w.dtype);
+    let kind = crate::kernels::choice::weight_kind(ctx, w.dtype);
     matmul_with_kind(ctx, label, x, rows, w, bias, y, y_stride, y_col0, accumulate, variant, kind)
 }
 

@@ -124,7 +124,7 @@ pub fn matvec(
     accumulate: bool,
     variant: MatvecVariant,
 ) -> Result<Vec<Dispatch>, GpuError> {
-    matvec_with_kind(ctx, label, x, w, bias, y, y_col0, accumulate, variant, WeightKind::for_dtype(ctx, w.dtype))
+    matvec_with_kind(ctx, label, x, w, bias, y, y_col0, accumulate, variant, crate::kernels::choice::weight_kind(ctx, w.dtype))
 }
 
 /// [`matvec`] reading the weights as `kind` (tests use it to cover `F16Packed` where SHADER_F16 exists).

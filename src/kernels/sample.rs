@@ -1,9 +1,13 @@
 //! Token selection with only a few bytes read back per token.
 //!
 //! On the GPU: [`argmax`] (greedy decoding: one `(index, value)` pair) and [`top_k`] (the `k <=
-//! 256` largest logits, sorted). Both are reductions in passes: every workgroup reduces a tile
-//! of entries to one pair (argmax, 4096 entries per workgroup) or to its `k` best (top-k, a
-//! bitonic sort of 1024 entries per workgroup), and passes repeat until one workgroup is left.
+//! 256` largest logits, sorted). [`argmax`] and [`top_k_sort`] are reductions in passes: every
+//! workgroup reduces a tile of entries to one pair (argmax, 4096 entries per workgroup) or to its
+//! `k` best (a bitonic sort of 1024 entries per workgroup), and passes repeat until one workgroup
+//! is left. [`top_k`] first runs one workgroup that finds a threshold from 256 subset maxima,
+//! keeps only the entries not below it and ranks those (no full sort; ~the cost of reading the
+//! logits twice); only when more than 1024 entries pass the threshold does it fall back to the
+//! [`top_k_sort`] passes, dispatched indirectly (zero workgroups otherwise).
 //! Order: larger value first, equal values by lower index (as `torch.argmax` and a stable sort
 //! do). NaN logits count as `-inf`.
 //!
@@ -34,7 +38,8 @@ pub struct SampleParams {
     pub n: u32,
     pub k: u32,
     pub from_logits: u32,
-    pub _pad0: u32,
+    /// `top_k_select`: u32 words of fallback dispatch arguments; else 0.
+    pub aux: u32,
 }
 
 /// Chain reduction passes: each workgroup of a pass turns `tile` entries into `per_group` pairs,
@@ -62,7 +67,7 @@ fn reduce_passes(
         } else {
             GpuTensor::zeros(ctx, &format!("{label}.pass{}", dispatches.len()), DType::U32, &[groups * per_group, 2])?
         };
-        let params = SampleParams { n: m as u32, k: per_group as u32, from_logits: u32::from(src.is_none()), _pad0: 0 };
+        let params = SampleParams { n: m as u32, k: per_group as u32, from_logits: u32::from(src.is_none()), aux: 0 };
         let u = uniform(ctx, label, &params);
         // When reading the logits, `src` is not read: bind the (read-only) logits in its place.
         let src_buf = src.as_ref().map_or(&logits.buffer, |s| &s.buffer);
@@ -109,10 +114,7 @@ pub fn argmax(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, out: 
     reduce_passes(ctx, label, "argmax", logits, n, ARGMAX_TILE, 1, out)
 }
 
-/// The `k` (1..=256, <= n) largest of the first `n` logits, written to `out` as `k` pairs of u32
-/// words (index, f32 bits of the value), sorted by value descending, ties lowest index first.
-/// Read back `2 * k` words and turn them into pairs with [`decode_pairs`].
-pub fn top_k(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
+fn check_top_k(label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTensor) -> Result<(), GpuError> {
     check_logits(label, logits, n)?;
     if k == 0 || k > MAX_TOP_K || k > n {
         return Err(GpuError::InvalidArgument(format!("{label}: top_k with k = {k} of {n} (1 <= k <= min(n, {MAX_TOP_K}))")));
@@ -120,6 +122,68 @@ pub fn top_k(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usi
     if out.dtype == DType::F16 || out.byte_len() < 8 * k {
         return Err(GpuError::InvalidArgument(format!("{label}: top_k needs an output of {} u32 words", 2 * k)));
     }
+    Ok(())
+}
+
+/// The `k` (1..=256, <= n) largest of the first `n` logits, written to `out` as `k` pairs of u32
+/// words (index, f32 bits of the value), sorted by value descending, ties lowest index first.
+/// Read back `2 * k` words and turn them into pairs with [`decode_pairs`].
+///
+/// One selection workgroup (threshold from subset maxima, then ranking of the few entries above
+/// it), plus the [`top_k_sort`] passes as an exact fallback, dispatched indirectly with zero
+/// workgroups unless more than [`SELECT_CAP`] entries pass the threshold.
+pub fn top_k(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
+    check_top_k(label, logits, n, k, out)?;
+    let fallback = reduce_passes(ctx, &format!("{label}.fallback"), "top_k", logits, n, TOPK_TILE, k, out)?;
+    // The fallback's workgroup counts, as reduce_passes chains them.
+    let mut full: Vec<u32> = Vec::with_capacity(3 * fallback.len());
+    let mut m = n;
+    loop {
+        let groups = m.div_ceil(TOPK_TILE);
+        full.extend_from_slice(&grid(groups as u32));
+        if groups == 1 {
+            break;
+        }
+        m = groups * k;
+    }
+    debug_assert_eq!(full.len(), 3 * fallback.len());
+    let full_t = GpuTensor::from_u32(ctx, &format!("{label}.fallback_full"), &[full.len()], &full)?;
+    let args = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(&format!("{label}.fallback_args")),
+        size: (4 * full.len() as u64).max(16),
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let pipeline = ctx.pipeline(&ShaderVariant::new("sample", SOURCE, "top_k_select"))?;
+    let params = SampleParams { n: n as u32, k: k as u32, from_logits: 1, aux: full.len() as u32 };
+    let u = uniform(ctx, label, &params);
+    let mut out_list = vec![Dispatch::new(
+        ctx,
+        &pipeline,
+        format!("{label}.select"),
+        &[
+            u.as_entire_binding(),
+            logits.buffer.as_entire_binding(),
+            logits.buffer.as_entire_binding(), // src: not read (from_logits = 1)
+            out.buffer.as_entire_binding(),
+            full_t.buffer.as_entire_binding(),
+            args.as_entire_binding(),
+        ],
+        [1, 1, 1],
+        Cost { flops: 2 * n as u64, bytes: (8 * n + 8 * k) as u64 },
+    )];
+    for (j, d) in fallback.into_iter().enumerate() {
+        out_list.push(d.with_indirect(&args, 12 * j as u64));
+    }
+    Ok(out_list)
+}
+
+/// Entries above the threshold that [`top_k`] ranks in one workgroup (more: the fallback runs).
+pub const SELECT_CAP: usize = 1024;
+
+/// [`top_k`] by bitonic sorts of 1024-entry tiles in passes (its fallback; also usable alone).
+pub fn top_k_sort(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
+    check_top_k(label, logits, n, k, out)?;
     reduce_passes(ctx, label, "top_k", logits, n, TOPK_TILE, k, out)
 }
 
@@ -234,13 +298,47 @@ mod tests {
         decode_pairs(&out.read_u32(ctx).unwrap())[0]
     }
 
+    /// Both top-k paths: the selection (with its fallback) and the sort passes alone; they must agree.
     fn gpu_top_k(ctx: &GpuContext, logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         let n = logits.len();
         let g = GpuTensor::from_f32(ctx, "logits", &[n], logits).unwrap();
-        let out = GpuTensor::zeros(ctx, "out", DType::U32, &[k, 2]).unwrap();
-        let ds = top_k(ctx, "top_k", &g, n, k, &out).unwrap();
-        ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
-        decode_pairs(&out.read_u32(ctx).unwrap())
+        let mut results = Vec::new();
+        for f in [top_k, top_k_sort] {
+            // Garbage in the output: every pair must be written.
+            let out = GpuTensor::from_u32(ctx, "out", &[k, 2], &vec![0xdead_beef; 2 * k]).unwrap();
+            let ds = f(ctx, "top_k", &g, n, k, &out).unwrap();
+            ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+            results.push(decode_pairs(&out.read_u32(ctx).unwrap()));
+        }
+        assert_eq!(results[0], results[1], "top_k (select) vs top_k_sort, n={n} k={k}");
+        results.pop().unwrap()
+    }
+
+    /// Entries that the selection keeps (the same threshold as the shader), to know which path ran.
+    fn candidates_ref(logits: &[f32], k: usize) -> usize {
+        let key = |i: usize| (if logits[i].is_nan() { f32::NEG_INFINITY } else { logits[i] }, i);
+        let before = |a: (f32, usize), b: (f32, usize)| a.0 > b.0 || (a.0 == b.0 && a.1 < b.1);
+        let mut maxima: Vec<(f32, usize)> = (0..256.min(logits.len()))
+            .map(|t| (t..logits.len()).step_by(256).map(key).fold(key(t), |m, e| if before(e, m) { e } else { m }))
+            .collect();
+        maxima.sort_by(|a, b| if before(*a, *b) { std::cmp::Ordering::Less } else { std::cmp::Ordering::Greater });
+        let thr = maxima[k - 1];
+        (0..logits.len()).filter(|&i| !before(thr, key(i))).count()
+    }
+
+    #[test]
+    fn top_k_fallback_when_many_entries_pass_the_threshold() {
+        let ctx = test_context();
+        // Entry i has value -(i mod 256): subset t is constant, so the threshold keeps whole
+        // subsets: 39 * 192 entries for k = 40, more than SELECT_CAP.
+        let n = 49152;
+        let logits: Vec<f32> = (0..n).map(|i| -((i % 256) as f32)).collect();
+        assert!(candidates_ref(&logits, 40) > SELECT_CAP);
+        assert_eq!(gpu_top_k(&ctx, &logits, 40), top_k_ref(&logits, 40));
+        // The common case (k = 40 over random logits) stays on the fast path; k = 256 takes the
+        // smallest of the 256 subset maxima as threshold and usually falls back.
+        let fine: Vec<f32> = random_vec(n, 78).iter().map(|v| v * 10.0).collect();
+        assert!(candidates_ref(&fine, 40) <= SELECT_CAP);
     }
 
     #[test]
@@ -313,6 +411,8 @@ mod tests {
         assert!(top_k(&ctx, "t", &g, 11, 1, &out).is_err(), "logits too short");
         assert!(argmax(&ctx, "a", &g, 0, &out).is_err());
         assert!(top_k(&ctx, "t", &g, 10, 8, &out).is_ok());
+        assert!(top_k_sort(&ctx, "t", &g, 10, 11, &out).is_err());
+        assert!(top_k_sort(&ctx, "t", &g, 10, 8, &out).is_ok());
     }
 
     #[test]
