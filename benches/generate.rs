@@ -34,6 +34,23 @@ fn prompt_ids(model: &LoadedModel) -> Vec<u32> {
     ids
 }
 
+/// Prefill seconds of `ids` in a fresh session: static full plan, or routed with routers that
+/// keep every layer (the same work plus the routers and their read-backs).
+fn prefill_seconds(model: &LoadedModel, routers: Option<&std::path::Path>, ids: &[u32]) -> f64 {
+    let options = SessionOptions { ctx_len: PROMPT_LEN + 1, candidates: 1 };
+    let n = model.weights.config.n_layers;
+    let mut s = match routers {
+        Some(path) => {
+            let (_, routing) = model.load_routers(path, &Default::default()).expect("router file");
+            Session::with_routers(&model.weights, options, routing).expect("session")
+        }
+        None => Session::new(&model.weights, options, LayerPlan::full(n)).expect("session"),
+    };
+    let t0 = Instant::now();
+    s.prefill(ids).expect("prefill");
+    t0.elapsed().as_secs_f64()
+}
+
 struct Run {
     prefill_tok_s: f64,
     decode_ms: f64,
@@ -52,6 +69,29 @@ fn one_run(model: &LoadedModel, plan: &LayerPlan, ids: &[u32]) -> Run {
     }
     let decode = t1.elapsed().as_secs_f64();
     Run { prefill_tok_s: ids.len() as f64 / prefill, decode_ms: 1000.0 * decode / GEN as f64 }
+}
+
+/// The routers' share of prefill time: routed (every layer kept, r = 64) vs static full plan,
+/// alternated run by run.
+fn routers_share(model: &LoadedModel, ids: &[u32], repeat: usize) {
+    let identity = firstrt::model::routers::model_identity(model.source.as_ref()).expect("identity");
+    let file = firstrt::model::routers::RouterFile::init(&identity, 64, 8.0, 1e-5, 0.5);
+    let path = std::env::temp_dir().join(format!("firstrt-bench-routers-{}.safetensors", std::process::id()));
+    file.save(&path).expect("writing routers");
+    prefill_seconds(model, Some(&path), ids);
+    let (mut routed, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        routed.push(prefill_seconds(model, Some(&path), ids));
+        plain.push(prefill_seconds(model, None, ids));
+    }
+    let (r, p) = (median(&mut routed), median(&mut plain));
+    println!(
+        "  routers (r = 64, all kept): prefill {:.1} ms vs {:.1} ms without: routers' share {:.2}% of prefill",
+        1000.0 * r,
+        1000.0 * p,
+        100.0 * (r - p) / r
+    );
+    std::fs::remove_file(&path).ok();
 }
 
 fn main() {
@@ -92,6 +132,9 @@ fn main() {
                 decode.push(r.decode_ms);
             }
             let ms = median(&mut decode);
+            if k == 0 {
+                routers_share(&model, &ids, repeat);
+            }
             let full = *full_ms.get_or_insert(ms);
             let ideal = full * (1.0 - k as f64 / n_layers as f64);
             println!(
