@@ -198,3 +198,67 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         }
     }
 }
+
+// x broadcast: a workgroup owns BM consecutive tokens (uniform across it, so the x loads are the
+// same address for every invocation and the driver can load once and broadcast) and WG * BNR
+// consecutive rows of w; each invocation keeps BM x BNR accumulators. Only the w loads differ
+// between invocations: BNR vec4 loads feed BM * BNR dot products per step of K.
+const BM: u32 = {{BM}}u;
+const BNR: u32 = {{BNR}}u;
+
+@compute @workgroup_size(WG)
+fn matmul_xbcast(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t0 = wg.y * BM;                    // uniform
+    let n0 = (wg.x * WG + lid) * BNR;      // this invocation's first w row
+    if (n0 >= p.n) {
+        return;
+    }
+    var wb: array<u32, BNR>;
+    for (var j = 0u; j < BNR; j++) {
+        wb[j] = min(n0 + j, p.n - 1u) * p.k;
+    }
+    let tn = min(BM, p.t - t0);            // uniform
+    var acc: array<f32, BM * BNR>;
+    for (var i = 0u; i < BM * BNR; i++) {
+        acc[i] = 0.0;
+    }
+    if (ALIGNED) {
+        let k4 = p.k / 4u;
+        for (var j = 0u; j < BNR; j++) {
+            wb[j] = wb[j] / 4u;
+        }
+        let xrow = t0 * k4;
+        for (var kk = 0u; kk < k4; kk++) {
+            var wv: array<vec4<f32>, BNR>;
+            for (var j = 0u; j < BNR; j++) {
+                wv[j] = w_4(wb[j] + kk);
+            }
+            for (var i = 0u; i < BM; i++) {
+                let xv = x_4(xrow + min(i, tn - 1u) * k4 + kk);
+                for (var j = 0u; j < BNR; j++) {
+                    acc[i * BNR + j] += dot(xv, wv[j]);
+                }
+            }
+        }
+    } else {
+        for (var kk = 0u; kk < p.k; kk++) {
+            var wv: array<f32, BNR>;
+            for (var j = 0u; j < BNR; j++) {
+                wv[j] = w_1(wb[j] + kk);
+            }
+            for (var i = 0u; i < BM; i++) {
+                let xv = x_1((t0 + min(i, tn - 1u)) * p.k + kk);
+                for (var j = 0u; j < BNR; j++) {
+                    acc[i * BNR + j] = fma(xv, wv[j], acc[i * BNR + j]);
+                }
+            }
+        }
+    }
+    for (var i = 0u; i < tn; i++) {
+        for (var j = 0u; j < BNR; j++) {
+            if (n0 + j < p.n) {
+                store(t0 + i, n0 + j, acc[i * BNR + j]);
+            }
+        }
+    }
+}

@@ -23,20 +23,28 @@ pub const REGBLOCK_TM: u32 = 2;
 pub const REGBLOCK_TN: u32 = 4;
 /// Output tile of one `Tiled` workgroup (rows of x and rows of w).
 pub const TILE: u32 = 64;
+/// `matmul_xbcast`: tokens per workgroup (uniform) and w rows per invocation.
+pub const XBCAST_BM: u32 = 8;
+pub const XBCAST_BNR: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatmulVariant {
+    /// Register-blocked, no workgroup memory.
     RegBlock,
+    /// Tiled through workgroup memory (for real GPUs).
     Tiled,
+    /// A block of tokens per workgroup so that x loads are uniform (broadcast), w rows per lane.
+    XBcast,
 }
 
 impl MatmulVariant {
-    pub const ALL: [MatmulVariant; 2] = [MatmulVariant::RegBlock, MatmulVariant::Tiled];
+    pub const ALL: [MatmulVariant; 3] = [MatmulVariant::RegBlock, MatmulVariant::Tiled, MatmulVariant::XBcast];
 
     pub fn name(self) -> &'static str {
         match self {
             MatmulVariant::RegBlock => "regblock",
             MatmulVariant::Tiled => "tiled",
+            MatmulVariant::XBcast => "xbcast",
         }
     }
 
@@ -106,6 +114,7 @@ pub fn matmul_with_kind(
     let entry = match variant {
         MatmulVariant::RegBlock => "matmul_regblock",
         MatmulVariant::Tiled => "matmul_tiled",
+        MatmulVariant::XBcast => "matmul_xbcast",
     };
     let shader = ShaderVariant::new("matmul", SOURCE, entry)
         .weights("X_DECL", WeightKind::F32, 1, "x")
@@ -113,7 +122,9 @@ pub fn matmul_with_kind(
         .define("ALIGNED", k % 4 == 0)
         .define("WG", REGBLOCK_WG)
         .define("TM", REGBLOCK_TM)
-        .define("TN", REGBLOCK_TN);
+        .define("TN", REGBLOCK_TN)
+        .define("BM", XBCAST_BM)
+        .define("BNR", XBCAST_BNR);
     let pipeline = ctx.pipeline(&shader)?;
     let flags = if accumulate { FLAG_ACCUMULATE } else { 0 } | if bias.is_some() { FLAG_BIAS } else { 0 };
     let bias_buf = bias.unwrap_or(x);
@@ -134,6 +145,11 @@ pub fn matmul_with_kind(
         let groups = match variant {
             MatmulVariant::RegBlock => (t.div_ceil(REGBLOCK_TM) * n.div_ceil(REGBLOCK_TN)).div_ceil(REGBLOCK_WG),
             MatmulVariant::Tiled => t.div_ceil(TILE) * n.div_ceil(TILE),
+            MatmulVariant::XBcast => 0,
+        };
+        let workgroups = match variant {
+            MatmulVariant::XBcast => [n.div_ceil(REGBLOCK_WG * XBCAST_BNR), t.div_ceil(XBCAST_BM), 1],
+            _ => grid(groups),
         };
         let outputs = (rows * c.rows) as u64;
         let cost = Cost {
@@ -155,7 +171,7 @@ pub fn matmul_with_kind(
                 bias_buf.buffer.as_entire_binding(),
                 y.buffer.as_entire_binding(),
             ],
-            grid(groups),
+            workgroups,
             cost,
         ));
     }
