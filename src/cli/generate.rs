@@ -410,10 +410,12 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
         let reply = sink.finish()?;
         println!();
         print_timings(&g);
+        // The cache now holds the new prompt ids and the generated tokens that were fed back
+        // (all of them when an end token stopped generation, all but the last otherwise); the
+        // next turn's rendering re-feeds the rest as the template writes it.
         cached.extend_from_slice(&new_ids);
-        // The last sampled token was never fed to the session; the next turn's rendering
-        // re-feeds the reply as the template writes it.
-        cached.extend_from_slice(&g.generated_ids[..g.generated_ids.len().saturating_sub(1)]);
+        let fed = session.position().saturating_sub(cached.len()).min(g.generated_ids.len());
+        cached.extend_from_slice(&g.generated_ids[..fed]);
         messages.push(ChatMessage { role: "assistant".into(), content: reply });
     }
     Ok(())
