@@ -80,7 +80,7 @@ pub struct PlanArgs {
 
 impl PlanArgs {
     /// A session under these options: routed, or with a static plan.
-    fn session(&self, model: &LoadedModel, options: SessionOptions) -> Result<Session> {
+    pub(super) fn session(&self, model: &LoadedModel, options: SessionOptions) -> Result<Session> {
         let n = model.weights.config.n_layers;
         Ok(match &self.routers {
             Some(path) => {
@@ -135,6 +135,8 @@ pub struct RunArgs {
     /// Write the logits of the last prompt position to this safetensors file (tensor `logits`, [vocab] f32).
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub profiling: super::profiling::ProfileArgs,
 }
 
 #[derive(Args, Debug)]
@@ -243,7 +245,7 @@ fn write_logits(path: &PathBuf, logits: &[f32]) -> Result<()> {
 }
 
 pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
-    let (_ctx, model) = load_model(gpu, &args.model)?;
+    let (ctx, model) = load_model(gpu, &args.model)?;
     let mut prompt_ids = if let Some(ids) = &args.prompt_ids {
         ids.clone()
     } else {
@@ -285,6 +287,10 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
         sampler: args.sampling.sampler(),
         end_ids: model.tokenizer.end_ids().to_vec(),
     };
+    session.set_profiler(args.profiling.profiler(&ctx)?);
+    let clock = session.profiler().map(|p| p.host_clock());
+    let mut capture = super::profiling::Capture::start(&ctx, args.profiling.capture);
+    let mut seen = 0usize;
     let mut sink = TextSink::new(&model, &args.sampling.stop, !args.json);
     let mut sink_error = None;
     let logits_out = args.logits_out.clone();
@@ -301,14 +307,26 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
             }
             Ok(())
         },
-        &mut |id| match sink.push(id) {
-            Ok(go_on) => go_on,
-            Err(e) => {
-                sink_error = Some(e);
-                false
+        &mut |id| {
+            seen += 1;
+            if seen == 2 {
+                capture.stop(); // the prefill and the first decode step are in
+            }
+            let t = std::time::Instant::now();
+            let pushed = sink.push(id);
+            if let Some(c) = &clock {
+                c.span("detokenise", t);
+            }
+            match pushed {
+                Ok(go_on) => go_on,
+                Err(e) => {
+                    sink_error = Some(e);
+                    false
+                }
             }
         },
     )?;
+    capture.stop();
     if let Some(e) = sink_error {
         return Err(e);
     }
@@ -335,7 +353,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
         println!();
     }
     print_timings(&generation);
-    Ok(())
+    args.profiling.finish(session.set_profiler(None))
 }
 
 pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {

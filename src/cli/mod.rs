@@ -1,7 +1,9 @@
 //! Command-line parsing and the subcommands.
 
+mod bench;
 mod generate;
 mod inspect;
+mod profiling;
 mod routers;
 
 use std::path::PathBuf;
@@ -40,6 +42,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// FiRST router files: `routers init` writes a starting file for a model.
     Routers(routers::RoutersArgs),
+    /// Prefill and decode speed, time to first token and GPU memory: median of repeats.
+    Bench(bench::BenchArgs),
 }
 
 /// Options every command that loads a model shares.
@@ -74,6 +78,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(args) => inspect::tokenize(args),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Routers(args) => routers::run(args),
+        Command::Bench(args) => bench::run(&gpu, args),
     }
 }
 

@@ -57,6 +57,8 @@ pub struct GpuTensor {
     pub dtype: DType,
     pub shape: Vec<usize>,
     pub label: String,
+    /// Counts this buffer's bytes in the context's `GpuMemory` while any clone is alive.
+    _held: std::sync::Arc<super::MemoryHold>,
 }
 
 impl GpuTensor {
@@ -90,7 +92,8 @@ impl GpuTensor {
             usage: STORAGE_USAGE,
             mapped_at_creation: false,
         });
-        Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string() })
+        let _held = ctx.memory.hold(bytes);
+        Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string(), _held })
     }
 
     fn from_bytes(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<GpuTensor, GpuError> {
@@ -112,7 +115,8 @@ impl GpuTensor {
                 usage: STORAGE_USAGE,
             })
         };
-        Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string() })
+        let _held = ctx.memory.hold(size);
+        Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string(), _held })
     }
 
     pub fn from_f32(ctx: &GpuContext, label: &str, shape: &[usize], data: &[f32]) -> Result<GpuTensor, GpuError> {

@@ -9,6 +9,7 @@ pub mod matrix;
 pub mod pipeline;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use buffer::{DType, GpuTensor};
@@ -142,6 +143,51 @@ struct ErrorSink {
     first: Mutex<Option<String>>,
 }
 
+/// Bytes of GPU buffers created as `GpuTensor` (weights, KV caches, activations, logits) that
+/// are alive now, and the most that were alive at once since the last `reset_peak`. Small
+/// uniforms and read-back staging buffers are not counted.
+#[derive(Debug, Default)]
+pub struct GpuMemory {
+    live: Arc<AtomicU64>,
+    peak: Arc<AtomicU64>,
+}
+
+/// One buffer's share of `GpuMemory`, given back on drop.
+#[derive(Debug)]
+pub struct MemoryHold {
+    bytes: u64,
+    live: Arc<AtomicU64>,
+}
+
+impl Drop for MemoryHold {
+    fn drop(&mut self) {
+        self.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl GpuMemory {
+    fn hold(&self, bytes: u64) -> Arc<MemoryHold> {
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        Arc::new(MemoryHold { bytes, live: self.live.clone() })
+    }
+
+    /// Bytes held now.
+    pub fn live_bytes(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes held at once since the context was opened or `reset_peak` was called.
+    pub fn peak_bytes(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Start a new peak from what is held now.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.live_bytes(), Ordering::Relaxed);
+    }
+}
+
 /// The device, queue and caches that every kernel uses.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -157,6 +203,8 @@ pub struct GpuContext {
     /// Kernel variant chosen per family (e.g. "matvec" -> "matvec_rows4"), measured once per
     /// process or read from the on-disk cache; see `kernels::choice`.
     pub kernel_choices: Mutex<HashMap<&'static str, String>>,
+    /// Bytes held by `GpuTensor` buffers (for `firstrt bench`'s peak GPU memory).
+    pub memory: GpuMemory,
     errors: Arc<ErrorSink>,
 }
 
@@ -243,6 +291,7 @@ impl GpuContext {
             max_binding,
             pipelines: PipelineCache::default(),
             kernel_choices: Mutex::new(HashMap::new()),
+            memory: GpuMemory::default(),
             errors,
         }))
     }
@@ -265,6 +314,11 @@ impl GpuContext {
             Some(text) => Err(GpuError::Device(text)),
             None => Ok(()),
         }
+    }
+
+    /// Query sets alive on the device (wgpu's internal counter; the `counters` feature is on).
+    pub fn query_sets_alive(&self) -> isize {
+        self.device.get_internal_counters().hal.query_sets.read()
     }
 
     /// Block until all submitted work is done.

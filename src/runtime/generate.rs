@@ -86,7 +86,12 @@ pub fn generate_with(
         if generated.len() >= options.max_tokens {
             break StopReason::MaxTokens;
         }
+        let clock = session.profiler().map(|p| p.host_clock());
+        let t_sample = clock.as_ref().map(|_| Instant::now());
         let token = sampler.pick(&out.candidates);
+        if let (Some(clock), Some(t)) = (&clock, t_sample) {
+            clock.span("sample", t);
+        }
         if generated.is_empty() {
             timings.ttft_s = start.elapsed().as_secs_f64();
         }

@@ -4,11 +4,13 @@
 pub mod generate;
 pub mod loaded;
 pub mod plan;
+pub mod profile;
 pub mod routed;
 pub mod session;
 pub mod weights;
 
 pub use generate::{GenerateOptions, Generation, StopReason, Timings, generate, generate_with};
+pub use profile::{ProfileError, ProfileMode, Profiler};
 pub use session::{Session, SessionOptions, StepOutput};
 pub use loaded::{LoadedModel, PlanPolicyArgs, load_tokenizer};
 pub use weights::GpuWeights;

@@ -21,6 +21,7 @@ use crate::kernels::sample::{argmax, decode_pairs, top_k};
 use crate::kernels::step::{StepBuffer, StepParams};
 use crate::kernels::swiglu::swiglu;
 
+use super::profile::Profiler;
 use super::plan::{PlanDecider, PlanPolicy, decide_plan};
 use super::routed::Routing;
 use super::weights::GpuWeights;
@@ -111,6 +112,8 @@ pub struct Session {
     /// Each layer's router probability from the routed prefill (None: no router, or static plan).
     probs: Vec<Option<f32>>,
     probs_buf: GpuTensor, // [n_layers] f32: router outputs
+    /// Times every step when set (`--profile`, `--trace`); None costs nothing.
+    profiler: Option<Profiler>,
 }
 
 impl Session {
@@ -171,6 +174,7 @@ impl Session {
             routing: None,
             probs: vec![None; c.n_layers],
             probs_buf: GpuTensor::zeros(&weights.ctx, "router.probs", DType::F32, &[c.n_layers])?,
+            profiler: None,
         })
     }
 
@@ -265,16 +269,42 @@ impl Session {
         result
     }
 
-    /// Record `program` into one pass and submit it without waiting.
-    fn submit(&self, program: &[Dispatch]) {
-        let mut encoder = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("segment") });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("segment"), timestamp_writes: None });
-            for d in program {
-                d.record(&mut pass);
+    /// Record `program` into one pass and submit it without waiting (a segment of the routed
+    /// prefill; the step ends in `execute`).
+    fn submit(&mut self, program: &[Dispatch]) {
+        let ctx = &*self.ctx;
+        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("prefill.segment") });
+        match self.profiler.as_mut() {
+            None => {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("prefill.segment"), timestamp_writes: None });
+                record_grouped(&mut pass, program, |pass, d| d.record(pass));
+            }
+            Some(p) => {
+                let t0 = std::time::Instant::now();
+                p.record(&mut encoder, "prefill", "prefill.segment", program, t0);
+                let clock = p.host_clock();
+                let t1 = std::time::Instant::now();
+                clock.span_between("encode", t0, t1);
+                p.mark_submit(t1);
+                ctx.queue.submit([encoder.finish()]);
+                clock.span("submit", t1);
+                return;
             }
         }
-        self.ctx.queue.submit([encoder.finish()]);
+        ctx.queue.submit([encoder.finish()]);
+    }
+
+    /// Profile every following step with `profiler` (None: stop); returns the previous one.
+    pub fn set_profiler(&mut self, profiler: Option<Profiler>) -> Option<Profiler> {
+        std::mem::replace(&mut self.profiler, profiler)
+    }
+
+    pub fn profiler(&self) -> Option<&Profiler> {
+        self.profiler.as_ref()
+    }
+
+    pub fn profiler_mut(&mut self) -> Option<&mut Profiler> {
+        self.profiler.as_mut()
     }
 
     pub fn position(&self) -> usize {
@@ -434,42 +464,68 @@ impl Session {
     }
 
     /// Record `program` into one pass (a debug group per layer), copy the picked candidates to
-    /// the staging buffer, submit and read them back.
+    /// the staging buffer, submit and read them back. With a profiler, the dispatches are timed
+    /// and the step's host spans recorded; without one, nothing else happens.
     fn execute(&mut self, program: &[Dispatch]) -> Result<StepOutput, RuntimeError> {
         let ctx = &*self.ctx;
-        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
-            let mut group: Option<&str> = None;
-            for d in program {
-                let layer = layer_of(&d.label);
-                if layer != group {
-                    if group.is_some() {
-                        pass.pop_debug_group();
-                    }
-                    if let Some(name) = layer {
-                        pass.push_debug_group(name);
-                    }
-                    group = layer;
-                }
-                d.record(&mut pass);
+        // The pass says where it sits: `prefill` or `decode` (from the labels, `prefill/...`).
+        let phase = program.first().and_then(|d| d.label.split('/').next()).unwrap_or("step");
+        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(phase) });
+        let t0 = self.profiler.as_ref().map(|_| std::time::Instant::now());
+        match (self.profiler.as_mut(), t0) {
+            (Some(p), Some(t0)) => {
+                p.record(&mut encoder, phase, phase, program, t0);
+                p.resolve(&mut encoder);
             }
-            if group.is_some() {
-                pass.pop_debug_group();
+            _ => {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(phase), timestamp_writes: None });
+                record_grouped(&mut pass, program, |pass, d| d.record(pass));
             }
         }
         let bytes = 8 * self.options.candidates;
         encoder.copy_buffer_to_buffer(&self.picked.buffer, 0, &self.staging, 0, bytes as u64);
+        let t1 = t0.map(|_| std::time::Instant::now());
+        if let (Some(p), Some(t1)) = (self.profiler.as_mut(), t1) {
+            p.mark_submit(t1);
+        }
         ctx.queue.submit([encoder.finish()]);
+        let t2 = t0.map(|_| std::time::Instant::now());
+        if let Some(p) = self.profiler.as_mut() {
+            p.end_step().map_err(|e| RuntimeError::Output(e.to_string()))?;
+        }
         self.last_dispatch_count = program.len();
         let raw = crate::gpu::buffer::map_and_read(ctx, &self.staging, bytes, "picked")?;
+        if let (Some(p), Some(t0), Some(t1), Some(t2)) = (self.profiler.as_ref(), t0, t1, t2) {
+            p.host_step(phase, t0, t1, t2, std::time::Instant::now());
+        }
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(&raw);
         Ok(StepOutput { candidates: decode_pairs(&words) })
     }
 }
 
+/// Record `program` into `pass` through `each`, inside a debug group per layer.
+pub(crate) fn record_grouped<'p>(pass: &mut wgpu::ComputePass<'_>, program: &'p [Dispatch], mut each: impl FnMut(&mut wgpu::ComputePass<'_>, &'p Dispatch)) {
+    let mut group: Option<&str> = None;
+    for d in program {
+        let layer = layer_of(&d.label);
+        if layer != group {
+            if group.is_some() {
+                pass.pop_debug_group();
+            }
+            if let Some(name) = layer {
+                pass.push_debug_group(name);
+            }
+            group = layer;
+        }
+        each(pass, d);
+    }
+    if group.is_some() {
+        pass.pop_debug_group();
+    }
+}
+
 /// `prefill/layer.12/attn.qkv` -> `Some("prefill/layer.12")`.
-fn layer_of(label: &str) -> Option<&str> {
+pub(crate) fn layer_of(label: &str) -> Option<&str> {
     let start = label.find("/layer.")?;
     let rest = &label[start + 1..];
     let end = rest.find('/').map_or(label.len(), |e| start + 1 + e);
