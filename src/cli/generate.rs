@@ -282,6 +282,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
         prompt_ids.drain(..cut);
     }
     let mut session = args.plan.session(&model, SessionOptions { ctx_len, candidates: args.sampling.candidates() })?;
+    session.prepare()?;
     let options = GenerateOptions {
         max_tokens: args.sampling.max_tokens,
         sampler: args.sampling.sampler(),
@@ -364,6 +365,7 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
     let ctx_len = context_len(&model, &args.model);
     let options_for = || SessionOptions { ctx_len, candidates: args.sampling.candidates() };
     let mut session = args.plan.session(&model, options_for())?;
+    session.prepare()?;
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(system) = &args.system {
         messages.push(ChatMessage { role: "system".into(), content: system.clone() });

@@ -192,6 +192,22 @@ impl Session {
         Ok(s)
     }
 
+    /// Resolve the kernel choices and build every pipeline a step uses (and, for a fixed plan,
+    /// the decode program), so that the first prefill's time is the prefill's own.
+    pub fn prepare(&mut self) -> Result<(), RuntimeError> {
+        let ctx = &*self.ctx;
+        matmul_variant(ctx);
+        matvec_variant(ctx);
+        if self.routing.is_some() {
+            return Ok(());
+        }
+        self.build_program(&self.decode_acts, 1, "prefill")?;
+        if self.decode_program.is_none() {
+            self.decode_program = Some(self.build_program(&self.decode_acts, 1, "decode")?);
+        }
+        Ok(())
+    }
+
     /// Each layer's router probability, once the routed prefill has run.
     pub fn router_probs(&self) -> &[Option<f32>] {
         &self.probs
