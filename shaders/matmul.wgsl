@@ -13,8 +13,8 @@ struct MatmulParams {
     row0: u32,      // first row of the chunk in the whole matrix (bias index, y column)
     y_stride: u32,  // elements between rows of y
     y_col0: u32,    // y column of row 0 of the whole matrix
-    flags: u32,     // bit 0: accumulate into y; bit 1: add bias
-    _pad0: u32,
+    flags: u32,     // bit 0: accumulate into y; bit 1: add bias; bit 2: multiply the product by scale
+    scale: f32,     // used with flag bit 2 (LoRA: S * alpha / r), before bias and accumulation
 };
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -30,6 +30,9 @@ const TN: u32 = {{TN}}u;
 
 fn store(t: u32, n: u32, v: f32) {
     var s = v;
+    if ((p.flags & 4u) != 0u) {
+        s *= p.scale;
+    }
     if ((p.flags & 2u) != 0u) {
         s += bias[p.row0 + n];
     }

@@ -10,8 +10,8 @@ struct MatvecParams {
     k: u32,       // columns of w = length of x
     row0: u32,    // first row of the chunk in the whole matrix (bias index, y column)
     y_col0: u32,  // y index of row 0 of the whole matrix
-    flags: u32,   // bit 0: accumulate into y; bit 1: add bias
-    _pad0: u32,
+    flags: u32,   // bit 0: accumulate into y; bit 1: add bias; bit 2: multiply the product by scale
+    scale: f32,   // used with flag bit 2 (LoRA: S * alpha / r), before bias and accumulation
     _pad1: u32,
     _pad2: u32,
 };
@@ -28,6 +28,9 @@ const R: u32 = {{R}}u;
 
 fn store(n: u32, v: f32) {
     var s = v;
+    if ((p.flags & 4u) != 0u) {
+        s *= p.scale;
+    }
     if ((p.flags & 2u) != 0u) {
         s += bias[p.row0 + n];
     }

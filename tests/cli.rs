@@ -131,3 +131,33 @@ fn bad_model_files_are_clear_errors() {
     assert!(err.contains("99999999"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--lora` in both modes and with a skip mask gives the fixture's greedy ids; a bad adapter is
+/// one line naming the problem.
+#[test]
+fn run_with_lora_both_modes() {
+    let case = cases().into_iter().find(|c| c.name == "lora_raw_skip_12_13_14").unwrap();
+    let ids = case.prompt_ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let skip = case.skip_layers.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let lora = fixtures_dir().join("lora");
+    for mode in ["merged", "unmerged"] {
+        let (stdout, _) = run_ok(
+            firstrt()
+                .arg("run")
+                .arg("--model")
+                .arg(model_path())
+                .args(["--prompt-ids", &ids, "--skip-layers", &skip, "--temperature", "0", "--max-tokens", "6", "--json"])
+                .arg("--lora")
+                .arg(&lora)
+                .args(["--lora-mode", mode]),
+        );
+        let out: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let generated: Vec<u32> = serde_json::from_value(out["generated_ids"].clone()).unwrap();
+        assert_eq!(generated, case.greedy_ids[..6], "--lora-mode {mode}");
+        assert_eq!(out["lora"]["mode"], mode);
+    }
+    let stderr = run_err(
+        firstrt().arg("run").arg("--model").arg(model_path()).args(["--prompt-ids", "1,2", "--lora"]).arg(fixtures_dir()),
+    );
+    assert!(stderr.contains("adapter_config.json"), "{stderr}");
+}

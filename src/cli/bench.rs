@@ -74,7 +74,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     if args.prompt_len == 0 || args.gen_tokens == 0 || args.repeat == 0 {
         bail!("--prompt-len, --gen and --repeat must be at least 1");
     }
-    let (ctx, model) = load_model(gpu, &args.model)?;
+    let (ctx, model) = load_model(gpu, &args.model, None)?;
     let ids = prompt_ids(&model, args.prompt_len)?;
     let ctx_len = args.model.ctx.unwrap_or(args.prompt_len + args.gen_tokens + 1);
     if args.prompt_len + args.gen_tokens > ctx_len {

@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -10,7 +11,9 @@ use firstrt::gpu::GpuOptions;
 use firstrt::kernels::sample::SamplerConfig;
 use firstrt::model::chat::ChatMessage;
 use firstrt::model::tokenizer::StreamDecoder;
-use firstrt::runtime::{GenerateOptions, Generation, LayerPlan, LoadedModel, PlanPolicyArgs, Session, SessionOptions, generate_with};
+use firstrt::runtime::{
+    GenerateOptions, Generation, GpuLora, LayerPlan, LoadedModel, MergedLora, PlanPolicyArgs, Session, SessionOptions, generate_with,
+};
 
 use super::{ModelArgs, load_model};
 
@@ -106,6 +109,60 @@ impl PlanArgs {
     }
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMode {
+    /// W + S (alpha / r) B A folded into the weights at load: decoding costs nothing extra.
+    Merged,
+    /// Base weights untouched, two small extra products per adapted projection group; the
+    /// adapter can be swapped or rescaled without reloading (chat: /lora).
+    Unmerged,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoraArgs {
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// How the adapter is applied (default: merged for run, unmerged for chat).
+    #[arg(long, value_enum, requires = "lora")]
+    pub lora_mode: Option<LoraMode>,
+    /// Multiplies the adapter's delta: W + S (alpha / r) B A (0: the base model).
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    pub lora_scale: f32,
+}
+
+/// The adapter, as the model and its sessions need it.
+struct LoraSetup {
+    /// What to merge at load (merged mode).
+    merged: Option<MergedLora>,
+    /// The folder to upload after load (unmerged mode) and the scale.
+    unmerged: Option<(PathBuf, f32)>,
+}
+
+impl LoraArgs {
+    fn setup(&self, default: LoraMode) -> Result<LoraSetup> {
+        let Some(dir) = &self.lora else { return Ok(LoraSetup { merged: None, unmerged: None }) };
+        if !self.lora_scale.is_finite() {
+            bail!("--lora-scale {} is not a finite number", self.lora_scale);
+        }
+        Ok(match self.lora_mode.unwrap_or(default) {
+            LoraMode::Merged => LoraSetup { merged: Some(MergedLora { dir: dir.clone(), scale: self.lora_scale }), unmerged: None },
+            LoraMode::Unmerged => LoraSetup { merged: None, unmerged: Some((dir.clone(), self.lora_scale)) },
+        })
+    }
+}
+
+/// Upload the unmerged adapter, if any.
+fn upload_lora(model: &LoadedModel, setup: &LoraSetup) -> Result<Option<(Arc<GpuLora>, f32)>> {
+    match &setup.unmerged {
+        Some((dir, scale)) => {
+            let g = model.load_lora(dir).with_context(|| format!("loading LoRA adapter {}", dir.display()))?;
+            Ok(Some((g, *scale)))
+        }
+        None => Ok(None),
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -126,6 +183,8 @@ pub struct RunArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub plan: PlanArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Keep only the end of a prompt that does not fit the context, instead of failing.
     #[arg(long)]
     pub truncate: bool,
@@ -150,6 +209,8 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub plan: PlanArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
 }
 
 fn context_len(model: &LoadedModel, args: &ModelArgs) -> usize {
@@ -245,7 +306,9 @@ fn write_logits(path: &PathBuf, logits: &[f32]) -> Result<()> {
 }
 
 pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
-    let (ctx, model) = load_model(gpu, &args.model)?;
+    let lora_setup = args.lora.setup(LoraMode::Merged)?;
+    let (ctx, model) = load_model(gpu, &args.model, lora_setup.merged.as_ref())?;
+    let lora = upload_lora(&model, &lora_setup)?;
     let mut prompt_ids = if let Some(ids) = &args.prompt_ids {
         ids.clone()
     } else {
@@ -282,6 +345,9 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
         prompt_ids.drain(..cut);
     }
     let mut session = args.plan.session(&model, SessionOptions { ctx_len, candidates: args.sampling.candidates() })?;
+    if let Some((g, scale)) = &lora {
+        session.set_lora(Some(g.clone()), *scale)?;
+    }
     session.prepare()?;
     let options = GenerateOptions {
         max_tokens: args.sampling.max_tokens,
@@ -339,6 +405,11 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
             "text": text,
             "stop_reason": generation.stop,
             "skipped_layers": session.plan().skipped_layers(),
+            "lora": args.lora.lora.as_ref().map(|dir| serde_json::json!({
+                "dir": dir.display().to_string(),
+                "mode": if lora_setup.merged.is_some() { "merged" } else { "unmerged" },
+                "scale": args.lora.lora_scale,
+            })),
             "timings": {
                 "prefill_tokens": generation.timings.prefill_tokens,
                 "prefill_s": generation.timings.prefill_s,
@@ -357,15 +428,54 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
     args.profiling.finish(session.set_profiler(None))
 }
 
+/// What a `/lora ...` line asks for.
+#[derive(Debug, PartialEq)]
+enum LoraCommand {
+    Load(PathBuf),
+    Scale(f32),
+    Off,
+}
+
+/// Parse a chat line: None when it is not a `/lora` command, Some(Err) when it is a bad one.
+fn parse_lora_command(line: &str) -> Option<Result<LoraCommand, String>> {
+    let line = line.trim();
+    let rest = line.strip_prefix("/lora")?;
+    if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    let rest = rest.trim();
+    Some(if rest.is_empty() {
+        Err("usage: /lora DIR | /lora scale S | /lora off".into())
+    } else if rest == "off" {
+        Ok(LoraCommand::Off)
+    } else if let Some(v) = rest.strip_prefix("scale ") {
+        match v.trim().parse::<f32>() {
+            Ok(s) if s.is_finite() => Ok(LoraCommand::Scale(s)),
+            _ => Err(format!("/lora scale: '{}' is not a finite number", v.trim())),
+        }
+    } else {
+        Ok(LoraCommand::Load(PathBuf::from(rest)))
+    })
+}
+
 pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
-    let (_ctx, model) = load_model(gpu, &args.model)?;
+    let lora_setup = args.lora.setup(LoraMode::Unmerged)?;
+    let (_ctx, model) = load_model(gpu, &args.model, lora_setup.merged.as_ref())?;
     if model.template.is_none() {
         bail!("{} has no chat template", args.model.model.display());
     }
+    // The unmerged adapter and its scale; /lora commands change it.
+    let mut lora = upload_lora(&model, &lora_setup)?;
     let ctx_len = context_len(&model, &args.model);
-    let options_for = || SessionOptions { ctx_len, candidates: args.sampling.candidates() };
-    let mut session = args.plan.session(&model, options_for())?;
-    session.prepare()?;
+    let new_session = |lora: &Option<(Arc<GpuLora>, f32)>| -> Result<Session> {
+        let mut s = args.plan.session(&model, SessionOptions { ctx_len, candidates: args.sampling.candidates() })?;
+        if let Some((g, scale)) = lora {
+            s.set_lora(Some(g.clone()), *scale)?;
+        }
+        s.prepare()?;
+        Ok(s)
+    };
+    let mut session = new_session(&lora)?;
     let mut messages: Vec<ChatMessage> = Vec::new();
     if let Some(system) = &args.system {
         messages.push(ChatMessage { role: "system".into(), content: system.clone() });
@@ -377,7 +487,7 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
     };
     // Token ids the session's cache holds, so each turn prefills only what is new.
     let mut cached: Vec<u32> = Vec::new();
-    eprintln!("chat with {} — an empty line or Ctrl-D ends", args.model.model.display());
+    eprintln!("chat with {} — an empty line or Ctrl-D ends; /lora DIR, /lora scale S, /lora off", args.model.model.display());
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -386,20 +496,53 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
         if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
+        if let Some(command) = parse_lora_command(&line) {
+            let next = match (command, &model.merged_lora) {
+                (Err(usage), _) => Err(anyhow::anyhow!(usage)),
+                (Ok(_), Some(m)) => Err(anyhow::anyhow!(
+                    "the adapter {} is merged into the weights; start with --lora-mode unmerged to change adapters",
+                    m.dir.display()
+                )),
+                (Ok(LoraCommand::Off), None) => Ok(None),
+                (Ok(LoraCommand::Scale(s)), None) => match &lora {
+                    Some((g, _)) => Ok(Some((g.clone(), s))),
+                    None => Err(anyhow::anyhow!("no adapter loaded: /lora DIR first")),
+                },
+                (Ok(LoraCommand::Load(dir)), None) => {
+                    let scale = lora.as_ref().map_or(args.lora.lora_scale, |(_, s)| *s);
+                    model.load_lora(&dir).with_context(|| format!("loading LoRA adapter {}", dir.display())).map(|g| Some((g, scale)))
+                }
+            };
+            match next {
+                Ok(next) => {
+                    lora = next;
+                    // The cache holds what the previous adapter computed: read the conversation
+                    // again under the new one at the next turn.
+                    session = new_session(&lora)?;
+                    cached.clear();
+                    match &lora {
+                        Some((g, s)) => eprintln!("(LoRA {} at scale {s}, rank {}, {} KiB on the GPU)", g.dir.display(), g.rank, g.byte_len() / 1024),
+                        None => eprintln!("(LoRA off)"),
+                    }
+                }
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            continue;
+        }
         messages.push(ChatMessage { role: "user".into(), content: line.trim_end_matches(['\n', '\r']).to_string() });
         let ids = model.chat_ids(&messages)?;
         // Reuse the cache when the new rendering extends what it holds; else start over.
         let new_ids = if ids.starts_with(&cached) && session.position() == cached.len() {
             ids[cached.len()..].to_vec()
         } else {
-            session = args.plan.session(&model, options_for())?;
+            session = new_session(&lora)?;
             cached.clear();
             ids.clone()
         };
         if session.position() + new_ids.len() >= ctx_len {
             eprintln!("(the conversation no longer fits the context of {ctx_len} tokens; starting over)");
             messages.drain(..messages.len() - 1);
-            session = args.plan.session(&model, options_for())?;
+            session = new_session(&lora)?;
             cached.clear();
             continue;
         }
@@ -439,4 +582,21 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
         messages.push(ChatMessage { role: "assistant".into(), content: reply });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_commands() {
+        assert_eq!(parse_lora_command("/lora off\n"), Some(Ok(LoraCommand::Off)));
+        assert_eq!(parse_lora_command("/lora scale 0.5"), Some(Ok(LoraCommand::Scale(0.5))));
+        assert_eq!(parse_lora_command("/lora  /tmp/my adapter "), Some(Ok(LoraCommand::Load(PathBuf::from("/tmp/my adapter")))));
+        assert!(matches!(parse_lora_command("/lora scale x"), Some(Err(_))));
+        assert!(matches!(parse_lora_command("/lora scale inf"), Some(Err(_))));
+        assert!(matches!(parse_lora_command("/lora"), Some(Err(_))));
+        assert_eq!(parse_lora_command("/loraxyz"), None);
+        assert_eq!(parse_lora_command("tell me about /lora"), None);
+    }
 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use firstrt::gpu::{DType, GpuContext, GpuOptions, list_adapters};
-use firstrt::runtime::LoadedModel;
+use firstrt::runtime::{LoadedModel, MergedLora};
 
 #[derive(Parser, Debug)]
 #[command(name = "firstrt", version, about = "LLM inference on wgpu compute shaders with FiRST layer skipping")]
@@ -82,8 +82,9 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Open the GPU and load the model with a progress bar on stderr.
-pub fn load_model(gpu: &GpuOptions, args: &ModelArgs) -> Result<(Arc<GpuContext>, LoadedModel)> {
+/// Open the GPU and load the model with a progress bar on stderr, with a LoRA adapter merged
+/// into the weights when `lora` says so.
+pub fn load_model(gpu: &GpuOptions, args: &ModelArgs, lora: Option<&MergedLora>) -> Result<(Arc<GpuContext>, LoadedModel)> {
     let ctx = GpuContext::new(gpu)?;
     log::info!("using {} ({:?})", ctx.info.name, ctx.info.backend);
     let dtype = DType::parse(&args.dtype).context("--dtype")?;
@@ -94,7 +95,7 @@ pub fn load_model(gpu: &GpuOptions, args: &ModelArgs) -> Result<(Arc<GpuContext>
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message(format!("loading {}", args.model.display()));
-    let model = LoadedModel::load(&ctx, &args.model, dtype, &mut |done, total| {
+    let model = LoadedModel::load_merged(&ctx, &args.model, dtype, lora, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })

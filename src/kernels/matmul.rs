@@ -11,7 +11,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, ShaderVariant, WeightKind};
-use crate::kernels::matvec::{FLAG_ACCUMULATE, FLAG_BIAS, check_linear};
+use crate::kernels::matvec::{FLAG_ACCUMULATE, FLAG_BIAS, FLAG_SCALE, check_linear};
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 
@@ -63,7 +63,8 @@ pub struct MatmulParams {
     pub y_stride: u32,
     pub y_col0: u32,
     pub flags: u32,
-    pub _pad0: u32,
+    /// Multiplies the product when `flags` has [`FLAG_SCALE`] (before bias and accumulation).
+    pub scale: f32,
 }
 
 /// `y[t, y_col0 + n] (+)= sum_k x[t, k] * w[n, k] (+ bias[n])` for `t < rows`, `n < w.rows`.
@@ -87,6 +88,27 @@ pub fn matmul(
     matmul_with_kind(ctx, label, x, rows, w, bias, y, y_stride, y_col0, accumulate, variant, kind)
 }
 
+/// `y[t, y_col0 + n] (+)= scale * sum_k x[t, k] * w[n, k]`: [`matmul`] without bias and with the
+/// product scaled (LoRA's `S * alpha / r` applied to `a · B^T`). The scale lives in the dispatch's
+/// uniform, so a new scale means preparing the dispatch again, not re-uploading `w`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_scaled(
+    ctx: &GpuContext,
+    label: &str,
+    x: &GpuTensor,
+    rows: usize,
+    w: &GpuMatrix,
+    y: &GpuTensor,
+    y_stride: usize,
+    y_col0: usize,
+    accumulate: bool,
+    scale: f32,
+    variant: MatmulVariant,
+) -> Result<Vec<Dispatch>, GpuError> {
+    let kind = crate::kernels::choice::weight_kind(ctx, w.dtype);
+    matmul_inner(ctx, label, x, rows, w, None, y, y_stride, y_col0, accumulate, Some(scale), variant, kind)
+}
+
 /// [`matmul`] reading the weights as `kind` (tests use it to cover `F16Packed` where SHADER_F16 exists).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with_kind(
@@ -100,6 +122,25 @@ pub fn matmul_with_kind(
     y_stride: usize,
     y_col0: usize,
     accumulate: bool,
+    variant: MatmulVariant,
+    kind: WeightKind,
+) -> Result<Vec<Dispatch>, GpuError> {
+    matmul_inner(ctx, label, x, rows, w, bias, y, y_stride, y_col0, accumulate, None, variant, kind)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_inner(
+    ctx: &GpuContext,
+    label: &str,
+    x: &GpuTensor,
+    rows: usize,
+    w: &GpuMatrix,
+    bias: Option<&GpuTensor>,
+    y: &GpuTensor,
+    y_stride: usize,
+    y_col0: usize,
+    accumulate: bool,
+    scale: Option<f32>,
     variant: MatmulVariant,
     kind: WeightKind,
 ) -> Result<Vec<Dispatch>, GpuError> {
@@ -126,7 +167,9 @@ pub fn matmul_with_kind(
         .define("BM", XBCAST_BM)
         .define("BNR", XBCAST_BNR);
     let pipeline = ctx.pipeline(&shader)?;
-    let flags = if accumulate { FLAG_ACCUMULATE } else { 0 } | if bias.is_some() { FLAG_BIAS } else { 0 };
+    let flags = if accumulate { FLAG_ACCUMULATE } else { 0 }
+        | if bias.is_some() { FLAG_BIAS } else { 0 }
+        | if scale.is_some() { FLAG_SCALE } else { 0 };
     let bias_buf = bias.unwrap_or(x);
     let mut out = Vec::with_capacity(w.chunks.len());
     for c in &w.chunks {
@@ -138,7 +181,7 @@ pub fn matmul_with_kind(
             y_stride: y_stride as u32,
             y_col0: y_col0 as u32,
             flags,
-            _pad0: 0,
+            scale: scale.unwrap_or(1.0),
         };
         let u = uniform(ctx, label, &params);
         let (t, n) = (rows as u32, c.rows as u32);
@@ -309,5 +352,37 @@ mod tests {
         assert!(matmul(&ctx, "mm", &gx, 2, &gw, None, &gy, 9, 0, false, MatmulVariant::RegBlock).is_err());
         assert!(matmul(&ctx, "mm", &gx, 0, &gw, None, &gy, 8, 0, false, MatmulVariant::RegBlock).is_err());
         matmul(&ctx, "mm", &gx, 2, &gw, None, &gy, 8, 0, false, MatmulVariant::Tiled).unwrap();
+    }
+
+    /// The scale flag (LoRA's `y[:, col0..] += s · a · B^T`): every variant, strided y with an
+    /// offset, K = 8 (a LoRA rank) and K = 576 (x onto A).
+    #[test]
+    fn matmul_scaled_accumulates_scaled_product() {
+        let ctx = test_context();
+        for variant in MatmulVariant::ALL {
+            for (t, n, k, y_col0, scale) in [(9usize, 37usize, 8usize, 5usize, -1.75f32), (70, 8, 576, 0, 2.0), (3, 19, 6, 2, 0.0)] {
+                let y_stride = y_col0 + n + 4;
+                let x = random_vec(t * k, 21);
+                let wv = random_vec(n * k, 22);
+                let y0 = random_vec(t * y_stride, 23);
+                let gw = GpuMatrix::upload(&ctx, "w", n, k, &wv, DType::F32).unwrap();
+                let gx = GpuTensor::from_f32(&ctx, "x", &[t, k], &x).unwrap();
+                let gy = GpuTensor::from_f32(&ctx, "y", &[t, y_stride], &y0).unwrap();
+                let ds = matmul_scaled(&ctx, "mm", &gx, t, &gw, &gy, y_stride, y_col0, true, scale, variant).unwrap();
+                ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+                let got = gy.read_f32(&ctx).unwrap();
+                let r = matmul_ref(&x, t, &wv, n, k, None);
+                let mut want = y0.clone();
+                for row in 0..t {
+                    for j in 0..n {
+                        want[row * y_stride + y_col0 + j] += scale * r[row * n + j];
+                    }
+                }
+                assert_close(&got, &want, 1e-4, 1e-5, &format!("matmul_scaled {variant:?} t={t} n={n} k={k} scale={scale}"));
+                if scale == 0.0 {
+                    assert_eq!(got, y0, "scale 0 must leave y bit-identical");
+                }
+            }
+        }
     }
 }

@@ -52,7 +52,8 @@ pub struct MatvecParams {
     pub row0: u32,
     pub y_col0: u32,
     pub flags: u32,
-    pub _pad0: u32,
+    /// Multiplies the product when `flags` has [`FLAG_SCALE`] (before bias and accumulation).
+    pub scale: f32,
     pub _pad1: u32,
     pub _pad2: u32,
 }
@@ -61,6 +62,8 @@ pub struct MatvecParams {
 pub const FLAG_ACCUMULATE: u32 = 1;
 /// `flags` bit: add the bias.
 pub const FLAG_BIAS: u32 = 2;
+/// `flags` bit: multiply the product by `scale` (before bias and accumulation).
+pub const FLAG_SCALE: u32 = 4;
 
 fn invalid(label: &str, msg: String) -> GpuError {
     GpuError::Device(format!("{label}: {msg}"))
@@ -127,7 +130,26 @@ pub fn matvec(
     matvec_with_kind(ctx, label, x, w, bias, y, y_col0, accumulate, variant, crate::kernels::choice::weight_kind(ctx, w.dtype))
 }
 
+/// `y[y_col0 + n] (+)= scale * dot(w[n, :], x)`: [`matvec`] without bias and with the product
+/// scaled (LoRA's `S * alpha / r` applied to `a · B^T`); the scale lives in the dispatch's uniform.
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_scaled(
+    ctx: &GpuContext,
+    label: &str,
+    x: &GpuTensor,
+    w: &GpuMatrix,
+    y: &GpuTensor,
+    y_col0: usize,
+    accumulate: bool,
+    scale: f32,
+    variant: MatvecVariant,
+) -> Result<Vec<Dispatch>, GpuError> {
+    let kind = crate::kernels::choice::weight_kind(ctx, w.dtype);
+    matvec_inner(ctx, label, x, w, None, y, y_col0, accumulate, Some(scale), variant, kind)
+}
+
 /// [`matvec`] reading the weights as `kind` (tests use it to cover `F16Packed` where SHADER_F16 exists).
+#[allow(clippy::too_many_arguments)]
 pub fn matvec_with_kind(
     ctx: &GpuContext,
     label: &str,
@@ -137,6 +159,23 @@ pub fn matvec_with_kind(
     y: &GpuTensor,
     y_col0: usize,
     accumulate: bool,
+    variant: MatvecVariant,
+    kind: WeightKind,
+) -> Result<Vec<Dispatch>, GpuError> {
+    matvec_inner(ctx, label, x, w, bias, y, y_col0, accumulate, None, variant, kind)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matvec_inner(
+    ctx: &GpuContext,
+    label: &str,
+    x: &GpuTensor,
+    w: &GpuMatrix,
+    bias: Option<&GpuTensor>,
+    y: &GpuTensor,
+    y_col0: usize,
+    accumulate: bool,
+    scale: Option<f32>,
     variant: MatvecVariant,
     kind: WeightKind,
 ) -> Result<Vec<Dispatch>, GpuError> {
@@ -160,7 +199,9 @@ pub fn matvec_with_kind(
         .define("WG", wg)
         .define("R", ROWS_PER_INVOCATION);
     let pipeline = ctx.pipeline(&shader)?;
-    let flags = if accumulate { FLAG_ACCUMULATE } else { 0 } | if bias.is_some() { FLAG_BIAS } else { 0 };
+    let flags = if accumulate { FLAG_ACCUMULATE } else { 0 }
+        | if bias.is_some() { FLAG_BIAS } else { 0 }
+        | if scale.is_some() { FLAG_SCALE } else { 0 };
     let bias_buf = bias.unwrap_or(x);
     let mut out = Vec::with_capacity(w.chunks.len());
     for c in &w.chunks {
@@ -170,6 +211,7 @@ pub fn matvec_with_kind(
             row0: c.row0 as u32,
             y_col0: y_col0 as u32,
             flags,
+            scale: scale.unwrap_or(1.0),
             ..Zeroable::zeroed()
         };
         let u = uniform(ctx, label, &params);
@@ -315,5 +357,34 @@ mod tests {
         assert!(matvec(&ctx, "mv", &gx, &gw, Some(&gb), &gy, 0, false, MatvecVariant::Rows).is_err());
         matvec(&ctx, "mv", &gx, &gw, None, &gy, 0, false, MatvecVariant::Rows).unwrap();
         assert!(matvec_with_kind(&ctx, "mv", &gx, &gw, None, &gy, 0, false, MatvecVariant::Rows, WeightKind::F16Packed).is_err());
+    }
+
+    /// The scale flag (LoRA's `y += s · a · B^T`): every variant, with an offset and accumulation,
+    /// K = 8 (a LoRA rank) and K = 576 (the down-projection of x onto A).
+    #[test]
+    fn matvec_scaled_accumulates_scaled_product() {
+        let ctx = test_context();
+        for variant in MatvecVariant::ALL {
+            for (n, k, y_col0, scale) in [(37usize, 8usize, 5usize, -1.75f32), (8, 576, 0, 2.0), (19, 6, 3, 0.0)] {
+                let x = random_vec(k, 11);
+                let wv = random_vec(n * k, 12);
+                let y0 = random_vec(y_col0 + n + 2, 13);
+                let gw = GpuMatrix::upload(&ctx, "w", n, k, &wv, DType::F32).unwrap();
+                let gx = GpuTensor::from_f32(&ctx, "x", &[k], &x).unwrap();
+                let gy = GpuTensor::from_f32(&ctx, "y", &[y0.len()], &y0).unwrap();
+                let ds = matvec_scaled(&ctx, "mv", &gx, &gw, &gy, y_col0, true, scale, variant).unwrap();
+                ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+                let got = gy.read_f32(&ctx).unwrap();
+                let r = matvec_ref(&x, &wv, n, k, None);
+                let mut want = y0.clone();
+                for i in 0..n {
+                    want[y_col0 + i] += scale * r[i];
+                }
+                assert_close(&got, &want, 1e-4, 1e-5, &format!("matvec_scaled {variant:?} n={n} k={k} scale={scale}"));
+                if scale == 0.0 {
+                    assert_eq!(got, y0, "scale 0 must leave y bit-identical");
+                }
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod dequant;
 pub mod error;
 pub mod gguf;
+pub mod lora;
 pub mod routers;
 pub mod tokenizer;
 pub mod weights;

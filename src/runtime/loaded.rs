@@ -12,6 +12,9 @@ use crate::model::{WeightSource, open_model};
 
 use crate::model::routers::{RouterFile, model_identity};
 
+use crate::model::lora::LoraAdapter;
+
+use super::lora::GpuLora;
 use super::plan::PlanPolicy;
 use super::routed::{GpuRouters, Routing};
 use super::{GpuWeights, RuntimeError};
@@ -33,6 +36,16 @@ pub struct LoadedModel {
     pub file_dtypes: String,
     /// The file, kept open (memory-mapped) for what is read later: router identity, adapters.
     pub source: Box<dyn WeightSource>,
+    /// The LoRA adapter folded into `weights` at load, if any.
+    pub merged_lora: Option<MergedLora>,
+}
+
+/// A LoRA adapter to fold into the weights at load (`--lora-mode merged`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedLora {
+    pub dir: PathBuf,
+    /// User scale S: the weights become W + S (alpha / r) B A.
+    pub scale: f32,
 }
 
 /// Read the tokenizer (and chat template) that belongs to the model at `path`.
@@ -54,6 +67,17 @@ impl LoadedModel {
         dtype: DType,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<LoadedModel, RuntimeError> {
+        Self::load_merged(ctx, path, dtype, None, progress)
+    }
+
+    /// [`LoadedModel::load`] with a LoRA adapter merged into the weights before upload.
+    pub fn load_merged(
+        ctx: &Arc<GpuContext>,
+        path: &Path,
+        dtype: DType,
+        lora: Option<&MergedLora>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<LoadedModel, RuntimeError> {
         let source: Box<dyn WeightSource> = open_model(path)?;
         let tokenizer = load_tokenizer(path)?;
         let template = match tokenizer.chat_template_source() {
@@ -64,8 +88,23 @@ impl LoadedModel {
             None => None,
         };
         let file_dtypes = source.describe_dtypes();
-        let weights = Arc::new(GpuWeights::load(ctx, source.as_ref(), dtype, progress)?);
-        Ok(LoadedModel { path: path.to_path_buf(), weights, tokenizer, template, file_dtypes, source })
+        let adapter = match lora {
+            Some(m) => {
+                check_scale(m.scale)?;
+                Some(LoraAdapter::load(&m.dir, source.config())?)
+            }
+            None => None,
+        };
+        let merge = adapter.as_ref().zip(lora.map(|m| m.scale));
+        let weights = Arc::new(GpuWeights::load_merged(ctx, source.as_ref(), dtype, merge, progress)?);
+        Ok(LoadedModel { path: path.to_path_buf(), weights, tokenizer, template, file_dtypes, source, merged_lora: lora.cloned() })
+    }
+
+    /// Read a PEFT LoRA adapter folder, check it against this model and upload it for the
+    /// unmerged mode (`Session::set_lora`). The base weights are not touched.
+    pub fn load_lora(&self, dir: &Path) -> Result<Arc<GpuLora>, RuntimeError> {
+        let adapter = LoraAdapter::load(dir, &self.weights.config)?;
+        Ok(Arc::new(GpuLora::upload(&self.weights.ctx, &adapter, &self.weights.config)?))
     }
 
     /// Read a router file, check that it was made for this model, and upload it.
@@ -97,4 +136,12 @@ impl LoadedModel {
     pub fn text_ids(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
         self.tokenizer.encode(text).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
     }
+}
+
+/// A LoRA scale must be a finite number (0 turns the adapter off, negative values subtract it).
+pub fn check_scale(scale: f32) -> Result<(), RuntimeError> {
+    if !scale.is_finite() {
+        return Err(crate::model::lora::LoraError::BadScale { scale }.into());
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod generate;
 pub mod loaded;
+pub mod lora;
 pub mod plan;
 pub mod profile;
 pub mod routed;
@@ -12,11 +13,13 @@ pub mod weights;
 pub use generate::{GenerateOptions, Generation, StopReason, Timings, generate, generate_with};
 pub use profile::{ProfileError, ProfileMode, Profiler};
 pub use session::{Session, SessionOptions, StepOutput};
-pub use loaded::{LoadedModel, PlanPolicyArgs, load_tokenizer};
+pub use loaded::{LoadedModel, MergedLora, PlanPolicyArgs, load_tokenizer};
+pub use lora::GpuLora;
 pub use weights::GpuWeights;
 
 use crate::gpu::GpuError;
 use crate::model::ModelError;
+use crate::model::lora::LoraError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -24,6 +27,8 @@ pub enum RuntimeError {
     Gpu(#[from] GpuError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
     #[error("the prompt needs {needed} positions but the context holds {ctx_len}; raise --ctx or pass --truncate")]
     ContextFull { needed: usize, ctx_len: usize },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]

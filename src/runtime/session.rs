@@ -12,8 +12,8 @@ use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuTensor};
 use crate::kernels::attention::attention;
 use crate::kernels::choice::{matmul_variant, matvec_variant};
 use crate::kernels::embedding::embedding;
-use crate::kernels::matmul::matmul;
-use crate::kernels::matvec::matvec;
+use crate::kernels::matmul::{matmul, matmul_scaled};
+use crate::kernels::matvec::{matvec, matvec_scaled};
 use crate::kernels::rmsnorm::rmsnorm;
 use crate::kernels::router::router_gate;
 use crate::kernels::rope::{AttnShape, RopeScalingParams, RopeTables, rope_qkv_write};
@@ -22,6 +22,7 @@ use crate::kernels::step::{StepBuffer, StepParams};
 use crate::kernels::swiglu::swiglu;
 
 use super::profile::Profiler;
+use super::lora::{GpuLora, GpuLoraPair};
 use super::plan::{PlanDecider, PlanPolicy, decide_plan};
 use super::routed::Routing;
 use super::weights::GpuWeights;
@@ -114,6 +115,9 @@ pub struct Session {
     probs_buf: GpuTensor, // [n_layers] f32: router outputs
     /// Times every step when set (`--profile`, `--trace`); None costs nothing.
     profiler: Option<Profiler>,
+    /// The unmerged LoRA adapter and its user scale S (the B products use S · alpha / r).
+    lora: Option<(Arc<GpuLora>, f32)>,
+    lora_tmp: Option<GpuTensor>, // [ctx_len, max_inner] f32: a = x · A^T (prefill rows never exceed ctx_len)
 }
 
 impl Session {
@@ -175,6 +179,8 @@ impl Session {
             probs: vec![None; c.n_layers],
             probs_buf: GpuTensor::zeros(&weights.ctx, "router.probs", DType::F32, &[c.n_layers])?,
             profiler: None,
+            lora: None,
+            lora_tmp: None,
         })
     }
 
@@ -206,6 +212,36 @@ impl Session {
             self.decode_program = Some(self.build_program(&self.decode_acts, 1, "decode")?);
         }
         Ok(())
+    }
+
+    /// Attach a LoRA adapter (unmerged: the base weights are untouched) at user scale `scale`,
+    /// replace the current one, or detach it with `None`. Steps after this call use it; the
+    /// prepared decode program is rebuilt on the next decode. Tokens already in the KV cache keep
+    /// what the previous adapter computed: for a clean switch mid-conversation start a new
+    /// `Session` over the same weights (cheap: the weights are shared) and prefill again.
+    pub fn set_lora(&mut self, lora: Option<Arc<GpuLora>>, scale: f32) -> Result<(), RuntimeError> {
+        super::loaded::check_scale(scale)?;
+        if let Some(g) = &lora {
+            if g.dims != crate::model::lora::LoraDims::of(&self.weights.config) {
+                return Err(crate::model::lora::LoraError::WrongModel {
+                    dir: g.dir.clone(),
+                    what: format!("uploaded for sizes {:?}, this session's model {} has others", g.dims, self.weights.config.name),
+                }
+                .into());
+            }
+            let inner = g.max_inner();
+            if self.lora_tmp.as_ref().is_none_or(|t| t.shape[1] < inner) {
+                self.lora_tmp = Some(GpuTensor::zeros(&self.ctx, "lora.a", DType::F32, &[self.options.ctx_len, inner])?);
+            }
+        }
+        self.lora = lora.map(|g| (g, scale));
+        self.decode_program = None;
+        Ok(())
+    }
+
+    /// The attached (unmerged) LoRA adapter and its user scale.
+    pub fn lora(&self) -> Option<(&Arc<GpuLora>, f32)> {
+        self.lora.as_ref().map(|(g, s)| (g, *s))
     }
 
     /// Each layer's router probability, once the routed prefill has run.
@@ -423,6 +459,31 @@ impl Session {
         })
     }
 
+    /// A LoRA group's delta: `a = x · A^T` (`[rows, inner]` in `lora_tmp`), then
+    /// `y[:, 0..out] += s · a · B^T` with `y` of row stride `y_stride`.
+    fn lora_delta(
+        &self,
+        label: &str,
+        x: &GpuTensor,
+        rows: usize,
+        pair: &GpuLoraPair,
+        y: &GpuTensor,
+        y_stride: usize,
+        s: f32,
+        decode: bool,
+    ) -> Result<Vec<Dispatch>, RuntimeError> {
+        let tmp = self.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Plan("LoRA attached without its buffer".into()))?;
+        let inner = pair.a.rows;
+        let mut p = self.linear(&format!("{label}.lora_a"), x, rows, &pair.a, None, tmp, inner, false, decode)?;
+        let label = format!("{label}.lora_b");
+        p.extend(if decode {
+            matvec_scaled(&self.ctx, &label, tmp, &pair.b, y, 0, true, s, matvec_variant(&self.ctx))?
+        } else {
+            matmul_scaled(&self.ctx, &label, tmp, rows, &pair.b, y, y_stride, 0, true, s, matmul_variant(&self.ctx))?
+        });
+        Ok(p)
+    }
+
     /// Dispatches that turn token ids into the residual stream.
     fn head(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
         Ok(embedding(&self.ctx, &format!("{phase}/embed"), &a.ids, rows, &self.weights.embed, &a.x)?)
@@ -438,16 +499,32 @@ impl Session {
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
         let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
         let at = |name: &str| format!("{phase}/layer.{l}/{name}");
+        // The unmerged adapter's matrices for this layer and s = S · alpha / r.
+        let lora = self.lora.as_ref().map(|(g, scale)| (&g.layers[l], scale * g.scaling));
+        let group = |pick: fn(&super::lora::GpuLoraLayer) -> &Option<GpuLoraPair>| lora.and_then(|(ll, s)| pick(ll).as_ref().map(|p| (p, s)));
         let mut p: Vec<Dispatch> = Vec::new();
         p.push(rmsnorm(ctx, &at("attn.norm"), &a.x, 0, &lw.attn_norm, &a.xn, rows, c.rms_eps)?);
         p.extend(self.linear(&at("attn.qkv"), &a.xn, rows, &lw.qkv, lw.qkv_bias.as_ref(), &a.qkv, qkv_dim, false, decode)?);
+        if let Some((pair, s)) = group(|ll| &ll.qkv) {
+            p.extend(self.lora_delta(&at("attn.qkv"), &a.xn, rows, pair, &a.qkv, qkv_dim, s, decode)?);
+        }
         p.push(rope_qkv_write(ctx, &at("attn.rope"), &a.qkv, rows, shape, &self.rope, &self.step, &a.q, &cache.k, &cache.v)?);
         p.extend(attention(ctx, &at("attn.core"), &a.q, rows, &cache.k, &cache.v, shape, &self.step, &a.attn)?);
         p.extend(self.linear(&at("attn.o"), &a.attn, rows, &lw.o, None, &a.x, c.d_model, true, decode)?);
+        if let Some((pair, s)) = group(|ll| &ll.o) {
+            // Accumulates into the residual x, as the base o projection does.
+            p.extend(self.lora_delta(&at("attn.o"), &a.attn, rows, pair, &a.x, c.d_model, s, decode)?);
+        }
         p.push(rmsnorm(ctx, &at("mlp.norm"), &a.x, 0, &lw.ffn_norm, &a.xn, rows, c.rms_eps)?);
         p.extend(self.linear(&at("mlp.gate_up"), &a.xn, rows, &lw.gate_up, None, &a.gate_up, 2 * c.d_ff, false, decode)?);
+        if let Some((pair, s)) = group(|ll| &ll.gate_up) {
+            p.extend(self.lora_delta(&at("mlp.gate_up"), &a.xn, rows, pair, &a.gate_up, 2 * c.d_ff, s, decode)?);
+        }
         p.push(swiglu(ctx, &at("mlp.act"), &a.gate_up, rows, c.d_ff, &a.act)?);
         p.extend(self.linear(&at("mlp.down"), &a.act, rows, &lw.down, None, &a.x, c.d_model, true, decode)?);
+        if let Some((pair, s)) = group(|ll| &ll.down) {
+            p.extend(self.lora_delta(&at("mlp.down"), &a.act, rows, pair, &a.x, c.d_model, s, decode)?);
+        }
         Ok(p)
     }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::gpu::{DType, GpuContext, GpuMatrix, GpuTensor};
+use crate::model::lora::{LoraAdapter, Projection};
 use crate::model::{HostTensor, ModelConfig, WeightSource};
 
 use super::RuntimeError;
@@ -50,7 +51,31 @@ impl GpuWeights {
         dtype: DType,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<GpuWeights, RuntimeError> {
+        Self::load_merged(ctx, source, dtype, None, progress)
+    }
+
+    /// [`GpuWeights::load`] with a LoRA adapter merged in: every targeted projection becomes
+    /// `W + scale · (alpha / r) · B A`, computed in f32 on the host before conversion to `dtype`
+    /// and stacking, so decoding costs exactly what the base model costs.
+    pub fn load_merged(
+        ctx: &Arc<GpuContext>,
+        source: &dyn WeightSource,
+        dtype: DType,
+        lora: Option<(&LoraAdapter, f32)>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<GpuWeights, RuntimeError> {
         let cfg = source.config().clone();
+        if let Some((adapter, _)) = lora {
+            adapter.check_model(&cfg)?;
+        }
+        // The base weight of projection `p` in layer `i`, with the adapter's delta added.
+        let projection = |i: usize, p: Projection| -> Result<HostTensor, RuntimeError> {
+            let mut t = source.get(&p.weight_name(i))?;
+            if let Some((adapter, scale)) = lora {
+                adapter.merge_into(i, p, &mut t, scale)?;
+            }
+            Ok(t)
+        };
         let d = cfg.d_model;
         let total = cfg.n_layers + 2;
         let vector = |name: &str| -> Result<GpuTensor, RuntimeError> {
@@ -78,9 +103,9 @@ impl GpuWeights {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
-            let q = source.get(&format!("{p}.self_attn.q_proj.weight"))?;
-            let k = source.get(&format!("{p}.self_attn.k_proj.weight"))?;
-            let v = source.get(&format!("{p}.self_attn.v_proj.weight"))?;
+            let q = projection(i, Projection::Q)?;
+            let k = projection(i, Projection::K)?;
+            let v = projection(i, Projection::V)?;
             let qkv = matrix(&format!("layer.{i}.attn.qkv"), &[&q, &k, &v])?;
             drop((q, k, v));
             let qkv_bias = if cfg.qkv_bias {
@@ -92,13 +117,13 @@ impl GpuWeights {
             } else {
                 None
             };
-            let o = source.get(&format!("{p}.self_attn.o_proj.weight"))?;
+            let o = projection(i, Projection::O)?;
             let o = matrix(&format!("layer.{i}.attn.o"), &[&o])?;
-            let gate = source.get(&format!("{p}.mlp.gate_proj.weight"))?;
-            let up = source.get(&format!("{p}.mlp.up_proj.weight"))?;
+            let gate = projection(i, Projection::Gate)?;
+            let up = projection(i, Projection::Up)?;
             let gate_up = matrix(&format!("layer.{i}.mlp.gate_up"), &[&gate, &up])?;
             drop((gate, up));
-            let down = source.get(&format!("{p}.mlp.down_proj.weight"))?;
+            let down = projection(i, Projection::Down)?;
             let down = matrix(&format!("layer.{i}.mlp.down"), &[&down])?;
             layers.push(LayerWeights {
                 attn_norm: vector(&format!("{p}.input_layernorm.weight"))?,

@@ -1,0 +1,627 @@
+//! PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors`, read on the CPU and
+//! checked against the base model's shapes.
+//!
+//! An adapted projection computes `y = W x + s · B (A x)` with `A` `[r, in]`, `B` `[out, r]` and
+//! `s = user_scale · scaling`, where `scaling = lora_alpha / r` (or `lora_alpha / sqrt(r)` with
+//! `use_rslora`). The runtime either folds `s · B A` into `W` before upload (merged, see
+//! [`LoraAdapter::merge_into`]) or runs the two small products beside the base one (unmerged,
+//! `runtime::lora::GpuLora`).
+//!
+//! Only what changes the forward pass of a plain LoRA on the seven LLaMA projections is read;
+//! every other PEFT option that would change it (DoRA, trained biases, per-layer ranks, layer
+//! subsets, modules_to_save, ...) is a [`LoraError::Unsupported`] naming the option, never a
+//! silently different model.
+
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use super::{HostTensor, ModelConfig};
+
+/// The projections of a LLaMA decoder layer that an adapter can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 7] =
+        [Projection::Q, Projection::K, Projection::V, Projection::O, Projection::Gate, Projection::Up, Projection::Down];
+
+    /// The PEFT / Hugging Face module name, e.g. `q_proj`.
+    pub fn module(self) -> &'static str {
+        match self {
+            Projection::Q => "q_proj",
+            Projection::K => "k_proj",
+            Projection::V => "v_proj",
+            Projection::O => "o_proj",
+            Projection::Gate => "gate_proj",
+            Projection::Up => "up_proj",
+            Projection::Down => "down_proj",
+        }
+    }
+
+    /// The block holding it: `self_attn` or `mlp`.
+    pub fn block(self) -> &'static str {
+        match self {
+            Projection::Q | Projection::K | Projection::V | Projection::O => "self_attn",
+            Projection::Gate | Projection::Up | Projection::Down => "mlp",
+        }
+    }
+
+    pub fn parse(module: &str) -> Option<Projection> {
+        Projection::ALL.into_iter().find(|p| p.module() == module)
+    }
+
+    /// Position in [`Projection::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `(out, in)` of the base weight `[out, in]` in a model of `cfg`.
+    pub fn dims(self, cfg: &ModelConfig) -> (usize, usize) {
+        let q = cfg.n_heads * cfg.head_dim;
+        let kv = cfg.n_kv_heads * cfg.head_dim;
+        match self {
+            Projection::Q => (q, cfg.d_model),
+            Projection::K | Projection::V => (kv, cfg.d_model),
+            Projection::O => (cfg.d_model, q),
+            Projection::Gate | Projection::Up => (cfg.d_ff, cfg.d_model),
+            Projection::Down => (cfg.d_model, cfg.d_ff),
+        }
+    }
+
+    /// The base model's tensor name in layer `layer`.
+    pub fn weight_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.{}.weight", self.block(), self.module())
+    }
+}
+
+/// Everything that can be wrong with an adapter folder.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: invalid safetensors file: {source}")]
+    SafeTensors {
+        path: PathBuf,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    #[error("{dir}: no adapter_model.safetensors{hint}")]
+    MissingWeights { dir: PathBuf, hint: String },
+    #[error("{path}: unsupported adapter option: {what}")]
+    Unsupported { path: PathBuf, what: String },
+    #[error("{path}: invalid adapter config: {what}")]
+    BadConfig { path: PathBuf, what: String },
+    #[error(
+        "{path}: target module '{module}' is not one this runtime adapts (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+    )]
+    UnknownModule { path: PathBuf, module: String },
+    #[error("{path}: tensor '{tensor}': {what}")]
+    BadTensor { path: PathBuf, tensor: String, what: String },
+    #[error("{path}: tensor '{tensor}' has shape {found:?}, but the base model {model} needs {expected:?}: the adapter was made for another model")]
+    Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize>, model: String },
+    #[error("{path}: missing tensor '{tensor}' (layer {layer}, {module} is a target)")]
+    MissingTensor { path: PathBuf, tensor: String, layer: usize, module: &'static str },
+    #[error("adapter {dir}: {what}")]
+    WrongModel { dir: PathBuf, what: String },
+    #[error("LoRA scale {scale} is not a finite number")]
+    BadScale { scale: f32 },
+}
+
+/// The options of `adapter_config.json` that this runtime uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f32,
+    pub use_rslora: bool,
+    /// Targeted projections, in [`Projection::ALL`] order.
+    pub targets: Vec<Projection>,
+}
+
+impl LoraConfig {
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self) -> f32 {
+        if self.use_rslora { self.alpha / (self.rank as f32).sqrt() } else { self.alpha / self.rank as f32 }
+    }
+
+    /// Parse and validate `adapter_config.json` (`path` is for messages).
+    pub fn parse(path: &Path, text: &str) -> Result<LoraConfig, LoraError> {
+        let v: Value = serde_json::from_str(text).map_err(|source| LoraError::Json { path: path.to_path_buf(), source })?;
+        let unsupported = |what: String| LoraError::Unsupported { path: path.to_path_buf(), what };
+        let bad = |what: String| LoraError::BadConfig { path: path.to_path_buf(), what };
+        let obj = v.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+        let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
+        let flag = |key: &str| -> Result<bool, LoraError> {
+            match get(key) {
+                None => Ok(false),
+                Some(v) => v.as_bool().ok_or_else(|| bad(format!("{key} should be true or false, found {v}"))),
+            }
+        };
+        // "Empty" means null, {}, [] or absent: PEFT writes these for unused options.
+        let nonempty = |key: &str| match get(key) {
+            None => false,
+            Some(Value::Object(m)) => !m.is_empty(),
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+
+        if let Some(t) = get("peft_type") {
+            if t.as_str() != Some("LORA") {
+                return Err(unsupported(format!("peft_type {t} (only \"LORA\")")));
+            }
+        }
+        let rank = get("r").ok_or_else(|| bad("missing r".into()))?;
+        let rank = rank.as_u64().filter(|&r| r > 0).ok_or_else(|| bad(format!("r should be a positive integer, found {rank}")))?
+            as usize;
+        // PEFT's default lora_alpha is 8.
+        let alpha = match get("lora_alpha") {
+            None => 8.0,
+            Some(a) => a.as_f64().filter(|a| a.is_finite()).ok_or_else(|| bad(format!("lora_alpha should be a number, found {a}")))?
+                as f32,
+        };
+        let use_rslora = flag("use_rslora")?;
+        if flag("use_dora")? {
+            return Err(unsupported("use_dora = true (DoRA's magnitude vectors are not applied)".into()));
+        }
+        match get("bias") {
+            None => {}
+            Some(Value::String(b)) if b == "none" => {}
+            Some(b) => return Err(unsupported(format!("bias = {b} (only \"none\": trained biases are not applied)"))),
+        }
+        if flag("lora_bias")? {
+            return Err(unsupported("lora_bias = true (a bias on lora_B is not applied)".into()));
+        }
+        if flag("fan_in_fan_out")? {
+            // The LLaMA projections are nn.Linear ([out, in]); PEFT itself warns and resets
+            // fan_in_fan_out to False for them, and lora_A / lora_B keep their [r, in] / [out, r]
+            // shapes either way. Do the same.
+            log::warn!("{}: fan_in_fan_out = true ignored: the target modules are Linear layers (as PEFT does)", path.display());
+        }
+        for key in [
+            "layers_to_transform",
+            "rank_pattern",
+            "alpha_pattern",
+            "layer_replication",
+            "modules_to_save",
+            "exclude_modules",
+            "target_parameters",
+            "trainable_token_indices",
+            "alora_invocation_tokens",
+        ] {
+            if nonempty(key) {
+                return Err(unsupported(format!("{key} = {} (not supported; it must be empty or null)", obj[key])));
+            }
+        }
+        for key in ["use_qalora", "use_bdlora"] {
+            if get(key).is_some_and(|v| v != &Value::Bool(false)) {
+                return Err(unsupported(format!("{key} = {} (not supported)", obj[key])));
+            }
+        }
+
+        let module = |name: &str| -> Result<Projection, LoraError> {
+            // "q_proj", or with its block: "self_attn.q_proj".
+            let (block, short) = name.rsplit_once('.').map_or((None, name), |(b, s)| (Some(b), s));
+            Projection::parse(short)
+                .filter(|p| block.is_none_or(|b| b == p.block()))
+                .ok_or_else(|| LoraError::UnknownModule { path: path.to_path_buf(), module: name.to_string() })
+        };
+        let mut targets = match get("target_modules") {
+            None => return Err(bad("missing target_modules".into())),
+            Some(Value::Array(list)) => {
+                let mut t = Vec::new();
+                for m in list {
+                    let name = m.as_str().ok_or_else(|| bad(format!("target_modules entry {m} is not a string")))?;
+                    t.push(module(name)?);
+                }
+                t
+            }
+            Some(Value::String(s)) if s == "all-linear" => Projection::ALL.to_vec(),
+            Some(Value::String(s)) if s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => vec![module(s)?],
+            Some(Value::String(s)) => {
+                return Err(unsupported(format!(
+                    "target_modules is the regular expression \"{s}\"; only a list of module names (or \"all-linear\") is supported"
+                )));
+            }
+            Some(other) => return Err(bad(format!("target_modules should be a list of names, found {other}"))),
+        };
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return Err(bad("target_modules is empty".into()));
+        }
+        Ok(LoraConfig { rank, alpha, use_rslora, targets })
+    }
+}
+
+/// One adapted projection: `delta W = scaling · B A`.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub a: Vec<f32>, // [r, in] f32
+    pub b: Vec<f32>, // [out, r] f32
+}
+
+/// The sizes of the base model an adapter was checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraDims {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub q_dim: usize,
+    pub kv_dim: usize,
+    pub d_ff: usize,
+}
+
+impl LoraDims {
+    pub fn of(cfg: &ModelConfig) -> LoraDims {
+        LoraDims {
+            n_layers: cfg.n_layers,
+            d_model: cfg.d_model,
+            q_dim: cfg.n_heads * cfg.head_dim,
+            kv_dim: cfg.n_kv_heads * cfg.head_dim,
+            d_ff: cfg.d_ff,
+        }
+    }
+}
+
+/// A LoRA adapter on the CPU, shape-checked against one base model.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub dir: PathBuf,
+    pub config: LoraConfig,
+    pub dims: LoraDims,
+    /// `layers[l][p.index()]`: the pair of projection `p` in layer `l`, when targeted.
+    pub layers: Vec<[Option<LoraPair>; 7]>,
+}
+
+/// `base_model.model.model.layers.{l}.{block}.{module}.lora_{A|B}.weight` -> (l, projection, is A).
+fn parse_key(key: &str) -> Option<(usize, Projection, bool)> {
+    let rest = key.strip_prefix("base_model.model.model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (block, rest) = rest.split_once('.')?;
+    let (module, rest) = rest.split_once('.')?;
+    let is_a = match rest {
+        "lora_A.weight" => true,
+        "lora_B.weight" => false,
+        _ => return None,
+    };
+    let p = Projection::parse(module).filter(|p| p.block() == block)?;
+    Some((layer, p, is_a))
+}
+
+fn key(layer: usize, p: Projection, is_a: bool) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.{}.lora_{}.weight", p.block(), p.module(), if is_a { "A" } else { "B" })
+}
+
+impl LoraAdapter {
+    /// Read `dir/adapter_config.json` and `dir/adapter_model.safetensors` and check every tensor
+    /// against `base` (the model the adapter will be applied to).
+    pub fn load(dir: &Path, base: &ModelConfig) -> Result<LoraAdapter, LoraError> {
+        let config_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| LoraError::Io { path: config_path.clone(), source })?;
+        let config = LoraConfig::parse(&config_path, &text)?;
+        let path = dir.join("adapter_model.safetensors");
+        if !path.is_file() {
+            let hint = if dir.join("adapter_model.bin").is_file() {
+                " (found adapter_model.bin: only safetensors adapters are read; save with safe_serialization=True)".to_string()
+            } else {
+                String::new()
+            };
+            return Err(LoraError::MissingWeights { dir: dir.to_path_buf(), hint });
+        }
+        let bytes = std::fs::read(&path).map_err(|source| LoraError::Io { path: path.clone(), source })?;
+        Self::from_safetensors(dir, &path, &bytes, config, base)
+    }
+
+    /// Build from the bytes of a safetensors file (`path` is for messages).
+    pub fn from_safetensors(
+        dir: &Path,
+        path: &Path,
+        bytes: &[u8],
+        config: LoraConfig,
+        base: &ModelConfig,
+    ) -> Result<LoraAdapter, LoraError> {
+        let st = SafeTensors::deserialize(bytes).map_err(|source| LoraError::SafeTensors { path: path.to_path_buf(), source })?;
+        let r = config.rank;
+        let n_layers = base.n_layers;
+        let mut a_parts: Vec<[Option<Vec<f32>>; 7]> = (0..n_layers).map(|_| Default::default()).collect();
+        let mut b_parts: Vec<[Option<Vec<f32>>; 7]> = (0..n_layers).map(|_| Default::default()).collect();
+        let bad = |tensor: &str, what: String| LoraError::BadTensor { path: path.to_path_buf(), tensor: tensor.to_string(), what };
+        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        names.sort();
+        for name in &names {
+            let (layer, p, is_a) = parse_key(name).ok_or_else(|| {
+                bad(
+                    name,
+                    "not a lora_A / lora_B weight of a decoder-layer projection (embedding adapters, biases and modules_to_save are not supported)"
+                        .into(),
+                )
+            })?;
+            if !config.targets.contains(&p) {
+                return Err(bad(name, format!("{} is not in target_modules", p.module())));
+            }
+            if layer >= n_layers {
+                return Err(bad(name, format!("layer {layer} does not exist: the base model {} has {n_layers} layers", base.name)));
+            }
+            let t = st.tensor(name).map_err(|source| LoraError::SafeTensors { path: path.to_path_buf(), source })?;
+            let (out, inp) = p.dims(base);
+            let expected = if is_a { vec![r, inp] } else { vec![out, r] };
+            if t.shape() != expected.as_slice() {
+                return Err(LoraError::Shape {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    expected,
+                    found: t.shape().to_vec(),
+                    model: base.name.clone(),
+                });
+            }
+            let (size, convert): (usize, fn(&[u8]) -> f32) = match t.dtype() {
+                Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                Dtype::F16 => (2, |b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                Dtype::BF16 => (2, |b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                other => return Err(bad(name, format!("data type {other:?} (supported: F32, F16, BF16)"))),
+            };
+            let n: usize = expected.iter().product();
+            if t.data().len() != n * size {
+                return Err(bad(name, format!("{} bytes for shape {expected:?}", t.data().len())));
+            }
+            let data: Vec<f32> = t.data().chunks_exact(size).map(convert).collect();
+            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+                return Err(bad(name, format!("element {i} is {}", data[i])));
+            }
+            let slot = if is_a { &mut a_parts[layer][p.index()] } else { &mut b_parts[layer][p.index()] };
+            *slot = Some(data);
+        }
+        let mut layers = Vec::with_capacity(n_layers);
+        for l in 0..n_layers {
+            let mut pairs: [Option<LoraPair>; 7] = Default::default();
+            for &p in &config.targets {
+                let missing = |is_a| LoraError::MissingTensor { path: path.to_path_buf(), tensor: key(l, p, is_a), layer: l, module: p.module() };
+                let a = a_parts[l][p.index()].take().ok_or_else(|| missing(true))?;
+                let b = b_parts[l][p.index()].take().ok_or_else(|| missing(false))?;
+                pairs[p.index()] = Some(LoraPair { a, b });
+            }
+            layers.push(pairs);
+        }
+        Ok(LoraAdapter { dir: dir.to_path_buf(), config, dims: LoraDims::of(base), layers })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.config.rank
+    }
+
+    /// `alpha / r` (or `alpha / sqrt(r)`): the factor in front of `B A` at user scale 1.
+    pub fn scaling(&self) -> f32 {
+        self.config.scaling()
+    }
+
+    /// The pair of projection `p` in layer `layer`, when targeted.
+    pub fn pair(&self, layer: usize, p: Projection) -> Option<&LoraPair> {
+        self.layers.get(layer).and_then(|l| l[p.index()].as_ref())
+    }
+
+    /// An error unless the adapter was checked against a model of `cfg`'s sizes.
+    pub fn check_model(&self, cfg: &ModelConfig) -> Result<(), LoraError> {
+        if self.dims != LoraDims::of(cfg) {
+            return Err(LoraError::WrongModel {
+                dir: self.dir.clone(),
+                what: format!("made for sizes {:?}, the model {} has {:?}", self.dims, cfg.name, LoraDims::of(cfg)),
+            });
+        }
+        Ok(())
+    }
+
+    /// `W += scale · scaling · B A` for projection `p` of layer `layer` (no-op when not targeted).
+    /// `w` is the base weight `[out, in]` f32.
+    pub fn merge_into(&self, layer: usize, p: Projection, w: &mut HostTensor, scale: f32) -> Result<(), LoraError> {
+        let Some(pair) = self.pair(layer, p) else { return Ok(()) };
+        let r = self.config.rank;
+        let (out, inp) = (pair.b.len() / r, pair.a.len() / r);
+        if w.shape != [out, inp] || w.data.len() != out * inp {
+            return Err(LoraError::WrongModel {
+                dir: self.dir.clone(),
+                what: format!("{} is {:?}, the adapter's {} needs [{out}, {inp}]", w.name, w.shape, key(layer, p, false)),
+            });
+        }
+        let s = scale * self.scaling();
+        for (o, row) in w.data.chunks_exact_mut(inp).enumerate() {
+            for k in 0..r {
+                let c = s * pair.b[o * r + k]; // B[o, k]
+                if c != 0.0 {
+                    for (wv, &av) in row.iter_mut().zip(&pair.a[k * inp..(k + 1) * inp]) {
+                        *wv += c * av; // A[k, :]
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Arch;
+    use crate::model::gguf_test_writer::TempDir;
+
+    fn tiny_config() -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            n_layers: 2,
+            d_model: 8,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            d_ff: 12,
+            vocab_size: 5,
+            rms_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position: 64,
+            tied_embeddings: true,
+            qkv_bias: false,
+            name: "tiny".into(),
+        }
+    }
+
+    fn config_json(extra: &[(&str, Value)]) -> String {
+        let mut v = serde_json::json!({
+            "peft_type": "LORA", "r": 2, "lora_alpha": 4, "bias": "none", "use_dora": false, "use_rslora": false,
+            "fan_in_fan_out": false, "layers_to_transform": null, "rank_pattern": {}, "alpha_pattern": {},
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+        });
+        for (k, val) in extra {
+            v[*k] = val.clone();
+        }
+        v.to_string()
+    }
+
+    fn parse(extra: &[(&str, Value)]) -> Result<LoraConfig, LoraError> {
+        LoraConfig::parse(Path::new("x/adapter_config.json"), &config_json(extra))
+    }
+
+    /// Every tensor of a rank-`r` adapter on `targets` for `cfg`, with optional overrides.
+    fn tensors(cfg: &ModelConfig, r: usize, targets: &[Projection]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut out = Vec::new();
+        for l in 0..cfg.n_layers {
+            for &p in targets {
+                let (o, i) = p.dims(cfg);
+                let fill = |n: usize, seed: usize| (0..n).map(|j| ((j * 7 + seed * 13) % 11) as f32 * 0.1 - 0.5).collect::<Vec<f32>>();
+                out.push((key(l, p, true), vec![r, i], fill(r * i, l * 10 + p.index())));
+                out.push((key(l, p, false), vec![o, r], fill(o * r, l * 10 + p.index() + 100)));
+            }
+        }
+        out
+    }
+
+    fn write(dir: &Path, config: &str, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+        std::fs::write(dir.join("adapter_config.json"), config).unwrap();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), bytemuck::cast_slice(d)).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    }
+
+    const TARGETS: [Projection; 3] = [Projection::Q, Projection::V, Projection::Down];
+
+    #[test]
+    fn config_options() {
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.rank, c.alpha, c.scaling()), (2, 4.0, 2.0));
+        assert_eq!(c.targets, TARGETS);
+        let c = parse(&[("use_rslora", Value::Bool(true))]).unwrap();
+        assert!((c.scaling() - 4.0 / 2f32.sqrt()).abs() < 1e-6);
+        assert_eq!(parse(&[("target_modules", "all-linear".into())]).unwrap().targets, Projection::ALL);
+        assert_eq!(parse(&[("target_modules", serde_json::json!(["self_attn.o_proj"]))]).unwrap().targets, [Projection::O]);
+        // PEFT resets fan_in_fan_out for Linear layers; so do we.
+        assert!(parse(&[("fan_in_fan_out", Value::Bool(true))]).is_ok());
+
+        let err = |extra: &[(&str, Value)]| parse(extra).unwrap_err().to_string();
+        assert!(err(&[("use_dora", Value::Bool(true))]).contains("use_dora"), "{}", err(&[("use_dora", Value::Bool(true))]));
+        assert!(err(&[("bias", "all".into())]).contains("bias = \"all\""));
+        assert!(err(&[("bias", "lora_only".into())]).contains("only \"none\""));
+        assert!(err(&[("layers_to_transform", serde_json::json!([0, 1]))]).contains("layers_to_transform"));
+        assert!(err(&[("rank_pattern", serde_json::json!({"q_proj": 4}))]).contains("rank_pattern"));
+        assert!(err(&[("alpha_pattern", serde_json::json!({"q_proj": 4}))]).contains("alpha_pattern"));
+        assert!(err(&[("modules_to_save", serde_json::json!(["lm_head"]))]).contains("modules_to_save"));
+        assert!(err(&[("target_modules", ".*(q|v)_proj".into())]).contains("regular expression"));
+        assert!(err(&[("target_modules", serde_json::json!(["q_proj", "lm_head"]))]).contains("'lm_head'"));
+        assert!(err(&[("target_modules", serde_json::json!(["mlp.q_proj"]))]).contains("'mlp.q_proj'"));
+        assert!(err(&[("r", 0.into())]).contains("positive integer"));
+        assert!(err(&[("peft_type", "IA3".into())]).contains("peft_type"));
+    }
+
+    #[test]
+    fn loads_and_checks_shapes() {
+        let cfg = tiny_config();
+        let dir = TempDir::new("lora-ok");
+        write(&dir.path, &config_json(&[]), &tensors(&cfg, 2, &TARGETS));
+        let a = LoraAdapter::load(&dir.path, &cfg).unwrap();
+        assert_eq!(a.rank(), 2);
+        assert!(a.pair(1, Projection::Down).is_some() && a.pair(1, Projection::K).is_none());
+        assert_eq!(a.pair(0, Projection::V).unwrap().a.len(), 2 * 8);
+
+        // Another model's shapes: k_proj's `in` of 8 against a d_model of 16.
+        let mut other = cfg.clone();
+        other.d_model = 16;
+        let e = LoraAdapter::load(&dir.path, &other).unwrap_err().to_string();
+        assert!(e.contains("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight") && e.contains("another model"), "{e}");
+
+        // One wrong tensor among right ones.
+        let mut t = tensors(&cfg, 2, &TARGETS);
+        let bad = t.iter_mut().find(|(n, _, _)| n.contains("layers.1.self_attn.v_proj.lora_A")).unwrap();
+        bad.1 = vec![2, 7];
+        bad.2.truncate(14);
+        let dir2 = TempDir::new("lora-shape");
+        write(&dir2.path, &config_json(&[]), &t);
+        let e = LoraAdapter::load(&dir2.path, &cfg).unwrap_err().to_string();
+        assert!(e.contains("'base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight' has shape [2, 7]"), "{e}");
+
+        // A missing half, a tensor outside target_modules, a layer past the end.
+        let mut t = tensors(&cfg, 2, &TARGETS);
+        t.retain(|(n, _, _)| !n.contains("layers.1.self_attn.q_proj.lora_B"));
+        write(&dir2.path, &config_json(&[]), &t);
+        let e = LoraAdapter::load(&dir2.path, &cfg).unwrap_err().to_string();
+        assert!(e.contains("missing tensor 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight'"), "{e}");
+        write(&dir2.path, &config_json(&[]), &tensors(&cfg, 2, &Projection::ALL));
+        let e = LoraAdapter::load(&dir2.path, &cfg).unwrap_err().to_string();
+        assert!(e.contains("gate_proj is not in target_modules"), "{e}");
+        let mut deep = cfg.clone();
+        deep.n_layers = 3;
+        write(&dir2.path, &config_json(&[]), &tensors(&deep, 2, &TARGETS));
+        let e = LoraAdapter::load(&dir2.path, &cfg).unwrap_err().to_string();
+        assert!(e.contains("layer 2 does not exist"), "{e}");
+
+        // No safetensors, but a .bin.
+        std::fs::remove_file(dir2.path.join("adapter_model.safetensors")).unwrap();
+        std::fs::write(dir2.path.join("adapter_model.bin"), b"pickle").unwrap();
+        let e = LoraAdapter::load(&dir2.path, &cfg).unwrap_err().to_string();
+        assert!(e.contains("only safetensors"), "{e}");
+    }
+
+    #[test]
+    fn merge_adds_scaled_b_times_a() {
+        let cfg = tiny_config();
+        let dir = TempDir::new("lora-merge");
+        write(&dir.path, &config_json(&[]), &tensors(&cfg, 2, &TARGETS));
+        let a = LoraAdapter::load(&dir.path, &cfg).unwrap();
+        let (out, inp) = Projection::Down.dims(&cfg);
+        let base: Vec<f32> = (0..out * inp).map(|i| i as f32 * 0.01).collect();
+        let mut w = HostTensor { name: "down".into(), shape: vec![out, inp], data: base.clone() };
+        a.merge_into(1, Projection::Down, &mut w, 0.5).unwrap();
+        let p = a.pair(1, Projection::Down).unwrap();
+        for o in 0..out {
+            for i in 0..inp {
+                let d: f32 = (0..2).map(|k| p.b[o * 2 + k] * p.a[k * inp + i]).sum();
+                let want = base[o * inp + i] + 0.5 * 2.0 * d;
+                assert!((w.data[o * inp + i] - want).abs() < 1e-5, "[{o}, {i}]");
+            }
+        }
+        // Not targeted: unchanged. Wrong shape: an error naming the tensor.
+        let mut k = HostTensor { name: "k".into(), shape: vec![4, 8], data: vec![1.0; 32] };
+        a.merge_into(0, Projection::K, &mut k, 1.0).unwrap();
+        assert!(k.data.iter().all(|&v| v == 1.0));
+        let mut q = HostTensor { name: "q".into(), shape: vec![8, 9], data: vec![0.0; 72] };
+        assert!(a.merge_into(0, Projection::Q, &mut q, 1.0).unwrap_err().to_string().contains("q is [8, 9]"));
+    }
+}
