@@ -1,5 +1,8 @@
-//! End-to-end speed on the test model: prefill tok/s for a 128-token prompt and decode tok/s
-//! over 64 greedy tokens, f32 and f16, full model and static skip plans; medians of repeats.
+//! End-to-end speed on the test model, medians of repeats after a warm-up, f32 and f16:
+//! 1. the full model: prefill tok/s for a 128-token prompt and decode over 64 greedy tokens, and
+//!    the routers' share of prefill time;
+//! 2. static skip plans of 0, 3, 6, 9, 12 and 15 of the 30 layers: decode ms/token (prompt 16,
+//!    32 tokens) against the ideal saving.
 //!
 //! `cargo bench --bench generate [-- FILTER] [--repeat N]`. Rows are printed as they finish.
 
@@ -11,6 +14,9 @@ use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
 
 const PROMPT_LEN: usize = 128;
 const GEN: usize = 64;
+/// The skip-plan rows measure decode only: a short prompt keeps them quick.
+const SKIP_PROMPT_LEN: usize = 16;
+const SKIP_GEN: usize = 32;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -18,8 +24,8 @@ fn median(v: &mut [f64]) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
 }
 
-/// 128 prompt ids: the fixture's long story prompt, cut to length.
-fn prompt_ids(model: &LoadedModel) -> Vec<u32> {
+/// `len` prompt ids: a fixed story, tokenized, repeated and cut to length.
+fn prompt_ids(model: &LoadedModel, len: usize) -> Vec<u32> {
     let text = "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker \
                 who repaired every clock in the valley. Each morning he opened his shop, wound the tall clock by the \
                 door, and listened to the town wake up. Children came to watch him work, because his hands moved \
@@ -27,10 +33,10 @@ fn prompt_ids(model: &LoadedModel) -> Vec<u32> {
                 winter, a stranger arrived with a broken pocket watch that no one else could fix, and asked him to \
                 mend it before the first snow melted. The clockmaker turned the watch over in his hands for a long time.";
     let mut ids = model.text_ids(text).expect("tokenizing the bench prompt");
-    while ids.len() < PROMPT_LEN {
+    while ids.len() < len {
         ids.extend_from_within(..);
     }
-    ids.truncate(PROMPT_LEN);
+    ids.truncate(len);
     ids
 }
 
@@ -56,19 +62,20 @@ struct Run {
     decode_ms: f64,
 }
 
-fn one_run(model: &LoadedModel, plan: &LayerPlan, ids: &[u32]) -> Run {
-    let mut s = Session::new(&model.weights, SessionOptions { ctx_len: PROMPT_LEN + GEN + 1, candidates: 1 }, plan.clone())
+fn one_run(model: &LoadedModel, plan: &LayerPlan, ids: &[u32], n_gen: usize) -> Run {
+    let mut s = Session::new(&model.weights, SessionOptions { ctx_len: ids.len() + n_gen + 1, candidates: 1 }, plan.clone())
         .expect("session");
+    s.prepare().expect("prepare");
     let t0 = Instant::now();
     let mut out = s.prefill(ids).expect("prefill");
     let prefill = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    for _ in 0..GEN {
+    for _ in 0..n_gen {
         let next = out.candidates[0].0;
         out = s.decode(next).expect("decode");
     }
     let decode = t1.elapsed().as_secs_f64();
-    Run { prefill_tok_s: ids.len() as f64 / prefill, decode_ms: 1000.0 * decode / GEN as f64 }
+    Run { prefill_tok_s: ids.len() as f64 / prefill, decode_ms: 1000.0 * decode / n_gen as f64 }
 }
 
 /// The routers' share of prefill time: routed (every layer kept, r = 64) vs static full plan,
@@ -105,8 +112,7 @@ fn main() {
     let filter: Vec<&String> = args.iter().filter(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).collect();
     let ctx = GpuContext::new(&GpuOptions::default()).expect("GPU adapter");
     println!("adapter: {} ({:?}, {} {})", ctx.info.name, ctx.info.backend, ctx.info.driver, ctx.info.driver_info);
-    println!("model: {}, prompt {PROMPT_LEN} tokens, {GEN} greedy tokens, median of {repeat} runs after a warm-up", firstrt::testdata::MODEL_FILE);
-    println!("{:<6} {:<8} {:>14} {:>12} {:>10} {:>12}", "dtype", "skipped", "prefill tok/s", "decode ms", "decode t/s", "vs full");
+    println!("model: {}, median of {repeat} runs after a warm-up", firstrt::testdata::MODEL_FILE);
     for dtype in [DType::F32, DType::F16] {
         let name = format!("{dtype}");
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
@@ -115,37 +121,48 @@ fn main() {
         let model = Arc::new(
             LoadedModel::load(&ctx, &firstrt::testdata::model_path(), dtype, &mut |_, _| {}).expect("loading the test model"),
         );
-        let ids = prompt_ids(&model);
         let n_layers = model.weights.config.n_layers;
+        let ids = prompt_ids(&model, PROMPT_LEN);
+        let full = LayerPlan::full(n_layers);
+        one_run(&model, &full, &ids, GEN);
+        let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+        for _ in 0..repeat {
+            let r = one_run(&model, &full, &ids, GEN);
+            prefill.push(r.prefill_tok_s);
+            decode.push(r.decode_ms);
+        }
+        let ms = median(&mut decode);
+        println!(
+            "{name}: prompt {PROMPT_LEN}, {GEN} tokens: prefill {:.1} tok/s, decode {:.1} ms/token ({:.2} tok/s); weights {:.1} MiB",
+            median(&mut prefill),
+            ms,
+            1000.0 / ms,
+            model.weights.byte_len() as f64 / (1 << 20) as f64
+        );
+        routers_share(&model, &ids, repeat);
+
+        println!("{:<6} {:<8} {:>12} {:>10} {:>16}", "dtype", "skipped", "decode ms", "vs full", "ideal 1-k/L");
+        let ids = prompt_ids(&model, SKIP_PROMPT_LEN);
         let mut full_ms = None;
         for k in [0usize, 3, 6, 9, 12, 15] {
             // Skip k layers from the middle of the stack, keeping the first and the last.
             let start = (n_layers - k) / 2;
             let skip: Vec<usize> = (start..start + k).collect();
             let plan = LayerPlan::skipping(n_layers, &skip).expect("plan");
-            one_run(&model, &plan, &ids); // warm-up: pipelines, kernel choice
-            let mut prefill = Vec::new();
+            one_run(&model, &plan, &ids, SKIP_GEN);
             let mut decode = Vec::new();
             for _ in 0..repeat {
-                let r = one_run(&model, &plan, &ids);
-                prefill.push(r.prefill_tok_s);
-                decode.push(r.decode_ms);
+                decode.push(one_run(&model, &plan, &ids, SKIP_GEN).decode_ms);
             }
             let ms = median(&mut decode);
-            if k == 0 {
-                routers_share(&model, &ids, repeat);
-            }
             let full = *full_ms.get_or_insert(ms);
-            let ideal = full * (1.0 - k as f64 / n_layers as f64);
             println!(
-                "{:<6} {:<8} {:>14.1} {:>12.2} {:>10.2} {:>7.3} (ideal {:.3})",
+                "{:<6} {:<8} {:>12.2} {:>10.3} {:>16.3}",
                 name,
                 format!("{k}/{n_layers}"),
-                median(&mut prefill),
                 ms,
-                1000.0 / ms,
                 ms / full,
-                ideal / full
+                1.0 - k as f64 / n_layers as f64
             );
         }
     }
