@@ -6,8 +6,11 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
 have_vulkan() {
-    ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' &&
-        ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json 2>/dev/null | grep -q .
+    ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || return 1
+    for icd in /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json; do
+        [ -e "$icd" ] && return 0
+    done
+    return 1
 }
 
 if ! have_vulkan; then
