@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="$(scripts/setup.sh)"
-cargo run --release --quiet -- run --model "$model" --chat --max-tokens 64 \
+cargo run --release --quiet -- run --model "$model" --chat --temperature 0 --max-tokens 64 \
     --prompt "${1:-What is the capital of France?}"
