@@ -25,7 +25,7 @@ if ! have_vulkan; then
     if [ "$codename" = "bookworm" ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
         echo "deb http://deb.debian.org/debian bookworm-backports main" | $sudo tee /etc/apt/sources.list.d/firstrt-backports.list >/dev/null
     fi
-    $sudo apt-get update -qq
+    $sudo apt-get update -qq >&2
     if [ "$codename" = "bookworm" ] && $sudo apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers >/dev/null; then
         echo "setup: installed mesa-vulkan-drivers from bookworm-backports" >&2
     else
