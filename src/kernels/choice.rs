@@ -3,7 +3,7 @@
 //! In order: the environment variable `FIRSTRT_KERNEL` (e.g. `matmul=tiled,matvec=reduce`, or a
 //! bare variant name such as `tiled`, `regblock`, `rows`, `reduce`); the on-disk cache
 //! `$FIRSTRT_CACHE/kernel-choice.json` (default `~/.cache/firstrt`) keyed by
-//! [`GpuContext::adapter_key`]; else a short measurement of every variant on a representative
+//! [`GpuContext::adapter_key`] and the candidate variants; else a short measurement of every variant on a representative
 //! shape, whose result is written to the cache. The choice is kept in `ctx.kernel_choices`.
 //!
 //! Besides the matmul and matvec variants, the family `f16read` chooses how kernels read f16
@@ -342,14 +342,14 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let v = choose(&ctx, "test-measured", None, Some(&path), || Ok("fast"), "slow");
         assert_eq!(v, "fast");
-        assert_eq!(read_cache_at(&path, &ctx.adapter_key(), "test-measured").as_deref(), Some("fast"));
+        assert_eq!(read_cache_at(&path, &cache_key(&ctx), "test-measured").as_deref(), Some("fast"));
         assert_eq!(read_cache_at(&path, "another adapter", "test-measured"), None);
         // A fresh process (here: a fresh family name) reads it back instead of measuring.
-        write_cache_at(&path, &ctx.adapter_key(), "test-cached", "tiled").unwrap();
+        write_cache_at(&path, &cache_key(&ctx), "test-cached", "tiled").unwrap();
         let c = choose(&ctx, "test-cached", None, Some(&path), || panic!("cached: must not measure"), "slow");
         assert_eq!(c, "tiled");
         // The first entry survived the second write.
-        assert_eq!(read_cache_at(&path, &ctx.adapter_key(), "test-measured").as_deref(), Some("fast"));
+        assert_eq!(read_cache_at(&path, &cache_key(&ctx), "test-measured").as_deref(), Some("fast"));
         // A failed measurement falls back.
         let f = choose(&ctx, "test-failed", None, None, || Err(GpuError::Device("no".into())), "slow");
         assert_eq!(f, "slow");
