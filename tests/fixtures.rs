@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::{Case, argmax, cases, fixture_tensor, max_abs_diff, model};
+use common::{Case, argmax, cases, fixture_tensor, greedy_with_logits, max_abs_diff, model};
 use firstrt::gpu::DType;
-use firstrt::kernels::sample::SamplerConfig;
-use firstrt::runtime::{GenerateOptions, LayerPlan, Session, SessionOptions};
+use firstrt::runtime::{LayerPlan, Session, SessionOptions};
 
 /// f32 weights: the dequantised values are exact, only summation order differs.
 const F32_LOGIT_TOL: f32 = 1e-3;
@@ -24,28 +23,12 @@ fn run_case(case: &Case, dtype: DType) -> Outcome {
     let model = model(dtype);
     let plan = LayerPlan::skipping(model.weights.config.n_layers, &case.skip_layers).unwrap();
     let mut session = Session::new(&model.weights, SessionOptions { ctx_len: 512, candidates: 1 }, plan).unwrap();
-    let options = GenerateOptions {
-        max_tokens: case.greedy_ids.len(),
-        sampler: SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
-        end_ids: vec![],
-    };
-    let mut logits = Vec::new();
-    let g = firstrt::runtime::generate_with(
-        &mut session,
-        &case.prompt_ids,
-        &options,
-        &mut |s| {
-            logits = s.read_logits()?;
-            Ok(())
-        },
-        &mut |_| true,
-    )
-    .unwrap();
+    let (logits, greedy) = greedy_with_logits(&mut session, &case.prompt_ids, case.greedy_ids.len());
     let (_, want) = fixture_tensor(&case.logits_key);
     Outcome {
         logits_diff: max_abs_diff(&logits, &want),
         top1_equal: argmax(&logits) == argmax(&want),
-        greedy: g.generated_ids,
+        greedy,
     }
 }
 

@@ -7,12 +7,11 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{cases, fixture_tensor, max_abs_diff, model_path};
+use common::{cases, fixture_tensor, greedy_with_logits, max_abs_diff, model_path};
 use firstrt::gpu::{DType, test_context};
-use firstrt::kernels::sample::SamplerConfig;
 use firstrt::model::chat::ChatMessage;
 use firstrt::model::open_model;
-use firstrt::runtime::{GenerateOptions, LayerPlan, LoadedModel, Session, SessionOptions, generate_with};
+use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
 
 /// Write the GGUF's weights, config and tokenizer as a Hugging Face folder.
 fn write_hf_folder(dir: &PathBuf) {
@@ -76,27 +75,11 @@ fn hugging_face_folder_matches_transformers() {
     assert!(hf.file_dtypes.contains("F32"), "{}", hf.file_dtypes);
     let case = cases().into_iter().find(|c| c.name == "chat_user_only").unwrap();
     let mut session = Session::new(&hf.weights, SessionOptions { ctx_len: 128, candidates: 1 }, LayerPlan::full(30)).unwrap();
-    let options = GenerateOptions {
-        max_tokens: 12,
-        sampler: SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
-        end_ids: vec![],
-    };
-    let mut logits = Vec::new();
-    let g = generate_with(
-        &mut session,
-        &case.prompt_ids,
-        &options,
-        &mut |s| {
-            logits = s.read_logits()?;
-            Ok(())
-        },
-        &mut |_| true,
-    )
-    .unwrap();
+    let (logits, greedy) = greedy_with_logits(&mut session, &case.prompt_ids, 12);
     let (_, want) = fixture_tensor(&case.logits_key);
     let diff = max_abs_diff(&logits, &want);
     assert!(diff < 1e-3, "HF folder: max |logit diff| {diff}");
-    assert_eq!(g.generated_ids, case.greedy_ids[..12]);
+    assert_eq!(greedy, case.greedy_ids[..12]);
 
     // Tokenizer and chat template from tokenizer.json / tokenizer_config.json.
     let gguf_tok = firstrt::runtime::load_tokenizer(&model_path()).unwrap();

@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use common::{Case, cases, fixture_tensor, fixtures_dir, max_abs_diff, model, model_path};
 use firstrt::gpu::DType;
-use firstrt::kernels::sample::SamplerConfig;
-use firstrt::runtime::{GenerateOptions, GpuLora, LayerPlan, LoadedModel, MergedLora, Session, SessionOptions, generate_with};
+use firstrt::runtime::{GpuLora, LayerPlan, LoadedModel, MergedLora, Session, SessionOptions};
 
 const LOGIT_TOL: f32 = 1e-3;
 
@@ -93,24 +92,7 @@ fn session(weights: &Arc<firstrt::runtime::GpuWeights>, skip: &[usize], lora: Op
 
 /// Last-prompt-position logits and the greedy ids (`n` tokens).
 fn greedy(mut s: Session, ids: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let options = GenerateOptions {
-        max_tokens: n,
-        sampler: SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
-        end_ids: vec![],
-    };
-    let mut logits = Vec::new();
-    let g = generate_with(
-        &mut s,
-        ids,
-        &options,
-        &mut |s| {
-            logits = s.read_logits()?;
-            Ok(())
-        },
-        &mut |_| true,
-    )
-    .unwrap();
-    (logits, g.generated_ids)
+    common::greedy_with_logits(&mut s, ids, n)
 }
 
 fn prompt_logits(mut s: Session, ids: &[u32]) -> Vec<f32> {

@@ -48,6 +48,29 @@ pub fn model(dtype: DType) -> Arc<LoadedModel> {
     .clone()
 }
 
+/// Greedy generation of `n` tokens after `prompt` (no end token); returns the logits of the last
+/// prompt position and the generated ids.
+pub fn greedy_with_logits(session: &mut firstrt::runtime::Session, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
+    let options = firstrt::runtime::GenerateOptions {
+        max_tokens: n,
+        sampler: firstrt::kernels::sample::SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
+        end_ids: vec![],
+    };
+    let mut logits = Vec::new();
+    let g = firstrt::runtime::generate_with(
+        session,
+        prompt,
+        &options,
+        &mut |s| {
+            logits = s.read_logits()?;
+            Ok(())
+        },
+        &mut |_| true,
+    )
+    .expect("greedy generation");
+    (logits, g.generated_ids)
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
