@@ -225,11 +225,33 @@ struct TextSink<'a> {
     printed: usize,
     echo: bool,
     stopped: bool,
+    /// The first error of `accept` (detokenising or writing), returned by `finish`.
+    error: Option<anyhow::Error>,
 }
 
 impl<'a> TextSink<'a> {
     fn new(model: &'a LoadedModel, stops: &'a [String], echo: bool) -> Self {
-        TextSink { decoder: StreamDecoder::new(&model.tokenizer), stops, text: String::new(), printed: 0, echo, stopped: false }
+        TextSink {
+            decoder: StreamDecoder::new(&model.tokenizer),
+            stops,
+            text: String::new(),
+            printed: 0,
+            echo,
+            stopped: false,
+            error: None,
+        }
+    }
+
+    /// The token callback: add a token; false once a stop string has appeared or on an error
+    /// (kept for `finish`).
+    fn accept(&mut self, id: u32) -> bool {
+        match self.push(id) {
+            Ok(go_on) => go_on,
+            Err(e) => {
+                self.error = Some(e);
+                false
+            }
+        }
     }
 
     /// Add a token; false once a stop string has appeared.
@@ -273,7 +295,11 @@ impl<'a> TextSink<'a> {
         Ok(!self.stopped)
     }
 
+    /// The whole text, or the first error that stopped generation.
     fn finish(&mut self) -> Result<String> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
         if !self.stopped {
             self.text.push_str(&self.decoder.finish()?);
             self.emit(true)?;
@@ -359,7 +385,6 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
     let mut capture = super::profiling::Capture::start(&ctx, args.profiling.capture);
     let mut seen = 0usize;
     let mut sink = TextSink::new(&model, &args.sampling.stop, !args.json);
-    let mut sink_error = None;
     let logits_out = args.logits_out.clone();
     let plan_args = args.plan.clone();
     let generation = generate_with(
@@ -380,23 +405,14 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
                 capture.stop(); // the prefill and the first decode step are in
             }
             let t = std::time::Instant::now();
-            let pushed = sink.push(id);
+            let go_on = sink.accept(id);
             if let Some(c) = &clock {
                 c.span("detokenise", t);
             }
-            match pushed {
-                Ok(go_on) => go_on,
-                Err(e) => {
-                    sink_error = Some(e);
-                    false
-                }
-            }
+            go_on
         },
     )?;
     capture.stop();
-    if let Some(e) = sink_error {
-        return Err(e);
-    }
     let text = sink.finish()?;
     if args.json {
         let out = serde_json::json!({
@@ -547,7 +563,6 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
             continue;
         }
         let mut sink = TextSink::new(&model, &args.sampling.stop, true);
-        let mut sink_error = None;
         let first_turn = session.position() == 0;
         let g = generate_with(
             &mut session,
@@ -559,17 +574,8 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
                 }
                 Ok(())
             },
-            &mut |id| match sink.push(id) {
-                Ok(go_on) => go_on,
-                Err(e) => {
-                    sink_error = Some(e);
-                    false
-                }
-            },
+            &mut |id| sink.accept(id),
         )?;
-        if let Some(e) = sink_error {
-            return Err(e);
-        }
         let reply = sink.finish()?;
         println!();
         print_timings(&g);
