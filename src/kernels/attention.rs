@@ -56,7 +56,7 @@ pub struct AttnParams {
 /// 4j..4j+3 of the head starting at element `base`, zero past head_dim), and an output binding
 /// with `store_NAME(base, j, v)`.
 fn decls(head_dim: usize) -> (String, String, String) {
-    let vec4 = head_dim % 4 == 0;
+    let vec4 = head_dim.is_multiple_of(4);
     let read = |binding: u32, var: &str, f: &str| {
         if vec4 {
             format!(

@@ -48,7 +48,7 @@ impl AttnShape {
 
     /// Non-zero sizes and n_heads a multiple of n_kv_heads (GQA).
     pub fn check(&self) -> Result<(), GpuError> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(GpuError::InvalidArgument(format!(
                 "attention shape {self:?}: sizes must be non-zero and n_heads a multiple of n_kv_heads"
             )));
@@ -72,7 +72,7 @@ pub fn rope_inv_freq(head_dim: usize, theta: f32, scaling: Option<&RopeScalingPa
         .map(|&f| {
             let wavelen = 2.0 * std::f32::consts::PI / f;
             let scaled = if wavelen > low_freq_wavelen { f / s.factor } else { f };
-            let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+            let medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
             if medium {
                 let smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                 (1.0 - smooth) * scaled / s.factor + smooth * scaled
@@ -122,7 +122,7 @@ impl RopeTables {
         scaling: Option<&RopeScalingParams>,
         max_pos: usize,
     ) -> Result<RopeTables, GpuError> {
-        if head_dim == 0 || head_dim % 2 != 0 || max_pos == 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || max_pos == 0 {
             return Err(GpuError::InvalidArgument(format!(
                 "rope tables: head_dim {head_dim} must be even and non-zero, max_pos {max_pos} non-zero"
             )));
@@ -165,7 +165,7 @@ pub(crate) fn check_f32(t: &GpuTensor, min_numel: usize, what: &str) -> Result<(
 
 /// Rows of a KV cache `[max_pos, kv_dim]` (from its shape; checked to be f32 and a whole number of rows).
 pub(crate) fn cache_rows(cache: &GpuTensor, kv_dim: usize, what: &str) -> Result<usize, GpuError> {
-    if cache.dtype != DType::F32 || cache.numel() == 0 || cache.numel() % kv_dim != 0 {
+    if cache.dtype != DType::F32 || cache.numel() == 0 || !cache.numel().is_multiple_of(kv_dim) {
         return Err(GpuError::InvalidArgument(format!(
             "{what} ({}): expected [max_pos, {kv_dim}] f32, got {:?} {}",
             cache.label, cache.shape, cache.dtype
@@ -194,7 +194,7 @@ pub fn rope_qkv_write(
 ) -> Result<Dispatch, GpuError> {
     shape.check()?;
     let hd = shape.head_dim;
-    if hd % 2 != 0 || tables.head_dim != hd {
+    if !hd.is_multiple_of(2) || tables.head_dim != hd {
         return Err(GpuError::InvalidArgument(format!(
             "{label}: rope needs an even head_dim matching the tables (head_dim {hd}, tables {})",
             tables.head_dim
