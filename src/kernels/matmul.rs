@@ -11,7 +11,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, ShaderVariant, WeightKind};
-use crate::kernels::matvec::{FLAG_ACCUMULATE, FLAG_BIAS, FLAG_SCALE, check_linear};
+use crate::kernels::matvec::{FLAG_ACCUMULATE, FLAG_BIAS, FLAG_SCALE, check_linear, chunk_dispatch};
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 
@@ -202,21 +202,7 @@ fn matmul_inner(
                 + outputs * if accumulate { 8 } else { 4 }
                 + if bias.is_some() { 4 * c.rows as u64 } else { 0 },
         };
-        let name = if w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
-        out.push(Dispatch::new(
-            ctx,
-            &pipeline,
-            name,
-            &[
-                u.as_entire_binding(),
-                x.buffer.as_entire_binding(),
-                c.tensor.buffer.as_entire_binding(),
-                bias_buf.buffer.as_entire_binding(),
-                y.buffer.as_entire_binding(),
-            ],
-            workgroups,
-            cost,
-        ));
+        out.push(chunk_dispatch(ctx, &pipeline, label, w, c, &u, x, bias_buf, y, workgroups, cost));
     }
     Ok(out)
 }

@@ -224,23 +224,42 @@ fn matvec_inner(
             flops: 2 * (c.rows * k) as u64,
             bytes: c.tensor.byte_len() as u64 + 4 * k as u64 + y_bytes + if bias.is_some() { 4 * c.rows as u64 } else { 0 },
         };
-        let name = if w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
-        out.push(Dispatch::new(
-            ctx,
-            &pipeline,
-            name,
-            &[
-                u.as_entire_binding(),
-                x.buffer.as_entire_binding(),
-                c.tensor.buffer.as_entire_binding(),
-                bias_buf.buffer.as_entire_binding(),
-                y.buffer.as_entire_binding(),
-            ],
-            grid(groups),
-            cost,
-        ));
+        out.push(chunk_dispatch(ctx, &pipeline, label, w, c, &u, x, bias_buf, y, grid(groups), cost));
     }
     Ok(out)
+}
+
+/// One chunk's dispatch of a linear kernel (matvec or matmul): bindings params, x, the chunk's
+/// weights, bias, y; named `label[row0]` when the matrix is split.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn chunk_dispatch(
+    ctx: &GpuContext,
+    pipeline: &std::sync::Arc<crate::gpu::pipeline::Pipeline>,
+    label: &str,
+    w: &GpuMatrix,
+    c: &crate::gpu::MatrixChunk,
+    params: &wgpu::Buffer,
+    x: &GpuTensor,
+    bias: &GpuTensor,
+    y: &GpuTensor,
+    workgroups: [u32; 3],
+    cost: Cost,
+) -> Dispatch {
+    let name = if w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
+    Dispatch::new(
+        ctx,
+        pipeline,
+        name,
+        &[
+            params.as_entire_binding(),
+            x.buffer.as_entire_binding(),
+            c.tensor.buffer.as_entire_binding(),
+            bias.buffer.as_entire_binding(),
+            y.buffer.as_entire_binding(),
+        ],
+        workgroups,
+        cost,
+    )
 }
 
 /// CPU reference: `dot(w[n, :], x) (+ bias[n])` for each of the `n` rows of `w` (`[n, k]`), in f64.
