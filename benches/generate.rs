@@ -63,8 +63,8 @@ struct Run {
 }
 
 fn one_run(model: &LoadedModel, plan: &LayerPlan, ids: &[u32], n_gen: usize) -> Run {
-    let mut s = Session::new(&model.weights, SessionOptions { ctx_len: ids.len() + n_gen + 1, candidates: 1 }, plan.clone())
-        .expect("session");
+    let mut s =
+        Session::new(&model.weights, SessionOptions { ctx_len: ids.len() + n_gen + 1, candidates: 1 }, plan.clone()).expect("session");
     s.prepare().expect("prepare");
     let t0 = Instant::now();
     let mut out = s.prefill(ids).expect("prefill");
@@ -103,12 +103,7 @@ fn routers_share(model: &LoadedModel, ids: &[u32], repeat: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let repeat = args
-        .iter()
-        .position(|a| a == "--repeat")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5usize);
+    let repeat = args.iter().position(|a| a == "--repeat").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(5usize);
     let filter: Vec<&String> = args.iter().filter(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).collect();
     let ctx = GpuContext::new(&GpuOptions::default()).expect("GPU adapter");
     println!("adapter: {} ({:?}, {} {})", ctx.info.name, ctx.info.backend, ctx.info.driver, ctx.info.driver_info);
@@ -118,9 +113,8 @@ fn main() {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
-        let model = Arc::new(
-            LoadedModel::load(&ctx, &firstrt::testdata::model_path(), dtype, &mut |_, _| {}).expect("loading the test model"),
-        );
+        let model =
+            Arc::new(LoadedModel::load(&ctx, &firstrt::testdata::model_path(), dtype, &mut |_, _| {}).expect("loading the test model"));
         let n_layers = model.weights.config.n_layers;
         let ids = prompt_ids(&model, PROMPT_LEN);
         let full = LayerPlan::full(n_layers);

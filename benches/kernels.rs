@@ -8,10 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use firstrt::gpu::WeightKind;
 use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor};
 use firstrt::kernels::copy::copy;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
-use firstrt::gpu::WeightKind;
 use firstrt::kernels::matvec::{MatvecVariant, matvec, matvec_with_kind};
 
 /// Aim for about this much wall time per repeat.

@@ -23,8 +23,8 @@ fn median(v: &mut [f64]) -> f64 {
 /// (prefill tok/s, decode ms/token) of one sequence.
 fn one_run(weights: &Arc<GpuWeights>, lora: Option<&Arc<GpuLora>>, ids: &[u32]) -> (f64, f64) {
     let n = weights.config.n_layers;
-    let mut s = Session::new(weights, SessionOptions { ctx_len: PROMPT_LEN + GEN + 1, candidates: 1 }, LayerPlan::full(n))
-        .expect("session");
+    let mut s =
+        Session::new(weights, SessionOptions { ctx_len: PROMPT_LEN + GEN + 1, candidates: 1 }, LayerPlan::full(n)).expect("session");
     if let Some(g) = lora {
         s.set_lora(Some(g.clone()), 1.0).expect("set_lora");
     }
@@ -40,8 +40,7 @@ fn one_run(weights: &Arc<GpuWeights>, lora: Option<&Arc<GpuLora>>, ids: &[u32]) 
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let repeat =
-        args.iter().position(|a| a == "--repeat").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(5usize);
+    let repeat = args.iter().position(|a| a == "--repeat").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(5usize);
     let ctx = GpuContext::new(&GpuOptions::default()).expect("GPU adapter");
     let adapter = firstrt::testdata::fixtures_dir().join("lora");
     println!("adapter: {} ({:?}, {} {})", ctx.info.name, ctx.info.backend, ctx.info.driver, ctx.info.driver_info);
@@ -53,15 +52,15 @@ fn main() {
     let path = firstrt::testdata::model_path();
     let base = LoadedModel::load(&ctx, &path, DType::F32, &mut |_, _| {}).expect("loading the test model");
     let t = Instant::now();
-    let merged =
-        LoadedModel::load_merged(&ctx, &path, DType::F32, Some(&MergedLora { dir: adapter.clone(), scale: 1.0 }), &mut |_, _| {})
-            .expect("loading the merged model");
+    let merged = LoadedModel::load_merged(&ctx, &path, DType::F32, Some(&MergedLora { dir: adapter.clone(), scale: 1.0 }), &mut |_, _| {})
+        .expect("loading the merged model");
     let merged_load = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let lora = base.load_lora(&adapter).expect("uploading the adapter");
     let upload = t.elapsed().as_secs_f64();
     println!("merged load {merged_load:.2} s; unmerged adapter read + upload {:.3} s, {} KiB", upload, lora.byte_len() / 1024);
-    let mut ids = base.text_ids("Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker.").unwrap();
+    let mut ids =
+        base.text_ids("Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker.").unwrap();
     while ids.len() < PROMPT_LEN {
         ids.extend_from_within(..);
     }

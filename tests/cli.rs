@@ -73,13 +73,15 @@ fn run_prompt_ids_json_and_logits_out() {
 
 #[test]
 fn run_chat_streams_text_to_stdout_only() {
-    let (stdout, stderr) = run_ok(
-        firstrt()
-            .arg("run")
-            .arg("--model")
-            .arg(model_path())
-            .args(["--chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "24"]),
-    );
+    let (stdout, stderr) = run_ok(firstrt().arg("run").arg("--model").arg(model_path()).args([
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ]));
     assert!(stdout.contains("Paris"), "answer: {stdout}");
     assert!(!stdout.contains("prefill:"), "timings must go to stderr");
     assert!(stderr.contains("prefill:"));
@@ -156,8 +158,6 @@ fn run_with_lora_both_modes() {
         assert_eq!(generated, case.greedy_ids[..6], "--lora-mode {mode}");
         assert_eq!(out["lora"]["mode"], mode);
     }
-    let stderr = run_err(
-        firstrt().arg("run").arg("--model").arg(model_path()).args(["--prompt-ids", "1,2", "--lora"]).arg(fixtures_dir()),
-    );
+    let stderr = run_err(firstrt().arg("run").arg("--model").arg(model_path()).args(["--prompt-ids", "1,2", "--lora"]).arg(fixtures_dir()));
     assert!(stderr.contains("adapter_config.json"), "{stderr}");
 }

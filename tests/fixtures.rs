@@ -25,11 +25,7 @@ fn run_case(case: &Case, dtype: DType) -> Outcome {
     let mut session = Session::new(&model.weights, SessionOptions { ctx_len: 512, candidates: 1 }, plan).unwrap();
     let (logits, greedy) = greedy_with_logits(&mut session, &case.prompt_ids, case.greedy_ids.len());
     let (_, want) = fixture_tensor(&case.logits_key);
-    Outcome {
-        logits_diff: max_abs_diff(&logits, &want),
-        top1_equal: argmax(&logits) == argmax(&want),
-        greedy,
-    }
+    Outcome { logits_diff: max_abs_diff(&logits, &want), top1_equal: argmax(&logits) == argmax(&want), greedy }
 }
 
 fn base_cases() -> Vec<Case> {

@@ -75,7 +75,13 @@ fn write_adapter_b(dir: &Path) {
     let (config, mut tensors) = read_adapter(&fixtures_dir().join("lora"));
     for (name, _, data) in &mut tensors {
         let layer: usize = name.split('.').nth(4).unwrap().parse().unwrap();
-        let f = if name.contains("lora_B") { 1.5 } else if layer % 2 == 0 { -1.0 } else { 1.0 };
+        let f = if name.contains("lora_B") {
+            1.5
+        } else if layer % 2 == 0 {
+            -1.0
+        } else {
+            1.0
+        };
         data.iter_mut().for_each(|v| *v *= f);
     }
     write_adapter(dir, &config, &tensors);
@@ -280,8 +286,8 @@ fn unsupported_options_are_rejected() {
         eprintln!("{key}: {e}");
         assert!(e.contains(expect) && e.contains("adapter_config.json"), "{key}: {e}");
     }
-    let mut s = Session::new(&model.weights, SessionOptions { ctx_len: 8, candidates: 1 }, LayerPlan::full(model.weights.config.n_layers))
-        .unwrap();
+    let mut s =
+        Session::new(&model.weights, SessionOptions { ctx_len: 8, candidates: 1 }, LayerPlan::full(model.weights.config.n_layers)).unwrap();
     let a = model.load_lora(&fixtures_dir().join("lora")).unwrap();
     assert!(s.set_lora(Some(a), f32::NAN).is_err());
 }

@@ -44,7 +44,12 @@ fn check_totals(mode: ProfileMode) {
         let table: f64 = phase.families.iter().map(|g| g.total_s).sum();
         assert!((table - phase.kernel_s).abs() <= 1e-9 * phase.kernel_s.max(1.0), "table total = kernel total");
         let ratio = table / phase.gpu_span_s;
-        eprintln!("{mode:?} {}: kernels {:.3} ms, around them {:.3} ms, ratio {ratio:.3}", phase.phase, 1e3 * table, 1e3 * phase.gpu_span_s);
+        eprintln!(
+            "{mode:?} {}: kernels {:.3} ms, around them {:.3} ms, ratio {ratio:.3}",
+            phase.phase,
+            1e3 * table,
+            1e3 * phase.gpu_span_s
+        );
         assert!((0.8..=1.2).contains(&ratio), "{mode:?} {}: per-kernel total / GPU span = {ratio}", phase.phase);
         let families: Vec<&str> = phase.families.iter().map(|g| g.name.as_str()).collect();
         let linear = if phase.phase == "prefill" { "matmul" } else { "matvec" };

@@ -35,11 +35,8 @@ fn router_file(model: &LoadedModel, biases: &[f32], name: &str) -> PathBuf {
 }
 
 fn greedy(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
-    let options = GenerateOptions {
-        max_tokens: n,
-        sampler: SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
-        end_ids: vec![],
-    };
+    let options =
+        GenerateOptions { max_tokens: n, sampler: SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 }, end_ids: vec![] };
     generate(session, prompt, &options, &mut |_| true).unwrap().generated_ids
 }
 

@@ -41,9 +41,9 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     fn sampler(&self) -> SamplerConfig {
-        let seed = self.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-        });
+        let seed = self
+            .seed
+            .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         SamplerConfig { temperature: self.temperature.max(0.0), top_k: self.top_k, top_p: self.top_p.clamp(0.0, 1.0), seed }
     }
 
@@ -326,8 +326,7 @@ fn print_timings(g: &Generation) {
 fn write_logits(path: &PathBuf, logits: &[f32]) -> Result<()> {
     let bytes: &[u8] = bytemuck::cast_slice(logits);
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![logits.len()], bytes)?;
-    safetensors::serialize_to_file([("logits", view)], None, path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file([("logits", view)], None, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -537,7 +536,9 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
                     session = new_session(&lora)?;
                     cached.clear();
                     match &lora {
-                        Some((g, s)) => eprintln!("(LoRA {} at scale {s}, rank {}, {} KiB on the GPU)", g.dir.display(), g.rank, g.byte_len() / 1024),
+                        Some((g, s)) => {
+                            eprintln!("(LoRA {} at scale {s}, rank {}, {} KiB on the GPU)", g.dir.display(), g.rank, g.byte_len() / 1024)
+                        }
                         None => eprintln!("(LoRA off)"),
                     }
                 }

@@ -96,7 +96,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("r.safetensors");
         let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
-        let cli = TestCli::try_parse_from(["routers", "init", "--model", m, "--out", o, "--r", "8", "--bias", "-1", "--threshold", "0.4"]).unwrap();
+        let cli = TestCli::try_parse_from(["routers", "init", "--model", m, "--out", o, "--r", "8", "--bias", "-1", "--threshold", "0.4"])
+            .unwrap();
         run(RoutersArgs { command: cli.command }).unwrap();
         let source = open_model(&model).unwrap();
         let id = model_identity(source.as_ref()).unwrap();

@@ -46,9 +46,8 @@ fn padded_size(bytes: usize) -> u64 {
     (bytes.max(16).div_ceil(16) * 16) as u64
 }
 
-const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-    .union(wgpu::BufferUsages::COPY_SRC)
-    .union(wgpu::BufferUsages::COPY_DST);
+const STORAGE_USAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
 
 /// A storage buffer holding `shape` elements of `dtype`, row-major.
 #[derive(Debug, Clone)]
@@ -73,11 +72,7 @@ impl GpuTensor {
 
     fn check_size(ctx: &GpuContext, label: &str, bytes: u64) -> Result<(), GpuError> {
         if bytes > ctx.limits.max_buffer_size {
-            return Err(GpuError::BufferTooLarge {
-                label: label.to_string(),
-                needed: bytes,
-                limit: ctx.limits.max_buffer_size,
-            });
+            return Err(GpuError::BufferTooLarge { label: label.to_string(), needed: bytes, limit: ctx.limits.max_buffer_size });
         }
         Ok(())
     }
@@ -101,19 +96,11 @@ impl GpuTensor {
         let size = padded_size(bytes.len());
         Self::check_size(ctx, label, size)?;
         let buffer = if size as usize == bytes.len() {
-            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytes,
-                usage: STORAGE_USAGE,
-            })
+            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: bytes, usage: STORAGE_USAGE })
         } else {
             let mut padded = bytes.to_vec();
             padded.resize(size as usize, 0);
-            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: &padded,
-                usage: STORAGE_USAGE,
-            })
+            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: &padded, usage: STORAGE_USAGE })
         };
         let _held = ctx.memory.hold(size);
         Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string(), _held })
@@ -205,9 +192,7 @@ pub fn map_and_read(ctx: &GpuContext, staging: &wgpu::Buffer, len: usize, label:
         .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
     let _ = mapped;
     let out = {
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
+        let view = staging.get_mapped_range(..).map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
         view[..len].to_vec()
     };
     staging.unmap();

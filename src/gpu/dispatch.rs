@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use super::pipeline::Pipeline;
 use super::GpuContext;
+use super::pipeline::Pipeline;
 
 /// Work done by one dispatch, for GFLOP/s and GB/s figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -20,7 +20,10 @@ pub struct Cost {
 enum Groups {
     Direct([u32; 3]),
     /// Counts read on the GPU from `buffer` at `offset` (three u32).
-    Indirect { buffer: wgpu::Buffer, offset: u64 },
+    Indirect {
+        buffer: wgpu::Buffer,
+        offset: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -58,16 +61,10 @@ impl Dispatch {
         cost: Cost,
     ) -> Dispatch {
         let label = label.into();
-        let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
-            .iter()
-            .enumerate()
-            .map(|(i, r)| wgpu::BindGroupEntry { binding: i as u32, resource: r.clone() })
-            .collect();
-        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&label),
-            layout: &pipeline.layout,
-            entries: &entries,
-        });
+        let entries: Vec<wgpu::BindGroupEntry<'_>> =
+            resources.iter().enumerate().map(|(i, r)| wgpu::BindGroupEntry { binding: i as u32, resource: r.clone() }).collect();
+        let bind_group =
+            ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&label), layout: &pipeline.layout, entries: &entries });
         Dispatch { label, pipeline: pipeline.clone(), bind_group, groups: Groups::Direct(workgroups), cost }
     }
 

@@ -44,9 +44,7 @@ pub enum GpuError {
     Device(String),
     #[error("reading back buffer {label}: {message}")]
     Readback { label: String, message: String },
-    #[error(
-        "tensor {label} needs {needed} bytes in one buffer, more than the adapter's max_buffer_size {limit}"
-    )]
+    #[error("tensor {label} needs {needed} bytes in one buffer, more than the adapter's max_buffer_size {limit}")]
     BufferTooLarge { label: String, needed: u64, limit: u64 },
     /// A kernel was asked for shapes or sizes it does not support (or that do not match).
     #[error("invalid kernel arguments: {0}")]
@@ -117,10 +115,7 @@ pub fn list_adapters(options: &GpuOptions) -> Result<Vec<AdapterReport>, GpuErro
     let backends = parse_backends(options)?;
     let instance = new_instance(backends);
     let adapters = pollster::block_on(instance.enumerate_adapters(backends));
-    Ok(adapters
-        .iter()
-        .map(|a| AdapterReport { info: a.get_info(), features: feature_names(a.features()), limits: a.limits() })
-        .collect())
+    Ok(adapters.iter().map(|a| AdapterReport { info: a.get_info(), features: feature_names(a.features()), limits: a.limits() }).collect())
 }
 
 /// Rank adapters: a real GPU before a software one, discrete before integrated, and on a tie
@@ -323,9 +318,7 @@ impl GpuContext {
 
     /// Block until all submitted work is done.
     pub fn wait(&self) -> Result<(), GpuError> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| GpuError::Device(format!("waiting for the GPU: {e}")))?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Device(format!("waiting for the GPU: {e}")))?;
         self.take_error()
     }
 

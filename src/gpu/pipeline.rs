@@ -124,11 +124,7 @@ impl ShaderVariant {
         }
         if let Some(start) = text.find("{{") {
             let end = text[start..].find("}}").map_or(text.len(), |e| start + e + 2);
-            return Err(GpuError::Device(format!(
-                "shader {}: placeholder {} has no value",
-                self.family,
-                &text[start..end]
-            )));
+            return Err(GpuError::Device(format!("shader {}: placeholder {} has no value", self.family, &text[start..end])));
         }
         Ok(text)
     }

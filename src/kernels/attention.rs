@@ -15,7 +15,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
-use crate::kernels::rope::{cache_rows, check_f32, AttnShape};
+use crate::kernels::rope::{AttnShape, cache_rows, check_f32};
 use crate::kernels::step::StepBuffer;
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
@@ -109,11 +109,7 @@ fn variant(entry: &'static str, head_dim: usize) -> ShaderVariant {
 
 /// The variant [`attention`] picks for `rows` query rows.
 pub fn default_variant(rows: usize) -> AttnVariant {
-    if rows <= SPLIT_MAX_ROWS {
-        AttnVariant::Split { keys_per_split: DEFAULT_KEYS_PER_SPLIT }
-    } else {
-        AttnVariant::Rows
-    }
+    if rows <= SPLIT_MAX_ROWS { AttnVariant::Split { keys_per_split: DEFAULT_KEYS_PER_SPLIT } } else { AttnVariant::Rows }
 }
 
 /// Causal attention with GQA (kv head = h / (n_heads / n_kv_heads)): for t < rows (the step's
@@ -251,10 +247,7 @@ pub fn attention_variant(
                     out.buffer.as_entire_binding(),
                 ],
                 grid(n_comb.div_ceil(64) as u32),
-                Cost {
-                    flops: (4 * n_part * hd4 * 4) as u64,
-                    bytes: (4 * (n_part * (2 + hd4 * 4) + rows * shape.q_dim())) as u64,
-                },
+                Cost { flops: (4 * n_part * hd4 * 4) as u64, bytes: (4 * (n_part * (2 + hd4 * 4) + rows * shape.q_dim())) as u64 },
             );
             Ok(vec![partials, merge])
         }

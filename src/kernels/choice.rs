@@ -62,7 +62,11 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
         match (family, MatmulVariant::parse(name), MatvecVariant::parse(name)) {
             (None | Some("matmul"), Some(v), _) => f.matmul = Some(v),
             (None | Some("matvec"), _, Some(v)) => f.matvec = Some(v),
-            _ => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled, matvec=rows|reduce, f16read=native|packed)")),
+            _ => {
+                return Err(format!(
+                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled, matvec=rows|reduce, f16read=native|packed)"
+                ));
+            }
         }
     }
     Ok(f)
@@ -99,10 +103,7 @@ pub fn read_cache_at(path: &Path, key: &str, family: &str) -> Option<String> {
 
 /// Record `variant` for (`key`, `family`) in the cache file at `path`, keeping other entries.
 pub fn write_cache_at(path: &Path, key: &str, family: &str, variant: &str) -> std::io::Result<()> {
-    let mut cache: CacheFile = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
+    let mut cache: CacheFile = std::fs::read_to_string(path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
     cache.entry(key.to_string()).or_default().insert(family.to_string(), variant.to_string());
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -129,7 +130,10 @@ fn choose(
         log::info!("kernel choice: {family} = {v} (forced by FIRSTRT_KERNEL)");
         v.to_string()
     } else if let Some(v) = cache.and_then(|p| read_cache_at(p, &key, family)) {
-        log::info!("kernel choice: {family} = {v} (cached for this adapter in {})", cache.map_or(String::new(), |p| p.display().to_string()));
+        log::info!(
+            "kernel choice: {family} = {v} (cached for this adapter in {})",
+            cache.map_or(String::new(), |p| p.display().to_string())
+        );
         v
     } else {
         match measure() {

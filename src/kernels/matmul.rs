@@ -262,8 +262,8 @@ mod tests {
         let gx = GpuTensor::from_f32(ctx, "x", &[c.t, c.k], &x).unwrap();
         let gb = GpuTensor::from_f32(ctx, "b", &[c.n], &b).unwrap();
         let gy = GpuTensor::from_f32(ctx, "y", &[c.t, stride], &y0).unwrap();
-        let ds = matmul_with_kind(ctx, "mm", &gx, c.t, &gw, c.bias.then_some(&gb), &gy, stride, c.y_col0, c.accumulate, variant, kind)
-            .unwrap();
+        let ds =
+            matmul_with_kind(ctx, "mm", &gx, c.t, &gw, c.bias.then_some(&gb), &gy, stride, c.y_col0, c.accumulate, variant, kind).unwrap();
         let refs: Vec<&Dispatch> = ds.iter().collect();
         ctx.run("test", &refs).unwrap();
         let got = gy.read_f32(ctx).unwrap();

@@ -287,7 +287,16 @@ mod tests {
     }
 
     /// Runs one matvec and compares with the reference; y starts as `y0` (accumulate) or garbage.
-    fn check(ctx: &GpuContext, n: usize, k: usize, kind: WeightKind, variant: MatvecVariant, with_bias: bool, accumulate: bool, y_col0: usize) {
+    fn check(
+        ctx: &GpuContext,
+        n: usize,
+        k: usize,
+        kind: WeightKind,
+        variant: MatvecVariant,
+        with_bias: bool,
+        accumulate: bool,
+        y_col0: usize,
+    ) {
         let seed = (n * 31 + k) as u64;
         let x = random_vec(k, seed);
         let mut wv = random_vec(n * k, seed + 1);

@@ -62,8 +62,7 @@ impl AttnShape {
 /// `factor`, those below `original_max_position / high_freq_factor` are kept, and those between
 /// are interpolated smoothly.
 pub fn rope_inv_freq(head_dim: usize, theta: f32, scaling: Option<&RopeScalingParams>) -> Vec<f32> {
-    let inv: Vec<f32> =
-        (0..head_dim / 2).map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let inv: Vec<f32> = (0..head_dim / 2).map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
     let Some(s) = scaling else { return inv };
     let old_len = s.original_max_position as f32;
     let low_freq_wavelen = old_len / s.low_freq_factor;

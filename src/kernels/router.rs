@@ -53,10 +53,7 @@ fn check(label: &str, what: &str, t: &GpuTensor, need: usize) -> Result<(), GpuE
         return Err(GpuError::InvalidArgument(format!("{label}: router {what} must be f32, is {}", t.dtype)));
     }
     if t.numel() < need {
-        return Err(GpuError::InvalidArgument(format!(
-            "{label}: router {what} has {} elements, needs {need}",
-            t.numel()
-        )));
+        return Err(GpuError::InvalidArgument(format!("{label}: router {what} has {} elements, needs {need}", t.numel())));
     }
     Ok(())
 }
@@ -287,7 +284,8 @@ mod tests {
     #[test]
     fn router_matches_reference() {
         let ctx = test_context();
-        let shapes = [(1, 7, 0), (1, 7, 3), (7, 257, 5), (64, 33, 1), (65, 33, 9), (257, 64, 16), (1757, 33, 0), (1757, 13, 7), (3000, 576, 64)];
+        let shapes =
+            [(1, 7, 0), (1, 7, 3), (7, 257, 5), (64, 33, 1), (65, 33, 9), (257, 64, 16), (1757, 33, 0), (1757, 13, 7), (3000, 576, 64)];
         let mut probs_seen = Vec::new();
         for (i, &(rows, d, r)) in shapes.iter().enumerate() {
             let c = case(rows, d, r, 1000 + 10 * i as u64);

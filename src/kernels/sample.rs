@@ -76,12 +76,7 @@ fn reduce_passes(
             ctx,
             &pipeline,
             format!("{label}.pass{}", dispatches.len()),
-            &[
-                u.as_entire_binding(),
-                logits.buffer.as_entire_binding(),
-                src_buf.as_entire_binding(),
-                dst.buffer.as_entire_binding(),
-            ],
+            &[u.as_entire_binding(), logits.buffer.as_entire_binding(), src_buf.as_entire_binding(), dst.buffer.as_entire_binding()],
             grid(groups as u32),
             Cost { flops: m as u64, bytes: (in_bytes + 8 * groups * per_group) as u64 },
         ));
@@ -95,11 +90,7 @@ fn reduce_passes(
 
 fn check_logits(label: &str, logits: &GpuTensor, n: usize) -> Result<(), GpuError> {
     if logits.dtype != DType::F32 || logits.numel() < n || n == 0 || n > (u32::MAX / 2) as usize {
-        return Err(GpuError::InvalidArgument(format!(
-            "{label}: need {n} (> 0) f32 logits, got {} {}",
-            logits.numel(),
-            logits.dtype
-        )));
+        return Err(GpuError::InvalidArgument(format!("{label}: need {n} (> 0) f32 logits, got {} {}", logits.numel(), logits.dtype)));
     }
     Ok(())
 }
@@ -182,7 +173,14 @@ pub fn top_k(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usi
 pub const SELECT_CAP: usize = 1024;
 
 /// [`top_k`] by bitonic sorts of 1024-entry tiles in passes (its fallback; also usable alone).
-pub fn top_k_sort(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
+pub fn top_k_sort(
+    ctx: &GpuContext,
+    label: &str,
+    logits: &GpuTensor,
+    n: usize,
+    k: usize,
+    out: &GpuTensor,
+) -> Result<Vec<Dispatch>, GpuError> {
     check_top_k(label, logits, n, k, out)?;
     reduce_passes(ctx, label, "top_k", logits, n, TOPK_TILE, k, out)
 }
@@ -250,10 +248,7 @@ impl Sampler {
         let cands = if self.cfg.top_k > 0 { &candidates[..self.cfg.top_k.min(candidates.len())] } else { candidates };
         // Softmax over logit / T, relative to the largest (the first).
         let max = top as f64 / t as f64;
-        let weights: Vec<f64> = cands
-            .iter()
-            .map(|&(_, l)| if l.is_nan() { 0.0 } else { (l as f64 / t as f64 - max).exp() })
-            .collect();
+        let weights: Vec<f64> = cands.iter().map(|&(_, l)| if l.is_nan() { 0.0 } else { (l as f64 / t as f64 - max).exp() }).collect();
         let total: f64 = weights.iter().sum();
         // Nucleus: the smallest prefix with mass >= top_p (at least one candidate).
         let keep = if self.cfg.top_p >= 1.0 {

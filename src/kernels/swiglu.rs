@@ -20,14 +20,7 @@ pub struct SwigluParams {
 
 /// `out` (`[rows, ff]` f32) = silu(gate) * up, with `gate_up` `[rows, 2 * ff]` f32 holding the
 /// gate in columns `0..ff` and the up projection in `ff..2 * ff`.
-pub fn swiglu(
-    ctx: &GpuContext,
-    label: &str,
-    gate_up: &GpuTensor,
-    rows: usize,
-    ff: usize,
-    out: &GpuTensor,
-) -> Result<Dispatch, GpuError> {
+pub fn swiglu(ctx: &GpuContext, label: &str, gate_up: &GpuTensor, rows: usize, ff: usize, out: &GpuTensor) -> Result<Dispatch, GpuError> {
     let n = rows * ff;
     if gate_up.dtype != DType::F32 || out.dtype != DType::F32 {
         return Err(GpuError::InvalidArgument(format!("{label}: swiglu needs f32 tensors")));

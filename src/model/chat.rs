@@ -24,10 +24,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 
     pub fn system(content: impl Into<String>) -> Self {
@@ -52,10 +49,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos_token", &self.bos_token)
-            .field("eos_token", &self.eos_token)
-            .finish_non_exhaustive()
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish_non_exhaustive()
     }
 }
 
@@ -73,11 +67,7 @@ impl std::error::Error for RaisedByTemplate {}
 
 impl ChatTemplate {
     /// Compiles `source`. Missing BOS/EOS strings render as empty strings.
-    pub fn new(
-        source: &str,
-        bos_token: Option<&str>,
-        eos_token: Option<&str>,
-    ) -> Result<Self, TokenizerError> {
+    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -85,30 +75,14 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", python_tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| TokenizerError::TemplateSyntax {
-                message: e.to_string(),
-            })?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.unwrap_or_default().to_string(),
-            eos_token: eos_token.unwrap_or_default().to_string(),
-        })
+        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| TokenizerError::TemplateSyntax { message: e.to_string() })?;
+        Ok(Self { env, bos_token: bos_token.unwrap_or_default().to_string(), eos_token: eos_token.unwrap_or_default().to_string() })
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends with the header of
     /// an assistant turn, ready for generation.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, TokenizerError> {
-        let template =
-            self.env
-                .get_template(TEMPLATE_NAME)
-                .map_err(|e| TokenizerError::TemplateRender {
-                    message: e.to_string(),
-                })?;
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TokenizerError::TemplateRender { message: e.to_string() })?;
         template
             .render(context! {
                 messages => messages,
@@ -124,70 +98,36 @@ fn render_error(error: Error) -> TokenizerError {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(current) = cause {
         if let Some(raised) = current.downcast_ref::<RaisedByTemplate>() {
-            return TokenizerError::TemplateException {
-                message: raised.0.clone(),
-            };
+            return TokenizerError::TemplateException { message: raised.0.clone() };
         }
         cause = current.source();
     }
-    TokenizerError::TemplateRender {
-        message: error.to_string(),
-    }
+    TokenizerError::TemplateRender { message: error.to_string() }
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
-        .with_source(RaisedByTemplate(message)))
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(RaisedByTemplate(message)))
 }
 
 /// `strftime_now(format)`: the current time (UTC) formatted like Python's `strftime`.
 fn strftime_now(format: String) -> Result<String, Error> {
     let seconds = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidOperation,
-                format!("system clock before 1970: {e}"),
-            )
-        })?
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("system clock before 1970: {e}")))?
         .as_secs() as i64;
     Ok(strftime_utc(&format, seconds))
 }
 
-const MONTH_NAMES: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-const WEEKDAY_NAMES: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const MONTH_NAMES: [&str; 12] =
+    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const WEEKDAY_NAMES: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// Formats a Unix time (UTC) with the common `strftime` directives; unknown directives are kept.
 pub(crate) fn strftime_utc(format: &str, unix_seconds: i64) -> String {
     let days = unix_seconds.div_euclid(86_400);
     let second_of_day = unix_seconds.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
-    let (hour, minute, second) = (
-        second_of_day / 3600,
-        second_of_day / 60 % 60,
-        second_of_day % 60,
-    );
+    let (hour, minute, second) = (second_of_day / 3600, second_of_day / 60 % 60, second_of_day % 60);
     let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday; 0 = Monday
     let day_of_year = days - days_from_civil(year, 1, 1) + 1;
     let month_name = MONTH_NAMES[(month - 1) as usize];
@@ -236,16 +176,11 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153; // 0 = March
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
 }
@@ -268,11 +203,7 @@ fn python_tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
-    let options = JsonOptions {
-        indent,
-        ensure_ascii: ensure_ascii.unwrap_or(false),
-        sort_keys: sort_keys.unwrap_or(false),
-    };
+    let options = JsonOptions { indent, ensure_ascii: ensure_ascii.unwrap_or(false), sort_keys: sort_keys.unwrap_or(false) };
     let mut out = String::new();
     write_json(&mut out, value, &options, 0)?;
     Ok(Value::from(out))
@@ -284,12 +215,7 @@ struct JsonOptions {
     sort_keys: bool,
 }
 
-fn write_json(
-    out: &mut String,
-    value: &Value,
-    options: &JsonOptions,
-    depth: usize,
-) -> Result<(), Error> {
+fn write_json(out: &mut String, value: &Value, options: &JsonOptions, depth: usize) -> Result<(), Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -308,16 +234,10 @@ fn write_json(
                 }
             }
         },
-        ValueKind::String => write_json_string(
-            out,
-            value.as_str().unwrap_or_default(),
-            options.ensure_ascii,
-        ),
+        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), options.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
-            write_container(out, '[', ']', &items, options, depth, |out, item, depth| {
-                write_json(out, item, options, depth)
-            })?;
+            write_container(out, '[', ']', &items, options, depth, |out, item, depth| write_json(out, item, options, depth))?;
         }
         ValueKind::Map => {
             let mut keys: Vec<Value> = value.try_iter()?.collect();
@@ -335,10 +255,7 @@ fn write_json(
             })?;
         }
         other => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                format!("tojson cannot serialise a value of kind {other}"),
-            ));
+            return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson cannot serialise a value of kind {other}")));
         }
     }
     Ok(())
@@ -415,11 +332,7 @@ fn python_float_repr(value: f64) -> String {
         return format!("{mantissa}e{sign}{:02}", exponent.abs());
     }
     let text = format!("{value}");
-    if text.contains('.') {
-        text
-    } else {
-        format!("{text}.0")
-    }
+    if text.contains('.') { text } else { format!("{text}.0") }
 }
 
 #[cfg(test)]
@@ -433,17 +346,14 @@ mod tests {
     #[test]
     fn trim_and_lstrip_blocks_like_transformers() {
         let source = "{% for m in messages %}\n    {% if loop.first %}[first]{% endif %}\n{{ m.role }}|{% endfor %}";
-        let text = render(
-            source,
-            &[ChatMessage::user("a"), ChatMessage::assistant("b")],
-        )
-        .unwrap();
+        let text = render(source, &[ChatMessage::user("a"), ChatMessage::assistant("b")]).unwrap();
         assert_eq!(text, "[first]user|assistant|");
     }
 
     #[test]
     fn bos_eos_and_generation_prompt_variables() {
-        let source = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}>{% endif %}";
+        let source =
+            "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}>{% endif %}";
         let template = ChatTemplate::new(source, Some("<s>"), Some("</s>")).unwrap();
         let messages = [ChatMessage::user("hi")];
         assert_eq!(template.render(&messages, true).unwrap(), "<s>hi</s>>");
@@ -453,10 +363,7 @@ mod tests {
     #[test]
     fn python_string_methods_work() {
         let source = "{% for m in messages %}{{ m.content.strip() }}{% if m.content.startswith(' x') %}!{% endif %}{% endfor %}";
-        assert_eq!(
-            render(source, &[ChatMessage::user(" x y \n")]).unwrap(),
-            "x y!"
-        );
+        assert_eq!(render(source, &[ChatMessage::user(" x y \n")]).unwrap(), "x y!");
     }
 
     #[test]
@@ -473,10 +380,7 @@ mod tests {
     #[test]
     fn syntax_error_is_reported_at_compile_time() {
         let result = ChatTemplate::new("{% for m in messages %}", None, None);
-        assert!(
-            matches!(result, Err(TokenizerError::TemplateSyntax { .. })),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(TokenizerError::TemplateSyntax { .. })), "{result:?}");
     }
 
     #[test]
@@ -510,10 +414,7 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday, day 60 of the year.
         let t = 1_709_211_909;
         assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", t), "2024-02-29 13:05:09");
-        assert_eq!(
-            strftime_utc("%d %B %Y, %A (%a %b) day %j %%", t),
-            "29 February 2024, Thursday (Thu Feb) day 060 %"
-        );
+        assert_eq!(strftime_utc("%d %B %Y, %A (%a %b) day %j %%", t), "29 February 2024, Thursday (Thu Feb) day 060 %");
         assert_eq!(strftime_utc("%Y-%m-%d", 0), "1970-01-01");
         let now = render("{{ strftime_now('%Y') }}", &[]).unwrap();
         assert!(now.parse::<i32>().is_ok_and(|year| year >= 2024), "{now}");

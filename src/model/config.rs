@@ -24,9 +24,7 @@ impl Arch {
             "llama" | "LlamaForCausalLM" => Ok(Arch::Llama),
             "mistral" | "MistralForCausalLM" => Ok(Arch::Mistral),
             "qwen2" | "Qwen2ForCausalLM" => Ok(Arch::Qwen2),
-            other => Err(ModelError::UnsupportedArch {
-                arch: other.to_owned(),
-            }),
+            other => Err(ModelError::UnsupportedArch { arch: other.to_owned() }),
         }
     }
 }
@@ -70,10 +68,7 @@ pub struct ModelConfig {
 }
 
 fn to_usize(path: &Path, key: &str, v: u64) -> Result<usize, ModelError> {
-    usize::try_from(v).map_err(|_| ModelError::BadConfig {
-        path: path.to_path_buf(),
-        what: format!("{key} = {v} does not fit in usize"),
-    })
+    usize::try_from(v).map_err(|_| ModelError::BadConfig { path: path.to_path_buf(), what: format!("{key} = {v} does not fit in usize") })
 }
 
 impl ModelConfig {
@@ -110,20 +105,15 @@ impl ModelConfig {
         };
         let max_position = usize_key("context_length")?;
 
-        let vocab_size = if let Some(tokens) =
-            g.meta("tokenizer.ggml.tokens").and_then(|v| v.as_array())
-        {
+        let vocab_size = if let Some(tokens) = g.meta("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
             tokens.len()
         } else if let Some(n) = optional_usize("vocab_size")? {
             n
         } else {
-            let embd =
-                g.tensor_info("token_embd.weight")
-                    .ok_or_else(|| ModelError::MissingKey {
-                        path: g.path.clone(),
-                        key: "tokenizer.ggml.tokens (or token_embd.weight for the vocabulary size)"
-                            .into(),
-                    })?;
+            let embd = g.tensor_info("token_embd.weight").ok_or_else(|| ModelError::MissingKey {
+                path: g.path.clone(),
+                key: "tokenizer.ggml.tokens (or token_embd.weight for the vocabulary size)".into(),
+            })?;
             let n = embd.dims.get(1).copied().unwrap_or(0);
             to_usize(&g.path, "token_embd.weight dims[1]", n)?
         };
@@ -175,11 +165,10 @@ impl ModelConfig {
                 };
                 let original = match g.meta(&key("original_context_length")) {
                     None => LLAMA3_ORIGINAL_CONTEXT,
-                    Some(_) => u32::try_from(g.meta_u64(&key("original_context_length"))?)
-                        .map_err(|_| ModelError::BadConfig {
-                            path: g.path.clone(),
-                            what: format!("{} does not fit in u32", key("original_context_length")),
-                        })?,
+                    Some(_) => u32::try_from(g.meta_u64(&key("original_context_length"))?).map_err(|_| ModelError::BadConfig {
+                        path: g.path.clone(),
+                        what: format!("{} does not fit in u32", key("original_context_length")),
+                    })?,
                 };
                 return Ok(Some(RopeScaling {
                     factor: g.meta_f64(&key("factor"))? as f32,
@@ -189,10 +178,7 @@ impl ModelConfig {
                 }));
             }
             Some(other) => {
-                return Err(ModelError::UnsupportedRopeScaling {
-                    path: g.path.clone(),
-                    kind: other.to_owned(),
-                });
+                return Err(ModelError::UnsupportedRopeScaling { path: g.path.clone(), kind: other.to_owned() });
             }
         }
         if g.tensor_info("rope_freqs.weight").is_some() {
@@ -216,32 +202,15 @@ impl ModelConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_config(path: &Path) -> Result<ModelConfig, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let name = path
-            .parent()
-            .and_then(|p| p.file_name())
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
+        let name = path.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Self::from_hf_json(path, &json, name)
     }
 
     /// Parses an already-loaded `config.json`; `path` is used in errors only.
-    pub fn from_hf_json(
-        path: &Path,
-        json: &Value,
-        name: String,
-    ) -> Result<ModelConfig, ModelError> {
-        let missing = |key: &str| ModelError::MissingKey {
-            path: path.to_path_buf(),
-            key: key.to_owned(),
-        };
+    pub fn from_hf_json(path: &Path, json: &Value, name: String) -> Result<ModelConfig, ModelError> {
+        let missing = |key: &str| ModelError::MissingKey { path: path.to_path_buf(), key: key.to_owned() };
         let bad = |key: &str, expected: &'static str| ModelError::WrongKeyType {
             path: path.to_path_buf(),
             key: key.to_owned(),
@@ -252,11 +221,7 @@ impl ModelConfig {
         let opt_usize = |key: &str| -> Result<Option<usize>, ModelError> {
             match present(key) {
                 None => Ok(None),
-                Some(v) => v
-                    .as_u64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .map(Some)
-                    .ok_or_else(|| bad(key, "a non-negative integer")),
+                Some(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()).map(Some).ok_or_else(|| bad(key, "a non-negative integer")),
             }
         };
         let req_usize = |key: &str| opt_usize(key)?.ok_or_else(|| missing(key));
@@ -269,11 +234,7 @@ impl ModelConfig {
 
         let arch_name = present("model_type")
             .and_then(Value::as_str)
-            .or_else(|| {
-                present("architectures")
-                    .and_then(|a| a.get(0))
-                    .and_then(Value::as_str)
-            })
+            .or_else(|| present("architectures").and_then(|a| a.get(0)).and_then(Value::as_str))
             .ok_or_else(|| missing("model_type"))?;
         let arch = Arch::from_name(arch_name)?;
 
@@ -286,9 +247,7 @@ impl ModelConfig {
         };
         let tied_embeddings = match present("tie_word_embeddings") {
             None => false,
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| bad("tie_word_embeddings", "a bool"))?,
+            Some(v) => v.as_bool().ok_or_else(|| bad("tie_word_embeddings", "a bool"))?,
         };
         let qkv_bias = match (arch, present("attention_bias")) {
             (Arch::Qwen2, _) => true,
@@ -299,21 +258,12 @@ impl ModelConfig {
         let rope_scaling = match present("rope_scaling") {
             None => None,
             Some(rs) => {
-                let kind = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("(none)");
+                let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str).unwrap_or("(none)");
                 if kind != "llama3" {
-                    return Err(ModelError::UnsupportedRopeScaling {
-                        path: path.to_path_buf(),
-                        kind: kind.to_owned(),
-                    });
+                    return Err(ModelError::UnsupportedRopeScaling { path: path.to_path_buf(), kind: kind.to_owned() });
                 }
                 let num = |key: &str| -> Result<f64, ModelError> {
-                    rs.get(key)
-                        .and_then(Value::as_f64)
-                        .ok_or_else(|| missing(&format!("rope_scaling.{key}")))
+                    rs.get(key).and_then(Value::as_f64).ok_or_else(|| missing(&format!("rope_scaling.{key}")))
                 };
                 let original = num("original_max_position_embeddings")?;
                 Some(RopeScaling {
@@ -348,12 +298,7 @@ impl ModelConfig {
 
     /// Rejects sizes a forward pass cannot use: zeros, heads that do not group, odd head_dim.
     fn validate(&self, path: &Path) -> Result<(), ModelError> {
-        let bad = |what: String| {
-            Err(ModelError::BadConfig {
-                path: path.to_path_buf(),
-                what,
-            })
-        };
+        let bad = |what: String| Err(ModelError::BadConfig { path: path.to_path_buf(), what });
         for (name, v) in [
             ("n_layers", self.n_layers),
             ("d_model", self.d_model),
@@ -368,26 +313,17 @@ impl ModelConfig {
             }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad(format!(
-                "{} heads are not a multiple of {} kv heads",
-                self.n_heads, self.n_kv_heads
-            ));
+            return bad(format!("{} heads are not a multiple of {} kv heads", self.n_heads, self.n_kv_heads));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return bad(format!(
-                "head_dim {} is odd (RoPE rotates pairs)",
-                self.head_dim
-            ));
+            return bad(format!("head_dim {} is odd (RoPE rotates pairs)", self.head_dim));
         }
         if self.n_heads.checked_mul(self.head_dim).is_none() {
             return bad("n_heads * head_dim overflows".into());
         }
         let positive = |x: f32| x > 0.0 && x.is_finite();
         if !positive(self.rms_eps) || !positive(self.rope_theta) {
-            return bad(format!(
-                "rms_eps {} and rope_theta {} must be positive",
-                self.rms_eps, self.rope_theta
-            ));
+            return bad(format!("rms_eps {} and rope_theta {} must be positive", self.rms_eps, self.rope_theta));
         }
         Ok(())
     }
@@ -433,16 +369,10 @@ mod tests {
             .kv("llama.attention.head_count", MetaValue::U32(2))
             .kv("llama.attention.head_count_kv", MetaValue::U32(1))
             .kv("llama.feed_forward_length", MetaValue::U32(12))
-            .kv(
-                "llama.attention.layer_norm_rms_epsilon",
-                MetaValue::F32(1e-5),
-            )
+            .kv("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5))
             .kv("llama.rope.freq_base", MetaValue::F32(500_000.0))
             .kv("llama.context_length", MetaValue::U32(128))
-            .kv(
-                "tokenizer.ggml.tokens",
-                MetaValue::Array((0..5).map(|i| MetaValue::String(format!("t{i}"))).collect()),
-            )
+            .kv("tokenizer.ggml.tokens", MetaValue::Array((0..5).map(|i| MetaValue::String(format!("t{i}"))).collect()))
     }
 
     #[test]
@@ -475,25 +405,14 @@ mod tests {
     #[test]
     fn gguf_rope_scaling_from_keys_and_from_rope_freqs() {
         let b = llama_builder()
-            .kv(
-                "llama.rope.scaling.type",
-                MetaValue::String("llama3".into()),
-            )
+            .kv("llama.rope.scaling.type", MetaValue::String("llama3".into()))
             .kv("llama.rope.scaling.factor", MetaValue::F32(32.0))
-            .kv(
-                "llama.rope.scaling.original_context_length",
-                MetaValue::U32(8192),
-            );
+            .kv("llama.rope.scaling.original_context_length", MetaValue::U32(8192));
         let file = b.write_temp("rope");
         let c = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap();
         assert_eq!(
             c.rope_scaling,
-            Some(RopeScaling {
-                factor: 32.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192
-            })
+            Some(RopeScaling { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })
         );
 
         let b = llama_builder().f32_tensor("rope_freqs.weight", &[2], &[1.0, 8.0]);
@@ -504,9 +423,7 @@ mod tests {
         let b = llama_builder().kv("llama.rope.scaling.type", MetaValue::String("yarn".into()));
         let file = b.write_temp("yarn");
         let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
-        assert!(
-            matches!(err, ModelError::UnsupportedRopeScaling { ref kind, .. } if kind == "yarn")
-        );
+        assert!(matches!(err, ModelError::UnsupportedRopeScaling { ref kind, .. } if kind == "yarn"));
     }
 
     #[test]
@@ -515,26 +432,19 @@ mod tests {
         b.kvs.retain(|(k, _)| k != "llama.feed_forward_length");
         let file = b.write_temp("nokey");
         let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
-        assert!(
-            matches!(err, ModelError::MissingKey { ref key, .. } if key == "llama.feed_forward_length"),
-            "{err}"
-        );
+        assert!(matches!(err, ModelError::MissingKey { ref key, .. } if key == "llama.feed_forward_length"), "{err}");
 
         let b = GgufBuilder::new().kv("general.architecture", MetaValue::String("mamba".into()));
         let file = b.write_temp("mamba");
         let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("mamba") && msg.contains("qwen2") && msg.contains("llama"),
-            "{msg}"
-        );
+        assert!(msg.contains("mamba") && msg.contains("qwen2") && msg.contains("llama"), "{msg}");
     }
 
     #[test]
     fn gguf_untied_and_biased() {
-        let b = llama_builder()
-            .tensor("output.weight", &[8, 5], GgmlType::F32, vec![0; 160])
-            .f32_tensor("blk.0.attn_q.bias", &[8], &[0.0; 8]);
+        let b =
+            llama_builder().tensor("output.weight", &[8, 5], GgmlType::F32, vec![0; 160]).f32_tensor("blk.0.attn_q.bias", &[8], &[0.0; 8]);
         let file = b.write_temp("untied");
         let c = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap();
         assert!(!c.tied_embeddings);
@@ -560,17 +470,10 @@ mod tests {
             "tie_word_embeddings": true,
             "vocab_size": 128256
         });
-        let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, "Llama-3.2-1B".into())
-            .unwrap();
+        let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, "Llama-3.2-1B".into()).unwrap();
         assert_eq!(c.arch, Arch::Llama);
-        assert_eq!(
-            (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim),
-            (16, 2048, 32, 8, 64)
-        );
-        assert_eq!(
-            (c.d_ff, c.vocab_size, c.max_position),
-            (8192, 128256, 131072)
-        );
+        assert_eq!((c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim), (16, 2048, 32, 8, 64));
+        assert_eq!((c.d_ff, c.vocab_size, c.max_position), (8192, 128256, 131072));
         assert_eq!((c.rms_eps, c.rope_theta), (1e-5, 500000.0));
         assert!(c.tied_embeddings && !c.qkv_bias);
         assert_eq!(c.rope_scaling.unwrap().factor, 32.0);
@@ -585,10 +488,7 @@ mod tests {
             "tie_word_embeddings": true, "vocab_size": 151936, "rope_scaling": null
         });
         let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, String::new()).unwrap();
-        assert_eq!(
-            (c.arch, c.head_dim, c.qkv_bias, c.rope_scaling),
-            (Arch::Qwen2, 64, true, None)
-        );
+        assert_eq!((c.arch, c.head_dim, c.qkv_bias, c.rope_scaling), (Arch::Qwen2, 64, true, None));
 
         let json = json!({
             "model_type": "mistral", "hidden_size": 5120, "intermediate_size": 14336,
@@ -596,10 +496,7 @@ mod tests {
             "max_position_embeddings": 1024000, "vocab_size": 131072
         });
         let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, String::new()).unwrap();
-        assert_eq!(
-            (c.arch, c.head_dim, c.tied_embeddings, c.rope_theta),
-            (Arch::Mistral, 128, false, 10000.0)
-        );
+        assert_eq!((c.arch, c.head_dim, c.tied_embeddings, c.rope_theta), (Arch::Mistral, 128, false, 10000.0));
     }
 
     #[test]
@@ -620,17 +517,11 @@ mod tests {
 
         let mut j = base.clone();
         j["hidden_size"] = json!(-8);
-        assert!(matches!(
-            ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()),
-            Err(ModelError::WrongKeyType { .. })
-        ));
+        assert!(matches!(ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()), Err(ModelError::WrongKeyType { .. })));
 
         let mut j = base.clone();
         j["num_key_value_heads"] = json!(3);
-        assert!(matches!(
-            ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()),
-            Err(ModelError::BadConfig { .. })
-        ));
+        assert!(matches!(ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()), Err(ModelError::BadConfig { .. })));
 
         let mut j = base;
         j["rope_scaling"] = json!({"type": "linear", "factor": 2.0});

@@ -21,16 +21,8 @@ use super::gguf::GgmlType;
 
 /// Dequantises `n_elements` values of type `ty` from `bytes`, which must hold exactly the
 /// blocks for that many elements. `tensor` names the tensor in errors.
-pub fn dequantize(
-    tensor: &str,
-    ty: GgmlType,
-    bytes: &[u8],
-    n_elements: usize,
-) -> Result<Vec<f32>, ModelError> {
-    let unsupported = || ModelError::UnsupportedType {
-        tensor: tensor.to_owned(),
-        ty: ty.to_string(),
-    };
+pub fn dequantize(tensor: &str, ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, ModelError> {
+    let unsupported = || ModelError::UnsupportedType { tensor: tensor.to_owned(), ty: ty.to_string() };
     let block_fn: fn(&[u8], &mut [f32]) = match ty {
         GgmlType::F32 => dequant_f32,
         GgmlType::F16 => dequant_f16,
@@ -58,17 +50,11 @@ pub fn dequantize(
     if expected_bytes != Some(bytes.len()) {
         return Err(ModelError::BadTensor {
             tensor: tensor.to_owned(),
-            what: format!(
-                "{} bytes of {ty} data for {n_elements} elements (expected {expected_bytes:?})",
-                bytes.len()
-            ),
+            what: format!("{} bytes of {ty} data for {n_elements} elements (expected {expected_bytes:?})", bytes.len()),
         });
     }
     let mut out = vec![0f32; n_elements];
-    for (block, values) in bytes
-        .chunks_exact(block_bytes)
-        .zip(out.chunks_exact_mut(block_elems))
-    {
+    for (block, values) in bytes.chunks_exact(block_bytes).zip(out.chunks_exact_mut(block_elems)) {
         block_fn(block, values);
     }
     Ok(out)
@@ -178,11 +164,7 @@ fn dequant_q4_k(block: &[u8], out: &mut [f32]) {
     let dmin = f16_at(block, 2);
     let scales = &block[4..16];
     let qs = &block[16..144];
-    for (chunk, (q, y)) in qs
-        .chunks_exact(32)
-        .zip(out.chunks_exact_mut(64))
-        .enumerate()
-    {
+    for (chunk, (q, y)) in qs.chunks_exact(32).zip(out.chunks_exact_mut(64)).enumerate() {
         let (sc_lo, m_lo) = k_quant_scale_min(scales, 2 * chunk);
         let (sc_hi, m_hi) = k_quant_scale_min(scales, 2 * chunk + 1);
         let (d_lo, min_lo) = (d * f32::from(sc_lo), dmin * f32::from(m_lo));
@@ -203,11 +185,7 @@ fn dequant_q5_k(block: &[u8], out: &mut [f32]) {
     let scales = &block[4..16];
     let qh = &block[16..48];
     let qs = &block[48..176];
-    for (chunk, (q, y)) in qs
-        .chunks_exact(32)
-        .zip(out.chunks_exact_mut(64))
-        .enumerate()
-    {
+    for (chunk, (q, y)) in qs.chunks_exact(32).zip(out.chunks_exact_mut(64)).enumerate() {
         let (sc_lo, m_lo) = k_quant_scale_min(scales, 2 * chunk);
         let (sc_hi, m_hi) = k_quant_scale_min(scales, 2 * chunk + 1);
         let (d_lo, min_lo) = (d * f32::from(sc_lo), dmin * f32::from(m_lo));
@@ -342,10 +320,7 @@ mod tests {
 
         // bf16 1.0 = 0x3F80, -2.0 = 0xC000, 3.140625 = 0x4049
         let bytes = [0x80, 0x3F, 0x00, 0xC0, 0x49, 0x40];
-        assert_eq!(
-            dequantize("t", GgmlType::BF16, &bytes, 3).unwrap(),
-            [1.0, -2.0, 3.140625]
-        );
+        assert_eq!(dequantize("t", GgmlType::BF16, &bytes, 3).unwrap(), [1.0, -2.0, 3.140625]);
     }
 
     #[test]
@@ -423,11 +398,7 @@ mod tests {
         let mins = [0, 7, 63, 21, 60, 9, 16, 47];
         let packed = pack_k_scales(scales, mins);
         for j in 0..8 {
-            assert_eq!(
-                k_quant_scale_min(&packed, j),
-                (scales[j], mins[j]),
-                "sub-block {j}"
-            );
+            assert_eq!(k_quant_scale_min(&packed, j), (scales[j], mins[j]), "sub-block {j}");
         }
     }
 
@@ -469,11 +440,7 @@ mod tests {
             let q = quant(i);
             let bit = 2 * c + usize::from(high_nibble);
             qh[l] |= (q >> 4) << bit;
-            qs[32 * c + l] |= if high_nibble {
-                (q & 0x0F) << 4
-            } else {
-                q & 0x0F
-            };
+            qs[32 * c + l] |= if high_nibble { (q & 0x0F) << 4 } else { q & 0x0F };
         }
         let mut block = f16_bytes(d).to_vec();
         block.extend_from_slice(&f16_bytes(dmin));
@@ -491,9 +458,7 @@ mod tests {
     #[test]
     fn q6_k_hand_block() {
         let d = 0.5f32;
-        let scales: [i8; 16] = [
-            1, -2, 3, -4, 5, -6, 7, -8, 9, -10, 11, -12, 13, -14, 127, -128,
-        ];
+        let scales: [i8; 16] = [1, -2, 3, -4, 5, -6, 7, -8, 9, -10, 11, -12, 13, -14, 127, -128];
         let quant = |i: usize| ((i * 13 + 5) % 64) as u8; // 6-bit values, minus 32 when read
         let mut ql = [0u8; 128];
         let mut qh = [0u8; 64];
@@ -503,11 +468,7 @@ mod tests {
             let q = quant(i);
             // quarter 0: lo(ql[l]), 1: lo(ql[l+32]), 2: hi(ql[l]), 3: hi(ql[l+32])
             let ql_index = 64 * half + l + if quarter % 2 == 1 { 32 } else { 0 };
-            ql[ql_index] |= if quarter >= 2 {
-                (q & 0x0F) << 4
-            } else {
-                q & 0x0F
-            };
+            ql[ql_index] |= if quarter >= 2 { (q & 0x0F) << 4 } else { q & 0x0F };
             qh[32 * half + l] |= (q >> 4) << (2 * quarter);
         }
         let mut block = ql.to_vec();
@@ -531,10 +492,7 @@ mod tests {
         for (b, (xs, ys)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
             let d = f16::from_le_bytes([bytes[34 * b], bytes[34 * b + 1]]).to_f32();
             for (a, c) in xs.iter().zip(ys) {
-                assert!(
-                    (a - c).abs() <= d * 0.5 + 1e-6,
-                    "block {b}: {a} vs {c} (step {d})"
-                );
+                assert!((a - c).abs() <= d * 0.5 + 1e-6, "block {b}: {a} vs {c} (step {d})");
             }
         }
     }
@@ -547,10 +505,7 @@ mod tests {
         let y = dequantize("t", GgmlType::Q4_0, &bytes, x.len()).unwrap();
         for (b, (xs, ys)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
             for (a, c) in xs.iter().zip(ys) {
-                assert!(
-                    (a - c).abs() <= steps[b] * 0.5 + 1e-6,
-                    "q4_0 block {b}: {a} vs {c}"
-                );
+                assert!((a - c).abs() <= steps[b] * 0.5 + 1e-6, "q4_0 block {b}: {a} vs {c}");
             }
         }
         let (bytes, steps) = quantize_q4_1(&x);
@@ -558,10 +513,7 @@ mod tests {
         for (b, (xs, ys)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
             for (a, c) in xs.iter().zip(ys) {
                 // m is rounded to f16, which can shift values by a little more than half a step
-                assert!(
-                    (a - c).abs() <= steps[b] * 0.5 + 2e-3,
-                    "q4_1 block {b}: {a} vs {c}"
-                );
+                assert!((a - c).abs() <= steps[b] * 0.5 + 2e-3, "q4_1 block {b}: {a} vs {c}");
             }
         }
     }
@@ -587,10 +539,7 @@ mod tests {
             let n = u32_at(take(4)) as usize;
             let n_bytes = u32_at(take(4)) as usize;
             let blocks = take(n_bytes);
-            let expected: Vec<f32> = take(4 * n)
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
+            let expected: Vec<f32> = take(4 * n).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
             let got = dequantize("fixture", ty, blocks, n).unwrap();
             for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                 // gguf-py computes in f32 or f64 with a different operation order
@@ -599,11 +548,7 @@ mod tests {
             }
             seen.push(ty);
         }
-        assert_eq!(
-            take(0).as_ptr(),
-            GGUF_PY_FIXTURE[GGUF_PY_FIXTURE.len()..].as_ptr(),
-            "fixture has trailing data"
-        );
+        assert_eq!(take(0).as_ptr(), GGUF_PY_FIXTURE[GGUF_PY_FIXTURE.len()..].as_ptr(), "fixture has trailing data");
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
@@ -627,10 +572,7 @@ mod tests {
             dequantize("w", GgmlType::Q8_0, &bytes, 31),
             Err(ModelError::BadTensor { tensor, .. }) if tensor == "w"
         ));
-        assert!(matches!(
-            dequantize("w", GgmlType::Q8_0, &bytes[..33], 32),
-            Err(ModelError::BadTensor { .. })
-        ));
+        assert!(matches!(dequantize("w", GgmlType::Q8_0, &bytes[..33], 32), Err(ModelError::BadTensor { .. })));
         assert!(matches!(
             dequantize("w", GgmlType::Q2_K, &[0u8; 84], 256),
             Err(ModelError::UnsupportedType { tensor, ty }) if tensor == "w" && ty == "Q2_K"

@@ -23,12 +23,7 @@ pub enum ModelError {
     Truncated { path: PathBuf, what: String },
 
     #[error("{path}: {what} is {value}, over the limit of {limit}")]
-    LimitExceeded {
-        path: PathBuf,
-        what: String,
-        value: u64,
-        limit: u64,
-    },
+    LimitExceeded { path: PathBuf, what: String, value: u64, limit: u64 },
 
     #[error("{path}: malformed file: {what}")]
     Malformed { path: PathBuf, what: String },
@@ -37,22 +32,13 @@ pub enum ModelError {
     MissingKey { path: PathBuf, key: String },
 
     #[error("{path}: metadata key '{key}' should be {expected}, found {found}")]
-    WrongKeyType {
-        path: PathBuf,
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongKeyType { path: PathBuf, key: String, expected: &'static str, found: String },
 
     #[error("{path}: missing tensor '{tensor}'")]
     MissingTensor { path: PathBuf, tensor: String },
 
     #[error("tensor '{tensor}': expected shape {expected:?}, found {found:?}")]
-    ShapeMismatch {
-        tensor: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { tensor: String, expected: Vec<usize>, found: Vec<usize> },
 
     #[error("tensor '{tensor}': unsupported data type {ty}")]
     UnsupportedType { tensor: String, ty: String },

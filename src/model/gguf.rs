@@ -93,10 +93,7 @@ impl MetaValue {
         match *self {
             MetaValue::F32(v) => Some(f64::from(v)),
             MetaValue::F64(v) => Some(v),
-            _ => self
-                .as_i64()
-                .map(|v| v as f64)
-                .or_else(|| self.as_u64().map(|v| v as f64)),
+            _ => self.as_i64().map(|v| v as f64).or_else(|| self.as_u64().map(|v| v as f64)),
         }
     }
 
@@ -311,9 +308,7 @@ pub struct GgufTensorInfo {
 impl GgufTensorInfo {
     /// Number of elements (product of dims), `None` on overflow.
     pub fn n_elements(&self) -> Option<u64> {
-        self.dims
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 
     /// Size of the tensor's data in bytes, `None` when the type's layout is unknown, the row
@@ -371,22 +366,13 @@ impl<'a> HeaderReader<'a> {
     }
 
     fn truncated(&self, what: &dyn Fn() -> String) -> ModelError {
-        ModelError::Truncated {
-            path: self.path.to_path_buf(),
-            what: what(),
-        }
+        ModelError::Truncated { path: self.path.to_path_buf(), what: what() }
     }
 
     fn take(&mut self, n: u64, what: &dyn Fn() -> String) -> Result<&'a [u8], ModelError> {
         let n = usize::try_from(n).map_err(|_| self.truncated(what))?;
-        let end = self
-            .pos
-            .checked_add(n)
-            .ok_or_else(|| self.truncated(what))?;
-        let bytes = self
-            .buf
-            .get(self.pos..end)
-            .ok_or_else(|| self.truncated(what))?;
+        let end = self.pos.checked_add(n).ok_or_else(|| self.truncated(what))?;
+        let bytes = self.buf.get(self.pos..end).ok_or_else(|| self.truncated(what))?;
         self.pos = end;
         Ok(bytes)
     }
@@ -411,11 +397,7 @@ impl<'a> HeaderReader<'a> {
         if len > self.remaining() {
             return Err(ModelError::Truncated {
                 path: self.path.to_path_buf(),
-                what: format!(
-                    "{} (string of {len} bytes, {} left)",
-                    what(),
-                    self.remaining()
-                ),
+                what: format!("{} (string of {len} bytes, {} left)", what(), self.remaining()),
             });
         }
         self.take(len, what)
@@ -425,18 +407,10 @@ impl<'a> HeaderReader<'a> {
         let bytes = self.string_bytes(what)?;
         std::str::from_utf8(bytes)
             .map(str::to_owned)
-            .map_err(|_| ModelError::Malformed {
-                path: self.path.to_path_buf(),
-                what: format!("{} is not valid UTF-8", what()),
-            })
+            .map_err(|_| ModelError::Malformed { path: self.path.to_path_buf(), what: format!("{} is not valid UTF-8", what()) })
     }
 
-    fn value(
-        &mut self,
-        type_id: u32,
-        depth: u32,
-        what: &dyn Fn() -> String,
-    ) -> Result<MetaValue, ModelError> {
+    fn value(&mut self, type_id: u32, depth: u32, what: &dyn Fn() -> String) -> Result<MetaValue, ModelError> {
         use value_type::*;
         Ok(match type_id {
             U8 => MetaValue::U8(u8::from_le_bytes(self.array(what)?)),
@@ -462,9 +436,7 @@ impl<'a> HeaderReader<'a> {
                     }
                 }
             }
-            STRING => {
-                MetaValue::String(String::from_utf8_lossy(self.string_bytes(what)?).into_owned())
-            }
+            STRING => MetaValue::String(String::from_utf8_lossy(self.string_bytes(what)?).into_owned()),
             ARRAY => {
                 if depth >= MAX_ARRAY_NESTING {
                     return Err(ModelError::LimitExceeded {
@@ -476,11 +448,10 @@ impl<'a> HeaderReader<'a> {
                 }
                 let elem_type = self.u32(what)?;
                 let count = self.u64(what)?;
-                let min_size =
-                    min_encoded_size(elem_type).ok_or_else(|| ModelError::Malformed {
-                        path: self.path.to_path_buf(),
-                        what: format!("{}: unknown array element type {elem_type}", what()),
-                    })?;
+                let min_size = min_encoded_size(elem_type).ok_or_else(|| ModelError::Malformed {
+                    path: self.path.to_path_buf(),
+                    what: format!("{}: unknown array element type {elem_type}", what()),
+                })?;
                 // Every element takes at least `min_size` bytes, so a count that cannot fit in
                 // the rest of the file is rejected before allocating.
                 let max_count = self.remaining() / min_size;
@@ -513,10 +484,7 @@ impl GgufFile {
     /// Opens and validates a GGUF file: header, metadata, tensor table, and every tensor's
     /// byte range against the file length.
     pub fn open(path: &Path) -> Result<GgufFile, ModelError> {
-        let io_err = |source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io_err = |source| ModelError::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io_err)?;
         let file_len = file.metadata().map_err(io_err)?.len();
         if file_len < HEADER_BYTES {
@@ -532,24 +500,14 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, mmap: Mmap) -> Result<GgufFile, ModelError> {
-        let mut r = HeaderReader {
-            buf: &mmap,
-            pos: 0,
-            path,
-        };
+        let mut r = HeaderReader { buf: &mmap, pos: 0, path };
         let magic = r.take(4, &|| "magic".into())?;
         if magic != GGUF_MAGIC {
-            return Err(ModelError::BadMagic {
-                path: path.to_path_buf(),
-                found: magic.to_vec(),
-            });
+            return Err(ModelError::BadMagic { path: path.to_path_buf(), found: magic.to_vec() });
         }
         let version = r.u32(&|| "version".into())?;
         if version != 2 && version != 3 {
-            return Err(ModelError::UnsupportedVersion {
-                path: path.to_path_buf(),
-                version,
-            });
+            return Err(ModelError::UnsupportedVersion { path: path.to_path_buf(), version });
         }
         let tensor_count = r.u64(&|| "tensor count".into())?;
         let kv_count = r.u64(&|| "metadata count".into())?;
@@ -570,10 +528,7 @@ impl GgufFile {
             let type_id = r.u32(&what)?;
             let value = r.value(type_id, 0, &what)?;
             if metadata.insert(key.clone(), value).is_some() {
-                return Err(ModelError::Malformed {
-                    path: path.to_path_buf(),
-                    what: format!("duplicate metadata key '{key}'"),
-                });
+                return Err(ModelError::Malformed { path: path.to_path_buf(), what: format!("duplicate metadata key '{key}'") });
             }
         }
 
@@ -606,17 +561,9 @@ impl GgufFile {
             let ggml_type = GgmlType::from_id(r.u32(&what)?);
             let offset = r.u64(&what)?;
             if !names.insert(name.clone()) {
-                return Err(ModelError::Malformed {
-                    path: path.to_path_buf(),
-                    what: format!("duplicate tensor name '{name}'"),
-                });
+                return Err(ModelError::Malformed { path: path.to_path_buf(), what: format!("duplicate tensor name '{name}'") });
             }
-            tensors.push(GgufTensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-            });
+            tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
         }
 
         let alignment = match metadata.get("general.alignment") {
@@ -634,57 +581,27 @@ impl GgufFile {
         let header_end = r.pos as u64;
         let data_offset = header_end
             .checked_next_multiple_of(alignment)
-            .ok_or_else(|| ModelError::Malformed {
-                path: path.to_path_buf(),
-                what: "data offset overflows".into(),
-            })?;
+            .ok_or_else(|| ModelError::Malformed { path: path.to_path_buf(), what: "data offset overflows".into() })?;
 
         let file_len = mmap.len() as u64;
         for t in &tensors {
             Self::check_tensor_extent(path, t, data_offset, alignment, file_len)?;
         }
 
-        Ok(GgufFile {
-            path: path.to_path_buf(),
-            version,
-            metadata,
-            tensors,
-            mmap,
-            data_offset,
-            alignment,
-        })
+        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, mmap, data_offset, alignment })
     }
 
     /// Checks one tensor's dims, offset alignment and byte range against the file.
-    fn check_tensor_extent(
-        path: &Path,
-        t: &GgufTensorInfo,
-        data_offset: u64,
-        alignment: u64,
-        file_len: u64,
-    ) -> Result<(), ModelError> {
-        let malformed = |what: String| ModelError::Malformed {
-            path: path.to_path_buf(),
-            what,
-        };
+    fn check_tensor_extent(path: &Path, t: &GgufTensorInfo, data_offset: u64, alignment: u64, file_len: u64) -> Result<(), ModelError> {
+        let malformed = |what: String| ModelError::Malformed { path: path.to_path_buf(), what };
         if t.n_elements().is_none() {
-            return Err(malformed(format!(
-                "tensor '{}': element count of dims {:?} overflows",
-                t.name, t.dims
-            )));
+            return Err(malformed(format!("tensor '{}': element count of dims {:?} overflows", t.name, t.dims)));
         }
         if !t.offset.is_multiple_of(alignment) {
-            return Err(malformed(format!(
-                "tensor '{}': offset {} is not a multiple of the alignment {alignment}",
-                t.name, t.offset
-            )));
+            return Err(malformed(format!("tensor '{}': offset {} is not a multiple of the alignment {alignment}", t.name, t.offset)));
         }
-        let start = data_offset.checked_add(t.offset).ok_or_else(|| {
-            malformed(format!(
-                "tensor '{}': offset {} overflows",
-                t.name, t.offset
-            ))
-        })?;
+        let start =
+            data_offset.checked_add(t.offset).ok_or_else(|| malformed(format!("tensor '{}': offset {} overflows", t.name, t.offset)))?;
         // Unknown layouts cannot be sized; they are only checked to start inside the file
         // and fail when read.
         let size = match t.ggml_type.block_layout() {
@@ -696,16 +613,11 @@ impl GgufFile {
                 ))
             })?,
         };
-        let end = start
-            .checked_add(size)
-            .ok_or_else(|| malformed(format!("tensor '{}': size {size} overflows", t.name)))?;
+        let end = start.checked_add(size).ok_or_else(|| malformed(format!("tensor '{}': size {size} overflows", t.name)))?;
         if end > file_len {
             return Err(ModelError::Truncated {
                 path: path.to_path_buf(),
-                what: format!(
-                    "data of tensor '{}' (bytes {start}..{end}, file has {file_len})",
-                    t.name
-                ),
+                what: format!("data of tensor '{}' (bytes {start}..{end}, file has {file_len})", t.name),
             });
         }
         Ok(())
@@ -726,40 +638,29 @@ impl GgufFile {
     }
 
     fn required(&self, key: &str) -> Result<&MetaValue, ModelError> {
-        self.meta(key).ok_or_else(|| ModelError::MissingKey {
-            path: self.path.clone(),
-            key: key.to_owned(),
-        })
+        self.meta(key).ok_or_else(|| ModelError::MissingKey { path: self.path.clone(), key: key.to_owned() })
     }
 
     fn wrong_type(&self, key: &str, expected: &'static str, v: &MetaValue) -> ModelError {
-        ModelError::WrongKeyType {
-            path: self.path.clone(),
-            key: key.to_owned(),
-            expected,
-            found: format!("{} {v:?}", v.type_name()),
-        }
+        ModelError::WrongKeyType { path: self.path.clone(), key: key.to_owned(), expected, found: format!("{} {v:?}", v.type_name()) }
     }
 
     /// A required non-negative integer value.
     pub fn meta_u64(&self, key: &str) -> Result<u64, ModelError> {
         let v = self.required(key)?;
-        v.as_u64()
-            .ok_or_else(|| self.wrong_type(key, "a non-negative integer", v))
+        v.as_u64().ok_or_else(|| self.wrong_type(key, "a non-negative integer", v))
     }
 
     /// A required number (float or integer).
     pub fn meta_f64(&self, key: &str) -> Result<f64, ModelError> {
         let v = self.required(key)?;
-        v.as_f64()
-            .ok_or_else(|| self.wrong_type(key, "a number", v))
+        v.as_f64().ok_or_else(|| self.wrong_type(key, "a number", v))
     }
 
     /// A required string value.
     pub fn meta_str(&self, key: &str) -> Result<&str, ModelError> {
         let v = self.required(key)?;
-        v.as_str()
-            .ok_or_else(|| self.wrong_type(key, "a string", v))
+        v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v))
     }
 
     pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
@@ -770,24 +671,15 @@ impl GgufFile {
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<&[u8], ModelError> {
         let size = match info.ggml_type.block_layout() {
             None => {
-                return Err(ModelError::UnsupportedType {
-                    tensor: info.name.clone(),
-                    ty: info.ggml_type.to_string(),
-                });
+                return Err(ModelError::UnsupportedType { tensor: info.name.clone(), ty: info.ggml_type.to_string() });
             }
             Some(_) => info.byte_size().ok_or_else(|| ModelError::BadTensor {
                 tensor: info.name.clone(),
                 what: format!("dims {:?} do not fit {} blocks", info.dims, info.ggml_type),
             })?,
         };
-        let truncated = || ModelError::Truncated {
-            path: self.path.clone(),
-            what: format!("data of tensor '{}'", info.name),
-        };
-        let start = self
-            .data_offset
-            .checked_add(info.offset)
-            .ok_or_else(truncated)?;
+        let truncated = || ModelError::Truncated { path: self.path.clone(), what: format!("data of tensor '{}'", info.name) };
+        let start = self.data_offset.checked_add(info.offset).ok_or_else(truncated)?;
         let end = start.checked_add(size).ok_or_else(truncated)?;
         let start = usize::try_from(start).map_err(|_| truncated())?;
         let end = usize::try_from(end).map_err(|_| truncated())?;
@@ -796,20 +688,12 @@ impl GgufFile {
 
     /// A tensor dequantised to f32, in storage order: row-major with `dims[0]` fastest.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
-        let info = self
-            .tensor_info(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.path.clone(),
-                tensor: name.to_owned(),
-            })?;
+        let info = self.tensor_info(name).ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: name.to_owned() })?;
         let bytes = self.tensor_bytes(info)?;
         let n = info
             .n_elements()
             .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| ModelError::BadTensor {
-                tensor: name.to_owned(),
-                what: format!("too many elements: dims {:?}", info.dims),
-            })?;
+            .ok_or_else(|| ModelError::BadTensor { tensor: name.to_owned(), what: format!("too many elements: dims {:?}", info.dims) })?;
         dequantize(name, info.ggml_type, bytes, n)
     }
 }
@@ -844,13 +728,7 @@ mod tests {
             .kv("t.f64", MetaValue::F64(0.1))
             .kv("t.bool", MetaValue::Bool(true))
             .kv("t.empty", MetaValue::Array(vec![]))
-            .kv(
-                "t.strings",
-                MetaValue::Array(vec![
-                    MetaValue::String("a".into()),
-                    MetaValue::String("é✓".into()),
-                ]),
-            )
+            .kv("t.strings", MetaValue::Array(vec![MetaValue::String("a".into()), MetaValue::String("é✓".into())]))
             .kv(
                 "t.nested",
                 MetaValue::Array(vec![
@@ -859,15 +737,7 @@ mod tests {
                 ]),
             )
             .f32_tensor("a.f32", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.5])
-            .tensor(
-                "b.f16",
-                &[4],
-                GgmlType::F16,
-                f16_values
-                    .iter()
-                    .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                    .collect(),
-            )
+            .tensor("b.f16", &[4], GgmlType::F16, f16_values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect())
             .tensor("c.q8", &[32, 2], GgmlType::Q8_0, q8)
     }
 
@@ -902,19 +772,13 @@ mod tests {
             assert_eq!(g.meta("t.bool").unwrap().as_bool(), Some(true));
             let nested = g.meta("t.nested").unwrap().as_array().unwrap();
             assert_eq!(nested[0].as_array().unwrap()[1].as_i64(), Some(-2));
-            assert_eq!(
-                g.meta("t.strings").unwrap().as_array().unwrap()[1].as_str(),
-                Some("é✓")
-            );
+            assert_eq!(g.meta("t.strings").unwrap().as_array().unwrap()[1].as_str(), Some("é✓"));
 
             assert_eq!(g.tensors.len(), 3);
             let a = g.tensor_info("a.f32").unwrap();
             assert_eq!(a.dims, vec![3, 2]);
             assert_eq!(a.row_major_shape(), vec![2, 3]);
-            assert_eq!(
-                g.tensor_f32("a.f32").unwrap(),
-                vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5]
-            );
+            assert_eq!(g.tensor_f32("a.f32").unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5]);
             assert_eq!(g.tensor_f32("b.f16").unwrap(), vec![1.0, -0.5, 2.0, 0.25]);
             let q = g.tensor_f32("c.q8").unwrap();
             assert_eq!(q.len(), 64);
@@ -934,24 +798,11 @@ mod tests {
         let g = GgufFile::open(&file.path).unwrap();
         let err = g.meta_u64("llama.block_count").unwrap_err();
         let msg = err.to_string();
-        assert!(
-            matches!(err, ModelError::MissingKey { ref key, .. } if key == "llama.block_count")
-        );
-        assert!(
-            msg.contains("llama.block_count") && msg.contains(&*file.path.to_string_lossy()),
-            "{msg}"
-        );
-        assert!(matches!(
-            g.meta_u64("general.architecture"),
-            Err(ModelError::WrongKeyType { .. })
-        ));
-        assert!(matches!(
-            g.meta_str("t.u8"),
-            Err(ModelError::WrongKeyType { .. })
-        ));
-        assert!(
-            matches!(g.tensor_f32("nope"), Err(ModelError::MissingTensor { tensor, .. }) if tensor == "nope")
-        );
+        assert!(matches!(err, ModelError::MissingKey { ref key, .. } if key == "llama.block_count"));
+        assert!(msg.contains("llama.block_count") && msg.contains(&*file.path.to_string_lossy()), "{msg}");
+        assert!(matches!(g.meta_u64("general.architecture"), Err(ModelError::WrongKeyType { .. })));
+        assert!(matches!(g.meta_str("t.u8"), Err(ModelError::WrongKeyType { .. })));
+        assert!(matches!(g.tensor_f32("nope"), Err(ModelError::MissingTensor { tensor, .. }) if tensor == "nope"));
     }
 
     #[test]
@@ -959,11 +810,7 @@ mod tests {
         let bytes = sample_builder().build();
         for cut in 0..bytes.len() {
             let (_file, result) = open_bytes("cut", &bytes[..cut]);
-            assert!(
-                result.is_err(),
-                "prefix of {cut} of {} bytes opened",
-                bytes.len()
-            );
+            assert!(result.is_err(), "prefix of {cut} of {} bytes opened", bytes.len());
         }
         // a cut inside the last tensor's data names that tensor
         let (_file, result) = open_bytes("cut", &bytes[..bytes.len() - 1]);
@@ -972,28 +819,19 @@ mod tests {
             other => panic!("expected Truncated, got {other:?}"),
         }
         // a cut in the header
-        assert!(matches!(
-            open_bytes("cut", &bytes[..10]).1,
-            Err(ModelError::Truncated { .. })
-        ));
+        assert!(matches!(open_bytes("cut", &bytes[..10]).1, Err(ModelError::Truncated { .. })));
     }
 
     #[test]
     fn bad_magic_and_versions() {
         let mut bytes = sample_builder().build();
         bytes[0] = b'X';
-        assert!(matches!(
-            open_bytes("magic", &bytes).1,
-            Err(ModelError::BadMagic { .. })
-        ));
+        assert!(matches!(open_bytes("magic", &bytes).1, Err(ModelError::BadMagic { .. })));
         for version in [1u32, 4, u32::MAX] {
             let mut builder = sample_builder();
             builder.version = version;
             let (_f, result) = open_bytes("version", &builder.build());
-            assert!(
-                matches!(result, Err(ModelError::UnsupportedVersion { version: v, .. }) if v == version),
-                "version {version}"
-            );
+            assert!(matches!(result, Err(ModelError::UnsupportedVersion { version: v, .. }) if v == version), "version {version}");
         }
     }
 
@@ -1011,15 +849,9 @@ mod tests {
     #[test]
     fn absurd_counts_and_lengths_are_rejected_without_allocating() {
         let (_f, r) = open_bytes("count", &raw_file(1 << 60, 0, &[]));
-        assert!(
-            matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60), "{r:?}");
         let (_f, r) = open_bytes("count", &raw_file(0, 1 << 60, &[]));
-        assert!(
-            matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60), "{r:?}");
 
         // key with a string length of 2^50
         let (_f, r) = open_bytes("strlen", &raw_file(0, 1, &(1u64 << 50).to_le_bytes()));
@@ -1031,10 +863,7 @@ mod tests {
         kv.extend_from_slice(&8u32.to_le_bytes());
         kv.extend_from_slice(&(1u64 << 50).to_le_bytes());
         let (_f, r) = open_bytes("strlen", &raw_file(0, 1, &kv));
-        assert!(
-            matches!(r, Err(ModelError::Truncated { ref what, .. }) if what.contains("'k'")),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ModelError::Truncated { ref what, .. }) if what.contains("'k'")), "{r:?}");
 
         // array of 2^60 u64
         let mut kv = Vec::new();
@@ -1043,10 +872,7 @@ mod tests {
         kv.extend_from_slice(&10u32.to_le_bytes());
         kv.extend_from_slice(&(1u64 << 60).to_le_bytes());
         let (_f, r) = open_bytes("arrlen", &raw_file(0, 1, &kv));
-        assert!(
-            matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ModelError::LimitExceeded { value, .. }) if value == 1 << 60), "{r:?}");
 
         // deeply nested arrays
         let mut kv = Vec::new();
@@ -1071,90 +897,57 @@ mod tests {
         crate::model::gguf_test_writer::put_string(&mut info, "t");
         info.extend_from_slice(&1000u32.to_le_bytes());
         let (_f, r) = open_bytes("ndims", &raw_file(1, 0, &info));
-        assert!(
-            matches!(r, Err(ModelError::LimitExceeded { value: 1000, .. })),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ModelError::LimitExceeded { value: 1000, .. })), "{r:?}");
 
-        let b =
-            GgufBuilder::new().tensor("huge", &[1 << 32, 1 << 32, 1 << 32], GgmlType::F32, vec![]);
+        let b = GgufBuilder::new().tensor("huge", &[1 << 32, 1 << 32, 1 << 32], GgmlType::F32, vec![]);
         let (_f, r) = open_bytes("overflow", &b.build());
-        assert!(
-            matches!(r, Err(ModelError::Malformed { ref what, .. }) if what.contains("huge")),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ModelError::Malformed { ref what, .. }) if what.contains("huge")), "{r:?}");
         let b = GgufBuilder::new().tensor("big", &[1 << 40], GgmlType::F32, vec![0; 4]);
         let (_f, r) = open_bytes("big", &b.build());
-        assert!(
-            matches!(r, Err(ModelError::Truncated { ref what, .. }) if what.contains("big")),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(ModelError::Truncated { ref what, .. }) if what.contains("big")), "{r:?}");
     }
 
     #[test]
     fn unknown_or_unsupported_types_fail_only_when_read() {
-        let b = GgufBuilder::new()
-            .f32_tensor("ok", &[2], &[1.0, 2.0])
-            .tensor("mystery", &[16], GgmlType::Other(1234), vec![0; 16])
-            .tensor("q2k", &[256], GgmlType::Q2_K, vec![0; 84]);
+        let b = GgufBuilder::new().f32_tensor("ok", &[2], &[1.0, 2.0]).tensor("mystery", &[16], GgmlType::Other(1234), vec![0; 16]).tensor(
+            "q2k",
+            &[256],
+            GgmlType::Q2_K,
+            vec![0; 84],
+        );
         let file = b.write_temp("types");
         let g = GgufFile::open(&file.path).unwrap();
         assert_eq!(g.tensor_f32("ok").unwrap(), vec![1.0, 2.0]);
         let err = g.tensor_f32("mystery").unwrap_err();
-        assert!(
-            matches!(&err, ModelError::UnsupportedType { tensor, ty } if tensor == "mystery" && ty.contains("1234"))
-        );
+        assert!(matches!(&err, ModelError::UnsupportedType { tensor, ty } if tensor == "mystery" && ty.contains("1234")));
         let err = g.tensor_f32("q2k").unwrap_err();
-        assert!(
-            matches!(&err, ModelError::UnsupportedType { tensor, ty } if tensor == "q2k" && ty == "Q2_K")
-        );
+        assert!(matches!(&err, ModelError::UnsupportedType { tensor, ty } if tensor == "q2k" && ty == "Q2_K"));
         // known layouts are still size-checked at open
         let b = GgufBuilder::new().tensor("q2k", &[256], GgmlType::Q2_K, vec![0; 83]);
-        assert!(matches!(
-            open_bytes("q2k", &b.build()).1,
-            Err(ModelError::Truncated { .. })
-        ));
+        assert!(matches!(open_bytes("q2k", &b.build()).1, Err(ModelError::Truncated { .. })));
         // a quantised row must be whole blocks
         let b = GgufBuilder::new().tensor("q8", &[16, 2], GgmlType::Q8_0, vec![0; 34]);
-        assert!(matches!(
-            open_bytes("q8", &b.build()).1,
-            Err(ModelError::Malformed { .. })
-        ));
+        assert!(matches!(open_bytes("q8", &b.build()).1, Err(ModelError::Malformed { .. })));
     }
 
     #[test]
     fn misaligned_offsets_duplicates_and_bad_alignment_are_malformed() {
-        let b = GgufBuilder::new()
-            .f32_tensor("x", &[1], &[1.0])
-            .f32_tensor("x", &[1], &[2.0]);
-        assert!(
-            matches!(open_bytes("dup", &b.build()).1, Err(ModelError::Malformed { ref what, .. }) if what.contains("'x'"))
-        );
+        let b = GgufBuilder::new().f32_tensor("x", &[1], &[1.0]).f32_tensor("x", &[1], &[2.0]);
+        assert!(matches!(open_bytes("dup", &b.build()).1, Err(ModelError::Malformed { ref what, .. }) if what.contains("'x'")));
 
-        let b = GgufBuilder::new()
-            .kv("k", MetaValue::U8(1))
-            .kv("k", MetaValue::U8(2));
-        assert!(matches!(
-            open_bytes("dupkey", &b.build()).1,
-            Err(ModelError::Malformed { .. })
-        ));
+        let b = GgufBuilder::new().kv("k", MetaValue::U8(1)).kv("k", MetaValue::U8(2));
+        assert!(matches!(open_bytes("dupkey", &b.build()).1, Err(ModelError::Malformed { .. })));
 
         let mut b = GgufBuilder::new().f32_tensor("x", &[1], &[1.0]);
         b.alignment = Some(3);
-        assert!(matches!(
-            open_bytes("align", &b.build()).1,
-            Err(ModelError::Malformed { .. })
-        ));
+        assert!(matches!(open_bytes("align", &b.build()).1, Err(ModelError::Malformed { .. })));
 
         // patch the offset field of the only tensor (last 8 bytes of its info) to 4
         let b = GgufBuilder::new().f32_tensor("x", &[2], &[1.0, 2.0]);
         let (mut bytes, info_start) = b.build_with_info_start();
         let offset_at = info_start + 8 + 1 + 4 + 8 + 4;
         bytes[offset_at..offset_at + 8].copy_from_slice(&4u64.to_le_bytes());
-        assert!(matches!(
-            open_bytes("misaligned", &bytes).1,
-            Err(ModelError::Malformed { .. })
-        ));
+        assert!(matches!(open_bytes("misaligned", &bytes).1, Err(ModelError::Malformed { .. })));
     }
 
     #[test]

@@ -74,12 +74,7 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
 
 impl GgufBuilder {
     pub fn new() -> Self {
-        GgufBuilder {
-            version: 3,
-            alignment: None,
-            kvs: Vec::new(),
-            tensors: Vec::new(),
-        }
+        GgufBuilder { version: 3, alignment: None, kvs: Vec::new(), tensors: Vec::new() }
     }
 
     pub fn kv(mut self, key: &str, value: MetaValue) -> Self {
@@ -88,12 +83,7 @@ impl GgufBuilder {
     }
 
     pub fn tensor(mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Self {
-        self.tensors.push(TestTensor {
-            name: name.to_owned(),
-            dims: dims.to_vec(),
-            type_id: ty.id(),
-            data,
-        });
+        self.tensors.push(TestTensor { name: name.to_owned(), dims: dims.to_vec(), type_id: ty.id(), data });
         self
     }
 
@@ -159,10 +149,7 @@ impl TempFile {
     pub fn with_bytes(tag: &str, bytes: &[u8]) -> TempFile {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "firstrt-test-{}-{tag}-{n}.gguf",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("firstrt-test-{}-{tag}-{n}.gguf", std::process::id()));
         std::fs::write(&path, bytes).expect("write temp GGUF");
         TempFile { path }
     }
@@ -183,8 +170,7 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("firstrt-test-{}-{tag}-dir{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("firstrt-test-{}-{tag}-dir{n}", std::process::id()));
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir { path }
     }

@@ -118,7 +118,9 @@ pub enum LoraError {
     UnknownModule { path: PathBuf, module: String },
     #[error("{path}: tensor '{tensor}': {what}")]
     BadTensor { path: PathBuf, tensor: String, what: String },
-    #[error("{path}: tensor '{tensor}' has shape {found:?}, but the base model {model} needs {expected:?}: the adapter was made for another model")]
+    #[error(
+        "{path}: tensor '{tensor}' has shape {found:?}, but the base model {model} needs {expected:?}: the adapter was made for another model"
+    )]
     Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize>, model: String },
     #[error("{path}: missing tensor '{tensor}' (layer {layer}, {module} is a target)")]
     MissingTensor { path: PathBuf, tensor: String, layer: usize, module: &'static str },
@@ -171,13 +173,11 @@ impl LoraConfig {
             }
         }
         let rank = get("r").ok_or_else(|| bad("missing r".into()))?;
-        let rank = rank.as_u64().filter(|&r| r > 0).ok_or_else(|| bad(format!("r should be a positive integer, found {rank}")))?
-            as usize;
+        let rank = rank.as_u64().filter(|&r| r > 0).ok_or_else(|| bad(format!("r should be a positive integer, found {rank}")))? as usize;
         // PEFT's default lora_alpha is 8.
         let alpha = match get("lora_alpha") {
             None => 8.0,
-            Some(a) => a.as_f64().filter(|a| a.is_finite()).ok_or_else(|| bad(format!("lora_alpha should be a number, found {a}")))?
-                as f32,
+            Some(a) => a.as_f64().filter(|a| a.is_finite()).ok_or_else(|| bad(format!("lora_alpha should be a number, found {a}")))? as f32,
         };
         let use_rslora = flag("use_rslora")?;
         if flag("use_dora")? {
@@ -395,7 +395,8 @@ impl LoraAdapter {
         for l in 0..n_layers {
             let mut pairs: [Option<LoraPair>; 7] = Default::default();
             for &p in &config.targets {
-                let missing = |is_a| LoraError::MissingTensor { path: path.to_path_buf(), tensor: key(l, p, is_a), layer: l, module: p.module() };
+                let missing =
+                    |is_a| LoraError::MissingTensor { path: path.to_path_buf(), tensor: key(l, p, is_a), layer: l, module: p.module() };
                 let a = a_parts[l][p.index()].take().ok_or_else(|| missing(true))?;
                 let b = b_parts[l][p.index()].take().ok_or_else(|| missing(false))?;
                 pairs[p.index()] = Some(LoraPair { a, b });

@@ -90,10 +90,7 @@ pub fn model_identity(source: &dyn WeightSource) -> Result<ModelIdentity, ModelE
     let d = c.d_model;
     let norm = source.get("model.norm.weight")?;
     if norm.data.len() != d {
-        return Err(ModelError::BadTensor {
-            tensor: norm.name,
-            what: format!("{} values, expected d_model = {d}", norm.data.len()),
-        });
+        return Err(ModelError::BadTensor { tensor: norm.name, what: format!("{} values, expected d_model = {d}", norm.data.len()) });
     }
     let embed = source.get("model.embed_tokens.weight")?;
     if d == 0 || embed.data.len() < d {
@@ -167,56 +164,24 @@ pub enum RouterError {
     #[error("router file {path}: missing metadata key '{key}'")]
     MissingKey { path: PathBuf, key: String },
     #[error("router file {path}: metadata key '{key}' is {value:?}, expected {expected}")]
-    BadValue {
-        path: PathBuf,
-        key: String,
-        value: String,
-        expected: String,
-    },
+    BadValue { path: PathBuf, key: String, value: String, expected: String },
     #[error("router file {path}: {what} is {value}, over the limit of {limit}")]
-    Limit {
-        path: PathBuf,
-        what: String,
-        value: usize,
-        limit: usize,
-    },
+    Limit { path: PathBuf, what: String, value: usize, limit: usize },
     #[error("router file {path}: missing tensor '{tensor}' (the layer has other router tensors)")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("router file {path}: unexpected tensor '{tensor}' ({why})")]
-    UnexpectedTensor {
-        path: PathBuf,
-        tensor: String,
-        why: String,
-    },
+    UnexpectedTensor { path: PathBuf, tensor: String, why: String },
     #[error("router file {path}: tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
-    Shape {
-        path: PathBuf,
-        tensor: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("router file {path}: tensor '{tensor}' has data type {dtype}, expected F32, F16 or BF16")]
-    Dtype {
-        path: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
+    Dtype { path: PathBuf, tensor: String, dtype: String },
     #[error("router file {path}: tensor '{tensor}' holds a non-finite value at index {index}")]
-    NonFinite {
-        path: PathBuf,
-        tensor: String,
-        index: usize,
-    },
+    NonFinite { path: PathBuf, tensor: String, index: usize },
     #[error(
         "router file {path} was made for a different model: {field} is {file_value} in the file, \
          {model_value} for this model"
     )]
-    WrongModel {
-        path: PathBuf,
-        field: String,
-        file_value: String,
-        model_value: String,
-    },
+    WrongModel { path: PathBuf, field: String, file_value: String, model_value: String },
     /// The in-memory [`RouterFile`] is not consistent (on save) or an argument does not match it.
     #[error("router file {path}: {what}")]
     Invalid { path: PathBuf, what: String },
@@ -224,11 +189,7 @@ pub enum RouterError {
 
 /// Tensor suffixes of one layer, in file order.
 fn suffixes(rank: usize) -> &'static [&'static str] {
-    if rank == 0 {
-        &["norm.weight", "fc.weight", "fc.bias"]
-    } else {
-        &["norm.weight", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
-    }
+    if rank == 0 { &["norm.weight", "fc.weight", "fc.bias"] } else { &["norm.weight", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] }
 }
 
 /// Expected shape of a tensor suffix.
@@ -266,19 +227,11 @@ struct Meta<'a> {
 
 impl Meta<'_> {
     fn str(&self, key: &str) -> Result<&str, RouterError> {
-        self.map
-            .get(key)
-            .map(String::as_str)
-            .ok_or_else(|| RouterError::MissingKey { path: self.path.to_path_buf(), key: key.to_owned() })
+        self.map.get(key).map(String::as_str).ok_or_else(|| RouterError::MissingKey { path: self.path.to_path_buf(), key: key.to_owned() })
     }
 
     fn bad(&self, key: &str, value: &str, expected: &str) -> RouterError {
-        RouterError::BadValue {
-            path: self.path.to_path_buf(),
-            key: key.to_owned(),
-            value: value.to_owned(),
-            expected: expected.to_owned(),
-        }
+        RouterError::BadValue { path: self.path.to_path_buf(), key: key.to_owned(), value: value.to_owned(), expected: expected.to_owned() }
     }
 
     fn exact(&self, key: &str, want: &str) -> Result<(), RouterError> {
@@ -326,9 +279,7 @@ fn is_hash(s: &str) -> bool {
 
 /// Reads one tensor as f32, checking its shape, dtype and values.
 fn read_tensor(path: &Path, st: &SafeTensors<'_>, name: &str, expected: &[usize]) -> Result<Vec<f32>, RouterError> {
-    let view = st
-        .tensor(name)
-        .map_err(|_| RouterError::MissingTensor { path: path.to_path_buf(), tensor: name.to_owned() })?;
+    let view = st.tensor(name).map_err(|_| RouterError::MissingTensor { path: path.to_path_buf(), tensor: name.to_owned() })?;
     if view.shape() != expected {
         return Err(RouterError::Shape {
             path: path.to_path_buf(),
@@ -425,9 +376,7 @@ impl RouterFile {
             let why = match parse_tensor_name(name) {
                 None => Some("names are layers.{l}.<part>".to_owned()),
                 Some((l, _)) if l >= num_layers => Some(format!("the model has {num_layers} layers")),
-                Some((_, s)) if !allowed.contains(&s) => {
-                    Some(format!("a router of rank {rank} has only {}", allowed.join(", ")))
-                }
+                Some((_, s)) if !allowed.contains(&s) => Some(format!("a router of rank {rank} has only {}", allowed.join(", "))),
                 Some((l, s)) => {
                     present.entry(l).or_default().push(s);
                     None
@@ -585,9 +534,7 @@ impl RouterFile {
         let st_err = |source| RouterError::SafeTensors { path: path.to_path_buf(), source };
         let views = owned
             .iter()
-            .map(|(name, shape, bytes)| {
-                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.as_str(), v))
-            })
+            .map(|(name, shape, bytes)| safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.as_str(), v)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(st_err)?;
         let bytes = safetensors::serialize(views, Some(metadata)).map_err(st_err)?;
@@ -610,9 +557,10 @@ impl RouterFile {
     /// match the file's rank and hidden size.
     pub fn probability_ref(&self, layer: usize, h: &[f32], rows: usize) -> Result<Option<f32>, RouterError> {
         let invalid = |what: String| RouterError::Invalid { path: PathBuf::from("<in memory>"), what };
-        let slot = self.layers.get(layer).ok_or_else(|| {
-            invalid(format!("layer {layer} does not exist: the file has {} layers", self.layers.len()))
-        })?;
+        let slot = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| invalid(format!("layer {layer} does not exist: the file has {} layers", self.layers.len())))?;
         let Some(r) = slot else { return Ok(None) };
         let d = self.hidden;
         if rows == 0 || rows.checked_mul(d) != Some(h.len()) {
@@ -633,9 +581,7 @@ impl RouterFile {
         let slot = self.layers.get(layer).ok_or_else(|| {
             GpuError::InvalidArgument(format!("router layer {layer} does not exist: the file has {} layers", self.layers.len()))
         })?;
-        slot.as_ref()
-            .map(|r| RouterWeights::from_layer(ctx, &format!("router.{layer}"), r, self.rank, self.hidden, self.eps))
-            .transpose()
+        slot.as_ref().map(|r| RouterWeights::from_layer(ctx, &format!("router.{layer}"), r, self.rank, self.hidden, self.eps)).transpose()
     }
 }
 

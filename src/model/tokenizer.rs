@@ -23,10 +23,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-    Tokenizer,
-};
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::model::chat::ChatTemplate;
 use crate::model::gguf::MetaValue;
@@ -40,17 +37,12 @@ pub enum TokenizerError {
     MetadataType { key: String, expected: &'static str },
     #[error("GGUF metadata key `{key}` is invalid: {problem}")]
     InvalidMetadata { key: String, problem: String },
-    #[error(
-        "unsupported tokenizer model `{model}` in `tokenizer.ggml.model` (supported: gpt2, llama)"
-    )]
+    #[error("unsupported tokenizer model `{model}` in `tokenizer.ggml.model` (supported: gpt2, llama)")]
     UnsupportedModel { model: String },
     #[error("building the {what} failed: {message}")]
     Build { what: &'static str, message: String },
     #[error("cannot read `{path}`: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("cannot parse `{path}`: {message}")]
     FileFormat { path: PathBuf, message: String },
     #[error("encoding text failed: {message}")]
@@ -61,9 +53,7 @@ pub enum TokenizerError {
     UnknownTokenId { id: u32, vocab_size: usize },
     #[error("a BOS token was requested but the tokenizer defines none")]
     NoBosToken,
-    #[error(
-        "the model has no chat template (GGUF `tokenizer.chat_template` / tokenizer_config.json `chat_template`)"
-    )]
+    #[error("the model has no chat template (GGUF `tokenizer.chat_template` / tokenizer_config.json `chat_template`)")]
     NoChatTemplate,
     #[error("the chat template does not compile: {message}")]
     TemplateSyntax { message: String },
@@ -82,22 +72,16 @@ mod token_type {
 }
 
 /// Special token strings that end a generation whenever the vocabulary has them as special tokens.
-const END_OF_GENERATION_TOKENS: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end_of_text|>",
-    "<|endoftext|>",
-    "<|eom_id|>",
-    "<end_of_turn>",
-];
+const END_OF_GENERATION_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>", "<end_of_turn>"];
 
 /// GPT-2's pre-tokenizer regex (what the ByteLevel pre-tokenizer applies with `use_regex`).
-pub const GPT2_REGEX: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+pub const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3's pre-tokenizer regex (`llama-bpe` in llama.cpp).
-pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const LLAMA3_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pre-tokenizer regex: like Llama 3's but every \p{N} character on its own.
-pub const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// SentencePiece's word-boundary marker, standing for a space.
 const SPIECE_SPACE: &str = "\u{2581}";
@@ -132,38 +116,17 @@ impl std::fmt::Debug for ModelTokenizer {
 // ---------------------------------------------------------------------------------------------
 // GGUF metadata access helpers.
 
-fn required<'m>(
-    meta: &'m BTreeMap<String, MetaValue>,
-    key: &str,
-) -> Result<&'m MetaValue, TokenizerError> {
-    meta.get(key)
-        .ok_or_else(|| TokenizerError::MissingMetadata {
-            key: key.to_string(),
-        })
+fn required<'m>(meta: &'m BTreeMap<String, MetaValue>, key: &str) -> Result<&'m MetaValue, TokenizerError> {
+    meta.get(key).ok_or_else(|| TokenizerError::MissingMetadata { key: key.to_string() })
 }
 
 fn wrong_type(key: &str, expected: &'static str) -> TokenizerError {
-    TokenizerError::MetadataType {
-        key: key.to_string(),
-        expected,
-    }
+    TokenizerError::MetadataType { key: key.to_string(), expected }
 }
 
-fn string_array(
-    meta: &BTreeMap<String, MetaValue>,
-    key: &str,
-) -> Result<Vec<String>, TokenizerError> {
-    let items = required(meta, key)?
-        .as_array()
-        .ok_or_else(|| wrong_type(key, "an array of strings"))?;
-    items
-        .iter()
-        .map(|item| {
-            item.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| wrong_type(key, "an array of strings"))
-        })
-        .collect()
+fn string_array(meta: &BTreeMap<String, MetaValue>, key: &str) -> Result<Vec<String>, TokenizerError> {
+    let items = required(meta, key)?.as_array().ok_or_else(|| wrong_type(key, "an array of strings"))?;
+    items.iter().map(|item| item.as_str().map(str::to_string).ok_or_else(|| wrong_type(key, "an array of strings"))).collect()
 }
 
 /// An optional per-token array; when present it must have one entry per token.
@@ -175,32 +138,21 @@ fn optional_per_token_array<'m>(
     let Some(value) = meta.get(key) else {
         return Ok(None);
     };
-    let items = value
-        .as_array()
-        .ok_or_else(|| wrong_type(key, "an array"))?;
+    let items = value.as_array().ok_or_else(|| wrong_type(key, "an array"))?;
     if items.len() != token_count {
         return Err(TokenizerError::InvalidMetadata {
             key: key.to_string(),
-            problem: format!(
-                "has {} entries but there are {token_count} tokens",
-                items.len()
-            ),
+            problem: format!("has {} entries but there are {token_count} tokens", items.len()),
         });
     }
     Ok(Some(items))
 }
 
-fn optional_token_id(
-    meta: &BTreeMap<String, MetaValue>,
-    key: &str,
-    token_count: usize,
-) -> Result<Option<u32>, TokenizerError> {
+fn optional_token_id(meta: &BTreeMap<String, MetaValue>, key: &str, token_count: usize) -> Result<Option<u32>, TokenizerError> {
     let Some(value) = meta.get(key) else {
         return Ok(None);
     };
-    let id = value
-        .as_u64()
-        .ok_or_else(|| wrong_type(key, "a non-negative integer"))?;
+    let id = value.as_u64().ok_or_else(|| wrong_type(key, "a non-negative integer"))?;
     match u32::try_from(id) {
         Ok(id) if (id as usize) < token_count => Ok(Some(id)),
         _ => Err(TokenizerError::InvalidMetadata {
@@ -210,29 +162,16 @@ fn optional_token_id(
     }
 }
 
-fn optional_bool(
-    meta: &BTreeMap<String, MetaValue>,
-    key: &str,
-) -> Result<Option<bool>, TokenizerError> {
-    meta.get(key)
-        .map(|v| v.as_bool().ok_or_else(|| wrong_type(key, "a bool")))
-        .transpose()
+fn optional_bool(meta: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<bool>, TokenizerError> {
+    meta.get(key).map(|v| v.as_bool().ok_or_else(|| wrong_type(key, "a bool"))).transpose()
 }
 
-fn optional_string<'m>(
-    meta: &'m BTreeMap<String, MetaValue>,
-    key: &str,
-) -> Result<Option<&'m str>, TokenizerError> {
-    meta.get(key)
-        .map(|v| v.as_str().ok_or_else(|| wrong_type(key, "a string")))
-        .transpose()
+fn optional_string<'m>(meta: &'m BTreeMap<String, MetaValue>, key: &str) -> Result<Option<&'m str>, TokenizerError> {
+    meta.get(key).map(|v| v.as_str().ok_or_else(|| wrong_type(key, "a string"))).transpose()
 }
 
 fn build_error(what: &'static str) -> impl Fn(tokenizers::Error) -> TokenizerError {
-    move |e| TokenizerError::Build {
-        what,
-        message: e.to_string(),
-    }
+    move |e| TokenizerError::Build { what, message: e.to_string() }
 }
 
 /// token → id, keeping the first id of a duplicated token string (the later ones stay unreachable
@@ -241,9 +180,7 @@ fn vocab_from_tokens(tokens: &[String]) -> Vocab {
     let mut vocab = Vocab::with_capacity(tokens.len());
     for (id, token) in tokens.iter().enumerate() {
         if vocab.contains_key(token) {
-            log::warn!(
-                "tokenizer: duplicate token {token:?} at id {id}; encoding uses its first id"
-            );
+            log::warn!("tokenizer: duplicate token {token:?} at id {id}; encoding uses its first id");
         } else {
             vocab.insert(token.clone(), id as u32);
         }
@@ -258,14 +195,10 @@ fn parse_merges(meta: &BTreeMap<String, MetaValue>) -> Result<Merges, TokenizerE
         .into_iter()
         .enumerate()
         .map(|(index, merge)| match merge.split_once(' ') {
-            Some((left, right)) if !left.is_empty() && !right.is_empty() => {
-                Ok((left.to_string(), right.to_string()))
-            }
+            Some((left, right)) if !left.is_empty() && !right.is_empty() => Ok((left.to_string(), right.to_string())),
             _ => Err(TokenizerError::InvalidMetadata {
                 key: KEY.to_string(),
-                problem: format!(
-                    "entry {index} ({merge:?}) is not two tokens separated by a space"
-                ),
+                problem: format!("entry {index} ({merge:?}) is not two tokens separated by a space"),
             }),
         })
         .collect()
@@ -273,12 +206,7 @@ fn parse_merges(meta: &BTreeMap<String, MetaValue>) -> Result<Merges, TokenizerE
 
 /// BPE merges for a SentencePiece vocabulary: every normal token that splits into two vocabulary
 /// pieces yields a merge of those pieces; merges producing higher-scored tokens come first.
-fn merges_from_scores(
-    tokens: &[String],
-    vocab: &Vocab,
-    scores: &[f32],
-    types: Option<&[i64]>,
-) -> Merges {
+fn merges_from_scores(tokens: &[String], vocab: &Vocab, scores: &[f32], types: Option<&[i64]>) -> Merges {
     struct Candidate {
         score: f32,
         merged_id: u32,
@@ -296,67 +224,35 @@ fn merges_from_scores(
         for (split_at, _) in merged.char_indices().skip(1) {
             let (left, right) = merged.split_at(split_at);
             if let (Some(&left_id), Some(&right_id)) = (vocab.get(left), vocab.get(right)) {
-                candidates.push(Candidate {
-                    score: scores[merged_id],
-                    merged_id: merged_id as u32,
-                    left_id,
-                    right_id,
-                });
+                candidates.push(Candidate { score: scores[merged_id], merged_id: merged_id as u32, left_id, right_id });
             }
         }
     }
     candidates.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then(a.merged_id.cmp(&b.merged_id))
-            .then(a.left_id.cmp(&b.left_id))
-            .then(a.right_id.cmp(&b.right_id))
+        b.score.total_cmp(&a.score).then(a.merged_id.cmp(&b.merged_id)).then(a.left_id.cmp(&b.left_id)).then(a.right_id.cmp(&b.right_id))
     });
-    candidates
-        .into_iter()
-        .map(|c| {
-            (
-                tokens[c.left_id as usize].clone(),
-                tokens[c.right_id as usize].clone(),
-            )
-        })
-        .collect()
+    candidates.into_iter().map(|c| (tokens[c.left_id as usize].clone(), tokens[c.right_id as usize].clone())).collect()
 }
 
 fn regex_split(pattern: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
-    let split = Split::new(
-        SplitPattern::Regex(pattern.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(build_error("pre-tokenizer regex"))?;
+    let split = Split::new(SplitPattern::Regex(pattern.to_string()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(build_error("pre-tokenizer regex"))?;
     Ok(split.into())
 }
 
 /// Pre-tokenizer (and optional normalizer) for a byte-level BPE vocabulary, by `tokenizer.ggml.pre`.
-fn byte_level_pre_tokenizer(
-    pre: Option<&str>,
-) -> Result<(PreTokenizerWrapper, Option<NormalizerWrapper>), TokenizerError> {
+fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<(PreTokenizerWrapper, Option<NormalizerWrapper>), TokenizerError> {
     let gpt2 = || PreTokenizerWrapper::from(ByteLevel::new(false, true, true));
     let regex_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-        Ok(PreTokenizerSequence::new(vec![
-            regex_split(pattern)?,
-            ByteLevel::new(false, false, false).into(),
-        ])
-        .into())
+        Ok(PreTokenizerSequence::new(vec![regex_split(pattern)?, ByteLevel::new(false, false, false).into()]).into())
     };
     Ok(match pre {
         None | Some("default") | Some("gpt2") => (gpt2(), None),
-        Some("smollm") => (
-            PreTokenizerSequence::new(vec![Digits::new(true).into(), gpt2()]).into(),
-            None,
-        ),
+        Some("smollm") => (PreTokenizerSequence::new(vec![Digits::new(true).into(), gpt2()]).into(), None),
         Some("llama-bpe") | Some("llama3") => (regex_then_bytes(LLAMA3_REGEX)?, None),
         Some("qwen2") => (regex_then_bytes(QWEN2_REGEX)?, Some(NFC.into())),
         Some(other) => {
-            log::warn!(
-                "tokenizer: unknown pre-tokenizer `{other}` (tokenizer.ggml.pre); using GPT-2's regex"
-            );
+            log::warn!("tokenizer: unknown pre-tokenizer `{other}` (tokenizer.ggml.pre); using GPT-2's regex");
             (gpt2(), None)
         }
     })
@@ -366,29 +262,19 @@ impl ModelTokenizer {
     /// Builds the tokenizer from a GGUF file's metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
     pub fn from_gguf_metadata(meta: &BTreeMap<String, MetaValue>) -> Result<Self, TokenizerError> {
         const MODEL_KEY: &str = "tokenizer.ggml.model";
-        let model = required(meta, MODEL_KEY)?
-            .as_str()
-            .ok_or_else(|| wrong_type(MODEL_KEY, "a string"))?;
+        let model = required(meta, MODEL_KEY)?.as_str().ok_or_else(|| wrong_type(MODEL_KEY, "a string"))?;
         let tokens = string_array(meta, "tokenizer.ggml.tokens")?;
         if tokens.is_empty() {
-            return Err(TokenizerError::InvalidMetadata {
-                key: "tokenizer.ggml.tokens".into(),
-                problem: "the vocabulary is empty".into(),
-            });
+            return Err(TokenizerError::InvalidMetadata { key: "tokenizer.ggml.tokens".into(), problem: "the vocabulary is empty".into() });
         }
-        let types: Option<Vec<i64>> =
-            optional_per_token_array(meta, "tokenizer.ggml.token_type", tokens.len())?
-                .map(|items| {
-                    items
-                        .iter()
-                        .map(|t| {
-                            t.as_i64().ok_or_else(|| {
-                                wrong_type("tokenizer.ggml.token_type", "an array of integers")
-                            })
-                        })
-                        .collect::<Result<_, _>>()
-                })
-                .transpose()?;
+        let types: Option<Vec<i64>> = optional_per_token_array(meta, "tokenizer.ggml.token_type", tokens.len())?
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|t| t.as_i64().ok_or_else(|| wrong_type("tokenizer.ggml.token_type", "an array of integers")))
+                    .collect::<Result<_, _>>()
+            })
+            .transpose()?;
         let vocab = vocab_from_tokens(&tokens);
         let unk_id = optional_token_id(meta, "tokenizer.ggml.unknown_token_id", tokens.len())?;
 
@@ -396,53 +282,32 @@ impl ModelTokenizer {
             "gpt2" => false,
             "llama" => true,
             other => {
-                return Err(TokenizerError::UnsupportedModel {
-                    model: other.to_string(),
-                });
+                return Err(TokenizerError::UnsupportedModel { model: other.to_string() });
             }
         };
 
         let mut inner = if is_sentencepiece {
             const SCORES_KEY: &str = "tokenizer.ggml.scores";
             let scores: Vec<f32> = optional_per_token_array(meta, SCORES_KEY, tokens.len())?
-                .ok_or_else(|| TokenizerError::MissingMetadata {
-                    key: SCORES_KEY.into(),
-                })?
+                .ok_or_else(|| TokenizerError::MissingMetadata { key: SCORES_KEY.into() })?
                 .iter()
-                .map(|s| {
-                    s.as_f64()
-                        .map(|s| s as f32)
-                        .ok_or_else(|| wrong_type(SCORES_KEY, "an array of floats"))
-                })
+                .map(|s| s.as_f64().map(|s| s as f32).ok_or_else(|| wrong_type(SCORES_KEY, "an array of floats")))
                 .collect::<Result<_, _>>()?;
             let merges = merges_from_scores(&tokens, &vocab, &scores, types.as_deref());
-            let mut builder = BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .byte_fallback(true)
-                .fuse_unk(true);
+            let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
             if let Some(unk) = unk_id {
                 builder = builder.unk_token(tokens[unk as usize].clone());
             }
-            let bpe = builder
-                .build()
-                .map_err(build_error("SentencePiece BPE model"))?;
-            let add_space_prefix =
-                optional_bool(meta, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
-            let space_to_marker =
-                Replace::new(" ", SPIECE_SPACE).map_err(build_error("normalizer"))?;
+            let bpe = builder.build().map_err(build_error("SentencePiece BPE model"))?;
+            let add_space_prefix = optional_bool(meta, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            let space_to_marker = Replace::new(" ", SPIECE_SPACE).map_err(build_error("normalizer"))?;
             let normalizer: NormalizerWrapper = if add_space_prefix {
-                NormalizerSequence::new(vec![
-                    Prepend::new(SPIECE_SPACE.into()).into(),
-                    space_to_marker.into(),
-                ])
-                .into()
+                NormalizerSequence::new(vec![Prepend::new(SPIECE_SPACE.into()).into(), space_to_marker.into()]).into()
             } else {
                 space_to_marker.into()
             };
             let mut decoders: Vec<DecoderWrapper> = vec![
-                Replace::new(SPIECE_SPACE, " ")
-                    .map_err(build_error("decoder"))?
-                    .into(),
+                Replace::new(SPIECE_SPACE, " ").map_err(build_error("decoder"))?.into(),
                 ByteFallback::new().into(),
                 Fuse::new().into(),
             ];
@@ -450,24 +315,16 @@ impl ModelTokenizer {
                 decoders.push(DecoderStrip::new(' ', 1, 0).into());
             }
             let mut tokenizer = Tokenizer::new(bpe);
-            tokenizer
-                .with_normalizer(Some(normalizer))
-                .map_err(build_error("normalizer"))?;
+            tokenizer.with_normalizer(Some(normalizer)).map_err(build_error("normalizer"))?;
             tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
             tokenizer
         } else {
             let merges = parse_merges(meta)?;
-            let bpe = BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .build()
-                .map_err(build_error("byte-level BPE model"))?;
-            let (pre_tokenizer, normalizer) =
-                byte_level_pre_tokenizer(optional_string(meta, "tokenizer.ggml.pre")?)?;
+            let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(build_error("byte-level BPE model"))?;
+            let (pre_tokenizer, normalizer) = byte_level_pre_tokenizer(optional_string(meta, "tokenizer.ggml.pre")?)?;
             let mut tokenizer = Tokenizer::new(bpe);
             if let Some(normalizer) = normalizer {
-                tokenizer
-                    .with_normalizer(Some(normalizer))
-                    .map_err(build_error("normalizer"))?;
+                tokenizer.with_normalizer(Some(normalizer)).map_err(build_error("normalizer"))?;
             }
             tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
             tokenizer.with_decoder(Some(ByteLevel::new(false, true, true)));
@@ -488,19 +345,14 @@ impl ModelTokenizer {
                 }
                 literal_tokens.push(AddedToken::from(token.clone(), special).normalized(false));
             }
-            inner
-                .add_tokens(literal_tokens)
-                .map_err(build_error("added-token vocabulary"))?;
+            inner.add_tokens(literal_tokens).map_err(build_error("added-token vocabulary"))?;
         }
 
         let bos_id = optional_token_id(meta, "tokenizer.ggml.bos_token_id", tokens.len())?;
         let eos_id = optional_token_id(meta, "tokenizer.ggml.eos_token_id", tokens.len())?;
-        let add_bos_requested =
-            optional_bool(meta, "tokenizer.ggml.add_bos_token")?.unwrap_or(is_sentencepiece);
+        let add_bos_requested = optional_bool(meta, "tokenizer.ggml.add_bos_token")?.unwrap_or(is_sentencepiece);
         if add_bos_requested && bos_id.is_none() {
-            log::warn!(
-                "tokenizer: GGUF asks to add a BOS token but defines no tokenizer.ggml.bos_token_id"
-            );
+            log::warn!("tokenizer: GGUF asks to add a BOS token but defines no tokenizer.ggml.bos_token_id");
         }
 
         let mut end_ids = Vec::new();
@@ -509,10 +361,7 @@ impl ModelTokenizer {
             end_ids.extend(optional_token_id(meta, key, tokens.len())?);
         }
         for name in END_OF_GENERATION_TOKENS {
-            if let Some(id) = inner
-                .token_to_id(name)
-                .filter(|id| special_ids.contains(id))
-            {
+            if let Some(id) = inner.token_to_id(name).filter(|id| special_ids.contains(id)) {
                 end_ids.push(id);
             }
         }
@@ -539,22 +388,12 @@ impl ModelTokenizer {
         if !tokenizer_path.is_file() {
             return Err(TokenizerError::Io {
                 path: tokenizer_path,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "tokenizer.json not found",
-                ),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             });
         }
-        let inner =
-            Tokenizer::from_file(&tokenizer_path).map_err(|e| TokenizerError::FileFormat {
-                path: tokenizer_path.clone(),
-                message: e.to_string(),
-            })?;
-        let vocab_size = inner
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&max| max as usize + 1);
+        let inner = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| TokenizerError::FileFormat { path: tokenizer_path.clone(), message: e.to_string() })?;
+        let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&max| max as usize + 1);
 
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let generation = read_optional_json(&dir.join("generation_config.json"))?;
@@ -569,31 +408,18 @@ impl ModelTokenizer {
         };
         let generation_ids = |field: &str| -> Vec<u32> {
             match generation.as_ref().and_then(|g| g.get(field)) {
-                Some(serde_json::Value::Number(n)) => n
-                    .as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .into_iter()
-                    .collect(),
-                Some(serde_json::Value::Array(items)) => items
-                    .iter()
-                    .filter_map(|n| n.as_u64().and_then(|n| u32::try_from(n).ok()))
-                    .collect(),
+                Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).into_iter().collect(),
+                Some(serde_json::Value::Array(items)) => {
+                    items.iter().filter_map(|n| n.as_u64().and_then(|n| u32::try_from(n).ok())).collect()
+                }
                 _ => Vec::new(),
             }
         };
 
-        let bos_token = config_token("bos_token").or_else(|| {
-            generation_ids("bos_token_id")
-                .first()
-                .and_then(|&id| inner.id_to_token(id))
-        });
+        let bos_token = config_token("bos_token").or_else(|| generation_ids("bos_token_id").first().and_then(|&id| inner.id_to_token(id)));
         let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
         let generation_eos_ids = generation_ids("eos_token_id");
-        let eos_token = config_token("eos_token").or_else(|| {
-            generation_eos_ids
-                .first()
-                .and_then(|&id| inner.id_to_token(id))
-        });
+        let eos_token = config_token("eos_token").or_else(|| generation_eos_ids.first().and_then(|&id| inner.id_to_token(id)));
         let eos_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
 
         let add_bos = match config.as_ref().and_then(|c| c.get("add_bos_token")) {
@@ -616,21 +442,15 @@ impl ModelTokenizer {
                         (wanted.is_none() || wanted == Some(name)).then(|| template.to_string())
                     })
                 };
-                Some(
-                    template_named(Some("default"))
-                        .or_else(|| template_named(None))
-                        .ok_or_else(|| TokenizerError::FileFormat {
-                            path: config_path.clone(),
-                            message: "`chat_template` is a list without a {name, template} entry"
-                                .into(),
-                        })?,
-                )
+                Some(template_named(Some("default")).or_else(|| template_named(None)).ok_or_else(|| TokenizerError::FileFormat {
+                    path: config_path.clone(),
+                    message: "`chat_template` is a list without a {name, template} entry".into(),
+                })?)
             }
             Some(_) => {
                 return Err(TokenizerError::FileFormat {
                     path: config_path,
-                    message: "`chat_template` is neither a string nor a list of {name, template}"
-                        .into(),
+                    message: "`chat_template` is neither a string nor a list of {name, template}".into(),
                 });
             }
         };
@@ -638,25 +458,12 @@ impl ModelTokenizer {
         let added = inner.get_added_tokens_decoder();
         let mut end_ids: Vec<u32> = eos_id.into_iter().chain(generation_eos_ids).collect();
         for name in END_OF_GENERATION_TOKENS {
-            if let Some(id) = inner
-                .token_to_id(name)
-                .filter(|id| added.get(id).is_some_and(|t| t.special))
-            {
+            if let Some(id) = inner.token_to_id(name).filter(|id| added.get(id).is_some_and(|t| t.special)) {
                 end_ids.push(id);
             }
         }
 
-        let mut result = Self {
-            inner,
-            vocab_size,
-            bos_id,
-            eos_id,
-            end_ids: Vec::new(),
-            add_bos,
-            chat_template,
-            bos_token,
-            eos_token,
-        };
+        let mut result = Self { inner, vocab_size, bos_id, eos_id, end_ids: Vec::new(), add_bos, chat_template, bos_token, eos_token };
         result.add_end_ids(end_ids);
         Ok(result)
     }
@@ -679,12 +486,7 @@ impl ModelTokenizer {
     /// Encodes text, prepending the BOS id when `add_bos` is true and the text's own tokens do not
     /// already start with it (a chat template usually writes the BOS itself).
     pub fn encode_with_bos(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| TokenizerError::Encode {
-                message: e.to_string(),
-            })?;
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| TokenizerError::Encode { message: e.to_string() })?;
         let ids = encoding.get_ids();
         if !add_bos {
             return Ok(ids.to_vec());
@@ -702,16 +504,9 @@ impl ModelTokenizer {
     /// Decodes ids to text, keeping special tokens and without any clean-up.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         if let Some(&id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
-            return Err(TokenizerError::UnknownTokenId {
-                id,
-                vocab_size: self.vocab_size,
-            });
+            return Err(TokenizerError::UnknownTokenId { id, vocab_size: self.vocab_size });
         }
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| TokenizerError::Decode {
-                message: e.to_string(),
-            })
+        self.inner.decode(ids, false).map_err(|e| TokenizerError::Decode { message: e.to_string() })
     }
 
     /// A streaming detokeniser over this tokenizer.
@@ -769,10 +564,7 @@ impl ModelTokenizer {
 
     /// The model's chat template, compiled, with this tokenizer's BOS/EOS token strings.
     pub fn chat_template(&self) -> Result<ChatTemplate, TokenizerError> {
-        let source = self
-            .chat_template
-            .as_deref()
-            .ok_or(TokenizerError::NoChatTemplate)?;
+        let source = self.chat_template.as_deref().ok_or(TokenizerError::NoChatTemplate)?;
         ChatTemplate::new(source, self.bos_token.as_deref(), self.eos_token.as_deref())
     }
 
@@ -787,18 +579,10 @@ fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, Tokenize
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
-            return Err(TokenizerError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
+            return Err(TokenizerError::Io { path: path.to_path_buf(), source });
         }
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| TokenizerError::FileFormat {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+    serde_json::from_str(&text).map(Some).map_err(|e| TokenizerError::FileFormat { path: path.to_path_buf(), message: e.to_string() })
 }
 
 /// Incremental detokenisation for streaming output.
@@ -819,21 +603,13 @@ pub struct StreamDecoder<'t> {
 
 impl<'t> StreamDecoder<'t> {
     pub fn new(tokenizer: &'t ModelTokenizer) -> Self {
-        Self {
-            tokenizer,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        Self { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     /// Adds one id; returns the text it completed, or `None` while bytes of a character are pending.
     pub fn push(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
         if self.tokenizer.id_to_token(id).is_none() {
-            return Err(TokenizerError::UnknownTokenId {
-                id,
-                vocab_size: self.tokenizer.vocab_size,
-            });
+            return Err(TokenizerError::UnknownTokenId { id, vocab_size: self.tokenizer.vocab_size });
         }
         self.ids.push(id);
         let (emitted, window) = self.decode_window()?;
@@ -858,9 +634,7 @@ impl<'t> StreamDecoder<'t> {
 
     /// (text of the already emitted part of the window, text of the whole window)
     fn decode_window(&self) -> Result<(String, String), TokenizerError> {
-        let emitted = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let emitted = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let window = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
         Ok((emitted, window))
     }
@@ -872,11 +646,8 @@ fn new_suffix<'w>(emitted: &str, window: &'w str) -> &'w str {
     if let Some(rest) = window.strip_prefix(emitted) {
         return rest;
     }
-    let common = emitted
-        .char_indices()
-        .zip(window.chars())
-        .find(|((_, a), b)| a != b)
-        .map_or(emitted.len().min(window.len()), |((i, _), _)| i);
+    let common =
+        emitted.char_indices().zip(window.chars()).find(|((_, a), b)| a != b).map_or(emitted.len().min(window.len()), |((i, _), _)| i);
     &window[common..]
 }
 

@@ -77,39 +77,15 @@ enum CanonicalTensor {
 }
 
 const LAYER_SUFFIXES: [(&str, LayerTensor, &str); 12] = [
-    (
-        "input_layernorm.weight",
-        LayerTensor::InputNorm,
-        "attn_norm.weight",
-    ),
-    (
-        "self_attn.q_proj.weight",
-        LayerTensor::QWeight,
-        "attn_q.weight",
-    ),
-    (
-        "self_attn.k_proj.weight",
-        LayerTensor::KWeight,
-        "attn_k.weight",
-    ),
-    (
-        "self_attn.v_proj.weight",
-        LayerTensor::VWeight,
-        "attn_v.weight",
-    ),
-    (
-        "self_attn.o_proj.weight",
-        LayerTensor::OWeight,
-        "attn_output.weight",
-    ),
+    ("input_layernorm.weight", LayerTensor::InputNorm, "attn_norm.weight"),
+    ("self_attn.q_proj.weight", LayerTensor::QWeight, "attn_q.weight"),
+    ("self_attn.k_proj.weight", LayerTensor::KWeight, "attn_k.weight"),
+    ("self_attn.v_proj.weight", LayerTensor::VWeight, "attn_v.weight"),
+    ("self_attn.o_proj.weight", LayerTensor::OWeight, "attn_output.weight"),
     ("self_attn.q_proj.bias", LayerTensor::QBias, "attn_q.bias"),
     ("self_attn.k_proj.bias", LayerTensor::KBias, "attn_k.bias"),
     ("self_attn.v_proj.bias", LayerTensor::VBias, "attn_v.bias"),
-    (
-        "post_attention_layernorm.weight",
-        LayerTensor::PostAttentionNorm,
-        "ffn_norm.weight",
-    ),
+    ("post_attention_layernorm.weight", LayerTensor::PostAttentionNorm, "ffn_norm.weight"),
     ("mlp.gate_proj.weight", LayerTensor::Gate, "ffn_gate.weight"),
     ("mlp.up_proj.weight", LayerTensor::Up, "ffn_up.weight"),
     ("mlp.down_proj.weight", LayerTensor::Down, "ffn_down.weight"),
@@ -125,10 +101,7 @@ impl CanonicalTensor {
         }
         let rest = name.strip_prefix("model.layers.")?;
         let (index, suffix) = rest.split_once('.')?;
-        if index.is_empty()
-            || !index.bytes().all(|b| b.is_ascii_digit())
-            || (index.len() > 1 && index.starts_with('0'))
-        {
+        if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) || (index.len() > 1 && index.starts_with('0')) {
             return None;
         }
         let layer: usize = index.parse().ok()?;
@@ -142,10 +115,7 @@ impl CanonicalTensor {
             CanonicalTensor::FinalNorm => "output_norm.weight".into(),
             CanonicalTensor::LmHead => "output.weight".into(),
             CanonicalTensor::Layer(i, t) => {
-                let suffix = LAYER_SUFFIXES
-                    .iter()
-                    .find(|(_, lt, _)| *lt == t)
-                    .map_or("", |(_, _, g)| *g);
+                let suffix = LAYER_SUFFIXES.iter().find(|(_, lt, _)| *lt == t).map_or("", |(_, _, g)| *g);
                 format!("blk.{i}.{suffix}")
             }
         }
@@ -174,9 +144,7 @@ impl CanonicalTensor {
     fn permuted_heads(self, c: &ModelConfig) -> Option<usize> {
         match self {
             CanonicalTensor::Layer(_, LayerTensor::QWeight | LayerTensor::QBias) => Some(c.n_heads),
-            CanonicalTensor::Layer(_, LayerTensor::KWeight | LayerTensor::KBias) => {
-                Some(c.n_kv_heads)
-            }
+            CanonicalTensor::Layer(_, LayerTensor::KWeight | LayerTensor::KBias) => Some(c.n_kv_heads),
             _ => None,
         }
     }
@@ -192,30 +160,15 @@ fn check_shape(name: &str, expected: &[usize], found: &[usize]) -> Result<(), Mo
     if expected == found {
         Ok(())
     } else {
-        Err(ModelError::ShapeMismatch {
-            tensor: name.to_owned(),
-            expected: expected.to_vec(),
-            found: found.to_vec(),
-        })
+        Err(ModelError::ShapeMismatch { tensor: name.to_owned(), expected: expected.to_vec(), found: found.to_vec() })
     }
 }
 
 /// Checks `rows` and `data` for a per-head row permutation with `n_head` heads.
-fn check_head_rows(
-    tensor: &str,
-    data_len: usize,
-    rows: usize,
-    cols: usize,
-    n_head: usize,
-) -> Result<(), ModelError> {
-    let bad = |what: String| ModelError::BadTensor {
-        tensor: tensor.to_owned(),
-        what,
-    };
+fn check_head_rows(tensor: &str, data_len: usize, rows: usize, cols: usize, n_head: usize) -> Result<(), ModelError> {
+    let bad = |what: String| ModelError::BadTensor { tensor: tensor.to_owned(), what };
     if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
-        return Err(bad(format!(
-            "{rows} rows do not split into {n_head} heads of even size"
-        )));
+        return Err(bad(format!("{rows} rows do not split into {n_head} heads of even size")));
     }
     if rows.checked_mul(cols) != Some(data_len) {
         return Err(bad(format!("{data_len} values are not {rows} x {cols}")));
@@ -227,41 +180,17 @@ fn check_head_rows(
 /// matrix (`cols` = 1 for a bias): within each head of `rows / n_head` rows, the rotate-half
 /// order (first half, second half) becomes interleaved pairs. Numpy equivalent:
 /// `w.reshape(n_head, 2, head_dim / 2, cols).swapaxes(1, 2).reshape(rows, cols)`.
-pub fn permute_qk_rows(
-    tensor: &str,
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-    n_head: usize,
-) -> Result<Vec<f32>, ModelError> {
+pub fn permute_qk_rows(tensor: &str, data: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>, ModelError> {
     check_head_rows(tensor, data.len(), rows, cols, n_head)?;
     // permuted row h*hd + 2i + s  <-  original row h*hd + s*half + i
-    Ok(reorder_head_rows(
-        data,
-        rows,
-        cols,
-        n_head,
-        |base, half, i, s| (base + 2 * i + s, base + s * half + i),
-    ))
+    Ok(reorder_head_rows(data, rows, cols, n_head, |base, half, i, s| (base + 2 * i + s, base + s * half + i)))
 }
 
 /// Inverse of [`permute_qk_rows`]: restores Hugging Face's rotate-half row order.
-pub fn unpermute_qk_rows(
-    tensor: &str,
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-    n_head: usize,
-) -> Result<Vec<f32>, ModelError> {
+pub fn unpermute_qk_rows(tensor: &str, data: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>, ModelError> {
     check_head_rows(tensor, data.len(), rows, cols, n_head)?;
     // original row h*hd + s*half + i  <-  permuted row h*hd + 2i + s
-    Ok(reorder_head_rows(
-        data,
-        rows,
-        cols,
-        n_head,
-        |base, half, i, s| (base + s * half + i, base + 2 * i + s),
-    ))
+    Ok(reorder_head_rows(data, rows, cols, n_head, |base, half, i, s| (base + s * half + i, base + 2 * i + s)))
 }
 
 /// Copies rows per head; `map(head_base, half, i, s)` returns (destination row, source row)
@@ -280,8 +209,7 @@ fn reorder_head_rows(
         for i in 0..half {
             for s in 0..2 {
                 let (dst, src) = map(h * head_dim, half, i, s);
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -326,26 +254,17 @@ impl WeightSource for GgufWeights {
     }
 
     fn get(&self, name: &str) -> Result<HostTensor, ModelError> {
-        let missing = || ModelError::MissingTensor {
-            path: self.file.path.clone(),
-            tensor: name.to_owned(),
-        };
+        let missing = || ModelError::MissingTensor { path: self.file.path.clone(), tensor: name.to_owned() };
         let canonical = CanonicalTensor::parse(name).ok_or_else(missing)?;
         let gguf_name = canonical.gguf_name();
         let info = self
             .file
             .tensor_info(&gguf_name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.file.path.clone(),
-                tensor: format!("{name} (GGUF '{gguf_name}')"),
-            })?;
+            .ok_or_else(|| ModelError::MissingTensor { path: self.file.path.clone(), tensor: format!("{name} (GGUF '{gguf_name}')") })?;
         let expected = canonical.expected_shape(&self.config);
         // GGUF dims are [ne0 = in, ne1 = out]; the same bytes read row-major are [out, in].
-        let found =
-            to_usize_shape(&info.row_major_shape()).ok_or_else(|| ModelError::BadTensor {
-                tensor: name.to_owned(),
-                what: format!("dims {:?} do not fit in usize", info.dims),
-            })?;
+        let found = to_usize_shape(&info.row_major_shape())
+            .ok_or_else(|| ModelError::BadTensor { tensor: name.to_owned(), what: format!("dims {:?} do not fit in usize", info.dims) })?;
         check_shape(name, &expected, &found)?;
         let mut data = self.file.tensor_f32(&gguf_name)?;
         // llama.cpp permutes q/k rows for llama-style GGUFs only, not for qwen2.
@@ -358,11 +277,7 @@ impl WeightSource for GgufWeights {
             let cols = found.get(1).copied().unwrap_or(1);
             data = unpermute_qk_rows(name, &data, rows, cols, n_head)?;
         }
-        Ok(HostTensor {
-            name: name.to_owned(),
-            shape: found,
-            data,
-        })
+        Ok(HostTensor { name: name.to_owned(), shape: found, data })
     }
 
     fn has(&self, name: &str) -> bool {
@@ -386,11 +301,7 @@ impl WeightSource for GgufWeights {
 fn describe_counts(counts: BTreeMap<String, usize>) -> String {
     let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
     counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    counts
-        .iter()
-        .map(|(ty, n)| format!("{ty} x{n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    counts.iter().map(|(ty, n)| format!("{ty} x{n}")).collect::<Vec<_>>().join(", ")
 }
 
 /// One memory-mapped safetensors file.
@@ -423,10 +334,7 @@ impl std::fmt::Debug for HfWeights {
         f.debug_struct("HfWeights")
             .field("dir", &self.dir)
             .field("config", &self.config)
-            .field(
-                "shards",
-                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
-            )
+            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
             .field("tensors", &self.tensors.len())
             .finish()
     }
@@ -440,45 +348,25 @@ impl HfWeights {
         let mut tensors = HashMap::new();
         for file_name in shard_names {
             let path = dir.join(&file_name);
-            let io_err = |source| ModelError::Io {
-                path: path.clone(),
-                source,
-            };
+            let io_err = |source| ModelError::Io { path: path.clone(), source };
             let file = File::open(&path).map_err(io_err)?;
             // SAFETY: read-only map; we rely on the file not being modified while open. All
             // accesses are bounds-checked through `get`.
             let mmap = unsafe { Mmap::map(&file) }.map_err(io_err)?;
             let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|source| ModelError::SafeTensors {
-                    path: path.clone(),
-                    source,
-                })?;
+                SafeTensors::read_metadata(&mmap).map_err(|source| ModelError::SafeTensors { path: path.clone(), source })?;
             // data starts after the u64 header length and the JSON header
             let data_start = header_len
                 .checked_add(8)
-                .ok_or_else(|| ModelError::Malformed {
-                    path: path.clone(),
-                    what: "header length overflows".into(),
-                })?;
+                .ok_or_else(|| ModelError::Malformed { path: path.clone(), what: "header length overflows".into() })?;
             let shard = shards.len();
             for (name, info) in metadata.tensors() {
                 let (begin, end) = info.data_offsets;
-                let range = data_start
-                    .checked_add(begin)
-                    .zip(data_start.checked_add(end));
+                let range = data_start.checked_add(begin).zip(data_start.checked_add(end));
                 let Some((start, end)) = range.filter(|(s, e)| s <= e && *e <= mmap.len()) else {
-                    return Err(ModelError::Truncated {
-                        path: path.clone(),
-                        what: format!("data of tensor '{name}'"),
-                    });
+                    return Err(ModelError::Truncated { path: path.clone(), what: format!("data of tensor '{name}'") });
                 };
-                let entry = SafeTensorEntry {
-                    shard,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    start,
-                    end,
-                };
+                let entry = SafeTensorEntry { shard, dtype: info.dtype, shape: info.shape.clone(), start, end };
                 if tensors.insert(name.clone(), entry).is_some() {
                     return Err(ModelError::Malformed {
                         path: path.clone(),
@@ -488,12 +376,7 @@ impl HfWeights {
             }
             shards.push(Shard { path, mmap });
         }
-        Ok(HfWeights {
-            dir: dir.to_path_buf(),
-            config,
-            shards,
-            tensors,
-        })
+        Ok(HfWeights { dir: dir.to_path_buf(), config, shards, tensors })
     }
 
     /// `model.safetensors`, or the distinct files of the index's `weight_map`, sorted.
@@ -508,22 +391,13 @@ impl HfWeights {
                 what: "model.safetensors or model.safetensors.index.json".into(),
             });
         }
-        let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
-            path: index_path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
         let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: index_path.clone(),
-                source,
-            })?;
+            serde_json::from_str(&text).map_err(|source| ModelError::Json { path: index_path.clone(), source })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::MissingKey {
-                path: index_path.clone(),
-                key: "weight_map".into(),
-            })?;
+            .ok_or_else(|| ModelError::MissingKey { path: index_path.clone(), key: "weight_map".into() })?;
         let mut names: Vec<String> = Vec::new();
         for (tensor, file) in map {
             let file = file.as_str().ok_or_else(|| ModelError::WrongKeyType {
@@ -533,14 +407,11 @@ impl HfWeights {
                 found: file.to_string(),
             })?;
             // shard names come from the file: keep them inside the folder
-            let plain =
-                !file.is_empty() && !file.contains(['/', '\\']) && file != "." && file != "..";
+            let plain = !file.is_empty() && !file.contains(['/', '\\']) && file != "." && file != "..";
             if !plain {
                 return Err(ModelError::Malformed {
                     path: index_path.clone(),
-                    what: format!(
-                        "shard name '{file}' of tensor '{tensor}' is not a plain file name"
-                    ),
+                    what: format!("shard name '{file}' of tensor '{tensor}' is not a plain file name"),
                 });
             }
             if !names.iter().any(|n| n == file) {
@@ -552,45 +423,25 @@ impl HfWeights {
     }
 
     fn entry_f32(&self, name: &str, entry: &SafeTensorEntry) -> Result<Vec<f32>, ModelError> {
-        let shard = self
-            .shards
-            .get(entry.shard)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.dir.clone(),
-                tensor: name.to_owned(),
-            })?;
-        let bytes =
-            shard
-                .mmap
-                .get(entry.start..entry.end)
-                .ok_or_else(|| ModelError::Truncated {
-                    path: shard.path.clone(),
-                    what: format!("data of tensor '{name}'"),
-                })?;
-        let n_elements = entry
-            .shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let shard =
+            self.shards.get(entry.shard).ok_or_else(|| ModelError::MissingTensor { path: self.dir.clone(), tensor: name.to_owned() })?;
+        let bytes = shard
+            .mmap
+            .get(entry.start..entry.end)
+            .ok_or_else(|| ModelError::Truncated { path: shard.path.clone(), what: format!("data of tensor '{name}'") })?;
+        let n_elements = entry.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         let (elem_bytes, convert): (usize, fn(&[u8]) -> f32) = match entry.dtype {
             Dtype::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             Dtype::F16 => (2, |b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
             Dtype::BF16 => (2, |b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
             other => {
-                return Err(ModelError::UnsupportedType {
-                    tensor: name.to_owned(),
-                    ty: format!("{other:?}"),
-                });
+                return Err(ModelError::UnsupportedType { tensor: name.to_owned(), ty: format!("{other:?}") });
             }
         };
         if n_elements.and_then(|n| n.checked_mul(elem_bytes)) != Some(bytes.len()) {
             return Err(ModelError::BadTensor {
                 tensor: name.to_owned(),
-                what: format!(
-                    "{} bytes for shape {:?} of {:?}",
-                    bytes.len(),
-                    entry.shape,
-                    entry.dtype
-                ),
+                what: format!("{} bytes for shape {:?} of {:?}", bytes.len(), entry.shape, entry.dtype),
             });
         }
         // chunks_exact yields slices of exactly elem_bytes, so the converters' indices are in range
@@ -604,22 +455,12 @@ impl WeightSource for HfWeights {
     }
 
     fn get(&self, name: &str) -> Result<HostTensor, ModelError> {
-        let entry = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.dir.clone(),
-                tensor: name.to_owned(),
-            })?;
+        let entry = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor { path: self.dir.clone(), tensor: name.to_owned() })?;
         if let Some(expected) = expected_shape(&self.config, name) {
             check_shape(name, &expected, &entry.shape)?;
         }
         let data = self.entry_f32(name, entry)?;
-        Ok(HostTensor {
-            name: name.to_owned(),
-            shape: entry.shape.clone(),
-            data,
-        })
+        Ok(HostTensor { name: name.to_owned(), shape: entry.shape.clone(), data })
     }
 
     fn has(&self, name: &str) -> bool {
@@ -635,46 +476,30 @@ impl WeightSource for HfWeights {
     }
 
     fn total_param_bytes(&self) -> u64 {
-        self.tensors
-            .values()
-            .map(|e| (e.end - e.start) as u64)
-            .sum()
+        self.tensors.values().map(|e| (e.end - e.start) as u64).sum()
     }
 }
 
 /// Opens a model: a `.gguf` file (or any file starting with the GGUF magic) or a Hugging Face
 /// folder with `config.json`.
 pub fn open_model(path: &Path) -> Result<Box<dyn WeightSource>, ModelError> {
-    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
     if meta.is_dir() {
         if !path.join("config.json").is_file() {
-            return Err(ModelError::MissingFile {
-                path: path.to_path_buf(),
-                what: "config.json".into(),
-            });
+            return Err(ModelError::MissingFile { path: path.to_path_buf(), what: "config.json".into() });
         }
         return Ok(Box::new(HfWeights::open(path)?));
     }
-    let is_gguf_name = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let is_gguf_name = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     let has_gguf_magic = || {
         use std::io::Read;
         let mut magic = [0u8; 4];
-        File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-            && &magic == b"GGUF"
+        File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
     };
     if is_gguf_name || has_gguf_magic() {
         return Ok(Box::new(GgufWeights::open(path)?));
     }
-    Err(ModelError::UnknownModelFormat {
-        path: path.to_path_buf(),
-    })
+    Err(ModelError::UnknownModelFormat { path: path.to_path_buf() })
 }
 
 #[cfg(test)]
@@ -687,9 +512,7 @@ mod tests {
     fn permutation_matches_numpy_definition_and_inverse_restores() {
         // 2 heads of head_dim 4 (half 2), 3 columns; value = 10 * row + col
         let (rows, cols, n_head) = (8, 3, 2);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|k| (10 * (k / cols) + k % cols) as f32)
-            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|k| (10 * (k / cols) + k % cols) as f32).collect();
         let p = permute_qk_rows("q", &w, rows, cols, n_head).unwrap();
         // numpy: reshape(2, 2, 2, 3).swapaxes(1, 2) puts original rows per head in order 0, 2, 1, 3
         let permuted_rows: Vec<usize> = p.chunks(cols).map(|r| (r[0] / 10.0) as usize).collect();
@@ -702,48 +525,19 @@ mod tests {
         assert_ne!(pb, b);
         assert_eq!(unpermute_qk_rows("k", &pb, 24, 1, 3).unwrap(), b);
 
-        assert!(matches!(
-            unpermute_qk_rows("q", &w, 8, 3, 3),
-            Err(ModelError::BadTensor { .. })
-        ));
-        assert!(matches!(
-            unpermute_qk_rows("q", &w[..5], 8, 3, 2),
-            Err(ModelError::BadTensor { .. })
-        ));
+        assert!(matches!(unpermute_qk_rows("q", &w, 8, 3, 3), Err(ModelError::BadTensor { .. })));
+        assert!(matches!(unpermute_qk_rows("q", &w[..5], 8, 3, 2), Err(ModelError::BadTensor { .. })));
     }
 
     #[test]
     fn canonical_names_map_to_gguf_names() {
-        assert_eq!(
-            GgufWeights::gguf_name("model.embed_tokens.weight").as_deref(),
-            Some("token_embd.weight")
-        );
-        assert_eq!(
-            GgufWeights::gguf_name("model.norm.weight").as_deref(),
-            Some("output_norm.weight")
-        );
-        assert_eq!(
-            GgufWeights::gguf_name("lm_head.weight").as_deref(),
-            Some("output.weight")
-        );
-        assert_eq!(
-            GgufWeights::gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(),
-            Some("blk.12.attn_output.weight")
-        );
-        assert_eq!(
-            GgufWeights::gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
-            Some("blk.0.ffn_norm.weight")
-        );
-        assert_eq!(
-            GgufWeights::gguf_name("model.layers.3.self_attn.k_proj.bias").as_deref(),
-            Some("blk.3.attn_k.bias")
-        );
-        for bad in [
-            "model.layers..mlp.up_proj.weight",
-            "model.layers.01.mlp.up_proj.weight",
-            "model.layers.1.mlp.x",
-            "x",
-        ] {
+        assert_eq!(GgufWeights::gguf_name("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
+        assert_eq!(GgufWeights::gguf_name("model.norm.weight").as_deref(), Some("output_norm.weight"));
+        assert_eq!(GgufWeights::gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
+        assert_eq!(GgufWeights::gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(), Some("blk.12.attn_output.weight"));
+        assert_eq!(GgufWeights::gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
+        assert_eq!(GgufWeights::gguf_name("model.layers.3.self_attn.k_proj.bias").as_deref(), Some("blk.3.attn_k.bias"));
+        for bad in ["model.layers..mlp.up_proj.weight", "model.layers.01.mlp.up_proj.weight", "model.layers.1.mlp.x", "x"] {
             assert_eq!(GgufWeights::gguf_name(bad), None, "{bad}");
         }
     }
@@ -759,11 +553,7 @@ mod tests {
         let permute = arch != "qwen2";
         let qk = |name: &str, rows: u64, heads: usize, seed: f32| -> (String, Vec<f32>) {
             let w = hf_matrix(rows as usize, d as usize, seed);
-            let stored = if permute {
-                permute_qk_rows(name, &w, rows as usize, d as usize, heads).unwrap()
-            } else {
-                w
-            };
+            let stored = if permute { permute_qk_rows(name, &w, rows as usize, d as usize, heads).unwrap() } else { w };
             (name.to_owned(), stored)
         };
         let (qn, qw) = qk("blk.0.attn_q.weight", q, 2, 1000.0);
@@ -773,15 +563,9 @@ mod tests {
             .kv(&format!("{arch}.block_count"), MetaValue::U32(1))
             .kv(&format!("{arch}.embedding_length"), MetaValue::U32(8))
             .kv(&format!("{arch}.attention.head_count"), MetaValue::U32(2))
-            .kv(
-                &format!("{arch}.attention.head_count_kv"),
-                MetaValue::U32(1),
-            )
+            .kv(&format!("{arch}.attention.head_count_kv"), MetaValue::U32(1))
             .kv(&format!("{arch}.feed_forward_length"), MetaValue::U32(12))
-            .kv(
-                &format!("{arch}.attention.layer_norm_rms_epsilon"),
-                MetaValue::F32(1e-6),
-            )
+            .kv(&format!("{arch}.attention.layer_norm_rms_epsilon"), MetaValue::F32(1e-6))
             .kv(&format!("{arch}.context_length"), MetaValue::U32(64))
             .kv(&format!("{arch}.vocab_size"), MetaValue::U32(5))
             .f32_tensor("token_embd.weight", &[d, vocab], &hf_matrix(5, 8, 0.0))
@@ -790,44 +574,26 @@ mod tests {
             .f32_tensor(&qn, &[d, q], &qw)
             .f32_tensor(&kn, &[d, kv], &kw)
             .f32_tensor("blk.0.attn_v.weight", &[d, kv], &hf_matrix(4, 8, 3000.0))
-            .f32_tensor(
-                "blk.0.attn_output.weight",
-                &[q, d],
-                &hf_matrix(8, 8, 4000.0),
-            )
+            .f32_tensor("blk.0.attn_output.weight", &[q, d], &hf_matrix(8, 8, 4000.0))
             .f32_tensor("blk.0.ffn_norm.weight", &[d], &hf_matrix(1, 8, 300.0))
             .f32_tensor("blk.0.ffn_gate.weight", &[d, ff], &hf_matrix(12, 8, 5000.0))
             .f32_tensor("blk.0.ffn_up.weight", &[d, ff], &hf_matrix(12, 8, 6000.0))
             .f32_tensor("blk.0.ffn_down.weight", &[ff, d], &hf_matrix(8, 12, 7000.0));
         if with_bias {
             let qb = hf_matrix(8, 1, 10.0);
-            let qb = if permute {
-                permute_qk_rows("qb", &qb, 8, 1, 2).unwrap()
-            } else {
-                qb
-            };
-            b = b
-                .f32_tensor("blk.0.attn_q.bias", &[q], &qb)
-                .f32_tensor("blk.0.attn_k.bias", &[kv], &hf_matrix(4, 1, 20.0))
-                .f32_tensor("blk.0.attn_v.bias", &[kv], &hf_matrix(4, 1, 30.0));
+            let qb = if permute { permute_qk_rows("qb", &qb, 8, 1, 2).unwrap() } else { qb };
+            b = b.f32_tensor("blk.0.attn_q.bias", &[q], &qb).f32_tensor("blk.0.attn_k.bias", &[kv], &hf_matrix(4, 1, 20.0)).f32_tensor(
+                "blk.0.attn_v.bias",
+                &[kv],
+                &hf_matrix(4, 1, 30.0),
+            );
         }
         b
     }
 
     fn check_tiny_model(w: &dyn WeightSource) {
         let c = w.config();
-        assert_eq!(
-            (
-                c.n_layers,
-                c.d_model,
-                c.n_heads,
-                c.n_kv_heads,
-                c.head_dim,
-                c.d_ff,
-                c.vocab_size
-            ),
-            (1, 8, 2, 1, 4, 12, 5)
-        );
+        assert_eq!((c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size), (1, 8, 2, 1, 4, 12, 5));
         let cases: [(&str, Vec<usize>, f32); 9] = [
             ("model.embed_tokens.weight", vec![5, 8], 0.0),
             ("model.norm.weight", vec![8], 100.0),
@@ -846,14 +612,8 @@ mod tests {
             assert!(w.has(name));
         }
         assert!(!w.has("lm_head.weight"));
-        assert!(matches!(
-            w.get("lm_head.weight"),
-            Err(ModelError::MissingTensor { .. })
-        ));
-        assert!(matches!(
-            w.get("model.layers.1.mlp.up_proj.weight"),
-            Err(ModelError::MissingTensor { .. })
-        ));
+        assert!(matches!(w.get("lm_head.weight"), Err(ModelError::MissingTensor { .. })));
+        assert!(matches!(w.get("model.layers.1.mlp.up_proj.weight"), Err(ModelError::MissingTensor { .. })));
     }
 
     #[test]
@@ -865,10 +625,7 @@ mod tests {
         let qb = w.get("model.layers.0.self_attn.q_proj.bias").unwrap();
         assert_eq!(qb.data, hf_matrix(8, 1, 10.0));
         assert_eq!(w.describe_dtypes(), "F32 x14");
-        assert_eq!(
-            w.total_param_bytes(),
-            4 * (40 + 8 + 8 + 64 + 32 + 32 + 64 + 8 + 96 + 96 + 96 + 8 + 4 + 4)
-        );
+        assert_eq!(w.total_param_bytes(), 4 * (40 + 8 + 8 + 64 + 32 + 32 + 64 + 8 + 96 + 96 + 96 + 8 + 4 + 4));
 
         let boxed = open_model(&file.path).unwrap();
         check_tiny_model(boxed.as_ref());
@@ -880,35 +637,21 @@ mod tests {
         let w = GgufWeights::open(&file.path).unwrap();
         assert_eq!(w.config().arch, Arch::Qwen2);
         check_tiny_model(&w);
-        assert_eq!(
-            w.get("model.layers.0.self_attn.q_proj.bias").unwrap().data,
-            hf_matrix(8, 1, 10.0)
-        );
+        assert_eq!(w.get("model.layers.0.self_attn.q_proj.bias").unwrap().data, hf_matrix(8, 1, 10.0));
     }
 
     #[test]
     fn gguf_shape_mismatch_names_tensor_and_shapes() {
         let mut b = tiny_gguf("llama", false);
-        let t = b
-            .tensors
-            .iter_mut()
-            .find(|t| t.name == "blk.0.ffn_up.weight")
-            .unwrap();
+        let t = b.tensors.iter_mut().find(|t| t.name == "blk.0.ffn_up.weight").unwrap();
         t.dims = vec![12, 8]; // transposed: reads as [8, 12] instead of [12, 8]
         let file = b.write_temp("shape");
         let w = GgufWeights::open(&file.path).unwrap();
         let err = w.get("model.layers.0.mlp.up_proj.weight").unwrap_err();
         match &err {
-            ModelError::ShapeMismatch {
-                tensor,
-                expected,
-                found,
-            } => {
+            ModelError::ShapeMismatch { tensor, expected, found } => {
                 assert_eq!(tensor, "model.layers.0.mlp.up_proj.weight");
-                assert_eq!(
-                    (expected.as_slice(), found.as_slice()),
-                    (&[12, 8][..], &[8, 12][..])
-                );
+                assert_eq!((expected.as_slice(), found.as_slice()), (&[12, 8][..], &[8, 12][..]));
             }
             other => panic!("expected ShapeMismatch, got {other:?}"),
         }
@@ -925,10 +668,7 @@ mod tests {
         for (name, dtype, shape, bytes) in tensors {
             let start = data.len();
             data.extend_from_slice(bytes);
-            header.insert(
-                (*name).to_owned(),
-                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}),
-            );
+            header.insert((*name).to_owned(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}));
         }
         let header = serde_json::Value::Object(header).to_string();
         let mut out = (header.len() as u64).to_le_bytes().to_vec();
@@ -941,14 +681,10 @@ mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
     fn f16_bytes(v: &[f32]) -> Vec<u8> {
-        v.iter()
-            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-            .collect()
+        v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect()
     }
     fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-        v.iter()
-            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
-            .collect()
+        v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect()
     }
 
     const TINY_CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
@@ -959,66 +695,16 @@ mod tests {
     /// 2048, so large seeds are stored as f32 and small ones in f16/bf16.
     fn tiny_hf_tensors() -> Vec<(&'static str, &'static str, Vec<usize>, Vec<u8>)> {
         vec![
-            (
-                "model.embed_tokens.weight",
-                "F16",
-                vec![5, 8],
-                f16_bytes(&hf_matrix(40, 1, 0.0)),
-            ),
-            (
-                "model.norm.weight",
-                "BF16",
-                vec![8],
-                bf16_bytes(&hf_matrix(8, 1, 100.0)),
-            ),
-            (
-                "model.layers.0.input_layernorm.weight",
-                "F32",
-                vec![8],
-                f32_bytes(&hf_matrix(8, 1, 200.0)),
-            ),
-            (
-                "model.layers.0.self_attn.q_proj.weight",
-                "F16",
-                vec![8, 8],
-                f16_bytes(&hf_matrix(64, 1, 1000.0)),
-            ),
-            (
-                "model.layers.0.self_attn.k_proj.weight",
-                "F32",
-                vec![4, 8],
-                f32_bytes(&hf_matrix(32, 1, 2000.0)),
-            ),
-            (
-                "model.layers.0.self_attn.v_proj.weight",
-                "F32",
-                vec![4, 8],
-                f32_bytes(&hf_matrix(32, 1, 3000.0)),
-            ),
-            (
-                "model.layers.0.self_attn.o_proj.weight",
-                "F32",
-                vec![8, 8],
-                f32_bytes(&hf_matrix(64, 1, 4000.0)),
-            ),
-            (
-                "model.layers.0.mlp.gate_proj.weight",
-                "F32",
-                vec![12, 8],
-                f32_bytes(&hf_matrix(96, 1, 5000.0)),
-            ),
-            (
-                "model.layers.0.mlp.down_proj.weight",
-                "F32",
-                vec![8, 12],
-                f32_bytes(&hf_matrix(96, 1, 7000.0)),
-            ),
-            (
-                "model.layers.0.mlp.up_proj.weight",
-                "F32",
-                vec![12, 7],
-                f32_bytes(&hf_matrix(84, 1, 6000.0)),
-            ),
+            ("model.embed_tokens.weight", "F16", vec![5, 8], f16_bytes(&hf_matrix(40, 1, 0.0))),
+            ("model.norm.weight", "BF16", vec![8], bf16_bytes(&hf_matrix(8, 1, 100.0))),
+            ("model.layers.0.input_layernorm.weight", "F32", vec![8], f32_bytes(&hf_matrix(8, 1, 200.0))),
+            ("model.layers.0.self_attn.q_proj.weight", "F16", vec![8, 8], f16_bytes(&hf_matrix(64, 1, 1000.0))),
+            ("model.layers.0.self_attn.k_proj.weight", "F32", vec![4, 8], f32_bytes(&hf_matrix(32, 1, 2000.0))),
+            ("model.layers.0.self_attn.v_proj.weight", "F32", vec![4, 8], f32_bytes(&hf_matrix(32, 1, 3000.0))),
+            ("model.layers.0.self_attn.o_proj.weight", "F32", vec![8, 8], f32_bytes(&hf_matrix(64, 1, 4000.0))),
+            ("model.layers.0.mlp.gate_proj.weight", "F32", vec![12, 8], f32_bytes(&hf_matrix(96, 1, 5000.0))),
+            ("model.layers.0.mlp.down_proj.weight", "F32", vec![8, 12], f32_bytes(&hf_matrix(96, 1, 7000.0))),
+            ("model.layers.0.mlp.up_proj.weight", "F32", vec![12, 7], f32_bytes(&hf_matrix(84, 1, 6000.0))),
             ("model.layers.0.extra.ints", "I32", vec![2], vec![0; 8]),
         ]
     }
@@ -1030,83 +716,42 @@ mod tests {
         write_safetensors(&dir.path.join("model.safetensors"), &tiny_hf_tensors());
         let w = open_model(&dir.path).unwrap();
         check_tiny_model(w.as_ref());
-        assert!(
-            w.describe_dtypes().starts_with("F32 x7"),
-            "{}",
-            w.describe_dtypes()
-        );
+        assert!(w.describe_dtypes().starts_with("F32 x7"), "{}", w.describe_dtypes());
 
         let err = w.get("model.layers.0.mlp.up_proj.weight").unwrap_err();
-        assert!(
-            matches!(err, ModelError::ShapeMismatch { ref found, .. } if found == &[12, 7]),
-            "{err}"
-        );
+        assert!(matches!(err, ModelError::ShapeMismatch { ref found, .. } if found == &[12, 7]), "{err}");
         let err = w.get("model.layers.0.extra.ints").unwrap_err();
-        assert!(
-            matches!(err, ModelError::UnsupportedType { ref ty, .. } if ty == "I32"),
-            "{err}"
-        );
+        assert!(matches!(err, ModelError::UnsupportedType { ref ty, .. } if ty == "I32"), "{err}");
 
         // the same tensors split over two shards with an index
         let sharded = TempDir::new("hf-sharded");
         std::fs::write(sharded.path.join("config.json"), TINY_CONFIG).unwrap();
         let tensors = tiny_hf_tensors();
         let (first, second) = tensors.split_at(4);
-        write_safetensors(
-            &sharded.path.join("model-00001-of-00002.safetensors"),
-            first,
-        );
-        write_safetensors(
-            &sharded.path.join("model-00002-of-00002.safetensors"),
-            second,
-        );
+        write_safetensors(&sharded.path.join("model-00001-of-00002.safetensors"), first);
+        write_safetensors(&sharded.path.join("model-00002-of-00002.safetensors"), second);
         let mut map = serde_json::Map::new();
         for (i, (name, ..)) in tensors.iter().enumerate() {
-            let file = if i < 4 {
-                "model-00001-of-00002.safetensors"
-            } else {
-                "model-00002-of-00002.safetensors"
-            };
+            let file = if i < 4 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
             map.insert((*name).to_owned(), serde_json::json!(file));
         }
         let index = serde_json::json!({"metadata": {}, "weight_map": map});
-        std::fs::write(
-            sharded.path.join("model.safetensors.index.json"),
-            index.to_string(),
-        )
-        .unwrap();
+        std::fs::write(sharded.path.join("model.safetensors.index.json"), index.to_string()).unwrap();
         let w = open_model(&sharded.path).unwrap();
         check_tiny_model(w.as_ref());
-        assert_eq!(
-            w.total_param_bytes(),
-            tensors.iter().map(|t| t.3.len() as u64).sum::<u64>()
-        );
+        assert_eq!(w.total_param_bytes(), tensors.iter().map(|t| t.3.len() as u64).sum::<u64>());
     }
 
     #[test]
     fn hf_bad_folders_are_errors() {
         let dir = TempDir::new("hf-bad");
-        assert!(matches!(
-            open_model(&dir.path),
-            Err(ModelError::MissingFile { .. })
-        ));
+        assert!(matches!(open_model(&dir.path), Err(ModelError::MissingFile { .. })));
         std::fs::write(dir.path.join("config.json"), TINY_CONFIG).unwrap();
-        assert!(matches!(
-            open_model(&dir.path),
-            Err(ModelError::MissingFile { .. })
-        ));
+        assert!(matches!(open_model(&dir.path), Err(ModelError::MissingFile { .. })));
 
-        let index =
-            serde_json::json!({"weight_map": {"model.norm.weight": "../outside.safetensors"}});
-        std::fs::write(
-            dir.path.join("model.safetensors.index.json"),
-            index.to_string(),
-        )
-        .unwrap();
-        assert!(matches!(
-            open_model(&dir.path),
-            Err(ModelError::Malformed { .. })
-        ));
+        let index = serde_json::json!({"weight_map": {"model.norm.weight": "../outside.safetensors"}});
+        std::fs::write(dir.path.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        assert!(matches!(open_model(&dir.path), Err(ModelError::Malformed { .. })));
 
         // a truncated safetensors file
         let full = TempDir::new("hf-trunc");
@@ -1115,22 +760,13 @@ mod tests {
         write_safetensors(&st, &tiny_hf_tensors());
         let bytes = std::fs::read(&st).unwrap();
         std::fs::write(&st, &bytes[..bytes.len() - 3]).unwrap();
-        assert!(matches!(
-            open_model(&full.path),
-            Err(ModelError::SafeTensors { .. })
-        ));
+        assert!(matches!(open_model(&full.path), Err(ModelError::SafeTensors { .. })));
 
         let not_model = TempDir::new("hf-none");
         let text = not_model.path.join("notes.txt");
         std::fs::write(&text, "hello").unwrap();
-        assert!(matches!(
-            open_model(&text),
-            Err(ModelError::UnknownModelFormat { .. })
-        ));
-        assert!(matches!(
-            open_model(&not_model.path.join("absent.gguf")),
-            Err(ModelError::Io { .. })
-        ));
+        assert!(matches!(open_model(&text), Err(ModelError::UnknownModelFormat { .. })));
+        assert!(matches!(open_model(&not_model.path.join("absent.gguf")), Err(ModelError::Io { .. })));
     }
 
     /// The SmolLM2-135M-Instruct Q4_1 GGUF (Q8_0 embeddings, Q4_1 matrices, F32 norms).
@@ -1150,10 +786,7 @@ mod tests {
         let w = open_model(&test_model_path()).unwrap();
         let c = w.config();
         assert_eq!(c.arch, Arch::Llama);
-        assert_eq!(
-            (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim),
-            (30, 576, 9, 3, 64)
-        );
+        assert_eq!((c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim), (30, 576, 9, 3, 64));
         assert_eq!((c.d_ff, c.vocab_size, c.max_position), (1536, 49152, 8192));
         assert!((c.rms_eps - 1e-5).abs() < 1e-9, "rms_eps {}", c.rms_eps);
         assert_eq!(c.rope_theta, 100_000.0);
@@ -1162,57 +795,26 @@ mod tests {
         assert!(w.has("model.layers.29.mlp.down_proj.weight"));
         assert!(!w.has("model.layers.30.mlp.down_proj.weight"));
         let dtypes = w.describe_dtypes();
-        assert!(
-            dtypes.contains("Q4_1") && dtypes.contains("Q8_0") && dtypes.contains("F32"),
-            "{dtypes}"
-        );
+        assert!(dtypes.contains("Q4_1") && dtypes.contains("Q8_0") && dtypes.contains("F32"), "{dtypes}");
 
         // Expected values from gguf-py 0.19 (gguf.quants.dequantize, q/k rows un-permuted with
         // numpy: P.reshape(n_head, head_dim // 2, 2, in).swapaxes(1, 2).reshape(out, in)).
         let q = w.get("model.layers.0.self_attn.q_proj.weight").unwrap();
         assert_eq!(q.shape, vec![576, 576]);
-        assert_close(
-            &q.data[0..3],
-            &[-0.09631348, 0.15734863, -0.09631348],
-            "q_proj row 0",
-        );
-        assert_close(
-            &q.data[33 * 576..33 * 576 + 3],
-            &[-0.062805176, 0.14465332, 0.0063476562],
-            "q_proj row 33",
-        );
-        assert_close(
-            &q.data[32 * 576..32 * 576 + 3],
-            &[-0.11730957, -0.11730957, -0.19281006],
-            "q_proj row 32",
-        );
+        assert_close(&q.data[0..3], &[-0.09631348, 0.15734863, -0.09631348], "q_proj row 0");
+        assert_close(&q.data[33 * 576..33 * 576 + 3], &[-0.062805176, 0.14465332, 0.0063476562], "q_proj row 33");
+        assert_close(&q.data[32 * 576..32 * 576 + 3], &[-0.11730957, -0.11730957, -0.19281006], "q_proj row 32");
         assert_close(&q.data[576 * 576 - 1..], &[-0.25585938], "q_proj last");
 
         let k = w.get("model.layers.0.self_attn.k_proj.weight").unwrap();
         assert_eq!(k.shape, vec![192, 576]);
-        assert_close(
-            &k.data[0..3],
-            &[-0.15527344, 0.34020996, -0.4855957],
-            "k_proj row 0",
-        );
-        assert_close(
-            &k.data[100 * 576..100 * 576 + 3],
-            &[0.2972412, -0.07501221, 0.54541016],
-            "k_proj row 100",
-        );
+        assert_close(&k.data[0..3], &[-0.15527344, 0.34020996, -0.4855957], "k_proj row 0");
+        assert_close(&k.data[100 * 576..100 * 576 + 3], &[0.2972412, -0.07501221, 0.54541016], "k_proj row 100");
 
         let e = w.get("model.embed_tokens.weight").unwrap();
         assert_eq!(e.shape, vec![49152, 576]);
-        assert_close(
-            &e.data[576..580],
-            &[-0.023803711, -0.01586914, -0.03967285, 0.01586914],
-            "embed row 1",
-        );
-        assert_close(
-            &e.data[49152 * 576 - 2..],
-            &[-0.11989403, -0.04170227],
-            "embed last",
-        );
+        assert_close(&e.data[576..580], &[-0.023803711, -0.01586914, -0.03967285, 0.01586914], "embed row 1");
+        assert_close(&e.data[49152 * 576 - 2..], &[-0.11989403, -0.04170227], "embed last");
 
         let n = w.get("model.norm.weight").unwrap();
         assert_close(&n.data[..3], &[1.7578125, 1.8203125, 1.78125], "final norm");

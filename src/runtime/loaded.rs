@@ -124,9 +124,10 @@ impl LoadedModel {
 
     /// Render `messages` with the model's chat template (with the generation prompt) and encode.
     pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, RuntimeError> {
-        let template = self.template.as_ref().ok_or_else(|| {
-            RuntimeError::Tokenizer(format!("{} has no chat template; run without --chat", self.path.display()))
-        })?;
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Tokenizer(format!("{} has no chat template; run without --chat", self.path.display())))?;
         let text = template.render(messages, true).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
         // The template writes its own BOS where the model wants one.
         self.tokenizer.encode_with_bos(&text, false).map_err(|e| RuntimeError::Tokenizer(e.to_string()))

@@ -47,7 +47,12 @@ pub struct GpuLora {
 
 /// Stack the A matrices of `group`'s targeted projections and place their B matrices
 /// block-diagonally: returns (A `[inner, in]`, B `[out_total, inner]`, inner).
-fn group_matrices(adapter: &LoraAdapter, layer: usize, group: &[(Projection, usize, usize)], out_total: usize) -> Option<(Vec<f32>, Vec<f32>, usize)> {
+fn group_matrices(
+    adapter: &LoraAdapter,
+    layer: usize,
+    group: &[(Projection, usize, usize)],
+    out_total: usize,
+) -> Option<(Vec<f32>, Vec<f32>, usize)> {
     let r = adapter.rank();
     let present: Vec<_> = group.iter().filter_map(|&(p, off, out)| adapter.pair(layer, p).map(|pair| (pair, off, out))).collect();
     if present.is_empty() {
@@ -76,7 +81,11 @@ impl GpuLora {
         let gate_up_group = [(Projection::Gate, 0, ff), (Projection::Up, ff, ff)];
         let mut layers = Vec::with_capacity(d.n_layers);
         for l in 0..d.n_layers {
-            let upload = |name: &str, group: &[(Projection, usize, usize)], out_total: usize, in_dim: usize| -> Result<Option<GpuLoraPair>, RuntimeError> {
+            let upload = |name: &str,
+                          group: &[(Projection, usize, usize)],
+                          out_total: usize,
+                          in_dim: usize|
+             -> Result<Option<GpuLoraPair>, RuntimeError> {
                 let Some((a, b, inner)) = group_matrices(adapter, l, group, out_total) else { return Ok(None) };
                 Ok(Some(GpuLoraPair {
                     a: GpuMatrix::upload(ctx, &format!("lora.{l}.{name}.A"), inner, in_dim, &a, DType::F32)?,
@@ -102,23 +111,12 @@ impl GpuLora {
 
     /// Columns of the widest intermediate `a` (3 r when q, k and v are all targeted).
     pub fn max_inner(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
-            .flatten()
-            .map(|p| p.a.rows)
-            .max()
-            .unwrap_or(1)
+        self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]).flatten().map(|p| p.a.rows).max().unwrap_or(1)
     }
 
     /// Bytes of all adapter matrices on the GPU.
     pub fn byte_len(&self) -> u64 {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
-            .flatten()
-            .map(|p| p.a.byte_len() + p.b.byte_len())
-            .sum()
+        self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]).flatten().map(|p| p.a.byte_len() + p.b.byte_len()).sum()
     }
 }
 

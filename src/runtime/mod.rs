@@ -11,10 +11,10 @@ pub mod session;
 pub mod weights;
 
 pub use generate::{GenerateOptions, Generation, StopReason, Timings, generate, generate_with};
-pub use profile::{ProfileError, ProfileMode, Profiler};
-pub use session::{Session, SessionOptions, StepOutput};
 pub use loaded::{LoadedModel, MergedLora, PlanPolicyArgs, load_tokenizer};
 pub use lora::GpuLora;
+pub use profile::{ProfileError, ProfileMode, Profiler};
+pub use session::{Session, SessionOptions, StepOutput};
 pub use weights::GpuWeights;
 
 use crate::gpu::GpuError;

@@ -209,8 +209,7 @@ mod tests {
     }
 
     // p per layer; layer 3 has no router.
-    const P: [Option<f32>; 8] =
-        [Some(0.1), Some(0.4), Some(0.9), None, Some(0.2), Some(0.6), Some(0.45), Some(0.05)];
+    const P: [Option<f32>; 8] = [Some(0.1), Some(0.4), Some(0.9), None, Some(0.2), Some(0.6), Some(0.45), Some(0.05)];
 
     #[test]
     fn threshold_and_first_last_rule() {

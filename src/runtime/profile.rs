@@ -36,9 +36,7 @@ const PASS_QUERY: &str = "#pass";
 pub enum ProfileError {
     #[error("profiling needs GPU timestamp queries (TIMESTAMP_QUERY), which adapter {adapter} does not offer")]
     Unsupported { adapter: String },
-    #[error(
-        "adapter {adapter} cannot write timestamps inside a pass (TIMESTAMP_QUERY_INSIDE_PASSES); use ProfileMode::PassPerDispatch"
-    )]
+    #[error("adapter {adapter} cannot write timestamps inside a pass (TIMESTAMP_QUERY_INSIDE_PASSES); use ProfileMode::PassPerDispatch")]
     InsidePassesUnsupported { adapter: String },
     #[error("unknown profile mode {0:?}: expected `inside` or `passes`")]
     UnknownMode(String),
@@ -250,7 +248,14 @@ impl Profiler {
     /// Record `program` into `encoder` with timestamps, under pass label `pass_label`
     /// (`prefill` / `decode` / `prefill.segment`) and a debug group per layer. `encode_start`
     /// is when the caller began encoding (the step's start on the host track).
-    pub fn record(&mut self, encoder: &mut wgpu::CommandEncoder, phase: &str, pass_label: &str, program: &[Dispatch], encode_start: Instant) {
+    pub fn record(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        phase: &str,
+        pass_label: &str,
+        program: &[Dispatch],
+        encode_start: Instant,
+    ) {
         self.open_frame(phase, encode_start);
         let mut metas = Vec::with_capacity(program.len() + 1);
         match self.mode {
@@ -358,7 +363,8 @@ impl Profiler {
                 }
                 first = first.min(time.start);
                 last = last.max(time.end);
-                let span = KernelSpan { step: frame.step, label: m.label, family: m.family, cost: m.cost, start_s: time.start, end_s: time.end };
+                let span =
+                    KernelSpan { step: frame.step, label: m.label, family: m.family, cost: m.cost, start_s: time.start, end_s: time.end };
                 sum += span.seconds();
                 self.kernels.push(span);
             }
@@ -429,7 +435,10 @@ impl Profiler {
                 v.sort_by(|a, b| b.total_s.total_cmp(&a.total_s));
                 v
             };
-            let mut layers = group(&|k| super::session::layer_of(&k.label).map_or("(outside layers)".to_string(), |l| l.split_once('/').map_or(l, |(_, r)| r).to_string()));
+            let mut layers = group(&|k| {
+                super::session::layer_of(&k.label)
+                    .map_or("(outside layers)".to_string(), |l| l.split_once('/').map_or(l, |(_, r)| r).to_string())
+            });
             layers.sort_by_key(|g| g.name.strip_prefix("layer.").and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX));
             out.push(PhaseSummary {
                 phase: phase.to_string(),
@@ -499,9 +508,7 @@ impl Profiler {
             serde_json::json!({"ph": "M", "name": "thread_name", "pid": pid, "tid": GPU, "args": {"name": "GPU"}}),
             serde_json::json!({"ph": "M", "name": "thread_name", "pid": pid, "tid": HOST, "args": {"name": "host"}}),
         ];
-        let x = |name: &str, cat: &str, tid: u32, ts: f64, dur: f64, args: serde_json::Value| {
-            serde_json::json!({"ph": "X", "name": name, "cat": cat, "pid": pid, "tid": tid, "ts": ts, "dur": dur.max(0.0), "args": args})
-        };
+        let x = |name: &str, cat: &str, tid: u32, ts: f64, dur: f64, args: serde_json::Value| serde_json::json!({"ph": "X", "name": name, "cat": cat, "pid": pid, "tid": tid, "ts": ts, "dur": dur.max(0.0), "args": args});
         let mut by_step: Vec<Vec<&KernelSpan>> = vec![Vec::new(); self.steps.len()];
         for k in &self.kernels {
             by_step[k.step].push(k);

@@ -15,15 +15,15 @@ use crate::kernels::embedding::embedding;
 use crate::kernels::matmul::{matmul, matmul_scaled};
 use crate::kernels::matvec::{matvec, matvec_scaled};
 use crate::kernels::rmsnorm::rmsnorm;
-use crate::kernels::router::router_gate;
 use crate::kernels::rope::{AttnShape, RopeScalingParams, RopeTables, rope_qkv_write};
+use crate::kernels::router::router_gate;
 use crate::kernels::sample::{argmax, decode_pairs, top_k};
 use crate::kernels::step::{StepBuffer, StepParams};
 use crate::kernels::swiglu::swiglu;
 
-use super::profile::Profiler;
 use super::lora::{GpuLora, GpuLoraPair};
 use super::plan::{PlanDecider, PlanPolicy, decide_plan};
+use super::profile::Profiler;
 use super::routed::Routing;
 use super::weights::GpuWeights;
 use super::{LayerPlan, RuntimeError};
@@ -98,9 +98,9 @@ pub struct Session {
     caches: Vec<Option<LayerCache>>,
     rope: RopeTables,
     step: StepBuffer,
-    final_row: GpuTensor, // [1, d] f32: normalised last row
-    logits: GpuTensor,    // [vocab] f32: logits of the last position of the last step
-    picked: GpuTensor,    // [2 * candidates] u32: (id, f32 bits) pairs
+    final_row: GpuTensor,  // [1, d] f32: normalised last row
+    logits: GpuTensor,     // [vocab] f32: logits of the last position of the last step
+    picked: GpuTensor,     // [2 * candidates] u32: (id, f32 bits) pairs
     staging: wgpu::Buffer, // MAP_READ copy of `picked`
     prefill_acts: Option<Activations>,
     decode_acts: Activations,
@@ -328,7 +328,8 @@ impl Session {
         let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("prefill.segment") });
         match self.profiler.as_mut() {
             None => {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("prefill.segment"), timestamp_writes: None });
+                let mut pass =
+                    encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("prefill.segment"), timestamp_writes: None });
                 record_grouped(&mut pass, program, |pass, d| d.record(pass));
             }
             Some(p) => {
@@ -501,7 +502,8 @@ impl Session {
         let at = |name: &str| format!("{phase}/layer.{l}/{name}");
         // The unmerged adapter's matrices for this layer and s = S · alpha / r.
         let lora = self.lora.as_ref().map(|(g, scale)| (&g.layers[l], scale * g.scaling));
-        let group = |pick: fn(&super::lora::GpuLoraLayer) -> &Option<GpuLoraPair>| lora.and_then(|(ll, s)| pick(ll).as_ref().map(|p| (p, s)));
+        let group =
+            |pick: fn(&super::lora::GpuLoraLayer) -> &Option<GpuLoraPair>| lora.and_then(|(ll, s)| pick(ll).as_ref().map(|p| (p, s)));
         let mut p: Vec<Dispatch> = Vec::new();
         p.push(rmsnorm(ctx, &at("attn.norm"), &a.x, 0, &lw.attn_norm, &a.xn, rows, c.rms_eps)?);
         p.extend(self.linear(&at("attn.qkv"), &a.xn, rows, &lw.qkv, lw.qkv_bias.as_ref(), &a.qkv, qkv_dim, false, decode)?);
@@ -597,7 +599,11 @@ impl Session {
 }
 
 /// Record `program` into `pass` through `each`, inside a debug group per layer.
-pub(crate) fn record_grouped<'p>(pass: &mut wgpu::ComputePass<'_>, program: &'p [Dispatch], mut each: impl FnMut(&mut wgpu::ComputePass<'_>, &'p Dispatch)) {
+pub(crate) fn record_grouped<'p>(
+    pass: &mut wgpu::ComputePass<'_>,
+    program: &'p [Dispatch],
+    mut each: impl FnMut(&mut wgpu::ComputePass<'_>, &'p Dispatch),
+) {
     let mut group: Option<&str> = None;
     for d in program {
         let layer = layer_of(&d.label);

@@ -12,13 +12,13 @@ use super::RuntimeError;
 /// One decoder layer's weights.
 #[derive(Debug)]
 pub struct LayerWeights {
-    pub attn_norm: GpuTensor, // [d] f32
-    pub qkv: GpuMatrix,       // [(n_heads + 2 n_kv_heads) * head_dim, d]: q rows, then k, then v
+    pub attn_norm: GpuTensor,        // [d] f32
+    pub qkv: GpuMatrix,              // [(n_heads + 2 n_kv_heads) * head_dim, d]: q rows, then k, then v
     pub qkv_bias: Option<GpuTensor>, // [(n_heads + 2 n_kv_heads) * head_dim] f32 (qwen2)
-    pub o: GpuMatrix,         // [d, n_heads * head_dim]
-    pub ffn_norm: GpuTensor,  // [d] f32
-    pub gate_up: GpuMatrix,   // [2 d_ff, d]: gate rows, then up
-    pub down: GpuMatrix,      // [d, d_ff]
+    pub o: GpuMatrix,                // [d, n_heads * head_dim]
+    pub ffn_norm: GpuTensor,         // [d] f32
+    pub gate_up: GpuMatrix,          // [2 d_ff, d]: gate rows, then up
+    pub down: GpuMatrix,             // [d, d_ff]
 }
 
 /// Every weight of the model, uploaded once; sessions share it.

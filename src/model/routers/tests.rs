@@ -47,11 +47,7 @@ fn raw(file: &RouterFile, dir: &TempDir) -> Raw {
     let bytes = std::fs::read(&path).unwrap();
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| (name, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
+    let tensors = st.tensors().into_iter().map(|(name, v)| (name, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
     (header.metadata().clone().unwrap(), tensors)
 }
 
@@ -250,10 +246,12 @@ fn broken_files_are_rejected() {
         assert!(matches!(&err, RouterError::MissingKey { key: k, .. } if k == key), "{key}: {err}");
     }
     // unknown metadata keys are allowed
-    assert!(load_edited(&dir, &base, |(m, _)| {
-        m.insert("trained_on".into(), "alpaca".into());
-    })
-    .is_ok());
+    assert!(
+        load_edited(&dir, &base, |(m, _)| {
+            m.insert("trained_on".into(), "alpaca".into());
+        })
+        .is_ok()
+    );
 
     // not a safetensors file, no file at all, no metadata
     let junk = dir.path.join("junk.safetensors");
@@ -300,9 +298,12 @@ fn save_rejects_inconsistent_files() {
     let good = random_file(2);
     type Change = Box<dyn Fn(&mut RouterFile)>;
     let cases: [(&str, Change); 7] = [
-        ("slots", Box::new(|f| {
-            f.layers.pop();
-        })),
+        (
+            "slots",
+            Box::new(|f| {
+                f.layers.pop();
+            }),
+        ),
         ("hidden", Box::new(|f| f.hidden = 7)),
         ("threshold", Box::new(|f| f.threshold = 2.0)),
         ("eps", Box::new(|f| f.eps = f32::NAN)),
@@ -384,10 +385,7 @@ fn model_identity_hashes_norm_then_first_embedding_row() {
     let src = fake(2, 5);
     let id = model_identity(&src).unwrap();
     let want = fnv1a64_f32(&[1.0, -2.5, 0.0, 1.0]);
-    assert_eq!(
-        id,
-        ModelIdentity { arch: "qwen2".into(), n_layers: 3, d_model: 2, vocab_size: 5, weight_hash: format!("{want:016x}") }
-    );
+    assert_eq!(id, ModelIdentity { arch: "qwen2".into(), n_layers: 3, d_model: 2, vocab_size: 5, weight_hash: format!("{want:016x}") });
     // other embedding rows do not matter; the first row does
     let mut other = fake(2, 5);
     other.embed[9] = 42.0;

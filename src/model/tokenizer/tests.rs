@@ -24,9 +24,7 @@ fn smollm2_metadata() -> &'static BTreeMap<String, MetaValue> {
 
 fn smollm2() -> &'static ModelTokenizer {
     static TOKENIZER: OnceLock<ModelTokenizer> = OnceLock::new();
-    TOKENIZER.get_or_init(|| {
-        ModelTokenizer::from_gguf_metadata(smollm2_metadata()).expect("building SmolLM2 tokenizer")
-    })
+    TOKENIZER.get_or_init(|| ModelTokenizer::from_gguf_metadata(smollm2_metadata()).expect("building SmolLM2 tokenizer"))
 }
 
 #[derive(Deserialize)]
@@ -46,8 +44,7 @@ struct ChatCase {
 
 fn load_json<T: serde::de::DeserializeOwned>(name: &str) -> T {
     let path = fixtures_dir().join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
@@ -59,11 +56,7 @@ fn tokenizer_cases() -> Vec<TokenizerCase> {
 
 fn chat_cases() -> Vec<ChatCase> {
     let cases: Vec<ChatCase> = load_json("chat_template_cases.json");
-    assert_eq!(
-        cases.len(),
-        4,
-        "chat_template_cases.json should hold 4 cases"
-    );
+    assert_eq!(cases.len(), 4, "chat_template_cases.json should hold 4 cases");
     cases
 }
 
@@ -80,18 +73,11 @@ fn smollm2_special_token_facts() {
     assert_eq!(tok.eos_token(), Some("<|im_end|>"));
     assert!(!tok.add_bos(), "SmolLM2's GGUF says add_bos_token = false");
     assert_eq!(tok.end_ids()[0], 2, "EOS comes first among the end ids");
-    assert!(
-        tok.is_end_id(2) && tok.is_end_id(0),
-        "<|im_end|> and <|endoftext|> end generation: {:?}",
-        tok.end_ids()
-    );
+    assert!(tok.is_end_id(2) && tok.is_end_id(0), "<|im_end|> and <|endoftext|> end generation: {:?}", tok.end_ids());
     assert!(!tok.is_end_id(1));
     assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
     assert_eq!(tok.id_to_token(6004).as_deref(), Some("hi"));
-    assert!(
-        tok.chat_template_source()
-            .is_some_and(|t| t.contains("<|im_start|>"))
-    );
+    assert!(tok.chat_template_source().is_some_and(|t| t.contains("<|im_start|>")));
 }
 
 #[test]
@@ -101,25 +87,14 @@ fn smollm2_encodes_and_decodes_every_fixture_case_exactly() {
     for case in tokenizer_cases() {
         let ids = tok.encode(&case.text).unwrap();
         if ids != case.ids {
-            failures.push(format!(
-                "encode({:?}):\n  got      {ids:?}\n  expected {:?}",
-                case.text, case.ids
-            ));
+            failures.push(format!("encode({:?}):\n  got      {ids:?}\n  expected {:?}", case.text, case.ids));
         }
         let decoded = tok.decode(&case.ids).unwrap();
         if decoded != case.decoded {
-            failures.push(format!(
-                "decode of {:?}: got {decoded:?}, expected {:?}",
-                case.text, case.decoded
-            ));
+            failures.push(format!("decode of {:?}: got {decoded:?}, expected {:?}", case.text, case.decoded));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -132,11 +107,7 @@ fn smollm2_splits_digits_individually_after_whitespace_runs() {
 fn smollm2_special_tokens_in_text_are_single_ids() {
     let tok = smollm2();
     let ids = tok.encode("a<|im_end|>b<|endoftext|>").unwrap();
-    assert_eq!(
-        ids.iter().filter(|&&id| id == 2 || id == 0).count(),
-        2,
-        "{ids:?}"
-    );
+    assert_eq!(ids.iter().filter(|&&id| id == 2 || id == 0).count(), 2, "{ids:?}");
     assert_eq!(tok.decode(&ids).unwrap(), "a<|im_end|>b<|endoftext|>");
 }
 
@@ -144,10 +115,7 @@ fn smollm2_special_tokens_in_text_are_single_ids() {
 fn smollm2_bos_is_added_only_on_request_and_never_twice() {
     let tok = smollm2();
     assert_eq!(tok.encode_with_bos("hi", true).unwrap(), vec![1, 6004]);
-    assert_eq!(
-        tok.encode_with_bos("<|im_start|>hi", true).unwrap(),
-        vec![1, 6004]
-    );
+    assert_eq!(tok.encode_with_bos("<|im_start|>hi", true).unwrap(), vec![1, 6004]);
     assert_eq!(tok.encode_with_bos("hi", false).unwrap(), vec![6004]);
 }
 
@@ -156,31 +124,19 @@ fn smollm2_chat_template_cases_render_and_encode_exactly() {
     let tok = smollm2();
     let template = tok.chat_template().unwrap();
     for case in chat_cases() {
-        let rendered = template
-            .render(&case.messages, case.add_generation_prompt)
-            .unwrap();
+        let rendered = template.render(&case.messages, case.add_generation_prompt).unwrap();
         assert_eq!(rendered, case.rendered, "rendering {:?}", case.messages);
-        assert_eq!(
-            tok.encode(&rendered).unwrap(),
-            case.ids,
-            "encoding {rendered:?}"
-        );
+        assert_eq!(tok.encode(&rendered).unwrap(), case.ids, "encoding {rendered:?}");
     }
 }
 
 #[test]
 fn decode_rejects_ids_outside_the_vocabulary() {
     match smollm2().decode(&[1, 49152]) {
-        Err(TokenizerError::UnknownTokenId {
-            id: 49152,
-            vocab_size: 49152,
-        }) => {}
+        Err(TokenizerError::UnknownTokenId { id: 49152, vocab_size: 49152 }) => {}
         other => panic!("expected UnknownTokenId, got {other:?}"),
     }
-    assert!(matches!(
-        smollm2().stream_decoder().push(u32::MAX),
-        Err(TokenizerError::UnknownTokenId { .. })
-    ));
+    assert!(matches!(smollm2().stream_decoder().push(u32::MAX), Err(TokenizerError::UnknownTokenId { .. })));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -196,10 +152,7 @@ fn check_streaming(tok: &ModelTokenizer, ids: &[u32]) -> usize {
     for &id in ids {
         match stream.push(id).unwrap() {
             Some(chunk) => {
-                assert!(
-                    !chunk.contains(char::REPLACEMENT_CHARACTER),
-                    "chunk {chunk:?} holds a broken character"
-                );
+                assert!(!chunk.contains(char::REPLACEMENT_CHARACTER), "chunk {chunk:?} holds a broken character");
                 streamed.push_str(&chunk);
             }
             None => held_back += 1,
@@ -217,20 +170,14 @@ fn stream_decoder_never_emits_broken_utf8_for_byte_level_tokens() {
     let ids = tok.encode(text).unwrap();
     assert_eq!(tok.decode(&ids).unwrap(), text);
     let held_back = check_streaming(tok, &ids);
-    assert!(
-        held_back > 0,
-        "the text should contain characters split across byte-level tokens"
-    );
+    assert!(held_back > 0, "the text should contain characters split across byte-level tokens");
 }
 
 #[test]
 fn stream_decoder_finish_flushes_an_incomplete_tail_lossily() {
     let tok = smollm2();
     let ids = tok.encode("🚀").unwrap();
-    assert!(
-        ids.len() > 1,
-        "🚀 should span several byte-level tokens: {ids:?}"
-    );
+    assert!(ids.len() > 1, "🚀 should span several byte-level tokens: {ids:?}");
     let mut stream = tok.stream_decoder();
     assert_eq!(stream.push(ids[0]).unwrap(), None);
     assert_eq!(stream.finish().unwrap(), "\u{FFFD}");
@@ -266,9 +213,7 @@ impl Drop for TempDir {
 fn hf_dir_round_trip_encodes_like_the_gguf_tokenizer() {
     let gguf = smollm2();
     let dir = TempDir::new("hf-tokenizer");
-    gguf.inner()
-        .save(dir.0.join("tokenizer.json"), false)
-        .unwrap();
+    gguf.inner().save(dir.0.join("tokenizer.json"), false).unwrap();
     let config = serde_json::json!({
         "bos_token": {"content": "<|im_start|>", "lstrip": false},
         "eos_token": "<|im_end|>",
@@ -279,63 +224,36 @@ fn hf_dir_round_trip_encodes_like_the_gguf_tokenizer() {
         ],
     });
     std::fs::write(dir.0.join("tokenizer_config.json"), config.to_string()).unwrap();
-    std::fs::write(
-        dir.0.join("generation_config.json"),
-        r#"{"eos_token_id": [2, 7]}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.0.join("generation_config.json"), r#"{"eos_token_id": [2, 7]}"#).unwrap();
 
     let hf = ModelTokenizer::from_hf_dir(&dir.0).unwrap();
     assert_eq!(hf.vocab_size(), 49152);
     assert_eq!((hf.bos_id(), hf.eos_id()), (Some(1), Some(2)));
     assert!(!hf.add_bos());
-    assert!(
-        hf.is_end_id(2) && hf.is_end_id(7) && hf.is_end_id(0),
-        "{:?}",
-        hf.end_ids()
-    );
+    assert!(hf.is_end_id(2) && hf.is_end_id(7) && hf.is_end_id(0), "{:?}", hf.end_ids());
     for case in tokenizer_cases() {
-        assert_eq!(
-            hf.encode(&case.text).unwrap(),
-            case.ids,
-            "encoding {:?}",
-            case.text
-        );
+        assert_eq!(hf.encode(&case.text).unwrap(), case.ids, "encoding {:?}", case.text);
         assert_eq!(hf.decode(&case.ids).unwrap(), case.decoded);
     }
     let template = hf.chat_template().unwrap();
     for case in chat_cases() {
-        assert_eq!(
-            template.render(&case.messages, true).unwrap(),
-            case.rendered
-        );
+        assert_eq!(template.render(&case.messages, true).unwrap(), case.rendered);
     }
 }
 
 #[test]
 fn hf_dir_without_tokenizer_json_is_an_error() {
     let dir = TempDir::new("hf-empty");
-    assert!(matches!(
-        ModelTokenizer::from_hf_dir(&dir.0),
-        Err(TokenizerError::Io { .. })
-    ));
+    assert!(matches!(ModelTokenizer::from_hf_dir(&dir.0), Err(TokenizerError::Io { .. })));
     std::fs::write(dir.0.join("tokenizer.json"), "{not json").unwrap();
-    assert!(matches!(
-        ModelTokenizer::from_hf_dir(&dir.0),
-        Err(TokenizerError::FileFormat { .. })
-    ));
+    assert!(matches!(ModelTokenizer::from_hf_dir(&dir.0), Err(TokenizerError::FileFormat { .. })));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Synthetic vocabularies.
 
 fn strings(items: &[&str]) -> MetaValue {
-    MetaValue::Array(
-        items
-            .iter()
-            .map(|s| MetaValue::String(s.to_string()))
-            .collect(),
-    )
+    MetaValue::Array(items.iter().map(|s| MetaValue::String(s.to_string())).collect())
 }
 
 /// GPT-2's byte → printable character table.
@@ -360,57 +278,25 @@ fn tiny_byte_level_metadata(pre: &str) -> BTreeMap<String, MetaValue> {
     let mut types = vec![MetaValue::I32(1); 258];
     types.push(MetaValue::I32(3));
     BTreeMap::from([
-        (
-            "tokenizer.ggml.model".to_string(),
-            MetaValue::String("gpt2".into()),
-        ),
-        (
-            "tokenizer.ggml.pre".to_string(),
-            MetaValue::String(pre.into()),
-        ),
-        (
-            "tokenizer.ggml.tokens".to_string(),
-            MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect()),
-        ),
-        (
-            "tokenizer.ggml.token_type".to_string(),
-            MetaValue::Array(types),
-        ),
-        (
-            "tokenizer.ggml.merges".to_string(),
-            strings(&["Ġ a", "Ġ Ġ"]),
-        ),
-        (
-            "tokenizer.ggml.eos_token_id".to_string(),
-            MetaValue::U32(258),
-        ),
+        ("tokenizer.ggml.model".to_string(), MetaValue::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), MetaValue::String(pre.into())),
+        ("tokenizer.ggml.tokens".to_string(), MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect())),
+        ("tokenizer.ggml.token_type".to_string(), MetaValue::Array(types)),
+        ("tokenizer.ggml.merges".to_string(), strings(&["Ġ a", "Ġ Ġ"])),
+        ("tokenizer.ggml.eos_token_id".to_string(), MetaValue::U32(258)),
     ])
 }
 
 #[test]
 fn byte_level_pre_tokenizer_variants_build_and_round_trip() {
     let text = "a a  12 Straße 😀 ١٢";
-    for pre in [
-        "gpt2",
-        "smollm",
-        "llama-bpe",
-        "llama3",
-        "qwen2",
-        "some-future-pre",
-    ] {
+    for pre in ["gpt2", "smollm", "llama-bpe", "llama3", "qwen2", "some-future-pre"] {
         let tok = ModelTokenizer::from_gguf_metadata(&tiny_byte_level_metadata(pre)).unwrap();
         let ids = tok.encode(text).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), text, "pre = {pre}");
-        assert!(
-            ids.contains(&256),
-            "' a' should merge to id 256 with pre = {pre}: {ids:?}"
-        );
+        assert!(ids.contains(&256), "' a' should merge to id 256 with pre = {pre}: {ids:?}");
         let x_then_end = tok.encode("x<|end|>").unwrap();
-        assert_eq!(
-            x_then_end,
-            vec![tok.token_to_id("x").unwrap(), 258],
-            "pre = {pre}"
-        );
+        assert_eq!(x_then_end, vec![tok.token_to_id("x").unwrap(), 258], "pre = {pre}");
         assert_eq!(tok.end_ids(), &[258]);
     }
 }
@@ -424,64 +310,34 @@ fn tiny_sentencepiece_metadata() -> BTreeMap<String, MetaValue> {
         types.push(6);
     }
     let pieces = [
-        "▁", "h", "e", "l", "o", "w", "r", "d", "i", "he", "ll", "llo", "hello", "▁hello", "or",
-        "ld", "▁w", "▁wor", "▁world", "▁h", "▁hi",
+        "▁", "h", "e", "l", "o", "w", "r", "d", "i", "he", "ll", "llo", "hello", "▁hello", "or", "ld", "▁w", "▁wor", "▁world", "▁h", "▁hi",
     ];
     for piece in pieces {
         tokens.push(piece.to_string());
         types.push(1);
     }
     // Longer pieces score higher so that they are merged in sensible order.
-    let scores: Vec<MetaValue> = tokens
-        .iter()
-        .map(|t| {
-            MetaValue::F32(if t.starts_with("<") {
-                0.0
-            } else {
-                t.chars().count() as f32
-            })
-        })
-        .collect();
+    let scores: Vec<MetaValue> =
+        tokens.iter().map(|t| MetaValue::F32(if t.starts_with("<") { 0.0 } else { t.chars().count() as f32 })).collect();
     BTreeMap::from([
-        (
-            "tokenizer.ggml.model".to_string(),
-            MetaValue::String("llama".into()),
-        ),
-        (
-            "tokenizer.ggml.tokens".to_string(),
-            MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect()),
-        ),
-        (
-            "tokenizer.ggml.token_type".to_string(),
-            MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
-        ),
-        (
-            "tokenizer.ggml.scores".to_string(),
-            MetaValue::Array(scores),
-        ),
+        ("tokenizer.ggml.model".to_string(), MetaValue::String("llama".into())),
+        ("tokenizer.ggml.tokens".to_string(), MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect())),
+        ("tokenizer.ggml.token_type".to_string(), MetaValue::Array(types.into_iter().map(MetaValue::I32).collect())),
+        ("tokenizer.ggml.scores".to_string(), MetaValue::Array(scores)),
         ("tokenizer.ggml.bos_token_id".to_string(), MetaValue::U32(1)),
         ("tokenizer.ggml.eos_token_id".to_string(), MetaValue::U32(2)),
-        (
-            "tokenizer.ggml.unknown_token_id".to_string(),
-            MetaValue::U32(0),
-        ),
+        ("tokenizer.ggml.unknown_token_id".to_string(), MetaValue::U32(0)),
     ])
 }
 
 #[test]
 fn sentencepiece_vocabulary_encodes_with_space_marker_and_bos() {
     let tok = ModelTokenizer::from_gguf_metadata(&tiny_sentencepiece_metadata()).unwrap();
-    assert!(
-        tok.add_bos(),
-        "SentencePiece vocabularies add BOS by default"
-    );
+    assert!(tok.add_bos(), "SentencePiece vocabularies add BOS by default");
     let hello = tok.token_to_id("▁hello").unwrap();
     let world = tok.token_to_id("▁world").unwrap();
     assert_eq!(tok.encode("hello world").unwrap(), vec![1, hello, world]);
-    assert_eq!(
-        tok.encode_with_bos("hello world", false).unwrap(),
-        vec![hello, world]
-    );
+    assert_eq!(tok.encode_with_bos("hello world", false).unwrap(), vec![hello, world]);
     assert_eq!(tok.decode(&[hello, world]).unwrap(), "hello world");
     assert_eq!(tok.end_ids(), &[2]);
 }
@@ -492,16 +348,10 @@ fn sentencepiece_byte_fallback_round_trips_and_streams() {
     let text = "hi 😀 wörld";
     let ids = tok.encode_with_bos(text, false).unwrap();
     let first_emoji_byte = tok.token_to_id("<0xF0>").unwrap();
-    assert!(
-        ids.contains(&first_emoji_byte),
-        "😀 should fall back to bytes: {ids:?}"
-    );
+    assert!(ids.contains(&first_emoji_byte), "😀 should fall back to bytes: {ids:?}");
     assert_eq!(tok.decode(&ids).unwrap(), text);
     let held_back = check_streaming(&tok, &ids);
-    assert!(
-        held_back >= 3,
-        "the 4 byte tokens of 😀 should be held back until complete"
-    );
+    assert!(held_back >= 3, "the 4 byte tokens of 😀 should be held back until complete");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -520,10 +370,7 @@ fn missing_tokens_key_is_reported_by_name() {
 #[test]
 fn merges_that_are_not_strings_are_rejected() {
     let mut meta = tiny_byte_level_metadata("gpt2");
-    meta.insert(
-        "tokenizer.ggml.merges".into(),
-        MetaValue::Array(vec![MetaValue::U32(5)]),
-    );
+    meta.insert("tokenizer.ggml.merges".into(), MetaValue::Array(vec![MetaValue::U32(5)]));
     match ModelTokenizer::from_gguf_metadata(&meta) {
         Err(TokenizerError::MetadataType { key, .. }) => assert_eq!(key, "tokenizer.ggml.merges"),
         other => panic!("expected MetadataType, got {other:?}"),
@@ -538,10 +385,7 @@ fn merges_that_are_not_strings_are_rejected() {
 #[test]
 fn unknown_model_type_is_rejected() {
     let mut meta = tiny_byte_level_metadata("gpt2");
-    meta.insert(
-        "tokenizer.ggml.model".into(),
-        MetaValue::String("bert".into()),
-    );
+    meta.insert("tokenizer.ggml.model".into(), MetaValue::String("bert".into()));
     match ModelTokenizer::from_gguf_metadata(&meta) {
         Err(TokenizerError::UnsupportedModel { model }) => assert_eq!(model, "bert"),
         other => panic!("expected UnsupportedModel, got {other:?}"),
@@ -551,30 +395,21 @@ fn unknown_model_type_is_rejected() {
 #[test]
 fn inconsistent_metadata_is_rejected() {
     let mut meta = tiny_byte_level_metadata("gpt2");
-    meta.insert(
-        "tokenizer.ggml.token_type".into(),
-        MetaValue::Array(vec![MetaValue::I32(1)]),
-    );
+    meta.insert("tokenizer.ggml.token_type".into(), MetaValue::Array(vec![MetaValue::I32(1)]));
     assert!(matches!(
         ModelTokenizer::from_gguf_metadata(&meta),
         Err(TokenizerError::InvalidMetadata { key, .. }) if key == "tokenizer.ggml.token_type"
     ));
 
     let mut meta = tiny_byte_level_metadata("gpt2");
-    meta.insert(
-        "tokenizer.ggml.bos_token_id".into(),
-        MetaValue::U32(100_000),
-    );
+    meta.insert("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(100_000));
     assert!(matches!(
         ModelTokenizer::from_gguf_metadata(&meta),
         Err(TokenizerError::InvalidMetadata { key, .. }) if key == "tokenizer.ggml.bos_token_id"
     ));
 
     let mut meta = tiny_byte_level_metadata("gpt2");
-    meta.insert(
-        "tokenizer.ggml.tokens".into(),
-        MetaValue::String("not an array".into()),
-    );
+    meta.insert("tokenizer.ggml.tokens".into(), MetaValue::String("not an array".into()));
     assert!(matches!(
         ModelTokenizer::from_gguf_metadata(&meta),
         Err(TokenizerError::MetadataType { key, .. }) if key == "tokenizer.ggml.tokens"
@@ -591,12 +426,6 @@ fn inconsistent_metadata_is_rejected() {
 #[test]
 fn model_without_chat_template_reports_it() {
     let tok = ModelTokenizer::from_gguf_metadata(&tiny_byte_level_metadata("gpt2")).unwrap();
-    assert!(matches!(
-        tok.chat_template(),
-        Err(TokenizerError::NoChatTemplate)
-    ));
-    assert!(matches!(
-        tok.encode_with_bos("a", true),
-        Err(TokenizerError::NoBosToken)
-    ));
+    assert!(matches!(tok.chat_template(), Err(TokenizerError::NoChatTemplate)));
+    assert!(matches!(tok.encode_with_bos("a", true), Err(TokenizerError::NoBosToken)));
 }
