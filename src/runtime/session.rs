@@ -22,7 +22,7 @@ use crate::kernels::step::{StepBuffer, StepParams};
 use crate::kernels::swiglu::swiglu;
 
 use super::lora::{GpuLora, GpuLoraPair};
-use super::plan::{PlanDecider, PlanPolicy, decide_plan};
+use super::plan::{PlanDecider, PlanError, PlanPolicy, decide_plan};
 use super::profile::Profiler;
 use super::routed::Routing;
 use super::weights::GpuWeights;
@@ -125,10 +125,10 @@ impl Session {
         let ctx = weights.ctx.clone();
         let c = &weights.config;
         if plan.len() != c.n_layers {
-            return Err(RuntimeError::Plan(format!("plan has {} layers, the model {}", plan.len(), c.n_layers)));
+            return Err(PlanError::PlanLength { plan: plan.len(), model: c.n_layers }.into());
         }
         if options.ctx_len == 0 {
-            return Err(RuntimeError::Plan("context length must be at least 1".into()));
+            return Err(RuntimeError::ZeroContext);
         }
         let candidates = options.candidates.clamp(1, MAX_CANDIDATES);
         let options = SessionOptions { candidates, ..options };
@@ -189,9 +189,9 @@ impl Session {
     pub fn with_routers(weights: &Arc<GpuWeights>, options: SessionOptions, routing: Routing) -> Result<Session, RuntimeError> {
         let n = weights.config.n_layers;
         if routing.routers.layers.len() != n {
-            return Err(RuntimeError::Plan(format!("routers for {} layers, the model has {n}", routing.routers.layers.len())));
+            return Err(PlanError::RouterCount { routers: routing.routers.layers.len(), model: n }.into());
         }
-        routing.policy.validate().map_err(|e| RuntimeError::Plan(e.to_string()))?;
+        routing.policy.validate()?;
         let mut s = Session::new(weights, options, LayerPlan::full(n))?;
         s.caches.iter_mut().for_each(|c| *c = None);
         s.routing = Some(routing);
@@ -288,7 +288,7 @@ impl Session {
                 let raw = crate::gpu::buffer::read_buffer(&self.ctx, &self.probs_buf.buffer, 4 * l as u64, 4, "router.probs")?;
                 self.probs[l] = Some(f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]));
             }
-            run[l] = decider.decide(l, self.probs[l]).map_err(|e| RuntimeError::Plan(e.to_string()))?;
+            run[l] = decider.decide(l, self.probs[l])?;
             if run[l] {
                 self.ensure_cache(l)?;
                 segment.extend(self.layer(&acts, t, "prefill", l)?);
@@ -473,7 +473,7 @@ impl Session {
         s: f32,
         decode: bool,
     ) -> Result<Vec<Dispatch>, RuntimeError> {
-        let tmp = self.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Plan("LoRA attached without its buffer".into()))?;
+        let tmp = self.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Internal("LoRA attached without its buffer".into()))?;
         let inner = pair.a.rows;
         let mut p = self.linear(&format!("{label}.lora_a"), x, rows, &pair.a, None, tmp, inner, false, decode)?;
         let label = format!("{label}.lora_b");
@@ -495,7 +495,7 @@ impl Session {
         let ctx = &*self.ctx;
         let c = &self.weights.config;
         let lw = &self.weights.layers[l];
-        let cache = self.caches[l].as_ref().ok_or_else(|| RuntimeError::Plan(format!("layer {l} runs but has no KV cache")))?;
+        let cache = self.caches[l].as_ref().ok_or_else(|| RuntimeError::Internal(format!("layer {l} runs but has no KV cache")))?;
         let decode = phase == "decode";
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
         let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
@@ -586,7 +586,7 @@ impl Session {
         ctx.queue.submit([encoder.finish()]);
         let t2 = t0.map(|_| std::time::Instant::now());
         if let Some(p) = self.profiler.as_mut() {
-            p.end_step().map_err(|e| RuntimeError::Output(e.to_string()))?;
+            p.end_step()?;
         }
         self.last_dispatch_count = program.len();
         let raw = crate::gpu::buffer::map_and_read(ctx, &self.staging, bytes, "picked")?;
