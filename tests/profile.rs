@@ -7,9 +7,10 @@ mod common;
 use std::process::Command;
 use std::sync::Mutex;
 
-use common::{model, model_path};
+use common::model;
 use firstrt::gpu::DType;
 use firstrt::runtime::{LayerPlan, ProfileMode, Profiler, Session, SessionOptions};
+use firstrt::testdata::{TempDir, model_path};
 
 /// The query-set count is per device and tests share one: run these one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -94,7 +95,8 @@ fn no_query_set_without_a_profiler() {
 #[test]
 fn trace_is_json_whose_spans_nest_in_time_order() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let path = std::env::temp_dir().join(format!("firstrt-trace-{}.json", std::process::id()));
+    let dir = TempDir::new("trace");
+    let path = dir.join("trace.json");
     let out = Command::new(env!("CARGO_BIN_EXE_firstrt"))
         .arg("run")
         .arg("--model")
@@ -105,7 +107,6 @@ fn trace_is_json_whose_spans_nest_in_time_order() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("valid JSON");
-    std::fs::remove_file(&path).ok();
     let events = trace["traceEvents"].as_array().expect("traceEvents");
     let spans: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
     let mut names = std::collections::HashSet::new();
