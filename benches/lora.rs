@@ -61,8 +61,9 @@ fn main() {
     }
     ids.truncate(PROMPT_LEN);
 
-    let rows: [(&str, &Arc<GpuWeights>, Option<&Arc<GpuLora>>); 3] =
-        [("base", &base.weights, None), ("merged", &merged.weights, None), ("unmerged", &base.weights, Some(&lora))];
+    /// A configuration: its name, the weights, and the adapter applied unmerged (if any).
+    type Row<'a> = (&'a str, &'a Arc<GpuWeights>, Option<&'a Arc<GpuLora>>);
+    let rows: [Row; 3] = [("base", &base.weights, None), ("merged", &merged.weights, None), ("unmerged", &base.weights, Some(&lora))];
     for (_, w, l) in &rows {
         one_run(w, *l, &ids); // warm-up: pipelines, kernel choice
     }

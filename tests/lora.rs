@@ -61,7 +61,7 @@ fn write_adapter_b(dir: &Path) {
         let layer: usize = name.split('.').nth(4).unwrap().parse().unwrap();
         let f = if name.contains("lora_B") {
             1.5
-        } else if layer % 2 == 0 {
+        } else if layer.is_multiple_of(2) {
             -1.0
         } else {
             1.0

@@ -137,14 +137,16 @@ fn a_router_file_for_another_model_is_rejected() {
     let dir = TempDir::new("routers-identity");
     let path = dir.join("other.safetensors");
     RouterFile::init(&identity, 4, 3.0, 1e-5, 0.5).save(&path).unwrap();
-    let err = model.load_routers(&path, &PlanPolicyArgs::default()).err().expect("must be rejected").to_string();
+    let Err(err) = model.load_routers(&path, &PlanPolicyArgs::default()) else { panic!("must be rejected") };
+    let err = err.to_string();
     assert!(err.contains("weight") && err.contains("0123456789abcdef"), "{err}");
 
     let mut identity = model_identity(model.source.as_ref()).unwrap();
     identity.n_layers = 24;
     let path = dir.join("layers.safetensors");
     RouterFile::init(&identity, 4, 3.0, 1e-5, 0.5).save(&path).unwrap();
-    let err = model.load_routers(&path, &PlanPolicyArgs::default()).err().expect("must be rejected").to_string();
+    let Err(err) = model.load_routers(&path, &PlanPolicyArgs::default()) else { panic!("must be rejected") };
+    let err = err.to_string();
     assert!(err.contains("24") && err.contains("30"), "{err}");
 }
 
