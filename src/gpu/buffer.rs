@@ -186,11 +186,9 @@ pub fn map_and_read(ctx: &GpuContext, staging: &wgpu::Buffer, len: usize, label:
         let _ = tx.send(r);
     });
     ctx.wait()?;
-    let mapped = rx
-        .recv()
+    rx.recv()
         .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?
         .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
-    let _ = mapped;
     let out = {
         let view = staging.get_mapped_range(..).map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
         view[..len].to_vec()
