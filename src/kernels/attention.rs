@@ -91,24 +91,40 @@ pub const SPLIT_MAX_ROWS: usize = 4;
 pub enum AttnVariant {
     /// One invocation per (row, head) over all keys: one dispatch.
     Rows,
-    /// Flash-decoding with this many keys per split: two dispatches (partials, combine).
-    Split { keys_per_split: usize },
+    /// Flash-decoding (Dao et al. 2023): two dispatches (partials, combine).
+    Split {
+        /// Keys per split (at least 1).
+        keys_per_split: usize,
+    },
 }
 
+/// Uniform of `shaders/attention.wgsl` (`struct Params` there, same fields in the same order).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct AttnParams {
+    /// Query rows the dispatch is sized for.
     pub rows: u32,
+    /// Query heads.
     pub n_heads: u32,
+    /// Query heads per kv head (`n_heads / n_kv_heads`).
     pub group: u32,
+    /// Row stride of q and out (`n_heads * head_dim`).
     pub q_stride: u32,
+    /// Row stride of the caches (`n_kv_heads * head_dim`).
     pub kv_stride: u32,
+    /// Rows of the caches.
     pub max_pos: u32,
+    /// Key-range splits (`Split`), else 1.
     pub splits: u32,
+    /// Keys per split (`Split`), else `max_pos`.
     pub keys_per_split: u32,
+    /// Score scale `1 / sqrt(head_dim)`.
     pub scale: f32,
+    /// Padding to 48 bytes.
     pub _pad0: u32,
+    /// Padding to 48 bytes.
     pub _pad1: u32,
+    /// Padding to 48 bytes.
     pub _pad2: u32,
 }
 

@@ -22,7 +22,9 @@ use crate::kernels::matvec::{MatvecVariant, matvec};
 /// Variants forced through `FIRSTRT_KERNEL`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Forced {
+    /// `matmul=regblock|tiled|xbcast` (or the bare name).
     pub matmul: Option<MatmulVariant>,
+    /// `matvec=rows|reduce` (or the bare name).
     pub matvec: Option<MatvecVariant>,
     /// `f16read=native|packed`.
     pub f16read: Option<WeightKind>,

@@ -18,9 +18,13 @@ const SOURCE: &str = include_str!("../../shaders/rope.wgsl");
 /// The llama3 rope-scaling parameters (`rope_scaling` with `rope_type: "llama3"` in config.json).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeScalingParams {
+    /// `factor`: low frequencies are divided by it.
     pub factor: f32,
+    /// `low_freq_factor`: wavelengths above `original_max_position / low_freq_factor` are scaled.
     pub low_freq_factor: f32,
+    /// `high_freq_factor`: wavelengths below `original_max_position / high_freq_factor` are kept.
     pub high_freq_factor: f32,
+    /// `original_max_position_embeddings` (tokens).
     pub original_max_position: u32,
 }
 
@@ -74,13 +78,23 @@ pub fn rope_tables_ref(inv_freq: &[f32], max_pos: usize) -> (Vec<f32>, Vec<f32>)
 /// RoPE tables on the GPU: cos and sin `[max_pos, head_dim / 2]` f32.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
+    /// `cos(pos * inv_freq[i])`, `[max_pos, head_dim / 2]` f32.
     pub cos: GpuTensor,
+    /// `sin(pos * inv_freq[i])`, `[max_pos, head_dim / 2]` f32.
     pub sin: GpuTensor,
+    /// Positions covered (rows of the tables).
     pub max_pos: usize,
+    /// Head size the tables are for (even).
     pub head_dim: usize,
 }
 
 impl RopeTables {
+    /// Computes the tables on the CPU ([`rope_inv_freq`], [`rope_tables_ref`]) for positions
+    /// `0..max_pos` and uploads them.
+    ///
+    /// # Errors
+    /// [`GpuError::InvalidArgument`] when head_dim is odd or 0 or max_pos is 0; a buffer error
+    /// from the upload.
     pub fn new(
         ctx: &GpuContext,
         head_dim: usize,
@@ -104,16 +118,25 @@ impl RopeTables {
     }
 }
 
+/// Uniform of `shaders/rope.wgsl` (`struct Params` there, same fields in the same order).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct RopeParams {
+    /// Rows the dispatch is sized for.
     pub rows: u32,
+    /// Query heads.
     pub n_heads: u32,
+    /// Key/value heads.
     pub n_kv_heads: u32,
+    /// Elements per head.
     pub head_dim: u32,
+    /// `head_dim / 2`: rotated pairs per head.
     pub half_dim: u32,
+    /// Positions the caches and tables hold; later positions are skipped.
     pub max_pos: u32,
+    /// Padding to 32 bytes.
     pub _pad0: u32,
+    /// Padding to 32 bytes.
     pub _pad1: u32,
 }
 

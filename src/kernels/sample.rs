@@ -33,11 +33,15 @@ pub const TOPK_TILE: usize = 1024;
 /// The largest k that [`top_k`] supports.
 pub const MAX_TOP_K: usize = 256;
 
+/// Uniform of `shaders/sample.wgsl` (`struct Params` there), one per pass.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct SampleParams {
+    /// Entries this pass reads (logits, or pairs of the previous pass).
     pub n: u32,
+    /// Pairs each workgroup keeps (1 for argmax, k for top-k).
     pub k: u32,
+    /// 1: read the f32 logits; 0: read the (index, value) pairs of the previous pass.
     pub from_logits: u32,
     /// `top_k_select`: u32 words of fallback dispatch arguments; else 0.
     pub aux: u32,
@@ -104,7 +108,12 @@ fn check_logits(label: &str, logits: &GpuTensor, n: usize) -> Result<(), GpuErro
 }
 
 /// Index and value of the largest of the first `n` logits (`[V]` f32), written to `out` as two
-/// u32 words: the index, then the f32 bits of the value. Ties go to the lowest index.
+/// u32 words: the index, then the f32 bits of the value. Ties go to the lowest index (as
+/// `torch.argmax`). One dispatch per reduction pass, named `label.passN`.
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when the logits are not f32 or fewer than `n`,
+/// `n` is 0 or 2^31 or more, or `out` holds fewer than 2 u32 words.
 pub fn argmax(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
     check_logits(label, logits, n)?;
     if out.dtype == DType::F16 || out.byte_len() < 8 {
@@ -127,6 +136,11 @@ fn check_top_k(label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTen
 /// The `k` (1..=256, <= n) largest of the first `n` logits, written to `out` as `k` pairs of u32
 /// words (index, f32 bits of the value), sorted by value descending, ties lowest index first.
 /// Read back `2 * k` words and turn them into pairs with [`decode_pairs`].
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when the logits are not f32 or fewer than `n`,
+/// `n` is 0 or 2^31 or more, `k` is not in `1..=min(n, 256)`, or `out` holds fewer than `2 * k`
+/// u32 words.
 ///
 /// One selection workgroup (threshold from subset maxima, then ranking of the few entries above
 /// it), plus the [`top_k_sort`] passes as an exact fallback, dispatched indirectly with zero
@@ -182,6 +196,9 @@ pub fn top_k(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usi
 pub const SELECT_CAP: usize = 1024;
 
 /// [`top_k`] by bitonic sorts of 1024-entry tiles in passes (its fallback; also usable alone).
+///
+/// # Errors
+/// As [`top_k`].
 pub fn top_k_sort(
     ctx: &GpuContext,
     label: &str,
