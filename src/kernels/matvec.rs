@@ -136,15 +136,7 @@ pub fn matvec_ref(x: &[f32], w: &[f32], n: usize, k: usize, bias: Option<&[f32]>
 mod tests {
     use super::*;
     use crate::gpu::{DType, GpuMatrix, GpuOptions, GpuTensor, test_context};
-    use crate::kernels::testing::{assert_close, random_vec, round_f16};
-
-    fn kinds(ctx: &GpuContext) -> Vec<WeightKind> {
-        let mut k = vec![WeightKind::F32, WeightKind::F16Packed];
-        if ctx.has_f16() {
-            k.push(WeightKind::F16);
-        }
-        k
-    }
+    use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
     struct Case {
         n: usize,
@@ -193,7 +185,7 @@ mod tests {
     fn matvec_matches_reference_all_variants_and_kinds() {
         let ctx = test_context();
         for variant in MatvecVariant::ALL {
-            for kind in kinds(&ctx) {
+            for kind in weight_kinds(&ctx) {
                 for (n, k) in [(1, 1), (7, 7), (257, 257), (13, 1757), (1757, 12), (5, 8), (300, 576)] {
                     check(&ctx, &case(n, k), kind, variant);
                 }
@@ -205,7 +197,7 @@ mod tests {
     fn matvec_bias_accumulate_and_offset() {
         let ctx = test_context();
         for variant in MatvecVariant::ALL {
-            for kind in kinds(&ctx) {
+            for kind in weight_kinds(&ctx) {
                 check(&ctx, &Case { n: 37, k: 64, bias: true, accumulate: false, y_col0: 5 }, kind, variant);
                 check(&ctx, &Case { n: 37, k: 63, bias: true, accumulate: true, y_col0: 2 }, kind, variant);
                 check(&ctx, &Case { n: 9, k: 20, bias: false, accumulate: true, y_col0: 0 }, kind, variant);
