@@ -82,7 +82,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     }
     let options = GenerateOptions {
         max_tokens: args.gen_tokens,
-        sampler: SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
+        sampler: SamplerConfig::greedy(),
         end_ids: Vec::new(), // always the full --gen tokens
     };
     let session_options = SessionOptions { ctx_len, candidates: 1 };

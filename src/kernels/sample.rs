@@ -224,6 +224,14 @@ pub struct SamplerConfig {
     pub seed: u64,
 }
 
+impl SamplerConfig {
+    /// Greedy decoding: always the highest-logit candidate (temperature 0, top-k 1, top-p 1,
+    /// seed 0), as transformers' `generate(do_sample=False)`.
+    pub fn greedy() -> SamplerConfig {
+        SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 }
+    }
+}
+
 /// Picks tokens from top-k candidates with a seeded RNG: the same seed and candidates give the
 /// same sequence.
 #[derive(Debug, Clone)]
@@ -426,6 +434,8 @@ mod tests {
         let mut s = Sampler::new(cfg(0.0, 1.0, 1));
         assert!((0..100).all(|_| s.pick(&CANDS) == 42));
         assert_eq!(s.pick(&[]), 0);
+        let mut g = Sampler::new(SamplerConfig::greedy());
+        assert!((0..100).all(|_| g.pick(&CANDS) == 42));
     }
 
     #[test]

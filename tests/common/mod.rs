@@ -1,13 +1,15 @@
-//! Shared by the end-to-end tests: where the test model and the transformers fixtures are, and
-//! the model loaded once per test binary.
+//! Shared by the end-to-end tests: the transformers fixture cases and tensors, the test model
+//! loaded once per test binary, and greedy generation. Paths, temp folders and `max_abs_diff`
+//! come from the library's hidden test modules (`firstrt::testdata`, `firstrt::kernels::testing`),
+//! which the unit tests and benches use too: import them from there.
 #![allow(dead_code)]
 
 use std::sync::{Arc, OnceLock};
 
 use firstrt::gpu::{DType, test_context};
-use firstrt::runtime::LoadedModel;
-
-pub use firstrt::testdata::{fixtures_dir, model_path};
+use firstrt::kernels::sample::SamplerConfig;
+use firstrt::runtime::{GenerateOptions, LoadedModel, Session, generate, generate_with};
+use firstrt::testdata::{fixtures_dir, load_model};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Case {
@@ -41,26 +43,27 @@ pub fn model(dtype: DType) -> Arc<LoadedModel> {
     static F32: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     static F16: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     let cell = if dtype == DType::F16 { &F16 } else { &F32 };
-    cell.get_or_init(|| {
-        let ctx = test_context();
-        Arc::new(LoadedModel::load(&ctx, &model_path(), dtype, &mut |_, _| {}).expect("loading the test model"))
-    })
-    .clone()
+    cell.get_or_init(|| Arc::new(load_model(&test_context(), dtype))).clone()
+}
+
+/// Generation options for `n` greedy tokens that never stop early (no end token).
+pub fn greedy_options(n: usize) -> GenerateOptions {
+    GenerateOptions { max_tokens: n, sampler: SamplerConfig::greedy(), end_ids: vec![] }
+}
+
+/// Greedy generation of `n` tokens after `prompt` (no end token); returns the generated ids.
+pub fn greedy(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
+    generate(session, prompt, &greedy_options(n), &mut |_| true).expect("greedy generation").generated_ids
 }
 
 /// Greedy generation of `n` tokens after `prompt` (no end token); returns the logits of the last
 /// prompt position and the generated ids.
-pub fn greedy_with_logits(session: &mut firstrt::runtime::Session, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let options = firstrt::runtime::GenerateOptions {
-        max_tokens: n,
-        sampler: firstrt::kernels::sample::SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
-        end_ids: vec![],
-    };
+pub fn greedy_with_logits(session: &mut Session, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
     let mut logits = Vec::new();
-    let g = firstrt::runtime::generate_with(
+    let g = generate_with(
         session,
         prompt,
-        &options,
+        &greedy_options(n),
         &mut |s| {
             logits = s.read_logits()?;
             Ok(())
@@ -69,19 +72,4 @@ pub fn greedy_with_logits(session: &mut firstrt::runtime::Session, prompt: &[u32
     )
     .expect("greedy generation");
     (logits, g.generated_ids)
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
 }
