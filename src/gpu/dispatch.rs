@@ -251,6 +251,7 @@ mod tests {
         let head = Tag::step(Phase::Prefill, "lm_head");
         assert_eq!(head.label(), "prefill/lm_head");
         assert_eq!(head.layer_label(), None);
-        assert!(Phase::Prefill == "prefill" && Phase::Decode.to_string() == "decode");
+        assert!(Phase::Prefill == "prefill");
+        assert_eq!(Phase::Decode.to_string(), "decode");
     }
 }
