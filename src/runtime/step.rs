@@ -6,14 +6,15 @@
 //! decoder layer, the tail (final norm, LM head, sampling) or a whole step, each with its
 //! [`Tag`]. It records and submits nothing: the [`Session`](super::Session) does that.
 
-use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuTensor, Phase, Tag};
-use crate::kernels::attention::attention;
+use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase, Tag};
+use crate::kernels::attention::{AttnOp, AttnShape, attention};
 use crate::kernels::choice::{matmul_variant, matvec_variant};
 use crate::kernels::embedding::embedding;
-use crate::kernels::matmul::{matmul, matmul_scaled};
-use crate::kernels::matvec::{matvec, matvec_scaled};
-use crate::kernels::rmsnorm::rmsnorm;
-use crate::kernels::rope::{AttnShape, RopeTables, rope_qkv_write};
+use crate::kernels::linear::LinearOp;
+use crate::kernels::matmul::matmul;
+use crate::kernels::matvec::matvec;
+use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
+use crate::kernels::rope::{RopeQkvOp, RopeTables, rope_qkv_write};
 use crate::kernels::router::{RouterWeights, router_gate};
 use crate::kernels::sample::{argmax, top_k};
 use crate::kernels::step::StepBuffer;
@@ -21,7 +22,7 @@ use crate::kernels::swiglu::swiglu;
 
 use super::kv_cache::KvCache;
 use super::lora::{GpuLora, GpuLoraLayer, GpuLoraPair};
-use super::weights::{GpuWeights, LayerWeights};
+use super::weights::GpuWeights;
 use super::{LayerPlan, RuntimeError};
 
 /// Activation buffers for up to `rows` tokens at once (f32 unless said otherwise; `d` =
@@ -94,7 +95,7 @@ pub struct StepBuffers {
     pub lora_tmp: Option<GpuTensor>,
 }
 
-/// A projection of a decoder block: which weights, which LoRA group, and its op names.
+/// A projection of a decoder block: its op name and its LoRA group.
 #[derive(Debug, Clone, Copy)]
 enum Proj {
     Qkv,
@@ -104,23 +105,14 @@ enum Proj {
 }
 
 impl Proj {
-    /// The op of the base product and of the LoRA delta's two products.
+    /// The op of the base product (and of the LoRA delta's, whose label parts are `.lora_a`,
+    /// `.lora_b`).
     fn op(self) -> &'static str {
         match self {
             Proj::Qkv => "attn.qkv",
             Proj::O => "attn.o",
             Proj::GateUp => "mlp.gate_up",
             Proj::Down => "mlp.down",
-        }
-    }
-
-    /// The weight matrix and its bias, if any.
-    fn weight(self, lw: &LayerWeights) -> (&GpuMatrix, Option<&GpuTensor>) {
-        match self {
-            Proj::Qkv => (&lw.qkv, lw.qkv_bias.as_ref()),
-            Proj::O => (&lw.o, None),
-            Proj::GateUp => (&lw.gate_up, None),
-            Proj::Down => (&lw.down, None),
         }
     }
 
@@ -132,26 +124,6 @@ impl Proj {
             Proj::GateUp => ll.gate_up.as_ref(),
             Proj::Down => ll.down.as_ref(),
         }
-    }
-}
-
-/// Where a projection writes: `y[:, 0..out]` of row stride `stride`, overwritten or added to.
-#[derive(Debug, Clone, Copy)]
-struct Out<'b> {
-    y: &'b GpuTensor,
-    stride: usize,
-    accumulate: bool,
-}
-
-impl<'b> Out<'b> {
-    /// `y = x · Wᵀ (+ b)`.
-    fn write(y: &'b GpuTensor, stride: usize) -> Out<'b> {
-        Out { y, stride, accumulate: false }
-    }
-
-    /// `y += x · Wᵀ`: a block's output added to the residual stream.
-    fn add_to(y: &'b GpuTensor, stride: usize) -> Out<'b> {
-        Out { y, stride, accumulate: true }
     }
 }
 
@@ -222,19 +194,23 @@ impl StepBuilder<'_> {
     pub fn layer(&self, a: &Activations, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, c, lw) = (self.ctx, &self.weights.config, &self.weights.layers[l]);
         let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Plan(format!("layer {l} runs but has no KV cache")))?;
-        let (rope, step) = (&self.bufs.rope, &self.bufs.step);
+        let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
         let at = |op| Tag::layer(self.phase, l, op);
-        let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &a.x, 0, &lw.attn_norm, &a.xn, rows, c.rms_eps).map(|d| [d]))?;
-        p.extend(self.project(l, Proj::Qkv, &a.xn, rows, Out::write(&a.qkv, qkv_dim))?);
-        p.extend(tagged(at("attn.rope"), |n| rope_qkv_write(ctx, n, &a.qkv, rows, shape, rope, step, &a.q, &kv.k, &kv.v).map(|d| [d]))?);
-        p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &a.q, rows, &kv.k, &kv.v, shape, step, &a.attn))?);
-        p.extend(self.project(l, Proj::O, &a.attn, rows, Out::add_to(&a.x, c.d_model))?);
-        p.extend(tagged(at("mlp.norm"), |n| rmsnorm(ctx, n, &a.x, 0, &lw.ffn_norm, &a.xn, rows, c.rms_eps).map(|d| [d]))?);
-        p.extend(self.project(l, Proj::GateUp, &a.xn, rows, Out::write(&a.gate_up, 2 * c.d_ff))?);
+        let norm = |x, weight, y| RmsNormOp { x, x_row0: 0, rows, weight, y, eps: c.rms_eps };
+        // Attention half: x += o(attention(rope(qkv(norm(x))))).
+        let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, &a.xn)).map(|d| [d]))?;
+        p.extend(self.project(l, Proj::Qkv, &LinearOp::new(&a.xn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref()))?);
+        let rope = RopeQkvOp { qkv: &a.qkv, rows, shape, tables: &self.bufs.rope, step, q_out: &a.q, k_cache, v_cache };
+        p.extend(tagged(at("attn.rope"), |n| rope_qkv_write(ctx, n, &rope).map(|d| [d]))?);
+        let attn = AttnOp { q: &a.q, rows, k_cache, v_cache, shape, step, out: &a.attn };
+        p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
+        p.extend(self.project(l, Proj::O, &LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true))?);
+        // MLP half: x += down(swiglu(gate_up(norm(x)))).
+        p.extend(tagged(at("mlp.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.ffn_norm, &a.xn)).map(|d| [d]))?);
+        p.extend(self.project(l, Proj::GateUp, &LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up))?);
         p.extend(tagged(at("mlp.act"), |n| swiglu(ctx, n, &a.gate_up, rows, c.d_ff, &a.act).map(|d| [d]))?);
-        p.extend(self.project(l, Proj::Down, &a.act, rows, Out::add_to(&a.x, c.d_model))?);
+        p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.act, rows, &lw.down, &a.x).accumulate(true))?);
         Ok(p)
     }
 
@@ -244,8 +220,10 @@ impl StepBuilder<'_> {
         let (ctx, w, b) = (self.ctx, self.weights, self.bufs);
         let c = &w.config;
         let at = |op| Tag::step(self.phase, op);
-        let mut p = tagged(at("final_norm"), |n| rmsnorm(ctx, n, &a.x, rows - 1, &w.final_norm, &b.final_row, 1, c.rms_eps).map(|d| [d]))?;
-        p.extend(tagged(at("lm_head"), |n| matvec(ctx, n, &b.final_row, w.output(), None, &b.logits, 0, false, matvec_variant(ctx)))?);
+        let norm = RmsNormOp { x: &a.x, x_row0: rows - 1, rows: 1, weight: &w.final_norm, y: &b.final_row, eps: c.rms_eps };
+        let mut p = tagged(at("final_norm"), |n| rmsnorm(ctx, n, &norm).map(|d| [d]))?;
+        let lm_head = LinearOp::new(&b.final_row, 1, w.output(), &b.logits);
+        p.extend(tagged(at("lm_head"), |n| matvec(ctx, n, &lm_head, matvec_variant(ctx)))?);
         let n = c.vocab_size;
         p.extend(tagged(at("sample"), |label| {
             if b.candidates == 1 {
@@ -264,60 +242,35 @@ impl StepBuilder<'_> {
         tagged(Tag::layer(self.phase, l, "router"), |n| router_gate(self.ctx, n, &a.x, rows, router, probs, l))
     }
 
-    /// Projection `proj` of layer `l` into `out`, then the adapter's delta for it, if any.
-    fn project(&self, l: usize, proj: Proj, x: &GpuTensor, rows: usize, out: Out<'_>) -> Result<Vec<Dispatch>, RuntimeError> {
-        let (w, bias) = proj.weight(&self.weights.layers[l]);
+    /// Projection `proj` of layer `l` (the product `op`), then the adapter's delta for it, if
+    /// any: it lands where the base product does (into the residual stream for o and down).
+    fn project(&self, l: usize, proj: Proj, op: &LinearOp) -> Result<Vec<Dispatch>, RuntimeError> {
         let tag = Tag::layer(self.phase, l, proj.op());
-        let mut p = tagged(tag, |n| self.linear(n, x, rows, w, bias, out.y, out.stride, out.accumulate))?;
-        // The unmerged adapter's matrices for this projection and s = S · alpha / r; its delta
-        // lands where the base product does (into the residual stream for o and down).
+        let mut p = tagged(tag, |n| self.linear(n, op))?;
+        // The unmerged adapter's matrices for this projection and s = S · alpha / r.
         if let Some((pair, s)) = self.lora.and_then(|(g, scale)| proj.lora(&g.layers[l]).map(|pair| (pair, scale * g.scaling))) {
-            p.extend(tagged(tag, |n| self.lora_delta(n, x, rows, pair, out.y, out.stride, s))?);
+            p.extend(tagged(tag, |n| self.lora_delta(n, op, pair, s))?);
         }
         Ok(p)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
-        &self,
-        label: &str,
-        x: &GpuTensor,
-        rows: usize,
-        w: &GpuMatrix,
-        bias: Option<&GpuTensor>,
-        y: &GpuTensor,
-        y_stride: usize,
-        accumulate: bool,
-    ) -> Result<Vec<Dispatch>, RuntimeError> {
+    /// The linear product `op` as matvec (decode, one row) or matmul (prefill), each with the
+    /// adapter's variant.
+    fn linear(&self, label: &str, op: &LinearOp) -> Result<Vec<Dispatch>, RuntimeError> {
         Ok(if self.phase == Phase::Decode {
-            matvec(self.ctx, label, x, w, bias, y, 0, accumulate, matvec_variant(self.ctx))?
+            matvec(self.ctx, label, op, matvec_variant(self.ctx))?
         } else {
-            matmul(self.ctx, label, x, rows, w, bias, y, y_stride, 0, accumulate, matmul_variant(self.ctx))?
+            matmul(self.ctx, label, op, matmul_variant(self.ctx))?
         })
     }
 
-    /// A LoRA group's delta: `a = x · A^T` (`[rows, inner]` in `lora_tmp`), then
-    /// `y[:, 0..out] += s · a · B^T` with `y` of row stride `y_stride`.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_delta(
-        &self,
-        label: &str,
-        x: &GpuTensor,
-        rows: usize,
-        pair: &GpuLoraPair,
-        y: &GpuTensor,
-        y_stride: usize,
-        s: f32,
-    ) -> Result<Vec<Dispatch>, RuntimeError> {
+    /// A LoRA group's delta on the base product `base` (its x, rows, y and y stride):
+    /// `a = x · A^T` (`[rows, inner]` in `lora_tmp`), then `y[:, 0..out] += s · a · B^T`.
+    fn lora_delta(&self, label: &str, base: &LinearOp, pair: &GpuLoraPair, s: f32) -> Result<Vec<Dispatch>, RuntimeError> {
         let tmp = self.bufs.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Plan("LoRA attached without its buffer".into()))?;
-        let inner = pair.a.rows;
-        let mut p = self.linear(&format!("{label}.lora_a"), x, rows, &pair.a, None, tmp, inner, false)?;
-        let label = format!("{label}.lora_b");
-        p.extend(if self.phase == Phase::Decode {
-            matvec_scaled(self.ctx, &label, tmp, &pair.b, y, 0, true, s, matvec_variant(self.ctx))?
-        } else {
-            matmul_scaled(self.ctx, &label, tmp, rows, &pair.b, y, y_stride, 0, true, s, matmul_variant(self.ctx))?
-        });
+        let mut p = self.linear(&format!("{label}.lora_a"), &LinearOp::new(base.x, base.rows, &pair.a, tmp))?;
+        let b = LinearOp::new(tmp, base.rows, &pair.b, base.y).y_stride(base.y_row_stride()).accumulate(true).scale(s);
+        p.extend(self.linear(&format!("{label}.lora_b"), &b)?);
         Ok(p)
     }
 }
