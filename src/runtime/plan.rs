@@ -113,6 +113,7 @@ impl PlanPolicy {
     }
 
     /// Threshold in [0, 1] and, when both are given, `min_skip <= max_skip`.
+    /// Errors: `PlanError::Threshold`, `PlanError::MinAboveMax`.
     pub fn validate(&self) -> Result<(), PlanError> {
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(PlanError::Threshold(self.threshold));
@@ -181,6 +182,7 @@ impl PlanDecider {
         PlanDecider::new(routers.has_router(), policy)
     }
 
+    /// The model's layer count.
     pub fn n_layers(&self) -> usize {
         self.has_router.len()
     }
@@ -197,6 +199,7 @@ impl PlanDecider {
 
     /// Decides `layer` (which must be the next undecided one) given its router's probability
     /// (`None`: no router); returns whether it runs.
+    /// Errors: `PlanError::OutOfOrder`, `PlanError::LayerOutOfRange`.
     pub fn decide(&mut self, layer: usize, p: Option<f32>) -> Result<bool, PlanError> {
         let n = self.n_layers();
         if layer >= n {
@@ -221,6 +224,7 @@ impl PlanDecider {
     }
 
     /// `[n_layers]` run flags once every layer is decided.
+    /// Errors: `PlanError::Unfinished`.
     pub fn finish(self) -> Result<Vec<bool>, PlanError> {
         if self.run.len() != self.n_layers() {
             return Err(PlanError::Unfinished { decided: self.run.len(), n_layers: self.n_layers() });
