@@ -61,6 +61,8 @@ pub enum TokenizerError {
     TemplateException { message: String },
     #[error("rendering the chat template failed: {message}")]
     TemplateRender { message: String },
+    #[error("rendering the chat template went over its limit of {limit} {what}")]
+    TemplateLimit { what: &'static str, limit: u64 },
 }
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
@@ -391,8 +393,13 @@ impl ModelTokenizer {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             });
         }
-        let inner = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| TokenizerError::FileFormat { path: tokenizer_path.clone(), message: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(&tokenizer_path).map_err(|source| TokenizerError::Io { path: tokenizer_path.clone(), source })?;
+        let format_error = |e: serde_json::Error| TokenizerError::FileFormat { path: tokenizer_path.clone(), message: e.to_string() };
+        // JSON syntax first: tokenizers 0.23 panics ("Helper") on a syntax error inside
+        // `decoder` when it reads the text itself; from a parsed value only type errors remain.
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(format_error)?;
+        let inner: Tokenizer = serde_json::from_value(json).map_err(format_error)?;
         let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&max| max as usize + 1);
 
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
