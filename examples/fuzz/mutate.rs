@@ -199,7 +199,7 @@ fn binary_step(rng: &mut SmallRng, data: &mut Vec<u8>, other: &[u8]) {
             let at = pos(rng, len);
             data.splice(at..at, chunk);
         }
-        5 | 6 | 7 => {
+        5..=7 => {
             // Overwrite an aligned-or-not 1/2/4/8-byte field with a boundary value.
             let width = [1, 2, 4, 8][rng.random_range(0..4)];
             if len >= width {
@@ -250,7 +250,7 @@ fn json_step(rng: &mut SmallRng, data: &mut Vec<u8>, other: &[u8]) {
     let mut fragment: Option<String> = None;
     let Some(slot) = doc.pointer_mut(&target) else { return };
     match rng.random_range(0..8) {
-        0 | 1 | 2 => fragment = Some(JSON_VALUES[rng.random_range(0..JSON_VALUES.len())].to_owned()),
+        0..=2 => fragment = Some(JSON_VALUES[rng.random_range(0..JSON_VALUES.len())].to_owned()),
         3 => {
             let depth = [64, 127, 128, 129, 1000][rng.random_range(0..5)];
             fragment = Some(format!("{}{}", "[".repeat(depth), "]".repeat(depth)));
