@@ -215,4 +215,7 @@ fn a_template_that_does_not_compile_fails_only_chat() {
     run_ok(firstrt().arg("inspect").arg("--model").arg(&broken));
     let err = run_err(firstrt().arg("run").arg("--model").arg(&broken).args(["--chat", "--prompt", "Hello", "--max-tokens", "3"]));
     assert!(err.contains("chat template") && err.contains("endfxr"), "{err}");
+    let chat = firstrt().arg("chat").arg("--model").arg(&broken).stdin(std::process::Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&chat.stderr).into_owned();
+    assert!(!chat.status.success() && err.contains("endfxr"), "chat refuses to start: {err}");
 }
