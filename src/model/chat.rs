@@ -49,23 +49,29 @@ macro_rules! add_guarded_filters {
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// `system`, `user` or `assistant` (templates may accept others, e.g. `tool`).
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self { role: role.into(), content: content.into() }
     }
 
+    /// A `system` message (instructions for the whole conversation).
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
 
+    /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
 
+    /// An `assistant` message (the model's earlier answer).
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }
@@ -97,7 +103,8 @@ impl std::fmt::Display for RaisedByTemplate {
 impl std::error::Error for RaisedByTemplate {}
 
 impl ChatTemplate {
-    /// Compiles `source`. Missing BOS/EOS strings render as empty strings.
+    /// Compiles `source`. Missing BOS/EOS strings render as empty strings. Errors:
+    /// [`TokenizerError::TemplateSyntax`].
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -145,7 +152,9 @@ impl ChatTemplate {
         env.add_filter("tojson", python_tojson);
         // minijinja 2.24's code generator panics ("unreachable") on some statements its parser
         // accepts, such as a filter after `{% import ... as name %}`: that is a syntax error too.
-        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| env.add_template_owned(TEMPLATE_NAME, source.to_string())));
+        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
+        }));
         compiled
             .map_err(|_| TokenizerError::TemplateSyntax { message: "the template compiler failed on this template".into() })?
             .map_err(|e| TokenizerError::TemplateSyntax { message: e.to_string() })?;
@@ -153,7 +162,9 @@ impl ChatTemplate {
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends with the header of
-    /// an assistant turn, ready for generation.
+    /// an assistant turn, ready for generation. Errors: [`TokenizerError::TemplateException`]
+    /// (the template's `raise_exception`), [`TokenizerError::TemplateLimit`] (over a limit),
+    /// [`TokenizerError::TemplateRender`].
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TokenizerError::TemplateRender { message: e.to_string() })?;
         let mut output = LimitedOutput { text: Vec::new() };
@@ -258,6 +269,38 @@ fn check_format_widths(format: &str) -> Result<(), Error> {
         .split(|c: char| !c.is_ascii_digit())
         .any(|digits| !digits.is_empty() && !digits.parse::<u64>().is_ok_and(|n| n <= MAX_FORMAT_WIDTH));
     if too_wide { Err(over_limit("characters of format width", MAX_FORMAT_WIDTH)) } else { Ok(()) }
+}
+
+/// transformers' `{% generation %}...{% endgeneration %}` (its `AssistantTracker` extension,
+/// which marks the assistant's spans for `return_assistant_tokens_mask`) renders its body
+/// unchanged. minijinja has no such tag: each becomes `{% if true %}` / `{% endif %}` with the
+/// same whitespace control (`-`, `+`), so the body renders as transformers renders it.
+fn rewrite_generation_tags(source: &str) -> String {
+    let markers: &[char] = &['-', '+'];
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        // "%}" after the "{%" ("{%}" is not a tag).
+        let Some(len) = rest[start + 2..].find("%}") else { break };
+        let end = start + 2 + len;
+        let tag = &rest[start + 2..end];
+        let inner = tag.trim_start_matches(markers).trim_end_matches(markers);
+        let left = &tag[..tag.len() - tag.trim_start_matches(markers).len()];
+        let right = &tag[tag.trim_end_matches(markers).len()..];
+        out.push_str(&rest[..start]);
+        match inner.trim() {
+            "generation" => {
+                let _ = write!(out, "{{%{left} if true {right}%}}");
+            }
+            "endgeneration" => {
+                let _ = write!(out, "{{%{left} endif {right}%}}");
+            }
+            _ => out.push_str(&rest[start..end + 2]),
+        }
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn render_error(error: Error) -> TokenizerError {
@@ -569,6 +612,26 @@ mod tests {
     fn syntax_error_is_reported_at_compile_time() {
         let result = ChatTemplate::new("{% for m in messages %}", None, None);
         assert!(matches!(result, Err(TokenizerError::TemplateSyntax { .. })), "{result:?}");
+    }
+
+    #[test]
+    fn generation_tags_render_their_body() {
+        // issue 15: Hugging Face's marker of assistant spans made the model fail to load.
+        let source = concat!(
+            "{% for m in messages %}{{ m.role }}:",
+            "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}",
+            "{% else %}{{ m.content }}{% endif %};\n",
+            "{%- generation -%}  [{{ m.role }}]  {%- endgeneration %}|",
+            "{% endfor %}",
+        );
+        let messages = [ChatMessage::user("hi"), ChatMessage::assistant("hello")];
+        assert_eq!(render(source, &messages).unwrap(), "user:hi;[user]|assistant:hello;[assistant]|");
+        // Other tags and text that merely looks like one are kept.
+        assert_eq!(
+            rewrite_generation_tags("{% if x %}generation{% endif %}{%generation%}"),
+            "{% if x %}generation{% endif %}{% if true %}"
+        );
+        assert_eq!(rewrite_generation_tags("a {% generation"), "a {% generation");
     }
 
     #[test]

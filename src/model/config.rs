@@ -7,18 +7,23 @@ use serde_json::Value;
 
 use super::error::ModelError;
 use super::gguf::GgufFile;
+use super::names::{LayerTensor, Projection, TensorName};
 
 /// Supported model families. All share the LLaMA block (RMSNorm, rotate-half RoPE, GQA
 /// attention, SwiGLU MLP); Qwen2 adds q/k/v biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
+    /// LLaMA (`llama`, `LlamaForCausalLM`), also SmolLM2 and TinyLlama.
     Llama,
+    /// Mistral (`mistral`, `MistralForCausalLM`): the LLaMA block, no sliding window here.
     Mistral,
+    /// Qwen2 (`qwen2`, `Qwen2ForCausalLM`): the LLaMA block with q/k/v biases.
     Qwen2,
 }
 
 impl Arch {
-    /// Maps a GGUF `general.architecture` or Hugging Face `model_type` / `architectures[0]`.
+    /// Maps a GGUF `general.architecture` or Hugging Face `model_type` / `architectures[0]`;
+    /// [`ModelError::UnsupportedArch`] for any other name.
     pub fn from_name(name: &str) -> Result<Arch, ModelError> {
         match name {
             "llama" | "LlamaForCausalLM" => Ok(Arch::Llama),
@@ -29,12 +34,17 @@ impl Arch {
     }
 }
 
-/// Llama 3 style RoPE frequency scaling (`rope_type: "llama3"`).
+/// Llama 3 style RoPE frequency scaling (`rope_type: "llama3"`), as in Hugging Face
+/// `_compute_llama3_parameters` (transformers `modeling_rope_utils.py`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeScaling {
+    /// `factor`: how much longer the context is than the original one.
     pub factor: f32,
+    /// `low_freq_factor`: wavelengths above `original / low_freq_factor` are divided by `factor`.
     pub low_freq_factor: f32,
+    /// `high_freq_factor`: wavelengths below `original / high_freq_factor` are kept.
     pub high_freq_factor: f32,
+    /// `original_max_position_embeddings` (tokens): the context the model was pretrained with.
     pub original_max_position_embeddings: u32,
 }
 
@@ -46,24 +56,35 @@ const LLAMA3_ORIGINAL_CONTEXT: u32 = 8192;
 /// What a forward pass needs to know about the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// The model family.
     pub arch: Arch,
+    /// Decoder layers (`num_hidden_layers`, GGUF `{arch}.block_count`).
     pub n_layers: usize,
-    /// Hidden size.
+    /// Hidden size (`hidden_size`, GGUF `{arch}.embedding_length`).
     pub d_model: usize,
+    /// Query heads (`num_attention_heads`).
     pub n_heads: usize,
+    /// Key/value heads (`num_key_value_heads`; fewer than `n_heads` for grouped-query attention).
     pub n_kv_heads: usize,
+    /// Width of one head (`head_dim`, default `d_model / n_heads`); even.
     pub head_dim: usize,
-    /// MLP intermediate size.
+    /// MLP intermediate size (`intermediate_size`, GGUF `{arch}.feed_forward_length`).
     pub d_ff: usize,
+    /// Tokens in the vocabulary: rows of the embedding and of the LM head.
     pub vocab_size: usize,
+    /// RMSNorm epsilon (`rms_norm_eps`).
     pub rms_eps: f32,
+    /// RoPE base frequency (`rope_theta`, GGUF `{arch}.rope.freq_base`; default 10000).
     pub rope_theta: f32,
+    /// Llama 3 frequency scaling, when the model uses it.
     pub rope_scaling: Option<RopeScaling>,
+    /// Longest context the model was made for, in tokens (`max_position_embeddings`).
     pub max_position: usize,
     /// The output projection reuses `model.embed_tokens.weight`.
     pub tied_embeddings: bool,
     /// q/k/v projections have biases (Qwen2).
     pub qkv_bias: bool,
+    /// A display name: GGUF `general.name`, or the Hugging Face folder's name.
     pub name: String,
 }
 
@@ -72,7 +93,8 @@ fn to_usize(path: &Path, key: &str, v: u64) -> Result<usize, ModelError> {
 }
 
 impl ModelConfig {
-    /// Reads the hyper-parameters from GGUF metadata (`{arch}.block_count`, ...).
+    /// Reads the hyper-parameters from GGUF metadata (`{arch}.block_count`, ...). Errors: a
+    /// missing or mistyped key, an unsupported architecture or RoPE scaling, inconsistent sizes.
     pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig, ModelError> {
         let arch_name = g.meta_str("general.architecture")?;
         let arch = Arch::from_name(arch_name)?;
@@ -110,12 +132,13 @@ impl ModelConfig {
         } else if let Some(n) = optional_usize("vocab_size")? {
             n
         } else {
-            let embd = g.tensor_info("token_embd.weight").ok_or_else(|| ModelError::MissingKey {
+            let embd_name = TensorName::EmbedTokens.gguf_name();
+            let embd = g.tensor_info(&embd_name).ok_or_else(|| ModelError::MissingKey {
                 path: g.path.clone(),
-                key: "tokenizer.ggml.tokens (or token_embd.weight for the vocabulary size)".into(),
+                key: format!("tokenizer.ggml.tokens (or {embd_name} for the vocabulary size)"),
             })?;
             let n = embd.dims.get(1).copied().unwrap_or(0);
-            to_usize(&g.path, "token_embd.weight dims[1]", n)?
+            to_usize(&g.path, &format!("{embd_name} dims[1]"), n)?
         };
 
         let rope_scaling = Self::gguf_rope_scaling(g, arch_name)?;
@@ -139,8 +162,8 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position,
-            tied_embeddings: g.tensor_info("output.weight").is_none(),
-            qkv_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
+            tied_embeddings: g.tensor_info(&TensorName::LmHead.gguf_name()).is_none(),
+            qkv_bias: g.tensor_info(&TensorName::Layer(0, LayerTensor::Bias(Projection::Q)).gguf_name()).is_some(),
             name,
         };
         config.validate(&g.path)?;
@@ -200,7 +223,8 @@ impl ModelConfig {
         Ok(None)
     }
 
-    /// Reads a Hugging Face `config.json`.
+    /// Reads a Hugging Face `config.json`. Errors as [`ModelConfig::from_hf_json`], plus
+    /// [`ModelError::Io`] and [`ModelError::Json`].
     pub fn from_hf_config(path: &Path) -> Result<ModelConfig, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
         let json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
@@ -208,7 +232,9 @@ impl ModelConfig {
         Self::from_hf_json(path, &json, name)
     }
 
-    /// Parses an already-loaded `config.json`; `path` is used in errors only.
+    /// Parses an already-loaded `config.json` (`name` is the display name); `path` is used in
+    /// errors only. Errors: a missing or mistyped key, an unsupported architecture or RoPE
+    /// scaling, inconsistent sizes ([`ModelError::BadConfig`]).
     pub fn from_hf_json(path: &Path, json: &Value, name: String) -> Result<ModelConfig, ModelError> {
         let missing = |key: &str| ModelError::MissingKey { path: path.to_path_buf(), key: key.to_owned() };
         let bad = |key: &str, expected: &'static str| ModelError::WrongKeyType {
@@ -265,12 +291,19 @@ impl ModelConfig {
                 let num = |key: &str| -> Result<f64, ModelError> {
                     rs.get(key).and_then(Value::as_f64).ok_or_else(|| missing(&format!("rope_scaling.{key}")))
                 };
-                let original = num("original_max_position_embeddings")?;
+                const ORIGINAL: &str = "original_max_position_embeddings";
+                let original = rs.get(ORIGINAL).ok_or_else(|| missing(&format!("rope_scaling.{ORIGINAL}")))?;
+                let original = original.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| ModelError::WrongKeyType {
+                    path: path.to_path_buf(),
+                    key: format!("rope_scaling.{ORIGINAL}"),
+                    expected: "an integer from 0 to 2^32 - 1",
+                    found: original.to_string(),
+                })?;
                 Some(RopeScaling {
                     factor: num("factor")? as f32,
                     low_freq_factor: num("low_freq_factor")? as f32,
                     high_freq_factor: num("high_freq_factor")? as f32,
-                    original_max_position_embeddings: original as u32,
+                    original_max_position_embeddings: original,
                 })
             }
         };
@@ -321,11 +354,49 @@ impl ModelConfig {
         if self.n_heads.checked_mul(self.head_dim).is_none() {
             return bad("n_heads * head_dim overflows".into());
         }
-        let positive = |x: f32| x > 0.0 && x.is_finite();
-        if !positive(self.rms_eps) || !positive(self.rope_theta) {
-            return bad(format!("rms_eps {} and rope_theta {} must be positive", self.rms_eps, self.rope_theta));
+        if let Some(what) = self.out_of_domain() {
+            return bad(what);
         }
         Ok(())
+    }
+
+    /// The first floating-point or position value outside the domain where the forward pass
+    /// stays finite, described with its key and the allowed range; None when all are inside:
+    /// - `rms_norm_eps` finite and > 0 (RMSNorm divides by `sqrt(mean(x^2) + eps)`);
+    /// - `rope_theta` finite and > 0 (`inv_freq = theta^(-2i/head_dim)`);
+    /// - `max_position_embeddings` >= 1;
+    /// - llama3 `rope_scaling` (HF `_compute_llama3_parameters`): `factor` finite and > 0 (low
+    ///   frequencies are divided by it), `low_freq_factor` finite and > 0 and `high_freq_factor`
+    ///   finite and greater than it (the smoothing divides by their difference),
+    ///   `original_max_position_embeddings` >= 1 (wavelength bounds are divided from it).
+    fn out_of_domain(&self) -> Option<String> {
+        let positive = |x: f32| x > 0.0 && x.is_finite();
+        if !positive(self.rms_eps) {
+            return Some(format!("rms_norm_eps = {} must be a finite number > 0", self.rms_eps));
+        }
+        if !positive(self.rope_theta) {
+            return Some(format!("rope_theta = {} must be a finite number > 0", self.rope_theta));
+        }
+        if self.max_position == 0 {
+            return Some("max_position_embeddings (context length) is 0: must be at least 1".into());
+        }
+        let s = self.rope_scaling.as_ref()?;
+        if !positive(s.factor) {
+            return Some(format!("rope_scaling.factor = {} must be a finite number > 0", s.factor));
+        }
+        if !positive(s.low_freq_factor) {
+            return Some(format!("rope_scaling.low_freq_factor = {} must be a finite number > 0", s.low_freq_factor));
+        }
+        if !(s.high_freq_factor.is_finite() && s.high_freq_factor > s.low_freq_factor) {
+            return Some(format!(
+                "rope_scaling.high_freq_factor = {} must be a finite number greater than low_freq_factor = {}",
+                s.high_freq_factor, s.low_freq_factor
+            ));
+        }
+        if s.original_max_position_embeddings == 0 {
+            return Some("rope_scaling.original_max_position_embeddings is 0: must be at least 1".into());
+        }
+        None
     }
 
     /// Rows of the q projection: n_heads * head_dim.
@@ -497,6 +568,62 @@ mod tests {
         });
         let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, String::new()).unwrap();
         assert_eq!((c.arch, c.head_dim, c.tied_embeddings, c.rope_theta), (Arch::Mistral, 128, false, 10000.0));
+    }
+
+    #[test]
+    fn gguf_llama3_scaling_factor_zero_is_refused_at_load() {
+        // issue 15: a factor of 0 made every logit NaN and the run end with empty text.
+        let b = llama_builder()
+            .kv("llama.rope.scaling.type", MetaValue::String("llama3".into()))
+            .kv("llama.rope.scaling.factor", MetaValue::F32(0.0));
+        let file = b.write_temp("rope0");
+        let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
+        assert!(matches!(err, ModelError::BadConfig { .. }), "{err}");
+        assert!(err.to_string().contains("rope_scaling.factor = 0"), "{err}");
+
+        let mut b = llama_builder();
+        b.kvs.retain(|(k, _)| k != "llama.rope.freq_base");
+        let b = b.kv("llama.rope.freq_base", MetaValue::F32(f32::NAN));
+        let file = b.write_temp("thetanan");
+        let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("rope_theta = NaN"), "{err}");
+    }
+
+    #[test]
+    fn hf_values_outside_their_domain_are_refused() {
+        let base = json!({"model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
+            "num_attention_heads": 2, "num_hidden_layers": 1, "max_position_embeddings": 16, "vocab_size": 4,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}});
+        assert!(ModelConfig::from_hf_json(Path::new("c.json"), &base, String::new()).is_ok());
+        let cases: [(&str, Value, &str); 11] = [
+            ("/rope_scaling/factor", json!(0.0), "rope_scaling.factor"),
+            ("/rope_scaling/factor", json!(-2.0), "rope_scaling.factor"),
+            ("/rope_scaling/factor", json!(1e39), "rope_scaling.factor"),
+            ("/rope_scaling/low_freq_factor", json!(0.0), "rope_scaling.low_freq_factor"),
+            ("/rope_scaling/high_freq_factor", json!(1.0), "rope_scaling.high_freq_factor"),
+            ("/rope_scaling/original_max_position_embeddings", json!(0), "rope_scaling.original_max_position_embeddings"),
+            ("/rms_norm_eps", json!(0.0), "rms_norm_eps"),
+            ("/rms_norm_eps", json!(-1e-6), "rms_norm_eps"),
+            ("/rope_theta", json!(0.0), "rope_theta"),
+            ("/rope_theta", json!(-10000.0), "rope_theta"),
+            ("/max_position_embeddings", json!(0), "max_position_embeddings"),
+        ];
+        for (pointer, value, key) in cases {
+            let mut j = base.clone();
+            let mut slot = &mut j;
+            for part in pointer.split('/').skip(1) {
+                slot = &mut slot[part];
+            }
+            *slot = value.clone();
+            let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+            assert!(matches!(err, ModelError::BadConfig { .. }), "{pointer} = {value}: {err}");
+            assert!(err.to_string().contains(key), "{pointer} = {value}: {err}");
+        }
+        let mut j = base;
+        j["rope_scaling"]["original_max_position_embeddings"] = json!(-1);
+        let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+        assert!(matches!(err, ModelError::WrongKeyType { ref key, .. } if key == "rope_scaling.original_max_position_embeddings"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::gpu::{DType, GpuContext};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::gguf::GgufFile;
-use crate::model::tokenizer::ModelTokenizer;
+use crate::model::tokenizer::{ModelTokenizer, TokenizerError};
 use crate::model::{WeightSource, open_model};
 
 use crate::model::routers::{RouterFile, model_identity};
@@ -39,8 +39,10 @@ pub struct LoadedModel {
     pub weights: Arc<GpuWeights>,
     /// The tokenizer the file describes.
     pub tokenizer: ModelTokenizer,
-    /// The chat template, when the file has one.
-    pub template: Option<ChatTemplate>,
+    /// The chat template, compiled at load: None when the file has none, an error when it does
+    /// not compile, which only what needs the template reports ([`LoadedModel::chat_ids`]:
+    /// `run --chat`, `chat`); everything else still works.
+    pub template: Option<Result<ChatTemplate, Arc<TokenizerError>>>,
     /// Summary of the file's tensor types, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
     pub file_dtypes: String,
     /// The file, kept open (memory-mapped) for what is read later: router identity, adapters.
@@ -66,7 +68,7 @@ pub fn load_tokenizer(path: &Path) -> Result<ModelTokenizer, RuntimeError> {
         let gguf = GgufFile::open(path)?;
         ModelTokenizer::from_gguf_metadata(&gguf.metadata)
     };
-    tok.map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", path.display())))
+    tok.map_err(|source| RuntimeError::LoadTokenizer { path: path.to_path_buf(), source })
 }
 
 impl LoadedModel {
@@ -90,13 +92,12 @@ impl LoadedModel {
     ) -> Result<LoadedModel, RuntimeError> {
         let source: Box<dyn WeightSource> = open_model(path)?;
         let tokenizer = load_tokenizer(path)?;
-        let template = match tokenizer.chat_template_source() {
-            Some(t) => Some(
-                ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token())
-                    .map_err(|e| RuntimeError::Tokenizer(format!("{}: chat template: {e}", path.display())))?,
-            ),
-            None => None,
-        };
+        let template = tokenizer.chat_template_source().map(|t| {
+            ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token()).map_err(|e| {
+                log::warn!("{}: {e}; chat (--chat, `chat`) will not work", path.display());
+                Arc::new(e)
+            })
+        });
         let file_dtypes = source.describe_dtypes();
         let adapter = match lora {
             Some(m) => {
@@ -120,14 +121,14 @@ impl LoadedModel {
     /// Read a router file, check that it was made for this model, and upload it.
     pub fn load_routers(&self, path: &Path, policy: &PlanPolicyArgs) -> Result<(RouterFile, Routing), RuntimeError> {
         let identity = model_identity(self.source.as_ref())?;
-        let file = RouterFile::load(path, &identity).map_err(|e| RuntimeError::Routers(e.to_string()))?;
+        let file = RouterFile::load(path, &identity)?;
         let policy = PlanPolicy {
             threshold: policy.threshold.unwrap_or(file.threshold),
             max_skip: policy.max_skip,
             min_skip: policy.min_skip,
             skip_first_last: file.skip_first_last,
         };
-        policy.validate().map_err(|e| RuntimeError::Plan(e.to_string()))?;
+        policy.validate()?;
         let routers = Arc::new(GpuRouters::upload(&self.weights.ctx, &file)?);
         Ok((file, Routing { routers, policy }))
     }
@@ -137,15 +138,17 @@ impl LoadedModel {
         let template = self
             .template
             .as_ref()
-            .ok_or_else(|| RuntimeError::Tokenizer(format!("{} has no chat template; run without --chat", self.path.display())))?;
-        let text = template.render(messages, true).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+            .ok_or_else(|| RuntimeError::NoChatTemplate { path: self.path.clone() })?
+            .as_ref()
+            .map_err(|source| RuntimeError::ChatTemplate { path: self.path.clone(), source: source.clone() })?;
+        let text = template.render(messages, true)?;
         // The template writes its own BOS where the model wants one.
-        self.tokenizer.encode_with_bos(&text, false).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+        Ok(self.tokenizer.encode_with_bos(&text, false)?)
     }
 
     /// Encode plain text, with a BOS token first when the model's tokenizer asks for one.
     pub fn text_ids(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
-        self.tokenizer.encode(text).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+        Ok(self.tokenizer.encode(text)?)
     }
 }
 
