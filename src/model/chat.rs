@@ -11,7 +11,8 @@
 //! one is [`TokenizerError::TemplateLimit`]. Not bounded: strings and sequences that the
 //! operators `~`, `+` and `*` build in memory (minijinja caps one string repetition at 100 MB
 //! but has no memory budget; a sequence repeated `n` times is lazy and joined with `~` it is
-//! formatted whole).
+//! formatted whole), and iterating a repeated empty sequence (`[] * 10**9`: no item to count,
+//! no fuel spent, but `n` steps).
 
 use std::fmt::Write as _;
 
