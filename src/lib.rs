@@ -22,6 +22,8 @@
 //!
 //! `testdata` (test model and fixture paths) is a leaf any test may use.
 
+#![warn(missing_docs)]
+
 pub mod gpu;
 pub mod kernels;
 pub mod model;
