@@ -159,3 +159,81 @@ fn run_with_lora_both_modes() {
     let stderr = run_err(firstrt().arg("run").arg("--model").arg(model_path()).args(["--prompt-ids", "1,2", "--lora"]).arg(fixtures_dir()));
     assert!(stderr.contains("adapter_config.json"), "{stderr}");
 }
+
+/// A refusal: exit status 1 and exactly one line on stderr (`error: ...`), no panic, no abort.
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("running firstrt");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "exit status {:?} (an abort or a signal?); stderr: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "a panic reached the user: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line of error: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+/// A copy of the test model whose `llama.block_count` (a u32 in the file) reads `value`.
+fn model_with_block_count(dir: &TempDir, value: u32) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(model_path()).unwrap();
+    let key = b"llama.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).expect("block_count key") + key.len();
+    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "stored as u32");
+    bytes[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+    let path = dir.join(format!("blocks-{value}.gguf"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Issue 15 §1: a context of 2^58 positions is refused before anything is allocated, naming
+/// --ctx and the limit (it used to panic building the RoPE tables: the KV byte count wrapped).
+#[test]
+fn a_huge_context_is_refused_naming_ctx_and_the_limit() {
+    let err = refused(firstrt().arg("run").arg("-m").arg(model_path()).args(["--ctx", "288230376151711744", "-p", "hi"]));
+    assert!(err.contains("--ctx") && err.contains("288230376151711744") && err.contains("limit"), "{err}");
+}
+
+/// Issue 15 §5: a context whose per-layer KV cache is over the device's binding limit (a few
+/// layers kept, so that the total would fit) is refused before any buffer is created: one
+/// line naming --ctx, the per-layer size and the limit, no wgpu validation errors.
+#[test]
+fn a_context_over_the_binding_limit_is_one_clear_line() {
+    let limit = firstrt::gpu::test_context().max_binding;
+    // SmolLM2-135M: 3 kv heads of 64, so one layer's K is ctx * 192 * 4 bytes.
+    let ctx = limit / (192 * 4) + 1;
+    let skip = (1..29).map(|l| l.to_string()).collect::<Vec<_>>().join(",");
+    let err =
+        refused(firstrt().arg("run").arg("-m").arg(model_path()).args(["--ctx", &ctx.to_string(), "--skip-layers", &skip, "-p", "hi"]));
+    let per_layer = ctx * 192 * 4;
+    assert!(err.contains("--ctx") && err.contains(&per_layer.to_string()) && err.contains(&limit.to_string()), "{err}");
+}
+
+/// Issue 15 §1: a layer count the tensor table cannot hold is refused by run, inspect and
+/// routers init, naming the key and what the file has (they used to abort allocating).
+#[test]
+fn an_impossible_layer_count_is_refused_by_every_command() {
+    let dir = TempDir::new("cli-blocks");
+    let model = model_with_block_count(&dir, 0xFFFF_FFFE);
+    let check = |err: String| assert!(err.contains("llama.block_count") && err.contains("4294967294") && err.contains("30"), "{err}");
+    check(refused(firstrt().arg("run").arg("-m").arg(&model).args(["-p", "hi", "--max-tokens", "1"])));
+    check(refused(firstrt().arg("inspect").arg("-m").arg(&model)));
+    let out = dir.join("r.safetensors");
+    check(refused(firstrt().args(["routers", "init", "--r", "0"]).arg("-m").arg(&model).arg("-o").arg(&out)));
+    assert!(!out.exists());
+}
+
+/// Issue 15 §1: the same for a Hugging Face config.json with `num_hidden_layers: 2^40`.
+#[test]
+fn an_impossible_hf_layer_count_is_refused() {
+    let dir = TempDir::new("cli-hf-layers");
+    let config = serde_json::json!({"model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
+        "num_attention_heads": 2, "num_hidden_layers": 1_099_511_627_776u64, "max_position_embeddings": 64, "vocab_size": 4});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let embed: Vec<u8> = vec![0; 4 * 8 * 4];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 8], &embed).unwrap();
+    safetensors::serialize_to_file([("model.embed_tokens.weight", view)], None, &dir.join("model.safetensors")).unwrap();
+    let tok = firstrt::runtime::load_tokenizer(&model_path()).unwrap();
+    tok.inner().save(dir.join("tokenizer.json"), false).unwrap();
+    for args in [&["run", "-p", "hi"][..], &["inspect"]] {
+        let err = refused(firstrt().args(args).arg("-m").arg(&dir.path));
+        assert!(err.contains("num_hidden_layers") && err.contains("1099511627776"), "{err}");
+    }
+}
