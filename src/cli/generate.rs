@@ -394,7 +394,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
             plan_args.report(s);
             if let Some(path) = &logits_out {
                 let logits = s.read_logits()?;
-                write_logits(path, &logits).map_err(|e| firstrt::runtime::RuntimeError::Output(format!("--logits-out: {e:#}")))?;
+                write_logits(path, &logits).map_err(|e| firstrt::runtime::RuntimeError::Callback(e.context("--logits-out").into()))?;
             }
             Ok(())
         },
