@@ -237,3 +237,19 @@ fn an_impossible_hf_layer_count_is_refused() {
         assert!(err.contains("num_hidden_layers") && err.contains("1099511627776"), "{err}");
     }
 }
+
+/// Issue 15 §1: bench checks --prompt-len against the context before building the prompt.
+#[test]
+fn bench_refuses_a_prompt_length_before_building_it() {
+    let err = refused(firstrt().arg("bench").arg("-m").arg(model_path()).args(["--prompt-len", "100000000000", "--gen", "1"]));
+    assert!(err.contains("--prompt-len") && err.contains("100000000000"), "{err}");
+}
+
+/// Issue 15 §1: inspect refuses the contexts run refuses.
+#[test]
+fn inspect_refuses_a_zero_context_like_run() {
+    for args in [&["inspect", "--ctx", "0"][..], &["run", "--ctx", "0", "-p", "hi"]] {
+        let err = refused(firstrt().args(args).arg("-m").arg(model_path()));
+        assert!(err.contains("--ctx") && err.contains("at least 1"), "{args:?}: {err}");
+    }
+}

@@ -213,10 +213,6 @@ pub struct ChatArgs {
     pub lora: LoraArgs,
 }
 
-fn context_len(model: &LoadedModel, args: &ModelArgs) -> usize {
-    args.ctx.unwrap_or_else(|| model.weights.config.max_position.clamp(1, 4096))
-}
-
 /// Streams decoded text to stdout, holding back any tail that could start a stop string.
 struct TextSink<'a> {
     decoder: StreamDecoder<'a>,
@@ -356,7 +352,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
             model.text_ids(&text)?
         }
     };
-    let ctx_len = context_len(&model, &args.model);
+    let ctx_len = super::context_len(&model.weights.config, args.model.ctx)?;
     if prompt_ids.len() >= ctx_len {
         if !args.truncate {
             bail!(
@@ -481,7 +477,7 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
     }
     // The unmerged adapter and its scale; /lora commands change it.
     let mut lora = upload_lora(&model, &lora_setup)?;
-    let ctx_len = context_len(&model, &args.model);
+    let ctx_len = super::context_len(&model.weights.config, args.model.ctx)?;
     let new_session = |lora: &Option<(Arc<GpuLora>, f32)>| -> Result<Session> {
         let mut s = args.plan.session(&model, SessionOptions { ctx_len, candidates: args.sampling.candidates() })?;
         if let Some((g, scale)) = lora {

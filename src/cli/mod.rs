@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use firstrt::gpu::{DType, GpuContext, GpuOptions, list_adapters};
+use firstrt::model::ModelConfig;
 use firstrt::runtime::{LoadedModel, MergedLora};
 
 #[derive(Parser, Debug)]
@@ -58,6 +59,18 @@ pub struct ModelArgs {
     /// Context length (KV-cache rows); default: the model's, capped at 4096.
     #[arg(long)]
     pub ctx: Option<usize>,
+}
+
+/// The context length a command sizes its KV cache for: `--ctx`, or the model's maximum capped
+/// at 4096. Refused when 0 (no room for even one token), by every command alike; the size of the
+/// KV cache it implies is checked against the device when a session is created
+/// (`KvCache::empty`).
+pub fn context_len(config: &ModelConfig, ctx: Option<usize>) -> Result<usize> {
+    match ctx {
+        Some(0) => bail!("--ctx 0: the context must hold at least 1 position"),
+        Some(n) => Ok(n),
+        None => Ok(config.max_position.clamp(1, 4096)),
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {

@@ -14,7 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::config::{Arch, ModelConfig, gguf_key, hf_key};
 use super::error::ModelError;
 use super::gguf::GgufFile;
-use super::names::{LayerTensor, Projection, TensorName};
+use super::names::{LayerTensor, Projection, TensorName, split_layer};
 
 /// A dense f32 tensor on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,7 +147,7 @@ fn check_layer_count<'a>(
     layer_prefix: &str,
 ) -> Result<(), ModelError> {
     let layers: std::collections::HashSet<usize> =
-        names.filter_map(|n| n.strip_prefix(layer_prefix)?.split_once('.')?.0.parse().ok()).filter(|&i| i < config.n_layers).collect();
+        names.filter_map(|n| split_layer(n.strip_prefix(layer_prefix)?).map(|(i, _)| i)).filter(|&i| i < config.n_layers).collect();
     if layers.len() < config.n_layers {
         return Err(ModelError::LimitExceeded {
             path: path.to_path_buf(),
@@ -183,9 +183,9 @@ impl GgufWeights {
         let arch = file.meta_str("general.architecture")?;
         let key = |field: &str| gguf_key(arch, field);
         check_layer_count(&file.path, &config, &key, file.tensors.iter().map(|t| t.name.as_str()), "blk.")?;
-        if let Some(embed) = file.tensor_info(&CanonicalTensor::EmbedTokens.gguf_name()) {
+        if let Some(embed) = file.tensor_info(&TensorName::EmbedTokens.gguf_name()) {
             let found = to_usize_shape(&embed.row_major_shape()).unwrap_or_default();
-            check_shape("model.embed_tokens.weight", &CanonicalTensor::EmbedTokens.expected_shape(&config), &found)?;
+            check_shape(&TensorName::EmbedTokens.hf_name(), &tensor_shape(TensorName::EmbedTokens, &config), &found)?;
         }
         Ok(GgufWeights { file, config })
     }
@@ -329,7 +329,7 @@ impl HfWeights {
         }
         check_layer_count(&dir.join("config.json"), &config, &hf_key, tensors.keys().map(String::as_str), "model.layers.")?;
         if let Some(embed) = tensors.get("model.embed_tokens.weight") {
-            check_shape("model.embed_tokens.weight", &CanonicalTensor::EmbedTokens.expected_shape(&config), &embed.shape)?;
+            check_shape(&TensorName::EmbedTokens.hf_name(), &tensor_shape(TensorName::EmbedTokens, &config), &embed.shape)?;
         }
         Ok(HfWeights { dir: dir.to_path_buf(), config, shards, tensors })
     }
