@@ -173,14 +173,12 @@ fn refused(cmd: &mut Command) -> String {
 
 /// A copy of the test model whose `llama.block_count` (a u32 in the file) reads `value`.
 fn model_with_block_count(dir: &TempDir, value: u32) -> std::path::PathBuf {
-    let mut bytes = std::fs::read(model_path()).unwrap();
-    let key = b"llama.block_count";
-    let at = bytes.windows(key.len()).position(|w| w == key).expect("block_count key") + key.len();
-    assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "stored as u32");
-    bytes[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
-    let path = dir.join(format!("blocks-{value}.gguf"));
-    std::fs::write(&path, bytes).unwrap();
-    path
+    patched_model(dir, &format!("blocks-{value}.gguf"), |bytes| {
+        let key = b"llama.block_count";
+        let at = bytes.windows(key.len()).position(|w| w == key).expect("block_count key") + key.len();
+        assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "stored as u32");
+        bytes[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+    })
 }
 
 /// Issue 15 §1: a context of 2^58 positions is refused before anything is allocated, naming
