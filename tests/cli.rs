@@ -311,3 +311,60 @@ fn a_template_that_does_not_compile_fails_only_chat() {
     let err = String::from_utf8_lossy(&chat.stderr).into_owned();
     assert!(!chat.status.success() && err.contains("endfxr"), "chat refuses to start: {err}");
 }
+
+/// Issue 15 §5: plan and adapter flags outside their domain are refused with the allowed range,
+/// before the model loads.
+#[test]
+fn plan_and_adapter_flags_outside_their_range_are_refused() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--routers", "/nonexistent/r.safetensors", "--max-skip", "1", "--min-skip", "2"], "--min-skip"),
+        (&["--routers", "/nonexistent/r.safetensors", "--router-threshold", "2"], "--router-threshold"),
+        (&["--routers", "/nonexistent/r.safetensors", "--router-threshold", "nan"], "--router-threshold"),
+        (&["--lora", "/nonexistent/adapter", "--lora-scale", "nan"], "--lora-scale"),
+    ];
+    for (flags, name) in cases {
+        let err = refused(firstrt().arg("run").arg("-m").arg(model_path()).args(["-p", "hi"]).args(flags));
+        assert!(err.contains(name) && !err.contains("loading"), "{flags:?}: {err}");
+    }
+}
+
+/// Issue 15 §5: an output file in a folder that does not exist is refused before the work
+/// starts (no generation, no timings), and the cause is said once.
+#[test]
+fn outputs_into_a_missing_folder_are_refused_before_generating() {
+    for flag in ["--logits-out", "--trace"] {
+        let err = refused(firstrt().arg("run").arg("-m").arg(model_path()).args([
+            "-p",
+            "hi",
+            "--max-tokens",
+            "2",
+            flag,
+            "/nonexistent-dir/out.file",
+        ]));
+        assert!(err.contains(flag) && err.contains("/nonexistent-dir"), "{flag}: {err}");
+        assert_eq!(err.matches("/nonexistent-dir").count(), 1, "the cause once: {err}");
+    }
+}
+
+/// Issue 15 §5: `/lora` with a folder that does not exist, in chat: one line naming it once,
+/// and the chat goes on.
+#[test]
+fn chat_lora_command_with_a_missing_folder_says_so_once() {
+    use std::io::Write;
+    let mut child = firstrt()
+        .arg("chat")
+        .arg("-m")
+        .arg(model_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"/lora /nonexistent-adapter\n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("/nonexistent-adapter")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert_eq!(lines[0].matches("/nonexistent-adapter").count(), 1, "the cause once: {stderr}");
+}

@@ -74,6 +74,8 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     if args.prompt_len == 0 || args.gen_tokens == 0 || args.repeat == 0 {
         bail!("--prompt-len, --gen and --repeat must be at least 1");
     }
+    args.plan.check()?;
+    args.profiling.check()?;
     let lengths = || format!("--prompt-len {} + --gen {}", args.prompt_len, args.gen_tokens);
     let needed =
         args.prompt_len.checked_add(args.gen_tokens).filter(|&n| n < usize::MAX).with_context(|| format!("{} overflows", lengths()))?;

@@ -6,7 +6,7 @@ mod inspect;
 mod profiling;
 mod routers;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -71,6 +71,20 @@ pub fn context_len(config: &ModelConfig, ctx: Option<usize>) -> Result<usize> {
         Some(n) => Ok(n),
         None => Ok(config.max_position.clamp(1, 4096)),
     }
+}
+
+/// Checks, before any work starts, that `flag` can write a file at `path`: its folder exists,
+/// is a folder and is not read-only. The message names the flag and the path once.
+pub fn check_output(flag: &str, path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let problem = match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "its folder does not exist".to_string(),
+        Err(e) => format!("its folder cannot be read ({e})"),
+        Ok(m) if !m.is_dir() => format!("{} is not a folder", dir.display()),
+        Ok(m) if m.permissions().readonly() => "its folder is read-only".to_string(),
+        Ok(_) => return Ok(()),
+    };
+    bail!("{flag} {}: {problem}", path.display())
 }
 
 pub fn run(cli: Cli) -> Result<()> {
