@@ -1,5 +1,6 @@
 //! firstrt: LLM inference on wgpu compute shaders with FiRST layer skipping.
 
+pub mod generate;
 pub mod gpu;
 pub mod kernels;
 pub mod model;

@@ -7,11 +7,11 @@ mod common;
 use std::path::PathBuf;
 
 use common::{argmax, cases, max_abs_diff, model};
+use firstrt::generate::{GenerateOptions, SamplerConfig, generate};
 use firstrt::gpu::DType;
-use firstrt::kernels::sample::SamplerConfig;
 use firstrt::model::routers::{RouterFile, model_identity};
 use firstrt::runtime::plan::{PlanPolicy, decide_plan};
-use firstrt::runtime::{GenerateOptions, LayerPlan, LoadedModel, PlanPolicyArgs, Session, SessionOptions, generate};
+use firstrt::runtime::{LayerPlan, LoadedModel, PlanPolicyArgs, Session, SessionOptions};
 
 const OPTIONS: SessionOptions = SessionOptions { ctx_len: 256, candidates: 1 };
 
@@ -35,9 +35,8 @@ fn router_file(model: &LoadedModel, biases: &[f32], name: &str) -> PathBuf {
 }
 
 fn greedy(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
-    let options =
-        GenerateOptions { max_tokens: n, sampler: SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 }, end_ids: vec![] };
-    generate(session, prompt, &options, &mut |_| true).unwrap().generated_ids
+    let options = GenerateOptions { max_tokens: n, sampler: SamplerConfig::greedy(), end_ids: vec![] };
+    generate(session, prompt, &options).unwrap().generated_ids
 }
 
 fn routed(model: &LoadedModel, path: &PathBuf, policy: PlanPolicyArgs) -> Session {

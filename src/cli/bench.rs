@@ -5,9 +5,9 @@
 use anyhow::{Result, bail};
 use clap::Args;
 
+use firstrt::generate::{GenerateOptions, SamplerConfig, Timings, generate};
 use firstrt::gpu::GpuOptions;
-use firstrt::kernels::sample::SamplerConfig;
-use firstrt::runtime::{GenerateOptions, LoadedModel, SessionOptions, Timings, generate};
+use firstrt::runtime::{LoadedModel, SessionOptions};
 
 use super::generate::PlanArgs;
 use super::profiling::ProfileArgs;
@@ -82,14 +82,14 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     }
     let options = GenerateOptions {
         max_tokens: args.gen_tokens,
-        sampler: SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
+        sampler: SamplerConfig::greedy(),
         end_ids: Vec::new(), // always the full --gen tokens
     };
     let session_options = SessionOptions { ctx_len, candidates: 1 };
     // Warm-up: pipelines, kernel-variant choice, first-use allocations.
     {
         let mut s = args.plan.session(&model, session_options.clone())?;
-        generate(&mut s, &ids, &options, &mut |_| true)?;
+        generate(&mut s, &ids, &options)?;
     }
     ctx.memory.reset_peak();
     let mut profiler = args.profiling.profiler(&ctx)?;
@@ -99,7 +99,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     for _ in 0..args.repeat {
         let mut s = args.plan.session(&model, session_options.clone())?;
         s.set_profiler(profiler.take());
-        let g = generate(&mut s, &ids, &options, &mut |_| true)?;
+        let g = generate(&mut s, &ids, &options)?;
         profiler = s.set_profiler(None);
         kv_bytes = s.kv_bytes();
         plan = Some(s.plan().clone());
@@ -110,7 +110,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     let pick = |f: &dyn Fn(&Timings) -> f64| Spread::of(timings.iter().map(f).collect());
     let prefill = pick(&|t| t.prefill_tok_s());
     let decode = pick(&|t| t.decode_tok_s());
-    let ms_token = pick(&|t| if t.decode_tokens > 0 { 1e3 * t.decode_s / t.decode_tokens as f64 } else { 0.0 });
+    let ms_token = pick(&|t| t.decode_ms_per_token());
     let ttft = pick(&|t| 1e3 * t.ttft_s);
     let summary = match &mut profiler {
         Some(p) => {

@@ -1,7 +1,6 @@
-//! Generation: weights on the GPU, sessions (one per sequence), the layer plan and the
-//! token loop.
+//! Running a model: weights on the GPU, sessions (one per sequence) and the layer plan. The
+//! token loop, sampling and text are in [`crate::generate`].
 
-pub mod generate;
 pub mod loaded;
 pub mod lora;
 pub mod plan;
@@ -10,7 +9,6 @@ pub mod routed;
 pub mod session;
 pub mod weights;
 
-pub use generate::{GenerateOptions, Generation, StopReason, Timings, generate, generate_with};
 pub use loaded::{LoadedModel, MergedLora, PlanPolicyArgs, load_tokenizer};
 pub use lora::GpuLora;
 pub use profile::{ProfileError, ProfileMode, Profiler};

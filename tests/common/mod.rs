@@ -51,24 +51,14 @@ pub fn model(dtype: DType) -> Arc<LoadedModel> {
 /// Greedy generation of `n` tokens after `prompt` (no end token); returns the logits of the last
 /// prompt position and the generated ids.
 pub fn greedy_with_logits(session: &mut firstrt::runtime::Session, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let options = firstrt::runtime::GenerateOptions {
-        max_tokens: n,
-        sampler: firstrt::kernels::sample::SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 },
-        end_ids: vec![],
-    };
-    let mut logits = Vec::new();
-    let g = firstrt::runtime::generate_with(
-        session,
-        prompt,
-        &options,
-        &mut |s| {
-            logits = s.read_logits()?;
-            Ok(())
-        },
-        &mut |_| true,
-    )
-    .expect("greedy generation");
-    (logits, g.generated_ids)
+    let options =
+        firstrt::generate::GenerateOptions { max_tokens: n, sampler: firstrt::generate::SamplerConfig::greedy(), end_ids: vec![] };
+    let mut stream = firstrt::generate::TokenStream::start(session, prompt, &options, None).expect("prefill");
+    let logits = stream.session().read_logits().expect("reading the logits");
+    for event in &mut stream {
+        event.expect("greedy generation");
+    }
+    (logits, stream.into_generation().generated_ids)
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
