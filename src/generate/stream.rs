@@ -186,7 +186,8 @@ impl<'a> TokenStream<'a> {
     }
 
     /// The record of the generation: ids, text and timings. A stream that has not finished
-    /// counts as stopped by the caller (its held-back text left out).
+    /// counts as stopped by the caller; its text is what was detokenised so far (held-back text
+    /// included, bytes of an incomplete character left out).
     pub fn into_generation(self) -> Generation {
         let text = self.text.as_ref().map_or_else(String::new, |t| t.text().to_string());
         Generation {
