@@ -11,18 +11,13 @@ use std::time::Instant;
 
 use firstrt::gpu::{DType, GpuContext, GpuOptions};
 use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
+use firstrt::testdata::{TempDir, load_model, median};
 
 const PROMPT_LEN: usize = 128;
 const GEN: usize = 64;
 /// The skip-plan rows measure decode only: a short prompt keeps them quick.
 const SKIP_PROMPT_LEN: usize = 16;
 const SKIP_GEN: usize = 32;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
-}
 
 /// `len` prompt ids: a fixed story, tokenized, repeated and cut to length.
 fn prompt_ids(model: &LoadedModel, len: usize) -> Vec<u32> {
@@ -83,7 +78,8 @@ fn one_run(model: &LoadedModel, plan: &LayerPlan, ids: &[u32], n_gen: usize) -> 
 fn routers_share(model: &LoadedModel, ids: &[u32], repeat: usize) {
     let identity = firstrt::model::routers::model_identity(model.source.as_ref()).expect("identity");
     let file = firstrt::model::routers::RouterFile::init(&identity, 64, 8.0, 1e-5, 0.5);
-    let path = std::env::temp_dir().join(format!("firstrt-bench-routers-{}.safetensors", std::process::id()));
+    let dir = TempDir::new("bench-routers");
+    let path = dir.join("routers.safetensors");
     file.save(&path).expect("writing routers");
     prefill_seconds(model, Some(&path), ids);
     let (mut routed, mut plain) = (Vec::new(), Vec::new());
@@ -98,7 +94,6 @@ fn routers_share(model: &LoadedModel, ids: &[u32], repeat: usize) {
         1000.0 * p,
         100.0 * (r - p) / r
     );
-    std::fs::remove_file(&path).ok();
 }
 
 fn main() {
@@ -113,8 +108,7 @@ fn main() {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
             continue;
         }
-        let model =
-            Arc::new(LoadedModel::load(&ctx, &firstrt::testdata::model_path(), dtype, &mut |_, _| {}).expect("loading the test model"));
+        let model = Arc::new(load_model(&ctx, dtype));
         let n_layers = model.weights.config.n_layers;
         let ids = prompt_ids(&model, PROMPT_LEN);
         let full = LayerPlan::full(n_layers);

@@ -13,6 +13,7 @@ use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor
 use firstrt::kernels::copy::copy;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
 use firstrt::kernels::matvec::{MatvecVariant, matvec, matvec_with_kind};
+use firstrt::testdata::median;
 
 /// Aim for about this much wall time per repeat.
 const TARGET: Duration = Duration::from_millis(60);
@@ -62,8 +63,7 @@ impl Bench {
             self.ctx.run("bench", &list).ok()?;
             times.push(t.elapsed().as_secs_f64() / n as f64);
         }
-        times.sort_by(|a, b| a.total_cmp(b));
-        let secs = times[REPEATS / 2];
+        let secs = median(&mut times);
         let gflops = flops as f64 / secs / 1e9;
         let gbs = bytes as f64 / secs / 1e9;
         let frac = match (vs_copy, self.copy_gbs) {

@@ -10,15 +10,10 @@ use std::time::Instant;
 
 use firstrt::gpu::{DType, GpuContext, GpuOptions};
 use firstrt::runtime::{GpuLora, GpuWeights, LayerPlan, LoadedModel, MergedLora, Session, SessionOptions};
+use firstrt::testdata::{load_model, median};
 
 const PROMPT_LEN: usize = 128;
 const GEN: usize = 64;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
-}
 
 /// (prefill tok/s, decode ms/token) of one sequence.
 fn one_run(weights: &Arc<GpuWeights>, lora: Option<&Arc<GpuLora>>, ids: &[u32]) -> (f64, f64) {
@@ -50,7 +45,7 @@ fn main() {
         adapter.display()
     );
     let path = firstrt::testdata::model_path();
-    let base = LoadedModel::load(&ctx, &path, DType::F32, &mut |_, _| {}).expect("loading the test model");
+    let base = load_model(&ctx, DType::F32);
     let t = Instant::now();
     let merged = LoadedModel::load_merged(&ctx, &path, DType::F32, Some(&MergedLora { dir: adapter.clone(), scale: 1.0 }), &mut |_, _| {})
         .expect("loading the merged model");
@@ -66,8 +61,9 @@ fn main() {
     }
     ids.truncate(PROMPT_LEN);
 
-    let rows: [(&str, &Arc<GpuWeights>, Option<&Arc<GpuLora>>); 3] =
-        [("base", &base.weights, None), ("merged", &merged.weights, None), ("unmerged", &base.weights, Some(&lora))];
+    /// A configuration: its name, the weights, and the adapter applied unmerged (if any).
+    type Row<'a> = (&'a str, &'a Arc<GpuWeights>, Option<&'a Arc<GpuLora>>);
+    let rows: [Row; 3] = [("base", &base.weights, None), ("merged", &merged.weights, None), ("unmerged", &base.weights, Some(&lora))];
     for (_, w, l) in &rows {
         one_run(w, *l, &ids); // warm-up: pipelines, kernel choice
     }

@@ -5,7 +5,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{cases, fixture_tensor, fixtures_dir, max_abs_diff, model_path};
+use common::{cases, fixture_tensor};
+use firstrt::kernels::testing::max_abs_diff;
+use firstrt::testdata::{TempDir, fixtures_dir, model_path};
 
 fn firstrt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_firstrt"))
@@ -42,8 +44,7 @@ fn tokenize_json_matches_transformers() {
 #[test]
 fn run_prompt_ids_json_and_logits_out() {
     let case = cases().into_iter().find(|c| c.name == "one_token_raw").unwrap();
-    let dir = std::env::temp_dir().join(format!("firstrt-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-logits");
     let logits_path = dir.join("logits.safetensors");
     let ids = case.prompt_ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
     let (stdout, stderr) = run_ok(
@@ -68,7 +69,6 @@ fn run_prompt_ids_json_and_logits_out() {
     let got: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
     let (_, want) = fixture_tensor(&case.logits_key);
     assert!(max_abs_diff(&got, &want) < 1e-3);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -117,8 +117,7 @@ fn prompt_longer_than_context_is_a_clear_error() {
 
 #[test]
 fn bad_model_files_are_clear_errors() {
-    let dir = std::env::temp_dir().join(format!("firstrt-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("cli-bad-model");
     let truncated = dir.join("truncated.gguf");
     let bytes = std::fs::read(model_path()).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
@@ -131,7 +130,6 @@ fn bad_model_files_are_clear_errors() {
 
     let err = run_err(firstrt().arg("run").arg("--model").arg(model_path()).args(["--prompt-ids", "99999999"]));
     assert!(err.contains("99999999"), "{err}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `--lora` in both modes and with a skip mask gives the fixture's greedy ids; a bad adapter is

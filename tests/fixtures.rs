@@ -4,8 +4,10 @@
 
 mod common;
 
-use common::{Case, argmax, cases, fixture_tensor, greedy_with_logits, max_abs_diff, model};
+use common::{Case, cases, fixture_tensor, greedy_with_logits, model};
 use firstrt::gpu::DType;
+use firstrt::kernels::sample::argmax_ref;
+use firstrt::kernels::testing::max_abs_diff;
 use firstrt::runtime::{LayerPlan, Session, SessionOptions};
 
 /// f32 weights: the dequantised values are exact, only summation order differs.
@@ -25,7 +27,7 @@ fn run_case(case: &Case, dtype: DType) -> Outcome {
     let mut session = Session::new(&model.weights, SessionOptions { ctx_len: 512, candidates: 1 }, plan).unwrap();
     let (logits, greedy) = greedy_with_logits(&mut session, &case.prompt_ids, case.greedy_ids.len());
     let (_, want) = fixture_tensor(&case.logits_key);
-    Outcome { logits_diff: max_abs_diff(&logits, &want), top1_equal: argmax(&logits) == argmax(&want), greedy }
+    Outcome { logits_diff: max_abs_diff(&logits, &want), top1_equal: argmax_ref(&logits).0 == argmax_ref(&want).0, greedy }
 }
 
 fn base_cases() -> Vec<Case> {

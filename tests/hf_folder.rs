@@ -5,16 +5,18 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::Path;
 
-use common::{cases, fixture_tensor, greedy_with_logits, max_abs_diff, model_path};
+use common::{cases, fixture_tensor, greedy_with_logits};
 use firstrt::gpu::{DType, test_context};
+use firstrt::kernels::testing::max_abs_diff;
 use firstrt::model::chat::ChatMessage;
 use firstrt::model::open_model;
 use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
+use firstrt::testdata::{TempDir, model_path};
 
 /// Write the GGUF's weights, config and tokenizer as a Hugging Face folder.
-fn write_hf_folder(dir: &PathBuf) {
+fn write_hf_folder(dir: &Path) {
     let gguf = open_model(&model_path()).unwrap();
     let c = gguf.config().clone();
     let mut names = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
@@ -64,12 +66,11 @@ fn write_hf_folder(dir: &PathBuf) {
 
 #[test]
 fn hugging_face_folder_matches_transformers() {
-    let dir = std::env::temp_dir().join(format!("firstrt-hf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    write_hf_folder(&dir);
+    let dir = TempDir::new("hf-folder");
+    write_hf_folder(&dir.path);
 
     let ctx = test_context();
-    let hf = LoadedModel::load(&ctx, &dir, DType::F32, &mut |_, _| {}).unwrap();
+    let hf = LoadedModel::load(&ctx, &dir.path, DType::F32, &mut |_, _| {}).unwrap();
     assert!(hf.file_dtypes.contains("F32"), "{}", hf.file_dtypes);
     let case = cases().into_iter().find(|c| c.name == "chat_user_only").unwrap();
     let mut session = Session::new(&hf.weights, SessionOptions { ctx_len: 128, candidates: 1 }, LayerPlan::full(30)).unwrap();
@@ -91,5 +92,4 @@ fn hugging_face_folder_matches_transformers() {
     };
     assert_eq!(hf.chat_ids(&msgs).unwrap(), want_ids);
     assert_eq!(hf.tokenizer.end_ids(), gguf_tok.end_ids());
-    std::fs::remove_dir_all(&dir).ok();
 }

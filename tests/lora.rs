@@ -7,9 +7,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{Case, cases, fixture_tensor, fixtures_dir, max_abs_diff, model, model_path};
+use common::{Case, cases, fixture_tensor, model};
 use firstrt::gpu::DType;
+use firstrt::kernels::testing::max_abs_diff;
 use firstrt::runtime::{GpuLora, LayerPlan, LoadedModel, MergedLora, Session, SessionOptions};
+use firstrt::testdata::{TempDir, fixtures_dir, model_path};
 
 const LOGIT_TOL: f32 = 1e-3;
 
@@ -21,24 +23,6 @@ fn lora_cases() -> Vec<Case> {
 
 fn adapter_dir(case: &Case) -> PathBuf {
     fixtures_dir().join(case.lora_dir.as_deref().unwrap_or("lora"))
-}
-
-/// A folder under the temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("firstrt-lora-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
@@ -77,7 +61,7 @@ fn write_adapter_b(dir: &Path) {
         let layer: usize = name.split('.').nth(4).unwrap().parse().unwrap();
         let f = if name.contains("lora_B") {
             1.5
-        } else if layer % 2 == 0 {
+        } else if layer.is_multiple_of(2) {
             -1.0
         } else {
             1.0
@@ -171,8 +155,8 @@ fn scale_zero_and_swapping_adapters() {
     let ids = &case.prompt_ids;
     let a = model.load_lora(&fixtures_dir().join("lora")).unwrap();
     let dir_b = TempDir::new("adapter-b");
-    write_adapter_b(&dir_b.0);
-    let b = model.load_lora(&dir_b.0).unwrap();
+    write_adapter_b(&dir_b.path);
+    let b = model.load_lora(&dir_b.path).unwrap();
 
     let base = prompt_logits(session(weights, &[], None), ids);
     let zero = prompt_logits(session(weights, &[], Some((&a, 0.0))), ids);
@@ -194,9 +178,9 @@ fn scale_zero_and_swapping_adapters() {
     s.set_lora(None, 1.0).unwrap();
     let l0 = prompt_logits(s, ids);
     // References: B uploaded afresh on its own, and B merged into a freshly loaded model.
-    let b_fresh = model.load_lora(&dir_b.0).unwrap();
+    let b_fresh = model.load_lora(&dir_b.path).unwrap();
     let lb_fresh = prompt_logits(session(weights, &[], Some((&b_fresh, 1.0))), ids);
-    let b_merged = merged_model(&dir_b.0, 1.0);
+    let b_merged = merged_model(&dir_b.path, 1.0);
     let lb_merged = prompt_logits(session(&b_merged.weights, &[], None), ids);
     let (d_b, d_bm, d_0, d_ab) =
         (max_abs_diff(&lb, &lb_fresh), max_abs_diff(&lb, &lb_merged), max_abs_diff(&l0, &base), max_abs_diff(&la, &lb));
@@ -257,12 +241,12 @@ fn adapter_for_another_model_is_rejected() {
     t.1 = vec![8, 512];
     t.2.truncate(8 * 512);
     let dir = TempDir::new("wrong-shape");
-    write_adapter(&dir.0, &config, &tensors);
-    let e = model.load_lora(&dir.0).unwrap_err().to_string();
+    write_adapter(&dir.path, &config, &tensors);
+    let e = model.load_lora(&dir.path).unwrap_err().to_string();
     eprintln!("{e}");
     assert!(e.contains(name) && e.contains("[8, 512]") && e.contains("[8, 576]"), "{e}");
     let ctx = firstrt::gpu::test_context();
-    let m = MergedLora { dir: dir.0.clone(), scale: 1.0 };
+    let m = MergedLora { dir: dir.path.clone(), scale: 1.0 };
     let e = LoadedModel::load_merged(&ctx, &model_path(), DType::F32, Some(&m), &mut |_, _| {}).err().unwrap().to_string();
     assert!(e.contains(name), "{e}");
 }
@@ -281,8 +265,8 @@ fn unsupported_options_are_rejected() {
     ] {
         let mut c: serde_json::Value = serde_json::from_str(&config).unwrap();
         c[key] = value;
-        write_adapter(&dir.0, &c.to_string(), &tensors);
-        let e = model.load_lora(&dir.0).unwrap_err().to_string();
+        write_adapter(&dir.path, &c.to_string(), &tensors);
+        let e = model.load_lora(&dir.path).unwrap_err().to_string();
         eprintln!("{key}: {e}");
         assert!(e.contains(expect) && e.contains("adapter_config.json"), "{key}: {e}");
     }

@@ -41,6 +41,15 @@ impl ProfileArgs {
         p.flush().context("reading back the GPU timestamps")?;
         if self.profile {
             eprint!("{}", p.report());
+            for phase in p.summary() {
+                // Not a check: timing noise moves it, more so in PassPerDispatch mode, where the
+                // gaps between passes count in the span.
+                eprintln!(
+                    "{}: kernel time / GPU span = {:.3} (below 1: GPU idle between dispatches; above 1: dispatches overlapped)",
+                    phase.phase,
+                    phase.kernel_s / phase.gpu_span_s.max(1e-30)
+                );
+            }
         }
         if let Some(path) = &self.trace {
             p.write_trace(path)?;

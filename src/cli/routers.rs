@@ -92,8 +92,7 @@ mod tests {
     #[test]
     fn routers_init_writes_a_file_that_loads_back() {
         let model = firstrt::testdata::model_path();
-        let dir = std::env::temp_dir().join(format!("firstrt-cli-routers-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = firstrt::testdata::TempDir::new("cli-routers");
         let out = dir.join("r.safetensors");
         let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
         let cli = TestCli::try_parse_from(["routers", "init", "--model", m, "--out", o, "--r", "8", "--bias", "-1", "--threshold", "0.4"])
@@ -117,6 +116,5 @@ mod tests {
         let err = run(RoutersArgs { command: cli.command }).unwrap_err();
         assert!(format!("{err:#}").contains("--r 70000"), "{err:#}");
         assert!(!bad.exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -43,7 +43,8 @@ pub struct SamplerError {
 }
 
 impl SamplerConfig {
-    /// Greedy decoding: always the most likely token (temperature 0, top-k 1, top-p 1, seed 0).
+    /// Greedy decoding: always the highest-logit candidate (temperature 0, top-k 1, top-p 1,
+    /// seed 0), as transformers' `generate(do_sample=False)`.
     pub fn greedy() -> SamplerConfig {
         SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 }
     }
@@ -151,6 +152,8 @@ mod tests {
         let mut s = Sampler::new(cfg(0.0, 1.0, 1));
         assert!((0..100).all(|_| s.pick(&CANDS) == 42));
         assert_eq!(s.pick(&[]), 0);
+        let mut g = Sampler::new(SamplerConfig::greedy());
+        assert!((0..100).all(|_| g.pick(&CANDS) == 42));
     }
 
     #[test]

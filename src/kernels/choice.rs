@@ -305,6 +305,7 @@ fn measure_matmul(ctx: &GpuContext) -> Result<MatmulVariant, GpuError> {
 mod tests {
     use super::*;
     use crate::gpu::test_context;
+    use crate::testdata::TempDir;
 
     #[test]
     fn forced_variants_parse() {
@@ -341,9 +342,8 @@ mod tests {
     #[test]
     fn measured_choice_goes_to_the_cache_and_back() {
         let ctx = test_context();
-        let dir = std::env::temp_dir().join(format!("firstrt-choice-test-{}", std::process::id()));
+        let dir = TempDir::new("choice");
         let path = dir.join("kernel-choice.json");
-        let _ = std::fs::remove_file(&path);
         let v = choose(&ctx, "test-measured", None, Some(&path), || Ok("fast"), "slow");
         assert_eq!(v, "fast");
         assert_eq!(read_cache_at(&path, &cache_key(&ctx), "test-measured").as_deref(), Some("fast"));
@@ -357,7 +357,6 @@ mod tests {
         // A failed measurement falls back.
         let f = choose(&ctx, "test-failed", None, None, || Err(GpuError::Device("no".into())), "slow");
         assert_eq!(f, "slow");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -115,16 +115,8 @@ pub fn embedding_ref(ids: &[u32], table: &[f32], d: usize, out_before: &[f32]) -
 mod tests {
     use super::*;
     use crate::gpu::{GpuOptions, test_context};
-    use crate::kernels::testing::{assert_close, random_vec, round_f16};
+    use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
     use rand::{Rng, SeedableRng};
-
-    fn kinds(ctx: &GpuContext) -> Vec<WeightKind> {
-        let mut k = vec![WeightKind::F32, WeightKind::F16Packed];
-        if ctx.has_f16() {
-            k.push(WeightKind::F16);
-        }
-        k
-    }
 
     fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -151,7 +143,7 @@ mod tests {
     #[test]
     fn embedding_matches_reference() {
         let ctx = test_context();
-        for kind in kinds(&ctx) {
+        for kind in weight_kinds(&ctx) {
             for (i, (vocab, d, t)) in [(1, 1, 1), (7, 7, 7), (257, 33, 257), (1757, 13, 5), (4000, 576, 1757)].into_iter().enumerate() {
                 let ids = random_ids(t, vocab, 50 + i as u64);
                 check(&ctx, vocab, d, &ids, kind, 60 + i as u64);
@@ -162,7 +154,7 @@ mod tests {
     #[test]
     fn embedding_skips_out_of_range_ids() {
         let ctx = test_context();
-        for kind in kinds(&ctx) {
+        for kind in weight_kinds(&ctx) {
             let ids = [3u32, 257, 0, u32::MAX, 256, 1 << 31];
             check(&ctx, 257, 9, &ids, kind, 7);
         }
@@ -173,7 +165,7 @@ mod tests {
         // d odd, rows of 13 f16 (26 bytes) or f32 (52 bytes): a 600-byte binding splits a
         // 103-row table into >= 3 chunks.
         let ctx = GpuContext::new(&GpuOptions { max_binding_override: Some(600), ..Default::default() }).unwrap();
-        for kind in kinds(&ctx) {
+        for kind in weight_kinds(&ctx) {
             let mut ids = random_ids(300, 103, 9);
             ids.extend([0, 102, 103, 51, u32::MAX]);
             let chunks = check(&ctx, 103, 13, &ids, kind, 11);

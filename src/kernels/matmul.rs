@@ -224,15 +224,7 @@ pub fn matmul_ref(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize, bias: O
 mod tests {
     use super::*;
     use crate::gpu::{DType, GpuOptions, test_context};
-    use crate::kernels::testing::{assert_close, random_vec, round_f16};
-
-    fn kinds(ctx: &GpuContext) -> Vec<WeightKind> {
-        let mut k = vec![WeightKind::F32, WeightKind::F16Packed];
-        if ctx.has_f16() {
-            k.push(WeightKind::F16);
-        }
-        k
-    }
+    use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
     struct Case {
         t: usize,
@@ -284,7 +276,7 @@ mod tests {
     fn matmul_matches_reference_all_variants_and_kinds() {
         let ctx = test_context();
         for variant in MatmulVariant::ALL {
-            for kind in kinds(&ctx) {
+            for kind in weight_kinds(&ctx) {
                 for (t, n, k) in [(1, 1, 1), (7, 7, 7), (3, 257, 257), (5, 9, 1757), (1757, 5, 12), (70, 67, 20), (65, 130, 64)] {
                     check(&ctx, &case(t, n, k), kind, variant);
                 }
@@ -296,7 +288,7 @@ mod tests {
     fn matmul_bias_accumulate_and_strided_y() {
         let ctx = test_context();
         for variant in MatmulVariant::ALL {
-            for kind in kinds(&ctx) {
+            for kind in weight_kinds(&ctx) {
                 check(&ctx, &Case { t: 9, n: 37, k: 64, bias: true, accumulate: false, y_col0: 5, y_extra: 3 }, kind, variant);
                 check(&ctx, &Case { t: 66, n: 37, k: 63, bias: true, accumulate: true, y_col0: 2, y_extra: 0 }, kind, variant);
                 check(&ctx, &Case { t: 4, n: 10, k: 20, bias: false, accumulate: true, y_col0: 0, y_extra: 7 }, kind, variant);

@@ -276,15 +276,7 @@ pub fn matvec_ref(x: &[f32], w: &[f32], n: usize, k: usize, bias: Option<&[f32]>
 mod tests {
     use super::*;
     use crate::gpu::{GpuOptions, test_context};
-    use crate::kernels::testing::{assert_close, random_vec, round_f16};
-
-    fn kinds(ctx: &GpuContext) -> Vec<WeightKind> {
-        let mut k = vec![WeightKind::F32, WeightKind::F16Packed];
-        if ctx.has_f16() {
-            k.push(WeightKind::F16);
-        }
-        k
-    }
+    use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
     /// Runs one matvec and compares with the reference; y starts as `y0` (accumulate) or garbage.
     fn check(
@@ -328,7 +320,7 @@ mod tests {
     fn matvec_matches_reference_all_variants_and_kinds() {
         let ctx = test_context();
         for variant in MatvecVariant::ALL {
-            for kind in kinds(&ctx) {
+            for kind in weight_kinds(&ctx) {
                 for (n, k) in [(1, 1), (7, 7), (257, 257), (13, 1757), (1757, 12), (5, 8), (300, 576)] {
                     check(&ctx, n, k, kind, variant, false, false, 0);
                 }
@@ -340,7 +332,7 @@ mod tests {
     fn matvec_bias_accumulate_and_offset() {
         let ctx = test_context();
         for variant in MatvecVariant::ALL {
-            for kind in kinds(&ctx) {
+            for kind in weight_kinds(&ctx) {
                 check(&ctx, 37, 64, kind, variant, true, false, 5);
                 check(&ctx, 37, 63, kind, variant, true, true, 2);
                 check(&ctx, 9, 20, kind, variant, false, true, 0);

@@ -1,6 +1,10 @@
-//! Test support shared by the kernel tests: seeded random data and tolerance checks.
+//! Test support shared by the kernel tests (and, through `firstrt::kernels::testing`, by the
+//! integration tests): seeded random data, the weight kinds an adapter can read, and tolerance
+//! checks. Hidden from the docs: not part of the library's API.
 
 use rand::{Rng, SeedableRng};
+
+use crate::gpu::{GpuContext, WeightKind};
 
 /// `n` values uniform in [-1, 1) from a fixed seed.
 pub fn random_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -13,12 +17,27 @@ pub fn round_f16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
 }
 
-/// Largest |got - want| over the slices.
-pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+/// Every weight kind the kernels can read on `ctx`: f32 and packed f16 always, native f16 where
+/// the adapter has SHADER_F16.
+pub fn weight_kinds(ctx: &GpuContext) -> Vec<WeightKind> {
+    let mut kinds = vec![WeightKind::F32, WeightKind::F16Packed];
+    if ctx.has_f16() {
+        kinds.push(WeightKind::F16);
+    }
+    kinds
 }
 
-/// Panics naming the first element where |got - want| > atol + rtol * |want|.
+/// Largest |got - want| over the slices. Equal values (equal infinities included) differ by 0; a
+/// NaN on either side counts as an infinite difference, so that a tolerance check cannot pass on
+/// NaN. Panics when the lengths differ.
+pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "max_abs_diff: length {} vs {}", got.len(), want.len());
+    let diff = |(a, b): (&f32, &f32)| if a == b { 0.0 } else { (a - b).abs() };
+    got.iter().zip(want).map(diff).map(|d| if d.is_nan() { f32::INFINITY } else { d }).fold(0.0, f32::max)
+}
+
+/// Panics naming the first element where |got - want| > atol + rtol * |want|, or where one
+/// side is finite and the other is not; `what` names the check in the message.
 pub fn assert_close(got: &[f32], want: &[f32], atol: f32, rtol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
     for (i, (a, b)) in got.iter().zip(want).enumerate() {

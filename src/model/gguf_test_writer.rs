@@ -160,24 +160,3 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.path);
     }
 }
-
-/// A directory under the system temp dir, removed with its contents when dropped.
-pub(crate) struct TempDir {
-    pub path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("firstrt-test-{}-{tag}-dir{n}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir { path }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}

@@ -462,7 +462,7 @@ impl LoraAdapter {
 mod tests {
     use super::*;
     use crate::model::Arch;
-    use crate::model::gguf_test_writer::TempDir;
+    use crate::testdata::TempDir;
 
     fn tiny_config() -> ModelConfig {
         ModelConfig {

@@ -506,7 +506,8 @@ pub fn open_model(path: &Path) -> Result<Box<dyn WeightSource>, ModelError> {
 mod tests {
     use super::*;
     use crate::model::gguf::MetaValue;
-    use crate::model::gguf_test_writer::{GgufBuilder, TempDir};
+    use crate::model::gguf_test_writer::GgufBuilder;
+    use crate::testdata::TempDir;
 
     #[test]
     fn permutation_matches_numpy_definition_and_inverse_restores() {

@@ -1,13 +1,15 @@
-//! Shared by the end-to-end tests: where the test model and the transformers fixtures are, and
-//! the model loaded once per test binary.
+//! Shared by the end-to-end tests: the transformers fixture cases and tensors, the test model
+//! loaded once per test binary, and greedy generation. Paths, temp folders and `max_abs_diff`
+//! come from the library's hidden test modules (`firstrt::testdata`, `firstrt::kernels::testing`),
+//! which the unit tests and benches use too: import them from there.
 #![allow(dead_code)]
 
 use std::sync::{Arc, OnceLock};
 
+use firstrt::generate::{GenerateOptions, SamplerConfig, TokenStream, generate};
 use firstrt::gpu::{DType, test_context};
-use firstrt::runtime::LoadedModel;
-
-pub use firstrt::testdata::{fixtures_dir, model_path};
+use firstrt::runtime::{LoadedModel, Session};
+use firstrt::testdata::{fixtures_dir, load_model};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Case {
@@ -41,37 +43,27 @@ pub fn model(dtype: DType) -> Arc<LoadedModel> {
     static F32: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     static F16: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     let cell = if dtype == DType::F16 { &F16 } else { &F32 };
-    cell.get_or_init(|| {
-        let ctx = test_context();
-        Arc::new(LoadedModel::load(&ctx, &model_path(), dtype, &mut |_, _| {}).expect("loading the test model"))
-    })
-    .clone()
+    cell.get_or_init(|| Arc::new(load_model(&test_context(), dtype))).clone()
+}
+
+/// Generation options for `n` greedy tokens that never stop early (no end token).
+pub fn greedy_options(n: usize) -> GenerateOptions {
+    GenerateOptions { max_tokens: n, sampler: SamplerConfig::greedy(), end_ids: vec![] }
+}
+
+/// Greedy generation of `n` tokens after `prompt` (no end token); returns the generated ids.
+pub fn greedy(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
+    generate(session, prompt, &greedy_options(n)).expect("greedy generation").generated_ids
 }
 
 /// Greedy generation of `n` tokens after `prompt` (no end token); returns the logits of the last
 /// prompt position and the generated ids.
-pub fn greedy_with_logits(session: &mut firstrt::runtime::Session, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let options =
-        firstrt::generate::GenerateOptions { max_tokens: n, sampler: firstrt::generate::SamplerConfig::greedy(), end_ids: vec![] };
-    let mut stream = firstrt::generate::TokenStream::start(session, prompt, &options, None).expect("prefill");
+pub fn greedy_with_logits(session: &mut Session, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
+    let options = greedy_options(n);
+    let mut stream = TokenStream::start(session, prompt, &options, None).expect("prefill");
     let logits = stream.session().read_logits().expect("reading the logits");
     for event in &mut stream {
         event.expect("greedy generation");
     }
     (logits, stream.into_generation().generated_ids)
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
 }

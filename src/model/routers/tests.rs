@@ -2,8 +2,8 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::model::config::ModelConfig;
-use crate::model::gguf_test_writer::TempDir;
 use crate::model::weights::HostTensor;
+use crate::testdata::TempDir;
 
 fn identity(n_layers: usize, d: usize) -> ModelIdentity {
     ModelIdentity { arch: "llama".into(), n_layers, d_model: d, vocab_size: 100, weight_hash: "0123456789abcdef".into() }

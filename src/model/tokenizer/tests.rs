@@ -1,5 +1,4 @@
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
@@ -10,7 +9,7 @@ use crate::model::chat::ChatMessage;
 // ---------------------------------------------------------------------------------------------
 // Fixtures: the SmolLM2 GGUF and the transformers ground truth.
 
-use crate::testdata::{fixtures_dir, model_path as smollm2_gguf_path};
+use crate::testdata::{TempDir, fixtures_dir, model_path as smollm2_gguf_path};
 
 fn smollm2_metadata() -> &'static BTreeMap<String, MetaValue> {
     static META: OnceLock<BTreeMap<String, MetaValue>> = OnceLock::new();
@@ -192,28 +191,11 @@ fn stream_decoder_finish_flushes_an_incomplete_tail_lossily() {
 // ---------------------------------------------------------------------------------------------
 // Hugging Face folder round trip.
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("firstrt-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn hf_dir_round_trip_encodes_like_the_gguf_tokenizer() {
     let gguf = smollm2();
     let dir = TempDir::new("hf-tokenizer");
-    gguf.inner().save(dir.0.join("tokenizer.json"), false).unwrap();
+    gguf.inner().save(dir.path.join("tokenizer.json"), false).unwrap();
     let config = serde_json::json!({
         "bos_token": {"content": "<|im_start|>", "lstrip": false},
         "eos_token": "<|im_end|>",
@@ -223,10 +205,10 @@ fn hf_dir_round_trip_encodes_like_the_gguf_tokenizer() {
             {"name": "default", "template": gguf.chat_template_source().unwrap()},
         ],
     });
-    std::fs::write(dir.0.join("tokenizer_config.json"), config.to_string()).unwrap();
-    std::fs::write(dir.0.join("generation_config.json"), r#"{"eos_token_id": [2, 7]}"#).unwrap();
+    std::fs::write(dir.path.join("tokenizer_config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.path.join("generation_config.json"), r#"{"eos_token_id": [2, 7]}"#).unwrap();
 
-    let hf = ModelTokenizer::from_hf_dir(&dir.0).unwrap();
+    let hf = ModelTokenizer::from_hf_dir(&dir.path).unwrap();
     assert_eq!(hf.vocab_size(), 49152);
     assert_eq!((hf.bos_id(), hf.eos_id()), (Some(1), Some(2)));
     assert!(!hf.add_bos());
@@ -244,9 +226,9 @@ fn hf_dir_round_trip_encodes_like_the_gguf_tokenizer() {
 #[test]
 fn hf_dir_without_tokenizer_json_is_an_error() {
     let dir = TempDir::new("hf-empty");
-    assert!(matches!(ModelTokenizer::from_hf_dir(&dir.0), Err(TokenizerError::Io { .. })));
-    std::fs::write(dir.0.join("tokenizer.json"), "{not json").unwrap();
-    assert!(matches!(ModelTokenizer::from_hf_dir(&dir.0), Err(TokenizerError::FileFormat { .. })));
+    assert!(matches!(ModelTokenizer::from_hf_dir(&dir.path), Err(TokenizerError::Io { .. })));
+    std::fs::write(dir.path.join("tokenizer.json"), "{not json").unwrap();
+    assert!(matches!(ModelTokenizer::from_hf_dir(&dir.path), Err(TokenizerError::FileFormat { .. })));
 }
 
 // ---------------------------------------------------------------------------------------------
