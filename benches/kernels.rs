@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use firstrt::gpu::WeightKind;
 use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor};
 use firstrt::kernels::copy::copy;
+use firstrt::kernels::linear::LinearOp;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
-use firstrt::kernels::matvec::{MatvecVariant, matvec, matvec_with_kind};
+use firstrt::kernels::matvec::{MatvecVariant, matvec};
 use firstrt::testdata::median;
 
 /// Aim for about this much wall time per repeat.
@@ -116,10 +117,10 @@ fn main() {
             let x = GpuTensor::from_f32(&ctx, "x", &[k], &pseudo_random(k, 3)).unwrap();
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
             for v in MatvecVariant::ALL {
-                let ds = matvec(&ctx, "matvec", &x, &w, None, &y, 0, false, v).unwrap();
+                let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y), v).unwrap();
                 b.case(&format!("matvec {} {dtype}", v.name()), &format!("{n}x{k}"), &ds, true);
                 if dtype == DType::F16 && ctx.has_f16() {
-                    let ds = matvec_with_kind(&ctx, "matvec", &x, &w, None, &y, 0, false, v, WeightKind::F16Packed).unwrap();
+                    let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y).kind(WeightKind::F16Packed), v).unwrap();
                     b.case(&format!("matvec {} f16packed", v.name()), &format!("{n}x{k}"), &ds, true);
                 }
             }
@@ -138,7 +139,7 @@ fn main() {
             let x = GpuTensor::from_f32(&ctx, "x", &[t, k], &pseudo_random(t * k, 5)).unwrap();
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
             for v in MatmulVariant::ALL {
-                let ds = matmul(&ctx, "matmul", &x, t, &w, None, &y, n, 0, false, v).unwrap();
+                let ds = matmul(&ctx, "matmul", &LinearOp::new(&x, t, &w, &y), v).unwrap();
                 b.case(&format!("matmul {} {dtype}", v.name()), &format!("T={t} {n}x{k}"), &ds, false);
             }
         }

@@ -8,13 +8,16 @@ use super::{GpuContext, GpuError};
 /// Element type of a GPU tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE single floats (4 bytes).
     F32,
     /// IEEE half floats, two to a 32-bit word (read as `f16` or through `unpack2x16float`).
     F16,
+    /// Unsigned 32-bit integers (token ids, packed results).
     U32,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::U32 => 4,
@@ -22,6 +25,7 @@ impl DType {
         }
     }
 
+    /// The float type called `s` (`f32` or `f16`), as the CLI and benches spell it.
     pub fn parse(s: &str) -> Option<DType> {
         match s {
             "f32" => Some(DType::F32),
@@ -52,15 +56,20 @@ const STORAGE_USAGE: wgpu::BufferUsages =
 /// A storage buffer holding `shape` elements of `dtype`, row-major.
 #[derive(Debug, Clone)]
 pub struct GpuTensor {
+    /// The storage buffer (STORAGE | COPY_SRC | COPY_DST), padded to a multiple of 16 bytes.
     pub buffer: wgpu::Buffer,
+    /// Element type.
     pub dtype: DType,
+    /// Shape in elements, row-major (e.g. `[T, d_model]`).
     pub shape: Vec<usize>,
+    /// Name in errors and GPU debuggers.
     pub label: String,
     /// Counts this buffer's bytes in the context's `GpuMemory` while any clone is alive.
     _held: std::sync::Arc<super::MemoryHold>,
 }
 
 impl GpuTensor {
+    /// Elements: the product of the shape.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -106,16 +115,28 @@ impl GpuTensor {
         Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string(), _held })
     }
 
+    /// Upload f32 values (`data.len()` must equal the shape's product).
+    ///
+    /// # Errors
+    /// [`GpuError::BufferTooLarge`] beyond the adapter's `max_buffer_size`.
     pub fn from_f32(ctx: &GpuContext, label: &str, shape: &[usize], data: &[f32]) -> Result<GpuTensor, GpuError> {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "{label}: shape {shape:?} vs {} values", data.len());
         Self::from_bytes(ctx, label, DType::F32, shape, bytemuck::cast_slice(data))
     }
 
+    /// Upload f16 values (`data.len()` must equal the shape's product).
+    ///
+    /// # Errors
+    /// [`GpuError::BufferTooLarge`] beyond the adapter's `max_buffer_size`.
     pub fn from_f16(ctx: &GpuContext, label: &str, shape: &[usize], data: &[f16]) -> Result<GpuTensor, GpuError> {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "{label}: shape {shape:?} vs {} values", data.len());
         Self::from_bytes(ctx, label, DType::F16, shape, bytemuck::cast_slice(data))
     }
 
+    /// Upload u32 values (`data.len()` must equal the shape's product).
+    ///
+    /// # Errors
+    /// [`GpuError::BufferTooLarge`] beyond the adapter's `max_buffer_size`.
     pub fn from_u32(ctx: &GpuContext, label: &str, shape: &[usize], data: &[u32]) -> Result<GpuTensor, GpuError> {
         assert_eq!(shape.iter().product::<usize>(), data.len(), "{label}: shape {shape:?} vs {} values", data.len());
         Self::from_bytes(ctx, label, DType::U32, shape, bytemuck::cast_slice(data))
@@ -138,6 +159,7 @@ impl GpuTensor {
         ctx.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
     }
 
+    /// Overwrite the start of the buffer with u32 `data` (queued; visible to the next submission).
     pub fn write_u32(&self, ctx: &GpuContext, data: &[u32]) {
         ctx.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
     }
@@ -147,6 +169,10 @@ impl GpuTensor {
         read_buffer(ctx, &self.buffer, 0, bytes, &self.label)
     }
 
+    /// Read every element back as f32 (f16 widened, u32 converted), blocking.
+    ///
+    /// # Errors
+    /// [`GpuError::Readback`] when mapping fails, or a device error reported meanwhile.
     pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
         match self.dtype {
             DType::F32 => Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(ctx, self.byte_len())?)),
@@ -159,6 +185,10 @@ impl GpuTensor {
         }
     }
 
+    /// Read every element back as u32 words, blocking.
+    ///
+    /// # Errors
+    /// [`GpuError::Readback`] when mapping fails, or a device error reported meanwhile.
     pub fn read_u32(&self, ctx: &GpuContext) -> Result<Vec<u32>, GpuError> {
         Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(ctx, self.numel() * 4)?))
     }
@@ -186,11 +216,9 @@ pub fn map_and_read(ctx: &GpuContext, staging: &wgpu::Buffer, len: usize, label:
         let _ = tx.send(r);
     });
     ctx.wait()?;
-    let mapped = rx
-        .recv()
+    rx.recv()
         .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?
         .map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
-    let _ = mapped;
     let out = {
         let view = staging.get_mapped_range(..).map_err(|e| GpuError::Readback { label: label.to_string(), message: e.to_string() })?;
         view[..len].to_vec()

@@ -6,18 +6,26 @@ use super::{DType, GpuContext, GpuError, GpuTensor};
 /// Rows `row0 .. row0 + rows` of a matrix, in one buffer: `[rows, cols]` of the matrix dtype.
 #[derive(Debug, Clone)]
 pub struct MatrixChunk {
+    /// The chunk's rows, `[rows, cols]` of the matrix dtype.
     pub tensor: GpuTensor,
+    /// Index of the chunk's first row in the matrix.
     pub row0: usize,
+    /// Rows in the chunk.
     pub rows: usize,
 }
 
 /// A `[rows, cols]` row-major matrix (Hugging Face's `[out, in]` for a linear layer's weight).
 #[derive(Debug, Clone)]
 pub struct GpuMatrix {
+    /// Name (the tensor's); chunks are named `label[row0..row1]` when the matrix is split.
     pub label: String,
+    /// Rows (N, a linear layer's outputs; the vocabulary of an embedding table).
     pub rows: usize,
+    /// Columns (K, a linear layer's inputs; d_model of an embedding table).
     pub cols: usize,
+    /// Element type (f32 or f16).
     pub dtype: DType,
+    /// Row chunks in order, covering `0..rows`; each fits the context's `max_binding`.
     pub chunks: Vec<MatrixChunk>,
 }
 

@@ -30,23 +30,58 @@ pub const DRIVER_HINT: &str = "no GPU adapter found. On Debian/Ubuntu install th
 (lavapipe) with `apt-get install -y mesa-vulkan-drivers`, or install your GPU vendor's Vulkan/Metal/DX12 driver; \
 `firstrt devices` lists what wgpu sees";
 
+/// Errors of the GPU layer and of kernel preparation.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
+    /// wgpu sees no adapter for the chosen backends.
     #[error("{DRIVER_HINT} (backends tried: {backends})")]
-    NoAdapter { backends: String },
+    NoAdapter {
+        /// The backends tried (wgpu's `Backends` flags).
+        backends: String,
+    },
+    /// No adapter name contains the requested substring.
     #[error("no adapter matches {wanted:?}; available adapters: {available}")]
-    AdapterNotFound { wanted: String, available: String },
+    AdapterNotFound {
+        /// The substring asked for (`--adapter` or WGPU_ADAPTER_NAME).
+        wanted: String,
+        /// Names of the adapters seen, comma-separated.
+        available: String,
+    },
+    /// `--backend` or WGPU_BACKEND names no backend.
     #[error("unknown backend {0:?}: expected one of vulkan, metal, dx12, gl")]
     UnknownBackend(String),
+    /// The adapter refused to open a device.
     #[error("could not open a device on adapter {adapter}: {source}")]
-    RequestDevice { adapter: String, source: wgpu::RequestDeviceError },
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's reason.
+        source: wgpu::RequestDeviceError,
+    },
+    /// An error that the device reported (validation, out of memory, lost device) or a pipeline
+    /// that failed to build.
     #[error("GPU error: {0}")]
     Device(String),
+    /// Mapping a buffer for read-back failed.
     #[error("reading back buffer {label}: {message}")]
-    Readback { label: String, message: String },
+    Readback {
+        /// The buffer's label.
+        label: String,
+        /// wgpu's reason.
+        message: String,
+    },
+    /// A tensor larger than the adapter's `max_buffer_size`.
     #[error("tensor {label} needs {needed} bytes in one buffer, more than the adapter's max_buffer_size {limit}")]
-    BufferTooLarge { label: String, needed: u64, limit: u64 },
-    /// A kernel was asked for shapes or sizes it does not support (or that do not match).
+    BufferTooLarge {
+        /// The tensor's label.
+        label: String,
+        /// Bytes it needs.
+        needed: u64,
+        /// The adapter's limit in bytes.
+        limit: u64,
+    },
+    /// A kernel was asked for shapes or sizes it does not support (or that do not match): the
+    /// text starts with the op's dispatch label and says what is wrong.
     #[error("invalid kernel arguments: {0}")]
     InvalidArgument(String),
 }
@@ -66,8 +101,11 @@ pub struct GpuOptions {
 /// One adapter as `firstrt devices` reports it.
 #[derive(Debug, Clone)]
 pub struct AdapterReport {
+    /// Name, backend, device type, driver.
     pub info: wgpu::AdapterInfo,
+    /// The [`OPTIONAL_FEATURES`] it offers, by name.
     pub features: Vec<&'static str>,
+    /// Its own limits.
     pub limits: wgpu::Limits,
 }
 
@@ -111,6 +149,9 @@ fn new_instance(backends: wgpu::Backends) -> wgpu::Instance {
 }
 
 /// Every adapter that wgpu sees for the chosen backends.
+///
+/// # Errors
+/// [`GpuError::UnknownBackend`] when the backend option or WGPU_BACKEND names none.
 pub fn list_adapters(options: &GpuOptions) -> Result<Vec<AdapterReport>, GpuError> {
     let backends = parse_backends(options)?;
     let instance = new_instance(backends);
@@ -185,8 +226,11 @@ impl GpuMemory {
 
 /// The device, queue and caches that every kernel uses.
 pub struct GpuContext {
+    /// The device every buffer and pipeline lives on.
     pub device: wgpu::Device,
+    /// Its queue (submissions, buffer writes).
     pub queue: wgpu::Queue,
+    /// The adapter's name, backend, device type and driver.
     pub info: wgpu::AdapterInfo,
     /// The optional features that were enabled on the device.
     pub features: wgpu::Features,
@@ -194,6 +238,7 @@ pub struct GpuContext {
     pub limits: wgpu::Limits,
     /// Largest storage binding a kernel may use: the adapter's limit, or a lower test override.
     pub max_binding: u64,
+    /// Pipelines built so far, by variant key.
     pub pipelines: PipelineCache,
     /// Kernel variant chosen per family (e.g. "matvec" -> "matvec_rows4"), measured once per
     /// process or read from the on-disk cache; see `kernels::choice`.
@@ -211,6 +256,10 @@ impl std::fmt::Debug for GpuContext {
 
 impl GpuContext {
     /// Choose an adapter as the options (and WGPU_BACKEND / WGPU_ADAPTER_NAME) say and open it.
+    ///
+    /// # Errors
+    /// [`GpuError::UnknownBackend`], [`GpuError::NoAdapter`], [`GpuError::AdapterNotFound`] or
+    /// [`GpuError::RequestDevice`].
     pub fn new(options: &GpuOptions) -> Result<Arc<GpuContext>, GpuError> {
         let backends = parse_backends(options)?;
         let instance = new_instance(backends);
@@ -303,6 +352,9 @@ impl GpuContext {
     }
 
     /// Returns the first GPU error reported since the last call, if any.
+    ///
+    /// # Errors
+    /// That error, as [`GpuError::Device`].
     pub fn take_error(&self) -> Result<(), GpuError> {
         let mut first = self.errors.first.lock().unwrap_or_else(|p| p.into_inner());
         match first.take() {
@@ -317,12 +369,18 @@ impl GpuContext {
     }
 
     /// Block until all submitted work is done.
+    ///
+    /// # Errors
+    /// [`GpuError::Device`] when polling fails or the device reported an error.
     pub fn wait(&self) -> Result<(), GpuError> {
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Device(format!("waiting for the GPU: {e}")))?;
         self.take_error()
     }
 
     /// Record `dispatches` into one compute pass, submit and wait: the simple path tests use.
+    ///
+    /// # Errors
+    /// As [`GpuContext::wait`].
     pub fn run(&self, label: &str, dispatches: &[&Dispatch]) -> Result<(), GpuError> {
         let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
         {

@@ -30,6 +30,7 @@ impl WeightKind {
         }
     }
 
+    /// The kind's name in errors, bench rows and the kernel choice (`f32`, `f16`, `f16packed`).
     pub fn name(self) -> &'static str {
         match self {
             WeightKind::F32 => "f32",
@@ -38,6 +39,7 @@ impl WeightKind {
         }
     }
 
+    /// The dtype of the weights this kind reads.
     pub fn dtype(self) -> DType {
         match self {
             WeightKind::F32 => DType::F32,
@@ -76,7 +78,9 @@ impl WeightKind {
 pub struct ShaderVariant {
     /// The kernel family (the file stem in `shaders/`).
     pub family: &'static str,
+    /// The WGSL text with its `{{NAME}}` placeholders.
     pub source: &'static str,
+    /// The entry point.
     pub entry: &'static str,
     /// `{{NAME}}` -> value.
     pub defines: Vec<(&'static str, String)>,
@@ -85,10 +89,12 @@ pub struct ShaderVariant {
 }
 
 impl ShaderVariant {
+    /// The variant of `source`'s `entry` with no placeholder filled in yet.
     pub fn new(family: &'static str, source: &'static str, entry: &'static str) -> Self {
         ShaderVariant { family, source, entry, defines: Vec::new(), f16: false }
     }
 
+    /// Fill the placeholder `{{name}}` with `value`.
     pub fn define(mut self, name: &'static str, value: impl ToString) -> Self {
         self.defines.push((name, value.to_string()));
         self
@@ -101,6 +107,7 @@ impl ShaderVariant {
         self
     }
 
+    /// The pipeline-cache key: family, entry point, every define and the f16 flag.
     pub fn key(&self) -> String {
         let mut key = format!("{}::{}", self.family, self.entry);
         for (k, v) in &self.defines {
@@ -113,6 +120,9 @@ impl ShaderVariant {
     }
 
     /// The WGSL text with every placeholder filled in.
+    ///
+    /// # Errors
+    /// [`GpuError::Device`] naming the first placeholder left without a value (a kernel bug).
     pub fn expand(&self) -> Result<String, GpuError> {
         let mut text = String::new();
         if self.f16 {
@@ -133,9 +143,13 @@ impl ShaderVariant {
 /// A compute pipeline and the layout of its bind group 0.
 #[derive(Debug)]
 pub struct Pipeline {
+    /// The compiled pipeline.
     pub pipeline: wgpu::ComputePipeline,
+    /// Layout of bind group 0, derived from the shader.
     pub layout: wgpu::BindGroupLayout,
+    /// The variant's [`ShaderVariant::key`].
     pub key: String,
+    /// The kernel family (the file stem in `shaders/`).
     pub family: &'static str,
 }
 
@@ -146,10 +160,12 @@ pub struct PipelineCache {
 }
 
 impl PipelineCache {
+    /// Pipelines built so far.
     pub fn len(&self) -> usize {
         self.pipelines.lock().map(|p| p.len()).unwrap_or(0)
     }
 
+    /// True before the first pipeline is built.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -157,6 +173,9 @@ impl PipelineCache {
 
 impl GpuContext {
     /// The pipeline of `variant`, compiled on first use. A WGSL error is returned, not raised.
+    ///
+    /// # Errors
+    /// [`GpuError::Device`] when a placeholder has no value or WGSL validation fails.
     pub fn pipeline(&self, variant: &ShaderVariant) -> Result<Arc<Pipeline>, GpuError> {
         let key = variant.key();
         if let Some(p) = self.pipelines.pipelines.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {

@@ -4,31 +4,34 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::kernels::checks::{check_f32, check_u32};
 
 const SOURCE: &str = include_str!("../../shaders/add.wgsl");
 
+/// Uniform of `shaders/add.wgsl` (`struct Params` there).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct AddParams {
+    /// Elements to add.
     pub n: u32,
+    /// Padding to 16 bytes.
     pub _pad0: u32,
+    /// Padding to 16 bytes.
     pub _pad1: u32,
+    /// Padding to 16 bytes.
     pub _pad2: u32,
 }
 
 /// `acc[i] += x[i]` for the first `n` elements (both f32).
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when acc or x is not f32 or has fewer than `n`
+/// elements, or `n` does not fit in u32.
 pub fn add_inplace(ctx: &GpuContext, label: &str, acc: &GpuTensor, x: &GpuTensor, n: usize) -> Result<Dispatch, GpuError> {
-    if acc.dtype != DType::F32 || x.dtype != DType::F32 {
-        return Err(GpuError::InvalidArgument(format!("{label}: add_inplace needs f32 tensors")));
-    }
-    if acc.numel() < n || x.numel() < n || n > u32::MAX as usize {
-        return Err(GpuError::InvalidArgument(format!(
-            "{label}: add_inplace of {n} elements, acc has {} and x {}",
-            acc.numel(),
-            x.numel()
-        )));
-    }
+    check_f32(label, acc, n, "acc")?;
+    check_f32(label, x, n, "x")?;
+    check_u32(label, n, "n")?;
     let pipeline = ctx.pipeline(&ShaderVariant::new("add", SOURCE, "add_inplace"))?;
     let u = uniform(ctx, label, &AddParams { n: n as u32, _pad0: 0, _pad1: 0, _pad2: 0 });
     Ok(Dispatch::new(

@@ -15,10 +15,70 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
-use crate::kernels::rope::{AttnShape, cache_rows, check_f32};
+use crate::kernels::checks::{cache_rows, check_f32, check_rows, invalid};
 use crate::kernels::step::StepBuffer;
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
+
+/// Heads and head size of an attention layer (also the layout of the fused qkv rows that
+/// [`crate::kernels::rope::rope_qkv_write`] splits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (GQA: each serves `n_heads / n_kv_heads` query heads).
+    pub n_kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    /// Width of one q row, `n_heads * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of one k or v cache row, `n_kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Width of one fused qkv row, `(n_heads + 2 * n_kv_heads) * head_dim`.
+    pub fn qkv_dim(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+
+    /// Checks the shape for the op `label`.
+    ///
+    /// # Errors
+    /// [`GpuError::InvalidArgument`] naming `label` unless every size is non-zero and `n_heads`
+    /// is a multiple of `n_kv_heads` (GQA).
+    pub fn check(&self, label: &str) -> Result<(), GpuError> {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(invalid(label, format!("attention shape {self:?}: sizes must be non-zero and n_heads a multiple of n_kv_heads")));
+        }
+        Ok(())
+    }
+}
+
+/// The operands of one attention op (see [`attention`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AttnOp<'a> {
+    /// Rotated queries, `[rows, n_heads * head_dim]` f32.
+    pub q: &'a GpuTensor,
+    /// Query rows the dispatch is sized for (the step's `n_tokens` may be fewer); at least 1.
+    pub rows: usize,
+    /// Key cache, `[max_pos, n_kv_heads * head_dim]` f32.
+    pub k_cache: &'a GpuTensor,
+    /// Value cache, `[max_pos, n_kv_heads * head_dim]` f32.
+    pub v_cache: &'a GpuTensor,
+    /// Heads and head size.
+    pub shape: AttnShape,
+    /// The per-step uniform (`pos0`, `n_tokens`), read at run time.
+    pub step: &'a StepBuffer,
+    /// Output, `[rows, n_heads * head_dim]` f32.
+    pub out: &'a GpuTensor,
+}
 
 /// Keys per split of the flash-decoding variant chosen by [`attention`].
 pub const DEFAULT_KEYS_PER_SPLIT: usize = 32;
@@ -31,24 +91,40 @@ pub const SPLIT_MAX_ROWS: usize = 4;
 pub enum AttnVariant {
     /// One invocation per (row, head) over all keys: one dispatch.
     Rows,
-    /// Flash-decoding with this many keys per split: two dispatches (partials, combine).
-    Split { keys_per_split: usize },
+    /// Flash-decoding (Dao et al. 2023): two dispatches (partials, combine).
+    Split {
+        /// Keys per split (at least 1).
+        keys_per_split: usize,
+    },
 }
 
+/// Uniform of `shaders/attention.wgsl` (`struct Params` there, same fields in the same order).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct AttnParams {
+    /// Query rows the dispatch is sized for.
     pub rows: u32,
+    /// Query heads.
     pub n_heads: u32,
+    /// Query heads per kv head (`n_heads / n_kv_heads`).
     pub group: u32,
+    /// Row stride of q and out (`n_heads * head_dim`).
     pub q_stride: u32,
+    /// Row stride of the caches (`n_kv_heads * head_dim`).
     pub kv_stride: u32,
+    /// Rows of the caches.
     pub max_pos: u32,
+    /// Key-range splits (`Split`), else 1.
     pub splits: u32,
+    /// Keys per split (`Split`), else `max_pos`.
     pub keys_per_split: u32,
+    /// Score scale `1 / sqrt(head_dim)`.
     pub scale: f32,
+    /// Padding to 48 bytes.
     pub _pad0: u32,
+    /// Padding to 48 bytes.
     pub _pad1: u32,
+    /// Padding to 48 bytes.
     pub _pad2: u32,
 }
 
@@ -113,54 +189,39 @@ pub fn default_variant(rows: usize) -> AttnVariant {
 }
 
 /// Causal attention with GQA (kv head = h / (n_heads / n_kv_heads)): for t < rows (the step's
-/// `n_tokens`, at most `rows`), the query at position `p = pos0 + t` attends to cache rows 0..=p.
-/// `q`, `out`: `[T, n_heads head_dim]` f32; caches `[max_pos, n_kv_heads head_dim]` f32.
-/// `rows` sizes the dispatch; pos0 and n_tokens come from `step` at run time. Picks the variant
-/// with [`default_variant`].
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    ctx: &GpuContext,
-    label: &str,
-    q: &GpuTensor,
-    rows: usize,
-    k_cache: &GpuTensor,
-    v_cache: &GpuTensor,
-    shape: AttnShape,
-    step: &StepBuffer,
-    out: &GpuTensor,
-) -> Result<Vec<Dispatch>, GpuError> {
-    attention_variant(ctx, label, q, rows, k_cache, v_cache, shape, step, out, default_variant(rows))
+/// `n_tokens`, at most `op.rows`), the query at position `p = pos0 + t` attends to cache rows
+/// 0..=p, `out[t] = softmax(q[t] · Kᵀ / sqrt(head_dim)) · V` per head (Vaswani et al. 2017, as
+/// Hugging Face's `LlamaAttention` with `repeat_kv`). `op.rows` sizes the dispatch; pos0 and
+/// n_tokens come from `op.step` at run time. Picks the variant with [`default_variant`].
+///
+/// # Errors
+/// As [`attention_variant`].
+pub fn attention(ctx: &GpuContext, label: &str, op: &AttnOp) -> Result<Vec<Dispatch>, GpuError> {
+    attention_variant(ctx, label, op, default_variant(op.rows))
 }
 
-/// [`attention`] with an explicit variant.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_variant(
-    ctx: &GpuContext,
-    label: &str,
-    q: &GpuTensor,
-    rows: usize,
-    k_cache: &GpuTensor,
-    v_cache: &GpuTensor,
-    shape: AttnShape,
-    step: &StepBuffer,
-    out: &GpuTensor,
-    variant_choice: AttnVariant,
-) -> Result<Vec<Dispatch>, GpuError> {
-    shape.check()?;
-    if rows == 0 {
-        return Err(GpuError::InvalidArgument(format!("{label}: rows must be at least 1")));
-    }
+/// [`attention`] with an explicit variant: one dispatch (`Rows`) or two (`Split`: partials named
+/// `label.split`, merge named `label.combine`).
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when the shape is invalid, rows is 0, q or out
+/// is not f32 or too small for `rows` rows, a cache is not f32 or not a whole number of rows,
+/// `keys_per_split` is 0, or the dispatch would need more than 2^32 invocations.
+pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_choice: AttnVariant) -> Result<Vec<Dispatch>, GpuError> {
+    let AttnOp { q, rows, k_cache, v_cache, shape, step, out } = *op;
+    shape.check(label)?;
+    check_rows(label, rows)?;
     let hd = shape.head_dim;
-    check_f32(q, rows * shape.q_dim(), "q")?;
-    check_f32(out, rows * shape.q_dim(), "out")?;
-    let k_rows = cache_rows(k_cache, shape.kv_dim(), "k_cache")?;
-    let v_rows = cache_rows(v_cache, shape.kv_dim(), "v_cache")?;
+    check_f32(label, q, rows * shape.q_dim(), "q")?;
+    check_f32(label, out, rows * shape.q_dim(), "out")?;
+    let k_rows = cache_rows(label, k_cache, shape.kv_dim(), "k_cache")?;
+    let v_rows = cache_rows(label, v_cache, shape.kv_dim(), "v_cache")?;
     let max_pos = k_rows.min(v_rows);
     let (splits, keys_per_split) = match variant_choice {
         AttnVariant::Rows => (1, max_pos),
         AttnVariant::Split { keys_per_split } => {
             if keys_per_split == 0 {
-                return Err(GpuError::InvalidArgument(format!("{label}: keys_per_split must be at least 1")));
+                return Err(invalid(label, "keys_per_split must be at least 1"));
             }
             (max_pos.div_ceil(keys_per_split), keys_per_split)
         }
@@ -171,7 +232,7 @@ pub fn attention_variant(
         AttnVariant::Split { .. } => (rows * splits * shape.n_heads).max(rows * shape.n_heads * hd4),
     };
     if invocations > u32::MAX as usize || rows * splits * shape.n_heads * hd4 > u32::MAX as usize {
-        return Err(GpuError::InvalidArgument(format!("{label}: {rows} rows are too many for one dispatch")));
+        return Err(invalid(label, format!("{rows} rows are too many for one dispatch")));
     }
     let params = AttnParams {
         rows: rows as u32,
@@ -322,7 +383,6 @@ mod tests {
 
     /// Prepare `variant` for `rows` rows, run it at pos0 with a random q scaled by `q_scale`,
     /// and compare with the reference.
-    #[allow(clippy::too_many_arguments)]
     fn check(shape: AttnShape, c: &Cache, rows: usize, pos0: usize, variant: AttnVariant, q_scale: f32, seed: u64) {
         let ctx = test_context();
         let q: Vec<f32> = random_vec(rows * shape.q_dim(), seed).iter().map(|v| v * q_scale).collect();
@@ -330,7 +390,13 @@ mod tests {
         let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[rows, shape.q_dim()]).unwrap();
         let step = StepBuffer::new(&ctx);
         step.write(&ctx, &StepParams::new(pos0, rows));
-        let ds = attention_variant(&ctx, "attn", &gq, rows, &c.gk, &c.gv, shape, &step, &out, variant).unwrap();
+        let ds = attention_variant(
+            &ctx,
+            "attn",
+            &AttnOp { q: &gq, rows, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+            variant,
+        )
+        .unwrap();
         ctx.run("attn", &ds.iter().collect::<Vec<_>>()).unwrap();
         let want = attention_ref(&q, rows, &c.k, &c.v, pos0, shape);
         let what = format!("{shape:?} {variant:?} T={rows} pos0={pos0} q_scale={q_scale}");
@@ -405,8 +471,17 @@ mod tests {
             ];
             for v in variants {
                 let ds = match v {
-                    None => attention(&ctx, "attn", &gq, 1, &c.gk, &c.gv, shape, &step, &out).unwrap(),
-                    Some(v) => attention_variant(&ctx, "attn", &gq, 1, &c.gk, &c.gv, shape, &step, &out, v).unwrap(),
+                    None => {
+                        attention(&ctx, "attn", &AttnOp { q: &gq, rows: 1, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out })
+                            .unwrap()
+                    }
+                    Some(v) => attention_variant(
+                        &ctx,
+                        "attn",
+                        &AttnOp { q: &gq, rows: 1, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                        v,
+                    )
+                    .unwrap(),
                 };
                 assert_eq!(ds.len(), if v == Some(AttnVariant::Rows) { 1 } else { 2 });
                 for (s, kv_len) in [1usize, 257, 1757, 2].into_iter().enumerate() {
@@ -434,7 +509,13 @@ mod tests {
         step.write(&ctx, &StepParams::new(20, 3));
         for variant in [AttnVariant::Rows, AttnVariant::Split { keys_per_split: 5 }] {
             let out = GpuTensor::from_f32(&ctx, "out", &[7, shape.q_dim()], &vec![9.0; 7 * shape.q_dim()]).unwrap();
-            let ds = attention_variant(&ctx, "attn", &gq, 7, &c.gk, &c.gv, shape, &step, &out, variant).unwrap();
+            let ds = attention_variant(
+                &ctx,
+                "attn",
+                &AttnOp { q: &gq, rows: 7, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                variant,
+            )
+            .unwrap();
             ctx.run("attn", &ds.iter().collect::<Vec<_>>()).unwrap();
             let mut want = attention_ref(&q[..3 * shape.q_dim()], 3, &c.k, &c.v, 20, shape);
             want.resize(7 * shape.q_dim(), 9.0);
@@ -450,16 +531,21 @@ mod tests {
         let q = GpuTensor::zeros(&ctx, "q", DType::F32, &[2, shape.q_dim()]).unwrap();
         let k = GpuTensor::zeros(&ctx, "k", DType::F32, &[8, shape.kv_dim()]).unwrap();
         let bad_heads = AttnShape { n_heads: 6, n_kv_heads: 4, head_dim: 12 };
-        let r = attention(&ctx, "a", &q, 2, &k, &k, bad_heads, &step, &q);
+        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 2, k_cache: &k, v_cache: &k, shape: bad_heads, step: &step, out: &q });
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "6/4 heads");
-        let r = attention(&ctx, "a", &q, 3, &k, &k, shape, &step, &q);
+        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 3, k_cache: &k, v_cache: &k, shape, step: &step, out: &q });
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "q too small for 3 rows");
         let odd_cache = GpuTensor::zeros(&ctx, "k", DType::F32, &[8 * shape.kv_dim() + 1]).unwrap();
-        let r = attention(&ctx, "a", &q, 2, &odd_cache, &k, shape, &step, &q);
+        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 2, k_cache: &odd_cache, v_cache: &k, shape, step: &step, out: &q });
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "cache not a whole number of rows");
-        let r = attention_variant(&ctx, "a", &q, 2, &k, &k, shape, &step, &q, AttnVariant::Split { keys_per_split: 0 });
+        let r = attention_variant(
+            &ctx,
+            "a",
+            &AttnOp { q: &q, rows: 2, k_cache: &k, v_cache: &k, shape, step: &step, out: &q },
+            AttnVariant::Split { keys_per_split: 0 },
+        );
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "zero keys per split");
-        assert!(attention(&ctx, "a", &q, 2, &k, &k, shape, &step, &q).is_ok());
+        assert!(attention(&ctx, "a", &AttnOp { q: &q, rows: 2, k_cache: &k, v_cache: &k, shape, step: &step, out: &q }).is_ok());
     }
 
     /// Rough timings for SmolLM2's shape (9/3/64) on the current adapter; prints, asserts nothing
@@ -489,20 +575,38 @@ mod tests {
             let mut variants = vec![AttnVariant::Rows];
             variants.extend([8, 16, 32, 64, 128].map(|k| AttnVariant::Split { keys_per_split: k }));
             for v in variants {
-                let ds = attention_variant(&ctx, "a", &gq, 1, &c.gk, &c.gv, shape, &step, &out, v).unwrap();
+                let ds = attention_variant(
+                    &ctx,
+                    "a",
+                    &AttnOp { q: &gq, rows: 1, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                    v,
+                )
+                .unwrap();
                 println!("decode kv_len {kv_len:5} max_pos {max_pos} {v:?}: {:.3} ms", time(&ds, 20));
             }
         }
         for pos0 in [0, 1000] {
             step.write(&ctx, &StepParams::new(pos0, 128));
             for v in [AttnVariant::Rows, AttnVariant::Split { keys_per_split: 64 }, AttnVariant::Split { keys_per_split: 256 }] {
-                let ds = attention_variant(&ctx, "a", &gq, 128, &c.gk, &c.gv, shape, &step, &out, v).unwrap();
+                let ds = attention_variant(
+                    &ctx,
+                    "a",
+                    &AttnOp { q: &gq, rows: 128, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                    v,
+                )
+                .unwrap();
                 println!("prefill T=128 pos0 {pos0} {v:?}: {:.3} ms", time(&ds, 5));
             }
         }
         // The empty step: what one submit + wait costs here.
         step.write(&ctx, &StepParams::new(0, 0));
-        let ds = attention_variant(&ctx, "a", &gq, 1, &c.gk, &c.gv, shape, &step, &out, AttnVariant::Rows).unwrap();
+        let ds = attention_variant(
+            &ctx,
+            "a",
+            &AttnOp { q: &gq, rows: 1, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+            AttnVariant::Rows,
+        )
+        .unwrap();
         println!("empty step (submit + wait overhead): {:.3} ms", time(&ds, 20));
     }
 }

@@ -15,13 +15,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::gpu::{DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, WeightKind};
+use crate::kernels::linear::LinearOp;
 use crate::kernels::matmul::{MatmulVariant, matmul};
-use crate::kernels::matvec::{MatvecVariant, matvec, matvec_with_kind};
+use crate::kernels::matvec::{MatvecVariant, matvec};
 
 /// Variants forced through `FIRSTRT_KERNEL`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Forced {
+    /// `matmul=regblock|tiled|xbcast` (or the bare name).
     pub matmul: Option<MatmulVariant>,
+    /// `matvec=rows|reduce` (or the bare name).
     pub matvec: Option<MatvecVariant>,
     /// `f16read=native|packed`.
     pub f16read: Option<WeightKind>,
@@ -212,7 +215,7 @@ fn measure_f16read(ctx: &GpuContext) -> Result<WeightKind, GpuError> {
         let x = GpuTensor::from_f32(ctx, "choice.x", &[k], &pseudo_random(k))?;
         let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[n])?;
         for (slot, &kind) in programs.iter_mut().zip(&kinds) {
-            slot.push(matvec_with_kind(ctx, "choice.f16read", &x, &w, None, &y, 0, false, MatvecVariant::Rows, kind)?);
+            slot.push(matvec(ctx, "choice.f16read", &LinearOp::new(&x, 1, &w, &y).kind(kind), MatvecVariant::Rows)?);
         }
     }
     let mut best = [Duration::MAX; 2];
@@ -252,7 +255,7 @@ fn measure_matvec(ctx: &GpuContext) -> Result<MatvecVariant, GpuError> {
             let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F32)?;
             let x = GpuTensor::from_f32(ctx, "choice.x", &[k], &pseudo_random(k))?;
             let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[n])?;
-            let ds = matvec(ctx, "choice.matvec", &x, &w, None, &y, 0, false, variant)?;
+            let ds = matvec(ctx, "choice.matvec", &LinearOp::new(&x, 1, &w, &y), variant)?;
             let list: Vec<&Dispatch> = ds.iter().cycle().take(8 * ds.len()).collect();
             total += time_dispatches(ctx, &list, 3)?;
         }
@@ -278,7 +281,7 @@ fn measure_matmul(ctx: &GpuContext) -> Result<MatmulVariant, GpuError> {
         let x = GpuTensor::from_f32(ctx, "choice.x", &[t, k], &pseudo_random(t * k))?;
         let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[t, n])?;
         for (slot, variant) in programs.iter_mut().zip(MatmulVariant::ALL) {
-            slot.push(matmul(ctx, "choice.matmul", &x, t, &w, None, &y, n, 0, false, variant)?);
+            slot.push(matmul(ctx, "choice.matmul", &LinearOp::new(&x, t, &w, &y), variant)?);
         }
         buffers.push((x, y));
     }

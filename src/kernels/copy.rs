@@ -6,25 +6,34 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::kernels::checks::invalid;
 
 const SOURCE: &str = include_str!("../../shaders/copy.wgsl");
 const WG: u32 = 64;
 const PER: u32 = 8;
 
+/// Uniform of `shaders/copy.wgsl` (`struct Params` there).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct CopyParams {
+    /// 16-byte groups to copy.
     pub n4: u32,
+    /// Padding to 16 bytes.
     pub _pad0: u32,
+    /// Padding to 16 bytes.
     pub _pad1: u32,
+    /// Padding to 16 bytes.
     pub _pad2: u32,
 }
 
 /// Copy the bytes of `src` (rounded up to 16, i.e. its padded buffer) to the start of `dst`.
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when dst's buffer is smaller than that.
 pub fn copy(ctx: &GpuContext, label: &str, src: &GpuTensor, dst: &GpuTensor) -> Result<Dispatch, GpuError> {
     let bytes = src.byte_len().div_ceil(16) * 16;
     if (dst.buffer.size() as usize) < bytes {
-        return Err(GpuError::Device(format!("{label}: dst holds {} bytes, src needs {bytes}", dst.buffer.size())));
+        return Err(invalid(label, format!("dst holds {} bytes, src needs {bytes}", dst.buffer.size())));
     }
     let n4 = (bytes / 16) as u32;
     let pipeline = ctx.pipeline(&ShaderVariant::new("copy", SOURCE, "copy"))?;

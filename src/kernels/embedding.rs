@@ -10,20 +10,30 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, ShaderVariant, WeightKind};
+use crate::kernels::checks::{check_f32, check_weight_kind, invalid};
 
 const SOURCE: &str = include_str!("../../shaders/embedding.wgsl");
 
+/// Uniform of `shaders/embedding.wgsl` (`struct Params` there), one per chunk of the table.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct EmbeddingParams {
+    /// Tokens to look up.
     pub rows: u32,
+    /// Row width d of the table and the output.
     pub dim: u32,
+    /// Token id of the chunk's first row.
     pub row0: u32,
+    /// Rows (token ids) in the chunk.
     pub chunk_rows: u32,
 }
 
 /// Look up `rows` token ids (`ids`: `[T]` u32) in `table` (`[vocab, d]`) into `out` (`[T, d]`
-/// f32), reading f16 tables the way [`crate::kernels::choice::weight_kind`] chooses.
+/// f32), reading f16 tables the way [`crate::kernels::choice::weight_kind`] chooses. One
+/// dispatch per chunk of the table, named `label` (`label[chunk c]` when it is split).
+///
+/// # Errors
+/// As [`embedding_with_kind`].
 pub fn embedding(
     ctx: &GpuContext,
     label: &str,
@@ -36,6 +46,11 @@ pub fn embedding(
 }
 
 /// [`embedding`] with an explicit way of reading the table (tests use every kind).
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when `kind` cannot read the table's dtype or
+/// needs SHADER_F16 that the adapter lacks, ids is not u32 or has fewer than `rows` values, out
+/// is not f32 or smaller than `[rows, d]`, or an index does not fit in u32.
 pub fn embedding_with_kind(
     ctx: &GpuContext,
     label: &str,
@@ -46,25 +61,13 @@ pub fn embedding_with_kind(
     kind: WeightKind,
 ) -> Result<Vec<Dispatch>, GpuError> {
     let d = table.cols;
-    if kind.dtype() != table.dtype {
-        return Err(GpuError::InvalidArgument(format!("{label}: table {} is {}, kind {}", table.label, table.dtype, kind.name())));
+    check_weight_kind(ctx, label, kind, table.dtype)?;
+    if ids.dtype != DType::U32 || ids.numel() < rows {
+        return Err(invalid(label, format!("ids ({}) needs at least {rows} u32 values, has {} {}", ids.label, ids.numel(), ids.dtype)));
     }
-    if kind == WeightKind::F16 && !ctx.has_f16() {
-        return Err(GpuError::InvalidArgument(format!("{label}: WeightKind::F16 needs SHADER_F16")));
-    }
-    if ids.dtype != DType::U32 || out.dtype != DType::F32 {
-        return Err(GpuError::InvalidArgument(format!("{label}: embedding needs u32 ids and an f32 output")));
-    }
-    if ids.numel() < rows || out.numel() < rows * d {
-        return Err(GpuError::InvalidArgument(format!(
-            "{label}: embedding of {rows} tokens x {d} needs ids >= {rows} and out >= {} elements, got {} and {}",
-            rows * d,
-            ids.numel(),
-            out.numel()
-        )));
-    }
+    check_f32(label, out, rows * d, "out")?;
     if rows * d > u32::MAX as usize / 2 || table.rows > u32::MAX as usize {
-        return Err(GpuError::InvalidArgument(format!("{label}: embedding of [{rows}, {d}] is too large")));
+        return Err(invalid(label, format!("embedding of [{rows}, {d}] is too large")));
     }
     let variant = ShaderVariant::new("embedding", SOURCE, "embedding").weights("W_DECL", kind, 2, "w");
     let pipeline = ctx.pipeline(&variant)?;
@@ -72,7 +75,7 @@ pub fn embedding_with_kind(
     let mut dispatches = Vec::with_capacity(table.chunks.len());
     for (c, chunk) in table.chunks.iter().enumerate() {
         if chunk.rows * d > u32::MAX as usize {
-            return Err(GpuError::InvalidArgument(format!("{label}: table chunk {c} is too large")));
+            return Err(invalid(label, format!("table chunk {c} is too large")));
         }
         let params = EmbeddingParams { rows: rows as u32, dim: d as u32, row0: chunk.row0 as u32, chunk_rows: chunk.rows as u32 };
         let name = if table.chunks.len() == 1 { label.to_string() } else { format!("{label}[chunk {c}]") };

@@ -1,17 +1,18 @@
-//! Matrix product for prefill: `y[t, y_col0 + n] (+)= sum_k x[t, k] * w[n, k] (+ bias[n])`, i.e.
-//! `X · W^T` with `w` a `[N, K]` weight matrix (Hugging Face `[out, in]`) in f32 or f16, f32 maths.
+//! Matrix product for prefill, the [`LinearOp`]
+//! `y[t, y_col0 + n] (+)= scale · sum_k x[t, k] * w[n, k] (+ bias[n])`, i.e. `X · W^T` with `w` a
+//! `[N, K]` weight matrix (Hugging Face `[out, in]`) in f32 or f16, f32 maths.
 //!
-//! Two variants: [`MatmulVariant::RegBlock`] (each invocation a small block of outputs held in
+//! Three variants: [`MatmulVariant::RegBlock`] (each invocation a small block of outputs held in
 //! registers, vec4 loads along K, no workgroup memory: the fast one on CPU drivers such as
-//! lavapipe) and [`MatmulVariant::Tiled`] (64 x 64 tiles staged through workgroup memory: the usual
-//! GPU shape). [`crate::kernels::choice::matmul_variant`] picks one per adapter.
+//! lavapipe), [`MatmulVariant::Tiled`] (64 x 64 tiles staged through workgroup memory: the usual
+//! GPU shape) and [`MatmulVariant::XBcast`] (a block of tokens per workgroup, x read by uniform
+//! loads). [`crate::kernels::choice::matmul_variant`] picks one per adapter.
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, ShaderVariant, WeightKind};
-use crate::kernels::matvec::{FLAG_ACCUMULATE, FLAG_BIAS, FLAG_SCALE, check_linear, chunk_dispatch};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
+use crate::kernels::linear::LinearOp;
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 
@@ -23,23 +24,31 @@ pub const REGBLOCK_TM: u32 = 2;
 pub const REGBLOCK_TN: u32 = 4;
 /// Output tile of one `Tiled` workgroup (rows of x and rows of w).
 pub const TILE: u32 = 64;
-/// `matmul_xbcast`: tokens per workgroup (uniform) and w rows per invocation.
+/// `XBcast` variant: tokens (rows of x) per workgroup, read as uniform (broadcast) loads.
 pub const XBCAST_BM: u32 = 8;
+/// `XBcast` variant: rows of w per invocation.
 pub const XBCAST_BNR: u32 = 2;
 
+/// The matmul kernel variants; [`crate::kernels::choice::matmul_variant`] picks one per adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatmulVariant {
-    /// Register-blocked, no workgroup memory.
+    /// Register-blocked, no workgroup memory: a [`REGBLOCK_TM`] x [`REGBLOCK_TN`] block of
+    /// outputs per invocation.
     RegBlock,
-    /// Tiled through workgroup memory (for real GPUs).
+    /// Tiled through workgroup memory (for real GPUs): a [`TILE`] x [`TILE`] output tile per
+    /// workgroup.
     Tiled,
-    /// A block of tokens per workgroup so that x loads are uniform (broadcast), w rows per lane.
+    /// A block of [`XBCAST_BM`] tokens per workgroup so that x loads are uniform (broadcast),
+    /// [`XBCAST_BNR`] w rows per lane.
     XBcast,
 }
 
 impl MatmulVariant {
+    /// Every variant, in the order the kernel choice measures them.
     pub const ALL: [MatmulVariant; 3] = [MatmulVariant::RegBlock, MatmulVariant::Tiled, MatmulVariant::XBcast];
 
+    /// The variant's name in `FIRSTRT_KERNEL`, the choice cache and bench rows (`regblock`,
+    /// `tiled`, `xbcast`).
     pub fn name(self) -> &'static str {
         match self {
             MatmulVariant::RegBlock => "regblock",
@@ -48,110 +57,46 @@ impl MatmulVariant {
         }
     }
 
+    /// The variant called `s` ([`MatmulVariant::name`]), if any.
     pub fn parse(s: &str) -> Option<MatmulVariant> {
         MatmulVariant::ALL.into_iter().find(|v| v.name() == s)
     }
 }
 
+/// Uniform of `shaders/matmul.wgsl` (`struct Params` there, same fields in the same order), one
+/// per chunk of W.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct MatmulParams {
+    /// Rows of x (tokens) T.
     pub t: u32,
+    /// Rows of W in this chunk (output columns it computes).
     pub n: u32,
+    /// Reduction length K (`w.cols`).
     pub k: u32,
+    /// Index of the chunk's first row in W (and in the bias, and the output column offset).
     pub row0: u32,
+    /// Row stride of y in elements.
     pub y_stride: u32,
+    /// First output column of y.
     pub y_col0: u32,
+    /// Bits of [`crate::kernels::linear`]: `FLAG_ACCUMULATE`, `FLAG_BIAS`, `FLAG_SCALE`.
     pub flags: u32,
-    /// Multiplies the product when `flags` has [`FLAG_SCALE`] (before bias and accumulation).
+    /// Multiplies the product when `flags` has `FLAG_SCALE` (before bias and accumulation).
     pub scale: f32,
 }
 
-/// `y[t, y_col0 + n] (+)= sum_k x[t, k] * w[n, k] (+ bias[n])` for `t < rows`, `n < w.rows`.
-/// x: `[rows, K]` f32 (K = w.cols), row stride K. y: f32 with row stride `y_stride`
-/// (>= y_col0 + w.rows). `accumulate` adds into y (fuses the residual add). One dispatch per chunk of w.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    ctx: &GpuContext,
-    label: &str,
-    x: &GpuTensor,
-    rows: usize,
-    w: &GpuMatrix,
-    bias: Option<&GpuTensor>,
-    y: &GpuTensor,
-    y_stride: usize,
-    y_col0: usize,
-    accumulate: bool,
-    variant: MatmulVariant,
-) -> Result<Vec<Dispatch>, GpuError> {
-    let kind = crate::kernels::choice::weight_kind(ctx, w.dtype);
-    matmul_with_kind(ctx, label, x, rows, w, bias, y, y_stride, y_col0, accumulate, variant, kind)
-}
-
-/// `y[t, y_col0 + n] (+)= scale * sum_k x[t, k] * w[n, k]`: [`matmul`] without bias and with the
-/// product scaled (LoRA's `S * alpha / r` applied to `a · B^T`). The scale lives in the dispatch's
-/// uniform, so a new scale means preparing the dispatch again, not re-uploading `w`.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_scaled(
-    ctx: &GpuContext,
-    label: &str,
-    x: &GpuTensor,
-    rows: usize,
-    w: &GpuMatrix,
-    y: &GpuTensor,
-    y_stride: usize,
-    y_col0: usize,
-    accumulate: bool,
-    scale: f32,
-    variant: MatmulVariant,
-) -> Result<Vec<Dispatch>, GpuError> {
-    let kind = crate::kernels::choice::weight_kind(ctx, w.dtype);
-    matmul_inner(ctx, label, x, rows, w, None, y, y_stride, y_col0, accumulate, Some(scale), variant, kind)
-}
-
-/// [`matmul`] reading the weights as `kind` (tests use it to cover `F16Packed` where SHADER_F16 exists).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_with_kind(
-    ctx: &GpuContext,
-    label: &str,
-    x: &GpuTensor,
-    rows: usize,
-    w: &GpuMatrix,
-    bias: Option<&GpuTensor>,
-    y: &GpuTensor,
-    y_stride: usize,
-    y_col0: usize,
-    accumulate: bool,
-    variant: MatmulVariant,
-    kind: WeightKind,
-) -> Result<Vec<Dispatch>, GpuError> {
-    matmul_inner(ctx, label, x, rows, w, bias, y, y_stride, y_col0, accumulate, None, variant, kind)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn matmul_inner(
-    ctx: &GpuContext,
-    label: &str,
-    x: &GpuTensor,
-    rows: usize,
-    w: &GpuMatrix,
-    bias: Option<&GpuTensor>,
-    y: &GpuTensor,
-    y_stride: usize,
-    y_col0: usize,
-    accumulate: bool,
-    scale: Option<f32>,
-    variant: MatmulVariant,
-    kind: WeightKind,
-) -> Result<Vec<Dispatch>, GpuError> {
-    check_linear(label, x, rows, w, bias, y, y_stride, y_col0)?;
-    if kind.dtype() != w.dtype {
-        return Err(GpuError::Device(format!("{label}: weight kind {} cannot read {} weights", kind.name(), w.dtype)));
-    }
-    if kind == WeightKind::F16 && !ctx.has_f16() {
-        return Err(GpuError::Device(format!("{label}: WeightKind::F16 needs SHADER_F16")));
-    }
-    let k = w.cols;
+/// Prepares the prefill product `op` (`y[t, y_col0 + n] (+)= scale · sum_k x[t, k] · W[n, k]
+/// (+ bias[n])` for `t < op.rows`, `n < N`) as `variant`: one dispatch per chunk of W, named
+/// `label` (`label[row0]` when W is split).
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when [`LinearOp::check`] rejects the op; a
+/// pipeline build error as [`GpuError::Device`].
+pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVariant) -> Result<Vec<Dispatch>, GpuError> {
+    let kind = op.check(ctx, label)?;
+    let (k, _) = op.k_n();
+    let rows = op.rows;
     let entry = match variant {
         MatmulVariant::RegBlock => "matmul_regblock",
         MatmulVariant::Tiled => "matmul_tiled",
@@ -160,51 +105,42 @@ fn matmul_inner(
     let shader = ShaderVariant::new("matmul", SOURCE, entry)
         .weights("X_DECL", WeightKind::F32, 1, "x")
         .weights("W_DECL", kind, 2, "w")
-        .define("ALIGNED", k % 4 == 0)
+        .define("ALIGNED", k.is_multiple_of(4))
         .define("WG", REGBLOCK_WG)
         .define("TM", REGBLOCK_TM)
         .define("TN", REGBLOCK_TN)
         .define("BM", XBCAST_BM)
         .define("BNR", XBCAST_BNR);
     let pipeline = ctx.pipeline(&shader)?;
-    let flags = if accumulate { FLAG_ACCUMULATE } else { 0 }
-        | if bias.is_some() { FLAG_BIAS } else { 0 }
-        | if scale.is_some() { FLAG_SCALE } else { 0 };
-    let bias_buf = bias.unwrap_or(x);
-    let mut out = Vec::with_capacity(w.chunks.len());
-    for c in &w.chunks {
+    let flags = op.flags();
+    let y_stride = op.y_row_stride();
+    Ok(op.chunk_dispatches(ctx, label, &pipeline, |c| {
         let params = MatmulParams {
             t: rows as u32,
             n: c.rows as u32,
             k: k as u32,
             row0: c.row0 as u32,
             y_stride: y_stride as u32,
-            y_col0: y_col0 as u32,
+            y_col0: op.y_col0 as u32,
             flags,
-            scale: scale.unwrap_or(1.0),
+            scale: op.scale.unwrap_or(1.0),
         };
-        let u = uniform(ctx, label, &params);
         let (t, n) = (rows as u32, c.rows as u32);
-        let groups = match variant {
-            MatmulVariant::RegBlock => (t.div_ceil(REGBLOCK_TM) * n.div_ceil(REGBLOCK_TN)).div_ceil(REGBLOCK_WG),
-            MatmulVariant::Tiled => t.div_ceil(TILE) * n.div_ceil(TILE),
-            MatmulVariant::XBcast => 0,
-        };
         let workgroups = match variant {
+            MatmulVariant::RegBlock => grid((t.div_ceil(REGBLOCK_TM) * n.div_ceil(REGBLOCK_TN)).div_ceil(REGBLOCK_WG)),
+            MatmulVariant::Tiled => grid(t.div_ceil(TILE) * n.div_ceil(TILE)),
             MatmulVariant::XBcast => [n.div_ceil(REGBLOCK_WG * XBCAST_BNR), t.div_ceil(XBCAST_BM), 1],
-            _ => grid(groups),
         };
         let outputs = (rows * c.rows) as u64;
         let cost = Cost {
             flops: 2 * outputs * k as u64,
             bytes: c.tensor.byte_len() as u64
                 + 4 * (rows * k) as u64
-                + outputs * if accumulate { 8 } else { 4 }
-                + if bias.is_some() { 4 * c.rows as u64 } else { 0 },
+                + outputs * if op.accumulate { 8 } else { 4 }
+                + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
         };
-        out.push(chunk_dispatch(ctx, &pipeline, label, w, c, &u, x, bias_buf, y, workgroups, cost));
-    }
-    Ok(out)
+        (params, workgroups, cost)
+    }))
 }
 
 /// CPU reference: `[rows, n]` = x (`[rows, k]`) times w (`[n, k]`) transposed, plus bias; in f64.
@@ -223,7 +159,7 @@ pub fn matmul_ref(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize, bias: O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{DType, GpuOptions, test_context};
+    use crate::gpu::{DType, GpuMatrix, GpuOptions, GpuTensor, test_context};
     use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
     struct Case {
@@ -254,8 +190,13 @@ mod tests {
         let gx = GpuTensor::from_f32(ctx, "x", &[c.t, c.k], &x).unwrap();
         let gb = GpuTensor::from_f32(ctx, "b", &[c.n], &b).unwrap();
         let gy = GpuTensor::from_f32(ctx, "y", &[c.t, stride], &y0).unwrap();
-        let ds =
-            matmul_with_kind(ctx, "mm", &gx, c.t, &gw, c.bias.then_some(&gb), &gy, stride, c.y_col0, c.accumulate, variant, kind).unwrap();
+        let op = LinearOp::new(&gx, c.t, &gw, &gy)
+            .bias(c.bias.then_some(&gb))
+            .y_stride(stride)
+            .y_col0(c.y_col0)
+            .accumulate(c.accumulate)
+            .kind(kind);
+        let ds = matmul(ctx, "mm", &op, variant).unwrap();
         let refs: Vec<&Dispatch> = ds.iter().collect();
         ctx.run("test", &refs).unwrap();
         let got = gy.read_f32(ctx).unwrap();
@@ -325,11 +266,11 @@ mod tests {
         let gw = GpuMatrix::upload(&ctx, "w", 8, 16, &random_vec(128, 1), DType::F32).unwrap();
         let gx = GpuTensor::from_f32(&ctx, "x", &[2, 16], &random_vec(32, 2)).unwrap();
         let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[2, 8]).unwrap();
-        assert!(matmul(&ctx, "mm", &gx, 3, &gw, None, &gy, 8, 0, false, MatmulVariant::RegBlock).is_err());
-        assert!(matmul(&ctx, "mm", &gx, 2, &gw, None, &gy, 7, 0, false, MatmulVariant::RegBlock).is_err());
-        assert!(matmul(&ctx, "mm", &gx, 2, &gw, None, &gy, 9, 0, false, MatmulVariant::RegBlock).is_err());
-        assert!(matmul(&ctx, "mm", &gx, 0, &gw, None, &gy, 8, 0, false, MatmulVariant::RegBlock).is_err());
-        matmul(&ctx, "mm", &gx, 2, &gw, None, &gy, 8, 0, false, MatmulVariant::Tiled).unwrap();
+        assert!(matmul(&ctx, "mm", &LinearOp::new(&gx, 3, &gw, &gy).y_stride(8), MatmulVariant::RegBlock).is_err());
+        assert!(matmul(&ctx, "mm", &LinearOp::new(&gx, 2, &gw, &gy).y_stride(7), MatmulVariant::RegBlock).is_err());
+        assert!(matmul(&ctx, "mm", &LinearOp::new(&gx, 2, &gw, &gy).y_stride(9), MatmulVariant::RegBlock).is_err());
+        assert!(matmul(&ctx, "mm", &LinearOp::new(&gx, 0, &gw, &gy).y_stride(8), MatmulVariant::RegBlock).is_err());
+        matmul(&ctx, "mm", &LinearOp::new(&gx, 2, &gw, &gy).y_stride(8), MatmulVariant::Tiled).unwrap();
     }
 
     /// The scale flag (LoRA's `y[:, col0..] += s · a · B^T`): every variant, strided y with an
@@ -346,7 +287,8 @@ mod tests {
                 let gw = GpuMatrix::upload(&ctx, "w", n, k, &wv, DType::F32).unwrap();
                 let gx = GpuTensor::from_f32(&ctx, "x", &[t, k], &x).unwrap();
                 let gy = GpuTensor::from_f32(&ctx, "y", &[t, y_stride], &y0).unwrap();
-                let ds = matmul_scaled(&ctx, "mm", &gx, t, &gw, &gy, y_stride, y_col0, true, scale, variant).unwrap();
+                let op = LinearOp::new(&gx, t, &gw, &gy).y_stride(y_stride).y_col0(y_col0).accumulate(true).scale(scale);
+                let ds = matmul(&ctx, "mm", &op, variant).unwrap();
                 ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
                 let got = gy.read_f32(&ctx).unwrap();
                 let r = matmul_ref(&x, t, &wv, n, k, None);

@@ -1,5 +1,6 @@
-//! Matrix-vector product for decode (one token): `y[y_col0 + n] (+)= dot(w[n, :], x) (+ bias[n])`
-//! with `w` a `[N, K]` weight matrix (Hugging Face `[out, in]`) in f32 or f16 and f32 maths.
+//! Matrix-vector product (GEMV) for decode, one token: the [`LinearOp`]
+//! `y[y_col0 + n] (+)= scale · dot(w[n, :], x) (+ bias[n])` with `w` a `[N, K]` weight matrix
+//! (Hugging Face `[out, in]`) in f32 or f16 and f32 maths.
 //!
 //! Two variants: [`MatvecVariant::Rows`] (each invocation owns a few rows, register-blocked vec4
 //! loads, no workgroup memory: the fast one on CPU drivers such as lavapipe) and
@@ -8,9 +9,10 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, ShaderVariant, WeightKind};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
+use crate::kernels::checks::invalid;
+use crate::kernels::linear::LinearOp;
 
 const SOURCE: &str = include_str!("../../shaders/matvec.wgsl");
 
@@ -21,17 +23,21 @@ pub const ROWS_WG: u32 = 64;
 /// Workgroup size of the `Reduce` variant (a power of two).
 pub const REDUCE_WG: u32 = 64;
 
+/// The matvec kernel variants; [`crate::kernels::choice::matvec_variant`] picks one per adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatvecVariant {
-    /// Register-blocked vec4, no workgroup memory.
+    /// Register-blocked vec4, no workgroup memory: [`ROWS_PER_INVOCATION`] rows of W per
+    /// invocation, [`ROWS_WG`] invocations per workgroup.
     Rows,
-    /// Workgroup reduction per row.
+    /// Workgroup reduction per row: one workgroup of [`REDUCE_WG`] invocations per row of W.
     Reduce,
 }
 
 impl MatvecVariant {
+    /// Every variant, in the order the kernel choice measures them.
     pub const ALL: [MatvecVariant; 2] = [MatvecVariant::Rows, MatvecVariant::Reduce];
 
+    /// The variant's name in `FIRSTRT_KERNEL`, the choice cache and bench rows (`rows`, `reduce`).
     pub fn name(self) -> &'static str {
         match self {
             MatvecVariant::Rows => "rows",
@@ -39,155 +45,48 @@ impl MatvecVariant {
         }
     }
 
+    /// The variant called `s` ([`MatvecVariant::name`]), if any.
     pub fn parse(s: &str) -> Option<MatvecVariant> {
         MatvecVariant::ALL.into_iter().find(|v| v.name() == s)
     }
 }
 
+/// Uniform of `shaders/matvec.wgsl` (`struct Params` there, same fields in the same order), one
+/// per chunk of W.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct MatvecParams {
+    /// Rows of W in this chunk (outputs it computes).
     pub rows: u32,
+    /// Reduction length K (`w.cols`).
     pub k: u32,
+    /// Index of the chunk's first row in W (and in the bias).
     pub row0: u32,
+    /// First output column of y.
     pub y_col0: u32,
+    /// Bits of [`crate::kernels::linear`]: `FLAG_ACCUMULATE`, `FLAG_BIAS`, `FLAG_SCALE`.
     pub flags: u32,
-    /// Multiplies the product when `flags` has [`FLAG_SCALE`] (before bias and accumulation).
+    /// Multiplies the product when `flags` has `FLAG_SCALE` (before bias and accumulation).
     pub scale: f32,
+    /// Padding to 32 bytes.
     pub _pad1: u32,
+    /// Padding to 32 bytes.
     pub _pad2: u32,
 }
 
-/// `flags` bit: add into y instead of overwriting it.
-pub const FLAG_ACCUMULATE: u32 = 1;
-/// `flags` bit: add the bias.
-pub const FLAG_BIAS: u32 = 2;
-/// `flags` bit: multiply the product by `scale` (before bias and accumulation).
-pub const FLAG_SCALE: u32 = 4;
-
-fn invalid(label: &str, msg: String) -> GpuError {
-    GpuError::Device(format!("{label}: {msg}"))
-}
-
-/// Checks shared by matvec and matmul: dtypes and sizes of x, bias and y.
-pub(crate) fn check_linear(
-    label: &str,
-    x: &GpuTensor,
-    rows: usize,
-    w: &GpuMatrix,
-    bias: Option<&GpuTensor>,
-    y: &GpuTensor,
-    y_stride: usize,
-    y_col0: usize,
-) -> Result<(), GpuError> {
-    if x.dtype != DType::F32 || y.dtype != DType::F32 {
-        return Err(invalid(label, format!("x and y must be f32 (got {} and {})", x.dtype, y.dtype)));
+/// Prepares the decode GEMV `op` (one row: `y[y_col0 + n] (+)= scale · dot(W[n, :], x) (+ bias[n])`)
+/// as `variant`: one dispatch per chunk of W, named `label` (`label[row0]` when W is split).
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when `op.rows` is not 1 or [`LinearOp::check`]
+/// rejects the op; a pipeline build error as [`GpuError::Device`].
+pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVariant) -> Result<Vec<Dispatch>, GpuError> {
+    let kind = op.check(ctx, label)?;
+    if op.rows != 1 {
+        return Err(invalid(label, format!("matvec multiplies one row of x, got {} (use matmul)", op.rows)));
     }
-    if w.dtype == DType::U32 {
-        return Err(invalid(label, "weights must be f32 or f16".into()));
-    }
-    if w.rows == 0 || w.cols == 0 || rows == 0 {
-        return Err(invalid(label, format!("empty product: {rows} rows times [{}, {}]", w.rows, w.cols)));
-    }
-    if x.numel() < rows * w.cols {
-        return Err(invalid(label, format!("x has {} elements, needs {rows} x {}", x.numel(), w.cols)));
-    }
-    if y_stride < y_col0 + w.rows {
-        return Err(invalid(label, format!("y stride {y_stride} < y_col0 {y_col0} + {} outputs", w.rows)));
-    }
-    if y.numel() < (rows - 1) * y_stride + y_col0 + w.rows {
-        return Err(invalid(label, format!("y has {} elements, too few for {rows} rows of stride {y_stride}", y.numel())));
-    }
-    if let Some(b) = bias {
-        if b.dtype != DType::F32 || b.numel() < w.rows {
-            return Err(invalid(label, format!("bias must be f32 with {} elements (got {} {})", w.rows, b.numel(), b.dtype)));
-        }
-    }
-    let max = u32::MAX as usize;
-    if rows * w.cols > max || (rows - 1) * y_stride + y_col0 + w.rows > max {
-        return Err(invalid(label, "tensor too large for 32-bit indexing".into()));
-    }
-    for c in &w.chunks {
-        if c.tensor.dtype != w.dtype || c.tensor.numel() != c.rows * w.cols {
-            return Err(invalid(label, format!("chunk at row {} does not match the matrix", c.row0)));
-        }
-    }
-    Ok(())
-}
-
-/// `y[y_col0 + n] (+)= dot(w[n, :], x) (+ bias[n])`; x: `[K]` f32; y: f32. One dispatch per chunk of w.
-pub fn matvec(
-    ctx: &GpuContext,
-    label: &str,
-    x: &GpuTensor,
-    w: &GpuMatrix,
-    bias: Option<&GpuTensor>,
-    y: &GpuTensor,
-    y_col0: usize,
-    accumulate: bool,
-    variant: MatvecVariant,
-) -> Result<Vec<Dispatch>, GpuError> {
-    matvec_with_kind(ctx, label, x, w, bias, y, y_col0, accumulate, variant, crate::kernels::choice::weight_kind(ctx, w.dtype))
-}
-
-/// `y[y_col0 + n] (+)= scale * dot(w[n, :], x)`: [`matvec`] without bias and with the product
-/// scaled (LoRA's `S * alpha / r` applied to `a · B^T`); the scale lives in the dispatch's uniform.
-#[allow(clippy::too_many_arguments)]
-pub fn matvec_scaled(
-    ctx: &GpuContext,
-    label: &str,
-    x: &GpuTensor,
-    w: &GpuMatrix,
-    y: &GpuTensor,
-    y_col0: usize,
-    accumulate: bool,
-    scale: f32,
-    variant: MatvecVariant,
-) -> Result<Vec<Dispatch>, GpuError> {
-    let kind = crate::kernels::choice::weight_kind(ctx, w.dtype);
-    matvec_inner(ctx, label, x, w, None, y, y_col0, accumulate, Some(scale), variant, kind)
-}
-
-/// [`matvec`] reading the weights as `kind` (tests use it to cover `F16Packed` where SHADER_F16 exists).
-#[allow(clippy::too_many_arguments)]
-pub fn matvec_with_kind(
-    ctx: &GpuContext,
-    label: &str,
-    x: &GpuTensor,
-    w: &GpuMatrix,
-    bias: Option<&GpuTensor>,
-    y: &GpuTensor,
-    y_col0: usize,
-    accumulate: bool,
-    variant: MatvecVariant,
-    kind: WeightKind,
-) -> Result<Vec<Dispatch>, GpuError> {
-    matvec_inner(ctx, label, x, w, bias, y, y_col0, accumulate, None, variant, kind)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn matvec_inner(
-    ctx: &GpuContext,
-    label: &str,
-    x: &GpuTensor,
-    w: &GpuMatrix,
-    bias: Option<&GpuTensor>,
-    y: &GpuTensor,
-    y_col0: usize,
-    accumulate: bool,
-    scale: Option<f32>,
-    variant: MatvecVariant,
-    kind: WeightKind,
-) -> Result<Vec<Dispatch>, GpuError> {
-    check_linear(label, x, 1, w, bias, y, y_col0 + w.rows, y_col0)?;
-    if kind.dtype() != w.dtype {
-        return Err(invalid(label, format!("weight kind {} cannot read {} weights", kind.name(), w.dtype)));
-    }
-    if kind == WeightKind::F16 && !ctx.has_f16() {
-        return Err(invalid(label, "WeightKind::F16 needs SHADER_F16".into()));
-    }
-    let k = w.cols;
-    let aligned = k % 4 == 0;
+    let (k, _) = op.k_n();
+    let aligned = k.is_multiple_of(4);
     let (entry, wg) = match variant {
         MatvecVariant::Rows => ("matvec_rows", ROWS_WG),
         MatvecVariant::Reduce => ("matvec_reduce", REDUCE_WG),
@@ -199,67 +98,28 @@ fn matvec_inner(
         .define("WG", wg)
         .define("R", ROWS_PER_INVOCATION);
     let pipeline = ctx.pipeline(&shader)?;
-    let flags = if accumulate { FLAG_ACCUMULATE } else { 0 }
-        | if bias.is_some() { FLAG_BIAS } else { 0 }
-        | if scale.is_some() { FLAG_SCALE } else { 0 };
-    let bias_buf = bias.unwrap_or(x);
-    let mut out = Vec::with_capacity(w.chunks.len());
-    for c in &w.chunks {
+    let flags = op.flags();
+    Ok(op.chunk_dispatches(ctx, label, &pipeline, |c| {
         let params = MatvecParams {
             rows: c.rows as u32,
             k: k as u32,
             row0: c.row0 as u32,
-            y_col0: y_col0 as u32,
+            y_col0: op.y_col0 as u32,
             flags,
-            scale: scale.unwrap_or(1.0),
+            scale: op.scale.unwrap_or(1.0),
             ..Zeroable::zeroed()
         };
-        let u = uniform(ctx, label, &params);
         let groups = match variant {
             MatvecVariant::Rows => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * ROWS_WG),
             MatvecVariant::Reduce => c.rows as u32,
         };
-        let y_bytes = if accumulate { 8 } else { 4 } * c.rows as u64;
+        let y_bytes = if op.accumulate { 8 } else { 4 } * c.rows as u64;
         let cost = Cost {
             flops: 2 * (c.rows * k) as u64,
-            bytes: c.tensor.byte_len() as u64 + 4 * k as u64 + y_bytes + if bias.is_some() { 4 * c.rows as u64 } else { 0 },
+            bytes: c.tensor.byte_len() as u64 + 4 * k as u64 + y_bytes + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
         };
-        out.push(chunk_dispatch(ctx, &pipeline, label, w, c, &u, x, bias_buf, y, grid(groups), cost));
-    }
-    Ok(out)
-}
-
-/// One chunk's dispatch of a linear kernel (matvec or matmul): bindings params, x, the chunk's
-/// weights, bias, y; named `label[row0]` when the matrix is split.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn chunk_dispatch(
-    ctx: &GpuContext,
-    pipeline: &std::sync::Arc<crate::gpu::pipeline::Pipeline>,
-    label: &str,
-    w: &GpuMatrix,
-    c: &crate::gpu::MatrixChunk,
-    params: &wgpu::Buffer,
-    x: &GpuTensor,
-    bias: &GpuTensor,
-    y: &GpuTensor,
-    workgroups: [u32; 3],
-    cost: Cost,
-) -> Dispatch {
-    let name = if w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
-    Dispatch::new(
-        ctx,
-        pipeline,
-        name,
-        &[
-            params.as_entire_binding(),
-            x.buffer.as_entire_binding(),
-            c.tensor.buffer.as_entire_binding(),
-            bias.buffer.as_entire_binding(),
-            y.buffer.as_entire_binding(),
-        ],
-        workgroups,
-        cost,
-    )
+        (params, grid(groups), cost)
+    }))
 }
 
 /// CPU reference: `dot(w[n, :], x) (+ bias[n])` for each of the `n` rows of `w` (`[n, k]`), in f64.
@@ -275,20 +135,24 @@ pub fn matvec_ref(x: &[f32], w: &[f32], n: usize, k: usize, bias: Option<&[f32]>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{GpuOptions, test_context};
+    use crate::gpu::{DType, GpuMatrix, GpuOptions, GpuTensor, test_context};
     use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
-    /// Runs one matvec and compares with the reference; y starts as `y0` (accumulate) or garbage.
-    fn check(
-        ctx: &GpuContext,
+    struct Case {
         n: usize,
         k: usize,
-        kind: WeightKind,
-        variant: MatvecVariant,
-        with_bias: bool,
+        bias: bool,
         accumulate: bool,
         y_col0: usize,
-    ) {
+    }
+
+    fn case(n: usize, k: usize) -> Case {
+        Case { n, k, bias: false, accumulate: false, y_col0: 0 }
+    }
+
+    /// Runs one matvec and compares with the reference; y starts as `y0` (accumulate) or garbage.
+    fn check(ctx: &GpuContext, c: &Case, kind: WeightKind, variant: MatvecVariant) {
+        let Case { n, k, bias: with_bias, accumulate, y_col0 } = *c;
         let seed = (n * 31 + k) as u64;
         let x = random_vec(k, seed);
         let mut wv = random_vec(n * k, seed + 1);
@@ -302,7 +166,8 @@ mod tests {
         let gx = GpuTensor::from_f32(ctx, "x", &[k], &x).unwrap();
         let gb = GpuTensor::from_f32(ctx, "b", &[n], &b).unwrap();
         let gy = GpuTensor::from_f32(ctx, "y", &[y_len], &y0).unwrap();
-        let ds = matvec_with_kind(ctx, "mv", &gx, &gw, with_bias.then_some(&gb), &gy, y_col0, accumulate, variant, kind).unwrap();
+        let op = LinearOp::new(&gx, 1, &gw, &gy).bias(with_bias.then_some(&gb)).y_col0(y_col0).accumulate(accumulate).kind(kind);
+        let ds = matvec(ctx, "mv", &op, variant).unwrap();
         let refs: Vec<&Dispatch> = ds.iter().collect();
         ctx.run("test", &refs).unwrap();
         let got = gy.read_f32(ctx).unwrap();
@@ -322,7 +187,7 @@ mod tests {
         for variant in MatvecVariant::ALL {
             for kind in weight_kinds(&ctx) {
                 for (n, k) in [(1, 1), (7, 7), (257, 257), (13, 1757), (1757, 12), (5, 8), (300, 576)] {
-                    check(&ctx, n, k, kind, variant, false, false, 0);
+                    check(&ctx, &case(n, k), kind, variant);
                 }
             }
         }
@@ -333,9 +198,9 @@ mod tests {
         let ctx = test_context();
         for variant in MatvecVariant::ALL {
             for kind in weight_kinds(&ctx) {
-                check(&ctx, 37, 64, kind, variant, true, false, 5);
-                check(&ctx, 37, 63, kind, variant, true, true, 2);
-                check(&ctx, 9, 20, kind, variant, false, true, 0);
+                check(&ctx, &Case { n: 37, k: 64, bias: true, accumulate: false, y_col0: 5 }, kind, variant);
+                check(&ctx, &Case { n: 37, k: 63, bias: true, accumulate: true, y_col0: 2 }, kind, variant);
+                check(&ctx, &Case { n: 9, k: 20, bias: false, accumulate: true, y_col0: 0 }, kind, variant);
             }
         }
     }
@@ -344,8 +209,13 @@ mod tests {
     fn matvec_large() {
         let ctx = test_context();
         for variant in MatvecVariant::ALL {
-            check(&ctx, 3072, 576, WeightKind::F32, variant, false, false, 0);
-            check(&ctx, 576, 1536, WeightKind::for_dtype(&ctx, DType::F16), variant, true, true, 0);
+            check(&ctx, &case(3072, 576), WeightKind::F32, variant);
+            check(
+                &ctx,
+                &Case { n: 576, k: 1536, bias: true, accumulate: true, y_col0: 0 },
+                WeightKind::for_dtype(&ctx, DType::F16),
+                variant,
+            );
         }
     }
 
@@ -358,8 +228,8 @@ mod tests {
                 let (n, k) = (301, 36);
                 let gw = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 9), kind.dtype()).unwrap();
                 assert!(gw.chunks.len() > 1);
-                check(&ctx, n, k, kind, variant, true, false, 3);
-                check(&ctx, 97, 257, kind, variant, true, true, 1);
+                check(&ctx, &Case { n, k, bias: true, accumulate: false, y_col0: 3 }, kind, variant);
+                check(&ctx, &Case { n: 97, k: 257, bias: true, accumulate: true, y_col0: 1 }, kind, variant);
             }
         }
     }
@@ -370,13 +240,13 @@ mod tests {
         let gw = GpuMatrix::upload(&ctx, "w", 8, 16, &random_vec(128, 1), DType::F32).unwrap();
         let gx = GpuTensor::from_f32(&ctx, "x", &[15], &random_vec(15, 2)).unwrap();
         let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[8]).unwrap();
-        assert!(matvec(&ctx, "mv", &gx, &gw, None, &gy, 0, false, MatvecVariant::Rows).is_err());
+        assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy), MatvecVariant::Rows).is_err());
         let gx = GpuTensor::from_f32(&ctx, "x", &[16], &random_vec(16, 2)).unwrap();
-        assert!(matvec(&ctx, "mv", &gx, &gw, None, &gy, 1, false, MatvecVariant::Rows).is_err());
+        assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy).y_col0(1), MatvecVariant::Rows).is_err());
         let gb = GpuTensor::from_f32(&ctx, "b", &[7], &random_vec(7, 3)).unwrap();
-        assert!(matvec(&ctx, "mv", &gx, &gw, Some(&gb), &gy, 0, false, MatvecVariant::Rows).is_err());
-        matvec(&ctx, "mv", &gx, &gw, None, &gy, 0, false, MatvecVariant::Rows).unwrap();
-        assert!(matvec_with_kind(&ctx, "mv", &gx, &gw, None, &gy, 0, false, MatvecVariant::Rows, WeightKind::F16Packed).is_err());
+        assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy).bias(Some(&gb)), MatvecVariant::Rows).is_err());
+        matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy), MatvecVariant::Rows).unwrap();
+        assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy).kind(WeightKind::F16Packed), MatvecVariant::Rows).is_err());
     }
 
     /// The scale flag (LoRA's `y += s · a · B^T`): every variant, with an offset and accumulation,
@@ -392,7 +262,8 @@ mod tests {
                 let gw = GpuMatrix::upload(&ctx, "w", n, k, &wv, DType::F32).unwrap();
                 let gx = GpuTensor::from_f32(&ctx, "x", &[k], &x).unwrap();
                 let gy = GpuTensor::from_f32(&ctx, "y", &[y0.len()], &y0).unwrap();
-                let ds = matvec_scaled(&ctx, "mv", &gx, &gw, &gy, y_col0, true, scale, variant).unwrap();
+                let op = LinearOp::new(&gx, 1, &gw, &gy).y_col0(y_col0).accumulate(true).scale(scale);
+                let ds = matvec(&ctx, "mv", &op, variant).unwrap();
                 ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
                 let got = gy.read_f32(&ctx).unwrap();
                 let r = matvec_ref(&x, &wv, n, k, None);

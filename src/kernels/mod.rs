@@ -4,9 +4,11 @@
 
 pub mod add;
 pub mod attention;
+mod checks;
 pub mod choice;
 pub mod copy;
 pub mod embedding;
+pub mod linear;
 pub mod matmul;
 pub mod matvec;
 pub mod rmsnorm;

@@ -8,7 +8,9 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::kernels::attention::AttnShape;
+use crate::kernels::checks::{cache_rows, check_f32, check_rows, invalid};
 use crate::kernels::step::StepBuffer;
 
 const SOURCE: &str = include_str!("../../shaders/rope.wgsl");
@@ -16,45 +18,14 @@ const SOURCE: &str = include_str!("../../shaders/rope.wgsl");
 /// The llama3 rope-scaling parameters (`rope_scaling` with `rope_type: "llama3"` in config.json).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeScalingParams {
+    /// `factor`: low frequencies are divided by it.
     pub factor: f32,
+    /// `low_freq_factor`: wavelengths above `original_max_position / low_freq_factor` are scaled.
     pub low_freq_factor: f32,
+    /// `high_freq_factor`: wavelengths below `original_max_position / high_freq_factor` are kept.
     pub high_freq_factor: f32,
+    /// `original_max_position_embeddings` (tokens).
     pub original_max_position: u32,
-}
-
-/// Heads and head size of an attention layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttnShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl AttnShape {
-    /// Width of one q row, `n_heads * head_dim`.
-    pub fn q_dim(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-
-    /// Width of one k or v cache row, `n_kv_heads * head_dim`.
-    pub fn kv_dim(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
-
-    /// Width of one fused qkv row, `(n_heads + 2 * n_kv_heads) * head_dim`.
-    pub fn qkv_dim(&self) -> usize {
-        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-    }
-
-    /// Non-zero sizes and n_heads a multiple of n_kv_heads (GQA).
-    pub fn check(&self) -> Result<(), GpuError> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return Err(GpuError::InvalidArgument(format!(
-                "attention shape {self:?}: sizes must be non-zero and n_heads a multiple of n_kv_heads"
-            )));
-        }
-        Ok(())
-    }
 }
 
 /// `inv_freq[i] = 1 / theta^(2i / head_dim)` in f32 as HF computes it, then the llama3 rule when
@@ -107,13 +78,23 @@ pub fn rope_tables_ref(inv_freq: &[f32], max_pos: usize) -> (Vec<f32>, Vec<f32>)
 /// RoPE tables on the GPU: cos and sin `[max_pos, head_dim / 2]` f32.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
+    /// `cos(pos * inv_freq[i])`, `[max_pos, head_dim / 2]` f32.
     pub cos: GpuTensor,
+    /// `sin(pos * inv_freq[i])`, `[max_pos, head_dim / 2]` f32.
     pub sin: GpuTensor,
+    /// Positions covered (rows of the tables).
     pub max_pos: usize,
+    /// Head size the tables are for (even).
     pub head_dim: usize,
 }
 
 impl RopeTables {
+    /// Computes the tables on the CPU ([`rope_inv_freq`], [`rope_tables_ref`]) for positions
+    /// `0..max_pos` and uploads them.
+    ///
+    /// # Errors
+    /// [`GpuError::InvalidArgument`] when head_dim is odd or 0 or max_pos is 0; a buffer error
+    /// from the upload.
     pub fn new(
         ctx: &GpuContext,
         head_dim: usize,
@@ -137,75 +118,71 @@ impl RopeTables {
     }
 }
 
+/// Uniform of `shaders/rope.wgsl` (`struct Params` there, same fields in the same order).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct RopeParams {
+    /// Rows the dispatch is sized for.
     pub rows: u32,
+    /// Query heads.
     pub n_heads: u32,
+    /// Key/value heads.
     pub n_kv_heads: u32,
+    /// Elements per head.
     pub head_dim: u32,
+    /// `head_dim / 2`: rotated pairs per head.
     pub half_dim: u32,
+    /// Positions the caches and tables hold; later positions are skipped.
     pub max_pos: u32,
+    /// Padding to 32 bytes.
     pub _pad0: u32,
+    /// Padding to 32 bytes.
     pub _pad1: u32,
 }
 
-pub(crate) fn check_f32(t: &GpuTensor, min_numel: usize, what: &str) -> Result<(), GpuError> {
-    if t.dtype != DType::F32 || t.numel() < min_numel {
-        return Err(GpuError::InvalidArgument(format!(
-            "{what} ({}): needs at least {min_numel} f32 values, has {} {}",
-            t.label,
-            t.numel(),
-            t.dtype
-        )));
-    }
-    Ok(())
+/// The operands of one fused RoPE + KV-cache write (see [`rope_qkv_write`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RopeQkvOp<'a> {
+    /// The QKV projection, `[rows, (n_heads + 2 n_kv_heads) head_dim]` f32 (q | k | v per row,
+    /// Hugging Face order).
+    pub qkv: &'a GpuTensor,
+    /// Rows the dispatch is sized for (the step's `n_tokens` may be fewer); at least 1.
+    pub rows: usize,
+    /// Heads and head size (head_dim even, equal to the tables').
+    pub shape: AttnShape,
+    /// The cos/sin tables.
+    pub tables: &'a RopeTables,
+    /// The per-step uniform (`pos0`, `n_tokens`), read at run time.
+    pub step: &'a StepBuffer,
+    /// Rotated queries out, `[rows, n_heads head_dim]` f32.
+    pub q_out: &'a GpuTensor,
+    /// Key cache, `[max_pos, n_kv_heads head_dim]` f32: rotated keys are written at their positions.
+    pub k_cache: &'a GpuTensor,
+    /// Value cache, `[max_pos, n_kv_heads head_dim]` f32: values are written at their positions.
+    pub v_cache: &'a GpuTensor,
 }
 
-/// Rows of a KV cache `[max_pos, kv_dim]` (from its shape; checked to be f32 and a whole number of rows).
-pub(crate) fn cache_rows(cache: &GpuTensor, kv_dim: usize, what: &str) -> Result<usize, GpuError> {
-    if cache.dtype != DType::F32 || cache.numel() == 0 || !cache.numel().is_multiple_of(kv_dim) {
-        return Err(GpuError::InvalidArgument(format!(
-            "{what} ({}): expected [max_pos, {kv_dim}] f32, got {:?} {}",
-            cache.label, cache.shape, cache.dtype
-        )));
-    }
-    Ok(cache.numel() / kv_dim)
-}
-
-/// Fused step after the QKV projection. `qkv`: `[T, (n_heads + 2 n_kv_heads) head_dim]` f32 (q | k
-/// | v per row, HF order). For t < T (the step's `n_tokens`, at most `rows`) at position
-/// `pos = pos0 + t`: `q_out[t] = rope(q)` (`[T, n_heads head_dim]` f32), `k_cache[pos] = rope(k)`,
-/// `v_cache[pos] = v` (caches `[max_pos, n_kv_heads head_dim]` f32). Positions at or beyond the
-/// caches' or tables' length are skipped. Requires an even head_dim.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_qkv_write(
-    ctx: &GpuContext,
-    label: &str,
-    qkv: &GpuTensor,
-    rows: usize,
-    shape: AttnShape,
-    tables: &RopeTables,
-    step: &StepBuffer,
-    q_out: &GpuTensor,
-    k_cache: &GpuTensor,
-    v_cache: &GpuTensor,
-) -> Result<Dispatch, GpuError> {
-    shape.check()?;
+/// Fused step after the QKV projection: for t < T (the step's `n_tokens`, at most `op.rows`) at
+/// position `pos = pos0 + t`: `q_out[t] = rope(q)`, `k_cache[pos] = rope(k)`, `v_cache[pos] = v`,
+/// with rope the rotate-half rotation of Hugging Face's `apply_rotary_pos_emb`. Positions at or
+/// beyond the caches' or tables' length are skipped.
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when the shape is invalid, head_dim is odd or
+/// differs from the tables', rows is 0, qkv or q_out is not f32 or too small, a cache is not f32
+/// or not a whole number of rows, or the dispatch would need more than 2^32 invocations.
+pub fn rope_qkv_write(ctx: &GpuContext, label: &str, op: &RopeQkvOp) -> Result<Dispatch, GpuError> {
+    let RopeQkvOp { qkv, rows, shape, tables, step, q_out, k_cache, v_cache } = *op;
+    shape.check(label)?;
     let hd = shape.head_dim;
     if !hd.is_multiple_of(2) || tables.head_dim != hd {
-        return Err(GpuError::InvalidArgument(format!(
-            "{label}: rope needs an even head_dim matching the tables (head_dim {hd}, tables {})",
-            tables.head_dim
-        )));
+        return Err(invalid(label, format!("rope needs an even head_dim matching the tables (head_dim {hd}, tables {})", tables.head_dim)));
     }
-    if rows == 0 {
-        return Err(GpuError::InvalidArgument(format!("{label}: rows must be at least 1")));
-    }
-    check_f32(qkv, rows * shape.qkv_dim(), "qkv")?;
-    check_f32(q_out, rows * shape.q_dim(), "q_out")?;
-    let k_rows = cache_rows(k_cache, shape.kv_dim(), "k_cache")?;
-    let v_rows = cache_rows(v_cache, shape.kv_dim(), "v_cache")?;
+    check_rows(label, rows)?;
+    check_f32(label, qkv, rows * shape.qkv_dim(), "qkv")?;
+    check_f32(label, q_out, rows * shape.q_dim(), "q_out")?;
+    let k_rows = cache_rows(label, k_cache, shape.kv_dim(), "k_cache")?;
+    let v_rows = cache_rows(label, v_cache, shape.kv_dim(), "v_cache")?;
     let max_pos = k_rows.min(v_rows).min(tables.max_pos);
     let slots = shape.n_heads + 2 * shape.n_kv_heads;
     let params = RopeParams {
@@ -220,7 +197,7 @@ pub fn rope_qkv_write(
     };
     let invocations = rows * slots * hd / 2;
     if invocations > u32::MAX as usize {
-        return Err(GpuError::InvalidArgument(format!("{label}: {rows} rows are too many for one dispatch")));
+        return Err(invalid(label, format!("{rows} rows are too many for one dispatch")));
     }
     let pipeline = ctx.pipeline(&ShaderVariant::new("rope", SOURCE, "rope_qkv"))?;
     let u = uniform(ctx, label, &params);
@@ -265,7 +242,7 @@ pub fn rope_ref(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::test_context;
+    use crate::gpu::{DType, test_context};
     use crate::kernels::step::StepParams;
     use crate::kernels::testing::{assert_close, random_vec};
 
@@ -350,7 +327,12 @@ mod tests {
         let g_v = GpuTensor::from_f32(&ctx, "v", &[max_pos, kvd], &v_old).unwrap();
         let step = StepBuffer::new(&ctx);
         step.write(&ctx, &StepParams::new(pos0, t_rows));
-        let d = rope_qkv_write(&ctx, "rope", &g_qkv, t_rows, shape, &tables, &step, &g_q, &g_k, &g_v).unwrap();
+        let d = rope_qkv_write(
+            &ctx,
+            "rope",
+            &RopeQkvOp { qkv: &g_qkv, rows: t_rows, shape, tables: &tables, step: &step, q_out: &g_q, k_cache: &g_k, v_cache: &g_v },
+        )
+        .unwrap();
         ctx.run("rope", &[&d]).unwrap();
 
         let inv = rope_inv_freq(hd, 10000.0, None);
@@ -397,7 +379,12 @@ mod tests {
         let g_k = GpuTensor::zeros(&ctx, "k", DType::F32, &[max_pos, kvd]).unwrap();
         let g_v = GpuTensor::zeros(&ctx, "v", DType::F32, &[max_pos, kvd]).unwrap();
         let step = StepBuffer::new(&ctx);
-        let d = rope_qkv_write(&ctx, "rope", &g_qkv, 7, shape, &tables, &step, &g_q, &g_k, &g_v).unwrap();
+        let d = rope_qkv_write(
+            &ctx,
+            "rope",
+            &RopeQkvOp { qkv: &g_qkv, rows: 7, shape, tables: &tables, step: &step, q_out: &g_q, k_cache: &g_k, v_cache: &g_v },
+        )
+        .unwrap();
         let mut k_want = vec![0.0; max_pos * kvd];
         let mut v_want = vec![0.0; max_pos * kvd];
         for (i, &(pos0, n)) in [(0usize, 7usize), (7, 3), (10, 1), (30, 7)].iter().enumerate() {
@@ -434,20 +421,36 @@ mod tests {
         let q = GpuTensor::zeros(&ctx, "q", DType::F32, &[2, odd.q_dim()]).unwrap();
         let k = GpuTensor::zeros(&ctx, "k", DType::F32, &[8, odd.kv_dim()]).unwrap();
         let tables = RopeTables::new(&ctx, 8, 10000.0, None, 8).unwrap();
-        let r = rope_qkv_write(&ctx, "rope", &qkv, 2, odd, &tables, &step, &q, &k, &k);
+        let r = rope_qkv_write(
+            &ctx,
+            "rope",
+            &RopeQkvOp { qkv: &qkv, rows: 2, shape: odd, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
+        );
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "odd head_dim: {r:?}");
         // GQA needs n_heads to be a multiple of n_kv_heads.
         let bad = AttnShape { n_heads: 4, n_kv_heads: 3, head_dim: 8 };
-        let r = rope_qkv_write(&ctx, "rope", &qkv, 2, bad, &tables, &step, &q, &k, &k);
+        let r = rope_qkv_write(
+            &ctx,
+            "rope",
+            &RopeQkvOp { qkv: &qkv, rows: 2, shape: bad, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
+        );
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "4/3 heads: {r:?}");
         // qkv too small for the rows.
         let ok = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 8 };
         let small = GpuTensor::zeros(&ctx, "qkv", DType::F32, &[1, ok.qkv_dim()]).unwrap();
         let q = GpuTensor::zeros(&ctx, "q", DType::F32, &[2, ok.q_dim()]).unwrap();
         let k = GpuTensor::zeros(&ctx, "k", DType::F32, &[8, ok.kv_dim()]).unwrap();
-        let r = rope_qkv_write(&ctx, "rope", &small, 2, ok, &tables, &step, &q, &k, &k);
+        let r = rope_qkv_write(
+            &ctx,
+            "rope",
+            &RopeQkvOp { qkv: &small, rows: 2, shape: ok, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
+        );
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "small qkv: {r:?}");
-        let r = rope_qkv_write(&ctx, "rope", &small, 1, ok, &tables, &step, &q, &k, &k);
+        let r = rope_qkv_write(
+            &ctx,
+            "rope",
+            &RopeQkvOp { qkv: &small, rows: 1, shape: ok, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
+        );
         assert!(r.is_ok(), "{r:?}");
     }
 }

@@ -18,6 +18,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::kernels::checks::{check_f32, invalid};
 
 const SOURCE: &str = include_str!("../../shaders/sample.wgsl");
 
@@ -28,29 +29,39 @@ pub const TOPK_TILE: usize = 1024;
 /// The largest k that [`top_k`] supports.
 pub const MAX_TOP_K: usize = 256;
 
+/// Uniform of `shaders/sample.wgsl` (`struct Params` there), one per pass.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct SampleParams {
+    /// Entries this pass reads (logits, or pairs of the previous pass).
     pub n: u32,
+    /// Pairs each workgroup keeps (1 for argmax, k for top-k).
     pub k: u32,
+    /// 1: read the f32 logits; 0: read the (index, value) pairs of the previous pass.
     pub from_logits: u32,
     /// `top_k_select`: u32 words of fallback dispatch arguments; else 0.
     pub aux: u32,
 }
 
-/// Chain reduction passes: each workgroup of a pass turns `tile` entries into `per_group` pairs,
-/// until one workgroup writes the result into `out`.
-#[allow(clippy::too_many_arguments)]
+/// One kind of reduction pass: the entry point, and how many (index, value) pairs each
+/// workgroup turns its `tile` entries into.
+struct Reduction {
+    entry: &'static str,
+    tile: usize,
+    per_group: usize,
+}
+
+/// Chain reduction passes over the first `n` logits: each workgroup of a pass turns `tile`
+/// entries into `per_group` pairs, until one workgroup writes the result into `out`.
 fn reduce_passes(
     ctx: &GpuContext,
     label: &str,
-    entry: &'static str,
+    r: Reduction,
     logits: &GpuTensor,
     n: usize,
-    tile: usize,
-    per_group: usize,
     out: &GpuTensor,
 ) -> Result<Vec<Dispatch>, GpuError> {
+    let Reduction { entry, tile, per_group } = r;
     let pipeline = ctx.pipeline(&ShaderVariant::new("sample", SOURCE, entry))?;
     let mut dispatches = Vec::new();
     let mut src: Option<GpuTensor> = None; // None: the logits
@@ -85,29 +96,35 @@ fn reduce_passes(
 }
 
 fn check_logits(label: &str, logits: &GpuTensor, n: usize) -> Result<(), GpuError> {
-    if logits.dtype != DType::F32 || logits.numel() < n || n == 0 || n > (u32::MAX / 2) as usize {
-        return Err(GpuError::InvalidArgument(format!("{label}: need {n} (> 0) f32 logits, got {} {}", logits.numel(), logits.dtype)));
+    check_f32(label, logits, n, "logits")?;
+    if n == 0 || n > (u32::MAX / 2) as usize {
+        return Err(invalid(label, format!("{n} logits: need 1 to 2^31 - 1")));
     }
     Ok(())
 }
 
 /// Index and value of the largest of the first `n` logits (`[V]` f32), written to `out` as two
-/// u32 words: the index, then the f32 bits of the value. Ties go to the lowest index.
+/// u32 words: the index, then the f32 bits of the value. Ties go to the lowest index (as
+/// `torch.argmax`). One dispatch per reduction pass, named `label.passN`.
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when the logits are not f32 or fewer than `n`,
+/// `n` is 0 or 2^31 or more, or `out` holds fewer than 2 u32 words.
 pub fn argmax(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
     check_logits(label, logits, n)?;
     if out.dtype == DType::F16 || out.byte_len() < 8 {
-        return Err(GpuError::InvalidArgument(format!("{label}: argmax needs an output of 2 u32 words")));
+        return Err(invalid(label, "argmax needs an output of 2 u32 words"));
     }
-    reduce_passes(ctx, label, "argmax", logits, n, ARGMAX_TILE, 1, out)
+    reduce_passes(ctx, label, Reduction { entry: "argmax", tile: ARGMAX_TILE, per_group: 1 }, logits, n, out)
 }
 
 fn check_top_k(label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTensor) -> Result<(), GpuError> {
     check_logits(label, logits, n)?;
     if k == 0 || k > MAX_TOP_K || k > n {
-        return Err(GpuError::InvalidArgument(format!("{label}: top_k with k = {k} of {n} (1 <= k <= min(n, {MAX_TOP_K}))")));
+        return Err(invalid(label, format!("top_k with k = {k} of {n} (1 <= k <= min(n, {MAX_TOP_K}))")));
     }
     if out.dtype == DType::F16 || out.byte_len() < 8 * k {
-        return Err(GpuError::InvalidArgument(format!("{label}: top_k needs an output of {} u32 words", 2 * k)));
+        return Err(invalid(label, format!("top_k needs an output of {} u32 words", 2 * k)));
     }
     Ok(())
 }
@@ -116,12 +133,18 @@ fn check_top_k(label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTen
 /// words (index, f32 bits of the value), sorted by value descending, ties lowest index first.
 /// Read back `2 * k` words and turn them into pairs with [`decode_pairs`].
 ///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when the logits are not f32 or fewer than `n`,
+/// `n` is 0 or 2^31 or more, `k` is not in `1..=min(n, 256)`, or `out` holds fewer than `2 * k`
+/// u32 words.
+///
 /// One selection workgroup (threshold from subset maxima, then ranking of the few entries above
 /// it), plus the [`top_k_sort`] passes as an exact fallback, dispatched indirectly with zero
 /// workgroups unless more than [`SELECT_CAP`] entries pass the threshold.
 pub fn top_k(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usize, out: &GpuTensor) -> Result<Vec<Dispatch>, GpuError> {
     check_top_k(label, logits, n, k, out)?;
-    let fallback = reduce_passes(ctx, &format!("{label}.fallback"), "top_k", logits, n, TOPK_TILE, k, out)?;
+    let fallback =
+        reduce_passes(ctx, &format!("{label}.fallback"), Reduction { entry: "top_k", tile: TOPK_TILE, per_group: k }, logits, n, out)?;
     // The fallback's workgroup counts, as reduce_passes chains them.
     let mut full: Vec<u32> = Vec::with_capacity(3 * fallback.len());
     let mut m = n;
@@ -169,6 +192,9 @@ pub fn top_k(ctx: &GpuContext, label: &str, logits: &GpuTensor, n: usize, k: usi
 pub const SELECT_CAP: usize = 1024;
 
 /// [`top_k`] by bitonic sorts of 1024-entry tiles in passes (its fallback; also usable alone).
+///
+/// # Errors
+/// As [`top_k`].
 pub fn top_k_sort(
     ctx: &GpuContext,
     label: &str,
@@ -178,7 +204,7 @@ pub fn top_k_sort(
     out: &GpuTensor,
 ) -> Result<Vec<Dispatch>, GpuError> {
     check_top_k(label, logits, n, k, out)?;
-    reduce_passes(ctx, label, "top_k", logits, n, TOPK_TILE, k, out)
+    reduce_passes(ctx, label, Reduction { entry: "top_k", tile: TOPK_TILE, per_group: k }, logits, n, out)
 }
 
 /// Read-back words `[index, f32 bits, index, f32 bits, ..]` as `(index, value)` pairs.

@@ -17,6 +17,7 @@ pub struct StepParams {
     pub n_tokens: u32,
     /// `pos0 + n_tokens`: cache rows valid after this step.
     pub kv_len: u32,
+    /// Padding to 16 bytes.
     pub _pad: u32,
 }
 
@@ -30,6 +31,7 @@ impl StepParams {
 /// A 16-byte `UNIFORM | COPY_DST` buffer holding one [`StepParams`].
 #[derive(Debug, Clone)]
 pub struct StepBuffer {
+    /// The uniform buffer (16 bytes), bound by the kernels that read the step.
     pub buffer: wgpu::Buffer,
 }
 

@@ -5,37 +5,37 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::kernels::checks::{check_f32, check_u32};
 
 const SOURCE: &str = include_str!("../../shaders/swiglu.wgsl");
 
+/// Uniform of `shaders/swiglu.wgsl` (`struct Params` there).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct SwigluParams {
+    /// Rows (tokens).
     pub rows: u32,
+    /// Intermediate size (`d_ff`): columns of the output, half the columns of gate_up.
     pub ff: u32,
+    /// Padding to 16 bytes.
     pub _pad0: u32,
+    /// Padding to 16 bytes.
     pub _pad1: u32,
 }
 
 /// `out` (`[rows, ff]` f32) = silu(gate) * up, with `gate_up` `[rows, 2 * ff]` f32 holding the
-/// gate in columns `0..ff` and the up projection in `ff..2 * ff`.
+/// gate in columns `0..ff` and the up projection in `ff..2 * ff` (Shazeer 2020, as Hugging Face's
+/// `LlamaMLP` with `hidden_act = "silu"`).
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when gate_up or out is not f32 or too small, or
+/// `2 * rows * ff` does not fit in u32.
 pub fn swiglu(ctx: &GpuContext, label: &str, gate_up: &GpuTensor, rows: usize, ff: usize, out: &GpuTensor) -> Result<Dispatch, GpuError> {
     let n = rows * ff;
-    if gate_up.dtype != DType::F32 || out.dtype != DType::F32 {
-        return Err(GpuError::InvalidArgument(format!("{label}: swiglu needs f32 tensors")));
-    }
-    if gate_up.numel() < 2 * n || out.numel() < n {
-        return Err(GpuError::InvalidArgument(format!(
-            "{label}: swiglu of [{rows}, {ff}] needs gate_up >= {} and out >= {n} elements, got {} and {}",
-            2 * n,
-            gate_up.numel(),
-            out.numel()
-        )));
-    }
-    if n > u32::MAX as usize / 2 {
-        return Err(GpuError::InvalidArgument(format!("{label}: swiglu of {n} elements is too large")));
-    }
+    check_f32(label, gate_up, 2 * n, "gate_up")?;
+    check_f32(label, out, n, "out")?;
+    check_u32(label, 2 * n, "gate_up elements")?;
     let pipeline = ctx.pipeline(&ShaderVariant::new("swiglu", SOURCE, "swiglu"))?;
     let params = SwigluParams { rows: rows as u32, ff: ff as u32, _pad0: 0, _pad1: 0 };
     let u = uniform(ctx, label, &params);
@@ -67,7 +67,7 @@ pub fn swiglu_ref(gate_up: &[f32], rows: usize, ff: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::test_context;
+    use crate::gpu::{DType, test_context};
     use crate::kernels::testing::{assert_close, random_vec};
 
     fn check(rows: usize, ff: usize, scale: f32, seed: u64) {

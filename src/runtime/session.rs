@@ -8,14 +8,15 @@
 
 use std::sync::Arc;
 
-use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuTensor};
-use crate::kernels::attention::attention;
+use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor};
+use crate::kernels::attention::{AttnOp, AttnShape, attention};
 use crate::kernels::choice::{matmul_variant, matvec_variant};
 use crate::kernels::embedding::embedding;
-use crate::kernels::matmul::{matmul, matmul_scaled};
-use crate::kernels::matvec::{matvec, matvec_scaled};
-use crate::kernels::rmsnorm::rmsnorm;
-use crate::kernels::rope::{AttnShape, RopeScalingParams, RopeTables, rope_qkv_write};
+use crate::kernels::linear::LinearOp;
+use crate::kernels::matmul::matmul;
+use crate::kernels::matvec::matvec;
+use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
+use crate::kernels::rope::{RopeQkvOp, RopeScalingParams, RopeTables, rope_qkv_write};
 use crate::kernels::router::router_gate;
 use crate::kernels::sample::{argmax, decode_pairs, top_k};
 use crate::kernels::step::{StepBuffer, StepParams};
@@ -441,47 +442,23 @@ impl Session {
         self.decode_program.as_ref().map(|p| p.iter().map(|d| d.label.as_str()).collect())
     }
 
-    fn linear(
-        &self,
-        label: &str,
-        x: &GpuTensor,
-        rows: usize,
-        w: &GpuMatrix,
-        bias: Option<&GpuTensor>,
-        y: &GpuTensor,
-        y_stride: usize,
-        accumulate: bool,
-        decode: bool,
-    ) -> Result<Vec<Dispatch>, RuntimeError> {
+    /// The linear product `op` as matvec (decode, one row) or matmul (prefill), each with the
+    /// adapter's variant.
+    fn linear(&self, label: &str, op: &LinearOp, decode: bool) -> Result<Vec<Dispatch>, RuntimeError> {
         Ok(if decode {
-            matvec(&self.ctx, label, x, w, bias, y, 0, accumulate, matvec_variant(&self.ctx))?
+            matvec(&self.ctx, label, op, matvec_variant(&self.ctx))?
         } else {
-            matmul(&self.ctx, label, x, rows, w, bias, y, y_stride, 0, accumulate, matmul_variant(&self.ctx))?
+            matmul(&self.ctx, label, op, matmul_variant(&self.ctx))?
         })
     }
 
-    /// A LoRA group's delta: `a = x · A^T` (`[rows, inner]` in `lora_tmp`), then
-    /// `y[:, 0..out] += s · a · B^T` with `y` of row stride `y_stride`.
-    fn lora_delta(
-        &self,
-        label: &str,
-        x: &GpuTensor,
-        rows: usize,
-        pair: &GpuLoraPair,
-        y: &GpuTensor,
-        y_stride: usize,
-        s: f32,
-        decode: bool,
-    ) -> Result<Vec<Dispatch>, RuntimeError> {
+    /// A LoRA group's delta on the base product `base` (its x, rows, y and y stride):
+    /// `a = x · A^T` (`[rows, inner]` in `lora_tmp`), then `y[:, 0..out] += s · a · B^T`.
+    fn lora_delta(&self, label: &str, base: &LinearOp, pair: &GpuLoraPair, s: f32, decode: bool) -> Result<Vec<Dispatch>, RuntimeError> {
         let tmp = self.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Plan("LoRA attached without its buffer".into()))?;
-        let inner = pair.a.rows;
-        let mut p = self.linear(&format!("{label}.lora_a"), x, rows, &pair.a, None, tmp, inner, false, decode)?;
-        let label = format!("{label}.lora_b");
-        p.extend(if decode {
-            matvec_scaled(&self.ctx, &label, tmp, &pair.b, y, 0, true, s, matvec_variant(&self.ctx))?
-        } else {
-            matmul_scaled(&self.ctx, &label, tmp, rows, &pair.b, y, y_stride, 0, true, s, matmul_variant(&self.ctx))?
-        });
+        let mut p = self.linear(&format!("{label}.lora_a"), &LinearOp::new(base.x, base.rows, &pair.a, tmp), decode)?;
+        let b = LinearOp::new(tmp, base.rows, &pair.b, base.y).y_stride(base.y_row_stride()).accumulate(true).scale(s);
+        p.extend(self.linear(&format!("{label}.lora_b"), &b, decode)?);
         Ok(p)
     }
 
@@ -498,34 +475,39 @@ impl Session {
         let cache = self.caches[l].as_ref().ok_or_else(|| RuntimeError::Plan(format!("layer {l} runs but has no KV cache")))?;
         let decode = phase == "decode";
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
         let at = |name: &str| format!("{phase}/layer.{l}/{name}");
         // The unmerged adapter's matrices for this layer and s = S · alpha / r.
         let lora = self.lora.as_ref().map(|(g, scale)| (&g.layers[l], scale * g.scaling));
         let group =
             |pick: fn(&super::lora::GpuLoraLayer) -> &Option<GpuLoraPair>| lora.and_then(|(ll, s)| pick(ll).as_ref().map(|p| (p, s)));
         let mut p: Vec<Dispatch> = Vec::new();
-        p.push(rmsnorm(ctx, &at("attn.norm"), &a.x, 0, &lw.attn_norm, &a.xn, rows, c.rms_eps)?);
-        p.extend(self.linear(&at("attn.qkv"), &a.xn, rows, &lw.qkv, lw.qkv_bias.as_ref(), &a.qkv, qkv_dim, false, decode)?);
+        p.push(rmsnorm(ctx, &at("attn.norm"), &RmsNormOp { x: &a.x, x_row0: 0, rows, weight: &lw.attn_norm, y: &a.xn, eps: c.rms_eps })?);
+        let qkv = LinearOp::new(&a.xn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref());
+        p.extend(self.linear(&at("attn.qkv"), &qkv, decode)?);
         if let Some((pair, s)) = group(|ll| &ll.qkv) {
-            p.extend(self.lora_delta(&at("attn.qkv"), &a.xn, rows, pair, &a.qkv, qkv_dim, s, decode)?);
+            p.extend(self.lora_delta(&at("attn.qkv"), &qkv, pair, s, decode)?);
         }
-        p.push(rope_qkv_write(ctx, &at("attn.rope"), &a.qkv, rows, shape, &self.rope, &self.step, &a.q, &cache.k, &cache.v)?);
-        p.extend(attention(ctx, &at("attn.core"), &a.q, rows, &cache.k, &cache.v, shape, &self.step, &a.attn)?);
-        p.extend(self.linear(&at("attn.o"), &a.attn, rows, &lw.o, None, &a.x, c.d_model, true, decode)?);
+        let (k_cache, v_cache, step) = (&cache.k, &cache.v, &self.step);
+        let rope = RopeQkvOp { qkv: &a.qkv, rows, shape, tables: &self.rope, step, q_out: &a.q, k_cache, v_cache };
+        p.push(rope_qkv_write(ctx, &at("attn.rope"), &rope)?);
+        p.extend(attention(ctx, &at("attn.core"), &AttnOp { q: &a.q, rows, k_cache, v_cache, shape, step, out: &a.attn })?);
+        let o = LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true);
+        p.extend(self.linear(&at("attn.o"), &o, decode)?);
         if let Some((pair, s)) = group(|ll| &ll.o) {
             // Accumulates into the residual x, as the base o projection does.
-            p.extend(self.lora_delta(&at("attn.o"), &a.attn, rows, pair, &a.x, c.d_model, s, decode)?);
+            p.extend(self.lora_delta(&at("attn.o"), &o, pair, s, decode)?);
         }
-        p.push(rmsnorm(ctx, &at("mlp.norm"), &a.x, 0, &lw.ffn_norm, &a.xn, rows, c.rms_eps)?);
-        p.extend(self.linear(&at("mlp.gate_up"), &a.xn, rows, &lw.gate_up, None, &a.gate_up, 2 * c.d_ff, false, decode)?);
+        p.push(rmsnorm(ctx, &at("mlp.norm"), &RmsNormOp { x: &a.x, x_row0: 0, rows, weight: &lw.ffn_norm, y: &a.xn, eps: c.rms_eps })?);
+        let gate_up = LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up);
+        p.extend(self.linear(&at("mlp.gate_up"), &gate_up, decode)?);
         if let Some((pair, s)) = group(|ll| &ll.gate_up) {
-            p.extend(self.lora_delta(&at("mlp.gate_up"), &a.xn, rows, pair, &a.gate_up, 2 * c.d_ff, s, decode)?);
+            p.extend(self.lora_delta(&at("mlp.gate_up"), &gate_up, pair, s, decode)?);
         }
         p.push(swiglu(ctx, &at("mlp.act"), &a.gate_up, rows, c.d_ff, &a.act)?);
-        p.extend(self.linear(&at("mlp.down"), &a.act, rows, &lw.down, None, &a.x, c.d_model, true, decode)?);
+        let down = LinearOp::new(&a.act, rows, &lw.down, &a.x).accumulate(true);
+        p.extend(self.linear(&at("mlp.down"), &down, decode)?);
         if let Some((pair, s)) = group(|ll| &ll.down) {
-            p.extend(self.lora_delta(&at("mlp.down"), &a.act, rows, pair, &a.x, c.d_model, s, decode)?);
+            p.extend(self.lora_delta(&at("mlp.down"), &down, pair, s, decode)?);
         }
         Ok(p)
     }
@@ -535,8 +517,14 @@ impl Session {
         let ctx = &*self.ctx;
         let w = &*self.weights;
         let c = &w.config;
-        let mut p = vec![rmsnorm(ctx, &format!("{phase}/final_norm"), &a.x, rows - 1, &w.final_norm, &self.final_row, 1, c.rms_eps)?];
-        p.extend(matvec(ctx, &format!("{phase}/lm_head"), &self.final_row, w.output(), None, &self.logits, 0, false, matvec_variant(ctx))?);
+        let norm = RmsNormOp { x: &a.x, x_row0: rows - 1, rows: 1, weight: &w.final_norm, y: &self.final_row, eps: c.rms_eps };
+        let mut p = vec![rmsnorm(ctx, &format!("{phase}/final_norm"), &norm)?];
+        p.extend(matvec(
+            ctx,
+            &format!("{phase}/lm_head"),
+            &LinearOp::new(&self.final_row, 1, w.output(), &self.logits),
+            matvec_variant(ctx),
+        )?);
         let n = c.vocab_size;
         if self.options.candidates == 1 {
             p.extend(argmax(ctx, &format!("{phase}/sample"), &self.logits, n, &self.picked)?);

@@ -1,0 +1,216 @@
+//! One description of a linear product, `y = x · Wᵀ` with its options, that both linear kernels
+//! take: [`matmul`](crate::kernels::matmul::matmul) (prefill, many rows) and
+//! [`matvec`](crate::kernels::matvec::matvec) (decode GEMV, one row). The argument checks of
+//! both live in [`LinearOp::check`].
+//!
+//! What a new product needs is a new case here, not a new wrapper: a quantised weight format is
+//! a new [`WeightKind`] (Q8_0 or Q4_K blocks decoded by the kernel's weight accessor), a
+//! transposed or backward product (`dX = dY · W`, LoRA's `dA` and `dB`) a new [`LinearForm`].
+
+use std::sync::Arc;
+
+use bytemuck::Pod;
+
+use crate::gpu::buffer::uniform;
+use crate::gpu::pipeline::Pipeline;
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, MatrixChunk, WeightKind};
+use crate::kernels::checks::{check_f32, check_weight_kind, invalid};
+
+/// Uniform `flags` bit of both linear shaders: add into y instead of overwriting it.
+pub const FLAG_ACCUMULATE: u32 = 1;
+/// Uniform `flags` bit of both linear shaders: add the bias.
+pub const FLAG_BIAS: u32 = 2;
+/// Uniform `flags` bit of both linear shaders: multiply the product by `scale` (before bias and
+/// accumulation).
+pub const FLAG_SCALE: u32 = 4;
+
+/// Which product of x and W a [`LinearOp`] computes, and so how W is laid out for it.
+///
+/// Only the forward product exists today. Backward products for training become new cases here
+/// (each with its shapes in [`LinearOp::check`] and its entry point in the kernels): the input
+/// gradient `dX = dY · W` (W read as `[N, K]` without transposing), LoRA's `dA = (s · dY · B)ᵀ · x`
+/// and `dB = s · dYᵀ · a`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearForm {
+    /// `y[t, n] = sum_k x[t, k] · W[n, k]`: x `[rows, K]`, W `[N, K]` (Hugging Face's `[out, in]`
+    /// layout of a linear layer's weight, so W is read transposed), y `[rows, N]`.
+    #[default]
+    XWt,
+}
+
+/// One linear product `y[t, y_col0 + n] (+)= scale · sum_k x[t, k] · W[n, k] (+ bias[n])` for
+/// `t < rows`, `n < N`, with every operand and option named.
+///
+/// Build it with [`LinearOp::new`] (no bias, overwrite, no scale, y rows packed, the adapter's
+/// weight kind) and the builder methods, then pass it to `matmul` or `matvec`.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearOp<'a> {
+    /// The input, `[rows, K]` f32 row-major with row stride K (K = `w.cols`).
+    pub x: &'a GpuTensor,
+    /// Rows of x (tokens) to multiply; at least 1 (`matvec` takes exactly 1).
+    pub rows: usize,
+    /// The weight, `[N, K]` (N = `w.rows`) in f32 or f16, possibly split into row chunks.
+    pub w: &'a GpuMatrix,
+    /// How the kernel reads `w`; `None`: the adapter's choice for `w.dtype`
+    /// ([`crate::kernels::choice::weight_kind`]).
+    pub kind: Option<WeightKind>,
+    /// Which product of x and W (today only the forward `x · Wᵀ`).
+    pub form: LinearForm,
+    /// Optional bias `[N]` f32, added after the scale.
+    pub bias: Option<&'a GpuTensor>,
+    /// The output, f32: row t's outputs are `y[t * stride + y_col0 ..][..N]`.
+    pub y: &'a GpuTensor,
+    /// Row stride of y in elements; `None`: `y_col0 + N` (rows packed). Must be at least
+    /// `y_col0 + N`.
+    pub y_stride: Option<usize>,
+    /// First output column of y that the product writes (e.g. a slice of a fused buffer).
+    pub y_col0: usize,
+    /// Add into y instead of overwriting it (fuses the residual add, or LoRA's delta).
+    pub accumulate: bool,
+    /// Multiply the product by this before bias and accumulation (LoRA's `s = S · alpha / r`
+    /// applied to `a · Bᵀ`). It lives in the dispatch's uniform: a new scale means preparing the
+    /// dispatch again, not re-uploading W.
+    pub scale: Option<f32>,
+}
+
+impl<'a> LinearOp<'a> {
+    /// `y = x · Wᵀ` over `rows` rows of x (`[rows, K]` f32) into y (`[rows, N]` f32, packed), with
+    /// no bias, no scale, overwriting y, W read the adapter's way.
+    pub fn new(x: &'a GpuTensor, rows: usize, w: &'a GpuMatrix, y: &'a GpuTensor) -> LinearOp<'a> {
+        LinearOp { x, rows, w, kind: None, form: LinearForm::XWt, bias: None, y, y_stride: None, y_col0: 0, accumulate: false, scale: None }
+    }
+
+    /// Adds `bias` (`[N]` f32) when it is `Some`.
+    pub fn bias(self, bias: Option<&'a GpuTensor>) -> Self {
+        LinearOp { bias, ..self }
+    }
+
+    /// Sets y's row stride (elements, at least `y_col0 + N`).
+    pub fn y_stride(self, stride: usize) -> Self {
+        LinearOp { y_stride: Some(stride), ..self }
+    }
+
+    /// Writes the outputs from column `col0` of each row of y.
+    pub fn y_col0(self, col0: usize) -> Self {
+        LinearOp { y_col0: col0, ..self }
+    }
+
+    /// Adds into y when `accumulate` is true.
+    pub fn accumulate(self, accumulate: bool) -> Self {
+        LinearOp { accumulate, ..self }
+    }
+
+    /// Multiplies the product by `scale` (before bias and accumulation).
+    pub fn scale(self, scale: f32) -> Self {
+        LinearOp { scale: Some(scale), ..self }
+    }
+
+    /// Reads W as `kind` instead of the adapter's choice (tests and benches cover every kind).
+    pub fn kind(self, kind: WeightKind) -> Self {
+        LinearOp { kind: Some(kind), ..self }
+    }
+
+    /// The reduction length K and the output count N of the product.
+    pub fn k_n(&self) -> (usize, usize) {
+        match self.form {
+            LinearForm::XWt => (self.w.cols, self.w.rows),
+        }
+    }
+
+    /// Row stride of y in elements: the one set, else `y_col0 + N`.
+    pub fn y_row_stride(&self) -> usize {
+        self.y_stride.unwrap_or(self.y_col0 + self.k_n().1)
+    }
+
+    /// The uniform `flags` word ([`FLAG_ACCUMULATE`], [`FLAG_BIAS`], [`FLAG_SCALE`]).
+    pub fn flags(&self) -> u32 {
+        (if self.accumulate { FLAG_ACCUMULATE } else { 0 })
+            | if self.bias.is_some() { FLAG_BIAS } else { 0 }
+            | if self.scale.is_some() { FLAG_SCALE } else { 0 }
+    }
+
+    /// Checks every operand and option of the op `label` and returns the weight kind the kernel
+    /// reads W as.
+    ///
+    /// # Errors
+    /// [`GpuError::InvalidArgument`] naming `label` when: x, y or the bias is not f32; W is not
+    /// f32 or f16; the product is empty (no rows, N or K of 0); x has fewer than `rows * K`
+    /// elements; the y stride is below `y_col0 + N` or y is too small for `rows` rows of it; the
+    /// bias has fewer than N elements; an index does not fit in u32; a chunk of W does not match
+    /// the matrix; the weight kind cannot read W's dtype or needs SHADER_F16 that the adapter lacks.
+    pub fn check(&self, ctx: &GpuContext, label: &str) -> Result<WeightKind, GpuError> {
+        let (w, rows) = (self.w, self.rows);
+        let (k, n) = self.k_n();
+        if self.x.dtype != DType::F32 || self.y.dtype != DType::F32 {
+            return Err(invalid(label, format!("x and y must be f32 (got {} and {})", self.x.dtype, self.y.dtype)));
+        }
+        if w.dtype == DType::U32 {
+            return Err(invalid(label, "weights must be f32 or f16"));
+        }
+        if n == 0 || k == 0 || rows == 0 {
+            return Err(invalid(label, format!("empty product: {rows} rows times [{}, {}]", w.rows, w.cols)));
+        }
+        if self.x.numel() < rows * k {
+            return Err(invalid(label, format!("x has {} elements, needs {rows} x {k}", self.x.numel())));
+        }
+        let stride = self.y_row_stride();
+        if stride < self.y_col0 + n {
+            return Err(invalid(label, format!("y stride {stride} < y_col0 {} + {n} outputs", self.y_col0)));
+        }
+        let y_end = (rows - 1) * stride + self.y_col0 + n;
+        if self.y.numel() < y_end {
+            return Err(invalid(label, format!("y has {} elements, too few for {rows} rows of stride {stride}", self.y.numel())));
+        }
+        if let Some(b) = self.bias {
+            check_f32(label, b, n, "bias")?;
+        }
+        if rows * k > u32::MAX as usize || y_end > u32::MAX as usize {
+            return Err(invalid(label, "tensor too large for 32-bit indexing"));
+        }
+        for c in &w.chunks {
+            if c.tensor.dtype != w.dtype || c.tensor.numel() != c.rows * w.cols {
+                return Err(invalid(label, format!("chunk at row {} does not match the matrix", c.row0)));
+            }
+        }
+        let kind = self.kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype));
+        check_weight_kind(ctx, label, kind, w.dtype)?;
+        Ok(kind)
+    }
+
+    /// One dispatch per chunk of W, named `label` (or `label[row0]` when W is split), with
+    /// bindings params, x, the chunk's weights, bias, y. `per_chunk` gives a chunk's uniform
+    /// parameters, workgroup counts and cost. Call after [`LinearOp::check`].
+    pub(crate) fn chunk_dispatches<P: Pod>(
+        &self,
+        ctx: &GpuContext,
+        label: &str,
+        pipeline: &Arc<Pipeline>,
+        per_chunk: impl Fn(&MatrixChunk) -> (P, [u32; 3], Cost),
+    ) -> Vec<Dispatch> {
+        // An absent bias is never read (its flag is clear); bind x in its place.
+        let bias = self.bias.unwrap_or(self.x);
+        self.w
+            .chunks
+            .iter()
+            .map(|c| {
+                let (params, workgroups, cost) = per_chunk(c);
+                let u = uniform(ctx, label, &params);
+                let name = if self.w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
+                Dispatch::new(
+                    ctx,
+                    pipeline,
+                    name,
+                    &[
+                        u.as_entire_binding(),
+                        self.x.buffer.as_entire_binding(),
+                        c.tensor.buffer.as_entire_binding(),
+                        bias.buffer.as_entire_binding(),
+                        self.y.buffer.as_entire_binding(),
+                    ],
+                    workgroups,
+                    cost,
+                )
+            })
+            .collect()
+    }
+}
