@@ -1,7 +1,8 @@
 //! A prepared dispatch: pipeline, bind group and workgroup counts, built once and recorded into
 //! any compute pass as often as needed (this is what "recorded" means under wgpu, which cannot
-//! resubmit a command buffer).
+//! resubmit a command buffer), and the typed [`Tag`] that says where it sits in a step.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::GpuContext;
@@ -10,9 +11,83 @@ use super::pipeline::Pipeline;
 /// Work done by one dispatch, for GFLOP/s and GB/s figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cost {
+    /// Floating-point operations (a multiply-add counts 2).
     pub flops: u64,
     /// Bytes read plus bytes written.
     pub bytes: u64,
+}
+
+/// Which pass over the model a step is: the profiler keeps one table per phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Prompt tokens, many rows at once (the matmul kernels).
+    Prefill,
+    /// One generated token per step (the matrix-vector kernels).
+    Decode,
+}
+
+impl Phase {
+    /// Every phase, in the order the profiler reports them.
+    pub const ALL: [Phase; 2] = [Phase::Prefill, Phase::Decode];
+
+    /// `prefill` or `decode`: the first part of a dispatch label and the pass label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Prefill => "prefill",
+            Phase::Decode => "decode",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Phase {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Where a dispatch sits in a step: phase, decoder layer and operation. The profiler groups by
+/// it and debug groups follow it; the dispatch label is derived from it ([`Tag::label`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tag {
+    /// The step's phase.
+    pub phase: Phase,
+    /// The decoder layer (0-based), None outside the layers (embedding, LM head, sampling).
+    pub layer: Option<usize>,
+    /// The operation, e.g. `attn.qkv`, `mlp.down`, `attn.qkv.lora_a`, `router`, `lm_head`.
+    pub op: &'static str,
+}
+
+impl Tag {
+    /// A dispatch outside the decoder layers.
+    pub fn step(phase: Phase, op: &'static str) -> Tag {
+        Tag { phase, layer: None, op }
+    }
+
+    /// A dispatch of decoder layer `layer`.
+    pub fn layer(phase: Phase, layer: usize, op: &'static str) -> Tag {
+        Tag { phase, layer: Some(layer), op }
+    }
+
+    /// The label a kernel is given: `decode/layer.12/mlp.down`, `prefill/lm_head`. Kernels that
+    /// record several dispatches append their own part (`.split`, `[chunk 1]`).
+    pub fn label(&self) -> String {
+        match self.layer {
+            Some(l) => format!("{}/layer.{l}/{}", self.phase, self.op),
+            None => format!("{}/{}", self.phase, self.op),
+        }
+    }
+
+    /// The debug group and trace span of the tag's layer: `decode/layer.12`; None outside layers.
+    pub fn layer_label(&self) -> Option<String> {
+        self.layer.map(|l| format!("{}/layer.{l}", self.phase))
+    }
 }
 
 /// Where the workgroup counts come from.
@@ -26,13 +101,21 @@ enum Groups {
     },
 }
 
+/// One kernel launch, ready to record: see the module docs.
 #[derive(Debug, Clone)]
 pub struct Dispatch {
-    /// Where it sits, e.g. `decode/layer.3/mlp.down`.
+    /// What debuggers and traces show, e.g. `decode/layer.3/mlp.down`: the tag's label plus the
+    /// kernel's own part for multi-dispatch kernels (`decode/lm_head[1]`,
+    /// `prefill/layer.0/attn.core.split`).
     pub label: String,
+    /// Where it sits in a step; None for a dispatch built outside a step (kernel tests, benches).
+    pub tag: Option<Tag>,
+    /// Byte offset in `label` where the kernel's own part starts (the label's length if none).
+    part_at: usize,
     pipeline: Arc<Pipeline>,
     bind_group: wgpu::BindGroup,
     groups: Groups,
+    /// Work done, for the profiler's GFLOP/s and GB/s.
     pub cost: Cost,
 }
 
@@ -51,7 +134,7 @@ pub fn grid(n: u32) -> [u32; 3] {
 }
 
 impl Dispatch {
-    /// Bind `resources` to bindings 0.. of `pipeline`'s group 0.
+    /// Bind `resources` to bindings 0.. of `pipeline`'s group 0; untagged until [`Dispatch::tagged`].
     pub fn new(
         ctx: &GpuContext,
         pipeline: &Arc<Pipeline>,
@@ -65,7 +148,39 @@ impl Dispatch {
             resources.iter().enumerate().map(|(i, r)| wgpu::BindGroupEntry { binding: i as u32, resource: r.clone() }).collect();
         let bind_group =
             ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&label), layout: &pipeline.layout, entries: &entries });
-        Dispatch { label, pipeline: pipeline.clone(), bind_group, groups: Groups::Direct(workgroups), cost }
+        Dispatch {
+            part_at: label.len(),
+            label,
+            tag: None,
+            pipeline: pipeline.clone(),
+            bind_group,
+            groups: Groups::Direct(workgroups),
+            cost,
+        }
+    }
+
+    /// Attach `tag`. The kernel was given `tag.label()` as its label; whatever it appended is the
+    /// dispatch's own part ([`Dispatch::op_name`]).
+    pub fn tagged(mut self, tag: Tag) -> Dispatch {
+        let prefix = tag.label();
+        self.part_at = if self.label.starts_with(&prefix) { prefix.len() } else { self.label.len() };
+        self.tag = Some(tag);
+        self
+    }
+
+    /// The operation as the profiler's tables name it: the tag's op plus the kernel's own part
+    /// (`attn.core.split`, `lm_head[1]`); the whole label for an untagged dispatch.
+    pub fn op_name(&self) -> Cow<'_, str> {
+        match &self.tag {
+            Some(t) if self.part_at == self.label.len() => Cow::Borrowed(t.op),
+            Some(t) => Cow::Owned(format!("{}{}", t.op, &self.label[self.part_at..])),
+            None => Cow::Borrowed(&self.label),
+        }
+    }
+
+    /// The layer run the dispatch belongs to (phase and layer), None outside layers or untagged.
+    pub fn layer_group(&self) -> Option<(Phase, usize)> {
+        self.tag.and_then(|t| t.layer.map(|l| (t.phase, l)))
     }
 
     /// Take the workgroup counts from a GPU buffer instead (three u32 at `offset`).
@@ -84,6 +199,7 @@ impl Dispatch {
         &self.pipeline.key
     }
 
+    /// The direct workgroup counts; None when they are read from a buffer (indirect).
     pub fn workgroups(&self) -> Option<[u32; 3]> {
         match self.groups {
             Groups::Direct(g) => Some(g),
@@ -91,6 +207,7 @@ impl Dispatch {
         }
     }
 
+    /// Set the pipeline and bind group and dispatch into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
@@ -98,5 +215,43 @@ impl Dispatch {
             Groups::Direct([x, y, z]) => pass.dispatch_workgroups(*x, *y, *z),
             Groups::Indirect { buffer, offset } => pass.dispatch_workgroups_indirect(buffer, *offset),
         }
+    }
+}
+
+/// Record `program` into `pass` through `each`, inside a debug group per run of dispatches of one
+/// layer (`decode/layer.12`), as debuggers show them.
+pub fn record_grouped<'p>(
+    pass: &mut wgpu::ComputePass<'_>,
+    program: &'p [Dispatch],
+    mut each: impl FnMut(&mut wgpu::ComputePass<'_>, &'p Dispatch),
+) {
+    for run in program.chunk_by(|a, b| a.layer_group() == b.layer_group()) {
+        let group = run[0].tag.and_then(|t| t.layer_label());
+        if let Some(name) = &group {
+            pass.push_debug_group(name);
+        }
+        for d in run {
+            each(pass, d);
+        }
+        if group.is_some() {
+            pass.pop_debug_group();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_layer_groups_follow_the_tag() {
+        let t = Tag::layer(Phase::Decode, 12, "mlp.down");
+        assert_eq!(t.label(), "decode/layer.12/mlp.down");
+        assert_eq!(t.layer_label().as_deref(), Some("decode/layer.12"));
+        let head = Tag::step(Phase::Prefill, "lm_head");
+        assert_eq!(head.label(), "prefill/lm_head");
+        assert_eq!(head.layer_label(), None);
+        assert!(Phase::Prefill == "prefill");
+        assert_eq!(Phase::Decode.to_string(), "decode");
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use buffer::{DType, GpuTensor};
-pub use dispatch::{Cost, Dispatch};
+pub use dispatch::{Cost, Dispatch, Phase, Tag};
 pub use matrix::{GpuMatrix, MatrixChunk};
 pub use pipeline::{PipelineCache, ShaderVariant, WeightKind};
 

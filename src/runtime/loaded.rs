@@ -22,15 +22,24 @@ use super::{GpuWeights, RuntimeError};
 /// What the user asked of the routers: a threshold overriding the file's, and budgets.
 #[derive(Debug, Clone, Default)]
 pub struct PlanPolicyArgs {
+    /// Router probability in [0, 1] at or above which a layer runs (`--threshold`); None keeps
+    /// the router file's.
     pub threshold: Option<f32>,
+    /// The most layers to skip (`--max-skip`).
     pub max_skip: Option<usize>,
+    /// The fewest layers to skip (`--min-skip`).
     pub min_skip: Option<usize>,
 }
 
+/// A model file opened and uploaded: weights on the GPU, tokenizer and chat template.
 pub struct LoadedModel {
+    /// The GGUF file or Hugging Face folder it was loaded from.
     pub path: PathBuf,
+    /// The weights on the GPU, shared by every session.
     pub weights: Arc<GpuWeights>,
+    /// The tokenizer the file describes.
     pub tokenizer: ModelTokenizer,
+    /// The chat template, when the file has one.
     pub template: Option<ChatTemplate>,
     /// Summary of the file's tensor types, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
     pub file_dtypes: String,
@@ -43,6 +52,7 @@ pub struct LoadedModel {
 /// A LoRA adapter to fold into the weights at load (`--lora-mode merged`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergedLora {
+    /// The adapter folder (PEFT `adapter_config.json` and `adapter_model.safetensors`).
     pub dir: PathBuf,
     /// User scale S: the weights become W + S (alpha / r) B A.
     pub scale: f32,

@@ -20,28 +20,39 @@ use super::RuntimeError;
 /// One projection group's adapter matrices (f32).
 #[derive(Debug)]
 pub struct GpuLoraPair {
-    pub a: GpuMatrix, // [inner, in]: the group's A matrices stacked (inner = targets in group x r)
-    pub b: GpuMatrix, // [out, inner]: the group's B matrices, block-diagonal, rows = group output
+    /// `[inner, in]`: the group's A matrices stacked (inner = targets in the group x r).
+    pub a: GpuMatrix,
+    /// `[out, inner]`: the group's B matrices, block-diagonal, rows = the group's output.
+    pub b: GpuMatrix,
 }
 
 /// One layer's adapter; None where no projection of a group is targeted.
 #[derive(Debug)]
 pub struct GpuLoraLayer {
-    pub qkv: Option<GpuLoraPair>,     // A [n r, d], B [q + 2kv, n r]
-    pub o: Option<GpuLoraPair>,       // A [r, q], B [d, r]
-    pub gate_up: Option<GpuLoraPair>, // A [n r, d], B [2ff, n r]
-    pub down: Option<GpuLoraPair>,    // A [r, ff], B [d, r]
+    /// Q, K, V (n of them targeted): A `[n r, d]`, B `[q_dim + 2 kv_dim, n r]`.
+    pub qkv: Option<GpuLoraPair>,
+    /// Attention output: A `[r, q_dim]`, B `[d, r]`.
+    pub o: Option<GpuLoraPair>,
+    /// Gate and up (n of them targeted): A `[n r, d]`, B `[2 d_ff, n r]`.
+    pub gate_up: Option<GpuLoraPair>,
+    /// MLP down: A `[r, d_ff]`, B `[d, r]`.
+    pub down: Option<GpuLoraPair>,
 }
 
 /// A whole adapter uploaded; sessions share it (`Arc<GpuLora>`) and can swap it at any time.
 #[derive(Debug)]
 pub struct GpuLora {
+    /// The adapter folder it was read from.
     pub dir: PathBuf,
+    /// LoRA rank r.
     pub rank: usize,
     /// alpha / r (or alpha / sqrt(r)): the factor at user scale 1.
     pub scaling: f32,
+    /// The model sizes it was uploaded for (checked against a session's model).
     pub dims: LoraDims,
+    /// The projections the adapter targets.
     pub targets: Vec<Projection>,
+    /// Layer l's matrices at index l.
     pub layers: Vec<GpuLoraLayer>,
 }
 

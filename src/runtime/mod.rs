@@ -1,18 +1,24 @@
-//! Running a model: weights on the GPU, sessions (one per sequence) and the layer plan. The
-//! token loop, sampling and text are in [`crate::generate`].
+//! Running a model: weights on the GPU, sessions (one per sequence), the step builder, the KV
+//! cache, the layer plan, the routed prefill and profiling. The token loop, sampling and text
+//! are in [`crate::generate`].
 
+pub mod kv_cache;
 pub mod loaded;
 pub mod lora;
 pub mod plan;
 pub mod profile;
 pub mod routed;
 pub mod session;
+pub mod step;
 pub mod weights;
 
+pub use crate::gpu::{Phase, Tag};
+pub use kv_cache::{KvCache, LayerKv};
 pub use loaded::{LoadedModel, MergedLora, PlanPolicyArgs, load_tokenizer};
 pub use lora::GpuLora;
 pub use profile::{ProfileError, ProfileMode, Profiler};
 pub use session::{Session, SessionOptions, StepOutput};
+pub use step::{Activations, StepBuffers, StepBuilder};
 pub use weights::GpuWeights;
 
 use crate::gpu::GpuError;
@@ -61,7 +67,8 @@ impl LayerPlan {
         LayerPlan { run }
     }
 
-    /// Skip exactly the listed layers (0-based).
+    /// Skip exactly the listed layers (0-based). Errors: `RuntimeError::Plan` for a layer the
+    /// model does not have.
     pub fn skipping(n_layers: usize, skip: &[usize]) -> Result<LayerPlan, RuntimeError> {
         let mut run = vec![true; n_layers];
         for &l in skip {
@@ -73,22 +80,27 @@ impl LayerPlan {
         Ok(LayerPlan { run })
     }
 
+    /// Number of layers the plan covers (the model's layer count).
     pub fn len(&self) -> usize {
         self.run.len()
     }
 
+    /// True for a plan over no layers.
     pub fn is_empty(&self) -> bool {
         self.run.is_empty()
     }
 
+    /// True when `layer` (0-based) runs; false when skipped or out of range.
     pub fn runs(&self, layer: usize) -> bool {
         self.run.get(layer).copied().unwrap_or(false)
     }
 
+    /// How many layers run.
     pub fn kept(&self) -> usize {
         self.run.iter().filter(|&&r| r).count()
     }
 
+    /// The skipped layers (0-based), in order.
     pub fn skipped_layers(&self) -> Vec<usize> {
         self.run.iter().enumerate().filter(|(_, r)| !**r).map(|(i, _)| i).collect()
     }

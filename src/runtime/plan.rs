@@ -53,16 +53,41 @@ pub struct PlanPolicy {
 /// A policy or decider used wrongly.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
+    /// The threshold is not a number in [0, 1].
     #[error("threshold {0} must be a number in [0, 1]")]
     Threshold(f32),
+    /// The skip budget is empty.
     #[error("--min-skip {min} is more than --max-skip {max}")]
-    MinAboveMax { min: usize, max: usize },
+    MinAboveMax {
+        /// `--min-skip`.
+        min: usize,
+        /// `--max-skip`.
+        max: usize,
+    },
+    /// Layers must be decided 0, 1, 2, ...
     #[error("layer {got} decided out of order: layer {expected} is next")]
-    OutOfOrder { expected: usize, got: usize },
+    OutOfOrder {
+        /// The next layer to decide.
+        expected: usize,
+        /// The layer asked about.
+        got: usize,
+    },
+    /// A layer index past the model's last layer.
     #[error("layer {layer} does not exist: the model has {n_layers} layers")]
-    LayerOutOfRange { layer: usize, n_layers: usize },
+    LayerOutOfRange {
+        /// The layer asked about.
+        layer: usize,
+        /// The model's layer count.
+        n_layers: usize,
+    },
+    /// The plan was asked for before every layer was decided.
     #[error("plan unfinished: {decided} of {n_layers} layers decided")]
-    Unfinished { decided: usize, n_layers: usize },
+    Unfinished {
+        /// Layers decided so far.
+        decided: usize,
+        /// The model's layer count.
+        n_layers: usize,
+    },
 }
 
 impl PlanPolicy {
@@ -72,6 +97,7 @@ impl PlanPolicy {
     }
 
     /// Threshold in [0, 1] and, when both are given, `min_skip <= max_skip`.
+    /// Errors: `PlanError::Threshold`, `PlanError::MinAboveMax`.
     pub fn validate(&self) -> Result<(), PlanError> {
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(PlanError::Threshold(self.threshold));
@@ -140,6 +166,7 @@ impl PlanDecider {
         PlanDecider::new(routers.has_router(), policy)
     }
 
+    /// The model's layer count.
     pub fn n_layers(&self) -> usize {
         self.has_router.len()
     }
@@ -156,6 +183,7 @@ impl PlanDecider {
 
     /// Decides `layer` (which must be the next undecided one) given its router's probability
     /// (`None`: no router); returns whether it runs.
+    /// Errors: `PlanError::OutOfOrder`, `PlanError::LayerOutOfRange`.
     pub fn decide(&mut self, layer: usize, p: Option<f32>) -> Result<bool, PlanError> {
         let n = self.n_layers();
         if layer >= n {
@@ -180,6 +208,7 @@ impl PlanDecider {
     }
 
     /// `[n_layers]` run flags once every layer is decided.
+    /// Errors: `PlanError::Unfinished`.
     pub fn finish(self) -> Result<Vec<bool>, PlanError> {
         if self.run.len() != self.n_layers() {
             return Err(PlanError::Unfinished { decided: self.run.len(), n_layers: self.n_layers() });

@@ -24,7 +24,8 @@ use std::time::Instant;
 
 use wgpu_profiler::{GpuProfiler, GpuProfilerSettings};
 
-use crate::gpu::{Cost, Dispatch, GpuContext};
+use crate::gpu::dispatch::record_grouped;
+use crate::gpu::{Cost, Dispatch, GpuContext, Phase, Tag};
 
 /// Steps whose timestamps may be in flight before the profiler waits for the oldest.
 pub const RING: usize = 4;
@@ -32,25 +33,44 @@ pub const RING: usize = 4;
 /// Label of the query around a whole pass (InsidePasses mode).
 const PASS_QUERY: &str = "#pass";
 
+/// Why profiling cannot start or a result cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
+    /// The adapter has no timestamp queries at all.
     #[error("profiling needs GPU timestamp queries (TIMESTAMP_QUERY), which adapter {adapter} does not offer")]
-    Unsupported { adapter: String },
+    Unsupported {
+        /// The adapter's name.
+        adapter: String,
+    },
+    /// `ProfileMode::InsidePasses` was asked for on an adapter without it.
     #[error("adapter {adapter} cannot write timestamps inside a pass (TIMESTAMP_QUERY_INSIDE_PASSES); use ProfileMode::PassPerDispatch")]
-    InsidePassesUnsupported { adapter: String },
+    InsidePassesUnsupported {
+        /// The adapter's name.
+        adapter: String,
+    },
+    /// `FIRSTRT_PROFILE_MODE` holds neither `inside` nor `passes`.
     #[error("unknown profile mode {0:?}: expected `inside` or `passes`")]
     UnknownMode(String),
+    /// `wgpu_profiler` failed, or the GPU did not hand a step's timestamps back.
     #[error("GPU profiler: {0}")]
     Profiler(String),
+    /// The Chrome trace file could not be written.
     #[error("writing the trace {path}: {source}")]
-    Trace { path: String, source: std::io::Error },
+    Trace {
+        /// The trace file.
+        path: String,
+        /// What the file system said.
+        source: std::io::Error,
+    },
 }
 
 /// How dispatches are timed; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProfileMode {
+    /// One pass per step, timestamps written inside it around each dispatch.
     InsidePasses,
+    /// One pass per dispatch, timed by the pass's own timestamp writes.
     PassPerDispatch,
 }
 
@@ -78,17 +98,24 @@ impl ProfileMode {
 pub struct KernelSpan {
     /// Index into `Profiler::steps`.
     pub step: usize,
-    /// Where it sits, e.g. `decode/layer.3/mlp.down`.
+    /// The dispatch label, e.g. `decode/layer.3/mlp.down`.
     pub label: String,
+    /// Where the dispatch sits (phase, layer, op); None for an untagged dispatch.
+    pub tag: Option<Tag>,
+    /// The operation as the tables name it ([`Dispatch::op_name`]), e.g. `mlp.down`, `lm_head`.
+    pub op: String,
     /// Kernel family (shader file stem), e.g. `matvec`.
     pub family: &'static str,
+    /// Work done by the dispatch.
     pub cost: Cost,
-    /// GPU clock in seconds; only differences mean anything.
+    /// Start on the GPU clock, seconds; only differences mean anything.
     pub start_s: f64,
+    /// End on the GPU clock, seconds.
     pub end_s: f64,
 }
 
 impl KernelSpan {
+    /// GPU seconds the dispatch took (0 if the clock went backwards).
     pub fn seconds(&self) -> f64 {
         (self.end_s - self.start_s).max(0.0)
     }
@@ -97,10 +124,11 @@ impl KernelSpan {
 /// One step: a prefill or one decode token.
 #[derive(Debug, Clone)]
 pub struct StepRecord {
-    /// `prefill` or `decode`.
-    pub phase: String,
-    /// Host seconds since the profiler's epoch when the step started encoding / first submitted.
+    /// Prefill or decode.
+    pub phase: Phase,
+    /// Host seconds since the profiler's epoch when the step started encoding.
     pub host_start_s: f64,
+    /// Host seconds since the profiler's epoch of the step's first submit (NaN until then).
     pub submit_host_s: f64,
     /// GPU seconds around the step's work: the pass timestamps (InsidePasses), or from the first
     /// dispatch's start to the last one's end (PassPerDispatch). 0 until read back.
@@ -109,15 +137,19 @@ pub struct StepRecord {
     pub kernel_s: f64,
     /// GPU clock (s) of the step's first timestamp.
     pub gpu_start_s: f64,
+    /// True once the step's timestamps have been read back.
     pub resolved: bool,
 }
 
 /// A host-side span on the trace's host track.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct HostSpan {
+    /// What the host did: `prefill`/`decode` (the step), `encode`, `submit`, `wait`, `sample`,
+    /// `detokenise`.
     pub name: String,
-    /// Seconds since the profiler's epoch.
+    /// Start, seconds since the profiler's epoch.
     pub start_s: f64,
+    /// End, seconds since the profiler's epoch.
     pub end_s: f64,
 }
 
@@ -143,6 +175,7 @@ impl HostClock {
         self.span_between(name, start, Instant::now());
     }
 
+    /// Record `name` from `start` to `end`.
     pub fn span_between(&self, name: &str, start: Instant, end: Instant) {
         self.push(HostSpan { name: name.to_string(), start_s: self.at(start), end_s: self.at(end) });
     }
@@ -151,16 +184,33 @@ impl HostClock {
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).push(span);
     }
 
+    /// Every span recorded so far, in recording order.
     pub fn spans(&self) -> Vec<HostSpan> {
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
-/// What a query measures, in the order queries close within a frame.
+/// What a query measures, in the order queries close within a frame: a dispatch, or (None) the
+/// whole pass (InsidePasses mode).
 struct Meta {
+    kernel: Option<KernelMeta>,
+}
+
+/// A dispatch as the profiler keeps it until its time comes back.
+struct KernelMeta {
     label: String,
+    tag: Option<Tag>,
+    op: String,
     family: &'static str,
     cost: Cost,
+}
+
+impl Meta {
+    fn of(d: &Dispatch) -> Meta {
+        Meta {
+            kernel: Some(KernelMeta { label: d.label.clone(), tag: d.tag, op: d.op_name().into_owned(), family: d.family(), cost: d.cost }),
+        }
+    }
 }
 
 struct Frame {
@@ -168,6 +218,7 @@ struct Frame {
     metas: Vec<Meta>,
 }
 
+/// GPU timestamps around every dispatch and host spans around every step: see the module docs.
 pub struct Profiler {
     gpu: GpuProfiler,
     mode: ProfileMode,
@@ -179,7 +230,9 @@ pub struct Profiler {
     open: Option<Frame>,
     /// Frames whose results did not match their queries (should stay 0).
     pub lost_frames: usize,
+    /// Every dispatch read back so far, in recording order.
     pub kernels: Vec<KernelSpan>,
+    /// Every step recorded so far.
     pub steps: Vec<StepRecord>,
 }
 
@@ -195,6 +248,9 @@ impl Profiler {
         Profiler::with_mode(ctx, ProfileMode::for_context(ctx)?)
     }
 
+    /// A profiler in `mode`. Errors: `Unsupported` without TIMESTAMP_QUERY,
+    /// `InsidePassesUnsupported` for InsidePasses without TIMESTAMP_QUERY_INSIDE_PASSES,
+    /// `Profiler` when `wgpu_profiler` fails to start.
     pub fn with_mode(ctx: &Arc<GpuContext>, mode: ProfileMode) -> Result<Profiler, ProfileError> {
         let adapter = ctx.info.name.clone();
         if !ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
@@ -219,6 +275,7 @@ impl Profiler {
         })
     }
 
+    /// How dispatches are timed.
     pub fn mode(&self) -> ProfileMode {
         self.mode
     }
@@ -228,11 +285,11 @@ impl Profiler {
         self.host.clone()
     }
 
-    fn open_frame(&mut self, phase: &str, encode_start: Instant) -> &mut Frame {
+    fn open_frame(&mut self, phase: Phase, encode_start: Instant) -> &mut Frame {
         if self.open.is_none() {
             let at = self.host.at(encode_start);
             self.steps.push(StepRecord {
-                phase: phase.to_string(),
+                phase,
                 host_start_s: at,
                 submit_host_s: f64::NAN,
                 gpu_span_s: 0.0,
@@ -246,12 +303,13 @@ impl Profiler {
     }
 
     /// Record `program` into `encoder` with timestamps, under pass label `pass_label`
-    /// (`prefill` / `decode` / `prefill.segment`) and a debug group per layer. `encode_start`
-    /// is when the caller began encoding (the step's start on the host track).
+    /// (`prefill` / `decode` / `prefill.segment`) and a debug group per layer, as a step of
+    /// `phase` (several calls before `end_step` make one step). `encode_start` is when the
+    /// caller began encoding (the step's start on the host track).
     pub fn record(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-        phase: &str,
+        phase: Phase,
         pass_label: &str,
         program: &[Dispatch],
         encode_start: Instant,
@@ -267,42 +325,37 @@ impl Profiler {
                         timestamp_writes: pass_query.compute_pass_timestamp_writes(),
                     });
                     let gpu = &self.gpu;
-                    super::session::record_grouped(&mut pass, program, |pass, d| {
+                    record_grouped(&mut pass, program, |pass, d| {
                         let q = gpu.begin_query(d.label.as_str(), pass);
                         d.record(pass);
                         gpu.end_query(pass, q);
-                        metas.push(Meta { label: d.label.clone(), family: d.family(), cost: d.cost });
+                        metas.push(Meta::of(d));
                     });
                 }
                 self.gpu.end_query(encoder, pass_query);
-                metas.push(Meta { label: PASS_QUERY.to_string(), family: "", cost: Cost::default() });
+                metas.push(Meta { kernel: None });
             }
             ProfileMode::PassPerDispatch => {
-                let mut group: Option<&str> = None;
-                for d in program {
-                    let layer = super::session::layer_of(&d.label);
-                    if layer != group {
-                        if group.is_some() {
-                            encoder.pop_debug_group();
-                        }
-                        if let Some(name) = layer {
-                            encoder.push_debug_group(name);
-                        }
-                        group = layer;
+                for run in program.chunk_by(|a, b| a.layer_group() == b.layer_group()) {
+                    let group = run[0].tag.and_then(|t| t.layer_label());
+                    if let Some(name) = &group {
+                        encoder.push_debug_group(name);
                     }
-                    let q = self.gpu.begin_pass_query(d.label.as_str(), encoder);
-                    {
-                        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                            label: Some(&d.label),
-                            timestamp_writes: q.compute_pass_timestamp_writes(),
-                        });
-                        d.record(&mut pass);
+                    for d in run {
+                        let q = self.gpu.begin_pass_query(d.label.as_str(), encoder);
+                        {
+                            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                                label: Some(&d.label),
+                                timestamp_writes: q.compute_pass_timestamp_writes(),
+                            });
+                            d.record(&mut pass);
+                        }
+                        self.gpu.end_query(encoder, q);
+                        metas.push(Meta::of(d));
                     }
-                    self.gpu.end_query(encoder, q);
-                    metas.push(Meta { label: d.label.clone(), family: d.family(), cost: d.cost });
-                }
-                if group.is_some() {
-                    encoder.pop_debug_group();
+                    if group.is_some() {
+                        encoder.pop_debug_group();
+                    }
                 }
             }
         }
@@ -356,15 +409,23 @@ impl Profiler {
             let mut sum = 0.0;
             for (r, m) in results.iter().zip(frame.metas) {
                 let Some(time) = &r.time else { continue };
-                if m.label == PASS_QUERY {
+                let Some(m) = m.kernel else {
                     pass_span += (time.end - time.start).max(0.0);
                     first = first.min(time.start);
                     continue;
-                }
+                };
                 first = first.min(time.start);
                 last = last.max(time.end);
-                let span =
-                    KernelSpan { step: frame.step, label: m.label, family: m.family, cost: m.cost, start_s: time.start, end_s: time.end };
+                let span = KernelSpan {
+                    step: frame.step,
+                    label: m.label,
+                    tag: m.tag,
+                    op: m.op,
+                    family: m.family,
+                    cost: m.cost,
+                    start_s: time.start,
+                    end_s: time.end,
+                };
                 sum += span.seconds();
                 self.kernels.push(span);
             }
@@ -399,9 +460,9 @@ impl Profiler {
 
     /// The host spans of the step just ended: encoding from `t0`, submit from `t1`, waiting for
     /// the read-back from `t2` until `t3`, under a `phase` span from the step's start.
-    pub fn host_step(&self, phase: &str, t0: Instant, t1: Instant, t2: Instant, t3: Instant) {
+    pub fn host_step(&self, phase: Phase, t0: Instant, t1: Instant, t2: Instant, t3: Instant) {
         let start = self.steps.last().map_or(self.host.at(t0), |s| s.host_start_s);
-        self.host.push(HostSpan { name: phase.to_string(), start_s: start, end_s: self.host.at(t3) });
+        self.host.push(HostSpan { name: phase.as_str().to_string(), start_s: start, end_s: self.host.at(t3) });
         self.host.span_between("encode", t0, t1);
         self.host.span_between("submit", t1, t2);
         self.host.span_between("wait", t2, t3);
@@ -415,39 +476,40 @@ impl Profiler {
     /// Per-phase totals and tables (call `flush` first).
     pub fn summary(&self) -> Vec<PhaseSummary> {
         let mut out = Vec::new();
-        for phase in ["prefill", "decode"] {
+        for phase in Phase::ALL {
             let steps: Vec<usize> = (0..self.steps.len()).filter(|&i| self.steps[i].phase == phase && self.steps[i].resolved).collect();
             if steps.is_empty() {
                 continue;
             }
             let kernels: Vec<&KernelSpan> = self.kernels.iter().filter(|k| self.steps[k.step].phase == phase).collect();
-            let group = |key: &dyn Fn(&KernelSpan) -> String| {
-                let mut m: BTreeMap<String, GroupStat> = BTreeMap::new();
+            // Groups in the order of their (order, name) key.
+            let group = |key: &dyn Fn(&KernelSpan) -> (usize, String)| {
+                let mut m: BTreeMap<(usize, String), GroupStat> = BTreeMap::new();
                 for k in &kernels {
-                    let name = key(k);
-                    let g = m.entry(name.clone()).or_insert_with(|| GroupStat { name, ..GroupStat::default() });
+                    let (order, name) = key(k);
+                    let g = m.entry((order, name.clone())).or_insert_with(|| GroupStat { name, ..GroupStat::default() });
                     g.calls += 1;
                     g.total_s += k.seconds();
                     g.flops += k.cost.flops;
                     g.bytes += k.cost.bytes;
                 }
-                let mut v: Vec<GroupStat> = m.into_values().collect();
+                m.into_values().collect::<Vec<GroupStat>>()
+            };
+            let by_time = |mut v: Vec<GroupStat>| {
                 v.sort_by(|a, b| b.total_s.total_cmp(&a.total_s));
                 v
             };
-            let mut layers = group(&|k| {
-                super::session::layer_of(&k.label)
-                    .map_or("(outside layers)".to_string(), |l| l.split_once('/').map_or(l, |(_, r)| r).to_string())
-            });
-            layers.sort_by_key(|g| g.name.strip_prefix("layer.").and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX));
             out.push(PhaseSummary {
-                phase: phase.to_string(),
+                phase,
                 steps: steps.len(),
                 kernel_s: steps.iter().map(|&i| self.steps[i].kernel_s).sum(),
                 gpu_span_s: steps.iter().map(|&i| self.steps[i].gpu_span_s).sum(),
-                families: group(&|k| k.family.to_string()),
-                ops: group(&|k| op_of(&k.label)),
-                layers,
+                families: by_time(group(&|k| (0, k.family.to_string()))),
+                ops: by_time(group(&|k| (0, k.op.clone()))),
+                layers: group(&|k| match k.tag.and_then(|t| t.layer) {
+                    Some(l) => (l, format!("layer.{l}")),
+                    None => (usize::MAX, "(outside layers)".to_string()),
+                }),
             });
         }
         out
@@ -528,19 +590,13 @@ impl Profiler {
                 cursor = end;
             }
             let step_end = cursor.max(base + 1e6 * step.gpu_span_s);
-            events.push(x(&step.phase, "gpu.step", GPU, base, step_end - base, serde_json::json!({"step": i})));
+            events.push(x(step.phase.as_str(), "gpu.step", GPU, base, step_end - base, serde_json::json!({"step": i})));
             // Layer spans around runs of dispatches of the same layer.
-            let mut j = 0;
-            while j < placed.len() {
-                let layer = super::session::layer_of(&placed[j].0.label);
-                let mut e = j;
-                while e + 1 < placed.len() && super::session::layer_of(&placed[e + 1].0.label) == layer {
-                    e += 1;
+            for run in placed.chunk_by(|a, b| layer_group(a.0) == layer_group(b.0)) {
+                if let Some(name) = run[0].0.tag.and_then(|t| t.layer_label()) {
+                    let (start, end) = (run[0].1, run[run.len() - 1].2);
+                    events.push(x(&name, "gpu.layer", GPU, start, end - start, serde_json::json!({})));
                 }
-                if let Some(name) = layer {
-                    events.push(x(name, "gpu.layer", GPU, placed[j].1, placed[e].2 - placed[j].1, serde_json::json!({})));
-                }
-                j = e + 1;
             }
             for (k, ts, end) in placed {
                 let args = serde_json::json!({"family": k.family, "flops": k.cost.flops, "bytes": k.cost.bytes});
@@ -561,6 +617,7 @@ impl Profiler {
         serde_json::json!({"traceEvents": events, "displayTimeUnit": "ms"})
     }
 
+    /// Write [`Profiler::trace_json`] to `path`. Errors: `ProfileError::Trace`.
     pub fn write_trace(&self, path: &Path) -> Result<(), ProfileError> {
         let text = serde_json::to_string(&self.trace_json()).expect("a JSON value serialises");
         std::fs::write(path, text).map_err(|source| ProfileError::Trace { path: path.display().to_string(), source })
@@ -570,19 +627,25 @@ impl Profiler {
 /// Totals of one group of dispatches (a kernel family, an operation or a layer).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct GroupStat {
+    /// The family (`matvec`), operation (`mlp.down`) or layer (`layer.3`, `(outside layers)`).
     pub name: String,
+    /// Dispatches in the group over all steps.
     pub calls: usize,
     /// GPU seconds summed over the calls.
     pub total_s: f64,
+    /// Floating-point operations summed over the calls.
     pub flops: u64,
+    /// Bytes read plus written, summed over the calls.
     pub bytes: u64,
 }
 
 impl GroupStat {
+    /// Achieved bandwidth, GB/s (10^9 bytes per second); 0 without time.
     pub fn gb_s(&self) -> f64 {
         if self.total_s > 0.0 { self.bytes as f64 / self.total_s / 1e9 } else { 0.0 }
     }
 
+    /// Achieved compute, GFLOP/s (10^9 floating-point operations per second); 0 without time.
     pub fn gflop_s(&self) -> f64 {
         if self.total_s > 0.0 { self.flops as f64 / self.total_s / 1e9 } else { 0.0 }
     }
@@ -591,7 +654,9 @@ impl GroupStat {
 /// One phase's profile, over all its steps.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PhaseSummary {
-    pub phase: String,
+    /// Prefill or decode.
+    pub phase: Phase,
+    /// Steps of the phase read back.
     pub steps: usize,
     /// Sum of all dispatch times, seconds.
     pub kernel_s: f64,
@@ -599,13 +664,13 @@ pub struct PhaseSummary {
     pub gpu_span_s: f64,
     /// Sorted by total time, largest first.
     pub families: Vec<GroupStat>,
-    /// By the label's last part (`attn.qkv`, `lm_head`, ...), largest first.
+    /// By operation ([`Dispatch::op_name`]: `attn.qkv`, `lm_head`, ...), largest first.
     pub ops: Vec<GroupStat>,
     /// `layer.N` in layer order, then `(outside layers)`.
     pub layers: Vec<GroupStat>,
 }
 
-/// `decode/layer.3/mlp.down` -> `mlp.down`; `decode/lm_head` -> `lm_head`.
-fn op_of(label: &str) -> String {
-    label.rsplit('/').next().unwrap_or(label).to_string()
+/// The layer run a timed dispatch belongs to (as [`Dispatch::layer_group`]).
+fn layer_group(k: &KernelSpan) -> Option<(Phase, usize)> {
+    k.tag.and_then(|t| t.layer.map(|l| (t.phase, l)))
 }

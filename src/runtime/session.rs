@@ -1,4 +1,6 @@
-//! A session: one sequence's KV cache, activations, position and layer plan over shared weights.
+//! A session: one sequence's buffers (KV cache, activations, step uniform, logits), position
+//! and layer plan over shared weights; it records, submits and reads back the steps that a
+//! [`StepBuilder`] builds.
 //!
 //! Prefill runs all prompt tokens through the matmul kernels in one command encoding. Decode runs
 //! one token per step through the matrix-vector kernels; its dispatches (pipelines, bind groups,
@@ -8,24 +10,18 @@
 
 use std::sync::Arc;
 
-use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor};
-use crate::kernels::attention::{AttnOp, AttnShape, attention};
+use crate::gpu::dispatch::record_grouped;
+use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase};
 use crate::kernels::choice::{matmul_variant, matvec_variant};
-use crate::kernels::embedding::embedding;
-use crate::kernels::linear::LinearOp;
-use crate::kernels::matmul::matmul;
-use crate::kernels::matvec::matvec;
-use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
-use crate::kernels::rope::{RopeQkvOp, RopeScalingParams, RopeTables, rope_qkv_write};
-use crate::kernels::router::router_gate;
-use crate::kernels::sample::{argmax, decode_pairs, top_k};
+use crate::kernels::rope::{RopeScalingParams, RopeTables};
+use crate::kernels::sample::decode_pairs;
 use crate::kernels::step::{StepBuffer, StepParams};
-use crate::kernels::swiglu::swiglu;
 
-use super::lora::{GpuLora, GpuLoraPair};
-use super::plan::{PlanDecider, PlanPolicy, decide_plan};
+use super::kv_cache::KvCache;
+use super::lora::GpuLora;
 use super::profile::Profiler;
 use super::routed::Routing;
+use super::step::{Activations, StepBuffers, StepBuilder};
 use super::weights::GpuWeights;
 use super::{LayerPlan, RuntimeError};
 
@@ -41,47 +37,6 @@ pub struct SessionOptions {
     pub candidates: usize,
 }
 
-/// A layer's KV cache: `[ctx_len, n_kv_heads * head_dim]` f32 each.
-#[derive(Debug)]
-pub struct LayerCache {
-    pub k: GpuTensor,
-    pub v: GpuTensor,
-}
-
-/// Activation buffers for up to `rows` tokens at once.
-#[derive(Debug)]
-struct Activations {
-    rows: usize,
-    ids: GpuTensor,     // [rows] u32
-    x: GpuTensor,       // [rows, d] f32: the residual stream
-    xn: GpuTensor,      // [rows, d] f32: normalised input of a block
-    qkv: GpuTensor,     // [rows, (n_heads + 2 n_kv) * head_dim] f32
-    q: GpuTensor,       // [rows, n_heads * head_dim] f32: rotated queries
-    attn: GpuTensor,    // [rows, n_heads * head_dim] f32: attention output
-    gate_up: GpuTensor, // [rows, 2 d_ff] f32
-    act: GpuTensor,     // [rows, d_ff] f32
-}
-
-impl Activations {
-    fn new(ctx: &GpuContext, w: &GpuWeights, rows: usize) -> Result<Activations, RuntimeError> {
-        let c = &w.config;
-        let q_dim = c.n_heads * c.head_dim;
-        let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
-        let f = |name: &str, cols: usize| GpuTensor::zeros(ctx, name, DType::F32, &[rows, cols]);
-        Ok(Activations {
-            rows,
-            ids: GpuTensor::zeros(ctx, "ids", DType::U32, &[rows])?,
-            x: f("x", c.d_model)?,
-            xn: f("xn", c.d_model)?,
-            qkv: f("qkv", qkv_dim)?,
-            q: f("q", q_dim)?,
-            attn: f("attn", q_dim)?,
-            gate_up: f("gate_up", 2 * c.d_ff)?,
-            act: f("act", c.d_ff)?,
-        })
-    }
-}
-
 /// What one step hands back: the sampling candidates of the last position.
 #[derive(Debug, Clone)]
 pub struct StepOutput {
@@ -89,39 +44,38 @@ pub struct StepOutput {
     pub candidates: Vec<(u32, f32)>,
 }
 
+/// One sequence over shared weights: see the module docs. Not `Sync`: one thread drives it.
 pub struct Session {
+    /// The model's weights, shared with other sessions.
     pub weights: Arc<GpuWeights>,
-    ctx: Arc<GpuContext>,
+    pub(super) ctx: Arc<GpuContext>,
     options: SessionOptions,
-    plan: LayerPlan,
+    pub(super) plan: LayerPlan,
     /// Tokens in the cache.
     pos: usize,
-    caches: Vec<Option<LayerCache>>,
-    rope: RopeTables,
-    step: StepBuffer,
-    final_row: GpuTensor,  // [1, d] f32: normalised last row
-    logits: GpuTensor,     // [vocab] f32: logits of the last position of the last step
-    picked: GpuTensor,     // [2 * candidates] u32: (id, f32 bits) pairs
-    staging: wgpu::Buffer, // MAP_READ copy of `picked`
-    prefill_acts: Option<Activations>,
+    /// KV cache, RoPE tables, step uniform, logits and picked candidates.
+    pub(super) bufs: StepBuffers,
+    staging: wgpu::Buffer, // MAP_READ copy of `bufs.picked`
+    pub(super) prefill_acts: Option<Activations>,
     decode_acts: Activations,
     /// The prepared decode step, built on the first decode after the plan is fixed.
     decode_program: Option<Vec<Dispatch>>,
     /// Dispatches recorded by the last step (for tests and profiling).
     pub last_dispatch_count: usize,
     /// Routers that decide the plan during the first prefill; None once the plan is fixed.
-    routing: Option<Routing>,
+    pub(super) routing: Option<Routing>,
     /// Each layer's router probability from the routed prefill (None: no router, or static plan).
-    probs: Vec<Option<f32>>,
-    probs_buf: GpuTensor, // [n_layers] f32: router outputs
+    pub(super) probs: Vec<Option<f32>>,
     /// Times every step when set (`--profile`, `--trace`); None costs nothing.
     profiler: Option<Profiler>,
     /// The unmerged LoRA adapter and its user scale S (the B products use S · alpha / r).
     lora: Option<(Arc<GpuLora>, f32)>,
-    lora_tmp: Option<GpuTensor>, // [ctx_len, max_inner] f32: a = x · A^T (prefill rows never exceed ctx_len)
 }
 
 impl Session {
+    /// A session running the layers of `plan`, with a KV cache for each of them.
+    /// Errors: `RuntimeError::Plan` when the plan's length is not the model's layer count or
+    /// `ctx_len` is 0; `RuntimeError::Gpu` when a buffer cannot be allocated.
     pub fn new(weights: &Arc<GpuWeights>, options: SessionOptions, plan: LayerPlan) -> Result<Session, RuntimeError> {
         let ctx = weights.ctx.clone();
         let c = &weights.config;
@@ -133,18 +87,8 @@ impl Session {
         }
         let candidates = options.candidates.clamp(1, MAX_CANDIDATES);
         let options = SessionOptions { candidates, ..options };
-        let kv_dim = c.n_kv_heads * c.head_dim;
-        let mut caches = Vec::with_capacity(c.n_layers);
-        for l in 0..c.n_layers {
-            caches.push(if plan.runs(l) {
-                Some(LayerCache {
-                    k: GpuTensor::zeros(&ctx, &format!("layer.{l}.k_cache"), DType::F32, &[options.ctx_len, kv_dim])?,
-                    v: GpuTensor::zeros(&ctx, &format!("layer.{l}.v_cache"), DType::F32, &[options.ctx_len, kv_dim])?,
-                })
-            } else {
-                None
-            });
-        }
+        let mut kv = KvCache::empty(c.n_layers, options.ctx_len, c.n_kv_heads * c.head_dim);
+        kv.fit(&ctx, &plan)?;
         let scaling = c.rope_scaling.as_ref().map(|s| RopeScalingParams {
             factor: s.factor,
             low_freq_factor: s.low_freq_factor,
@@ -159,34 +103,39 @@ impl Session {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        Ok(Session {
-            weights: weights.clone(),
+        let bufs = StepBuffers {
+            kv,
+            rope,
             step: StepBuffer::new(&ctx),
             final_row: GpuTensor::zeros(&ctx, "final_row", DType::F32, &[1, c.d_model])?,
             logits: GpuTensor::zeros(&ctx, "logits", DType::F32, &[c.vocab_size])?,
+            candidates,
+            picked,
+            router_probs: GpuTensor::zeros(&ctx, "router.probs", DType::F32, &[c.n_layers])?,
+            lora_tmp: None,
+        };
+        Ok(Session {
+            weights: weights.clone(),
             decode_acts: Activations::new(&ctx, weights, 1)?,
             ctx,
             options,
             plan,
             pos: 0,
-            caches,
-            rope,
-            picked,
+            bufs,
             staging,
             prefill_acts: None,
             decode_program: None,
             last_dispatch_count: 0,
             routing: None,
             probs: vec![None; c.n_layers],
-            probs_buf: GpuTensor::zeros(&weights.ctx, "router.probs", DType::F32, &[c.n_layers])?,
             profiler: None,
             lora: None,
-            lora_tmp: None,
         })
     }
 
     /// A session whose plan the routers decide during its first prefill. No KV cache is
-    /// allocated until a layer is known to run.
+    /// allocated until a layer is known to run. Errors: `RuntimeError::Plan` when the routers
+    /// do not cover the model's layers or the policy is invalid; as [`Session::new`].
     pub fn with_routers(weights: &Arc<GpuWeights>, options: SessionOptions, routing: Routing) -> Result<Session, RuntimeError> {
         let n = weights.config.n_layers;
         if routing.routers.layers.len() != n {
@@ -194,13 +143,26 @@ impl Session {
         }
         routing.policy.validate().map_err(|e| RuntimeError::Plan(e.to_string()))?;
         let mut s = Session::new(weights, options, LayerPlan::full(n))?;
-        s.caches.iter_mut().for_each(|c| *c = None);
+        s.bufs.kv.clear();
         s.routing = Some(routing);
         Ok(s)
     }
 
+    /// A builder of this session's steps in `phase`, over its weights, adapter, buffers and plan.
+    pub(super) fn builder(&self, phase: Phase) -> StepBuilder<'_> {
+        StepBuilder {
+            ctx: &self.ctx,
+            weights: &self.weights,
+            lora: self.lora.as_ref().map(|(g, s)| (&**g, *s)),
+            bufs: &self.bufs,
+            plan: &self.plan,
+            phase,
+        }
+    }
+
     /// Resolve the kernel choices and build every pipeline a step uses (and, for a fixed plan,
     /// the decode program), so that the first prefill's time is the prefill's own.
+    /// Errors: as [`StepBuilder::layer`].
     pub fn prepare(&mut self) -> Result<(), RuntimeError> {
         let ctx = &*self.ctx;
         matmul_variant(ctx);
@@ -208,9 +170,10 @@ impl Session {
         if self.routing.is_some() {
             return Ok(());
         }
-        self.build_program(&self.decode_acts, 1, "prefill")?;
+        let acts = &self.decode_acts;
+        self.builder(Phase::Prefill).step(1, acts, |_| acts)?;
         if self.decode_program.is_none() {
-            self.decode_program = Some(self.build_program(&self.decode_acts, 1, "decode")?);
+            self.decode_program = Some(self.builder(Phase::Decode).step(1, acts, |_| acts)?);
         }
         Ok(())
     }
@@ -220,6 +183,8 @@ impl Session {
     /// prepared decode program is rebuilt on the next decode. Tokens already in the KV cache keep
     /// what the previous adapter computed: for a clean switch mid-conversation start a new
     /// `Session` over the same weights (cheap: the weights are shared) and prefill again.
+    /// Errors: an invalid scale; `LoraError::WrongModel` when the adapter was uploaded for other
+    /// sizes; `RuntimeError::Gpu` when its scratch buffer cannot be allocated.
     pub fn set_lora(&mut self, lora: Option<Arc<GpuLora>>, scale: f32) -> Result<(), RuntimeError> {
         super::loaded::check_scale(scale)?;
         if let Some(g) = &lora {
@@ -231,8 +196,8 @@ impl Session {
                 .into());
             }
             let inner = g.max_inner();
-            if self.lora_tmp.as_ref().is_none_or(|t| t.shape[1] < inner) {
-                self.lora_tmp = Some(GpuTensor::zeros(&self.ctx, "lora.a", DType::F32, &[self.options.ctx_len, inner])?);
+            if self.bufs.lora_tmp.as_ref().is_none_or(|t| t.shape[1] < inner) {
+                self.bufs.lora_tmp = Some(GpuTensor::zeros(&self.ctx, "lora.a", DType::F32, &[self.options.ctx_len, inner])?);
             }
         }
         self.lora = lora.map(|g| (g, scale));
@@ -255,76 +220,9 @@ impl Session {
         self.routing.is_none()
     }
 
-    fn ensure_cache(&mut self, l: usize) -> Result<(), RuntimeError> {
-        if self.caches[l].is_none() {
-            let c = &self.weights.config;
-            let kv_dim = c.n_kv_heads * c.head_dim;
-            let n = self.options.ctx_len;
-            self.caches[l] = Some(LayerCache {
-                k: GpuTensor::zeros(&self.ctx, &format!("layer.{l}.k_cache"), DType::F32, &[n, kv_dim])?,
-                v: GpuTensor::zeros(&self.ctx, &format!("layer.{l}.v_cache"), DType::F32, &[n, kv_dim])?,
-            });
-        }
-        Ok(())
-    }
-
-    /// The routed prefill: router l reads the hidden states that reach layer l (after the
-    /// earlier decisions) and its probability is read back before layer l is encoded. With a
-    /// budget (--max-skip/--min-skip) the probabilities of this pass pick the final plan; when
-    /// that differs from the threshold-only plan, the prompt is prefilled again under it so that
-    /// the cache only holds what the final plan computes.
-    fn prefill_routed(&mut self, ids: &[u32], routing: Routing) -> Result<StepOutput, RuntimeError> {
-        let t = ids.len();
-        let n = self.weights.config.n_layers;
-        let tau_only = PlanPolicy { max_skip: None, min_skip: None, ..routing.policy.clone() };
-        let mut decider = PlanDecider::new(routing.routers.has_router(), tau_only);
-        let mut run = vec![true; n];
-        let acts = self.prefill_acts.take().expect("allocated by prefill");
-        let mut segment = self.head(&acts, t, "prefill")?;
-        for l in 0..n {
-            if let Some(rw) = &routing.routers.layers[l] {
-                segment.extend(router_gate(&self.ctx, &format!("prefill/layer.{l}/router"), &acts.x, t, rw, &self.probs_buf, l)?);
-                self.submit(&segment);
-                segment.clear();
-                let raw = crate::gpu::buffer::read_buffer(&self.ctx, &self.probs_buf.buffer, 4 * l as u64, 4, "router.probs")?;
-                self.probs[l] = Some(f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]));
-            }
-            run[l] = decider.decide(l, self.probs[l]).map_err(|e| RuntimeError::Plan(e.to_string()))?;
-            if run[l] {
-                self.ensure_cache(l)?;
-                segment.extend(self.layer(&acts, t, "prefill", l)?);
-            }
-        }
-        let budgeted = decide_plan(&self.probs, &routing.policy);
-        let result = if budgeted == run {
-            self.plan = LayerPlan::from_flags(run);
-            segment.extend(self.tail(&acts, t, "prefill")?);
-            self.execute(&segment)
-        } else {
-            log::info!("router budget changes the plan: prefilling again");
-            self.plan = LayerPlan::from_flags(budgeted);
-            for l in 0..n {
-                if self.plan.runs(l) {
-                    self.ensure_cache(l)?;
-                } else {
-                    self.caches[l] = None;
-                }
-            }
-            let program = self.build_program(&acts, t, "prefill")?;
-            self.execute(&program)
-        };
-        for l in 0..n {
-            if !self.plan.runs(l) {
-                self.caches[l] = None;
-            }
-        }
-        self.prefill_acts = Some(acts);
-        result
-    }
-
     /// Record `program` into one pass and submit it without waiting (a segment of the routed
     /// prefill; the step ends in `execute`).
-    fn submit(&mut self, program: &[Dispatch]) {
+    pub(super) fn submit(&mut self, program: &[Dispatch]) {
         let ctx = &*self.ctx;
         let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("prefill.segment") });
         match self.profiler.as_mut() {
@@ -335,7 +233,7 @@ impl Session {
             }
             Some(p) => {
                 let t0 = std::time::Instant::now();
-                p.record(&mut encoder, "prefill", "prefill.segment", program, t0);
+                p.record(&mut encoder, Phase::Prefill, "prefill.segment", program, t0);
                 let clock = p.host_clock();
                 let t1 = std::time::Instant::now();
                 clock.span_between("encode", t0, t1);
@@ -353,29 +251,34 @@ impl Session {
         std::mem::replace(&mut self.profiler, profiler)
     }
 
+    /// The profiler timing this session's steps, if any.
     pub fn profiler(&self) -> Option<&Profiler> {
         self.profiler.as_ref()
     }
 
+    /// The profiler timing this session's steps, if any, to flush or read while it runs.
     pub fn profiler_mut(&mut self) -> Option<&mut Profiler> {
         self.profiler.as_mut()
     }
 
+    /// Tokens in the KV cache: the position the next token takes.
     pub fn position(&self) -> usize {
         self.pos
     }
 
+    /// Context length: the most tokens the KV cache holds.
     pub fn ctx_len(&self) -> usize {
         self.options.ctx_len
     }
 
+    /// Which layers run (for a routed session, final after its first prefill).
     pub fn plan(&self) -> &LayerPlan {
         &self.plan
     }
 
     /// Bytes held by this session's KV caches.
     pub fn kv_bytes(&self) -> u64 {
-        self.caches.iter().flatten().map(|c| (c.k.byte_len() + c.v.byte_len()) as u64).sum()
+        self.bufs.kv.bytes()
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<(), RuntimeError> {
@@ -390,7 +293,9 @@ impl Session {
     }
 
     /// Run `ids` (the prompt, or a further turn of it) through every kept layer and return the
-    /// candidates for the next token.
+    /// candidates for the next token. A routed session decides its plan here (the first time).
+    /// Errors: `EmptyPrompt`, `BadToken` for an id outside the vocabulary, `ContextFull` when
+    /// the cache cannot hold the tokens, `Gpu` for a kernel or read-back failure.
     pub fn prefill(&mut self, ids: &[u32]) -> Result<StepOutput, RuntimeError> {
         if ids.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
@@ -403,29 +308,31 @@ impl Session {
         if let Some(acts) = &self.prefill_acts {
             acts.ids.write_u32(&self.ctx, ids);
         }
-        self.step.write(&self.ctx, &StepParams { pos0: self.pos as u32, n_tokens: t as u32, kv_len: (self.pos + t) as u32, _pad: 0 });
+        self.bufs.step.write(&self.ctx, &StepParams { pos0: self.pos as u32, n_tokens: t as u32, kv_len: (self.pos + t) as u32, _pad: 0 });
         let out = if let Some(routing) = self.routing.take() {
             self.prefill_routed(ids, routing)?
         } else {
             let acts = self.prefill_acts.as_ref().expect("allocated above");
-            let program = self.build_program(acts, t, "prefill")?;
-            self.execute(&program)?
+            let program = self.builder(Phase::Prefill).step(t, acts, |_| acts)?;
+            self.execute(&program, Phase::Prefill)?
         };
         self.pos += t;
         Ok(out)
     }
 
     /// Run one generated token and return the candidates for the next.
+    /// Errors: as [`Session::prefill`] (but never `EmptyPrompt`).
     pub fn decode(&mut self, id: u32) -> Result<StepOutput, RuntimeError> {
         self.check_ids(&[id])?;
         if self.decode_program.is_none() {
-            let program = self.build_program(&self.decode_acts, 1, "decode")?;
+            let acts = &self.decode_acts;
+            let program = self.builder(Phase::Decode).step(1, acts, |_| acts)?;
             self.decode_program = Some(program);
         }
         self.decode_acts.ids.write_u32(&self.ctx, &[id]);
-        self.step.write(&self.ctx, &StepParams { pos0: self.pos as u32, n_tokens: 1, kv_len: self.pos as u32 + 1, _pad: 0 });
+        self.bufs.step.write(&self.ctx, &StepParams { pos0: self.pos as u32, n_tokens: 1, kv_len: self.pos as u32 + 1, _pad: 0 });
         let program = self.decode_program.take().expect("built above");
-        let out = self.execute(&program);
+        let out = self.execute(&program, Phase::Decode);
         self.decode_program = Some(program);
         self.pos += 1;
         out
@@ -433,7 +340,7 @@ impl Session {
 
     /// The logits of the last position of the last step (a full `[vocab]` read-back).
     pub fn read_logits(&self) -> Result<Vec<f32>, RuntimeError> {
-        Ok(self.logits.read_f32(&self.ctx)?)
+        Ok(self.bufs.logits.read_f32(&self.ctx)?)
     }
 
     /// Labels of the dispatches that one decode step records (after the first decode): the
@@ -442,131 +349,26 @@ impl Session {
         self.decode_program.as_ref().map(|p| p.iter().map(|d| d.label.as_str()).collect())
     }
 
-    /// The linear product `op` as matvec (decode, one row) or matmul (prefill), each with the
-    /// adapter's variant.
-    fn linear(&self, label: &str, op: &LinearOp, decode: bool) -> Result<Vec<Dispatch>, RuntimeError> {
-        Ok(if decode {
-            matvec(&self.ctx, label, op, matvec_variant(&self.ctx))?
-        } else {
-            matmul(&self.ctx, label, op, matmul_variant(&self.ctx))?
-        })
-    }
-
-    /// A LoRA group's delta on the base product `base` (its x, rows, y and y stride):
-    /// `a = x · A^T` (`[rows, inner]` in `lora_tmp`), then `y[:, 0..out] += s · a · B^T`.
-    fn lora_delta(&self, label: &str, base: &LinearOp, pair: &GpuLoraPair, s: f32, decode: bool) -> Result<Vec<Dispatch>, RuntimeError> {
-        let tmp = self.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Plan("LoRA attached without its buffer".into()))?;
-        let mut p = self.linear(&format!("{label}.lora_a"), &LinearOp::new(base.x, base.rows, &pair.a, tmp), decode)?;
-        let b = LinearOp::new(tmp, base.rows, &pair.b, base.y).y_stride(base.y_row_stride()).accumulate(true).scale(s);
-        p.extend(self.linear(&format!("{label}.lora_b"), &b, decode)?);
-        Ok(p)
-    }
-
-    /// Dispatches that turn token ids into the residual stream.
-    fn head(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
-        Ok(embedding(&self.ctx, &format!("{phase}/embed"), &a.ids, rows, &self.weights.embed, &a.x)?)
-    }
-
-    /// Layer `l`'s dispatches over `rows` tokens (the layer must have a cache).
-    fn layer(&self, a: &Activations, rows: usize, phase: &str, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
-        let ctx = &*self.ctx;
-        let c = &self.weights.config;
-        let lw = &self.weights.layers[l];
-        let cache = self.caches[l].as_ref().ok_or_else(|| RuntimeError::Plan(format!("layer {l} runs but has no KV cache")))?;
-        let decode = phase == "decode";
-        let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        let at = |name: &str| format!("{phase}/layer.{l}/{name}");
-        // The unmerged adapter's matrices for this layer and s = S · alpha / r.
-        let lora = self.lora.as_ref().map(|(g, scale)| (&g.layers[l], scale * g.scaling));
-        let group =
-            |pick: fn(&super::lora::GpuLoraLayer) -> &Option<GpuLoraPair>| lora.and_then(|(ll, s)| pick(ll).as_ref().map(|p| (p, s)));
-        let mut p: Vec<Dispatch> = Vec::new();
-        p.push(rmsnorm(ctx, &at("attn.norm"), &RmsNormOp { x: &a.x, x_row0: 0, rows, weight: &lw.attn_norm, y: &a.xn, eps: c.rms_eps })?);
-        let qkv = LinearOp::new(&a.xn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref());
-        p.extend(self.linear(&at("attn.qkv"), &qkv, decode)?);
-        if let Some((pair, s)) = group(|ll| &ll.qkv) {
-            p.extend(self.lora_delta(&at("attn.qkv"), &qkv, pair, s, decode)?);
-        }
-        let (k_cache, v_cache, step) = (&cache.k, &cache.v, &self.step);
-        let rope = RopeQkvOp { qkv: &a.qkv, rows, shape, tables: &self.rope, step, q_out: &a.q, k_cache, v_cache };
-        p.push(rope_qkv_write(ctx, &at("attn.rope"), &rope)?);
-        p.extend(attention(ctx, &at("attn.core"), &AttnOp { q: &a.q, rows, k_cache, v_cache, shape, step, out: &a.attn })?);
-        let o = LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true);
-        p.extend(self.linear(&at("attn.o"), &o, decode)?);
-        if let Some((pair, s)) = group(|ll| &ll.o) {
-            // Accumulates into the residual x, as the base o projection does.
-            p.extend(self.lora_delta(&at("attn.o"), &o, pair, s, decode)?);
-        }
-        p.push(rmsnorm(ctx, &at("mlp.norm"), &RmsNormOp { x: &a.x, x_row0: 0, rows, weight: &lw.ffn_norm, y: &a.xn, eps: c.rms_eps })?);
-        let gate_up = LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up);
-        p.extend(self.linear(&at("mlp.gate_up"), &gate_up, decode)?);
-        if let Some((pair, s)) = group(|ll| &ll.gate_up) {
-            p.extend(self.lora_delta(&at("mlp.gate_up"), &gate_up, pair, s, decode)?);
-        }
-        p.push(swiglu(ctx, &at("mlp.act"), &a.gate_up, rows, c.d_ff, &a.act)?);
-        let down = LinearOp::new(&a.act, rows, &lw.down, &a.x).accumulate(true);
-        p.extend(self.linear(&at("mlp.down"), &down, decode)?);
-        if let Some((pair, s)) = group(|ll| &ll.down) {
-            p.extend(self.lora_delta(&at("mlp.down"), &down, pair, s, decode)?);
-        }
-        Ok(p)
-    }
-
-    /// Final norm of the last row, LM head and the sampling kernel.
-    fn tail(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
-        let ctx = &*self.ctx;
-        let w = &*self.weights;
-        let c = &w.config;
-        let norm = RmsNormOp { x: &a.x, x_row0: rows - 1, rows: 1, weight: &w.final_norm, y: &self.final_row, eps: c.rms_eps };
-        let mut p = vec![rmsnorm(ctx, &format!("{phase}/final_norm"), &norm)?];
-        p.extend(matvec(
-            ctx,
-            &format!("{phase}/lm_head"),
-            &LinearOp::new(&self.final_row, 1, w.output(), &self.logits),
-            matvec_variant(ctx),
-        )?);
-        let n = c.vocab_size;
-        if self.options.candidates == 1 {
-            p.extend(argmax(ctx, &format!("{phase}/sample"), &self.logits, n, &self.picked)?);
-        } else {
-            p.extend(top_k(ctx, &format!("{phase}/sample"), &self.logits, n, self.options.candidates, &self.picked)?);
-        }
-        Ok(p)
-    }
-
-    /// Every dispatch of one step over `rows` tokens under the current plan, in order.
-    fn build_program(&self, a: &Activations, rows: usize, phase: &str) -> Result<Vec<Dispatch>, RuntimeError> {
-        let mut p = self.head(a, rows, phase)?;
-        for l in 0..self.weights.layers.len() {
-            if self.plan.runs(l) {
-                p.extend(self.layer(a, rows, phase, l)?);
-            }
-        }
-        p.extend(self.tail(a, rows, phase)?);
-        Ok(p)
-    }
-
     /// Record `program` into one pass (a debug group per layer), copy the picked candidates to
     /// the staging buffer, submit and read them back. With a profiler, the dispatches are timed
     /// and the step's host spans recorded; without one, nothing else happens.
-    fn execute(&mut self, program: &[Dispatch]) -> Result<StepOutput, RuntimeError> {
+    pub(super) fn execute(&mut self, program: &[Dispatch], phase: Phase) -> Result<StepOutput, RuntimeError> {
         let ctx = &*self.ctx;
-        // The pass says where it sits: `prefill` or `decode` (from the labels, `prefill/...`).
-        let phase = program.first().and_then(|d| d.label.split('/').next()).unwrap_or("step");
-        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(phase) });
+        let label = phase.as_str();
+        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
         let t0 = self.profiler.as_ref().map(|_| std::time::Instant::now());
         match (self.profiler.as_mut(), t0) {
             (Some(p), Some(t0)) => {
-                p.record(&mut encoder, phase, phase, program, t0);
+                p.record(&mut encoder, phase, label, program, t0);
                 p.resolve(&mut encoder);
             }
             _ => {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(phase), timestamp_writes: None });
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
                 record_grouped(&mut pass, program, |pass, d| d.record(pass));
             }
         }
         let bytes = 8 * self.options.candidates;
-        encoder.copy_buffer_to_buffer(&self.picked.buffer, 0, &self.staging, 0, bytes as u64);
+        encoder.copy_buffer_to_buffer(&self.bufs.picked.buffer, 0, &self.staging, 0, bytes as u64);
         let t1 = t0.map(|_| std::time::Instant::now());
         if let (Some(p), Some(t1)) = (self.profiler.as_mut(), t1) {
             p.mark_submit(t1);
@@ -584,37 +386,4 @@ impl Session {
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(&raw);
         Ok(StepOutput { candidates: decode_pairs(&words) })
     }
-}
-
-/// Record `program` into `pass` through `each`, inside a debug group per layer.
-pub(crate) fn record_grouped<'p>(
-    pass: &mut wgpu::ComputePass<'_>,
-    program: &'p [Dispatch],
-    mut each: impl FnMut(&mut wgpu::ComputePass<'_>, &'p Dispatch),
-) {
-    let mut group: Option<&str> = None;
-    for d in program {
-        let layer = layer_of(&d.label);
-        if layer != group {
-            if group.is_some() {
-                pass.pop_debug_group();
-            }
-            if let Some(name) = layer {
-                pass.push_debug_group(name);
-            }
-            group = layer;
-        }
-        each(pass, d);
-    }
-    if group.is_some() {
-        pass.pop_debug_group();
-    }
-}
-
-/// `prefill/layer.12/attn.qkv` -> `Some("prefill/layer.12")`.
-pub(crate) fn layer_of(label: &str) -> Option<&str> {
-    let start = label.find("/layer.")?;
-    let rest = &label[start + 1..];
-    let end = rest.find('/').map_or(label.len(), |e| start + 1 + e);
-    Some(&label[..end])
 }

@@ -12,25 +12,38 @@ use super::RuntimeError;
 /// One decoder layer's weights.
 #[derive(Debug)]
 pub struct LayerWeights {
-    pub attn_norm: GpuTensor,        // [d] f32
-    pub qkv: GpuMatrix,              // [(n_heads + 2 n_kv_heads) * head_dim, d]: q rows, then k, then v
-    pub qkv_bias: Option<GpuTensor>, // [(n_heads + 2 n_kv_heads) * head_dim] f32 (qwen2)
-    pub o: GpuMatrix,                // [d, n_heads * head_dim]
-    pub ffn_norm: GpuTensor,         // [d] f32
-    pub gate_up: GpuMatrix,          // [2 d_ff, d]: gate rows, then up
-    pub down: GpuMatrix,             // [d, d_ff]
+    /// RMSNorm weight before attention `[d]` f32.
+    pub attn_norm: GpuTensor,
+    /// Q, K, V stacked `[(n_heads + 2 n_kv_heads) * head_dim, d]`: q rows, then k, then v.
+    pub qkv: GpuMatrix,
+    /// Q, K, V biases `[(n_heads + 2 n_kv_heads) * head_dim]` f32 (qwen2); None without.
+    pub qkv_bias: Option<GpuTensor>,
+    /// Attention output projection `[d, n_heads * head_dim]`.
+    pub o: GpuMatrix,
+    /// RMSNorm weight before the MLP `[d]` f32.
+    pub ffn_norm: GpuTensor,
+    /// Gate and up stacked `[2 d_ff, d]`: gate rows, then up.
+    pub gate_up: GpuMatrix,
+    /// MLP down projection `[d, d_ff]`.
+    pub down: GpuMatrix,
 }
 
 /// Every weight of the model, uploaded once; sessions share it.
 #[derive(Debug)]
 pub struct GpuWeights {
+    /// The device they live on.
     pub ctx: Arc<GpuContext>,
+    /// The model's sizes and hyperparameters.
     pub config: ModelConfig,
     /// Dtype of the matrices (norms stay f32).
     pub dtype: DType,
-    pub embed: GpuMatrix,           // [vocab, d]
-    pub final_norm: GpuTensor,      // [d] f32
-    pub lm_head: Option<GpuMatrix>, // [vocab, d]; None when tied to `embed`
+    /// Token embedding `[vocab, d]`.
+    pub embed: GpuMatrix,
+    /// Final RMSNorm weight `[d]` f32.
+    pub final_norm: GpuTensor,
+    /// LM head `[vocab, d]`; None when tied to `embed`.
+    pub lm_head: Option<GpuMatrix>,
+    /// Decoder layer l's weights at index l.
     pub layers: Vec<LayerWeights>,
 }
 

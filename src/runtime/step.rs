@@ -1,0 +1,276 @@
+//! Building a step's dispatches apart from the session that owns the buffers.
+//!
+//! A [`StepBuilder`] borrows the weights, the optional unmerged LoRA adapter, a
+//! [`StepBuffers`] set (KV cache, RoPE tables, step uniform, logits, picked candidates), the
+//! layer plan and the activation sets, and returns the dispatches of the head (embedding), one
+//! decoder layer, the tail (final norm, LM head, sampling) or a whole step, each with its
+//! [`Tag`]. It records and submits nothing: the [`Session`](super::Session) does that.
+
+use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase, Tag};
+use crate::kernels::attention::{AttnOp, AttnShape, attention};
+use crate::kernels::choice::{matmul_variant, matvec_variant};
+use crate::kernels::embedding::embedding;
+use crate::kernels::linear::LinearOp;
+use crate::kernels::matmul::matmul;
+use crate::kernels::matvec::matvec;
+use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
+use crate::kernels::rope::{RopeQkvOp, RopeTables, rope_qkv_write};
+use crate::kernels::router::{RouterWeights, router_gate};
+use crate::kernels::sample::{argmax, top_k};
+use crate::kernels::step::StepBuffer;
+use crate::kernels::swiglu::swiglu;
+
+use super::kv_cache::KvCache;
+use super::lora::{GpuLora, GpuLoraLayer, GpuLoraPair};
+use super::weights::GpuWeights;
+use super::{LayerPlan, RuntimeError};
+
+/// Activation buffers for up to `rows` tokens at once (f32 unless said otherwise; `d` =
+/// d_model, `hd` = head_dim).
+#[derive(Debug)]
+pub struct Activations {
+    /// Rows the buffers hold: the most tokens one step may run.
+    pub rows: usize,
+    /// Token ids `[rows]` u32: the step's input.
+    pub ids: GpuTensor,
+    /// The residual stream `[rows, d]`: written by the embedding, updated in place by each block.
+    pub x: GpuTensor,
+    /// Normalised input of a block's attention or MLP half `[rows, d]`.
+    pub xn: GpuTensor,
+    /// Q, K and V projections side by side `[rows, (n_heads + 2 n_kv_heads) * hd]`.
+    pub qkv: GpuTensor,
+    /// Rotated queries `[rows, n_heads * hd]`.
+    pub q: GpuTensor,
+    /// Attention output, heads side by side `[rows, n_heads * hd]`.
+    pub attn: GpuTensor,
+    /// Gate and up projections side by side `[rows, 2 d_ff]`.
+    pub gate_up: GpuTensor,
+    /// SwiGLU output `silu(gate) * up` `[rows, d_ff]`.
+    pub act: GpuTensor,
+}
+
+impl Activations {
+    /// Zeroed buffers for `rows` tokens of the model of `w`. Errors: a GPU allocation.
+    pub fn new(ctx: &GpuContext, w: &GpuWeights, rows: usize) -> Result<Activations, RuntimeError> {
+        let c = &w.config;
+        let q_dim = c.n_heads * c.head_dim;
+        let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+        let f = |name: &str, cols: usize| GpuTensor::zeros(ctx, name, DType::F32, &[rows, cols]);
+        Ok(Activations {
+            rows,
+            ids: GpuTensor::zeros(ctx, "ids", DType::U32, &[rows])?,
+            x: f("x", c.d_model)?,
+            xn: f("xn", c.d_model)?,
+            qkv: f("qkv", qkv_dim)?,
+            q: f("q", q_dim)?,
+            attn: f("attn", q_dim)?,
+            gate_up: f("gate_up", 2 * c.d_ff)?,
+            act: f("act", c.d_ff)?,
+        })
+    }
+}
+
+/// The buffers of one sequence that every step reads or writes besides the activations; the
+/// session owns them, the builder borrows them.
+#[derive(Debug)]
+pub struct StepBuffers {
+    /// Keys and values of every position so far, per kept layer.
+    pub kv: KvCache,
+    /// RoPE cos/sin tables `[ctx_len, head_dim / 2]` f32.
+    pub rope: RopeTables,
+    /// The step uniform: first position, token count and KV length of the step.
+    pub step: StepBuffer,
+    /// Normalised last row `[1, d_model]` f32: the LM head's input.
+    pub final_row: GpuTensor,
+    /// Logits of the step's last position `[vocab]` f32.
+    pub logits: GpuTensor,
+    /// Candidates read back per token: 1 = greedy (argmax), else top-k.
+    pub candidates: usize,
+    /// The sampled candidates `[2 * candidates]` u32: (token id, f32 bits of its logit) pairs.
+    pub picked: GpuTensor,
+    /// Router outputs `[n_layers]` f32: layer l's probability at index l (routed prefill).
+    pub router_probs: GpuTensor,
+    /// LoRA scratch `a = x · Aᵀ`, `[ctx_len, max_inner]` f32 (prefill rows never exceed
+    /// ctx_len); None until an adapter is attached.
+    pub lora_tmp: Option<GpuTensor>,
+}
+
+/// A projection of a decoder block: its op name and its LoRA group.
+#[derive(Debug, Clone, Copy)]
+enum Proj {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl Proj {
+    /// The op of the base product (and of the LoRA delta's, whose label parts are `.lora_a`,
+    /// `.lora_b`).
+    fn op(self) -> &'static str {
+        match self {
+            Proj::Qkv => "attn.qkv",
+            Proj::O => "attn.o",
+            Proj::GateUp => "mlp.gate_up",
+            Proj::Down => "mlp.down",
+        }
+    }
+
+    /// The adapter's matrices for this projection in one layer.
+    fn lora(self, ll: &GpuLoraLayer) -> Option<&GpuLoraPair> {
+        match self {
+            Proj::Qkv => ll.qkv.as_ref(),
+            Proj::O => ll.o.as_ref(),
+            Proj::GateUp => ll.gate_up.as_ref(),
+            Proj::Down => ll.down.as_ref(),
+        }
+    }
+}
+
+/// Call `build` with `tag`'s label and tag every dispatch it returns.
+fn tagged<D, E>(tag: Tag, build: impl FnOnce(&str) -> Result<D, E>) -> Result<Vec<Dispatch>, RuntimeError>
+where
+    D: IntoIterator<Item = Dispatch>,
+    RuntimeError: From<E>,
+{
+    let label = tag.label();
+    Ok(build(&label)?.into_iter().map(|d| d.tagged(tag)).collect())
+}
+
+/// Builds the dispatches of one phase of a step from borrowed weights and buffers; see the
+/// module docs. Cheap to make (references only): make one per build.
+#[derive(Debug, Clone, Copy)]
+pub struct StepBuilder<'a> {
+    /// The device the dispatches are built on.
+    pub ctx: &'a GpuContext,
+    /// The model's weights.
+    pub weights: &'a GpuWeights,
+    /// The unmerged LoRA adapter and its user scale S (the B products use S · alpha / r).
+    pub lora: Option<(&'a GpuLora, f32)>,
+    /// KV cache, RoPE tables, step uniform and the tail's outputs.
+    pub bufs: &'a StepBuffers,
+    /// Which layers run.
+    pub plan: &'a LayerPlan,
+    /// The phase: prefill uses the matmul kernels over `rows` tokens, decode the matrix-vector
+    /// kernels over one.
+    pub phase: Phase,
+}
+
+impl StepBuilder<'_> {
+    /// Every dispatch of one step over `rows` tokens under the plan, in order: head, each kept
+    /// layer, tail. `acts` holds the step's token ids and the residual stream that the head
+    /// writes and the tail reads; `layer_acts(l)` is the set layer `l` computes in. Inference
+    /// passes `|_| acts` (one set reused by every layer, the cheapest); a backward pass needs
+    /// each block's input and intermediates kept, which it gets by passing one set per layer
+    /// (and copying the residual stream `x` between them). Errors: as [`StepBuilder::layer`].
+    pub fn step<'s>(
+        &self,
+        rows: usize,
+        acts: &Activations,
+        layer_acts: impl Fn(usize) -> &'s Activations,
+    ) -> Result<Vec<Dispatch>, RuntimeError> {
+        let mut p = self.head(acts, rows)?;
+        for l in 0..self.weights.layers.len() {
+            if self.plan.runs(l) {
+                p.extend(self.layer(layer_acts(l), rows, l)?);
+            }
+        }
+        p.extend(self.tail(acts, rows)?);
+        Ok(p)
+    }
+
+    /// The embedding: token ids `a.ids` `[rows]` to the residual stream `a.x` `[rows, d]`.
+    pub fn head(&self, a: &Activations, rows: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+        tagged(Tag::step(self.phase, "embed"), |n| embedding(self.ctx, n, &a.ids, rows, &self.weights.embed, &a.x))
+    }
+
+    /// Decoder layer `l` over `rows` tokens of `a`, the pre-norm block of Llama
+    /// (`LlamaDecoderLayer.forward` in Hugging Face transformers):
+    /// `x += o(attention(rope(qkv(norm(x)))))`, then `x += down(swiglu(gate_up(norm(x))))`,
+    /// each projection plus the adapter's delta when one is attached. The rotated keys and the
+    /// values of the step's positions are written to layer `l`'s KV cache.
+    /// Errors: `RuntimeError::Plan` when layer `l` has no KV cache (a skipped layer);
+    /// `RuntimeError::Gpu` when a kernel rejects its arguments.
+    pub fn layer(&self, a: &Activations, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+        let (ctx, c, lw) = (self.ctx, &self.weights.config, &self.weights.layers[l]);
+        let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Plan(format!("layer {l} runs but has no KV cache")))?;
+        let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
+        let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let at = |op| Tag::layer(self.phase, l, op);
+        let norm = |x, weight, y| RmsNormOp { x, x_row0: 0, rows, weight, y, eps: c.rms_eps };
+        // Attention half: x += o(attention(rope(qkv(norm(x))))).
+        let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, &a.xn)).map(|d| [d]))?;
+        p.extend(self.project(l, Proj::Qkv, &LinearOp::new(&a.xn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref()))?);
+        let rope = RopeQkvOp { qkv: &a.qkv, rows, shape, tables: &self.bufs.rope, step, q_out: &a.q, k_cache, v_cache };
+        p.extend(tagged(at("attn.rope"), |n| rope_qkv_write(ctx, n, &rope).map(|d| [d]))?);
+        let attn = AttnOp { q: &a.q, rows, k_cache, v_cache, shape, step, out: &a.attn };
+        p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
+        p.extend(self.project(l, Proj::O, &LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true))?);
+        // MLP half: x += down(swiglu(gate_up(norm(x)))).
+        p.extend(tagged(at("mlp.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.ffn_norm, &a.xn)).map(|d| [d]))?);
+        p.extend(self.project(l, Proj::GateUp, &LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up))?);
+        p.extend(tagged(at("mlp.act"), |n| swiglu(ctx, n, &a.gate_up, rows, c.d_ff, &a.act).map(|d| [d]))?);
+        p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.act, rows, &lw.down, &a.x).accumulate(true))?);
+        Ok(p)
+    }
+
+    /// The tail: final norm of the last row `a.x[rows - 1]`, LM head into the logits `[vocab]`,
+    /// and the sampling kernel (argmax, or top-k of `bufs.candidates`) into `bufs.picked`.
+    pub fn tail(&self, a: &Activations, rows: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+        let (ctx, w, b) = (self.ctx, self.weights, self.bufs);
+        let c = &w.config;
+        let at = |op| Tag::step(self.phase, op);
+        let norm = RmsNormOp { x: &a.x, x_row0: rows - 1, rows: 1, weight: &w.final_norm, y: &b.final_row, eps: c.rms_eps };
+        let mut p = tagged(at("final_norm"), |n| rmsnorm(ctx, n, &norm).map(|d| [d]))?;
+        let lm_head = LinearOp::new(&b.final_row, 1, w.output(), &b.logits);
+        p.extend(tagged(at("lm_head"), |n| matvec(ctx, n, &lm_head, matvec_variant(ctx)))?);
+        let n = c.vocab_size;
+        p.extend(tagged(at("sample"), |label| {
+            if b.candidates == 1 {
+                argmax(ctx, label, &b.logits, n, &b.picked)
+            } else {
+                top_k(ctx, label, &b.logits, n, b.candidates, &b.picked)
+            }
+        })?);
+        Ok(p)
+    }
+
+    /// Layer `l`'s FiRST router over the hidden states `a.x` `[rows, d]` that reach the layer:
+    /// its probability goes to `bufs.router_probs[l]`.
+    pub fn router(&self, a: &Activations, rows: usize, l: usize, router: &RouterWeights) -> Result<Vec<Dispatch>, RuntimeError> {
+        let probs = &self.bufs.router_probs;
+        tagged(Tag::layer(self.phase, l, "router"), |n| router_gate(self.ctx, n, &a.x, rows, router, probs, l))
+    }
+
+    /// Projection `proj` of layer `l` (the product `op`), then the adapter's delta for it, if
+    /// any: it lands where the base product does (into the residual stream for o and down).
+    fn project(&self, l: usize, proj: Proj, op: &LinearOp) -> Result<Vec<Dispatch>, RuntimeError> {
+        let tag = Tag::layer(self.phase, l, proj.op());
+        let mut p = tagged(tag, |n| self.linear(n, op))?;
+        // The unmerged adapter's matrices for this projection and s = S · alpha / r.
+        if let Some((pair, s)) = self.lora.and_then(|(g, scale)| proj.lora(&g.layers[l]).map(|pair| (pair, scale * g.scaling))) {
+            p.extend(tagged(tag, |n| self.lora_delta(n, op, pair, s))?);
+        }
+        Ok(p)
+    }
+
+    /// The linear product `op` as matvec (decode, one row) or matmul (prefill), each with the
+    /// adapter's variant.
+    fn linear(&self, label: &str, op: &LinearOp) -> Result<Vec<Dispatch>, RuntimeError> {
+        Ok(if self.phase == Phase::Decode {
+            matvec(self.ctx, label, op, matvec_variant(self.ctx))?
+        } else {
+            matmul(self.ctx, label, op, matmul_variant(self.ctx))?
+        })
+    }
+
+    /// A LoRA group's delta on the base product `base` (its x, rows, y and y stride):
+    /// `a = x · A^T` (`[rows, inner]` in `lora_tmp`), then `y[:, 0..out] += s · a · B^T`.
+    fn lora_delta(&self, label: &str, base: &LinearOp, pair: &GpuLoraPair, s: f32) -> Result<Vec<Dispatch>, RuntimeError> {
+        let tmp = self.bufs.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Plan("LoRA attached without its buffer".into()))?;
+        let mut p = self.linear(&format!("{label}.lora_a"), &LinearOp::new(base.x, base.rows, &pair.a, tmp))?;
+        let b = LinearOp::new(tmp, base.rows, &pair.b, base.y).y_stride(base.y_row_stride()).accumulate(true).scale(s);
+        p.extend(self.linear(&format!("{label}.lora_b"), &b)?);
+        Ok(p)
+    }
+}
