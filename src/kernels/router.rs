@@ -5,6 +5,9 @@
 //! The mean over the T rows is computed in parallel: for T > [`BLOCK_ROWS`] a first dispatch sums
 //! blocks of rows per column (`ceil(d / 64) x ceil(T / BLOCK_ROWS)` workgroups); a second
 //! dispatch (one workgroup) adds the block sums, normalises, and runs the small MLP.
+//!
+//! The CPU definition of a router is `model::routers::RouterLayer::probability`; kernels do not
+//! depend on model files, so the comparison with it lives in `runtime/routed/tests.rs`.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -17,16 +20,25 @@ const SOURCE: &str = include_str!("../../shaders/router.wgsl");
 /// Rows summed per block by the column-sum dispatch; up to this many rows, one dispatch.
 pub const BLOCK_ROWS: usize = 64;
 
+/// The shader's uniform (`RouterParams` in `shaders/router.wgsl`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct RouterParams {
+    /// T: rows of `h`.
     pub rows: u32,
+    /// d: columns of `h`.
     pub dim: u32,
+    /// Blocks of [`BLOCK_ROWS`] rows summed by the column-sum dispatch; 0 when there is none.
     pub blocks: u32,
+    /// [`BLOCK_ROWS`].
     pub block_rows: u32,
+    /// Router rank r (0: linear router).
     pub r: u32,
+    /// Index into `probs` written.
     pub slot: u32,
+    /// RMSNorm epsilon.
     pub eps: f32,
+    /// Padding to 16 bytes.
     pub _pad0: u32,
 }
 
@@ -35,6 +47,7 @@ pub struct RouterParams {
 pub struct RouterWeights {
     /// `[d]` RMSNorm weight.
     pub norm: GpuTensor,
+    /// RMSNorm epsilon.
     pub eps: f32,
     /// `[r, d]`, or `[1, d]` when `r = 0`.
     pub w1: GpuTensor,
@@ -44,7 +57,9 @@ pub struct RouterWeights {
     pub w2: Option<GpuTensor>,
     /// `[1]`; `None` when `r = 0`.
     pub b2: Option<GpuTensor>,
+    /// Rank r (0: linear router).
     pub r: usize,
+    /// Hidden size d.
     pub d: usize,
 }
 
@@ -142,182 +157,4 @@ pub fn router_gate(
         Cost { flops: (read + 4 * d + 2 * nh * d + 6 * nh) as u64, bytes: 4 * (read + 3 * d + nh * d + 2 * nh + 2) as u64 },
     ));
     Ok(dispatches)
-}
-
-impl RouterWeights {
-    /// Uploads one layer of a router file (`rank` r, hidden size `d`), checking every tensor's
-    /// length first: `norm [d]`, `w1 [max(r, 1), d]`, `b1 [max(r, 1)]`, and for `r > 0`
-    /// `w2 [1, r]` and `b2`.
-    pub fn from_layer(
-        ctx: &GpuContext,
-        label: &str,
-        layer: &crate::model::routers::RouterLayer,
-        rank: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<RouterWeights, GpuError> {
-        let nh = rank.max(1);
-        let len = |what: &str, got: usize, want: usize| {
-            if got == want {
-                Ok(())
-            } else {
-                Err(GpuError::InvalidArgument(format!("{label}: router {what} has {got} values, expected {want} (r = {rank}, d = {d})")))
-            }
-        };
-        len("norm", layer.norm.len(), d)?;
-        len("w1", layer.w1.len(), nh * d)?;
-        len("b1", layer.b1.len(), nh)?;
-        let (w2, b2) = match (rank, &layer.w2, layer.b2) {
-            (0, None, None) => (None, None),
-            (0, _, _) => return Err(GpuError::InvalidArgument(format!("{label}: a linear router (r = 0) has no w2/b2"))),
-            (_, Some(w2), Some(b2)) => {
-                len("w2", w2.len(), rank)?;
-                (
-                    Some(GpuTensor::from_f32(ctx, &format!("{label}.w2"), &[1, rank], w2)?),
-                    Some(GpuTensor::from_f32(ctx, &format!("{label}.b2"), &[1], &[b2])?),
-                )
-            }
-            _ => return Err(GpuError::InvalidArgument(format!("{label}: router with r = {rank} needs w2 and b2"))),
-        };
-        Ok(RouterWeights {
-            norm: GpuTensor::from_f32(ctx, &format!("{label}.norm"), &[d], &layer.norm)?,
-            eps,
-            w1: GpuTensor::from_f32(ctx, &format!("{label}.w1"), &[nh, d], &layer.w1)?,
-            b1: GpuTensor::from_f32(ctx, &format!("{label}.b1"), &[nh], &layer.b1)?,
-            w2,
-            b2,
-            r: rank,
-            d,
-        })
-    }
-}
-
-/// CPU reference (f64 accumulation) of the router probability.
-#[allow(clippy::too_many_arguments)]
-pub fn router_ref(
-    h: &[f32],
-    rows: usize,
-    d: usize,
-    norm: &[f32],
-    eps: f32,
-    w1: &[f32],
-    b1: &[f32],
-    w2: Option<&[f32]>,
-    b2: Option<f32>,
-    r: usize,
-) -> f32 {
-    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
-    let mut mean = vec![0.0f64; d];
-    for t in 0..rows {
-        for c in 0..d {
-            mean[c] += h[t * d + c] as f64;
-        }
-    }
-    mean.iter_mut().for_each(|m| *m /= rows as f64);
-    let ms = mean.iter().map(|m| m * m).sum::<f64>() / d as f64;
-    let scale = 1.0 / (ms + eps as f64).sqrt();
-    let x: Vec<f64> = (0..d).map(|c| mean[c] * scale * norm[c] as f64).collect();
-    let unit = |j: usize| b1[j] as f64 + (0..d).map(|c| w1[j * d + c] as f64 * x[c]).sum::<f64>();
-    let z = if r == 0 {
-        unit(0)
-    } else {
-        let w2 = w2.expect("router_ref: w2 is required when r > 0");
-        let mut z = b2.unwrap_or(0.0) as f64;
-        for (j, &w) in w2.iter().enumerate().take(r) {
-            let a = unit(j);
-            z += w as f64 * a * sigmoid(a);
-        }
-        z
-    };
-    sigmoid(z) as f32
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gpu::test_context;
-    use crate::kernels::testing::random_vec;
-
-    struct Case {
-        h: Vec<f32>,
-        norm: Vec<f32>,
-        w1: Vec<f32>,
-        b1: Vec<f32>,
-        w2: Vec<f32>,
-        b2: f32,
-    }
-
-    fn case(rows: usize, d: usize, r: usize, seed: u64) -> Case {
-        let nh = r.max(1);
-        // A per-column offset so that the mean is not just noise.
-        let offset = random_vec(d, seed);
-        let h: Vec<f32> = random_vec(rows * d, seed + 1).iter().enumerate().map(|(i, v)| v + offset[i % d]).collect();
-        let norm: Vec<f32> = random_vec(d, seed + 2).iter().map(|v| 1.0 + 0.5 * v).collect();
-        let s1 = 2.0 / (d as f32).sqrt();
-        let w1: Vec<f32> = random_vec(nh * d, seed + 3).iter().map(|v| v * s1).collect();
-        let b1 = random_vec(nh, seed + 4);
-        let s2 = 2.0 / (nh as f32).sqrt();
-        let w2: Vec<f32> = random_vec(nh, seed + 5).iter().map(|v| v * s2).collect();
-        let b2 = random_vec(1, seed + 6)[0];
-        Case { h, norm, w1, b1, w2, b2 }
-    }
-
-    fn upload(ctx: &GpuContext, c: &Case, d: usize, r: usize) -> RouterWeights {
-        let nh = r.max(1);
-        RouterWeights {
-            norm: GpuTensor::from_f32(ctx, "norm", &[d], &c.norm).unwrap(),
-            eps: 1e-5,
-            w1: GpuTensor::from_f32(ctx, "w1", &[nh, d], &c.w1).unwrap(),
-            b1: GpuTensor::from_f32(ctx, "b1", &[nh], &c.b1).unwrap(),
-            w2: (r > 0).then(|| GpuTensor::from_f32(ctx, "w2", &[1, r], &c.w2).unwrap()),
-            b2: (r > 0).then(|| GpuTensor::from_f32(ctx, "b2", &[1], &[c.b2]).unwrap()),
-            r,
-            d,
-        }
-    }
-
-    fn reference(c: &Case, rows: usize, d: usize, r: usize) -> f32 {
-        let (w2, b2) = if r > 0 { (Some(&c.w2[..]), Some(c.b2)) } else { (None, None) };
-        router_ref(&c.h, rows, d, &c.norm, 1e-5, &c.w1, &c.b1, w2, b2, r)
-    }
-
-    #[test]
-    fn router_matches_reference() {
-        let ctx = test_context();
-        let shapes =
-            [(1, 7, 0), (1, 7, 3), (7, 257, 5), (64, 33, 1), (65, 33, 9), (257, 64, 16), (1757, 33, 0), (1757, 13, 7), (3000, 576, 64)];
-        let mut probs_seen = Vec::new();
-        for (i, &(rows, d, r)) in shapes.iter().enumerate() {
-            let c = case(rows, d, r, 1000 + 10 * i as u64);
-            let w = upload(&ctx, &c, d, r);
-            let gh = GpuTensor::from_f32(&ctx, "h", &[rows, d], &c.h).unwrap();
-            let probs = GpuTensor::from_f32(&ctx, "probs", &[4], &[-1.0; 4]).unwrap();
-            let ds = router_gate(&ctx, "router", &gh, rows, &w, &probs, 2).unwrap();
-            assert_eq!(ds.len(), if rows > BLOCK_ROWS { 2 } else { 1 });
-            ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
-            let got = probs.read_f32(&ctx).unwrap();
-            let want = reference(&c, rows, d, r);
-            assert!((got[2] - want).abs() < 2e-5, "router T={rows} d={d} r={r}: got {}, want {want}", got[2]);
-            assert_eq!([got[0], got[1], got[3]], [-1.0; 3], "other slots written: {got:?}");
-            probs_seen.push(want);
-        }
-        // The cases must exercise the sigmoid away from its saturated ends.
-        assert!(probs_seen.iter().filter(|p| **p > 0.05 && **p < 0.95).count() >= shapes.len() / 2, "{probs_seen:?}");
-    }
-
-    #[test]
-    fn router_rejects_bad_arguments() {
-        let ctx = test_context();
-        let (rows, d, r) = (3, 8, 2);
-        let c = case(rows, d, r, 5);
-        let w = upload(&ctx, &c, d, r);
-        let gh = GpuTensor::from_f32(&ctx, "h", &[rows, d], &c.h).unwrap();
-        let probs = GpuTensor::zeros(&ctx, "probs", DType::F32, &[2]).unwrap();
-        assert!(router_gate(&ctx, "router", &gh, rows, &w, &probs, 2).is_err(), "slot out of range");
-        assert!(router_gate(&ctx, "router", &gh, rows + 1, &w, &probs, 0).is_err(), "h too short");
-        assert!(router_gate(&ctx, "router", &gh, 0, &w, &probs, 0).is_err(), "no rows");
-        let no_w2 = RouterWeights { w2: None, ..w.clone() };
-        assert!(router_gate(&ctx, "router", &gh, rows, &no_w2, &probs, 0).is_err(), "r > 0 without w2");
-        assert!(router_gate(&ctx, "router", &gh, rows, &w, &probs, 1).is_ok());
-    }
 }

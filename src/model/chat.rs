@@ -18,23 +18,29 @@ const TEMPLATE_NAME: &str = "chat";
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// `system`, `user` or `assistant` (templates may accept others, e.g. `tool`).
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self { role: role.into(), content: content.into() }
     }
 
+    /// A `system` message (instructions for the whole conversation).
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
 
+    /// A `user` message.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
 
+    /// An `assistant` message (the model's earlier answer).
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }
@@ -66,7 +72,8 @@ impl std::fmt::Display for RaisedByTemplate {
 impl std::error::Error for RaisedByTemplate {}
 
 impl ChatTemplate {
-    /// Compiles `source`. Missing BOS/EOS strings render as empty strings.
+    /// Compiles `source`. Missing BOS/EOS strings render as empty strings. Errors:
+    /// [`TokenizerError::TemplateSyntax`].
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, TokenizerError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -80,7 +87,8 @@ impl ChatTemplate {
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends with the header of
-    /// an assistant turn, ready for generation.
+    /// an assistant turn, ready for generation. Errors: [`TokenizerError::TemplateException`]
+    /// (the template's `raise_exception`), [`TokenizerError::TemplateRender`].
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TokenizerError::TemplateRender { message: e.to_string() })?;
         template

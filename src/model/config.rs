@@ -7,18 +7,23 @@ use serde_json::Value;
 
 use super::error::ModelError;
 use super::gguf::GgufFile;
+use super::names::{LayerTensor, Projection, TensorName};
 
 /// Supported model families. All share the LLaMA block (RMSNorm, rotate-half RoPE, GQA
 /// attention, SwiGLU MLP); Qwen2 adds q/k/v biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
+    /// LLaMA (`llama`, `LlamaForCausalLM`), also SmolLM2 and TinyLlama.
     Llama,
+    /// Mistral (`mistral`, `MistralForCausalLM`): the LLaMA block, no sliding window here.
     Mistral,
+    /// Qwen2 (`qwen2`, `Qwen2ForCausalLM`): the LLaMA block with q/k/v biases.
     Qwen2,
 }
 
 impl Arch {
-    /// Maps a GGUF `general.architecture` or Hugging Face `model_type` / `architectures[0]`.
+    /// Maps a GGUF `general.architecture` or Hugging Face `model_type` / `architectures[0]`;
+    /// [`ModelError::UnsupportedArch`] for any other name.
     pub fn from_name(name: &str) -> Result<Arch, ModelError> {
         match name {
             "llama" | "LlamaForCausalLM" => Ok(Arch::Llama),
@@ -29,12 +34,17 @@ impl Arch {
     }
 }
 
-/// Llama 3 style RoPE frequency scaling (`rope_type: "llama3"`).
+/// Llama 3 style RoPE frequency scaling (`rope_type: "llama3"`), as in Hugging Face
+/// `_compute_llama3_parameters` (transformers `modeling_rope_utils.py`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeScaling {
+    /// `factor`: how much longer the context is than the original one.
     pub factor: f32,
+    /// `low_freq_factor`: wavelengths above `original / low_freq_factor` are divided by `factor`.
     pub low_freq_factor: f32,
+    /// `high_freq_factor`: wavelengths below `original / high_freq_factor` are kept.
     pub high_freq_factor: f32,
+    /// `original_max_position_embeddings` (tokens): the context the model was pretrained with.
     pub original_max_position_embeddings: u32,
 }
 
@@ -46,24 +56,35 @@ const LLAMA3_ORIGINAL_CONTEXT: u32 = 8192;
 /// What a forward pass needs to know about the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// The model family.
     pub arch: Arch,
+    /// Decoder layers (`num_hidden_layers`, GGUF `{arch}.block_count`).
     pub n_layers: usize,
-    /// Hidden size.
+    /// Hidden size (`hidden_size`, GGUF `{arch}.embedding_length`).
     pub d_model: usize,
+    /// Query heads (`num_attention_heads`).
     pub n_heads: usize,
+    /// Key/value heads (`num_key_value_heads`; fewer than `n_heads` for grouped-query attention).
     pub n_kv_heads: usize,
+    /// Width of one head (`head_dim`, default `d_model / n_heads`); even.
     pub head_dim: usize,
-    /// MLP intermediate size.
+    /// MLP intermediate size (`intermediate_size`, GGUF `{arch}.feed_forward_length`).
     pub d_ff: usize,
+    /// Tokens in the vocabulary: rows of the embedding and of the LM head.
     pub vocab_size: usize,
+    /// RMSNorm epsilon (`rms_norm_eps`).
     pub rms_eps: f32,
+    /// RoPE base frequency (`rope_theta`, GGUF `{arch}.rope.freq_base`; default 10000).
     pub rope_theta: f32,
+    /// Llama 3 frequency scaling, when the model uses it.
     pub rope_scaling: Option<RopeScaling>,
+    /// Longest context the model was made for, in tokens (`max_position_embeddings`).
     pub max_position: usize,
     /// The output projection reuses `model.embed_tokens.weight`.
     pub tied_embeddings: bool,
     /// q/k/v projections have biases (Qwen2).
     pub qkv_bias: bool,
+    /// A display name: GGUF `general.name`, or the Hugging Face folder's name.
     pub name: String,
 }
 
@@ -72,7 +93,8 @@ fn to_usize(path: &Path, key: &str, v: u64) -> Result<usize, ModelError> {
 }
 
 impl ModelConfig {
-    /// Reads the hyper-parameters from GGUF metadata (`{arch}.block_count`, ...).
+    /// Reads the hyper-parameters from GGUF metadata (`{arch}.block_count`, ...). Errors: a
+    /// missing or mistyped key, an unsupported architecture or RoPE scaling, inconsistent sizes.
     pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig, ModelError> {
         let arch_name = g.meta_str("general.architecture")?;
         let arch = Arch::from_name(arch_name)?;
@@ -110,12 +132,13 @@ impl ModelConfig {
         } else if let Some(n) = optional_usize("vocab_size")? {
             n
         } else {
-            let embd = g.tensor_info("token_embd.weight").ok_or_else(|| ModelError::MissingKey {
+            let embd_name = TensorName::EmbedTokens.gguf_name();
+            let embd = g.tensor_info(&embd_name).ok_or_else(|| ModelError::MissingKey {
                 path: g.path.clone(),
-                key: "tokenizer.ggml.tokens (or token_embd.weight for the vocabulary size)".into(),
+                key: format!("tokenizer.ggml.tokens (or {embd_name} for the vocabulary size)"),
             })?;
             let n = embd.dims.get(1).copied().unwrap_or(0);
-            to_usize(&g.path, "token_embd.weight dims[1]", n)?
+            to_usize(&g.path, &format!("{embd_name} dims[1]"), n)?
         };
 
         let rope_scaling = Self::gguf_rope_scaling(g, arch_name)?;
@@ -139,8 +162,8 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position,
-            tied_embeddings: g.tensor_info("output.weight").is_none(),
-            qkv_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
+            tied_embeddings: g.tensor_info(&TensorName::LmHead.gguf_name()).is_none(),
+            qkv_bias: g.tensor_info(&TensorName::Layer(0, LayerTensor::Bias(Projection::Q)).gguf_name()).is_some(),
             name,
         };
         config.validate(&g.path)?;
@@ -200,7 +223,8 @@ impl ModelConfig {
         Ok(None)
     }
 
-    /// Reads a Hugging Face `config.json`.
+    /// Reads a Hugging Face `config.json`. Errors as [`ModelConfig::from_hf_json`], plus
+    /// [`ModelError::Io`] and [`ModelError::Json`].
     pub fn from_hf_config(path: &Path) -> Result<ModelConfig, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
         let json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
@@ -208,7 +232,9 @@ impl ModelConfig {
         Self::from_hf_json(path, &json, name)
     }
 
-    /// Parses an already-loaded `config.json`; `path` is used in errors only.
+    /// Parses an already-loaded `config.json` (`name` is the display name); `path` is used in
+    /// errors only. Errors: a missing or mistyped key, an unsupported architecture or RoPE
+    /// scaling, inconsistent sizes ([`ModelError::BadConfig`]).
     pub fn from_hf_json(path: &Path, json: &Value, name: String) -> Result<ModelConfig, ModelError> {
         let missing = |key: &str| ModelError::MissingKey { path: path.to_path_buf(), key: key.to_owned() };
         let bad = |key: &str, expected: &'static str| ModelError::WrongKeyType {

@@ -42,18 +42,31 @@ const MIN_KV_BYTES: u64 = 8 + 4 + 1;
 /// One metadata value. Arrays may nest.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetaValue {
+    /// A u8 value.
     U8(u8),
+    /// A i8 value.
     I8(i8),
+    /// A u16 value.
     U16(u16),
+    /// A i16 value.
     I16(i16),
+    /// A u32 value.
     U32(u32),
+    /// A i32 value.
     I32(i32),
+    /// A u64 value.
     U64(u64),
+    /// A i64 value.
     I64(i64),
+    /// A f32 value.
     F32(f32),
+    /// A f64 value.
     F64(f64),
+    /// A bool value.
     Bool(bool),
+    /// A UTF-8 string value.
     String(String),
+    /// A array of values of one type value.
     Array(Vec<MetaValue>),
 }
 
@@ -97,6 +110,7 @@ impl MetaValue {
         }
     }
 
+    /// The string of a string value.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             MetaValue::String(s) => Some(s),
@@ -104,6 +118,7 @@ impl MetaValue {
         }
     }
 
+    /// The value of a bool value.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             MetaValue::Bool(b) => Some(b),
@@ -111,6 +126,7 @@ impl MetaValue {
         }
     }
 
+    /// The elements of an array value.
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
             MetaValue::Array(a) => Some(a),
@@ -174,18 +190,31 @@ fn min_encoded_size(type_id: u32) -> Option<u64> {
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgmlType {
+    /// 32-bit float.
     F32,
+    /// IEEE half float.
     F16,
+    /// bfloat16.
     BF16,
+    /// 4-bit blocks of 32 with an f16 scale.
     Q4_0,
+    /// 4-bit blocks of 32 with an f16 scale and minimum.
     Q4_1,
+    /// 5-bit blocks of 32 with an f16 scale.
     Q5_0,
+    /// 5-bit blocks of 32 with an f16 scale and minimum.
     Q5_1,
+    /// 8-bit blocks of 32 with an f16 scale.
     Q8_0,
+    /// 2-bit k-quant super-blocks of 256.
     Q2_K,
+    /// 3-bit k-quant super-blocks of 256.
     Q3_K,
+    /// 4-bit k-quant super-blocks of 256.
     Q4_K,
+    /// 5-bit k-quant super-blocks of 256.
     Q5_K,
+    /// 6-bit k-quant super-blocks of 256.
     Q6_K,
     /// Any other ggml type id (Q8_1, Q8_K, IQ*, integer types, ...).
     Other(u32),
@@ -194,11 +223,14 @@ pub enum GgmlType {
 /// How a ggml type packs elements: `elements` values are stored in `bytes` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockLayout {
+    /// Values per block.
     pub elements: u64,
+    /// Bytes per block.
     pub bytes: u64,
 }
 
 impl GgmlType {
+    /// The type with ggml id `id` (`enum ggml_type`); [`GgmlType::Other`] for ids not listed.
     pub fn from_id(id: u32) -> GgmlType {
         match id {
             0 => GgmlType::F32,
@@ -218,6 +250,7 @@ impl GgmlType {
         }
     }
 
+    /// The ggml id (`enum ggml_type`), as stored in a GGUF tensor info.
     pub fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,
@@ -297,9 +330,11 @@ impl fmt::Display for GgmlType {
 /// One tensor's entry in the GGUF header.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufTensorInfo {
+    /// The file's tensor name, e.g. `blk.0.attn_q.weight` (see [`super::names`]).
     pub name: String,
     /// GGUF order: `dims[0]` (ne[0]) is the row length, the fastest-varying index.
     pub dims: Vec<u64>,
+    /// How the values are stored.
     pub ggml_type: GgmlType,
     /// Byte offset from the start of the data section.
     pub offset: u64,
@@ -331,9 +366,13 @@ impl GgufTensorInfo {
 
 /// An open GGUF file: parsed header, metadata and tensor table over a memory map.
 pub struct GgufFile {
+    /// The file, for messages.
     pub path: PathBuf,
+    /// GGUF version: 2 or 3.
     pub version: u32,
+    /// Every metadata key and value.
     pub metadata: BTreeMap<String, MetaValue>,
+    /// The tensor table, in file order.
     pub tensors: Vec<GgufTensorInfo>,
     mmap: Mmap,
     data_offset: u64,
@@ -633,6 +672,7 @@ impl GgufFile {
         self.data_offset
     }
 
+    /// The metadata value of `key`, if present.
     pub fn meta(&self, key: &str) -> Option<&MetaValue> {
         self.metadata.get(key)
     }
@@ -645,29 +685,33 @@ impl GgufFile {
         ModelError::WrongKeyType { path: self.path.clone(), key: key.to_owned(), expected, found: format!("{} {v:?}", v.type_name()) }
     }
 
-    /// A required non-negative integer value.
+    /// A required non-negative integer value: [`ModelError::MissingKey`] or
+    /// [`ModelError::WrongKeyType`] otherwise.
     pub fn meta_u64(&self, key: &str) -> Result<u64, ModelError> {
         let v = self.required(key)?;
         v.as_u64().ok_or_else(|| self.wrong_type(key, "a non-negative integer", v))
     }
 
-    /// A required number (float or integer).
+    /// A required number (float or integer); errors as [`GgufFile::meta_u64`].
     pub fn meta_f64(&self, key: &str) -> Result<f64, ModelError> {
         let v = self.required(key)?;
         v.as_f64().ok_or_else(|| self.wrong_type(key, "a number", v))
     }
 
-    /// A required string value.
+    /// A required string value; errors as [`GgufFile::meta_u64`].
     pub fn meta_str(&self, key: &str) -> Result<&str, ModelError> {
         let v = self.required(key)?;
         v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v))
     }
 
+    /// The table entry of the tensor the file names `name`, if present.
     pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
 
     /// The raw bytes of a tensor (quantised blocks as stored), bounds-checked against the file.
+    /// Errors: [`ModelError::UnsupportedType`], [`ModelError::BadTensor`] (dims not whole
+    /// blocks), [`ModelError::Truncated`].
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<&[u8], ModelError> {
         let size = match info.ggml_type.block_layout() {
             None => {
@@ -687,6 +731,8 @@ impl GgufFile {
     }
 
     /// A tensor dequantised to f32, in storage order: row-major with `dims[0]` fastest.
+    /// Errors: [`ModelError::MissingTensor`], those of [`GgufFile::tensor_bytes`] and of
+    /// dequantisation.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         let info = self.tensor_info(name).ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), tensor: name.to_owned() })?;
         let bytes = self.tensor_bytes(info)?;

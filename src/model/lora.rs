@@ -18,123 +18,137 @@ use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
+pub use super::names::Projection;
+use super::names::{LoraFactor, LoraTensorName};
 use super::{HostTensor, ModelConfig};
-
-/// The projections of a LLaMA decoder layer that an adapter can target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Projection {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Projection {
-    pub const ALL: [Projection; 7] =
-        [Projection::Q, Projection::K, Projection::V, Projection::O, Projection::Gate, Projection::Up, Projection::Down];
-
-    /// The PEFT / Hugging Face module name, e.g. `q_proj`.
-    pub fn module(self) -> &'static str {
-        match self {
-            Projection::Q => "q_proj",
-            Projection::K => "k_proj",
-            Projection::V => "v_proj",
-            Projection::O => "o_proj",
-            Projection::Gate => "gate_proj",
-            Projection::Up => "up_proj",
-            Projection::Down => "down_proj",
-        }
-    }
-
-    /// The block holding it: `self_attn` or `mlp`.
-    pub fn block(self) -> &'static str {
-        match self {
-            Projection::Q | Projection::K | Projection::V | Projection::O => "self_attn",
-            Projection::Gate | Projection::Up | Projection::Down => "mlp",
-        }
-    }
-
-    pub fn parse(module: &str) -> Option<Projection> {
-        Projection::ALL.into_iter().find(|p| p.module() == module)
-    }
-
-    /// Position in [`Projection::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// `(out, in)` of the base weight `[out, in]` in a model of `cfg`.
-    pub fn dims(self, cfg: &ModelConfig) -> (usize, usize) {
-        let q = cfg.n_heads * cfg.head_dim;
-        let kv = cfg.n_kv_heads * cfg.head_dim;
-        match self {
-            Projection::Q => (q, cfg.d_model),
-            Projection::K | Projection::V => (kv, cfg.d_model),
-            Projection::O => (cfg.d_model, q),
-            Projection::Gate | Projection::Up => (cfg.d_ff, cfg.d_model),
-            Projection::Down => (cfg.d_model, cfg.d_ff),
-        }
-    }
-
-    /// The base model's tensor name in layer `layer`.
-    pub fn weight_name(self, layer: usize) -> String {
-        format!("model.layers.{layer}.{}.{}.weight", self.block(), self.module())
-    }
-}
 
 /// Everything that can be wrong with an adapter folder.
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
+    /// A file of the adapter could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// `adapter_config.json` does not parse.
     #[error("{path}: invalid JSON: {source}")]
     Json {
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: serde_json::Error,
     },
+    /// `adapter_model.safetensors` does not parse.
     #[error("{path}: invalid safetensors file: {source}")]
     SafeTensors {
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: safetensors::SafeTensorError,
     },
+    /// The folder has no `adapter_model.safetensors`.
     #[error("{dir}: no adapter_model.safetensors{hint}")]
-    MissingWeights { dir: PathBuf, hint: String },
+    MissingWeights {
+        /// The adapter folder.
+        dir: PathBuf,
+        /// Advice, e.g. when only `adapter_model.bin` exists (may be empty).
+        hint: String,
+    },
+    /// An adapter option that would change the forward pass in a way this runtime does not
+    /// implement (DoRA, per-layer ranks, ...).
     #[error("{path}: unsupported adapter option: {what}")]
-    Unsupported { path: PathBuf, what: String },
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// `adapter_config.json` is invalid (missing or mistyped rank, alpha, targets).
     #[error("{path}: invalid adapter config: {what}")]
-    BadConfig { path: PathBuf, what: String },
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A target module other than the seven projections.
     #[error(
         "{path}: target module '{module}' is not one this runtime adapts (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
     )]
-    UnknownModule { path: PathBuf, module: String },
+    UnknownModule {
+        /// The file.
+        path: PathBuf,
+        /// The module name.
+        module: String,
+    },
+    /// A tensor that is not a LoRA factor of a target, or with bad data.
     #[error("{path}: tensor '{tensor}': {what}")]
-    BadTensor { path: PathBuf, tensor: String, what: String },
+    BadTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor key.
+        tensor: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// A factor's shape does not fit the base model.
     #[error(
         "{path}: tensor '{tensor}' has shape {found:?}, but the base model {model} needs {expected:?}: the adapter was made for another model"
     )]
-    Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize>, model: String },
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor key.
+        tensor: String,
+        /// The shape the base model needs.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+        /// The base model's name.
+        model: String,
+    },
+    /// A target projection lacks one of its two factors in some layer.
     #[error("{path}: missing tensor '{tensor}' (layer {layer}, {module} is a target)")]
-    MissingTensor { path: PathBuf, tensor: String, layer: usize, module: &'static str },
+    MissingTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor key.
+        tensor: String,
+        /// The layer (0-based).
+        layer: usize,
+        /// The module name.
+        module: &'static str,
+    },
+    /// The adapter was checked against a model of other sizes.
     #[error("adapter {dir}: {what}")]
-    WrongModel { dir: PathBuf, what: String },
+    WrongModel {
+        /// The adapter folder.
+        dir: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A user scale that is not finite.
     #[error("LoRA scale {scale} is not a finite number")]
-    BadScale { scale: f32 },
+    BadScale {
+        /// The scale given.
+        scale: f32,
+    },
 }
 
 /// The options of `adapter_config.json` that this runtime uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
+    /// LoRA rank r (`r`): rows of A, columns of B.
     pub rank: usize,
+    /// `lora_alpha`: the numerator of the scaling.
     pub alpha: f32,
+    /// `use_rslora`: scale by `alpha / sqrt(r)` instead of `alpha / r` (Kalajdzievski 2023).
     pub use_rslora: bool,
     /// Targeted projections, in [`Projection::ALL`] order.
     pub targets: Vec<Projection>,
@@ -146,7 +160,9 @@ impl LoraConfig {
         if self.use_rslora { self.alpha / (self.rank as f32).sqrt() } else { self.alpha / self.rank as f32 }
     }
 
-    /// Parse and validate `adapter_config.json` (`path` is for messages).
+    /// Parse and validate `adapter_config.json` (`path` is for messages). Errors:
+    /// [`LoraError::Json`], [`LoraError::BadConfig`], [`LoraError::Unsupported`],
+    /// [`LoraError::UnknownModule`].
     pub fn parse(path: &Path, text: &str) -> Result<LoraConfig, LoraError> {
         let v: Value = serde_json::from_str(text).map_err(|source| LoraError::Json { path: path.to_path_buf(), source })?;
         let unsupported = |what: String| LoraError::Unsupported { path: path.to_path_buf(), what };
@@ -256,21 +272,29 @@ impl LoraConfig {
 /// One adapted projection: `delta W = scaling · B A`.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
-    pub a: Vec<f32>, // [r, in] f32
-    pub b: Vec<f32>, // [out, r] f32
+    /// `lora_A` `[r, in]` f32.
+    pub a: Vec<f32>,
+    /// `lora_B` `[out, r]` f32.
+    pub b: Vec<f32>,
 }
 
 /// The sizes of the base model an adapter was checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraDims {
+    /// Decoder layers.
     pub n_layers: usize,
+    /// Hidden size.
     pub d_model: usize,
+    /// Rows of the q projection (`n_heads * head_dim`).
     pub q_dim: usize,
+    /// Rows of the k and v projections (`n_kv_heads * head_dim`).
     pub kv_dim: usize,
+    /// MLP intermediate size.
     pub d_ff: usize,
 }
 
 impl LoraDims {
+    /// The sizes of a model of `cfg`.
     pub fn of(cfg: &ModelConfig) -> LoraDims {
         LoraDims {
             n_layers: cfg.n_layers,
@@ -285,36 +309,20 @@ impl LoraDims {
 /// A LoRA adapter on the CPU, shape-checked against one base model.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
+    /// The adapter folder.
     pub dir: PathBuf,
+    /// Its `adapter_config.json`.
     pub config: LoraConfig,
+    /// The base model sizes it was checked against.
     pub dims: LoraDims,
     /// `layers[l][p.index()]`: the pair of projection `p` in layer `l`, when targeted.
     pub layers: Vec<[Option<LoraPair>; 7]>,
 }
 
-/// `base_model.model.model.layers.{l}.{block}.{module}.lora_{A|B}.weight` -> (l, projection, is A).
-fn parse_key(key: &str) -> Option<(usize, Projection, bool)> {
-    let rest = key.strip_prefix("base_model.model.model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (block, rest) = rest.split_once('.')?;
-    let (module, rest) = rest.split_once('.')?;
-    let is_a = match rest {
-        "lora_A.weight" => true,
-        "lora_B.weight" => false,
-        _ => return None,
-    };
-    let p = Projection::parse(module).filter(|p| p.block() == block)?;
-    Some((layer, p, is_a))
-}
-
-fn key(layer: usize, p: Projection, is_a: bool) -> String {
-    format!("base_model.model.model.layers.{layer}.{}.{}.lora_{}.weight", p.block(), p.module(), if is_a { "A" } else { "B" })
-}
-
 impl LoraAdapter {
     /// Read `dir/adapter_config.json` and `dir/adapter_model.safetensors` and check every tensor
-    /// against `base` (the model the adapter will be applied to).
+    /// against `base` (the model the adapter will be applied to). Errors: every [`LoraError`]
+    /// but [`LoraError::WrongModel`] and [`LoraError::BadScale`].
     pub fn load(dir: &Path, base: &ModelConfig) -> Result<LoraAdapter, LoraError> {
         let config_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|source| LoraError::Io { path: config_path.clone(), source })?;
@@ -332,7 +340,8 @@ impl LoraAdapter {
         Self::from_safetensors(dir, &path, &bytes, config, base)
     }
 
-    /// Build from the bytes of a safetensors file (`path` is for messages).
+    /// Build from the bytes of a safetensors file (`path` is for messages); errors as
+    /// [`LoraAdapter::load`].
     pub fn from_safetensors(
         dir: &Path,
         path: &Path,
@@ -349,7 +358,7 @@ impl LoraAdapter {
         let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
         for name in &names {
-            let (layer, p, is_a) = parse_key(name).ok_or_else(|| {
+            let LoraTensorName { layer, projection: p, factor } = LoraTensorName::parse(name).ok_or_else(|| {
                 bad(
                     name,
                     "not a lora_A / lora_B weight of a decoder-layer projection (embedding adapters, biases and modules_to_save are not supported)"
@@ -364,7 +373,10 @@ impl LoraAdapter {
             }
             let t = st.tensor(name).map_err(|source| LoraError::SafeTensors { path: path.to_path_buf(), source })?;
             let (out, inp) = p.dims(base);
-            let expected = if is_a { vec![r, inp] } else { vec![out, r] };
+            let expected = match factor {
+                LoraFactor::A => vec![r, inp],
+                LoraFactor::B => vec![out, r],
+            };
             if t.shape() != expected.as_slice() {
                 return Err(LoraError::Shape {
                     path: path.to_path_buf(),
@@ -388,17 +400,25 @@ impl LoraAdapter {
             if let Some(i) = data.iter().position(|v| !v.is_finite()) {
                 return Err(bad(name, format!("element {i} is {}", data[i])));
             }
-            let slot = if is_a { &mut a_parts[layer][p.index()] } else { &mut b_parts[layer][p.index()] };
+            let parts = match factor {
+                LoraFactor::A => &mut a_parts,
+                LoraFactor::B => &mut b_parts,
+            };
+            let slot = &mut parts[layer][p.index()];
             *slot = Some(data);
         }
         let mut layers = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
             let mut pairs: [Option<LoraPair>; 7] = Default::default();
             for &p in &config.targets {
-                let missing =
-                    |is_a| LoraError::MissingTensor { path: path.to_path_buf(), tensor: key(l, p, is_a), layer: l, module: p.module() };
-                let a = a_parts[l][p.index()].take().ok_or_else(|| missing(true))?;
-                let b = b_parts[l][p.index()].take().ok_or_else(|| missing(false))?;
+                let missing = |factor| LoraError::MissingTensor {
+                    path: path.to_path_buf(),
+                    tensor: LoraTensorName { layer: l, projection: p, factor }.key(),
+                    layer: l,
+                    module: p.module(),
+                };
+                let a = a_parts[l][p.index()].take().ok_or_else(|| missing(LoraFactor::A))?;
+                let b = b_parts[l][p.index()].take().ok_or_else(|| missing(LoraFactor::B))?;
                 pairs[p.index()] = Some(LoraPair { a, b });
             }
             layers.push(pairs);
@@ -406,6 +426,7 @@ impl LoraAdapter {
         Ok(LoraAdapter { dir: dir.to_path_buf(), config, dims: LoraDims::of(base), layers })
     }
 
+    /// The LoRA rank r.
     pub fn rank(&self) -> usize {
         self.config.rank
     }
@@ -420,7 +441,7 @@ impl LoraAdapter {
         self.layers.get(layer).and_then(|l| l[p.index()].as_ref())
     }
 
-    /// An error unless the adapter was checked against a model of `cfg`'s sizes.
+    /// [`LoraError::WrongModel`] unless the adapter was checked against a model of `cfg`'s sizes.
     pub fn check_model(&self, cfg: &ModelConfig) -> Result<(), LoraError> {
         if self.dims != LoraDims::of(cfg) {
             return Err(LoraError::WrongModel {
@@ -432,7 +453,7 @@ impl LoraAdapter {
     }
 
     /// `W += scale · scaling · B A` for projection `p` of layer `layer` (no-op when not targeted).
-    /// `w` is the base weight `[out, in]` f32.
+    /// `w` is the base weight `[out, in]` f32; [`LoraError::WrongModel`] when its shape differs.
     pub fn merge_into(&self, layer: usize, p: Projection, w: &mut HostTensor, scale: f32) -> Result<(), LoraError> {
         let Some(pair) = self.pair(layer, p) else { return Ok(()) };
         let r = self.config.rank;
@@ -440,7 +461,12 @@ impl LoraAdapter {
         if w.shape != [out, inp] || w.data.len() != out * inp {
             return Err(LoraError::WrongModel {
                 dir: self.dir.clone(),
-                what: format!("{} is {:?}, the adapter's {} needs [{out}, {inp}]", w.name, w.shape, key(layer, p, false)),
+                what: format!(
+                    "{} is {:?}, the adapter's {} needs [{out}, {inp}]",
+                    w.name,
+                    w.shape,
+                    LoraTensorName { layer, projection: p, factor: LoraFactor::B }.key()
+                ),
             });
         }
         let s = scale * self.scaling();
@@ -507,8 +533,9 @@ mod tests {
             for &p in targets {
                 let (o, i) = p.dims(cfg);
                 let fill = |n: usize, seed: usize| (0..n).map(|j| ((j * 7 + seed * 13) % 11) as f32 * 0.1 - 0.5).collect::<Vec<f32>>();
-                out.push((key(l, p, true), vec![r, i], fill(r * i, l * 10 + p.index())));
-                out.push((key(l, p, false), vec![o, r], fill(o * r, l * 10 + p.index() + 100)));
+                let key = |factor| LoraTensorName { layer: l, projection: p, factor }.key();
+                out.push((key(LoraFactor::A), vec![r, i], fill(r * i, l * 10 + p.index())));
+                out.push((key(LoraFactor::B), vec![o, r], fill(o * r, l * 10 + p.index() + 100)));
             }
         }
         out

@@ -6,6 +6,7 @@ pub mod dequant;
 pub mod error;
 pub mod gguf;
 pub mod lora;
+pub mod names;
 pub mod routers;
 pub mod tokenizer;
 pub mod weights;

@@ -37,9 +37,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::Arch;
 use super::error::ModelError;
+use super::names::{TensorName, split_layer};
 use super::weights::WeightSource;
-use crate::gpu::{GpuContext, GpuError};
-use crate::kernels::router::{RouterWeights, router_ref};
 
 /// Value of the `format` metadata key.
 pub const FORMAT: &str = "firstrt-routers";
@@ -53,8 +52,11 @@ pub const MAX_RANK: usize = 1 << 16;
 pub struct ModelIdentity {
     /// `llama`, `mistral` or `qwen2`.
     pub arch: String,
+    /// Decoder layers.
     pub n_layers: usize,
+    /// Hidden size.
     pub d_model: usize,
+    /// Vocabulary size.
     pub vocab_size: usize,
     /// 16 lowercase hex digits (see the module documentation).
     pub weight_hash: String,
@@ -84,15 +86,16 @@ pub fn fnv1a64_f32(values: &[f32]) -> u64 {
 }
 
 /// The identity of the model behind `source`: its configuration plus the hash of
-/// `model.norm.weight` [d] and row 0 of `model.embed_tokens.weight` [vocab, d].
+/// `model.norm.weight` [d] and row 0 of `model.embed_tokens.weight` [vocab, d]. Errors: those
+/// of [`WeightSource::get`], and [`ModelError::BadTensor`] when the tensors do not fit d_model.
 pub fn model_identity(source: &dyn WeightSource) -> Result<ModelIdentity, ModelError> {
     let c = source.config();
     let d = c.d_model;
-    let norm = source.get("model.norm.weight")?;
+    let norm = source.get(&TensorName::FinalNorm.hf_name())?;
     if norm.data.len() != d {
         return Err(ModelError::BadTensor { tensor: norm.name, what: format!("{} values, expected d_model = {d}", norm.data.len()) });
     }
-    let embed = source.get("model.embed_tokens.weight")?;
+    let embed = source.get(&TensorName::EmbedTokens.hf_name())?;
     if d == 0 || embed.data.len() < d {
         return Err(ModelError::BadTensor {
             tensor: embed.name,
@@ -125,6 +128,40 @@ pub struct RouterLayer {
     pub b2: Option<f32>,
 }
 
+impl RouterLayer {
+    /// CPU reference (f64 accumulation) of this router's probability for hidden states
+    /// `h [rows, d]` f32, rank `r` (0: linear router) and RMSNorm epsilon `eps`: the formula in
+    /// the module documentation (FiRST, arXiv 2410.12513). The sizes must match (`h` holds
+    /// `rows * d` values, `rows >= 1`, the tensors fit `r` and `d`; [`RouterFile::probability_ref`]
+    /// checks them); it panics otherwise.
+    pub fn probability(&self, h: &[f32], rows: usize, d: usize, r: usize, eps: f32) -> f32 {
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let mut mean = vec![0.0f64; d];
+        for t in 0..rows {
+            for c in 0..d {
+                mean[c] += h[t * d + c] as f64;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= rows as f64);
+        let ms = mean.iter().map(|m| m * m).sum::<f64>() / d as f64;
+        let scale = 1.0 / (ms + eps as f64).sqrt();
+        let x: Vec<f64> = (0..d).map(|c| mean[c] * scale * self.norm[c] as f64).collect();
+        let unit = |j: usize| self.b1[j] as f64 + (0..d).map(|c| self.w1[j * d + c] as f64 * x[c]).sum::<f64>();
+        let z = if r == 0 {
+            unit(0)
+        } else {
+            let w2 = self.w2.as_deref().expect("RouterLayer::probability: w2 is required when r > 0");
+            let mut z = self.b2.unwrap_or(0.0) as f64;
+            for (j, &w) in w2.iter().enumerate().take(r) {
+                let a = unit(j);
+                z += w as f64 * a * sigmoid(a);
+            }
+            z
+        };
+        sigmoid(z) as f32
+    }
+}
+
 /// A router file: one optional router per decoder layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterFile {
@@ -138,6 +175,7 @@ pub struct RouterFile {
     pub threshold: f32,
     /// Whether layer 0 and the last layer may be skipped.
     pub skip_first_last: bool,
+    /// The base model the routers were made for.
     pub identity: ModelIdentity,
     /// `[n_layers]`; `None`: no router, the layer always runs.
     pub layers: Vec<Option<RouterLayer>>,
@@ -147,44 +185,137 @@ pub struct RouterFile {
 /// tensor, field or limit involved.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
+    /// The file could not be read or written.
     #[error("cannot access router file {path}: {source}")]
     Io {
+        /// The router file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The safetensors container does not parse or serialise.
     #[error("router file {path}: invalid safetensors: {source}")]
     SafeTensors {
+        /// The router file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: safetensors::SafeTensorError,
     },
+    /// The file is not a router file (no metadata, wrong format or version).
     #[error("router file {path}: {what}")]
-    Format { path: PathBuf, what: String },
+    Format {
+        /// The router file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A required metadata key is absent.
     #[error("router file {path}: missing metadata key '{key}'")]
-    MissingKey { path: PathBuf, key: String },
+    MissingKey {
+        /// The router file.
+        path: PathBuf,
+        /// The metadata key.
+        key: String,
+    },
+    /// A metadata value is out of range or does not parse.
     #[error("router file {path}: metadata key '{key}' is {value:?}, expected {expected}")]
-    BadValue { path: PathBuf, key: String, value: String, expected: String },
+    BadValue {
+        /// The router file.
+        path: PathBuf,
+        /// The metadata key.
+        key: String,
+        /// The value found.
+        value: String,
+        /// What was expected.
+        expected: String,
+    },
+    /// A size over a sanity limit.
     #[error("router file {path}: {what} is {value}, over the limit of {limit}")]
-    Limit { path: PathBuf, what: String, value: usize, limit: usize },
+    Limit {
+        /// The router file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+        /// The value found.
+        value: usize,
+        /// The largest accepted value.
+        limit: usize,
+    },
+    /// A layer has some of its router tensors but not this one.
     #[error("router file {path}: missing tensor '{tensor}' (the layer has other router tensors)")]
-    MissingTensor { path: PathBuf, tensor: String },
+    MissingTensor {
+        /// The router file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+    },
+    /// A tensor name outside the scheme.
     #[error("router file {path}: unexpected tensor '{tensor}' ({why})")]
-    UnexpectedTensor { path: PathBuf, tensor: String, why: String },
+    UnexpectedTensor {
+        /// The router file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Why it is not accepted.
+        why: String,
+    },
+    /// A tensor's shape does not fit the rank and hidden size.
     #[error("router file {path}: tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
-    Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    Shape {
+        /// The router file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// What was expected.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor data type other than F32, F16 or BF16.
     #[error("router file {path}: tensor '{tensor}' has data type {dtype}, expected F32, F16 or BF16")]
-    Dtype { path: PathBuf, tensor: String, dtype: String },
+    Dtype {
+        /// The router file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The data type in the file.
+        dtype: String,
+    },
+    /// A NaN or infinite weight.
     #[error("router file {path}: tensor '{tensor}' holds a non-finite value at index {index}")]
-    NonFinite { path: PathBuf, tensor: String, index: usize },
+    NonFinite {
+        /// The router file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Index of the first bad value.
+        index: usize,
+    },
+    /// The file was made for another base model.
     #[error(
         "router file {path} was made for a different model: {field} is {file_value} in the file, \
          {model_value} for this model"
     )]
-    WrongModel { path: PathBuf, field: String, file_value: String, model_value: String },
+    WrongModel {
+        /// The router file.
+        path: PathBuf,
+        /// The identity field that differs.
+        field: String,
+        /// The file's value.
+        file_value: String,
+        /// The model's value.
+        model_value: String,
+    },
     /// The in-memory [`RouterFile`] is not consistent (on save) or an argument does not match it.
     #[error("router file {path}: {what}")]
-    Invalid { path: PathBuf, what: String },
+    Invalid {
+        /// The router file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
 }
 
 /// Tensor suffixes of one layer, in file order.
@@ -211,12 +342,7 @@ fn tensor_name(layer: usize, suffix: &str) -> String {
 
 /// `layers.{l}.{suffix}` with a canonical decimal `l`.
 fn parse_tensor_name(name: &str) -> Option<(usize, &str)> {
-    let rest = name.strip_prefix("layers.")?;
-    let (index, suffix) = rest.split_once('.')?;
-    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) || (index.len() > 1 && index.starts_with('0')) {
-        return None;
-    }
-    Some((index.parse().ok()?, suffix))
+    split_layer(name.strip_prefix("layers.")?)
 }
 
 /// Typed access to the string metadata of one file.
@@ -551,7 +677,7 @@ impl RouterFile {
         self.layers.iter().map(Option::is_some).collect()
     }
 
-    /// CPU probability (via [`router_ref`]) of layer `layer`'s router for hidden states
+    /// CPU probability (via [`RouterLayer::probability`]) of layer `layer`'s router for hidden states
     /// `h [rows, hidden]`; `Ok(None)` when the layer has no router. Errors when `layer` is out
     /// of range, `rows` is 0, `h` is not `rows * hidden` values, or the layer's tensors do not
     /// match the file's rank and hidden size.
@@ -571,17 +697,7 @@ impl RouterFile {
         if r.norm.len() != d || r.w1.len() != nh * d || r.b1.len() != nh || !w2_ok {
             return Err(invalid(format!("layer {layer}'s router tensors do not match rank {} and hidden {d}", self.rank)));
         }
-        Ok(Some(router_ref(h, rows, d, &r.norm, self.eps, &r.w1, &r.b1, r.w2.as_deref(), r.b2, self.rank)))
-    }
-}
-
-impl RouterFile {
-    /// The GPU weights of layer `layer`'s router; `Ok(None)` when it has none.
-    pub fn upload(&self, ctx: &GpuContext, layer: usize) -> Result<Option<RouterWeights>, GpuError> {
-        let slot = self.layers.get(layer).ok_or_else(|| {
-            GpuError::InvalidArgument(format!("router layer {layer} does not exist: the file has {} layers", self.layers.len()))
-        })?;
-        slot.as_ref().map(|r| RouterWeights::from_layer(ctx, &format!("router.{layer}"), r, self.rank, self.hidden, self.eps)).transpose()
+        Ok(Some(r.probability(h, rows, d, self.rank, self.eps)))
     }
 }
 
@@ -596,4 +712,4 @@ fn unit_random(state: &mut u64) -> f32 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -31,36 +31,102 @@ use crate::model::gguf::MetaValue;
 /// Everything that can go wrong while building or using a tokenizer or chat template.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
+    /// A required `tokenizer.ggml.*` key is absent.
     #[error("GGUF metadata key `{key}` is missing")]
-    MissingMetadata { key: String },
+    MissingMetadata {
+        /// The metadata key.
+        key: String,
+    },
+    /// A tokenizer metadata key holds a value of the wrong type.
     #[error("GGUF metadata key `{key}` has the wrong type: expected {expected}")]
-    MetadataType { key: String, expected: &'static str },
+    MetadataType {
+        /// The metadata key.
+        key: String,
+        /// The type expected.
+        expected: &'static str,
+    },
+    /// A tokenizer metadata value is unusable (empty vocabulary, bad merge, id out of range, ...).
     #[error("GGUF metadata key `{key}` is invalid: {problem}")]
-    InvalidMetadata { key: String, problem: String },
+    InvalidMetadata {
+        /// The metadata key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A `tokenizer.ggml.model` other than gpt2 or llama.
     #[error("unsupported tokenizer model `{model}` in `tokenizer.ggml.model` (supported: gpt2, llama)")]
-    UnsupportedModel { model: String },
+    UnsupportedModel {
+        /// The model named by the file.
+        model: String,
+    },
+    /// The `tokenizers` crate refused a piece built from the metadata.
     #[error("building the {what} failed: {message}")]
-    Build { what: &'static str, message: String },
+    Build {
+        /// The piece being built.
+        what: &'static str,
+        /// The underlying message.
+        message: String,
+    },
+    /// A tokenizer file could not be read.
     #[error("cannot read `{path}`: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A tokenizer file (tokenizer.json, tokenizer_config.json, ...) does not parse.
     #[error("cannot parse `{path}`: {message}")]
-    FileFormat { path: PathBuf, message: String },
+    FileFormat {
+        /// The file.
+        path: PathBuf,
+        /// The underlying message.
+        message: String,
+    },
+    /// Encoding text failed.
     #[error("encoding text failed: {message}")]
-    Encode { message: String },
+    Encode {
+        /// The underlying message.
+        message: String,
+    },
+    /// Decoding ids failed.
     #[error("decoding token ids failed: {message}")]
-    Decode { message: String },
+    Decode {
+        /// The underlying message.
+        message: String,
+    },
+    /// An id outside the vocabulary.
     #[error("token id {id} is not in the vocabulary (size {vocab_size})")]
-    UnknownTokenId { id: u32, vocab_size: usize },
+    UnknownTokenId {
+        /// The id given.
+        id: u32,
+        /// The vocabulary size.
+        vocab_size: usize,
+    },
+    /// A BOS token was requested from a tokenizer without one.
     #[error("a BOS token was requested but the tokenizer defines none")]
     NoBosToken,
+    /// The model has no chat template.
     #[error("the model has no chat template (GGUF `tokenizer.chat_template` / tokenizer_config.json `chat_template`)")]
     NoChatTemplate,
+    /// The chat template does not compile (minijinja syntax error).
     #[error("the chat template does not compile: {message}")]
-    TemplateSyntax { message: String },
+    TemplateSyntax {
+        /// The underlying message.
+        message: String,
+    },
+    /// The chat template called `raise_exception` (e.g. roles that do not alternate).
     #[error("the chat template raised an exception: {message}")]
-    TemplateException { message: String },
+    TemplateException {
+        /// The underlying message.
+        message: String,
+    },
+    /// Rendering the chat template failed otherwise.
     #[error("rendering the chat template failed: {message}")]
-    TemplateRender { message: String },
+    TemplateRender {
+        /// The underlying message.
+        message: String,
+    },
 }
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
@@ -519,26 +585,32 @@ impl ModelTokenizer {
         self.vocab_size
     }
 
+    /// The id of token string `token` (as in the vocabulary, e.g. `Ġthe`), if present.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// The vocabulary string of `id`, if in range.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
 
+    /// The beginning-of-sequence id, if the tokenizer defines one.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_id
     }
 
+    /// The end-of-sequence id, if the tokenizer defines one.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos_id
     }
 
+    /// The BOS token's string (e.g. `<|im_start|>`), for chat templates.
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
     }
 
+    /// The EOS token's string (e.g. `<|im_end|>`), for chat templates.
     pub fn eos_token(&self) -> Option<&str> {
         self.eos_token.as_deref()
     }
@@ -548,6 +620,7 @@ impl ModelTokenizer {
         &self.end_ids
     }
 
+    /// Whether `id` is one of [`Self::end_ids`].
     pub fn is_end_id(&self, id: u32) -> bool {
         self.end_ids.contains(&id)
     }
@@ -602,6 +675,7 @@ pub struct StreamDecoder<'t> {
 }
 
 impl<'t> StreamDecoder<'t> {
+    /// A decoder with nothing pending.
     pub fn new(tokenizer: &'t ModelTokenizer) -> Self {
         Self { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }

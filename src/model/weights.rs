@@ -1,21 +1,7 @@
 //! Host-side weights in Hugging Face layout and names, from a GGUF file or a Hugging Face
-//! safetensors folder.
-//!
-//! Canonical names (Hugging Face):
-//! ```text
-//! model.embed_tokens.weight                         [vocab, d_model]
-//! model.norm.weight                                 [d_model]
-//! lm_head.weight                                    [vocab, d_model]   (absent when tied)
-//! model.layers.{i}.input_layernorm.weight           [d_model]
-//! model.layers.{i}.self_attn.q_proj.weight          [n_heads * head_dim, d_model]
-//! model.layers.{i}.self_attn.{k,v}_proj.weight      [n_kv_heads * head_dim, d_model]
-//! model.layers.{i}.self_attn.o_proj.weight          [d_model, n_heads * head_dim]
-//! model.layers.{i}.self_attn.{q,k,v}_proj.bias      [rows of the matching weight]  (qwen2)
-//! model.layers.{i}.post_attention_layernorm.weight  [d_model]
-//! model.layers.{i}.mlp.{gate,up}_proj.weight        [d_ff, d_model]
-//! model.layers.{i}.mlp.down_proj.weight             [d_model, d_ff]
-//! ```
-//! Shapes are row-major, outermost first: a linear weight is [out, in].
+//! safetensors folder. Every [`WeightSource`] answers to the canonical (Hugging Face) names and
+//! shapes of [`super::names`] (e.g. `model.layers.3.self_attn.q_proj.weight`
+//! `[n_heads * head_dim, d_model]`), whatever the file calls and stores them as.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -28,21 +14,28 @@ use safetensors::{Dtype, SafeTensors};
 use super::config::{Arch, ModelConfig};
 use super::error::ModelError;
 use super::gguf::GgufFile;
+use super::names::{LayerTensor, Projection, TensorName};
 
 /// A dense f32 tensor on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
+    /// Canonical (Hugging Face) name, e.g. `model.layers.0.self_attn.q_proj.weight`.
     pub name: String,
     /// Row-major, Hugging Face order: [out, in] for linear weights.
     pub shape: Vec<usize>,
+    /// `shape.iter().product()` values, row-major.
     pub data: Vec<f32>,
 }
 
 /// Where weights come from. Names are the canonical (Hugging Face) names.
 pub trait WeightSource: Send + Sync {
+    /// The model's hyper-parameters.
     fn config(&self) -> &ModelConfig;
-    /// The tensor as f32 in Hugging Face layout, shape-checked against the config.
+    /// The tensor as f32 in Hugging Face layout, shape-checked against the config. Errors:
+    /// [`ModelError::MissingTensor`], [`ModelError::ShapeMismatch`], an unreadable data type or
+    /// truncated data.
     fn get(&self, name: &str) -> Result<HostTensor, ModelError>;
+    /// Whether the tensor with canonical name `name` is present.
     fn has(&self, name: &str) -> bool;
     /// Storage types and how many tensors use each, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
     fn describe_dtypes(&self) -> String;
@@ -50,110 +43,35 @@ pub trait WeightSource: Send + Sync {
     fn total_param_bytes(&self) -> u64;
 }
 
-/// The tensors of one transformer layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LayerTensor {
-    InputNorm,
-    QWeight,
-    KWeight,
-    VWeight,
-    OWeight,
-    QBias,
-    KBias,
-    VBias,
-    PostAttentionNorm,
-    Gate,
-    Up,
-    Down,
-}
-
-/// A canonical tensor name, parsed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CanonicalTensor {
-    EmbedTokens,
-    FinalNorm,
-    LmHead,
-    Layer(usize, LayerTensor),
-}
-
-const LAYER_SUFFIXES: [(&str, LayerTensor, &str); 12] = [
-    ("input_layernorm.weight", LayerTensor::InputNorm, "attn_norm.weight"),
-    ("self_attn.q_proj.weight", LayerTensor::QWeight, "attn_q.weight"),
-    ("self_attn.k_proj.weight", LayerTensor::KWeight, "attn_k.weight"),
-    ("self_attn.v_proj.weight", LayerTensor::VWeight, "attn_v.weight"),
-    ("self_attn.o_proj.weight", LayerTensor::OWeight, "attn_output.weight"),
-    ("self_attn.q_proj.bias", LayerTensor::QBias, "attn_q.bias"),
-    ("self_attn.k_proj.bias", LayerTensor::KBias, "attn_k.bias"),
-    ("self_attn.v_proj.bias", LayerTensor::VBias, "attn_v.bias"),
-    ("post_attention_layernorm.weight", LayerTensor::PostAttentionNorm, "ffn_norm.weight"),
-    ("mlp.gate_proj.weight", LayerTensor::Gate, "ffn_gate.weight"),
-    ("mlp.up_proj.weight", LayerTensor::Up, "ffn_up.weight"),
-    ("mlp.down_proj.weight", LayerTensor::Down, "ffn_down.weight"),
-];
-
-impl CanonicalTensor {
-    fn parse(name: &str) -> Option<CanonicalTensor> {
-        match name {
-            "model.embed_tokens.weight" => return Some(CanonicalTensor::EmbedTokens),
-            "model.norm.weight" => return Some(CanonicalTensor::FinalNorm),
-            "lm_head.weight" => return Some(CanonicalTensor::LmHead),
-            _ => {}
-        }
-        let rest = name.strip_prefix("model.layers.")?;
-        let (index, suffix) = rest.split_once('.')?;
-        if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) || (index.len() > 1 && index.starts_with('0')) {
-            return None;
-        }
-        let layer: usize = index.parse().ok()?;
-        let (_, tensor, _) = LAYER_SUFFIXES.iter().find(|(s, _, _)| *s == suffix)?;
-        Some(CanonicalTensor::Layer(layer, *tensor))
-    }
-
-    fn gguf_name(self) -> String {
-        match self {
-            CanonicalTensor::EmbedTokens => "token_embd.weight".into(),
-            CanonicalTensor::FinalNorm => "output_norm.weight".into(),
-            CanonicalTensor::LmHead => "output.weight".into(),
-            CanonicalTensor::Layer(i, t) => {
-                let suffix = LAYER_SUFFIXES.iter().find(|(_, lt, _)| *lt == t).map_or("", |(_, _, g)| *g);
-                format!("blk.{i}.{suffix}")
+/// Expected row-major shape of `name` under `c` (the table in [`super::names`]).
+fn tensor_shape(name: TensorName, c: &ModelConfig) -> Vec<usize> {
+    match name {
+        TensorName::EmbedTokens | TensorName::LmHead => vec![c.vocab_size, c.d_model],
+        TensorName::FinalNorm => vec![c.d_model],
+        TensorName::Layer(_, t) => match t {
+            LayerTensor::InputNorm | LayerTensor::PostAttentionNorm => vec![c.d_model],
+            LayerTensor::Weight(p) => {
+                let (out, inp) = p.dims(c);
+                vec![out, inp]
             }
-        }
+            LayerTensor::Bias(p) => vec![p.dims(c).0],
+        },
     }
+}
 
-    /// Expected row-major shape under `config`.
-    fn expected_shape(self, c: &ModelConfig) -> Vec<usize> {
-        use LayerTensor::*;
-        match self {
-            CanonicalTensor::EmbedTokens | CanonicalTensor::LmHead => vec![c.vocab_size, c.d_model],
-            CanonicalTensor::FinalNorm => vec![c.d_model],
-            CanonicalTensor::Layer(_, t) => match t {
-                InputNorm | PostAttentionNorm => vec![c.d_model],
-                QWeight => vec![c.q_dim(), c.d_model],
-                KWeight | VWeight => vec![c.kv_dim(), c.d_model],
-                OWeight => vec![c.d_model, c.q_dim()],
-                QBias => vec![c.q_dim()],
-                KBias | VBias => vec![c.kv_dim()],
-                Gate | Up => vec![c.d_ff, c.d_model],
-                Down => vec![c.d_model, c.d_ff],
-            },
-        }
-    }
-
-    /// Heads whose rows llama.cpp's converter interleaved (q: n_heads, k: n_kv_heads).
-    fn permuted_heads(self, c: &ModelConfig) -> Option<usize> {
-        match self {
-            CanonicalTensor::Layer(_, LayerTensor::QWeight | LayerTensor::QBias) => Some(c.n_heads),
-            CanonicalTensor::Layer(_, LayerTensor::KWeight | LayerTensor::KBias) => Some(c.n_kv_heads),
-            _ => None,
-        }
+/// Heads whose rows llama.cpp's converter interleaved (q: n_heads, k: n_kv_heads).
+fn permuted_heads(name: TensorName, c: &ModelConfig) -> Option<usize> {
+    match name {
+        TensorName::Layer(_, LayerTensor::Weight(Projection::Q) | LayerTensor::Bias(Projection::Q)) => Some(c.n_heads),
+        TensorName::Layer(_, LayerTensor::Weight(Projection::K) | LayerTensor::Bias(Projection::K)) => Some(c.n_kv_heads),
+        _ => None,
     }
 }
 
 /// The expected Hugging Face shape of a canonical tensor name under `config`, or `None` when
 /// the name is not one of the canonical names.
 pub fn expected_shape(config: &ModelConfig, name: &str) -> Option<Vec<usize>> {
-    CanonicalTensor::parse(name).map(|t| t.expected_shape(config))
+    TensorName::parse(name).map(|t| tensor_shape(t, config))
 }
 
 fn check_shape(name: &str, expected: &[usize], found: &[usize]) -> Result<(), ModelError> {
@@ -228,10 +146,13 @@ pub struct GgufWeights {
 }
 
 impl GgufWeights {
+    /// Opens a GGUF file and reads its configuration; errors of [`GgufFile::open`] and
+    /// [`ModelConfig::from_gguf`].
     pub fn open(path: &Path) -> Result<GgufWeights, ModelError> {
         Self::from_file(GgufFile::open(path)?)
     }
 
+    /// Wraps an open GGUF file; errors of [`ModelConfig::from_gguf`].
     pub fn from_file(file: GgufFile) -> Result<GgufWeights, ModelError> {
         let config = ModelConfig::from_gguf(&file)?;
         Ok(GgufWeights { file, config })
@@ -240,11 +161,6 @@ impl GgufWeights {
     /// The underlying GGUF file (raw quantised blocks, metadata, tokenizer keys).
     pub fn file(&self) -> &GgufFile {
         &self.file
-    }
-
-    /// The GGUF tensor name for a canonical name, `None` for names outside the model layout.
-    pub fn gguf_name(name: &str) -> Option<String> {
-        CanonicalTensor::parse(name).map(CanonicalTensor::gguf_name)
     }
 }
 
@@ -255,13 +171,13 @@ impl WeightSource for GgufWeights {
 
     fn get(&self, name: &str) -> Result<HostTensor, ModelError> {
         let missing = || ModelError::MissingTensor { path: self.file.path.clone(), tensor: name.to_owned() };
-        let canonical = CanonicalTensor::parse(name).ok_or_else(missing)?;
+        let canonical = TensorName::parse(name).ok_or_else(missing)?;
         let gguf_name = canonical.gguf_name();
         let info = self
             .file
             .tensor_info(&gguf_name)
             .ok_or_else(|| ModelError::MissingTensor { path: self.file.path.clone(), tensor: format!("{name} (GGUF '{gguf_name}')") })?;
-        let expected = canonical.expected_shape(&self.config);
+        let expected = tensor_shape(canonical, &self.config);
         // GGUF dims are [ne0 = in, ne1 = out]; the same bytes read row-major are [out, in].
         let found = to_usize_shape(&info.row_major_shape())
             .ok_or_else(|| ModelError::BadTensor { tensor: name.to_owned(), what: format!("dims {:?} do not fit in usize", info.dims) })?;
@@ -270,7 +186,7 @@ impl WeightSource for GgufWeights {
         // llama.cpp permutes q/k rows for llama-style GGUFs only, not for qwen2.
         let permuted_heads = match self.config.arch {
             Arch::Qwen2 => None,
-            Arch::Llama | Arch::Mistral => canonical.permuted_heads(&self.config),
+            Arch::Llama | Arch::Mistral => permuted_heads(canonical, &self.config),
         };
         if let Some(n_head) = permuted_heads {
             let rows = found.first().copied().unwrap_or(1);
@@ -281,7 +197,7 @@ impl WeightSource for GgufWeights {
     }
 
     fn has(&self, name: &str) -> bool {
-        Self::gguf_name(name).is_some_and(|g| self.file.tensor_info(&g).is_some())
+        TensorName::parse(name).is_some_and(|t| self.file.tensor_info(&t.gguf_name()).is_some())
     }
 
     fn describe_dtypes(&self) -> String {
@@ -341,6 +257,9 @@ impl std::fmt::Debug for HfWeights {
 }
 
 impl HfWeights {
+    /// Opens the folder `dir` and memory-maps its safetensors files. Errors: a missing
+    /// `config.json` or weights file ([`ModelError::MissingFile`]), bad JSON, a bad safetensors
+    /// header, a shard outside the folder, a tensor in two shards.
     pub fn open(dir: &Path) -> Result<HfWeights, ModelError> {
         let config = ModelConfig::from_hf_config(&dir.join("config.json"))?;
         let shard_names = Self::shard_names(dir)?;
@@ -528,19 +447,6 @@ mod tests {
 
         assert!(matches!(unpermute_qk_rows("q", &w, 8, 3, 3), Err(ModelError::BadTensor { .. })));
         assert!(matches!(unpermute_qk_rows("q", &w[..5], 8, 3, 2), Err(ModelError::BadTensor { .. })));
-    }
-
-    #[test]
-    fn canonical_names_map_to_gguf_names() {
-        assert_eq!(GgufWeights::gguf_name("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
-        assert_eq!(GgufWeights::gguf_name("model.norm.weight").as_deref(), Some("output_norm.weight"));
-        assert_eq!(GgufWeights::gguf_name("lm_head.weight").as_deref(), Some("output.weight"));
-        assert_eq!(GgufWeights::gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(), Some("blk.12.attn_output.weight"));
-        assert_eq!(GgufWeights::gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
-        assert_eq!(GgufWeights::gguf_name("model.layers.3.self_attn.k_proj.bias").as_deref(), Some("blk.3.attn_k.bias"));
-        for bad in ["model.layers..mlp.up_proj.weight", "model.layers.01.mlp.up_proj.weight", "model.layers.1.mlp.x", "x"] {
-            assert_eq!(GgufWeights::gguf_name(bad), None, "{bad}");
-        }
     }
 
     /// Tiny model: d 8, 2 heads (head_dim 4), 1 kv head, d_ff 12, vocab 5, one layer.

@@ -66,7 +66,7 @@ pub fn load_tokenizer(path: &Path) -> Result<ModelTokenizer, RuntimeError> {
         let gguf = GgufFile::open(path)?;
         ModelTokenizer::from_gguf_metadata(&gguf.metadata)
     };
-    tok.map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", path.display())))
+    tok.map_err(|source| RuntimeError::LoadTokenizer { path: path.to_path_buf(), source })
 }
 
 impl LoadedModel {
@@ -93,7 +93,7 @@ impl LoadedModel {
         let template = match tokenizer.chat_template_source() {
             Some(t) => Some(
                 ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token())
-                    .map_err(|e| RuntimeError::Tokenizer(format!("{}: chat template: {e}", path.display())))?,
+                    .map_err(|source| RuntimeError::LoadTokenizer { path: path.to_path_buf(), source })?,
             ),
             None => None,
         };
@@ -120,32 +120,29 @@ impl LoadedModel {
     /// Read a router file, check that it was made for this model, and upload it.
     pub fn load_routers(&self, path: &Path, policy: &PlanPolicyArgs) -> Result<(RouterFile, Routing), RuntimeError> {
         let identity = model_identity(self.source.as_ref())?;
-        let file = RouterFile::load(path, &identity).map_err(|e| RuntimeError::Routers(e.to_string()))?;
+        let file = RouterFile::load(path, &identity)?;
         let policy = PlanPolicy {
             threshold: policy.threshold.unwrap_or(file.threshold),
             max_skip: policy.max_skip,
             min_skip: policy.min_skip,
             skip_first_last: file.skip_first_last,
         };
-        policy.validate().map_err(|e| RuntimeError::Plan(e.to_string()))?;
+        policy.validate()?;
         let routers = Arc::new(GpuRouters::upload(&self.weights.ctx, &file)?);
         Ok((file, Routing { routers, policy }))
     }
 
     /// Render `messages` with the model's chat template (with the generation prompt) and encode.
     pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, RuntimeError> {
-        let template = self
-            .template
-            .as_ref()
-            .ok_or_else(|| RuntimeError::Tokenizer(format!("{} has no chat template; run without --chat", self.path.display())))?;
-        let text = template.render(messages, true).map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        let template = self.template.as_ref().ok_or_else(|| RuntimeError::NoChatTemplate { path: self.path.clone() })?;
+        let text = template.render(messages, true)?;
         // The template writes its own BOS where the model wants one.
-        self.tokenizer.encode_with_bos(&text, false).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+        Ok(self.tokenizer.encode_with_bos(&text, false)?)
     }
 
     /// Encode plain text, with a BOS token first when the model's tokenizer asks for one.
     pub fn text_ids(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
-        self.tokenizer.encode(text).map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+        Ok(self.tokenizer.encode(text)?)
     }
 }
 

@@ -21,32 +21,83 @@ pub use session::{Session, SessionOptions, StepOutput};
 pub use step::{Activations, StepBuffers, StepBuilder};
 pub use weights::GpuWeights;
 
+use std::path::PathBuf;
+
 use crate::gpu::GpuError;
 use crate::model::ModelError;
 use crate::model::lora::LoraError;
+use crate::model::routers::RouterError;
+use crate::model::tokenizer::TokenizerError;
 
+pub use plan::PlanError;
+
+/// Everything that can go wrong while loading a model for generation or running a session.
+/// Typed errors of the layers below are wrapped whole (their messages already name the file,
+/// tensor, key or limit); the variants of this layer name the sizes involved.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// A GPU operation failed: device loss, out of memory, invalid kernel arguments, read-back.
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    /// A model file (GGUF or Hugging Face folder) could not be read or does not fit the model.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A LoRA adapter could not be read, does not fit the model, or got a bad scale.
     #[error(transparent)]
     Lora(#[from] LoraError),
+    /// A router file could not be read or was made for another model.
+    #[error(transparent)]
+    Routers(#[from] RouterError),
+    /// The tokenizer or chat template of the model at `path` could not be built.
+    #[error("tokenizer: {}: {source}", path.display())]
+    LoadTokenizer {
+        /// The model file or folder.
+        path: PathBuf,
+        /// What was wrong.
+        #[source]
+        source: TokenizerError,
+    },
+    /// Chat messages were given to a model without a chat template.
+    #[error("tokenizer: {} has no chat template; run without --chat", path.display())]
+    NoChatTemplate {
+        /// The model file or folder.
+        path: PathBuf,
+    },
+    /// Encoding text or rendering the chat template failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    /// A layer plan or router policy does not fit the model, or was used wrongly.
+    #[error("layer plan: {0}")]
+    Plan(#[from] PlanError),
+    /// Profiling (`--profile`, `--trace`) failed.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    /// A session was asked for a context of 0 positions.
+    #[error("context length must be at least 1")]
+    ZeroContext,
+    /// The tokens do not fit in the context (`needed` positions, `ctx_len` available).
     #[error("the prompt needs {needed} positions but the context holds {ctx_len}; raise --ctx or pass --truncate")]
-    ContextFull { needed: usize, ctx_len: usize },
+    ContextFull {
+        /// Positions the sequence would reach.
+        needed: usize,
+        /// Positions the session's KV cache holds.
+        ctx_len: usize,
+    },
+    /// A token id outside `0..vocab`.
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
-    BadToken { id: u32, vocab: usize },
+    BadToken {
+        /// The id given.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// A prefill of zero tokens.
     #[error("the prompt is empty: at least one token is needed")]
     EmptyPrompt,
-    #[error("router file: {0}")]
-    Routers(String),
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("{0}")]
-    Output(String),
-    #[error("layer plan: {0}")]
-    Plan(String),
+    /// A broken invariant of the runtime itself (a bug, not a user error), e.g. a layer that
+    /// runs without its KV cache.
+    #[error("internal error (a bug in firstrt): {0}")]
+    Internal(String),
 }
 
 /// Which decoder layers a sequence runs. Fixed after prefill; a skipped layer passes its input
@@ -73,7 +124,7 @@ impl LayerPlan {
         let mut run = vec![true; n_layers];
         for &l in skip {
             if l >= n_layers {
-                return Err(RuntimeError::Plan(format!("layer {l} does not exist: the model has {n_layers} layers (0..{})", n_layers - 1)));
+                return Err(PlanError::LayerOutOfRange { layer: l, n_layers }.into());
             }
             run[l] = false;
         }

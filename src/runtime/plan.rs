@@ -50,13 +50,13 @@ pub struct PlanPolicy {
     pub skip_first_last: bool,
 }
 
-/// A policy or decider used wrongly.
+/// A layer plan or router policy that does not fit the model, or a decider used wrongly.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
-    /// The threshold is not a number in [0, 1].
+    /// tau outside [0, 1] (or NaN).
     #[error("threshold {0} must be a number in [0, 1]")]
     Threshold(f32),
-    /// The skip budget is empty.
+    /// `min_skip > max_skip`.
     #[error("--min-skip {min} is more than --max-skip {max}")]
     MinAboveMax {
         /// `--min-skip`.
@@ -64,29 +64,45 @@ pub enum PlanError {
         /// `--max-skip`.
         max: usize,
     },
-    /// Layers must be decided 0, 1, 2, ...
+    /// [`PlanDecider::decide`] called out of layer order.
     #[error("layer {got} decided out of order: layer {expected} is next")]
     OutOfOrder {
         /// The next layer to decide.
         expected: usize,
-        /// The layer asked about.
+        /// The layer given.
         got: usize,
     },
-    /// A layer index past the model's last layer.
-    #[error("layer {layer} does not exist: the model has {n_layers} layers")]
+    /// A layer index (to skip, or to decide) past the model's last layer.
+    #[error("layer {layer} does not exist: the model has {n_layers} layers (0..{})", n_layers.saturating_sub(1))]
     LayerOutOfRange {
-        /// The layer asked about.
+        /// The layer given (0-based).
         layer: usize,
-        /// The model's layer count.
+        /// Layers in the model.
         n_layers: usize,
     },
-    /// The plan was asked for before every layer was decided.
+    /// [`PlanDecider::finish`] before every layer was decided.
     #[error("plan unfinished: {decided} of {n_layers} layers decided")]
     Unfinished {
         /// Layers decided so far.
         decided: usize,
-        /// The model's layer count.
+        /// Layers in the model.
         n_layers: usize,
+    },
+    /// A [`super::LayerPlan`] for a different number of layers than the model's.
+    #[error("plan has {plan} layers, the model {model}")]
+    PlanLength {
+        /// Layers in the plan.
+        plan: usize,
+        /// Layers in the model.
+        model: usize,
+    },
+    /// Uploaded routers for a different number of layers than the model's.
+    #[error("routers for {routers} layers, the model has {model}")]
+    RouterCount {
+        /// Router slots.
+        routers: usize,
+        /// Layers in the model.
+        model: usize,
     },
 }
 

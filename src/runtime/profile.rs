@@ -25,7 +25,7 @@ use std::time::Instant;
 use wgpu_profiler::{GpuProfiler, GpuProfilerSettings};
 
 use crate::gpu::dispatch::record_grouped;
-use crate::gpu::{Cost, Dispatch, GpuContext, Phase, Tag};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, Phase, Tag};
 
 /// Steps whose timestamps may be in flight before the profiler waits for the oldest.
 pub const RING: usize = 4;
@@ -33,16 +33,16 @@ pub const RING: usize = 4;
 /// Label of the query around a whole pass (InsidePasses mode).
 const PASS_QUERY: &str = "#pass";
 
-/// Why profiling cannot start or a result cannot be read or written.
+/// Everything that can go wrong while profiling.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    /// The adapter has no timestamp queries at all.
+    /// The adapter has no timestamp queries.
     #[error("profiling needs GPU timestamp queries (TIMESTAMP_QUERY), which adapter {adapter} does not offer")]
     Unsupported {
         /// The adapter's name.
         adapter: String,
     },
-    /// `ProfileMode::InsidePasses` was asked for on an adapter without it.
+    /// [`ProfileMode::InsidePasses`] on an adapter without timestamps inside passes.
     #[error("adapter {adapter} cannot write timestamps inside a pass (TIMESTAMP_QUERY_INSIDE_PASSES); use ProfileMode::PassPerDispatch")]
     InsidePassesUnsupported {
         /// The adapter's name.
@@ -51,15 +51,30 @@ pub enum ProfileError {
     /// `FIRSTRT_PROFILE_MODE` holds neither `inside` nor `passes`.
     #[error("unknown profile mode {0:?}: expected `inside` or `passes`")]
     UnknownMode(String),
-    /// `wgpu_profiler` failed, or the GPU did not hand a step's timestamps back.
+    /// `wgpu_profiler` refused its settings.
     #[error("GPU profiler: {0}")]
-    Profiler(String),
+    Create(#[source] wgpu_profiler::CreationError),
+    /// `wgpu_profiler` could not close a step's frame (queries left open or unresolved).
+    #[error("GPU profiler: {0}")]
+    EndFrame(#[source] wgpu_profiler::EndFrameError),
+    /// Waiting for the GPU to read timestamps back failed.
+    #[error("GPU profiler: {0}")]
+    Gpu(#[source] GpuError),
+    /// [`Profiler::flush`] was called while a step was being recorded.
+    #[error("GPU profiler: flush while a step is being recorded")]
+    FlushWhileRecording,
+    /// Steps whose timestamps never came back after waiting for the GPU.
+    #[error("GPU profiler: {steps} steps never came back from the GPU")]
+    LostSteps {
+        /// How many.
+        steps: usize,
+    },
     /// The Chrome trace file could not be written.
     #[error("writing the trace {path}: {source}")]
     Trace {
         /// The trace file.
         path: String,
-        /// What the file system said.
+        /// The I/O error.
         source: std::io::Error,
     },
 }
@@ -261,7 +276,7 @@ impl Profiler {
         }
         // Our own debug groups (one per layer) stay; the profiler adds none per dispatch.
         let settings = GpuProfilerSettings { enable_timer_queries: true, enable_debug_groups: false, max_num_pending_frames: RING };
-        let gpu = GpuProfiler::new(&ctx.device, settings).map_err(|e| ProfileError::Profiler(e.to_string()))?;
+        let gpu = GpuProfiler::new(&ctx.device, settings).map_err(ProfileError::Create)?;
         Ok(Profiler {
             gpu,
             mode,
@@ -385,10 +400,10 @@ impl Profiler {
         self.collect();
         if self.pending.len() >= RING {
             // The oldest step still has not been read: wait rather than let the ring drop a frame.
-            self.ctx.wait().map_err(|e| ProfileError::Profiler(e.to_string()))?;
+            self.ctx.wait().map_err(ProfileError::Gpu)?;
             self.collect();
         }
-        self.gpu.end_frame().map_err(|e| ProfileError::Profiler(e.to_string()))?;
+        self.gpu.end_frame().map_err(ProfileError::EndFrame)?;
         self.pending.push_back(frame);
         Ok(())
     }
@@ -443,17 +458,17 @@ impl Profiler {
     /// Wait for the GPU and read back every outstanding step.
     pub fn flush(&mut self) -> Result<(), ProfileError> {
         if self.open.is_some() {
-            return Err(ProfileError::Profiler("flush while a step is being recorded".into()));
+            return Err(ProfileError::FlushWhileRecording);
         }
         for _ in 0..RING + 1 {
             if self.pending.is_empty() {
                 break;
             }
-            self.ctx.wait().map_err(|e| ProfileError::Profiler(e.to_string()))?;
+            self.ctx.wait().map_err(ProfileError::Gpu)?;
             self.collect();
         }
         if !self.pending.is_empty() {
-            return Err(ProfileError::Profiler(format!("{} steps never came back from the GPU", self.pending.len())));
+            return Err(ProfileError::LostSteps { steps: self.pending.len() });
         }
         Ok(())
     }

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use crate::gpu::{GpuContext, GpuError, Phase};
+use crate::gpu::{GpuContext, GpuError, GpuTensor, Phase};
 use crate::kernels::router::RouterWeights;
-use crate::model::routers::RouterFile;
+use crate::model::routers::{RouterFile, RouterLayer};
 
 use super::plan::{PlanDecider, PlanPolicy, decide_plan};
 use super::session::{Session, StepOutput};
@@ -19,14 +19,23 @@ pub struct GpuRouters {
 }
 
 impl GpuRouters {
-    /// Upload every layer's router of `file`. Errors: a GPU allocation, or a router whose
-    /// sizes do not fit (`GpuError::InvalidArgument`).
+    /// Uploads every layer's router of `file`; errors as [`GpuRouters::upload_layer`].
     pub fn upload(ctx: &GpuContext, file: &RouterFile) -> Result<GpuRouters, GpuError> {
-        let layers = (0..file.layers.len()).map(|l| file.upload(ctx, l)).collect::<Result<Vec<_>, _>>()?;
+        let layers = (0..file.layers.len()).map(|l| Self::upload_layer(ctx, file, l)).collect::<Result<Vec<_>, _>>()?;
         Ok(GpuRouters { layers })
     }
 
-    /// Per layer: true where a router exists.
+    /// The GPU weights of `file`'s router for layer `layer`; `Ok(None)` when that layer has none.
+    /// Errors ([`GpuError::InvalidArgument`]) when `layer` is out of range or a tensor's length
+    /// does not fit the file's rank and hidden size.
+    pub fn upload_layer(ctx: &GpuContext, file: &RouterFile, layer: usize) -> Result<Option<RouterWeights>, GpuError> {
+        let slot = file.layers.get(layer).ok_or_else(|| {
+            GpuError::InvalidArgument(format!("router layer {layer} does not exist: the file has {} layers", file.layers.len()))
+        })?;
+        slot.as_ref().map(|r| upload_router(ctx, &format!("router.{layer}"), r, file.rank, file.hidden, file.eps)).transpose()
+    }
+
+    /// `[n_layers]`: whether each layer has a router.
     pub fn has_router(&self) -> Vec<bool> {
         self.layers.iter().map(Option::is_some).collect()
     }
@@ -65,7 +74,7 @@ impl Session {
                 let raw = crate::gpu::buffer::read_buffer(&self.ctx, &self.bufs.router_probs.buffer, 4 * l as u64, 4, "router.probs")?;
                 self.probs[l] = Some(f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]));
             }
-            run[l] = decider.decide(l, self.probs[l]).map_err(|e| RuntimeError::Plan(e.to_string()))?;
+            run[l] = decider.decide(l, self.probs[l])?;
             if run[l] {
                 self.bufs.kv.ensure(&self.ctx, l)?;
                 segment.extend(self.builder(Phase::Prefill).layer(&acts, t, l)?);
@@ -88,3 +97,44 @@ impl Session {
         result
     }
 }
+
+/// Uploads one layer's router (`rank` r, hidden size `d`), checking every tensor's length first:
+/// `norm [d]`, `w1 [max(r, 1), d]`, `b1 [max(r, 1)]`, and for `r > 0` `w2 [1, r]` and `b2`.
+fn upload_router(ctx: &GpuContext, label: &str, layer: &RouterLayer, rank: usize, d: usize, eps: f32) -> Result<RouterWeights, GpuError> {
+    let nh = rank.max(1);
+    let len = |what: &str, got: usize, want: usize| {
+        if got == want {
+            Ok(())
+        } else {
+            Err(GpuError::InvalidArgument(format!("{label}: router {what} has {got} values, expected {want} (r = {rank}, d = {d})")))
+        }
+    };
+    len("norm", layer.norm.len(), d)?;
+    len("w1", layer.w1.len(), nh * d)?;
+    len("b1", layer.b1.len(), nh)?;
+    let (w2, b2) = match (rank, &layer.w2, layer.b2) {
+        (0, None, None) => (None, None),
+        (0, _, _) => return Err(GpuError::InvalidArgument(format!("{label}: a linear router (r = 0) has no w2/b2"))),
+        (_, Some(w2), Some(b2)) => {
+            len("w2", w2.len(), rank)?;
+            (
+                Some(GpuTensor::from_f32(ctx, &format!("{label}.w2"), &[1, rank], w2)?),
+                Some(GpuTensor::from_f32(ctx, &format!("{label}.b2"), &[1], &[b2])?),
+            )
+        }
+        _ => return Err(GpuError::InvalidArgument(format!("{label}: router with r = {rank} needs w2 and b2"))),
+    };
+    Ok(RouterWeights {
+        norm: GpuTensor::from_f32(ctx, &format!("{label}.norm"), &[d], &layer.norm)?,
+        eps,
+        w1: GpuTensor::from_f32(ctx, &format!("{label}.w1"), &[nh, d], &layer.w1)?,
+        b1: GpuTensor::from_f32(ctx, &format!("{label}.b1"), &[nh], &layer.b1)?,
+        w2,
+        b2,
+        r: rank,
+        d,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -19,6 +19,7 @@ use crate::kernels::step::{StepBuffer, StepParams};
 
 use super::kv_cache::KvCache;
 use super::lora::GpuLora;
+use super::plan::PlanError;
 use super::profile::Profiler;
 use super::routed::Routing;
 use super::step::{Activations, StepBuffers, StepBuilder};
@@ -74,16 +75,17 @@ pub struct Session {
 
 impl Session {
     /// A session running the layers of `plan`, with a KV cache for each of them.
-    /// Errors: `RuntimeError::Plan` when the plan's length is not the model's layer count or
-    /// `ctx_len` is 0; `RuntimeError::Gpu` when a buffer cannot be allocated.
+    /// Errors: `RuntimeError::Plan` when the plan's length is not the model's layer count,
+    /// `RuntimeError::ZeroContext` when `ctx_len` is 0; `RuntimeError::Gpu` when a buffer cannot
+    /// be allocated.
     pub fn new(weights: &Arc<GpuWeights>, options: SessionOptions, plan: LayerPlan) -> Result<Session, RuntimeError> {
         let ctx = weights.ctx.clone();
         let c = &weights.config;
         if plan.len() != c.n_layers {
-            return Err(RuntimeError::Plan(format!("plan has {} layers, the model {}", plan.len(), c.n_layers)));
+            return Err(PlanError::PlanLength { plan: plan.len(), model: c.n_layers }.into());
         }
         if options.ctx_len == 0 {
-            return Err(RuntimeError::Plan("context length must be at least 1".into()));
+            return Err(RuntimeError::ZeroContext);
         }
         let candidates = options.candidates.clamp(1, MAX_CANDIDATES);
         let options = SessionOptions { candidates, ..options };
@@ -139,9 +141,9 @@ impl Session {
     pub fn with_routers(weights: &Arc<GpuWeights>, options: SessionOptions, routing: Routing) -> Result<Session, RuntimeError> {
         let n = weights.config.n_layers;
         if routing.routers.layers.len() != n {
-            return Err(RuntimeError::Plan(format!("routers for {} layers, the model has {n}", routing.routers.layers.len())));
+            return Err(PlanError::RouterCount { routers: routing.routers.layers.len(), model: n }.into());
         }
-        routing.policy.validate().map_err(|e| RuntimeError::Plan(e.to_string()))?;
+        routing.policy.validate()?;
         let mut s = Session::new(weights, options, LayerPlan::full(n))?;
         s.bufs.kv.clear();
         s.routing = Some(routing);
@@ -376,7 +378,7 @@ impl Session {
         ctx.queue.submit([encoder.finish()]);
         let t2 = t0.map(|_| std::time::Instant::now());
         if let Some(p) = self.profiler.as_mut() {
-            p.end_step().map_err(|e| RuntimeError::Output(e.to_string()))?;
+            p.end_step()?;
         }
         self.last_dispatch_count = program.len();
         let raw = crate::gpu::buffer::map_and_read(ctx, &self.staging, bytes, "picked")?;

@@ -189,11 +189,11 @@ impl StepBuilder<'_> {
     /// `x += o(attention(rope(qkv(norm(x)))))`, then `x += down(swiglu(gate_up(norm(x))))`,
     /// each projection plus the adapter's delta when one is attached. The rotated keys and the
     /// values of the step's positions are written to layer `l`'s KV cache.
-    /// Errors: `RuntimeError::Plan` when layer `l` has no KV cache (a skipped layer);
+    /// Errors: `RuntimeError::Internal` when layer `l` has no KV cache (a skipped layer);
     /// `RuntimeError::Gpu` when a kernel rejects its arguments.
     pub fn layer(&self, a: &Activations, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, c, lw) = (self.ctx, &self.weights.config, &self.weights.layers[l]);
-        let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Plan(format!("layer {l} runs but has no KV cache")))?;
+        let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Internal(format!("layer {l} runs but has no KV cache")))?;
         let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
         let at = |op| Tag::layer(self.phase, l, op);
@@ -267,7 +267,7 @@ impl StepBuilder<'_> {
     /// A LoRA group's delta on the base product `base` (its x, rows, y and y stride):
     /// `a = x · A^T` (`[rows, inner]` in `lora_tmp`), then `y[:, 0..out] += s · a · B^T`.
     fn lora_delta(&self, label: &str, base: &LinearOp, pair: &GpuLoraPair, s: f32) -> Result<Vec<Dispatch>, RuntimeError> {
-        let tmp = self.bufs.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Plan("LoRA attached without its buffer".into()))?;
+        let tmp = self.bufs.lora_tmp.as_ref().ok_or_else(|| RuntimeError::Internal("LoRA attached without its buffer".into()))?;
         let mut p = self.linear(&format!("{label}.lora_a"), &LinearOp::new(base.x, base.rows, &pair.a, tmp))?;
         let b = LinearOp::new(tmp, base.rows, &pair.b, base.y).y_stride(base.y_row_stride()).accumulate(true).scale(s);
         p.extend(self.linear(&format!("{label}.lora_b"), &b)?);

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use crate::gpu::{DType, GpuContext, GpuMatrix, GpuTensor};
-use crate::model::lora::{LoraAdapter, Projection};
+use crate::model::lora::LoraAdapter;
+use crate::model::names::{LayerTensor, Projection, TensorName};
 use crate::model::{HostTensor, ModelConfig, WeightSource};
 
 use super::RuntimeError;
@@ -91,9 +92,10 @@ impl GpuWeights {
         };
         let d = cfg.d_model;
         let total = cfg.n_layers + 2;
-        let vector = |name: &str| -> Result<GpuTensor, RuntimeError> {
-            let t = source.get(name)?;
-            Ok(GpuTensor::from_f32(ctx, name, &[t.data.len()], &t.data)?)
+        let vector = |name: TensorName| -> Result<GpuTensor, RuntimeError> {
+            let name = name.hf_name();
+            let t = source.get(&name)?;
+            Ok(GpuTensor::from_f32(ctx, &name, &[t.data.len()], &t.data)?)
         };
         let matrix = |label: &str, parts: &[&HostTensor]| -> Result<GpuMatrix, RuntimeError> {
             let rows: usize = parts.iter().map(|t| t.shape[0]).sum();
@@ -101,30 +103,28 @@ impl GpuWeights {
             Ok(GpuMatrix::upload(ctx, label, rows, cols, &stack(parts), dtype)?)
         };
 
-        let embed_host = source.get("model.embed_tokens.weight")?;
+        let embed_host = source.get(&TensorName::EmbedTokens.hf_name())?;
         let embed = matrix("embed_tokens", &[&embed_host])?;
         drop(embed_host);
-        let final_norm = vector("model.norm.weight")?;
+        let final_norm = vector(TensorName::FinalNorm)?;
         let lm_head = if cfg.tied_embeddings {
             None
         } else {
-            let t = source.get("lm_head.weight")?;
+            let t = source.get(&TensorName::LmHead.hf_name())?;
             Some(matrix("lm_head", &[&t])?)
         };
         progress(2, total);
 
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let p = format!("model.layers.{i}");
             let q = projection(i, Projection::Q)?;
             let k = projection(i, Projection::K)?;
             let v = projection(i, Projection::V)?;
             let qkv = matrix(&format!("layer.{i}.attn.qkv"), &[&q, &k, &v])?;
             drop((q, k, v));
             let qkv_bias = if cfg.qkv_bias {
-                let bq = source.get(&format!("{p}.self_attn.q_proj.bias"))?;
-                let bk = source.get(&format!("{p}.self_attn.k_proj.bias"))?;
-                let bv = source.get(&format!("{p}.self_attn.v_proj.bias"))?;
+                let bias = |p| source.get(&TensorName::Layer(i, LayerTensor::Bias(p)).hf_name());
+                let (bq, bk, bv) = (bias(Projection::Q)?, bias(Projection::K)?, bias(Projection::V)?);
                 let b = stack(&[&bq, &bk, &bv]);
                 Some(GpuTensor::from_f32(ctx, &format!("layer.{i}.attn.qkv_bias"), &[b.len()], &b)?)
             } else {
@@ -139,11 +139,11 @@ impl GpuWeights {
             let down = projection(i, Projection::Down)?;
             let down = matrix(&format!("layer.{i}.mlp.down"), &[&down])?;
             layers.push(LayerWeights {
-                attn_norm: vector(&format!("{p}.input_layernorm.weight"))?,
+                attn_norm: vector(TensorName::Layer(i, LayerTensor::InputNorm))?,
                 qkv,
                 qkv_bias,
                 o,
-                ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"))?,
+                ffn_norm: vector(TensorName::Layer(i, LayerTensor::PostAttentionNorm))?,
                 gate_up,
                 down,
             });
