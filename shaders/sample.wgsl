@@ -5,6 +5,11 @@
 // result pairs to dst; the host chains passes until one workgroup is left.
 // Order: larger value first, equal values by lower index (like torch.argmax / a stable sort).
 // NaN logits count as -inf. Padding beyond n is (-inf, 0xffffffff) and sorts after every entry.
+//
+// Non-finite flag: a workgroup that read a NaN or infinite logit (or a pair flagged by an earlier
+// pass) sets bit 31 (NON_FINITE) of the index word of every pair it writes. Indices are below
+// 2^31 - 1, so the bit is free, and the padding index (all ones) stays the padding index. The
+// host reads the flag from the pairs it reads back anyway; the order never looks at the bit.
 
 struct SampleParams {
     n: u32,           // entries in the input list
@@ -19,10 +24,12 @@ struct SampleParams {
 @group(0) @binding(3) var<storage, read_write> dst: array<vec2<u32>>; // [workgroups * k] (index, f32 bits)
 
 const PAD_INDEX: u32 = 0xffffffffu;
+const NON_FINITE: u32 = 0x80000000u;
 
 struct Entry {
     v: f32,
     i: u32,
+    bad: u32, // 1: a non-finite logit, or a pair flagged NON_FINITE by an earlier pass
 };
 
 fn neg_inf() -> f32 {
@@ -31,22 +38,33 @@ fn neg_inf() -> f32 {
 
 fn load(i: u32) -> Entry {
     if (i >= p.n) {
-        return Entry(neg_inf(), PAD_INDEX);
+        return Entry(neg_inf(), PAD_INDEX, 0u);
     }
     var bits: u32;
     var idx: u32;
+    var bad = 0u;
     if (p.from_logits != 0u) {
         bits = bitcast<u32>(logits[i]);
         idx = i;
+        bad = select(0u, 1u, (bits & 0x7f800000u) == 0x7f800000u); // NaN or +-inf
     } else {
         let e = src[i];
         bits = e.y;
         idx = e.x;
+        if (idx != PAD_INDEX) {
+            bad = idx >> 31u;
+            idx &= ~NON_FINITE;
+        }
     }
     if ((bits & 0x7fffffffu) > 0x7f800000u) { // NaN
         bits = 0xff800000u;
     }
-    return Entry(bitcast<f32>(bits), idx);
+    return Entry(bitcast<f32>(bits), idx, bad);
+}
+
+// The index word of a written pair: the index, with NON_FINITE when `bad` is not 0.
+fn flagged(i: u32, bad: u32) -> u32 {
+    return select(i, i | NON_FINITE, bad != 0u);
 }
 
 // True when (va, ia) comes strictly before (vb, ib).
@@ -60,6 +78,7 @@ const AM_ITEMS: u32 = 16u;
 
 var<workgroup> rv: array<f32, 256>;
 var<workgroup> ri: array<u32, 256>;
+var<workgroup> rb: array<u32, 256>; // non-finite flags, OR-reduced with the pairs
 
 @compute @workgroup_size(256)
 fn argmax(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -67,8 +86,10 @@ fn argmax(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     let base = w * 256u * AM_ITEMS;
     var bv = neg_inf();
     var bi = PAD_INDEX;
+    var bb = 0u;
     for (var q = 0u; q < AM_ITEMS; q++) {
         let e = load(base + q * 256u + tid);
+        bb |= e.bad;
         if (before(e.v, e.i, bv, bi)) {
             bv = e.v;
             bi = e.i;
@@ -76,16 +97,20 @@ fn argmax(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: 
     }
     rv[tid] = bv;
     ri[tid] = bi;
+    rb[tid] = bb;
     workgroupBarrier();
     for (var s = 128u; s > 0u; s >>= 1u) {
-        if (tid < s && before(rv[tid + s], ri[tid + s], rv[tid], ri[tid])) {
-            rv[tid] = rv[tid + s];
-            ri[tid] = ri[tid + s];
+        if (tid < s) {
+            rb[tid] |= rb[tid + s];
+            if (before(rv[tid + s], ri[tid + s], rv[tid], ri[tid])) {
+                rv[tid] = rv[tid + s];
+                ri[tid] = ri[tid + s];
+            }
         }
         workgroupBarrier();
     }
     if (tid == 0u) {
-        dst[w] = vec2<u32>(ri[0], bitcast<u32>(rv[0]));
+        dst[w] = vec2<u32>(flagged(ri[0], rb[0]), bitcast<u32>(rv[0]));
     }
 }
 
@@ -95,18 +120,27 @@ const TILE: u32 = 1024u;
 
 var<workgroup> sv: array<f32, 1024>;
 var<workgroup> si: array<u32, 1024>;
+var<workgroup> tile_bad: atomic<u32>; // top_k, top_k_select: the workgroup read a non-finite entry
 
 @compute @workgroup_size(256)
 fn top_k(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let w = wg.x + wg.y * nwg.x;
     let base = w * TILE;
+    if (tid == 0u) {
+        atomicStore(&tile_bad, 0u);
+    }
+    var bad = 0u;
     for (var q = 0u; q < TILE / 256u; q++) {
         let l = q * 256u + tid;
         let e = load(base + l);
         sv[l] = e.v;
         si[l] = e.i;
+        bad |= e.bad;
     }
     workgroupBarrier();
+    if (bad != 0u) {
+        atomicOr(&tile_bad, 1u);
+    }
     for (var size = 2u; size <= TILE; size <<= 1u) {
         for (var stride = size >> 1u; stride > 0u; stride >>= 1u) {
             for (var q = 0u; q < TILE / 512u; q++) {
@@ -129,8 +163,9 @@ fn top_k(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wg: v
             workgroupBarrier();
         }
     }
+    let tile_flag = atomicLoad(&tile_bad); // the sort's barriers order it after every atomicOr
     for (var l = tid; l < p.k; l += 256u) {
-        dst[w * p.k + l] = vec2<u32>(si[l], bitcast<u32>(sv[l]));
+        dst[w * p.k + l] = vec2<u32>(flagged(si[l], tile_flag), bitcast<u32>(sv[l]));
     }
 }
 
@@ -159,8 +194,10 @@ var<workgroup> n_cand: atomic<u32>;
 fn top_k_select(@builtin(local_invocation_index) tid: u32) {
     var bv = neg_inf();
     var bi = PAD_INDEX;
+    var bad = 0u;
     for (var i = tid; i < p.n; i += 256u) {
         let e = load(i);
+        bad |= e.bad;
         if (before(e.v, e.i, bv, bi)) {
             bv = e.v;
             bi = e.i;
@@ -170,8 +207,12 @@ fn top_k_select(@builtin(local_invocation_index) tid: u32) {
     mi[tid] = bi;
     if (tid == 0u) {
         atomicStore(&n_cand, 0u);
+        atomicStore(&tile_bad, 0u);
     }
     workgroupBarrier();
+    if (bad != 0u) {
+        atomicOr(&tile_bad, 1u);
+    }
     // Subsets without entries (n < 256) rank after every real entry, and k <= n: the invocation
     // of rank k - 1 holds a real entry and is the only one with that rank.
     var rank = 0u;
@@ -199,6 +240,7 @@ fn top_k_select(@builtin(local_invocation_index) tid: u32) {
     }
     workgroupBarrier();
     let c = atomicLoad(&n_cand);
+    let sel_flag = atomicLoad(&tile_bad);
     let fits = c <= SEL_CAP;
     if (fits) {
         for (var a = tid; a < c; a += 256u) {
@@ -211,7 +253,7 @@ fn top_k_select(@builtin(local_invocation_index) tid: u32) {
                 }
             }
             if (r < p.k) {
-                dst[r] = vec2<u32>(ia, bitcast<u32>(va));
+                dst[r] = vec2<u32>(flagged(ia, sel_flag), bitcast<u32>(va));
             }
         }
     }

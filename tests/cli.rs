@@ -183,3 +183,63 @@ fn chat_drops_old_exchanges_when_the_context_is_full() {
     assert!(stderr.contains("dropped the oldest 1 exchange"), "{stderr}");
     assert_eq!(stderr.matches("prefill:").count(), 2, "both questions are answered: {stderr}");
 }
+
+/// A copy of the test model in `dir` with `patch` applied to its bytes.
+fn patched_model(dir: &TempDir, name: &str, patch: impl FnOnce(&mut Vec<u8>)) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(model_path()).unwrap();
+    patch(&mut bytes);
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).unwrap();
+    path
+}
+
+/// Where the f32 tensor `name` of the test model starts in the file, in bytes.
+fn f32_tensor_offset(name: &str) -> usize {
+    let gguf = firstrt::model::GgufFile::open(&model_path()).unwrap();
+    let info = gguf.tensor_info(name).unwrap_or_else(|| panic!("{name} in the test model"));
+    assert_eq!(info.ggml_type, firstrt::model::GgmlType::F32, "{name} is f32");
+    (gguf.data_offset() + info.offset) as usize
+}
+
+/// issue 15: one NaN in a weight made every logit NaN; the sampler picked token 0, an end token,
+/// and the run printed nothing and exited 0. Now it is an error that names the step and where
+/// the hidden states stop being finite, for greedy (argmax) and sampled (top-k) runs.
+#[test]
+fn a_nan_weight_is_an_error_naming_the_step_and_layer() {
+    let dir = TempDir::new("cli-nan");
+    let nan = |name: &'static str| {
+        move |bytes: &mut Vec<u8>| {
+            let at = f32_tensor_offset(name);
+            bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+    };
+    let norm = patched_model(&dir, "nan-output-norm.gguf", nan("output_norm.weight"));
+    let err = run_err(firstrt().arg("run").arg("--model").arg(&norm).args(["--prompt", "hi", "--temperature", "0", "--max-tokens", "4"]));
+    let line = err.lines().find(|l| l.contains("not finite")).unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(line.contains("prefill") && line.contains("final norm"), "every layer's output is finite, the final norm is not: {err}");
+
+    let layer = patched_model(&dir, "nan-layer-3.gguf", nan("blk.3.ffn_norm.weight"));
+    let sampled = ["--prompt", "hi", "--temperature", "0.8", "--top-k", "40", "--max-tokens", "4"];
+    let err = run_err(firstrt().arg("run").arg("--model").arg(&layer).args(sampled));
+    let line = err.lines().find(|l| l.contains("not finite")).unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(line.contains("prefill") && line.contains("layer 3"), "{err}");
+}
+
+/// issue 15: a chat template that does not compile made the model fail to load even for a
+/// plain `run`; now only what needs the template (`--chat`, `chat`) fails.
+#[test]
+fn a_template_that_does_not_compile_fails_only_chat() {
+    let dir = TempDir::new("cli-bad-template");
+    let broken = patched_model(&dir, "bad-template.gguf", |bytes| {
+        let (from, to) = (b"{% endfor %}", b"{% endfxr %}");
+        let at = bytes.windows(from.len()).position(|w| w == from).expect("the chat template ends a loop");
+        bytes[at..at + to.len()].copy_from_slice(to);
+    });
+    run_ok(firstrt().arg("run").arg("--model").arg(&broken).args(["--prompt", "Hello", "--temperature", "0", "--max-tokens", "3"]));
+    run_ok(firstrt().arg("inspect").arg("--model").arg(&broken));
+    let err = run_err(firstrt().arg("run").arg("--model").arg(&broken).args(["--chat", "--prompt", "Hello", "--max-tokens", "3"]));
+    assert!(err.contains("chat template") && err.contains("endfxr"), "{err}");
+    let chat = firstrt().arg("chat").arg("--model").arg(&broken).stdin(std::process::Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&chat.stderr).into_owned();
+    assert!(!chat.status.success() && err.contains("endfxr"), "chat refuses to start: {err}");
+}

@@ -361,8 +361,10 @@ fn parse_lora_command(line: &str) -> Option<Result<LoraCommand, String>> {
 pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
     let lora_setup = args.lora.setup(LoraMode::Unmerged)?;
     let (_ctx, model) = load_model(gpu, &args.model, lora_setup.merged.as_ref())?;
-    if model.template.is_none() {
-        bail!("{} has no chat template", args.model.model.display());
+    match &model.template {
+        None => bail!("{} has no chat template", args.model.model.display()),
+        Some(Err(e)) => bail!("{}: {e}", args.model.model.display()),
+        Some(Ok(_)) => {}
     }
     // The unmerged adapter and its scale; /lora commands change it.
     let mut lora = upload_lora(&model, &lora_setup)?;

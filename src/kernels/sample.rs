@@ -11,6 +11,10 @@
 //! Order: larger value first, equal values by lower index (as `torch.argmax` and a stable sort
 //! do). NaN logits count as `-inf`.
 //!
+//! Both also report whether any of the `n` logits is NaN or infinite, at no extra read-back: the
+//! index word of every pair they write carries [`NON_FINITE_FLAG`] (bit 31; indices are below
+//! 2^31) when a non-finite logit was seen. [`decode_pairs`] strips it; [`saw_non_finite`] reads it.
+//!
 //! The CPU sampler that picks one token among these candidates is `generate::Sampler`.
 
 use bytemuck::{Pod, Zeroable};
@@ -28,6 +32,9 @@ pub const ARGMAX_TILE: usize = 256 * 16;
 pub const TOPK_TILE: usize = 1024;
 /// The largest k that [`top_k`] supports.
 pub const MAX_TOP_K: usize = 256;
+/// Bit of a read-back pair's index word set when a logit was NaN or infinite (`NON_FINITE` in
+/// `shaders/sample.wgsl`).
+pub const NON_FINITE_FLAG: u32 = 1 << 31;
 
 /// Uniform of `shaders/sample.wgsl` (`struct Params` there), one per pass.
 #[repr(C)]
@@ -207,9 +214,16 @@ pub fn top_k_sort(
     reduce_passes(ctx, label, Reduction { entry: "top_k", tile: TOPK_TILE, per_group: k }, logits, n, out)
 }
 
-/// Read-back words `[index, f32 bits, index, f32 bits, ..]` as `(index, value)` pairs.
+/// Read-back words `[index, f32 bits, index, f32 bits, ..]` as `(index, value)` pairs, without
+/// the [`NON_FINITE_FLAG`] bit.
 pub fn decode_pairs(raw: &[u32]) -> Vec<(u32, f32)> {
-    raw.chunks_exact(2).map(|w| (w[0], f32::from_bits(w[1]))).collect()
+    raw.chunks_exact(2).map(|w| (w[0] & !NON_FINITE_FLAG, f32::from_bits(w[1]))).collect()
+}
+
+/// True when the read-back words of [`argmax`] or [`top_k`] say that a logit was NaN or
+/// infinite ([`NON_FINITE_FLAG`] on the first pair's index word: one workgroup writes them all).
+pub fn saw_non_finite(raw: &[u32]) -> bool {
+    raw.first().is_some_and(|&index| index & NON_FINITE_FLAG != 0)
 }
 
 /// CPU reference of the GPU order: value descending (NaN as -inf, -0 equal to +0), ties by
@@ -365,8 +379,57 @@ mod tests {
         assert!(top_k_sort(&ctx, "t", &g, 10, 8, &out).is_ok());
     }
 
+    /// The read-back words of argmax and of both top-k paths over `logits`.
+    fn raw_outputs(ctx: &GpuContext, logits: &[f32], k: usize) -> Vec<(&'static str, Vec<u32>)> {
+        let n = logits.len();
+        let g = GpuTensor::from_f32(ctx, "logits", &[n], logits).unwrap();
+        let mut outputs = Vec::new();
+        let out = GpuTensor::zeros(ctx, "out", DType::U32, &[2]).unwrap();
+        ctx.run("test", &argmax(ctx, "argmax", &g, n, &out).unwrap().iter().collect::<Vec<_>>()).unwrap();
+        outputs.push(("argmax", out.read_u32(ctx).unwrap()));
+        for (name, sort) in [("top_k", false), ("top_k_sort", true)] {
+            let out = GpuTensor::zeros(ctx, "out", DType::U32, &[k, 2]).unwrap();
+            let ds = if sort { top_k_sort(ctx, name, &g, n, k, &out) } else { top_k(ctx, name, &g, n, k, &out) };
+            ctx.run("test", &ds.unwrap().iter().collect::<Vec<_>>()).unwrap();
+            outputs.push((name, out.read_u32(ctx).unwrap()));
+        }
+        outputs
+    }
+
+    #[test]
+    fn a_non_finite_logit_is_flagged_in_the_read_back() {
+        // issue 15: NaN logits used to sample token 0 (an end token): an empty answer, exit 0.
+        let ctx = test_context();
+        // One workgroup and several passes; the top-k fallback (constant subsets) and the fast path.
+        let fine = |n: usize, seed| random_vec(n, seed).iter().map(|v| v * 10.0).collect::<Vec<f32>>();
+        let banded = |n: usize| (0..n).map(|i| -((i % 256) as f32)).collect::<Vec<f32>>();
+        for (name, logits, k) in [("small", fine(700, 1), 8), ("vocab", fine(49152, 2), 40), ("fallback", banded(49152), 40)] {
+            for (kernel, raw) in raw_outputs(&ctx, &logits, k) {
+                assert!(!saw_non_finite(&raw), "{kernel} {name}: finite logits flagged");
+            }
+            let n = logits.len();
+            for (at, bad) in [(0, f32::NAN), (n - 1, f32::INFINITY), (n / 2, f32::NEG_INFINITY), (4097 % n, -f32::NAN)] {
+                let mut with_bad = logits.clone();
+                with_bad[at] = bad;
+                for (kernel, raw) in raw_outputs(&ctx, &with_bad, k) {
+                    assert!(saw_non_finite(&raw), "{kernel} {name}: {bad} at {at} not flagged");
+                    // The candidates themselves are as before, the flag stripped.
+                    let want = top_k_ref(&with_bad, if kernel == "argmax" { 1 } else { k });
+                    assert_eq!(decode_pairs(&raw), want, "{kernel} {name}: {bad} at {at}");
+                }
+            }
+        }
+        let all_nan = vec![f32::NAN; 5000];
+        for (kernel, raw) in raw_outputs(&ctx, &all_nan, 4) {
+            assert!(saw_non_finite(&raw), "{kernel}: all NaN");
+        }
+    }
+
     #[test]
     fn decode_pairs_reads_index_and_bits() {
         assert_eq!(decode_pairs(&[3, 1.5f32.to_bits(), 9, (-2.0f32).to_bits(), 77]), vec![(3, 1.5), (9, -2.0)]);
+        let flagged = [3 | NON_FINITE_FLAG, 1.5f32.to_bits()];
+        assert_eq!(decode_pairs(&flagged), vec![(3, 1.5)]);
+        assert!(saw_non_finite(&flagged) && !saw_non_finite(&[3, 0]) && !saw_non_finite(&[]));
     }
 }

@@ -82,7 +82,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", python_tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| TokenizerError::TemplateSyntax { message: e.to_string() })?;
+        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
+            .map_err(|e| TokenizerError::TemplateSyntax { message: e.to_string() })?;
         Ok(Self { env, bos_token: bos_token.unwrap_or_default().to_string(), eos_token: eos_token.unwrap_or_default().to_string() })
     }
 
@@ -100,6 +101,36 @@ impl ChatTemplate {
             })
             .map_err(render_error)
     }
+}
+
+/// transformers' `{% generation %}...{% endgeneration %}` (its `AssistantTracker` extension,
+/// which marks the assistant's spans for `return_assistant_tokens_mask`) renders its body
+/// unchanged. minijinja has no such tag: each becomes `{% if true %}` / `{% endif %}` with the
+/// same whitespace control (`-`, `+`), so the body renders as transformers renders it.
+fn rewrite_generation_tags(source: &str) -> String {
+    let markers: &[char] = &['-', '+'];
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let Some(len) = rest[start..].find("%}") else { break };
+        let tag = &rest[start + 2..start + len];
+        let inner = tag.trim_start_matches(markers).trim_end_matches(markers);
+        let left = &tag[..tag.len() - tag.trim_start_matches(markers).len()];
+        let right = &tag[tag.trim_end_matches(markers).len()..];
+        out.push_str(&rest[..start]);
+        match inner.trim() {
+            "generation" => {
+                let _ = write!(out, "{{%{left} if true {right}%}}");
+            }
+            "endgeneration" => {
+                let _ = write!(out, "{{%{left} endif {right}%}}");
+            }
+            _ => out.push_str(&rest[start..start + len + 2]),
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn render_error(error: Error) -> TokenizerError {
@@ -389,6 +420,26 @@ mod tests {
     fn syntax_error_is_reported_at_compile_time() {
         let result = ChatTemplate::new("{% for m in messages %}", None, None);
         assert!(matches!(result, Err(TokenizerError::TemplateSyntax { .. })), "{result:?}");
+    }
+
+    #[test]
+    fn generation_tags_render_their_body() {
+        // issue 15: Hugging Face's marker of assistant spans made the model fail to load.
+        let source = concat!(
+            "{% for m in messages %}{{ m.role }}:",
+            "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}",
+            "{% else %}{{ m.content }}{% endif %};\n",
+            "{%- generation -%}  [{{ m.role }}]  {%- endgeneration %}|",
+            "{% endfor %}",
+        );
+        let messages = [ChatMessage::user("hi"), ChatMessage::assistant("hello")];
+        assert_eq!(render(source, &messages).unwrap(), "user:hi;[user]|assistant:hello;[assistant]|");
+        // Other tags and text that merely looks like one are kept.
+        assert_eq!(
+            rewrite_generation_tags("{% if x %}generation{% endif %}{%generation%}"),
+            "{% if x %}generation{% endif %}{% if true %}"
+        );
+        assert_eq!(rewrite_generation_tags("a {% generation"), "a {% generation");
     }
 
     #[test]

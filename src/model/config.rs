@@ -291,12 +291,19 @@ impl ModelConfig {
                 let num = |key: &str| -> Result<f64, ModelError> {
                     rs.get(key).and_then(Value::as_f64).ok_or_else(|| missing(&format!("rope_scaling.{key}")))
                 };
-                let original = num("original_max_position_embeddings")?;
+                const ORIGINAL: &str = "original_max_position_embeddings";
+                let original = rs.get(ORIGINAL).ok_or_else(|| missing(&format!("rope_scaling.{ORIGINAL}")))?;
+                let original = original.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| ModelError::WrongKeyType {
+                    path: path.to_path_buf(),
+                    key: format!("rope_scaling.{ORIGINAL}"),
+                    expected: "an integer from 0 to 2^32 - 1",
+                    found: original.to_string(),
+                })?;
                 Some(RopeScaling {
                     factor: num("factor")? as f32,
                     low_freq_factor: num("low_freq_factor")? as f32,
                     high_freq_factor: num("high_freq_factor")? as f32,
-                    original_max_position_embeddings: original as u32,
+                    original_max_position_embeddings: original,
                 })
             }
         };
@@ -347,11 +354,49 @@ impl ModelConfig {
         if self.n_heads.checked_mul(self.head_dim).is_none() {
             return bad("n_heads * head_dim overflows".into());
         }
-        let positive = |x: f32| x > 0.0 && x.is_finite();
-        if !positive(self.rms_eps) || !positive(self.rope_theta) {
-            return bad(format!("rms_eps {} and rope_theta {} must be positive", self.rms_eps, self.rope_theta));
+        if let Some(what) = self.out_of_domain() {
+            return bad(what);
         }
         Ok(())
+    }
+
+    /// The first floating-point or position value outside the domain where the forward pass
+    /// stays finite, described with its key and the allowed range; None when all are inside:
+    /// - `rms_norm_eps` finite and > 0 (RMSNorm divides by `sqrt(mean(x^2) + eps)`);
+    /// - `rope_theta` finite and > 0 (`inv_freq = theta^(-2i/head_dim)`);
+    /// - `max_position_embeddings` >= 1;
+    /// - llama3 `rope_scaling` (HF `_compute_llama3_parameters`): `factor` finite and > 0 (low
+    ///   frequencies are divided by it), `low_freq_factor` finite and > 0 and `high_freq_factor`
+    ///   finite and greater than it (the smoothing divides by their difference),
+    ///   `original_max_position_embeddings` >= 1 (wavelength bounds are divided from it).
+    fn out_of_domain(&self) -> Option<String> {
+        let positive = |x: f32| x > 0.0 && x.is_finite();
+        if !positive(self.rms_eps) {
+            return Some(format!("rms_norm_eps = {} must be a finite number > 0", self.rms_eps));
+        }
+        if !positive(self.rope_theta) {
+            return Some(format!("rope_theta = {} must be a finite number > 0", self.rope_theta));
+        }
+        if self.max_position == 0 {
+            return Some("max_position_embeddings (context length) is 0: must be at least 1".into());
+        }
+        let s = self.rope_scaling.as_ref()?;
+        if !positive(s.factor) {
+            return Some(format!("rope_scaling.factor = {} must be a finite number > 0", s.factor));
+        }
+        if !positive(s.low_freq_factor) {
+            return Some(format!("rope_scaling.low_freq_factor = {} must be a finite number > 0", s.low_freq_factor));
+        }
+        if !(s.high_freq_factor.is_finite() && s.high_freq_factor > s.low_freq_factor) {
+            return Some(format!(
+                "rope_scaling.high_freq_factor = {} must be a finite number greater than low_freq_factor = {}",
+                s.high_freq_factor, s.low_freq_factor
+            ));
+        }
+        if s.original_max_position_embeddings == 0 {
+            return Some("rope_scaling.original_max_position_embeddings is 0: must be at least 1".into());
+        }
+        None
     }
 
     /// Rows of the q projection: n_heads * head_dim.
@@ -523,6 +568,62 @@ mod tests {
         });
         let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, String::new()).unwrap();
         assert_eq!((c.arch, c.head_dim, c.tied_embeddings, c.rope_theta), (Arch::Mistral, 128, false, 10000.0));
+    }
+
+    #[test]
+    fn gguf_llama3_scaling_factor_zero_is_refused_at_load() {
+        // issue 15: a factor of 0 made every logit NaN and the run end with empty text.
+        let b = llama_builder()
+            .kv("llama.rope.scaling.type", MetaValue::String("llama3".into()))
+            .kv("llama.rope.scaling.factor", MetaValue::F32(0.0));
+        let file = b.write_temp("rope0");
+        let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
+        assert!(matches!(err, ModelError::BadConfig { .. }), "{err}");
+        assert!(err.to_string().contains("rope_scaling.factor = 0"), "{err}");
+
+        let mut b = llama_builder();
+        b.kvs.retain(|(k, _)| k != "llama.rope.freq_base");
+        let b = b.kv("llama.rope.freq_base", MetaValue::F32(f32::NAN));
+        let file = b.write_temp("thetanan");
+        let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("rope_theta = NaN"), "{err}");
+    }
+
+    #[test]
+    fn hf_values_outside_their_domain_are_refused() {
+        let base = json!({"model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
+            "num_attention_heads": 2, "num_hidden_layers": 1, "max_position_embeddings": 16, "vocab_size": 4,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}});
+        assert!(ModelConfig::from_hf_json(Path::new("c.json"), &base, String::new()).is_ok());
+        let cases: [(&str, Value, &str); 11] = [
+            ("/rope_scaling/factor", json!(0.0), "rope_scaling.factor"),
+            ("/rope_scaling/factor", json!(-2.0), "rope_scaling.factor"),
+            ("/rope_scaling/factor", json!(1e39), "rope_scaling.factor"),
+            ("/rope_scaling/low_freq_factor", json!(0.0), "rope_scaling.low_freq_factor"),
+            ("/rope_scaling/high_freq_factor", json!(1.0), "rope_scaling.high_freq_factor"),
+            ("/rope_scaling/original_max_position_embeddings", json!(0), "rope_scaling.original_max_position_embeddings"),
+            ("/rms_norm_eps", json!(0.0), "rms_norm_eps"),
+            ("/rms_norm_eps", json!(-1e-6), "rms_norm_eps"),
+            ("/rope_theta", json!(0.0), "rope_theta"),
+            ("/rope_theta", json!(-10000.0), "rope_theta"),
+            ("/max_position_embeddings", json!(0), "max_position_embeddings"),
+        ];
+        for (pointer, value, key) in cases {
+            let mut j = base.clone();
+            let mut slot = &mut j;
+            for part in pointer.split('/').skip(1) {
+                slot = &mut slot[part];
+            }
+            *slot = value.clone();
+            let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+            assert!(matches!(err, ModelError::BadConfig { .. }), "{pointer} = {value}: {err}");
+            assert!(err.to_string().contains(key), "{pointer} = {value}: {err}");
+        }
+        let mut j = base;
+        j["rope_scaling"]["original_max_position_embeddings"] = json!(-1);
+        let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+        assert!(matches!(err, ModelError::WrongKeyType { ref key, .. } if key == "rope_scaling.original_max_position_embeddings"), "{err}");
     }
 
     #[test]

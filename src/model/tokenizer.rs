@@ -107,7 +107,9 @@ pub enum TokenizerError {
     #[error("a BOS token was requested but the tokenizer defines none")]
     NoBosToken,
     /// The model has no chat template.
-    #[error("the model has no chat template (GGUF `tokenizer.chat_template` / tokenizer_config.json `chat_template`)")]
+    #[error(
+        "the model has no chat template (GGUF `tokenizer.chat_template`; chat_template.jinja, chat_template.json or tokenizer_config.json `chat_template`)"
+    )]
     NoChatTemplate,
     /// The chat template does not compile (minijinja syntax error).
     #[error("the chat template does not compile: {message}")]
@@ -135,6 +137,19 @@ mod token_type {
     pub const UNKNOWN: i64 = 2;
     pub const CONTROL: i64 = 3;
     pub const USER_DEFINED: i64 = 4;
+
+    /// llama.cpp's name of a type, for messages.
+    pub fn name(kind: i64) -> String {
+        match kind {
+            NORMAL => "normal".into(),
+            UNKNOWN => "unknown".into(),
+            CONTROL => "control".into(),
+            USER_DEFINED => "user-defined".into(),
+            5 => "unused".into(),
+            6 => "byte".into(),
+            other => format!("type {other}"),
+        }
+    }
 }
 
 /// Special token strings that end a generation whenever the vocabulary has them as special tokens.
@@ -272,7 +287,7 @@ fn parse_merges(meta: &BTreeMap<String, MetaValue>) -> Result<Merges, TokenizerE
 
 /// BPE merges for a SentencePiece vocabulary: every normal token that splits into two vocabulary
 /// pieces yields a merge of those pieces; merges producing higher-scored tokens come first.
-fn merges_from_scores(tokens: &[String], vocab: &Vocab, scores: &[f32], types: Option<&[i64]>) -> Merges {
+fn merges_from_scores(tokens: &[String], vocab: &Vocab, scores: &[f32], types: &[i64]) -> Merges {
     struct Candidate {
         score: f32,
         merged_id: u32,
@@ -281,7 +296,7 @@ fn merges_from_scores(tokens: &[String], vocab: &Vocab, scores: &[f32], types: O
     }
     let mut candidates = Vec::new();
     for (merged_id, merged) in tokens.iter().enumerate() {
-        if types.is_some_and(|t| t[merged_id] != token_type::NORMAL) {
+        if types[merged_id] != token_type::NORMAL {
             continue;
         }
         if vocab.get(merged) != Some(&(merged_id as u32)) {
@@ -324,6 +339,69 @@ fn byte_level_pre_tokenizer(pre: Option<&str>) -> Result<(PreTokenizerWrapper, O
     })
 }
 
+/// GGUF keys whose token ids name a special role (llama.cpp `llama_vocab` special ids).
+const SPECIAL_ID_KEYS: &[&str] = &[
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.eom_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.unknown_token_id",
+];
+
+/// Chat-template markers that are control tokens wherever a vocabulary has them (ChatML, Llama 3,
+/// Gemma); with [`END_OF_GENERATION_TOKENS`].
+const CHAT_MARKER_TOKENS: &[&str] = &["<|im_start|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<start_of_turn>"];
+
+/// The token types encoding uses: the file's `tokenizer.ggml.token_type` (all normal when the
+/// key is absent; it is optional), with every token that a `SPECIAL_ID_KEYS` id names and every
+/// chat marker of the vocabulary (`CHAT_MARKER_TOKENS`, `END_OF_GENERATION_TOKENS`) made a
+/// control token, as transformers does for a GGUF's named special tokens: `<|im_start|>` then
+/// encodes to its one id whatever the file's type says. A warning names each token whose type
+/// was overridden. Errors: a special id outside the vocabulary (`InvalidMetadata`), but for the
+/// padding id, which is ignored with a warning (no generation depends on it).
+fn control_token_types(
+    meta: &BTreeMap<String, MetaValue>,
+    tokens: &[String],
+    vocab: &Vocab,
+    file_types: Option<Vec<i64>>,
+) -> Result<Vec<i64>, TokenizerError> {
+    let mut named = Vec::new();
+    for &key in SPECIAL_ID_KEYS {
+        match optional_token_id(meta, key, tokens.len()) {
+            Ok(id) => named.extend(id.map(|id| (id, key))),
+            Err(e) if key == "tokenizer.ggml.padding_token_id" => log::warn!("tokenizer: ignoring {key}: {e}"),
+            Err(e) => return Err(e),
+        }
+    }
+    for &marker in CHAT_MARKER_TOKENS.iter().chain(END_OF_GENERATION_TOKENS) {
+        named.extend(vocab.get(marker).map(|&id| (id, "a chat marker")));
+    }
+    let typed = file_types.is_some();
+    let mut types = file_types.unwrap_or_else(|| vec![token_type::NORMAL; tokens.len()]);
+    let mut untyped = Vec::new();
+    for (id, role) in named {
+        let kind = &mut types[id as usize];
+        if *kind == token_type::CONTROL || *kind == token_type::UNKNOWN {
+            continue;
+        }
+        if typed {
+            log::warn!(
+                "tokenizer: token {:?} (id {id}) is {role} but tokenizer.ggml.token_type says {}; treating it as a control token",
+                tokens[id as usize],
+                token_type::name(*kind)
+            );
+        } else {
+            untyped.push(tokens[id as usize].as_str());
+        }
+        *kind = token_type::CONTROL;
+    }
+    if !untyped.is_empty() {
+        log::info!("tokenizer: no tokenizer.ggml.token_type; control tokens: {}", untyped.join(" "));
+    }
+    Ok(types)
+}
+
 impl ModelTokenizer {
     /// Builds the tokenizer from a GGUF file's metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
     pub fn from_gguf_metadata(meta: &BTreeMap<String, MetaValue>) -> Result<Self, TokenizerError> {
@@ -333,7 +411,7 @@ impl ModelTokenizer {
         if tokens.is_empty() {
             return Err(TokenizerError::InvalidMetadata { key: "tokenizer.ggml.tokens".into(), problem: "the vocabulary is empty".into() });
         }
-        let types: Option<Vec<i64>> = optional_per_token_array(meta, "tokenizer.ggml.token_type", tokens.len())?
+        let file_types: Option<Vec<i64>> = optional_per_token_array(meta, "tokenizer.ggml.token_type", tokens.len())?
             .map(|items| {
                 items
                     .iter()
@@ -343,6 +421,7 @@ impl ModelTokenizer {
             .transpose()?;
         let vocab = vocab_from_tokens(&tokens);
         let unk_id = optional_token_id(meta, "tokenizer.ggml.unknown_token_id", tokens.len())?;
+        let types = control_token_types(meta, &tokens, &vocab, file_types)?;
 
         let is_sentencepiece = match model {
             "gpt2" => false,
@@ -359,7 +438,7 @@ impl ModelTokenizer {
                 .iter()
                 .map(|s| s.as_f64().map(|s| s as f32).ok_or_else(|| wrong_type(SCORES_KEY, "an array of floats")))
                 .collect::<Result<_, _>>()?;
-            let merges = merges_from_scores(&tokens, &vocab, &scores, types.as_deref());
+            let merges = merges_from_scores(&tokens, &vocab, &scores, &types);
             let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
             if let Some(unk) = unk_id {
                 builder = builder.unk_token(tokens[unk as usize].clone());
@@ -399,20 +478,18 @@ impl ModelTokenizer {
 
         // Tokens matched literally in the text: special (control/unknown) and user-defined ones.
         let mut special_ids = HashSet::new();
-        if let Some(types) = &types {
-            let mut literal_tokens = Vec::new();
-            for (id, (token, &kind)) in tokens.iter().zip(types).enumerate() {
-                let special = kind == token_type::CONTROL || kind == token_type::UNKNOWN;
-                if token.is_empty() || !(special || kind == token_type::USER_DEFINED) {
-                    continue;
-                }
-                if special {
-                    special_ids.insert(id as u32);
-                }
-                literal_tokens.push(AddedToken::from(token.clone(), special).normalized(false));
+        let mut literal_tokens = Vec::new();
+        for (id, (token, &kind)) in tokens.iter().zip(&types).enumerate() {
+            let special = kind == token_type::CONTROL || kind == token_type::UNKNOWN;
+            if token.is_empty() || !(special || kind == token_type::USER_DEFINED) {
+                continue;
             }
-            inner.add_tokens(literal_tokens).map_err(build_error("added-token vocabulary"))?;
+            if special {
+                special_ids.insert(id as u32);
+            }
+            literal_tokens.push(AddedToken::from(token.clone(), special).normalized(false));
         }
+        inner.add_tokens(literal_tokens).map_err(build_error("added-token vocabulary"))?;
 
         let bos_id = optional_token_id(meta, "tokenizer.ggml.bos_token_id", tokens.len())?;
         let eos_id = optional_token_id(meta, "tokenizer.ggml.eos_token_id", tokens.len())?;
@@ -448,7 +525,9 @@ impl ModelTokenizer {
     }
 
     /// Loads a Hugging Face tokenizer folder: `tokenizer.json` (required), `tokenizer_config.json`
-    /// (chat template, BOS/EOS tokens, `add_bos_token`) and `generation_config.json` (extra EOS ids).
+    /// (chat template, BOS/EOS tokens, `add_bos_token`), `chat_template.jinja` or
+    /// `chat_template.json` (the chat template, before the config's) and `generation_config.json`
+    /// (extra EOS ids).
     pub fn from_hf_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
@@ -497,28 +576,9 @@ impl ModelTokenizer {
             },
         } && bos_id.is_some();
 
-        let chat_template = match config.as_ref().and_then(|c| c.get("chat_template")) {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Array(named)) => {
-                let template_named = |wanted: Option<&str>| {
-                    named.iter().find_map(|entry| {
-                        let name = entry.get("name")?.as_str()?;
-                        let template = entry.get("template")?.as_str()?;
-                        (wanted.is_none() || wanted == Some(name)).then(|| template.to_string())
-                    })
-                };
-                Some(template_named(Some("default")).or_else(|| template_named(None)).ok_or_else(|| TokenizerError::FileFormat {
-                    path: config_path.clone(),
-                    message: "`chat_template` is a list without a {name, template} entry".into(),
-                })?)
-            }
-            Some(_) => {
-                return Err(TokenizerError::FileFormat {
-                    path: config_path,
-                    message: "`chat_template` is neither a string nor a list of {name, template}".into(),
-                });
-            }
+        let chat_template = match template_file(dir)? {
+            Some(template) => Some(template),
+            None => config_chat_template(config.as_ref(), &config_path)?,
         };
 
         let added = inner.get_added_tokens_decoder();
@@ -656,6 +716,55 @@ fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, Tokenize
         }
     };
     serde_json::from_str(&text).map(Some).map_err(|e| TokenizerError::FileFormat { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// The chat template of a Hugging Face folder's own file, as transformers reads it: the text of
+/// `chat_template.jinja` (what recent transformers versions save; it takes precedence over
+/// `tokenizer_config.json`), else the `chat_template` string of `chat_template.json` (the
+/// processor file of multimodal models). None when neither file exists.
+fn template_file(dir: &Path) -> Result<Option<String>, TokenizerError> {
+    let jinja = dir.join("chat_template.jinja");
+    match std::fs::read_to_string(&jinja) {
+        Ok(text) => return Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(TokenizerError::Io { path: jinja, source }),
+    }
+    let json_path = dir.join("chat_template.json");
+    let Some(json) = read_optional_json(&json_path)? else {
+        return Ok(None);
+    };
+    match json.get("chat_template") {
+        Some(serde_json::Value::String(template)) => Ok(Some(template.clone())),
+        _ => Err(TokenizerError::FileFormat { path: json_path, message: "no `chat_template` string".into() }),
+    }
+}
+
+/// The `chat_template` of `tokenizer_config.json` (`config_path`): a string, or a list of
+/// `{name, template}` of which the one named `default` (else the first) is taken.
+fn config_chat_template(config: Option<&serde_json::Value>, config_path: &Path) -> Result<Option<String>, TokenizerError> {
+    Ok(match config.and_then(|c| c.get("chat_template")) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(named)) => {
+            let template_named = |wanted: Option<&str>| {
+                named.iter().find_map(|entry| {
+                    let name = entry.get("name")?.as_str()?;
+                    let template = entry.get("template")?.as_str()?;
+                    (wanted.is_none() || wanted == Some(name)).then(|| template.to_string())
+                })
+            };
+            Some(template_named(Some("default")).or_else(|| template_named(None)).ok_or_else(|| TokenizerError::FileFormat {
+                path: config_path.to_path_buf(),
+                message: "`chat_template` is a list without a {name, template} entry".into(),
+            })?)
+        }
+        Some(_) => {
+            return Err(TokenizerError::FileFormat {
+                path: config_path.to_path_buf(),
+                message: "`chat_template` is neither a string nor a list of {name, template}".into(),
+            });
+        }
+    })
 }
 
 /// Incremental detokenisation for streaming output.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::gpu::{DType, GpuContext};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::gguf::GgufFile;
-use crate::model::tokenizer::ModelTokenizer;
+use crate::model::tokenizer::{ModelTokenizer, TokenizerError};
 use crate::model::{WeightSource, open_model};
 
 use crate::model::routers::{RouterFile, model_identity};
@@ -39,8 +39,10 @@ pub struct LoadedModel {
     pub weights: Arc<GpuWeights>,
     /// The tokenizer the file describes.
     pub tokenizer: ModelTokenizer,
-    /// The chat template, when the file has one.
-    pub template: Option<ChatTemplate>,
+    /// The chat template, compiled at load: None when the file has none, an error when it does
+    /// not compile, which only what needs the template reports ([`LoadedModel::chat_ids`]:
+    /// `run --chat`, `chat`); everything else still works.
+    pub template: Option<Result<ChatTemplate, Arc<TokenizerError>>>,
     /// Summary of the file's tensor types, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
     pub file_dtypes: String,
     /// The file, kept open (memory-mapped) for what is read later: router identity, adapters.
@@ -90,13 +92,12 @@ impl LoadedModel {
     ) -> Result<LoadedModel, RuntimeError> {
         let source: Box<dyn WeightSource> = open_model(path)?;
         let tokenizer = load_tokenizer(path)?;
-        let template = match tokenizer.chat_template_source() {
-            Some(t) => Some(
-                ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token())
-                    .map_err(|source| RuntimeError::LoadTokenizer { path: path.to_path_buf(), source })?,
-            ),
-            None => None,
-        };
+        let template = tokenizer.chat_template_source().map(|t| {
+            ChatTemplate::new(t, tokenizer.bos_token(), tokenizer.eos_token()).map_err(|e| {
+                log::warn!("{}: {e}; chat (--chat, `chat`) will not work", path.display());
+                Arc::new(e)
+            })
+        });
         let file_dtypes = source.describe_dtypes();
         let adapter = match lora {
             Some(m) => {
@@ -134,7 +135,12 @@ impl LoadedModel {
 
     /// Render `messages` with the model's chat template (with the generation prompt) and encode.
     pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, RuntimeError> {
-        let template = self.template.as_ref().ok_or_else(|| RuntimeError::NoChatTemplate { path: self.path.clone() })?;
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| RuntimeError::NoChatTemplate { path: self.path.clone() })?
+            .as_ref()
+            .map_err(|source| RuntimeError::ChatTemplate { path: self.path.clone(), source: source.clone() })?;
         let text = template.render(messages, true)?;
         // The template writes its own BOS where the model wants one.
         Ok(self.tokenizer.encode_with_bos(&text, false)?)

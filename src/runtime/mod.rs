@@ -17,11 +17,12 @@ pub use kv_cache::{KvCache, LayerKv};
 pub use loaded::{LoadedModel, MergedLora, PlanPolicyArgs, load_tokenizer};
 pub use lora::GpuLora;
 pub use profile::{ProfileError, ProfileMode, Profiler};
-pub use session::{Session, SessionOptions, StepOutput};
+pub use session::{NonFiniteAt, Session, SessionOptions, StepId, StepOutput};
 pub use step::{Activations, StepBuffers, StepBuilder};
 pub use weights::GpuWeights;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::gpu::GpuError;
 use crate::model::ModelError;
@@ -98,6 +99,24 @@ pub enum RuntimeError {
     /// runs without its KV cache.
     #[error("internal error (a bug in firstrt): {0}")]
     Internal(String),
+    /// The model's chat template does not compile; only chat (`--chat`, `chat`) needs it.
+    #[error("{}: {source}", path.display())]
+    ChatTemplate {
+        /// The model file or folder.
+        path: PathBuf,
+        /// Why it does not compile (shared: the loaded model keeps it for every chat call).
+        #[source]
+        source: Arc<TokenizerError>,
+    },
+    /// A step's logits were NaN or infinite (a broken weight or configuration value): reported
+    /// instead of sampling from them, with where the values stop being finite.
+    #[error("{step}: the logits are not finite (NaN or infinity): {at}; the model's weights or configuration are broken")]
+    NonFinite {
+        /// The step that produced them.
+        step: StepId,
+        /// Where they first appear.
+        at: NonFiniteAt,
+    },
 }
 
 /// Which decoder layers a sequence runs. Fixed after prefill; a skipped layer passes its input

@@ -14,7 +14,7 @@ use crate::gpu::dispatch::record_grouped;
 use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase};
 use crate::kernels::choice::{matmul_variant, matvec_variant};
 use crate::kernels::rope::{RopeScalingParams, RopeTables};
-use crate::kernels::sample::decode_pairs;
+use crate::kernels::sample::{decode_pairs, saw_non_finite};
 use crate::kernels::step::{StepBuffer, StepParams};
 
 use super::kv_cache::KvCache;
@@ -38,6 +38,59 @@ pub struct SessionOptions {
     pub candidates: usize,
 }
 
+/// A step of a session, as errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepId {
+    /// The prefill of tokens from position `pos0` on (0: the prompt; more: a later chat turn).
+    Prefill {
+        /// The first position of the step.
+        pos0: usize,
+    },
+    /// The session's `n`-th decode step (1-based), at position `pos`.
+    Decode {
+        /// Decode steps so far in the session, this one included.
+        n: usize,
+        /// The position of the token the step runs.
+        pos: usize,
+    },
+}
+
+impl std::fmt::Display for StepId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            StepId::Prefill { pos0: 0 } => write!(f, "prefill"),
+            StepId::Prefill { pos0 } => write!(f, "prefill from position {pos0}"),
+            StepId::Decode { n, pos } => write!(f, "decode step {n} (position {pos})"),
+        }
+    }
+}
+
+/// Where a step's values first stop being finite, found by running the step again one part at
+/// a time and reading the residual stream back after each part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonFiniteAt {
+    /// The embedding's output: a token's embedding row holds NaN or infinity.
+    Embedding,
+    /// The residual stream after decoder layer `l` (0-based): the first layer whose output is
+    /// not finite.
+    Layer(usize),
+    /// Every layer's output is finite: the final norm or the LM head made the logits non-finite.
+    Tail,
+    /// Not located: running the step again failed (the reason is logged).
+    Unknown,
+}
+
+impl std::fmt::Display for NonFiniteAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            NonFiniteAt::Embedding => write!(f, "the embedding output is already not finite"),
+            NonFiniteAt::Layer(l) => write!(f, "the first layer whose output is not finite is layer {l}"),
+            NonFiniteAt::Tail => write!(f, "every layer's output is finite: the final norm or the LM head made them"),
+            NonFiniteAt::Unknown => write!(f, "where they start could not be located"),
+        }
+    }
+}
+
 /// What one step hands back: the sampling candidates of the last position.
 #[derive(Debug, Clone)]
 pub struct StepOutput {
@@ -54,6 +107,8 @@ pub struct Session {
     pub(super) plan: LayerPlan,
     /// Tokens in the cache.
     pos: usize,
+    /// Decode steps run so far (for errors naming the step).
+    decode_steps: usize,
     /// KV cache, RoPE tables, step uniform, logits and picked candidates.
     pub(super) bufs: StepBuffers,
     staging: wgpu::Buffer, // MAP_READ copy of `bufs.picked`
@@ -123,6 +178,7 @@ impl Session {
             options,
             plan,
             pos: 0,
+            decode_steps: 0,
             bufs,
             staging,
             prefill_acts: None,
@@ -312,12 +368,13 @@ impl Session {
         }
         self.bufs.step.write(&self.ctx, &StepParams { pos0: self.pos as u32, n_tokens: t as u32, kv_len: (self.pos + t) as u32, _pad: 0 });
         let out = if let Some(routing) = self.routing.take() {
-            self.prefill_routed(ids, routing)?
+            self.prefill_routed(ids, routing)
         } else {
             let acts = self.prefill_acts.as_ref().expect("allocated above");
             let program = self.builder(Phase::Prefill).step(t, acts, |_| acts)?;
-            self.execute(&program, Phase::Prefill)?
+            self.execute(&program, Phase::Prefill)
         };
+        let out = out.map_err(|e| self.locate(e, Phase::Prefill, t))?;
         self.pos += t;
         Ok(out)
     }
@@ -326,6 +383,7 @@ impl Session {
     /// Errors: as [`Session::prefill`] (but never `EmptyPrompt`).
     pub fn decode(&mut self, id: u32) -> Result<StepOutput, RuntimeError> {
         self.check_ids(&[id])?;
+        self.decode_steps += 1;
         if self.decode_program.is_none() {
             let acts = &self.decode_acts;
             let program = self.builder(Phase::Decode).step(1, acts, |_| acts)?;
@@ -336,6 +394,7 @@ impl Session {
         let program = self.decode_program.take().expect("built above");
         let out = self.execute(&program, Phase::Decode);
         self.decode_program = Some(program);
+        let out = out.map_err(|e| self.locate(e, Phase::Decode, 1));
         self.pos += 1;
         out
     }
@@ -386,6 +445,54 @@ impl Session {
             p.host_step(phase, t0, t1, t2, std::time::Instant::now());
         }
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(&raw);
+        if saw_non_finite(&words) {
+            let step = match phase {
+                Phase::Prefill => StepId::Prefill { pos0: self.pos },
+                Phase::Decode => StepId::Decode { n: self.decode_steps, pos: self.pos },
+            };
+            return Err(RuntimeError::NonFinite { step, at: NonFiniteAt::Unknown });
+        }
         Ok(StepOutput { candidates: decode_pairs(&words) })
+    }
+
+    /// `e`, located when it is [`RuntimeError::NonFinite`] (see [`Session::locate_non_finite`]).
+    fn locate(&self, e: RuntimeError, phase: Phase, rows: usize) -> RuntimeError {
+        match e {
+            RuntimeError::NonFinite { step, at: NonFiniteAt::Unknown } => {
+                let at = self.locate_non_finite(phase, rows).unwrap_or_else(|err| {
+                    log::warn!("locating the non-finite values of {step} failed: {err}");
+                    NonFiniteAt::Unknown
+                });
+                RuntimeError::NonFinite { step, at }
+            }
+            other => other,
+        }
+    }
+
+    /// After a step of `rows` tokens gave non-finite logits: runs it again (the same positions,
+    /// so the KV-cache rows it rewrites get the same values) one part at a time, the embedding
+    /// then each kept layer, reading the residual stream `[rows, d_model]` back after each, and
+    /// returns the first part whose output is not finite. One submission and read-back per
+    /// layer: only ever run on this error path, never on a good step.
+    fn locate_non_finite(&self, phase: Phase, rows: usize) -> Result<NonFiniteAt, RuntimeError> {
+        let acts = match phase {
+            Phase::Prefill => self.prefill_acts.as_ref().ok_or_else(|| RuntimeError::Internal("a prefill without its buffers".into()))?,
+            Phase::Decode => &self.decode_acts,
+        };
+        let builder = self.builder(phase);
+        let len = rows * self.weights.config.d_model;
+        let finite_after = |program: Vec<Dispatch>| -> Result<bool, RuntimeError> {
+            self.ctx.run("locate-non-finite", &program.iter().collect::<Vec<_>>())?;
+            Ok(acts.x.read_f32(&self.ctx)?[..len].iter().all(|v| v.is_finite()))
+        };
+        if !finite_after(builder.head(acts, rows)?)? {
+            return Ok(NonFiniteAt::Embedding);
+        }
+        for l in (0..self.weights.config.n_layers).filter(|&l| self.plan.runs(l)) {
+            if !finite_after(builder.layer(acts, rows, l)?)? {
+                return Ok(NonFiniteAt::Layer(l));
+            }
+        }
+        Ok(NonFiniteAt::Tail)
     }
 }

@@ -130,6 +130,34 @@ fn smollm2_chat_template_cases_render_and_encode_exactly() {
 }
 
 #[test]
+fn named_special_tokens_are_control_tokens_whatever_their_type() {
+    // issue 15: without `tokenizer.ggml.token_type` (an optional key), or with <|im_start|> and
+    // <|im_end|> typed normal, this gave 17 ids; transformers gives these for all three files,
+    // because the BOS/EOS ids still name those tokens.
+    let text = "<|im_start|>user\nHi<|im_end|>";
+    let want = [1, 4093, 198, 26843, 2];
+    assert_eq!(smollm2().encode(text).unwrap(), want);
+    let mut untyped = smollm2_metadata().clone();
+    untyped.remove("tokenizer.ggml.token_type");
+    let mut typed_normal = smollm2_metadata().clone();
+    let Some(MetaValue::Array(types)) = typed_normal.get_mut("tokenizer.ggml.token_type") else { panic!("SmolLM2 has token types") };
+    let normal = types[6004].clone(); // "hi"
+    types[1] = normal.clone();
+    types[2] = normal;
+    for (variant, meta) in [("no token_type", untyped), ("typed normal", typed_normal)] {
+        let tok = ModelTokenizer::from_gguf_metadata(&meta).unwrap();
+        assert_eq!(tok.encode(text).unwrap(), want, "{variant}");
+        assert!(tok.is_end_id(2) && tok.is_end_id(0), "{variant}: {:?}", tok.end_ids());
+        assert_eq!(tok.decode(&want).unwrap(), text, "{variant}");
+        let template = tok.chat_template().unwrap();
+        for case in chat_cases() {
+            let rendered = template.render(&case.messages, case.add_generation_prompt).unwrap();
+            assert_eq!(tok.encode(&rendered).unwrap(), case.ids, "{variant}: a chat prompt keeps its length");
+        }
+    }
+}
+
+#[test]
 fn decode_rejects_ids_outside_the_vocabulary() {
     match smollm2().decode(&[1, 49152]) {
         Err(TokenizerError::UnknownTokenId { id: 49152, vocab_size: 49152 }) => {}
@@ -221,6 +249,38 @@ fn hf_dir_round_trip_encodes_like_the_gguf_tokenizer() {
     for case in chat_cases() {
         assert_eq!(template.render(&case.messages, true).unwrap(), case.rendered);
     }
+}
+
+#[test]
+fn hf_dir_reads_the_chat_template_files() {
+    // issue 15: recent transformers saves the template as chat_template.jinja and not in
+    // tokenizer_config.json; `inspect` said "chat template no" and `run --chat` failed.
+    let gguf = smollm2();
+    let source = gguf.chat_template_source().unwrap();
+    let dir = TempDir::new("hf-template-files");
+    gguf.inner().save(dir.path.join("tokenizer.json"), false).unwrap();
+    let config = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false});
+    std::fs::write(dir.path.join("tokenizer_config.json"), config.to_string()).unwrap();
+    assert!(ModelTokenizer::from_hf_dir(&dir.path).unwrap().chat_template_source().is_none());
+
+    std::fs::write(dir.path.join("chat_template.json"), serde_json::json!({"chat_template": source}).to_string()).unwrap();
+    assert_eq!(ModelTokenizer::from_hf_dir(&dir.path).unwrap().chat_template_source(), Some(source));
+
+    // chat_template.jinja comes first, even over a template in tokenizer_config.json.
+    let with_config_template = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": "unused"});
+    std::fs::write(dir.path.join("tokenizer_config.json"), with_config_template.to_string()).unwrap();
+    std::fs::write(dir.path.join("chat_template.json"), r#"{"chat_template": "unused"}"#).unwrap();
+    std::fs::write(dir.path.join("chat_template.jinja"), source).unwrap();
+    let hf = ModelTokenizer::from_hf_dir(&dir.path).unwrap();
+    let template = hf.chat_template().unwrap();
+    for case in chat_cases() {
+        assert_eq!(template.render(&case.messages, case.add_generation_prompt).unwrap(), case.rendered);
+    }
+
+    std::fs::remove_file(dir.path.join("chat_template.jinja")).unwrap();
+    std::fs::write(dir.path.join("chat_template.json"), r#"{"template": 3}"#).unwrap();
+    let err = ModelTokenizer::from_hf_dir(&dir.path).unwrap_err();
+    assert!(matches!(err, TokenizerError::FileFormat { ref path, .. } if path.ends_with("chat_template.json")), "{err}");
 }
 
 #[test]
