@@ -4,16 +4,48 @@
 //! `lstrip_blocks` on, the variables `messages`, `add_generation_prompt`, `bos_token`,
 //! `eos_token`, the function `raise_exception(msg)`, `strftime_now(fmt)`, Python-style
 //! `tojson`, and Python string/dict/list methods (`.strip()`, `.startswith()`, `.items()`, …).
+//!
+//! A template comes from the model file, so rendering is bounded: [`TEMPLATE_FUEL`]
+//! instructions, [`MAX_RENDERED_BYTES`] of output, sequences of at most [`MAX_SEQUENCE_ITEMS`]
+//! items collected by a filter, and format widths of at most [`MAX_FORMAT_WIDTH`]; going over
+//! one is [`TokenizerError::TemplateLimit`]. Not bounded: strings and sequences that the
+//! operators `~`, `+` and `*` build in memory (minijinja caps one string repetition at 100 MB
+//! but has no memory budget; a sequence repeated `n` times is lazy and joined with `~` it is
+//! formatted whole), and iterating a repeated empty sequence (`[] * 10**9`: no item to count,
+//! no fuel spent, but `n` steps).
 
 use std::fmt::Write as _;
 
-use minijinja::value::{Kwargs, Value, ValueKind};
-use minijinja::{Environment, Error, ErrorKind, context};
+use minijinja::value::{Kwargs, Rest, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind, State, context};
 use serde::{Deserialize, Serialize};
 
 use crate::model::tokenizer::TokenizerError;
 
 const TEMPLATE_NAME: &str = "chat";
+
+/// Instructions one render may execute (minijinja's fuel). Real templates use a few dozen per
+/// message; this bounds a runaway loop to a fraction of a second.
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
+/// Largest rendered text, in bytes: far above any context window's worth of tokens.
+pub const MAX_RENDERED_BYTES: usize = 8 << 20;
+/// Largest sequence (items, or characters of a string) a filter may collect into memory.
+pub const MAX_SEQUENCE_ITEMS: usize = 1 << 20;
+/// Largest number in a format string (`format` filter, `str.format`), which sets a width.
+pub const MAX_FORMAT_WIDTH: u64 = 100_000;
+
+/// Built-in filters that collect their input (or pad it) in memory, guarded by
+/// [`check_filter_args`] before the built-in runs under the name `"unchecked <name>"`, which
+/// template syntax cannot reach.
+macro_rules! add_guarded_filters {
+    ($env:expr, $($name:literal => $filter:path),* $(,)?) => {$(
+        $env.add_filter(concat!("unchecked ", $name), $filter);
+        $env.add_filter($name, |state: &State, args: Rest<Value>| -> Result<Value, Error> {
+            check_filter_args($name, &args)?;
+            state.apply_filter(concat!("unchecked ", $name), &args)
+        });
+    )*};
+}
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,29 +110,166 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        // `{{ value }}` of a repeated sequence: refused before formatting, also where the output
+        // is captured (`set` blocks, macros) or discarded (outside the blocks of `extends`).
+        env.set_formatter(|out, state, value| {
+            check_filter_args("print", std::slice::from_ref(value))?;
+            minijinja::escape_formatter(out, state, value)
+        });
+        env.set_unknown_method_callback(|state, value, method, args| {
+            if method == "format" {
+                value.as_str().map_or(Ok(()), check_format_widths)?;
+            }
+            minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+        });
+        add_guarded_filters!(env,
+            "list" => minijinja::filters::list,
+            "sort" => minijinja::filters::sort,
+            "reverse" => minijinja::filters::reverse,
+            "unique" => minijinja::filters::unique,
+            "batch" => minijinja::filters::batch,
+            "slice" => minijinja::filters::slice,
+            "join" => minijinja::filters::join,
+            "last" => minijinja::filters::last,
+            "min" => minijinja::filters::min,
+            "max" => minijinja::filters::max,
+            "sum" => minijinja::filters::sum,
+            "map" => minijinja::filters::map,
+            "select" => minijinja::filters::select,
+            "reject" => minijinja::filters::reject,
+            "selectattr" => minijinja::filters::selectattr,
+            "rejectattr" => minijinja::filters::rejectattr,
+            "groupby" => minijinja::filters::groupby,
+            "dictsort" => minijinja::filters::dictsort,
+            "items" => minijinja::filters::items,
+            "indent" => minijinja::filters::indent,
+            "format" => minijinja::filters::format,
+            "string" => minijinja::filters::string,
+            "pprint" => minijinja::filters::pprint,
+        );
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", python_tojson);
-        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
+        // minijinja 2.24's code generator panics ("unreachable") on some statements its parser
+        // accepts, such as a filter after `{% import ... as name %}`: that is a syntax error too.
+        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
+        }));
+        compiled
+            .map_err(|_| TokenizerError::TemplateSyntax { message: "the template compiler failed on this template".into() })?
             .map_err(|e| TokenizerError::TemplateSyntax { message: e.to_string() })?;
         Ok(Self { env, bos_token: bos_token.unwrap_or_default().to_string(), eos_token: eos_token.unwrap_or_default().to_string() })
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends with the header of
     /// an assistant turn, ready for generation. Errors: [`TokenizerError::TemplateException`]
-    /// (the template's `raise_exception`), [`TokenizerError::TemplateRender`].
+    /// (the template's `raise_exception`), [`TokenizerError::TemplateLimit`] (over a limit),
+    /// [`TokenizerError::TemplateRender`].
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TokenizerError::TemplateRender { message: e.to_string() })?;
-        template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
-            .map_err(render_error)
+        let mut output = LimitedOutput { text: Vec::new() };
+        let context = context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        // A write past the limit unwinds (see `LimitedOutput`); only that unwind is caught. The
+        // render's state is dropped with it; the environment holds no lock during a render.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| template.render_captured_to(context, &mut output)));
+        match rendered {
+            Ok(Ok(_)) => String::from_utf8(output.text).map_err(|e| TokenizerError::TemplateRender { message: e.to_string() }),
+            Ok(Err(error)) => Err(render_error(error)),
+            Err(payload) if payload.is::<OutputLimitReached>() => {
+                Err(TokenizerError::TemplateLimit { what: "bytes of output", limit: MAX_RENDERED_BYTES as u64 })
+            }
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
     }
+}
+
+/// Unwind payload of a write past [`MAX_RENDERED_BYTES`].
+struct OutputLimitReached;
+
+/// The rendered text, up to [`MAX_RENDERED_BYTES`]. A write past the limit unwinds (without the
+/// panic hook) instead of returning an error: printing a lazily repeated sequence
+/// (`{{ [1] * 10**12 }}`) formats item after item inside one `Display` call, which skips the
+/// writes after a failed one but keeps iterating.
+struct LimitedOutput {
+    text: Vec<u8>,
+}
+
+impl std::io::Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > MAX_RENDERED_BYTES {
+            std::panic::resume_unwind(Box::new(OutputLimitReached));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Marks an error raised by one of the limits of this module.
+#[derive(Debug)]
+struct OverLimit {
+    what: &'static str,
+    limit: u64,
+}
+
+impl std::fmt::Display for OverLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "over the limit of {} {}", self.limit, self.what)
+    }
+}
+
+impl std::error::Error for OverLimit {}
+
+fn over_limit(what: &'static str, limit: u64) -> Error {
+    let marker = OverLimit { what, limit };
+    Error::new(ErrorKind::InvalidOperation, marker.to_string()).with_source(marker)
+}
+
+/// Refuses a sequence or string argument longer than [`MAX_SEQUENCE_ITEMS`] (a repeated
+/// sequence claims its full length before any item exists), a batch size or slice count over
+/// it, a width over
+/// [`MAX_RENDERED_BYTES`] for `indent`, and wide fields in a `format` string.
+fn check_filter_args(filter: &str, args: &[Value]) -> Result<(), Error> {
+    // These keep a string a string: its length is already in memory.
+    let string_ok = matches!(filter, "print" | "string" | "indent" | "format" | "join" | "reverse" | "last");
+    for arg in args {
+        if arg.len().is_some_and(|n| n > MAX_SEQUENCE_ITEMS) && !(string_ok && arg.kind() == ValueKind::String) {
+            return Err(over_limit("items in one sequence", MAX_SEQUENCE_ITEMS as u64));
+        }
+    }
+    match filter {
+        "indent" => match args.get(1).and_then(|w| w.as_i64()) {
+            Some(width) if width.unsigned_abs() > MAX_RENDERED_BYTES as u64 => {
+                Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64))
+            }
+            _ => Ok(()),
+        },
+        "format" => args.first().and_then(Value::as_str).map_or(Ok(()), check_format_widths),
+        // The size of a batch or the number of slices is allocated up front.
+        "batch" | "slice" => match args.get(1).and_then(|n| n.as_i64()) {
+            Some(n) if n.unsigned_abs() > MAX_SEQUENCE_ITEMS as u64 => Err(over_limit("items in one sequence", MAX_SEQUENCE_ITEMS as u64)),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a format string with a number over [`MAX_FORMAT_WIDTH`] (a field width or precision
+/// that would pad to that many characters).
+fn check_format_widths(format: &str) -> Result<(), Error> {
+    let too_wide = format
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|digits| !digits.is_empty() && !digits.parse::<u64>().is_ok_and(|n| n <= MAX_FORMAT_WIDTH));
+    if too_wide { Err(over_limit("characters of format width", MAX_FORMAT_WIDTH)) } else { Ok(()) }
 }
 
 /// transformers' `{% generation %}...{% endgeneration %}` (its `AssistantTracker` extension,
@@ -112,8 +281,10 @@ fn rewrite_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else { break };
-        let tag = &rest[start + 2..start + len];
+        // "%}" after the "{%" ("{%}" is not a tag).
+        let Some(len) = rest[start + 2..].find("%}") else { break };
+        let end = start + 2 + len;
+        let tag = &rest[start + 2..end];
         let inner = tag.trim_start_matches(markers).trim_end_matches(markers);
         let left = &tag[..tag.len() - tag.trim_start_matches(markers).len()];
         let right = &tag[tag.trim_end_matches(markers).len()..];
@@ -125,19 +296,25 @@ fn rewrite_generation_tags(source: &str) -> String {
             "endgeneration" => {
                 let _ = write!(out, "{{%{left} endif {right}%}}");
             }
-            _ => out.push_str(&rest[start..start + len + 2]),
+            _ => out.push_str(&rest[start..end + 2]),
         }
-        rest = &rest[start + len + 2..];
+        rest = &rest[end + 2..];
     }
     out.push_str(rest);
     out
 }
 
 fn render_error(error: Error) -> TokenizerError {
+    if error.kind() == ErrorKind::OutOfFuel {
+        return TokenizerError::TemplateLimit { what: "instructions (minijinja fuel)", limit: TEMPLATE_FUEL };
+    }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(current) = cause {
         if let Some(raised) = current.downcast_ref::<RaisedByTemplate>() {
             return TokenizerError::TemplateException { message: raised.0.clone() };
+        }
+        if let Some(limit) = current.downcast_ref::<OverLimit>() {
+            return TokenizerError::TemplateLimit { what: limit.what, limit: limit.limit };
         }
         cause = current.source();
     }
@@ -239,6 +416,9 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 /// sort_keys=False)`, i.e. Python's separators (`", "`, `": "`) and no HTML escaping.
 fn python_tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    if indent.is_some_and(|i| i > MAX_RENDERED_BYTES) {
+        return Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64));
+    }
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
@@ -275,10 +455,12 @@ fn write_json(out: &mut String, value: &Value, options: &JsonOptions, depth: usi
         },
         ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), options.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
+            check_filter_args("tojson", std::slice::from_ref(value))?;
             let items: Vec<Value> = value.try_iter()?.collect();
             write_container(out, '[', ']', &items, options, depth, |out, item, depth| write_json(out, item, options, depth))?;
         }
         ValueKind::Map => {
+            check_filter_args("tojson", std::slice::from_ref(value))?;
             let mut keys: Vec<Value> = value.try_iter()?.collect();
             if options.sort_keys {
                 keys.sort_by_key(|k| k.to_string());
@@ -321,7 +503,7 @@ fn write_container(
                     out.push(',');
                 }
                 out.push('\n');
-                out.extend(std::iter::repeat_n(' ', indent * (depth + 1)));
+                pad(out, indent, depth + 1)?;
             }
             None if index > 0 => out.push_str(", "),
             None => {}
@@ -330,10 +512,21 @@ fn write_container(
     }
     if let Some(indent) = options.indent {
         out.push('\n');
-        out.extend(std::iter::repeat_n(' ', indent * depth));
+        pad(out, indent, depth)?;
     }
     out.push(close);
     Ok(())
+}
+
+/// `indent * depth` spaces, refused when the text would pass [`MAX_RENDERED_BYTES`].
+fn pad(out: &mut String, indent: usize, depth: usize) -> Result<(), Error> {
+    match indent.checked_mul(depth) {
+        Some(n) if out.len() + n <= MAX_RENDERED_BYTES => {
+            out.extend(std::iter::repeat_n(' ', n));
+            Ok(())
+        }
+        _ => Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64)),
+    }
 }
 
 fn write_json_string(out: &mut String, text: &str, ensure_ascii: bool) {
@@ -466,6 +659,34 @@ mod tests {
         );
         let messages = [ChatMessage::system("  be brief \n"), ChatMessage::user("hi")];
         assert_eq!(render(source, &messages).unwrap(), "[be brief]USER:hi;");
+    }
+
+    #[test]
+    fn runaway_templates_hit_a_limit() {
+        let cases = [
+            ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "instructions"),
+            ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "bytes of output"),
+            ("{{ ([1] * 1000000000000) | list | length }}", "items in one sequence"),
+            ("{{ ([1] * 1000000000000) | tojson }}", "items in one sequence"),
+            ("{{ ([1] * 1000000000000) | string | length }}", "items in one sequence"),
+            ("{{ [[1, 2] * 1000000] * 1000000 }}", "bytes of output"),
+            ("{{ messages | batch(1000000000000) | list }}", "items in one sequence"),
+            ("{% extends 'chat' %}{{ [1, 2] * 1000000000000 }}", "items in one sequence"),
+            ("{% set x %}{{ [1, 2] * 1000000000000 }}{% endset %}", "items in one sequence"),
+            ("{{ messages | tojson(indent=1000000000000) }}", "bytes of output"),
+            ("{{ 'x\ny' | indent(1000000000000) }}", "bytes of output"),
+            ("{{ '%01000000000d' | format(1) }}", "format width"),
+            ("{{ '{:>1000000000}'.format(1) }}", "format width"),
+        ];
+        for (source, what) in cases {
+            match render(source, &[ChatMessage::user("hi")]) {
+                Err(TokenizerError::TemplateLimit { what: found, .. }) => assert!(found.contains(what), "{source}: {found}"),
+                other => panic!("{source}: expected a TemplateLimit error, got {other:?}"),
+            }
+        }
+        // The guarded built-in filters still take their positional and keyword arguments.
+        assert_eq!(render("{{ [3, 1, 2] | sort(reverse=true) | join(',') }}", &[]).unwrap(), "3,2,1");
+        assert_eq!(render("{{ 'a\nb' | indent(2) }}|{{ '%03d' | format(7) }}", &[]).unwrap(), "a\n  b|007");
     }
 
     #[test]

@@ -1,25 +1,32 @@
-//! Test-only GGUF writer: builds small GGUF files in memory so that the reader, the config
-//! parser and the weight mapping can be tested without real model files.
+//! GGUF writer for tests and fuzz seeds: builds small GGUF files in memory so that the reader,
+//! the config parser and the weight mapping can be tested without real model files.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::gguf::{GgmlType, MetaValue};
 
-pub(crate) struct TestTensor {
+/// One tensor to write: name, GGUF dims, ggml type id and its bytes as stored.
+pub struct TestTensor {
+    /// Tensor name.
     pub name: String,
     /// GGUF order, ne[0] first.
     pub dims: Vec<u64>,
+    /// ggml type id ([`GgmlType::id`]).
     pub type_id: u32,
+    /// Data as stored in the file (quantised blocks for quantised types).
     pub data: Vec<u8>,
 }
 
 /// Builder of a GGUF file image.
-pub(crate) struct GgufBuilder {
+pub struct GgufBuilder {
+    /// GGUF version written in the header (the reader accepts 2 and 3).
     pub version: u32,
     /// Written as `general.alignment` (u32) when set; the data is aligned to it either way.
     pub alignment: Option<u32>,
+    /// Metadata in file order.
     pub kvs: Vec<(String, MetaValue)>,
+    /// Tensors in file order.
     pub tensors: Vec<TestTensor>,
 }
 
@@ -41,7 +48,8 @@ fn type_id(v: &MetaValue) -> u32 {
     }
 }
 
-pub(crate) fn put_string(out: &mut Vec<u8>, s: &str) {
+/// Appends a GGUF string: u64 length, then the bytes.
+pub fn put_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
 }
@@ -72,21 +80,32 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
     }
 }
 
-impl GgufBuilder {
-    pub fn new() -> Self {
+impl Default for GgufBuilder {
+    /// An empty version-3 file with the default alignment.
+    fn default() -> Self {
         GgufBuilder { version: 3, alignment: None, kvs: Vec::new(), tensors: Vec::new() }
     }
+}
 
+impl GgufBuilder {
+    /// An empty version-3 file with the default alignment.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a metadata key/value.
     pub fn kv(mut self, key: &str, value: MetaValue) -> Self {
         self.kvs.push((key.to_owned(), value));
         self
     }
 
+    /// Adds a tensor with its stored bytes (`dims` in GGUF order, `dims[0]` the row length).
     pub fn tensor(mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> Self {
         self.tensors.push(TestTensor { name: name.to_owned(), dims: dims.to_vec(), type_id: ty.id(), data });
         self
     }
 
+    /// Adds an f32 tensor.
     pub fn f32_tensor(self, name: &str, dims: &[u64], values: &[f32]) -> Self {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.tensor(name, dims, GgmlType::F32, data)
@@ -130,6 +149,7 @@ impl GgufBuilder {
         (out, info_start)
     }
 
+    /// The file image.
     pub fn build(&self) -> Vec<u8> {
         self.build_with_info_start().0
     }
@@ -141,11 +161,13 @@ impl GgufBuilder {
 }
 
 /// A file under the system temp dir, removed when dropped.
-pub(crate) struct TempFile {
+pub struct TempFile {
+    /// The file.
     pub path: PathBuf,
 }
 
 impl TempFile {
+    /// Writes `bytes` to a fresh file whose name contains `tag`; panics when it cannot.
     pub fn with_bytes(tag: &str, bytes: &[u8]) -> TempFile {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -16,5 +16,7 @@ pub use error::ModelError;
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, MetaValue};
 pub use weights::{GgufWeights, HfWeights, HostTensor, WeightSource, open_model};
 
-#[cfg(test)]
-pub(crate) mod gguf_test_writer;
+/// Hidden from the docs: a GGUF writer for tests and the fuzz harness's seeds (`examples/fuzz`),
+/// not part of the library's API.
+#[doc(hidden)]
+pub mod gguf_test_writer;

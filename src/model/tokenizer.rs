@@ -129,6 +129,15 @@ pub enum TokenizerError {
         /// The underlying message.
         message: String,
     },
+    /// Rendering went over one of the template's limits (instructions, output bytes, items in
+    /// one sequence, format width: see `model::chat`).
+    #[error("rendering the chat template went over its limit of {limit} {what}")]
+    TemplateLimit {
+        /// What was counted, e.g. "bytes of output".
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
@@ -465,6 +474,9 @@ impl ModelTokenizer {
             tokenizer
         } else {
             let merges = parse_merges(meta)?;
+            let longest = tokens.iter().map(String::len).max().unwrap_or(0);
+            check_merge_lengths(merges.iter().map(|(a, b)| (a.as_str(), b.as_str())), longest, 0)
+                .map_err(|problem| TokenizerError::InvalidMetadata { key: "tokenizer.ggml.merges".into(), problem })?;
             let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(build_error("byte-level BPE model"))?;
             let (pre_tokenizer, normalizer) = byte_level_pre_tokenizer(optional_string(meta, "tokenizer.ggml.pre")?)?;
             let mut tokenizer = Tokenizer::new(bpe);
@@ -536,8 +548,14 @@ impl ModelTokenizer {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             });
         }
-        let inner = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| TokenizerError::FileFormat { path: tokenizer_path.clone(), message: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(&tokenizer_path).map_err(|source| TokenizerError::Io { path: tokenizer_path.clone(), source })?;
+        let format_error = |e: serde_json::Error| TokenizerError::FileFormat { path: tokenizer_path.clone(), message: e.to_string() };
+        // JSON syntax first: tokenizers 0.23 panics ("Helper") on a syntax error inside
+        // `decoder` when it reads the text itself; from a parsed value only type errors remain.
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(format_error)?;
+        check_bpe_merges(&json).map_err(|message| TokenizerError::FileFormat { path: tokenizer_path.clone(), message })?;
+        let inner: Tokenizer = serde_json::from_value(json).map_err(format_error)?;
         let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&max| max as usize + 1);
 
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
@@ -705,6 +723,51 @@ impl ModelTokenizer {
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }
+}
+
+/// The merges of a BPE model in `tokenizer.json` that tokenizers 0.23 would index out of
+/// bounds while building the model (see [`check_merge_lengths`]); also, its
+/// `continuing_subword_prefix` must begin the second token of every merge, as the builder cuts
+/// that many bytes off it unchecked.
+fn check_bpe_merges(json: &serde_json::Value) -> Result<(), String> {
+    let model = &json["model"];
+    let prefix = model["continuing_subword_prefix"].as_str().unwrap_or_default();
+    let longest = model["vocab"].as_object().map_or(0, |vocab| vocab.keys().map(String::len).max().unwrap_or(0));
+    let mut pairs = Vec::new();
+    for (index, merge) in model["merges"].as_array().into_iter().flatten().enumerate() {
+        let pair = match merge {
+            serde_json::Value::Array(pair) => {
+                pair.first().and_then(serde_json::Value::as_str).zip(pair.get(1).and_then(serde_json::Value::as_str))
+            }
+            serde_json::Value::String(text) => text.split_once(' '),
+            _ => None,
+        };
+        let Some((first, second)) = pair else { continue };
+        if !second.starts_with(prefix) {
+            return Err(format!(
+                "merge {index}'s second token does not start with model.continuing_subword_prefix ({} bytes)",
+                prefix.len()
+            ));
+        }
+        pairs.push((first, second));
+    }
+    check_merge_lengths(pairs, longest, prefix.len()).map_err(|problem| format!("model.merges: {problem}"))
+}
+
+/// tokenizers 0.23's BPE builder joins each merge in a buffer as long as the longest
+/// vocabulary token, without checking: a longer merge panics. It cannot make a vocabulary
+/// token anyway.
+fn check_merge_lengths<'a>(
+    merges: impl IntoIterator<Item = (&'a str, &'a str)>,
+    longest_token: usize,
+    prefix_len: usize,
+) -> Result<(), String> {
+    for (index, (first, second)) in merges.into_iter().enumerate() {
+        if first.len() + second.len().saturating_sub(prefix_len) > longest_token {
+            return Err(format!("entry {index} joins to a token longer than every vocabulary token ({longest_token} bytes)"));
+        }
+    }
+    Ok(())
 }
 
 fn read_optional_json(path: &Path) -> Result<Option<serde_json::Value>, TokenizerError> {
