@@ -184,6 +184,98 @@ fn chat_drops_old_exchanges_when_the_context_is_full() {
     assert_eq!(stderr.matches("prefill:").count(), 2, "both questions are answered: {stderr}");
 }
 
+/// A refusal: exit status 1 and exactly one line on stderr (`error: ...`), no panic, no abort.
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("running firstrt");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "exit status {:?} (an abort or a signal?); stderr: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "a panic reached the user: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line of error: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+/// A copy of the test model whose `llama.block_count` (a u32 in the file) reads `value`.
+fn model_with_block_count(dir: &TempDir, value: u32) -> std::path::PathBuf {
+    patched_model(dir, &format!("blocks-{value}.gguf"), |bytes| {
+        let key = b"llama.block_count";
+        let at = bytes.windows(key.len()).position(|w| w == key).expect("block_count key") + key.len();
+        assert_eq!(bytes[at..at + 4], 4u32.to_le_bytes(), "stored as u32");
+        bytes[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+    })
+}
+
+/// Issue 15 §1: a context of 2^58 positions is refused before anything is allocated, naming
+/// --ctx and the limit (it used to panic building the RoPE tables: the KV byte count wrapped).
+#[test]
+fn a_huge_context_is_refused_naming_ctx_and_the_limit() {
+    let err = refused(firstrt().arg("run").arg("-m").arg(model_path()).args(["--ctx", "288230376151711744", "-p", "hi"]));
+    assert!(err.contains("--ctx") && err.contains("288230376151711744") && err.contains("limit"), "{err}");
+}
+
+/// Issue 15 §5: a context whose per-layer KV cache is over the device's binding limit (a few
+/// layers kept, so that the total would fit) is refused before any buffer is created: one
+/// line naming --ctx, the per-layer size and the limit, no wgpu validation errors.
+#[test]
+fn a_context_over_the_binding_limit_is_one_clear_line() {
+    let limit = firstrt::gpu::test_context().max_binding;
+    // SmolLM2-135M: 3 kv heads of 64, so one layer's K is ctx * 192 * 4 bytes.
+    let ctx = limit / (192 * 4) + 1;
+    let skip = (1..29).map(|l| l.to_string()).collect::<Vec<_>>().join(",");
+    let err =
+        refused(firstrt().arg("run").arg("-m").arg(model_path()).args(["--ctx", &ctx.to_string(), "--skip-layers", &skip, "-p", "hi"]));
+    let per_layer = ctx * 192 * 4;
+    assert!(err.contains("--ctx") && err.contains(&per_layer.to_string()) && err.contains(&limit.to_string()), "{err}");
+}
+
+/// Issue 15 §1: a layer count the tensor table cannot hold is refused by run, inspect and
+/// routers init, naming the key and what the file has (they used to abort allocating).
+#[test]
+fn an_impossible_layer_count_is_refused_by_every_command() {
+    let dir = TempDir::new("cli-blocks");
+    let model = model_with_block_count(&dir, 0xFFFF_FFFE);
+    let check = |err: String| assert!(err.contains("llama.block_count") && err.contains("4294967294") && err.contains("30"), "{err}");
+    check(refused(firstrt().arg("run").arg("-m").arg(&model).args(["-p", "hi", "--max-tokens", "1"])));
+    check(refused(firstrt().arg("inspect").arg("-m").arg(&model)));
+    let out = dir.join("r.safetensors");
+    check(refused(firstrt().args(["routers", "init", "--r", "0"]).arg("-m").arg(&model).arg("-o").arg(&out)));
+    assert!(!out.exists());
+}
+
+/// Issue 15 §1: the same for a Hugging Face config.json with `num_hidden_layers: 2^40`.
+#[test]
+fn an_impossible_hf_layer_count_is_refused() {
+    let dir = TempDir::new("cli-hf-layers");
+    let config = serde_json::json!({"model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
+        "num_attention_heads": 2, "num_hidden_layers": 1_099_511_627_776u64, "max_position_embeddings": 64, "vocab_size": 4});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let embed: Vec<u8> = vec![0; 4 * 8 * 4];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 8], &embed).unwrap();
+    safetensors::serialize_to_file([("model.embed_tokens.weight", view)], None, &dir.join("model.safetensors")).unwrap();
+    let tok = firstrt::runtime::load_tokenizer(&model_path()).unwrap();
+    tok.inner().save(dir.join("tokenizer.json"), false).unwrap();
+    for args in [&["run", "-p", "hi"][..], &["inspect"]] {
+        let err = refused(firstrt().args(args).arg("-m").arg(&dir.path));
+        assert!(err.contains("num_hidden_layers") && err.contains("1099511627776"), "{err}");
+    }
+}
+
+/// Issue 15 §1: bench checks --prompt-len against the context before building the prompt.
+#[test]
+fn bench_refuses_a_prompt_length_before_building_it() {
+    let err = refused(firstrt().arg("bench").arg("-m").arg(model_path()).args(["--prompt-len", "100000000000", "--gen", "1"]));
+    assert!(err.contains("--prompt-len") && err.contains("100000000000"), "{err}");
+}
+
+/// Issue 15 §1: inspect refuses the contexts run refuses.
+#[test]
+fn inspect_refuses_a_zero_context_like_run() {
+    for args in [&["inspect", "--ctx", "0"][..], &["run", "--ctx", "0", "-p", "hi"]] {
+        let err = refused(firstrt().args(args).arg("-m").arg(model_path()));
+        assert!(err.contains("--ctx") && err.contains("at least 1"), "{args:?}: {err}");
+    }
+}
+
 /// A copy of the test model in `dir` with `patch` applied to its bytes.
 fn patched_model(dir: &TempDir, name: &str, patch: impl FnOnce(&mut Vec<u8>)) -> std::path::PathBuf {
     let mut bytes = std::fs::read(model_path()).unwrap();
@@ -242,4 +334,61 @@ fn a_template_that_does_not_compile_fails_only_chat() {
     let chat = firstrt().arg("chat").arg("--model").arg(&broken).stdin(std::process::Stdio::null()).output().unwrap();
     let err = String::from_utf8_lossy(&chat.stderr).into_owned();
     assert!(!chat.status.success() && err.contains("endfxr"), "chat refuses to start: {err}");
+}
+
+/// Issue 15 §5: plan and adapter flags outside their domain are refused with the allowed range,
+/// before the model loads.
+#[test]
+fn plan_and_adapter_flags_outside_their_range_are_refused() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--routers", "/nonexistent/r.safetensors", "--max-skip", "1", "--min-skip", "2"], "--min-skip"),
+        (&["--routers", "/nonexistent/r.safetensors", "--router-threshold", "2"], "--router-threshold"),
+        (&["--routers", "/nonexistent/r.safetensors", "--router-threshold", "nan"], "--router-threshold"),
+        (&["--lora", "/nonexistent/adapter", "--lora-scale", "nan"], "--lora-scale"),
+    ];
+    for (flags, name) in cases {
+        let err = refused(firstrt().arg("run").arg("-m").arg(model_path()).args(["-p", "hi"]).args(flags));
+        assert!(err.contains(name) && !err.contains("loading"), "{flags:?}: {err}");
+    }
+}
+
+/// Issue 15 §5: an output file in a folder that does not exist is refused before the work
+/// starts (no generation, no timings), and the cause is said once.
+#[test]
+fn outputs_into_a_missing_folder_are_refused_before_generating() {
+    for flag in ["--logits-out", "--trace"] {
+        let err = refused(firstrt().arg("run").arg("-m").arg(model_path()).args([
+            "-p",
+            "hi",
+            "--max-tokens",
+            "2",
+            flag,
+            "/nonexistent-dir/out.file",
+        ]));
+        assert!(err.contains(flag) && err.contains("/nonexistent-dir"), "{flag}: {err}");
+        assert_eq!(err.matches("/nonexistent-dir").count(), 1, "the cause once: {err}");
+    }
+}
+
+/// Issue 15 §5: `/lora` with a folder that does not exist, in chat: one line naming it once,
+/// and the chat goes on.
+#[test]
+fn chat_lora_command_with_a_missing_folder_says_so_once() {
+    use std::io::Write;
+    let mut child = firstrt()
+        .arg("chat")
+        .arg("-m")
+        .arg(model_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"/lora /nonexistent-adapter\n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("/nonexistent-adapter")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert_eq!(lines[0].matches("/nonexistent-adapter").count(), 1, "the cause once: {stderr}");
 }

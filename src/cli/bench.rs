@@ -2,7 +2,7 @@
 //! prompt; medians and ranges of prefill tok/s, decode tok/s, ms/token and time to first token,
 //! and the peak bytes held by GPU tensors.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use firstrt::generate::{GenerateOptions, SamplerConfig, Timings, generate};
@@ -74,23 +74,32 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     if args.prompt_len == 0 || args.gen_tokens == 0 || args.repeat == 0 {
         bail!("--prompt-len, --gen and --repeat must be at least 1");
     }
-    let (ctx, model) = load_model(gpu, &args.model, None)?;
-    let ids = prompt_ids(&model, args.prompt_len)?;
-    let ctx_len = args.model.ctx.unwrap_or(args.prompt_len + args.gen_tokens + 1);
-    if args.prompt_len + args.gen_tokens > ctx_len {
-        bail!("--prompt-len {} + --gen {} does not fit --ctx {ctx_len}", args.prompt_len, args.gen_tokens);
+    args.plan.check()?;
+    args.profiling.check()?;
+    let lengths = || format!("--prompt-len {} + --gen {}", args.prompt_len, args.gen_tokens);
+    let needed =
+        args.prompt_len.checked_add(args.gen_tokens).filter(|&n| n < usize::MAX).with_context(|| format!("{} overflows", lengths()))?;
+    let ctx_len = match args.model.ctx {
+        Some(c) => c,
+        None => needed + 1,
+    };
+    if needed > ctx_len {
+        bail!("{} does not fit --ctx {ctx_len}", lengths());
     }
+    let (ctx, model) = load_model(gpu, &args.model, None)?;
+    let session_options = SessionOptions { ctx_len, candidates: 1 };
+    // The first session checks the context against the device before the prompt is built.
+    let mut warm_up =
+        args.plan.session(&model, session_options.clone()).with_context(|| format!("{} need {ctx_len} positions", lengths()))?;
+    let ids = prompt_ids(&model, args.prompt_len)?;
     let options = GenerateOptions {
         max_tokens: args.gen_tokens,
         sampler: SamplerConfig::greedy(),
         end_ids: Vec::new(), // always the full --gen tokens
     };
-    let session_options = SessionOptions { ctx_len, candidates: 1 };
     // Warm-up: pipelines, kernel-variant choice, first-use allocations.
-    {
-        let mut s = args.plan.session(&model, session_options.clone())?;
-        generate(&mut s, &ids, &options)?;
-    }
+    generate(&mut warm_up, &ids, &options)?;
+    drop(warm_up);
     ctx.memory.reset_peak();
     let mut profiler = args.profiling.profiler(&ctx)?;
     let mut timings: Vec<Timings> = Vec::new();

@@ -73,6 +73,22 @@ pub struct PlanArgs {
 }
 
 impl PlanArgs {
+    /// Before the model loads: `--router-threshold` is a probability (0..=1) and `--min-skip`
+    /// is not above `--max-skip`.
+    pub(super) fn check(&self) -> Result<()> {
+        if let Some(t) = self.router_threshold
+            && !(0.0..=1.0).contains(&t)
+        {
+            bail!("--router-threshold {t} is outside the allowed range 0..=1");
+        }
+        if let (Some(min), Some(max)) = (self.min_skip, self.max_skip)
+            && min > max
+        {
+            bail!("--min-skip {min} is above --max-skip {max}");
+        }
+        Ok(())
+    }
+
     /// A session under these options: routed, or with a static plan.
     pub(super) fn session(&self, model: &LoadedModel, options: SessionOptions) -> Result<Session> {
         let n = model.weights.config.n_layers;
@@ -147,7 +163,7 @@ impl LoraArgs {
 fn upload_lora(model: &LoadedModel, setup: &LoraSetup) -> Result<Option<(Arc<GpuLora>, f32)>> {
     match &setup.unmerged {
         Some((dir, scale)) => {
-            let g = model.load_lora(dir).with_context(|| format!("loading LoRA adapter {}", dir.display()))?;
+            let g = model.load_lora(dir).context("loading the LoRA adapter")?;
             Ok(Some((g, *scale)))
         }
         None => Ok(None),
@@ -204,10 +220,6 @@ pub struct ChatArgs {
     pub lora: LoraArgs,
 }
 
-fn context_len(model: &LoadedModel, args: &ModelArgs) -> usize {
-    args.ctx.unwrap_or_else(|| model.weights.config.max_position.clamp(1, 4096))
-}
-
 fn print_timings(g: &Generation) {
     let t = &g.timings;
     eprintln!(
@@ -248,6 +260,11 @@ fn write_logits(path: &Path, logits: &[f32]) -> Result<()> {
 }
 
 pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
+    args.plan.check()?;
+    args.profiling.check()?;
+    if let Some(path) = &args.logits_out {
+        super::check_output("--logits-out", path)?;
+    }
     let lora_setup = args.lora.setup(LoraMode::Merged)?;
     let (ctx, model) = load_model(gpu, &args.model, lora_setup.merged.as_ref())?;
     let lora = upload_lora(&model, &lora_setup)?;
@@ -270,7 +287,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
             model.text_ids(&text)?
         }
     };
-    let ctx_len = context_len(&model, &args.model);
+    let ctx_len = super::context_len(&model.weights.config, args.model.ctx)?;
     let (prompt_ids, cut) = fit_prompt(&prompt_ids, ctx_len, args.sampling.max_tokens, args.truncate)
         .map_err(|e| anyhow::anyhow!("{e}; raise --ctx or pass --truncate"))?;
     if cut > 0 {
@@ -359,6 +376,7 @@ fn parse_lora_command(line: &str) -> Option<Result<LoraCommand, String>> {
 }
 
 pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
+    args.plan.check()?;
     let lora_setup = args.lora.setup(LoraMode::Unmerged)?;
     let (_ctx, model) = load_model(gpu, &args.model, lora_setup.merged.as_ref())?;
     match &model.template {
@@ -368,7 +386,7 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
     }
     // The unmerged adapter and its scale; /lora commands change it.
     let mut lora = upload_lora(&model, &lora_setup)?;
-    let ctx_len = context_len(&model, &args.model);
+    let ctx_len = super::context_len(&model.weights.config, args.model.ctx)?;
     let options = args.sampling.options(&model);
     let new_session = |lora: &Option<(Arc<GpuLora>, f32)>| -> Result<Session> {
         let mut s = args.plan.session(&model, SessionOptions { ctx_len, candidates: options.sampler.candidates() })?;
@@ -403,7 +421,7 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
                 },
                 (Ok(LoraCommand::Load(dir)), None) => {
                     let scale = lora.as_ref().map_or(args.lora.lora_scale, |(_, s)| *s);
-                    model.load_lora(&dir).with_context(|| format!("loading LoRA adapter {}", dir.display())).map(|g| Some((g, scale)))
+                    model.load_lora(&dir).context("loading the LoRA adapter").map(|g| Some((g, scale)))
                 }
             };
             match next {

@@ -51,7 +51,7 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     let source = open_model(&args.model)?;
     let c = source.config().clone();
     let tok = load_tokenizer(&args.model)?;
-    let ctx_len = args.ctx.unwrap_or_else(|| c.max_position.clamp(1, 4096));
+    let ctx_len = super::context_len(&c, args.ctx)?;
     println!("model:        {}", args.model.display());
     println!("name:         {}", c.name);
     println!("architecture: {:?}", c.arch);
@@ -74,14 +74,11 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         if tok.chat_template_source().is_some() { "yes" } else { "no" }
     );
     let params = c.parameter_count();
-    let kv = (2 * c.n_layers * ctx_len * c.n_kv_heads * c.head_dim * 4) as u64;
+    let kv = c.kv_cache_bytes(ctx_len).with_context(|| format!("--ctx {ctx_len}: the KV cache's byte count overflows a u64"))?;
     for (dtype, bytes_per) in [("f32", 4u64), ("f16", 2u64)] {
-        println!(
-            "GPU memory ({dtype}): weights {} + KV cache {} (f32, {ctx_len} positions) = {}",
-            mib(params * bytes_per),
-            mib(kv),
-            mib(params * bytes_per + kv)
-        );
+        let weights = params.checked_mul(bytes_per);
+        let total = weights.and_then(|w| w.checked_add(kv)).with_context(|| format!("the {dtype} weights' byte count overflows a u64"))?;
+        println!("GPU memory ({dtype}): weights {} + KV cache {} (f32, {ctx_len} positions) = {}", mib(total - kv), mib(kv), mib(total));
     }
     Ok(())
 }

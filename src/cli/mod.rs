@@ -6,13 +6,14 @@ mod inspect;
 mod profiling;
 mod routers;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use firstrt::gpu::{DType, GpuContext, GpuOptions, list_adapters};
+use firstrt::model::ModelConfig;
 use firstrt::runtime::{LoadedModel, MergedLora};
 
 #[derive(Parser, Debug)]
@@ -58,6 +59,32 @@ pub struct ModelArgs {
     /// Context length (KV-cache rows); default: the model's, capped at 4096.
     #[arg(long)]
     pub ctx: Option<usize>,
+}
+
+/// The context length a command sizes its KV cache for: `--ctx`, or the model's maximum capped
+/// at 4096. Refused when 0 (no room for even one token), by every command alike; the size of the
+/// KV cache it implies is checked against the device when a session is created
+/// (`KvCache::empty`).
+pub fn context_len(config: &ModelConfig, ctx: Option<usize>) -> Result<usize> {
+    match ctx {
+        Some(0) => bail!("--ctx 0: the context must hold at least 1 position"),
+        Some(n) => Ok(n),
+        None => Ok(config.max_position.clamp(1, 4096)),
+    }
+}
+
+/// Checks, before any work starts, that `flag` can write a file at `path`: its folder exists,
+/// is a folder and is not read-only. The message names the flag and the path once.
+pub fn check_output(flag: &str, path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let problem = match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "its folder does not exist".to_string(),
+        Err(e) => format!("its folder cannot be read ({e})"),
+        Ok(m) if !m.is_dir() => format!("{} is not a folder", dir.display()),
+        Ok(m) if m.permissions().readonly() => "its folder is read-only".to_string(),
+        Ok(_) => return Ok(()),
+    };
+    bail!("{flag} {}: {problem}", path.display())
 }
 
 pub fn run(cli: Cli) -> Result<()> {

@@ -25,6 +25,11 @@ pub struct ProfileArgs {
 }
 
 impl ProfileArgs {
+    /// Before any work: the `--trace` file can be written (see [`super::check_output`]).
+    pub fn check(&self) -> Result<()> {
+        self.trace.as_deref().map_or(Ok(()), |path| super::check_output("--trace", path))
+    }
+
     /// A profiler when --profile or --trace asks for one; None otherwise (no query set at all).
     pub fn profiler(&self, ctx: &std::sync::Arc<GpuContext>) -> Result<Option<Profiler>> {
         if !self.profile && self.trace.is_none() {

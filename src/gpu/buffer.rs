@@ -50,8 +50,32 @@ fn padded_size(bytes: usize) -> u64 {
     (bytes.max(16).div_ceil(16) * 16) as u64
 }
 
+/// Bytes of `shape` elements of `dtype`, `None` when the count overflows.
+pub fn checked_bytes(dtype: DType, shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+}
+
 const STORAGE_USAGE: wgpu::BufferUsages =
     wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
+
+/// Checks that `shape` elements of `dtype` fit one storage binding (`ctx.max_binding`, the
+/// adapter's `max_storage_buffer_binding_size`), with checked arithmetic, before anything is
+/// allocated; `label` names the tensor in the error.
+///
+/// # Errors
+/// [`GpuError::BufferTooLarge`] with the bytes needed (`None` when they overflow) and the limit.
+pub fn check_binding(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize]) -> Result<(), GpuError> {
+    let needed = checked_bytes(dtype, shape).map(|b| b as u64);
+    if needed.is_none_or(|b| b > ctx.max_binding) {
+        return Err(GpuError::BufferTooLarge {
+            label: label.to_string(),
+            needed,
+            limit: ctx.max_binding,
+            limit_name: "max_storage_buffer_binding_size",
+        });
+    }
+    Ok(())
+}
 
 /// A storage buffer holding `shape` elements of `dtype`, row-major.
 #[derive(Debug, Clone)]
@@ -79,17 +103,26 @@ impl GpuTensor {
         self.numel() * self.dtype.size()
     }
 
-    fn check_size(ctx: &GpuContext, label: &str, bytes: u64) -> Result<(), GpuError> {
-        if bytes > ctx.limits.max_buffer_size {
-            return Err(GpuError::BufferTooLarge { label: label.to_string(), needed: bytes, limit: ctx.limits.max_buffer_size });
+    /// The padded size of `shape` elements of `dtype`, checked against `max_buffer_size` (with
+    /// checked arithmetic: a shape whose byte count overflows is too large, not 0 bytes).
+    fn check_size(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize]) -> Result<u64, GpuError> {
+        let limit = ctx.limits.max_buffer_size;
+        let too_large = |needed| GpuError::BufferTooLarge { label: label.to_string(), needed, limit, limit_name: "max_buffer_size" };
+        let bytes = checked_bytes(dtype, shape).filter(|&b| b <= usize::MAX - 32).ok_or_else(|| too_large(None))?;
+        let padded = padded_size(bytes);
+        if padded > limit {
+            return Err(too_large(Some(padded)));
         }
-        Ok(())
+        Ok(padded)
     }
 
     /// A zero-filled tensor.
+    ///
+    /// # Errors
+    /// [`GpuError::BufferTooLarge`] beyond the adapter's `max_buffer_size` (or when the byte
+    /// count of `shape` overflows).
     pub fn zeros(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize]) -> Result<GpuTensor, GpuError> {
-        let bytes = padded_size(shape.iter().product::<usize>() * dtype.size());
-        Self::check_size(ctx, label, bytes)?;
+        let bytes = Self::check_size(ctx, label, dtype, shape)?;
         let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes,
@@ -100,10 +133,21 @@ impl GpuTensor {
         Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string(), _held })
     }
 
+    /// A zero-filled tensor that kernels bind whole (activations, KV cache, logits): its size is
+    /// also checked against the device's storage-binding limit (`ctx.max_binding`) before the
+    /// buffer is created, so that an oversized binding is an error here and not a wgpu
+    /// validation error when a dispatch is built.
+    ///
+    /// # Errors
+    /// [`GpuError::BufferTooLarge`] beyond `max_storage_buffer_binding_size` or `max_buffer_size`.
+    pub fn zeros_bound(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize]) -> Result<GpuTensor, GpuError> {
+        check_binding(ctx, label, dtype, shape)?;
+        Self::zeros(ctx, label, dtype, shape)
+    }
+
     fn from_bytes(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<GpuTensor, GpuError> {
         debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * dtype.size());
-        let size = padded_size(bytes.len());
-        Self::check_size(ctx, label, size)?;
+        let size = Self::check_size(ctx, label, dtype, shape)?;
         let buffer = if size as usize == bytes.len() {
             ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: bytes, usage: STORAGE_USAGE })
         } else {

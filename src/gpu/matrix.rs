@@ -37,7 +37,12 @@ impl GpuMatrix {
         let row_bytes = (cols * dtype.size()) as u64;
         let max_rows = (ctx.max_binding / row_bytes.max(1)) as usize;
         if max_rows == 0 {
-            return Err(GpuError::BufferTooLarge { label: format!("{label} (one row)"), needed: row_bytes, limit: ctx.max_binding });
+            return Err(GpuError::BufferTooLarge {
+                label: format!("{label} (one row)"),
+                needed: Some(row_bytes),
+                limit: ctx.max_binding,
+                limit_name: "max_storage_buffer_binding_size",
+            });
         }
         let per_chunk = if max_rows >= rows { rows } else { (max_rows / 4 * 4).max(1) };
         let mut chunks = Vec::new();

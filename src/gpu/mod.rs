@@ -70,20 +70,28 @@ pub enum GpuError {
         /// wgpu's reason.
         message: String,
     },
-    /// A tensor larger than the adapter's `max_buffer_size`.
-    #[error("tensor {label} needs {needed} bytes in one buffer, more than the adapter's max_buffer_size {limit}")]
+    /// A tensor larger than a device limit: `max_buffer_size` for any buffer,
+    /// `max_storage_buffer_binding_size` for one that a kernel binds whole.
+    #[error("tensor {label} needs {} bytes in one buffer, over the device's limit of {limit} bytes ({limit_name})", byte_count(*needed))]
     BufferTooLarge {
         /// The tensor's label.
         label: String,
-        /// Bytes it needs.
-        needed: u64,
-        /// The adapter's limit in bytes.
+        /// Bytes it needs; `None` when the count overflows a u64.
+        needed: Option<u64>,
+        /// The device's limit in bytes.
         limit: u64,
+        /// The wgpu limit's name (`max_buffer_size`, `max_storage_buffer_binding_size`).
+        limit_name: &'static str,
     },
     /// A kernel was asked for shapes or sizes it does not support (or that do not match): the
     /// text starts with the op's dispatch label and says what is wrong.
     #[error("invalid kernel arguments: {0}")]
     InvalidArgument(String),
+}
+
+/// A byte count for messages: the number, or "more than 2^64" for a count that overflowed.
+pub fn byte_count(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string())
 }
 
 /// What the user asked for when choosing an adapter.

@@ -8,7 +8,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::checks::{cache_rows, check_f32, check_rows, invalid};
 use crate::kernels::step::StepBuffer;
@@ -93,8 +93,10 @@ impl RopeTables {
     /// `0..max_pos` and uploads them.
     ///
     /// # Errors
-    /// [`GpuError::InvalidArgument`] when head_dim is odd or 0 or max_pos is 0; a buffer error
-    /// from the upload.
+    /// [`GpuError::InvalidArgument`] when head_dim is odd or 0 or max_pos is 0;
+    /// [`GpuError::BufferTooLarge`] when one table (`max_pos * head_dim / 2 * 4` bytes) is over
+    /// the device's storage-binding limit, checked before the tables are computed; a buffer
+    /// error from the upload.
     pub fn new(
         ctx: &GpuContext,
         head_dim: usize,
@@ -107,8 +109,9 @@ impl RopeTables {
                 "rope tables: head_dim {head_dim} must be even and non-zero, max_pos {max_pos} non-zero"
             )));
         }
-        let (cos, sin) = rope_tables_ref(&rope_inv_freq(head_dim, theta, scaling), max_pos);
         let half = head_dim / 2;
+        crate::gpu::buffer::check_binding(ctx, &format!("rope.cos [{max_pos}, {half}] f32"), DType::F32, &[max_pos, half])?;
+        let (cos, sin) = rope_tables_ref(&rope_inv_freq(head_dim, theta, scaling), max_pos);
         Ok(RopeTables {
             cos: GpuTensor::from_f32(ctx, "rope.cos", &[max_pos, half], &cos)?,
             sin: GpuTensor::from_f32(ctx, "rope.sin", &[max_pos, half], &sin)?,
@@ -242,9 +245,20 @@ pub fn rope_ref(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{DType, test_context};
+    use crate::gpu::test_context;
     use crate::kernels::step::StepParams;
     use crate::kernels::testing::{assert_close, random_vec};
+
+    /// Issue 15 §1: 2^58 positions used to panic (`capacity overflow`) computing the tables.
+    #[test]
+    fn tables_over_the_binding_limit_are_refused_before_computing() {
+        let ctx = test_context();
+        for max_pos in [1usize << 58, usize::MAX / 2, (ctx.max_binding / 128) as usize + 1] {
+            let err = RopeTables::new(&ctx, 64, 10_000.0, None, max_pos).expect_err("too large");
+            assert!(matches!(err, GpuError::BufferTooLarge { limit, .. } if limit == ctx.max_binding), "{err}");
+            assert!(err.to_string().contains("max_storage_buffer_binding_size"), "{err}");
+        }
+    }
 
     #[test]
     fn rope_tables_match_cpu_and_known_values() {

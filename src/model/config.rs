@@ -53,6 +53,41 @@ const LLAMA3_LOW_FREQ_FACTOR: f32 = 1.0;
 const LLAMA3_HIGH_FREQ_FACTOR: f32 = 4.0;
 const LLAMA3_ORIGINAL_CONTEXT: u32 = 8192;
 
+/// The largest size a configuration may give (layers, hidden size, heads, head width, MLP
+/// size, vocabulary, positions, and the q/k/v and gate/up row counts derived from them): the
+/// kernels count rows, columns and positions in u32.
+pub const MAX_SIZE: usize = u32::MAX as usize;
+
+/// The GGUF key of a [`ModelConfig`] field, for messages.
+pub(crate) fn gguf_key(arch: &str, field: &str) -> String {
+    let suffix = match field {
+        "n_layers" => "block_count",
+        "d_model" => "embedding_length",
+        "n_heads" => "attention.head_count",
+        "n_kv_heads" => "attention.head_count_kv",
+        "head_dim" => "attention.key_length",
+        "d_ff" => "feed_forward_length",
+        "max_position" => "context_length",
+        "vocab_size" => return "vocab_size (tokenizer.ggml.tokens)".into(),
+        other => other,
+    };
+    format!("{arch}.{suffix}")
+}
+
+/// The Hugging Face `config.json` key of a [`ModelConfig`] field, for messages.
+pub(crate) fn hf_key(field: &str) -> String {
+    match field {
+        "n_layers" => "num_hidden_layers",
+        "d_model" => "hidden_size",
+        "n_heads" => "num_attention_heads",
+        "n_kv_heads" => "num_key_value_heads",
+        "d_ff" => "intermediate_size",
+        "max_position" => "max_position_embeddings",
+        other => other,
+    }
+    .to_owned()
+}
+
 /// What a forward pass needs to know about the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -166,7 +201,7 @@ impl ModelConfig {
             qkv_bias: g.tensor_info(&TensorName::Layer(0, LayerTensor::Bias(Projection::Q)).gguf_name()).is_some(),
             name,
         };
-        config.validate(&g.path)?;
+        config.validate(&g.path, &|field| gguf_key(arch_name, field))?;
         Ok(config)
     }
 
@@ -325,13 +360,17 @@ impl ModelConfig {
             qkv_bias,
             name,
         };
-        config.validate(path)?;
+        config.validate(path, &hf_key)?;
         Ok(config)
     }
 
-    /// Rejects sizes a forward pass cannot use: zeros, heads that do not group, odd head_dim.
-    fn validate(&self, path: &Path) -> Result<(), ModelError> {
+    /// Rejects sizes a forward pass cannot use: zeros, heads that do not group, odd head_dim,
+    /// and any size over [`MAX_SIZE`] (the kernels count rows, columns and positions in u32),
+    /// with checked arithmetic for the derived sizes (q/k/v rows, 2 d_ff, the parameter count).
+    /// `key` maps a field name to the key the file spells it with, for the messages.
+    fn validate(&self, path: &Path, key: &dyn Fn(&str) -> String) -> Result<(), ModelError> {
         let bad = |what: String| Err(ModelError::BadConfig { path: path.to_path_buf(), what });
+        let limit = MAX_SIZE as u64;
         for (name, v) in [
             ("n_layers", self.n_layers),
             ("d_model", self.d_model),
@@ -340,9 +379,13 @@ impl ModelConfig {
             ("head_dim", self.head_dim),
             ("d_ff", self.d_ff),
             ("vocab_size", self.vocab_size),
+            ("max_position", self.max_position),
         ] {
-            if v == 0 {
-                return bad(format!("{name} is 0"));
+            if v == 0 && name != "max_position" {
+                return bad(format!("{} is 0", key(name)));
+            }
+            if v > MAX_SIZE {
+                return Err(ModelError::LimitExceeded { path: path.to_path_buf(), what: key(name), value: v as u64, limit });
             }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
@@ -351,8 +394,24 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} is odd (RoPE rotates pairs)", self.head_dim));
         }
-        if self.n_heads.checked_mul(self.head_dim).is_none() {
-            return bad("n_heads * head_dim overflows".into());
+        let heads = self.n_heads.checked_add(2 * self.n_kv_heads);
+        for (what, rows) in [
+            ("n_heads * head_dim (q rows)", self.n_heads.checked_mul(self.head_dim)),
+            ("(n_heads + 2 n_kv_heads) * head_dim (q, k and v rows)", heads.and_then(|h| h.checked_mul(self.head_dim))),
+            ("2 * d_ff (gate and up rows)", self.d_ff.checked_mul(2)),
+        ] {
+            match rows {
+                Some(r) if r <= MAX_SIZE => {}
+                _ => {
+                    return bad(format!(
+                        "{what} is {}, over the limit of {MAX_SIZE}",
+                        rows.map_or("more than usize".into(), |r| r.to_string())
+                    ));
+                }
+            }
+        }
+        if self.checked_parameter_count().is_none() {
+            return bad("the parameter count overflows a u64".into());
         }
         if let Some(what) = self.out_of_domain() {
             return bad(what);
@@ -409,18 +468,46 @@ impl ModelConfig {
         self.n_kv_heads * self.head_dim
     }
 
-    /// Parameters of one decoder layer (projections, norms and q/k/v biases).
-    pub fn layer_parameter_count(&self) -> u64 {
+    /// Parameters of one decoder layer (projections, norms and q/k/v biases); `None` on
+    /// overflow (a configuration that passed validation never overflows).
+    fn checked_layer_parameter_count(&self) -> Option<u64> {
         let (d, q, kv, ff) = (self.d_model as u64, self.q_dim() as u64, self.kv_dim() as u64, self.d_ff as u64);
         let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
-        d * (q + 2 * kv) + q * d + 3 * d * ff + 2 * d + bias
+        let attn = d.checked_mul(q.checked_add(kv.checked_mul(2)?)?)?.checked_add(q.checked_mul(d)?)?;
+        let mlp = d.checked_mul(ff)?.checked_mul(3)?;
+        attn.checked_add(mlp)?.checked_add(2 * d)?.checked_add(bias)
     }
 
-    /// Parameters of the whole model (a tied LM head counted once).
-    pub fn parameter_count(&self) -> u64 {
-        let embed = (self.vocab_size * self.d_model) as u64;
+    /// Parameters of the whole model (a tied LM head counted once); `None` on overflow.
+    fn checked_parameter_count(&self) -> Option<u64> {
+        let embed = (self.vocab_size as u64).checked_mul(self.d_model as u64)?;
         let head = if self.tied_embeddings { 0 } else { embed };
-        embed + head + self.d_model as u64 + self.n_layers as u64 * self.layer_parameter_count()
+        let layers = (self.n_layers as u64).checked_mul(self.checked_layer_parameter_count()?)?;
+        embed.checked_add(head)?.checked_add(self.d_model as u64)?.checked_add(layers)
+    }
+
+    /// Parameters of one decoder layer (projections, norms and q/k/v biases); saturates at
+    /// u64::MAX for a configuration built by hand that would overflow (the parsers refuse those).
+    pub fn layer_parameter_count(&self) -> u64 {
+        self.checked_layer_parameter_count().unwrap_or(u64::MAX)
+    }
+
+    /// Parameters of the whole model (a tied LM head counted once); saturates like
+    /// [`ModelConfig::layer_parameter_count`].
+    pub fn parameter_count(&self) -> u64 {
+        self.checked_parameter_count().unwrap_or(u64::MAX)
+    }
+
+    /// Bytes of one layer's K cache (and of its V cache) for `ctx_len` positions:
+    /// `ctx_len * n_kv_heads * head_dim * 4` (f32 rows); `None` when that overflows a u64.
+    pub fn kv_layer_bytes(&self, ctx_len: usize) -> Option<u64> {
+        (ctx_len as u64).checked_mul(self.kv_dim() as u64)?.checked_mul(4)
+    }
+
+    /// Bytes of the whole KV cache for `ctx_len` positions when every layer runs: K and V of
+    /// each of `n_layers` layers, `2 * n_layers * kv_layer_bytes(ctx_len)`; `None` on overflow.
+    pub fn kv_cache_bytes(&self, ctx_len: usize) -> Option<u64> {
+        self.kv_layer_bytes(ctx_len)?.checked_mul(2)?.checked_mul(self.n_layers as u64)
     }
 }
 
@@ -568,6 +655,42 @@ mod tests {
         });
         let c = ModelConfig::from_hf_json(Path::new("config.json"), &json, String::new()).unwrap();
         assert_eq!((c.arch, c.head_dim, c.tied_embeddings, c.rope_theta), (Arch::Mistral, 128, false, 10000.0));
+    }
+
+    /// Issue 15 §1: sizes beyond what the kernels can count (u32) are refused naming the key,
+    /// and derived sizes are computed with checked arithmetic.
+    #[test]
+    fn sizes_over_the_limit_name_the_key() {
+        let mut b = llama_builder();
+        b.kvs.iter_mut().find(|(k, _)| k == "llama.block_count").unwrap().1 = MetaValue::U64(1 << 40);
+        let file = b.write_temp("layers");
+        let err = ModelConfig::from_gguf(&GgufFile::open(&file.path).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, ModelError::LimitExceeded { ref what, value, .. } if what == "llama.block_count" && value == 1 << 40),
+            "{err}"
+        );
+
+        let base = json!({"model_type": "llama", "hidden_size": 8, "intermediate_size": 12,
+            "num_attention_heads": 2, "num_hidden_layers": 1, "max_position_embeddings": 16, "vocab_size": 4});
+        let mut j = base.clone();
+        j["num_hidden_layers"] = json!(1_099_511_627_776u64);
+        let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+        assert!(err.to_string().contains("num_hidden_layers is 1099511627776, over the limit of 4294967295"), "{err}");
+
+        // q rows = 2 * 2^31 and gate/up rows = 2 * 2^31 overflow u32, each size alone does not
+        let mut j = base.clone();
+        j["head_dim"] = json!(1u64 << 31);
+        let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+        assert!(matches!(err, ModelError::BadConfig { ref what, .. } if what.contains("q rows")), "{err}");
+        let mut j = base;
+        j["intermediate_size"] = json!(1u64 << 31);
+        let err = ModelConfig::from_hf_json(Path::new("c.json"), &j, String::new()).unwrap_err();
+        assert!(matches!(err, ModelError::BadConfig { ref what, .. } if what.contains("gate and up")), "{err}");
+
+        let c = ModelConfig::from_gguf(&GgufFile::open(&llama_builder().write_temp("kv").path).unwrap()).unwrap();
+        assert_eq!(c.kv_layer_bytes(128), Some(128 * 4 * 4));
+        assert_eq!(c.kv_cache_bytes(128), Some(2 * 2 * 128 * 4 * 4));
+        assert_eq!(c.kv_layer_bytes(1 << 62), None);
     }
 
     #[test]

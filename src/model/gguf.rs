@@ -392,6 +392,23 @@ impl fmt::Debug for GgufFile {
     }
 }
 
+/// Characters of a key or tensor name that messages quote (see [`quoted`]).
+const QUOTED_CHARS: usize = 40;
+
+/// A key or tensor name read from a file, as messages show it: in single quotes, escaped
+/// (`char::escape_debug`: no raw NUL, newline or control character) and cut to its first
+/// [`QUOTED_CHARS`] characters with "..." after, so that a wrong string length in the file
+/// cannot pour hundreds of raw header bytes into an error.
+fn quoted(name: &str) -> String {
+    let mut out = String::from("'");
+    out.extend(name.chars().take(QUOTED_CHARS).flat_map(char::escape_debug));
+    out.push('\'');
+    if name.chars().nth(QUOTED_CHARS).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
 /// Bounds-checked little-endian reader over the header bytes.
 struct HeaderReader<'a> {
     buf: &'a [u8],
@@ -563,11 +580,11 @@ impl GgufFile {
         let mut metadata = BTreeMap::new();
         for index in 0..kv_count {
             let key = r.utf8_string(&|| format!("metadata key #{index}"))?;
-            let what = || format!("metadata value '{key}'");
+            let what = || format!("metadata value {}", quoted(&key));
             let type_id = r.u32(&what)?;
             let value = r.value(type_id, 0, &what)?;
             if metadata.insert(key.clone(), value).is_some() {
-                return Err(ModelError::Malformed { path: path.to_path_buf(), what: format!("duplicate metadata key '{key}'") });
+                return Err(ModelError::Malformed { path: path.to_path_buf(), what: format!("duplicate metadata key {}", quoted(&key)) });
             }
         }
 
@@ -583,12 +600,12 @@ impl GgufFile {
         let mut names = HashSet::new();
         for index in 0..tensor_count {
             let name = r.utf8_string(&|| format!("name of tensor #{index}"))?;
-            let what = || format!("info of tensor '{name}'");
+            let what = || format!("info of tensor {}", quoted(&name));
             let n_dims = r.u32(&what)?;
             if n_dims > MAX_DIMS {
                 return Err(ModelError::LimitExceeded {
                     path: path.to_path_buf(),
-                    what: format!("number of dimensions of tensor '{name}'"),
+                    what: format!("number of dimensions of tensor {}", quoted(&name)),
                     value: u64::from(n_dims),
                     limit: u64::from(MAX_DIMS),
                 });
@@ -600,7 +617,7 @@ impl GgufFile {
             let ggml_type = GgmlType::from_id(r.u32(&what)?);
             let offset = r.u64(&what)?;
             if !names.insert(name.clone()) {
-                return Err(ModelError::Malformed { path: path.to_path_buf(), what: format!("duplicate tensor name '{name}'") });
+                return Err(ModelError::Malformed { path: path.to_path_buf(), what: format!("duplicate tensor name {}", quoted(&name)) });
             }
             tensors.push(GgufTensorInfo { name, dims, ggml_type, offset });
         }
@@ -633,30 +650,30 @@ impl GgufFile {
     /// Checks one tensor's dims, offset alignment and byte range against the file.
     fn check_tensor_extent(path: &Path, t: &GgufTensorInfo, data_offset: u64, alignment: u64, file_len: u64) -> Result<(), ModelError> {
         let malformed = |what: String| ModelError::Malformed { path: path.to_path_buf(), what };
+        let name = quoted(&t.name);
         if t.n_elements().is_none() {
-            return Err(malformed(format!("tensor '{}': element count of dims {:?} overflows", t.name, t.dims)));
+            return Err(malformed(format!("tensor {name}: element count of dims {:?} overflows", t.dims)));
         }
         if !t.offset.is_multiple_of(alignment) {
-            return Err(malformed(format!("tensor '{}': offset {} is not a multiple of the alignment {alignment}", t.name, t.offset)));
+            return Err(malformed(format!("tensor {name}: offset {} is not a multiple of the alignment {alignment}", t.offset)));
         }
-        let start =
-            data_offset.checked_add(t.offset).ok_or_else(|| malformed(format!("tensor '{}': offset {} overflows", t.name, t.offset)))?;
+        let start = data_offset.checked_add(t.offset).ok_or_else(|| malformed(format!("tensor {name}: offset {} overflows", t.offset)))?;
         // Unknown layouts cannot be sized; they are only checked to start inside the file
         // and fail when read.
         let size = match t.ggml_type.block_layout() {
             None => 0,
             Some(layout) => t.byte_size().ok_or_else(|| {
                 malformed(format!(
-                    "tensor '{}': dims {:?} are not whole {}-element blocks of {} or overflow",
-                    t.name, t.dims, layout.elements, t.ggml_type
+                    "tensor {name}: dims {:?} are not whole {}-element blocks of {} or overflow",
+                    t.dims, layout.elements, t.ggml_type
                 ))
             })?,
         };
-        let end = start.checked_add(size).ok_or_else(|| malformed(format!("tensor '{}': size {size} overflows", t.name)))?;
+        let end = start.checked_add(size).ok_or_else(|| malformed(format!("tensor {name}: size {size} overflows")))?;
         if end > file_len {
             return Err(ModelError::Truncated {
                 path: path.to_path_buf(),
-                what: format!("data of tensor '{}' (bytes {start}..{end}, file has {file_len})", t.name),
+                what: format!("data of tensor {name} (bytes {start}..{end}, file has {file_len})"),
             });
         }
         Ok(())
@@ -1019,5 +1036,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A key length that runs past the key: the error quotes a short escaped prefix of what was
+    /// read, never the raw bytes (NULs, newlines, control characters) of the rest of the header.
+    #[test]
+    fn a_wrong_key_length_is_quoted_short_and_escaped() {
+        let builder = GgufBuilder::new()
+            .kv("general.architecture", MetaValue::String("llama".into()))
+            .kv("k", MetaValue::U32(7))
+            .kv("multi\nline", MetaValue::String("x".repeat(300)))
+            .kv("last", MetaValue::U32(1));
+        let mut bytes = builder.build();
+        // The key "k" (length 1) now claims 256 bytes: the rest of the header is read as its name.
+        let at = bytes.windows(9).position(|w| w == b"\x01\0\0\0\0\0\0\0k").expect("key k");
+        bytes[at..at + 8].copy_from_slice(&256u64.to_le_bytes());
+        let (f, r) = open_bytes("keylen", &bytes);
+        let msg = r.expect_err("the value type after a 256-byte key is garbage").to_string();
+        assert!(!msg.chars().any(|c| c.is_control()), "raw control characters in {msg:?}");
+        assert!(msg.contains("..."), "the key is cut short: {msg}");
+        assert!(msg.len() < 200 + f.path.as_os_str().len(), "{} characters: {msg}", msg.len());
     }
 }

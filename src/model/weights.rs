@@ -11,10 +11,10 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use super::config::{Arch, ModelConfig};
+use super::config::{Arch, ModelConfig, gguf_key, hf_key};
 use super::error::ModelError;
 use super::gguf::GgufFile;
-use super::names::{LayerTensor, Projection, TensorName};
+use super::names::{LayerTensor, Projection, TensorName, split_layer};
 
 /// A dense f32 tensor on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +134,31 @@ fn reorder_head_rows(
     out
 }
 
+/// Checks the configuration's layer count against the tensor table before anything is sized by
+/// it: every layer needs tensors named `{layer_prefix}{i}.`, so a count above the number of
+/// distinct layer indices in `names` is impossible ([`ModelError::LimitExceeded`] naming the key
+/// `key("n_layers")` and how many layers the file holds). The embedding's shape, checked by the
+/// callers, bounds the hidden size and the vocabulary the same way.
+fn check_layer_count<'a>(
+    path: &Path,
+    config: &ModelConfig,
+    key: &dyn Fn(&str) -> String,
+    names: impl Iterator<Item = &'a str>,
+    layer_prefix: &str,
+) -> Result<(), ModelError> {
+    let layers: std::collections::HashSet<usize> =
+        names.filter_map(|n| split_layer(n.strip_prefix(layer_prefix)?).map(|(i, _)| i)).filter(|&i| i < config.n_layers).collect();
+    if layers.len() < config.n_layers {
+        return Err(ModelError::LimitExceeded {
+            path: path.to_path_buf(),
+            what: format!("{} (decoder layers; the tensor table holds {} layers)", key("n_layers"), layers.len()),
+            value: config.n_layers as u64,
+            limit: layers.len() as u64,
+        });
+    }
+    Ok(())
+}
+
 fn to_usize_shape(dims: &[u64]) -> Option<Vec<usize>> {
     dims.iter().map(|&d| usize::try_from(d).ok()).collect()
 }
@@ -155,6 +180,13 @@ impl GgufWeights {
     /// Wraps an open GGUF file; errors of [`ModelConfig::from_gguf`].
     pub fn from_file(file: GgufFile) -> Result<GgufWeights, ModelError> {
         let config = ModelConfig::from_gguf(&file)?;
+        let arch = file.meta_str("general.architecture")?;
+        let key = |field: &str| gguf_key(arch, field);
+        check_layer_count(&file.path, &config, &key, file.tensors.iter().map(|t| t.name.as_str()), "blk.")?;
+        if let Some(embed) = file.tensor_info(&TensorName::EmbedTokens.gguf_name()) {
+            let found = to_usize_shape(&embed.row_major_shape()).unwrap_or_default();
+            check_shape(&TensorName::EmbedTokens.hf_name(), &tensor_shape(TensorName::EmbedTokens, &config), &found)?;
+        }
         Ok(GgufWeights { file, config })
     }
 
@@ -294,6 +326,10 @@ impl HfWeights {
                 }
             }
             shards.push(Shard { path, mmap });
+        }
+        check_layer_count(&dir.join("config.json"), &config, &hf_key, tensors.keys().map(String::as_str), "model.layers.")?;
+        if let Some(embed) = tensors.get("model.embed_tokens.weight") {
+            check_shape(&TensorName::EmbedTokens.hf_name(), &tensor_shape(TensorName::EmbedTokens, &config), &embed.shape)?;
         }
         Ok(HfWeights { dir: dir.to_path_buf(), config, shards, tensors })
     }
@@ -566,6 +602,35 @@ mod tests {
         assert!(msg.contains("[12, 8]") && msg.contains("[8, 12]"), "{msg}");
         let err = w.get("model.layers.0.self_attn.q_proj.bias").unwrap_err();
         assert!(err.to_string().contains("attn_q.bias"), "{err}");
+    }
+
+    /// Issue 15 §1: a layer count the tensor table cannot hold (it used to abort allocating
+    /// per-layer state) is refused when the file opens, naming the key and what the file holds.
+    #[test]
+    fn a_layer_count_over_the_tensor_table_is_refused_at_open() {
+        for blocks in [MetaValue::U32(0xFFFF_FFFE), MetaValue::U32(2), MetaValue::U64(1 << 40)] {
+            let mut b = tiny_gguf("llama", false);
+            b.kvs.iter_mut().find(|(k, _)| k == "llama.block_count").unwrap().1 = blocks.clone();
+            let file = b.write_temp("blocks");
+            let err = open_model(&file.path).err().expect("refused");
+            let msg = err.to_string();
+            assert!(matches!(err, ModelError::LimitExceeded { .. }), "{blocks:?}: {msg}");
+            assert!(msg.contains("llama.block_count") && msg.contains(&blocks.as_u64().unwrap().to_string()), "{msg}");
+        }
+        // a hidden size that the embedding does not have
+        let mut b = tiny_gguf("llama", false);
+        b.kvs.iter_mut().find(|(k, _)| k == "llama.embedding_length").unwrap().1 = MetaValue::U32(1 << 30);
+        b.kvs.retain(|(k, _)| k != "llama.attention.key_length");
+        let file = b.write_temp("hidden");
+        let err = open_model(&file.path).err().expect("refused");
+        assert!(matches!(err, ModelError::ShapeMismatch { ref tensor, .. } if tensor == "model.embed_tokens.weight"), "{err}");
+
+        let dir = TempDir::new("hf-layers");
+        let config = TINY_CONFIG.replace("\"num_hidden_layers\": 1", "\"num_hidden_layers\": 4294967294");
+        std::fs::write(dir.path.join("config.json"), config).unwrap();
+        write_safetensors(&dir.path.join("model.safetensors"), &tiny_hf_tensors());
+        let msg = open_model(&dir.path).err().expect("refused").to_string();
+        assert!(msg.contains("num_hidden_layers") && msg.contains("4294967294") && msg.contains("holds 1 layers"), "{msg}");
     }
 
     /// Writes a safetensors file by hand: header JSON then the raw bytes.

@@ -25,9 +25,13 @@ pub struct KvCache {
 
 impl KvCache {
     /// Slots for `n_layers` layers of `ctx_len` rows of `kv_dim` (= n_kv_heads * head_dim) f32
-    /// each, none allocated yet.
-    pub fn empty(n_layers: usize, ctx_len: usize, kv_dim: usize) -> KvCache {
-        KvCache { layers: (0..n_layers).map(|_| None).collect(), ctx_len, kv_dim }
+    /// each, none allocated yet. Errors: [`GpuError::BufferTooLarge`] naming `--ctx`, one
+    /// layer's K size in bytes and the device's storage-binding limit, when one layer's K (or V)
+    /// cannot be bound whole: checked here, before any buffer is created.
+    pub fn empty(ctx: &GpuContext, n_layers: usize, ctx_len: usize, kv_dim: usize) -> Result<KvCache, GpuError> {
+        let label = format!("K cache of one layer for --ctx {ctx_len} ([{ctx_len}, {kv_dim}] f32)");
+        crate::gpu::buffer::check_binding(ctx, &label, DType::F32, &[ctx_len, kv_dim])?;
+        Ok(KvCache { layers: (0..n_layers).map(|_| None).collect(), ctx_len, kv_dim })
     }
 
     /// Allocate the cache of every layer `plan` runs and drop the others. Errors: the GPU

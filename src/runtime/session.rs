@@ -144,7 +144,7 @@ impl Session {
         }
         let candidates = options.candidates.clamp(1, MAX_CANDIDATES);
         let options = SessionOptions { candidates, ..options };
-        let mut kv = KvCache::empty(c.n_layers, options.ctx_len, c.n_kv_heads * c.head_dim);
+        let mut kv = KvCache::empty(&ctx, c.n_layers, options.ctx_len, c.kv_dim())?;
         kv.fit(&ctx, &plan)?;
         let scaling = c.rope_scaling.as_ref().map(|s| RopeScalingParams {
             factor: s.factor,
@@ -165,7 +165,7 @@ impl Session {
             rope,
             step: StepBuffer::new(&ctx),
             final_row: GpuTensor::zeros(&ctx, "final_row", DType::F32, &[1, c.d_model])?,
-            logits: GpuTensor::zeros(&ctx, "logits", DType::F32, &[c.vocab_size])?,
+            logits: GpuTensor::zeros_bound(&ctx, "logits", DType::F32, &[c.vocab_size])?,
             candidates,
             picked,
             router_probs: GpuTensor::zeros(&ctx, "router.probs", DType::F32, &[c.n_layers])?,
@@ -255,7 +255,7 @@ impl Session {
             }
             let inner = g.max_inner();
             if self.bufs.lora_tmp.as_ref().is_none_or(|t| t.shape[1] < inner) {
-                self.bufs.lora_tmp = Some(GpuTensor::zeros(&self.ctx, "lora.a", DType::F32, &[self.options.ctx_len, inner])?);
+                self.bufs.lora_tmp = Some(GpuTensor::zeros_bound(&self.ctx, "lora.a", DType::F32, &[self.options.ctx_len, inner])?);
             }
         }
         self.lora = lora.map(|g| (g, scale));

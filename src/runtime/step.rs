@@ -50,12 +50,14 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// Zeroed buffers for `rows` tokens of the model of `w`. Errors: a GPU allocation.
+    /// Zeroed buffers for `rows` tokens of the model of `w`. Errors: a GPU allocation, or
+    /// [`crate::gpu::GpuError::BufferTooLarge`] naming the first buffer (`[rows, cols]`) over the
+    /// device's storage-binding limit, checked before that buffer is created.
     pub fn new(ctx: &GpuContext, w: &GpuWeights, rows: usize) -> Result<Activations, RuntimeError> {
         let c = &w.config;
-        let q_dim = c.n_heads * c.head_dim;
-        let qkv_dim = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
-        let f = |name: &str, cols: usize| GpuTensor::zeros(ctx, name, DType::F32, &[rows, cols]);
+        let q_dim = c.q_dim();
+        let qkv_dim = q_dim + 2 * c.kv_dim();
+        let f = |name: &str, cols: usize| GpuTensor::zeros_bound(ctx, name, DType::F32, &[rows, cols]);
         Ok(Activations {
             rows,
             ids: GpuTensor::zeros(ctx, "ids", DType::U32, &[rows])?,
