@@ -3,8 +3,10 @@
 //! # Layering
 //! The folders depend on each other in one direction only (no import cycle):
 //! ```text
+//!            generate         text generation: the token loop, sampler, stop strings, chats
+//!               |
 //!            runtime          joins them: weights on the GPU, sessions, the layer plan,
-//!           /       \         routers on the GPU, profiling, the token loop
+//!           /       \         routers on the GPU, profiling
 //!      kernels     model      model: file formats (GGUF, safetensors, router files, PEFT
 //!         |                   adapters), configuration, tokenizer, chat template, tensor
 //!        gpu                  names and CPU maths; depends on neither gpu nor kernels
@@ -19,11 +21,15 @@
 //!   [`kernels`] take (weights, LoRA pairs, routers) and wraps their errors in
 //!   [`runtime::RuntimeError`]. Tests that compare a kernel with a CPU definition from
 //!   [`model`] live in [`runtime`] for the same reason.
+//! - [`generate`] uses [`runtime`] (a session's prefill and decode steps) and [`model`]
+//!   (tokenizer, chat template): sampling, stop strings, conversations and the token loop that
+//!   the command line and a server drive. Nothing below depends on it.
 //!
 //! `testdata` (test model and fixture paths) is a leaf any test may use.
 
 #![warn(missing_docs)]
 
+pub mod generate;
 pub mod gpu;
 pub mod kernels;
 pub mod model;

@@ -160,6 +160,30 @@ fn run_with_lora_both_modes() {
     assert!(stderr.contains("adapter_config.json"), "{stderr}");
 }
 
+/// `chat --ctx 64 --system ...` with a second question too long for the conversation so far:
+/// the oldest exchange is dropped (not the system prompt) and the question is answered.
+#[test]
+fn chat_drops_old_exchanges_when_the_context_is_full() {
+    use std::io::Write;
+    let mut child = firstrt()
+        .arg("chat")
+        .arg("--model")
+        .arg(model_path())
+        .args(["--ctx", "64", "--system", "You are a pirate.", "--temperature", "0", "--max-tokens", "8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running firstrt chat");
+    let input = "Hi!\nTell me, in a few short words, where a clever old pirate would hide the golden treasure that he found on the small island last summer\n\n";
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("dropped the oldest 1 exchange"), "{stderr}");
+    assert_eq!(stderr.matches("prefill:").count(), 2, "both questions are answered: {stderr}");
+}
+
 /// A refusal: exit status 1 and exactly one line on stderr (`error: ...`), no panic, no abort.
 fn refused(cmd: &mut Command) -> String {
     let out = cmd.output().expect("running firstrt");

@@ -5,9 +5,9 @@
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
+use firstrt::generate::{GenerateOptions, SamplerConfig, Timings, generate};
 use firstrt::gpu::GpuOptions;
-use firstrt::kernels::sample::SamplerConfig;
-use firstrt::runtime::{GenerateOptions, LoadedModel, SessionOptions, Timings, generate};
+use firstrt::runtime::{LoadedModel, SessionOptions};
 
 use super::generate::PlanArgs;
 use super::profiling::ProfileArgs;
@@ -98,7 +98,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
         end_ids: Vec::new(), // always the full --gen tokens
     };
     // Warm-up: pipelines, kernel-variant choice, first-use allocations.
-    generate(&mut warm_up, &ids, &options, &mut |_| true)?;
+    generate(&mut warm_up, &ids, &options)?;
     drop(warm_up);
     ctx.memory.reset_peak();
     let mut profiler = args.profiling.profiler(&ctx)?;
@@ -108,7 +108,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     for _ in 0..args.repeat {
         let mut s = args.plan.session(&model, session_options.clone())?;
         s.set_profiler(profiler.take());
-        let g = generate(&mut s, &ids, &options, &mut |_| true)?;
+        let g = generate(&mut s, &ids, &options)?;
         profiler = s.set_profiler(None);
         kv_bytes = s.kv_bytes();
         plan = Some(s.plan().clone());
@@ -119,7 +119,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     let pick = |f: &dyn Fn(&Timings) -> f64| Spread::of(timings.iter().map(f).collect());
     let prefill = pick(&|t| t.prefill_tok_s());
     let decode = pick(&|t| t.decode_tok_s());
-    let ms_token = pick(&|t| if t.decode_tokens > 0 { 1e3 * t.decode_s / t.decode_tokens as f64 } else { 0.0 });
+    let ms_token = pick(&|t| t.decode_ms_per_token());
     let ttft = pick(&|t| 1e3 * t.ttft_s);
     let summary = match &mut profiler {
         Some(p) => {

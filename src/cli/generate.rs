@@ -1,19 +1,18 @@
 //! `firstrt run` and `firstrt chat`.
 
 use std::io::{BufRead, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use firstrt::gpu::GpuOptions;
-use firstrt::kernels::sample::SamplerConfig;
-use firstrt::model::chat::ChatMessage;
-use firstrt::model::tokenizer::StreamDecoder;
-use firstrt::runtime::{
-    GenerateOptions, Generation, GpuLora, LayerPlan, LoadedModel, MergedLora, PlanPolicyArgs, Session, SessionOptions, generate_with,
+use firstrt::generate::{
+    Conversation, Event, GenerateError, GenerateOptions, Generation, SamplerConfig, TextDecoder, TokenStream, fit_prompt,
 };
+use firstrt::gpu::GpuOptions;
+use firstrt::model::chat::ChatMessage;
+use firstrt::runtime::{GpuLora, LayerPlan, LoadedModel, MergedLora, PlanPolicyArgs, Session, SessionOptions};
 
 use super::{ModelArgs, load_model};
 
@@ -40,22 +39,14 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn sampler(&self) -> SamplerConfig {
+    /// The generation options (the seed from the clock unless given), ending at the model's end
+    /// tokens.
+    fn options(&self, model: &LoadedModel) -> GenerateOptions {
         let seed = self
             .seed
             .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
-        SamplerConfig { temperature: self.temperature.max(0.0), top_k: self.top_k, top_p: self.top_p.clamp(0.0, 1.0), seed }
-    }
-
-    /// Candidates the GPU hands back per token.
-    fn candidates(&self) -> usize {
-        if self.temperature <= 0.0 {
-            1
-        } else if self.top_k == 0 {
-            firstrt::runtime::session::MAX_CANDIDATES
-        } else {
-            self.top_k.min(firstrt::runtime::session::MAX_CANDIDATES)
-        }
+        let sampler = SamplerConfig { temperature: self.temperature.max(0.0), top_k: self.top_k, top_p: self.top_p.clamp(0.0, 1.0), seed };
+        GenerateOptions { max_tokens: self.max_tokens, sampler, end_ids: model.tokenizer.end_ids().to_vec() }
     }
 }
 
@@ -229,97 +220,6 @@ pub struct ChatArgs {
     pub lora: LoraArgs,
 }
 
-/// Streams decoded text to stdout, holding back any tail that could start a stop string.
-struct TextSink<'a> {
-    decoder: StreamDecoder<'a>,
-    stops: &'a [String],
-    text: String,
-    printed: usize,
-    echo: bool,
-    stopped: bool,
-    /// The first error of `accept` (detokenising or writing), returned by `finish`.
-    error: Option<anyhow::Error>,
-}
-
-impl<'a> TextSink<'a> {
-    fn new(model: &'a LoadedModel, stops: &'a [String], echo: bool) -> Self {
-        TextSink {
-            decoder: StreamDecoder::new(&model.tokenizer),
-            stops,
-            text: String::new(),
-            printed: 0,
-            echo,
-            stopped: false,
-            error: None,
-        }
-    }
-
-    /// The token callback: add a token; false once a stop string has appeared or on an error
-    /// (kept for `finish`).
-    fn accept(&mut self, id: u32) -> bool {
-        match self.push(id) {
-            Ok(go_on) => go_on,
-            Err(e) => {
-                self.error = Some(e);
-                false
-            }
-        }
-    }
-
-    /// Add a token; false once a stop string has appeared.
-    fn push(&mut self, id: u32) -> Result<bool> {
-        if let Some(piece) = self.decoder.push(id)? {
-            self.text.push_str(&piece);
-        }
-        self.emit(false)
-    }
-
-    fn emit(&mut self, finished: bool) -> Result<bool> {
-        let mut end = self.text.len();
-        for s in self.stops.iter().filter(|s| !s.is_empty()) {
-            if let Some(at) = self.text.find(s.as_str()) {
-                end = end.min(at);
-                self.stopped = true;
-            }
-        }
-        if !self.stopped && !finished {
-            // Hold back a suffix that is a prefix of a stop string.
-            for s in self.stops.iter().filter(|s| !s.is_empty()) {
-                for k in (1..s.len()).rev() {
-                    if s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
-                        end = end.min(self.text.len() - k);
-                        break;
-                    }
-                }
-            }
-        }
-        if self.stopped {
-            self.text.truncate(end);
-        }
-        if end > self.printed {
-            if self.echo {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&self.text.as_bytes()[self.printed..end])?;
-                out.flush()?;
-            }
-            self.printed = end;
-        }
-        Ok(!self.stopped)
-    }
-
-    /// The whole text, or the first error that stopped generation.
-    fn finish(&mut self) -> Result<String> {
-        if let Some(e) = self.error.take() {
-            return Err(e);
-        }
-        if !self.stopped {
-            self.text.push_str(&self.decoder.finish()?);
-            self.emit(true)?;
-        }
-        Ok(self.text.clone())
-    }
-}
-
 fn print_timings(g: &Generation) {
     let t = &g.timings;
     eprintln!(
@@ -330,12 +230,29 @@ fn print_timings(g: &Generation) {
         t.decode_tokens,
         t.decode_s,
         t.decode_tok_s(),
-        if t.decode_tokens > 0 { 1000.0 * t.decode_s / t.decode_tokens as f64 } else { 0.0 },
-        g.stop
+        t.decode_ms_per_token(),
+        g.finish
     );
 }
 
-fn write_logits(path: &PathBuf, logits: &[f32]) -> Result<()> {
+/// Drain a stream: each text piece to stdout as it comes when `echo`, `on_token` for each
+/// generated token; returns the record.
+fn drive(mut stream: TokenStream<'_>, echo: bool, on_token: &mut dyn FnMut()) -> Result<Generation> {
+    for event in &mut stream {
+        match event? {
+            Event::Token(_) => on_token(),
+            Event::Text(piece) if echo => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+            Event::Text(_) | Event::Finished { .. } => {}
+        }
+    }
+    Ok(stream.into_generation())
+}
+
+fn write_logits(path: &Path, logits: &[f32]) -> Result<()> {
     let bytes: &[u8] = bytemuck::cast_slice(logits);
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![logits.len()], bytes)?;
     safetensors::serialize_to_file([("logits", view)], None, path).with_context(|| format!("writing {}", path.display()))?;
@@ -351,7 +268,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
     let lora_setup = args.lora.setup(LoraMode::Merged)?;
     let (ctx, model) = load_model(gpu, &args.model, lora_setup.merged.as_ref())?;
     let lora = upload_lora(&model, &lora_setup)?;
-    let mut prompt_ids = if let Some(ids) = &args.prompt_ids {
+    let prompt_ids = if let Some(ids) = &args.prompt_ids {
         ids.clone()
     } else {
         let text = match &args.prompt {
@@ -363,79 +280,47 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
             }
         };
         if args.chat {
-            let mut messages = Vec::new();
-            if let Some(system) = &args.system {
-                messages.push(ChatMessage { role: "system".into(), content: system.clone() });
-            }
-            messages.push(ChatMessage { role: "user".into(), content: text });
+            let mut messages: Vec<ChatMessage> = args.system.iter().map(ChatMessage::system).collect();
+            messages.push(ChatMessage::user(text));
             model.chat_ids(&messages)?
         } else {
             model.text_ids(&text)?
         }
     };
     let ctx_len = super::context_len(&model.weights.config, args.model.ctx)?;
-    if prompt_ids.len() >= ctx_len {
-        if !args.truncate {
-            bail!(
-                "the prompt has {} tokens but the context holds {ctx_len} (room is needed for at least one generated token); raise --ctx or pass --truncate",
-                prompt_ids.len()
-            );
-        }
-        let keep = ctx_len.saturating_sub(args.sampling.max_tokens.min(ctx_len / 2)).max(1);
-        let cut = prompt_ids.len() - keep;
-        eprintln!("warning: prompt truncated from {} to its last {keep} tokens", prompt_ids.len());
-        prompt_ids.drain(..cut);
+    let (prompt_ids, cut) = fit_prompt(&prompt_ids, ctx_len, args.sampling.max_tokens, args.truncate)
+        .map_err(|e| anyhow::anyhow!("{e}; raise --ctx or pass --truncate"))?;
+    if cut > 0 {
+        eprintln!("warning: prompt truncated from {} to its last {} tokens", cut + prompt_ids.len(), prompt_ids.len());
     }
-    let mut session = args.plan.session(&model, SessionOptions { ctx_len, candidates: args.sampling.candidates() })?;
+    let options = args.sampling.options(&model);
+    let mut session = args.plan.session(&model, SessionOptions { ctx_len, candidates: options.sampler.candidates() })?;
     if let Some((g, scale)) = &lora {
         session.set_lora(Some(g.clone()), *scale)?;
     }
     session.prepare()?;
-    let options = GenerateOptions {
-        max_tokens: args.sampling.max_tokens,
-        sampler: args.sampling.sampler(),
-        end_ids: model.tokenizer.end_ids().to_vec(),
-    };
     session.set_profiler(args.profiling.profiler(&ctx)?);
-    let clock = session.profiler().map(|p| p.host_clock());
     let mut capture = super::profiling::Capture::start(&ctx, args.profiling.capture);
+    let text = TextDecoder::new(&model.tokenizer, &args.sampling.stop);
+    let stream = TokenStream::start(&mut session, prompt_ids, &options, Some(text))?;
+    args.plan.report(stream.session());
+    if let Some(path) = &args.logits_out {
+        write_logits(path, &stream.session().read_logits()?).context("--logits-out")?;
+    }
     let mut seen = 0usize;
-    let mut sink = TextSink::new(&model, &args.sampling.stop, !args.json);
-    let logits_out = args.logits_out.clone();
-    let plan_args = args.plan.clone();
-    let generation = generate_with(
-        &mut session,
-        &prompt_ids,
-        &options,
-        &mut |s: &Session| {
-            plan_args.report(s);
-            if let Some(path) = &logits_out {
-                let logits = s.read_logits()?;
-                write_logits(path, &logits).map_err(|e| firstrt::runtime::RuntimeError::Callback(e.context("--logits-out").into()))?;
-            }
-            Ok(())
-        },
-        &mut |id| {
-            seen += 1;
-            if seen == 2 {
-                capture.stop(); // the prefill and the first decode step are in
-            }
-            let t = std::time::Instant::now();
-            let go_on = sink.accept(id);
-            if let Some(c) = &clock {
-                c.span("detokenise", t);
-            }
-            go_on
-        },
-    )?;
+    let generation = drive(stream, !args.json, &mut || {
+        seen += 1;
+        if seen == 2 {
+            capture.stop(); // the prefill and the first decode step are in
+        }
+    })?;
     capture.stop();
-    let text = sink.finish()?;
     if args.json {
         let out = serde_json::json!({
             "prompt_ids": generation.prompt_ids,
             "generated_ids": generation.generated_ids,
-            "text": text,
-            "stop_reason": generation.stop,
+            "text": generation.text,
+            "stop_reason": generation.finish,
             "skipped_layers": session.plan().skipped_layers(),
             "lora": args.lora.lora.as_ref().map(|dir| serde_json::json!({
                 "dir": dir.display().to_string(),
@@ -502,8 +387,9 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
     // The unmerged adapter and its scale; /lora commands change it.
     let mut lora = upload_lora(&model, &lora_setup)?;
     let ctx_len = super::context_len(&model.weights.config, args.model.ctx)?;
+    let options = args.sampling.options(&model);
     let new_session = |lora: &Option<(Arc<GpuLora>, f32)>| -> Result<Session> {
-        let mut s = args.plan.session(&model, SessionOptions { ctx_len, candidates: args.sampling.candidates() })?;
+        let mut s = args.plan.session(&model, SessionOptions { ctx_len, candidates: options.sampler.candidates() })?;
         if let Some((g, scale)) = lora {
             s.set_lora(Some(g.clone()), *scale)?;
         }
@@ -511,17 +397,7 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
         Ok(s)
     };
     let mut session = new_session(&lora)?;
-    let mut messages: Vec<ChatMessage> = Vec::new();
-    if let Some(system) = &args.system {
-        messages.push(ChatMessage { role: "system".into(), content: system.clone() });
-    }
-    let options = GenerateOptions {
-        max_tokens: args.sampling.max_tokens,
-        sampler: args.sampling.sampler(),
-        end_ids: model.tokenizer.end_ids().to_vec(),
-    };
-    // Token ids the session's cache holds, so each turn prefills only what is new.
-    let mut cached: Vec<u32> = Vec::new();
+    let mut conversation = Conversation::new(args.system.clone());
     eprintln!("chat with {} — an empty line or Ctrl-D ends; /lora DIR, /lora scale S, /lora off", args.model.model.display());
     let stdin = std::io::stdin();
     loop {
@@ -551,10 +427,9 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
             match next {
                 Ok(next) => {
                     lora = next;
-                    // The cache holds what the previous adapter computed: read the conversation
-                    // again under the new one at the next turn.
+                    // The cache holds what the previous adapter computed: a new session reads
+                    // the conversation again under the new one at the next turn.
                     session = new_session(&lora)?;
-                    cached.clear();
                     match &lora {
                         Some((g, s)) => {
                             eprintln!("(LoRA {} at scale {s}, rank {}, {} KiB on the GPU)", g.dir.display(), g.rank, g.byte_len() / 1024)
@@ -566,47 +441,34 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
             }
             continue;
         }
-        messages.push(ChatMessage { role: "user".into(), content: line.trim_end_matches(['\n', '\r']).to_string() });
-        let ids = model.chat_ids(&messages)?;
-        // Reuse the cache when the new rendering extends what it holds; else start over.
-        let new_ids = if ids.starts_with(&cached) && session.position() == cached.len() {
-            ids[cached.len()..].to_vec()
-        } else {
-            session = new_session(&lora)?;
-            cached.clear();
-            ids.clone()
+        let question = line.trim_end_matches(['\n', '\r']);
+        let turn = match conversation.ask(question, session.position(), ctx_len, |m: &[ChatMessage]| model.chat_ids(m)) {
+            Ok(turn) => turn,
+            Err(e @ GenerateError::PromptTooLong { .. }) => {
+                eprintln!("error: {e}; ask a shorter question or raise --ctx");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
-        if session.position() + new_ids.len() >= ctx_len {
-            eprintln!("(the conversation no longer fits the context of {ctx_len} tokens; starting over)");
-            messages.drain(..messages.len() - 1);
-            session = new_session(&lora)?;
-            cached.clear();
-            continue;
+        if turn.dropped_exchanges > 0 {
+            eprintln!(
+                "(the conversation no longer fits the context of {ctx_len} tokens; dropped the oldest {} exchange(s), kept the system prompt)",
+                turn.dropped_exchanges
+            );
         }
-        let mut sink = TextSink::new(&model, &args.sampling.stop, true);
+        if turn.restart {
+            session = new_session(&lora)?;
+        }
         let first_turn = session.position() == 0;
-        let g = generate_with(
-            &mut session,
-            &new_ids,
-            &options,
-            &mut |s: &Session| {
-                if first_turn {
-                    args.plan.report(s);
-                }
-                Ok(())
-            },
-            &mut |id| sink.accept(id),
-        )?;
-        let reply = sink.finish()?;
+        let text = TextDecoder::new(&model.tokenizer, &args.sampling.stop);
+        let stream = TokenStream::start(&mut session, &turn.ids, &options, Some(text))?;
+        if first_turn {
+            args.plan.report(stream.session());
+        }
+        let g = drive(stream, true, &mut || {})?;
         println!();
         print_timings(&g);
-        // The cache now holds the new prompt ids and the generated tokens that were fed back
-        // (all of them when an end token stopped generation, all but the last otherwise); the
-        // next turn's rendering re-feeds the rest as the template writes it.
-        cached.extend_from_slice(&new_ids);
-        let fed = session.position().saturating_sub(cached.len()).min(g.generated_ids.len());
-        cached.extend_from_slice(&g.generated_ids[..fed]);
-        messages.push(ChatMessage { role: "assistant".into(), content: reply });
+        conversation.record(turn, g.text, &g.generated_ids, session.position());
     }
     Ok(())
 }

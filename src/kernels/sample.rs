@@ -15,13 +15,9 @@
 //! index word of every pair they write carries [`NON_FINITE_FLAG`] (bit 31; indices are below
 //! 2^31) when a non-finite logit was seen. [`decode_pairs`] strips it; [`saw_non_finite`] reads it.
 //!
-//! On the CPU: [`Sampler`] picks one token from the top-k candidates with temperature, top-p
-//! (nucleus) and a seeded RNG. **Sampling considers at most the 256 most likely tokens**: when
-//! top-k is 0 (disabled) the runtime reads back the top 256 candidates
-//! (`k = min(top_k or 256, 256)`), so the tail of the distribution beyond them is never drawn.
+//! The CPU sampler that picks one token among these candidates is `generate::Sampler`.
 
 use bytemuck::{Pod, Zeroable};
-use rand::{Rng, SeedableRng};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
@@ -251,81 +247,6 @@ pub fn top_k_ref(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     v
 }
 
-/// How to pick the next token.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SamplerConfig {
-    /// 0 (or less): greedy, the first candidate.
-    pub temperature: f32,
-    /// Candidates kept (0: all that are given; the runtime gives at most 256).
-    pub top_k: usize,
-    /// Nucleus: keep the smallest prefix of candidates with probability mass >= top_p
-    /// (1 keeps all, 0 keeps only the first).
-    pub top_p: f32,
-    pub seed: u64,
-}
-
-impl SamplerConfig {
-    /// Greedy decoding: always the highest-logit candidate (temperature 0, top-k 1, top-p 1,
-    /// seed 0), as transformers' `generate(do_sample=False)`.
-    pub fn greedy() -> SamplerConfig {
-        SamplerConfig { temperature: 0.0, top_k: 1, top_p: 1.0, seed: 0 }
-    }
-}
-
-/// Picks tokens from top-k candidates with a seeded RNG: the same seed and candidates give the
-/// same sequence.
-#[derive(Debug, Clone)]
-pub struct Sampler {
-    pub cfg: SamplerConfig,
-    rng: rand::rngs::StdRng,
-}
-
-impl Sampler {
-    pub fn new(cfg: SamplerConfig) -> Sampler {
-        Sampler { cfg, rng: rand::rngs::StdRng::seed_from_u64(cfg.seed) }
-    }
-
-    /// Pick a token id from `candidates` (`(id, logit)`, sorted by logit descending, as
-    /// [`top_k`] returns them). Empty candidates give token 0.
-    pub fn pick(&mut self, candidates: &[(u32, f32)]) -> u32 {
-        let Some(&(first, top)) = candidates.first() else { return 0 };
-        let t = self.cfg.temperature;
-        if !t.is_finite() || t <= 0.0 || !top.is_finite() {
-            return first;
-        }
-        let cands = if self.cfg.top_k > 0 { &candidates[..self.cfg.top_k.min(candidates.len())] } else { candidates };
-        // Softmax over logit / T, relative to the largest (the first).
-        let max = top as f64 / t as f64;
-        let weights: Vec<f64> = cands.iter().map(|&(_, l)| if l.is_nan() { 0.0 } else { (l as f64 / t as f64 - max).exp() }).collect();
-        let total: f64 = weights.iter().sum();
-        // Nucleus: the smallest prefix with mass >= top_p (at least one candidate).
-        let keep = if self.cfg.top_p >= 1.0 {
-            cands.len()
-        } else {
-            let target = self.cfg.top_p.max(0.0) as f64 * total;
-            let mut mass = 0.0;
-            let mut keep = cands.len();
-            for (i, w) in weights.iter().enumerate() {
-                mass += w;
-                if mass >= target {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            keep
-        };
-        let kept_mass: f64 = weights[..keep].iter().sum();
-        let mut u = self.rng.random::<f64>() * kept_mass;
-        for (i, w) in weights[..keep].iter().enumerate() {
-            if u < *w {
-                return cands[i].0;
-            }
-            u -= w;
-        }
-        cands[keep - 1].0 // rounding: u landed at the very end
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,70 +431,5 @@ mod tests {
         let flagged = [3 | NON_FINITE_FLAG, 1.5f32.to_bits()];
         assert_eq!(decode_pairs(&flagged), vec![(3, 1.5)]);
         assert!(saw_non_finite(&flagged) && !saw_non_finite(&[3, 0]) && !saw_non_finite(&[]));
-    }
-
-    fn cfg(temperature: f32, top_p: f32, seed: u64) -> SamplerConfig {
-        SamplerConfig { temperature, top_k: 0, top_p, seed }
-    }
-
-    const CANDS: [(u32, f32); 4] = [(42, 3.0), (7, 2.5), (1000, 1.0), (5, -1.0)];
-
-    #[test]
-    fn sampler_temperature_zero_is_greedy() {
-        let mut s = Sampler::new(cfg(0.0, 1.0, 1));
-        assert!((0..100).all(|_| s.pick(&CANDS) == 42));
-        assert_eq!(s.pick(&[]), 0);
-        let mut g = Sampler::new(SamplerConfig::greedy());
-        assert!((0..100).all(|_| g.pick(&CANDS) == 42));
-    }
-
-    #[test]
-    fn sampler_is_repeatable_for_a_seed() {
-        let draw = |seed| {
-            let mut s = Sampler::new(cfg(1.5, 0.95, seed));
-            (0..200).map(|_| s.pick(&CANDS)).collect::<Vec<_>>()
-        };
-        let a = draw(1234);
-        assert_eq!(a, draw(1234));
-        assert_ne!(a, draw(1235));
-        assert!(a.iter().any(|&t| t != 42), "a hot sampler picks more than the first");
-    }
-
-    #[test]
-    fn sampler_top_p_zero_keeps_only_the_first() {
-        let mut s = Sampler::new(cfg(5.0, 0.0, 3));
-        assert!((0..500).all(|_| s.pick(&CANDS) == 42));
-    }
-
-    #[test]
-    fn sampler_top_p_and_top_k_cut_the_tail() {
-        // p ~ [0.55, 0.33, 0.07, 0.004] at T = 1: top_p 0.8 keeps the first two.
-        let mut s = Sampler::new(cfg(1.0, 0.8, 9));
-        let picks: Vec<u32> = (0..2000).map(|_| s.pick(&CANDS)).collect();
-        assert!(picks.iter().all(|t| [42, 7].contains(t)));
-        assert!(picks.contains(&7));
-        let mut s = Sampler::new(SamplerConfig { top_k: 1, ..cfg(2.0, 1.0, 9) });
-        assert!((0..500).all(|_| s.pick(&CANDS) == 42));
-    }
-
-    #[test]
-    fn sampler_frequencies_follow_the_softmax() {
-        let cands = [(10u32, 1.2f32), (20, 0.5), (30, -0.3)];
-        for t in [1.0f32, 0.7] {
-            let z: Vec<f64> = cands.iter().map(|c| (c.1 as f64 / t as f64).exp()).collect();
-            let sum: f64 = z.iter().sum();
-            let mut s = Sampler::new(cfg(t, 1.0, 2024));
-            let draws = 20_000;
-            let mut counts = [0usize; 3];
-            for _ in 0..draws {
-                let id = s.pick(&cands);
-                counts[cands.iter().position(|c| c.0 == id).unwrap()] += 1;
-            }
-            for i in 0..3 {
-                let freq = counts[i] as f64 / draws as f64;
-                let p = z[i] / sum;
-                assert!((freq - p).abs() < 0.02, "T={t} candidate {i}: frequency {freq}, softmax {p}");
-            }
-        }
     }
 }

@@ -1,7 +1,7 @@
-//! Generation: weights on the GPU, sessions (one per sequence), the step builder, the KV
-//! cache, the layer plan, the routed prefill, profiling and the token loop.
+//! Running a model: weights on the GPU, sessions (one per sequence), the step builder, the KV
+//! cache, the layer plan, the routed prefill and profiling. The token loop, sampling and text
+//! are in [`crate::generate`].
 
-pub mod generate;
 pub mod kv_cache;
 pub mod loaded;
 pub mod lora;
@@ -13,7 +13,6 @@ pub mod step;
 pub mod weights;
 
 pub use crate::gpu::{Phase, Tag};
-pub use generate::{GenerateOptions, Generation, StopReason, Timings, generate, generate_with};
 pub use kv_cache::{KvCache, LayerKv};
 pub use loaded::{LoadedModel, MergedLora, PlanPolicyArgs, load_tokenizer};
 pub use lora::GpuLora;
@@ -96,9 +95,6 @@ pub enum RuntimeError {
     /// A prefill of zero tokens.
     #[error("the prompt is empty: at least one token is needed")]
     EmptyPrompt,
-    /// A callback of the caller (e.g. the one run after prefill) failed; its error is kept whole.
-    #[error(transparent)]
-    Callback(Box<dyn std::error::Error + Send + Sync>),
     /// A broken invariant of the runtime itself (a bug, not a user error), e.g. a layer that
     /// runs without its KV cache.
     #[error("internal error (a bug in firstrt): {0}")]

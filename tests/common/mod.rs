@@ -6,9 +6,9 @@
 
 use std::sync::{Arc, OnceLock};
 
+use firstrt::generate::{GenerateOptions, SamplerConfig, TokenStream, generate};
 use firstrt::gpu::{DType, test_context};
-use firstrt::kernels::sample::SamplerConfig;
-use firstrt::runtime::{GenerateOptions, LoadedModel, Session, generate, generate_with};
+use firstrt::runtime::{LoadedModel, Session};
 use firstrt::testdata::{fixtures_dir, load_model};
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -53,23 +53,17 @@ pub fn greedy_options(n: usize) -> GenerateOptions {
 
 /// Greedy generation of `n` tokens after `prompt` (no end token); returns the generated ids.
 pub fn greedy(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
-    generate(session, prompt, &greedy_options(n), &mut |_| true).expect("greedy generation").generated_ids
+    generate(session, prompt, &greedy_options(n)).expect("greedy generation").generated_ids
 }
 
 /// Greedy generation of `n` tokens after `prompt` (no end token); returns the logits of the last
 /// prompt position and the generated ids.
 pub fn greedy_with_logits(session: &mut Session, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let mut logits = Vec::new();
-    let g = generate_with(
-        session,
-        prompt,
-        &greedy_options(n),
-        &mut |s| {
-            logits = s.read_logits()?;
-            Ok(())
-        },
-        &mut |_| true,
-    )
-    .expect("greedy generation");
-    (logits, g.generated_ids)
+    let options = greedy_options(n);
+    let mut stream = TokenStream::start(session, prompt, &options, None).expect("prefill");
+    let logits = stream.session().read_logits().expect("reading the logits");
+    for event in &mut stream {
+        event.expect("greedy generation");
+    }
+    (logits, stream.into_generation().generated_ids)
 }

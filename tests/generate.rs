@@ -1,0 +1,151 @@
+//! The library's generation API on the test model: the token stream's events, each finish
+//! reason, and a conversation that outgrows its context.
+
+mod common;
+
+use firstrt::generate::{Conversation, Event, FinishReason, GenerateOptions, SamplerConfig, TextDecoder, TokenStream, generate};
+use firstrt::gpu::DType;
+use firstrt::model::chat::ChatMessage;
+use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
+
+fn session(model: &LoadedModel, ctx_len: usize) -> Session {
+    let n = model.weights.config.n_layers;
+    Session::new(&model.weights, SessionOptions { ctx_len, candidates: 1 }, LayerPlan::full(n)).unwrap()
+}
+
+fn greedy(max_tokens: usize, model: &LoadedModel) -> GenerateOptions {
+    GenerateOptions { max_tokens, sampler: SamplerConfig::greedy(), end_ids: model.tokenizer.end_ids().to_vec() }
+}
+
+fn question(model: &LoadedModel) -> Vec<u32> {
+    model.chat_ids(&[ChatMessage::user("What is the capital of France?")]).unwrap()
+}
+
+/// Pull every event; returns them with the record.
+fn drain(mut stream: TokenStream<'_>) -> (Vec<Event>, firstrt::generate::Generation) {
+    let events = (&mut stream).map(|e| e.unwrap()).collect();
+    (events, stream.into_generation())
+}
+
+#[test]
+fn events_are_the_tokens_the_text_and_the_finish() {
+    let model = common::model(DType::F32);
+    let prompt = question(&model);
+    let options = greedy(24, &model);
+    let mut s = session(&model, 128);
+    let stream = TokenStream::start(&mut s, &prompt, &options, Some(TextDecoder::new(&model.tokenizer, &[] as &[&str]))).unwrap();
+    let (events, g) = drain(stream);
+    let tokens: Vec<u32> = events.iter().filter_map(|e| if let Event::Token(id) = e { Some(*id) } else { None }).collect();
+    let text: String = events.iter().filter_map(|e| if let Event::Text(t) = e { Some(t.as_str()) } else { None }).collect();
+    assert_eq!(tokens, g.generated_ids);
+    assert_eq!(text, g.text);
+    assert_eq!(text, model.tokenizer.decode(&g.generated_ids).unwrap());
+    match events.last() {
+        Some(Event::Finished { reason, timings }) => {
+            assert_eq!(*reason, g.finish);
+            assert_eq!(timings.prefill_tokens, prompt.len());
+            assert!(timings.ttft_s > 0.0 && timings.ttft_s.is_finite());
+        }
+        other => panic!("the last event is Finished, got {other:?}"),
+    }
+    assert_eq!(g.finish, FinishReason::EndToken, "{}", g.text);
+    assert!(g.text.contains("Paris"), "{}", g.text);
+    assert_eq!(g.timings.decode_tokens, g.generated_ids.len(), "every generated token was fed back before the end token");
+    // The same tokens without text.
+    let mut s = session(&model, 128);
+    assert_eq!(generate(&mut s, &prompt, &options).unwrap().generated_ids, g.generated_ids);
+    // A smaller budget: the first token comes from prefill, the others from decode steps.
+    let mut s = session(&model, 128);
+    let short = generate(&mut s, &prompt, &greedy(4, &model)).unwrap();
+    assert_eq!(short.finish, FinishReason::MaxTokens);
+    assert_eq!(short.generated_ids, g.generated_ids[..4]);
+    assert_eq!(short.timings.decode_tokens, 3);
+}
+
+#[test]
+fn a_stop_string_ends_the_stream_before_it() {
+    let model = common::model(DType::F32);
+    let prompt = question(&model);
+    let options = greedy(24, &model);
+    let mut s = session(&model, 128);
+    let stream = TokenStream::start(&mut s, &prompt, &options, Some(TextDecoder::new(&model.tokenizer, &["Paris"]))).unwrap();
+    let (events, g) = drain(stream);
+    assert_eq!(g.finish, FinishReason::StopString);
+    assert!(!g.text.contains("Paris"), "{}", g.text);
+    assert!(model.tokenizer.decode(&g.generated_ids).unwrap().contains("Paris"), "the ids run up to the stop string");
+    let text: String = events.iter().filter_map(|e| if let Event::Text(t) = e { Some(t.as_str()) } else { None }).collect();
+    assert_eq!(text, g.text);
+}
+
+#[test]
+fn the_caller_and_the_context_end_the_stream() {
+    let model = common::model(DType::F32);
+    let prompt = question(&model);
+    let options = greedy(100, &model);
+    let mut s = session(&model, 128);
+    let mut stream = TokenStream::start(&mut s, &prompt, &options, Some(TextDecoder::new(&model.tokenizer, &[] as &[&str]))).unwrap();
+    let mut tokens = 0;
+    let mut last = None;
+    while let Some(event) = stream.next() {
+        let event = event.unwrap();
+        if matches!(event, Event::Token(_)) {
+            tokens += 1;
+            if tokens == 3 {
+                stream.stop().unwrap();
+            }
+        }
+        last = Some(event);
+    }
+    assert!(matches!(last, Some(Event::Finished { reason: FinishReason::Caller, .. })), "{last:?}");
+    let g = stream.into_generation();
+    assert_eq!(g.generated_ids.len(), 3);
+    assert_eq!(g.text, model.tokenizer.decode(&g.generated_ids).unwrap());
+
+    // Room for the prompt and two more rows: two decode steps, three tokens.
+    let mut s = session(&model, prompt.len() + 2);
+    let g = generate(&mut s, &prompt, &options).unwrap();
+    assert_eq!(g.finish, FinishReason::ContextFull);
+    assert_eq!(g.generated_ids.len(), 3);
+    assert_eq!(s.position(), prompt.len() + 2);
+}
+
+/// `firstrt chat --ctx 64 --system "You are a pirate."` with a long second question: the oldest
+/// exchange goes, the system prompt stays, and the question is answered.
+#[test]
+fn a_conversation_that_outgrows_the_context_keeps_the_system_prompt() {
+    let model = common::model(DType::F32);
+    let ctx_len = 64;
+    let options = greedy(8, &model);
+    let render = |m: &[ChatMessage]| model.chat_ids(m);
+    let mut conv = Conversation::new(Some("You are a pirate.".into()));
+    let mut s = session(&model, ctx_len);
+    let questions = [
+        "Hi!",
+        "Tell me, in a few short words, where a clever old pirate would hide the golden treasure that he found on the small island last summer",
+    ];
+    for (i, q) in questions.iter().enumerate() {
+        let turn = conv.ask(q, s.position(), ctx_len, render).unwrap();
+        if i == 1 {
+            assert_eq!(turn.dropped_exchanges, 1, "the first exchange no longer fits");
+            assert!(turn.restart);
+            let expected = model.chat_ids(&[ChatMessage::system("You are a pirate."), ChatMessage::user(*q)]).unwrap();
+            assert_eq!(turn.ids, expected, "system prompt and question, nothing else");
+        } else {
+            assert!(!turn.restart && turn.dropped_exchanges == 0);
+        }
+        if turn.restart {
+            s = session(&model, ctx_len);
+        }
+        let stream = TokenStream::start(&mut s, &turn.ids, &options, Some(TextDecoder::new(&model.tokenizer, &[] as &[&str]))).unwrap();
+        let (_, g) = drain(stream);
+        assert!(!g.generated_ids.is_empty(), "turn {i} is answered");
+        conv.record(turn, g.text, &g.generated_ids, s.position());
+    }
+    let messages = conv.messages();
+    assert_eq!(messages[0], ChatMessage::system("You are a pirate."));
+    assert_eq!(messages.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["system", "user", "assistant"]);
+    // Too long even alone: an error, and the conversation is unchanged.
+    let huge = "arr ".repeat(80);
+    assert!(conv.ask(&huge, s.position(), ctx_len, render).is_err());
+    assert_eq!(conv.messages(), messages);
+}
