@@ -352,6 +352,27 @@ fn plan_and_adapter_flags_outside_their_range_are_refused() {
     }
 }
 
+/// Issue 15 §5: sampling flags outside their range (negative or NaN temperature, top-p outside
+/// 0..=1 or NaN, top-k over the candidates read back) are refused before the model loads, naming
+/// the flag and the allowed range, in `run` and `chat` alike (they were clamped or made greedy).
+#[test]
+fn sampling_flags_outside_their_range_are_refused() {
+    let cases: [(&[&str], &str); 6] = [
+        (&["--temperature=-1"], "--temperature"),
+        (&["--temperature", "nan"], "--temperature"),
+        (&["--top-p", "2"], "--top-p"),
+        (&["--top-p=-1"], "--top-p"),
+        (&["--top-p", "nan"], "--top-p"),
+        (&["--top-k", "1000"], "--top-k"),
+    ];
+    for (flags, name) in cases {
+        for command in [&["run", "-p", "hi"][..], &["chat"]] {
+            let err = refused(firstrt().args(command).arg("-m").arg(model_path()).args(flags));
+            assert!(err.contains(name) && err.contains("allowed range") && !err.contains("loading"), "{command:?} {flags:?}: {err}");
+        }
+    }
+}
+
 /// Issue 15 §5: an output file in a folder that does not exist is refused before the work
 /// starts (no generation, no timings), and the cause is said once.
 #[test]

@@ -39,6 +39,16 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// Before the model loads: `--temperature` finite and >= 0, `--top-p` in 0..=1, `--top-k` at
+    /// most the 256 candidates read back (the library's [`SamplerConfig::validate`], with the
+    /// field named as its flag).
+    pub(super) fn check(&self) -> Result<()> {
+        let config = SamplerConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: 0 };
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--{} {} is outside the allowed range {}", e.field.replace('_', "-"), e.value, e.allowed))
+    }
+
     /// The generation options (the seed from the clock unless given), ending at the model's end
     /// tokens.
     fn options(&self, model: &LoadedModel) -> GenerateOptions {
@@ -260,6 +270,7 @@ fn write_logits(path: &Path, logits: &[f32]) -> Result<()> {
 }
 
 pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
+    args.sampling.check()?;
     args.plan.check()?;
     args.profiling.check()?;
     if let Some(path) = &args.logits_out {
@@ -376,6 +387,7 @@ fn parse_lora_command(line: &str) -> Option<Result<LoraCommand, String>> {
 }
 
 pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
+    args.sampling.check()?;
     args.plan.check()?;
     let lora_setup = args.lora.setup(LoraMode::Unmerged)?;
     let (_ctx, model) = load_model(gpu, &args.model, lora_setup.merged.as_ref())?;
