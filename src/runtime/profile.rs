@@ -168,7 +168,7 @@ pub struct HostSpan {
     pub end_s: f64,
 }
 
-/// Records host spans; cloned into code that does not own the session (the CLI's detokeniser).
+/// Records host spans; cloned into code that does not own the session (the generation loop's sampling and detokenising spans).
 #[derive(Debug, Clone)]
 pub struct HostClock {
     epoch: Instant,
