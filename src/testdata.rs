@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::gpu::{DType, GpuContext};
+use crate::model::{Arch, ModelConfig};
 use crate::runtime::LoadedModel;
 
 /// File name of the test model (SmolLM2-135M-Instruct, Q4_1 GGUF).
@@ -94,4 +95,26 @@ pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+/// A tiny LLaMA configuration for unit tests and fuzz seeds: 2 layers, d_model 8, 2 heads of
+/// head_dim 4, 1 KV head, d_ff 12, vocab 5, tied embeddings, named `tiny`.
+pub fn tiny_llama_config() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        n_layers: 2,
+        d_model: 8,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        d_ff: 12,
+        vocab_size: 5,
+        rms_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position: 64,
+        tied_embeddings: true,
+        qkv_bias: false,
+        name: "tiny".into(),
+    }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use firstrt::model::chat::{ChatMessage, ChatTemplate};
-use firstrt::model::config::{Arch, ModelConfig};
+use firstrt::model::config::ModelConfig;
 use firstrt::model::gguf_test_writer::GgufBuilder;
 use firstrt::model::lora::{LoraAdapter, LoraConfig, Projection};
 use firstrt::model::routers::{ModelIdentity, RouterFile};
@@ -302,23 +302,7 @@ const LORA_CONFIG: &str = include_str!("../../fuzz/seeds/lora/adapter_config.jso
 
 /// The base model of the LoRA seeds: 2 layers, d_model 8, 2 heads of 4, 1 KV head, d_ff 12.
 fn lora_base() -> ModelConfig {
-    ModelConfig {
-        arch: Arch::Llama,
-        n_layers: 2,
-        d_model: 8,
-        n_heads: 2,
-        n_kv_heads: 1,
-        head_dim: 4,
-        d_ff: 12,
-        vocab_size: 5,
-        rms_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position: 64,
-        tied_embeddings: true,
-        qkv_bias: false,
-        name: "tiny".into(),
-    }
+    firstrt::testdata::tiny_llama_config()
 }
 
 /// The seed adapter's configuration (what part 1's tensors are checked against).

@@ -487,28 +487,9 @@ impl LoraAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Arch;
     use crate::testdata::TempDir;
 
-    fn tiny_config() -> ModelConfig {
-        ModelConfig {
-            arch: Arch::Llama,
-            n_layers: 2,
-            d_model: 8,
-            n_heads: 2,
-            n_kv_heads: 1,
-            head_dim: 4,
-            d_ff: 12,
-            vocab_size: 5,
-            rms_eps: 1e-5,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            max_position: 64,
-            tied_embeddings: true,
-            qkv_bias: false,
-            name: "tiny".into(),
-        }
-    }
+    use crate::testdata::tiny_llama_config as tiny_config;
 
     fn config_json(extra: &[(&str, Value)]) -> String {
         let mut v = serde_json::json!({
