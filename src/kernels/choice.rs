@@ -6,9 +6,12 @@
 //! [`GpuContext::adapter_key`] and the candidate variants; else a short measurement of every variant on a representative
 //! shape, whose result is written to the cache. The choice is kept in `ctx.kernel_choices`.
 //!
-//! Besides the matmul and matvec variants, the family `f16read` chooses how kernels read f16
-//! weights where SHADER_F16 exists: `native` ([`WeightKind::F16`]) or `packed`
-//! ([`WeightKind::F16Packed`]); on lavapipe the packed form is faster (it loads 32-bit words).
+//! Besides the matmul and matvec variants, the families `f32read` and `f16read` choose how
+//! kernels read weights ([`read_candidates`]): f32 `plain` ([`WeightKind::F32`]) or `wide`
+//! ([`WeightKind::F32Wide`], where SHADER_INT64 exists); f16 `native` ([`WeightKind::F16`], where
+//! SHADER_F16 exists), `packed` ([`WeightKind::F16Packed`]) or `wide` ([`WeightKind::F16Wide`]).
+//! On lavapipe the wide forms are faster: every load is a per-lane loop there, so fewer, wider
+//! loads win.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,19 +29,30 @@ pub struct Forced {
     pub matmul: Option<MatmulVariant>,
     /// `matvec=rows|reduce` (or the bare name).
     pub matvec: Option<MatvecVariant>,
-    /// `f16read=native|packed`.
+    /// `f16read=native|packed|wide`.
     pub f16read: Option<WeightKind>,
+    /// `f32read=plain|wide`.
+    pub f32read: Option<WeightKind>,
 }
 
-/// The `f16read` names of the two ways of reading f16 weights.
-fn f16read_name(kind: WeightKind) -> &'static str {
-    if kind == WeightKind::F16 { "native" } else { "packed" }
+/// The name of a way of reading weights in the `f32read` / `f16read` families.
+fn read_name(kind: WeightKind) -> &'static str {
+    match kind {
+        WeightKind::F32 => "plain",
+        WeightKind::F16 => "native",
+        WeightKind::F16Packed => "packed",
+        WeightKind::F32Wide | WeightKind::F16Wide => "wide",
+    }
 }
 
-fn f16read_parse(s: &str) -> Option<WeightKind> {
-    match s {
-        "native" => Some(WeightKind::F16),
-        "packed" => Some(WeightKind::F16Packed),
+/// The way of reading weights of `dtype` called `s` ([`read_name`]), if any.
+fn read_parse(dtype: DType, s: &str) -> Option<WeightKind> {
+    match (dtype, s) {
+        (DType::F32, "plain") => Some(WeightKind::F32),
+        (DType::F32, "wide") => Some(WeightKind::F32Wide),
+        (DType::F16, "native") => Some(WeightKind::F16),
+        (DType::F16, "packed") => Some(WeightKind::F16Packed),
+        (DType::F16, "wide") => Some(WeightKind::F16Wide),
         _ => None,
     }
 }
@@ -54,12 +68,21 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
             None => (None, item.as_str()),
         };
         if family == Some("f16read") {
-            match f16read_parse(name) {
+            match read_parse(DType::F16, name) {
                 Some(k) => {
                     f.f16read = Some(k);
                     continue;
                 }
-                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f16read=native|packed)")),
+                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f16read=native|packed|wide)")),
+            }
+        }
+        if family == Some("f32read") {
+            match read_parse(DType::F32, name) {
+                Some(k) => {
+                    f.f32read = Some(k);
+                    continue;
+                }
+                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f32read=plain|wide)")),
             }
         }
         match (family, MatmulVariant::parse(name), MatvecVariant::parse(name)) {
@@ -67,7 +90,8 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
             (None | Some("matvec"), _, Some(v)) => f.matvec = Some(v),
             _ => {
                 return Err(format!(
-                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled, matvec=rows|reduce, f16read=native|packed)"
+                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled|xbcast, matvec=rows|reduce, \
+                     f32read=plain|wide, f16read=native|packed|wide)"
                 ));
             }
         }
@@ -124,8 +148,9 @@ fn choose(
     measure: impl FnOnce() -> Result<&'static str, GpuError>,
     fallback: &'static str,
 ) -> String {
-    let mut choices = ctx.kernel_choices.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(v) = choices.get(family) {
+    // The lock is not held while measuring: a measurement may itself ask for another family's
+    // choice (a matmul variant's kernels read weights the `f32read` way).
+    if let Some(v) = ctx.kernel_choices.lock().unwrap_or_else(|p| p.into_inner()).get(family) {
         return v.clone();
     }
     let key = cache_key(ctx);
@@ -155,8 +180,8 @@ fn choose(
             }
         }
     };
-    choices.insert(family, chosen.clone());
-    chosen
+    // Two threads may have measured at once: the first choice stored wins, for both.
+    ctx.kernel_choices.lock().unwrap_or_else(|p| p.into_inner()).entry(family).or_insert(chosen).clone()
 }
 
 /// The on-disk cache key: the adapter and driver, and the candidates of every family, so that a
@@ -164,7 +189,7 @@ fn choose(
 fn cache_key(ctx: &GpuContext) -> String {
     let names = |v: &[&str]| v.join(",");
     format!(
-        "{}|matmul={}|matvec={}|f16read=native,packed",
+        "{}|matmul={}|matvec={}|f32read=plain,wide|f16read=native,packed,wide",
         ctx.adapter_key(),
         names(&MatmulVariant::ALL.map(MatmulVariant::name)),
         names(&MatvecVariant::ALL.map(MatvecVariant::name)),
@@ -191,42 +216,62 @@ pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
     MatvecVariant::parse(&name).unwrap_or(fallback)
 }
 
-/// How kernels read weights of `dtype` on this adapter: f32 as [`WeightKind::F32`]; f16 as
-/// [`WeightKind::F16Packed`] without SHADER_F16, else as the measured (or forced, or cached)
-/// `f16read` choice.
-pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
-    let plain = WeightKind::for_dtype(ctx, dtype);
-    if plain != WeightKind::F16 {
-        return plain;
+/// The ways this adapter can read weights of `dtype`, the default first: f32 plain, then wide
+/// with SHADER_INT64; f16 native with SHADER_F16 (else packed), then packed, then wide with
+/// SHADER_INT64.
+pub fn read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
+    let mut kinds = vec![WeightKind::for_dtype(ctx, dtype)];
+    if dtype == DType::F16 && kinds[0] == WeightKind::F16 {
+        kinds.push(WeightKind::F16Packed);
     }
-    let forced = forced_from_env().f16read.map(f16read_name);
-    let name = choose(ctx, "f16read", forced, cache_path().as_deref(), || measure_f16read(ctx).map(f16read_name), "native");
-    f16read_parse(&name).unwrap_or(WeightKind::F16)
+    if ctx.has_int64() {
+        kinds.push(if dtype == DType::F16 { WeightKind::F16Wide } else { WeightKind::F32Wide });
+    }
+    kinds
 }
 
-/// Time matvec (the `Rows` variant) 3072x576 and 576x1536 with f16 weights read natively and
-/// packed, alternating the two kinds over several rounds (other load on the machine then hits both
-/// alike); the smaller best time wins.
-fn measure_f16read(ctx: &GpuContext) -> Result<WeightKind, GpuError> {
-    let kinds = [WeightKind::F16, WeightKind::F16Packed];
-    let mut programs: Vec<Vec<Vec<Dispatch>>> = vec![Vec::new(), Vec::new()];
+/// How kernels read weights of `dtype` on this adapter: the only candidate of
+/// [`read_candidates`], else the forced, cached or measured `f32read` / `f16read` choice.
+pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
+    let candidates = read_candidates(ctx, dtype);
+    if candidates.len() == 1 || dtype == DType::U32 {
+        return candidates[0];
+    }
+    let (family, forced) = match dtype {
+        DType::F16 => ("f16read", forced_from_env().f16read),
+        _ => ("f32read", forced_from_env().f32read),
+    };
+    let forced = forced.filter(|k| candidates.contains(k)).map(read_name);
+    let measure = || measure_read(ctx, dtype, &candidates).map(read_name);
+    let name = choose(ctx, family, forced, cache_path().as_deref(), measure, read_name(candidates[0]));
+    read_parse(dtype, &name).filter(|k| candidates.contains(k)).unwrap_or(candidates[0])
+}
+
+/// Time matvec (the `Rows` variant) 3072x576 and 576x1536 with weights of `dtype` read as each
+/// of `kinds`, alternating the kinds over several rounds (other load on the machine then hits all
+/// alike); the smallest best time wins.
+fn measure_read(ctx: &GpuContext, dtype: DType, kinds: &[WeightKind]) -> Result<WeightKind, GpuError> {
+    let mut programs: Vec<Vec<Vec<Dispatch>>> = vec![Vec::new(); kinds.len()];
     for (n, k) in [(3072, 576), (576, 1536)] {
-        let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F16)?;
+        let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), dtype)?;
         let x = GpuTensor::from_f32(ctx, "choice.x", &[k], &pseudo_random(k))?;
         let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[n])?;
-        for (slot, &kind) in programs.iter_mut().zip(&kinds) {
-            slot.push(matvec(ctx, "choice.f16read", &LinearOp::new(&x, 1, &w, &y).kind(kind), MatvecVariant::Rows)?);
+        for (slot, &kind) in programs.iter_mut().zip(kinds) {
+            slot.push(matvec(ctx, "choice.read", &LinearOp::new(&x, 1, &w, &y).kind(kind), MatvecVariant::Rows)?);
         }
     }
-    let mut best = [Duration::MAX; 2];
+    let mut best = vec![Duration::MAX; kinds.len()];
     for _round in 0..4 {
         for (b, prog) in best.iter_mut().zip(&programs) {
             let list: Vec<&Dispatch> = prog.iter().flat_map(|ds| ds.iter().cycle().take(4 * ds.len())).collect();
             *b = (*b).min(time_dispatches(ctx, &list, 2)?);
         }
     }
-    log::debug!("kernel choice: f16read native took {:?}, packed {:?}", best[0], best[1]);
-    Ok(if best[1] < best[0] { WeightKind::F16Packed } else { WeightKind::F16 })
+    for (kind, t) in kinds.iter().zip(&best) {
+        log::debug!("kernel choice: {dtype} read {} took {t:?}", read_name(*kind));
+    }
+    let i = (0..kinds.len()).min_by_key(|&i| best[i]).unwrap_or(0);
+    Ok(kinds[i])
 }
 
 /// Best-of-`reps` wall time of running `dispatches` in one pass (after one warm-up run).
@@ -314,13 +359,13 @@ mod tests {
     fn forced_variants_parse() {
         assert_eq!(
             parse_forced("matmul=tiled,matvec=reduce").unwrap(),
-            Forced { matmul: Some(MatmulVariant::Tiled), matvec: Some(MatvecVariant::Reduce), f16read: None }
+            Forced { matmul: Some(MatmulVariant::Tiled), matvec: Some(MatvecVariant::Reduce), ..Forced::default() }
         );
-        assert_eq!(parse_forced("tiled").unwrap(), Forced { matmul: Some(MatmulVariant::Tiled), matvec: None, f16read: None });
-        assert_eq!(parse_forced(" Rows ").unwrap(), Forced { matmul: None, matvec: Some(MatvecVariant::Rows), f16read: None });
+        assert_eq!(parse_forced("tiled").unwrap(), Forced { matmul: Some(MatmulVariant::Tiled), ..Forced::default() });
+        assert_eq!(parse_forced(" Rows ").unwrap(), Forced { matvec: Some(MatvecVariant::Rows), ..Forced::default() });
         assert_eq!(
             parse_forced("regblock, matvec = rows").unwrap(),
-            Forced { matmul: Some(MatmulVariant::RegBlock), matvec: Some(MatvecVariant::Rows), f16read: None }
+            Forced { matmul: Some(MatmulVariant::RegBlock), matvec: Some(MatvecVariant::Rows), ..Forced::default() }
         );
         assert_eq!(parse_forced("").unwrap(), Forced::default());
         assert!(parse_forced("matmul=rows").is_err());
@@ -329,6 +374,10 @@ mod tests {
         assert_eq!(parse_forced("f16read=packed").unwrap().f16read, Some(WeightKind::F16Packed));
         assert_eq!(parse_forced("rows,f16read=native").unwrap().f16read, Some(WeightKind::F16));
         assert!(parse_forced("f16read=rows").is_err());
+        assert_eq!(parse_forced("f16read=wide").unwrap().f16read, Some(WeightKind::F16Wide));
+        assert_eq!(parse_forced("f32read=wide").unwrap().f32read, Some(WeightKind::F32Wide));
+        assert_eq!(parse_forced("f32read=plain").unwrap().f32read, Some(WeightKind::F32));
+        assert!(parse_forced("f32read=packed").is_err());
         assert!(parse_forced("packed").is_err());
     }
 
@@ -368,19 +417,23 @@ mod tests {
         // The measurement itself (not its outcome, which depends on the machine) must work.
         measure_matvec(&ctx).unwrap();
         measure_matmul(&ctx).unwrap();
-        if ctx.has_f16() {
-            measure_f16read(&ctx).unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            let kinds = read_candidates(&ctx, dtype);
+            assert!(kinds.contains(&measure_read(&ctx, dtype, &kinds).unwrap()));
         }
     }
 
     #[test]
     fn weight_kind_reads_each_dtype() {
         let ctx = test_context();
-        assert_eq!(weight_kind(&ctx, DType::F32), WeightKind::F32);
-        let k = weight_kind(&ctx, DType::F16);
-        assert_eq!(k.dtype(), DType::F16);
+        for dtype in [DType::F32, DType::F16] {
+            let k = weight_kind(&ctx, dtype);
+            assert_eq!(k.dtype(), dtype);
+            assert!(read_candidates(&ctx, dtype).contains(&k), "{dtype} read as {k:?}");
+        }
+        assert_eq!(read_candidates(&ctx, DType::F32)[0], WeightKind::F32);
         if !ctx.has_f16() {
-            assert_eq!(k, WeightKind::F16Packed);
+            assert_eq!(read_candidates(&ctx, DType::F16)[0], WeightKind::F16Packed);
         }
     }
 }
