@@ -285,6 +285,7 @@ for dt in f32 f16; do
 done
 
 load_before="$(uptime)"
+started="$(date -u '+%Y-%m-%d %H:%M')"
 for ((r = 1; r <= rounds; r++)); do
     order=("${jobs[@]}")
     if [ $((r % 2)) -eq 0 ]; then
@@ -312,7 +313,7 @@ show_cmd() {
 
 cat <<EOF
 
-## firstrt vs llama.cpp, $(date -u '+%Y-%m-%d %H:%M UTC')
+## firstrt vs llama.cpp, $started–$(date -u '+%H:%M') UTC
 
 - Machine: $cpu_model, $(nproc) logical CPUs; Vulkan driver: ${driver:-unknown}
 - Load average before: ${load_before#*load average: }; after: ${load_after#*load average: }
