@@ -8,7 +8,8 @@
 //! `ctx.kernel_choices`.
 //!
 //! The measurement runs each candidate's program (a mix of the test model's shapes: its decode
-//! GEMVs with the 49152 x 576 LM head, or short and long prefill products) in alternated rounds
+//! GEMVs with the 49152 x 576 LM head, or prefill products, short and long prompts apart) in
+//! alternated rounds
 //! and compares medians. Candidates are listed in a fixed preference order (the adapter's
 //! fallback first); the first whose median is within [`TIE_MARGIN`] of the fastest wins, so
 //! that variants within noise of each other give the same choice in every fresh run. It takes
@@ -198,7 +199,7 @@ fn choose(
 
 /// The way choices are measured, in the cache key: a choice measured another way (before the
 /// alternated medians and the tie margin) is measured again.
-const METHOD: &str = "medians-tie5";
+const METHOD: &str = "medians-tie5-short32";
 
 /// The on-disk cache key: the adapter and driver, the candidates of every family and the
 /// measuring [`METHOD`], so that a choice measured before a variant existed is measured again.
@@ -216,13 +217,29 @@ fn is_cpu(ctx: &GpuContext) -> bool {
     ctx.info.device_type == wgpu::DeviceType::Cpu
 }
 
-/// The matmul variant for this adapter (decided once per process).
-pub fn matmul_variant(ctx: &GpuContext) -> MatmulVariant {
+/// Prefills of at most this many tokens are short: their products use the `matmul.short`
+/// choice, longer ones the `matmul` choice. On lavapipe the best variant at T = 12 and at
+/// T = 128 differ, each by about 20%, and one choice over both lengths sat within noise of a
+/// tie.
+pub const SHORT_PREFILL_ROWS: usize = 32;
+
+/// The matmul variant for a prefill of `rows` tokens on this adapter (decided once per process
+/// for short prefills, up to [`SHORT_PREFILL_ROWS`], and once for longer ones).
+pub fn matmul_variant(ctx: &GpuContext, rows: usize) -> MatmulVariant {
+    let (family, lengths) = if rows <= SHORT_PREFILL_ROWS { ("matmul.short", SHORT_LENGTHS) } else { ("matmul", LONG_LENGTHS) };
     let fallback = if is_cpu(ctx) { MatmulVariant::RegBlock } else { MatmulVariant::Tiled };
     let forced = forced_from_env().matmul.map(MatmulVariant::name);
-    let name =
-        choose(ctx, "matmul", forced, cache_path().as_deref(), || measure_matmul(ctx, fallback).map(MatmulVariant::name), fallback.name());
+    let measure = || measure_matmul(ctx, family, fallback, &lengths).map(MatmulVariant::name);
+    let name = choose(ctx, family, forced, cache_path().as_deref(), measure, fallback.name());
     MatmulVariant::parse(&name).unwrap_or(fallback)
+}
+
+/// Decide every kernel choice a session's steps use (the matmul variant of short and of long
+/// prefills, the matvec variant), measuring what is not cached.
+pub fn choose_all(ctx: &GpuContext) {
+    matmul_variant(ctx, 1);
+    matmul_variant(ctx, SHORT_PREFILL_ROWS + 1);
+    matvec_variant(ctx);
 }
 
 /// The matvec variant for this adapter (decided once per process).
@@ -282,7 +299,48 @@ fn median(times: &mut [Duration]) -> Duration {
     times.get(times.len() / 2).copied().unwrap_or(Duration::ZERO)
 }
 
-/// Wall time of each candidate's program (one submission of its dispatches, waited for): one
+/// What a candidate's run is timed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// Wall time: the GPU works apart from this process.
+    Wall,
+    /// This process's CPU time over all its threads: on a CPU adapter (lavapipe) the kernels run
+    /// on this process's threads, and their CPU time, unlike wall time, does not grow while
+    /// other processes hold the cores.
+    ProcessCpu,
+}
+
+impl Clock {
+    /// [`Clock::ProcessCpu`] for a CPU adapter where the clock exists, else [`Clock::Wall`].
+    fn for_adapter(ctx: &GpuContext) -> Clock {
+        if is_cpu(ctx) && process_cpu_time().is_some() { Clock::ProcessCpu } else { Clock::Wall }
+    }
+
+    /// The clock's reading (from an arbitrary origin).
+    fn now(self) -> Duration {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        match self {
+            Clock::ProcessCpu => process_cpu_time().unwrap_or_default(),
+            Clock::Wall => ORIGIN.get_or_init(Instant::now).elapsed(),
+        }
+    }
+}
+
+/// CPU time used by this process so far, all threads (`CLOCK_PROCESS_CPUTIME_ID`); None where
+/// the clock is missing.
+fn process_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+            return Some(Duration::new(u64::try_from(ts.tv_sec).ok()?, u32::try_from(ts.tv_nsec).ok()?));
+        }
+    }
+    None
+}
+
+/// Time of each candidate's program (one submission of its dispatches, waited for): one
 /// [`GpuContext::warm_up`] of every program first (the driver compiles its pipelines there), then up to
 /// [`ROUNDS`] rounds that each time every remaining program once, round r starting with
 /// candidate `r mod n` so that other load on the machine and the order hit all alike. Returns
@@ -292,6 +350,7 @@ fn alternated_rounds(ctx: &GpuContext, programs: &[Vec<Dispatch>]) -> Result<Vec
     ctx.warm_up(programs.iter().flatten())?;
     let lists: Vec<Vec<&Dispatch>> = programs.iter().map(|p| p.iter().collect()).collect();
     let n = lists.len();
+    let clock = Clock::for_adapter(ctx);
     let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(ROUNDS); n];
     let mut timed = vec![true; n];
     for round in 0..ROUNDS {
@@ -303,9 +362,9 @@ fn alternated_rounds(ctx: &GpuContext, programs: &[Vec<Dispatch>]) -> Result<Vec
             }
         }
         for i in (0..n).map(|j| (j + round) % n).filter(|&i| timed[i]) {
-            let t = Instant::now();
+            let start = clock.now();
             ctx.run("choice", &lists[i])?;
-            times[i].push(t.elapsed());
+            times[i].push(clock.now().saturating_sub(start));
         }
     }
     Ok(times)
@@ -389,23 +448,24 @@ fn measure_matvec(ctx: &GpuContext, preferred: MatvecVariant) -> Result<MatvecVa
     measure_candidates(ctx, "matvec", &order, MatvecVariant::name, |v| set.program(ctx, WeightKind::F32, v))
 }
 
-/// Prompt lengths the matmul choice is timed on, each with how often it runs per program: a
-/// short chat prompt (a 64x64 tile wastes most of its work at T = 12) and a long one.
-const PREFILL_ROWS: [(usize, usize); 2] = [(12, 2), (96, 1)];
+/// The prompt lengths `matmul.short` is timed on, each with how often it runs per program.
+const SHORT_LENGTHS: [(usize, usize); 1] = [(12, 4)];
+/// The prompt lengths `matmul` is timed on (the length `firstrt bench` reports by default).
+const LONG_LENGTHS: [(usize, usize); 1] = [(128, 1)];
 
-/// The matmul variant, `preferred` first, timed on a 1536 x 576 weight (half of gate/up in
-/// SmolLM2-135M) at the lengths of [`PREFILL_ROWS`] in f32.
-fn measure_matmul(ctx: &GpuContext, preferred: MatmulVariant) -> Result<MatmulVariant, GpuError> {
+/// The matmul variant for `family`, `preferred` first, timed on a 1536 x 576 weight (half of
+/// gate/up in SmolLM2-135M) in f32 at `lengths` (prompt length T, runs per program).
+fn measure_matmul(ctx: &GpuContext, family: &str, preferred: MatmulVariant, lengths: &[(usize, usize)]) -> Result<MatmulVariant, GpuError> {
     let (n, k) = (1536, 576);
     let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F32)?;
     let mut buffers = Vec::new();
-    for (t, repeats) in PREFILL_ROWS {
+    for &(t, repeats) in lengths {
         let x = GpuTensor::from_f32(ctx, "choice.x", &[t, k], &pseudo_random(t * k))?;
         let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[t, n])?;
         buffers.push((t, repeats, x, y));
     }
     let order = preference_order(&MatmulVariant::ALL, preferred);
-    measure_candidates(ctx, "matmul", &order, MatmulVariant::name, |variant| {
+    measure_candidates(ctx, family, &order, MatmulVariant::name, |variant| {
         let mut program = Vec::new();
         for (t, repeats, x, y) in &buffers {
             let ds = matmul(ctx, "choice.matmul", &LinearOp::new(x, *t, &w, y), variant)?;
@@ -478,7 +538,9 @@ mod tests {
         let ctx = test_context();
         // The measurement itself (not its outcome, which depends on the machine) must work.
         let matvec = measure_matvec(&ctx, MatvecVariant::Rows).unwrap();
-        measure_matmul(&ctx, MatmulVariant::RegBlock).unwrap();
+        for lengths in [&SHORT_LENGTHS[..], &LONG_LENGTHS[..]] {
+            measure_matmul(&ctx, "test-matmul", MatmulVariant::RegBlock, lengths).unwrap();
+        }
         if ctx.has_f16() {
             measure_f16read(&ctx, matvec).unwrap();
         }
@@ -508,6 +570,19 @@ mod tests {
             [MatmulVariant::Tiled, MatmulVariant::RegBlock, MatmulVariant::XBcast]
         );
         assert_eq!(preference_order(&MatvecVariant::ALL, MatvecVariant::ALL[0]), MatvecVariant::ALL);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn process_cpu_time_counts_this_process_work() {
+        let start = process_cpu_time().expect("CLOCK_PROCESS_CPUTIME_ID on unix");
+        let wall = Instant::now();
+        let mut spins = 0u64;
+        while process_cpu_time().unwrap() < start + Duration::from_millis(5) {
+            spins = std::hint::black_box(spins + 1);
+            assert!(wall.elapsed() < Duration::from_secs(30), "the clock did not advance with {spins} spins");
+        }
+        assert!(spins > 0);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::gpu::dispatch::record_grouped;
 use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase};
-use crate::kernels::choice::{matmul_variant, matvec_variant};
+use crate::kernels::choice::choose_all;
 use crate::kernels::rope::{RopeScalingParams, RopeTables};
 use crate::kernels::sample::{decode_pairs, saw_non_finite};
 use crate::kernels::step::{StepBuffer, StepParams};
@@ -229,9 +229,7 @@ impl Session {
     /// fixed the plan.
     /// Errors: as [`StepBuilder::layer`]; `RuntimeError::Gpu` when the warm-up fails.
     pub fn prepare(&mut self) -> Result<(), RuntimeError> {
-        let ctx = &*self.ctx;
-        matmul_variant(ctx);
-        matvec_variant(ctx);
+        choose_all(&self.ctx);
         if self.routing.is_some() {
             return Ok(());
         }
