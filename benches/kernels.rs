@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use firstrt::gpu::WeightKind;
 use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor};
+use firstrt::kernels::choice::{read_candidates, weight_kind};
 use firstrt::kernels::copy::copy;
 use firstrt::kernels::linear::LinearOp;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
@@ -119,9 +119,10 @@ fn main() {
             for v in MatvecVariant::ALL {
                 let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y), v).unwrap();
                 b.case(&format!("matvec {} {dtype}", v.name()), &format!("{n}x{k}"), &ds, true);
-                if dtype == DType::F16 && ctx.has_f16() {
-                    let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y).kind(WeightKind::F16Packed), v).unwrap();
-                    b.case(&format!("matvec {} f16packed", v.name()), &format!("{n}x{k}"), &ds, true);
+                // The other ways of reading these weights (the row above used the adapter's choice).
+                for kind in read_candidates(&ctx, dtype).into_iter().filter(|&k| k != weight_kind(&ctx, dtype)) {
+                    let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y).kind(kind), v).unwrap();
+                    b.case(&format!("matvec {} {}", v.name(), kind.name()), &format!("{n}x{k}"), &ds, true);
                 }
             }
         }
@@ -139,8 +140,10 @@ fn main() {
             let x = GpuTensor::from_f32(&ctx, "x", &[t, k], &pseudo_random(t * k, 5)).unwrap();
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
             for v in MatmulVariant::ALL {
-                let ds = matmul(&ctx, "matmul", &LinearOp::new(&x, t, &w, &y), v).unwrap();
-                b.case(&format!("matmul {} {dtype}", v.name()), &format!("T={t} {n}x{k}"), &ds, false);
+                for kind in read_candidates(&ctx, dtype) {
+                    let ds = matmul(&ctx, "matmul", &LinearOp::new(&x, t, &w, &y).kind(kind), v).unwrap();
+                    b.case(&format!("matmul {} {}", v.name(), kind.name()), &format!("T={t} {n}x{k}"), &ds, false);
+                }
             }
         }
     }

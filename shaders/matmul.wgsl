@@ -3,8 +3,9 @@
 // Accumulation is in f32.
 //
 // Placeholders (filled from Rust): W_DECL / X_DECL declare the weights / input with accessors w_4,
-// w_1, x_4, x_1; ALIGNED is true when K % 4 == 0 (rows start on a vec4 boundary); WG is the
-// workgroup size of matmul_regblock, TM x TN its block of outputs per invocation.
+// w_1, x_4, x_1 (and w_8, x_8 for the wide kinds); ALIGNED is true when K % 4 == 0 (rows start on
+// a vec4 boundary); WG is the workgroup size of matmul_regblock, TM x TN its block of outputs per
+// invocation and REGBLOCK_BODY its generated body.
 
 struct MatmulParams {
     t: u32,         // rows of x (tokens)
@@ -43,8 +44,13 @@ fn store(t: u32, n: u32, v: f32) {
     y[i] = s;
 }
 
-// Register blocking: each invocation computes TM rows of x times TN rows of w, walking K in vec4
-// steps; consecutive invocations take consecutive blocks of w rows (so they share the x loads).
+// Register blocking: each invocation computes TM rows of x times TN rows of w; consecutive
+// invocations take consecutive blocks of w rows (so they share the x loads). REGBLOCK_BODY is
+// generated from Rust (`matmul::regblock_body`): it walks K in steps of 8 (wide kinds), 4 or 1
+// element, keeps the TM x TN accumulators in named registers and writes the guarded stores out
+// straight. On CPU drivers every storage load is a per-lane loop, so what makes this fast is
+// how many multiply-adds each load feeds (TM x TN per TM + TN loads) and how wide each load is;
+// arrays of accumulators indexed in loops would live in memory there.
 @compute @workgroup_size(WG)
 fn matmul_regblock(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let inv = gid.x + gid.y * nwg.x * WG;
@@ -55,59 +61,7 @@ fn matmul_regblock(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     }
     let n0 = (inv % nb) * TN;
     let t0 = (inv / nb) * TM;
-    var xb: array<u32, TM>;
-    var wb: array<u32, TN>;
-    for (var i = 0u; i < TM; i++) {
-        xb[i] = min(t0 + i, p.t - 1u) * p.k; // clamped: loads stay in bounds, stores are skipped
-    }
-    for (var j = 0u; j < TN; j++) {
-        wb[j] = min(n0 + j, p.n - 1u) * p.k;
-    }
-    var acc: array<f32, TM * TN>;
-    for (var i = 0u; i < TM * TN; i++) {
-        acc[i] = 0.0;
-    }
-    if (ALIGNED) {
-        for (var i = 0u; i < TM; i++) {
-            xb[i] = xb[i] / 4u;
-        }
-        for (var j = 0u; j < TN; j++) {
-            wb[j] = wb[j] / 4u;
-        }
-        let k4 = p.k / 4u;
-        for (var kk = 0u; kk < k4; kk++) {
-            var xv: array<vec4<f32>, TM>;
-            for (var i = 0u; i < TM; i++) {
-                xv[i] = x_4(xb[i] + kk);
-            }
-            for (var j = 0u; j < TN; j++) {
-                let wv = w_4(wb[j] + kk);
-                for (var i = 0u; i < TM; i++) {
-                    acc[i * TN + j] += dot(xv[i], wv);
-                }
-            }
-        }
-    } else {
-        for (var kk = 0u; kk < p.k; kk++) {
-            var xv: array<f32, TM>;
-            for (var i = 0u; i < TM; i++) {
-                xv[i] = x_1(xb[i] + kk);
-            }
-            for (var j = 0u; j < TN; j++) {
-                let wv = w_1(wb[j] + kk);
-                for (var i = 0u; i < TM; i++) {
-                    acc[i * TN + j] = fma(xv[i], wv, acc[i * TN + j]);
-                }
-            }
-        }
-    }
-    for (var i = 0u; i < TM; i++) {
-        for (var j = 0u; j < TN; j++) {
-            if (t0 + i < p.t && n0 + j < p.n) {
-                store(t0 + i, n0 + j, acc[i * TN + j]);
-            }
-        }
-    }
+{{REGBLOCK_BODY}}
 }
 
 // Tiled through workgroup memory: a 16 x 16 workgroup computes a 64 x 64 tile of y (4 x 4 per

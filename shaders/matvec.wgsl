@@ -2,8 +2,9 @@
 // for the rows n < p.rows of one chunk of a weight matrix. Accumulation is in f32.
 //
 // Placeholders (filled from Rust): W_DECL / X_DECL declare the weights / input with accessors w_4, w_1,
-// x_4, x_1; ALIGNED is true when K % 4 == 0 (rows start on a vec4 boundary); WG is the workgroup size;
-// R the rows per invocation (matvec_rows).
+// x_4, x_1 (and w_8, x_8 for the wide kinds); ALIGNED is true when K % 4 == 0 (rows start on a vec4
+// boundary); WG is the workgroup size; R the rows per invocation and ROWS_BODY the generated body
+// of matvec_rows.
 
 struct MatvecParams {
     rows: u32,    // rows of this chunk of w
@@ -41,46 +42,17 @@ fn store(n: u32, v: f32) {
     y[i] = s;
 }
 
-// Each invocation owns R consecutive rows and walks K in vec4 steps with one vec4 accumulator per
-// row; consecutive invocations own consecutive row groups. No workgroup memory.
+// Each invocation owns R consecutive rows; consecutive invocations own consecutive row groups.
+// No workgroup memory. ROWS_BODY is generated from Rust (`matvec::rows_body`): it walks K in
+// steps of 8 (wide kinds), 4 or 1 element with one vec4 (or f32) accumulator per row in named
+// registers, and writes the guarded stores out straight (see matmul_regblock for why).
 @compute @workgroup_size(WG)
 fn matvec_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = (gid.x + gid.y * nwg.x * WG) * R;
     if (first >= p.rows) {
         return;
     }
-    var acc: array<vec4<f32>, R>;
-    var base: array<u32, R>;
-    for (var r = 0u; r < R; r++) {
-        acc[r] = vec4<f32>(0.0);
-        base[r] = min(first + r, p.rows - 1u) * p.k; // clamped: loads stay in bounds, stores are skipped
-    }
-    if (ALIGNED) {
-        let k4 = p.k / 4u;
-        for (var r = 0u; r < R; r++) {
-            base[r] = base[r] / 4u;
-        }
-        for (var i = 0u; i < k4; i++) {
-            let xv = x_4(i);
-            for (var r = 0u; r < R; r++) {
-                acc[r] = fma(w_4(base[r] + i), xv, acc[r]);
-            }
-        }
-    } else {
-        for (var i = 0u; i < p.k; i++) {
-            let xv = x_1(i);
-            for (var r = 0u; r < R; r++) {
-                acc[r].x = fma(w_1(base[r] + i), xv, acc[r].x);
-            }
-        }
-    }
-    for (var r = 0u; r < R; r++) {
-        let n = first + r;
-        if (n < p.rows) {
-            let a = acc[r];
-            store(n, (a.x + a.y) + (a.z + a.w));
-        }
-    }
+{{ROWS_BODY}}
 }
 
 // One workgroup per row: the invocations stride over K, then reduce through workgroup memory.

@@ -115,9 +115,6 @@ pub fn load_model(gpu: &GpuOptions, args: &ModelArgs, lora: Option<&MergedLora>)
     let ctx = GpuContext::new(gpu)?;
     log::info!("using {} ({:?})", ctx.info.name, ctx.info.backend);
     let dtype = DType::parse(&args.dtype).context("--dtype")?;
-    // The read mode of f16 weights is measured here on a first run, before the progress bar,
-    // so that the notice of the measurement stays on screen.
-    firstrt::kernels::choice::weight_kind(&ctx, dtype);
     let bar = indicatif::ProgressBar::new(1);
     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     bar.set_style(

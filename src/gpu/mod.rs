@@ -18,8 +18,9 @@ pub use matrix::{GpuMatrix, MatrixChunk};
 pub use pipeline::{PipelineCache, ShaderVariant, WeightKind};
 
 /// Optional adapter features that firstrt uses when present and never requires.
-pub const OPTIONAL_FEATURES: [(wgpu::Features, &str); 4] = [
+pub const OPTIONAL_FEATURES: [(wgpu::Features, &str); 5] = [
     (wgpu::Features::SHADER_F16, "SHADER_F16"),
+    (wgpu::Features::SHADER_INT64, "SHADER_INT64"),
     (wgpu::Features::SUBGROUP, "SUBGROUP"),
     (wgpu::Features::TIMESTAMP_QUERY, "TIMESTAMP_QUERY"),
     (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "TIMESTAMP_QUERY_INSIDE_PASSES"),
@@ -351,6 +352,12 @@ impl GpuContext {
     /// True when WGSL can use `f16` directly.
     pub fn has_f16(&self) -> bool {
         self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// Whether shaders may use 64-bit integers (SHADER_INT64), which the wide weight kinds
+    /// ([`WeightKind::F32Wide`], [`WeightKind::F16Wide`]) need.
+    pub fn has_int64(&self) -> bool {
+        self.features.contains(wgpu::Features::SHADER_INT64)
     }
 
     /// A key naming this adapter and driver, for on-disk caches of measured choices.

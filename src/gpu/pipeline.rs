@@ -25,6 +25,14 @@ pub enum WeightKind {
     F16,
     /// f16 pairs in `array<vec2<u32>>`, unpacked with `unpack2x16float` (no SHADER_F16 needed).
     F16Packed,
+    /// f32 in `array<vec4<u64>>` through SHADER_INT64: eight elements per load. On CPU drivers
+    /// (lavapipe) every storage load is a per-lane loop whose cost is per load and per component,
+    /// not per byte, so fewer, wider loads are what makes a product faster there. Kernels use it
+    /// only where K % 8 == 0 ([`WeightKind::for_k`]).
+    F32Wide,
+    /// f16 in `array<vec2<u64>>` through SHADER_INT64 (eight elements per load, unpacked with
+    /// `unpack2x16float`); K % 8 == 0 as for [`WeightKind::F32Wide`].
+    F16Wide,
 }
 
 impl WeightKind {
@@ -37,26 +45,64 @@ impl WeightKind {
         }
     }
 
-    /// The kind's name in errors, bench rows and the kernel choice (`f32`, `f16`, `f16packed`).
+    /// The kind's name in errors, bench rows and the kernel choice (`f32`, `f16`, `f16packed`,
+    /// `f32wide`, `f16wide`).
     pub fn name(self) -> &'static str {
         match self {
             WeightKind::F32 => "f32",
             WeightKind::F16 => "f16",
             WeightKind::F16Packed => "f16packed",
+            WeightKind::F32Wide => "f32wide",
+            WeightKind::F16Wide => "f16wide",
         }
+    }
+
+    /// Elements per load of the kind's widest accessor: 8 for the wide kinds (`{v}_8`), else 4.
+    pub fn elems_per_load(self) -> usize {
+        match self {
+            WeightKind::F32Wide | WeightKind::F16Wide => 8,
+            WeightKind::F32 | WeightKind::F16 | WeightKind::F16Packed => 4,
+        }
+    }
+
+    /// The kind to read rows of `k` elements with: a wide kind needs K % 8 == 0 and falls back to
+    /// its 4-element sibling (f32, packed f16) otherwise.
+    pub fn for_k(self, k: usize) -> WeightKind {
+        match self {
+            WeightKind::F32Wide if !k.is_multiple_of(8) => WeightKind::F32,
+            WeightKind::F16Wide if !k.is_multiple_of(8) => WeightKind::F16Packed,
+            other => other,
+        }
+    }
+
+    /// How many elements a kernel walks per step of K with this kind for rows of `k` elements:
+    /// 8 (wide kinds), 4 (K % 4 == 0) or 1.
+    pub fn step(self, k: usize) -> usize {
+        match self.for_k(k) {
+            WeightKind::F32Wide | WeightKind::F16Wide => 8,
+            _ if k.is_multiple_of(4) => 4,
+            _ => 1,
+        }
+    }
+
+    /// The kind that reads f32 activations (x) alongside weights read as `self`: wide when the
+    /// weights are wide, so that a step of K loads both with one access each.
+    pub fn activations(self) -> WeightKind {
+        if self.elems_per_load() == 8 { WeightKind::F32Wide } else { WeightKind::F32 }
     }
 
     /// The dtype of the weights this kind reads.
     pub fn dtype(self) -> DType {
         match self {
-            WeightKind::F32 => DType::F32,
-            WeightKind::F16 | WeightKind::F16Packed => DType::F16,
+            WeightKind::F32 | WeightKind::F32Wide => DType::F32,
+            WeightKind::F16 | WeightKind::F16Packed | WeightKind::F16Wide => DType::F16,
         }
     }
 
     /// WGSL declaring read-only storage `var_name` at `binding` with two accessors:
     /// `{var_name}_4(i) -> vec4<f32>` (the i-th group of 4 elements) and
-    /// `{var_name}_1(i) -> f32` (the i-th element).
+    /// `{var_name}_1(i) -> f32` (the i-th element); the wide kinds add
+    /// `{var_name}_8(i) -> array<vec4<f32>, 2>` (the i-th group of 8 elements).
     pub fn declare(self, binding: u32, var_name: &str) -> String {
         let v = var_name;
         match self {
@@ -75,6 +121,23 @@ impl WeightKind {
                  fn {v}_4(i: u32) -> vec4<f32> {{ let p = {v}[i]; return vec4<f32>(unpack2x16float(p.x), unpack2x16float(p.y)); }}\n\
                  fn {v}_1(i: u32) -> f32 {{ let p = {v}[i >> 2u]; let w = select(p.x, p.y, (i & 2u) != 0u); \
                  return unpack2x16float(w)[i & 1u]; }}\n"
+            ),
+            WeightKind::F32Wide => format!(
+                "@group(0) @binding({binding}) var<storage, read> {v}: array<vec4<u64>>;\n\
+                 fn {v}_f32x2(a: u64) -> vec2<f32> {{ return bitcast<vec2<f32>>(vec2<u32>(u32(a), u32(a >> 32u))); }}\n\
+                 fn {v}_8(i: u32) -> array<vec4<f32>, 2> {{ let a = {v}[i]; \
+                 return array(vec4<f32>({v}_f32x2(a.x), {v}_f32x2(a.y)), vec4<f32>({v}_f32x2(a.z), {v}_f32x2(a.w))); }}\n\
+                 fn {v}_4(i: u32) -> vec4<f32> {{ let a = {v}[i >> 1u]; let h = select(a.xy, a.zw, (i & 1u) != 0u); \
+                 return vec4<f32>({v}_f32x2(h.x), {v}_f32x2(h.y)); }}\n\
+                 fn {v}_1(i: u32) -> f32 {{ let a = {v}[i >> 3u][(i >> 1u) & 3u]; return bitcast<f32>(u32(a >> (32u * (i & 1u)))); }}\n"
+            ),
+            WeightKind::F16Wide => format!(
+                "@group(0) @binding({binding}) var<storage, read> {v}: array<vec2<u64>>;\n\
+                 fn {v}_f16x4(a: u64) -> vec4<f32> {{ return vec4<f32>(unpack2x16float(u32(a)), unpack2x16float(u32(a >> 32u))); }}\n\
+                 fn {v}_8(i: u32) -> array<vec4<f32>, 2> {{ let a = {v}[i]; return array({v}_f16x4(a.x), {v}_f16x4(a.y)); }}\n\
+                 fn {v}_4(i: u32) -> vec4<f32> {{ return {v}_f16x4({v}[i >> 1u][i & 1u]); }}\n\
+                 fn {v}_1(i: u32) -> f32 {{ let a = {v}[i >> 3u][(i >> 2u) & 1u]; \
+                 return unpack2x16float(u32(a >> (32u * ((i >> 1u) & 1u))))[i & 1u]; }}\n"
             ),
         }
     }

@@ -16,9 +16,13 @@
 //! one to a few seconds on lavapipe, plus the driver's compilation of the candidates when its
 //! shader cache is empty; [`on_first_measurement`] announces it.
 //!
-//! Besides the matmul and matvec variants, the family `f16read` chooses how kernels read f16
-//! weights where SHADER_F16 exists: `native` ([`WeightKind::F16`], preferred) or `packed`
-//! ([`WeightKind::F16Packed`], which loads 32-bit words).
+//! Besides the matmul and matvec variants, the families `f32read` and `f16read` choose how
+//! kernels read weights ([`read_candidates`]): f32 `plain` ([`WeightKind::F32`]) or `wide`
+//! ([`WeightKind::F32Wide`], where SHADER_INT64 exists); f16 `native` ([`WeightKind::F16`], where
+//! SHADER_F16 exists), `packed` ([`WeightKind::F16Packed`]) or `wide` ([`WeightKind::F16Wide`]), the default
+//! (the first of [`read_candidates`]) preferred on a tie.
+//! On lavapipe the wide forms are faster: every load is a per-lane loop there, so fewer, wider
+//! loads win.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,19 +42,30 @@ pub struct Forced {
     pub matmul: Option<MatmulVariant>,
     /// `matvec=rows|reduce` (or the bare name).
     pub matvec: Option<MatvecVariant>,
-    /// `f16read=native|packed`.
+    /// `f16read=native|packed|wide`.
     pub f16read: Option<WeightKind>,
+    /// `f32read=plain|wide`.
+    pub f32read: Option<WeightKind>,
 }
 
-/// The `f16read` names of the two ways of reading f16 weights.
-fn f16read_name(kind: WeightKind) -> &'static str {
-    if kind == WeightKind::F16 { "native" } else { "packed" }
+/// The name of a way of reading weights in the `f32read` / `f16read` families.
+fn read_name(kind: WeightKind) -> &'static str {
+    match kind {
+        WeightKind::F32 => "plain",
+        WeightKind::F16 => "native",
+        WeightKind::F16Packed => "packed",
+        WeightKind::F32Wide | WeightKind::F16Wide => "wide",
+    }
 }
 
-fn f16read_parse(s: &str) -> Option<WeightKind> {
-    match s {
-        "native" => Some(WeightKind::F16),
-        "packed" => Some(WeightKind::F16Packed),
+/// The way of reading weights of `dtype` called `s` ([`read_name`]), if any.
+fn read_parse(dtype: DType, s: &str) -> Option<WeightKind> {
+    match (dtype, s) {
+        (DType::F32, "plain") => Some(WeightKind::F32),
+        (DType::F32, "wide") => Some(WeightKind::F32Wide),
+        (DType::F16, "native") => Some(WeightKind::F16),
+        (DType::F16, "packed") => Some(WeightKind::F16Packed),
+        (DType::F16, "wide") => Some(WeightKind::F16Wide),
         _ => None,
     }
 }
@@ -66,12 +81,21 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
             None => (None, item.as_str()),
         };
         if family == Some("f16read") {
-            match f16read_parse(name) {
+            match read_parse(DType::F16, name) {
                 Some(k) => {
                     f.f16read = Some(k);
                     continue;
                 }
-                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f16read=native|packed)")),
+                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f16read=native|packed|wide)")),
+            }
+        }
+        if family == Some("f32read") {
+            match read_parse(DType::F32, name) {
+                Some(k) => {
+                    f.f32read = Some(k);
+                    continue;
+                }
+                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f32read=plain|wide)")),
             }
         }
         match (family, MatmulVariant::parse(name), MatvecVariant::parse(name)) {
@@ -79,7 +103,8 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
             (None | Some("matvec"), _, Some(v)) => f.matvec = Some(v),
             _ => {
                 return Err(format!(
-                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled, matvec=rows|reduce, f16read=native|packed)"
+                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled|xbcast, matvec=rows|reduce, \
+                     f32read=plain|wide, f16read=native|packed|wide)"
                 ));
             }
         }
@@ -160,8 +185,9 @@ fn choose(
     measure: impl FnOnce() -> Result<&'static str, GpuError>,
     fallback: &'static str,
 ) -> String {
-    let mut choices = ctx.kernel_choices.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(v) = choices.get(family) {
+    // The lock is not held while measuring: a measurement may itself ask for another family's
+    // choice (a matmul variant's kernels read weights the `f32read` way).
+    if let Some(v) = ctx.kernel_choices.lock().unwrap_or_else(|p| p.into_inner()).get(family) {
         return v.clone();
     }
     let key = cache_key(ctx);
@@ -193,8 +219,8 @@ fn choose(
             }
         }
     };
-    choices.insert(family, chosen.clone());
-    chosen
+    // Two threads may have measured at once: the first choice stored wins, for both.
+    ctx.kernel_choices.lock().unwrap_or_else(|p| p.into_inner()).entry(family).or_insert(chosen).clone()
 }
 
 /// The way choices are measured, in the cache key: a choice measured another way (before the
@@ -206,7 +232,7 @@ const METHOD: &str = "medians-tie5-short32";
 fn cache_key(ctx: &GpuContext) -> String {
     let names = |v: &[&str]| v.join(",");
     format!(
-        "{}|matmul={}|matvec={}|f16read=native,packed|{METHOD}",
+        "{}|matmul={}|matvec={}|f32read=plain,wide|f16read=native,packed,wide|{METHOD}",
         ctx.adapter_key(),
         names(&MatmulVariant::ALL.map(MatmulVariant::name)),
         names(&MatvecVariant::ALL.map(MatvecVariant::name)),
@@ -234,35 +260,59 @@ pub fn matmul_variant(ctx: &GpuContext, rows: usize) -> MatmulVariant {
     MatmulVariant::parse(&name).unwrap_or(fallback)
 }
 
-/// Decide every kernel choice a session's steps use (the matmul variant of short and of long
-/// prefills, the matvec variant), measuring what is not cached.
-pub fn choose_all(ctx: &GpuContext) {
+/// Decide every kernel choice that the steps of a model with `dtype` weights use (how the
+/// weights are read, the matmul variant of short and of long prefills, the matvec variant),
+/// measuring what is not cached.
+pub fn choose_all(ctx: &GpuContext, dtype: DType) {
+    weight_kind(ctx, dtype);
     matmul_variant(ctx, 1);
     matmul_variant(ctx, SHORT_PREFILL_ROWS + 1);
     matvec_variant(ctx);
 }
 
+/// The matvec variant used where none is measured: `rows` on a CPU adapter, else `reduce`.
+fn matvec_fallback(ctx: &GpuContext) -> MatvecVariant {
+    if is_cpu(ctx) { MatvecVariant::Rows } else { MatvecVariant::Reduce }
+}
+
 /// The matvec variant for this adapter (decided once per process).
 pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
-    let fallback = if is_cpu(ctx) { MatvecVariant::Rows } else { MatvecVariant::Reduce };
+    let fallback = matvec_fallback(ctx);
     let forced = forced_from_env().matvec.map(MatvecVariant::name);
     let name =
         choose(ctx, "matvec", forced, cache_path().as_deref(), || measure_matvec(ctx, fallback).map(MatvecVariant::name), fallback.name());
     MatvecVariant::parse(&name).unwrap_or(fallback)
 }
 
-/// How kernels read weights of `dtype` on this adapter: f32 as [`WeightKind::F32`]; f16 as
-/// [`WeightKind::F16Packed`] without SHADER_F16, else as the measured (or forced, or cached)
-/// `f16read` choice, measured with the adapter's matvec variant.
-pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
-    let plain = WeightKind::for_dtype(ctx, dtype);
-    if plain != WeightKind::F16 {
-        return plain;
+/// The ways this adapter can read weights of `dtype`, the default first: f32 plain, then wide
+/// with SHADER_INT64; f16 native with SHADER_F16 (else packed), then packed, then wide with
+/// SHADER_INT64.
+pub fn read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
+    let mut kinds = vec![WeightKind::for_dtype(ctx, dtype)];
+    if dtype == DType::F16 && kinds[0] == WeightKind::F16 {
+        kinds.push(WeightKind::F16Packed);
     }
-    let variant = matvec_variant(ctx);
-    let forced = forced_from_env().f16read.map(f16read_name);
-    let name = choose(ctx, "f16read", forced, cache_path().as_deref(), || measure_f16read(ctx, variant).map(f16read_name), "native");
-    f16read_parse(&name).unwrap_or(WeightKind::F16)
+    if ctx.has_int64() {
+        kinds.push(if dtype == DType::F16 { WeightKind::F16Wide } else { WeightKind::F32Wide });
+    }
+    kinds
+}
+
+/// How kernels read weights of `dtype` on this adapter: the only candidate of
+/// [`read_candidates`], else the forced, cached or measured `f32read` / `f16read` choice.
+pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
+    let candidates = read_candidates(ctx, dtype);
+    if candidates.len() == 1 || dtype == DType::U32 {
+        return candidates[0];
+    }
+    let (family, forced) = match dtype {
+        DType::F16 => ("f16read", forced_from_env().f16read),
+        _ => ("f32read", forced_from_env().f32read),
+    };
+    let forced = forced.filter(|k| candidates.contains(k)).map(read_name);
+    let measure = || measure_read(ctx, family, dtype, &candidates).map(read_name);
+    let name = choose(ctx, family, forced, cache_path().as_deref(), measure, read_name(candidates[0]));
+    read_parse(dtype, &name).filter(|k| candidates.contains(k)).unwrap_or(candidates[0])
 }
 
 /// Candidates whose median time is within this fraction of the fastest one's count as tied; a
@@ -429,23 +479,27 @@ impl GemvSet {
     }
 }
 
-/// How to read f16 weights, native then packed in preference order, timed with the adapter's
-/// matvec `variant` on [`DECODE_SHAPES`] in f16 (decode reads the weights once per token:
-/// where the read mode matters most).
-fn measure_f16read(ctx: &GpuContext, variant: MatvecVariant) -> Result<WeightKind, GpuError> {
-    let set = GemvSet::new(ctx, DType::F16)?;
-    measure_candidates(ctx, "f16read", &[WeightKind::F16, WeightKind::F16Packed], f16read_name, |kind| set.program(ctx, kind, variant))
+/// How to read weights of `dtype`: `kinds` in preference order (the default first), timed on
+/// [`DECODE_SHAPES`] (decode reads every weight once per token: where the read mode matters
+/// most) with the adapter's fallback matvec variant, not the measured one, whose measurement
+/// reads weights the way this choice decides.
+fn measure_read(ctx: &GpuContext, family: &str, dtype: DType, kinds: &[WeightKind]) -> Result<WeightKind, GpuError> {
+    let set = GemvSet::new(ctx, dtype)?;
+    let variant = matvec_fallback(ctx);
+    measure_candidates(ctx, family, kinds, read_name, |kind| set.program(ctx, kind, variant))
 }
 
 fn pseudo_random(n: usize) -> Vec<f32> {
     (0..n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect()
 }
 
-/// The matvec variant, `preferred` first, timed on [`DECODE_SHAPES`] in f32.
+/// The matvec variant, `preferred` first, timed on [`DECODE_SHAPES`] in f32 read the adapter's
+/// way ([`weight_kind`]).
 fn measure_matvec(ctx: &GpuContext, preferred: MatvecVariant) -> Result<MatvecVariant, GpuError> {
     let set = GemvSet::new(ctx, DType::F32)?;
+    let kind = weight_kind(ctx, DType::F32);
     let order = preference_order(&MatvecVariant::ALL, preferred);
-    measure_candidates(ctx, "matvec", &order, MatvecVariant::name, |v| set.program(ctx, WeightKind::F32, v))
+    measure_candidates(ctx, "matvec", &order, MatvecVariant::name, |v| set.program(ctx, kind, v))
 }
 
 /// The prompt lengths `matmul.short` is timed on, each with how often it runs per program.
@@ -485,13 +539,13 @@ mod tests {
     fn forced_variants_parse() {
         assert_eq!(
             parse_forced("matmul=tiled,matvec=reduce").unwrap(),
-            Forced { matmul: Some(MatmulVariant::Tiled), matvec: Some(MatvecVariant::Reduce), f16read: None }
+            Forced { matmul: Some(MatmulVariant::Tiled), matvec: Some(MatvecVariant::Reduce), ..Forced::default() }
         );
-        assert_eq!(parse_forced("tiled").unwrap(), Forced { matmul: Some(MatmulVariant::Tiled), matvec: None, f16read: None });
-        assert_eq!(parse_forced(" Rows ").unwrap(), Forced { matmul: None, matvec: Some(MatvecVariant::Rows), f16read: None });
+        assert_eq!(parse_forced("tiled").unwrap(), Forced { matmul: Some(MatmulVariant::Tiled), ..Forced::default() });
+        assert_eq!(parse_forced(" Rows ").unwrap(), Forced { matvec: Some(MatvecVariant::Rows), ..Forced::default() });
         assert_eq!(
             parse_forced("regblock, matvec = rows").unwrap(),
-            Forced { matmul: Some(MatmulVariant::RegBlock), matvec: Some(MatvecVariant::Rows), f16read: None }
+            Forced { matmul: Some(MatmulVariant::RegBlock), matvec: Some(MatvecVariant::Rows), ..Forced::default() }
         );
         assert_eq!(parse_forced("").unwrap(), Forced::default());
         assert!(parse_forced("matmul=rows").is_err());
@@ -500,6 +554,10 @@ mod tests {
         assert_eq!(parse_forced("f16read=packed").unwrap().f16read, Some(WeightKind::F16Packed));
         assert_eq!(parse_forced("rows,f16read=native").unwrap().f16read, Some(WeightKind::F16));
         assert!(parse_forced("f16read=rows").is_err());
+        assert_eq!(parse_forced("f16read=wide").unwrap().f16read, Some(WeightKind::F16Wide));
+        assert_eq!(parse_forced("f32read=wide").unwrap().f32read, Some(WeightKind::F32Wide));
+        assert_eq!(parse_forced("f32read=plain").unwrap().f32read, Some(WeightKind::F32));
+        assert!(parse_forced("f32read=packed").is_err());
         assert!(parse_forced("packed").is_err());
     }
 
@@ -537,12 +595,13 @@ mod tests {
     fn measured_variants_are_valid() {
         let ctx = test_context();
         // The measurement itself (not its outcome, which depends on the machine) must work.
-        let matvec = measure_matvec(&ctx, MatvecVariant::Rows).unwrap();
+        measure_matvec(&ctx, MatvecVariant::Rows).unwrap();
         for lengths in [&SHORT_LENGTHS[..], &LONG_LENGTHS[..]] {
             measure_matmul(&ctx, "test-matmul", MatmulVariant::RegBlock, lengths).unwrap();
         }
-        if ctx.has_f16() {
-            measure_f16read(&ctx, matvec).unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            let kinds = read_candidates(&ctx, dtype);
+            assert!(kinds.contains(&measure_read(&ctx, "test-read", dtype, &kinds).unwrap()));
         }
     }
 
@@ -595,11 +654,14 @@ mod tests {
     #[test]
     fn weight_kind_reads_each_dtype() {
         let ctx = test_context();
-        assert_eq!(weight_kind(&ctx, DType::F32), WeightKind::F32);
-        let k = weight_kind(&ctx, DType::F16);
-        assert_eq!(k.dtype(), DType::F16);
+        for dtype in [DType::F32, DType::F16] {
+            let k = weight_kind(&ctx, dtype);
+            assert_eq!(k.dtype(), dtype);
+            assert!(read_candidates(&ctx, dtype).contains(&k), "{dtype} read as {k:?}");
+        }
+        assert_eq!(read_candidates(&ctx, DType::F32)[0], WeightKind::F32);
         if !ctx.has_f16() {
-            assert_eq!(k, WeightKind::F16Packed);
+            assert_eq!(read_candidates(&ctx, DType::F16)[0], WeightKind::F16Packed);
         }
     }
 }

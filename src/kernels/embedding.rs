@@ -62,6 +62,7 @@ pub fn embedding_with_kind(
 ) -> Result<Vec<Dispatch>, GpuError> {
     let d = table.cols;
     check_weight_kind(ctx, label, kind, table.dtype)?;
+    let kind = kind.for_k(d);
     if ids.dtype != DType::U32 || ids.numel() < rows {
         return Err(invalid(label, format!("ids ({}) needs at least {rows} u32 values, has {} {}", ids.label, ids.numel(), ids.dtype)));
     }
@@ -130,7 +131,7 @@ mod tests {
     fn check(ctx: &GpuContext, vocab: usize, d: usize, ids: &[u32], kind: WeightKind, seed: u64) -> usize {
         let data = random_vec(vocab * d, seed);
         let table = GpuMatrix::upload(ctx, "table", vocab, d, &data, kind.dtype()).unwrap();
-        let want_table = if kind == WeightKind::F32 { data.clone() } else { round_f16(&data) };
+        let want_table = if kind.dtype() == DType::F32 { data.clone() } else { round_f16(&data) };
         let rows = ids.len();
         let before = vec![-7.5f32; rows * d];
         let gids = GpuTensor::from_u32(ctx, "ids", &[rows], ids).unwrap();

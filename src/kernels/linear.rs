@@ -130,7 +130,8 @@ impl<'a> LinearOp<'a> {
     }
 
     /// Checks every operand and option of the op `label` and returns the weight kind the kernel
-    /// reads W as.
+    /// reads W as (a wide kind falls back to its 4-element sibling when K % 8 != 0,
+    /// [`WeightKind::for_k`]).
     ///
     /// # Errors
     /// [`GpuError::InvalidArgument`] naming `label` when: x, y or the bias is not f32; W is not
@@ -174,7 +175,7 @@ impl<'a> LinearOp<'a> {
         }
         let kind = self.kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype));
         check_weight_kind(ctx, label, kind, w.dtype)?;
-        Ok(kind)
+        Ok(kind.for_k(k))
     }
 
     /// One dispatch per chunk of W, named `label` (or `label[row0]` when W is split), with

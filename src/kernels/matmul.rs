@@ -11,15 +11,16 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant};
 use crate::kernels::linear::LinearOp;
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 
 /// Workgroup size of the `RegBlock` variant.
 pub const REGBLOCK_WG: u32 = 64;
-/// Rows of x per `RegBlock` invocation.
-pub const REGBLOCK_TM: u32 = 2;
+/// Rows of x per `RegBlock` invocation (8 x 4 was the fastest block on lavapipe in
+/// `cargo bench --bench kernels`, against 2x4 to 16x4, 4x8, 6x6 and 8x8; bigger blocks spill).
+pub const REGBLOCK_TM: u32 = 8;
 /// Rows of w per `RegBlock` invocation.
 pub const REGBLOCK_TN: u32 = 4;
 /// Output tile of one `Tiled` workgroup (rows of x and rows of w).
@@ -102,8 +103,10 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         MatmulVariant::Tiled => "matmul_tiled",
         MatmulVariant::XBcast => "matmul_xbcast",
     };
+    let step = kind.step(k);
     let shader = ShaderVariant::new("matmul", SOURCE, entry)
-        .weights("X_DECL", WeightKind::F32, 1, "x")
+        .define("REGBLOCK_BODY", regblock_body(REGBLOCK_TM, REGBLOCK_TN, step))
+        .weights("X_DECL", kind.activations(), 1, "x")
         .weights("W_DECL", kind, 2, "w")
         .define("ALIGNED", k.is_multiple_of(4))
         .define("WG", REGBLOCK_WG)
@@ -143,6 +146,60 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
     }))
 }
 
+/// The WGSL statements of `matmul_regblock` once `t0` and `n0` are known: a `tm` x `tn` block
+/// of outputs in named f32 registers, K walked `step` elements at a time (8 through the `_8`
+/// accessors of the wide kinds, 4 through `_4`, or 1), fused multiply-adds, and stores guarded
+/// by `t < p.t` and `n < p.n`. Rows past the end are clamped, so every load stays in bounds.
+pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "    let steps = p.k / {step}u;");
+    for i in 0..tm {
+        let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps;");
+    }
+    for j in 0..tn {
+        let _ = writeln!(s, "    let wb{j} = min(n0 + {j}u, p.n - 1u) * steps;");
+    }
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
+        }
+    }
+    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    for i in 0..tm {
+        let _ = writeln!(s, "        let x{i} = x_{step}(xb{i} + kk);");
+    }
+    for j in 0..tn {
+        let _ = writeln!(s, "        let w{j} = w_{step}(wb{j} + kk);");
+    }
+    // The terms of one step of K for the pair (i, j), as fma chains onto the accumulator.
+    let terms = |i: u32, j: u32| -> Vec<(String, String)> {
+        match step {
+            8 => (0..2).flat_map(|h| "xyzw".chars().map(move |c| (format!("x{i}[{h}].{c}"), format!("w{j}[{h}].{c}")))).collect(),
+            4 => "xyzw".chars().map(|c| (format!("x{i}.{c}"), format!("w{j}.{c}"))).collect(),
+            _ => vec![(format!("x{i}"), format!("w{j}"))],
+        }
+    };
+    for i in 0..tm {
+        for j in 0..tn {
+            let mut e = format!("a{i}_{j}");
+            for (a, b) in terms(i, j) {
+                e = format!("fma({a}, {b}, {e})");
+            }
+            let _ = writeln!(s, "        a{i}_{j} = {e};");
+        }
+    }
+    let _ = writeln!(s, "    }}");
+    for i in 0..tm {
+        let _ = writeln!(s, "    if (t0 + {i}u < p.t) {{");
+        for j in 0..tn {
+            let _ = writeln!(s, "        if (n0 + {j}u < p.n) {{ store(t0 + {i}u, n0 + {j}u, a{i}_{j}); }}");
+        }
+        let _ = writeln!(s, "    }}");
+    }
+    s
+}
+
 /// CPU reference: `[rows, n]` = x (`[rows, k]`) times w (`[n, k]`) transposed, plus bias; in f64.
 pub fn matmul_ref(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0.0; rows * n];
@@ -159,7 +216,7 @@ pub fn matmul_ref(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize, bias: O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{DType, GpuMatrix, GpuOptions, GpuTensor, test_context};
+    use crate::gpu::{DType, GpuMatrix, GpuOptions, GpuTensor, WeightKind, test_context};
     use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
     struct Case {
@@ -218,7 +275,9 @@ mod tests {
         let ctx = test_context();
         for variant in MatmulVariant::ALL {
             for kind in weight_kinds(&ctx) {
-                for (t, n, k) in [(1, 1, 1), (7, 7, 7), (3, 257, 257), (5, 9, 1757), (1757, 5, 12), (70, 67, 20), (65, 130, 64)] {
+                for (t, n, k) in
+                    [(1, 1, 1), (7, 7, 7), (3, 257, 257), (5, 9, 1757), (1757, 5, 12), (70, 67, 20), (65, 130, 64), (17, 33, 576)]
+                {
                     check(&ctx, &case(t, n, k), kind, variant);
                 }
             }

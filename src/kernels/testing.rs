@@ -18,11 +18,14 @@ pub fn round_f16(v: &[f32]) -> Vec<f32> {
 }
 
 /// Every weight kind the kernels can read on `ctx`: f32 and packed f16 always, native f16 where
-/// the adapter has SHADER_F16.
+/// the adapter has SHADER_F16, the wide kinds where it has SHADER_INT64.
 pub fn weight_kinds(ctx: &GpuContext) -> Vec<WeightKind> {
     let mut kinds = vec![WeightKind::F32, WeightKind::F16Packed];
     if ctx.has_f16() {
         kinds.push(WeightKind::F16);
+    }
+    if ctx.has_int64() {
+        kinds.extend([WeightKind::F32Wide, WeightKind::F16Wide]);
     }
     kinds
 }

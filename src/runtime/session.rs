@@ -229,7 +229,7 @@ impl Session {
     /// fixed the plan.
     /// Errors: as [`StepBuilder::layer`]; `RuntimeError::Gpu` when the warm-up fails.
     pub fn prepare(&mut self) -> Result<(), RuntimeError> {
-        choose_all(&self.ctx);
+        choose_all(&self.ctx, self.weights.dtype);
         if self.routing.is_some() {
             return Ok(());
         }
