@@ -128,8 +128,9 @@ fn main() {
         }
     }
 
-    // Matmul: prefill T = 128 on the model's shapes, and 1024^3.
-    let matmul_shapes = [(128, 576, 576), (128, 3072, 576), (128, 576, 1536), (1024, 1024, 1024)];
+    // Matmul: prefill T = 128 on the model's shapes, short prompts (T = 1, 4, 16) on gate_up, and 1024^3.
+    let matmul_shapes =
+        [(1, 3072, 576), (4, 3072, 576), (16, 3072, 576), (128, 576, 576), (128, 3072, 576), (128, 576, 1536), (1024, 1024, 1024)];
     for (t, n, k) in matmul_shapes {
         for dtype in [DType::F32, DType::F16] {
             let wanted_any = MatmulVariant::ALL.iter().any(|v| b.wanted(&format!("matmul {} {dtype} T={t} {n}x{k}", v.name())));

@@ -45,7 +45,8 @@ fn store(t: u32, n: u32, v: f32) {
 }
 
 // Register blocking: each invocation computes TM rows of x times TN rows of w; consecutive
-// invocations take consecutive blocks of w rows (so they share the x loads). REGBLOCK_BODY is
+// invocations take consecutive blocks of x rows (so the lanes of a SIMD group read the same w
+// rows: fewer memory streams than the other order, 5-10% faster on lavapipe). REGBLOCK_BODY is
 // generated from Rust (`matmul::regblock_body`): it walks K in steps of 8 (wide kinds), 4 or 1
 // element, keeps the TM x TN accumulators in named registers and writes the guarded stores out
 // straight. On CPU drivers every storage load is a per-lane loop, so what makes this fast is
@@ -59,8 +60,8 @@ fn matmul_regblock(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     if (inv >= nb * tb) {
         return;
     }
-    let n0 = (inv % nb) * TN;
-    let t0 = (inv / nb) * TM;
+    let t0 = (inv % tb) * TM;
+    let n0 = (inv / tb) * TN;
 {{REGBLOCK_BODY}}
 }
 

@@ -18,8 +18,9 @@ const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 
 /// Workgroup size of the `RegBlock` variant.
 pub const REGBLOCK_WG: u32 = 64;
-/// Rows of x per `RegBlock` invocation (8 x 4 was the fastest block on lavapipe in
-/// `cargo bench --bench kernels`, against 2x4 to 16x4, 4x8, 6x6 and 8x8; bigger blocks spill).
+/// Rows of x per `RegBlock` invocation at T >= 8 (8 x 4 was the fastest block on lavapipe, in CPU
+/// time per call, against 2x4 to 16x4, 4x8, 6x6 and 8x8; bigger blocks spill). Fewer rows of x
+/// take a smaller block ([`regblock_tm`]).
 pub const REGBLOCK_TM: u32 = 8;
 /// Rows of w per `RegBlock` invocation.
 pub const REGBLOCK_TN: u32 = 4;
@@ -104,13 +105,14 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         MatmulVariant::XBcast => "matmul_xbcast",
     };
     let step = kind.step(k);
+    let tm = regblock_tm(rows);
     let shader = ShaderVariant::new("matmul", SOURCE, entry)
-        .define("REGBLOCK_BODY", regblock_body(REGBLOCK_TM, REGBLOCK_TN, step))
+        .define("REGBLOCK_BODY", regblock_body(tm, REGBLOCK_TN, step))
         .weights("X_DECL", kind.activations(), 1, "x")
         .weights("W_DECL", kind, 2, "w")
         .define("ALIGNED", k.is_multiple_of(4))
         .define("WG", REGBLOCK_WG)
-        .define("TM", REGBLOCK_TM)
+        .define("TM", tm)
         .define("TN", REGBLOCK_TN)
         .define("BM", XBCAST_BM)
         .define("BNR", XBCAST_BNR);
@@ -130,7 +132,7 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         };
         let (t, n) = (rows as u32, c.rows as u32);
         let workgroups = match variant {
-            MatmulVariant::RegBlock => grid((t.div_ceil(REGBLOCK_TM) * n.div_ceil(REGBLOCK_TN)).div_ceil(REGBLOCK_WG)),
+            MatmulVariant::RegBlock => grid((t.div_ceil(tm) * n.div_ceil(REGBLOCK_TN)).div_ceil(REGBLOCK_WG)),
             MatmulVariant::Tiled => grid(t.div_ceil(TILE) * n.div_ceil(TILE)),
             MatmulVariant::XBcast => [n.div_ceil(REGBLOCK_WG * XBCAST_BNR), t.div_ceil(XBCAST_BM), 1],
         };
@@ -144,6 +146,13 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         };
         (params, workgroups, cost)
     }))
+}
+
+/// Rows of x per `RegBlock` invocation for a product of `rows` rows: the next power of two,
+/// at most [`REGBLOCK_TM`]. A short prompt then loads no row of x twice per step of K (a
+/// 1-token prefill costs what a decode step's matvec does, not a 8-row block's loads).
+pub fn regblock_tm(rows: usize) -> u32 {
+    (rows.max(1).next_power_of_two() as u32).min(REGBLOCK_TM)
 }
 
 /// The WGSL statements of `matmul_regblock` once `t0` and `n0` are known: a `tm` x `tn` block
