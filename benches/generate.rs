@@ -60,7 +60,7 @@ struct Run {
 fn one_run(model: &LoadedModel, plan: &LayerPlan, ids: &[u32], n_gen: usize) -> Run {
     let mut s =
         Session::new(&model.weights, SessionOptions { ctx_len: ids.len() + n_gen + 1, candidates: 1 }, plan.clone()).expect("session");
-    s.prepare().expect("prepare");
+    s.prepare_prefill(ids.len()).expect("prepare");
     let t0 = Instant::now();
     let mut out = s.prefill(ids).expect("prefill");
     let prefill = t0.elapsed().as_secs_f64();

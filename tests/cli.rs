@@ -87,6 +87,35 @@ fn run_chat_streams_text_to_stdout_only() {
     assert!(stderr.contains("prefill:"));
 }
 
+/// Issue 10 §5: the first run on an adapter (no kernel choice cached) says so once on stderr
+/// while it chooses kernels; a later run with the choices cached says nothing of it. Both
+/// report their prefill and decode timings.
+#[test]
+fn only_the_first_run_on_an_adapter_announces_its_preparation() {
+    let cache = TempDir::new("cli-first-run");
+    let run = || {
+        let (stdout, stderr) =
+            run_ok(
+                firstrt()
+                    .env("FIRSTRT_CACHE", &cache.path)
+                    .env_remove("FIRSTRT_KERNEL")
+                    .arg("run")
+                    .arg("--model")
+                    .arg(model_path())
+                    .args(["--prompt-ids", "1,2,3", "--temperature", "0", "--max-tokens", "3", "--json"]),
+            );
+        let out: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object on stdout");
+        let t = &out["timings"];
+        assert!(t["prefill_s"].as_f64().is_some_and(|s| s > 0.0) && t["decode_s"].as_f64().is_some_and(|s| s > 0.0), "{t}");
+        stderr
+    };
+    let first = run();
+    assert_eq!(first.matches("firstrt: first run on").count(), 1, "one notice: {first}");
+    assert!(cache.join("kernel-choice.json").is_file(), "the choices are cached");
+    let later = run();
+    assert!(!later.contains("first run on"), "a later run is quiet: {later}");
+}
+
 #[test]
 fn stop_string_ends_generation_before_it() {
     let (stdout, _) = run_ok(

@@ -4,7 +4,7 @@
 mod common;
 
 use firstrt::generate::{Conversation, Event, FinishReason, GenerateOptions, SamplerConfig, TextDecoder, TokenStream, generate};
-use firstrt::gpu::DType;
+use firstrt::gpu::{DType, GpuContext, GpuOptions};
 use firstrt::model::chat::ChatMessage;
 use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
 
@@ -148,4 +148,31 @@ fn a_conversation_that_outgrows_the_context_keeps_the_system_prompt() {
     let huge = "arr ".repeat(80);
     assert!(conv.ask(&huge, s.position(), ctx_len, render).is_err());
     assert_eq!(conv.messages(), messages);
+}
+
+/// Issue 10 §5: the token stream prepares its steps itself (every pipeline it built was warmed,
+/// and only the warm-up marks them), and once `Session::prepare_prefill` has run, the prefill
+/// and decode steps that the stream times build no pipeline and run none that the warm-up has
+/// not dispatched (which is when drivers such as lavapipe compile them), for prompts on both
+/// sides of the attention kernel's split / rows threshold; the reported timings are there. A
+/// private context, so that pipelines built by tests running alongside do not count.
+#[test]
+fn steps_are_prepared_before_they_are_timed() {
+    let ctx = GpuContext::new(&GpuOptions::default()).unwrap();
+    let model = firstrt::testdata::load_model(&ctx, DType::F16);
+    let question = question(&model);
+    let g = generate(&mut session(&model, 128), &question[..3], &common::greedy_options(2)).unwrap();
+    assert_eq!(g.generated_ids.len(), 2);
+    assert!(!ctx.pipelines.is_empty() && ctx.pipelines.cold_len() == 0, "the stream warmed what it built");
+    for prompt in [&question[..], &question[..2]] {
+        let mut s = session(&model, 128);
+        s.prepare_prefill(prompt.len()).unwrap();
+        let built = ctx.pipelines.len();
+        assert_eq!(ctx.pipelines.cold_len(), 0, "every pipeline built so far was warmed");
+        let g = generate(&mut s, prompt, &common::greedy_options(4)).unwrap();
+        assert_eq!(ctx.pipelines.len(), built, "a {}-token prompt: pipelines built during generation", prompt.len());
+        assert_eq!(ctx.pipelines.cold_len(), 0);
+        assert_eq!(g.timings.decode_tokens, 3);
+        assert!(g.timings.prefill_s > 0.0 && g.timings.decode_s > 0.0, "{:?}", g.timings);
+    }
 }

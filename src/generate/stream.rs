@@ -137,7 +137,10 @@ pub struct TokenStream<'a> {
 
 impl<'a> TokenStream<'a> {
     /// Prefill `prompt_ids` after what the session holds and get ready to generate. With
-    /// `text`, generated tokens are also detokenised and checked for stop strings.
+    /// `text`, generated tokens are also detokenised and checked for stop strings. The steps
+    /// are prepared first ([`Session::prepare_prefill`]; for a routed session, the decode step
+    /// once the prefill has fixed its plan), so that the reported prefill and decode times
+    /// leave out kernel choice and pipeline compilation.
     ///
     /// Errors: the session's ([`RuntimeError`](crate::runtime::RuntimeError): an empty prompt,
     /// a token outside the vocabulary, a prompt beyond the context, a GPU failure).
@@ -148,9 +151,11 @@ impl<'a> TokenStream<'a> {
         text: Option<TextDecoder<'a>>,
     ) -> Result<TokenStream<'a>, GenerateError> {
         let mut timings = Timings { prefill_tokens: prompt_ids.len(), ..Timings::default() };
+        session.prepare_prefill(prompt_ids.len())?;
         let start = Instant::now();
         let out = session.prefill(prompt_ids)?;
         timings.prefill_s = start.elapsed().as_secs_f64();
+        session.prepare()?;
         Ok(TokenStream {
             session,
             sampler: Sampler::new(options.sampler),

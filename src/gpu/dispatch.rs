@@ -5,8 +5,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::GpuContext;
 use super::pipeline::Pipeline;
+use super::{GpuContext, GpuError};
 
 /// Work done by one dispatch, for GFLOP/s and GB/s figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -207,6 +207,12 @@ impl Dispatch {
         }
     }
 
+    /// True when [`GpuContext::warm_up`] would dispatch this: its workgroup counts are direct and
+    /// its pipeline has not been warmed.
+    pub fn is_cold(&self) -> bool {
+        matches!(self.groups, Groups::Direct(_)) && !self.pipeline.is_warm()
+    }
+
     /// Set the pipeline and bind group and dispatch into `pass`.
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline.pipeline);
@@ -215,6 +221,46 @@ impl Dispatch {
             Groups::Direct([x, y, z]) => pass.dispatch_workgroups(*x, *y, *z),
             Groups::Indirect { buffer, offset } => pass.dispatch_workgroups_indirect(buffer, *offset),
         }
+    }
+}
+
+impl GpuContext {
+    /// Have the driver compile every pipeline of `dispatches` that has not been warmed yet, by
+    /// dispatching each such pipeline once, with its own bind group, over a single workgroup
+    /// (workgroup 0 of its grid: the accesses of a dispatch the kernel already does), in one
+    /// pass; then wait. Dispatches with indirect workgroup counts are left out (they may be
+    /// meant to run zero workgroups). Returns how many pipelines were dispatched.
+    ///
+    /// The single workgroup writes where the full dispatch would: call this only where the
+    /// dispatches' outputs are overwritten before they are read (a step's scratch buffers, and
+    /// KV-cache rows at or after the positions the next step writes).
+    ///
+    /// # Errors
+    /// As [`GpuContext::wait`].
+    pub fn warm_up<'a>(&self, dispatches: impl IntoIterator<Item = &'a Dispatch>) -> Result<usize, GpuError> {
+        let mut seen = std::collections::HashSet::new();
+        let cold: Vec<&Dispatch> = dispatches.into_iter().filter(|d| d.is_cold() && seen.insert(Arc::as_ptr(&d.pipeline))).collect();
+        if cold.is_empty() {
+            return Ok(0);
+        }
+        let start = std::time::Instant::now();
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("warm-up") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("warm-up"), timestamp_writes: None });
+            for d in &cold {
+                pass.set_pipeline(&d.pipeline.pipeline);
+                pass.set_bind_group(0, &d.bind_group, &[]);
+                pass.dispatch_workgroups(1, 1, 1);
+            }
+        }
+        self.queue.submit([encoder.finish()]);
+        self.wait()?;
+        for d in &cold {
+            d.pipeline.mark_warm();
+        }
+        let names: Vec<&str> = cold.iter().map(|d| d.pipeline.key.split('|').next().unwrap_or_default()).collect();
+        log::debug!("warmed {} pipelines in {:.2} s: {}", cold.len(), start.elapsed().as_secs_f64(), names.join(", "));
+        Ok(cold.len())
     }
 }
 

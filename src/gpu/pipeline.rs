@@ -1,10 +1,17 @@
 //! Shader variants and the pipeline cache: each (shader, entry point, defines) pipeline is built
 //! once per process and shared.
 //!
+//! Building a pipeline is not all of its cost: some drivers (Mesa's lavapipe and its GL driver
+//! among them) translate the shader to machine code at its first dispatch, which takes from tens
+//! of milliseconds to a second per pipeline without the driver's own shader cache.
+//! [`GpuContext::warm_up`](super::GpuContext::warm_up) runs each pipeline once ahead of the timed
+//! work; [`Pipeline::is_warm`] says whether that happened.
+//!
 //! WGSL sources live in `shaders/`, one file per kernel family. A source may contain `{{NAME}}`
 //! placeholders that a variant fills in (workgroup sizes, tile sizes, the weight declaration).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{DType, GpuContext, GpuError};
@@ -214,6 +221,21 @@ pub struct Pipeline {
     pub key: String,
     /// The kernel family (the file stem in `shaders/`).
     pub family: &'static str,
+    /// Set once [`GpuContext::warm_up`](super::GpuContext::warm_up) has dispatched it.
+    warm: AtomicBool,
+}
+
+impl Pipeline {
+    /// True once [`GpuContext::warm_up`](super::GpuContext::warm_up) has dispatched this
+    /// pipeline (so that the driver has compiled it).
+    pub fn is_warm(&self) -> bool {
+        self.warm.load(Ordering::Relaxed)
+    }
+
+    /// Record that the pipeline has been dispatched.
+    pub(super) fn mark_warm(&self) {
+        self.warm.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Pipelines by variant key; created once per process.
@@ -231,6 +253,12 @@ impl PipelineCache {
     /// True before the first pipeline is built.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Pipelines built so far that [`GpuContext::warm_up`] has not dispatched: those the driver
+    /// may still compile at their first real dispatch.
+    pub fn cold_len(&self) -> usize {
+        self.pipelines.lock().map(|p| p.values().filter(|p| !p.is_warm()).count()).unwrap_or(0)
     }
 }
 
@@ -262,7 +290,7 @@ impl GpuContext {
             return Err(GpuError::Device(format!("building pipeline {key}: {err}")));
         }
         let layout = pipeline.get_bind_group_layout(0);
-        let p = Arc::new(Pipeline { pipeline, layout, key: key.clone(), family: variant.family });
+        let p = Arc::new(Pipeline { pipeline, layout, key: key.clone(), family: variant.family, warm: AtomicBool::new(false) });
         log::debug!("pipeline built: {key}");
         self.pipelines.pipelines.lock().unwrap_or_else(|p| p.into_inner()).insert(key, p.clone());
         Ok(p)

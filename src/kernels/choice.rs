@@ -3,18 +3,31 @@
 //! In order: the environment variable `FIRSTRT_KERNEL` (e.g. `matmul=tiled,matvec=reduce`, or a
 //! bare variant name such as `tiled`, `regblock`, `rows`, `reduce`); the on-disk cache
 //! `$FIRSTRT_CACHE/kernel-choice.json` (default `~/.cache/firstrt`) keyed by
-//! [`GpuContext::adapter_key`] and the candidate variants; else a short measurement of every variant on a representative
-//! shape, whose result is written to the cache. The choice is kept in `ctx.kernel_choices`.
+//! [`GpuContext::adapter_key`], the candidate variants and the measuring method; else a
+//! measurement of every candidate, whose result is written to the cache. The choice is kept in
+//! `ctx.kernel_choices`.
+//!
+//! The measurement runs each candidate's program (a mix of the test model's shapes: its decode
+//! GEMVs with the 49152 x 576 LM head, or prefill products, short and long prompts apart) in
+//! alternated rounds
+//! and compares medians. Candidates are listed in a fixed preference order (the adapter's
+//! fallback first); the first whose median is within [`TIE_MARGIN`] of the fastest wins, so
+//! that variants within noise of each other give the same choice in every fresh run. It takes
+//! one to a few seconds on lavapipe, plus the driver's compilation of the candidates when its
+//! shader cache is empty; [`on_first_measurement`] announces it.
 //!
 //! Besides the matmul and matvec variants, the families `f32read` and `f16read` choose how
 //! kernels read weights ([`read_candidates`]): f32 `plain` ([`WeightKind::F32`]) or `wide`
 //! ([`WeightKind::F32Wide`], where SHADER_INT64 exists); f16 `native` ([`WeightKind::F16`], where
-//! SHADER_F16 exists), `packed` ([`WeightKind::F16Packed`]) or `wide` ([`WeightKind::F16Wide`]).
+//! SHADER_F16 exists), `packed` ([`WeightKind::F16Packed`]) or `wide` ([`WeightKind::F16Wide`]), the default
+//! (the first of [`read_candidates`]) preferred on a tie.
 //! On lavapipe the wide forms are faster: every load is a per-lane loop there, so fewer, wider
 //! loads win.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::gpu::{DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, WeightKind};
@@ -139,6 +152,30 @@ pub fn write_cache_at(path: &Path, key: &str, family: &str, variant: &str) -> st
     std::fs::write(path, text)
 }
 
+/// Where the notice of a first measurement goes ([`on_first_measurement`]).
+static NOTICE: OnceLock<fn(&str)> = OnceLock::new();
+/// Set once the notice has been given in this process.
+static NOTICE_GIVEN: AtomicBool = AtomicBool::new(false);
+
+/// Have `say` receive the one-line notice given once per process before the first kernel
+/// measurement starts (a first run on this adapter: nothing is cached), e.g. to print it on
+/// stderr. Without it the notice goes to the log at info level. The first call wins.
+pub fn on_first_measurement(say: fn(&str)) {
+    let _ = NOTICE.set(say);
+}
+
+/// The notice of [`on_first_measurement`], once per process.
+fn give_notice(ctx: &GpuContext) {
+    if NOTICE_GIVEN.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let text = format!("first run on {} ({:?}): choosing kernels and compiling shaders, a few seconds…", ctx.info.name, ctx.info.backend);
+    match NOTICE.get() {
+        Some(say) => say(&text),
+        None => log::info!("{text}"),
+    }
+}
+
 /// The choice for `family`: forced, cached in memory or on disk, or measured by `measure`.
 fn choose(
     ctx: &GpuContext,
@@ -158,15 +195,17 @@ fn choose(
         log::info!("kernel choice: {family} = {v} (forced by FIRSTRT_KERNEL)");
         v.to_string()
     } else if let Some(v) = cache.and_then(|p| read_cache_at(p, &key, family)) {
-        log::info!(
+        log::debug!(
             "kernel choice: {family} = {v} (cached for this adapter in {})",
             cache.map_or(String::new(), |p| p.display().to_string())
         );
         v
     } else {
+        give_notice(ctx);
+        let start = Instant::now();
         match measure() {
             Ok(v) => {
-                log::info!("kernel choice: {family} = {v} (measured)");
+                log::info!("kernel choice: {family} = {v} (measured in {:.2} s)", start.elapsed().as_secs_f64());
                 if let Some(path) = cache {
                     if let Err(e) = write_cache_at(path, &key, family, v) {
                         log::warn!("could not write the kernel choice cache {}: {e}", path.display());
@@ -184,12 +223,16 @@ fn choose(
     ctx.kernel_choices.lock().unwrap_or_else(|p| p.into_inner()).entry(family).or_insert(chosen).clone()
 }
 
-/// The on-disk cache key: the adapter and driver, and the candidates of every family, so that a
-/// choice measured before a variant existed is measured again.
+/// The way choices are measured, in the cache key: a choice measured another way (before the
+/// alternated medians and the tie margin) is measured again.
+const METHOD: &str = "medians-tie5-short32";
+
+/// The on-disk cache key: the adapter and driver, the candidates of every family and the
+/// measuring [`METHOD`], so that a choice measured before a variant existed is measured again.
 fn cache_key(ctx: &GpuContext) -> String {
     let names = |v: &[&str]| v.join(",");
     format!(
-        "{}|matmul={}|matvec={}|f32read=plain,wide|f16read=native,packed,wide",
+        "{}|matmul={}|matvec={}|f32read=plain,wide|f16read=native,packed,wide|{METHOD}",
         ctx.adapter_key(),
         names(&MatmulVariant::ALL.map(MatmulVariant::name)),
         names(&MatvecVariant::ALL.map(MatvecVariant::name)),
@@ -200,19 +243,44 @@ fn is_cpu(ctx: &GpuContext) -> bool {
     ctx.info.device_type == wgpu::DeviceType::Cpu
 }
 
-/// The matmul variant for this adapter (decided once per process).
-pub fn matmul_variant(ctx: &GpuContext) -> MatmulVariant {
+/// Prefills of at most this many tokens are short: their products use the `matmul.short`
+/// choice, longer ones the `matmul` choice. On lavapipe the best variant at T = 12 and at
+/// T = 128 differ, each by about 20%, and one choice over both lengths sat within noise of a
+/// tie.
+pub const SHORT_PREFILL_ROWS: usize = 32;
+
+/// The matmul variant for a prefill of `rows` tokens on this adapter (decided once per process
+/// for short prefills, up to [`SHORT_PREFILL_ROWS`], and once for longer ones).
+pub fn matmul_variant(ctx: &GpuContext, rows: usize) -> MatmulVariant {
+    let (family, lengths) = if rows <= SHORT_PREFILL_ROWS { ("matmul.short", SHORT_LENGTHS) } else { ("matmul", LONG_LENGTHS) };
     let fallback = if is_cpu(ctx) { MatmulVariant::RegBlock } else { MatmulVariant::Tiled };
     let forced = forced_from_env().matmul.map(MatmulVariant::name);
-    let name = choose(ctx, "matmul", forced, cache_path().as_deref(), || measure_matmul(ctx).map(MatmulVariant::name), fallback.name());
+    let measure = || measure_matmul(ctx, family, fallback, &lengths).map(MatmulVariant::name);
+    let name = choose(ctx, family, forced, cache_path().as_deref(), measure, fallback.name());
     MatmulVariant::parse(&name).unwrap_or(fallback)
+}
+
+/// Decide every kernel choice that the steps of a model with `dtype` weights use (how the
+/// weights are read, the matmul variant of short and of long prefills, the matvec variant),
+/// measuring what is not cached.
+pub fn choose_all(ctx: &GpuContext, dtype: DType) {
+    weight_kind(ctx, dtype);
+    matmul_variant(ctx, 1);
+    matmul_variant(ctx, SHORT_PREFILL_ROWS + 1);
+    matvec_variant(ctx);
+}
+
+/// The matvec variant used where none is measured: `rows` on a CPU adapter, else `reduce`.
+fn matvec_fallback(ctx: &GpuContext) -> MatvecVariant {
+    if is_cpu(ctx) { MatvecVariant::Rows } else { MatvecVariant::Reduce }
 }
 
 /// The matvec variant for this adapter (decided once per process).
 pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
-    let fallback = if is_cpu(ctx) { MatvecVariant::Rows } else { MatvecVariant::Reduce };
+    let fallback = matvec_fallback(ctx);
     let forced = forced_from_env().matvec.map(MatvecVariant::name);
-    let name = choose(ctx, "matvec", forced, cache_path().as_deref(), || measure_matvec(ctx).map(MatvecVariant::name), fallback.name());
+    let name =
+        choose(ctx, "matvec", forced, cache_path().as_deref(), || measure_matvec(ctx, fallback).map(MatvecVariant::name), fallback.name());
     MatvecVariant::parse(&name).unwrap_or(fallback)
 }
 
@@ -242,111 +310,223 @@ pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
         _ => ("f32read", forced_from_env().f32read),
     };
     let forced = forced.filter(|k| candidates.contains(k)).map(read_name);
-    let measure = || measure_read(ctx, dtype, &candidates).map(read_name);
+    let measure = || measure_read(ctx, family, dtype, &candidates).map(read_name);
     let name = choose(ctx, family, forced, cache_path().as_deref(), measure, read_name(candidates[0]));
     read_parse(dtype, &name).filter(|k| candidates.contains(k)).unwrap_or(candidates[0])
 }
 
-/// Time matvec (the `Rows` variant) 3072x576 and 576x1536 with weights of `dtype` read as each
-/// of `kinds`, alternating the kinds over several rounds (other load on the machine then hits all
-/// alike); the smallest best time wins.
-fn measure_read(ctx: &GpuContext, dtype: DType, kinds: &[WeightKind]) -> Result<WeightKind, GpuError> {
-    let mut programs: Vec<Vec<Vec<Dispatch>>> = vec![Vec::new(); kinds.len()];
-    for (n, k) in [(3072, 576), (576, 1536)] {
-        let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), dtype)?;
-        let x = GpuTensor::from_f32(ctx, "choice.x", &[k], &pseudo_random(k))?;
-        let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[n])?;
-        for (slot, &kind) in programs.iter_mut().zip(kinds) {
-            slot.push(matvec(ctx, "choice.read", &LinearOp::new(&x, 1, &w, &y).kind(kind), MatvecVariant::Rows)?);
-        }
-    }
-    let mut best = vec![Duration::MAX; kinds.len()];
-    for _round in 0..4 {
-        for (b, prog) in best.iter_mut().zip(&programs) {
-            let list: Vec<&Dispatch> = prog.iter().flat_map(|ds| ds.iter().cycle().take(4 * ds.len())).collect();
-            *b = (*b).min(time_dispatches(ctx, &list, 2)?);
-        }
-    }
-    for (kind, t) in kinds.iter().zip(&best) {
-        log::debug!("kernel choice: {dtype} read {} took {t:?}", read_name(*kind));
-    }
-    let i = (0..kinds.len()).min_by_key(|&i| best[i]).unwrap_or(0);
-    Ok(kinds[i])
+/// Candidates whose median time is within this fraction of the fastest one's count as tied; a
+/// tie goes to the candidate earliest in preference order (the fallback first), so that noise
+/// between near-equal variants cannot flip the choice from one run to the next.
+pub const TIE_MARGIN: f64 = 0.05;
+
+/// Alternated rounds of timing per candidate; the median of each candidate's rounds is compared.
+const ROUNDS: usize = 5;
+
+/// After this many rounds, a candidate whose fastest run so far is [`SLOW_FACTOR`] times the
+/// fastest candidate's or more is timed no further (it cannot come within [`TIE_MARGIN`]).
+const DROP_AFTER: usize = 2;
+
+/// See [`DROP_AFTER`].
+const SLOW_FACTOR: f64 = 2.0;
+
+/// The choice among candidates listed in preference order, from their measured times: the
+/// index of the first candidate whose time is at most `(1 + margin)` times the fastest time;
+/// None for an empty list.
+pub fn pick_within_margin(times: &[Duration], margin: f64) -> Option<usize> {
+    let fastest = times.iter().min()?.as_secs_f64();
+    times.iter().position(|t| t.as_secs_f64() <= fastest * (1.0 + margin))
 }
 
-/// Best-of-`reps` wall time of running `dispatches` in one pass (after one warm-up run).
-pub fn time_dispatches(ctx: &GpuContext, dispatches: &[&Dispatch], reps: usize) -> Result<Duration, GpuError> {
-    ctx.run("choice warm-up", dispatches)?;
-    let mut best = Duration::MAX;
-    for _ in 0..reps {
-        let t = Instant::now();
-        ctx.run("choice", dispatches)?;
-        best = best.min(t.elapsed());
+/// `all` in preference order: `preferred` first, then the others in their list order.
+fn preference_order<T: Copy + PartialEq>(all: &[T], preferred: T) -> Vec<T> {
+    std::iter::once(preferred).chain(all.iter().copied().filter(|&v| v != preferred)).collect()
+}
+
+/// The median of `times` (the upper one of the middle two for an even count).
+fn median(times: &mut [Duration]) -> Duration {
+    times.sort_unstable();
+    times.get(times.len() / 2).copied().unwrap_or(Duration::ZERO)
+}
+
+/// What a candidate's run is timed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// Wall time: the GPU works apart from this process.
+    Wall,
+    /// This process's CPU time over all its threads: on a CPU adapter (lavapipe) the kernels run
+    /// on this process's threads, and their CPU time, unlike wall time, does not grow while
+    /// other processes hold the cores.
+    ProcessCpu,
+}
+
+impl Clock {
+    /// [`Clock::ProcessCpu`] for a CPU adapter where the clock exists, else [`Clock::Wall`].
+    fn for_adapter(ctx: &GpuContext) -> Clock {
+        if is_cpu(ctx) && process_cpu_time().is_some() { Clock::ProcessCpu } else { Clock::Wall }
     }
-    Ok(best)
+
+    /// The clock's reading (from an arbitrary origin).
+    fn now(self) -> Duration {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        match self {
+            Clock::ProcessCpu => process_cpu_time().unwrap_or_default(),
+            Clock::Wall => ORIGIN.get_or_init(Instant::now).elapsed(),
+        }
+    }
+}
+
+/// CPU time used by this process so far, all threads (`CLOCK_PROCESS_CPUTIME_ID`); None where
+/// the clock is missing.
+fn process_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+            return Some(Duration::new(u64::try_from(ts.tv_sec).ok()?, u32::try_from(ts.tv_nsec).ok()?));
+        }
+    }
+    None
+}
+
+/// Time of each candidate's program (one submission of its dispatches, waited for): one
+/// [`GpuContext::warm_up`] of every program first (the driver compiles its pipelines there), then up to
+/// [`ROUNDS`] rounds that each time every remaining program once, round r starting with
+/// candidate `r mod n` so that other load on the machine and the order hit all alike. Returns
+/// each candidate's times; candidates far behind after [`DROP_AFTER`] rounds are timed no
+/// further (they have fewer).
+fn alternated_rounds(ctx: &GpuContext, programs: &[Vec<Dispatch>]) -> Result<Vec<Vec<Duration>>, GpuError> {
+    ctx.warm_up(programs.iter().flatten())?;
+    let lists: Vec<Vec<&Dispatch>> = programs.iter().map(|p| p.iter().collect()).collect();
+    let n = lists.len();
+    let clock = Clock::for_adapter(ctx);
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(ROUNDS); n];
+    let mut timed = vec![true; n];
+    for round in 0..ROUNDS {
+        if round == DROP_AFTER {
+            let fastest = |t: &[Duration]| t.iter().min().map_or(f64::MAX, Duration::as_secs_f64);
+            let best = times.iter().map(|t| fastest(t)).fold(f64::MAX, f64::min);
+            for (keep, t) in timed.iter_mut().zip(&times) {
+                *keep = fastest(t) < SLOW_FACTOR * best;
+            }
+        }
+        for i in (0..n).map(|j| (j + round) % n).filter(|&i| timed[i]) {
+            let start = clock.now();
+            ctx.run("choice", &lists[i])?;
+            times[i].push(clock.now().saturating_sub(start));
+        }
+    }
+    Ok(times)
+}
+
+/// Time `build(candidate)` for every candidate (in preference order) with
+/// [`alternated_rounds`], and pick from the medians with [`pick_within_margin`] and [`TIE_MARGIN`].
+fn measure_candidates<T: Copy>(
+    ctx: &GpuContext,
+    family: &str,
+    candidates: &[T],
+    name: impl Fn(T) -> &'static str,
+    build: impl Fn(T) -> Result<Vec<Dispatch>, GpuError>,
+) -> Result<T, GpuError> {
+    let programs = candidates.iter().map(|&c| build(c)).collect::<Result<Vec<_>, _>>()?;
+    let mut rounds = alternated_rounds(ctx, &programs)?;
+    let ms = |t: &Duration| format!("{:.2}", 1e3 * t.as_secs_f64());
+    for (&c, t) in candidates.iter().zip(&rounds) {
+        log::debug!("kernel choice: {family} {} rounds (ms): {}", name(c), t.iter().map(ms).collect::<Vec<_>>().join(" "));
+    }
+    let medians: Vec<Duration> = rounds.iter_mut().map(|t| median(t)).collect();
+    let i = pick_within_margin(&medians, TIE_MARGIN).ok_or_else(|| GpuError::Device(format!("kernel choice {family}: no candidate")))?;
+    let line: Vec<String> = candidates.iter().zip(&medians).map(|(&c, t)| format!("{} {} ms", name(c), ms(t))).collect();
+    log::debug!("kernel choice: {family} medians, in preference order: {}; picked {}", line.join(", "), name(candidates[i]));
+    Ok(candidates[i])
+}
+
+/// SmolLM2-135M's decode products `(N, K)`: q/k/v, o, gate/up and down of one layer (each run
+/// [`LAYER_REPEATS`] times per program), and the LM head (49152 x 576, once): the mix of a
+/// decode step, with small K = 576 GEMVs and one large one.
+const DECODE_SHAPES: [(usize, usize); 5] = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)];
+/// How often each layer shape of [`DECODE_SHAPES`] runs per timed program.
+const LAYER_REPEATS: usize = 4;
+
+/// Weights of [`DECODE_SHAPES`] in `dtype` with their input and output vectors.
+struct GemvSet {
+    shapes: Vec<(GpuMatrix, GpuTensor, GpuTensor)>,
+}
+
+impl GemvSet {
+    fn new(ctx: &GpuContext, dtype: DType) -> Result<GemvSet, GpuError> {
+        let mut shapes = Vec::new();
+        for (n, k) in DECODE_SHAPES {
+            let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), dtype)?;
+            let x = GpuTensor::from_f32(ctx, "choice.x", &[k], &pseudo_random(k))?;
+            let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[n])?;
+            shapes.push((w, x, y));
+        }
+        Ok(GemvSet { shapes })
+    }
+
+    /// The timed program: every layer shape [`LAYER_REPEATS`] times, the LM head once.
+    fn program(&self, ctx: &GpuContext, kind: WeightKind, variant: MatvecVariant) -> Result<Vec<Dispatch>, GpuError> {
+        let mut program = Vec::new();
+        let last = self.shapes.len() - 1;
+        for (i, (w, x, y)) in self.shapes.iter().enumerate() {
+            let ds = matvec(ctx, "choice.matvec", &LinearOp::new(x, 1, w, y).kind(kind), variant)?;
+            let repeats = if i == last { 1 } else { LAYER_REPEATS };
+            program.extend(std::iter::repeat_n(ds, repeats).flatten());
+        }
+        Ok(program)
+    }
+}
+
+/// How to read weights of `dtype`: `kinds` in preference order (the default first), timed on
+/// [`DECODE_SHAPES`] (decode reads every weight once per token: where the read mode matters
+/// most) with the adapter's fallback matvec variant, not the measured one, whose measurement
+/// reads weights the way this choice decides.
+fn measure_read(ctx: &GpuContext, family: &str, dtype: DType, kinds: &[WeightKind]) -> Result<WeightKind, GpuError> {
+    let set = GemvSet::new(ctx, dtype)?;
+    let variant = matvec_fallback(ctx);
+    measure_candidates(ctx, family, kinds, read_name, |kind| set.program(ctx, kind, variant))
 }
 
 fn pseudo_random(n: usize) -> Vec<f32> {
     (0..n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect()
 }
 
-/// Time matvec 1536x576 and 576x1536 (f32) with each variant; the fastest total wins.
-fn measure_matvec(ctx: &GpuContext) -> Result<MatvecVariant, GpuError> {
-    let shapes = [(1536, 576), (576, 1536)];
-    let mut best = (Duration::MAX, MatvecVariant::Rows);
-    for variant in MatvecVariant::ALL {
-        let mut total = Duration::ZERO;
-        for (n, k) in shapes {
-            let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F32)?;
-            let x = GpuTensor::from_f32(ctx, "choice.x", &[k], &pseudo_random(k))?;
-            let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[n])?;
-            let ds = matvec(ctx, "choice.matvec", &LinearOp::new(&x, 1, &w, &y), variant)?;
-            let list: Vec<&Dispatch> = ds.iter().cycle().take(8 * ds.len()).collect();
-            total += time_dispatches(ctx, &list, 3)?;
-        }
-        log::debug!("kernel choice: matvec {} took {total:?}", variant.name());
-        if total < best.0 {
-            best = (total, variant);
-        }
-    }
-    Ok(best.1)
+/// The matvec variant, `preferred` first, timed on [`DECODE_SHAPES`] in f32 read the adapter's
+/// way ([`weight_kind`]).
+fn measure_matvec(ctx: &GpuContext, preferred: MatvecVariant) -> Result<MatvecVariant, GpuError> {
+    let set = GemvSet::new(ctx, DType::F32)?;
+    let kind = weight_kind(ctx, DType::F32);
+    let order = preference_order(&MatvecVariant::ALL, preferred);
+    measure_candidates(ctx, "matvec", &order, MatvecVariant::name, |v| set.program(ctx, kind, v))
 }
 
-/// Time matmul T=64 on 576x576 (f32) with each variant.
-/// Time each matmul variant on short and long prompts (T = 12 and T = 96) over a 1536x576
-/// matrix, alternating variants round by round so that other load on the machine hits all alike;
-/// the smallest total of best times wins. Short prompts matter: a 64x64 tile wastes most of its
-/// work at T = 12.
-fn measure_matmul(ctx: &GpuContext) -> Result<MatmulVariant, GpuError> {
+/// The prompt lengths `matmul.short` is timed on, each with how often it runs per program.
+const SHORT_LENGTHS: [(usize, usize); 1] = [(12, 4)];
+/// The prompt lengths `matmul` is timed on (the length `firstrt bench` reports by default).
+const LONG_LENGTHS: [(usize, usize); 1] = [(128, 1)];
+
+/// The matmul variant for `family`, `preferred` first, timed on a 1536 x 576 weight (half of
+/// gate/up in SmolLM2-135M) in f32 at `lengths` (prompt length T, runs per program).
+fn measure_matmul(ctx: &GpuContext, family: &str, preferred: MatmulVariant, lengths: &[(usize, usize)]) -> Result<MatmulVariant, GpuError> {
     let (n, k) = (1536, 576);
     let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F32)?;
-    let mut programs: Vec<Vec<Vec<Dispatch>>> = vec![Vec::new(); MatmulVariant::ALL.len()];
     let mut buffers = Vec::new();
-    for t in [12, 96] {
+    for &(t, repeats) in lengths {
         let x = GpuTensor::from_f32(ctx, "choice.x", &[t, k], &pseudo_random(t * k))?;
         let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[t, n])?;
-        for (slot, variant) in programs.iter_mut().zip(MatmulVariant::ALL) {
-            slot.push(matmul(ctx, "choice.matmul", &LinearOp::new(&x, t, &w, &y), variant)?);
+        buffers.push((t, repeats, x, y));
+    }
+    let order = preference_order(&MatmulVariant::ALL, preferred);
+    measure_candidates(ctx, family, &order, MatmulVariant::name, |variant| {
+        let mut program = Vec::new();
+        for (t, repeats, x, y) in &buffers {
+            let ds = matmul(ctx, "choice.matmul", &LinearOp::new(x, *t, &w, y), variant)?;
+            program.extend(std::iter::repeat_n(ds, *repeats).flatten());
         }
-        buffers.push((x, y));
-    }
-    let mut best = vec![Duration::MAX; MatmulVariant::ALL.len()];
-    for _round in 0..2 {
-        for (i, shapes) in programs.iter().enumerate() {
-            let mut total = Duration::ZERO;
-            for ds in shapes {
-                let list: Vec<&Dispatch> = ds.iter().collect();
-                total += time_dispatches(ctx, &list, 2)?;
-            }
-            best[i] = best[i].min(total);
-        }
-    }
-    let (i, took) = best.iter().enumerate().min_by_key(|(_, t)| **t).map(|(i, t)| (i, *t)).unwrap_or((0, Duration::ZERO));
-    for (v, t) in MatmulVariant::ALL.iter().zip(&best) {
-        log::debug!("kernel choice: matmul {} took {t:?}", v.name());
-    }
-    log::debug!("kernel choice: matmul best {took:?}");
-    Ok(MatmulVariant::ALL[i])
+        Ok(program)
+    })
 }
 
 #[cfg(test)]
@@ -415,12 +595,60 @@ mod tests {
     fn measured_variants_are_valid() {
         let ctx = test_context();
         // The measurement itself (not its outcome, which depends on the machine) must work.
-        measure_matvec(&ctx).unwrap();
-        measure_matmul(&ctx).unwrap();
+        measure_matvec(&ctx, MatvecVariant::Rows).unwrap();
+        for lengths in [&SHORT_LENGTHS[..], &LONG_LENGTHS[..]] {
+            measure_matmul(&ctx, "test-matmul", MatmulVariant::RegBlock, lengths).unwrap();
+        }
         for dtype in [DType::F32, DType::F16] {
             let kinds = read_candidates(&ctx, dtype);
-            assert!(kinds.contains(&measure_read(&ctx, dtype, &kinds).unwrap()));
+            assert!(kinds.contains(&measure_read(&ctx, "test-read", dtype, &kinds).unwrap()));
         }
+    }
+
+    #[test]
+    fn ties_go_to_the_preferred_candidate() {
+        let ms = |v: &[u64]| v.iter().map(|&t| Duration::from_micros(t)).collect::<Vec<_>>();
+        // Within the margin of the fastest: the first in preference order.
+        assert_eq!(pick_within_margin(&ms(&[1030, 1000]), 0.05), Some(0));
+        assert_eq!(pick_within_margin(&ms(&[1050, 1000, 1010]), 0.05), Some(0));
+        assert_eq!(pick_within_margin(&ms(&[2000, 1040, 1000]), 0.05), Some(1));
+        // Clearly better: the better one, wherever it stands.
+        assert_eq!(pick_within_margin(&ms(&[1100, 1000]), 0.05), Some(1));
+        assert_eq!(pick_within_margin(&ms(&[3000, 2000, 1000]), 0.05), Some(2));
+        assert_eq!(pick_within_margin(&ms(&[900, 1000]), 0.05), Some(0));
+        // No margin: the fastest, the first of equals.
+        assert_eq!(pick_within_margin(&ms(&[1030, 1000]), 0.0), Some(1));
+        assert_eq!(pick_within_margin(&ms(&[1000, 1000]), 0.0), Some(0));
+        assert_eq!(pick_within_margin(&[], 0.05), None);
+    }
+
+    #[test]
+    fn preference_puts_the_fallback_first() {
+        assert_eq!(
+            preference_order(&MatmulVariant::ALL, MatmulVariant::Tiled),
+            [MatmulVariant::Tiled, MatmulVariant::RegBlock, MatmulVariant::XBcast]
+        );
+        assert_eq!(preference_order(&MatvecVariant::ALL, MatvecVariant::ALL[0]), MatvecVariant::ALL);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn process_cpu_time_counts_this_process_work() {
+        let start = process_cpu_time().expect("CLOCK_PROCESS_CPUTIME_ID on unix");
+        let wall = Instant::now();
+        let mut spins = 0u64;
+        while process_cpu_time().unwrap() < start + Duration::from_millis(5) {
+            spins = std::hint::black_box(spins + 1);
+            assert!(wall.elapsed() < Duration::from_secs(30), "the clock did not advance with {spins} spins");
+        }
+        assert!(spins > 0);
+    }
+
+    #[test]
+    fn median_is_the_middle_time() {
+        let ms = |v: &[u64]| v.iter().map(|&t| Duration::from_millis(t)).collect::<Vec<_>>();
+        assert_eq!(median(&mut ms(&[5, 1, 9, 3, 40])), Duration::from_millis(5));
+        assert_eq!(median(&mut ms(&[7])), Duration::from_millis(7));
     }
 
     #[test]

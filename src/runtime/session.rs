@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::gpu::dispatch::record_grouped;
 use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase};
-use crate::kernels::choice::{matmul_variant, matvec_variant};
+use crate::kernels::choice::choose_all;
 use crate::kernels::rope::{RopeScalingParams, RopeTables};
 use crate::kernels::sample::{decode_pairs, saw_non_finite};
 use crate::kernels::step::{StepBuffer, StepParams};
@@ -116,6 +116,9 @@ pub struct Session {
     decode_acts: Activations,
     /// The prepared decode step, built on the first decode after the plan is fixed.
     decode_program: Option<Vec<Dispatch>>,
+    /// A prepared prefill step and its token count ([`Session::prepare_prefill`]), used by the
+    /// next prefill of that many tokens.
+    prefill_program: Option<(usize, Vec<Dispatch>)>,
     /// Dispatches recorded by the last step (for tests and profiling).
     pub last_dispatch_count: usize,
     /// Routers that decide the plan during the first prefill; None once the plan is fixed.
@@ -183,6 +186,7 @@ impl Session {
             staging,
             prefill_acts: None,
             decode_program: None,
+            prefill_program: None,
             last_dispatch_count: 0,
             routing: None,
             probs: vec![None; c.n_layers],
@@ -218,21 +222,71 @@ impl Session {
         }
     }
 
-    /// Resolve the kernel choices and build every pipeline a step uses (and, for a fixed plan,
-    /// the decode program), so that the first prefill's time is the prefill's own.
-    /// Errors: as [`StepBuilder::layer`].
+    /// Resolve the kernel choices, build the decode program (once the plan is fixed) and have
+    /// the driver compile its pipelines ([`GpuContext::warm_up`]), so that neither happens
+    /// inside a timed step; [`Session::prepare_prefill`] does the same for a prefill. Cheap when
+    /// done already. A routed session only resolves the choices until its first prefill has
+    /// fixed the plan.
+    /// Errors: as [`StepBuilder::layer`]; `RuntimeError::Gpu` when the warm-up fails.
     pub fn prepare(&mut self) -> Result<(), RuntimeError> {
-        let ctx = &*self.ctx;
-        matmul_variant(ctx);
-        matvec_variant(ctx);
+        choose_all(&self.ctx, self.weights.dtype);
         if self.routing.is_some() {
             return Ok(());
         }
         let acts = &self.decode_acts;
-        self.builder(Phase::Prefill).step(1, acts, |_| acts)?;
-        if self.decode_program.is_none() {
-            self.decode_program = Some(self.builder(Phase::Decode).step(1, acts, |_| acts)?);
+        let program = match self.decode_program.take() {
+            Some(p) => p,
+            None => self.builder(Phase::Decode).step(1, acts, |_| acts)?,
+        };
+        let warmed = self.warm_up(&program, 1);
+        self.decode_program = Some(program);
+        warmed
+    }
+
+    /// [`Session::prepare`], then build the program of a prefill of `rows` tokens at the current
+    /// position (kept for the next [`Session::prefill`] of that many tokens) and have the driver
+    /// compile its pipelines, so that the prefill's time is its own. Does nothing more when the
+    /// prefill would be refused (no tokens, or more than the context holds: the prefill reports
+    /// it) or when the session is routed (its plan is decided during the prefill).
+    /// Errors: as [`Session::prepare`]; `RuntimeError::Gpu` when the activation buffers cannot
+    /// be allocated.
+    pub fn prepare_prefill(&mut self, rows: usize) -> Result<(), RuntimeError> {
+        self.prepare()?;
+        if rows == 0 || self.pos + rows > self.options.ctx_len || self.routing.is_some() {
+            return Ok(());
         }
+        if self.prefill_program.as_ref().is_some_and(|(r, _)| *r == rows) {
+            return Ok(());
+        }
+        self.ensure_prefill_acts(rows)?;
+        let acts = self.prefill_acts.as_ref().expect("allocated above");
+        let program = self.builder(Phase::Prefill).step(rows, acts, |_| acts)?;
+        self.warm_up(&program, rows)?;
+        self.prefill_program = Some((rows, program));
+        Ok(())
+    }
+
+    /// Allocate the prefill activation buffers when they hold fewer than `rows` tokens (a
+    /// prepared prefill program over the old ones is dropped).
+    fn ensure_prefill_acts(&mut self, rows: usize) -> Result<(), RuntimeError> {
+        if self.prefill_acts.as_ref().is_none_or(|a| a.rows < rows) {
+            self.prefill_program = None;
+            self.prefill_acts = Some(Activations::new(&self.ctx, &self.weights, rows)?);
+        }
+        Ok(())
+    }
+
+    /// [`GpuContext::warm_up`] over `program`, a step of `rows` tokens at the current position,
+    /// when one of its pipelines has not run yet. The step uniform is first set as that step
+    /// will set it, so that the warm-up writes only KV-cache rows that the step writes again.
+    fn warm_up(&self, program: &[Dispatch], rows: usize) -> Result<(), RuntimeError> {
+        if !program.iter().any(Dispatch::is_cold) || self.pos + rows > self.options.ctx_len {
+            return Ok(());
+        }
+        let (pos0, n) = (self.pos as u32, rows as u32);
+        self.bufs.step.write(&self.ctx, &StepParams { pos0, n_tokens: n, kv_len: pos0 + n, _pad: 0 });
+        let warmed = self.ctx.warm_up(program)?;
+        log::debug!("warmed {warmed} pipelines for a {rows}-token step");
         Ok(())
     }
 
@@ -260,6 +314,7 @@ impl Session {
         }
         self.lora = lora.map(|g| (g, scale));
         self.decode_program = None;
+        self.prefill_program = None;
         Ok(())
     }
 
@@ -360,9 +415,7 @@ impl Session {
         }
         self.check_ids(ids)?;
         let t = ids.len();
-        if self.prefill_acts.as_ref().is_none_or(|a| a.rows < t) {
-            self.prefill_acts = Some(Activations::new(&self.ctx, &self.weights, t)?);
-        }
+        self.ensure_prefill_acts(t)?;
         if let Some(acts) = &self.prefill_acts {
             acts.ids.write_u32(&self.ctx, ids);
         }
@@ -370,8 +423,13 @@ impl Session {
         let out = if let Some(routing) = self.routing.take() {
             self.prefill_routed(ids, routing)
         } else {
-            let acts = self.prefill_acts.as_ref().expect("allocated above");
-            let program = self.builder(Phase::Prefill).step(t, acts, |_| acts)?;
+            let program = match self.prefill_program.take() {
+                Some((rows, program)) if rows == t => program,
+                _ => {
+                    let acts = self.prefill_acts.as_ref().expect("allocated above");
+                    self.builder(Phase::Prefill).step(t, acts, |_| acts)?
+                }
+            };
             self.execute(&program, Phase::Prefill)
         };
         let out = out.map_err(|e| self.locate(e, Phase::Prefill, t))?;

@@ -257,12 +257,12 @@ impl StepBuilder<'_> {
     }
 
     /// The linear product `op` as matvec (decode, one row) or matmul (prefill), each with the
-    /// adapter's variant.
+    /// adapter's variant (for matmul, the one chosen for prefills of `op.rows` tokens).
     fn linear(&self, label: &str, op: &LinearOp) -> Result<Vec<Dispatch>, RuntimeError> {
         Ok(if self.phase == Phase::Decode {
             matvec(self.ctx, label, op, matvec_variant(self.ctx))?
         } else {
-            matmul(self.ctx, label, op, matmul_variant(self.ctx))?
+            matmul(self.ctx, label, op, matmul_variant(self.ctx, op.rows))?
         })
     }
 
