@@ -118,7 +118,7 @@ fn main() {
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
             for v in MatvecVariant::ALL {
                 let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y), v).unwrap();
-                b.case(&format!("matvec {} {dtype}", v.name()), &format!("{n}x{k}"), &ds, true);
+                b.case(&format!("matvec {} {}", v.name(), weight_kind(&ctx, dtype).for_k(k).name()), &format!("{n}x{k}"), &ds, true);
                 // The other ways of reading these weights (the row above used the adapter's choice).
                 for kind in read_candidates(&ctx, dtype).into_iter().filter(|&k| k != weight_kind(&ctx, dtype)) {
                     let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y).kind(kind), v).unwrap();
