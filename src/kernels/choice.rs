@@ -80,23 +80,15 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
             Some((a, b)) => (Some(a.trim()), b.trim()),
             None => (None, item.as_str()),
         };
-        if family == Some("f16read") {
-            match read_parse(DType::F16, name) {
-                Some(k) => {
-                    f.f16read = Some(k);
-                    continue;
-                }
-                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f16read=native|packed|wide)")),
-            }
-        }
-        if family == Some("f32read") {
-            match read_parse(DType::F32, name) {
-                Some(k) => {
-                    f.f32read = Some(k);
-                    continue;
-                }
-                None => return Err(format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected f32read=plain|wide)")),
-            }
+        let read_family = match family {
+            Some("f16read") => Some((DType::F16, "f16read=native|packed|wide")),
+            Some("f32read") => Some((DType::F32, "f32read=plain|wide")),
+            _ => None,
+        };
+        if let Some((dtype, expected)) = read_family {
+            let kind = read_parse(dtype, name).ok_or_else(|| format!("FIRSTRT_KERNEL: unknown entry {item:?} (expected {expected})"))?;
+            *if dtype == DType::F16 { &mut f.f16read } else { &mut f.f32read } = Some(kind);
+            continue;
         }
         match (family, MatmulVariant::parse(name), MatvecVariant::parse(name)) {
             (None | Some("matmul"), Some(v), _) => f.matmul = Some(v),
@@ -286,14 +278,18 @@ pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
 
 /// The ways this adapter can read weights of `dtype`, the default first: f32 plain, then wide
 /// with SHADER_INT64; f16 native with SHADER_F16 (else packed), then packed, then wide with
-/// SHADER_INT64.
+/// SHADER_INT64; u32 (no weights, only f32 reads): plain f32.
 pub fn read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
     let mut kinds = vec![WeightKind::for_dtype(ctx, dtype)];
     if dtype == DType::F16 && kinds[0] == WeightKind::F16 {
         kinds.push(WeightKind::F16Packed);
     }
     if ctx.has_int64() {
-        kinds.push(if dtype == DType::F16 { WeightKind::F16Wide } else { WeightKind::F32Wide });
+        match dtype {
+            DType::F16 => kinds.push(WeightKind::F16Wide),
+            DType::F32 => kinds.push(WeightKind::F32Wide),
+            DType::U32 => {}
+        }
     }
     kinds
 }
@@ -302,7 +298,7 @@ pub fn read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
 /// [`read_candidates`], else the forced, cached or measured `f32read` / `f16read` choice.
 pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
     let candidates = read_candidates(ctx, dtype);
-    if candidates.len() == 1 || dtype == DType::U32 {
+    if candidates.len() == 1 {
         return candidates[0];
     }
     let (family, forced) = match dtype {

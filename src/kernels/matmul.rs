@@ -105,7 +105,9 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         MatmulVariant::XBcast => "matmul_xbcast",
     };
     let step = kind.step(k);
-    let tm = regblock_tm(rows);
+    // Only `matmul_regblock` depends on the token count; the other entry points keep one
+    // pipeline (one cache key, one driver compile) whatever the prompt length.
+    let tm = if variant == MatmulVariant::RegBlock { regblock_tm(rows) } else { REGBLOCK_TM };
     let shader = ShaderVariant::new("matmul", SOURCE, entry)
         .define("REGBLOCK_BODY", regblock_body(tm, REGBLOCK_TN, step))
         .weights("X_DECL", kind.activations(), 1, "x")
