@@ -1,17 +1,63 @@
 //! Weight matrices on the GPU, split by rows over several buffers when one binding cannot hold
 //! them (lavapipe binds at most 128 MiB; a 128k x 2048 f16 embedding table is 512 MiB).
 
-use super::{DType, GpuContext, GpuError, GpuTensor};
+use super::{DType, GpuContext, GpuError, GpuTensor, WeightKind};
+use crate::model::quant::{HostBlocks, QuantType};
 
-/// Rows `row0 .. row0 + rows` of a matrix, in one buffer: `[rows, cols]` of the matrix dtype.
+/// Rows `row0 .. row0 + rows` of a matrix, in one buffer: `[rows, cols]` of the matrix dtype,
+/// or, when `quant` is set, `rows * cols / block_elems` blocks of that type as u32 words (the GPU
+/// layout of [`crate::model::quant`]).
 #[derive(Debug, Clone)]
 pub struct MatrixChunk {
-    /// The chunk's rows, `[rows, cols]` of the matrix dtype.
+    /// The chunk's rows: `[rows, cols]` of the matrix dtype, or `[words]` u32 of blocks.
     pub tensor: GpuTensor,
     /// Index of the chunk's first row in the matrix.
     pub row0: usize,
     /// Rows in the chunk.
     pub rows: usize,
+    /// The block type when the chunk holds quantised blocks; `None` for f32/f16 values.
+    pub quant: Option<QuantType>,
+}
+
+impl MatrixChunk {
+    /// How a kernel reads this chunk: its block type, else `dense` (the op's kind for the
+    /// matrix dtype).
+    pub fn kind(&self, dense: WeightKind) -> WeightKind {
+        self.quant.map_or(dense, WeightKind::Quant)
+    }
+
+    /// Elements of the chunk's tensor a `[rows, cols]` chunk must have: `rows * cols` values, or
+    /// the u32 words of its blocks.
+    pub fn expected_numel(&self, cols: usize) -> usize {
+        match self.quant {
+            None => self.rows * cols,
+            Some(q) => self.rows * (cols / q.block_elems()) * q.gpu_block_words(),
+        }
+    }
+}
+
+/// One part of a stacked matrix for [`GpuMatrix::upload_parts`]: `[rows, cols]` values
+/// converted to the matrix dtype, or quantised blocks kept as they are.
+#[derive(Debug, Clone, Copy)]
+pub enum MatrixPart<'a> {
+    /// `rows * cols` f32 values, row-major.
+    Dense {
+        /// Rows of the part.
+        rows: usize,
+        /// The values.
+        data: &'a [f32],
+    },
+    /// A `[rows, cols]` matrix of ggml blocks.
+    Blocks(&'a HostBlocks),
+}
+
+impl MatrixPart<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            MatrixPart::Dense { rows, .. } => *rows,
+            MatrixPart::Blocks(b) => b.rows,
+        }
+    }
 }
 
 /// A `[rows, cols]` row-major matrix (Hugging Face's `[out, in]` for a linear layer's weight).
@@ -23,7 +69,8 @@ pub struct GpuMatrix {
     pub rows: usize,
     /// Columns (K, a linear layer's inputs; d_model of an embedding table).
     pub cols: usize,
-    /// Element type (f32 or f16).
+    /// Element type of the dense chunks (f32 or f16); chunks with [`MatrixChunk::quant`] hold
+    /// blocks instead.
     pub dtype: DType,
     /// Row chunks in order, covering `0..rows`; each fits the context's `max_binding`.
     pub chunks: Vec<MatrixChunk>,
@@ -32,33 +79,96 @@ pub struct GpuMatrix {
 impl GpuMatrix {
     /// Upload `data` (`rows * cols` f32 values) converted to `dtype`, split so that every chunk
     /// fits `ctx.max_binding`. Chunk row counts are multiples of 4 where possible.
+    ///
+    /// # Errors
+    /// [`GpuError::BufferTooLarge`] when one row exceeds a binding; buffer creation errors.
     pub fn upload(ctx: &GpuContext, label: &str, rows: usize, cols: usize, data: &[f32], dtype: DType) -> Result<GpuMatrix, GpuError> {
-        assert_eq!(data.len(), rows * cols, "{label}: [{rows}, {cols}] vs {} values", data.len());
-        let row_bytes = (cols * dtype.size()) as u64;
-        let max_rows = (ctx.max_binding / row_bytes.max(1)) as usize;
-        if max_rows == 0 {
-            return Err(GpuError::BufferTooLarge {
-                label: format!("{label} (one row)"),
-                needed: Some(row_bytes),
-                limit: ctx.max_binding,
-                limit_name: "max_storage_buffer_binding_size",
-            });
-        }
-        let per_chunk = if max_rows >= rows { rows } else { (max_rows / 4 * 4).max(1) };
-        let mut chunks = Vec::new();
+        Self::upload_parts(ctx, label, cols, &[MatrixPart::Dense { rows, data }], dtype)
+    }
+
+    /// Upload `parts` stacked by rows (`[sum of part rows, cols]`): dense parts converted to
+    /// `dtype`, quantised parts as their blocks in the GPU layout. Each part is split into
+    /// chunks that fit `ctx.max_binding` (row counts multiples of 4 where possible); no chunk
+    /// mixes parts, so a stack of different block types (Q4_K q and k with Q6_K v) is read chunk
+    /// by chunk.
+    ///
+    /// # Errors
+    /// [`GpuError::BufferTooLarge`] when one row exceeds a binding; buffer creation errors.
+    ///
+    /// # Panics
+    /// When a dense part is not `rows * cols` values or a block part has other columns (callers
+    /// build the parts from checked tensors).
+    pub fn upload_parts(ctx: &GpuContext, label: &str, cols: usize, parts: &[MatrixPart], dtype: DType) -> Result<GpuMatrix, GpuError> {
+        let total: usize = parts.iter().map(MatrixPart::rows).sum();
+        let mut pieces = Vec::new();
         let mut row0 = 0;
-        while row0 < rows {
-            let n = per_chunk.min(rows - row0);
-            let name = if per_chunk == rows { label.to_string() } else { format!("{label}[{row0}..{}]", row0 + n) };
-            let tensor = GpuTensor::from_f32_as(ctx, &name, &[n, cols], &data[row0 * cols..(row0 + n) * cols], dtype)?;
-            chunks.push(MatrixChunk { tensor, row0, rows: n });
-            row0 += n;
+        for part in parts {
+            let rows = part.rows();
+            let row_bytes = match part {
+                MatrixPart::Dense { data, .. } => {
+                    assert_eq!(data.len(), rows * cols, "{label}: [{rows}, {cols}] vs {} values", data.len());
+                    (cols * dtype.size()) as u64
+                }
+                MatrixPart::Blocks(b) => {
+                    assert_eq!(b.cols, cols, "{label}: a part of {} columns in a matrix of {cols}", b.cols);
+                    (cols / b.ty.block_elems() * b.ty.gpu_block_words() * 4) as u64
+                }
+            };
+            let max_rows = (ctx.max_binding / row_bytes.max(1)) as usize;
+            if max_rows == 0 {
+                return Err(GpuError::BufferTooLarge {
+                    label: format!("{label} (one row)"),
+                    needed: Some(row_bytes),
+                    limit: ctx.max_binding,
+                    limit_name: "max_storage_buffer_binding_size",
+                });
+            }
+            let per_chunk = if max_rows >= rows { rows } else { (max_rows / 4 * 4).max(1) };
+            let mut r = 0;
+            while r < rows {
+                let n = per_chunk.min(rows - r);
+                pieces.push((*part, r, row0 + r, n));
+                r += n;
+            }
+            row0 += rows;
         }
-        Ok(GpuMatrix { label: label.to_string(), rows, cols, dtype, chunks })
+        let single = pieces.len() == 1;
+        let mut chunks = Vec::with_capacity(pieces.len());
+        for (part, r, row0, n) in pieces {
+            let name = if single { label.to_string() } else { format!("{label}[{row0}..{}]", row0 + n) };
+            let (tensor, quant) = match part {
+                MatrixPart::Dense { data, .. } => (GpuTensor::from_f32_as(ctx, &name, &[n, cols], &data[r * cols..(r + n) * cols], dtype)?, None),
+                MatrixPart::Blocks(b) => {
+                    let rb = b.row_bytes();
+                    let words = b.ty.gpu_words(&b.data[r * rb..(r + n) * rb]);
+                    (GpuTensor::from_u32(ctx, &name, &[words.len()], &words)?, Some(b.ty))
+                }
+            };
+            chunks.push(MatrixChunk { tensor, row0, rows: n, quant });
+        }
+        Ok(GpuMatrix { label: label.to_string(), rows: total, cols, dtype, chunks })
+    }
+
+    /// Whether any chunk holds quantised blocks.
+    pub fn is_quantised(&self) -> bool {
+        self.chunks.iter().any(|c| c.quant.is_some())
+    }
+
+    /// What the matrix is stored as: its dtype, its block type, or the types of its parts
+    /// joined by `+` (e.g. `q4_k+q6_k`), in chunk order without repeats.
+    pub fn format(&self) -> String {
+        let mut names: Vec<String> = Vec::new();
+        for c in &self.chunks {
+            let n = c.quant.map_or_else(|| self.dtype.to_string(), |q| q.name().to_string());
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        names.join("+")
     }
 
     /// Bytes of weights (what one full read of the matrix costs).
     pub fn byte_len(&self) -> u64 {
-        (self.rows * self.cols * self.dtype.size()) as u64
+        self.chunks.iter().map(|c| c.tensor.byte_len() as u64).sum()
     }
 }

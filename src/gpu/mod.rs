@@ -7,6 +7,7 @@ pub mod buffer;
 pub mod dispatch;
 pub mod matrix;
 pub mod pipeline;
+pub mod quant;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 pub use buffer::{DType, GpuTensor};
 pub use dispatch::{Cost, Dispatch, Phase, Tag};
-pub use matrix::{GpuMatrix, MatrixChunk};
+pub use matrix::{GpuMatrix, MatrixChunk, MatrixPart};
 pub use pipeline::{PipelineCache, ShaderVariant, WeightKind};
 
 /// Optional adapter features that firstrt uses when present and never requires.

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{DType, GpuContext, GpuError};
+use crate::model::quant::QuantType;
 
 /// How a kernel reads a weight matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,6 +34,12 @@ pub enum WeightKind {
     /// f16 in `array<vec2<u64>>` through SHADER_INT64 (eight elements per load, unpacked with
     /// `unpack2x16float`); K % 8 == 0 as for [`WeightKind::F32Wide`].
     F16Wide,
+    /// ggml blocks of a [`QuantType`] in `array<u32>` (the GPU layout of
+    /// [`crate::model::quant`]), dequantised in registers; K is a multiple of the block size.
+    /// Besides `_4` and `_1` it declares `{v}_32(b)` (the 32 values of unit b) and
+    /// `{v}_dot32(b, x0, .., x7)` (their dot product with eight vec4, scales applied once),
+    /// [`super::quant::declare`].
+    Quant(QuantType),
 }
 
 impl WeightKind {
@@ -54,15 +61,23 @@ impl WeightKind {
             WeightKind::F16Packed => "f16packed",
             WeightKind::F32Wide => "f32wide",
             WeightKind::F16Wide => "f16wide",
+            WeightKind::Quant(q) => q.name(),
         }
     }
 
-    /// Elements per load of the kind's widest accessor: 8 for the wide kinds (`{v}_8`), else 4.
+    /// Elements per load of the kind's widest accessor: 8 for the wide kinds (`{v}_8`), 32 for
+    /// the quantised ones (`{v}_32`), else 4.
     pub fn elems_per_load(self) -> usize {
         match self {
             WeightKind::F32Wide | WeightKind::F16Wide => 8,
+            WeightKind::Quant(_) => 32,
             WeightKind::F32 | WeightKind::F16 | WeightKind::F16Packed => 4,
         }
+    }
+
+    /// Whether the kind needs SHADER_INT64 (the wide kinds).
+    pub fn needs_int64(self) -> bool {
+        matches!(self, WeightKind::F32Wide | WeightKind::F16Wide)
     }
 
     /// The kind to read rows of `k` elements with: a wide kind needs K % 8 == 0 and falls back to
@@ -76,9 +91,10 @@ impl WeightKind {
     }
 
     /// How many elements a kernel walks per step of K with this kind for rows of `k` elements:
-    /// 8 (wide kinds), 4 (K % 4 == 0) or 1.
+    /// 32 (quantised kinds, one unit), 8 (wide kinds), 4 (K % 4 == 0) or 1.
     pub fn step(self, k: usize) -> usize {
         match self.for_k(k) {
+            WeightKind::Quant(_) => 32,
             WeightKind::F32Wide | WeightKind::F16Wide => 8,
             _ if k.is_multiple_of(4) => 4,
             _ => 1,
@@ -86,16 +102,18 @@ impl WeightKind {
     }
 
     /// The kind that reads f32 activations (x) alongside weights read as `self`: wide when the
-    /// weights are wide, so that a step of K loads both with one access each.
+    /// weights are wide, so that a step of K loads both with one access each; plain f32 for the
+    /// quantised kinds (a unit's x is eight `x_4` loads).
     pub fn activations(self) -> WeightKind {
-        if self.elems_per_load() == 8 { WeightKind::F32Wide } else { WeightKind::F32 }
+        if self.needs_int64() { WeightKind::F32Wide } else { WeightKind::F32 }
     }
 
-    /// The dtype of the weights this kind reads.
+    /// The dtype of the weights this kind reads (u32 words for the quantised kinds).
     pub fn dtype(self) -> DType {
         match self {
             WeightKind::F32 | WeightKind::F32Wide => DType::F32,
             WeightKind::F16 | WeightKind::F16Packed | WeightKind::F16Wide => DType::F16,
+            WeightKind::Quant(_) => DType::U32,
         }
     }
 
@@ -139,6 +157,7 @@ impl WeightKind {
                  fn {v}_1(i: u32) -> f32 {{ let a = {v}[i >> 3u][(i >> 2u) & 1u]; \
                  return unpack2x16float(u32(a >> (32u * ((i >> 1u) & 1u))))[i & 1u]; }}\n"
             ),
+            WeightKind::Quant(q) => super::quant::declare(q, binding, v),
         }
     }
 }

@@ -55,7 +55,7 @@ pub(crate) fn check_weight_kind(ctx: &GpuContext, label: &str, kind: WeightKind,
     if kind == WeightKind::F16 && !ctx.has_f16() {
         return Err(invalid(label, "WeightKind::F16 needs SHADER_F16"));
     }
-    if kind.elems_per_load() == 8 && !ctx.has_int64() {
+    if kind.needs_int64() && !ctx.has_int64() {
         return Err(invalid(label, format!("WeightKind::{} needs SHADER_INT64", kind.name())));
     }
     Ok(())

@@ -55,6 +55,7 @@ fn read_name(kind: WeightKind) -> &'static str {
         WeightKind::F16 => "native",
         WeightKind::F16Packed => "packed",
         WeightKind::F32Wide | WeightKind::F16Wide => "wide",
+        WeightKind::Quant(q) => q.name(),
     }
 }
 

@@ -70,21 +70,25 @@ pub fn embedding_with_kind(
     if rows * d > u32::MAX as usize / 2 || table.rows > u32::MAX as usize {
         return Err(invalid(label, format!("embedding of [{rows}, {d}] is too large")));
     }
-    let variant = ShaderVariant::new("embedding", SOURCE, "embedding").weights("W_DECL", kind, 2, "w");
-    let pipeline = ctx.pipeline(&variant)?;
+    let pipeline = |kind: WeightKind| ctx.pipeline(&ShaderVariant::new("embedding", SOURCE, "embedding").weights("W_DECL", kind, 2, "w"));
     let n = rows * d;
     let mut dispatches = Vec::with_capacity(table.chunks.len());
     for (c, chunk) in table.chunks.iter().enumerate() {
         if chunk.rows * d > u32::MAX as usize {
             return Err(invalid(label, format!("table chunk {c} is too large")));
         }
+        if chunk.quant.is_some_and(|q| !d.is_multiple_of(q.block_elems())) || chunk.tensor.numel() != chunk.expected_numel(d) {
+            return Err(invalid(label, format!("table chunk {c} does not match the table")));
+        }
+        let pipeline = pipeline(chunk.kind(kind))?;
         let params = EmbeddingParams { rows: rows as u32, dim: d as u32, row0: chunk.row0 as u32, chunk_rows: chunk.rows as u32 };
         let name = if table.chunks.len() == 1 { label.to_string() } else { format!("{label}[chunk {c}]") };
         let u = uniform(ctx, &name, &params);
         // Every chunk checks every output element; only the rows of its own ids are copied
         // (counted here as if each chunk copied its share).
         let share = (n as u64 * chunk.rows as u64).div_ceil(table.rows.max(1) as u64);
-        let cost = Cost { flops: 0, bytes: 4 * rows as u64 + share * (table.dtype.size() as u64 + 4) };
+        let value_bytes = chunk.quant.map_or(table.dtype.size() as u64, |q| (q.gpu_block_words() * 4 / q.block_elems()).max(1) as u64);
+        let cost = Cost { flops: 0, bytes: 4 * rows as u64 + share * (value_bytes + 4) };
         dispatches.push(Dispatch::new(
             ctx,
             &pipeline,

@@ -146,7 +146,7 @@ impl<'a> LinearOp<'a> {
             return Err(invalid(label, format!("x and y must be f32 (got {} and {})", self.x.dtype, self.y.dtype)));
         }
         if w.dtype == DType::U32 {
-            return Err(invalid(label, "weights must be f32 or f16"));
+            return Err(invalid(label, "the dtype of dense weights must be f32 or f16"));
         }
         if n == 0 || k == 0 || rows == 0 {
             return Err(invalid(label, format!("empty product: {rows} rows times [{}, {}]", w.rows, w.cols)));
@@ -169,49 +169,73 @@ impl<'a> LinearOp<'a> {
             return Err(invalid(label, "tensor too large for 32-bit indexing"));
         }
         for c in &w.chunks {
-            if c.tensor.dtype != w.dtype || c.tensor.numel() != c.rows * w.cols {
+            let dtype = if c.quant.is_some() { DType::U32 } else { w.dtype };
+            let whole_blocks = c.quant.is_none_or(|q| w.cols.is_multiple_of(q.block_elems()));
+            if c.tensor.dtype != dtype || !whole_blocks || c.tensor.numel() != c.expected_numel(w.cols) {
                 return Err(invalid(label, format!("chunk at row {} does not match the matrix", c.row0)));
             }
         }
-        let kind = self.kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype));
+        // An explicit quantised kind only asserts what the chunks hold; dense chunks (if any)
+        // are read the adapter's way.
+        let kind = match self.kind {
+            Some(WeightKind::Quant(q)) => {
+                if let Some(c) = w.chunks.iter().find(|c| c.quant != Some(q)) {
+                    return Err(invalid(label, format!("chunk at row {} is not {q} blocks", c.row0)));
+                }
+                crate::kernels::choice::weight_kind(ctx, w.dtype)
+            }
+            Some(kind) => kind,
+            None => crate::kernels::choice::weight_kind(ctx, w.dtype),
+        };
         check_weight_kind(ctx, label, kind, w.dtype)?;
         Ok(kind.for_k(k))
     }
 
     /// One dispatch per chunk of W, named `label` (or `label[row0]` when W is split), with
-    /// bindings params, x, the chunk's weights, bias, y. `per_chunk` gives a chunk's uniform
-    /// parameters, workgroup counts and cost. Call after [`LinearOp::check`].
+    /// bindings params, x, the chunk's weights, bias, y. A chunk is read as its block type, else
+    /// as `dense` (the kind [`LinearOp::check`] returned); `pipeline` gives the pipeline for a
+    /// kind (called once per kind) and `per_chunk` a chunk's uniform parameters, workgroup
+    /// counts and cost. Call after [`LinearOp::check`].
     pub(crate) fn chunk_dispatches<P: Pod>(
         &self,
         ctx: &GpuContext,
         label: &str,
-        pipeline: &Arc<Pipeline>,
-        per_chunk: impl Fn(&MatrixChunk) -> (P, [u32; 3], Cost),
-    ) -> Vec<Dispatch> {
+        dense: WeightKind,
+        pipeline: impl Fn(WeightKind) -> Result<Arc<Pipeline>, GpuError>,
+        per_chunk: impl Fn(&MatrixChunk, WeightKind) -> (P, [u32; 3], Cost),
+    ) -> Result<Vec<Dispatch>, GpuError> {
         // An absent bias is never read (its flag is clear); bind x in its place.
         let bias = self.bias.unwrap_or(self.x);
-        self.w
-            .chunks
-            .iter()
-            .map(|c| {
-                let (params, workgroups, cost) = per_chunk(c);
-                let u = uniform(ctx, label, &params);
-                let name = if self.w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
-                Dispatch::new(
-                    ctx,
-                    pipeline,
-                    name,
-                    &[
-                        u.as_entire_binding(),
-                        self.x.buffer.as_entire_binding(),
-                        c.tensor.buffer.as_entire_binding(),
-                        bias.buffer.as_entire_binding(),
-                        self.y.buffer.as_entire_binding(),
-                    ],
-                    workgroups,
-                    cost,
-                )
-            })
-            .collect()
+        let mut pipelines: Vec<(WeightKind, Arc<Pipeline>)> = Vec::new();
+        let mut out = Vec::with_capacity(self.w.chunks.len());
+        for c in &self.w.chunks {
+            let kind = c.kind(dense);
+            let pipe = match pipelines.iter().find(|(k, _)| *k == kind) {
+                Some((_, p)) => p.clone(),
+                None => {
+                    let p = pipeline(kind)?;
+                    pipelines.push((kind, p.clone()));
+                    p
+                }
+            };
+            let (params, workgroups, cost) = per_chunk(c, kind);
+            let u = uniform(ctx, label, &params);
+            let name = if self.w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
+            out.push(Dispatch::new(
+                ctx,
+                &pipe,
+                name,
+                &[
+                    u.as_entire_binding(),
+                    self.x.buffer.as_entire_binding(),
+                    c.tensor.buffer.as_entire_binding(),
+                    bias.buffer.as_entire_binding(),
+                    self.y.buffer.as_entire_binding(),
+                ],
+                workgroups,
+                cost,
+            ));
+        }
+        Ok(out)
     }
 }

@@ -11,7 +11,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
 use crate::kernels::linear::LinearOp;
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
@@ -104,24 +104,25 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         MatmulVariant::Tiled => "matmul_tiled",
         MatmulVariant::XBcast => "matmul_xbcast",
     };
-    let step = kind.step(k);
     // Only `matmul_regblock` depends on the token count; the other entry points keep one
     // pipeline (one cache key, one driver compile) whatever the prompt length.
     let tm = if variant == MatmulVariant::RegBlock { regblock_tm(rows) } else { REGBLOCK_TM };
-    let shader = ShaderVariant::new("matmul", SOURCE, entry)
-        .define("REGBLOCK_BODY", regblock_body(tm, REGBLOCK_TN, step))
-        .weights("X_DECL", kind.activations(), 1, "x")
-        .weights("W_DECL", kind, 2, "w")
-        .define("ALIGNED", k.is_multiple_of(4))
-        .define("WG", REGBLOCK_WG)
-        .define("TM", tm)
-        .define("TN", REGBLOCK_TN)
-        .define("BM", XBCAST_BM)
-        .define("BNR", XBCAST_BNR);
-    let pipeline = ctx.pipeline(&shader)?;
+    let pipeline = |kind: WeightKind| {
+        let shader = ShaderVariant::new("matmul", SOURCE, entry)
+            .define("REGBLOCK_BODY", regblock_body(tm, REGBLOCK_TN, kind.step(k)))
+            .weights("X_DECL", kind.activations(), 1, "x")
+            .weights("W_DECL", kind, 2, "w")
+            .define("ALIGNED", k.is_multiple_of(4))
+            .define("WG", REGBLOCK_WG)
+            .define("TM", tm)
+            .define("TN", REGBLOCK_TN)
+            .define("BM", XBCAST_BM)
+            .define("BNR", XBCAST_BNR);
+        ctx.pipeline(&shader)
+    };
     let flags = op.flags();
     let y_stride = op.y_row_stride();
-    Ok(op.chunk_dispatches(ctx, label, &pipeline, |c| {
+    op.chunk_dispatches(ctx, label, kind, pipeline, |c, _| {
         let params = MatmulParams {
             t: rows as u32,
             n: c.rows as u32,
@@ -147,7 +148,7 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
                 + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
         };
         (params, workgroups, cost)
-    }))
+    })
 }
 
 /// Rows of x per `RegBlock` invocation for a product of `rows` rows: the next power of two,
@@ -159,10 +160,13 @@ pub fn regblock_tm(rows: usize) -> u32 {
 
 /// The WGSL statements of `matmul_regblock` once `t0` and `n0` are known: a `tm` x `tn` block
 /// of outputs in named f32 registers, K walked `step` elements at a time (8 through the `_8`
-/// accessors of the wide kinds, 4 through `_4`, or 1), fused multiply-adds, and stores guarded
-/// by `t < p.t` and `n < p.n`. Rows past the end are clamped, so every load stays in bounds.
+/// accessors of the wide kinds, 4 through `_4`, or 1; 32 for the quantised kinds,
+/// [`regblock_body_quant`]), fused multiply-adds, and stores guarded by `t < p.t` and `n < p.n`. Rows past the end are clamped, so every load stays in bounds.
 pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
     use std::fmt::Write;
+    if step == 32 {
+        return regblock_body_quant(tm, tn);
+    }
     let mut s = String::new();
     let _ = writeln!(s, "    let steps = p.k / {step}u;");
     for i in 0..tm {
@@ -199,6 +203,69 @@ pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
             }
             let _ = writeln!(s, "        a{i}_{j} = {e};");
         }
+    }
+    let _ = writeln!(s, "    }}");
+    for i in 0..tm {
+        let _ = writeln!(s, "    if (t0 + {i}u < p.t) {{");
+        for j in 0..tn {
+            let _ = writeln!(s, "        if (n0 + {j}u < p.n) {{ store(t0 + {i}u, n0 + {j}u, a{i}_{j}); }}");
+        }
+        let _ = writeln!(s, "    }}");
+    }
+    s
+}
+
+/// [`regblock_body`] for the quantised kinds: K walked one unit of 32 values at a time. Per unit
+/// and w row the scales are read once (`w_scales`); then for each quarter i of the unit
+/// (`w_pair(b, i)`: values 4i..4i+3 and 16+4i..16+4i+3, one word load for the 4-bit types) the
+/// w values are dequantised in registers and multiply the matching vec4 pairs of every x row,
+/// so that what is live at once is a quarter of a unit, not all 32 values of every w row.
+pub fn regblock_body_quant(tm: u32, tn: u32) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "    let steps = p.k / 32u;");
+    for i in 0..tm {
+        let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps * 8u;");
+    }
+    for j in 0..tn {
+        let _ = writeln!(s, "    let wb{j} = min(n0 + {j}u, p.n - 1u) * steps;");
+    }
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
+        }
+    }
+    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    for j in 0..tn {
+        let _ = writeln!(s, "        let s{j} = w_scales(wb{j} + kk);");
+        let _ = writeln!(s, "        let sl{j} = vec4<f32>(s{j}.x);");
+        let _ = writeln!(s, "        let sh{j} = vec4<f32>(s{j}.y);");
+        let _ = writeln!(s, "        let sc{j} = vec4<f32>(s{j}.z);");
+    }
+    for q in 0..4 {
+        let _ = writeln!(s, "        {{");
+        for j in 0..tn {
+            let _ = writeln!(s, "            let p{j} = w_pair(wb{j} + kk, {q}u);");
+            let _ = writeln!(s, "            let wl{j} = fma(p{j}.lo, sl{j}, sc{j});");
+            let _ = writeln!(s, "            let wh{j} = fma(p{j}.hi, sh{j}, sc{j});");
+        }
+        for i in 0..tm {
+            let _ = writeln!(s, "            let xl{i} = x_4(xb{i} + kk * 8u + {q}u);");
+            let _ = writeln!(s, "            let xh{i} = x_4(xb{i} + kk * 8u + {}u);", q + 4);
+        }
+        for i in 0..tm {
+            for j in 0..tn {
+                let mut e = format!("a{i}_{j}");
+                for c in ["x", "y", "z", "w"] {
+                    e = format!("fma(xl{i}.{c}, wl{j}.{c}, {e})");
+                }
+                for c in ["x", "y", "z", "w"] {
+                    e = format!("fma(xh{i}.{c}, wh{j}.{c}, {e})");
+                }
+                let _ = writeln!(s, "            a{i}_{j} = {e};");
+            }
+        }
+        let _ = writeln!(s, "        }}");
     }
     let _ = writeln!(s, "    }}");
     for i in 0..tm {

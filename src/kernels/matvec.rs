@@ -10,7 +10,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
 use crate::kernels::checks::invalid;
 use crate::kernels::linear::LinearOp;
 
@@ -92,16 +92,18 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         MatvecVariant::Rows => ("matvec_rows", ROWS_WG),
         MatvecVariant::Reduce => ("matvec_reduce", REDUCE_WG),
     };
-    let shader = ShaderVariant::new("matvec", SOURCE, entry)
-        .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k)))
-        .weights("X_DECL", kind.activations(), 1, "x")
-        .weights("W_DECL", kind, 2, "w")
-        .define("ALIGNED", aligned)
-        .define("WG", wg)
-        .define("R", ROWS_PER_INVOCATION);
-    let pipeline = ctx.pipeline(&shader)?;
+    let pipeline = |kind: WeightKind| {
+        let shader = ShaderVariant::new("matvec", SOURCE, entry)
+            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k)))
+            .weights("X_DECL", kind.activations(), 1, "x")
+            .weights("W_DECL", kind, 2, "w")
+            .define("ALIGNED", aligned)
+            .define("WG", wg)
+            .define("R", ROWS_PER_INVOCATION);
+        ctx.pipeline(&shader)
+    };
     let flags = op.flags();
-    Ok(op.chunk_dispatches(ctx, label, &pipeline, |c| {
+    op.chunk_dispatches(ctx, label, kind, pipeline, |c, _| {
         let params = MatvecParams {
             rows: c.rows as u32,
             k: k as u32,
@@ -121,33 +123,43 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
             bytes: c.tensor.byte_len() as u64 + 4 * k as u64 + y_bytes + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
         };
         (params, grid(groups), cost)
-    }))
+    })
 }
 
 /// The WGSL statements of `matvec_rows` once `first` is known: `r` rows from `first`, each with
-/// one accumulator in a named register (vec4, or f32 when `step` is 1), K walked `step` elements
-/// at a time (8 through the `_8` accessors of the wide kinds, 4 through `_4`, or 1), fused
+/// one accumulator in a named register (vec4, or f32 when `step` is 1 or 32), K walked `step`
+/// elements at a time (32 through `w_dot32` of the quantised kinds, one unit of x loaded once for
+/// all rows; 8 through the `_8` accessors of the wide kinds, 4 through `_4`, or 1), fused
 /// multiply-adds, and stores guarded by `n < p.rows`. Rows past the end are clamped, so every
 /// load stays in bounds.
 pub fn rows_body(r: u32, step: usize) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let zero = if step == 1 { "0.0" } else { "vec4<f32>(0.0)" };
+    let zero = if step == 1 || step == 32 { "0.0" } else { "vec4<f32>(0.0)" };
     let _ = writeln!(s, "    let steps = p.k / {step}u;");
     for j in 0..r {
         let _ = writeln!(s, "    let wb{j} = min(first + {j}u, p.rows - 1u) * steps;");
         let _ = writeln!(s, "    var a{j} = {zero};");
     }
     let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
-    let _ = writeln!(s, "        let xv = x_{step}(kk);");
-    for j in 0..r {
-        let _ = writeln!(s, "        let w{j} = w_{step}(wb{j} + kk);");
-        let e = if step == 8 { format!("fma(w{j}[1], xv[1], fma(w{j}[0], xv[0], a{j}))") } else { format!("fma(w{j}, xv, a{j})") };
-        let _ = writeln!(s, "        a{j} = {e};");
+    if step == 32 {
+        for k in 0..8 {
+            let _ = writeln!(s, "        let x{k} = x_4(kk * 8u + {k}u);");
+        }
+        for j in 0..r {
+            let _ = writeln!(s, "        a{j} += w_dot32(wb{j} + kk, x0, x1, x2, x3, x4, x5, x6, x7);");
+        }
+    } else {
+        let _ = writeln!(s, "        let xv = x_{step}(kk);");
+        for j in 0..r {
+            let _ = writeln!(s, "        let w{j} = w_{step}(wb{j} + kk);");
+            let e = if step == 8 { format!("fma(w{j}[1], xv[1], fma(w{j}[0], xv[0], a{j}))") } else { format!("fma(w{j}, xv, a{j})") };
+            let _ = writeln!(s, "        a{j} = {e};");
+        }
     }
     let _ = writeln!(s, "    }}");
     for j in 0..r {
-        let sum = if step == 1 { format!("a{j}") } else { format!("(a{j}.x + a{j}.y) + (a{j}.z + a{j}.w)") };
+        let sum = if step == 1 || step == 32 { format!("a{j}") } else { format!("(a{j}.x + a{j}.y) + (a{j}.z + a{j}.w)") };
         let _ = writeln!(s, "    if (first + {j}u < p.rows) {{ store(first + {j}u, {sum}); }}");
     }
     s

@@ -19,3 +19,6 @@ pub mod step;
 pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;
+
+#[cfg(test)]
+mod quant_tests;

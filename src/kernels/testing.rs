@@ -53,3 +53,32 @@ pub fn assert_close(got: &[f32], want: &[f32], atol: f32, rtol: f32, what: &str)
         );
     }
 }
+
+/// A `[rows, cols]` matrix of `ty` blocks with random quants from a fixed seed and scales that
+/// keep the values near [-1, 1] (the f16 scale fields are set, not random, so that no block is
+/// NaN or infinite). `cols` must be a multiple of the block size.
+pub fn random_blocks(ty: crate::model::QuantType, rows: usize, cols: usize, seed: u64) -> crate::model::HostBlocks {
+    use crate::model::QuantType;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    let blocks = rows * cols / be;
+    let mut data: Vec<u8> = (0..blocks * bb).map(|_| rng.random()).collect();
+    let mut put = |block: &mut [u8], at: usize, v: f32| block[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    for block in data.chunks_exact_mut(bb) {
+        let d = rng.random_range(0.5f32..1.5);
+        match ty {
+            QuantType::Q8_0 => put(block, 0, d / 127.0),
+            QuantType::Q4_0 => put(block, 0, d / 8.0),
+            QuantType::Q4_1 => {
+                put(block, 0, d / 8.0);
+                put(block, 2, -d * rng.random_range(0.5f32..1.0));
+            }
+            QuantType::Q4_K => {
+                put(block, 0, d / 8.0 / 63.0);
+                put(block, 2, d / 63.0);
+            }
+            QuantType::Q6_K => put(block, 208, d / 32.0 / 127.0),
+        }
+    }
+    crate::model::HostBlocks::new("random", rows, cols, ty, data).expect("whole blocks")
+}

@@ -15,6 +15,7 @@ use super::config::{Arch, ModelConfig, gguf_key, hf_key};
 use super::error::ModelError;
 use super::gguf::GgufFile;
 use super::names::{LayerTensor, Projection, TensorName, split_layer};
+use super::quant::{HostBlocks, QuantType};
 
 /// A dense f32 tensor on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,15 @@ pub trait WeightSource: Send + Sync {
     /// [`ModelError::MissingTensor`], [`ModelError::ShapeMismatch`], an unreadable data type or
     /// truncated data.
     fn get(&self, name: &str) -> Result<HostTensor, ModelError>;
+    /// The matrix `name` as its quantised blocks, in Hugging Face layout (`[out, in]`, rows in
+    /// Hugging Face order), when the file stores it as a [`QuantType`]; `Ok(None)` when it is
+    /// stored as floats or a type without a GPU kernel (read it with [`WeightSource::get`]).
+    /// Errors: those of [`WeightSource::get`], and [`ModelError::BadTensor`] when the rows are
+    /// not whole blocks or the data is not the blocks of the shape.
+    fn get_blocks(&self, name: &str) -> Result<Option<HostBlocks>, ModelError> {
+        let _ = name;
+        Ok(None)
+    }
     /// Whether the tensor with canonical name `name` is present.
     fn has(&self, name: &str) -> bool;
     /// Storage types and how many tensors use each, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
@@ -226,6 +236,45 @@ impl WeightSource for GgufWeights {
             data = unpermute_qk_rows(name, &data, rows, cols, n_head)?;
         }
         Ok(HostTensor { name: name.to_owned(), shape: found, data })
+    }
+
+    fn get_blocks(&self, name: &str) -> Result<Option<HostBlocks>, ModelError> {
+        let missing = || ModelError::MissingTensor { path: self.file.path.clone(), tensor: name.to_owned() };
+        let canonical = TensorName::parse(name).ok_or_else(missing)?;
+        let gguf_name = canonical.gguf_name();
+        let info = self
+            .file
+            .tensor_info(&gguf_name)
+            .ok_or_else(|| ModelError::MissingTensor { path: self.file.path.clone(), tensor: format!("{name} (GGUF '{gguf_name}')") })?;
+        let Some(ty) = QuantType::from_ggml(info.ggml_type) else { return Ok(None) };
+        let expected = tensor_shape(canonical, &self.config);
+        let found = to_usize_shape(&info.row_major_shape())
+            .ok_or_else(|| ModelError::BadTensor { tensor: name.to_owned(), what: format!("dims {:?} do not fit in usize", info.dims) })?;
+        check_shape(name, &expected, &found)?;
+        let [rows, cols] = found[..] else { return Ok(None) };
+        if !cols.is_multiple_of(ty.block_elems()) {
+            return Err(ModelError::BadTensor {
+                tensor: name.to_owned(),
+                what: format!("rows of {cols} values are not whole {}-value {} blocks", ty.block_elems(), info.ggml_type),
+            });
+        }
+        let blocks = HostBlocks::new(name, rows, cols, ty, self.file.tensor_bytes(info)?.to_vec())?;
+        let permuted_heads = match self.config.arch {
+            Arch::Qwen2 => None,
+            Arch::Llama | Arch::Mistral => permuted_heads(canonical, &self.config),
+        };
+        Ok(Some(match permuted_heads {
+            None => blocks,
+            Some(n_head) => {
+                check_head_rows(name, rows * cols, rows, cols, n_head)?;
+                // Hugging Face row h*hd + s*half + i is the file's row h*hd + 2i + s.
+                let (hd, half) = (rows / n_head, rows / n_head / 2);
+                blocks.reorder_rows(|r| {
+                    let (base, s, i) = (r / hd * hd, r % hd / half, r % hd % half);
+                    base + 2 * i + s
+                })
+            }
+        }))
     }
 
     fn has(&self, name: &str) -> bool {

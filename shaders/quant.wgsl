@@ -1,0 +1,174 @@
+// Quantised weight accessors (declared by `WeightKind::Quant`, see src/gpu/quant.rs): the
+// weights are ggml blocks in 32-bit words (the GPU layout of src/model/quant.rs), read and
+// dequantised in registers. `VAR` becomes the variable's name; the binding, the MIN constant
+// and the type's own functions (one section per type at the end of this file) are filled in
+// by src/gpu/quant.rs.
+//
+// Every type is read in units of 32 values: unit b is values 32b .. 32b + 32 of the chunk
+// (row-major, rows are whole units since K is a multiple of the block size). Value e of a unit
+// (e < 32) is `a_lo * raw[e] + c` for e < 16 and `a_hi * raw[e] + c` for e >= 16, with
+// (a_lo, a_hi, c) = VAR_scales(b) and raw the block's integers (offset removed) as floats.
+// VAR_pair(b, i) gives raw values 4i .. 4i+3 (lo) and 16+4i .. 16+4i+3 (hi) of unit b, for
+// i < 4, with as few word loads as the layout allows (one for the 4-bit types).
+
+@group(0) @binding(%BINDING%) var<storage, read> VAR: array<u32>;
+
+struct VAR_Pair { lo: vec4<f32>, hi: vec4<f32> };
+struct VAR_Unit { v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32> };
+
+const VAR_MIN: bool = %MIN%; // whether c can be non-zero
+
+// The four bytes of q as floats, unsigned (byte 0 first).
+fn VAR_u8x4(q: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(255u));
+}
+
+// The low nibbles of the four bytes of q as floats (byte 0 first).
+fn VAR_nib(q: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));
+}
+
+// The four bytes of q as floats, signed.
+fn VAR_i8x4(q: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(q << 24u, q << 16u, q << 8u, q)) >> vec4<u32>(24u));
+}
+
+// Byte n of word w, sign-extended.
+fn VAR_i8(w: u32, n: u32) -> f32 {
+    return f32(bitcast<i32>(w << (24u - 8u * n)) >> 24u);
+}
+
+%FORMAT%
+
+// Values 4i .. 4i+3 of the chunk, dequantised.
+fn VAR_4(i: u32) -> vec4<f32> {
+    let b = i >> 3u;
+    let k = i & 7u;
+    let s = VAR_scales(b);
+    let pr = VAR_pair(b, k & 3u);
+    let hi = k >= 4u;
+    return fma(select(pr.lo, pr.hi, hi), vec4<f32>(select(s.x, s.y, hi)), vec4<f32>(s.z));
+}
+
+// Value i of the chunk, dequantised.
+fn VAR_1(i: u32) -> f32 {
+    return VAR_4(i >> 2u)[i & 3u];
+}
+
+// The 32 values of unit b, dequantised.
+fn VAR_32(b: u32) -> VAR_Unit {
+    let s = VAR_scales(b);
+    let lo = vec4<f32>(s.x);
+    let hi = vec4<f32>(s.y);
+    let c = vec4<f32>(s.z);
+    let p0 = VAR_pair(b, 0u);
+    let p1 = VAR_pair(b, 1u);
+    let p2 = VAR_pair(b, 2u);
+    let p3 = VAR_pair(b, 3u);
+    return VAR_Unit(fma(p0.lo, lo, c), fma(p1.lo, lo, c), fma(p2.lo, lo, c), fma(p3.lo, lo, c),
+                    fma(p0.hi, hi, c), fma(p1.hi, hi, c), fma(p2.hi, hi, c), fma(p3.hi, hi, c));
+}
+
+// dot(unit b, x0 .. x7) with the scales applied once per half: what a GEMV needs.
+fn VAR_dot32(b: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
+             x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>) -> f32 {
+    let s = VAR_scales(b);
+    let p0 = VAR_pair(b, 0u);
+    let p1 = VAR_pair(b, 1u);
+    let p2 = VAR_pair(b, 2u);
+    let p3 = VAR_pair(b, 3u);
+    let lo = fma(p0.lo, x0, fma(p1.lo, x1, fma(p2.lo, x2, p3.lo * x3)));
+    let hi = fma(p0.hi, x4, fma(p1.hi, x5, fma(p2.hi, x6, p3.hi * x7)));
+    var r = s.x * ((lo.x + lo.y) + (lo.z + lo.w)) + s.y * ((hi.x + hi.y) + (hi.z + hi.w));
+    if (VAR_MIN) {
+        let xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7));
+        r = fma(s.z, (xs.x + xs.y) + (xs.z + xs.w), r);
+    }
+    return r;
+}
+
+//== q8_0
+// Q8_0, 9 words per 32 values: d f16 | pad | qs[32] i8.
+fn VAR_scales(b: u32) -> vec3<f32> {
+    let d = unpack2x16float(VAR[b * 9u]).x;
+    return vec3<f32>(d, d, 0.0);
+}
+fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
+    let o = b * 9u + 1u + i;
+    return VAR_Pair(VAR_i8x4(VAR[o]), VAR_i8x4(VAR[o + 4u]));
+}
+//== q4_0
+// Q4_0, 5 words per 32 values: d f16 | pad | qs[16]; value j is lo(qs[j]) - 8, value j+16 hi(qs[j]) - 8.
+fn VAR_scales(b: u32) -> vec3<f32> {
+    let d = unpack2x16float(VAR[b * 5u]).x;
+    return vec3<f32>(d, d, 0.0);
+}
+fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
+    let q = VAR[b * 5u + 1u + i];
+    return VAR_Pair(VAR_nib(q) - vec4<f32>(8.0), VAR_nib(q >> 4u) - vec4<f32>(8.0));
+}
+//== q4_1
+// Q4_1, 5 words per 32 values: d f16 | m f16 | qs[16]; value j is d lo(qs[j]) + m, value j+16 d hi(qs[j]) + m.
+fn VAR_scales(b: u32) -> vec3<f32> {
+    let dm = unpack2x16float(VAR[b * 5u]);
+    return vec3<f32>(dm.x, dm.x, dm.y);
+}
+fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
+    let q = VAR[b * 5u + 1u + i];
+    return VAR_Pair(VAR_nib(q), VAR_nib(q >> 4u));
+}
+//== q4_k
+// Q4_K, 36 words per 256 values: d f16 | dmin f16 | scales[12] | qs[128]. Unit j of a block
+// (32 values) reads qs[32 (j / 2) ..][..32], low nibbles for even j, high for odd; value =
+// d sc_j q - dmin m_j with the 6-bit (sc_j, m_j) packed as in ggml's get_scale_min_k4.
+fn VAR_sbyte(o: u32, n: u32) -> u32 {
+    return (VAR[o + 1u + (n >> 2u)] >> (8u * (n & 3u))) & 255u;
+}
+fn VAR_scales(b: u32) -> vec3<f32> {
+    let o = (b >> 3u) * 36u;
+    let j = b & 7u;
+    let dm = unpack2x16float(VAR[o]);
+    var sc: u32;
+    var m: u32;
+    if (j < 4u) {
+        sc = VAR_sbyte(o, j) & 63u;
+        m = VAR_sbyte(o, j + 4u) & 63u;
+    } else {
+        let hi = VAR_sbyte(o, j + 4u);
+        sc = (hi & 15u) | ((VAR_sbyte(o, j - 4u) >> 6u) << 4u);
+        m = (hi >> 4u) | ((VAR_sbyte(o, j) >> 6u) << 4u);
+    }
+    let a = dm.x * f32(sc);
+    return vec3<f32>(a, a, -dm.y * f32(m));
+}
+fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
+    let j = b & 7u;
+    let o = (b >> 3u) * 36u + 4u + 8u * (j >> 1u) + i;
+    let sh = 4u * (j & 1u);
+    return VAR_Pair(VAR_nib(VAR[o] >> sh), VAR_nib(VAR[o + 4u] >> sh));
+}
+//== q6_k
+// Q6_K, 53 words per 256 values: ql[128] | qh[64] | scales[16] i8 | d f16 | pad. Unit j of a
+// block is quarter g = j % 4 of half n = j / 4: value l < 32 takes the low (g < 2) or high
+// nibble of ql[64n + 32 (g % 2) + l], bits 2g, 2g+1 of qh[32n + l] above it, minus 32, times d
+// and the i8 scale scales[8n + 2g + l / 16].
+fn VAR_scales(b: u32) -> vec3<f32> {
+    let o = (b >> 3u) * 53u;
+    let j = b & 7u;
+    let n = j >> 2u;
+    let g = j & 3u;
+    let d = unpack2x16float(VAR[o + 52u]).x;
+    let sw = VAR[o + 48u + 2u * n + (g >> 1u)];
+    let byte = 2u * (g & 1u);
+    return vec3<f32>(d * VAR_i8(sw, byte), d * VAR_i8(sw, byte + 1u), 0.0);
+}
+fn VAR_q6(o: u32, n: u32, g: u32, k: u32) -> vec4<f32> {
+    let ql = VAR[o + 16u * n + 8u * (g & 1u) + k] >> (4u * (g >> 1u));
+    let qh = VAR[o + 32u + 8u * n + k] >> (2u * g);
+    return VAR_u8x4((ql & 0x0F0F0F0Fu) | ((qh & 0x03030303u) << 4u)) - vec4<f32>(32.0);
+}
+fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
+    let o = (b >> 3u) * 53u;
+    let j = b & 7u;
+    return VAR_Pair(VAR_q6(o, j >> 2u, j & 3u, i), VAR_q6(o, j >> 2u, j & 3u, i + 4u));
+}
