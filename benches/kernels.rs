@@ -5,15 +5,24 @@
 //! `matvec`, `f16`, `49152`). Times are wall clock around `ctx.run` of N copies of the dispatches
 //! recorded in one pass and submitted once (amortising the submit), divided by N; the median of
 //! several repeats. To add a kernel family, prepare its dispatches and call `Bench::case`.
+//!
+//! Quantised weights (`q8_0`, `q4_0`, `q4_1`, `q4_k`, `q6_k` rows, built by
+//! `kernels::testing::random_blocks`) run at the dense rows' shapes; the k-quants need K % 256 == 0,
+//! so where the model's K is not (576) their row uses the next multiple (768) and its shape says
+//! `3072x768 (for 3072x576)`. GB/s is always the dispatches' `Cost::bytes` (the quantised words as
+//! stored on the GPU, x and y) over the time; the footnote gives bits per weight per kind.
 
 use std::time::{Duration, Instant};
 
+use firstrt::gpu::MatrixPart;
 use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor};
 use firstrt::kernels::choice::{read_candidates, weight_kind};
 use firstrt::kernels::copy::copy;
 use firstrt::kernels::linear::LinearOp;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
 use firstrt::kernels::matvec::{MatvecVariant, matvec};
+use firstrt::kernels::testing::random_blocks;
+use firstrt::model::QuantType;
 use firstrt::testdata::median;
 
 /// Aim for about this much wall time per repeat.
@@ -80,6 +89,20 @@ fn pseudo_random(n: usize, seed: usize) -> Vec<f32> {
     (0..n).map(|i| (((i + seed) * 7919) % 2003) as f32 / 2003.0 - 0.5).collect()
 }
 
+/// K' = `k` rounded up to `q`'s block size (576 -> 768 for the k-quants' 256-value
+/// super-blocks) and the shape text of a quantised `[n, k]` row: `{n}x{k}`, or
+/// `{n}x{k'} (for {n}x{k})` when padded, so that filtering on the dense rows' shape selects it too.
+fn quant_shape(q: QuantType, n: usize, k: usize) -> (usize, String) {
+    let kq = k.next_multiple_of(q.block_elems());
+    (kq, if kq == k { format!("{n}x{k}") } else { format!("{n}x{kq} (for {n}x{k})") })
+}
+
+/// An `[n, kq]` matrix of random `q` blocks on the GPU, one chunk per binding limit.
+fn quant_weights(ctx: &GpuContext, q: QuantType, n: usize, kq: usize, seed: u64) -> GpuMatrix {
+    let blocks = random_blocks(q, n, kq, seed);
+    GpuMatrix::upload_parts(ctx, "w", kq, &[MatrixPart::Blocks(&blocks)], DType::F32).unwrap()
+}
+
 fn main() {
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let _ = env_logger::builder().try_init();
@@ -126,6 +149,19 @@ fn main() {
                 }
             }
         }
+        for q in QuantType::ALL {
+            let (kq, shape) = quant_shape(q, n, k);
+            if !MatvecVariant::ALL.iter().any(|v| b.wanted(&format!("matvec {} {q} {shape}", v.name()))) {
+                continue;
+            }
+            let w = quant_weights(&ctx, q, n, kq, 2);
+            let x = GpuTensor::from_f32(&ctx, "x", &[kq], &pseudo_random(kq, 3)).unwrap();
+            let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
+            for v in MatvecVariant::ALL {
+                let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y), v).unwrap();
+                b.case(&format!("matvec {} {q}", v.name()), &shape, &ds, true);
+            }
+        }
     }
 
     // Matmul: prefill T = 128 on the model's shapes, short prompts (T = 1, 4, 16) on gate_up, and 1024^3.
@@ -147,5 +183,31 @@ fn main() {
                 }
             }
         }
+        for q in QuantType::ALL {
+            let (kq, shape) = quant_shape(q, n, k);
+            let shape = format!("T={t} {shape}");
+            if !MatmulVariant::ALL.iter().any(|v| b.wanted(&format!("matmul {} {q} {shape}", v.name()))) {
+                continue;
+            }
+            let w = quant_weights(&ctx, q, n, kq, 4);
+            let x = GpuTensor::from_f32(&ctx, "x", &[t, kq], &pseudo_random(t * kq, 5)).unwrap();
+            let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
+            for v in MatmulVariant::ALL {
+                let ds = matmul(&ctx, "matmul", &LinearOp::new(&x, t, &w, &y), v).unwrap();
+                b.case(&format!("matmul {} {q}", v.name()), &shape, &ds, false);
+            }
+        }
     }
+
+    // Footnote: what a weight costs in bytes read, to compare the quantised rows' GB/s with the
+    // dense ones (equal times mean equal weights per second only at equal bits per weight).
+    println!();
+    let bits: Vec<String> = QuantType::ALL
+        .iter()
+        .map(|q| format!("{q} {} ({} in the file)", q.gpu_bits_per_weight(), q.block_bytes() as f64 * 8.0 / q.block_elems() as f64))
+        .collect();
+    println!("bits per weight read (GPU layout): f32 32, f16 16, {}.", bits.join(", "));
+    println!(
+        "GB/s counts the bytes read (Cost::bytes: the weights as stored on the GPU, x and y); f32 weights read in the same time would be about GB/s x 32 / bits."
+    );
 }
