@@ -22,7 +22,16 @@ fn run(ctx: &GpuContext, ds: &[Dispatch]) {
 
 /// One product of `t` rows of x with a random `[n, k]` matrix of `q` blocks (with a bias, added
 /// into y from column 3 when `accumulate`), compared with the dequantised f64 reference.
-fn check(ctx: &GpuContext, q: QuantType, t: usize, n: usize, k: usize, accumulate: bool, matvec_variant: Option<MatvecVariant>, matmul_variant: MatmulVariant) {
+fn check(
+    ctx: &GpuContext,
+    q: QuantType,
+    t: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    matvec_variant: Option<MatvecVariant>,
+    matmul_variant: MatmulVariant,
+) {
     let seed = (n * 131 + k * 7 + t) as u64;
     let blocks = random_blocks(q, n, k, seed);
     let wv = blocks.dequantize().unwrap();
@@ -102,7 +111,14 @@ fn mixed_stack_is_read_chunk_by_chunk() {
     let a = random_blocks(QuantType::Q4_K, 40, k, 1);
     let b = random_blocks(QuantType::Q6_K, 24, k, 2);
     let c = random_vec(9 * k, 3);
-    let w = GpuMatrix::upload_parts(&ctx, "w", k, &[MatrixPart::Blocks(&a), MatrixPart::Blocks(&b), MatrixPart::Dense { rows: 9, data: &c }], DType::F16).unwrap();
+    let w = GpuMatrix::upload_parts(
+        &ctx,
+        "w",
+        k,
+        &[MatrixPart::Blocks(&a), MatrixPart::Blocks(&b), MatrixPart::Dense { rows: 9, data: &c }],
+        DType::F16,
+    )
+    .unwrap();
     assert!(w.chunks.len() > 3, "{} chunks", w.chunks.len());
     assert_eq!((w.rows, w.format().as_str()), (73, "q4_k+q6_k+f16"));
     let mut wv = a.dequantize().unwrap();
@@ -113,7 +129,11 @@ fn mixed_stack_is_read_chunk_by_chunk() {
         let gx = GpuTensor::from_f32(&ctx, "x", &[t * k], &x).unwrap();
         let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[t * 73]).unwrap();
         let op = LinearOp::new(&gx, t, &w, &gy);
-        let ds = if t == 1 { matvec(&ctx, "mv", &op, MatvecVariant::Rows).unwrap() } else { matmul(&ctx, "mm", &op, MatmulVariant::RegBlock).unwrap() };
+        let ds = if t == 1 {
+            matvec(&ctx, "mv", &op, MatvecVariant::Rows).unwrap()
+        } else {
+            matmul(&ctx, "mm", &op, MatmulVariant::RegBlock).unwrap()
+        };
         run(&ctx, &ds);
         let want = if t == 1 { matvec_ref(&x, &wv, 73, k, None) } else { matmul_ref(&x, t, &wv, 73, k, None) };
         assert_close(&gy.read_f32(&ctx).unwrap(), &want, 1e-3, 1e-4, &format!("mixed stack t={t}"));

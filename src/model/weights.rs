@@ -45,6 +45,12 @@ pub trait WeightSource: Send + Sync {
         let _ = name;
         Ok(None)
     }
+    /// How the file stores the tensor with canonical name `name` (`Q4_1`, `F16`, `BF16`, ...),
+    /// or `None` when it is absent.
+    fn storage_type(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
     /// Whether the tensor with canonical name `name` is present.
     fn has(&self, name: &str) -> bool;
     /// Storage types and how many tensors use each, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
@@ -281,6 +287,11 @@ impl WeightSource for GgufWeights {
         TensorName::parse(name).is_some_and(|t| self.file.tensor_info(&t.gguf_name()).is_some())
     }
 
+    fn storage_type(&self, name: &str) -> Option<String> {
+        let t = TensorName::parse(name)?;
+        self.file.tensor_info(&t.gguf_name()).map(|i| i.ggml_type.to_string())
+    }
+
     fn describe_dtypes(&self) -> String {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for t in &self.file.tensors {
@@ -469,6 +480,10 @@ impl WeightSource for HfWeights {
 
     fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    fn storage_type(&self, name: &str) -> Option<String> {
+        self.tensors.get(name).map(|e| format!("{:?}", e.dtype))
     }
 
     fn describe_dtypes(&self) -> String {
