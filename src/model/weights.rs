@@ -859,7 +859,10 @@ mod tests {
     /// A one-layer llama of width `d` (2 heads of d/2, 1 kv head), d_ff 64, vocab 5, with the
     /// matrices of `quant` stored as Q8_0 blocks (q and k permuted as llama.cpp's converter
     /// stores them) and the rest as f32. Returns the builder and the Hugging Face values.
-    fn tiny_q8_gguf(d: usize, quant: &[&str]) -> (GgufBuilder, Vec<(String, Vec<usize>, Vec<f32>)>) {
+    /// (Hugging Face name, shape, values) of each matrix.
+    type HfMatrices = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+    fn tiny_q8_gguf(d: usize, quant: &[&str]) -> (GgufBuilder, HfMatrices) {
         use crate::model::quant::quantize;
         let ff = 64usize;
         let value = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|k| ((k as f32 * 0.37 + seed).sin()) * 0.5).collect() };

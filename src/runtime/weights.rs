@@ -369,7 +369,7 @@ impl GpuWeights {
                 None => counts.push((f, 1)),
             }
         }
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         counts.iter().map(|(f, n)| format!("{f} x{n}")).collect::<Vec<_>>().join(", ")
     }
 
