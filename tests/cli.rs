@@ -135,6 +135,35 @@ fn inspect_reports_the_model() {
     assert!(stdout.contains("layers:       30"), "{stdout}");
     assert!(stdout.contains("vocab:        49152"), "{stdout}");
     assert!(stdout.contains("Q4_1"), "{stdout}");
+    // Issue 11: the default dtype and the weights' memory per possible --dtype.
+    assert!(stdout.contains("default dtype: native"), "{stdout}");
+    for dtype in ["f32", "f16", "native", "q8_0", "q4_0"] {
+        assert!(stdout.contains(&format!("GPU memory ({dtype}): weights")), "{dtype}: {stdout}");
+    }
+    assert!(!stdout.contains("GPU memory (q4_k)"), "{stdout}");
+}
+
+/// Issue 11: `bench --json` says how the weights are stored; a block type that cannot be made at
+/// load is a one-line error naming the tensor.
+#[test]
+fn quantised_weights_from_the_cli() {
+    let (stdout, _) = run_ok(firstrt().arg("bench").arg("--model").arg(model_path()).args([
+        "--prompt-len",
+        "4",
+        "--gen",
+        "2",
+        "--repeat",
+        "1",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["dtype"], "native", "{stdout}");
+    assert_eq!(v["weights"]["formats"], "q4_1 x120, q8_0 x1", "{stdout}");
+    let bits = v["weights"]["bits_per_weight"].as_f64().unwrap();
+    assert!((5.0..6.5).contains(&bits), "{bits} bits per weight");
+    let err = run_err(firstrt().arg("run").arg("--model").arg(model_path()).args(["--dtype", "q4_k", "-p", "hi"]));
+    assert!(err.contains("model.embed_tokens.weight") && err.contains("q4_k") && err.contains("--dtype native"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 #[test]

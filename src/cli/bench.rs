@@ -133,7 +133,12 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
             "model": args.model.model.display().to_string(),
             "adapter": ctx.info.name,
             "backend": format!("{:?}", ctx.info.backend),
-            "dtype": args.model.dtype,
+            "dtype": model.weights.requested.name(),
+            "weights": {
+                "formats": model.weights.format_summary(),
+                "matrix_bytes": model.weights.matrix_bytes(),
+                "bits_per_weight": model.weights.bits_per_weight(),
+            },
             "prompt_len": args.prompt_len,
             "gen": args.gen_tokens,
             "repeat": args.repeat,
@@ -158,7 +163,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
             args.model.model.display(),
             ctx.info.name,
             ctx.info.backend,
-            args.model.dtype,
+            model.weights.requested,
             args.prompt_len,
             args.gen_tokens,
             plan.kept(),
@@ -177,6 +182,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
             mib(model.weights.byte_len()),
             mib(kv_bytes)
         );
+        println!("matrices: {} ({:.2} bits per weight)", model.weights.format_summary(), model.weights.bits_per_weight());
     }
     args.profiling.finish(profiler)
 }

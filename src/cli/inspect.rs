@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use firstrt::model::open_model;
-use firstrt::runtime::load_tokenizer;
+use firstrt::runtime::{WeightDtype, estimate_matrix_bytes, load_tokenizer};
 
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
@@ -75,10 +75,23 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     );
     let params = c.parameter_count();
     let kv = c.kv_cache_bytes(ctx_len).with_context(|| format!("--ctx {ctx_len}: the KV cache's byte count overflows a u64"))?;
-    for (dtype, bytes_per) in [("f32", 4u64), ("f16", 2u64)] {
-        let weights = params.checked_mul(bytes_per);
-        let total = weights.and_then(|w| w.checked_add(kv)).with_context(|| format!("the {dtype} weights' byte count overflows a u64"))?;
-        println!("GPU memory ({dtype}): weights {} + KV cache {} (f32, {ctx_len} positions) = {}", mib(total - kv), mib(kv), mib(total));
+    let default = WeightDtype::default_for(source.as_ref());
+    println!("default dtype: {default} (--dtype)");
+    for name in WeightDtype::NAMES {
+        let Some(dtype) = WeightDtype::parse(name) else { continue };
+        // Only what this file can be loaded as: its own block types, or a quantiser firstrt has.
+        let Some((matrices, matrix_params)) = estimate_matrix_bytes(source.as_ref(), dtype) else { continue };
+        // Norms and biases stay f32.
+        let vectors = params.saturating_sub(matrix_params).checked_mul(4);
+        let total = vectors.and_then(|v| v.checked_add(matrices)).and_then(|w| w.checked_add(kv));
+        let total = total.with_context(|| format!("the {dtype} weights' byte count overflows a u64"))?;
+        println!(
+            "GPU memory ({dtype}): weights {} ({:.2} bits per matrix weight) + KV cache {} (f32, {ctx_len} positions) = {}",
+            mib(total - kv),
+            matrices as f64 * 8.0 / matrix_params.max(1) as f64,
+            mib(kv),
+            mib(total)
+        );
     }
     Ok(())
 }

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use firstrt::gpu::{DType, GpuContext, GpuOptions, list_adapters};
-use firstrt::model::ModelConfig;
-use firstrt::runtime::{LoadedModel, MergedLora};
+use firstrt::gpu::{GpuContext, GpuOptions, list_adapters};
+use firstrt::model::{ModelConfig, open_model};
+use firstrt::runtime::{LoadedModel, MergedLora, WeightDtype};
 
 #[derive(Parser, Debug)]
 #[command(name = "firstrt", version, about = "LLM inference on wgpu compute shaders with FiRST layer skipping")]
@@ -53,12 +53,30 @@ pub struct ModelArgs {
     /// A .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long, short = 'm')]
     pub model: PathBuf,
-    /// Dtype of the weights on the GPU.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
-    pub dtype: String,
+    /// How the weight matrices are stored on the GPU: f32 or f16 values; `native`, each matrix in
+    /// the file's own block type where a kernel reads it (q8_0, q4_0, q4_1, q4_k, q6_k), others
+    /// as values; or one block type for all (kept where stored so; q8_0 and q4_0 can be made at
+    /// load from any source). Default: native for a quantised GGUF, else f32. `RUST_LOG=info`
+    /// says what each matrix became.
+    #[arg(long, value_parser = WeightDtype::NAMES)]
+    pub dtype: Option<String>,
     /// Context length (KV-cache rows); default: the model's, capped at 4096.
     #[arg(long)]
     pub ctx: Option<usize>,
+}
+
+impl ModelArgs {
+    /// The `--dtype` asked for, or the model's default ([`WeightDtype::default_for`]: native for
+    /// a quantised GGUF, else f32), which opens the model file to see how it is stored.
+    pub fn weight_dtype(&self) -> Result<WeightDtype> {
+        match &self.dtype {
+            Some(name) => WeightDtype::parse(name).with_context(|| format!("--dtype {name}")),
+            None => {
+                let source = open_model(&self.model).with_context(|| format!("loading {}", self.model.display()))?;
+                Ok(WeightDtype::default_for(source.as_ref()))
+            }
+        }
+    }
 }
 
 /// The context length a command sizes its KV cache for: `--ctx`, or the model's maximum capped
@@ -114,7 +132,7 @@ pub fn run(cli: Cli) -> Result<()> {
 pub fn load_model(gpu: &GpuOptions, args: &ModelArgs, lora: Option<&MergedLora>) -> Result<(Arc<GpuContext>, LoadedModel)> {
     let ctx = GpuContext::new(gpu)?;
     log::info!("using {} ({:?})", ctx.info.name, ctx.info.backend);
-    let dtype = DType::parse(&args.dtype).context("--dtype")?;
+    let dtype = args.weight_dtype()?;
     let bar = indicatif::ProgressBar::new(1);
     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     bar.set_style(

@@ -137,7 +137,9 @@ impl GpuMatrix {
         for (part, r, row0, n) in pieces {
             let name = if single { label.to_string() } else { format!("{label}[{row0}..{}]", row0 + n) };
             let (tensor, quant) = match part {
-                MatrixPart::Dense { data, .. } => (GpuTensor::from_f32_as(ctx, &name, &[n, cols], &data[r * cols..(r + n) * cols], dtype)?, None),
+                MatrixPart::Dense { data, .. } => {
+                    (GpuTensor::from_f32_as(ctx, &name, &[n, cols], &data[r * cols..(r + n) * cols], dtype)?, None)
+                }
                 MatrixPart::Blocks(b) => {
                     let rb = b.row_bytes();
                     let words = b.ty.gpu_words(&b.data[r * rb..(r + n) * rb]);

@@ -87,8 +87,12 @@ pub fn embedding_with_kind(
         // Every chunk checks every output element; only the rows of its own ids are copied
         // (counted here as if each chunk copied its share).
         let share = (n as u64 * chunk.rows as u64).div_ceil(table.rows.max(1) as u64);
-        let value_bytes = chunk.quant.map_or(table.dtype.size() as u64, |q| (q.gpu_block_words() * 4 / q.block_elems()).max(1) as u64);
-        let cost = Cost { flops: 0, bytes: 4 * rows as u64 + share * (value_bytes + 4) };
+        // Bytes read per value copied: the dtype's, or a block's bytes shared by its values.
+        let read = match chunk.quant {
+            None => share * table.dtype.size() as u64,
+            Some(q) => (share * q.gpu_block_words() as u64 * 4).div_ceil(q.block_elems() as u64),
+        };
+        let cost = Cost { flops: 0, bytes: 4 * rows as u64 + read + 4 * share };
         dispatches.push(Dispatch::new(
             ctx,
             &pipeline,

@@ -20,9 +20,16 @@ fn run(ctx: &GpuContext, ds: &[Dispatch]) {
     ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
 }
 
+/// Which product a check runs.
+#[derive(Debug, Clone, Copy)]
+enum Product {
+    Matvec(MatvecVariant),
+    Matmul(MatmulVariant),
+}
+
 /// One product of `t` rows of x with a random `[n, k]` matrix of `q` blocks (with a bias, added
 /// into y from column 3 when `accumulate`), compared with the dequantised f64 reference.
-fn check(ctx: &GpuContext, q: QuantType, t: usize, n: usize, k: usize, accumulate: bool, matvec_variant: Option<MatvecVariant>, matmul_variant: MatmulVariant) {
+fn check(ctx: &GpuContext, q: QuantType, t: usize, n: usize, k: usize, accumulate: bool, product: Product) {
     let seed = (n * 131 + k * 7 + t) as u64;
     let blocks = random_blocks(q, n, k, seed);
     let wv = blocks.dequantize().unwrap();
@@ -37,14 +44,14 @@ fn check(ctx: &GpuContext, q: QuantType, t: usize, n: usize, k: usize, accumulat
     let gb = GpuTensor::from_f32(ctx, "b", &[n], &b).unwrap();
     let gy = GpuTensor::from_f32(ctx, "y", &[y0.len()], &y0).unwrap();
     let op = LinearOp::new(&gx, t, &w, &gy).bias(Some(&gb)).y_col0(col0).y_stride(stride).accumulate(accumulate);
-    let what = match matvec_variant {
-        Some(v) => {
+    let what = match product {
+        Product::Matvec(v) => {
             run(ctx, &matvec(ctx, "mv", &op, v).unwrap());
             format!("matvec {v:?} {q} n={n} k={k}")
         }
-        None => {
-            run(ctx, &matmul(ctx, "mm", &op, matmul_variant).unwrap());
-            format!("matmul {matmul_variant:?} {q} t={t} n={n} k={k}")
+        Product::Matmul(v) => {
+            run(ctx, &matmul(ctx, "mm", &op, v).unwrap());
+            format!("matmul {v:?} {q} t={t} n={n} k={k}")
         }
     };
     let r = matmul_ref(&x, t, &wv, n, k, Some(&b));
@@ -67,7 +74,7 @@ fn quant_matvec_matches_dequantised_reference() {
         for &k in ks(q) {
             for n in [1, 7, 257, 1757] {
                 for v in MatvecVariant::ALL {
-                    check(&ctx, q, 1, n, k, n == 7, Some(v), MatmulVariant::RegBlock);
+                    check(&ctx, q, 1, n, k, n == 7, Product::Matvec(v));
                 }
             }
         }
@@ -80,13 +87,13 @@ fn quant_matmul_matches_dequantised_reference() {
     for q in QuantType::ALL {
         for &k in ks(q) {
             for (t, n) in [(1, 7), (3, 257), (9, 1757), (17, 1), (40, 33)] {
-                check(&ctx, q, t, n, k, t == 3, None, MatmulVariant::RegBlock);
+                check(&ctx, q, t, n, k, t == 3, Product::Matmul(MatmulVariant::RegBlock));
             }
         }
         let k = ks(q)[1];
         for v in [MatmulVariant::Tiled, MatmulVariant::XBcast] {
             for (t, n) in [(5, 7), (70, 257)] {
-                check(&ctx, q, t, n, k, t == 5, None, v);
+                check(&ctx, q, t, n, k, t == 5, Product::Matmul(v));
             }
         }
     }
@@ -102,7 +109,14 @@ fn mixed_stack_is_read_chunk_by_chunk() {
     let a = random_blocks(QuantType::Q4_K, 40, k, 1);
     let b = random_blocks(QuantType::Q6_K, 24, k, 2);
     let c = random_vec(9 * k, 3);
-    let w = GpuMatrix::upload_parts(&ctx, "w", k, &[MatrixPart::Blocks(&a), MatrixPart::Blocks(&b), MatrixPart::Dense { rows: 9, data: &c }], DType::F16).unwrap();
+    let w = GpuMatrix::upload_parts(
+        &ctx,
+        "w",
+        k,
+        &[MatrixPart::Blocks(&a), MatrixPart::Blocks(&b), MatrixPart::Dense { rows: 9, data: &c }],
+        DType::F16,
+    )
+    .unwrap();
     assert!(w.chunks.len() > 3, "{} chunks", w.chunks.len());
     assert_eq!((w.rows, w.format().as_str()), (73, "q4_k+q6_k+f16"));
     let mut wv = a.dequantize().unwrap();
@@ -113,7 +127,11 @@ fn mixed_stack_is_read_chunk_by_chunk() {
         let gx = GpuTensor::from_f32(&ctx, "x", &[t * k], &x).unwrap();
         let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[t * 73]).unwrap();
         let op = LinearOp::new(&gx, t, &w, &gy);
-        let ds = if t == 1 { matvec(&ctx, "mv", &op, MatvecVariant::Rows).unwrap() } else { matmul(&ctx, "mm", &op, MatmulVariant::RegBlock).unwrap() };
+        let ds = if t == 1 {
+            matvec(&ctx, "mv", &op, MatvecVariant::Rows).unwrap()
+        } else {
+            matmul(&ctx, "mm", &op, MatmulVariant::RegBlock).unwrap()
+        };
         run(&ctx, &ds);
         let want = if t == 1 { matvec_ref(&x, &wv, 73, k, None) } else { matmul_ref(&x, t, &wv, 73, k, None) };
         assert_close(&gy.read_f32(&ctx).unwrap(), &want, 1e-3, 1e-4, &format!("mixed stack t={t}"));

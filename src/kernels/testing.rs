@@ -63,7 +63,7 @@ pub fn random_blocks(ty: crate::model::QuantType, rows: usize, cols: usize, seed
     let (be, bb) = (ty.block_elems(), ty.block_bytes());
     let blocks = rows * cols / be;
     let mut data: Vec<u8> = (0..blocks * bb).map(|_| rng.random()).collect();
-    let mut put = |block: &mut [u8], at: usize, v: f32| block[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    let put = |block: &mut [u8], at: usize, v: f32| block[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
     for block in data.chunks_exact_mut(bb) {
         let d = rng.random_range(0.5f32..1.5);
         match ty {

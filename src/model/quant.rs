@@ -246,7 +246,11 @@ pub fn quantize(name: &str, ty: QuantType, data: &[f32], rows: usize, cols: usiz
                 out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
             }
         }
-        other => return Err(bad(format!("quantising to {other} at load is not supported (only q8_0 and q4_0)"))),
+        other => {
+            return Err(bad(format!(
+                "quantising to {other} at load is not supported (only q8_0 and q4_0; --dtype native keeps the file's own block types)"
+            )));
+        }
     }
     HostBlocks::new(name, rows, cols, ty, out)
 }
@@ -305,7 +309,6 @@ mod tests {
         // x[0] -> trunc(-8 + 8.5) = 0 (low nibble), x[16] -> trunc(2.5 + 8.5) = 11 (high nibble).
         assert_eq!(b.data[2], 11 << 4);
         assert_eq!(b.data[3], 0x88); // zeros -> trunc(8.5) = 8 in both nibbles
-
     }
 
     #[test]

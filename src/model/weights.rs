@@ -45,6 +45,12 @@ pub trait WeightSource: Send + Sync {
         let _ = name;
         Ok(None)
     }
+    /// How the file stores the tensor with canonical name `name` (`Q4_1`, `F16`, `BF16`, ...),
+    /// or `None` when it is absent.
+    fn storage_type(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
     /// Whether the tensor with canonical name `name` is present.
     fn has(&self, name: &str) -> bool;
     /// Storage types and how many tensors use each, e.g. "Q4_1 x210, F32 x61, Q8_0 x1".
@@ -281,6 +287,11 @@ impl WeightSource for GgufWeights {
         TensorName::parse(name).is_some_and(|t| self.file.tensor_info(&t.gguf_name()).is_some())
     }
 
+    fn storage_type(&self, name: &str) -> Option<String> {
+        let t = TensorName::parse(name)?;
+        self.file.tensor_info(&t.gguf_name()).map(|i| i.ggml_type.to_string())
+    }
+
     fn describe_dtypes(&self) -> String {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for t in &self.file.tensors {
@@ -471,6 +482,10 @@ impl WeightSource for HfWeights {
         self.tensors.contains_key(name)
     }
 
+    fn storage_type(&self, name: &str) -> Option<String> {
+        self.tensors.get(name).map(|e| format!("{:?}", e.dtype))
+    }
+
     fn describe_dtypes(&self) -> String {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for e in self.tensors.values() {
@@ -509,7 +524,7 @@ pub fn open_model(path: &Path) -> Result<Box<dyn WeightSource>, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::gguf::MetaValue;
+    use crate::model::gguf::{GgmlType, MetaValue};
     use crate::model::gguf_test_writer::GgufBuilder;
     use crate::testdata::TempDir;
 
@@ -839,5 +854,91 @@ mod tests {
 
         let n = w.get("model.norm.weight").unwrap();
         assert_close(&n.data[..3], &[1.7578125, 1.8203125, 1.78125], "final norm");
+    }
+
+    /// A one-layer llama of width `d` (2 heads of d/2, 1 kv head), d_ff 64, vocab 5, with the
+    /// matrices of `quant` stored as Q8_0 blocks (q and k permuted as llama.cpp's converter
+    /// stores them) and the rest as f32. Returns the builder and the Hugging Face values.
+    /// (Hugging Face name, shape, values) of each matrix.
+    type HfMatrices = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+    fn tiny_q8_gguf(d: usize, quant: &[&str]) -> (GgufBuilder, HfMatrices) {
+        use crate::model::quant::quantize;
+        let ff = 64usize;
+        let value = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|k| ((k as f32 * 0.37 + seed).sin()) * 0.5).collect() };
+        let mats: [(&str, &str, usize, usize, Option<usize>); 8] = [
+            ("token_embd.weight", "model.embed_tokens.weight", 5, d, None),
+            ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", d, d, Some(2)),
+            ("blk.0.attn_k.weight", "model.layers.0.self_attn.k_proj.weight", d / 2, d, Some(1)),
+            ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight", d / 2, d, None),
+            ("blk.0.attn_output.weight", "model.layers.0.self_attn.o_proj.weight", d, d, None),
+            ("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight", ff, d, None),
+            ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight", ff, d, None),
+            ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", d, ff, None),
+        ];
+        let mut b = GgufBuilder::new()
+            .kv("general.architecture", MetaValue::String("llama".into()))
+            .kv("llama.block_count", MetaValue::U32(1))
+            .kv("llama.embedding_length", MetaValue::U32(d as u32))
+            .kv("llama.attention.head_count", MetaValue::U32(2))
+            .kv("llama.attention.head_count_kv", MetaValue::U32(1))
+            .kv("llama.feed_forward_length", MetaValue::U32(ff as u32))
+            .kv("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-6))
+            .kv("llama.context_length", MetaValue::U32(64))
+            .kv("llama.vocab_size", MetaValue::U32(5))
+            .f32_tensor("output_norm.weight", &[d as u64], &value(d, 1.0))
+            .f32_tensor("blk.0.attn_norm.weight", &[d as u64], &value(d, 2.0))
+            .f32_tensor("blk.0.ffn_norm.weight", &[d as u64], &value(d, 3.0));
+        let mut hf = Vec::new();
+        for (i, (gguf, name, rows, cols, heads)) in mats.into_iter().enumerate() {
+            let w = value(rows * cols, 10.0 * i as f32);
+            let stored = match heads {
+                Some(h) => permute_qk_rows(gguf, &w, rows, cols, h).unwrap(),
+                None => w.clone(),
+            };
+            let dims = [cols as u64, rows as u64];
+            b = if quant.contains(&gguf) {
+                // Quantised as one flat run of blocks, as ggml would store it whatever the rows.
+                b.tensor(gguf, &dims, GgmlType::Q8_0, quantize(gguf, QuantType::Q8_0, &stored, 1, rows * cols).unwrap().data)
+            } else {
+                b.f32_tensor(gguf, &dims, &stored)
+            };
+            hf.push((name.to_string(), vec![rows, cols], w));
+        }
+        (b, hf)
+    }
+
+    #[test]
+    fn gguf_blocks_come_in_hugging_face_row_order() {
+        use crate::model::quant::quantize;
+        let q8 = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_down.weight"];
+        let (b, hf) = tiny_q8_gguf(64, &q8);
+        let file = b.write_temp("tiny-q8");
+        let w = GgufWeights::open(&file.path).unwrap();
+        for (name, shape, values) in &hf {
+            let blocks = w.get_blocks(name).unwrap();
+            let quantised = ["q_proj", "k_proj", "down_proj"].iter().any(|p| name.contains(p));
+            assert_eq!(blocks.is_some(), quantised, "{name}");
+            assert_eq!(w.storage_type(name).unwrap(), if quantised { "Q8_0" } else { "F32" }, "{name}");
+            if let Some(blocks) = blocks {
+                // Quantising rows commutes with reordering them: the blocks are those of the
+                // Hugging Face matrix, and they dequantise to what `get` returns.
+                assert_eq!((blocks.rows, blocks.cols, blocks.ty), (shape[0], shape[1], QuantType::Q8_0));
+                assert_eq!(blocks.data, quantize(name, QuantType::Q8_0, values, shape[0], shape[1]).unwrap().data, "{name}");
+                assert_eq!(blocks.dequantize().unwrap(), w.get(name).unwrap().data, "{name}");
+            }
+        }
+        assert!(w.get_blocks("lm_head.weight").is_err());
+    }
+
+    #[test]
+    fn gguf_blocks_that_split_rows_are_refused_naming_the_tensor() {
+        // ffn_gate is [64, 48]: 48-value rows, 96 whole Q8_0 blocks in all but not per row.
+        let (b, _) = tiny_q8_gguf(48, &["blk.0.ffn_gate.weight"]);
+        // The file is refused when opened, before any block is read.
+        let file = b.write_temp("tiny-q8-rows");
+        let e = GgufWeights::open(&file.path).unwrap_err().to_string();
+        assert!(e.contains("blk.0.ffn_gate.weight") && e.contains("[48, 64]") && e.contains("Q8_0"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
     }
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::gpu::{DType, GpuContext};
+use crate::gpu::GpuContext;
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::gguf::GgufFile;
 use crate::model::tokenizer::{ModelTokenizer, TokenizerError};
@@ -17,6 +17,7 @@ use crate::model::lora::LoraAdapter;
 use super::lora::GpuLora;
 use super::plan::PlanPolicy;
 use super::routed::{GpuRouters, Routing};
+use super::weights::WeightDtype;
 use super::{GpuWeights, RuntimeError};
 
 /// What the user asked of the routers: a threshold overriding the file's, and budgets.
@@ -76,7 +77,7 @@ impl LoadedModel {
     pub fn load(
         ctx: &Arc<GpuContext>,
         path: &Path,
-        dtype: DType,
+        dtype: impl Into<WeightDtype>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<LoadedModel, RuntimeError> {
         Self::load_merged(ctx, path, dtype, None, progress)
@@ -86,7 +87,7 @@ impl LoadedModel {
     pub fn load_merged(
         ctx: &Arc<GpuContext>,
         path: &Path,
-        dtype: DType,
+        dtype: impl Into<WeightDtype>,
         lora: Option<&MergedLora>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<LoadedModel, RuntimeError> {

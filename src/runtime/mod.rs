@@ -19,7 +19,7 @@ pub use lora::GpuLora;
 pub use profile::{ProfileError, ProfileMode, Profiler};
 pub use session::{NonFiniteAt, Session, SessionOptions, StepId, StepOutput};
 pub use step::{Activations, StepBuffers, StepBuilder};
-pub use weights::GpuWeights;
+pub use weights::{GpuWeights, WeightDtype, estimate_matrix_bytes, matrix_names};
 
 use std::path::PathBuf;
 use std::sync::Arc;
