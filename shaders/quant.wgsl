@@ -1,17 +1,17 @@
 // Quantised weight accessors (declared by `WeightKind::Quant`, see src/gpu/quant.rs): the
-// weights are ggml blocks in 32-bit words (the GPU layout of src/model/quant.rs), read and
-// dequantised in registers. `VAR` becomes the variable's name; the binding, the MIN constant
-// and the type's own functions (one section per type at the end of this file) are filled in
-// by src/gpu/quant.rs.
+// weights are ggml blocks in the GPU layout of src/model/quant.rs (every group of values read
+// together on a 16-byte boundary), loaded as vec4<u32> and dequantised in registers. `VAR`
+// becomes the variable's name; the binding, the MIN constant and the type's own functions (one
+// section per type at the end of this file) are filled in by src/gpu/quant.rs.
 //
 // Every type is read in units of 32 values: unit b is values 32b .. 32b + 32 of the chunk
 // (row-major, rows are whole units since K is a multiple of the block size). Value e of a unit
 // (e < 32) is `a_lo * raw[e] + c` for e < 16 and `a_hi * raw[e] + c` for e >= 16, with
 // (a_lo, a_hi, c) = VAR_scales(b) and raw the block's integers (offset removed) as floats.
-// VAR_pair(b, i) gives raw values 4i .. 4i+3 (lo) and 16+4i .. 16+4i+3 (hi) of unit b, for
-// i < 4, with as few word loads as the layout allows (one for the 4-bit types).
+// VAR_words(b) loads the unit's quant words (a few vec4 loads) and VAR_pair_of(words, i) gives
+// raw values 4i .. 4i+3 (lo) and 16+4i .. 16+4i+3 (hi) from them, for i < 4.
 
-@group(0) @binding(%BINDING%) var<storage, read> VAR: array<u32>;
+@group(0) @binding(%BINDING%) var<storage, read> VAR: array<vec4<u32>>;
 
 struct VAR_Pair { lo: vec4<f32>, hi: vec4<f32> };
 struct VAR_Unit { v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32> };
@@ -40,6 +40,11 @@ fn VAR_i8(w: u32, n: u32) -> f32 {
 
 %FORMAT%
 
+// Raw values 4i .. 4i+3 and 16+4i .. 16+4i+3 of unit b.
+fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
+    return VAR_pair_of(VAR_words(b), i);
+}
+
 // Values 4i .. 4i+3 of the chunk, dequantised.
 fn VAR_4(i: u32) -> vec4<f32> {
     let b = i >> 3u;
@@ -61,10 +66,11 @@ fn VAR_32(b: u32) -> VAR_Unit {
     let lo = vec4<f32>(s.x);
     let hi = vec4<f32>(s.y);
     let c = vec4<f32>(s.z);
-    let p0 = VAR_pair(b, 0u);
-    let p1 = VAR_pair(b, 1u);
-    let p2 = VAR_pair(b, 2u);
-    let p3 = VAR_pair(b, 3u);
+    let u = VAR_words(b);
+    let p0 = VAR_pair_of(u, 0u);
+    let p1 = VAR_pair_of(u, 1u);
+    let p2 = VAR_pair_of(u, 2u);
+    let p3 = VAR_pair_of(u, 3u);
     return VAR_Unit(fma(p0.lo, lo, c), fma(p1.lo, lo, c), fma(p2.lo, lo, c), fma(p3.lo, lo, c),
                     fma(p0.hi, hi, c), fma(p1.hi, hi, c), fma(p2.hi, hi, c), fma(p3.hi, hi, c));
 }
@@ -73,10 +79,11 @@ fn VAR_32(b: u32) -> VAR_Unit {
 fn VAR_dot32(b: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
              x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>) -> f32 {
     let s = VAR_scales(b);
-    let p0 = VAR_pair(b, 0u);
-    let p1 = VAR_pair(b, 1u);
-    let p2 = VAR_pair(b, 2u);
-    let p3 = VAR_pair(b, 3u);
+    let u = VAR_words(b);
+    let p0 = VAR_pair_of(u, 0u);
+    let p1 = VAR_pair_of(u, 1u);
+    let p2 = VAR_pair_of(u, 2u);
+    let p3 = VAR_pair_of(u, 3u);
     let lo = fma(p0.lo, x0, fma(p1.lo, x1, fma(p2.lo, x2, p3.lo * x3)));
     let hi = fma(p0.hi, x4, fma(p1.hi, x5, fma(p2.hi, x6, p3.hi * x7)));
     var r = s.x * ((lo.x + lo.y) + (lo.z + lo.w)) + s.y * ((hi.x + hi.y) + (hi.z + hi.w));
@@ -88,87 +95,113 @@ fn VAR_dot32(b: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>,
 }
 
 //== q8_0
-// Q8_0, 9 words per 32 values: d f16 | pad | qs[32] i8.
+// Q8_0, tiles of 8 blocks in 17 vec4: the 8 scales d (f16), then each block's qs[32] i8 in two vec4.
+struct VAR_Words { a: vec4<u32>, b: vec4<u32> };
 fn VAR_scales(b: u32) -> vec3<f32> {
-    let d = unpack2x16float(VAR[b * 9u]).x;
+    let s = b & 7u;
+    let d = unpack2x16float(VAR[(b >> 3u) * 17u][s >> 1u])[s & 1u];
     return vec3<f32>(d, d, 0.0);
 }
-fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
-    let o = b * 9u + 1u + i;
-    return VAR_Pair(VAR_i8x4(VAR[o]), VAR_i8x4(VAR[o + 4u]));
+fn VAR_words(b: u32) -> VAR_Words {
+    let o = (b >> 3u) * 17u + 1u + 2u * (b & 7u);
+    return VAR_Words(VAR[o], VAR[o + 1u]);
+}
+fn VAR_pair_of(u: VAR_Words, i: u32) -> VAR_Pair {
+    return VAR_Pair(VAR_i8x4(u.a[i]), VAR_i8x4(u.b[i]));
 }
 //== q4_0
-// Q4_0, 5 words per 32 values: d f16 | pad | qs[16]; value j is lo(qs[j]) - 8, value j+16 hi(qs[j]) - 8.
+// Q4_0, tiles of 8 blocks in 9 vec4: the 8 scales d (f16), then each block's qs[16] in one vec4;
+// value j is lo(qs[j]) - 8, value j+16 hi(qs[j]) - 8.
+struct VAR_Words { a: vec4<u32> };
 fn VAR_scales(b: u32) -> vec3<f32> {
-    let d = unpack2x16float(VAR[b * 5u]).x;
+    let s = b & 7u;
+    let d = unpack2x16float(VAR[(b >> 3u) * 9u][s >> 1u])[s & 1u];
     return vec3<f32>(d, d, 0.0);
 }
-fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
-    let q = VAR[b * 5u + 1u + i];
+fn VAR_words(b: u32) -> VAR_Words {
+    return VAR_Words(VAR[(b >> 3u) * 9u + 1u + (b & 7u)]);
+}
+fn VAR_pair_of(u: VAR_Words, i: u32) -> VAR_Pair {
+    let q = u.a[i];
     return VAR_Pair(VAR_nib(q) - vec4<f32>(8.0), VAR_nib(q >> 4u) - vec4<f32>(8.0));
 }
 //== q4_1
-// Q4_1, 5 words per 32 values: d f16 | m f16 | qs[16]; value j is d lo(qs[j]) + m, value j+16 d hi(qs[j]) + m.
+// Q4_1, tiles of 8 blocks in 10 vec4: the 8 (d, m) f16 pairs, then each block's qs[16] in one
+// vec4; value j is d lo(qs[j]) + m, value j+16 d hi(qs[j]) + m.
+struct VAR_Words { a: vec4<u32> };
 fn VAR_scales(b: u32) -> vec3<f32> {
-    let dm = unpack2x16float(VAR[b * 5u]);
+    let s = b & 7u;
+    let dm = unpack2x16float(VAR[(b >> 3u) * 10u + (s >> 2u)][s & 3u]);
     return vec3<f32>(dm.x, dm.x, dm.y);
 }
-fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
-    let q = VAR[b * 5u + 1u + i];
+fn VAR_words(b: u32) -> VAR_Words {
+    return VAR_Words(VAR[(b >> 3u) * 10u + 2u + (b & 7u)]);
+}
+fn VAR_pair_of(u: VAR_Words, i: u32) -> VAR_Pair {
+    let q = u.a[i];
     return VAR_Pair(VAR_nib(q), VAR_nib(q >> 4u));
 }
 //== q4_k
-// Q4_K, 36 words per 256 values: d f16 | dmin f16 | scales[12] | qs[128]. Unit j of a block
-// (32 values) reads qs[32 (j / 2) ..][..32], low nibbles for even j, high for odd; value =
-// d sc_j q - dmin m_j with the 6-bit (sc_j, m_j) packed as in ggml's get_scale_min_k4.
-fn VAR_sbyte(o: u32, n: u32) -> u32 {
-    return (VAR[o + 1u + (n >> 2u)] >> (8u * (n & 3u))) & 255u;
+// Q4_K, 9 vec4 per block of 256: d f16 | dmin f16 | scales[12] in the first, qs[128] in the
+// other 8. Unit j of a block (32 values) reads qs[32 (j / 2) ..][..32] (vec4 1 + 2 (j / 2) and
+// the next), low nibbles for even j, high for odd; value = d sc_j q - dmin m_j with the 6-bit
+// (sc_j, m_j) packed as in ggml's get_scale_min_k4.
+struct VAR_Words { a: vec4<u32>, b: vec4<u32>, sh: u32 };
+fn VAR_sbyte(h: vec4<u32>, n: u32) -> u32 {
+    return (h[1u + (n >> 2u)] >> (8u * (n & 3u))) & 255u;
 }
 fn VAR_scales(b: u32) -> vec3<f32> {
-    let o = (b >> 3u) * 36u;
+    let h = VAR[(b >> 3u) * 9u];
     let j = b & 7u;
-    let dm = unpack2x16float(VAR[o]);
+    let dm = unpack2x16float(h.x);
     var sc: u32;
     var m: u32;
     if (j < 4u) {
-        sc = VAR_sbyte(o, j) & 63u;
-        m = VAR_sbyte(o, j + 4u) & 63u;
+        sc = VAR_sbyte(h, j) & 63u;
+        m = VAR_sbyte(h, j + 4u) & 63u;
     } else {
-        let hi = VAR_sbyte(o, j + 4u);
-        sc = (hi & 15u) | ((VAR_sbyte(o, j - 4u) >> 6u) << 4u);
-        m = (hi >> 4u) | ((VAR_sbyte(o, j) >> 6u) << 4u);
+        let hi = VAR_sbyte(h, j + 4u);
+        sc = (hi & 15u) | ((VAR_sbyte(h, j - 4u) >> 6u) << 4u);
+        m = (hi >> 4u) | ((VAR_sbyte(h, j) >> 6u) << 4u);
     }
     let a = dm.x * f32(sc);
     return vec3<f32>(a, a, -dm.y * f32(m));
 }
-fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
+fn VAR_words(b: u32) -> VAR_Words {
     let j = b & 7u;
-    let o = (b >> 3u) * 36u + 4u + 8u * (j >> 1u) + i;
-    let sh = 4u * (j & 1u);
-    return VAR_Pair(VAR_nib(VAR[o] >> sh), VAR_nib(VAR[o + 4u] >> sh));
+    let o = (b >> 3u) * 9u + 1u + 2u * (j >> 1u);
+    return VAR_Words(VAR[o], VAR[o + 1u], 4u * (j & 1u));
+}
+fn VAR_pair_of(u: VAR_Words, i: u32) -> VAR_Pair {
+    return VAR_Pair(VAR_nib(u.a[i] >> u.sh), VAR_nib(u.b[i] >> u.sh));
 }
 //== q6_k
-// Q6_K, 53 words per 256 values: ql[128] | qh[64] | scales[16] i8 | d f16 | pad. Unit j of a
-// block is quarter g = j % 4 of half n = j / 4: value l < 32 takes the low (g < 2) or high
-// nibble of ql[64n + 32 (g % 2) + l], bits 2g, 2g+1 of qh[32n + l] above it, minus 32, times d
-// and the i8 scale scales[8n + 2g + l / 16].
+// Q6_K, 14 vec4 per block of 256: ql[128] (vec4 0-7) | qh[64] (8-11) | scales[16] i8 (12) |
+// d f16 (13). Unit j of a block is quarter g = j % 4 of half n = j / 4: value l < 32 takes the
+// low (g < 2) or high nibble of ql[64n + 32 (g % 2) + l], bits 2g, 2g+1 of qh[32n + l] above
+// it, minus 32, times d and the i8 scale scales[8n + 2g + l / 16].
+struct VAR_Words { l0: vec4<u32>, l1: vec4<u32>, h0: vec4<u32>, h1: vec4<u32>, lsh: u32, hsh: u32 };
 fn VAR_scales(b: u32) -> vec3<f32> {
-    let o = (b >> 3u) * 53u;
+    let o = (b >> 3u) * 14u;
     let j = b & 7u;
-    let n = j >> 2u;
     let g = j & 3u;
-    let d = unpack2x16float(VAR[o + 52u]).x;
-    let sw = VAR[o + 48u + 2u * n + (g >> 1u)];
+    let d = unpack2x16float(VAR[o + 13u].x).x;
+    let sw = VAR[o + 12u][2u * (j >> 2u) + (g >> 1u)];
     let byte = 2u * (g & 1u);
     return vec3<f32>(d * VAR_i8(sw, byte), d * VAR_i8(sw, byte + 1u), 0.0);
 }
-fn VAR_q6(o: u32, n: u32, g: u32, k: u32) -> vec4<f32> {
-    let ql = VAR[o + 16u * n + 8u * (g & 1u) + k] >> (4u * (g >> 1u));
-    let qh = VAR[o + 32u + 8u * n + k] >> (2u * g);
-    return VAR_u8x4((ql & 0x0F0F0F0Fu) | ((qh & 0x03030303u) << 4u)) - vec4<f32>(32.0);
-}
-fn VAR_pair(b: u32, i: u32) -> VAR_Pair {
-    let o = (b >> 3u) * 53u;
+fn VAR_words(b: u32) -> VAR_Words {
+    let o = (b >> 3u) * 14u;
     let j = b & 7u;
-    return VAR_Pair(VAR_q6(o, j >> 2u, j & 3u, i), VAR_q6(o, j >> 2u, j & 3u, i + 4u));
+    let n = j >> 2u;
+    let g = j & 3u;
+    let l = o + 4u * n + 2u * (g & 1u);
+    let h = o + 8u + 2u * n;
+    return VAR_Words(VAR[l], VAR[l + 1u], VAR[h], VAR[h + 1u], 4u * (g >> 1u), 2u * g);
+}
+fn VAR_q6(ql: u32, qh: u32, lsh: u32, hsh: u32) -> vec4<f32> {
+    return VAR_u8x4(((ql >> lsh) & 0x0F0F0F0Fu) | (((qh >> hsh) & 0x03030303u) << 4u)) - vec4<f32>(32.0);
+}
+fn VAR_pair_of(u: VAR_Words, i: u32) -> VAR_Pair {
+    return VAR_Pair(VAR_q6(u.l0[i], u.h0[i], u.lsh, u.hsh), VAR_q6(u.l1[i], u.h1[i], u.lsh, u.hsh));
 }

@@ -31,7 +31,7 @@ impl MatrixChunk {
     pub fn expected_numel(&self, cols: usize) -> usize {
         match self.quant {
             None => self.rows * cols,
-            Some(q) => self.rows * (cols / q.block_elems()) * q.gpu_block_words(),
+            Some(q) => q.gpu_words_len(self.rows * (cols / q.block_elems())),
         }
     }
 }
@@ -104,17 +104,21 @@ impl GpuMatrix {
         let mut row0 = 0;
         for part in parts {
             let rows = part.rows();
-            let row_bytes = match part {
+            // Bytes per row, and bytes a chunk may need beyond its rows' (a block type's last
+            // tile is padded to whole tiles).
+            let (row_bytes, slack) = match part {
                 MatrixPart::Dense { data, .. } => {
                     assert_eq!(data.len(), rows * cols, "{label}: [{rows}, {cols}] vs {} values", data.len());
-                    (cols * dtype.size()) as u64
+                    ((cols * dtype.size()) as u64, 0)
                 }
                 MatrixPart::Blocks(b) => {
                     assert_eq!(b.cols, cols, "{label}: a part of {} columns in a matrix of {cols}", b.cols);
-                    (cols / b.ty.block_elems() * b.ty.gpu_block_words() * 4) as u64
+                    let q = b.ty;
+                    let per_row = (cols / q.block_elems() * q.gpu_tile_words() * 4).div_ceil(q.gpu_tile_blocks());
+                    (per_row as u64, (q.gpu_tile_words() * 4) as u64)
                 }
             };
-            let max_rows = (ctx.max_binding / row_bytes.max(1)) as usize;
+            let max_rows = (ctx.max_binding.saturating_sub(slack) / row_bytes.max(1)) as usize;
             if max_rows == 0 {
                 return Err(GpuError::BufferTooLarge {
                     label: format!("{label} (one row)"),

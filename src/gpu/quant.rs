@@ -5,7 +5,7 @@ use crate::model::quant::QuantType;
 
 const SOURCE: &str = include_str!("../../shaders/quant.wgsl");
 
-/// WGSL declaring read-only storage `var_name: array<u32>` at `binding` holding blocks of `q` in
+/// WGSL declaring read-only storage `var_name: array<vec4<u32>>` at `binding` holding blocks of `q` in
 /// the GPU layout of [`crate::model::quant`], with the accessors `{v}_4(i) -> vec4<f32>` (values
 /// 4i .. 4i+3), `{v}_1(i) -> f32`, `{v}_32(b) -> {v}_Unit` (the 32 values of unit b as fields
 /// `v0` .. `v7`) and `{v}_dot32(b, x0, .., x7) -> f32`. Shapes: a chunk of `[rows, K]` values,
@@ -32,11 +32,11 @@ mod tests {
     fn every_type_declares_its_own_section() {
         for q in QuantType::ALL {
             let s = declare(q, 2, "w");
-            assert!(s.contains("var<storage, read> w: array<u32>"), "{q}");
+            assert!(s.contains("var<storage, read> w: array<vec4<u32>>"), "{q}");
             assert_eq!(s.matches("fn w_scales").count(), 1, "{q}");
             assert!(!["VAR", "%FORMAT%", "%MIN%", "%BINDING%", "//=="].iter().any(|p| s.contains(p)), "{q}");
         }
-        assert!(declare(QuantType::Q6_K, 2, "w").contains("53u"));
+        assert!(declare(QuantType::Q6_K, 2, "w").contains("14u"));
         assert!(declare(QuantType::Q4_1, 2, "w").contains("const w_MIN: bool = true;"));
     }
 }

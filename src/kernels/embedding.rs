@@ -90,7 +90,7 @@ pub fn embedding_with_kind(
         // Bytes read per value copied: the dtype's, or a block's bytes shared by its values.
         let read = match chunk.quant {
             None => share * table.dtype.size() as u64,
-            Some(q) => (share * q.gpu_block_words() as u64 * 4).div_ceil(q.block_elems() as u64),
+            Some(q) => (share as f64 * q.gpu_bits_per_weight() / 8.0).ceil() as u64,
         };
         let cost = Cost { flops: 0, bytes: 4 * rows as u64 + read + 4 * share };
         dispatches.push(Dispatch::new(

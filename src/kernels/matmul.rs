@@ -216,9 +216,9 @@ pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
 }
 
 /// [`regblock_body`] for the quantised kinds: K walked one unit of 32 values at a time. Per unit
-/// and w row the scales are read once (`w_scales`); then for each quarter i of the unit
-/// (`w_pair(b, i)`: values 4i..4i+3 and 16+4i..16+4i+3, one word load for the 4-bit types) the
-/// w values are dequantised in registers and multiply the matching vec4 pairs of every x row,
+/// and w row the scales and the quant words are loaded once (`w_scales`, `w_words`: one to four
+/// vec4 loads); then for each quarter i of the unit (`w_pair_of(words, i)`: values 4i..4i+3 and
+/// 16+4i..16+4i+3) the w values are dequantised in registers and multiply the matching vec4 pairs of every x row,
 /// so that what is live at once is a quarter of a unit, not all 32 values of every w row.
 pub fn regblock_body_quant(tm: u32, tn: u32) -> String {
     use std::fmt::Write;
@@ -238,6 +238,7 @@ pub fn regblock_body_quant(tm: u32, tn: u32) -> String {
     let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
     for j in 0..tn {
         let _ = writeln!(s, "        let s{j} = w_scales(wb{j} + kk);");
+        let _ = writeln!(s, "        let u{j} = w_words(wb{j} + kk);");
         let _ = writeln!(s, "        let sl{j} = vec4<f32>(s{j}.x);");
         let _ = writeln!(s, "        let sh{j} = vec4<f32>(s{j}.y);");
         let _ = writeln!(s, "        let sc{j} = vec4<f32>(s{j}.z);");
@@ -245,7 +246,7 @@ pub fn regblock_body_quant(tm: u32, tn: u32) -> String {
     for q in 0..4 {
         let _ = writeln!(s, "        {{");
         for j in 0..tn {
-            let _ = writeln!(s, "            let p{j} = w_pair(wb{j} + kk, {q}u);");
+            let _ = writeln!(s, "            let p{j} = w_pair_of(u{j}, {q}u);");
             let _ = writeln!(s, "            let wl{j} = fma(p{j}.lo, sl{j}, sc{j});");
             let _ = writeln!(s, "            let wh{j} = fma(p{j}.hi, sh{j}, sc{j});");
         }

@@ -3,16 +3,21 @@
 //! layout the GPU reads them in ([`QuantType::gpu_words`]) and ggml's reference round-to-nearest
 //! quantisers for Q8_0 and Q4_0 ([`quantize`]).
 //!
-//! GPU layout, one block after another, each a whole number of 32-bit words (ggml's bytes,
-//! little-endian, with padding only where the ggml block is not a multiple of 4 bytes):
+//! GPU layout (u32 words, read by the kernels as `array<vec4<u32>>`, so that one load brings 16
+//! bytes): every group of values a kernel reads together starts on a 16-byte boundary.
 //!
 //! ```text
-//! Q8_0  9 words (ggml 34 B): d f16 | pad 2 B | qs[32] i8
-//! Q4_0  5 words (ggml 18 B): d f16 | pad 2 B | qs[16]
-//! Q4_1  5 words (ggml 20 B): d f16 | m f16 | qs[16]                  (as stored)
-//! Q4_K 36 words (ggml 144 B): d f16 | dmin f16 | scales[12] | qs[128] (as stored)
-//! Q6_K 53 words (ggml 210 B): ql[128] | qh[64] | scales[16] | d f16 | pad 2 B
+//! Q8_0, Q4_0, Q4_1: tiles of 8 blocks (the last one padded with zero blocks), each
+//!   [scales of the 8 blocks][quants of block 0] .. [quants of block 7]
+//!   Q8_0 68 words: 8 x d f16 (4 words) | 8 x qs[32] (8 words each)   34 B per block
+//!   Q4_0 36 words: 8 x d f16 (4 words) | 8 x qs[16] (4 words each)   18 B per block
+//!   Q4_1 40 words: 8 x (d f16, m f16) (8 words) | 8 x qs[16]          20 B per block
+//! Q4_K 36 words per block: d f16 | dmin f16 | scales[12] | qs[128] (as stored, 144 B)
+//! Q6_K 56 words per block: ql[128] | qh[64] | scales[16] | d f16 | 14 B of padding (224 B)
 //! ```
+//!
+//! Blocks are numbered over the whole chunk (row-major), so a tile may hold the end of one row
+//! and the start of the next.
 
 use half::f16;
 
@@ -92,23 +97,38 @@ impl QuantType {
         }
     }
 
-    /// 32-bit words per block in the GPU layout (the module docs): 9, 5, 5, 36, 53.
-    pub fn gpu_block_words(self) -> usize {
+    /// Blocks per tile of the GPU layout (the module docs): 8 for Q8_0, Q4_0 and Q4_1, 1 for the
+    /// k-quants.
+    pub fn gpu_tile_blocks(self) -> usize {
         match self {
-            QuantType::Q8_0 => 9,
-            QuantType::Q4_0 | QuantType::Q4_1 => 5,
-            QuantType::Q4_K => 36,
-            QuantType::Q6_K => 53,
+            QuantType::Q4_K | QuantType::Q6_K => 1,
+            _ => 8,
         }
     }
 
-    /// Bits per weight on the GPU (with the layout's padding): 9, 5, 5, 4.5, 6.625.
+    /// 32-bit words per tile of the GPU layout: 68, 36, 40, 36, 56 (all multiples of 4).
+    pub fn gpu_tile_words(self) -> usize {
+        match self {
+            QuantType::Q8_0 => 4 + 8 * 8,
+            QuantType::Q4_0 => 4 + 8 * 4,
+            QuantType::Q4_1 => 8 + 8 * 4,
+            QuantType::Q4_K => 36,
+            QuantType::Q6_K => 56,
+        }
+    }
+
+    /// 32-bit words the GPU layout takes for `blocks` blocks (whole tiles).
+    pub fn gpu_words_len(self, blocks: usize) -> usize {
+        blocks.div_ceil(self.gpu_tile_blocks()) * self.gpu_tile_words()
+    }
+
+    /// Bits per weight on the GPU, tile padding aside: 8.5, 4.5, 5, 4.5, 7.
     pub fn gpu_bits_per_weight(self) -> f64 {
-        (self.gpu_block_words() * 32) as f64 / self.block_elems() as f64
+        (self.gpu_tile_words() * 32) as f64 / (self.gpu_tile_blocks() * self.block_elems()) as f64
     }
 
     /// Rewrites ggml blocks of this type (`bytes`, a whole number of blocks) into the GPU layout
-    /// of the module docs, one block after another.
+    /// of the module docs: [`QuantType::gpu_words_len`] words.
     ///
     /// # Panics
     /// When `bytes` is not a whole number of blocks (callers check sizes first, as
@@ -116,22 +136,25 @@ impl QuantType {
     pub fn gpu_words(self, bytes: &[u8]) -> Vec<u32> {
         let bb = self.block_bytes();
         assert!(bytes.len().is_multiple_of(bb), "{} bytes are not whole {} blocks", bytes.len(), self.name());
-        let words = self.gpu_block_words();
-        let mut out = Vec::with_capacity(bytes.len() / bb * words);
-        let mut block = vec![0u8; words * 4];
-        for src in bytes.chunks_exact(bb) {
-            block.fill(0);
+        let blocks = bytes.len() / bb;
+        let mut out = vec![0u8; self.gpu_words_len(blocks) * 4];
+        let tile_bytes = self.gpu_tile_words() * 4;
+        for (b, src) in bytes.chunks_exact(bb).enumerate() {
             match self {
-                // d, then two bytes of padding, then the quants on a word boundary.
-                QuantType::Q8_0 | QuantType::Q4_0 => {
-                    block[..2].copy_from_slice(&src[..2]);
-                    block[4..4 + bb - 2].copy_from_slice(&src[2..]);
+                QuantType::Q4_K | QuantType::Q6_K => out[b * tile_bytes..b * tile_bytes + bb].copy_from_slice(src),
+                _ => {
+                    let (tile, slot) = (b / 8 * tile_bytes, b % 8);
+                    // The scale fields (d, or d and m) go to the tile's head, the quants after it.
+                    let scale = if self == QuantType::Q4_1 { 4 } else { 2 };
+                    let head = if self == QuantType::Q4_1 { 32 } else { 16 };
+                    let quants = bb - scale;
+                    out[tile + slot * scale..tile + (slot + 1) * scale].copy_from_slice(&src[..scale]);
+                    let q0 = tile + head + slot * quants;
+                    out[q0..q0 + quants].copy_from_slice(&src[scale..]);
                 }
-                _ => block[..bb].copy_from_slice(src),
             }
-            out.extend(block.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
         }
-        out
+        out.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect()
     }
 }
 
@@ -336,24 +359,34 @@ mod tests {
     }
 
     #[test]
-    fn gpu_words_keep_the_bytes_and_pad_to_words() {
+    fn gpu_words_keep_every_field_in_its_place() {
         for ty in QuantType::ALL {
             let bb = ty.block_bytes();
-            let bytes: Vec<u8> = (0..2 * bb).map(|i| (i * 7 + 1) as u8).collect();
+            // 11 blocks: one whole tile and a padded one for the tiled types.
+            let n = 11;
+            let bytes: Vec<u8> = (0..n * bb).map(|i| (i * 7 + 1) as u8).collect();
             let w = ty.gpu_words(&bytes);
-            assert_eq!(w.len(), 2 * ty.gpu_block_words(), "{ty}");
+            assert_eq!(w.len(), ty.gpu_words_len(n), "{ty}");
+            assert!(w.len().is_multiple_of(4), "{ty}: whole vec4s");
             let flat: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let stride = ty.gpu_block_words() * 4;
-            for b in 0..2 {
-                let (src, dst) = (&bytes[b * bb..(b + 1) * bb], &flat[b * stride..(b + 1) * stride]);
+            let tile = ty.gpu_tile_words() * 4;
+            for b in 0..n {
+                let src = &bytes[b * bb..(b + 1) * bb];
                 match ty {
-                    QuantType::Q8_0 | QuantType::Q4_0 => {
-                        assert_eq!(&dst[..2], &src[..2]);
-                        assert_eq!(&dst[4..4 + bb - 2], &src[2..]);
+                    QuantType::Q4_K | QuantType::Q6_K => assert_eq!(&flat[b * tile..b * tile + bb], src, "{ty} block {b}"),
+                    _ => {
+                        let (t, s) = (b / 8 * tile, b % 8);
+                        let (scale, head) = if ty == QuantType::Q4_1 { (4, 32) } else { (2, 16) };
+                        assert_eq!(&flat[t + s * scale..t + (s + 1) * scale], &src[..scale], "{ty} block {b} scales");
+                        let q = t + head + s * (bb - scale);
+                        assert_eq!(&flat[q..q + bb - scale], &src[scale..], "{ty} block {b} quants");
+                        assert_eq!(q % 16, 0, "{ty} block {b}: quants on a 16-byte boundary");
                     }
-                    _ => assert_eq!(&dst[..bb], src),
                 }
             }
         }
+        assert_eq!(QuantType::Q4_0.gpu_bits_per_weight(), 4.5);
+        assert_eq!(QuantType::Q8_0.gpu_bits_per_weight(), 8.5);
+        assert_eq!(QuantType::Q6_K.gpu_bits_per_weight(), 7.0);
     }
 }

@@ -127,7 +127,7 @@ pub fn matrix_names(cfg: &ModelConfig) -> Vec<String> {
 
 /// What loading `source` as `dtype` will put on the GPU for its matrices, without reading
 /// them: (bytes, matrix weights). Blocks count in their GPU layout
-/// ([`QuantType::gpu_block_words`]), values in the dense dtype of [`WeightDtype`]; the chunk
+/// ([`QuantType::gpu_words_len`]), values in the dense dtype of [`WeightDtype`]; the chunk
 /// padding of small buffers is left out. `None` when a count overflows or a matrix cannot be
 /// made as asked (a block type that is not stored and cannot be quantised at load, or rows
 /// that are not whole blocks).
@@ -144,7 +144,8 @@ pub fn estimate_matrix_bytes(source: &dyn WeightSource, dtype: WeightDtype) -> O
     };
     let blocks = |q: QuantType, rows: u64, cols: u64| -> Option<u64> {
         let be = q.block_elems() as u64;
-        cols.is_multiple_of(be).then(|| rows.checked_mul(cols / be)?.checked_mul(q.gpu_block_words() as u64 * 4))?
+        let n = usize::try_from(rows.checked_mul(cols / be)?).ok()?;
+        cols.is_multiple_of(be).then(|| (q.gpu_words_len(n) as u64).checked_mul(4))?
     };
     let (mut bytes, mut params) = (0u64, 0u64);
     for name in matrix_names(cfg) {
