@@ -22,6 +22,11 @@ pub const REGBLOCK_WG: u32 = 64;
 /// time per call, against 2x4 to 16x4, 4x8, 6x6 and 8x8; bigger blocks spill). Fewer rows of x
 /// take a smaller block ([`regblock_tm`]).
 pub const REGBLOCK_TM: u32 = 8;
+/// Rows of x per `RegBlock` invocation on quantised weights: 2 was the fastest on lavapipe
+/// against 1, 4 and 8 (T = 128, Q4_1, Q8_0 and Q4_K at 3072x576 and 576x1536, `cargo bench
+/// --bench kernels -- "matmul regblock q"`, alternated: Q4_1 14-17 GFLOP/s at 2 against 11-12
+/// at 8), because dequantised w values and wide x loads share the registers.
+pub const REGBLOCK_TM_QUANT: u32 = 2;
 /// Rows of w per `RegBlock` invocation.
 pub const REGBLOCK_TN: u32 = 4;
 /// Output tile of one `Tiled` workgroup (rows of x and rows of w).
@@ -107,10 +112,20 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
     // Only `matmul_regblock` depends on the token count; the other entry points keep one
     // pipeline (one cache key, one driver compile) whatever the prompt length.
     let tm = if variant == MatmulVariant::RegBlock { regblock_tm(rows) } else { REGBLOCK_TM };
+    // Quantised weights keep a smaller block of x rows (REGBLOCK_TM_QUANT): their dequantised w
+    // values take registers that f32/f16 blocks do not need.
+    let tm_of = |kind: WeightKind| if matches!(kind, WeightKind::Quant(_)) { tm.min(REGBLOCK_TM_QUANT) } else { tm };
     let pipeline = |kind: WeightKind| {
+        let tm = tm_of(kind);
+        // Quantised weights read x eight values per load where the adapter has SHADER_INT64.
+        let (body, x_kind) = match kind {
+            WeightKind::Quant(_) if ctx.has_int64() => (regblock_body_quant(tm, REGBLOCK_TN, true), WeightKind::F32Wide),
+            WeightKind::Quant(_) => (regblock_body_quant(tm, REGBLOCK_TN, false), WeightKind::F32),
+            _ => (regblock_body(tm, REGBLOCK_TN, kind.step(k)), kind.activations()),
+        };
         let shader = ShaderVariant::new("matmul", SOURCE, entry)
-            .define("REGBLOCK_BODY", regblock_body(tm, REGBLOCK_TN, kind.step(k)))
-            .weights("X_DECL", kind.activations(), 1, "x")
+            .define("REGBLOCK_BODY", body)
+            .weights("X_DECL", x_kind, 1, "x")
             .weights("W_DECL", kind, 2, "w")
             .define("ALIGNED", k.is_multiple_of(4))
             .define("WG", REGBLOCK_WG)
@@ -122,7 +137,7 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
     };
     let flags = op.flags();
     let y_stride = op.y_row_stride();
-    op.chunk_dispatches(ctx, label, kind, pipeline, |c, _| {
+    op.chunk_dispatches(ctx, label, kind, pipeline, |c, kind| {
         let params = MatmulParams {
             t: rows as u32,
             n: c.rows as u32,
@@ -135,7 +150,7 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         };
         let (t, n) = (rows as u32, c.rows as u32);
         let workgroups = match variant {
-            MatmulVariant::RegBlock => grid((t.div_ceil(tm) * n.div_ceil(REGBLOCK_TN)).div_ceil(REGBLOCK_WG)),
+            MatmulVariant::RegBlock => grid((t.div_ceil(tm_of(kind)) * n.div_ceil(REGBLOCK_TN)).div_ceil(REGBLOCK_WG)),
             MatmulVariant::Tiled => grid(t.div_ceil(TILE) * n.div_ceil(TILE)),
             MatmulVariant::XBcast => [n.div_ceil(REGBLOCK_WG * XBCAST_BNR), t.div_ceil(XBCAST_BM), 1],
         };
@@ -160,13 +175,10 @@ pub fn regblock_tm(rows: usize) -> u32 {
 
 /// The WGSL statements of `matmul_regblock` once `t0` and `n0` are known: a `tm` x `tn` block
 /// of outputs in named f32 registers, K walked `step` elements at a time (8 through the `_8`
-/// accessors of the wide kinds, 4 through `_4`, or 1; 32 for the quantised kinds,
+/// accessors of the wide kinds, 4 through `_4`, or 1; the quantised kinds have their own,
 /// [`regblock_body_quant`]), fused multiply-adds, and stores guarded by `t < p.t` and `n < p.n`. Rows past the end are clamped, so every load stays in bounds.
 pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
     use std::fmt::Write;
-    if step == 32 {
-        return regblock_body_quant(tm, tn);
-    }
     let mut s = String::new();
     let _ = writeln!(s, "    let steps = p.k / {step}u;");
     for i in 0..tm {
@@ -217,15 +229,20 @@ pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
 
 /// [`regblock_body`] for the quantised kinds: K walked one unit of 32 values at a time. Per unit
 /// and w row the scales and the quant words are loaded once (`w_scales`, `w_words`: one to four
-/// vec4 loads); then for each quarter i of the unit (`w_pair_of(words, i)`: values 4i..4i+3 and
-/// 16+4i..16+4i+3) the w values are dequantised in registers and multiply the matching vec4 pairs of every x row,
-/// so that what is live at once is a quarter of a unit, not all 32 values of every w row.
-pub fn regblock_body_quant(tm: u32, tn: u32) -> String {
+/// vec4 loads); then for each half h of the unit, quarters 2h and 2h+1 (`w_pair_of(words, i)`:
+/// values 4i..4i+3 and 16+4i..16+4i+3) are dequantised in registers and multiply the matching x
+/// values of every x row, so that what is live at once is half a unit, not all 32 values of
+/// every w row. With `wide_x` (x declared `F32Wide`) a row's x values of a half come in two
+/// eight-value loads (`x_8`), else in four vec4 loads: x loads are most of a quantised block's
+/// loads, TM rows of x against TN rows of w.
+pub fn regblock_body_quant(tm: u32, tn: u32, wide_x: bool) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "    let steps = p.k / 32u;");
+    // x row offsets in loads: eight values per load when wide, else four.
+    let per_unit = if wide_x { 4 } else { 8 };
     for i in 0..tm {
-        let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps * 8u;");
+        let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps * {per_unit}u;");
     }
     for j in 0..tn {
         let _ = writeln!(s, "    let wb{j} = min(n0 + {j}u, p.n - 1u) * steps;");
@@ -243,25 +260,44 @@ pub fn regblock_body_quant(tm: u32, tn: u32) -> String {
         let _ = writeln!(s, "        let sh{j} = vec4<f32>(s{j}.y);");
         let _ = writeln!(s, "        let sc{j} = vec4<f32>(s{j}.z);");
     }
-    for q in 0..4 {
+    for h in 0..2 {
         let _ = writeln!(s, "        {{");
-        for j in 0..tn {
-            let _ = writeln!(s, "            let p{j} = w_pair_of(u{j}, {q}u);");
-            let _ = writeln!(s, "            let wl{j} = fma(p{j}.lo, sl{j}, sc{j});");
-            let _ = writeln!(s, "            let wh{j} = fma(p{j}.hi, sh{j}, sc{j});");
+        for q in [2 * h, 2 * h + 1] {
+            for j in 0..tn {
+                let _ = writeln!(s, "            let p{q}_{j} = w_pair_of(u{j}, {q}u);");
+                let _ = writeln!(s, "            let wl{q}_{j} = fma(p{q}_{j}.lo, sl{j}, sc{j});");
+                let _ = writeln!(s, "            let wh{q}_{j} = fma(p{q}_{j}.hi, sh{j}, sc{j});");
+            }
         }
+        // x values 4q..4q+3 (lo) and 16+4q..16+4q+3 (hi) of quarter q, for each x row.
+        let x_of = |i: u32, q: u32, hi: bool| -> String {
+            if wide_x {
+                format!("x{}{i}[{}]", if hi { "h" } else { "l" }, q % 2)
+            } else {
+                format!("x{}{q}_{i}", if hi { "h" } else { "l" })
+            }
+        };
         for i in 0..tm {
-            let _ = writeln!(s, "            let xl{i} = x_4(xb{i} + kk * 8u + {q}u);");
-            let _ = writeln!(s, "            let xh{i} = x_4(xb{i} + kk * 8u + {}u);", q + 4);
+            if wide_x {
+                let _ = writeln!(s, "            let xl{i} = x_8(xb{i} + kk * 4u + {h}u);");
+                let _ = writeln!(s, "            let xh{i} = x_8(xb{i} + kk * 4u + {}u);", h + 2);
+            } else {
+                for q in [2 * h, 2 * h + 1] {
+                    let _ = writeln!(s, "            let xl{q}_{i} = x_4(xb{i} + kk * 8u + {q}u);");
+                    let _ = writeln!(s, "            let xh{q}_{i} = x_4(xb{i} + kk * 8u + {}u);", q + 4);
+                }
+            }
         }
         for i in 0..tm {
             for j in 0..tn {
                 let mut e = format!("a{i}_{j}");
-                for c in ["x", "y", "z", "w"] {
-                    e = format!("fma(xl{i}.{c}, wl{j}.{c}, {e})");
-                }
-                for c in ["x", "y", "z", "w"] {
-                    e = format!("fma(xh{i}.{c}, wh{j}.{c}, {e})");
+                for q in [2 * h, 2 * h + 1] {
+                    for hi in [false, true] {
+                        let (x, w) = (x_of(i, q, hi), format!("w{}{q}_{j}", if hi { "h" } else { "l" }));
+                        for c in ["x", "y", "z", "w"] {
+                            e = format!("fma({x}.{c}, {w}.{c}, {e})");
+                        }
+                    }
                 }
                 let _ = writeln!(s, "            a{i}_{j} = {e};");
             }
