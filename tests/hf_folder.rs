@@ -10,9 +10,10 @@ use std::path::Path;
 use common::{cases, fixture_tensor, greedy_with_logits};
 use firstrt::gpu::{DType, test_context};
 use firstrt::kernels::testing::max_abs_diff;
+use firstrt::model::QuantType;
 use firstrt::model::chat::ChatMessage;
 use firstrt::model::open_model;
-use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
+use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions, WeightDtype};
 use firstrt::testdata::{TempDir, model_path};
 
 /// Write the GGUF's weights, config and tokenizer as a Hugging Face folder.
@@ -92,4 +93,14 @@ fn hugging_face_folder_matches_transformers() {
     };
     assert_eq!(hf.chat_ids(&msgs).unwrap(), want_ids);
     assert_eq!(hf.tokenizer.end_ids(), gguf_tok.end_ids());
+
+    // Issue 11: an f32 safetensors folder quantised to Q8_0 at load (tests/quantised.rs checks
+    // the values against its own dequantised weights); f32 is the folder's default.
+    assert_eq!(WeightDtype::default_for(open_model(&dir.path).unwrap().as_ref()), WeightDtype::Dense(DType::F32));
+    let q8 = LoadedModel::load(&ctx, &dir.path, WeightDtype::Quant(QuantType::Q8_0), &mut |_, _| {}).unwrap();
+    assert_eq!(q8.weights.format_summary(), "q8_0 x121");
+    let mut session = Session::new(&q8.weights, SessionOptions { ctx_len: 128, candidates: 1 }, LayerPlan::full(30)).unwrap();
+    let (q8_logits, _) = greedy_with_logits(&mut session, &case.prompt_ids, 2);
+    let rel = max_abs_diff(&q8_logits, &logits) / logits.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(rel < 0.05, "q8_0 of the folder: relative logit diff {rel} against its f32 weights");
 }
