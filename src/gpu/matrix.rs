@@ -60,6 +60,12 @@ impl MatrixPart<'_> {
     }
 }
 
+/// Consecutive parts of one format, concatenated (rows of values, or ggml blocks row-major).
+enum Run {
+    Dense { rows: usize, data: Vec<f32> },
+    Blocks { ty: QuantType, rows: usize, data: Vec<u8> },
+}
+
 /// A `[rows, cols]` row-major matrix (Hugging Face's `[out, in]` for a linear layer's weight).
 #[derive(Debug, Clone)]
 pub struct GpuMatrix {
@@ -87,10 +93,10 @@ impl GpuMatrix {
     }
 
     /// Upload `parts` stacked by rows (`[sum of part rows, cols]`): dense parts converted to
-    /// `dtype`, quantised parts as their blocks in the GPU layout. Each part is split into
-    /// chunks that fit `ctx.max_binding` (row counts multiples of 4 where possible); no chunk
-    /// mixes parts, so a stack of different block types (Q4_K q and k with Q6_K v) is read chunk
-    /// by chunk.
+    /// `dtype`, quantised parts as their blocks in the GPU layout. Consecutive parts of one
+    /// format are joined, then split into chunks that fit `ctx.max_binding` (row counts
+    /// multiples of 4 where possible); no chunk mixes formats, so a stack of different block
+    /// types (Q4_K q and k with Q6_K v) is read chunk by chunk.
     ///
     /// # Errors
     /// [`GpuError::BufferTooLarge`] when one row exceeds a binding; buffer creation errors.
@@ -100,22 +106,44 @@ impl GpuMatrix {
     /// build the parts from checked tensors).
     pub fn upload_parts(ctx: &GpuContext, label: &str, cols: usize, parts: &[MatrixPart], dtype: DType) -> Result<GpuMatrix, GpuError> {
         let total: usize = parts.iter().map(MatrixPart::rows).sum();
-        let mut pieces = Vec::new();
-        let mut row0 = 0;
+        // Consecutive parts of one format become one run (one buffer unless a binding cannot
+        // hold it), so that stacking costs no extra dispatch: q, k and v of one type are one
+        // product.
+        let mut runs: Vec<Run> = Vec::new();
         for part in parts {
-            let rows = part.rows();
-            // Bytes per row, and bytes a chunk may need beyond its rows' (a block type's last
-            // tile is padded to whole tiles).
-            let (row_bytes, slack) = match part {
-                MatrixPart::Dense { data, .. } => {
+            match part {
+                MatrixPart::Dense { rows, data } => {
                     assert_eq!(data.len(), rows * cols, "{label}: [{rows}, {cols}] vs {} values", data.len());
-                    ((cols * dtype.size()) as u64, 0)
+                    match runs.last_mut() {
+                        Some(Run::Dense { rows: r, data: d }) => {
+                            *r += rows;
+                            d.extend_from_slice(data);
+                        }
+                        _ => runs.push(Run::Dense { rows: *rows, data: data.to_vec() }),
+                    }
                 }
                 MatrixPart::Blocks(b) => {
                     assert_eq!(b.cols, cols, "{label}: a part of {} columns in a matrix of {cols}", b.cols);
-                    let q = b.ty;
-                    let per_row = (cols / q.block_elems() * q.gpu_tile_words() * 4).div_ceil(q.gpu_tile_blocks());
-                    (per_row as u64, (q.gpu_tile_words() * 4) as u64)
+                    match runs.last_mut() {
+                        Some(Run::Blocks { ty, rows: r, data: d }) if *ty == b.ty => {
+                            *r += b.rows;
+                            d.extend_from_slice(&b.data);
+                        }
+                        _ => runs.push(Run::Blocks { ty: b.ty, rows: b.rows, data: b.data.clone() }),
+                    }
+                }
+            }
+        }
+        let mut pieces = Vec::new();
+        let mut row0 = 0;
+        for (i, run) in runs.iter().enumerate() {
+            // Bytes per row, and bytes a chunk may need beyond its rows' (a block type's last
+            // tile is padded to whole tiles).
+            let (rows, row_bytes, slack) = match run {
+                Run::Dense { rows, .. } => (*rows, (cols * dtype.size()) as u64, 0),
+                Run::Blocks { ty, rows, .. } => {
+                    let per_row = (cols / ty.block_elems() * ty.gpu_tile_words() * 4).div_ceil(ty.gpu_tile_blocks());
+                    (*rows, per_row as u64, (ty.gpu_tile_words() * 4) as u64)
                 }
             };
             let max_rows = (ctx.max_binding.saturating_sub(slack) / row_bytes.max(1)) as usize;
@@ -131,23 +159,21 @@ impl GpuMatrix {
             let mut r = 0;
             while r < rows {
                 let n = per_chunk.min(rows - r);
-                pieces.push((*part, r, row0 + r, n));
+                pieces.push((i, r, row0 + r, n));
                 r += n;
             }
             row0 += rows;
         }
         let single = pieces.len() == 1;
         let mut chunks = Vec::with_capacity(pieces.len());
-        for (part, r, row0, n) in pieces {
+        for (i, r, row0, n) in pieces {
             let name = if single { label.to_string() } else { format!("{label}[{row0}..{}]", row0 + n) };
-            let (tensor, quant) = match part {
-                MatrixPart::Dense { data, .. } => {
-                    (GpuTensor::from_f32_as(ctx, &name, &[n, cols], &data[r * cols..(r + n) * cols], dtype)?, None)
-                }
-                MatrixPart::Blocks(b) => {
-                    let rb = b.row_bytes();
-                    let words = b.ty.gpu_words(&b.data[r * rb..(r + n) * rb]);
-                    (GpuTensor::from_u32(ctx, &name, &[words.len()], &words)?, Some(b.ty))
+            let (tensor, quant) = match &runs[i] {
+                Run::Dense { data, .. } => (GpuTensor::from_f32_as(ctx, &name, &[n, cols], &data[r * cols..(r + n) * cols], dtype)?, None),
+                Run::Blocks { ty, data, .. } => {
+                    let rb = cols / ty.block_elems() * ty.block_bytes();
+                    let words = ty.gpu_words(&data[r * rb..(r + n) * rb]);
+                    (GpuTensor::from_u32(ctx, &name, &[words.len()], &words)?, Some(*ty))
                 }
             };
             chunks.push(MatrixChunk { tensor, row0, rows: n, quant });
