@@ -2,8 +2,9 @@
 // for the rows n < p.rows of one chunk of a weight matrix. Accumulation is in f32.
 //
 // Placeholders (filled from Rust): W_DECL / X_DECL declare the weights / input with accessors w_4, w_1,
-// x_4, x_1 (and w_8, x_8 for the wide kinds); ALIGNED is true when K % 4 == 0 (rows start on a vec4
-// boundary); WG is the workgroup size; R the rows per invocation and ROWS_BODY the generated body
+// x_4, x_1 (and w_8, x_8 for the wide kinds; w_dot32 for the quantised ones, for which QUANT is
+// true and REDUCE_UNITS the reduce variant's loop over units); ALIGNED is true when K % 4 == 0
+// (rows start on a vec4 boundary); WG is the workgroup size; R the rows per invocation and ROWS_BODY the generated body
 // of matvec_rows.
 
 struct MatvecParams {
@@ -24,6 +25,7 @@ struct MatvecParams {
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;    // [>= y_col0 + rows of the whole matrix]
 
 const ALIGNED: bool = {{ALIGNED}};
+const QUANT: bool = {{QUANT}};
 const WG: u32 = {{WG}}u;
 const R: u32 = {{R}}u;
 
@@ -64,7 +66,11 @@ fn matvec_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
     let n = wg.x + wg.y * nwg.x; // uniform across the workgroup
     let row = min(n, p.rows - 1u);
     var acc = vec4<f32>(0.0);
-    if (ALIGNED) {
+    if (QUANT) {
+        // Quantised weights: each invocation takes whole 32-value units, so that a block's
+        // scales are decoded once per unit, not once per vec4 (generated: empty for f32/f16).
+{{REDUCE_UNITS}}
+    } else if (ALIGNED) {
         let base = row * p.k / 4u;
         let k4 = p.k / 4u;
         for (var i = lid; i < k4; i += WG) {

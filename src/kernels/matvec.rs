@@ -98,6 +98,8 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
             .weights("X_DECL", kind.activations(), 1, "x")
             .weights("W_DECL", kind, 2, "w")
             .define("ALIGNED", aligned)
+            .define("QUANT", matches!(kind, WeightKind::Quant(_)))
+            .define("REDUCE_UNITS", if matches!(kind, WeightKind::Quant(_)) { REDUCE_UNITS } else { "" })
             .define("WG", wg)
             .define("R", ROWS_PER_INVOCATION);
         ctx.pipeline(&shader)
@@ -125,6 +127,16 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         (params, grid(groups), cost)
     })
 }
+
+/// The loop of `matvec_reduce` over the 32-value units of a row of quantised weights: invocation
+/// `lid` takes units `lid, lid + WG, ..`, each a `w_dot32` against eight vec4 of x.
+const REDUCE_UNITS: &str = "        let units = p.k / 32u;
+        let base = row * units;
+        for (var u = lid; u < units; u += WG) {
+            let xb = u * 8u;
+            acc.x += w_dot32(base + u, x_4(xb), x_4(xb + 1u), x_4(xb + 2u), x_4(xb + 3u),
+                             x_4(xb + 4u), x_4(xb + 5u), x_4(xb + 6u), x_4(xb + 7u));
+        }";
 
 /// The WGSL statements of `matvec_rows` once `first` is known: `r` rows from `first`, each with
 /// one accumulator in a named register (vec4, or f32 when `step` is 1 or 32), K walked `step`
