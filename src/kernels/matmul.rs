@@ -22,11 +22,24 @@ pub const REGBLOCK_WG: u32 = 64;
 /// time per call, against 2x4 to 16x4, 4x8, 6x6 and 8x8; bigger blocks spill). Fewer rows of x
 /// take a smaller block ([`regblock_tm`]).
 pub const REGBLOCK_TM: u32 = 8;
-/// Rows of x per `RegBlock` invocation on quantised weights: 2 was the fastest on lavapipe
-/// against 1, 4 and 8 (T = 128, Q4_1, Q8_0 and Q4_K at 3072x576 and 576x1536, `cargo bench
-/// --bench kernels -- "matmul regblock q"`, alternated: Q4_1 14-17 GFLOP/s at 2 against 11-12
-/// at 8), because dequantised w values and wide x loads share the registers.
-pub const REGBLOCK_TM_QUANT: u32 = 2;
+/// The `RegBlock` block of outputs (rows of x TM, rows of w TN) on quantised weights for a
+/// product of `rows` rows of x: `(min(regblock_tm(rows), 2), 4)` up to
+/// [`crate::kernels::choice::SHORT_PREFILL_ROWS`] rows, else `(regblock_tm(rows), 16)`.
+///
+/// On lavapipe a quantised block costs mostly its loads (scales, quant words, x: each a per-lane
+/// loop), so the wider the block the fewer loads per multiply-add, and register spills cost far
+/// less; but the driver's compile time grows much faster than the body. Measured (`cargo bench
+/// --bench kernels -- "matmul regblock q"`, alternated; Q4_1 at 3072x576 and 576x1536, T = 128):
+/// 8 x 32 35-37 GFLOP/s, 8 x 16 29-31, 8 x 8 22, 4 x 16 26-28, 2 x 4 14-17, 8 x 4 11-12; the
+/// first run of a 72-token prompt with Mesa's shader cache off took 92 s (8 x 32), 33 s (8 x 16),
+/// 19 s (8 x 8) and 10 s (2 x 4, as f16). So short prompts, the common case of a chat, keep the
+/// block that compiles as fast as f16's, and long prompts pay the 8 x 16 compile once (the
+/// driver caches it).
+pub fn regblock_quant_block(rows: usize) -> (u32, u32) {
+    let tm = regblock_tm(rows);
+    if rows > crate::kernels::choice::SHORT_PREFILL_ROWS { (tm, 16) } else { (tm.min(2), 4) }
+}
+
 /// Rows of w per `RegBlock` invocation.
 pub const REGBLOCK_TN: u32 = 4;
 /// Output tile of one `Tiled` workgroup (rows of x and rows of w).
@@ -112,15 +125,14 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
     // Only `matmul_regblock` depends on the token count; the other entry points keep one
     // pipeline (one cache key, one driver compile) whatever the prompt length.
     let tm = if variant == MatmulVariant::RegBlock { regblock_tm(rows) } else { REGBLOCK_TM };
-    // Quantised weights keep a smaller block of x rows (REGBLOCK_TM_QUANT): their dequantised w
-    // values take registers that f32/f16 blocks do not need.
-    let tm_of = |kind: WeightKind| if matches!(kind, WeightKind::Quant(_)) { tm.min(REGBLOCK_TM_QUANT) } else { tm };
+    // Quantised weights have their own block of outputs per invocation (`regblock_quant_block`).
+    let block_of = |kind: WeightKind| if matches!(kind, WeightKind::Quant(_)) { regblock_quant_block(rows) } else { (tm, REGBLOCK_TN) };
     let pipeline = |kind: WeightKind| {
-        let tm = tm_of(kind);
+        let (tm, tn) = block_of(kind);
         // Quantised weights read x eight values per load where the adapter has SHADER_INT64.
         let (body, x_kind) = match kind {
-            WeightKind::Quant(_) if ctx.has_int64() => (regblock_body_quant(tm, REGBLOCK_TN, true), WeightKind::F32Wide),
-            WeightKind::Quant(_) => (regblock_body_quant(tm, REGBLOCK_TN, false), WeightKind::F32),
+            WeightKind::Quant(_) if ctx.has_int64() => (regblock_body_quant(tm, tn, true), WeightKind::F32Wide),
+            WeightKind::Quant(_) => (regblock_body_quant(tm, tn, false), WeightKind::F32),
             _ => (regblock_body(tm, REGBLOCK_TN, kind.step(k)), kind.activations()),
         };
         let shader = ShaderVariant::new("matmul", SOURCE, entry)
@@ -130,7 +142,7 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
             .define("ALIGNED", k.is_multiple_of(4))
             .define("WG", REGBLOCK_WG)
             .define("TM", tm)
-            .define("TN", REGBLOCK_TN)
+            .define("TN", tn)
             .define("BM", XBCAST_BM)
             .define("BNR", XBCAST_BNR);
         ctx.pipeline(&shader)
@@ -150,7 +162,10 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         };
         let (t, n) = (rows as u32, c.rows as u32);
         let workgroups = match variant {
-            MatmulVariant::RegBlock => grid((t.div_ceil(tm_of(kind)) * n.div_ceil(REGBLOCK_TN)).div_ceil(REGBLOCK_WG)),
+            MatmulVariant::RegBlock => {
+                let (tm, tn) = block_of(kind);
+                grid((t.div_ceil(tm) * n.div_ceil(tn)).div_ceil(REGBLOCK_WG))
+            }
             MatmulVariant::Tiled => grid(t.div_ceil(TILE) * n.div_ceil(TILE)),
             MatmulVariant::XBcast => [n.div_ceil(REGBLOCK_WG * XBCAST_BNR), t.div_ceil(XBCAST_BM), 1],
         };
