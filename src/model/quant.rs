@@ -1,5 +1,5 @@
 //! Quantised weight blocks kept as stored: the ggml block types the GPU kernels read
-//! ([`QuantType`]), a matrix of such blocks on the host ([`HostBlocks`]), the 4-byte-aligned
+//! ([`QuantType`]), a matrix of such blocks on the host ([`HostBlocks`]), the 16-byte-aligned
 //! layout the GPU reads them in ([`QuantType::gpu_words`]) and ggml's reference round-to-nearest
 //! quantisers for Q8_0 and Q4_0 ([`quantize`]).
 //!
