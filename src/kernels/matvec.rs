@@ -92,10 +92,12 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         MatvecVariant::Rows => ("matvec_rows", ROWS_WG),
         MatvecVariant::Reduce => ("matvec_reduce", REDUCE_WG),
     };
+    // Quantised weights read x eight values per load where the adapter has SHADER_INT64.
+    let wide_x = |kind: WeightKind| matches!(kind, WeightKind::Quant(_)) && ctx.has_int64();
     let pipeline = |kind: WeightKind| {
         let shader = ShaderVariant::new("matvec", SOURCE, entry)
-            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k)))
-            .weights("X_DECL", kind.activations(), 1, "x")
+            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), wide_x(kind)))
+            .weights("X_DECL", if wide_x(kind) { WeightKind::F32Wide } else { kind.activations() }, 1, "x")
             .weights("W_DECL", kind, 2, "w")
             .define("ALIGNED", aligned)
             .define("QUANT", matches!(kind, WeightKind::Quant(_)))
@@ -143,8 +145,9 @@ const REDUCE_UNITS: &str = "        let units = p.k / 32u;
 /// elements at a time (32 through `w_dot32` of the quantised kinds, one unit of x loaded once for
 /// all rows; 8 through the `_8` accessors of the wide kinds, 4 through `_4`, or 1), fused
 /// multiply-adds, and stores guarded by `n < p.rows`. Rows past the end are clamped, so every
-/// load stays in bounds.
-pub fn rows_body(r: u32, step: usize) -> String {
+/// load stays in bounds. With `wide_x` (x declared `F32Wide`; only for step 32) a unit's x comes
+/// in four eight-value loads instead of eight vec4 loads.
+pub fn rows_body(r: u32, step: usize, wide_x: bool) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let zero = if step == 1 || step == 32 { "0.0" } else { "vec4<f32>(0.0)" };
@@ -154,7 +157,18 @@ pub fn rows_body(r: u32, step: usize) -> String {
         let _ = writeln!(s, "    var a{j} = {zero};");
     }
     let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
-    if step == 32 {
+    if step == 32 && wide_x {
+        // Loads 0 and 1 hold values 0..15 (x0..x3), loads 2 and 3 values 16..31 (x4..x7).
+        for l in 0..4 {
+            let _ = writeln!(s, "        let xw{l} = x_8(kk * 4u + {l}u);");
+        }
+        for k in 0..8 {
+            let _ = writeln!(s, "        let x{k} = xw{}[{}];", k / 2, k % 2);
+        }
+        for j in 0..r {
+            let _ = writeln!(s, "        a{j} += w_dot32(wb{j} + kk, x0, x1, x2, x3, x4, x5, x6, x7);");
+        }
+    } else if step == 32 {
         for k in 0..8 {
             let _ = writeln!(s, "        let x{k} = x_4(kk * 8u + {k}u);");
         }
