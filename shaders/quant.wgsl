@@ -14,7 +14,6 @@
 @group(0) @binding(%BINDING%) var<storage, read> VAR: array<vec4<u32>>;
 
 struct VAR_Pair { lo: vec4<f32>, hi: vec4<f32> };
-struct VAR_Unit { v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32> };
 
 const VAR_MIN: bool = %MIN%; // whether c can be non-zero
 
@@ -58,21 +57,6 @@ fn VAR_4(i: u32) -> vec4<f32> {
 // Value i of the chunk, dequantised.
 fn VAR_1(i: u32) -> f32 {
     return VAR_4(i >> 2u)[i & 3u];
-}
-
-// The 32 values of unit b, dequantised.
-fn VAR_32(b: u32) -> VAR_Unit {
-    let s = VAR_scales(b);
-    let lo = vec4<f32>(s.x);
-    let hi = vec4<f32>(s.y);
-    let c = vec4<f32>(s.z);
-    let u = VAR_words(b);
-    let p0 = VAR_pair_of(u, 0u);
-    let p1 = VAR_pair_of(u, 1u);
-    let p2 = VAR_pair_of(u, 2u);
-    let p3 = VAR_pair_of(u, 3u);
-    return VAR_Unit(fma(p0.lo, lo, c), fma(p1.lo, lo, c), fma(p2.lo, lo, c), fma(p3.lo, lo, c),
-                    fma(p0.hi, hi, c), fma(p1.hi, hi, c), fma(p2.hi, hi, c), fma(p3.hi, hi, c));
 }
 
 // dot(unit b, x0 .. x7) with the scales applied once per half: what a GEMV needs.

@@ -26,12 +26,17 @@ impl MatrixChunk {
         self.quant.map_or(dense, WeightKind::Quant)
     }
 
-    /// Elements of the chunk's tensor a `[rows, cols]` chunk must have: `rows * cols` values, or
-    /// the u32 words of its blocks.
-    pub fn expected_numel(&self, cols: usize) -> usize {
+    /// Whether the chunk's tensor holds its rows of a matrix of `cols` columns whose values are
+    /// `dense`: `rows * cols` values of `dense`, or, for blocks, u32 words of whole blocks
+    /// ([`QuantType::gpu_words_len`]) with `cols` a multiple of the block size.
+    pub fn fits(&self, cols: usize, dense: DType) -> bool {
         match self.quant {
-            None => self.rows * cols,
-            Some(q) => q.gpu_words_len(self.rows * (cols / q.block_elems())),
+            None => self.tensor.dtype == dense && self.tensor.numel() == self.rows * cols,
+            Some(q) => {
+                self.tensor.dtype == DType::U32
+                    && cols.is_multiple_of(q.block_elems())
+                    && self.tensor.numel() == q.gpu_words_len(self.rows * (cols / q.block_elems()))
+            }
         }
     }
 }
@@ -179,11 +184,6 @@ impl GpuMatrix {
             chunks.push(MatrixChunk { tensor, row0, rows: n, quant });
         }
         Ok(GpuMatrix { label: label.to_string(), rows: total, cols, dtype, chunks })
-    }
-
-    /// Whether any chunk holds quantised blocks.
-    pub fn is_quantised(&self) -> bool {
-        self.chunks.iter().any(|c| c.quant.is_some())
     }
 
     /// What the matrix is stored as: its dtype, its block type, or the types of its parts

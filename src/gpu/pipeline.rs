@@ -36,8 +36,8 @@ pub enum WeightKind {
     F16Wide,
     /// ggml blocks of a [`QuantType`] in `array<u32>` (the GPU layout of
     /// [`crate::model::quant`]), dequantised in registers; K is a multiple of the block size.
-    /// Besides `_4` and `_1` it declares `{v}_32(b)` (the 32 values of unit b) and
-    /// `{v}_dot32(b, x0, .., x7)` (their dot product with eight vec4, scales applied once),
+    /// Besides `_4` and `_1` it declares `{v}_dot32(b, x0, .., x7)` (unit b of 32 values against
+    /// eight vec4, scales applied once) and the unit accessors of the prefill body,
     /// [`super::quant::declare`].
     Quant(QuantType),
 }
@@ -62,16 +62,6 @@ impl WeightKind {
             WeightKind::F32Wide => "f32wide",
             WeightKind::F16Wide => "f16wide",
             WeightKind::Quant(q) => q.name(),
-        }
-    }
-
-    /// Elements per load of the kind's widest accessor: 8 for the wide kinds (`{v}_8`), 32 for
-    /// the quantised ones (`{v}_32`), else 4.
-    pub fn elems_per_load(self) -> usize {
-        match self {
-            WeightKind::F32Wide | WeightKind::F16Wide => 8,
-            WeightKind::Quant(_) => 32,
-            WeightKind::F32 | WeightKind::F16 | WeightKind::F16Packed => 4,
         }
     }
 
@@ -106,6 +96,17 @@ impl WeightKind {
     /// quantised kinds (a unit's x is eight `x_4` loads).
     pub fn activations(self) -> WeightKind {
         if self.needs_int64() { WeightKind::F32Wide } else { WeightKind::F32 }
+    }
+
+    /// The kind that reads f32 activations (x) alongside weights read as `self` on `ctx`:
+    /// [`WeightKind::activations`], except that quantised weights read x eight values per load
+    /// (`F32Wide`) where the adapter has SHADER_INT64 (a unit's x loads are most of a quantised
+    /// product's loads).
+    pub fn activations_on(self, ctx: &GpuContext) -> WeightKind {
+        match self {
+            WeightKind::Quant(_) if ctx.has_int64() => WeightKind::F32Wide,
+            other => other.activations(),
+        }
     }
 
     /// The dtype of the weights this kind reads (u32 words for the quantised kinds).

@@ -7,8 +7,9 @@ const SOURCE: &str = include_str!("../../shaders/quant.wgsl");
 
 /// WGSL declaring read-only storage `var_name: array<vec4<u32>>` at `binding` holding blocks of `q` in
 /// the GPU layout of [`crate::model::quant`], with the accessors `{v}_4(i) -> vec4<f32>` (values
-/// 4i .. 4i+3), `{v}_1(i) -> f32`, `{v}_32(b) -> {v}_Unit` (the 32 values of unit b as fields
-/// `v0` .. `v7`) and `{v}_dot32(b, x0, .., x7) -> f32`. Shapes: a chunk of `[rows, K]` values,
+/// 4i .. 4i+3), `{v}_1(i) -> f32`, `{v}_dot32(b, x0, .., x7) -> f32` (unit b against eight vec4
+/// of x, scales applied once per half) and the pieces the prefill body uses, `{v}_scales(b)`,
+/// `{v}_words(b)` and `{v}_pair_of(words, i)` (`shaders/quant.wgsl`). Shapes: a chunk of `[rows, K]` values,
 /// K a multiple of the block size, unit b = values `32 b .. 32 b + 32` row-major.
 pub fn declare(q: QuantType, binding: u32, var_name: &str) -> String {
     let mut parts = SOURCE.split("\n//== ");

@@ -77,7 +77,7 @@ pub fn embedding_with_kind(
         if chunk.rows * d > u32::MAX as usize {
             return Err(invalid(label, format!("table chunk {c} is too large")));
         }
-        if chunk.quant.is_some_and(|q| !d.is_multiple_of(q.block_elems())) || chunk.tensor.numel() != chunk.expected_numel(d) {
+        if !chunk.fits(d, table.dtype) {
             return Err(invalid(label, format!("table chunk {c} does not match the table")));
         }
         let pipeline = pipeline(chunk.kind(kind))?;

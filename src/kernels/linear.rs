@@ -169,9 +169,7 @@ impl<'a> LinearOp<'a> {
             return Err(invalid(label, "tensor too large for 32-bit indexing"));
         }
         for c in &w.chunks {
-            let dtype = if c.quant.is_some() { DType::U32 } else { w.dtype };
-            let whole_blocks = c.quant.is_none_or(|q| w.cols.is_multiple_of(q.block_elems()));
-            if c.tensor.dtype != dtype || !whole_blocks || c.tensor.numel() != c.expected_numel(w.cols) {
+            if !c.fits(w.cols, w.dtype) {
                 return Err(invalid(label, format!("chunk at row {} does not match the matrix", c.row0)));
             }
         }

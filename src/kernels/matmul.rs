@@ -129,11 +129,10 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
     let block_of = |kind: WeightKind| if matches!(kind, WeightKind::Quant(_)) { regblock_quant_block(rows) } else { (tm, REGBLOCK_TN) };
     let pipeline = |kind: WeightKind| {
         let (tm, tn) = block_of(kind);
-        // Quantised weights read x eight values per load where the adapter has SHADER_INT64.
-        let (body, x_kind) = match kind {
-            WeightKind::Quant(_) if ctx.has_int64() => (regblock_body_quant(tm, tn, true), WeightKind::F32Wide),
-            WeightKind::Quant(_) => (regblock_body_quant(tm, tn, false), WeightKind::F32),
-            _ => (regblock_body(tm, REGBLOCK_TN, kind.step(k)), kind.activations()),
+        let x_kind = kind.activations_on(ctx);
+        let body = match kind {
+            WeightKind::Quant(_) => regblock_body_quant(tm, tn, x_kind == WeightKind::F32Wide),
+            _ => regblock_body(tm, tn, kind.step(k)),
         };
         let shader = ShaderVariant::new("matmul", SOURCE, entry)
             .define("REGBLOCK_BODY", body)
@@ -194,19 +193,7 @@ pub fn regblock_tm(rows: usize) -> u32 {
 /// [`regblock_body_quant`]), fused multiply-adds, and stores guarded by `t < p.t` and `n < p.n`. Rows past the end are clamped, so every load stays in bounds.
 pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
     use std::fmt::Write;
-    let mut s = String::new();
-    let _ = writeln!(s, "    let steps = p.k / {step}u;");
-    for i in 0..tm {
-        let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps;");
-    }
-    for j in 0..tn {
-        let _ = writeln!(s, "    let wb{j} = min(n0 + {j}u, p.n - 1u) * steps;");
-    }
-    for i in 0..tm {
-        for j in 0..tn {
-            let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
-        }
-    }
+    let mut s = regblock_prologue(tm, tn, step, 1);
     let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
     for i in 0..tm {
         let _ = writeln!(s, "        let x{i} = x_{step}(xb{i} + kk);");
@@ -232,13 +219,7 @@ pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
         }
     }
     let _ = writeln!(s, "    }}");
-    for i in 0..tm {
-        let _ = writeln!(s, "    if (t0 + {i}u < p.t) {{");
-        for j in 0..tn {
-            let _ = writeln!(s, "        if (n0 + {j}u < p.n) {{ store(t0 + {i}u, n0 + {j}u, a{i}_{j}); }}");
-        }
-        let _ = writeln!(s, "    }}");
-    }
+    regblock_stores(&mut s, tm, tn);
     s
 }
 
@@ -252,21 +233,8 @@ pub fn regblock_body(tm: u32, tn: u32, step: usize) -> String {
 /// loads, TM rows of x against TN rows of w.
 pub fn regblock_body_quant(tm: u32, tn: u32, wide_x: bool) -> String {
     use std::fmt::Write;
-    let mut s = String::new();
-    let _ = writeln!(s, "    let steps = p.k / 32u;");
     // x row offsets in loads: eight values per load when wide, else four.
-    let per_unit = if wide_x { 4 } else { 8 };
-    for i in 0..tm {
-        let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps * {per_unit}u;");
-    }
-    for j in 0..tn {
-        let _ = writeln!(s, "    let wb{j} = min(n0 + {j}u, p.n - 1u) * steps;");
-    }
-    for i in 0..tm {
-        for j in 0..tn {
-            let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
-        }
-    }
+    let mut s = regblock_prologue(tm, tn, 32, if wide_x { 4 } else { 8 });
     let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
     for j in 0..tn {
         let _ = writeln!(s, "        let s{j} = w_scales(wb{j} + kk);");
@@ -320,6 +288,35 @@ pub fn regblock_body_quant(tm: u32, tn: u32, wide_x: bool) -> String {
         let _ = writeln!(s, "        }}");
     }
     let _ = writeln!(s, "    }}");
+    regblock_stores(&mut s, tm, tn);
+    s
+}
+
+/// The start of both regblock bodies: `steps` (K over `step`), each x row's offset in x loads
+/// (`loads_per_step` per step of K), each w row's offset in steps (rows past the end clamped) and
+/// the `tm` x `tn` accumulators `a{i}_{j}`.
+fn regblock_prologue(tm: u32, tn: u32, step: usize, loads_per_step: u32) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "    let steps = p.k / {step}u;");
+    let x_scale = if loads_per_step == 1 { String::new() } else { format!(" * {loads_per_step}u") };
+    for i in 0..tm {
+        let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps{x_scale};");
+    }
+    for j in 0..tn {
+        let _ = writeln!(s, "    let wb{j} = min(n0 + {j}u, p.n - 1u) * steps;");
+    }
+    for i in 0..tm {
+        for j in 0..tn {
+            let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
+        }
+    }
+    s
+}
+
+/// The end of both regblock bodies: each accumulator stored, guarded by `t < p.t`, `n < p.n`.
+fn regblock_stores(s: &mut String, tm: u32, tn: u32) {
+    use std::fmt::Write;
     for i in 0..tm {
         let _ = writeln!(s, "    if (t0 + {i}u < p.t) {{");
         for j in 0..tn {
@@ -327,7 +324,6 @@ pub fn regblock_body_quant(tm: u32, tn: u32, wide_x: bool) -> String {
         }
         let _ = writeln!(s, "    }}");
     }
-    s
 }
 
 /// CPU reference: `[rows, n]` = x (`[rows, k]`) times w (`[n, k]`) transposed, plus bias; in f64.

@@ -92,12 +92,11 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         MatvecVariant::Rows => ("matvec_rows", ROWS_WG),
         MatvecVariant::Reduce => ("matvec_reduce", REDUCE_WG),
     };
-    // Quantised weights read x eight values per load where the adapter has SHADER_INT64.
-    let wide_x = |kind: WeightKind| matches!(kind, WeightKind::Quant(_)) && ctx.has_int64();
     let pipeline = |kind: WeightKind| {
+        let x_kind = kind.activations_on(ctx);
         let shader = ShaderVariant::new("matvec", SOURCE, entry)
-            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), wide_x(kind)))
-            .weights("X_DECL", if wide_x(kind) { WeightKind::F32Wide } else { kind.activations() }, 1, "x")
+            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide))
+            .weights("X_DECL", x_kind, 1, "x")
             .weights("W_DECL", kind, 2, "w")
             .define("ALIGNED", aligned)
             .define("QUANT", matches!(kind, WeightKind::Quant(_)))

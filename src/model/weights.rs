@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::{Arch, ModelConfig, gguf_key, hf_key};
 use super::error::ModelError;
-use super::gguf::GgufFile;
+use super::gguf::{GgufFile, GgufTensorInfo};
 use super::names::{LayerTensor, Projection, TensorName, split_layer};
 use super::quant::{HostBlocks, QuantType};
 
@@ -210,6 +210,32 @@ impl GgufWeights {
     pub fn file(&self) -> &GgufFile {
         &self.file
     }
+
+    /// The tensor with canonical name `name`: its name, its GGUF entry and its Hugging Face shape
+    /// (GGUF dims are [ne0 = in, ne1 = out]; the same bytes read row-major are [out, in]),
+    /// checked against the config. Errors: [`ModelError::MissingTensor`],
+    /// [`ModelError::BadTensor`], [`ModelError::ShapeMismatch`].
+    fn lookup(&self, name: &str) -> Result<(TensorName, &GgufTensorInfo, Vec<usize>), ModelError> {
+        let missing = || ModelError::MissingTensor { path: self.file.path.clone(), tensor: name.to_owned() };
+        let canonical = TensorName::parse(name).ok_or_else(missing)?;
+        let gguf_name = canonical.gguf_name();
+        let info = self
+            .file
+            .tensor_info(&gguf_name)
+            .ok_or_else(|| ModelError::MissingTensor { path: self.file.path.clone(), tensor: format!("{name} (GGUF '{gguf_name}')") })?;
+        let found = to_usize_shape(&info.row_major_shape())
+            .ok_or_else(|| ModelError::BadTensor { tensor: name.to_owned(), what: format!("dims {:?} do not fit in usize", info.dims) })?;
+        check_shape(name, &tensor_shape(canonical, &self.config), &found)?;
+        Ok((canonical, info, found))
+    }
+
+    /// The heads whose rows llama.cpp permuted in `t`: llama-style GGUFs only, not qwen2.
+    fn permuted_heads(&self, t: TensorName) -> Option<usize> {
+        match self.config.arch {
+            Arch::Qwen2 => None,
+            Arch::Llama | Arch::Mistral => permuted_heads(t, &self.config),
+        }
+    }
 }
 
 impl WeightSource for GgufWeights {
@@ -218,25 +244,9 @@ impl WeightSource for GgufWeights {
     }
 
     fn get(&self, name: &str) -> Result<HostTensor, ModelError> {
-        let missing = || ModelError::MissingTensor { path: self.file.path.clone(), tensor: name.to_owned() };
-        let canonical = TensorName::parse(name).ok_or_else(missing)?;
-        let gguf_name = canonical.gguf_name();
-        let info = self
-            .file
-            .tensor_info(&gguf_name)
-            .ok_or_else(|| ModelError::MissingTensor { path: self.file.path.clone(), tensor: format!("{name} (GGUF '{gguf_name}')") })?;
-        let expected = tensor_shape(canonical, &self.config);
-        // GGUF dims are [ne0 = in, ne1 = out]; the same bytes read row-major are [out, in].
-        let found = to_usize_shape(&info.row_major_shape())
-            .ok_or_else(|| ModelError::BadTensor { tensor: name.to_owned(), what: format!("dims {:?} do not fit in usize", info.dims) })?;
-        check_shape(name, &expected, &found)?;
-        let mut data = self.file.tensor_f32(&gguf_name)?;
-        // llama.cpp permutes q/k rows for llama-style GGUFs only, not for qwen2.
-        let permuted_heads = match self.config.arch {
-            Arch::Qwen2 => None,
-            Arch::Llama | Arch::Mistral => permuted_heads(canonical, &self.config),
-        };
-        if let Some(n_head) = permuted_heads {
+        let (canonical, info, found) = self.lookup(name)?;
+        let mut data = self.file.tensor_f32(&info.name)?;
+        if let Some(n_head) = self.permuted_heads(canonical) {
             let rows = found.first().copied().unwrap_or(1);
             let cols = found.get(1).copied().unwrap_or(1);
             data = unpermute_qk_rows(name, &data, rows, cols, n_head)?;
@@ -245,31 +255,11 @@ impl WeightSource for GgufWeights {
     }
 
     fn get_blocks(&self, name: &str) -> Result<Option<HostBlocks>, ModelError> {
-        let missing = || ModelError::MissingTensor { path: self.file.path.clone(), tensor: name.to_owned() };
-        let canonical = TensorName::parse(name).ok_or_else(missing)?;
-        let gguf_name = canonical.gguf_name();
-        let info = self
-            .file
-            .tensor_info(&gguf_name)
-            .ok_or_else(|| ModelError::MissingTensor { path: self.file.path.clone(), tensor: format!("{name} (GGUF '{gguf_name}')") })?;
+        let (canonical, info, found) = self.lookup(name)?;
         let Some(ty) = QuantType::from_ggml(info.ggml_type) else { return Ok(None) };
-        let expected = tensor_shape(canonical, &self.config);
-        let found = to_usize_shape(&info.row_major_shape())
-            .ok_or_else(|| ModelError::BadTensor { tensor: name.to_owned(), what: format!("dims {:?} do not fit in usize", info.dims) })?;
-        check_shape(name, &expected, &found)?;
         let [rows, cols] = found[..] else { return Ok(None) };
-        if !cols.is_multiple_of(ty.block_elems()) {
-            return Err(ModelError::BadTensor {
-                tensor: name.to_owned(),
-                what: format!("rows of {cols} values are not whole {}-value {} blocks", ty.block_elems(), info.ggml_type),
-            });
-        }
         let blocks = HostBlocks::new(name, rows, cols, ty, self.file.tensor_bytes(info)?.to_vec())?;
-        let permuted_heads = match self.config.arch {
-            Arch::Qwen2 => None,
-            Arch::Llama | Arch::Mistral => permuted_heads(canonical, &self.config),
-        };
-        Ok(Some(match permuted_heads {
+        Ok(Some(match self.permuted_heads(canonical) {
             None => blocks,
             Some(n_head) => {
                 check_head_rows(name, rows * cols, rows, cols, n_head)?;

@@ -91,11 +91,30 @@ impl WeightDtype {
     /// The default for a model file: `native` when it stores any matrix in a block type a
     /// kernel reads (a quantised GGUF), else `f32`.
     pub fn default_for(source: &dyn WeightSource) -> WeightDtype {
-        let quantised = matrix_names(source.config())
-            .iter()
-            .any(|n| source.storage_type(n).and_then(|t| QuantType::parse(&t.to_ascii_lowercase())).is_some());
+        let quantised = matrix_names(source.config()).iter().any(|n| kernel_type(source, n).is_some());
         if quantised { WeightDtype::Native } else { WeightDtype::Dense(DType::F32) }
     }
+
+    /// The dtype in which loading `source` this way stores the matrices it keeps as values: the
+    /// asked one for f32/f16; f16 for a block type (only a merged LoRA's targets); for `native`,
+    /// f32 when every matrix is stored as F32 or in a block type a kernel reads, else f16.
+    pub fn dense_dtype(self, source: &dyn WeightSource) -> DType {
+        match self {
+            WeightDtype::Dense(d) => d,
+            WeightDtype::Quant(_) => DType::F16,
+            WeightDtype::Native => {
+                let f32_only = matrix_names(source.config())
+                    .iter()
+                    .all(|n| kernel_type(source, n).is_some() || source.storage_type(n).is_none_or(|t| t == "F32"));
+                if f32_only { DType::F32 } else { DType::F16 }
+            }
+        }
+    }
+}
+
+/// The block type a kernel reads in which `source` stores matrix `name`, if any.
+fn kernel_type(source: &dyn WeightSource, name: &str) -> Option<QuantType> {
+    source.storage_type(name).and_then(|t| QuantType::parse(&t))
 }
 
 impl From<DType> for WeightDtype {
@@ -133,15 +152,7 @@ pub fn matrix_names(cfg: &ModelConfig) -> Vec<String> {
 /// that are not whole blocks).
 pub fn estimate_matrix_bytes(source: &dyn WeightSource, dtype: WeightDtype) -> Option<(u64, u64)> {
     let cfg = source.config();
-    let kernel_type = |name: &str| source.storage_type(name).and_then(|t| QuantType::parse(&t.to_ascii_lowercase()));
-    let dense = match dtype {
-        WeightDtype::Dense(d) => d,
-        WeightDtype::Quant(_) => DType::F16,
-        WeightDtype::Native => {
-            let f32_only = matrix_names(cfg).iter().all(|n| kernel_type(n).is_some() || source.storage_type(n).is_none_or(|t| t == "F32"));
-            if f32_only { DType::F32 } else { DType::F16 }
-        }
-    };
+    let dense = dtype.dense_dtype(source);
     let blocks = |q: QuantType, rows: u64, cols: u64| -> Option<u64> {
         let be = q.block_elems() as u64;
         let n = usize::try_from(rows.checked_mul(cols / be)?).ok()?;
@@ -149,10 +160,10 @@ pub fn estimate_matrix_bytes(source: &dyn WeightSource, dtype: WeightDtype) -> O
     };
     let (mut bytes, mut params) = (0u64, 0u64);
     for name in matrix_names(cfg) {
-        let shape = super::super::model::weights::expected_shape(cfg, &name)?;
+        let shape = crate::model::weights::expected_shape(cfg, &name)?;
         let (rows, cols) = (*shape.first()? as u64, *shape.get(1)? as u64);
         let values = rows.checked_mul(cols)?;
-        let b = match (dtype, kernel_type(&name)) {
+        let b = match (dtype, kernel_type(source, &name)) {
             (WeightDtype::Dense(_), _) | (WeightDtype::Native, None) => values.checked_mul(dense.size() as u64)?,
             (WeightDtype::Native, Some(q)) => blocks(q, rows, cols)?,
             (WeightDtype::Quant(q), stored) if stored == Some(q) || matches!(q, QuantType::Q8_0 | QuantType::Q4_0) => {
@@ -224,17 +235,7 @@ impl GpuWeights {
         if let Some((adapter, _)) = lora {
             adapter.check_model(&cfg)?;
         }
-        let dense = match request {
-            WeightDtype::Dense(d) => d,
-            WeightDtype::Quant(_) => DType::F16,
-            WeightDtype::Native => {
-                let stays_f32 = matrix_names(&cfg).iter().all(|n| match source.storage_type(n) {
-                    Some(t) => t == "F32" || QuantType::parse(&t.to_ascii_lowercase()).is_some(),
-                    None => true,
-                });
-                if stays_f32 { DType::F32 } else { DType::F16 }
-            }
-        };
+        let dense = request.dense_dtype(source);
         // Matrix `name` (projection `p` of layer `i` when given), in the form `request` asks
         // for, with the adapter's delta added to a targeted projection.
         let read = |name: &str, proj: Option<(usize, Projection)>| -> Result<HostMatrix, RuntimeError> {
@@ -283,16 +284,8 @@ impl GpuWeights {
             Ok(GpuTensor::from_f32(ctx, &name, &[t.data.len()], &t.data)?)
         };
         let matrix = |label: &str, parts: &[&HostMatrix]| -> Result<GpuMatrix, RuntimeError> {
-            let parts: Vec<MatrixPart> = parts.iter().map(|m| m.part()).collect();
-            Ok(GpuMatrix::upload_parts(ctx, label, parts_cols(&parts), &parts, dense)?)
+            Ok(GpuMatrix::upload_parts(ctx, label, parts[0].cols(), &parts.iter().map(|m| m.part()).collect::<Vec<_>>(), dense)?)
         };
-        fn parts_cols(parts: &[MatrixPart]) -> usize {
-            match parts.first() {
-                Some(MatrixPart::Dense { rows, data }) => data.len() / (*rows).max(1),
-                Some(MatrixPart::Blocks(b)) => b.cols,
-                None => 0,
-            }
-        }
 
         let embed_host = read(&TensorName::EmbedTokens.hf_name(), None)?;
         debug_assert_eq!(embed_host.cols(), d);
