@@ -25,10 +25,13 @@
 //!   (tokenizer, chat template): sampling, stop strings, conversations and the token loop that
 //!   the command line and a server drive. Nothing below depends on it.
 //!
+//! [`eval`] (task data, ROUGE, the runs that compare plans) sits above [`generate`].
+//!
 //! `testdata` (test model and fixture paths) is a leaf any test may use.
 
 #![warn(missing_docs)]
 
+pub mod eval;
 pub mod generate;
 pub mod gpu;
 pub mod kernels;

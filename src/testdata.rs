@@ -54,6 +54,15 @@ pub fn fixtures_dir() -> PathBuf {
     dir
 }
 
+/// The task data (`e2e_nlg/`, `xsum/`, `rouge_cases.json`): `$FIRSTRT_DATA`, else
+/// `../shared/data` beside the checkout. Panics when its `SOURCE.md` is not there.
+pub fn data_dir() -> PathBuf {
+    let dir =
+        std::env::var_os("FIRSTRT_DATA").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"), PathBuf::from);
+    assert!(dir.join("SOURCE.md").is_file(), "task data not found at {} (set FIRSTRT_DATA to it)", dir.display());
+    dir
+}
+
 /// A folder under the system temp dir, removed with its contents when dropped. Its name,
 /// `firstrt-test-{pid}-{tag}-{n}`, is unique to the process and the call, so that tests running
 /// at the same time (threads of one test binary, or several binaries) never share one.

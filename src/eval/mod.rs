@@ -1,0 +1,10 @@
+//! Task evaluation for FiRST: task data (JSONL), scores, and the runs that compare plans.
+//!
+//! - [`data`]: the task files of `../shared/data` (and any file of the same shape): one JSON
+//!   object per line with a user `prompt` and the assistant's `completion` (train) or
+//!   `references` (test).
+//!
+//! This module sits above [`crate::generate`]: it drives sessions and the token loop, and
+//! nothing below depends on it.
+
+pub mod data;
