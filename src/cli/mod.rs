@@ -1,6 +1,7 @@
 //! Command-line parsing and the subcommands.
 
 mod bench;
+mod eval;
 mod generate;
 mod inspect;
 mod profiling;
@@ -45,6 +46,8 @@ enum Command {
     Routers(routers::RoutersArgs),
     /// Prefill and decode speed, time to first token and GPU memory: median of repeats.
     Bench(bench::BenchArgs),
+    /// Score a task (ROUGE or log-likelihood) under several layer plans, with each one's speed.
+    Eval(eval::EvalArgs),
 }
 
 /// Options every command that loads a model shares.
@@ -124,6 +127,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::inspect(args),
         Command::Routers(args) => routers::run(args),
         Command::Bench(args) => bench::run(&gpu, args),
+        Command::Eval(args) => eval::run(&gpu, args),
     }
 }
 

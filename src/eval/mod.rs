@@ -6,10 +6,17 @@
 //! - [`rouge`]: ROUGE-1/2/L/Lsum F-measures as the `rouge-score` package computes them (with
 //!   NLTK's Porter stemmer), and exact match.
 //! - [`stats`]: the mean of per-example scores and its percentile-bootstrap 95% interval.
+//! - [`run`]: one example under one configuration (plan, adapter): generation or
+//!   teacher-forced log-likelihood, timed, scored.
+//! - [`report`]: per-configuration summaries, `results.json` and the Markdown table.
+//! - [`plot`]: the score against decode time per token, as SVG and PNG.
 //!
 //! This module sits above [`crate::generate`]: it drives sessions and the token loop, and
 //! nothing below depends on it.
 
 pub mod data;
+pub mod plot;
+pub mod report;
 pub mod rouge;
+pub mod run;
 pub mod stats;

@@ -95,6 +95,14 @@ pub enum RuntimeError {
     /// A prefill of zero tokens.
     #[error("the prompt is empty: at least one token is needed")]
     EmptyPrompt,
+    /// [`Session::rewind`] to a position the session has not reached.
+    #[error("cannot rewind to position {pos}: the session holds {position} tokens")]
+    RewindPastEnd {
+        /// The position asked for.
+        pos: usize,
+        /// The session's position.
+        position: usize,
+    },
     /// A broken invariant of the runtime itself (a bug, not a user error), e.g. a layer that
     /// runs without its KV cache.
     #[error("internal error (a bug in firstrt): {0}")]

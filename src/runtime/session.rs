@@ -379,6 +379,20 @@ impl Session {
         self.pos
     }
 
+    /// Forget the tokens from position `pos` on, so that the next step writes position `pos`
+    /// (llama.cpp's `llama_memory_seq_rm` for one sequence): the entries past it stay in the
+    /// KV cache but are never read again, because attention reads `kv_len` from the step
+    /// uniform, and later steps overwrite them. The plan, fixed by the first prefill, stays.
+    /// Used to score several continuations of one prompt without prefilling it again.
+    /// Errors: `RewindPastEnd` when `pos` is beyond [`Session::position`].
+    pub fn rewind(&mut self, pos: usize) -> Result<(), RuntimeError> {
+        if pos > self.pos {
+            return Err(RuntimeError::RewindPastEnd { pos, position: self.pos });
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
     /// Context length: the most tokens the KV cache holds.
     pub fn ctx_len(&self) -> usize {
         self.options.ctx_len

@@ -1,0 +1,314 @@
+//! `firstrt eval`: a task scored under several layer plans, with the speed of each.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use firstrt::eval::data::{TaskExample, load_task};
+use firstrt::eval::plot::{PlotPoint, write_plot};
+use firstrt::eval::report::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ConfigSummary, example_json, markdown_table};
+use firstrt::eval::run::{EvalConfig, ExampleResult, GENERATE_METRICS, LOGLIK_METRICS, PlanChoice, ScoreMode, evaluate_example};
+use firstrt::gpu::GpuOptions;
+use firstrt::model::open_model;
+use firstrt::runtime::PlanPolicyArgs;
+
+use super::{ModelArgs, load_model};
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreKind {
+    /// Greedy generation scored with ROUGE-1/2/L/Lsum and exact match.
+    Rouge,
+    /// Mean negative log-likelihood of the references under teacher forcing (no generation).
+    Loglik,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Task file: JSONL rows {"id", "prompt", "references": [...]} (or "completion").
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Evaluate only the first N examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Generation budget per example.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = ScoreKind::Rouge)]
+    pub score: ScoreKind,
+    /// ROUGE without the Porter stemmer (rouge-score's use_stemmer=False).
+    #[arg(long)]
+    pub no_stemmer: bool,
+    /// A FiRST router file; each of --thresholds is one configuration.
+    #[arg(long)]
+    pub routers: Option<PathBuf>,
+    /// Router thresholds to evaluate (default: the file's own).
+    #[arg(long, value_delimiter = ',', requires = "routers")]
+    pub thresholds: Vec<f32>,
+    /// One static plan: skip these layers (0-based, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub skip_layers: Vec<usize>,
+    /// A PEFT LoRA adapter: every configuration is evaluated without and with it (unmerged).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// The adapter's user scale S: W + S (alpha / r) B A.
+    #[arg(long, default_value_t = 1.0, requires = "lora")]
+    pub lora_scale: f32,
+    /// Print the whole results JSON on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write results.json, results.md, plot.svg and plot.png into this folder (created if
+    /// missing; the files appear only when the evaluation has finished).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `--out`: checked before any work: an existing folder, or a new one whose parent exists and
+/// is writable.
+fn check_out_dir(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() && !m.permissions().readonly() => Ok(()),
+        Ok(m) if m.is_dir() => bail!("--out {}: the folder is read-only", dir.display()),
+        Ok(_) => bail!("--out {}: exists and is not a folder", dir.display()),
+        Err(_) => super::check_output("--out", dir),
+    }
+}
+
+/// The result files of `--out`, written so that none appears half-written and a failure leaves
+/// the folder as it was: each file goes to a hidden temporary name in the folder first (the
+/// folder is created if missing), and only when all are written are they renamed into place.
+struct OutFiles {
+    dir: PathBuf,
+    created: bool,
+    pending: Vec<(PathBuf, PathBuf)>,
+}
+
+impl OutFiles {
+    fn new(dir: &Path) -> Result<OutFiles> {
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir).with_context(|| format!("--out {}: creating the folder", dir.display()))?;
+        Ok(OutFiles { dir: dir.to_path_buf(), created, pending: Vec::new() })
+    }
+
+    /// The temporary path for `name`, to be renamed to `dir/name` by `commit`.
+    fn stage(&mut self, name: &str) -> PathBuf {
+        // The extension stays last: plotters picks the image format by it.
+        let tmp = self.dir.join(format!(".tmp-{}-{name}", std::process::id()));
+        self.pending.push((tmp.clone(), self.dir.join(name)));
+        tmp
+    }
+
+    fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let tmp = self.stage(name);
+        std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))
+    }
+
+    fn commit(mut self) -> Result<()> {
+        for (tmp, path) in std::mem::take(&mut self.pending) {
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OutFiles {
+    /// Not committed: remove what was staged, and the folder if this run created it.
+    fn drop(&mut self) {
+        for (tmp, _) in &self.pending {
+            let _ = std::fs::remove_file(tmp);
+        }
+        if self.created && !self.pending.is_empty() {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+impl EvalArgs {
+    /// Everything that can be checked before the model loads.
+    fn check(&self) -> Result<()> {
+        if self.limit == Some(0) {
+            bail!("--limit 0: at least one example is needed");
+        }
+        if self.max_tokens == 0 && self.score == ScoreKind::Rouge {
+            bail!("--max-tokens 0: nothing would be generated");
+        }
+        for &t in &self.thresholds {
+            if !(0.0..=1.0).contains(&t) {
+                bail!("--thresholds {t} is outside the allowed range 0..=1");
+            }
+        }
+        if !self.lora_scale.is_finite() {
+            bail!("--lora-scale {} is not a finite number", self.lora_scale);
+        }
+        if let Some(dir) = &self.out {
+            check_out_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    fn mode(&self) -> ScoreMode {
+        match self.score {
+            ScoreKind::Rouge => ScoreMode::Generate { max_tokens: self.max_tokens, stemmer: !self.no_stemmer },
+            ScoreKind::Loglik => ScoreMode::LogLik,
+        }
+    }
+}
+
+/// The plans to evaluate, labelled, without adapters: the full model, the static skip list
+/// (checked against the model), then the routers at each threshold.
+fn plans(args: &EvalArgs, model: &firstrt::runtime::LoadedModel, static_skip: Option<&[usize]>) -> Result<Vec<(String, PlanChoice)>> {
+    let mut plans = vec![("full".to_string(), PlanChoice::Full)];
+    if let Some(layers) = static_skip {
+        let label = format!("skip {}", layers.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
+        plans.push((label, PlanChoice::Skip(layers.to_vec())));
+    }
+    if let Some(path) = &args.routers {
+        let (_, routing) = model.load_routers(path, &PlanPolicyArgs::default()).with_context(|| format!("loading {}", path.display()))?;
+        let thresholds = if args.thresholds.is_empty() { vec![routing.policy.threshold] } else { args.thresholds.clone() };
+        for t in thresholds {
+            plans.push((format!("routers {t}"), PlanChoice::Routed(EvalConfig::with_threshold(&routing, t))));
+        }
+    }
+    Ok(plans)
+}
+
+pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
+    args.check()?;
+    let mut examples: Vec<TaskExample> = load_task(&args.data)?;
+    examples.truncate(args.limit.unwrap_or(usize::MAX));
+    let config = open_model(&args.model.model).with_context(|| format!("loading {}", args.model.model.display()))?.config().clone();
+    let ctx_len = super::context_len(&config, args.model.ctx)?;
+    let skip_layers = match args.skip_layers.as_slice() {
+        [] => None,
+        list => {
+            let mut layers = list.to_vec();
+            layers.sort_unstable();
+            layers.dedup();
+            if let Some(&bad) = layers.iter().find(|&&l| l >= config.n_layers) {
+                bail!("--skip-layers {bad}: the model has {} layers (0..{})", config.n_layers, config.n_layers - 1);
+            }
+            Some(layers)
+        }
+    };
+    let (_ctx, model) = load_model(gpu, &args.model, None)?;
+    if let Some(Err(e)) = &model.template {
+        bail!("{}: {e}", args.model.model.display());
+    }
+    let lora = match &args.lora {
+        Some(dir) => Some((model.load_lora(dir).with_context(|| format!("loading the LoRA adapter {}", dir.display()))?, args.lora_scale)),
+        None => None,
+    };
+    let mut configs = Vec::new();
+    for (label, plan) in plans(&args, &model, skip_layers.as_deref())? {
+        configs.push(EvalConfig { label: label.clone(), plan: plan.clone(), lora: None });
+        if let Some(l) = &lora {
+            configs.push(EvalConfig { label: format!("{label} + lora"), plan, lora: Some(l.clone()) });
+        }
+    }
+    let mode = args.mode();
+    let names: &[&str] = match mode {
+        ScoreMode::Generate { .. } => &GENERATE_METRICS,
+        ScoreMode::LogLik => &LOGLIK_METRICS,
+    };
+
+    let bar = indicatif::ProgressBar::new((configs.len() * examples.len()) as u64);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    // Examples outer, configurations inner: a change of machine load between the start and
+    // the end of the run touches every configuration alike.
+    let mut results: Vec<Vec<ExampleResult>> = vec![Vec::with_capacity(examples.len()); configs.len()];
+    for (i, example) in examples.iter().enumerate() {
+        for (c, config) in configs.iter().enumerate() {
+            bar.set_message(format!("{} · example {}/{}", config.label, i + 1, examples.len()));
+            let r = evaluate_example(&model, config, example, mode, ctx_len).with_context(|| {
+                format!("{}:{} (id {}), configuration '{}'", args.data.display(), example.line, example.id, config.label)
+            })?;
+            results[c].push(r);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+
+    let summaries: Vec<ConfigSummary> = configs.iter().zip(&results).map(|(c, r)| ConfigSummary::new(&c.label, names, r)).collect();
+    let table = markdown_table(&summaries);
+    let json = serde_json::json!({
+        "model": args.model.model.display().to_string(),
+        "dtype": model.weights.format_summary(),
+        "adapter": model.weights.ctx.info.name,
+        "data": args.data.display().to_string(),
+        "examples": examples.len(),
+        "score": match mode { ScoreMode::Generate { .. } => "rouge", ScoreMode::LogLik => "loglik" },
+        "max_tokens": args.max_tokens,
+        "stemmer": !args.no_stemmer,
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "interval": 0.95},
+        "lora": args.lora.as_ref().map(|d| serde_json::json!({"dir": d.display().to_string(), "scale": args.lora_scale})),
+        "configurations": configs.iter().zip(&summaries).zip(&results).map(|((c, s), r)| {
+            let mut v = s.to_json();
+            v["lora"] = serde_json::json!(c.lora.is_some());
+            v["plan"] = match &c.plan {
+                PlanChoice::Full => serde_json::json!({"kind": "full"}),
+                PlanChoice::Skip(l) => serde_json::json!({"kind": "static", "skip_layers": l}),
+                PlanChoice::Routed(routing) => serde_json::json!({"kind": "routers", "threshold": routing.policy.threshold}),
+            };
+            v["per_example"] = r.iter().map(|e| example_json(names, e)).collect();
+            v
+        }).collect::<Vec<_>>(),
+    });
+    if args.json {
+        println!("{json}");
+    } else {
+        print!("{table}");
+    }
+    if let Some(dir) = &args.out {
+        let (metric, scale, y_label) = match mode {
+            ScoreMode::Generate { .. } => ("rougeLsum", 100.0, "ROUGE-Lsum F (%)"),
+            ScoreMode::LogLik => ("nll", 1.0, "NLL of the references (nats/token)"),
+        };
+        let points: Vec<PlotPoint> = summaries
+            .iter()
+            .filter_map(|s| {
+                let m = s.metric(metric)?;
+                Some(PlotPoint {
+                    label: s.label.clone(),
+                    x: s.decode_ms_per_token,
+                    y: scale * m.mean,
+                    low: scale * m.ci_low,
+                    high: scale * m.ci_high,
+                })
+            })
+            .collect();
+        let title = format!(
+            "{} · {} examples · {}",
+            args.data.file_name().map_or_else(|| args.data.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            examples.len(),
+            args.model.model.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        );
+        let mut out = OutFiles::new(dir)?;
+        let (svg, png) = (out.stage("plot.svg"), out.stage("plot.png"));
+        write_plot(&points, &title, y_label, &svg, &png)?;
+        let md = format!(
+            "# {title}\n\n{}, {} examples, {}, dtype {}, adapter {}.\n\n{table}",
+            args.data.display(),
+            examples.len(),
+            match mode {
+                ScoreMode::Generate { max_tokens, stemmer } => {
+                    format!("greedy, at most {max_tokens} tokens, ROUGE F-measure (%) with{} stemming", if stemmer { "" } else { "out" })
+                }
+                ScoreMode::LogLik => "teacher-forced NLL of the references".into(),
+            },
+            model.weights.format_summary(),
+            model.weights.ctx.info.name
+        );
+        out.write("results.json", &serde_json::to_vec_pretty(&json)?)?;
+        out.write("results.md", md.as_bytes())?;
+        out.commit()?;
+        eprintln!("wrote results.json, results.md, plot.svg and plot.png into {}", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! `firstrt eval` as a user runs it, and the teacher-forced log-likelihood it computes.
+
+mod common;
+
+use std::process::Command;
+
+use firstrt::eval::data::{TaskExample, load_task};
+use firstrt::eval::rouge::rouge;
+use firstrt::eval::run::{EvalConfig, PlanChoice, ScoreMode, evaluate_example, negative_log_likelihood, prompt_ids};
+use firstrt::gpu::DType;
+use firstrt::runtime::{LayerPlan, Session, SessionOptions};
+use firstrt::testdata::{TempDir, data_dir, model_path};
+
+fn firstrt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_firstrt"))
+}
+
+fn output(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("running firstrt");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn eval_cmd(data: &std::path::Path) -> Command {
+    let mut cmd = firstrt();
+    cmd.arg("eval").arg("-m").arg(model_path()).arg("--data").arg(data);
+    cmd
+}
+
+#[test]
+fn eval_greedy_outputs_equal_run_chat_and_files_are_written() {
+    let data = data_dir().join("e2e_nlg/test.jsonl");
+    let dir = TempDir::new("eval-cli");
+    let out_dir = dir.join("out");
+    let (ok, stdout, stderr) =
+        output(eval_cmd(&data).args(["--limit", "3", "--max-tokens", "12", "--skip-layers", "14,13", "--json", "--out"]).arg(&out_dir));
+    assert!(ok, "{stderr}");
+    let results: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object on stdout");
+    let configs = results["configurations"].as_array().unwrap();
+    assert_eq!(configs.iter().map(|c| c["label"].as_str().unwrap()).collect::<Vec<_>>(), ["full", "skip 13,14"]);
+    assert_eq!(configs[1]["layers_skipped"]["mean"], 2.0);
+    let examples = load_task(&data).unwrap();
+    for (i, example) in examples.iter().take(3).enumerate() {
+        // the same prompt through `run --chat`, greedy, the same budget
+        let (ok, run_out, run_err) = output(firstrt().arg("run").arg("-m").arg(model_path()).args([
+            "--chat",
+            "-p",
+            &example.prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--json",
+        ]));
+        assert!(ok, "{run_err}");
+        let run: serde_json::Value = serde_json::from_str(run_out.trim()).unwrap();
+        let got = &configs[0]["per_example"][i];
+        assert_eq!(got["id"], example.id.as_str());
+        assert_eq!(got["text"], run["text"], "example {}", example.id);
+        assert_eq!(got["tokens"], serde_json::json!(run["generated_ids"].as_array().unwrap().len()));
+        let text = got["text"].as_str().unwrap();
+        let want = rouge(text, &example.references, true);
+        assert!((got["scores"]["rougeLsum"].as_f64().unwrap() - want.rouge_lsum).abs() < 1e-12);
+        assert!((got["scores"]["rouge1"].as_f64().unwrap() - want.rouge1).abs() < 1e-12);
+        assert_eq!(configs[1]["per_example"][i]["skipped_layers"], serde_json::json!([13, 14]));
+    }
+    let summary = &configs[0]["metrics"]["rougeLsum"];
+    let (mean, low, high) = (summary["mean"].as_f64().unwrap(), summary["ci95"][0].as_f64().unwrap(), summary["ci95"][1].as_f64().unwrap());
+    assert!(low <= mean && mean <= high, "{summary}");
+    assert!(configs[0]["decode_ms_per_token"].as_f64().unwrap() > 0.0);
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(written, results);
+    let md = std::fs::read_to_string(out_dir.join("results.md")).unwrap();
+    assert!(md.contains("| skip 13,14 | 2.0 [2–2] |"), "{md}");
+    assert!(std::fs::read_to_string(out_dir.join("plot.svg")).unwrap().contains("skip 13,14"));
+    assert_eq!(&std::fs::read(out_dir.join("plot.png")).unwrap()[..4], b"\x89PNG");
+    // nothing else (no temporary file) is left in the folder
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 4);
+}
+
+#[test]
+fn bad_eval_input_is_one_clear_line_and_nothing_is_written() {
+    let dir = TempDir::new("eval-bad");
+    let out_dir = dir.join("out");
+    let good = "{\"id\": \"a\", \"prompt\": \"Say hi.\", \"references\": [\"Hi.\"]}\n";
+    let cases: Vec<(&str, String, Vec<&str>, &str)> = vec![
+        ("broken.jsonl", format!("{good}{{\"prompt\": \"x\"\n"), vec![], "broken.jsonl:2: not a JSON object"),
+        ("noprompt.jsonl", format!("{good}{good}{{\"references\": [\"x\"]}}\n"), vec![], "noprompt.jsonl:3: the row has no \"prompt\""),
+        ("norefs.jsonl", "{\"prompt\": \"x\"}\n".into(), vec![], "norefs.jsonl:1: the row has neither \"references\" nor \"completion\""),
+        ("empty.jsonl", "\n".into(), vec![], "empty.jsonl: the file has no examples"),
+        (
+            "ok.jsonl",
+            good.into(),
+            vec!["--routers", "r.safetensors", "--thresholds", "0.5,1.5"],
+            "--thresholds 1.5 is outside the allowed range 0..=1",
+        ),
+        ("ok.jsonl", good.into(), vec!["--limit", "0"], "--limit 0"),
+        ("ok.jsonl", good.into(), vec!["--skip-layers", "30"], "--skip-layers 30: the model has 30 layers"),
+        ("ok.jsonl", good.into(), vec!["--routers", "missing.safetensors"], "missing.safetensors"),
+    ];
+    for (name, text, flags, want) in cases {
+        let data = dir.join(name);
+        std::fs::write(&data, text).unwrap();
+        let (ok, _, stderr) = output(eval_cmd(&data).args(&flags).arg("--out").arg(&out_dir));
+        assert!(!ok, "{name} {flags:?} should fail");
+        assert!(stderr.contains(want), "{name} {flags:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "one error line: {stderr}");
+        assert!(!out_dir.exists(), "{name} {flags:?} left {}", out_dir.display());
+    }
+    // --out naming a file
+    let data = dir.join("ok.jsonl");
+    let (ok, _, stderr) = output(eval_cmd(&data).arg("--out").arg(&data));
+    assert!(!ok && stderr.contains("exists and is not a folder"), "{stderr}");
+    let (ok, _, stderr) = output(eval_cmd(&data).arg("--out").arg(dir.join("no/such/dir")));
+    assert!(!ok && stderr.contains("its folder does not exist"), "{stderr}");
+}
+
+/// The reference's tokens as `(prompt ++ reference)` prefilled at once predicts them, one
+/// prefill per prefix: the definition that teacher forcing through decode steps must match.
+fn nll_by_prefill(model: &firstrt::runtime::LoadedModel, prompt: &[u32], reference: &[u32]) -> f64 {
+    let mut total = 0.0;
+    for k in 0..reference.len() {
+        let mut ids = prompt.to_vec();
+        ids.extend_from_slice(&reference[..k]);
+        let mut s = Session::new(&model.weights, SessionOptions { ctx_len: 256, candidates: 1 }, LayerPlan::full(30)).unwrap();
+        s.prefill(&ids).unwrap();
+        total += negative_log_likelihood(&s.read_logits().unwrap(), reference[k]);
+    }
+    total / reference.len() as f64
+}
+
+#[test]
+fn teacher_forced_log_likelihood_matches_prefill_and_rewinds() {
+    let model = common::model(DType::F32);
+    let reference = "The Eagle is a cheap coffee shop.".to_string();
+    let example = TaskExample { id: "x".into(), prompt: "Describe the Eagle.".into(), references: vec![reference.clone()], line: 1 };
+    let config = EvalConfig { label: "full".into(), plan: PlanChoice::Full, lora: None };
+    let one = evaluate_example(&model, &config, &example, ScoreMode::LogLik, 256).unwrap();
+    let prompt = prompt_ids(&model, &example).unwrap();
+    let ref_ids = model.text_ids(&reference).unwrap();
+    let want = nll_by_prefill(&model, &prompt, &ref_ids);
+    assert!((one.scores[0] - want).abs() < 2e-3, "decode {} vs prefill {want}", one.scores[0]);
+    assert_eq!((one.tokens, one.decode_steps), (ref_ids.len(), ref_ids.len() - 1));
+    // a second, different reference before it: the session rewinds to the prompt each time
+    let two = TaskExample { references: vec!["Nothing at all here, really.".into(), reference], ..example.clone() };
+    let r = evaluate_example(&model, &config, &two, ScoreMode::LogLik, 256).unwrap();
+    let first =
+        evaluate_example(&model, &config, &TaskExample { references: vec![two.references[0].clone()], ..example }, ScoreMode::LogLik, 256)
+            .unwrap();
+    assert!(
+        (r.scores[0] - (first.scores[0] + one.scores[0]) / 2.0).abs() < 1e-4,
+        "{} vs {} {}",
+        r.scores[0],
+        first.scores[0],
+        one.scores[0]
+    );
+}
