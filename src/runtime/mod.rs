@@ -1,7 +1,8 @@
 //! Running a model: weights on the GPU, sessions (one per sequence), the step builder, the KV
-//! cache, the layer plan, the routed prefill and profiling. The token loop, sampling and text
+//! cache, the layer plan, the routed prefill, block influence for static plans and profiling. The token loop, sampling and text
 //! are in [`crate::generate`].
 
+pub mod calibration;
 pub mod kv_cache;
 pub mod loaded;
 pub mod lora;
