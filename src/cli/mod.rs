@@ -5,6 +5,7 @@ mod generate;
 mod inspect;
 mod profiling;
 mod routers;
+mod static_plan;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,6 +46,9 @@ enum Command {
     Routers(routers::RoutersArgs),
     /// Prefill and decode speed, time to first token and GPU memory: median of repeats.
     Bench(bench::BenchArgs),
+    /// ShortGPT's block influence of every layer over calibration rows, and the static plan
+    /// skipping the N least influential layers (printed, or saved as a router file).
+    StaticPlan(static_plan::StaticPlanArgs),
 }
 
 /// Options every command that loads a model shares.
@@ -124,6 +128,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::inspect(args),
         Command::Routers(args) => routers::run(args),
         Command::Bench(args) => bench::run(&gpu, args),
+        Command::StaticPlan(args) => static_plan::run(&gpu, args),
     }
 }
 
