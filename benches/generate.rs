@@ -42,8 +42,8 @@ fn prefill_seconds(model: &LoadedModel, routers: Option<&std::path::Path>, ids: 
     let n = model.weights.config.n_layers;
     let mut s = match routers {
         Some(path) => {
-            let (_, routing) = model.load_routers(path, &Default::default()).expect("router file");
-            Session::with_routers(&model.weights, options, routing).expect("session")
+            let (_, plan) = model.load_routers(path, &Default::default()).expect("router file");
+            plan.session(&model.weights, options).expect("session")
         }
         None => Session::new(&model.weights, options, LayerPlan::full(n)).expect("session"),
     };

@@ -471,3 +471,76 @@ fn chat_lora_command_with_a_missing_folder_says_so_once() {
     assert_eq!(lines.len(), 1, "{stderr}");
     assert_eq!(lines[0].matches("/nonexistent-adapter").count(), 1, "the cause once: {stderr}");
 }
+
+/// `static-plan` over two calibration rows: per-layer BI, the skipped layers (never the first
+/// or last) and a router file that `run --routers` runs as the same plan as `--skip-layers`.
+#[test]
+fn static_plan_writes_a_router_file_that_run_takes() {
+    let dir = TempDir::new("cli-static-plan");
+    let out = dir.join("plan.safetensors");
+    let train = firstrt::testdata::data_dir().join("e2e_nlg/train.jsonl");
+    let (stdout, _) = run_ok(
+        firstrt()
+            .arg("static-plan")
+            .arg("-m")
+            .arg(model_path())
+            .arg("--calibration")
+            .arg(&train)
+            .args(["--skip", "3", "--limit", "2", "--json", "--out"])
+            .arg(&out),
+    );
+    let plan: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object on stdout");
+    let bi: Vec<f64> = serde_json::from_value(plan["block_influence"].clone()).unwrap();
+    let skipped: Vec<usize> = serde_json::from_value(plan["skipped_layers"].clone()).unwrap();
+    assert_eq!((bi.len(), plan["rows"].as_u64(), skipped.len()), (30, Some(2), 3), "{plan}");
+    assert!(plan["tokens"].as_u64().unwrap() > 40 && bi.iter().all(|b| b.is_finite()), "{plan}");
+    assert!(skipped.iter().all(|&l| l > 0 && l < 29), "first and last kept: {skipped:?}");
+    let lowest = (1..29).filter(|l| !skipped.contains(l)).map(|l| bi[l]).fold(f64::INFINITY, f64::min);
+    assert!(skipped.iter().all(|&l| bi[l] <= lowest), "the lowest BI are skipped: {plan}");
+    let list = plan["skip_layers"].as_str().unwrap().to_string();
+    assert_eq!(list, skipped.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(","));
+
+    let generate = |plan_flags: &[&str]| -> serde_json::Value {
+        let (stdout, _) = run_ok(
+            firstrt()
+                .arg("run")
+                .arg("-m")
+                .arg(model_path())
+                .args(["--prompt-ids", "1,9690,25,1352,314,253", "--temperature", "0", "--max-tokens", "6", "--json"])
+                .args(plan_flags),
+        );
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let from_file = generate(&["--routers", out.to_str().unwrap()]);
+    let from_list = generate(&["--skip-layers", &list]);
+    assert_eq!(from_file["generated_ids"], from_list["generated_ids"]);
+    assert_eq!(from_file["skipped_layers"], serde_json::json!(skipped));
+    assert_eq!((from_file["plan"].as_str(), from_list["plan"].as_str()), (Some("static"), Some("static")));
+
+    let err = refused(firstrt().arg("run").arg("-m").arg(model_path()).args(["-p", "hi", "--min-skip", "2", "--routers"]).arg(&out));
+    assert!(err.contains("static plan") && err.contains("--min-skip") && err.contains(&list), "{err}");
+}
+
+/// `static-plan` refuses what it cannot do before the model loads: too many layers to skip
+/// (naming --skip and the limit), an output folder that does not exist, no rows, a broken
+/// calibration file (naming file and line).
+#[test]
+fn static_plan_refuses_bad_input() {
+    let dir = TempDir::new("cli-static-plan-bad");
+    let train = firstrt::testdata::data_dir().join("e2e_nlg/train.jsonl");
+    let broken = dir.join("broken.jsonl");
+    std::fs::write(&broken, "{\"prompt\": \"a\", \"completion\": \"b\"}\nnot json\n").unwrap();
+    let cases: [(&[&str], &std::path::Path, &[&str]); 5] = [
+        (&["--skip", "29"], &train, &["--skip 29", "28", "--skip-first-last"]),
+        (&["--skip", "31", "--skip-first-last"], &train, &["--skip 31", "30"]),
+        (&["--skip", "3", "--out", "/nonexistent-dir/p.safetensors"], &train, &["--out", "/nonexistent-dir"]),
+        (&["--skip", "3", "--limit", "0"], &train, &["--limit"]),
+        (&["--skip", "3"], &broken, &["broken.jsonl:2"]),
+    ];
+    for (flags, calibration, wants) in cases {
+        let err = refused(
+            firstrt().arg("static-plan").arg("-m").arg(model_path()).arg("--calibration").arg(calibration).args(flags).arg("--json"),
+        );
+        assert!(wants.iter().all(|w| err.contains(w)), "{flags:?}: {err}");
+    }
+}

@@ -6,9 +6,9 @@ use std::process::Command;
 
 use firstrt::eval::data::{TaskExample, load_task};
 use firstrt::eval::rouge::rouge;
-use firstrt::eval::run::{EvalConfig, PlanChoice, ScoreMode, evaluate_example, negative_log_likelihood, prompt_ids};
+use firstrt::eval::run::{EvalConfig, ScoreMode, evaluate_example, negative_log_likelihood, prompt_ids};
 use firstrt::gpu::DType;
-use firstrt::runtime::{LayerPlan, Session, SessionOptions};
+use firstrt::runtime::{LayerPlan, PlanChoice, Session, SessionOptions};
 use firstrt::testdata::{TempDir, data_dir, model_path};
 
 fn firstrt() -> Command {
@@ -96,11 +96,14 @@ fn bad_eval_input_is_one_clear_line_and_nothing_is_written() {
         ("ok.jsonl", good.into(), vec!["--limit", "0"], "--limit 0"),
         ("ok.jsonl", good.into(), vec!["--skip-layers", "30"], "--skip-layers 30: the model has 30 layers"),
         ("ok.jsonl", good.into(), vec!["--routers", "missing.safetensors"], "missing.safetensors"),
+        ("ok.jsonl", good.into(), vec!["--static-skip", "29", "--calibration", "ok.jsonl"], "--static-skip 29 is more than the 28 layers"),
+        ("ok.jsonl", good.into(), vec!["--static-skip", "2", "--calibration", "missing.jsonl"], "missing.jsonl"),
+        ("ok.jsonl", good.into(), vec!["--static-skip", "2", "--calibration", "empty.jsonl"], "empty.jsonl: the file has no examples"),
     ];
     for (name, text, flags, want) in cases {
         let data = dir.join(name);
         std::fs::write(&data, text).unwrap();
-        let (ok, _, stderr) = output(eval_cmd(&data).args(&flags).arg("--out").arg(&out_dir));
+        let (ok, _, stderr) = output(eval_cmd(&data).current_dir(&dir.path).args(&flags).arg("--out").arg(&out_dir));
         assert!(!ok, "{name} {flags:?} should fail");
         assert!(stderr.contains(want), "{name} {flags:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
@@ -134,7 +137,7 @@ fn teacher_forced_log_likelihood_matches_prefill_and_rewinds() {
     let model = common::model(DType::F32);
     let reference = "The Eagle is a cheap coffee shop.".to_string();
     let example = TaskExample { id: "x".into(), prompt: "Describe the Eagle.".into(), references: vec![reference.clone()], line: 1 };
-    let config = EvalConfig { label: "full".into(), plan: PlanChoice::Full, lora: None };
+    let config = EvalConfig { label: "full".into(), plan: PlanChoice::Static(LayerPlan::full(30)), lora: None };
     let one = evaluate_example(&model, &config, &example, ScoreMode::LogLik, 256).unwrap();
     let prompt = prompt_ids(&model, &example).unwrap();
     let ref_ids = model.text_ids(&reference).unwrap();

@@ -1,6 +1,7 @@
 //! FiRST layer skipping end to end: router files with known weights give the expected plans
 //! (threshold, budgets, first/last rule), a router for another model is rejected, routers that
-//! keep every layer change nothing, and a decode step encodes only the kept layers.
+//! keep every layer change nothing, a decode step encodes only the kept layers, and a static
+//! plan's router file runs as that static plan.
 
 mod common;
 
@@ -10,7 +11,7 @@ use common::{cases, greedy, model};
 use firstrt::gpu::DType;
 use firstrt::model::routers::{RouterFile, model_identity};
 use firstrt::runtime::plan::{PlanPolicy, decide_plan};
-use firstrt::runtime::{LayerPlan, LoadedModel, PlanPolicyArgs, Session, SessionOptions};
+use firstrt::runtime::{LayerPlan, LoadedModel, PlanChoice, PlanPolicyArgs, RuntimeError, Session, SessionOptions};
 use firstrt::testdata::TempDir;
 
 const OPTIONS: SessionOptions = SessionOptions { ctx_len: 256, candidates: 1 };
@@ -29,8 +30,9 @@ fn router_file(model: &LoadedModel, biases: &[f32], dir: &TempDir) -> PathBuf {
 }
 
 fn routed(model: &LoadedModel, path: &Path, policy: PlanPolicyArgs) -> Session {
-    let (_, routing) = model.load_routers(path, &policy).unwrap();
-    Session::with_routers(&model.weights, OPTIONS, routing).unwrap()
+    let (_, plan) = model.load_routers(path, &policy).unwrap();
+    assert!(!plan.is_static());
+    plan.session(&model.weights, OPTIONS).unwrap()
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -196,4 +198,53 @@ fn sessions_with_different_plans_coexist() {
     }
     assert_eq!(ia, a.greedy_ids[..6]);
     assert_eq!(ib, b.greedy_ids[..6]);
+}
+
+/// A static plan's router file (`static-plan --out`) runs as that plan: nothing skipped gives
+/// the full model's greedy tokens, 12,13,14 those of `--skip-layers 12,13,14` (both equal to
+/// transformers'), with no router run and the KV cache of the kept layers only.
+#[test]
+fn a_static_plan_file_runs_as_its_plan() {
+    let model = model(DType::F32);
+    let identity = model_identity(model.source.as_ref()).unwrap();
+    let dir = TempDir::new("routers-static");
+    let all = cases();
+    for (skip, case) in [(vec![], "short8_raw"), (vec![12, 13, 14], "long_story_skip_12_13_14")] {
+        let case = all.iter().find(|c| c.name == case).unwrap();
+        assert_eq!(case.skip_layers, skip);
+        let path = dir.join("static.safetensors");
+        RouterFile::static_plan(&identity, &skip).unwrap().save(&path).unwrap();
+        let (file, choice) = model.load_routers(&path, &PlanPolicyArgs::default()).unwrap();
+        assert_eq!(file.static_skip.as_deref(), Some(&skip[..]));
+        let PlanChoice::Static(plan) = &choice else { panic!("a static file must give a static plan") };
+        assert_eq!(plan.skipped_layers(), skip);
+        let mut s = choice.session(&model.weights, OPTIONS).unwrap();
+        let ids = greedy(&mut s, &case.prompt_ids, case.greedy_ids.len());
+        assert_eq!(ids, case.greedy_ids, "static file skipping {skip:?}");
+        assert!(s.router_probs().iter().all(Option::is_none), "no router ran");
+        let mut fixed = Session::new(&model.weights, OPTIONS, LayerPlan::skipping(30, &skip).unwrap()).unwrap();
+        greedy(&mut fixed, &case.prompt_ids, 1);
+        assert_eq!(s.kv_bytes(), fixed.kv_bytes(), "the KV cache of the kept layers only");
+    }
+}
+
+/// A threshold or budget with a static plan's file is refused, naming the file and the option.
+#[test]
+fn a_static_plan_file_refuses_thresholds_and_budgets() {
+    let model = model(DType::F32);
+    let identity = model_identity(model.source.as_ref()).unwrap();
+    let dir = TempDir::new("routers-static-policy");
+    let path = dir.join("static.safetensors");
+    RouterFile::static_plan(&identity, &[3, 6, 9]).unwrap().save(&path).unwrap();
+    let policies = [
+        (PlanPolicyArgs { threshold: Some(0.5), ..Default::default() }, "--router-threshold"),
+        (PlanPolicyArgs { min_skip: Some(1), ..Default::default() }, "--min-skip"),
+        (PlanPolicyArgs { max_skip: Some(9), ..Default::default() }, "--max-skip"),
+    ];
+    for (policy, flag) in policies {
+        let Err(err) = model.load_routers(&path, &policy) else { panic!("{flag} must be refused") };
+        assert!(matches!(err, RuntimeError::StaticRouterFile { option, .. } if option == flag), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("static.safetensors") && text.contains("3,6,9") && text.contains(flag), "{text}");
+    }
 }

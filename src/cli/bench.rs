@@ -88,9 +88,10 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     }
     let (ctx, model) = load_model(gpu, &args.model, None)?;
     let session_options = SessionOptions { ctx_len, candidates: 1 };
+    let choice = args.plan.choice(&model)?;
     // The first session checks the context against the device before the prompt is built.
     let mut warm_up =
-        args.plan.session(&model, session_options.clone()).with_context(|| format!("{} need {ctx_len} positions", lengths()))?;
+        choice.session(&model.weights, session_options.clone()).with_context(|| format!("{} need {ctx_len} positions", lengths()))?;
     let ids = prompt_ids(&model, args.prompt_len)?;
     let options = GenerateOptions {
         max_tokens: args.gen_tokens,
@@ -106,7 +107,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
     let mut kv_bytes = 0;
     let mut plan = None;
     for _ in 0..args.repeat {
-        let mut s = args.plan.session(&model, session_options.clone())?;
+        let mut s = choice.session(&model.weights, session_options.clone())?;
         s.set_profiler(profiler.take());
         let g = generate(&mut s, &ids, &options)?;
         profiler = s.set_profiler(None);
@@ -144,6 +145,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
             "repeat": args.repeat,
             "layers_run": plan.kept(),
             "skipped_layers": plan.skipped_layers(),
+            "plan": PlanArgs::kind(&choice, &plan),
             "prefill_tok_s": prefill,
             "decode_tok_s": decode,
             "ms_per_token": ms_token,

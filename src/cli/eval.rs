@@ -8,10 +8,13 @@ use clap::Args;
 use firstrt::eval::data::{TaskExample, load_task};
 use firstrt::eval::plot::{PlotPoint, write_plot};
 use firstrt::eval::report::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ConfigSummary, example_json, markdown_table};
-use firstrt::eval::run::{EvalConfig, ExampleResult, GENERATE_METRICS, LOGLIK_METRICS, PlanChoice, ScoreMode, evaluate_example};
+use firstrt::eval::run::{EvalConfig, ExampleResult, GENERATE_METRICS, LOGLIK_METRICS, ScoreMode, calibration_ids, evaluate_example};
 use firstrt::gpu::GpuOptions;
 use firstrt::model::open_model;
-use firstrt::runtime::PlanPolicyArgs;
+use firstrt::model::routers::layer_list;
+use firstrt::runtime::calibration::block_influence;
+use firstrt::runtime::plan::skippable_layers;
+use firstrt::runtime::{LayerPlan, LoadedModel, PlanChoice, PlanPolicyArgs};
 
 use super::{ModelArgs, load_model};
 
@@ -51,6 +54,16 @@ pub struct EvalArgs {
     /// One static plan: skip these layers (0-based, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub skip_layers: Vec<usize>,
+    /// Static plans of N layers each (comma-separated): the N layers of lowest block influence
+    /// (ShortGPT) over --calibration; the first and last layer are kept.
+    #[arg(long, value_delimiter = ',', requires = "calibration")]
+    pub static_skip: Vec<usize>,
+    /// Calibration rows for --static-skip (JSONL like --data; prompt + first reference).
+    #[arg(long, requires = "static_skip")]
+    pub calibration: Option<PathBuf>,
+    /// Calibration rows used: the first K of --calibration.
+    #[arg(long, default_value_t = 64)]
+    pub calibration_limit: usize,
     /// A PEFT LoRA adapter: every configuration is evaluated without and with it (unmerged).
     #[arg(long)]
     pub lora: Option<PathBuf>,
@@ -132,6 +145,9 @@ impl EvalArgs {
         if self.limit == Some(0) {
             bail!("--limit 0: at least one example is needed");
         }
+        if self.calibration_limit == 0 {
+            bail!("--calibration-limit 0: at least one calibration row is needed");
+        }
         if self.max_tokens == 0 && self.score == ScoreKind::Rouge {
             bail!("--max-tokens 0: nothing would be generated");
         }
@@ -157,22 +173,63 @@ impl EvalArgs {
     }
 }
 
-/// The plans to evaluate, labelled, without adapters: the full model, the static skip list
-/// (checked against the model), then the routers at each threshold.
-fn plans(args: &EvalArgs, model: &firstrt::runtime::LoadedModel, static_skip: Option<&[usize]>) -> Result<Vec<(String, PlanChoice)>> {
-    let mut plans = vec![("full".to_string(), PlanChoice::Full)];
-    if let Some(layers) = static_skip {
-        let label = format!("skip {}", layers.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
-        plans.push((label, PlanChoice::Skip(layers.to_vec())));
+/// The plans to evaluate, labelled, without adapters: the full model, the static skip list, the
+/// static plans of lowest block influence (`static N`), then the routers at each threshold (a
+/// static router file is one static plan, labelled by its file name).
+fn plans(args: &EvalArgs, model: &LoadedModel, skip_layers: Option<&[usize]>, ctx_len: usize) -> Result<Vec<(String, PlanChoice)>> {
+    let n = model.weights.config.n_layers;
+    let mut plans = vec![("full".to_string(), PlanChoice::Static(LayerPlan::full(n)))];
+    if let Some(layers) = skip_layers {
+        plans.push((format!("skip {}", layer_list(layers)), PlanChoice::skipping(n, layers)?));
+    }
+    if let Some(path) = &args.calibration {
+        let mut rows = load_task(path)?;
+        rows.truncate(args.calibration_limit);
+        let mut sequences = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (ids, _) = calibration_ids(model, row, ctx_len).with_context(|| format!("{}:{}", path.display(), row.line))?;
+            sequences.push(ids);
+        }
+        let bar = progress_bar(sequences.len(), "block influence");
+        let influence = block_influence(&model.weights, &sequences, &mut |done, _| bar.set_position(done as u64))?;
+        bar.finish_and_clear();
+        for &count in &args.static_skip {
+            let layers = influence.static_plan(count, false)?;
+            eprintln!("static {count}: skip {} (lowest block influence over {} calibration tokens)", layer_list(&layers), influence.tokens);
+            plans.push((format!("static {count}"), PlanChoice::skipping(n, &layers)?));
+        }
     }
     if let Some(path) = &args.routers {
-        let (_, routing) = model.load_routers(path, &PlanPolicyArgs::default()).with_context(|| format!("loading {}", path.display()))?;
-        let thresholds = if args.thresholds.is_empty() { vec![routing.policy.threshold] } else { args.thresholds.clone() };
-        for t in thresholds {
-            plans.push((format!("routers {t}"), PlanChoice::Routed(EvalConfig::with_threshold(&routing, t))));
+        let (file, choice) = model.load_routers(path, &PlanPolicyArgs::default()).with_context(|| format!("loading {}", path.display()))?;
+        match choice {
+            PlanChoice::Static(_) if !args.thresholds.is_empty() => {
+                bail!("--thresholds: {} holds a static plan (fixed decisions); thresholds do not apply to it", path.display())
+            }
+            PlanChoice::Static(_) => {
+                let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
+                plans.push((name, choice));
+            }
+            PlanChoice::Routed(routing) => {
+                let thresholds = if args.thresholds.is_empty() { vec![file.threshold] } else { args.thresholds.clone() };
+                for t in thresholds {
+                    plans.push((format!("routers {t}"), PlanChoice::Routed(EvalConfig::with_threshold(&routing, t))));
+                }
+            }
         }
     }
     Ok(plans)
+}
+
+/// A progress bar on stderr: `message`, bar, done/total, elapsed and ETA.
+fn progress_bar(len: usize, message: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(message.to_string());
+    bar
 }
 
 pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
@@ -193,6 +250,16 @@ pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
             Some(layers)
         }
     };
+    let skippable = skippable_layers(config.n_layers, false).len();
+    if let Some(&count) = args.static_skip.iter().find(|&&c| c > skippable) {
+        bail!(
+            "--static-skip {count} is more than the {skippable} layers that may be skipped (the model has {}; the first and last layer are kept)",
+            config.n_layers
+        );
+    }
+    if let Some(path) = &args.calibration {
+        load_task(path)?; // a bad calibration file is refused before the model loads
+    }
     let (_ctx, model) = load_model(gpu, &args.model, None)?;
     if let Some(Err(e)) = &model.template {
         bail!("{}: {e}", args.model.model.display());
@@ -202,7 +269,7 @@ pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
         None => None,
     };
     let mut configs = Vec::new();
-    for (label, plan) in plans(&args, &model, skip_layers.as_deref())? {
+    for (label, plan) in plans(&args, &model, skip_layers.as_deref(), ctx_len)? {
         configs.push(EvalConfig { label: label.clone(), plan: plan.clone(), lora: None });
         if let Some(l) = &lora {
             configs.push(EvalConfig { label: format!("{label} + lora"), plan, lora: Some(l.clone()) });
@@ -214,12 +281,7 @@ pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
         ScoreMode::LogLik => &LOGLIK_METRICS,
     };
 
-    let bar = indicatif::ProgressBar::new((configs.len() * examples.len()) as u64);
-    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar(configs.len() * examples.len(), "");
     // Examples outer, configurations inner: a change of machine load between the start and
     // the end of the run touches every configuration alike.
     let mut results: Vec<Vec<ExampleResult>> = vec![Vec::with_capacity(examples.len()); configs.len()];
@@ -252,8 +314,7 @@ pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
             let mut v = s.to_json();
             v["lora"] = serde_json::json!(c.lora.is_some());
             v["plan"] = match &c.plan {
-                PlanChoice::Full => serde_json::json!({"kind": "full"}),
-                PlanChoice::Skip(l) => serde_json::json!({"kind": "static", "skip_layers": l}),
+                PlanChoice::Static(plan) => serde_json::json!({"kind": "static", "skip_layers": plan.skipped_layers()}),
                 PlanChoice::Routed(routing) => serde_json::json!({"kind": "routers", "threshold": routing.policy.threshold}),
             };
             v["per_example"] = r.iter().map(|e| example_json(names, e)).collect();

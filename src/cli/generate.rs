@@ -12,7 +12,7 @@ use firstrt::generate::{
 };
 use firstrt::gpu::GpuOptions;
 use firstrt::model::chat::ChatMessage;
-use firstrt::runtime::{GpuLora, LayerPlan, LoadedModel, MergedLora, PlanPolicyArgs, Session, SessionOptions};
+use firstrt::runtime::{GpuLora, LayerPlan, LoadedModel, MergedLora, PlanChoice, PlanPolicyArgs, Session, SessionOptions};
 
 use super::{ModelArgs, load_model};
 
@@ -65,7 +65,8 @@ pub struct PlanArgs {
     /// Skip these decoder layers (0-based, comma-separated) for the whole sequence.
     #[arg(long, value_delimiter = ',', conflicts_with = "routers")]
     pub skip_layers: Vec<usize>,
-    /// A FiRST router file: routers decide during prefill which layers this input runs.
+    /// A FiRST router file: routers decide during prefill which layers this input runs (a
+    /// static plan's file from `static-plan --out` gives its fixed plan).
     #[arg(long)]
     pub routers: Option<PathBuf>,
     /// A layer runs iff its router's probability is at least this (default: the file's).
@@ -99,30 +100,53 @@ impl PlanArgs {
         Ok(())
     }
 
-    /// A session under these options: routed, or with a static plan.
-    pub(super) fn session(&self, model: &LoadedModel, options: SessionOptions) -> Result<Session> {
-        let n = model.weights.config.n_layers;
-        Ok(match &self.routers {
+    /// How this run's sessions choose their layers, made once: `--skip-layers` (static), or a
+    /// router file read and uploaded (routed, or the static plan it holds; then
+    /// `--router-threshold`, `--min-skip` and `--max-skip` are refused).
+    pub(super) fn choice(&self, model: &LoadedModel) -> Result<PlanChoice> {
+        match &self.routers {
             Some(path) => {
                 let policy = PlanPolicyArgs { threshold: self.router_threshold, max_skip: self.max_skip, min_skip: self.min_skip };
-                let (_, routing) = model.load_routers(path, &policy).with_context(|| format!("loading {}", path.display()))?;
-                Session::with_routers(&model.weights, options, routing)?
+                let (_, plan) = model.load_routers(path, &policy).with_context(|| format!("loading {}", path.display()))?;
+                Ok(plan)
             }
-            None => Session::new(&model.weights, options, LayerPlan::skipping(n, &self.skip_layers)?)?,
-        })
+            None => Ok(PlanChoice::skipping(model.weights.config.n_layers, &self.skip_layers)?),
+        }
     }
 
-    /// After the first prefill: print the plan when asked.
-    fn report(&self, session: &Session) {
+    /// What decided the plan, as `--json` reports it: `routed` (routers), `static` (a skip list
+    /// or a static plan's router file that skips layers) or `full` (nothing skipped, fixed).
+    pub(super) fn kind(choice: &PlanChoice, plan: &LayerPlan) -> &'static str {
+        match choice {
+            PlanChoice::Routed(_) => "routed",
+            PlanChoice::Static(_) if plan.kept() == plan.len() => "full",
+            PlanChoice::Static(_) => "static",
+        }
+    }
+
+    /// After the first prefill: print the plan when asked (a static plan has no probabilities).
+    fn report(&self, session: &Session, choice: &PlanChoice) {
         if !self.show_plan {
             return;
         }
         let plan = session.plan();
         for (l, p) in session.router_probs().iter().enumerate() {
-            let p = p.map_or("    -".to_string(), |p| format!("{p:.3}"));
-            eprintln!("layer {l:>3}: p = {p}  {}", if plan.runs(l) { "run" } else { "skip" });
+            let decision = if plan.runs(l) { "run" } else { "skip" };
+            match (choice, p) {
+                (PlanChoice::Static(_), _) => eprintln!("layer {l:>3}: {decision}"),
+                (PlanChoice::Routed(_), p) => {
+                    let p = p.map_or("    -".to_string(), |p| format!("{p:.3}"));
+                    eprintln!("layer {l:>3}: p = {p}  {decision}");
+                }
+            }
         }
-        eprintln!("plan: {} of {} layers run, skipped {:?}", plan.kept(), plan.len(), plan.skipped_layers());
+        let source = match (choice, &self.routers) {
+            (PlanChoice::Routed(_), Some(path)) => format!("routed by {}", path.display()),
+            (PlanChoice::Static(_), Some(path)) => format!("static, from {}", path.display()),
+            _ if self.skip_layers.is_empty() => "full model".to_string(),
+            _ => "static, --skip-layers".to_string(),
+        };
+        eprintln!("plan ({source}): {} of {} layers run, skipped {:?}", plan.kept(), plan.len(), plan.skipped_layers());
     }
 }
 
@@ -305,7 +329,8 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
         eprintln!("warning: prompt truncated from {} to its last {} tokens", cut + prompt_ids.len(), prompt_ids.len());
     }
     let options = args.sampling.options(&model);
-    let mut session = args.plan.session(&model, SessionOptions { ctx_len, candidates: options.sampler.candidates() })?;
+    let choice = args.plan.choice(&model)?;
+    let mut session = choice.session(&model.weights, SessionOptions { ctx_len, candidates: options.sampler.candidates() })?;
     if let Some((g, scale)) = &lora {
         session.set_lora(Some(g.clone()), *scale)?;
     }
@@ -314,7 +339,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
     let mut capture = super::profiling::Capture::start(&ctx, args.profiling.capture);
     let text = TextDecoder::new(&model.tokenizer, &args.sampling.stop);
     let stream = TokenStream::start(&mut session, prompt_ids, &options, Some(text))?;
-    args.plan.report(stream.session());
+    args.plan.report(stream.session(), &choice);
     if let Some(path) = &args.logits_out {
         write_logits(path, &stream.session().read_logits()?).context("--logits-out")?;
     }
@@ -333,6 +358,7 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
             "text": generation.text,
             "stop_reason": generation.finish,
             "skipped_layers": session.plan().skipped_layers(),
+            "plan": PlanArgs::kind(&choice, session.plan()),
             "lora": args.lora.lora.as_ref().map(|dir| serde_json::json!({
                 "dir": dir.display().to_string(),
                 "mode": if lora_setup.merged.is_some() { "merged" } else { "unmerged" },
@@ -400,8 +426,9 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
     let mut lora = upload_lora(&model, &lora_setup)?;
     let ctx_len = super::context_len(&model.weights.config, args.model.ctx)?;
     let options = args.sampling.options(&model);
+    let choice = args.plan.choice(&model)?;
     let new_session = |lora: &Option<(Arc<GpuLora>, f32)>| -> Result<Session> {
-        let mut s = args.plan.session(&model, SessionOptions { ctx_len, candidates: options.sampler.candidates() })?;
+        let mut s = choice.session(&model.weights, SessionOptions { ctx_len, candidates: options.sampler.candidates() })?;
         if let Some((g, scale)) = lora {
             s.set_lora(Some(g.clone()), *scale)?;
         }
@@ -475,7 +502,7 @@ pub fn chat(gpu: &GpuOptions, args: ChatArgs) -> Result<()> {
         let text = TextDecoder::new(&model.tokenizer, &args.sampling.stop);
         let stream = TokenStream::start(&mut session, &turn.ids, &options, Some(text))?;
         if first_turn {
-            args.plan.report(stream.session());
+            args.plan.report(stream.session(), &choice);
         }
         let g = drive(stream, true, &mut || {})?;
         println!();

@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod profiling;
 mod routers;
+mod static_plan;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +49,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Score a task (ROUGE or log-likelihood) under several layer plans, with each one's speed.
     Eval(eval::EvalArgs),
+    /// ShortGPT's block influence of every layer over calibration rows, and the static plan
+    /// skipping the N least influential layers (printed, or saved as a router file).
+    StaticPlan(static_plan::StaticPlanArgs),
 }
 
 /// Options every command that loads a model shares.
@@ -128,6 +132,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Routers(args) => routers::run(args),
         Command::Bench(args) => bench::run(&gpu, args),
         Command::Eval(args) => eval::run(&gpu, args),
+        Command::StaticPlan(args) => static_plan::run(&gpu, args),
     }
 }
 

@@ -11,36 +11,25 @@ use crate::generate::{GenerateError, GenerateOptions, SamplerConfig, TextDecoder
 use crate::model::chat::ChatMessage;
 use crate::runtime::plan::PlanPolicy;
 use crate::runtime::routed::Routing;
-use crate::runtime::{GpuLora, LayerPlan, LoadedModel, RuntimeError, Session, SessionOptions};
+use crate::runtime::{GpuLora, LoadedModel, PlanChoice, RuntimeError, Session, SessionOptions};
 
 use super::data::TaskExample;
 use super::rouge::{exact_match, rouge};
-
-/// Which layers a configuration runs.
-#[derive(Clone)]
-pub enum PlanChoice {
-    /// Every layer.
-    Full,
-    /// A static plan: these layers (0-based, sorted) never run.
-    Skip(Vec<usize>),
-    /// Routers decide per prompt during prefill, under this policy (its threshold).
-    Routed(Routing),
-}
 
 /// A configuration to evaluate: a plan and an optional unmerged adapter.
 #[derive(Clone)]
 pub struct EvalConfig {
     /// Short name for tables and the plot, e.g. `full`, `static 6`, `routers 0.5`, `+ lora`.
     pub label: String,
-    /// The layer plan.
+    /// The layer plan: static (the full model is the plan skipping nothing), or routers.
     pub plan: PlanChoice,
     /// An unmerged LoRA adapter and its user scale S, applied to every layer that runs.
     pub lora: Option<(Arc<GpuLora>, f32)>,
 }
 
 impl EvalConfig {
-    /// The same plan under another router threshold (`Routed` only; others are returned as
-    /// they are): the routers stay shared, only the policy changes.
+    /// The same routers under another threshold: the routers on the GPU stay shared, only the
+    /// policy changes.
     pub fn with_threshold(routing: &Routing, threshold: f32) -> Routing {
         Routing { routers: routing.routers.clone(), policy: PlanPolicy { threshold, ..routing.policy.clone() } }
     }
@@ -49,12 +38,7 @@ impl EvalConfig {
     /// Errors: the session's (context too large for the device, a bad plan).
     pub fn session(&self, model: &LoadedModel, ctx_len: usize) -> Result<Session, RuntimeError> {
         let options = SessionOptions { ctx_len, candidates: SamplerConfig::greedy().candidates() };
-        let n = model.weights.config.n_layers;
-        let mut session = match &self.plan {
-            PlanChoice::Full => Session::new(&model.weights, options, LayerPlan::full(n))?,
-            PlanChoice::Skip(layers) => Session::new(&model.weights, options, LayerPlan::skipping(n, layers)?)?,
-            PlanChoice::Routed(routing) => Session::with_routers(&model.weights, options, routing.clone())?,
-        };
+        let mut session = self.plan.session(&model.weights, options)?;
         if let Some((lora, scale)) = &self.lora {
             session.set_lora(Some(lora.clone()), *scale)?;
         }
@@ -114,6 +98,18 @@ pub struct ExampleResult {
 /// Errors: the template's or tokenizer's.
 pub fn prompt_ids(model: &LoadedModel, example: &TaskExample) -> Result<Vec<u32>, RuntimeError> {
     model.chat_ids(&[ChatMessage::user(example.prompt.clone())])
+}
+
+/// A calibration sequence for block influence (`firstrt static-plan`, `eval --static-skip`):
+/// the chat-templated prompt with the generation prompt, followed by the tokens of the first
+/// reference, cut to `ctx_len` tokens. Returns the ids and whether they were cut.
+/// Errors: the template's or tokenizer's.
+pub fn calibration_ids(model: &LoadedModel, example: &TaskExample, ctx_len: usize) -> Result<(Vec<u32>, bool), RuntimeError> {
+    let mut ids = prompt_ids(model, example)?;
+    ids.extend(model.text_ids(&example.references[0])?);
+    let cut = ids.len() > ctx_len;
+    ids.truncate(ctx_len);
+    Ok((ids, cut))
 }
 
 /// `-log softmax(logits)[id]`, in nats, computed in f64 (log-sum-exp with the maximum

@@ -1,5 +1,6 @@
 //! A plain buffer copy (`dst = src`, vec4 at a time): the memory-bandwidth reference that the
-//! kernel bench compares matvec against. Works on any dtype; copies whole 16-byte groups.
+//! kernel bench compares matvec against, and how block influence (`runtime::calibration`) keeps
+//! a layer's input. Works on any dtype; copies whole 16-byte groups.
 
 use bytemuck::{Pod, Zeroable};
 

@@ -7,6 +7,7 @@ pub mod attention;
 mod checks;
 pub mod choice;
 pub mod copy;
+pub mod cosine;
 pub mod embedding;
 pub mod linear;
 pub mod matmul;

@@ -21,6 +21,15 @@
 //! norm_eps (> 0)    threshold (default tau, in [0, 1])    skip_first_last ("true" | "false")
 //! model_arch  model_layers  model_hidden  model_vocab  model_weight_hash
 //! ```
+//! Optional: `static_skip` = `"3,6,9"` (increasing layer numbers, `""` for none) marks a *static
+//! plan* (`firstrt static-plan --out`): the file's decisions do not depend on the input. Every
+//! layer then has a linear router (`router_rank` = 0) with zero `fc.weight`, so
+//! `p = sigmoid(fc.bias)`, and the bias must give exactly that plan (`p < threshold` for the
+//! listed layers, `p >= threshold` for the others; written as ±[`STATIC_BIAS`]); a listed first or
+//! last layer needs `skip_first_last = "true"`. A file whose `static_skip` disagrees with its
+//! routers, or names a layer past the end, is refused. Such a file routed as any other gives
+//! the same plan; the runtime runs it as a static plan, with no router on the GPU.
+//!
 //! The `model_*` keys identify the base model the routers were made for ([`ModelIdentity`]).
 //! `model_weight_hash` is the 64-bit FNV-1a hash, as 16 lowercase hex digits, of the bytes
 //! (little-endian) of the f32 bit patterns of `model.norm.weight` followed by the first row of
@@ -46,6 +55,9 @@ pub const FORMAT: &str = "firstrt-routers";
 pub const VERSION: &str = "1";
 /// Largest router rank accepted on load.
 pub const MAX_RANK: usize = 1 << 16;
+/// The bias magnitude of a static plan's fixed routers: `sigmoid(30) = 1 - 9e-14` (kept),
+/// `sigmoid(-30) = 9e-14` (skipped).
+pub const STATIC_BIAS: f32 = 30.0;
 
 /// Which base model a router file belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +191,9 @@ pub struct RouterFile {
     pub identity: ModelIdentity,
     /// `[n_layers]`; `None`: no router, the layer always runs.
     pub layers: Vec<Option<RouterLayer>>,
+    /// A static plan: the layers it skips, increasing (metadata `static_skip`); the routers are
+    /// then fixed and agree with it (see the module documentation). None: the routers decide.
+    pub static_skip: Option<Vec<usize>>,
 }
 
 /// Everything that can go wrong with a router file. Each variant names the file and the key,
@@ -399,6 +414,33 @@ fn threshold_ok(t: f32) -> bool {
     (0.0..=1.0).contains(&t)
 }
 
+/// `3,6,9` (empty for no layer): the text of `static_skip`.
+pub fn layer_list(layers: &[usize]) -> String {
+    layers.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Parses `static_skip`: plain decimal layer numbers, comma-separated, increasing, each below
+/// `n_layers`; `""` is no layer.
+fn parse_layer_list(meta: &Meta<'_>, key: &str, n_layers: usize) -> Result<Vec<usize>, RouterError> {
+    let v = meta.str(key)?;
+    let expected = format!("comma-separated layer numbers below num_layers = {n_layers}, increasing");
+    if v.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut layers: Vec<usize> = Vec::new();
+    for part in v.split(',') {
+        let l = match part.parse::<usize>() {
+            Ok(l) if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) => l,
+            _ => return Err(meta.bad(key, v, &expected)),
+        };
+        if l >= n_layers || layers.last().is_some_and(|&prev| prev >= l) {
+            return Err(meta.bad(key, v, &expected));
+        }
+        layers.push(l);
+    }
+    Ok(layers)
+}
+
 fn is_hash(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -493,6 +535,7 @@ impl RouterFile {
         let eps = meta.f32("norm_eps", "a finite number > 0", eps_ok)?;
         let threshold = meta.f32("threshold", "a number in [0, 1]", threshold_ok)?;
         let skip_first_last = meta.bool("skip_first_last")?;
+        let static_skip = map.contains_key("static_skip").then(|| parse_layer_list(&meta, "static_skip", num_layers)).transpose()?;
 
         // Every tensor must be one of the documented names.
         let allowed = suffixes(rank);
@@ -533,7 +576,83 @@ impl RouterFile {
             };
             layers.push(Some(layer));
         }
-        Ok(RouterFile { rank, hidden, eps, threshold, skip_first_last, identity, layers })
+        let file = RouterFile { rank, hidden, eps, threshold, skip_first_last, identity, layers, static_skip };
+        file.check_static(path)?;
+        Ok(file)
+    }
+
+    /// A static plan for `model` that skips `skip` (any order; repeats count once): a linear
+    /// router on every layer with zero weights, norm weights 1 and bias `-STATIC_BIAS` (skipped)
+    /// or `+STATIC_BIAS` (kept), threshold 0.5, `skip_first_last` true iff the first or last
+    /// layer is skipped, and `static_skip` set. Errors ([`RouterError::Invalid`]) for a layer
+    /// the model does not have.
+    pub fn static_plan(model: &ModelIdentity, skip: &[usize]) -> Result<RouterFile, RouterError> {
+        let n = model.n_layers;
+        let mut skip = skip.to_vec();
+        skip.sort_unstable();
+        skip.dedup();
+        if let Some(&l) = skip.iter().find(|&&l| l >= n) {
+            return Err(RouterError::Invalid {
+                path: PathBuf::from("<in memory>"),
+                what: format!("static plan skips layer {l}, the model has {n} layers (0..{})", n.saturating_sub(1)),
+            });
+        }
+        let mut file = RouterFile::init(model, 0, STATIC_BIAS, 1e-5, 0.5);
+        for &l in &skip {
+            if let Some(layer) = file.layers[l].as_mut() {
+                layer.b1 = vec![-STATIC_BIAS];
+            }
+        }
+        file.skip_first_last = skip.first() == Some(&0) || (n > 0 && skip.last() == Some(&(n - 1)));
+        file.static_skip = Some(skip);
+        Ok(file)
+    }
+
+    /// A static plan's routers agree with its `static_skip` (see the module documentation):
+    /// rank 0, a router with zero `fc.weight` on every layer, each bias on the side of the
+    /// threshold that the list says, listed first/last layers only with `skip_first_last`.
+    /// Errors: [`RouterError::BadValue`] on `static_skip`, saying which layer or field disagrees.
+    fn check_static(&self, path: &Path) -> Result<(), RouterError> {
+        let Some(skip) = &self.static_skip else { return Ok(()) };
+        let n = self.layers.len();
+        let bad = |expected: String| RouterError::BadValue {
+            path: path.to_path_buf(),
+            key: "static_skip".into(),
+            value: layer_list(skip),
+            expected,
+        };
+        if let Some(&l) = skip.iter().find(|&&l| l >= n) {
+            return Err(bad(format!("layers below num_layers = {n}; layer {l} does not exist")));
+        }
+        if skip.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad("increasing layer numbers".into()));
+        }
+        if self.rank != 0 {
+            return Err(bad(format!("router_rank 0 (a static plan's routers ignore their input), the file has {}", self.rank)));
+        }
+        if !self.skip_first_last && skip.iter().any(|&l| l == 0 || l + 1 == n) {
+            return Err(bad("no first or last layer while skip_first_last is false".into()));
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let Some(layer) = layer else {
+                return Err(bad(format!("a router on every layer; layer {l} has none")));
+            };
+            if layer.w1.iter().any(|&w| w != 0.0) {
+                return Err(bad(format!("fixed routers, but {} is not all zero", tensor_name(l, "fc.weight"))));
+            }
+            let bias = layer.b1.first().copied().unwrap_or(f32::NAN);
+            let p = 1.0 / (1.0 + (-bias as f64).exp());
+            let runs = p >= self.threshold as f64;
+            if runs == skip.contains(&l) {
+                let (listed, says) = if runs { ("lists", "keeps it") } else { ("does not list", "skips it") };
+                return Err(bad(format!(
+                    "the plan its routers give: it {listed} layer {l}, but {} = {bias} (p = {p:.3}, threshold {}) {says}",
+                    tensor_name(l, "fc.bias"),
+                    self.threshold
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// A valid starting point for `model`: every layer gets a router whose output is
@@ -558,7 +677,7 @@ impl RouterFile {
                 })
             })
             .collect();
-        RouterFile { rank, hidden: d, eps, threshold, skip_first_last: false, identity: model.clone(), layers }
+        RouterFile { rank, hidden: d, eps, threshold, skip_first_last: false, identity: model.clone(), layers, static_skip: None }
     }
 
     /// Checks that the fields agree with each other (what [`RouterFile::load`] would demand).
@@ -603,7 +722,7 @@ impl RouterFile {
                 return Err(invalid(format!("layer {l}: a linear router (rank 0) has no fc2")));
             }
         }
-        Ok(())
+        self.check_static(path)
     }
 
     /// (suffix, values) of one layer in file order; `None` where the layer lacks the part.
@@ -644,6 +763,7 @@ impl RouterFile {
             ("model_weight_hash", id.weight_hash.clone()),
         ]
         .into_iter()
+        .chain(self.static_skip.as_deref().map(|skip| ("static_skip", layer_list(skip))))
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
 

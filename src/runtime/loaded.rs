@@ -10,7 +10,7 @@ use crate::model::gguf::GgufFile;
 use crate::model::tokenizer::{ModelTokenizer, TokenizerError};
 use crate::model::{WeightSource, open_model};
 
-use crate::model::routers::{RouterFile, model_identity};
+use crate::model::routers::{RouterFile, layer_list, model_identity};
 
 use crate::model::lora::LoraAdapter;
 
@@ -18,7 +18,7 @@ use super::lora::GpuLora;
 use super::plan::PlanPolicy;
 use super::routed::{GpuRouters, Routing};
 use super::weights::WeightDtype;
-use super::{GpuWeights, RuntimeError};
+use super::{GpuWeights, LayerPlan, RuntimeError, Session, SessionOptions};
 
 /// What the user asked of the routers: a threshold overriding the file's, and budgets.
 #[derive(Debug, Clone, Default)]
@@ -30,6 +30,49 @@ pub struct PlanPolicyArgs {
     pub max_skip: Option<usize>,
     /// The fewest layers to skip (`--min-skip`).
     pub min_skip: Option<usize>,
+}
+
+impl PlanPolicyArgs {
+    /// The first option given, by its flag (`--router-threshold`, `--min-skip`, `--max-skip`).
+    fn first_given(&self) -> Option<&'static str> {
+        [(self.threshold.is_some(), "--router-threshold"), (self.min_skip.is_some(), "--min-skip"), (self.max_skip.is_some(), "--max-skip")]
+            .into_iter()
+            .find_map(|(given, flag)| given.then_some(flag))
+    }
+}
+
+/// How the sessions of a run choose their layers: known before any input (the full model,
+/// `--skip-layers`, a static router file), or decided per input by routers during the first
+/// prefill. Made once (the router file read and uploaded once), then a session per sequence.
+#[derive(Debug, Clone)]
+pub enum PlanChoice {
+    /// These layers run for every input; no router runs.
+    Static(LayerPlan),
+    /// Routers on the GPU decide during each session's first prefill.
+    Routed(Routing),
+}
+
+impl PlanChoice {
+    /// A static plan skipping `skip` (0-based layers, any order) of a model of `n_layers`
+    /// (`--skip-layers`; empty: the full model). Errors: `RuntimeError::Plan` for a layer the
+    /// model does not have.
+    pub fn skipping(n_layers: usize, skip: &[usize]) -> Result<PlanChoice, RuntimeError> {
+        Ok(PlanChoice::Static(LayerPlan::skipping(n_layers, skip)?))
+    }
+
+    /// A new session over `weights` under this choice ([`Session::new`] with the static plan,
+    /// or [`Session::with_routers`]). Errors: as those.
+    pub fn session(&self, weights: &Arc<GpuWeights>, options: SessionOptions) -> Result<Session, RuntimeError> {
+        match self {
+            PlanChoice::Static(plan) => Session::new(weights, options, plan.clone()),
+            PlanChoice::Routed(routing) => Session::with_routers(weights, options, routing.clone()),
+        }
+    }
+
+    /// True for a plan fixed before any input.
+    pub fn is_static(&self) -> bool {
+        matches!(self, PlanChoice::Static(_))
+    }
 }
 
 /// A model file opened and uploaded: weights on the GPU, tokenizer and chat template.
@@ -119,10 +162,22 @@ impl LoadedModel {
         Ok(Arc::new(GpuLora::upload(&self.weights.ctx, &adapter, &self.weights.config)?))
     }
 
-    /// Read a router file, check that it was made for this model, and upload it.
-    pub fn load_routers(&self, path: &Path, policy: &PlanPolicyArgs) -> Result<(RouterFile, Routing), RuntimeError> {
+    /// Read a router file and check that it was made for this model. A routed file is uploaded
+    /// and its routers decide under `policy` (the file's threshold unless overridden); a static
+    /// plan's file (`static_skip`, written by `firstrt static-plan --out`) gives that plan, with
+    /// no router on the GPU. Errors: those of [`RouterFile::load`]; `RuntimeError::Plan` for an
+    /// invalid policy; `RuntimeError::StaticRouterFile` when `policy` sets a threshold or a
+    /// budget for a static file (they do not apply to it).
+    pub fn load_routers(&self, path: &Path, policy: &PlanPolicyArgs) -> Result<(RouterFile, PlanChoice), RuntimeError> {
         let identity = model_identity(self.source.as_ref())?;
         let file = RouterFile::load(path, &identity)?;
+        if let Some(skip) = &file.static_skip {
+            if let Some(option) = policy.first_given() {
+                return Err(RuntimeError::StaticRouterFile { path: path.to_path_buf(), skip: layer_list(skip), option });
+            }
+            let plan = PlanChoice::skipping(self.weights.config.n_layers, skip)?;
+            return Ok((file, plan));
+        }
         let policy = PlanPolicy {
             threshold: policy.threshold.unwrap_or(file.threshold),
             max_skip: policy.max_skip,
@@ -131,7 +186,7 @@ impl LoadedModel {
         };
         policy.validate()?;
         let routers = Arc::new(GpuRouters::upload(&self.weights.ctx, &file)?);
-        Ok((file, Routing { routers, policy }))
+        Ok((file, PlanChoice::Routed(Routing { routers, policy })))
     }
 
     /// Render `messages` with the model's chat template (with the generation prompt) and encode.

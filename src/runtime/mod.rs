@@ -1,7 +1,8 @@
 //! Running a model: weights on the GPU, sessions (one per sequence), the step builder, the KV
-//! cache, the layer plan, the routed prefill and profiling. The token loop, sampling and text
+//! cache, the layer plan, the routed prefill, block influence for static plans and profiling. The token loop, sampling and text
 //! are in [`crate::generate`].
 
+pub mod calibration;
 pub mod kv_cache;
 pub mod loaded;
 pub mod lora;
@@ -14,7 +15,7 @@ pub mod weights;
 
 pub use crate::gpu::{Phase, Tag};
 pub use kv_cache::{KvCache, LayerKv};
-pub use loaded::{LoadedModel, MergedLora, PlanPolicyArgs, load_tokenizer};
+pub use loaded::{LoadedModel, MergedLora, PlanChoice, PlanPolicyArgs, load_tokenizer};
 pub use lora::GpuLora;
 pub use profile::{ProfileError, ProfileMode, Profiler};
 pub use session::{NonFiniteAt, Session, SessionOptions, StepId, StepOutput};
@@ -73,6 +74,16 @@ pub enum RuntimeError {
     /// Profiling (`--profile`, `--trace`) failed.
     #[error(transparent)]
     Profile(#[from] ProfileError),
+    /// A threshold or skip budget was given with a router file that holds a static plan.
+    #[error("{} holds a static plan (skip: {skip}); {option} does not apply to it", path.display())]
+    StaticRouterFile {
+        /// The router file.
+        path: PathBuf,
+        /// Its skipped layers, `3,6,9` (empty: none).
+        skip: String,
+        /// The option given (`--router-threshold`, `--min-skip`, `--max-skip`).
+        option: &'static str,
+    },
     /// A session was asked for a context of 0 positions.
     #[error("context length must be at least 1")]
     ZeroContext,

@@ -104,6 +104,37 @@ pub enum PlanError {
         /// Layers in the model.
         model: usize,
     },
+    /// A static plan asked to skip more layers than may be skipped (`--skip N`).
+    #[error(
+        "--skip {skip} is more than the {skippable} layers that may be skipped (the model has {n_layers}{})",
+        if *skip_first_last { "" } else { "; the first and last layer are kept unless --skip-first-last" }
+    )]
+    TooManySkips {
+        /// Layers asked to skip.
+        skip: usize,
+        /// Layers that may be skipped.
+        skippable: usize,
+        /// Layers in the model.
+        n_layers: usize,
+        /// Whether layer 0 and the last layer may be skipped.
+        skip_first_last: bool,
+    },
+}
+
+/// The layers a static plan may skip: every layer, or all but layer 0 and the last one unless
+/// `skip_first_last`.
+pub fn skippable_layers(n_layers: usize, skip_first_last: bool) -> std::ops::Range<usize> {
+    if skip_first_last { 0..n_layers } else { 1..n_layers.saturating_sub(1).max(1) }
+}
+
+/// `skip` layers fit among the [`skippable_layers`] of a model of `n_layers`.
+/// Errors: [`PlanError::TooManySkips`] naming `--skip`, the count and the limit.
+pub fn check_skip_count(n_layers: usize, skip: usize, skip_first_last: bool) -> Result<(), PlanError> {
+    let skippable = skippable_layers(n_layers, skip_first_last).len();
+    if skip > skippable {
+        return Err(PlanError::TooManySkips { skip, skippable, n_layers, skip_first_last });
+    }
+    Ok(())
 }
 
 impl PlanPolicy {

@@ -268,7 +268,7 @@ impl Session {
 
     /// Allocate the prefill activation buffers when they hold fewer than `rows` tokens (a
     /// prepared prefill program over the old ones is dropped).
-    fn ensure_prefill_acts(&mut self, rows: usize) -> Result<(), RuntimeError> {
+    pub(super) fn ensure_prefill_acts(&mut self, rows: usize) -> Result<(), RuntimeError> {
         if self.prefill_acts.as_ref().is_none_or(|a| a.rows < rows) {
             self.prefill_program = None;
             self.prefill_acts = Some(Activations::new(&self.ctx, &self.weights, rows)?);
@@ -408,7 +408,8 @@ impl Session {
         self.bufs.kv.bytes()
     }
 
-    fn check_ids(&self, ids: &[u32]) -> Result<(), RuntimeError> {
+    /// Every id inside the vocabulary (`BadToken`) and room for them in the context (`ContextFull`).
+    pub(super) fn check_ids(&self, ids: &[u32]) -> Result<(), RuntimeError> {
         let vocab = self.weights.config.vocab_size;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(RuntimeError::BadToken { id: bad, vocab });

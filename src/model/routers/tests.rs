@@ -419,3 +419,78 @@ fn real_model_identity_is_stable_and_init_round_trips() {
 /// loading). Checked independently with gguf-py: `GGUFReader` + `quants.dequantize` of
 /// `output_norm.weight` and row 0 of `token_embd.weight`, FNV-1a over the little-endian f32 bytes.
 const REAL_MODEL_HASH: &str = "9fd26cb913e67e54";
+
+#[test]
+fn static_plan_file_round_trips_and_fixes_every_decision() {
+    let dir = TempDir::new("routers-static");
+    let id = identity(5, 8);
+    let h = values(3 * 8, 7);
+    for (skip, first_last) in [(vec![], false), (vec![3, 1], false), (vec![0, 2, 4], true), (vec![4], true)] {
+        let f = RouterFile::static_plan(&id, &skip).unwrap();
+        let mut sorted = skip.clone();
+        sorted.sort_unstable();
+        assert_eq!(f.static_skip.as_deref(), Some(&sorted[..]));
+        assert_eq!((f.rank, f.threshold, f.skip_first_last), (0, 0.5, first_last), "{skip:?}");
+        for l in 0..5 {
+            let p = f.probability_ref(l, &h, 3).unwrap().unwrap();
+            assert_eq!(p < 0.5, sorted.contains(&l), "{skip:?} layer {l}: p = {p}");
+        }
+        let path = dir.path.join("static.safetensors");
+        f.save(&path).unwrap();
+        assert_eq!(RouterFile::load(&path, &id).unwrap(), f);
+    }
+    assert_eq!(RouterFile::static_plan(&id, &[2, 2]).unwrap().static_skip, Some(vec![2]));
+    let err = RouterFile::static_plan(&id, &[5]).unwrap_err().to_string();
+    assert!(err.contains("layer 5") && err.contains("5 layers"), "{err}");
+    // a routed file has no static_skip key
+    let path = dir.path.join("routed.safetensors");
+    random_file(0).save(&path).unwrap();
+    let (meta, _) = raw(&random_file(0), &dir);
+    assert!(!meta.contains_key("static_skip"));
+    assert_eq!(RouterFile::load(&path, &id).unwrap().static_skip, None);
+}
+
+#[test]
+fn static_plan_file_that_disagrees_with_its_routers_is_refused() {
+    let dir = TempDir::new("routers-static-bad");
+    let base = raw(&RouterFile::static_plan(&identity(5, 8), &[1, 3]).unwrap(), &dir);
+    let set = |key: &'static str, value: &'static str| move |r: &mut Raw| drop(r.0.insert(key.into(), value.into()));
+    let tensor = |name: &'static str, values: Vec<f32>| {
+        move |r: &mut Raw| {
+            r.1.get_mut(name).unwrap().2 = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        }
+    };
+    type Edit = Box<dyn FnOnce(&mut Raw)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(set("static_skip", "1,5")), "below num_layers = 5"),
+        (Box::new(set("static_skip", "3,1")), "increasing"),
+        (Box::new(set("static_skip", "1,,3")), "comma-separated"),
+        (Box::new(set("static_skip", " 1")), "comma-separated"),
+        (Box::new(set("static_skip", "1")), "does not list layer 3"),
+        (Box::new(set("static_skip", "1,2,3")), "lists layer 2"),
+        (Box::new(set("static_skip", "0,1,3")), "skip_first_last is false"),
+        (Box::new(set("threshold", "1")), "does not list layer 0"),
+        (Box::new(tensor("layers.3.fc.bias", vec![2.0])), "layers.3.fc.bias = 2"),
+        (Box::new(tensor("layers.2.fc.weight", vec![0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0])), "layers.2.fc.weight is not all zero"),
+        (
+            Box::new(|r: &mut Raw| {
+                r.1.retain(|name, _| !name.starts_with("layers.4."));
+            }),
+            "layer 4 has none",
+        ),
+    ];
+    for (edit, want) in cases {
+        let err = load_edited(&dir, &base, edit).unwrap_err().to_string();
+        assert!(err.contains("edited.safetensors") && err.contains("static_skip") && err.contains(want), "want {want:?}: {err}");
+    }
+    // the empty list is a plan of no skipped layer: every router must keep its layer
+    let none = raw(&RouterFile::static_plan(&identity(5, 8), &[]).unwrap(), &dir);
+    assert_eq!(load_edited(&dir, &none, |_| {}).unwrap().static_skip, Some(vec![]));
+    let err = load_edited(&dir, &none, tensor("layers.2.fc.bias", vec![-1.0])).unwrap_err().to_string();
+    assert!(err.contains("does not list layer 2"), "{err}");
+    // a static plan needs linear routers
+    let mut ranked = random_file(2);
+    ranked.static_skip = Some(vec![]);
+    let err = ranked.save(&dir.path.join("ranked.safetensors")).unwrap_err().to_string();
+    assert!(err.contains("router_rank 0"), "{err}");
+}
