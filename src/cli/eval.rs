@@ -8,7 +8,10 @@ use clap::Args;
 use firstrt::eval::data::{TaskExample, load_task};
 use firstrt::eval::plot::{PlotPoint, write_plot};
 use firstrt::eval::report::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ConfigSummary, example_json, markdown_table};
-use firstrt::eval::run::{EvalConfig, ExampleResult, GENERATE_METRICS, LOGLIK_METRICS, ScoreMode, calibration_ids, evaluate_example};
+use firstrt::eval::run::DECODE_PROBE_STEPS;
+use firstrt::eval::run::{
+    EvalConfig, ExampleResult, GENERATE_METRICS, LOGLIK_METRICS, ScoreMode, calibration_ids, decode_probe, evaluate_example,
+};
 use firstrt::gpu::GpuOptions;
 use firstrt::model::open_model;
 use firstrt::model::routers::layer_list;
@@ -297,7 +300,14 @@ pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
     }
     bar.finish_and_clear();
 
-    let summaries: Vec<ConfigSummary> = configs.iter().zip(&results).map(|(c, r)| ConfigSummary::new(&c.label, names, r)).collect();
+    let mut summaries: Vec<ConfigSummary> = configs.iter().zip(&results).map(|(c, r)| ConfigSummary::new(&c.label, names, r)).collect();
+    for (summary, config) in summaries.iter_mut().zip(&configs) {
+        if summary.needs_probe() && matches!(mode, ScoreMode::Generate { .. }) {
+            let (seconds, steps) = decode_probe(&model, config, &examples[0], DECODE_PROBE_STEPS, ctx_len)
+                .with_context(|| format!("timing the decode of configuration '{}'", config.label))?;
+            summary.set_probe(seconds, steps);
+        }
+    }
     let table = markdown_table(&summaries);
     let json = serde_json::json!({
         "model": args.model.model.display().to_string(),

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::run::ExampleResult;
+use super::run::{DECODE_PROBE_STEPS, ExampleResult};
 use super::stats::{bootstrap_ci, mean};
 
 /// Bootstrap resamples for every 95% interval.
@@ -42,6 +42,9 @@ pub struct ConfigSummary {
     pub prefill_ms: f64,
     /// Decode wall time per step, in ms: all decode time over all decode steps.
     pub decode_ms_per_token: f64,
+    /// True when `decode_ms_per_token` comes from [`ConfigSummary::set_probe`] (no example
+    /// ran a decode step).
+    pub decode_probed: bool,
     /// Tokens generated (or, for log-likelihood, scored) over all examples.
     pub tokens: usize,
     /// One entry per metric, in the mode's order.
@@ -71,9 +74,24 @@ impl ConfigSummary {
             skipped_max: skipped.iter().copied().max().unwrap_or(0),
             prefill_ms: 1e3 * results.iter().map(|r| r.prefill_s).sum::<f64>() / results.len().max(1) as f64,
             decode_ms_per_token: if steps == 0 { f64::NAN } else { 1e3 * decode_s / steps as f64 },
+            decode_probed: false,
             tokens: results.iter().map(|r| r.tokens).sum(),
             metrics,
         }
+    }
+
+    /// Decode ms/token from a timing probe ([`decode_probe`](super::run::decode_probe)) of
+    /// `steps` steps taking `seconds`, for a configuration whose examples ran no decode step.
+    pub fn set_probe(&mut self, seconds: f64, steps: usize) {
+        if steps > 0 {
+            self.decode_ms_per_token = 1e3 * seconds / steps as f64;
+            self.decode_probed = true;
+        }
+    }
+
+    /// True when no example ran a decode step (and no probe has been set).
+    pub fn needs_probe(&self) -> bool {
+        !self.decode_ms_per_token.is_finite()
     }
 
     /// The metric called `name`, if this summary has it.
@@ -89,6 +107,7 @@ impl ConfigSummary {
             "layers_skipped": {"mean": finite(self.skipped_mean), "min": self.skipped_min, "max": self.skipped_max},
             "prefill_ms": finite(self.prefill_ms),
             "decode_ms_per_token": finite(self.decode_ms_per_token),
+            "decode_probed": self.decode_probed,
             "tokens": self.tokens,
             "metrics": self.metrics.iter().map(|m| (m.name.clone(), json!({
                 "mean": finite(m.mean), "ci95": [finite(m.ci_low), finite(m.ci_high)],
@@ -126,7 +145,8 @@ fn with_ci(m: &MetricSummary, scale: f64, digits: usize) -> String {
 
 /// The Markdown table: one row per configuration with the layers skipped (mean and range),
 /// prefill ms, decode ms/token, tokens and each metric with its 95% interval. ROUGE and
-/// exact match are shown as percentages.
+/// exact match are shown as percentages. A decode time from a probe is marked `*` and
+/// explained under the table.
 pub fn markdown_table(summaries: &[ConfigSummary]) -> String {
     let Some(first) = summaries.first() else { return String::new() };
     let mut out = String::from("| configuration | layers skipped (mean [min–max]) | prefill ms | decode ms/token | tokens |");
@@ -140,14 +160,26 @@ pub fn markdown_table(summaries: &[ConfigSummary]) -> String {
     out.push('\n');
     for s in summaries {
         out.push_str(&format!(
-            "| {} | {:.1} [{}–{}] | {:.1} | {:.1} | {} |",
-            s.label, s.skipped_mean, s.skipped_min, s.skipped_max, s.prefill_ms, s.decode_ms_per_token, s.tokens
+            "| {} | {:.1} [{}–{}] | {:.1} | {:.1}{} | {} |",
+            s.label,
+            s.skipped_mean,
+            s.skipped_min,
+            s.skipped_max,
+            s.prefill_ms,
+            s.decode_ms_per_token,
+            if s.decode_probed { "*" } else { "" },
+            s.tokens
         ));
         for m in &s.metrics {
             let (scale, digits) = if m.name == "nll" { (1.0, 3) } else { (100.0, 1) };
             out.push_str(&format!(" {} |", with_ci(m, scale, digits)));
         }
         out.push('\n');
+    }
+    if summaries.iter().any(|s| s.decode_probed) {
+        out.push_str(&format!(
+            "\n\\* every example ended at its first token, so no decode step was timed; the decode time is that of a probe: the first example's prompt and {DECODE_PROBE_STEPS} decode steps with no end token.\n"
+        ));
     }
     out
 }
@@ -182,8 +214,12 @@ mod tests {
         let table = markdown_table(std::slice::from_ref(&s));
         assert!(table.contains("| x | 1.0 [0–2] | 500.0 | 200.0 | 22 | 0.500 [0.500, 0.500] |"), "{table}");
         assert_eq!(s.to_json()["metrics"]["nll"]["mean"], 0.5);
-        let none = ConfigSummary::new("y", &["nll"], &[result("c", vec![], (0.0, 0), vec![f64::NAN])]);
-        assert!(none.to_json()["decode_ms_per_token"].is_null());
-        assert!(markdown_table(&[none]).contains("| - |"));
+        let mut none = ConfigSummary::new("y", &["nll"], &[result("c", vec![], (0.0, 0), vec![f64::NAN])]);
+        assert!(none.to_json()["decode_ms_per_token"].is_null() && none.needs_probe());
+        assert!(markdown_table(std::slice::from_ref(&none)).contains("| - |"));
+        none.set_probe(0.64, 32);
+        assert!(!none.needs_probe() && none.to_json()["decode_probed"] == true);
+        let table = markdown_table(&[none]);
+        assert!(table.contains("| 20.0* |") && table.contains("\\* every example ended"), "{table}");
     }
 }

@@ -112,6 +112,30 @@ pub fn calibration_ids(model: &LoadedModel, example: &TaskExample, ctx_len: usiz
     Ok((ids, cut))
 }
 
+/// Decode steps of [`decode_probe`] as `eval` runs it.
+pub const DECODE_PROBE_STEPS: usize = 32;
+
+/// Decode speed of `config` where its examples give none (every generation ended at its first
+/// token, as a plan that breaks the model can make it): the prompt of `example`, then
+/// `steps` greedy decode steps with no end token. Returns the decode wall time in seconds and
+/// the steps run. Errors: as [`evaluate_example`].
+pub fn decode_probe(
+    model: &LoadedModel,
+    config: &EvalConfig,
+    example: &TaskExample,
+    steps: usize,
+    ctx_len: usize,
+) -> Result<(f64, usize), GenerateError> {
+    let ids = prompt_ids(model, example)?;
+    if ids.len() + steps >= ctx_len {
+        return Err(GenerateError::PromptTooLong { tokens: ids.len() + steps, ctx_len });
+    }
+    let mut session = config.session(model, ctx_len)?;
+    let options = GenerateOptions { max_tokens: steps + 1, sampler: SamplerConfig::greedy(), end_ids: vec![] };
+    let g = crate::generate::generate(&mut session, &ids, &options)?;
+    Ok((g.timings.decode_s, g.timings.decode_tokens))
+}
+
 /// `-log softmax(logits)[id]`, in nats, computed in f64 (log-sum-exp with the maximum
 /// subtracted).
 pub fn negative_log_likelihood(logits: &[f32], id: u32) -> f64 {
