@@ -159,14 +159,14 @@ pub fn markdown_table(summaries: &[ConfigSummary]) -> String {
     out.push_str(&rule);
     out.push('\n');
     for s in summaries {
+        let decode = if s.decode_ms_per_token.is_finite() { format!("{:.1}", s.decode_ms_per_token) } else { "-".into() };
         out.push_str(&format!(
-            "| {} | {:.1} [{}–{}] | {:.1} | {:.1}{} | {} |",
+            "| {} | {:.1} [{}–{}] | {:.1} | {decode}{} | {} |",
             s.label,
             s.skipped_mean,
             s.skipped_min,
             s.skipped_max,
             s.prefill_ms,
-            s.decode_ms_per_token,
             if s.decode_probed { "*" } else { "" },
             s.tokens
         ));
@@ -216,7 +216,8 @@ mod tests {
         assert_eq!(s.to_json()["metrics"]["nll"]["mean"], 0.5);
         let mut none = ConfigSummary::new("y", &["nll"], &[result("c", vec![], (0.0, 0), vec![f64::NAN])]);
         assert!(none.to_json()["decode_ms_per_token"].is_null() && none.needs_probe());
-        assert!(markdown_table(std::slice::from_ref(&none)).contains("| - |"));
+        let table = markdown_table(std::slice::from_ref(&none));
+        assert!(table.contains("| 500.0 | - | 1 | - |"), "{table}");
         none.set_probe(0.64, 32);
         assert!(!none.needs_probe() && none.to_json()["decode_probed"] == true);
         let table = markdown_table(&[none]);
