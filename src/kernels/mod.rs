@@ -4,6 +4,7 @@
 
 pub mod add;
 pub mod attention;
+pub mod attention_backward;
 mod checks;
 pub mod choice;
 pub mod copy;
