@@ -9,6 +9,7 @@ mod checks;
 pub mod choice;
 pub mod copy;
 pub mod cosine;
+pub mod cross_entropy;
 pub mod embedding;
 pub mod linear;
 pub mod matmul;
