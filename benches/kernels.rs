@@ -212,7 +212,8 @@ fn main() {
             continue;
         }
         let (qd, kvd) = (heads.q_dim(), heads.kv_dim());
-        let rand = |name: &str, cols: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[t, cols], &pseudo_random(t * cols, seed)).unwrap();
+        let rand =
+            |name: &str, cols: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[t, cols], &pseudo_random(t * cols, seed)).unwrap();
         let (q, k, v, out, d_out) = (rand("q", qd, 6), rand("k", kvd, 7), rand("v", kvd, 8), rand("out", qd, 9), rand("d_out", qd, 10));
         let (dq, dk, dv) = (rand("dq", qd, 0), rand("dk", kvd, 0), rand("dv", kvd, 0));
         let op = AttnBackwardOp { q: &q, k: &k, v: &v, out: &out, d_out: &d_out, rows: t, shape: heads, dq: &dq, dk: &dk, dv: &dv };

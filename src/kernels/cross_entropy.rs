@@ -96,7 +96,10 @@ pub fn cross_entropy_scratch_bytes(rows: usize, chunk: usize) -> usize {
 }
 
 fn pipeline_variant(entry: &'static str, kind: WeightKind, dim: usize) -> ShaderVariant {
-    ShaderVariant::new("cross_entropy", SOURCE, entry).weights("W_DECL", kind, 2, "w").define("ALIGNED", dim.is_multiple_of(4))
+    ShaderVariant::new("cross_entropy", SOURCE, entry)
+        .weights("H_DECL", WeightKind::F32, 1, "h")
+        .weights("W_DECL", kind, 2, "w")
+        .define("ALIGNED", dim.is_multiple_of(4))
 }
 
 /// Prepares the cross-entropy of `op` (see the module docs): with `z = h · Wᵀ` over the rows t
@@ -182,7 +185,7 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
             &pipe,
             format!("{label}.logits[{c}]"),
             &[u.as_entire_binding(), h.buffer.as_entire_binding(), wc.tensor.buffer.as_entire_binding(), logits.buffer.as_entire_binding()],
-            grid((rows * cols).div_ceil(64) as u32),
+            grid((rows.div_ceil(4) * cols.div_ceil(4)).div_ceil(64) as u32),
             Cost { flops: (2 * rows * cols * dim) as u64, bytes: w_bytes + (4 * rows * (dim + cols)) as u64 },
         ))
     };
@@ -250,7 +253,7 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
                 wc.tensor.buffer.as_entire_binding(),
                 dh.buffer.as_entire_binding(),
             ],
-            grid((rows * dim.div_ceil(4)).div_ceil(64) as u32),
+            grid((rows.div_ceil(4) * dim.div_ceil(4)).div_ceil(64) as u32),
             Cost { flops: (2 * rows * cols * dim) as u64, bytes: w_bytes + (4 * rows * (cols + 2 * dim)) as u64 },
         ));
     }
