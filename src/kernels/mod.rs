@@ -13,6 +13,7 @@ pub mod linear;
 pub mod matmul;
 pub mod matvec;
 pub mod rmsnorm;
+pub mod rmsnorm_backward;
 pub mod rope;
 pub mod router;
 pub mod sample;
