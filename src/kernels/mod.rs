@@ -15,6 +15,7 @@ pub mod matvec;
 pub mod rmsnorm;
 pub mod rmsnorm_backward;
 pub mod rope;
+pub mod rope_backward;
 pub mod router;
 pub mod sample;
 pub mod step;
