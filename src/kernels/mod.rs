@@ -2,6 +2,7 @@
 //! the parameter struct, a typed function that prepares a [`Dispatch`](crate::gpu::Dispatch)
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
+pub mod adamw;
 pub mod add;
 pub mod attention;
 pub mod attention_backward;
@@ -11,11 +12,14 @@ pub mod copy;
 pub mod cosine;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod grad_clip;
 pub mod linear;
 pub mod matmul;
 pub mod matvec;
 pub mod rmsnorm;
+pub mod rmsnorm_backward;
 pub mod rope;
+pub mod rope_backward;
 pub mod router;
 pub mod sample;
 pub mod step;
