@@ -230,11 +230,7 @@ mod tests {
     use super::*;
     use crate::gpu::test_context;
     use crate::kernels::attention::attention_ref_f64;
-    use crate::kernels::testing::{assert_close, random_vec};
-
-    fn wide(v: &[f32]) -> Vec<f64> {
-        v.iter().map(|&x| x as f64).collect()
-    }
+    use crate::kernels::testing::{assert_close, assert_close_f64, central_differences, random_vec, to_f64};
 
     fn narrow(v: &[f64]) -> Vec<f32> {
         v.iter().map(|&x| x as f32).collect()
@@ -243,25 +239,6 @@ mod tests {
     /// The scalar whose gradient the backward computes: `L = sum(dO ∘ attention(q, K, V))`.
     fn loss(q: &[f64], k: &[f64], v: &[f64], d_out: &[f64], rows: usize, shape: AttnShape) -> f64 {
         attention_ref_f64(q, rows, k, v, 0, shape).iter().zip(d_out).map(|(a, b)| a * b).sum()
-    }
-
-    /// Central differences of [`loss`] with respect to every element of `x` (one of q, k, v,
-    /// chosen by `which`), step `eps · max(1, |x_i|)`.
-    fn numeric(q: &[f64], k: &[f64], v: &[f64], d_out: &[f64], rows: usize, shape: AttnShape, which: usize) -> Vec<f64> {
-        let mut ins = [q.to_vec(), k.to_vec(), v.to_vec()];
-        let n = ins[which].len();
-        (0..n)
-            .map(|i| {
-                let x = ins[which][i];
-                let step = 1e-5 * x.abs().max(1.0);
-                ins[which][i] = x + step;
-                let up = loss(&ins[0], &ins[1], &ins[2], d_out, rows, shape);
-                ins[which][i] = x - step;
-                let down = loss(&ins[0], &ins[1], &ins[2], d_out, rows, shape);
-                ins[which][i] = x;
-                (up - down) / (2.0 * step)
-            })
-            .collect()
     }
 
     #[test]
@@ -276,22 +253,25 @@ mod tests {
         for (i, (rows, shape, cache_rows)) in cases.into_iter().enumerate() {
             let seed = 10 * i as u64;
             let q: Vec<f64> = random_vec(rows * shape.q_dim(), seed).iter().map(|&x| 2.0 * x as f64).collect();
-            let k = wide(&random_vec(cache_rows * shape.kv_dim(), seed + 1));
-            let v = wide(&random_vec(cache_rows * shape.kv_dim(), seed + 2));
-            let d_out = wide(&random_vec(rows * shape.q_dim(), seed + 3));
+            let k = to_f64(&random_vec(cache_rows * shape.kv_dim(), seed + 1));
+            let v = to_f64(&random_vec(cache_rows * shape.kv_dim(), seed + 2));
+            let d_out = to_f64(&random_vec(rows * shape.q_dim(), seed + 3));
             let g = attention_backward_ref(&q, &k, &v, &d_out, rows, shape);
             let kv_n = rows * shape.kv_dim();
-            for (which, got, name) in [(0, &g.dq, "dq"), (1, &g.dk, "dk"), (2, &g.dv, "dv")] {
-                let mut want = numeric(&q, &k, &v, &d_out, rows, shape, which);
-                if which > 0 {
-                    // Rows past T never reach the loss.
+            let numeric = [
+                central_differences(&q, 1e-5, |x| loss(x, &k, &v, &d_out, rows, shape)),
+                central_differences(&k, 1e-5, |x| loss(&q, x, &v, &d_out, rows, shape)),
+                central_differences(&v, 1e-5, |x| loss(&q, &k, x, &d_out, rows, shape)),
+            ];
+            for (mut want, got, name) in
+                numeric.into_iter().zip([(&g.dq, "dq"), (&g.dk, "dk"), (&g.dv, "dv")]).map(|(n, (g, name))| (n, g, name))
+            {
+                if name != "dq" {
+                    // Cache rows past T never reach the loss.
                     assert!(want[kv_n..].iter().all(|&x| x == 0.0), "{name}: cache rows past T must not matter");
                     want.truncate(kv_n);
                 }
-                assert_eq!(got.len(), want.len());
-                for (j, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-7 + 1e-6 * b.abs(), "{shape:?} T={rows} {name}[{j}]: backward {a}, finite difference {b}");
-                }
+                assert_close_f64(got, &want, 1e-7, &format!("{shape:?} T={rows} {name}: backward vs finite differences"));
             }
         }
     }
@@ -305,7 +285,7 @@ mod tests {
         let k = random_vec(cache_rows * kvd, seed + 1);
         let v = random_vec(cache_rows * kvd, seed + 2);
         let d_out = random_vec(rows * qd, seed + 3);
-        let o = attention_ref_f64(&wide(&q), rows, &wide(&k), &wide(&v), 0, shape);
+        let o = attention_ref_f64(&to_f64(&q), rows, &to_f64(&k), &to_f64(&v), 0, shape);
         let up = |name: &str, x: &[f32], cols: usize| GpuTensor::from_f32(&ctx, name, &[x.len() / cols, cols], x).unwrap();
         let (gq, gk, gv, gdo, go) =
             (up("q", &q, qd), up("k", &k, kvd), up("v", &v, kvd), up("d_out", &d_out, qd), up("o", &narrow(&o), qd));
@@ -316,7 +296,7 @@ mod tests {
         let ds = attention_backward(&ctx, "attn_bwd", &op).unwrap();
         assert_eq!(ds.len(), 2);
         ctx.run("attn_bwd", &ds.iter().collect::<Vec<_>>()).unwrap();
-        let want = attention_backward_ref(&wide(&q), &wide(&k), &wide(&v), &wide(&d_out), rows, shape);
+        let want = attention_backward_ref(&to_f64(&q), &to_f64(&k), &to_f64(&v), &to_f64(&d_out), rows, shape);
         let what = format!("{shape:?} T={rows} cache={cache_rows} q_scale={q_scale}");
         // f32 sums over up to T keys (and T · group rows for dK, dV) of terms of size ~1.
         let atol = 2e-5 * ((rows * shape.n_heads / shape.n_kv_heads) as f32).sqrt();

@@ -297,13 +297,11 @@ pub fn cross_entropy_ref(h: &[f64], w: &[f64], d: usize, targets: &[u32], mask: 
 mod tests {
     use super::*;
     use crate::gpu::{GpuOptions, MatrixPart, test_context};
-    use crate::kernels::testing::{assert_close, random_blocks, random_vec, round_f16, weight_kinds};
+    use crate::kernels::testing::{
+        assert_close, assert_close_f64, central_differences, random_blocks, random_vec, round_f16, to_f64, weight_kinds,
+    };
     use crate::model::QuantType;
     use rand::{Rng, SeedableRng};
-
-    fn wide(v: &[f32]) -> Vec<f64> {
-        v.iter().map(|&x| x as f64).collect()
-    }
 
     fn random_targets(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -315,22 +313,13 @@ mod tests {
         // T = 5, d = 37, vocab 1000; rows 1 and 3 are not counted (their dh must be 0).
         let (rows, d, vocab) = (5, 37, 1000);
         let h: Vec<f64> = random_vec(rows * d, 1).iter().map(|&x| 3.0 * x as f64).collect();
-        let w = wide(&random_vec(vocab * d, 2));
+        let w = to_f64(&random_vec(vocab * d, 2));
         let targets = random_targets(rows, vocab, 3);
         let mask = [true, false, true, false, true];
         let (loss, dh) = cross_entropy_ref(&h, &w, d, &targets, &mask);
         assert!(loss.is_finite() && loss > 0.0);
-        let mut x = h.clone();
-        for i in 0..h.len() {
-            let step = 1e-5 * h[i].abs().max(1.0);
-            x[i] = h[i] + step;
-            let up = cross_entropy_ref(&x, &w, d, &targets, &mask).0;
-            x[i] = h[i] - step;
-            let down = cross_entropy_ref(&x, &w, d, &targets, &mask).0;
-            x[i] = h[i];
-            let want = (up - down) / (2.0 * step);
-            assert!((dh[i] - want).abs() <= 1e-8 + 1e-6 * want.abs(), "dh[{i}]: backward {}, finite difference {want}", dh[i]);
-        }
+        let numeric = central_differences(&h, 1e-5, |x| cross_entropy_ref(x, &w, d, &targets, &mask).0);
+        assert_close_f64(&dh, &numeric, 1e-7, "dh: backward vs finite differences");
         assert!(dh[d..2 * d].iter().chain(&dh[3 * d..4 * d]).all(|&g| g == 0.0));
     }
 
@@ -389,7 +378,7 @@ mod tests {
         let h: Vec<f32> = random_vec(rows * d, seed).iter().map(|x| x * h_scale).collect();
         let targets = random_targets(rows, w.rows, seed + 1);
         let mask: Vec<bool> = (0..rows).map(|t| t % 3 != 1).collect();
-        let (want_loss, want_dh) = cross_entropy_ref(&wide(&h), &wide(wv), d, &targets, &mask);
+        let (want_loss, want_dh) = cross_entropy_ref(&to_f64(&h), &to_f64(wv), d, &targets, &mask);
         let what = format!("{} vocab={} d={d} T={rows} chunk={chunk} h_scale={h_scale} chunks={}", kind.name(), w.rows, w.chunks.len());
         let garbage = random_vec(rows * d, seed + 2);
         let (loss, dh) = run_gpu(ctx, w, kind, &h, &targets, &mask, chunk, Some(&garbage), false);
