@@ -11,6 +11,8 @@ pub mod cosine;
 pub mod embedding;
 pub mod linear;
 pub mod matmul;
+pub mod matmul_tn;
+pub mod matmul_xw;
 pub mod matvec;
 pub mod rmsnorm;
 pub mod rope;
