@@ -24,4 +24,6 @@ pub mod swiglu;
 pub mod testing;
 
 #[cfg(test)]
+mod linear_grad_tests;
+#[cfg(test)]
 mod quant_tests;
