@@ -5,7 +5,8 @@
 //!
 //! What a new product needs is a new case here, not a new wrapper: a quantised weight format is
 //! a new [`WeightKind`] (Q8_0 or Q4_K blocks decoded by the kernel's weight accessor), a
-//! transposed or backward product (`dX = dY · W`, LoRA's `dA` and `dB`) a new [`LinearForm`].
+//! transposed or backward product of a weight a new [`LinearForm`] (the input gradient
+//! `dX = dY · W` is [`LinearForm::XW`]).
 
 use std::sync::Arc;
 
@@ -44,13 +45,15 @@ pub enum LinearForm {
 }
 
 /// One linear product `y[t, y_col0 + n] (+)= scale · sum_k x[t, k] · W[n, k] (+ bias[n])` for
-/// `t < rows`, `n < N`, with every operand and option named.
+/// `t < rows`, `n < N` (or, in the [`LinearForm::XW`] form, `y[t, y_col0 + k] (+)= scale ·
+/// sum_n x[t, n] · W[n, k]` for `k < K`), with every operand and option named.
 ///
 /// Build it with [`LinearOp::new`] (no bias, overwrite, no scale, y rows packed, the adapter's
 /// weight kind) and the builder methods, then pass it to `matmul` or `matvec`.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearOp<'a> {
-    /// The input, `[rows, K]` f32 row-major with row stride K (K = `w.cols`).
+    /// The input, `[rows, K]` f32 row-major with row stride K (K = `w.cols`); in the
+    /// [`LinearForm::XW`] form `[rows, N]` with row stride N (N = `w.rows`).
     pub x: &'a GpuTensor,
     /// Rows of x (tokens) to multiply; at least 1 (`matvec` takes exactly 1).
     pub rows: usize,
@@ -64,7 +67,8 @@ pub struct LinearOp<'a> {
     pub form: LinearForm,
     /// Optional bias `[N]` f32, added after the scale (forward form only).
     pub bias: Option<&'a GpuTensor>,
-    /// The output, f32: row t's outputs are `y[t * stride + y_col0 ..][..N]`.
+    /// The output, f32: row t's outputs are `y[t * stride + y_col0 ..][..N]` (`[..K]` in the
+    /// [`LinearForm::XW`] form).
     pub y: &'a GpuTensor,
     /// Row stride of y in elements; `None`: `y_col0 + N` (rows packed). Must be at least
     /// `y_col0 + N`.
@@ -149,11 +153,11 @@ impl<'a> LinearOp<'a> {
     ///
     /// # Errors
     /// [`GpuError::InvalidArgument`] naming `label` when: x, y or the bias is not f32; W is not
-    /// f32 or f16; the product is empty (no rows, N or K of 0); x has fewer than `rows` times
-    /// the reduction length elements; the y stride is below `y_col0 + N` or y is too small for `rows` rows of it; the
-    /// bias has fewer than N elements or is given to the [`LinearForm::XW`] form; an index does
-    /// not fit in u32; a chunk of W does not match
-    /// the matrix; the weight kind cannot read W's dtype or needs SHADER_F16 that the adapter lacks.
+    /// f32 or f16; the product is empty (no rows, N or K of 0); x has fewer than `rows` times the
+    /// reduction length elements; the y stride is below `y_col0` plus the outputs per row or y
+    /// is too small for `rows` rows of it; the bias has fewer than N elements or is given to the
+    /// [`LinearForm::XW`] form; an index does not fit in u32; a chunk of W does not match the
+    /// matrix; the weight kind cannot read W's dtype or needs SHADER_F16 that the adapter lacks.
     pub fn check(&self, ctx: &GpuContext, label: &str) -> Result<WeightKind, GpuError> {
         let (w, rows) = (self.w, self.rows);
         let (k, n) = self.k_n();
