@@ -6,7 +6,9 @@
 //
 // Placeholders (filled from Rust): X_DECL / W_DECL declare x (f32) and the chunk's weights with
 // accessors x_1 and w_4, w_1 (any WeightKind: f32, f16, the wide kinds, quantised blocks); ALIGNED
-// is true when K % 4 == 0 (rows of w start on a group of 4); WG is the workgroup size.
+// is true when K % 4 == 0 (rows of w start on a group of 4); XVEC is true when every chunk's
+// first column of x is on a group of 4 (N % 4 == 0 and every row0 % 4 == 0), so that x is read
+// four values of n per load; WG is the workgroup size.
 
 struct MatmulXwParams {
     t: u32,         // rows of x and y (tokens)
@@ -29,6 +31,7 @@ struct MatmulXwParams {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;  // [t, y_stride]
 
 const ALIGNED: bool = {{ALIGNED}};
+const XVEC: bool = {{XVEC}};
 const WG: u32 = {{WG}}u;
 const TM: u32 = 4u;  // rows of x per invocation (`matmul_xw::XW_TM`)
 
@@ -58,6 +61,9 @@ fn store(t: u32, k: u32, v: f32) {
 
 // Each invocation computes TM rows of y times 4 consecutive columns: per row n of w one group
 // of 4 weights (w_4, or four w_1 when K % 4 != 0) and TM values of x feed 4 TM multiply-adds.
+// With XVEC, four rows of w at a time against one x_4 load per row of x (TM + 4 loads for 16 TM
+// multiply-adds instead of 4 TM + 4: on CPU drivers the cost is per load), the rest of the
+// chunk's rows one at a time.
 // Consecutive invocations take consecutive groups of columns (the lanes of a SIMD group read
 // consecutive weights and the same x values). Rows of x past the end are clamped.
 @compute @workgroup_size(WG)
@@ -78,7 +84,27 @@ fn matmul_xw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
     var a3 = vec4<f32>(0.0);
-    for (var n = 0u; n < p.n; n++) {
+    var n_done = 0u;
+    if (XVEC) {
+        let n4 = p.n / 4u;
+        for (var nn = 0u; nn < n4; nn++) {
+            let n = nn * 4u;
+            let w0 = w_row4(n, k0);
+            let w1 = w_row4(n + 1u, k0);
+            let w2 = w_row4(n + 2u, k0);
+            let w3 = w_row4(n + 3u, k0);
+            let x0 = x_4(xb0 / 4u + nn);
+            let x1 = x_4(xb1 / 4u + nn);
+            let x2 = x_4(xb2 / 4u + nn);
+            let x3 = x_4(xb3 / 4u + nn);
+            a0 = fma(vec4<f32>(x0.w), w3, fma(vec4<f32>(x0.z), w2, fma(vec4<f32>(x0.y), w1, fma(vec4<f32>(x0.x), w0, a0))));
+            a1 = fma(vec4<f32>(x1.w), w3, fma(vec4<f32>(x1.z), w2, fma(vec4<f32>(x1.y), w1, fma(vec4<f32>(x1.x), w0, a1))));
+            a2 = fma(vec4<f32>(x2.w), w3, fma(vec4<f32>(x2.z), w2, fma(vec4<f32>(x2.y), w1, fma(vec4<f32>(x2.x), w0, a2))));
+            a3 = fma(vec4<f32>(x3.w), w3, fma(vec4<f32>(x3.z), w2, fma(vec4<f32>(x3.y), w1, fma(vec4<f32>(x3.x), w0, a3))));
+        }
+        n_done = n4 * 4u;
+    }
+    for (var n = n_done; n < p.n; n++) {
         let w = w_row4(n, k0);
         a0 = fma(vec4<f32>(x_1(xb0 + n)), w, a0);
         a1 = fma(vec4<f32>(x_1(xb1 + n)), w, a1);

@@ -67,11 +67,14 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
     let kind = op.check(ctx, label)?;
     let (n_total, k) = op.k_n();
     let rows = op.rows;
+    // x read four values of n per load where every chunk's first column of x is on a group of 4.
+    let xvec = n_total.is_multiple_of(4) && op.w.chunks.iter().all(|c| c.row0.is_multiple_of(4));
     let pipeline = |kind: WeightKind| {
         let shader = ShaderVariant::new("matmul_xw", SOURCE, "matmul_xw")
             .weights("X_DECL", WeightKind::F32, 1, "x")
             .weights("W_DECL", kind, 2, "w")
             .define("ALIGNED", k.is_multiple_of(4))
+            .define("XVEC", xvec)
             .define("WG", XW_WG);
         ctx.pipeline(&shader)
     };
@@ -184,7 +187,7 @@ mod tests {
     fn xw_matches_reference_every_dense_kind() {
         let ctx = test_context();
         for kind in weight_kinds(&ctx) {
-            for (t, n, k) in [(3, 41, 37), (17, 41, 576), (5, 1, 1), (1, 41, 37), (1, 9, 576), (70, 13, 20)] {
+            for (t, n, k) in [(3, 41, 37), (17, 41, 576), (5, 1, 1), (1, 41, 37), (1, 9, 576), (70, 13, 20), (6, 44, 37), (17, 64, 576)] {
                 let mut wv = random_vec(n * k, (n * k) as u64);
                 let w = GpuMatrix::upload(&ctx, "w", n, k, &wv, kind.dtype()).unwrap();
                 if kind.dtype() == DType::F16 {
@@ -202,7 +205,7 @@ mod tests {
         let ctx = test_context();
         for q in QuantType::ALL {
             let k = if q.block_elems() == 256 { 768 } else { 576 };
-            let blocks = random_blocks(q, 41, k, 5);
+            let blocks = random_blocks(q, 44, k, 5);
             let wv = blocks.dequantize().unwrap();
             let w = GpuMatrix::upload_parts(&ctx, "w", k, &[MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
             for t in [1, 3, 17] {
@@ -219,8 +222,8 @@ mod tests {
     #[test]
     fn xw_sums_over_chunks() {
         let ctx = GpuContext::new(&GpuOptions { max_binding_override: Some(4096), ..Default::default() }).unwrap();
-        for kind in [WeightKind::F32, WeightKind::F16Packed] {
-            let (n, k) = (301, 36);
+        for (kind, n) in [(WeightKind::F32, 301), (WeightKind::F16Packed, 301), (WeightKind::F32, 300), (WeightKind::F16Packed, 300)] {
+            let k = 36;
             let mut wv = random_vec(n * k, 9);
             let w = GpuMatrix::upload(&ctx, "w", n, k, &wv, kind.dtype()).unwrap();
             assert!(w.chunks.len() > 1);
