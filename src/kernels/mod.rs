@@ -15,6 +15,8 @@ pub mod embedding;
 pub mod grad_clip;
 pub mod linear;
 pub mod matmul;
+pub mod matmul_tn;
+pub mod matmul_xw;
 pub mod matvec;
 pub mod rmsnorm;
 pub mod rmsnorm_backward;
@@ -27,5 +29,7 @@ pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;
 
+#[cfg(test)]
+mod linear_grad_tests;
 #[cfg(test)]
 mod quant_tests;
