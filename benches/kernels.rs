@@ -16,10 +16,14 @@ use std::time::{Duration, Instant};
 
 use firstrt::gpu::MatrixPart;
 use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor};
+use firstrt::kernels::attention::AttnShape;
+use firstrt::kernels::attention_backward::{AttnBackwardOp, attention_backward};
 use firstrt::kernels::choice::{read_candidates, weight_kind};
 use firstrt::kernels::copy::copy;
+use firstrt::kernels::cross_entropy::{CrossEntropyOp, cross_entropy};
 use firstrt::kernels::linear::LinearOp;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
+use firstrt::kernels::matmul_tn::{MatmulTnOp, matmul_tn};
 use firstrt::kernels::matvec::{MatvecVariant, matvec};
 use firstrt::kernels::testing::random_blocks;
 use firstrt::model::QuantType;
@@ -197,6 +201,85 @@ fn main() {
                 b.case(&format!("matmul {} {q}", v.name()), &shape, &ds, false);
             }
         }
+    }
+
+    // Backward products of training at prefill T = 128: the input gradient dX = dY · W
+    // (`LinearOp::new_xw`, one kernel whatever the matmul variant) of gate_up (W 3072x576) and
+    // down (576x1536), and LoRA's weight gradients dB = s · dYᵀ · a ([3072, 16]) and dA = daᵀ · x
+    // ([16, 576]) of gate_up at rank 8.
+    for (t, n, k) in [(128, 3072, 576), (128, 576, 1536)] {
+        let dy = GpuTensor::from_f32(&ctx, "dy", &[t, n], &pseudo_random(t * n, 6)).unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            if !b.wanted(&format!("linear_xw {dtype} T={t} {n}x{k}")) && !b.wanted(&format!("linear_xw f16packed T={t} {n}x{k}")) {
+                continue;
+            }
+            let w = GpuMatrix::upload(&ctx, "w", n, k, &pseudo_random(n * k, 4), dtype).unwrap();
+            let dx = GpuTensor::zeros(&ctx, "dx", DType::F32, &[t, k]).unwrap();
+            for kind in read_candidates(&ctx, dtype) {
+                let ds = matmul(&ctx, "dx", &LinearOp::new_xw(&dy, t, &w, &dx).kind(kind), MatmulVariant::RegBlock).unwrap();
+                b.case(&format!("linear_xw {}", kind.name()), &format!("T={t} {n}x{k}"), &ds, false);
+            }
+        }
+        for q in QuantType::ALL {
+            let (kq, shape) = quant_shape(q, n, k);
+            let shape = format!("T={t} {shape}");
+            if !b.wanted(&format!("linear_xw {q} {shape}")) {
+                continue;
+            }
+            let w = quant_weights(&ctx, q, n, kq, 4);
+            let dx = GpuTensor::zeros(&ctx, "dx", DType::F32, &[t, kq]).unwrap();
+            let ds = matmul(&ctx, "dx", &LinearOp::new_xw(&dy, t, &w, &dx), MatmulVariant::RegBlock).unwrap();
+            b.case(&format!("linear_xw {q}"), &shape, &ds, false);
+        }
+    }
+    let (t, n, k, r) = (128, 3072, 576, 16);
+    if b.wanted(&format!("matmul_tn T={t} {n}x{r}")) || b.wanted(&format!("matmul_tn T={t} {r}x{k}")) {
+        let dy = GpuTensor::from_f32(&ctx, "dy", &[t, n], &pseudo_random(t * n, 6)).unwrap();
+        let a = GpuTensor::from_f32(&ctx, "a", &[t, r], &pseudo_random(t * r, 7)).unwrap();
+        let x = GpuTensor::from_f32(&ctx, "x", &[t, k], &pseudo_random(t * k, 5)).unwrap();
+        let db = GpuTensor::zeros(&ctx, "db", DType::F32, &[n, r]).unwrap();
+        let da = GpuTensor::zeros(&ctx, "da", DType::F32, &[r, k]).unwrap();
+        let d = matmul_tn(&ctx, "db", &MatmulTnOp::new(&dy, &a, t, n, r, &db).scale(2.0)).unwrap();
+        b.case("matmul_tn", &format!("T={t} {n}x{r}"), &[d], false);
+        let d = matmul_tn(&ctx, "da", &MatmulTnOp::new(&a, &x, t, r, k, &da)).unwrap();
+        b.case("matmul_tn", &format!("T={t} {r}x{k}"), &[d], false);
+    }
+
+    // Training's backward kernels: attention on the model's heads (9 query, 3 kv, head_dim 64)
+    // from position 0, and the LM-head cross-entropy with dh over the model's vocabulary in
+    // chunks of 4096 columns (every row counted).
+    let heads = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+    for t in [128, 512] {
+        let shape = format!("T={t} 9/3/64");
+        if !b.wanted(&format!("attention_backward {shape}")) {
+            continue;
+        }
+        let (qd, kvd) = (heads.q_dim(), heads.kv_dim());
+        let rand =
+            |name: &str, cols: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[t, cols], &pseudo_random(t * cols, seed)).unwrap();
+        let (q, k, v, out, d_out) = (rand("q", qd, 6), rand("k", kvd, 7), rand("v", kvd, 8), rand("out", qd, 9), rand("d_out", qd, 10));
+        let (dq, dk, dv) = (rand("dq", qd, 0), rand("dk", kvd, 0), rand("dv", kvd, 0));
+        let op = AttnBackwardOp { q: &q, k: &k, v: &v, out: &out, d_out: &d_out, rows: t, shape: heads, dq: &dq, dk: &dk, dv: &dv };
+        let ds = attention_backward(&ctx, "attention_backward", &op).unwrap();
+        b.case("attention_backward", &shape, &ds, false);
+    }
+    for (t, vocab, d) in [(128, 49152, 576)] {
+        let dtype = DType::F16;
+        let name = format!("cross_entropy+dh {}", weight_kind(&ctx, dtype).for_k(d).name());
+        let shape = format!("T={t} {vocab}x{d}");
+        if !b.wanted(&format!("{name} {shape}")) {
+            continue;
+        }
+        let w = GpuMatrix::upload(&ctx, "w", vocab, d, &pseudo_random(vocab * d, 11), dtype).unwrap();
+        let h = GpuTensor::from_f32(&ctx, "h", &[t, d], &pseudo_random(t * d, 12)).unwrap();
+        let ids: Vec<u32> = (0..t as u32).map(|i| i * 383 % vocab as u32).collect();
+        let targets = GpuTensor::from_u32(&ctx, "targets", &[t], &ids).unwrap();
+        let mask = GpuTensor::from_u32(&ctx, "mask", &[t], &vec![1; t]).unwrap();
+        let loss = GpuTensor::zeros(&ctx, "loss", DType::F32, &[1]).unwrap();
+        let dh = GpuTensor::zeros(&ctx, "dh", DType::F32, &[t, d]).unwrap();
+        let op = CrossEntropyOp { dh: Some(&dh), ..CrossEntropyOp::new(&h, t, &w, &targets, &mask, &loss) };
+        let ds = cross_entropy(&ctx, "cross_entropy", &op).unwrap();
+        b.case(&name, &shape, &ds, false);
     }
 
     // Footnote: what a weight costs in bytes read, to compare the quantised rows' GB/s with the

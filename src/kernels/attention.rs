@@ -128,53 +128,50 @@ pub struct AttnParams {
     pub _pad2: u32,
 }
 
-/// WGSL declaring the q/k/v bindings with accessors `q4/k4/v4(base, j) -> vec4<f32>` (lanes
-/// 4j..4j+3 of the head starting at element `base`, zero past head_dim), and an output binding
-/// with `store_NAME(base, j, v)`.
-fn decls(head_dim: usize) -> (String, String, String) {
+/// WGSL declaring the storage binding `var` (f32 rows of heads of `head_dim` elements) with an
+/// accessor for one head: reading (`write` false) `fn f(base: u32, j: u32) -> vec4<f32>` gives
+/// lanes 4j..4j+3 of the head starting at element `base`, zero past head_dim; writing
+/// (`write` true, a `read_write` binding) `fn f(base: u32, j: u32, v: vec4<f32>)` stores the
+/// lanes below head_dim. Declared as `array<vec4<f32>>` when head_dim % 4 == 0 (heads start on
+/// a vec4 boundary), else as `array<f32>` with per-element loops. The shader defines `HD`
+/// (head_dim). Shared by the attention forward and backward kernels.
+pub(crate) fn head_access(binding: u32, var: &str, f: &str, head_dim: usize, write: bool) -> String {
     let vec4 = head_dim.is_multiple_of(4);
-    let read = |binding: u32, var: &str, f: &str| {
-        if vec4 {
-            format!(
-                "@group(0) @binding({binding}) var<storage, read> {var}: array<vec4<f32>>;\n\
-                 fn {f}(base: u32, j: u32) -> vec4<f32> {{ return {var}[(base >> 2u) + j]; }}\n"
-            )
-        } else {
-            format!(
-                "@group(0) @binding({binding}) var<storage, read> {var}: array<f32>;\n\
-                 fn {f}(base: u32, j: u32) -> vec4<f32> {{\n\
-                 \x20   var r = vec4<f32>(0.0);\n\
-                 \x20   let e = base + 4u * j;\n\
-                 \x20   let n = min(HD - 4u * j, 4u);\n\
-                 \x20   for (var c = 0u; c < n; c++) {{ r[c] = {var}[e + c]; }}\n\
-                 \x20   return r;\n\
-                 }}\n"
-            )
-        }
-    };
-    let write = |binding: u32, var: &str, f: &str| {
-        if vec4 {
-            format!(
-                "@group(0) @binding({binding}) var<storage, read_write> {var}: array<vec4<f32>>;\n\
-                 fn {f}(base: u32, j: u32, v: vec4<f32>) {{ {var}[(base >> 2u) + j] = v; }}\n"
-            )
-        } else {
-            format!(
-                "@group(0) @binding({binding}) var<storage, read_write> {var}: array<f32>;\n\
-                 fn {f}(base: u32, j: u32, v: vec4<f32>) {{\n\
-                 \x20   let e = base + 4u * j;\n\
-                 \x20   let n = min(HD - 4u * j, 4u);\n\
-                 \x20   for (var c = 0u; c < n; c++) {{ {var}[e + c] = v[c]; }}\n\
-                 }}\n"
-            )
-        }
-    };
-    let qkv = read(2, "q", "q4") + &read(3, "k_cache", "k4") + &read(4, "v_cache", "v4");
-    (qkv, write(5, "out", "store_out"), write(4, "c_out", "store_cout"))
+    match (vec4, write) {
+        (true, false) => format!(
+            "@group(0) @binding({binding}) var<storage, read> {var}: array<vec4<f32>>;\n\
+             fn {f}(base: u32, j: u32) -> vec4<f32> {{ return {var}[(base >> 2u) + j]; }}\n"
+        ),
+        (false, false) => format!(
+            "@group(0) @binding({binding}) var<storage, read> {var}: array<f32>;\n\
+             fn {f}(base: u32, j: u32) -> vec4<f32> {{\n\
+             \x20   var r = vec4<f32>(0.0);\n\
+             \x20   let e = base + 4u * j;\n\
+             \x20   let n = min(HD - 4u * j, 4u);\n\
+             \x20   for (var c = 0u; c < n; c++) {{ r[c] = {var}[e + c]; }}\n\
+             \x20   return r;\n\
+             }}\n"
+        ),
+        (true, true) => format!(
+            "@group(0) @binding({binding}) var<storage, read_write> {var}: array<vec4<f32>>;\n\
+             fn {f}(base: u32, j: u32, v: vec4<f32>) {{ {var}[(base >> 2u) + j] = v; }}\n"
+        ),
+        (false, true) => format!(
+            "@group(0) @binding({binding}) var<storage, read_write> {var}: array<f32>;\n\
+             fn {f}(base: u32, j: u32, v: vec4<f32>) {{\n\
+             \x20   let e = base + 4u * j;\n\
+             \x20   let n = min(HD - 4u * j, 4u);\n\
+             \x20   for (var c = 0u; c < n; c++) {{ {var}[e + c] = v[c]; }}\n\
+             }}\n"
+        ),
+    }
 }
 
 fn variant(entry: &'static str, head_dim: usize) -> ShaderVariant {
-    let (qkv, out, cout) = decls(head_dim);
+    let read = |binding, var, f| head_access(binding, var, f, head_dim, false);
+    let qkv = read(2, "q", "q4") + &read(3, "k_cache", "k4") + &read(4, "v_cache", "v4");
+    let out = head_access(5, "out", "store_out", head_dim, true);
+    let cout = head_access(4, "c_out", "store_cout", head_dim, true);
     ShaderVariant::new("attention", SOURCE, entry)
         .define("HD", head_dim)
         .define("HD4", head_dim.div_ceil(4))
@@ -317,11 +314,20 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
 
 /// CPU reference (f64 accumulation): `q` `[rows, n_heads head_dim]`, caches `[>= pos0 + rows,
 /// n_kv_heads head_dim]`; row t at position pos0 + t attends to cache rows 0..=pos0 + t.
+/// [`attention_ref_f64`] on the values widened to f64, rounded to f32.
 pub fn attention_ref(q: &[f32], rows: usize, k_cache: &[f32], v_cache: &[f32], pos0: usize, shape: AttnShape) -> Vec<f32> {
+    let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    attention_ref_f64(&wide(q), rows, &wide(k_cache), &wide(v_cache), pos0, shape).into_iter().map(|x| x as f32).collect()
+}
+
+/// The maths of [`attention`] in f64 (the forward the backward's finite-difference tests
+/// differentiate): `out[t, head h] = softmax_j(q[t, h] · K[j, h / group] / sqrt(head_dim)) ·
+/// V[j, h / group]` over cache rows j in 0..=pos0 + t; shapes as [`attention_ref`].
+pub fn attention_ref_f64(q: &[f64], rows: usize, k_cache: &[f64], v_cache: &[f64], pos0: usize, shape: AttnShape) -> Vec<f64> {
     let (hd, qd, kvd) = (shape.head_dim, shape.q_dim(), shape.kv_dim());
     let group = shape.n_heads / shape.n_kv_heads;
     let scale = 1.0 / (hd as f64).sqrt();
-    let mut out = vec![0.0f32; rows * qd];
+    let mut out = vec![0.0f64; rows * qd];
     let mut scores = Vec::new();
     for t in 0..rows {
         let n_keys = pos0 + t + 1;
@@ -331,7 +337,7 @@ pub fn attention_ref(q: &[f32], rows: usize, k_cache: &[f32], v_cache: &[f32], p
             scores.clear();
             for key in 0..n_keys {
                 let kh = &k_cache[key * kvd + kvb..][..hd];
-                let s: f64 = qh.iter().zip(kh).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let s: f64 = qh.iter().zip(kh).map(|(&a, &b)| a * b).sum();
                 scores.push(s * scale);
             }
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -344,9 +350,9 @@ pub fn attention_ref(q: &[f32], rows: usize, k_cache: &[f32], v_cache: &[f32], p
             for (i, oi) in o.iter_mut().enumerate() {
                 let mut acc = 0.0;
                 for (key, &w) in scores.iter().enumerate() {
-                    acc += w * v_cache[key * kvd + kvb + i] as f64;
+                    acc += w * v_cache[key * kvd + kvb + i];
                 }
-                *oi = (acc / sum) as f32;
+                *oi = acc / sum;
             }
         }
     }

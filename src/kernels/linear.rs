@@ -5,7 +5,8 @@
 //!
 //! What a new product needs is a new case here, not a new wrapper: a quantised weight format is
 //! a new [`WeightKind`] (Q8_0 or Q4_K blocks decoded by the kernel's weight accessor), a
-//! transposed or backward product (`dX = dY · W`, LoRA's `dA` and `dB`) a new [`LinearForm`].
+//! transposed or backward product of a weight a new [`LinearForm`] (the input gradient
+//! `dX = dY · W` is [`LinearForm::XW`]).
 
 use std::sync::Arc;
 
@@ -26,39 +27,48 @@ pub const FLAG_SCALE: u32 = 4;
 
 /// Which product of x and W a [`LinearOp`] computes, and so how W is laid out for it.
 ///
-/// Only the forward product exists today. Backward products for training become new cases here
-/// (each with its shapes in [`LinearOp::check`] and its entry point in the kernels): the input
-/// gradient `dX = dY · W` (W read as `[N, K]` without transposing), LoRA's `dA = (s · dY · B)ᵀ · x`
-/// and `dB = s · dYᵀ · a`.
+/// The forward product `x · Wᵀ` and the input gradient of the backward pass, `dX = dY · W`
+/// (also LoRA's `da = s · dY · B`). LoRA's weight gradients `dA = daᵀ · x` and `dB = s · dYᵀ · a`
+/// are products of two activations (no weight matrix, the reduction over tokens):
+/// [`crate::kernels::matmul_tn`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LinearForm {
     /// `y[t, n] = sum_k x[t, k] · W[n, k]`: x `[rows, K]`, W `[N, K]` (Hugging Face's `[out, in]`
     /// layout of a linear layer's weight, so W is read transposed), y `[rows, N]`.
     #[default]
     XWt,
+    /// `y[t, k] = sum_n x[t, n] · W[n, k]`: x `[rows, N]`, W `[N, K]` read as stored, y
+    /// `[rows, K]`. The input gradient of `Y = X · Wᵀ` is `dX = dY · W` (x = dY, y = dX); the
+    /// reduction runs over W's rows, so over its chunks: every chunk after the first adds into
+    /// y. No bias. Kernel: [`crate::kernels::matmul_xw`], reached through `matmul` and `matvec`.
+    XW,
 }
 
 /// One linear product `y[t, y_col0 + n] (+)= scale · sum_k x[t, k] · W[n, k] (+ bias[n])` for
-/// `t < rows`, `n < N`, with every operand and option named.
+/// `t < rows`, `n < N` (or, in the [`LinearForm::XW`] form, `y[t, y_col0 + k] (+)= scale ·
+/// sum_n x[t, n] · W[n, k]` for `k < K`), with every operand and option named.
 ///
 /// Build it with [`LinearOp::new`] (no bias, overwrite, no scale, y rows packed, the adapter's
 /// weight kind) and the builder methods, then pass it to `matmul` or `matvec`.
 #[derive(Debug, Clone, Copy)]
 pub struct LinearOp<'a> {
-    /// The input, `[rows, K]` f32 row-major with row stride K (K = `w.cols`).
+    /// The input, `[rows, K]` f32 row-major with row stride K (K = `w.cols`); in the
+    /// [`LinearForm::XW`] form `[rows, N]` with row stride N (N = `w.rows`).
     pub x: &'a GpuTensor,
     /// Rows of x (tokens) to multiply; at least 1 (`matvec` takes exactly 1).
     pub rows: usize,
-    /// The weight, `[N, K]` (N = `w.rows`) in f32 or f16, possibly split into row chunks.
+    /// The weight, `[N, K]` (N = `w.rows`) in f32 or f16 or quantised blocks, possibly split
+    /// into row chunks.
     pub w: &'a GpuMatrix,
     /// How the kernel reads `w`; `None`: the adapter's choice for `w.dtype`
     /// ([`crate::kernels::choice::weight_kind`]).
     pub kind: Option<WeightKind>,
-    /// Which product of x and W (today only the forward `x · Wᵀ`).
+    /// Which product of x and W: the forward `x · Wᵀ` or the backward `x · W`.
     pub form: LinearForm,
-    /// Optional bias `[N]` f32, added after the scale.
+    /// Optional bias `[N]` f32, added after the scale (forward form only).
     pub bias: Option<&'a GpuTensor>,
-    /// The output, f32: row t's outputs are `y[t * stride + y_col0 ..][..N]`.
+    /// The output, f32: row t's outputs are `y[t * stride + y_col0 ..][..N]` (`[..K]` in the
+    /// [`LinearForm::XW`] form).
     pub y: &'a GpuTensor,
     /// Row stride of y in elements; `None`: `y_col0 + N` (rows packed). Must be at least
     /// `y_col0 + N`.
@@ -78,6 +88,13 @@ impl<'a> LinearOp<'a> {
     /// no bias, no scale, overwriting y, W read the adapter's way.
     pub fn new(x: &'a GpuTensor, rows: usize, w: &'a GpuMatrix, y: &'a GpuTensor) -> LinearOp<'a> {
         LinearOp { x, rows, w, kind: None, form: LinearForm::XWt, bias: None, y, y_stride: None, y_col0: 0, accumulate: false, scale: None }
+    }
+
+    /// `y = x · W` (the [`LinearForm::XW`] form: x `[rows, N]` f32, y `[rows, K]` f32 packed,
+    /// W `[N, K]`), with no scale, overwriting y, W read the adapter's way: the input gradient
+    /// `dX = dY · W` of the forward product `Y = X · Wᵀ`.
+    pub fn new_xw(x: &'a GpuTensor, rows: usize, w: &'a GpuMatrix, y: &'a GpuTensor) -> LinearOp<'a> {
+        LinearOp { form: LinearForm::XW, ..LinearOp::new(x, rows, w, y) }
     }
 
     /// Adds `bias` (`[N]` f32) when it is `Some`.
@@ -114,6 +131,7 @@ impl<'a> LinearOp<'a> {
     pub fn k_n(&self) -> (usize, usize) {
         match self.form {
             LinearForm::XWt => (self.w.cols, self.w.rows),
+            LinearForm::XW => (self.w.rows, self.w.cols),
         }
     }
 
@@ -130,15 +148,16 @@ impl<'a> LinearOp<'a> {
     }
 
     /// Checks every operand and option of the op `label` and returns the weight kind the kernel
-    /// reads W as (a wide kind falls back to its 4-element sibling when K % 8 != 0,
-    /// [`WeightKind::for_k`]).
+    /// reads W as (a wide kind falls back to its 4-element sibling when W's row length
+    /// `w.cols` is not a multiple of 8, [`WeightKind::for_k`]).
     ///
     /// # Errors
     /// [`GpuError::InvalidArgument`] naming `label` when: x, y or the bias is not f32; W is not
-    /// f32 or f16; the product is empty (no rows, N or K of 0); x has fewer than `rows * K`
-    /// elements; the y stride is below `y_col0 + N` or y is too small for `rows` rows of it; the
-    /// bias has fewer than N elements; an index does not fit in u32; a chunk of W does not match
-    /// the matrix; the weight kind cannot read W's dtype or needs SHADER_F16 that the adapter lacks.
+    /// f32 or f16; the product is empty (no rows, N or K of 0); x has fewer than `rows` times the
+    /// reduction length elements; the y stride is below `y_col0` plus the outputs per row or y
+    /// is too small for `rows` rows of it; the bias has fewer than N elements or is given to the
+    /// [`LinearForm::XW`] form; an index does not fit in u32; a chunk of W does not match the
+    /// matrix; the weight kind cannot read W's dtype or needs SHADER_F16 that the adapter lacks.
     pub fn check(&self, ctx: &GpuContext, label: &str) -> Result<WeightKind, GpuError> {
         let (w, rows) = (self.w, self.rows);
         let (k, n) = self.k_n();
@@ -163,6 +182,9 @@ impl<'a> LinearOp<'a> {
             return Err(invalid(label, format!("y has {} elements, too few for {rows} rows of stride {stride}", self.y.numel())));
         }
         if let Some(b) = self.bias {
+            if self.form == LinearForm::XW {
+                return Err(invalid(label, "the x · W form takes no bias"));
+            }
             check_f32(label, b, n, "bias")?;
         }
         if rows * k > u32::MAX as usize || y_end > u32::MAX as usize {
@@ -186,11 +208,12 @@ impl<'a> LinearOp<'a> {
             None => crate::kernels::choice::weight_kind(ctx, w.dtype),
         };
         check_weight_kind(ctx, label, kind, w.dtype)?;
-        Ok(kind.for_k(k))
+        Ok(kind.for_k(w.cols))
     }
 
     /// One dispatch per chunk of W, named `label` (or `label[row0]` when W is split), with
-    /// bindings params, x, the chunk's weights, bias, y. A chunk is read as its block type, else
+    /// bindings params, x, the chunk's weights, bias, y (the [`LinearForm::XW`] form, which has
+    /// no bias: params, x, the chunk's weights, y). A chunk is read as its block type, else
     /// as `dense` (the kind [`LinearOp::check`] returned); `pipeline` gives the pipeline for a
     /// kind (called once per kind) and `per_chunk` a chunk's uniform parameters, workgroup
     /// counts and cost. Call after [`LinearOp::check`].
@@ -203,7 +226,7 @@ impl<'a> LinearOp<'a> {
         per_chunk: impl Fn(&MatrixChunk, WeightKind) -> (P, [u32; 3], Cost),
     ) -> Result<Vec<Dispatch>, GpuError> {
         // An absent bias is never read (its flag is clear); bind x in its place.
-        let bias = self.bias.unwrap_or(self.x);
+        let bias = (self.form == LinearForm::XWt).then(|| self.bias.unwrap_or(self.x));
         let mut pipelines: Vec<(WeightKind, Arc<Pipeline>)> = Vec::new();
         let mut out = Vec::with_capacity(self.w.chunks.len());
         for c in &self.w.chunks {
@@ -219,20 +242,10 @@ impl<'a> LinearOp<'a> {
             let (params, workgroups, cost) = per_chunk(c, kind);
             let u = uniform(ctx, label, &params);
             let name = if self.w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
-            out.push(Dispatch::new(
-                ctx,
-                &pipe,
-                name,
-                &[
-                    u.as_entire_binding(),
-                    self.x.buffer.as_entire_binding(),
-                    c.tensor.buffer.as_entire_binding(),
-                    bias.buffer.as_entire_binding(),
-                    self.y.buffer.as_entire_binding(),
-                ],
-                workgroups,
-                cost,
-            ));
+            let mut bindings = vec![u.as_entire_binding(), self.x.buffer.as_entire_binding(), c.tensor.buffer.as_entire_binding()];
+            bindings.extend(bias.map(|b| b.buffer.as_entire_binding()));
+            bindings.push(self.y.buffer.as_entire_binding());
+            out.push(Dispatch::new(ctx, &pipe, name, &bindings, workgroups, cost));
         }
         Ok(out)
     }

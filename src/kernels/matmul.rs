@@ -12,7 +12,8 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
-use crate::kernels::linear::LinearOp;
+use crate::kernels::linear::{LinearForm, LinearOp};
+use crate::kernels::matmul_xw::matmul_xw;
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
 
@@ -109,11 +110,16 @@ pub struct MatmulParams {
 /// Prepares the prefill product `op` (`y[t, y_col0 + n] (+)= scale · sum_k x[t, k] · W[n, k]
 /// (+ bias[n])` for `t < op.rows`, `n < N`) as `variant`: one dispatch per chunk of W, named
 /// `label` (`label[row0]` when W is split).
+/// The backward form [`LinearForm::XW`] (`dX = dY · W`) has one kernel whatever `variant`:
+/// [`crate::kernels::matmul_xw`].
 ///
 /// # Errors
 /// [`GpuError::InvalidArgument`] naming `label` when [`LinearOp::check`] rejects the op; a
 /// pipeline build error as [`GpuError::Device`].
 pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVariant) -> Result<Vec<Dispatch>, GpuError> {
+    if op.form == LinearForm::XW {
+        return matmul_xw(ctx, label, op);
+    }
     let kind = op.check(ctx, label)?;
     let (k, _) = op.k_n();
     let rows = op.rows;

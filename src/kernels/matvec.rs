@@ -12,7 +12,8 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
 use crate::kernels::checks::invalid;
-use crate::kernels::linear::LinearOp;
+use crate::kernels::linear::{LinearForm, LinearOp};
+use crate::kernels::matmul_xw::matmul_xw;
 
 const SOURCE: &str = include_str!("../../shaders/matvec.wgsl");
 
@@ -77,6 +78,8 @@ pub struct MatvecParams {
 
 /// Prepares the decode GEMV `op` (one row: `y[y_col0 + n] (+)= scale · dot(W[n, :], x) (+ bias[n])`)
 /// as `variant`: one dispatch per chunk of W, named `label` (`label[row0]` when W is split).
+/// The backward form [`LinearForm::XW`] (one row of `dX = dY · W`) has one kernel whatever
+/// `variant`: [`crate::kernels::matmul_xw`].
 ///
 /// # Errors
 /// [`GpuError::InvalidArgument`] naming `label` when `op.rows` is not 1 or [`LinearOp::check`]
@@ -85,6 +88,9 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
     let kind = op.check(ctx, label)?;
     if op.rows != 1 {
         return Err(invalid(label, format!("matvec multiplies one row of x, got {} (use matmul)", op.rows)));
+    }
+    if op.form == LinearForm::XW {
+        return matmul_xw(ctx, label, op);
     }
     let (k, _) = op.k_n();
     let aligned = k.is_multiple_of(4);

@@ -2,18 +2,26 @@
 //! the parameter struct, a typed function that prepares a [`Dispatch`](crate::gpu::Dispatch)
 //! for a pass the caller owns, a CPU reference of the same maths, and its tests.
 
+pub mod adamw;
 pub mod add;
 pub mod attention;
+pub mod attention_backward;
 mod checks;
 pub mod choice;
 pub mod copy;
 pub mod cosine;
+pub mod cross_entropy;
 pub mod embedding;
+pub mod grad_clip;
 pub mod linear;
 pub mod matmul;
+pub mod matmul_tn;
+pub mod matmul_xw;
 pub mod matvec;
 pub mod rmsnorm;
+pub mod rmsnorm_backward;
 pub mod rope;
+pub mod rope_backward;
 pub mod router;
 pub mod sample;
 pub mod step;
@@ -21,5 +29,7 @@ pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;
 
+#[cfg(test)]
+mod linear_grad_tests;
 #[cfg(test)]
 mod quant_tests;

@@ -82,3 +82,35 @@ pub fn random_blocks(ty: crate::model::QuantType, rows: usize, cols: usize, seed
     }
     crate::model::HostBlocks::new("random", rows, cols, ty, data).expect("whole blocks")
 }
+
+/// Central finite differences of a scalar function of `x`: element i is
+/// `(f(x + h e_i) - f(x - h e_i)) / 2h` with `h = rel_step * max(|x_i|, 1)` (error O(h^2) for a
+/// smooth `f`). The reference the backward kernels' CPU gradients are tested against.
+pub fn central_differences(x: &[f64], rel_step: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let mut probe = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let h = rel_step * x[i].abs().max(1.0);
+            probe[i] = x[i] + h;
+            let up = f(&probe);
+            probe[i] = x[i] - h;
+            let down = f(&probe);
+            probe[i] = x[i];
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// Panics naming the first element where |got - want| > tol * max(1, |want|) (or either side is
+/// not finite); `what` names the check in the message.
+pub fn assert_close_f64(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(a.is_finite() && b.is_finite() && (a - b).abs() <= tol * b.abs().max(1.0), "{what}: element {i}: got {a}, want {b}");
+    }
+}
+
+/// `values` widened to f64.
+pub fn to_f64(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
+}
