@@ -9,9 +9,7 @@ use firstrt::eval::data::{TaskExample, load_task};
 use firstrt::eval::plot::{PlotPoint, write_plot};
 use firstrt::eval::report::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, ConfigSummary, example_json, markdown_table};
 use firstrt::eval::run::DECODE_PROBE_STEPS;
-use firstrt::eval::run::{
-    EvalConfig, ExampleResult, GENERATE_METRICS, LOGLIK_METRICS, ScoreMode, calibration_ids, decode_probe, evaluate_example,
-};
+use firstrt::eval::run::{EvalConfig, ExampleResult, GENERATE_METRICS, LOGLIK_METRICS, ScoreMode, decode_probe, evaluate_example};
 use firstrt::gpu::GpuOptions;
 use firstrt::model::open_model;
 use firstrt::model::routers::layer_list;
@@ -19,7 +17,7 @@ use firstrt::runtime::calibration::block_influence;
 use firstrt::runtime::plan::skippable_layers;
 use firstrt::runtime::{LayerPlan, LoadedModel, PlanChoice, PlanPolicyArgs};
 
-use super::{ModelArgs, load_model};
+use super::{ModelArgs, load_model, progress_bar};
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScoreKind {
@@ -188,12 +186,8 @@ fn plans(args: &EvalArgs, model: &LoadedModel, skip_layers: Option<&[usize]>, ct
     if let Some(path) = &args.calibration {
         let mut rows = load_task(path)?;
         rows.truncate(args.calibration_limit);
-        let mut sequences = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let (ids, _) = calibration_ids(model, row, ctx_len).with_context(|| format!("{}:{}", path.display(), row.line))?;
-            sequences.push(ids);
-        }
-        let bar = progress_bar(sequences.len(), "block influence");
+        let sequences = super::static_plan::calibration_sequences(model, &args.model.model, path, &rows, ctx_len)?;
+        let bar = progress_bar(sequences.len(), "block influence (rows)");
         let influence = block_influence(&model.weights, &sequences, &mut |done, _| bar.set_position(done as u64))?;
         bar.finish_and_clear();
         for &count in &args.static_skip {
@@ -221,18 +215,6 @@ fn plans(args: &EvalArgs, model: &LoadedModel, skip_layers: Option<&[usize]>, ct
         }
     }
     Ok(plans)
-}
-
-/// A progress bar on stderr: `message`, bar, done/total, elapsed and ETA.
-fn progress_bar(len: usize, message: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len as u64);
-    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message(message.to_string());
-    bar
 }
 
 pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {

@@ -136,19 +136,26 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// A progress bar on stderr (drawn only on a terminal): `message`, the bar, done/total, elapsed
+/// time and ETA.
+pub fn progress_bar(len: usize, message: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(message.to_string());
+    bar
+}
+
 /// Open the GPU and load the model with a progress bar on stderr, with a LoRA adapter merged
 /// into the weights when `lora` says so.
 pub fn load_model(gpu: &GpuOptions, args: &ModelArgs, lora: Option<&MergedLora>) -> Result<(Arc<GpuContext>, LoadedModel)> {
     let ctx = GpuContext::new(gpu)?;
     log::info!("using {} ({:?})", ctx.info.name, ctx.info.backend);
     let dtype = args.weight_dtype()?;
-    let bar = indicatif::ProgressBar::new(1);
-    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message(format!("loading {}", args.model.display()));
+    let bar = progress_bar(1, &format!("loading {}", args.model.display()));
     let model = LoadedModel::load_merged(&ctx, &args.model, dtype, lora, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);

@@ -2,20 +2,21 @@
 //! influence as a static plan, optionally saved as a router file that `run`, `bench` and `chat`
 //! take with `--routers`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use firstrt::eval::data::load_task;
+use firstrt::eval::data::{TaskExample, load_task};
 use firstrt::eval::run::calibration_ids;
 use firstrt::gpu::GpuOptions;
 use firstrt::model::open_model;
 use firstrt::model::routers::{RouterFile, layer_list, model_identity};
+use firstrt::runtime::LoadedModel;
 use firstrt::runtime::calibration::block_influence;
 use firstrt::runtime::plan::check_skip_count;
 
-use super::{ModelArgs, check_output, context_len, load_model};
+use super::{ModelArgs, check_output, context_len, load_model, progress_bar};
 
 #[derive(Args, Debug)]
 pub struct StaticPlanArgs {
@@ -42,6 +43,30 @@ pub struct StaticPlanArgs {
     pub out: Option<PathBuf>,
 }
 
+/// The calibration sequences of `rows` of the task file `path` for `model` (the file at
+/// `model_path`), each cut to `ctx_len` ([`calibration_ids`]); a warning says how many were cut.
+/// Errors name the file and line of a row the chat template fails on.
+pub(super) fn calibration_sequences(
+    model: &LoadedModel,
+    model_path: &Path,
+    path: &Path,
+    rows: &[TaskExample],
+    ctx_len: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let mut sequences = Vec::with_capacity(rows.len());
+    let mut cut = 0;
+    for row in rows {
+        let (ids, was_cut) = calibration_ids(model, row, ctx_len)
+            .with_context(|| format!("{}:{}: the chat template of {}", path.display(), row.line, model_path.display()))?;
+        cut += usize::from(was_cut);
+        sequences.push(ids);
+    }
+    if cut > 0 {
+        eprintln!("warning: {cut} calibration rows cut to the context of {ctx_len} tokens");
+    }
+    Ok(sequences)
+}
+
 pub fn run(gpu: &GpuOptions, args: StaticPlanArgs) -> Result<()> {
     if args.limit == 0 {
         bail!("--limit 0: at least one calibration row is needed");
@@ -57,24 +82,8 @@ pub fn run(gpu: &GpuOptions, args: StaticPlanArgs) -> Result<()> {
     rows.truncate(args.limit);
 
     let (_ctx, model) = load_model(gpu, &args.model, None)?;
-    let mut sequences = Vec::with_capacity(rows.len());
-    let mut cut = 0;
-    for row in &rows {
-        let (ids, was_cut) = calibration_ids(&model, row, ctx_len)
-            .with_context(|| format!("{}:{}: the chat template of {}", args.calibration.display(), row.line, args.model.model.display()))?;
-        cut += usize::from(was_cut);
-        sequences.push(ids);
-    }
-    if cut > 0 {
-        eprintln!("warning: {cut} calibration rows cut to the context of {ctx_len} tokens");
-    }
-    let bar = indicatif::ProgressBar::new(sequences.len() as u64);
-    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rows {elapsed} (eta {eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message("block influence");
+    let sequences = calibration_sequences(&model, &args.model.model, &args.calibration, &rows, ctx_len)?;
+    let bar = progress_bar(sequences.len(), "block influence (rows)");
     let start = std::time::Instant::now();
     let influence = block_influence(&model.weights, &sequences, &mut |done, _| bar.set_position(done as u64))?;
     let seconds = start.elapsed().as_secs_f64();
