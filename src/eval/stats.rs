@@ -1,5 +1,5 @@
-//! Summary statistics of per-example scores: the mean, the range, and a bootstrap confidence
-//! interval of the mean.
+//! Summary statistics of per-example scores: the mean and a bootstrap confidence interval of
+//! the mean.
 //!
 //! Every function takes the values as a slice (one per example, any unit) and returns `None` for
 //! an empty slice rather than NaN, so that a configuration with no example cannot print a number.
@@ -9,13 +9,6 @@ use rand::{Rng, SeedableRng};
 /// The arithmetic mean of `values`; `None` when there is none.
 pub fn mean(values: &[f64]) -> Option<f64> {
     if values.is_empty() { None } else { Some(values.iter().sum::<f64>() / values.len() as f64) }
-}
-
-/// The smallest and largest of `values` as `(min, max)`; `None` when there is none. NaNs are
-/// ignored unless every value is NaN.
-pub fn min_max(values: &[f64]) -> Option<(f64, f64)> {
-    let first = *values.first()?;
-    Some(values.iter().fold((first, first), |(lo, hi), &v| (lo.min(v), hi.max(v))))
 }
 
 /// The 95% percentile-bootstrap interval of the mean of `values`, as `(low, high)` in the unit of
@@ -52,11 +45,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mean_and_range() {
+    fn mean_of_values() {
         assert_eq!(mean(&[1.0, 2.0, 6.0]), Some(3.0));
-        assert_eq!(min_max(&[2.0, -1.0, 6.0, 0.5]), Some((-1.0, 6.0)));
         assert_eq!(mean(&[]), None);
-        assert_eq!(min_max(&[]), None);
     }
 
     #[test]
