@@ -143,6 +143,39 @@ pub struct RopeParams {
     pub _pad1: u32,
 }
 
+impl RopeParams {
+    /// Checks what the forward and the backward RoPE dispatches share (valid shape, an even
+    /// head_dim equal to the tables', at least one row, at most 2^32 invocations of one pair
+    /// each) and returns the parameters (over the tables' positions) and the invocation count.
+    /// Errors: [`GpuError::InvalidArgument`] naming `label`.
+    pub(crate) fn checked(label: &str, shape: AttnShape, tables: &RopeTables, rows: usize) -> Result<(RopeParams, u32), GpuError> {
+        shape.check(label)?;
+        let hd = shape.head_dim;
+        if !hd.is_multiple_of(2) || tables.head_dim != hd {
+            return Err(invalid(
+                label,
+                format!("rope needs an even head_dim matching the tables (head_dim {hd}, tables {})", tables.head_dim),
+            ));
+        }
+        check_rows(label, rows)?;
+        let invocations = rows.checked_mul(shape.qkv_dim() / 2).filter(|&n| n <= u32::MAX as usize);
+        let Some(invocations) = invocations else {
+            return Err(invalid(label, format!("{rows} rows are too many for one dispatch")));
+        };
+        let params = RopeParams {
+            rows: rows as u32,
+            n_heads: shape.n_heads as u32,
+            n_kv_heads: shape.n_kv_heads as u32,
+            head_dim: hd as u32,
+            half_dim: (hd / 2) as u32,
+            max_pos: tables.max_pos as u32,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        Ok((params, invocations as u32))
+    }
+}
+
 /// The operands of one fused RoPE + KV-cache write (see [`rope_qkv_write`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RopeQkvOp<'a> {
@@ -176,32 +209,14 @@ pub struct RopeQkvOp<'a> {
 /// or not a whole number of rows, or the dispatch would need more than 2^32 invocations.
 pub fn rope_qkv_write(ctx: &GpuContext, label: &str, op: &RopeQkvOp) -> Result<Dispatch, GpuError> {
     let RopeQkvOp { qkv, rows, shape, tables, step, q_out, k_cache, v_cache } = *op;
-    shape.check(label)?;
-    let hd = shape.head_dim;
-    if !hd.is_multiple_of(2) || tables.head_dim != hd {
-        return Err(invalid(label, format!("rope needs an even head_dim matching the tables (head_dim {hd}, tables {})", tables.head_dim)));
-    }
-    check_rows(label, rows)?;
+    let (mut params, invocations) = RopeParams::checked(label, shape, tables, rows)?;
     check_f32(label, qkv, rows * shape.qkv_dim(), "qkv")?;
     check_f32(label, q_out, rows * shape.q_dim(), "q_out")?;
     let k_rows = cache_rows(label, k_cache, shape.kv_dim(), "k_cache")?;
     let v_rows = cache_rows(label, v_cache, shape.kv_dim(), "v_cache")?;
-    let max_pos = k_rows.min(v_rows).min(tables.max_pos);
-    let slots = shape.n_heads + 2 * shape.n_kv_heads;
-    let params = RopeParams {
-        rows: rows as u32,
-        n_heads: shape.n_heads as u32,
-        n_kv_heads: shape.n_kv_heads as u32,
-        head_dim: hd as u32,
-        half_dim: (hd / 2) as u32,
-        max_pos: max_pos as u32,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    let invocations = rows * slots * hd / 2;
-    if invocations > u32::MAX as usize {
-        return Err(invalid(label, format!("{rows} rows are too many for one dispatch")));
-    }
+    // Positions past either cache are skipped too.
+    params.max_pos = k_rows.min(v_rows).min(tables.max_pos) as u32;
+    let hd = shape.head_dim;
     let pipeline = ctx.pipeline(&ShaderVariant::new("rope", SOURCE, "rope_qkv"))?;
     let u = uniform(ctx, label, &params);
     let cost = Cost {
@@ -222,7 +237,7 @@ pub fn rope_qkv_write(ctx: &GpuContext, label: &str, op: &RopeQkvOp) -> Result<D
             k_cache.buffer.as_entire_binding(),
             v_cache.buffer.as_entire_binding(),
         ],
-        grid((invocations as u32).div_ceil(64)),
+        grid(invocations.div_ceil(64)),
         cost,
     ))
 }

@@ -19,7 +19,7 @@ use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
 use crate::kernels::attention::AttnShape;
-use crate::kernels::checks::{check_f32, check_rows, invalid};
+use crate::kernels::checks::check_f32;
 use crate::kernels::rope::{RopeParams, RopeTables};
 use crate::kernels::step::StepBuffer;
 
@@ -60,30 +60,12 @@ pub struct RopeBackwardOp<'a> {
 /// would need more than 2^32 invocations.
 pub fn rope_qkv_backward(ctx: &GpuContext, label: &str, op: &RopeBackwardOp) -> Result<Dispatch, GpuError> {
     let RopeBackwardOp { dq, dk, dv, rows, shape, tables, step, d_qkv } = *op;
-    shape.check(label)?;
-    let hd = shape.head_dim;
-    if !hd.is_multiple_of(2) || tables.head_dim != hd {
-        return Err(invalid(label, format!("rope needs an even head_dim matching the tables (head_dim {hd}, tables {})", tables.head_dim)));
-    }
-    check_rows(label, rows)?;
-    let invocations = rows.checked_mul(shape.qkv_dim() / 2).filter(|&n| n <= u32::MAX as usize);
-    let Some(invocations) = invocations else {
-        return Err(invalid(label, format!("{rows} rows are too many for one dispatch")));
-    };
+    let (params, invocations) = RopeParams::checked(label, shape, tables, rows)?;
     check_f32(label, dq, rows * shape.q_dim(), "dq")?;
     check_f32(label, dk, rows * shape.kv_dim(), "dk")?;
     check_f32(label, dv, rows * shape.kv_dim(), "dv")?;
     check_f32(label, d_qkv, rows * shape.qkv_dim(), "d_qkv")?;
-    let params = RopeParams {
-        rows: rows as u32,
-        n_heads: shape.n_heads as u32,
-        n_kv_heads: shape.n_kv_heads as u32,
-        head_dim: hd as u32,
-        half_dim: (hd / 2) as u32,
-        max_pos: tables.max_pos as u32,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let hd = shape.head_dim;
     let pipeline = ctx.pipeline(&ShaderVariant::new("rope_backward", SOURCE, "rope_qkv_backward"))?;
     let u = uniform(ctx, label, &params);
     let rotated = rows * (shape.n_heads + shape.n_kv_heads) * hd;
@@ -102,7 +84,7 @@ pub fn rope_qkv_backward(ctx: &GpuContext, label: &str, op: &RopeBackwardOp) -> 
             dv.buffer.as_entire_binding(),
             d_qkv.buffer.as_entire_binding(),
         ],
-        grid((invocations as u32).div_ceil(64)),
+        grid(invocations.div_ceil(64)),
         cost,
     ))
 }
