@@ -139,6 +139,23 @@ pub enum LoraError {
         /// The scale given.
         scale: f32,
     },
+    /// A file or folder of the adapter could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An adapter built in memory (by [`LoraAdapter::init`], by training, or by hand) is not
+    /// one [`LoraAdapter::load`] would accept: a bad rank, alpha or target list, or a factor
+    /// whose length does not fit its shape.
+    #[error("invalid LoRA adapter: {what}")]
+    Invalid {
+        /// What is wrong.
+        what: String,
+    },
 }
 
 /// The options of `adapter_config.json` that this runtime uses.
@@ -269,8 +286,28 @@ impl LoraConfig {
     }
 }
 
+/// [`LoraError::Invalid`] unless `config` has a rank above 0, a finite alpha and at least one
+/// target, the targets in [`Projection::ALL`] order without repeats (as
+/// [`LoraConfig::parse`] gives them).
+fn check_config(config: &LoraConfig) -> Result<(), LoraError> {
+    let invalid = |what: String| Err(LoraError::Invalid { what });
+    if config.rank == 0 {
+        return invalid("rank r = 0 (it must be at least 1)".into());
+    }
+    if !config.alpha.is_finite() {
+        return invalid(format!("lora_alpha = {} is not a finite number", config.alpha));
+    }
+    if config.targets.is_empty() {
+        return invalid("no target module".into());
+    }
+    if !config.targets.windows(2).all(|w| w[0] < w[1]) {
+        return invalid(format!("targets {:?} are not in layer order without repeats", config.targets));
+    }
+    Ok(())
+}
+
 /// One adapted projection: `delta W = scaling · B A`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoraPair {
     /// `lora_A` `[r, in]` f32.
     pub a: Vec<f32>,
@@ -294,6 +331,18 @@ pub struct LoraDims {
 }
 
 impl LoraDims {
+    /// `(out, in)` of projection `p`'s base weight `[out, in]` (so `lora_A` is `[r, in]` and
+    /// `lora_B` is `[out, r]`); the same as [`Projection::dims`] on the model's configuration.
+    pub fn projection(&self, p: Projection) -> (usize, usize) {
+        match p {
+            Projection::Q => (self.q_dim, self.d_model),
+            Projection::K | Projection::V => (self.kv_dim, self.d_model),
+            Projection::O => (self.d_model, self.q_dim),
+            Projection::Gate | Projection::Up => (self.d_ff, self.d_model),
+            Projection::Down => (self.d_model, self.d_ff),
+        }
+    }
+
     /// The sizes of a model of `cfg`.
     pub fn of(cfg: &ModelConfig) -> LoraDims {
         LoraDims {
@@ -307,9 +356,9 @@ impl LoraDims {
 }
 
 /// A LoRA adapter on the CPU, shape-checked against one base model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoraAdapter {
-    /// The adapter folder.
+    /// The adapter folder (empty for an adapter made in memory by [`LoraAdapter::init`]).
     pub dir: PathBuf,
     /// Its `adapter_config.json`.
     pub config: LoraConfig,
@@ -424,6 +473,158 @@ impl LoraAdapter {
             layers.push(pairs);
         }
         Ok(LoraAdapter { dir: dir.to_path_buf(), config, dims: LoraDims::of(base), layers })
+    }
+
+    /// A new adapter as PEFT initialises one (`init_lora_weights=True`): every targeted
+    /// projection of every layer gets `lora_A` `[r, in]` drawn from Kaiming-uniform with
+    /// `a = sqrt(5)` (`torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))`, whose bound
+    /// `gain · sqrt(3 / fan_in)` with `gain = sqrt(2 / (1 + a²))` is `1 / sqrt(in)`), i.e.
+    /// uniform in `[-1/sqrt(in), 1/sqrt(in))`, and `lora_B` `[out, r]` = 0, so the adapted model
+    /// starts equal to the base model. f32 throughout.
+    ///
+    /// Deterministic: the values come from `StdRng::seed_from_u64(seed)` drawn layer by layer,
+    /// projection by projection in [`Projection::ALL`] order, row-major; the same seed (and the
+    /// same `rand` version) gives the same adapter. `config.targets` is sorted and deduplicated;
+    /// `dir` is empty.
+    ///
+    /// Errors: [`LoraError::Invalid`] for a rank of 0, an alpha that is not finite, or no target.
+    pub fn init(mut config: LoraConfig, dims: LoraDims, seed: u64) -> Result<LoraAdapter, LoraError> {
+        use rand::{Rng, SeedableRng};
+        config.targets.sort();
+        config.targets.dedup();
+        check_config(&config)?;
+        let r = config.rank;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let layers = (0..dims.n_layers)
+            .map(|_| {
+                let mut pairs: [Option<LoraPair>; 7] = Default::default();
+                for &p in &config.targets {
+                    let (out, inp) = dims.projection(p);
+                    let bound = 1.0 / (inp as f32).sqrt();
+                    let a = (0..r * inp).map(|_| rng.random_range(-bound..bound)).collect();
+                    pairs[p.index()] = Some(LoraPair { a, b: vec![0.0; out * r] });
+                }
+                pairs
+            })
+            .collect();
+        Ok(LoraAdapter { dir: PathBuf::new(), config, dims, layers })
+    }
+
+    /// [`LoraError::Invalid`] unless the adapter is one [`LoraAdapter::load`] would give back:
+    /// a valid config, `dims.n_layers` layers, and in every layer exactly the targeted
+    /// projections, each with `lora_A` of `r · in` and `lora_B` of `out · r` finite values.
+    pub fn validate(&self) -> Result<(), LoraError> {
+        check_config(&self.config)?;
+        let invalid = |what: String| LoraError::Invalid { what };
+        if self.layers.len() != self.dims.n_layers {
+            return Err(invalid(format!("{} layers for a model of {}", self.layers.len(), self.dims.n_layers)));
+        }
+        let r = self.config.rank;
+        for (l, pairs) in self.layers.iter().enumerate() {
+            for p in Projection::ALL {
+                let targeted = self.config.targets.contains(&p);
+                let (out, inp) = self.dims.projection(p);
+                let key = |factor| LoraTensorName { layer: l, projection: p, factor }.key();
+                match (&pairs[p.index()], targeted) {
+                    (None, false) => {}
+                    (None, true) => return Err(invalid(format!("layer {l}: {} is a target but has no factors", p.module()))),
+                    (Some(_), false) => return Err(invalid(format!("layer {l}: {} has factors but is not a target", p.module()))),
+                    (Some(pair), true) => {
+                        for (factor, values, want) in [(LoraFactor::A, &pair.a, [r, inp]), (LoraFactor::B, &pair.b, [out, r])] {
+                            if values.len() != want[0] * want[1] {
+                                return Err(invalid(format!("{}: {} values for shape {want:?}", key(factor), values.len())));
+                            }
+                            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                                return Err(invalid(format!("{}: element {i} is {}", key(factor), values[i])));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `adapter_config.json` that Hugging Face PEFT writes for this LoRA (and reads with
+    /// `PeftModel.from_pretrained`): `peft_type` `"LORA"`, `task_type` `"CAUSAL_LM"`, `r`,
+    /// `lora_alpha` (an integer when it is one), `use_rslora`, `target_modules` (module names in
+    /// [`Projection::ALL`] order), `lora_dropout` 0, `bias` `"none"`, `fan_in_fan_out` false,
+    /// `use_dora` false, `init_lora_weights` true, `inference_mode` true, `modules_to_save`,
+    /// `layers_to_transform`, `layers_pattern`, `revision` null, `rank_pattern` and
+    /// `alpha_pattern` empty, and `base_model_name_or_path` (null when `None`).
+    pub fn peft_config_json(&self, base_model: Option<&str>) -> String {
+        let alpha = self.config.alpha;
+        let alpha =
+            if alpha.fract() == 0.0 && alpha.abs() < 1e15 { serde_json::json!(alpha as i64) } else { serde_json::json!(alpha as f64) };
+        let targets: Vec<&str> = self.config.targets.iter().map(|p| p.module()).collect();
+        let v = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "revision": null,
+            "r": self.config.rank,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.0,
+            "use_rslora": self.config.use_rslora,
+            "use_dora": false,
+            "target_modules": targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        });
+        // A json! object of plain values always serialises.
+        serde_json::to_string_pretty(&v).unwrap_or_default()
+    }
+
+    /// Write the adapter as PEFT does, into `dir` (created with its parents when missing):
+    /// `adapter_model.safetensors` (every factor f32 under PEFT's key, e.g.
+    /// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` `[r, in]` and
+    /// `...lora_B.weight` `[out, r]`; metadata `format` = `pt` as `save_pretrained` writes)
+    /// then `adapter_config.json` ([`LoraAdapter::peft_config_json`] with `base_model` as
+    /// `base_model_name_or_path`). Each file is written atomically (a temporary name in `dir`,
+    /// then a rename), the weights first: an interrupted save leaves each file either old or
+    /// new, and a new weights file beside an old config of another rank or target list is
+    /// refused by [`LoraAdapter::load`], never read as another adapter. The adapter loads back
+    /// equal (with `dir` set to the folder).
+    ///
+    /// Errors: [`LoraError::Invalid`] (see [`LoraAdapter::validate`]) before anything is
+    /// written; [`LoraError::Write`] naming the folder or file that could not be written;
+    /// [`LoraError::SafeTensors`] if serialisation fails.
+    pub fn save(&self, dir: &Path, base_model: Option<&str>) -> Result<(), LoraError> {
+        self.validate()?;
+        std::fs::create_dir_all(dir).map_err(|source| LoraError::Write { path: dir.to_path_buf(), source })?;
+        let weights_path = dir.join("adapter_model.safetensors");
+        let r = self.config.rank;
+        let mut owned: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        for (l, pairs) in self.layers.iter().enumerate() {
+            for p in Projection::ALL {
+                let Some(pair) = &pairs[p.index()] else { continue };
+                let (out, inp) = self.dims.projection(p);
+                let key = |factor| LoraTensorName { layer: l, projection: p, factor }.key();
+                owned.push((key(LoraFactor::A), vec![r, inp], &pair.a));
+                owned.push((key(LoraFactor::B), vec![out, r], &pair.b));
+            }
+        }
+        let st_err = |source| LoraError::SafeTensors { path: weights_path.clone(), source };
+        let views = owned
+            .iter()
+            .map(|(name, shape, data)| {
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(data)).map(|v| (name.as_str(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(st_err)?;
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let bytes = safetensors::serialize(views, Some(metadata)).map_err(st_err)?;
+        super::atomic::write_atomic(&weights_path, &bytes).map_err(|source| LoraError::Write { path: weights_path.clone(), source })?;
+        let config_path = dir.join("adapter_config.json");
+        let text = self.peft_config_json(base_model);
+        super::atomic::write_atomic(&config_path, text.as_bytes()).map_err(|source| LoraError::Write { path: config_path, source })
     }
 
     /// The LoRA rank r.
@@ -606,6 +807,124 @@ mod tests {
         std::fs::write(dir2.path.join("adapter_model.bin"), b"pickle").unwrap();
         let e = LoraAdapter::load(&dir2.path, &cfg).unwrap_err().to_string();
         assert!(e.contains("only safetensors"), "{e}");
+    }
+
+    fn tiny_dims() -> LoraDims {
+        LoraDims::of(&tiny_config())
+    }
+
+    #[test]
+    fn init_is_peft_default_and_seeded() {
+        let dims = tiny_dims();
+        let config = LoraConfig { rank: 3, alpha: 6.0, use_rslora: false, targets: vec![Projection::Down, Projection::Q, Projection::Q] };
+        let a = LoraAdapter::init(config.clone(), dims, 7).unwrap();
+        assert_eq!(a.config.targets, [Projection::Q, Projection::Down]);
+        a.validate().unwrap();
+        let mut seen_negative = false;
+        for l in 0..dims.n_layers {
+            for p in [Projection::Q, Projection::Down] {
+                let (out, inp) = dims.projection(p);
+                let pair = a.pair(l, p).unwrap();
+                assert_eq!((pair.a.len(), pair.b.len()), (3 * inp, out * 3));
+                let bound = 1.0 / (inp as f32).sqrt();
+                assert!(pair.a.iter().all(|&v| (-bound..bound).contains(&v)), "layer {l} {p:?}");
+                seen_negative |= pair.a.iter().any(|&v| v < 0.0);
+                assert!(pair.b.iter().all(|&v| v == 0.0));
+            }
+            assert!(a.pair(l, Projection::K).is_none());
+        }
+        assert!(seen_negative);
+        // Same seed, same adapter; another seed, another A.
+        assert_eq!(LoraAdapter::init(config.clone(), dims, 7).unwrap(), a);
+        let other = LoraAdapter::init(config.clone(), dims, 8).unwrap();
+        assert_ne!(other.pair(0, Projection::Q).unwrap().a, a.pair(0, Projection::Q).unwrap().a);
+
+        let err = |c: LoraConfig| LoraAdapter::init(c, dims, 0).unwrap_err().to_string();
+        assert!(err(LoraConfig { rank: 0, ..config.clone() }).contains("rank r = 0"));
+        assert!(err(LoraConfig { alpha: f32::NAN, ..config.clone() }).contains("lora_alpha = NaN"));
+        assert!(err(LoraConfig { targets: vec![], ..config }).contains("no target"));
+    }
+
+    #[test]
+    fn save_writes_peft_files_that_load_back_equal() {
+        let cfg = tiny_config();
+        let config = LoraConfig { rank: 2, alpha: 5.5, use_rslora: true, targets: vec![Projection::K, Projection::O, Projection::Up] };
+        let mut adapter = LoraAdapter::init(config, LoraDims::of(&cfg), 1).unwrap();
+        // B non-zero (as after training), with values that f32 -> text -> f32 would not keep.
+        for pairs in &mut adapter.layers {
+            for pair in pairs.iter_mut().flatten() {
+                for (i, b) in pair.b.iter_mut().enumerate() {
+                    *b = (i as f32 + 0.1).sin() / 3.0;
+                }
+            }
+        }
+        let dir = TempDir::new("lora-save");
+        let folder = dir.join("out/adapter");
+        adapter.save(&folder, Some("HuggingFaceTB/SmolLM2-135M-Instruct")).unwrap();
+        let loaded = LoraAdapter::load(&folder, &cfg).unwrap();
+        assert_eq!(loaded, LoraAdapter { dir: folder.clone(), ..adapter.clone() });
+        let mut names: Vec<_> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
+
+        // What PEFT reads: the keys and shapes of its LoraModel, the config fields it needs.
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(folder.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(json["peft_type"], "LORA");
+        assert_eq!(json["task_type"], "CAUSAL_LM");
+        assert_eq!(json["r"], 2);
+        assert_eq!(json["lora_alpha"], 5.5);
+        assert_eq!(json["use_rslora"], true);
+        assert_eq!(json["target_modules"], serde_json::json!(["k_proj", "o_proj", "up_proj"]));
+        assert_eq!(json["base_model_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct");
+        assert_eq!((json["bias"].as_str(), json["lora_dropout"].as_f64()), (Some("none"), Some(0.0)));
+        assert!(json["modules_to_save"].is_null() && json["init_lora_weights"] == true && json["inference_mode"] == true);
+        let bytes = std::fs::read(folder.join("adapter_model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), 2 * 3 * 2);
+        let o_b = st.tensor("base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight").unwrap();
+        assert_eq!((o_b.dtype(), o_b.shape()), (Dtype::F32, &[8, 2][..]));
+        let up_a = st.tensor("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight").unwrap();
+        assert_eq!(up_a.shape(), [2, 8]);
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(header.metadata().as_ref().unwrap()["format"], "pt");
+
+        // An integral alpha is written as an integer; no base model is null. Saving again over
+        // the folder replaces both files.
+        adapter.config.alpha = 16.0;
+        adapter.config.use_rslora = false;
+        adapter.save(&folder, None).unwrap();
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(folder.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!((json["lora_alpha"].as_i64(), json["base_model_name_or_path"].is_null()), (Some(16), true));
+        assert_eq!(LoraAdapter::load(&folder, &cfg).unwrap().config, adapter.config);
+    }
+
+    #[test]
+    fn save_refuses_an_inconsistent_adapter_before_writing() {
+        let dims = tiny_dims();
+        let config = LoraConfig { rank: 2, alpha: 4.0, use_rslora: false, targets: vec![Projection::V] };
+        let good = LoraAdapter::init(config, dims, 3).unwrap();
+        let dir = TempDir::new("lora-save-bad");
+        let folder = dir.join("a");
+        let err = |a: &LoraAdapter| {
+            let e = a.save(&folder, None).unwrap_err().to_string();
+            assert!(!folder.exists(), "{e}");
+            e
+        };
+        let mut a = good.clone();
+        a.layers[1][Projection::V.index()].as_mut().unwrap().b.pop();
+        assert!(err(&a).contains("layers.1.self_attn.v_proj.lora_B.weight: 7 values for shape [4, 2]"), "{}", err(&a));
+        let mut a = good.clone();
+        a.layers[0][Projection::V.index()].as_mut().unwrap().a[3] = f32::INFINITY;
+        assert!(err(&a).contains("lora_A.weight: element 3 is inf"), "{}", err(&a));
+        let mut a = good.clone();
+        a.layers[0][Projection::Gate.index()] = a.layers[0][Projection::V.index()].clone();
+        assert!(err(&a).contains("layer 0: gate_proj has factors but is not a target"), "{}", err(&a));
+        let mut a = good.clone();
+        a.layers.pop();
+        assert!(err(&a).contains("1 layers for a model of 2"), "{}", err(&a));
+        let mut a = good;
+        a.config.targets = vec![Projection::V, Projection::K];
+        assert!(err(&a).contains("not in layer order"), "{}", err(&a));
     }
 
     #[test]

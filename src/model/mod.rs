@@ -1,5 +1,6 @@
 //! Model files: GGUF and Hugging Face folders, configuration, weights, tokenizer, chat template.
 
+pub mod atomic;
 pub mod chat;
 pub mod config;
 pub mod dequant;

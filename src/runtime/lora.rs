@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use crate::gpu::{DType, GpuContext, GpuMatrix};
 use crate::model::ModelConfig;
-use crate::model::lora::{LoraAdapter, LoraDims, Projection};
+use crate::model::lora::{LoraAdapter, LoraConfig, LoraDims, LoraError, LoraPair, Projection};
 
 use super::RuntimeError;
 
@@ -39,6 +39,27 @@ pub struct GpuLoraLayer {
     pub down: Option<GpuLoraPair>,
 }
 
+/// One projection group of a layer: the projections stacked in it, each with its row offset
+/// in the group's output and its rows; the group's output rows and input columns.
+struct Group {
+    name: &'static str,
+    members: Vec<(Projection, usize, usize)>,
+    out_total: usize,
+    in_dim: usize,
+}
+
+/// The groups of one layer, in the order of [`GpuLoraLayer`]'s fields.
+fn layer_groups(d: &LoraDims) -> [Group; 4] {
+    let (q, kv, ff, dm) = (d.q_dim, d.kv_dim, d.d_ff, d.d_model);
+    let group = |name, members, out_total, in_dim| Group { name, members, out_total, in_dim };
+    [
+        group("qkv", vec![(Projection::Q, 0, q), (Projection::K, q, kv), (Projection::V, q + kv, kv)], q + 2 * kv, dm),
+        group("o", vec![(Projection::O, 0, dm)], dm, q),
+        group("gate_up", vec![(Projection::Gate, 0, ff), (Projection::Up, ff, ff)], 2 * ff, dm),
+        group("down", vec![(Projection::Down, 0, dm)], dm, ff),
+    ]
+}
+
 /// A whole adapter uploaded; sessions share it (`Arc<GpuLora>`) and can swap it at any time.
 #[derive(Debug)]
 pub struct GpuLora {
@@ -48,6 +69,10 @@ pub struct GpuLora {
     pub rank: usize,
     /// alpha / r (or alpha / sqrt(r)): the factor at user scale 1.
     pub scaling: f32,
+    /// `lora_alpha` of the adapter's config (kept so that [`GpuLora::download`] rebuilds it).
+    pub alpha: f32,
+    /// `use_rslora` of the adapter's config (kept for [`GpuLora::download`]).
+    pub use_rslora: bool,
     /// The model sizes it was uploaded for (checked against a session's model).
     pub dims: LoraDims,
     /// The projections the adapter targets.
@@ -82,42 +107,102 @@ fn group_matrices(
     Some((a, b, inner))
 }
 
+/// Every value of the f32 matrix `m`, which must be `[rows, cols]`, read chunk by chunk.
+/// Errors: [`LoraError::Invalid`] naming the matrix when its shape, dtype or chunks differ;
+/// the read-back's [`RuntimeError::Gpu`].
+fn read_matrix(ctx: &GpuContext, m: &GpuMatrix, rows: usize, cols: usize) -> Result<Vec<f32>, RuntimeError> {
+    let invalid = |what: String| RuntimeError::Lora(LoraError::Invalid { what: format!("{}: {what}", m.label) });
+    if (m.rows, m.cols, m.dtype) != (rows, cols, DType::F32) {
+        return Err(invalid(format!("[{}, {}] {} on the GPU, expected [{rows}, {cols}] f32", m.rows, m.cols, m.format())));
+    }
+    let mut values = Vec::with_capacity(rows * cols);
+    for chunk in &m.chunks {
+        if chunk.row0 * cols != values.len() || !chunk.fits(cols, DType::F32) {
+            return Err(invalid(format!("chunk of rows {}..{} is not the next f32 rows", chunk.row0, chunk.row0 + chunk.rows)));
+        }
+        values.extend(chunk.tensor.read_f32(ctx)?);
+    }
+    if values.len() != rows * cols {
+        return Err(invalid(format!("its chunks hold {} values, expected {}", values.len(), rows * cols)));
+    }
+    Ok(values)
+}
+
 impl GpuLora {
     /// Upload `adapter` for a model of `config` (an error if it was checked against other sizes).
     pub fn upload(ctx: &GpuContext, adapter: &LoraAdapter, config: &ModelConfig) -> Result<GpuLora, RuntimeError> {
         adapter.check_model(config)?;
         let d = adapter.dims;
-        let (q, kv, ff, dm) = (d.q_dim, d.kv_dim, d.d_ff, d.d_model);
-        let qkv_group = [(Projection::Q, 0, q), (Projection::K, q, kv), (Projection::V, q + kv, kv)];
-        let gate_up_group = [(Projection::Gate, 0, ff), (Projection::Up, ff, ff)];
         let mut layers = Vec::with_capacity(d.n_layers);
         for l in 0..d.n_layers {
-            let upload = |name: &str,
-                          group: &[(Projection, usize, usize)],
-                          out_total: usize,
-                          in_dim: usize|
-             -> Result<Option<GpuLoraPair>, RuntimeError> {
-                let Some((a, b, inner)) = group_matrices(adapter, l, group, out_total) else { return Ok(None) };
+            let [qkv, o, gate_up, down] = layer_groups(&d).map(|Group { name, members, out_total, in_dim }| -> Result<_, RuntimeError> {
+                let Some((a, b, inner)) = group_matrices(adapter, l, &members, out_total) else { return Ok(None) };
                 Ok(Some(GpuLoraPair {
                     a: GpuMatrix::upload(ctx, &format!("lora.{l}.{name}.A"), inner, in_dim, &a, DType::F32)?,
                     b: GpuMatrix::upload(ctx, &format!("lora.{l}.{name}.B"), out_total, inner, &b, DType::F32)?,
                 }))
-            };
-            layers.push(GpuLoraLayer {
-                qkv: upload("qkv", &qkv_group, q + 2 * kv, dm)?,
-                o: upload("o", &[(Projection::O, 0, dm)], dm, q)?,
-                gate_up: upload("gate_up", &gate_up_group, 2 * ff, dm)?,
-                down: upload("down", &[(Projection::Down, 0, dm)], dm, ff)?,
             });
+            layers.push(GpuLoraLayer { qkv: qkv?, o: o?, gate_up: gate_up?, down: down? });
         }
         Ok(GpuLora {
             dir: adapter.dir.clone(),
             rank: adapter.rank(),
             scaling: adapter.scaling(),
+            alpha: adapter.config.alpha,
+            use_rslora: adapter.config.use_rslora,
             dims: d,
             targets: adapter.config.targets.clone(),
             layers,
         })
+    }
+
+    /// Read the adapter back from the GPU: the inverse of [`GpuLora::upload`] (each group's
+    /// stacked A cut back into the `[r, in]` matrices of its targeted projections, the diagonal
+    /// blocks of its block-diagonal B taken as their `[out, r]` matrices), with the config
+    /// rebuilt from `rank`, `alpha`, `use_rslora` and `targets`. After training updated the
+    /// f32 matrices in place, this is the trained adapter, ready for
+    /// [`LoraAdapter::save`]. The off-diagonal blocks of B are not read (training keeps them 0).
+    ///
+    /// Errors: [`RuntimeError::Gpu`] when a read-back fails; [`RuntimeError::Lora`]
+    /// ([`LoraError::Invalid`]) when a layer's matrices are not the f32 group matrices that
+    /// `upload` makes for `dims`, `rank` and `targets`, or hold a value that is not finite.
+    pub fn download(&self, ctx: &GpuContext) -> Result<LoraAdapter, RuntimeError> {
+        let r = self.rank;
+        let config = LoraConfig { rank: r, alpha: self.alpha, use_rslora: self.use_rslora, targets: self.targets.clone() };
+        let invalid = |what: String| RuntimeError::Lora(LoraError::Invalid { what });
+        if self.layers.len() != self.dims.n_layers {
+            return Err(invalid(format!(
+                "{}: {} layers on the GPU for a model of {}",
+                self.dir.display(),
+                self.layers.len(),
+                self.dims.n_layers
+            )));
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (l, gpu) in self.layers.iter().enumerate() {
+            let mut pairs: [Option<LoraPair>; 7] = Default::default();
+            for (Group { name, members, out_total, in_dim }, matrices) in
+                layer_groups(&self.dims).into_iter().zip([&gpu.qkv, &gpu.o, &gpu.gate_up, &gpu.down])
+            {
+                let present: Vec<_> = members.into_iter().filter(|(p, _, _)| self.targets.contains(p)).collect();
+                let inner = present.len() * r;
+                let pair = match (matrices, inner) {
+                    (None, 0) => continue,
+                    (Some(pair), _) if inner > 0 => pair,
+                    _ => return Err(invalid(format!("layer {l} {name}: the GPU matrices do not match targets {:?}", self.targets))),
+                };
+                let a = read_matrix(ctx, &pair.a, inner, in_dim)?;
+                let b = read_matrix(ctx, &pair.b, out_total, inner)?;
+                for (j, (p, off, out)) in present.into_iter().enumerate() {
+                    let b_p = (0..out).flat_map(|o| &b[(off + o) * inner + j * r..(off + o) * inner + (j + 1) * r]).copied().collect();
+                    pairs[p.index()] = Some(LoraPair { a: a[j * r * in_dim..(j + 1) * r * in_dim].to_vec(), b: b_p });
+                }
+            }
+            layers.push(pairs);
+        }
+        let adapter = LoraAdapter { dir: self.dir.clone(), config, dims: self.dims, layers };
+        adapter.validate()?;
+        Ok(adapter)
     }
 
     /// Columns of the widest intermediate `a` (3 r when q, k and v are all targeted).
@@ -135,6 +220,46 @@ impl GpuLora {
 mod tests {
     use super::*;
     use crate::model::lora::{LoraConfig, LoraPair};
+
+    #[test]
+    fn download_inverts_upload() {
+        let ctx = crate::gpu::test_context();
+        let cfg = crate::testdata::tiny_llama_config();
+        for (targets, rslora) in [
+            (vec![Projection::Q, Projection::V, Projection::Up, Projection::Down], false),
+            (Projection::ALL.to_vec(), true),
+            (vec![Projection::K, Projection::O], false),
+        ] {
+            let config = LoraConfig { rank: 3, alpha: 7.5, use_rslora: rslora, targets };
+            let mut adapter = LoraAdapter::init(config, LoraDims::of(&cfg), 11).unwrap();
+            for (l, pairs) in adapter.layers.iter_mut().enumerate() {
+                for (p, pair) in pairs.iter_mut().enumerate() {
+                    if let Some(pair) = pair {
+                        pair.b.iter_mut().enumerate().for_each(|(i, b)| *b = (l * 100 + p * 10) as f32 + i as f32 * 0.25);
+                    }
+                }
+            }
+            adapter.dir = PathBuf::from("adapter-dir");
+            let gpu = GpuLora::upload(&ctx, &adapter, &cfg).unwrap();
+            assert_eq!(gpu.download(&ctx).unwrap(), adapter);
+        }
+    }
+
+    #[test]
+    fn download_refuses_matrices_of_other_shapes() {
+        let ctx = crate::gpu::test_context();
+        let cfg = crate::testdata::tiny_llama_config();
+        let config = LoraConfig { rank: 2, alpha: 4.0, use_rslora: false, targets: vec![Projection::Q, Projection::O] };
+        let adapter = LoraAdapter::init(config, LoraDims::of(&cfg), 1).unwrap();
+        let mut gpu = GpuLora::upload(&ctx, &adapter, &cfg).unwrap();
+        gpu.rank = 1;
+        let e = gpu.download(&ctx).unwrap_err().to_string();
+        assert!(e.contains("lora.0.qkv.A: [2, 8] f32 on the GPU, expected [1, 8] f32"), "{e}");
+        gpu.rank = 2;
+        gpu.targets = vec![Projection::Q, Projection::O, Projection::Down];
+        let e = gpu.download(&ctx).unwrap_err().to_string();
+        assert!(e.contains("layer 0 down: the GPU matrices do not match targets"), "{e}");
+    }
 
     #[test]
     fn group_b_is_block_diagonal_over_targets() {
