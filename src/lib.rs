@@ -25,7 +25,8 @@
 //!   (tokenizer, chat template): sampling, stop strings, conversations and the token loop that
 //!   the command line and a server drive. Nothing below depends on it.
 //!
-//! [`eval`] (task data, ROUGE, the runs that compare plans) sits above [`generate`].
+//! [`eval`] (task data, ROUGE, the runs that compare plans) sits above [`generate`];
+//! [`train`] (checkpoints) sits above [`runtime`].
 //!
 //! `testdata` (test model and fixture paths) is a leaf any test may use.
 
@@ -39,3 +40,4 @@ pub mod model;
 pub mod runtime;
 #[doc(hidden)]
 pub mod testdata;
+pub mod train;

@@ -74,6 +74,37 @@ pub struct ModelIdentity {
     pub weight_hash: String,
 }
 
+impl ModelIdentity {
+    /// The metadata keys and string values that store the identity in a file (router files,
+    /// training checkpoints): `model_arch`, `model_layers`, `model_hidden`, `model_vocab`,
+    /// `model_weight_hash`.
+    pub fn metadata(&self) -> [(&'static str, String); 5] {
+        [
+            ("model_arch", self.arch.clone()),
+            ("model_layers", self.n_layers.to_string()),
+            ("model_hidden", self.d_model.to_string()),
+            ("model_vocab", self.vocab_size.to_string()),
+            ("model_weight_hash", self.weight_hash.clone()),
+        ]
+    }
+
+    /// The first field in which `self` (e.g. a file's) and `other` (the model's) differ, in the
+    /// order arch, layers, hidden size, vocabulary, weight hash, as (the field's metadata key
+    /// with its meaning, e.g. `model_layers (number of layers)`, self's value, other's value);
+    /// `None` when they are the same model.
+    pub fn first_difference(&self, other: &ModelIdentity) -> Option<(&'static str, String, String)> {
+        [
+            ("model_arch (architecture)", self.arch.clone(), other.arch.clone()),
+            ("model_layers (number of layers)", self.n_layers.to_string(), other.n_layers.to_string()),
+            ("model_hidden (hidden size)", self.d_model.to_string(), other.d_model.to_string()),
+            ("model_vocab (vocabulary size)", self.vocab_size.to_string(), other.vocab_size.to_string()),
+            ("model_weight_hash (weight hash)", self.weight_hash.clone(), other.weight_hash.clone()),
+        ]
+        .into_iter()
+        .find(|(_, a, b)| a != b)
+    }
+}
+
 /// The name stored in `model_arch`.
 pub fn arch_name(arch: Arch) -> &'static str {
     match arch {
@@ -83,18 +114,35 @@ pub fn arch_name(arch: Arch) -> &'static str {
     }
 }
 
-/// 64-bit FNV-1a over the little-endian bytes of the f32 bit patterns of `values`.
-pub fn fnv1a64_f32(values: &[f32]) -> u64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = OFFSET_BASIS;
-    for v in values {
-        for b in v.to_bits().to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(PRIME);
+/// The 64-bit FNV-1a hash (Fowler, Noll, Vo), fed bytes in pieces: the same value as over
+/// the pieces joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fnv1a64(pub u64);
+
+impl Default for Fnv1a64 {
+    fn default() -> Self {
+        Fnv1a64(0xcbf2_9ce4_8422_2325) // the offset basis
+    }
+}
+
+impl Fnv1a64 {
+    /// Hash `bytes` after what came before.
+    pub fn update(&mut self, bytes: &[u8]) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(PRIME);
         }
     }
-    h
+}
+
+/// 64-bit FNV-1a over the little-endian bytes of the f32 bit patterns of `values`.
+pub fn fnv1a64_f32(values: &[f32]) -> u64 {
+    let mut h = Fnv1a64::default();
+    for v in values {
+        h.update(&v.to_bits().to_le_bytes());
+    }
+    h.0
 }
 
 /// The identity of the model behind `source`: its configuration plus the hash of
@@ -441,7 +489,8 @@ fn parse_layer_list(meta: &Meta<'_>, key: &str, n_layers: usize) -> Result<Vec<u
     Ok(layers)
 }
 
-fn is_hash(s: &str) -> bool {
+/// Whether `s` is a `model_weight_hash`: 16 lowercase hex digits.
+pub fn is_weight_hash(s: &str) -> bool {
     s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
@@ -501,21 +550,12 @@ impl RouterFile {
         let d_model = meta.usize("model_hidden")?;
         let vocab_size = meta.usize("model_vocab")?;
         let weight_hash = meta.str("model_weight_hash")?.to_owned();
-        if !is_hash(&weight_hash) {
+        if !is_weight_hash(&weight_hash) {
             return Err(meta.bad("model_weight_hash", &weight_hash, "16 lowercase hex digits"));
         }
         let identity = ModelIdentity { arch, n_layers, d_model, vocab_size, weight_hash };
-        let fields = [
-            ("model_arch (architecture)", identity.arch.clone(), model.arch.clone()),
-            ("model_layers (number of layers)", identity.n_layers.to_string(), model.n_layers.to_string()),
-            ("model_hidden (hidden size)", identity.d_model.to_string(), model.d_model.to_string()),
-            ("model_vocab (vocabulary size)", identity.vocab_size.to_string(), model.vocab_size.to_string()),
-            ("model_weight_hash (weight hash)", identity.weight_hash.clone(), model.weight_hash.clone()),
-        ];
-        for (field, file_value, model_value) in fields {
-            if file_value != model_value {
-                return Err(RouterError::WrongModel { path: path.to_path_buf(), field: field.to_owned(), file_value, model_value });
-            }
+        if let Some((field, file_value, model_value)) = identity.first_difference(model) {
+            return Err(RouterError::WrongModel { path: path.to_path_buf(), field: field.to_owned(), file_value, model_value });
         }
 
         let hidden = meta.usize("hidden_size")?;
@@ -699,7 +739,7 @@ impl RouterFile {
         if !threshold_ok(self.threshold) {
             return Err(invalid(format!("threshold {} must be in [0, 1]", self.threshold)));
         }
-        if !is_hash(&id.weight_hash) {
+        if !is_weight_hash(&id.weight_hash) {
             return Err(invalid(format!("weight hash {:?} is not 16 lowercase hex digits", id.weight_hash)));
         }
         for (l, layer) in self.layers.iter().enumerate() {
@@ -756,13 +796,9 @@ impl RouterFile {
             ("norm_eps", self.eps.to_string()),
             ("threshold", self.threshold.to_string()),
             ("skip_first_last", self.skip_first_last.to_string()),
-            ("model_arch", id.arch.clone()),
-            ("model_layers", id.n_layers.to_string()),
-            ("model_hidden", id.d_model.to_string()),
-            ("model_vocab", id.vocab_size.to_string()),
-            ("model_weight_hash", id.weight_hash.clone()),
         ]
         .into_iter()
+        .chain(id.metadata())
         .chain(self.static_skip.as_deref().map(|skip| ("static_skip", layer_list(skip))))
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
