@@ -26,7 +26,7 @@
 //!   the command line and a server drive. Nothing below depends on it.
 //!
 //! [`eval`] (task data, ROUGE, the runs that compare plans) sits above [`generate`];
-//! [`train`] (checkpoints) sits above [`runtime`].
+//! [`train`] (training sequences, checkpoints) sits above [`eval`] and [`runtime`].
 //!
 //! `testdata` (test model and fixture paths) is a leaf any test may use.
 

@@ -191,15 +191,19 @@ impl LoadedModel {
 
     /// Render `messages` with the model's chat template (with the generation prompt) and encode.
     pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, RuntimeError> {
-        let template = self
-            .template
+        let text = self.chat_template()?.render(messages, true)?;
+        // The template writes its own BOS where the model wants one.
+        Ok(self.tokenizer.encode_with_bos(&text, false)?)
+    }
+
+    /// The model's compiled chat template. Errors: [`RuntimeError::NoChatTemplate`] when the
+    /// file has none, [`RuntimeError::ChatTemplate`] when it did not compile.
+    pub fn chat_template(&self) -> Result<&ChatTemplate, RuntimeError> {
+        self.template
             .as_ref()
             .ok_or_else(|| RuntimeError::NoChatTemplate { path: self.path.clone() })?
             .as_ref()
-            .map_err(|source| RuntimeError::ChatTemplate { path: self.path.clone(), source: source.clone() })?;
-        let text = template.render(messages, true)?;
-        // The template writes its own BOS where the model wants one.
-        Ok(self.tokenizer.encode_with_bos(&text, false)?)
+            .map_err(|source| RuntimeError::ChatTemplate { path: self.path.clone(), source: source.clone() })
     }
 
     /// Encode plain text, with a BOS token first when the model's tokenizer asks for one.
