@@ -12,6 +12,7 @@ pub mod copy;
 pub mod cosine;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod gate;
 pub mod grad_clip;
 pub mod linear;
 pub mod matmul;
