@@ -24,6 +24,7 @@ pub mod rmsnorm_backward;
 pub mod rope;
 pub mod rope_backward;
 pub mod router;
+pub mod router_backward;
 pub mod sample;
 pub mod step;
 pub mod swiglu;
