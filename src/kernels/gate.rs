@@ -120,7 +120,7 @@ pub fn gate_backward(ctx: &GpuContext, label: &str, op: &GateBackwardOp) -> Resu
     check_gate(label, n, g)?;
     let groups = n.div_ceil(LANES * PER_LANE).clamp(1, MAX_GROUPS);
     // The grid-stride loop's index must not wrap past u32::MAX.
-    check_u32(label, n + groups * LANES, "n plus one grid stride")?;
+    check_u32(label, n.saturating_add(groups * LANES), "n plus one grid stride")?;
     check_u32(label, slot, "slot")?;
     check_f32(label, dh, n, "dh")?;
     check_f32(label, h, n, "h")?;
