@@ -4,7 +4,8 @@
 use super::*;
 use crate::gpu::{DType, test_context};
 use crate::kernels::router::{BLOCK_ROWS, router_gate};
-use crate::kernels::testing::random_vec;
+use crate::kernels::router_backward::{RouterF64, router_probability_f64};
+use crate::kernels::testing::{random_vec, to_f64};
 use crate::model::routers::tests::{random_file, values};
 
 /// Hidden states `h [rows, d]` and a router of rank `r` with non-trivial weights.
@@ -46,6 +47,26 @@ fn router_matches_reference() {
     }
     // The cases must exercise the sigmoid away from its saturated ends.
     assert!(probs_seen.iter().filter(|p| **p > 0.05 && **p < 0.95).count() >= shapes.len() / 2, "{probs_seen:?}");
+}
+
+/// The f64 forward that the router backward's CPU reference differentiates is the router's CPU
+/// definition.
+#[test]
+fn router_f64_reference_matches_probability() {
+    for (i, &(rows, d, r)) in [(1, 7, 0), (3, 37, 5), (130, 37, 0), (70, 33, 9)].iter().enumerate() {
+        let (h, layer) = case(rows, d, r, 500 + 10 * i as u64);
+        let router = RouterF64 {
+            norm: to_f64(&layer.norm),
+            w1: to_f64(&layer.w1),
+            b1: to_f64(&layer.b1),
+            w2: layer.w2.as_deref().map_or(vec![], to_f64),
+            b2: layer.b2.map_or(vec![], |b| vec![b as f64]),
+        };
+        let eps = 1e-5f32;
+        let want = layer.probability(&h, rows, d, r, eps);
+        let got = router_probability_f64(&router, eps as f64, &to_f64(&h), rows);
+        assert!((got - want as f64).abs() < 1e-7, "T={rows} d={d} r={r}: {got} vs {want}");
+    }
 }
 
 #[test]
