@@ -1,5 +1,6 @@
-// Global-norm gradient clipping: norm = sqrt(sum over every gradient buffer of sum g^2),
-// scale = max_norm / norm when norm > max_norm, else exactly 1.
+// Global-norm gradient clipping of the gradients times grad_scale (1 / batch for a batch mean of
+// summed gradients): norm = grad_scale * sqrt(sum over every gradient buffer of sum g^2),
+// scale = grad_scale * (max_norm / norm when norm > max_norm, else exactly 1).
 // grad_sumsq (one dispatch per gradient buffer, `groups` workgroups of 256): workgroup wg sums
 //   g[i]^2 over i = wg * 256 + lane + k * groups * 256 and writes it to sums[first + wg].
 // clip_scale (one workgroup of 256): sums sums[0..slots], writes sums[slots] = scale and
@@ -12,7 +13,7 @@ struct ClipParams {
     groups: u32,    // grad_sumsq: workgroups of this dispatch
     slots: u32,     // clip_scale: partial sums in all
     max_norm: f32,  // clip_scale: the clipping threshold (> 0)
-    _pad0: u32,
+    grad_scale: f32, // clip_scale: the factor the buffers' gradients are taken times (> 0)
     _pad1: u32,
     _pad2: u32,
 };
@@ -57,8 +58,8 @@ fn clip_scale(@builtin(local_invocation_index) lane: u32) {
     acc[lane] = s;
     tree_sum(lane);
     if (lane == 0u) {
-        let norm = sqrt(acc[0]);
-        sums[p.slots] = select(1.0, p.max_norm / norm, norm > p.max_norm);
+        let norm = p.grad_scale * sqrt(acc[0]);
+        sums[p.slots] = p.grad_scale * select(1.0, p.max_norm / norm, norm > p.max_norm);
         sums[p.slots + 1u] = norm;
     }
 }

@@ -12,16 +12,16 @@ struct RmsNormBackwardParams {
     eps: f32,
     accumulate_dx: u32, // 1: dx += ..., 0: dx = ...
     accumulate_dw: u32, // 1: dw += ..., 0: dw = ...
-    _pad0: u32,
+    x_row0: u32,        // first row of x and dx (dy starts at row 0)
     _pad1: u32,
     _pad2: u32,
 };
 
 @group(0) @binding(0) var<uniform> p: RmsNormBackwardParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;            // [rows, dim]
+@group(0) @binding(1) var<storage, read> x: array<f32>;            // [x_row0 + rows, dim]
 @group(0) @binding(2) var<storage, read> dy: array<f32>;           // [rows, dim]
 @group(0) @binding(3) var<storage, read_write> rstd: array<f32>;   // [rows]: s_r
-@group(0) @binding(4) var<storage, read_write> grad: array<f32>;   // dx [rows, dim] or dw [dim]
+@group(0) @binding(4) var<storage, read_write> grad: array<f32>;   // dx [x_row0 + rows, dim] or dw [dim]
 @group(0) @binding(5) var<storage, read> w: array<f32>;            // [dim] (_dx only)
 
 @compute @workgroup_size(64)
@@ -30,19 +30,20 @@ fn rmsnorm_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     if (r >= p.rows) {
         return;
     }
-    let base = r * p.dim;
+    let base = (p.x_row0 + r) * p.dim;
+    let dbase = r * p.dim;
     var ss = 0.0;
     var dot = 0.0;
     for (var i = 0u; i < p.dim; i++) {
         let v = x[base + i];
         ss += v * v;
-        dot += dy[base + i] * w[i] * v;
+        dot += dy[dbase + i] * w[i] * v;
     }
     let s = inverseSqrt(ss / f32(p.dim) + p.eps);
     let c = s * s * s * dot / f32(p.dim);
     rstd[r] = s;
     for (var i = 0u; i < p.dim; i++) {
-        let g = s * dy[base + i] * w[i] - c * x[base + i];
+        let g = s * dy[dbase + i] * w[i] - c * x[base + i];
         if (p.accumulate_dx != 0u) {
             grad[base + i] += g;
         } else {
@@ -59,7 +60,7 @@ fn rmsnorm_backward_dw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     }
     var acc = 0.0;
     for (var r = 0u; r < p.rows; r++) {
-        acc += dy[r * p.dim + c] * x[r * p.dim + c] * rstd[r];
+        acc += dy[r * p.dim + c] * x[(p.x_row0 + r) * p.dim + c] * rstd[r];
     }
     if (p.accumulate_dw != 0u) {
         grad[c] += acc;

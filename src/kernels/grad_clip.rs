@@ -32,8 +32,9 @@ pub struct ClipParams {
     pub slots: u32,
     /// `clip_scale`: the clipping threshold.
     pub max_norm: f32,
-    /// Padding to 32 bytes.
-    pub _pad0: u32,
+    /// `clip_scale`: the factor the buffers' gradients are taken times (1 / batch for a batch
+    /// mean of summed gradients).
+    pub grad_scale: f32,
     /// Padding to 32 bytes.
     pub _pad1: u32,
     /// Padding to 32 bytes.
@@ -72,6 +73,25 @@ impl GradClip {
     /// or empty or has more than 2^32 values, or `max_norm` is not finite and positive; a buffer
     /// error for `sums`.
     pub fn new(ctx: &GpuContext, label: &str, grads: &[&GpuTensor], max_norm: f32) -> Result<GradClip, GpuError> {
+        GradClip::with_grad_scale(ctx, label, grads, max_norm, 1.0)
+    }
+
+    /// [`GradClip::new`] for the gradients `grad_scale · g` of the buffers' `g` (a batch's
+    /// summed gradients and `1 / batch`): the norm is `grad_scale · sqrt(Σ g²)` and the scale
+    /// AdamW reads is `grad_scale` times the clip factor, so AdamW steps on the clipped mean.
+    ///
+    /// # Errors
+    /// As [`GradClip::new`], and `grad_scale` not finite and positive.
+    pub fn with_grad_scale(
+        ctx: &GpuContext,
+        label: &str,
+        grads: &[&GpuTensor],
+        max_norm: f32,
+        grad_scale: f32,
+    ) -> Result<GradClip, GpuError> {
+        if !(grad_scale.is_finite() && grad_scale > 0.0) {
+            return Err(invalid(label, format!("grad_scale must be finite and positive, got {grad_scale}")));
+        }
         if grads.is_empty() {
             return Err(invalid(label, "no gradient buffers to clip"));
         }
@@ -92,8 +112,15 @@ impl GradClip {
         let sumsq = ctx.pipeline(&ShaderVariant::new("grad_clip", SOURCE, "grad_sumsq"))?;
         let mut dispatches = Vec::with_capacity(grads.len() + 1);
         for (i, (g, n, first, groups)) in plan.into_iter().enumerate() {
-            let params =
-                ClipParams { n: n as u32, first: first as u32, groups: groups as u32, slots: slots as u32, max_norm, ..Zeroable::zeroed() };
+            let params = ClipParams {
+                n: n as u32,
+                first: first as u32,
+                groups: groups as u32,
+                slots: slots as u32,
+                max_norm,
+                grad_scale,
+                ..Zeroable::zeroed()
+            };
             let u = uniform(ctx, label, &params);
             dispatches.push(Dispatch::new(
                 ctx,
@@ -104,7 +131,7 @@ impl GradClip {
                 Cost { flops: 2 * n as u64, bytes: 4 * (n + groups) as u64 },
             ));
         }
-        let params = ClipParams { n: 0, first: 0, groups: 1, slots: slots as u32, max_norm, ..Zeroable::zeroed() };
+        let params = ClipParams { n: 0, first: 0, groups: 1, slots: slots as u32, max_norm, grad_scale, ..Zeroable::zeroed() };
         let u = uniform(ctx, label, &params);
         let scale = ctx.pipeline(&ShaderVariant::new("grad_clip", SOURCE, "clip_scale"))?;
         dispatches.push(Dispatch::new(
@@ -193,6 +220,27 @@ mod tests {
         }
         assert_eq!(clip_scale_ref(2.0, 1.0), 0.5);
         assert_eq!(clip_scale_ref(1.0, 1.0), 1.0);
+    }
+
+    #[test]
+    fn grad_scale_clips_the_scaled_gradient_and_folds_the_factor_into_the_scale() {
+        let ctx = test_context();
+        let host = random_vec(4099, 3);
+        let g = GpuTensor::from_f32(&ctx, "g", &[host.len()], &host).unwrap();
+        let raw = grad_norm_ref(&[&host]);
+        for (grad_scale, max_norm) in [(0.25f32, 1e30f32), (0.25, (raw * 0.1) as f32), (3.0, (raw * 2.0) as f32)] {
+            let clip = GradClip::with_grad_scale(&ctx, "clip", &[&g], max_norm, grad_scale).unwrap();
+            ctx.run("test", &clip.dispatches().iter().collect::<Vec<_>>()).unwrap();
+            let got = clip.read(&ctx).unwrap();
+            let norm = grad_scale as f64 * raw;
+            let want = grad_scale as f64 * clip_scale_ref(norm, max_norm as f64);
+            assert!((got.norm as f64 / norm - 1.0).abs() < 1e-5, "{grad_scale} {max_norm}: {got:?} vs norm {norm}");
+            assert!((got.scale as f64 / want - 1.0).abs() < 1e-5, "{grad_scale} {max_norm}: {got:?} vs scale {want}");
+        }
+        for bad in [0.0, -1.0, f32::NAN] {
+            let err = GradClip::with_grad_scale(&ctx, "train/clip", &[&g], 1.0, bad).err().unwrap().to_string();
+            assert!(err.contains("train/clip: ") && err.contains("grad_scale"), "{err}");
+        }
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub struct RmsNormBackwardParams {
     pub accumulate_dx: u32,
     /// 1: `dw += ...`; 0: `dw = ...`.
     pub accumulate_dw: u32,
-    /// Padding to 32 bytes.
-    pub _pad0: u32,
+    /// First row of x and dx (dy starts at row 0).
+    pub x_row0: u32,
     /// Padding to 32 bytes.
     pub _pad1: u32,
     /// Padding to 32 bytes.
@@ -45,15 +45,19 @@ pub struct RmsNormBackwardParams {
 /// The operands of one RMSNorm backward (see [`rmsnorm_backward`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RmsNormBackwardOp<'a> {
-    /// The forward's input, `[rows, d]` f32 (d = `weight.numel()`).
+    /// The forward's input, `[x_row0 + rows, d]` f32 (d = `weight.numel()`): rows `x_row0..`.
     pub x: &'a GpuTensor,
+    /// First row of x and of dx that the op covers (the forward's [`crate::kernels::rmsnorm::RmsNormOp::x_row0`]:
+    /// a norm over the last rows only); dy is packed from row 0.
+    pub x_row0: usize,
     /// Gradient of the loss w.r.t. the forward's output, `[rows, d]` f32.
     pub dy: &'a GpuTensor,
     /// The norm's weight, `[d]` f32.
     pub weight: &'a GpuTensor,
     /// Rows; at least 1.
     pub rows: usize,
-    /// Gradient w.r.t. x, `[rows, d]` f32, written or added to (`accumulate_dx`).
+    /// Gradient w.r.t. x, laid out like x (`[x_row0 + rows, d]`, rows `x_row0..` written or
+    /// added to as `accumulate_dx` says, the others untouched).
     pub dx: &'a GpuTensor,
     /// Add to dx (the residual stream's gradient, which already holds the skip path's part)
     /// instead of overwriting it.
@@ -75,18 +79,19 @@ pub struct RmsNormBackwardOp<'a> {
 /// [`GpuError::InvalidArgument`] naming `label` when rows or d is 0, an operand is not f32 or
 /// too small, or `rows * d` does not fit in u32; a buffer error for the scratch.
 pub fn rmsnorm_backward(ctx: &GpuContext, label: &str, op: &RmsNormBackwardOp) -> Result<Vec<Dispatch>, GpuError> {
-    let RmsNormBackwardOp { x, dy, weight, rows, dx, accumulate_dx, dw, accumulate_dw, eps } = *op;
+    let RmsNormBackwardOp { x, x_row0, dy, weight, rows, dx, accumulate_dx, dw, accumulate_dw, eps } = *op;
     let dim = weight.numel();
     check_rows(label, rows)?;
     if dim == 0 {
         return Err(invalid(label, "weight must have at least 1 value (the row width d)"));
     }
     let n = rows.checked_mul(dim).ok_or_else(|| invalid(label, format!("{rows} x {dim} elements overflow")))?;
-    check_u32(label, n, "x elements")?;
+    let x_end = x_row0.checked_add(rows).and_then(|r| r.checked_mul(dim)).ok_or_else(|| invalid(label, "x_row0 + rows overflows"))?;
+    check_u32(label, x_end, "x elements")?;
     check_f32(label, weight, dim, "weight")?;
-    check_f32(label, x, n, "x")?;
+    check_f32(label, x, x_end, "x")?;
     check_f32(label, dy, n, "dy")?;
-    check_f32(label, dx, n, "dx")?;
+    check_f32(label, dx, x_end, "dx")?;
     if let Some(dw) = dw {
         check_f32(label, dw, dim, "dw")?;
     }
@@ -96,7 +101,7 @@ pub fn rmsnorm_backward(ctx: &GpuContext, label: &str, op: &RmsNormBackwardOp) -
         eps,
         accumulate_dx: accumulate_dx as u32,
         accumulate_dw: accumulate_dw as u32,
-        _pad0: 0,
+        x_row0: x_row0 as u32,
         _pad1: 0,
         _pad2: 0,
     };
@@ -201,6 +206,7 @@ mod tests {
         let (gx, gw, gdy, gdx, gdw) = (t("x", &x), t("w", &w), t("dy", &dy), t("dx", &dx0), t("dw", &dw0));
         let op = RmsNormBackwardOp {
             x: &gx,
+            x_row0: 0,
             dy: &gdy,
             weight: &gw,
             rows,
@@ -234,6 +240,37 @@ mod tests {
     }
 
     #[test]
+    fn rmsnorm_backward_from_a_row_offset_leaves_earlier_rows_alone() {
+        let ctx = test_context();
+        let (row0, rows, dim, eps) = (5, 3, 37, 1e-5f32);
+        let (x, w, dy, dx0) =
+            (random_vec((row0 + rows) * dim, 1), random_vec(dim, 2), random_vec(rows * dim, 3), random_vec((row0 + rows) * dim, 4));
+        let t = |name: &str, v: &[f32]| GpuTensor::from_f32(&ctx, name, &[v.len()], v).unwrap();
+        let (gx, gw, gdy, gdx, gdw) = (t("x", &x), t("w", &w), t("dy", &dy), t("dx", &dx0), t("dw", &[0.0; 37]));
+        let op = RmsNormBackwardOp {
+            x: &gx,
+            x_row0: row0,
+            dy: &gdy,
+            weight: &gw,
+            rows,
+            dx: &gdx,
+            accumulate_dx: false,
+            dw: Some(&gdw),
+            accumulate_dw: false,
+            eps,
+        };
+        ctx.run("test", &rmsnorm_backward(&ctx, "bwd", &op).unwrap().iter().collect::<Vec<_>>()).unwrap();
+        let (dx, dw) = rmsnorm_backward_ref(&to_f64(&x[row0 * dim..]), &to_f64(&w), &to_f64(&dy), eps as f64);
+        let got = gdx.read_f32(&ctx).unwrap();
+        assert_eq!(&got[..row0 * dim], &dx0[..row0 * dim], "rows before x_row0 changed");
+        assert_close(&got[row0 * dim..], &dx.iter().map(|&v| v as f32).collect::<Vec<_>>(), 1e-5, 1e-4, "dx from x_row0");
+        assert_close(&gdw.read_f32(&ctx).unwrap(), &dw.iter().map(|&v| v as f32).collect::<Vec<_>>(), 1e-4, 1e-4, "dw from x_row0");
+        // x (and dx) must hold x_row0 + rows rows.
+        let err = rmsnorm_backward(&ctx, "bwd", &RmsNormBackwardOp { x_row0: row0 + 1, ..op }).err().unwrap().to_string();
+        assert!(err.contains("bwd: ") && err.contains("x ("), "{err}");
+    }
+
+    #[test]
     fn rmsnorm_backward_rejects_bad_operands() {
         let ctx = test_context();
         let z = |n: usize| GpuTensor::zeros(&ctx, "t", DType::F32, &[n]).unwrap();
@@ -241,6 +278,7 @@ mod tests {
         let ids = GpuTensor::zeros(&ctx, "ids", DType::U32, &[12]).unwrap();
         let op = RmsNormBackwardOp {
             x: &x,
+            x_row0: 0,
             dy: &dy,
             weight: &w,
             rows: 3,
