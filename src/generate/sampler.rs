@@ -2,7 +2,7 @@
 //! (nucleus) and a seeded RNG.
 //!
 //! **Sampling considers at most the 256 most likely tokens**
-//! ([`MAX_CANDIDATES`](crate::runtime::session::MAX_CANDIDATES)): the session reads back
+//! ([`crate::runtime::session::MAX_CANDIDATES`]): the session reads back
 //! `k = min(top_k or 256, 256)` candidates per token (see [`SamplerConfig::candidates`]), so the
 //! tail of the distribution beyond them is never drawn. The candidates come from
 //! [`kernels::sample::top_k`](crate::kernels::sample::top_k) (or `argmax` when greedy).

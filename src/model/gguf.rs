@@ -332,7 +332,7 @@ impl fmt::Display for GgmlType {
 pub struct GgufTensorInfo {
     /// The file's tensor name, e.g. `blk.0.attn_q.weight` (see [`super::names`]).
     pub name: String,
-    /// GGUF order: `dims[0]` (ne[0]) is the row length, the fastest-varying index.
+    /// GGUF order: `dims[0]` (`ne[0]`) is the row length, the fastest-varying index.
     pub dims: Vec<u64>,
     /// How the values are stored.
     pub ggml_type: GgmlType,

@@ -10,7 +10,7 @@ use super::gguf::{GgmlType, MetaValue};
 pub struct TestTensor {
     /// Tensor name.
     pub name: String,
-    /// GGUF order, ne[0] first.
+    /// GGUF order, `ne[0]` first.
     pub dims: Vec<u64>,
     /// ggml type id ([`GgmlType::id`]).
     pub type_id: u32,
@@ -158,6 +158,75 @@ impl GgufBuilder {
     pub fn write_temp(&self, tag: &str) -> TempFile {
         TempFile::with_bytes(tag, &self.build())
     }
+
+    /// A LLaMA model of the given sizes with f32 weights drawn uniformly from ±`scale` /
+    /// sqrt(fan-in) (norm weights 1 ± 0.1) by a seeded xorshift, untied LM head, no tokenizer:
+    /// enough for the runtime and training engine to run on token ids. Sizes: `n_layers`,
+    /// `d` = d_model, `heads` x `head_dim` = d, `kv_heads`, `ff` = d_ff, `vocab`.
+    pub fn random_llama(dims: RandomLlama, seed: u64) -> GgufBuilder {
+        let RandomLlama { n_layers, d, heads, kv_heads, ff, vocab } = dims;
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let mut matrix = |rows: usize, cols: usize| -> Vec<f32> {
+            let bound = 1.0 / (cols as f32).sqrt();
+            (0..rows * cols).map(|_| next() * bound).collect()
+        };
+        let kv = kv_heads * (d / heads);
+        let arch = "llama";
+        let u = |v: usize| MetaValue::U32(v as u32);
+        let mut b = GgufBuilder::new()
+            .kv("general.architecture", MetaValue::String(arch.into()))
+            .kv("llama.block_count", u(n_layers))
+            .kv("llama.embedding_length", u(d))
+            .kv("llama.attention.head_count", u(heads))
+            .kv("llama.attention.head_count_kv", u(kv_heads))
+            .kv("llama.feed_forward_length", u(ff))
+            .kv("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5))
+            .kv("llama.context_length", u(256))
+            .kv("llama.vocab_size", u(vocab));
+        let norm = |m: &mut dyn FnMut(usize, usize) -> Vec<f32>, n: usize| {
+            m(1, n).iter().map(|v| 1.0 + 0.1 * v * (n as f32).sqrt()).collect::<Vec<f32>>()
+        };
+        let (d64, kv64, ff64, vocab64) = (d as u64, kv as u64, ff as u64, vocab as u64);
+        b = b.f32_tensor("token_embd.weight", &[d64, vocab64], &matrix(vocab, d).iter().map(|v| v * 8.0).collect::<Vec<_>>());
+        b = b.f32_tensor("output.weight", &[d64, vocab64], &matrix(vocab, d));
+        b = b.f32_tensor("output_norm.weight", &[d64], &norm(&mut matrix, d));
+        for l in 0..n_layers {
+            let t = |name: &str| format!("blk.{l}.{name}.weight");
+            b = b.f32_tensor(&t("attn_norm"), &[d64], &norm(&mut matrix, d));
+            b = b.f32_tensor(&t("attn_q"), &[d64, d64], &matrix(d, d));
+            b = b.f32_tensor(&t("attn_k"), &[d64, kv64], &matrix(kv, d));
+            b = b.f32_tensor(&t("attn_v"), &[d64, kv64], &matrix(kv, d));
+            b = b.f32_tensor(&t("attn_output"), &[d64, d64], &matrix(d, d));
+            b = b.f32_tensor(&t("ffn_norm"), &[d64], &norm(&mut matrix, d));
+            b = b.f32_tensor(&t("ffn_gate"), &[d64, ff64], &matrix(ff, d));
+            b = b.f32_tensor(&t("ffn_up"), &[d64, ff64], &matrix(ff, d));
+            b = b.f32_tensor(&t("ffn_down"), &[ff64, d64], &matrix(d, ff));
+        }
+        b
+    }
+}
+
+/// Sizes of [`GgufBuilder::random_llama`].
+#[derive(Debug, Clone, Copy)]
+pub struct RandomLlama {
+    /// Decoder layers.
+    pub n_layers: usize,
+    /// Hidden size (heads x head_dim).
+    pub d: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides heads).
+    pub kv_heads: usize,
+    /// MLP intermediate size.
+    pub ff: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
 }
 
 /// A file under the system temp dir, removed when dropped.

@@ -9,6 +9,7 @@
 use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase, Tag};
 use crate::kernels::attention::{AttnOp, AttnShape, attention};
 use crate::kernels::choice::{matmul_variant, matvec_variant};
+use crate::kernels::copy::copy;
 use crate::kernels::embedding::embedding;
 use crate::kernels::linear::LinearOp;
 use crate::kernels::matmul::matmul;
@@ -69,6 +70,25 @@ impl Activations {
             gate_up: f("gate_up", 2 * c.d_ff)?,
             act: f("act", c.d_ff)?,
         })
+    }
+}
+
+/// What a backward pass needs from a layer's forward beyond [`Activations`] (see
+/// [`StepBuilder::layer_keeping`]); f32, `d` = d_model.
+#[derive(Debug)]
+pub struct KeptActivations {
+    /// The attention half's normalised input `[rows, d]`.
+    pub xn_attn: GpuTensor,
+    /// The residual stream after the attention half `[rows, d]`.
+    pub x_mid: GpuTensor,
+}
+
+impl KeptActivations {
+    /// Zeroed buffers for `rows` tokens of a model with hidden size `d`. Errors: a GPU
+    /// allocation, or a buffer over the storage-binding limit.
+    pub fn new(ctx: &GpuContext, rows: usize, d: usize) -> Result<KeptActivations, RuntimeError> {
+        let f = |name: &str| GpuTensor::zeros_bound(ctx, name, DType::F32, &[rows, d]);
+        Ok(KeptActivations { xn_attn: f("xn_attn")?, x_mid: f("x_mid")? })
     }
 }
 
@@ -194,6 +214,20 @@ impl StepBuilder<'_> {
     /// Errors: `RuntimeError::Internal` when layer `l` has no KV cache (a skipped layer);
     /// `RuntimeError::Gpu` when a kernel rejects its arguments.
     pub fn layer(&self, a: &Activations, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+        self.layer_keeping(a, rows, l, None)
+    }
+
+    /// [`StepBuilder::layer`], and with `kept` the two values a backward pass needs that the
+    /// in-place layer overwrites: the attention half's normalised input goes to `kept.xn_attn`
+    /// (instead of `a.xn`, which then holds only the MLP half's) and the residual stream between
+    /// the halves is copied to `kept.x_mid` (one extra dispatch). Errors: as [`StepBuilder::layer`].
+    pub fn layer_keeping(
+        &self,
+        a: &Activations,
+        rows: usize,
+        l: usize,
+        kept: Option<&KeptActivations>,
+    ) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, c, lw) = (self.ctx, &self.weights.config, &self.weights.layers[l]);
         let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Internal(format!("layer {l} runs but has no KV cache")))?;
         let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
@@ -201,13 +235,17 @@ impl StepBuilder<'_> {
         let at = |op| Tag::layer(self.phase, l, op);
         let norm = |x, weight, y| RmsNormOp { x, x_row0: 0, rows, weight, y, eps: c.rms_eps };
         // Attention half: x += o(attention(rope(qkv(norm(x))))).
-        let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, &a.xn)).map(|d| [d]))?;
-        p.extend(self.project(l, Proj::Qkv, &LinearOp::new(&a.xn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref()))?);
+        let xn_attn = kept.map_or(&a.xn, |k| &k.xn_attn);
+        let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, xn_attn)).map(|d| [d]))?;
+        p.extend(self.project(l, Proj::Qkv, &LinearOp::new(xn_attn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref()))?);
         let rope = RopeQkvOp { qkv: &a.qkv, rows, shape, tables: &self.bufs.rope, step, q_out: &a.q, k_cache, v_cache };
         p.extend(tagged(at("attn.rope"), |n| rope_qkv_write(ctx, n, &rope).map(|d| [d]))?);
         let attn = AttnOp { q: &a.q, rows, k_cache, v_cache, shape, step, out: &a.attn };
         p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
         p.extend(self.project(l, Proj::O, &LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true))?);
+        if let Some(k) = kept {
+            p.extend(tagged(at("attn.keep"), |n| copy(ctx, n, &a.x, &k.x_mid).map(|d| [d]))?);
+        }
         // MLP half: x += down(swiglu(gate_up(norm(x)))).
         p.extend(tagged(at("mlp.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.ffn_norm, &a.xn)).map(|d| [d]))?);
         p.extend(self.project(l, Proj::GateUp, &LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up))?);
