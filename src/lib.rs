@@ -26,7 +26,8 @@
 //!   the command line and a server drive. Nothing below depends on it.
 //!
 //! [`eval`] (task data, ROUGE, the runs that compare plans) sits above [`generate`];
-//! [`train`] (training sequences, checkpoints) sits above [`eval`] and [`runtime`].
+//! [`train`] (FiRST routers and LoRA trained on the GPU: the engine, training sequences,
+//! checkpoints) sits above [`eval`], whose task files and prompts it uses, and [`runtime`].
 //!
 //! `testdata` (test model and fixture paths) is a leaf any test may use.
 

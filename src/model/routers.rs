@@ -146,7 +146,7 @@ pub fn fnv1a64_f32(values: &[f32]) -> u64 {
 }
 
 /// The identity of the model behind `source`: its configuration plus the hash of
-/// `model.norm.weight` [d] and row 0 of `model.embed_tokens.weight` [vocab, d]. Errors: those
+/// `model.norm.weight` `[d]` and row 0 of `model.embed_tokens.weight` `[vocab, d]`. Errors: those
 /// of [`WeightSource::get`], and [`ModelError::BadTensor`] when the tensors do not fit d_model.
 pub fn model_identity(source: &dyn WeightSource) -> Result<ModelIdentity, ModelError> {
     let c = source.config();
@@ -781,7 +781,8 @@ impl RouterFile {
         out
     }
 
-    /// Writes the file (f32 tensors), after checking that it would load back.
+    /// Writes the file (f32 tensors) atomically (a temporary file beside it, then a rename), after
+    /// checking that it would load back.
     pub fn save(&self, path: &Path) -> Result<(), RouterError> {
         self.validate(path)?;
         let id = &self.identity;
@@ -820,7 +821,7 @@ impl RouterFile {
             .collect::<Result<Vec<_>, _>>()
             .map_err(st_err)?;
         let bytes = safetensors::serialize(views, Some(metadata)).map_err(st_err)?;
-        std::fs::write(path, bytes).map_err(|source| RouterError::Io { path: path.to_path_buf(), source })
+        crate::model::atomic::write_atomic(path, &bytes).map_err(|source| RouterError::Io { path: path.to_path_buf(), source })
     }
 
     /// Number of layers (router slots).

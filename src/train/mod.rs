@@ -1,5 +1,7 @@
-//! Training FiRST routers and LoRA adapters (`firstrt train`): the host side.
+//! Training FiRST routers and LoRA adapters on the GPU (`firstrt train`).
 //!
+//! - [`engine`]: one sequence's forward and backward pass on the GPU with the model's own
+//!   kernels and their backward kernels, gradients summed over a batch, the AdamW step.
 //! - [`data`]: training sequences from task files: the chat-templated prompt, the completion
 //!   and the token that ends the assistant's turn, fitted to the context, with the positions
 //!   the loss is taken over.
@@ -11,3 +13,4 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod engine;
