@@ -99,6 +99,7 @@ fn bad_eval_input_is_one_clear_line_and_nothing_is_written() {
         ("ok.jsonl", good.into(), vec!["--static-skip", "29", "--calibration", "ok.jsonl"], "--static-skip 29 is more than the 28 layers"),
         ("ok.jsonl", good.into(), vec!["--static-skip", "2", "--calibration", "missing.jsonl"], "missing.jsonl"),
         ("ok.jsonl", good.into(), vec!["--static-skip", "2", "--calibration", "empty.jsonl"], "empty.jsonl: the file has no examples"),
+        ("ok.jsonl", good.into(), vec!["--no-full"], "--no-full: no other plan"),
     ];
     for (name, text, flags, want) in cases {
         let data = dir.join(name);
@@ -157,4 +158,72 @@ fn teacher_forced_log_likelihood_matches_prefill_and_rewinds() {
         first.scores[0],
         one.scores[0]
     );
+}
+
+/// A `results.json` with one configuration per (label, skipped, decode ms, ROUGE-Lsum).
+fn results_json(configs: &[(&str, f64, f64, f64)]) -> String {
+    let configs: Vec<serde_json::Value> = configs
+        .iter()
+        .map(|&(label, skipped, ms, score)| {
+            serde_json::json!({
+                "label": label, "examples": 46, "tokens": 900, "prefill_ms": 800.0, "decode_ms_per_token": ms,
+                "decode_probed": false, "layers_skipped": {"mean": skipped, "min": 0, "max": 4},
+                "metrics": {"rougeLsum": {"mean": score, "ci95": [score - 0.02, score + 0.02]}},
+            })
+        })
+        .collect();
+    serde_json::json!({ "configurations": configs }).to_string()
+}
+
+#[test]
+fn eval_merge_puts_several_runs_in_one_table_and_plot() {
+    let dir = TempDir::new("eval-merge");
+    let (a, b) = (dir.join("a.json"), dir.join("b.json"));
+    std::fs::write(&a, results_json(&[("full", 0.0, 55.0, 0.341), ("routers 0.5", 2.0, 50.0, 0.30)])).unwrap();
+    std::fs::write(&b, results_json(&[("routers 0.5 + lora", 2.0, 51.0, 0.33)])).unwrap();
+    let out = dir.join("merged");
+    let (ok, stdout, err) = output(
+        firstrt()
+            .arg("eval-merge")
+            .arg("--out")
+            .arg(&out)
+            .arg(format!("base={}", a.display()))
+            .arg(format!("FiRST + LoRA={}", b.display())),
+    );
+    assert!(ok, "{err}");
+    for row in ["| base: full | 0.0 [0–4] |", "| base: routers 0.5 | 2.0 [0–4] |", "| FiRST + LoRA | 2.0 [0–4] |"] {
+        assert!(stdout.contains(row), "no row {row:?} in\n{stdout}");
+    }
+    for file in ["results.md", "plot.svg", "plot.png"] {
+        assert!(out.join(file).is_file(), "{file} not written");
+    }
+    // --only keeps the configurations named; a missing file and a bad field are one clear line.
+    let (ok, stdout, _) = output(firstrt().arg("eval-merge").args(["--only", "full"]).arg(&a));
+    assert!(ok && stdout.contains("| full |") && !stdout.contains("routers"), "{stdout}");
+    let (ok, _, err) = output(firstrt().arg("eval-merge").arg(dir.join("none.json")));
+    assert!(!ok && err.contains("none.json") && !err.contains("panicked"), "{err}");
+    std::fs::write(&b, results_json(&[("x", 1.0, 50.0, 0.3)]).replace("\"examples\":46", "\"examples\":\"many\"")).unwrap();
+    let (ok, _, err) = output(firstrt().arg("eval-merge").arg(&b));
+    assert!(!ok && err.contains("b.json") && err.contains("examples"), "{err}");
+}
+
+#[test]
+fn no_full_and_lora_only_evaluate_just_the_plans_asked_for() {
+    use firstrt::model::WeightSource;
+    use firstrt::model::lora::{LoraAdapter, LoraConfig, LoraDims, Projection};
+    let dir = TempDir::new("eval-lora-only");
+    let data = dir.join("rows.jsonl");
+    std::fs::write(&data, "{\"id\": \"a\", \"prompt\": \"Say hi.\", \"references\": [\"Hi.\"]}\n").unwrap();
+    let source = firstrt::model::weights::GgufWeights::open(&model_path()).unwrap();
+    let config = LoraConfig { rank: 2, alpha: 4.0, use_rslora: false, targets: vec![Projection::Q, Projection::V] };
+    LoraAdapter::init(config, LoraDims::of(source.config()), 1).unwrap().save(&dir.join("adapter"), None).unwrap();
+    let (ok, stdout, err) = output(
+        eval_cmd(&data)
+            .args(["--max-tokens", "4", "--skip-layers", "14", "--no-full", "--lora-only", "--json", "--lora"])
+            .arg(dir.join("adapter")),
+    );
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let labels: Vec<&str> = json["configurations"].as_array().unwrap().iter().map(|c| c["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["skip 14 + lora"]);
 }

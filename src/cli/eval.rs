@@ -71,6 +71,12 @@ pub struct EvalArgs {
     /// The adapter's user scale S: W + S (alpha / r) B A.
     #[arg(long, default_value_t = 1.0, requires = "lora")]
     pub lora_scale: f32,
+    /// Evaluate each configuration with the adapter only (not also without it).
+    #[arg(long, requires = "lora")]
+    pub lora_only: bool,
+    /// Leave out the full model's configuration (evaluate only the plans asked for).
+    #[arg(long)]
+    pub no_full: bool,
     /// Print the whole results JSON on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -82,7 +88,7 @@ pub struct EvalArgs {
 
 /// `--out`: checked before any work: an existing folder, or a new one whose parent exists and
 /// is writable.
-fn check_out_dir(dir: &Path) -> Result<()> {
+pub(super) fn check_out_dir(dir: &Path) -> Result<()> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() && !m.permissions().readonly() => Ok(()),
         Ok(m) if m.is_dir() => bail!("--out {}: the folder is read-only", dir.display()),
@@ -94,33 +100,33 @@ fn check_out_dir(dir: &Path) -> Result<()> {
 /// The result files of `--out`, written so that none appears half-written and a failure leaves
 /// the folder as it was: each file goes to a hidden temporary name in the folder first (the
 /// folder is created if missing), and only when all are written are they renamed into place.
-struct OutFiles {
+pub(super) struct OutFiles {
     dir: PathBuf,
     created: bool,
     pending: Vec<(PathBuf, PathBuf)>,
 }
 
 impl OutFiles {
-    fn new(dir: &Path) -> Result<OutFiles> {
+    pub(super) fn new(dir: &Path) -> Result<OutFiles> {
         let created = !dir.exists();
         std::fs::create_dir_all(dir).with_context(|| format!("--out {}: creating the folder", dir.display()))?;
         Ok(OutFiles { dir: dir.to_path_buf(), created, pending: Vec::new() })
     }
 
     /// The temporary path for `name`, to be renamed to `dir/name` by `commit`.
-    fn stage(&mut self, name: &str) -> PathBuf {
+    pub(super) fn stage(&mut self, name: &str) -> PathBuf {
         // The extension stays last: plotters picks the image format by it.
         let tmp = self.dir.join(format!(".tmp-{}-{name}", std::process::id()));
         self.pending.push((tmp.clone(), self.dir.join(name)));
         tmp
     }
 
-    fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+    pub(super) fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let tmp = self.stage(name);
         std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))
     }
 
-    fn commit(mut self) -> Result<()> {
+    pub(super) fn commit(mut self) -> Result<()> {
         for (tmp, path) in std::mem::take(&mut self.pending) {
             std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         }
@@ -156,6 +162,9 @@ impl EvalArgs {
             if !(0.0..=1.0).contains(&t) {
                 bail!("--thresholds {t} is outside the allowed range 0..=1");
             }
+        }
+        if self.no_full && self.skip_layers.is_empty() && self.static_skip.is_empty() && self.routers.is_none() {
+            bail!("--no-full: no other plan is asked for (--skip-layers, --static-skip or --routers)");
         }
         if !self.lora_scale.is_finite() {
             bail!("--lora-scale {} is not a finite number", self.lora_scale);
@@ -254,8 +263,14 @@ pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
         None => None,
     };
     let mut configs = Vec::new();
-    for (label, plan) in plans(&args, &model, skip_layers.as_deref(), ctx_len)? {
-        configs.push(EvalConfig { label: label.clone(), plan: plan.clone(), lora: None });
+    let mut plans = plans(&args, &model, skip_layers.as_deref(), ctx_len)?;
+    if args.no_full {
+        plans.remove(0);
+    }
+    for (label, plan) in plans {
+        if !args.lora_only {
+            configs.push(EvalConfig { label: label.clone(), plan: plan.clone(), lora: None });
+        }
         if let Some(l) = &lora {
             configs.push(EvalConfig { label: format!("{label} + lora"), plan, lora: Some(l.clone()) });
         }

@@ -2,11 +2,13 @@
 
 mod bench;
 mod eval;
+mod eval_merge;
 mod generate;
 mod inspect;
 mod profiling;
 mod routers;
 mod static_plan;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,9 +51,14 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Score a task (ROUGE or log-likelihood) under several layer plans, with each one's speed.
     Eval(eval::EvalArgs),
+    /// One table and plot from the results.json of several `eval` runs.
+    EvalMerge(eval_merge::EvalMergeArgs),
     /// ShortGPT's block influence of every layer over calibration rows, and the static plan
     /// skipping the N least influential layers (printed, or saved as a router file).
     StaticPlan(static_plan::StaticPlanArgs),
+    /// Train FiRST routers and/or a LoRA adapter on the GPU (stages routers, lora, joint), with
+    /// checkpoints and --resume; writes routers.safetensors and a PEFT adapter/.
+    Train(train::TrainArgs),
 }
 
 /// Options every command that loads a model shares.
@@ -132,7 +139,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Routers(args) => routers::run(args),
         Command::Bench(args) => bench::run(&gpu, args),
         Command::Eval(args) => eval::run(&gpu, args),
+        Command::EvalMerge(args) => eval_merge::run(args),
         Command::StaticPlan(args) => static_plan::run(&gpu, args),
+        Command::Train(args) => train::run(&gpu, args),
     }
 }
 

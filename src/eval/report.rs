@@ -116,6 +116,49 @@ impl ConfigSummary {
     }
 }
 
+impl ConfigSummary {
+    /// Reads back what [`ConfigSummary::to_json`] wrote (a configuration of `results.json`);
+    /// null numbers become NaN. Errors: the first missing or mistyped field, named.
+    pub fn from_json(v: &serde_json::Value) -> Result<ConfigSummary, String> {
+        let num = |v: &serde_json::Value, what: &str| -> Result<f64, String> {
+            match v {
+                serde_json::Value::Null => Ok(f64::NAN),
+                v => v.as_f64().ok_or_else(|| format!("{what} is not a number")),
+            }
+        };
+        let count = |v: &serde_json::Value, what: &str| -> Result<usize, String> {
+            v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| format!("{what} is not a count"))
+        };
+        let skipped = &v["layers_skipped"];
+        let metrics = v["metrics"]
+            .as_object()
+            .ok_or("metrics is not an object")?
+            .iter()
+            .map(|(name, m)| {
+                let ci = m["ci95"].as_array().filter(|a| a.len() == 2).ok_or_else(|| format!("metrics.{name}.ci95 is not a pair"))?;
+                Ok(MetricSummary {
+                    name: name.clone(),
+                    mean: num(&m["mean"], &format!("metrics.{name}.mean"))?,
+                    ci_low: num(&ci[0], &format!("metrics.{name}.ci95"))?,
+                    ci_high: num(&ci[1], &format!("metrics.{name}.ci95"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(ConfigSummary {
+            label: v["label"].as_str().ok_or("label is not a string")?.to_string(),
+            examples: count(&v["examples"], "examples")?,
+            skipped_mean: num(&skipped["mean"], "layers_skipped.mean")?,
+            skipped_min: count(&skipped["min"], "layers_skipped.min")?,
+            skipped_max: count(&skipped["max"], "layers_skipped.max")?,
+            prefill_ms: num(&v["prefill_ms"], "prefill_ms")?,
+            decode_ms_per_token: num(&v["decode_ms_per_token"], "decode_ms_per_token")?,
+            decode_probed: v["decode_probed"].as_bool().ok_or("decode_probed is not a boolean")?,
+            tokens: count(&v["tokens"], "tokens")?,
+            metrics,
+        })
+    }
+}
+
 /// `v` as a JSON number, or null when it is not finite (JSON has no NaN).
 fn finite(v: f64) -> serde_json::Value {
     if v.is_finite() { json!(v) } else { serde_json::Value::Null }
@@ -200,6 +243,19 @@ mod tests {
             decode_steps: decode.1,
             scores,
         }
+    }
+
+    #[test]
+    fn summaries_read_back_from_their_json() {
+        let rs = [result("a", vec![2], (1.0, 10), vec![0.5]), result("b", vec![3, 4], (3.0, 10), vec![0.25])];
+        let s = ConfigSummary::new("routers 0.5", &["rougeLsum"], &rs);
+        assert_eq!(ConfigSummary::from_json(&s.to_json()).unwrap(), s);
+        // A probe-less configuration without decode steps: its null time reads back as NaN.
+        let none = ConfigSummary::new("y", &["nll"], &[result("c", vec![], (0.0, 0), vec![1.0])]);
+        assert!(ConfigSummary::from_json(&none.to_json()).unwrap().decode_ms_per_token.is_nan());
+        let mut bad = s.to_json();
+        bad["layers_skipped"]["min"] = serde_json::json!("x");
+        assert_eq!(ConfigSummary::from_json(&bad).unwrap_err(), "layers_skipped.min is not a count");
     }
 
     #[test]

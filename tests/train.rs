@@ -1,0 +1,169 @@
+//! `firstrt train` as a user runs it on the test model: a few steps lower the loss on a handful
+//! of E2E rows, a seed repeats its loss curve, a resumed run equals an uninterrupted one, the
+//! files load in `run`, and bad input is refused with one clear line.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use firstrt::model::WeightSource;
+use firstrt::model::lora::LoraAdapter;
+use firstrt::model::routers::{RouterFile, model_identity};
+use firstrt::model::weights::GgufWeights;
+use firstrt::testdata::{TempDir, data_dir, model_path};
+
+fn firstrt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_firstrt"))
+}
+
+fn output(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("running firstrt");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The first `n` rows of the E2E training file, in a file of their own.
+fn rows(dir: &TempDir, n: usize) -> PathBuf {
+    let text = std::fs::read_to_string(data_dir().join("e2e_nlg/train.jsonl")).unwrap();
+    let path = dir.join("rows.jsonl");
+    std::fs::write(&path, text.lines().take(n).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    path
+}
+
+fn train(data: &Path, out: &Path, steps: usize) -> Command {
+    let mut cmd = firstrt();
+    cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(data).arg("--eval").arg(data).arg("--out").arg(out);
+    cmd.args(["--stage", "joint", "--steps", &steps.to_string(), "--batch", "2", "--lr", "1e-2", "--ctx", "48"]);
+    cmd.args(["--checkpoint-every", "2", "--eval-every", "2", "--lora-r", "4", "--router-rank", "4", "--seed", "3", "--json"]);
+    cmd
+}
+
+/// (step, value) pairs of one curve.
+type Curve = Vec<(u64, f64)>;
+
+/// (step losses, eval CE by step) from `--json` lines.
+fn curves(stdout: &str) -> (Curve, Curve) {
+    let (mut steps, mut evals) = (Vec::new(), Vec::new());
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let step = v["step"].as_u64().unwrap();
+        match v.get("eval_ce") {
+            Some(ce) => evals.push((step, ce.as_f64().unwrap())),
+            None => steps.push((step, v["loss"].as_f64().unwrap())),
+        }
+    }
+    (steps, evals)
+}
+
+#[test]
+fn training_lowers_the_loss_repeats_for_a_seed_resumes_exactly_and_its_files_load() {
+    let dir = TempDir::new("train");
+    let data = rows(&dir, 4);
+    let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
+    let (ok, out_a, err) = output(&mut train(&data, &a, 4));
+    assert!(ok, "{err}");
+    let (steps_a, evals_a) = curves(&out_a);
+    assert_eq!(steps_a.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4], "{out_a}");
+    assert_eq!(evals_a.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 2, 4], "{out_a}");
+    assert!(evals_a[2].1 < evals_a[0].1, "eval CE did not go down: {evals_a:?}");
+
+    // The same seed gives the same curve.
+    let (ok, out_b, err) = output(&mut train(&data, &b, 4));
+    assert!(ok, "{err}");
+    assert_eq!(curves(&out_b), curves(&out_a));
+
+    // Two steps, then two more with --resume: the same steps and the same files.
+    let (ok, out_c1, err) = output(&mut train(&data, &c, 2));
+    assert!(ok, "{err}");
+    let (ok, out_c2, err) = output(train(&data, &c, 4).arg("--resume"));
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming"), "{err}");
+    let (mut steps_c, _) = curves(&out_c1);
+    steps_c.extend(curves(&out_c2).0);
+    assert_eq!(steps_c, steps_a);
+    // The same routers and adapter (compared as loaded: the files' metadata order may differ).
+    let source = GgufWeights::open(&model_path()).unwrap();
+    let identity = model_identity(&source).unwrap();
+    let routers = |dir: &Path| RouterFile::load(&dir.join("routers.safetensors"), &identity).unwrap();
+    assert!(routers(&a) == routers(&c), "routers differ after --resume");
+    let adapter = |dir: &Path| LoraAdapter::load(&dir.join("adapter"), source.config()).unwrap().layers;
+    assert!(adapter(&a) == adapter(&c), "adapters differ after --resume");
+
+    // The trained files load in `run`, which prints the plan the routers chose.
+    let (ok, stdout, err) = output(
+        firstrt()
+            .arg("run")
+            .arg("-m")
+            .arg(model_path())
+            .arg("--routers")
+            .arg(a.join("routers.safetensors"))
+            .arg("--lora")
+            .arg(a.join("adapter"))
+            .args(["--chat", "--prompt", "Describe a pub.", "--max-tokens", "4", "--temperature", "0", "--show-plan"]),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("plan") || stdout.contains("plan"), "no plan printed: {stdout} {err}");
+}
+
+#[test]
+fn bad_training_input_is_one_clear_line() {
+    let dir = TempDir::new("train-bad");
+    let data = rows(&dir, 2);
+    let empty = dir.join("empty_completion.jsonl");
+    std::fs::write(&empty, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"completion\": \"  \"}\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--data".into(), empty.display().to_string(), "--stage".into(), "routers".into()], "empty_completion.jsonl:2"),
+        (vec!["--data".into(), data.display().to_string(), "--stage".into(), "lora".into(), "--batch".into(), "0".into()], "--batch"),
+        (
+            vec!["--data".into(), data.display().to_string(), "--stage".into(), "joint".into(), "--lora-targets".into(), "qq_proj".into()],
+            "qq_proj",
+        ),
+        (
+            vec!["--data".into(), data.display().to_string(), "--stage".into(), "routers".into(), "--threshold".into(), "1.5".into()],
+            "--threshold",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = dir.join("out");
+        let (ok, _, err) = output(
+            firstrt().arg("train").arg("-m").arg(model_path()).args(["--steps", "1", "--ctx", "48"]).arg("--out").arg(&out).args(&args),
+        );
+        assert!(!ok && err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(!out.join("checkpoint.safetensors").exists(), "{args:?} left a checkpoint");
+    }
+    // A learning rate that blows the adapter up: the run stops at the first non-finite loss and
+    // keeps the last good checkpoint.
+    let out = dir.join("nan");
+    let (ok, _, err) = output(firstrt().arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out).args([
+        "--stage",
+        "lora",
+        "--steps",
+        "3",
+        "--batch",
+        "1",
+        "--ctx",
+        "48",
+        "--lr",
+        "1e30",
+        "--checkpoint-every",
+        "1",
+    ]));
+    assert!(!ok && err.contains("step 2: ") && err.contains("stopping. The last good checkpoint is") && err.contains("(step 1)"), "{err}");
+    assert!(out.join("checkpoint.safetensors").is_file());
+    // A checkpoint refuses a resumed run with other options, naming what differs.
+    let out = dir.join("resume");
+    let base = |cmd: &mut Command| {
+        cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out);
+        cmd.args(["--stage", "routers", "--batch", "1", "--ctx", "48"]);
+    };
+    let mut first = firstrt();
+    base(&mut first);
+    let (ok, _, err) = output(first.args(["--steps", "1"]));
+    assert!(ok, "{err}");
+    let mut again = firstrt();
+    base(&mut again);
+    let (ok, _, err) = output(again.args(["--steps", "1"]));
+    assert!(!ok && err.contains("--resume"), "{err}");
+    let mut other = firstrt();
+    base(&mut other);
+    let (ok, _, err) = output(other.args(["--resume", "--lr", "0.5", "--steps", "2"]));
+    assert!(!ok && err.contains("lr"), "{err}");
+}
