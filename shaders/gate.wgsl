@@ -44,18 +44,7 @@ fn gate_mix(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     y_mix[i] = hi + p.g * (y_mix[i] - hi);
 }
 
-var<workgroup> acc: array<f32, 256>;
-
-// Tree sum of acc[0..256] after each lane stored its value; the result is in acc[0].
-fn tree_sum(lane: u32) {
-    workgroupBarrier();
-    for (var k = 128u; k > 0u; k = k >> 1u) {
-        if (lane < k) {
-            acc[lane] += acc[lane + k];
-        }
-        workgroupBarrier();
-    }
-}
+{{TREE_SUM}}
 
 @compute @workgroup_size(256)
 fn gate_backward(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -66,10 +55,10 @@ fn gate_backward(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_
         dy[i] = p.g * d;
         dh[i] = (1.0 - p.g) * d;
     }
-    acc[lane] = s;
+    red[lane] = s;
     tree_sum(lane);
     if (lane == 0u) {
-        partial[wg.x] = acc[0];
+        partial[wg.x] = red[0];
     }
 }
 
@@ -79,9 +68,9 @@ fn gate_finish(@builtin(local_invocation_index) lane: u32) {
     for (var i = lane; i < p.groups; i += 256u) {
         s += partial_in[i];
     }
-    acc[lane] = s;
+    red[lane] = s;
     tree_sum(lane);
     if (lane == 0u) {
-        dp[p.slot] += acc[0];
+        dp[p.slot] += red[0];
     }
 }

@@ -22,18 +22,7 @@ struct ClipParams {
 @group(0) @binding(1) var<storage, read_write> sums: array<f32>;  // [slots + 2]: partial sums | scale | norm
 @group(0) @binding(2) var<storage, read> grad: array<f32>;        // [n] (grad_sumsq only)
 
-var<workgroup> acc: array<f32, 256>;
-
-// Tree sum of acc[0..256] after each lane stored its value; the result is in acc[0].
-fn tree_sum(lane: u32) {
-    workgroupBarrier();
-    for (var k = 128u; k > 0u; k = k >> 1u) {
-        if (lane < k) {
-            acc[lane] += acc[lane + k];
-        }
-        workgroupBarrier();
-    }
-}
+{{TREE_SUM}}
 
 @compute @workgroup_size(256)
 fn grad_sumsq(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id) wg: vec3<u32>) {
@@ -42,10 +31,10 @@ fn grad_sumsq(@builtin(local_invocation_index) lane: u32, @builtin(workgroup_id)
         let g = grad[i];
         s += g * g;
     }
-    acc[lane] = s;
+    red[lane] = s;
     tree_sum(lane);
     if (lane == 0u) {
-        sums[p.first + wg.x] = acc[0];
+        sums[p.first + wg.x] = red[0];
     }
 }
 
@@ -55,10 +44,10 @@ fn clip_scale(@builtin(local_invocation_index) lane: u32) {
     for (var i = lane; i < p.slots; i += 256u) {
         s += sums[i];
     }
-    acc[lane] = s;
+    red[lane] = s;
     tree_sum(lane);
     if (lane == 0u) {
-        let norm = p.grad_scale * sqrt(acc[0]);
+        let norm = p.grad_scale * sqrt(red[0]);
         sums[p.slots] = p.grad_scale * select(1.0, p.max_norm / norm, norm > p.max_norm);
         sums[p.slots + 1u] = norm;
     }

@@ -47,22 +47,11 @@ fn router_colsum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgro
 const LANES: u32 = 32u;
 const GROUPS: u32 = 8u; // 256 / LANES
 
-var<workgroup> red: array<f32, 256>;
+{{TREE_SUM}}
 
 fn sigmoid(x: f32) -> f32 {
     let e = exp(-abs(x));
     return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
-}
-
-// Sum of red[0..256] into red[0]; uniform control flow, ends with a barrier.
-fn reduce_red(tid: u32) {
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if (tid < s) {
-            red[tid] += red[tid + s];
-        }
-        workgroupBarrier();
-    }
 }
 
 @compute @workgroup_size(256)
@@ -87,7 +76,7 @@ fn router_mlp(@builtin(local_invocation_index) tid: u32) {
         ss += m * m;
     }
     red[tid] = ss;
-    reduce_red(tid);
+    tree_sum(tid);
     let scale = inverseSqrt(red[0] / f32(d) + p.eps);
     // Each invocation rescales the columns it wrote itself.
     for (var c = tid; c < d; c += 256u) {
@@ -126,7 +115,7 @@ fn router_mlp(@builtin(local_invocation_index) tid: u32) {
     }
     workgroupBarrier();
     red[tid] = out;
-    reduce_red(tid);
+    tree_sum(tid);
     if (tid == 0u) {
         var z = red[0];
         if (p.r > 0u) {

@@ -61,22 +61,11 @@ struct RouterBackwardParams {
 const LANES: u32 = 32u;
 const GROUPS: u32 = 8u; // 256 / LANES
 
-var<workgroup> red: array<f32, 256>;
+{{TREE_SUM}}
 
 fn sigmoid(x: f32) -> f32 {
     let e = exp(-abs(x));
     return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
-}
-
-// Sum of red[0..256] into red[0]; uniform control flow, ends with a barrier.
-fn reduce_red(tid: u32) {
-    workgroupBarrier();
-    for (var k = 128u; k > 0u; k >>= 1u) {
-        if (tid < k) {
-            red[tid] += red[tid + k];
-        }
-        workgroupBarrier();
-    }
 }
 
 // The forward up to the hidden units' pre-activations: m, s, x and a into scratch.
@@ -101,7 +90,7 @@ fn router_backward_forward(@builtin(local_invocation_index) tid: u32) {
         ss += m * m;
     }
     red[tid] = ss;
-    reduce_red(tid);
+    tree_sum(tid);
     let s = inverseSqrt(red[0] / f32(d) + p.eps);
     // Each invocation scales the columns it wrote itself.
     for (var c = tid; c < d; c += 256u) {
@@ -146,7 +135,7 @@ fn router_backward_units(@builtin(local_invocation_index) tid: u32) {
         z += w2[j] * a * sigmoid(a);
     }
     red[tid] = z;
-    reduce_red(tid);
+    tree_sum(tid);
     let zt = red[0] + b2[0];
     let dz = dp[p.slot] * sigmoid(zt) * sigmoid(-zt);
     for (var j = tid; j < p.r; j += 256u) {
@@ -189,7 +178,7 @@ fn router_backward_norm(@builtin(local_invocation_index) tid: u32) {
         dot += gc * m;
     }
     red[tid] = dot;
-    reduce_red(tid);
+    tree_sum(tid);
     let k = s * s * s * red[0] / f32(d);
     // Each invocation rewrites the columns it wrote itself.
     for (var c = tid; c < d; c += 256u) {

@@ -338,19 +338,7 @@ pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
             ScoreMode::Generate { .. } => ("rougeLsum", 100.0, "ROUGE-Lsum F (%)"),
             ScoreMode::LogLik => ("nll", 1.0, "NLL of the references (nats/token)"),
         };
-        let points: Vec<PlotPoint> = summaries
-            .iter()
-            .filter_map(|s| {
-                let m = s.metric(metric)?;
-                Some(PlotPoint {
-                    label: s.label.clone(),
-                    x: s.decode_ms_per_token,
-                    y: scale * m.mean,
-                    low: scale * m.ci_low,
-                    high: scale * m.ci_high,
-                })
-            })
-            .collect();
+        let points: Vec<PlotPoint> = summaries.iter().filter_map(|s| PlotPoint::of(s, metric, scale)).collect();
         let title = format!(
             "{} · {} examples · {}",
             args.data.file_name().map_or_else(|| args.data.display().to_string(), |n| n.to_string_lossy().into_owned()),

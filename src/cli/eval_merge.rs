@@ -67,19 +67,7 @@ pub fn run(args: EvalMergeArgs) -> Result<()> {
     print!("{table}");
     if let Some(dir) = &args.out {
         let scale = if args.metric.starts_with("rouge") { 100.0 } else { 1.0 };
-        let points: Vec<PlotPoint> = rows
-            .iter()
-            .filter_map(|s| {
-                let m = s.metric(&args.metric)?;
-                Some(PlotPoint {
-                    label: s.label.clone(),
-                    x: s.decode_ms_per_token,
-                    y: scale * m.mean,
-                    low: scale * m.ci_low,
-                    high: scale * m.ci_high,
-                })
-            })
-            .collect();
+        let points: Vec<PlotPoint> = rows.iter().filter_map(|s| PlotPoint::of(s, &args.metric, scale)).collect();
         if points.is_empty() {
             bail!("--metric {}: no configuration has it", args.metric);
         }

@@ -24,6 +24,21 @@ pub struct PlotPoint {
     pub high: f64,
 }
 
+impl PlotPoint {
+    /// The point of `summary` for metric `metric` times `scale` (100 for a ROUGE F in %), at its
+    /// decode ms/token; None when the summary has no such metric.
+    pub fn of(summary: &super::report::ConfigSummary, metric: &str, scale: f64) -> Option<PlotPoint> {
+        let m = summary.metric(metric)?;
+        Some(PlotPoint {
+            label: summary.label.clone(),
+            x: summary.decode_ms_per_token,
+            y: scale * m.mean,
+            low: scale * m.ci_low,
+            high: scale * m.ci_high,
+        })
+    }
+}
+
 /// A plot that could not be drawn or written; the message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {

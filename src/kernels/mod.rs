@@ -35,3 +35,12 @@ pub mod testing;
 mod linear_grad_tests;
 #[cfg(test)]
 mod quant_tests;
+
+/// The one-workgroup sum (`shaders/tree_sum.wgsl`: `red`, `tree_sum(lane)`) that the kernels
+/// reducing within a workgroup of 256 paste into their `{{TREE_SUM}}` placeholder.
+const TREE_SUM: &str = include_str!("../../shaders/tree_sum.wgsl");
+
+/// `entry` of `source` (family `family`) with the shared workgroup sum filled in.
+fn tree_sum_variant(family: &'static str, source: &'static str, entry: &'static str) -> crate::gpu::ShaderVariant {
+    crate::gpu::ShaderVariant::new(family, source, entry).define("TREE_SUM", TREE_SUM)
+}

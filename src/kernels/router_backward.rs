@@ -24,7 +24,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor};
 use crate::kernels::checks::{check_f32, check_u32, invalid};
 use crate::kernels::router::{CheckedRouter, RouterWeights, check_router, column_sums};
 
@@ -185,7 +185,7 @@ pub fn router_backward(ctx: &GpuContext, label: &str, op: &RouterBackwardOp) -> 
     };
     let u = uniform(ctx, label, &params);
     let scratch = GpuTensor::zeros(ctx, &format!("{label}.scratch"), DType::F32, &[s_at + 1])?;
-    let pipeline = |entry: &'static str| ctx.pipeline(&ShaderVariant::new("router_backward", SOURCE, entry));
+    let pipeline = |entry: &'static str| ctx.pipeline(&super::tree_sum_variant("router_backward", SOURCE, entry));
     let (ub, sb) = (u.as_entire_binding(), scratch.buffer.as_entire_binding());
     let mut dispatches = Vec::with_capacity(6);
     if blocks > 0 {
