@@ -36,23 +36,23 @@ limit="${LIMIT:-46}" seed="${SEED:-0}"
 train="$data/e2e_nlg/train.jsonl" test="$data/e2e_nlg/test.jsonl"
 mkdir -p "$out"
 stamp() { echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg): $*"; }
-timed() { # LABEL CMD...: runs CMD and prints its wall time
-    local label="$1" t0; shift
+timed() { # LABEL LOG CMD...: runs CMD (stdout into LOG, or the terminal for -) and prints its wall time
+    local label="$1" log="$2" t0; shift 2
     t0=$(date +%s)
-    "$@"
+    if [ "$log" = - ]; then "$@"; else "$@" > "$log"; fi
     stamp "$label took $(( $(date +%s) - t0 )) s"
 }
 stamp "firstrt $(git -C "$root" rev-parse --short HEAD), routers $router_steps steps, LoRA $lora_steps steps, batch $batch"
 
 # 1. Routers.
-[ -f "$out/routers/routers.safetensors" ] || timed "stage routers" \
+[ -f "$out/routers/routers.safetensors" ] || timed "stage routers" "$out/routers.train.jsonl" \
     "$bin" train -m "$model" --data "$train" --stage routers --steps "$router_steps" --batch "$batch" \
-    --lr "$lr_routers" --keep-target "$keep" --seed "$seed" --json --out "$out/routers" > "$out/routers.train.jsonl"
+    --lr "$lr_routers" --keep-target "$keep" --seed "$seed" --json --out "$out/routers"
 routers="$out/routers/routers.safetensors"
 
 # 2. The routers' plans without an adapter, and static plans of the same sizes.
 tau_list="$(echo "$taus" | tr ' ' ',')"
-[ -f "$out/eval-routers/results.json" ] || timed "eval routers" \
+[ -f "$out/eval-routers/results.json" ] || timed "eval routers" - \
     "$bin" eval -m "$model" --data "$test" --limit "$limit" --routers "$routers" --thresholds "$tau_list" --out "$out/eval-routers"
 counts=""
 for tau in $lora_taus; do
@@ -68,9 +68,9 @@ done
 # 3. One adapter per plan, trained alike.
 lora() { # NAME [ROUTER ARGS...]
     local name="$1"; shift
-    [ -f "$out/$name/adapter/adapter_model.safetensors" ] || timed "stage lora ($name)" \
+    [ -f "$out/$name/adapter/adapter_model.safetensors" ] || timed "stage lora ($name)" "$out/$name.train.jsonl" \
         "$bin" train -m "$model" --data "$train" --stage lora "$@" --steps "$lora_steps" --batch "$batch" --lr "$lr_lora" \
-        --seed "$seed" --json --out "$out/$name" > "$out/$name.train.jsonl"
+        --seed "$seed" --json --out "$out/$name"
 }
 lora lora-full
 for tau in $lora_taus; do lora "lora-routers-$tau" --routers "$routers" --threshold "$tau"; done
@@ -79,7 +79,7 @@ for n in $counts; do lora "lora-static-$n" --routers "$out/static-$n.safetensors
 # 4. Each plan with its own adapter (--lora-only: not again without it), then one table.
 ev() { # NAME EVAL ARGS...
     local name="$1"; shift
-    [ -f "$out/eval-$name/results.json" ] || timed "eval $name" "$bin" eval -m "$model" --data "$test" --limit "$limit" "$@" --out "$out/eval-$name"
+    [ -f "$out/eval-$name/results.json" ] || timed "eval $name" - "$bin" eval -m "$model" --data "$test" --limit "$limit" "$@" --out "$out/eval-$name"
 }
 ev lora-full --lora "$out/lora-full/adapter" --lora-only
 inputs=("without LoRA=$out/eval-routers/results.json" "full + LoRA=$out/eval-lora-full/results.json")
