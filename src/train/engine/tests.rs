@@ -195,3 +195,16 @@ fn a_step_moves_trained_tensors_and_zeroes_gradients() {
     let w1 = engine.params().iter().find(|p| p.name == "router.1.w1").unwrap().value.read_f32(&ctx).unwrap();
     assert_eq!(file.layers[1].as_ref().unwrap().w1, w1);
 }
+
+#[test]
+fn the_regulariser_and_its_derivative() {
+    // λ · mean p, and ∂/∂p_l = λ / n.
+    let (r, d) = regulariser(&[0.2, 0.6], 0.01, None);
+    assert!((r - 0.004).abs() < 1e-7 && (d - 0.005).abs() < 1e-7, "{r} {d}");
+    // + μ |mean p − target|: above the target it pushes down, below it pushes up.
+    let (r, d) = regulariser(&[0.9, 0.7], 0.0, Some((0.5, 2.0)));
+    assert!((r - 0.6).abs() < 1e-6 && (d - 1.0).abs() < 1e-6, "{r} {d}");
+    let (_, d) = regulariser(&[0.1, 0.3], 0.0, Some((0.5, 2.0)));
+    assert!((d + 1.0).abs() < 1e-6, "{d}");
+    assert_eq!(regulariser(&[], 0.01, Some((0.5, 1.0))), (0.0, 0.0));
+}
