@@ -237,6 +237,11 @@ pub fn run(gpu: &GpuOptions, args: TrainArgs) -> Result<()> {
     if args.steps == 0 || args.batch == 0 {
         bail!("--steps and --batch must be at least 1");
     }
+    if let Some(c) = args.model.ctx
+        && c < 2
+    {
+        bail!("--ctx {c}: training needs at least 2 positions (a prompt token and a target)");
+    }
     if args.checkpoint_every == 0 || args.eval_every == Some(0) {
         bail!("--checkpoint-every and --eval-every must be at least 1");
     }

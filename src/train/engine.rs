@@ -286,8 +286,9 @@ impl Engine {
     /// `options.ctx_len` tokens.
     ///
     /// # Errors
-    /// [`RuntimeError::Internal`] when what is trained is missing, the adapter's matrices are not
-    /// single f32 chunks or its targets differ between layers; GPU allocation errors (a buffer
+    /// [`RuntimeError::Internal`] when what is trained is missing or the adapter's matrices are
+    /// not single f32 chunks; [`RuntimeError::Lora`] when its targets differ between layers; GPU
+    /// allocation errors (a buffer
     /// over the binding limit names its size).
     pub fn new(
         weights: Arc<GpuWeights>,
@@ -339,10 +340,12 @@ impl Engine {
                     let blocks: Vec<(usize, usize)> =
                         group.members(&c).into_iter().filter(|(p, _, _)| g.targets.contains(p)).map(|(_, off, out)| (off, out)).collect();
                     if pair.a.rows != blocks.len() * g.rank {
-                        return Err(RuntimeError::Internal(format!(
-                            "layer {l} {}: the adapter's targets differ between layers; such an adapter cannot be trained",
-                            group.name()
-                        )));
+                        return Err(RuntimeError::Lora(crate::model::lora::LoraError::Invalid {
+                            what: format!(
+                                "layer {l} {}: the targets differ between layers; such an adapter cannot be trained",
+                                group.name()
+                            ),
+                        }));
                     }
                     let name = format!("lora.{l}.{}", group.name());
                     let ga = GpuTensor::zeros(&ctx, &format!("{name}.A.grad"), DType::F32, &[pair.a.rows, pair.a.cols])?;
