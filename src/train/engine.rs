@@ -266,7 +266,8 @@ pub struct Engine {
     /// `h_0 .. h_L`, `[ctx_len, d]` each.
     saved: Vec<GpuTensor>,
     grads: Grads,
-    /// Targets `[ctx_len]` u32 (ids shifted by one) and the completion mask `[ctx_len]` u32.
+    /// Targets `[ctx_len]` u32: the scored rows' next tokens. The cross-entropy's row mask
+    /// `[ctx_len]` u32 is all ones (written once): only completion rows are ever scored.
     targets: GpuTensor,
     mask: GpuTensor,
     /// `[1]` f32.
@@ -401,7 +402,7 @@ impl Engine {
             acts: Activations::new(&ctx, &weights, t)?,
             kept: KeptActivations::new(&ctx, t, d)?,
             targets: GpuTensor::zeros(&ctx, "targets", DType::U32, &[t])?,
-            mask: GpuTensor::zeros(&ctx, "mask", DType::U32, &[t])?,
+            mask: GpuTensor::from_u32(&ctx, "mask", &[t], &vec![1; t])?,
             loss: GpuTensor::zeros(&ctx, "loss", DType::F32, &[1])?,
             dp: GpuTensor::zeros(&ctx, "dp", DType::F32, &[n])?,
             ctx,
@@ -510,7 +511,6 @@ impl Engine {
         self.bufs.step.write(&self.ctx, &StepParams::new(0, t));
         let (c0, scored) = (prompt_len - 1, t - prompt_len);
         self.targets.write_u32(&self.ctx, &ids[prompt_len..]);
-        self.mask.write_u32(&self.ctx, &vec![1; scored]);
 
         let plan = LayerPlan::full(n);
         let lora = self.lora.as_ref();
