@@ -205,10 +205,15 @@ struct EvalLine {
 /// `batch` at a time, so that a resumed run sees exactly what an uninterrupted one would.
 fn batch_indices(n: usize, batch: usize, step: usize, seed: u64) -> Vec<usize> {
     let mut out = Vec::with_capacity(batch);
+    // The batch's items by epoch: each epoch's order is shuffled once.
+    let (mut order_epoch, mut order) = (usize::MAX, Vec::new());
     for k in step * batch..(step + 1) * batch {
         let (epoch, i) = (k / n, k % n);
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        if epoch != order_epoch {
+            order = (0..n).collect();
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            order_epoch = epoch;
+        }
         out.push(order[i]);
     }
     out
