@@ -4,11 +4,11 @@
 //! read once per step instead of once per sequence.
 //!
 //! Per kept layer, over the batch's own activations `[B, ...]`: RMSNorm and the QKV product
-//! (a matrix-matrix product over B rows, the prefill kernels); then per sequence, its row of
-//! `qkv` is copied to the session's decode buffers, RoPE writes its key and value into the
-//! session's own KV cache at its own position and attention reads that cache (the dispatches of
-//! the session's own decode step), and the attention output is copied back to the batch's row;
-//! then the O product, RMSNorm, gate/up, SwiGLU and down over B rows. The tail normalises all B
+//! (a matrix-matrix product over B rows, the prefill kernels); then per sequence, on its row i
+//! of the batch's `qkv`, `q` and `attn` (the kernels' `row0`), RoPE writes its key and value
+//! into the session's own KV cache at its own position and attention reads that cache (the
+//! session's own decode-step kernels and step uniform); then the O product, RMSNorm, gate/up,
+//! SwiGLU and down over B rows. The tail normalises all B
 //! rows and runs the LM head as one product `[B, vocab]`; each row's logits go to its session,
 //! whose sampling kernel picks its candidates. One submission, one read-back per session.
 //!
@@ -139,17 +139,12 @@ impl DecodeBatch {
         // The batch's rows run the prefill kernels; the builder's own buffers serve nothing but
         // the plan (the attention core and the sampling come from each session's builder).
         let batch = StepBuilder { ctx, weights: w, lora: None, bufs: &first.bufs, plan: &first.plan, phase: Phase::Prefill };
-        let (qkv_dim, q_dim) = (c.q_dim() + 2 * c.kv_dim(), c.q_dim());
         let mut p = batch.head(a, b)?;
         for l in (0..c.n_layers).filter(|&l| first.plan.runs(l)) {
             p.extend(batch.layer_with_core(a, b, l, None, || {
                 let mut core = Vec::new();
                 for (i, s) in sessions.iter().enumerate() {
-                    let own = &s.decode_acts;
-                    let label = format!("batch/layer.{l}/row.{i}");
-                    core.push(copy_words(ctx, &format!("{label}/qkv.in"), &a.qkv, i * qkv_dim, &own.qkv, 0, qkv_dim)?);
-                    core.extend(s.builder(Phase::Decode).attention_core(own, 1, l)?);
-                    core.push(copy_words(ctx, &format!("{label}/attn.out"), &own.attn, 0, &a.attn, i * q_dim, q_dim)?);
+                    core.extend(s.builder(Phase::Decode).attention_core_at(a, i, 1, l)?);
                 }
                 Ok(core)
             })?);

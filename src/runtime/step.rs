@@ -268,14 +268,21 @@ impl StepBuilder<'_> {
     /// into `a.attn` `[rows, n_heads hd]`. Errors: `RuntimeError::Internal` when layer `l` has no
     /// KV cache; `RuntimeError::Gpu` when a kernel rejects its arguments.
     pub fn attention_core(&self, a: &Activations, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+        self.attention_core_at(a, 0, rows, l)
+    }
+
+    /// [`StepBuilder::attention_core`] on rows `row0..row0 + rows` of `a.qkv`, `a.q` and
+    /// `a.attn`: a batched decode step runs each sequence's core, over its own cache and
+    /// positions, on its row of the batch's activations.
+    pub(super) fn attention_core_at(&self, a: &Activations, row0: usize, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, c) = (self.ctx, &self.weights.config);
         let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Internal(format!("layer {l} runs but has no KV cache")))?;
         let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
         let at = |op| Tag::layer(self.phase, l, op);
-        let rope = RopeQkvOp { qkv: &a.qkv, rows, shape, tables: &self.bufs.rope, step, q_out: &a.q, k_cache, v_cache };
+        let rope = RopeQkvOp { qkv: &a.qkv, rows, row0, shape, tables: &self.bufs.rope, step, q_out: &a.q, k_cache, v_cache };
         let mut p = tagged(at("attn.rope"), |n| rope_qkv_write(ctx, n, &rope).map(|d| [d]))?;
-        let attn = AttnOp { q: &a.q, rows, k_cache, v_cache, shape, step, out: &a.attn };
+        let attn = AttnOp { q: &a.q, rows, row0, k_cache, v_cache, shape, step, out: &a.attn };
         p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
         Ok(p)
     }
