@@ -87,6 +87,13 @@ def check(spec):
     expect(finishes == [r.choices[0].finish_reason], f"finish reasons in the stream: {finishes}")
     expect(usage is not None and usage.completion_tokens == r.usage.completion_tokens, f"stream usage {usage}")
 
+    # A stop string: the text ends before it, and the finish reason is "stop".
+    expect(len(text) > 12, f"the answer {text!r} is too short to test a stop string")
+    stop = text[8:12]
+    r = c.chat.completions.create(model=model, messages=chat["messages"], temperature=0, max_tokens=chat["max_tokens"], stop=[stop, "\u2603"])
+    cut = r.choices[0].message.content
+    expect(cut == text[:text.index(stop)] and r.choices[0].finish_reason == "stop", f"stop {stop!r}: {cut!r}, {r.choices[0].finish_reason}")
+
     # Requests at once, some sharing a plan (batched) and some not: each gets the ids transformers
     # gives for its plan.
     def one(case):
