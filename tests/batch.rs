@@ -1,7 +1,8 @@
-//! Batched decode (`runtime::batch::DecodeBatch`) against the transformers fixture: sessions
-//! with different prompts, positions and context sizes stepped together give each its own
-//! greedy ids, under the full model and under a skip plan; the batch equals each session's
-//! own decode step; and sessions that cannot share a step are refused.
+//! Batched prefill and decode (`runtime::batch::DecodeBatch`) against the transformers
+//! fixture: sessions with different prompts, positions and context sizes prefilled and stepped
+//! together give each its own greedy ids, under the full model and under a skip plan; a
+//! batched step and a batched prefill equal each session's own; and sessions that cannot share
+//! a step are refused.
 
 mod common;
 
@@ -11,8 +12,8 @@ use firstrt::gpu::DType;
 use firstrt::runtime::batch::DecodeBatch;
 use firstrt::runtime::{LayerPlan, Session, SessionOptions};
 
-/// Prefill each prompt in its own session, then decode `n` greedy tokens with every session in
-/// one batched step per token; the generated ids of each.
+/// Prefill the prompts, each in its own session, in one batched prefill, then decode `n` greedy
+/// tokens with every session in one batched step per token; the generated ids of each.
 fn batched_greedy(plan: &LayerPlan, prompts: &[Vec<u32>], n: usize, capacity: usize) -> Vec<Vec<u32>> {
     let model = model(DType::F32);
     let mut batch = DecodeBatch::new(&model.weights, capacity).unwrap();
@@ -23,8 +24,20 @@ fn batched_greedy(plan: &LayerPlan, prompts: &[Vec<u32>], n: usize, capacity: us
         .enumerate()
         .map(|(i, p)| Session::new(&model.weights, SessionOptions { ctx_len: p.len() + n + 3 * i, candidates: 1 }, plan.clone()).unwrap())
         .collect();
-    let mut streams: Vec<TokenStream<'_, Session>> =
-        sessions.into_iter().zip(prompts).map(|(s, p)| TokenStream::start(s, p, &options, None).unwrap()).collect();
+    // The prompts are prefilled in one batched step too.
+    let mut sessions = sessions;
+    let t0 = std::time::Instant::now();
+    let firsts = {
+        let mut members: Vec<&mut Session> = sessions.iter_mut().collect();
+        let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        batch.prefill(&mut members, &prompts).unwrap()
+    };
+    let mut streams: Vec<TokenStream<'_, Session>> = sessions
+        .into_iter()
+        .zip(prompts)
+        .zip(firsts)
+        .map(|((s, p), out)| TokenStream::prefilled(s, p, out, t0, &options, None).unwrap())
+        .collect();
     // The first token comes from each prefill.
     for s in &mut streams {
         s.next().unwrap().unwrap();
@@ -99,6 +112,31 @@ fn batched_step_equals_single_steps() {
     for (x, y) in outs[0].candidates.iter().zip(&single.candidates) {
         assert!((x.1 - y.1).abs() < 2e-3, "logit {} batched vs {} alone", x.1, y.1);
     }
+}
+
+/// A batched prefill's candidates equal each session's own prefill's, to rounding.
+#[test]
+fn batched_prefill_equals_single_prefills() {
+    let model = model(DType::F32);
+    let case = cases().into_iter().find(|c| c.name == "chat_user_only").unwrap();
+    let session = || Session::new(&model.weights, SessionOptions { ctx_len: 64, candidates: 8 }, LayerPlan::full(30)).unwrap();
+    let (p1, p2) = (&case.prompt_ids[..9], &case.prompt_ids[5..40]);
+    let (mut a, mut b) = (session(), session());
+    let mut batch = DecodeBatch::new(&model.weights, 2).unwrap();
+    let outs = batch.prefill(&mut [&mut a, &mut b], &[p1, p2]).unwrap();
+    assert_eq!((a.position(), b.position()), (9, 35));
+    for (out, p) in outs.iter().zip([p1, p2]) {
+        let single = session().prefill(p).unwrap();
+        let ids = |o: &firstrt::runtime::StepOutput| o.candidates.iter().map(|c| c.0).collect::<Vec<_>>();
+        assert_eq!(ids(out), ids(&single));
+        for (x, y) in out.candidates.iter().zip(&single.candidates) {
+            assert!((x.1 - y.1).abs() < 2e-3, "logit {} batched vs {} alone", x.1, y.1);
+        }
+    }
+    let mut c = session();
+    assert!(batch.prefill(&mut [&mut c], &[&[]]).is_err(), "an empty prompt");
+    assert!(batch.prefill(&mut [&mut c], &[&[1; 65]]).is_err(), "beyond the context");
+    assert_eq!(c.position(), 0);
 }
 
 #[test]

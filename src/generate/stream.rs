@@ -156,13 +156,27 @@ impl<'a, S: BorrowMut<Session>> TokenStream<'a, S> {
         options: &GenerateOptions,
         text: Option<TextDecoder<'a>>,
     ) -> Result<TokenStream<'a, S>, GenerateError> {
-        let mut timings = Timings { prefill_tokens: prompt_ids.len(), ..Timings::default() };
         let s = session.borrow_mut();
         s.prepare_prefill(prompt_ids.len())?;
         let start = Instant::now();
         let out = s.prefill(prompt_ids)?;
-        timings.prefill_s = start.elapsed().as_secs_f64();
-        s.prepare()?;
+        Self::prefilled(session, prompt_ids, out, start, options, text)
+    }
+
+    /// A stream over a session whose prefill of `prompt_ids` ran elsewhere (the server batches
+    /// the prefills of several new sequences: `DecodeBatch::prefill`), started at `start` and
+    /// giving the candidates `out`: prepares the decode step and continues as
+    /// [`TokenStream::start`] would after its prefill. Errors: preparing the decode step.
+    pub fn prefilled(
+        mut session: S,
+        prompt_ids: &[u32],
+        out: StepOutput,
+        start: Instant,
+        options: &GenerateOptions,
+        text: Option<TextDecoder<'a>>,
+    ) -> Result<TokenStream<'a, S>, GenerateError> {
+        let timings = Timings { prefill_tokens: prompt_ids.len(), prefill_s: start.elapsed().as_secs_f64(), ..Timings::default() };
+        session.borrow_mut().prepare()?;
         Ok(TokenStream {
             session,
             sampler: Sampler::new(options.sampler),

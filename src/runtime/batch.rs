@@ -12,6 +12,10 @@
 //! rows and runs the LM head as one product `[B, vocab]`; each row's logits go to its session,
 //! whose sampling kernel picks its candidates. One submission, one read-back per session.
 //!
+//! [`DecodeBatch::prefill`] runs the prompts of several new sessions the same way, their rows
+//! one after another (RoPE and attention per sequence over its own rows: `row0` and `rows`),
+//! and the LM head over each sequence's last row.
+//!
 //! Every row computes what the session's own decode step computes, with the matrix-matrix
 //! kernels instead of the matrix-vector ones (the same sums in another order: logits agree to
 //! rounding, as a prefill's do with a decode's). Sessions with a LoRA adapter, a profiler or an
@@ -34,6 +38,9 @@ use super::session::{NonFiniteAt, StepId, StepOutput};
 use super::step::{Activations, StepBuilder};
 use super::{GpuWeights, RuntimeError, Session};
 
+/// The most rows (prompt tokens of all its sequences) one batched prefill takes.
+pub const MAX_PREFILL_ROWS: usize = 512;
+
 /// Buffers and the cached program of batched decode steps of up to `capacity` sessions.
 pub struct DecodeBatch {
     ctx: Arc<GpuContext>,
@@ -41,6 +48,8 @@ pub struct DecodeBatch {
     capacity: usize,
     /// The batch's activations `[capacity, ...]`: row i is the i-th session's token.
     acts: Activations,
+    /// Each sequence's last row of a batched prefill `[capacity, d_model]`.
+    last_rows: GpuTensor,
     /// Normalised rows `[capacity, d_model]`: the LM head's input.
     final_rows: GpuTensor,
     /// Logits `[capacity, vocab]`.
@@ -58,6 +67,7 @@ impl DecodeBatch {
         let capacity = capacity.max(1);
         Ok(DecodeBatch {
             acts: Activations::new(&ctx, weights, capacity)?,
+            last_rows: GpuTensor::zeros_bound(&ctx, "batch.last_rows", DType::F32, &[capacity, c.d_model])?,
             final_rows: GpuTensor::zeros_bound(&ctx, "batch.final_rows", DType::F32, &[capacity, c.d_model])?,
             logits: GpuTensor::zeros_bound(&ctx, "batch.logits", DType::F32, &[capacity, c.vocab_size])?,
             ctx,
@@ -93,35 +103,19 @@ impl DecodeBatch {
     /// [`Session::decode`] would. Errors: `RuntimeError::Internal` for more sessions than the
     /// capacity, none, a count other than `ids`', or sessions that cannot share a step
     /// ([`DecodeBatch::same_step`]); `BadToken` and `ContextFull` as [`Session::decode`]; a GPU
-    /// error; `NonFinite` when a session's logits are not finite. On an error no session has
-    /// advanced... except that KV-cache rows past each position may have been written, which
-    /// the next step at that position rewrites.
+    /// error; `NonFinite` when a session's logits are not finite. After an error no session has
+    /// advanced (KV-cache rows at their positions may have been written; the next step there
+    /// writes them again).
     pub fn step(&mut self, sessions: &mut [&mut Session], ids: &[u32]) -> Result<Vec<StepOutput>, RuntimeError> {
-        let b = sessions.len();
-        if b == 0 || b > self.capacity || ids.len() != b {
-            return Err(RuntimeError::Internal(format!(
-                "a batched step of {b} sessions and {} ids (capacity {})",
-                ids.len(),
-                self.capacity
-            )));
-        }
-        if let Some(s) = sessions.iter().find(|s| !self.same_step(sessions[0], s)) {
-            return Err(RuntimeError::Internal(format!("session {} cannot share a batched step with session {}", s.id, sessions[0].id)));
-        }
-        for (s, &id) in sessions.iter().zip(ids) {
-            s.check_ids(&[id])?;
-        }
-        choose_all(&self.ctx, self.weights.dtype);
-        self.acts.ids.write_u32(&self.ctx, ids);
-        for s in sessions.iter() {
-            s.bufs.step.write(&self.ctx, &StepParams { pos0: s.pos as u32, n_tokens: 1, kv_len: s.pos as u32 + 1, _pad: 0 });
-        }
+        let tokens: Vec<&[u32]> = ids.iter().map(std::slice::from_ref).collect();
+        self.check(sessions, &tokens)?;
+        self.write_inputs(&self.acts, sessions, &tokens);
         let key: Vec<u64> = sessions.iter().map(|s| s.id).collect();
         let program = match self.program.take() {
             Some((k, p)) if k == key => p,
-            _ => self.build(sessions)?,
+            _ => self.build(sessions, &vec![1; sessions.len()], &self.acts)?,
         };
-        let result = self.execute(&program, sessions);
+        let result = self.execute(&program, sessions, true);
         self.program = Some((key, program));
         let outputs = result?;
         for s in sessions.iter_mut() {
@@ -131,25 +125,96 @@ impl DecodeBatch {
         Ok(outputs)
     }
 
+    /// Prefill `prompts[i]` into `sessions[i]`, all in one step (the prompts' rows one after
+    /// another, at most [`MAX_PREFILL_ROWS`] in all), and return each session's candidates for
+    /// its first generated token, as [`Session::prefill`] would. Errors: as
+    /// [`DecodeBatch::step`]; `EmptyPrompt` for an empty prompt; `RuntimeError::Internal` for
+    /// more rows than [`MAX_PREFILL_ROWS`].
+    pub fn prefill(&mut self, sessions: &mut [&mut Session], prompts: &[&[u32]]) -> Result<Vec<StepOutput>, RuntimeError> {
+        if prompts.iter().any(|p| p.is_empty()) {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        let rows: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let total: usize = rows.iter().sum();
+        if total > MAX_PREFILL_ROWS {
+            return Err(RuntimeError::Internal(format!("a batched prefill of {total} rows (at most {MAX_PREFILL_ROWS})")));
+        }
+        self.check(sessions, prompts)?;
+        // Allocated for this prefill and given back after it: an idle server holds nothing of it.
+        let acts = Activations::new(&self.ctx, &self.weights, total)?;
+        self.write_inputs(&acts, sessions, prompts);
+        let program = self.build(sessions, &rows, &acts)?;
+        let outputs = self.execute(&program, sessions, false)?;
+        for (s, r) in sessions.iter_mut().zip(rows) {
+            s.pos += r;
+        }
+        Ok(outputs)
+    }
+
+    /// The checks every batched step makes: a session count within the capacity and equal to
+    /// the token lists', sessions that can share a step, and each one's tokens valid for it.
+    fn check(&self, sessions: &[&mut Session], tokens: &[&[u32]]) -> Result<(), RuntimeError> {
+        let b = sessions.len();
+        if b == 0 || b > self.capacity || tokens.len() != b {
+            return Err(RuntimeError::Internal(format!(
+                "a batched step of {b} sessions and {} inputs (capacity {})",
+                tokens.len(),
+                self.capacity
+            )));
+        }
+        if let Some(s) = sessions.iter().find(|s| !self.same_step(sessions[0], s)) {
+            return Err(RuntimeError::Internal(format!("session {} cannot share a batched step with session {}", s.id, sessions[0].id)));
+        }
+        for (s, t) in sessions.iter().zip(tokens) {
+            s.check_ids(t)?;
+        }
+        Ok(())
+    }
+
+    /// Write the step's token ids (one list after another) and each session's step uniform.
+    fn write_inputs(&self, acts: &Activations, sessions: &[&mut Session], tokens: &[&[u32]]) {
+        choose_all(&self.ctx, self.weights.dtype);
+        acts.ids.write_u32(&self.ctx, &tokens.concat());
+        for (s, t) in sessions.iter().zip(tokens) {
+            let (pos0, n) = (s.pos as u32, t.len() as u32);
+            s.bufs.step.write(&self.ctx, &StepParams { pos0, n_tokens: n, kv_len: pos0 + n, _pad: 0 });
+        }
+    }
+
     /// The dispatches of one batched step over `sessions` (see the module docs).
-    fn build(&self, sessions: &[&mut Session]) -> Result<Vec<Dispatch>, RuntimeError> {
-        let (ctx, w, a, b) = (&*self.ctx, &*self.weights, &self.acts, sessions.len());
+    /// `rows[i]` are sequence i's rows (1 in a decode step), in `a` from the sum of the earlier
+    /// ones on.
+    fn build(&self, sessions: &[&mut Session], rows: &[usize], a: &Activations) -> Result<Vec<Dispatch>, RuntimeError> {
+        let (ctx, w, b) = (&*self.ctx, &*self.weights, sessions.len());
+        let total: usize = rows.iter().sum();
+        let row0: Vec<usize> = rows.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
         let c = &w.config;
         let first = &sessions[0];
         // The batch's rows run the prefill kernels; the builder's own buffers serve nothing but
         // the plan (the attention core and the sampling come from each session's builder).
         let batch = StepBuilder { ctx, weights: w, lora: None, bufs: &first.bufs, plan: &first.plan, phase: Phase::Prefill };
-        let mut p = batch.head(a, b)?;
+        let mut p = batch.head(a, total)?;
         for l in (0..c.n_layers).filter(|&l| first.plan.runs(l)) {
-            p.extend(batch.layer_with_core(a, b, l, None, || {
+            p.extend(batch.layer_with_core(a, total, l, None, || {
                 let mut core = Vec::new();
                 for (i, s) in sessions.iter().enumerate() {
-                    core.extend(s.builder(Phase::Decode).attention_core_at(a, i, 1, l)?);
+                    core.extend(s.builder(Phase::Decode).attention_core_at(a, row0[i], rows[i], l)?);
                 }
                 Ok(core)
             })?);
         }
-        let norm = RmsNormOp { x: &a.x, x_row0: 0, rows: b, weight: &w.final_norm, y: &self.final_rows, eps: c.rms_eps };
+        // The LM head's input: each sequence's last row (in a decode step, the rows themselves).
+        let last = if total == b {
+            &a.x
+        } else {
+            let d = c.d_model;
+            for i in 0..b {
+                let src = (row0[i] + rows[i] - 1) * d;
+                p.push(copy_words(ctx, &format!("batch/row.{i}/last"), &a.x, src, &self.last_rows, i * d, d)?);
+            }
+            &self.last_rows
+        };
+        let norm = RmsNormOp { x: last, x_row0: 0, rows: b, weight: &w.final_norm, y: &self.final_rows, eps: c.rms_eps };
         p.push(rmsnorm(ctx, "batch/final_norm", &norm)?);
         p.extend(batch.linear("batch/lm_head", &LinearOp::new(&self.final_rows, b, w.output(), &self.logits))?);
         let vocab = c.vocab_size;
@@ -161,7 +226,7 @@ impl DecodeBatch {
     }
 
     /// Record, submit, and read each session's candidates back.
-    fn execute(&self, program: &[Dispatch], sessions: &[&mut Session]) -> Result<Vec<StepOutput>, RuntimeError> {
+    fn execute(&self, program: &[Dispatch], sessions: &[&mut Session], decode: bool) -> Result<Vec<StepOutput>, RuntimeError> {
         let ctx = &*self.ctx;
         let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("decode-batch") });
         {
@@ -178,7 +243,7 @@ impl DecodeBatch {
             let raw = crate::gpu::buffer::map_and_read(ctx, &s.staging, 8 * s.options.candidates, "picked")?;
             let words: Vec<u32> = bytemuck::pod_collect_to_vec(&raw);
             if saw_non_finite(&words) {
-                let step = StepId::Decode { n: s.decode_steps + 1, pos: s.pos };
+                let step = if decode { StepId::Decode { n: s.decode_steps + 1, pos: s.pos } } else { StepId::Prefill { pos0: s.pos } };
                 return Err(RuntimeError::NonFinite { step, at: NonFiniteAt::Unknown });
             }
             outputs.push(StepOutput { candidates: decode_pairs(&words) });

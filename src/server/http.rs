@@ -111,6 +111,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         "in_flight": s.scheduler.in_flight(),
         "batched_steps": s.scheduler.batched().0,
         "batched_rows": s.scheduler.batched().1,
+        "batched_prefills": s.scheduler.batched().2,
         "gpu_bytes": s.model.loaded.weights.ctx.memory.live_bytes(),
         "rss_bytes": rss_bytes(),
     });

@@ -16,7 +16,8 @@
 //! Running sequences that wait for a decode step and share a layer plan (no adapter, plan
 //! fixed) take it together as one batched step ([`DecodeBatch`]: the projections run over all
 //! their rows at once, so each weight is read once per round instead of once per sequence);
-//! the others step alone. The first token of a sequence comes from its prefill.
+//! the others step alone. The first token of a sequence comes from its prefill; new sequences
+//! that can share a batched step are prefilled together too ([`DecodeBatch::prefill`]).
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -24,13 +25,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::generate::{Event, FinishReason, GenerateOptions, TextDecoder, Timings, TokenStream};
 use crate::model::tokenizer::ModelTokenizer;
-use crate::runtime::batch::DecodeBatch;
-use crate::runtime::{GpuLora, GpuWeights, LoadedModel, PlanChoice, Session, SessionOptions};
+use crate::runtime::batch::{DecodeBatch, MAX_PREFILL_ROWS};
+use crate::runtime::{GpuLora, GpuWeights, LoadedModel, PlanChoice, Session, SessionOptions, StepOutput};
 
 use super::api::ApiError;
 
@@ -114,6 +116,8 @@ struct Counts {
     /// Batched decode steps run, and the sequence steps they held.
     batched_steps: AtomicUsize,
     batched_rows: AtomicUsize,
+    /// Batched prefills run.
+    batched_prefills: AtomicUsize,
 }
 
 /// The handle the HTTP side holds: submit jobs, take capacity, drain and stop.
@@ -198,10 +202,11 @@ impl Scheduler {
         (self.counts.running.load(Ordering::SeqCst), self.counts.waiting.load(Ordering::SeqCst))
     }
 
-    /// Batched decode steps run so far, and the sequence steps they held (their sum of batch
-    /// sizes).
-    pub fn batched(&self) -> (usize, usize) {
-        (self.counts.batched_steps.load(Ordering::SeqCst), self.counts.batched_rows.load(Ordering::SeqCst))
+    /// Batched decode steps run so far, the sequence steps they held (their sum of batch
+    /// sizes), and batched prefills run.
+    pub fn batched(&self) -> (usize, usize, usize) {
+        let c = &self.counts;
+        (c.batched_steps.load(Ordering::SeqCst), c.batched_rows.load(Ordering::SeqCst), c.batched_prefills.load(Ordering::SeqCst))
     }
 
     /// Requests holding capacity now (running, waiting, or being prepared by the HTTP side).
@@ -278,12 +283,12 @@ fn run(
         }
         // A client that left while waiting costs nothing more.
         waiting.retain(|job| !job.events.is_closed());
-        while running.len() < max_concurrent {
+        let mut starting = Vec::new();
+        while running.len() + starting.len() < max_concurrent {
             let Some(job) = waiting.pop_front() else { break };
-            if let Some(r) = start(weights, tokenizer, *job) {
-                running.push(r);
-            }
+            starting.push(*job);
         }
+        running.extend(start_all(weights, tokenizer, starting, batch.as_mut(), counts));
         counts.running.store(running.len(), Ordering::SeqCst);
         counts.waiting.store(waiting.len(), Ordering::SeqCst);
         let before = running.len();
@@ -395,30 +400,68 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default()
 }
 
-/// Create the job's session and prefill; None (after sending `Failed`) when that fails.
-fn start<'t>(weights: &Arc<GpuWeights>, tokenizer: &'t ModelTokenizer, job: Job) -> Option<Running<'t>> {
+/// A job whose session exists, before its prefill.
+struct Opened {
+    session: Session,
+    prompt_ids: Vec<u32>,
+    options: GenerateOptions,
+    stop: Vec<String>,
+    events: UnboundedSender<JobEvent>,
+    slot: Slot,
+}
+
+/// Tell a job's client that it failed (logged too).
+fn fail(events: &UnboundedSender<JobEvent>, message: String) {
+    log::error!("{message}");
+    let _ = events.send(JobEvent::Failed(ApiError::internal(message)));
+}
+
+/// Run `f`, turning an error or a panic into a message (`what` names the work).
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => Err(format!("internal error (a bug in firstrt) {what}: {}", panic_message(payload.as_ref()))),
+    }
+}
+
+/// Create the job's session (with its adapter); None (after sending `Failed`) when that fails.
+fn open(weights: &Arc<GpuWeights>, job: Job) -> Option<Opened> {
     let Job { prompt_ids, options, stop, plan, lora, ctx_len, events, slot } = job;
-    let started = catch_unwind(AssertUnwindSafe(|| -> Result<TokenStream<'t, Session>, String> {
+    let opened = guarded("creating a sequence", || {
         let mut session = plan
             .session(weights, SessionOptions { ctx_len, candidates: options.sampler.candidates() })
             .map_err(|e| format!("creating the sequence: {e}"))?;
         if let Some((adapter, scale)) = &lora {
             session.set_lora(Some(adapter.clone()), *scale).map_err(|e| format!("attaching the adapter: {e}"))?;
         }
-        let text = TextDecoder::new(tokenizer, &stop);
-        TokenStream::start(session, &prompt_ids, &options, Some(text)).map_err(|e| format!("prefill: {e}"))
-    }));
-    let stream = match started {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(message)) => {
-            log::error!("{message}");
-            let _ = events.send(JobEvent::Failed(ApiError::internal(message)));
-            return None;
+        Ok(session)
+    });
+    match opened {
+        Ok(session) => Some(Opened { session, prompt_ids, options, stop, events, slot }),
+        Err(message) => {
+            fail(&events, message);
+            None
         }
-        Err(payload) => {
-            let message = format!("internal error (a bug in firstrt) starting a sequence: {}", panic_message(payload.as_ref()));
-            log::error!("{message}");
-            let _ = events.send(JobEvent::Failed(ApiError::internal(message)));
+    }
+}
+
+/// Start the stream of an opened job: its prefill, or the one a batched prefill ran
+/// (`prefilled`: its candidates and when it started); sends `Started`. None (after sending
+/// `Failed`) when that fails or the client has gone.
+fn begin<'t>(tokenizer: &'t ModelTokenizer, o: Opened, prefilled: Option<(StepOutput, Instant)>) -> Option<Running<'t>> {
+    let Opened { session, prompt_ids, options, stop, events, slot } = o;
+    let started = guarded("starting a sequence", || {
+        let text = TextDecoder::new(tokenizer, &stop);
+        match prefilled {
+            Some((out, t0)) => TokenStream::prefilled(session, &prompt_ids, out, t0, &options, Some(text)),
+            None => TokenStream::start(session, &prompt_ids, &options, Some(text)),
+        }
+        .map_err(|e| format!("prefill: {e}"))
+    });
+    let stream = match started {
+        Ok(stream) => stream,
+        Err(message) => {
+            fail(&events, message);
             return None;
         }
     };
@@ -426,6 +469,66 @@ fn start<'t>(weights: &Arc<GpuWeights>, tokenizer: &'t ModelTokenizer, job: Job)
     let started = JobEvent::Started { skipped_layers: session.plan().skipped_layers(), router_probs: session.router_probs().to_vec() };
     events.send(started).ok()?;
     Some(Running { stream, events, _slot: slot })
+}
+
+/// Start `jobs`: create their sessions, prefill together those that can share a batched step
+/// (same fixed plan, no adapter: groups within the batch's capacity and
+/// [`MAX_PREFILL_ROWS`]), each other one alone.
+fn start_all<'t>(
+    weights: &Arc<GpuWeights>,
+    tokenizer: &'t ModelTokenizer,
+    jobs: Vec<Job>,
+    batch: Option<&mut DecodeBatch>,
+    counts: &Counts,
+) -> Vec<Running<'t>> {
+    let mut opened: Vec<Option<Opened>> = jobs.into_iter().map(|job| open(weights, job)).collect();
+    let mut started = Vec::new();
+    if let Some(b) = batch {
+        // Groups (indices into `opened`) that can share a prefill.
+        let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
+        for (i, o) in opened.iter().enumerate() {
+            let Some(o) = o else { continue };
+            let rows = o.prompt_ids.len();
+            if !b.can_join(&o.session) || rows > MAX_PREFILL_ROWS {
+                continue;
+            }
+            let fits = |(g, r): &&mut (Vec<usize>, usize)| {
+                g.len() < b.capacity()
+                    && r + rows <= MAX_PREFILL_ROWS
+                    && opened[g[0]].as_ref().is_some_and(|first| b.same_step(&first.session, &o.session))
+            };
+            match groups.iter_mut().find(fits) {
+                Some((g, r)) => {
+                    g.push(i);
+                    *r += rows;
+                }
+                None => groups.push((vec![i], rows)),
+            }
+        }
+        for (group, _) in groups.into_iter().filter(|(g, _)| g.len() > 1) {
+            let mut members: Vec<Opened> = group.iter().filter_map(|&i| opened[i].take()).collect();
+            let t0 = Instant::now();
+            let prefilled = guarded("in a batched prefill", || {
+                let prompts: Vec<Vec<u32>> = members.iter().map(|o| o.prompt_ids.clone()).collect();
+                let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+                let mut sessions: Vec<&mut Session> = members.iter_mut().map(|o| &mut o.session).collect();
+                b.prefill(&mut sessions, &prompts).map_err(|e| format!("prefill: {e}"))
+            });
+            match prefilled {
+                Ok(outputs) => {
+                    counts.batched_prefills.fetch_add(1, Ordering::SeqCst);
+                    for (o, out) in members.into_iter().zip(outputs) {
+                        started.extend(begin(tokenizer, o, Some((out, t0))));
+                    }
+                }
+                Err(message) => members.iter().for_each(|o| fail(&o.events, message.clone())),
+            }
+        }
+    }
+    for o in opened.into_iter().flatten() {
+        started.extend(begin(tokenizer, o, None));
+    }
+    started
 }
 
 /// One decode step of a running sequence and its events; false when it has ended (finished,
