@@ -144,7 +144,9 @@ def load(url, model, total, concurrency, max_tokens):
                 if r.usage.completion_tokens > max_tokens:
                     return ("bad", f"request {i}: {r.usage.completion_tokens} tokens > max_tokens {max_tokens}")
             return (200, time.time() - t0, text)
-        except openai.RateLimitError:
+        except openai.RateLimitError as e:
+            if e.response.headers.get("retry-after") != "1":
+                return ("bad", f"request {i}: a 429 without Retry-After: 1")
             return (429, time.time() - t0)
         except openai.APIStatusError as e:
             return (e.status_code, time.time() - t0, str(e))

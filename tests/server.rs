@@ -275,6 +275,8 @@ fn bad_requests_get_4xx_and_the_server_keeps_serving() {
     let big = vec![b' '; 5 << 20];
     assert_eq!(server.request("POST", "/v1/chat/completions", &auth, &big).0, 413);
     assert_eq!(server.request("GET", "/v1/chat/completions", &auth, b"").0, 405);
+    // The scheme name is case-insensitive.
+    assert_eq!(send("/v1/chat/completions", &chat(json!({})).to_string().into_bytes(), &[("Authorization", "bearer sekrit")]).0, 200);
     // /health needs no key; /v1/models does.
     assert_eq!(server.request("GET", "/health", &[], b"").0, 200);
     assert_eq!(server.request("GET", "/v1/models", &[], b"").0, 401);
@@ -328,4 +330,27 @@ fn sigterm_finishes_running_requests_and_exits_0() {
     };
     assert!(code.success(), "exit {code:?}: {}", server.stderr());
     assert!(TcpStream::connect(&server.addr).is_err(), "still accepting after shutdown");
+}
+
+/// A stream still running when `--shutdown-timeout` runs out ends with an error event (not a
+/// silent cut that looks complete), and the process exits 0.
+#[test]
+fn shutdown_timeout_cancels_with_an_error_event() {
+    let mut server = Server::start(&["--shutdown-timeout", "0"]);
+    let addr = server.addr.clone();
+    let body = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 400, "stream": true}).to_string();
+    let reader = std::thread::spawn(move || http(&addr, "POST", "/v1/completions", &[], body.as_bytes()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serde_json::from_str::<Value>(&server.request("GET", "/health", &[], b"").1).unwrap()["running"] != 1 {
+        assert!(Instant::now() < deadline, "the streamed request never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) with a child's pid.
+    assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) }, 0);
+    let (_, streamed) = reader.join().unwrap();
+    assert!(streamed.contains("shut down before this answer was complete"), "{streamed}");
+    assert!(!streamed.contains("[DONE]"), "{streamed}");
+    let code = server.child.wait().unwrap();
+    assert!(code.success(), "exit {code:?}: {}", server.stderr());
+    assert!(server.stderr().contains("shutting down"), "{}", server.stderr());
 }

@@ -57,9 +57,14 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1/* (default: FIRSTRT_API_KEY; none: open).
     #[arg(long, env = "FIRSTRT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// On SIGINT/SIGTERM, how long running sequences may finish before they are cancelled (s).
-    #[arg(long, default_value_t = 30.0)]
+    /// On SIGINT/SIGTERM, how long running sequences may finish before they are cancelled (s);
+    /// a second signal cancels them at once.
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_timeout: f64,
+    /// `max_tokens` of a request that gives none (capped by the room its prompt leaves in the
+    /// context): each sequence's KV cache is sized for its prompt plus `max_tokens`.
+    #[arg(long, default_value_t = 512)]
+    pub default_max_tokens: usize,
 }
 
 /// `NAME=PATH` with a non-empty name of letters, digits, `-`, `_` and `.`.
@@ -103,6 +108,12 @@ impl ServeArgs {
         if self.api_key.as_deref() == Some("") {
             bail!("--api-key is empty");
         }
+        if self.model_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+            bail!("--model-id is empty");
+        }
+        if self.default_max_tokens == 0 {
+            bail!("--default-max-tokens 0: a request must be able to generate at least 1 token");
+        }
         Ok(())
     }
 
@@ -118,8 +129,17 @@ impl ServeArgs {
 
 pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
     args.check()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    // The address first: a port in use is reported before the model loads.
+    let address = format!("{}:{}", args.host, args.port);
+    let listener =
+        runtime.block_on(tokio::net::TcpListener::bind(&address)).with_context(|| format!("listening on {address} (--host, --port)"))?;
     let (_ctx, model) = load_model(gpu, &args.model, None)?;
     let ctx_len = super::context_len(&model.weights.config, args.model.ctx)?;
+    let max_position = model.weights.config.max_position;
+    if ctx_len > max_position {
+        eprintln!("warning: --ctx {ctx_len} is beyond the {max_position} positions the model was trained for");
+    }
     let mut routers = BTreeMap::new();
     for (name, path) in &args.routers {
         let (_, choice) =
@@ -148,13 +168,11 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
         routers,
         adapters,
         default_routers: args.default_routers.clone(),
+        default_max_tokens: args.default_max_tokens,
     });
     let scheduler = Scheduler::start(served.loaded.clone(), args.max_concurrent, args.queue, !args.no_batch);
     let state = Arc::new(AppState::new(served.clone(), scheduler, args.api_key.clone()));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async {
-        let address = format!("{}:{}", args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| format!("listening on {address} (--host, --port)"))?;
         let local = listener.local_addr()?;
         let names = |m: Vec<&String>| if m.is_empty() { "none".to_string() } else { m.into_iter().cloned().collect::<Vec<_>>().join(", ") };
         eprintln!(
@@ -169,9 +187,30 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
         // The one line on stdout: scripts and tests read the address from it.
         println!("listening on http://{local}");
         std::io::stdout().flush().ok();
-        firstrt::server::serve(listener, state, shutdown_signal(), Duration::from_secs_f64(args.shutdown_timeout))
-            .await
-            .context("serving")?;
+        // The first SIGINT/SIGTERM drains, the second cancels what still runs.
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+        let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
+        let grace = args.shutdown_timeout;
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            eprintln!("shutting down: no new requests; the running ones have up to {grace:.0} s to finish (Ctrl-C again: stop now)");
+            let _ = first_tx.send(());
+            shutdown_signal().await;
+            eprintln!("stopping now: cancelling the running requests");
+            let _ = second_tx.send(());
+        });
+        let first = async {
+            // A dropped sender (the signal task ended without a signal) never shuts down.
+            if first_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let second = async {
+            if second_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        firstrt::server::serve(listener, state, first, second, Duration::from_secs_f64(grace)).await.context("serving")?;
         eprintln!("stopped");
         Ok(())
     })

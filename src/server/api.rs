@@ -165,7 +165,8 @@ pub struct GenRequest {
     pub model: String,
     /// Messages or prompt.
     pub input: Input,
-    /// `max_completion_tokens`, else `max_tokens` (≥ 1); None: up to the end of the context.
+    /// `max_completion_tokens`, else `max_tokens` (≥ 1); None: the server's
+    /// `--default-max-tokens`, capped by the room the prompt leaves in the context.
     pub max_tokens: Option<usize>,
     /// Sampling temperature in [0, 2] (0: greedy). Default 1.
     pub temperature: f32,

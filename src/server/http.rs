@@ -49,7 +49,13 @@ impl AppState {
 
     fn check_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(key) = &self.api_key else { return Ok(()) };
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme name is case-insensitive (RFC 9110, section 11.1).
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim());
         match given {
             // Compared in time independent of where the first difference is.
             Some(g) if g.len() == key.len() && g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0 => Ok(()),
@@ -60,9 +66,14 @@ impl AppState {
 }
 
 impl IntoResponse for ApiError {
+    /// The status and JSON body; a 429 or 503 also says `Retry-After: 1` (seconds).
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self.body())).into_response()
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if matches!(self.status, 429 | 503) {
+            response.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -189,6 +200,7 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body
         code: None,
     })?;
     let req = api::parse_request(endpoint, &bytes)?;
+    s.model.check_names(&req)?;
     let slot = s.scheduler.reserve()?;
     let prepared = {
         let (s, req) = (s.clone(), req.clone());
@@ -222,7 +234,7 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body
         extra.insert("prompt_token_ids".into(), json!(ids));
     }
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let id = format!("{}{:016x}", endpoint.id_prefix(), s.next_id.fetch_add(1, Ordering::Relaxed));
+    let id = format!("{}{:016x}{:08x}", endpoint.id_prefix(), rand::random::<u64>(), s.next_id.fetch_add(1, Ordering::Relaxed) as u32);
     let head = ResponseHead { endpoint, id, created, model: s.model.id.clone() };
     if req.stream {
         return Ok(stream_response(head, rx, extra, prompt_tokens, &req).into_response());

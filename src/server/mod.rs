@@ -63,6 +63,9 @@ pub struct ServedModel {
     /// The router file a request without `first` runs under (`--default-routers`); None: the
     /// full model.
     pub default_routers: Option<String>,
+    /// `max_tokens` of a request that gives none (`--default-max-tokens`), capped by the room
+    /// its prompt leaves: a sequence's KV cache is sized for its prompt plus `max_tokens`.
+    pub default_max_tokens: usize,
 }
 
 /// A checked request with its prompt encoded and its names resolved: a job once it has a
@@ -93,12 +96,7 @@ impl ServedModel {
     /// no room in the context or a `max_tokens` beyond it (`context_length_exceeded`); an
     /// unknown router or adapter name; `first` fields that contradict each other or the file.
     pub fn prepare(&self, req: &GenRequest) -> Result<Prepared, ApiError> {
-        if req.model != self.id {
-            return Err(ApiError::not_found(
-                "model_not_found",
-                format!("the model '{}' does not exist; this server has '{}'", req.model, self.id),
-            ));
-        }
+        self.check_names(req)?;
         let (prompt_ids, field) = match &req.input {
             Input::Messages(messages) => {
                 let ids = self.loaded.chat_ids(messages).map_err(|e| ApiError::bad_field("messages", format!("messages: {e}")))?;
@@ -138,25 +136,42 @@ impl ServedModel {
                 .with_code("context_length_exceeded"));
             }
             Some(m) => m,
-            None => room,
+            None => self.default_max_tokens.min(room),
         };
         let (plan, routers) = self.plan(req.first.as_ref())?;
         let lora = match &req.lora {
             None => None,
-            Some(l) => {
-                let adapter = self.adapters.get(&l.name).ok_or_else(|| {
-                    ApiError::bad_field(
-                        "lora.name",
-                        format!("no adapter named '{}' (this server has: {})", l.name, names(self.adapters.keys())),
-                    )
-                })?;
-                Some((l.name.clone(), adapter.gpu.clone(), l.scale))
-            }
+            Some(l) => Some((l.name.clone(), self.adapter(&l.name)?.gpu.clone(), l.scale)),
         };
         let seed = req.seed.unwrap_or_else(rand::random);
         let sampler = SamplerConfig { temperature: req.temperature, top_k: req.top_k, top_p: req.top_p, seed };
         let options = GenerateOptions { max_tokens, sampler, end_ids: self.loaded.tokenizer.end_ids().to_vec() };
         Ok(Prepared { prompt_ids, options, stop: req.stop.clone(), plan, routers, lora, ctx_len: n + max_tokens })
+    }
+
+    /// What can be checked of a request without encoding its prompt: the model, the plan
+    /// (`first`) and the adapter's name; errors as [`ServedModel::prepare`]'s. The server
+    /// checks these before it counts the request against its capacity, so that a full server
+    /// still answers a wrong name with its 4xx, not 429.
+    pub fn check_names(&self, req: &GenRequest) -> Result<(), ApiError> {
+        if req.model != self.id {
+            return Err(ApiError::not_found(
+                "model_not_found",
+                format!("the model '{}' does not exist; this server has '{}'", req.model, self.id),
+            ));
+        }
+        self.plan(req.first.as_ref())?;
+        if let Some(l) = &req.lora {
+            self.adapter(&l.name)?;
+        }
+        Ok(())
+    }
+
+    /// The adapter loaded under `name`; a 400 naming `lora.name` when there is none.
+    fn adapter(&self, name: &str) -> Result<&ServedAdapter, ApiError> {
+        self.adapters.get(name).ok_or_else(|| {
+            ApiError::bad_field("lora.name", format!("no adapter named '{name}' (this server has: {})", names(self.adapters.keys())))
+        })
     }
 
     /// The plan a request's `first` asks for, and the router file's name when one decides.
@@ -227,14 +242,16 @@ fn names<'a>(keys: impl Iterator<Item = &'a String>) -> String {
 
 /// Serve the routes of `state` on `listener` until `shutdown` resolves, then shut down
 /// gracefully: stop accepting connections, answer waiting and new requests with 503, let the
-/// running sequences finish for up to `grace`, then cancel what still runs, and return once
-/// every connection is closed and the scheduler has stopped.
+/// running sequences finish for up to `grace` or until `force` resolves (a second Ctrl-C), then
+/// cancel what still runs (its clients get an error event), and return once every connection is
+/// closed and the scheduler has stopped.
 ///
 /// Errors: the listener's I/O errors.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<http::AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    force: impl std::future::Future<Output = ()>,
     grace: std::time::Duration,
 ) -> std::io::Result<()> {
     let draining = Arc::new(tokio::sync::Notify::new());
@@ -242,19 +259,23 @@ pub async fn serve(
         let (state, draining) = (state.clone(), draining.clone());
         async move {
             shutdown.await;
-            log::info!("shutting down: no new requests; waiting for the running ones");
             state.scheduler.drain();
             draining.notify_one();
         }
     };
     let server = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(signal).into_future();
     tokio::pin!(server);
+    tokio::pin!(force);
     let result = tokio::select! {
         r = &mut server => r,
-        () = draining.notified() => match tokio::time::timeout(grace, &mut server).await {
-            Ok(r) => r,
-            Err(_) => {
+        () = draining.notified() => tokio::select! {
+            r = &mut server => r,
+            () = tokio::time::sleep(grace) => {
                 log::warn!("shutting down: cancelling the sequences still running after {:.0} s", grace.as_secs_f64());
+                state.scheduler.cancel_all();
+                server.await
+            }
+            () = &mut force => {
                 state.scheduler.cancel_all();
                 server.await
             }

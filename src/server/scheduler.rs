@@ -273,7 +273,10 @@ fn run(
                 Message::CancelAll => {
                     draining = true;
                     waiting.drain(..).for_each(|job| refuse(*job));
-                    running.clear();
+                    for r in running.drain(..) {
+                        let cut = ApiError::unavailable("the server shut down before this answer was complete");
+                        let _ = r.events.send(JobEvent::Failed(cut));
+                    }
                     if let Some(b) = batch.as_mut() {
                         b.forget();
                     }
@@ -288,6 +291,9 @@ fn run(
             let Some(job) = waiting.pop_front() else { break };
             starting.push(*job);
         }
+        // Sequences being prefilled count as running (a long prompt takes a while).
+        counts.running.store(running.len() + starting.len(), Ordering::SeqCst);
+        counts.waiting.store(waiting.len(), Ordering::SeqCst);
         running.extend(start_all(weights, tokenizer, starting, batch.as_mut(), counts));
         counts.running.store(running.len(), Ordering::SeqCst);
         counts.waiting.store(waiting.len(), Ordering::SeqCst);
