@@ -141,9 +141,10 @@ fn run_chat(question: &str, max_tokens: usize) -> Value {
 }
 
 /// The real `openai` client: the chat answer equals `firstrt run --chat`'s, whole and streamed;
-/// four requests at once, two with different skip plans and two under the full model (whose
-/// decode steps the scheduler batches), each get the fixture's ids for their plan; a client
-/// that leaves mid-stream gives its GPU memory back.
+/// four requests at once, two with different skip plans and long prompts (prefilled in chunks
+/// of 64 tokens) and two under the full model (whose decode steps the scheduler batches), each
+/// get the fixture's ids for their plan; a client that leaves mid-stream gives its GPU memory
+/// back.
 #[test]
 fn openai_client_chat_stream_and_plans() {
     let question = "What is the capital of France? Answer in one sentence.";
@@ -162,7 +163,8 @@ fn openai_client_chat_stream_and_plans() {
         .map(|c| json!({"name": c.name, "prompt_ids": c.prompt_ids, "skip_layers": c.skip_layers, "expected_ids": &c.greedy_ids[..12]}))
         .collect();
     assert_eq!(plans.len(), 4);
-    let server = Server::start(&["--max-concurrent", "4"]);
+    // Prompts over 64 tokens (two of the four below) are prefilled in chunks.
+    let server = Server::start(&["--max-concurrent", "4", "--prefill-chunk", "64"]);
     let dir = TempDir::new("serve-spec");
     let spec = json!({
         "url": server.url(),

@@ -13,7 +13,7 @@ use firstrt::gpu::GpuOptions;
 use firstrt::runtime::session::MAX_CANDIDATES;
 use firstrt::runtime::{LayerPlan, PlanPolicyArgs, Session, SessionOptions};
 use firstrt::server::http::AppState;
-use firstrt::server::scheduler::Scheduler;
+use firstrt::server::scheduler::{PREFILL_CHUNK, Scheduler, SchedulerOptions};
 use firstrt::server::{ServedAdapter, ServedModel, ServedRouters};
 
 use super::{ModelArgs, load_model};
@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// a second signal cancels them at once.
     #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_timeout: f64,
+    /// A prompt longer than this many tokens is prefilled this many per round, so that the
+    /// other sequences keep generating meanwhile (static plans; routers read a whole prompt).
+    #[arg(long, default_value_t = PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
     /// `max_tokens` of a request that gives none (capped by the room its prompt leaves in the
     /// context): each sequence's KV cache is sized for its prompt plus `max_tokens`.
     #[arg(long, default_value_t = 512)]
@@ -110,6 +114,9 @@ impl ServeArgs {
         }
         if self.model_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
             bail!("--model-id is empty");
+        }
+        if self.prefill_chunk == 0 {
+            bail!("--prefill-chunk 0: a chunk must hold at least 1 token");
         }
         if self.default_max_tokens == 0 {
             bail!("--default-max-tokens 0: a request must be able to generate at least 1 token");
@@ -170,7 +177,13 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
         default_routers: args.default_routers.clone(),
         default_max_tokens: args.default_max_tokens,
     });
-    let scheduler = Scheduler::start(served.loaded.clone(), args.max_concurrent, args.queue, !args.no_batch);
+    let options = SchedulerOptions {
+        max_concurrent: args.max_concurrent,
+        queue: args.queue,
+        batch: !args.no_batch,
+        prefill_chunk: args.prefill_chunk,
+    };
+    let scheduler = Scheduler::start(served.loaded.clone(), options);
     let state = Arc::new(AppState::new(served.clone(), scheduler, args.api_key.clone()));
     runtime.block_on(async {
         let local = listener.local_addr()?;

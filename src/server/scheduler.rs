@@ -135,7 +135,8 @@ impl Scheduler {
     /// for the text): `max_concurrent` sequences run at once (≥ 1), `queue` more may wait; with
     /// `batch`, the decode steps of running sequences that share a plan run as one
     /// ([`DecodeBatch`]), else each sequence steps alone.
-    pub fn start(model: Arc<LoadedModel>, max_concurrent: usize, queue: usize, batch: bool) -> Scheduler {
+    pub fn start(model: Arc<LoadedModel>, options: SchedulerOptions) -> Scheduler {
+        let SchedulerOptions { max_concurrent, queue, batch, prefill_chunk } = options;
         let (tx, rx) = mpsc::channel();
         let counts = Arc::new(Counts::default());
         let thread_counts = counts.clone();
@@ -144,7 +145,7 @@ impl Scheduler {
             .name("firstrt-scheduler".into())
             .spawn(move || {
                 let batch_capacity = if batch { max_concurrent } else { 0 };
-                run(&model.weights, &model.tokenizer, &rx, max_concurrent, batch_capacity, &thread_counts)
+                run(&model.weights, &model.tokenizer, &rx, max_concurrent, batch_capacity, prefill_chunk.max(1), &thread_counts)
             })
             .expect("spawning the scheduler thread");
         Scheduler {
@@ -239,17 +240,19 @@ fn run(
     rx: &mpsc::Receiver<Message>,
     max_concurrent: usize,
     batch_capacity: usize,
+    prefill_chunk: usize,
     counts: &Counts,
 ) {
     let mut waiting: VecDeque<Box<Job>> = VecDeque::new();
     let mut running: Vec<Running<'_>> = Vec::new();
+    let mut prefilling: Vec<Prefilling> = Vec::new();
     let mut draining = false;
     let mut batch = match batch_capacity {
         0 | 1 => None,
         n => DecodeBatch::new(weights, n).inspect_err(|e| log::warn!("decoding one sequence per step: no batch buffers ({e})")).ok(),
     };
     loop {
-        let idle = running.is_empty() && waiting.is_empty();
+        let idle = running.is_empty() && waiting.is_empty() && prefilling.is_empty();
         if idle && draining {
             break;
         }
@@ -287,21 +290,40 @@ fn run(
         // A client that left while waiting costs nothing more.
         waiting.retain(|job| !job.events.is_closed());
         let mut starting = Vec::new();
-        while running.len() + starting.len() < max_concurrent {
+        while running.len() + prefilling.len() + starting.len() < max_concurrent {
             let Some(job) = waiting.pop_front() else { break };
             starting.push(*job);
         }
         // Sequences being prefilled count as running (a long prompt takes a while).
-        counts.running.store(running.len() + starting.len(), Ordering::SeqCst);
+        counts.running.store(running.len() + prefilling.len() + starting.len(), Ordering::SeqCst);
         counts.waiting.store(waiting.len(), Ordering::SeqCst);
-        running.extend(start_all(weights, tokenizer, starting, batch.as_mut(), counts));
-        counts.running.store(running.len(), Ordering::SeqCst);
+        let (started, long) = start_all(weights, tokenizer, starting, batch.as_mut(), prefill_chunk, counts);
+        running.extend(started);
+        prefilling.extend(long);
+        // One chunk of each long prompt, between the other sequences' decode steps.
+        let before_chunks = prefilling.len();
+        prefilling.retain_mut(|p| {
+            match p.advance(prefill_chunk) {
+                Ok(None) => true,
+                Ok(Some(out)) => {
+                    // The prompt is in: the sequence starts (a placeholder is left to drop).
+                    let o = p.opened.take();
+                    running.extend(o.and_then(|o| begin(tokenizer, o, Some((out, p.t0)))));
+                    false
+                }
+                Err(()) => false,
+            }
+        });
+        if prefilling.len() < before_chunks {
+            let _ = weights.ctx.device.poll(wgpu::PollType::Poll);
+        }
+        counts.running.store(running.len() + prefilling.len(), Ordering::SeqCst);
         counts.waiting.store(waiting.len(), Ordering::SeqCst);
         let before = running.len();
         let alive = round(&mut running, batch.as_mut(), counts);
         let mut keep = alive.into_iter();
         running.retain(|_| keep.next().unwrap_or(false));
-        counts.running.store(running.len(), Ordering::SeqCst);
+        counts.running.store(running.len() + prefilling.len(), Ordering::SeqCst);
         if running.len() < before {
             // The batch's program holds the ended sessions' buffers; wgpu frees them when the
             // device is next polled: do both now, not at the next request.
@@ -409,6 +431,9 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// A job whose session exists, before its prefill.
 struct Opened {
     session: Session,
+    /// Whether its prefill may run in chunks (a static plan: routers decide on the whole
+    /// prompt at once).
+    chunked: bool,
     prompt_ids: Vec<u32>,
     options: GenerateOptions,
     stop: Vec<String>,
@@ -443,7 +468,7 @@ fn open(weights: &Arc<GpuWeights>, job: Job) -> Option<Opened> {
         Ok(session)
     });
     match opened {
-        Ok(session) => Some(Opened { session, prompt_ids, options, stop, events, slot }),
+        Ok(session) => Some(Opened { session, chunked: plan.is_static(), prompt_ids, options, stop, events, slot }),
         Err(message) => {
             fail(&events, message);
             None
@@ -455,7 +480,7 @@ fn open(weights: &Arc<GpuWeights>, job: Job) -> Option<Opened> {
 /// (`prefilled`: its candidates and when it started); sends `Started`. None (after sending
 /// `Failed`) when that fails or the client has gone.
 fn begin<'t>(tokenizer: &'t ModelTokenizer, o: Opened, prefilled: Option<(StepOutput, Instant)>) -> Option<Running<'t>> {
-    let Opened { session, prompt_ids, options, stop, events, slot } = o;
+    let Opened { session, prompt_ids, options, stop, events, slot, .. } = o;
     let started = guarded("starting a sequence", || {
         let text = TextDecoder::new(tokenizer, &stop);
         match prefilled {
@@ -477,17 +502,27 @@ fn begin<'t>(tokenizer: &'t ModelTokenizer, o: Opened, prefilled: Option<(StepOu
     Some(Running { stream, events, _slot: slot })
 }
 
-/// Start `jobs`: create their sessions, prefill together those that can share a batched step
-/// (same fixed plan, no adapter: groups within the batch's capacity and
-/// [`MAX_PREFILL_ROWS`]), each other one alone.
+/// Start `jobs`: create their sessions; those with a prompt over `chunk` tokens (and a static
+/// plan) are returned to be prefilled a chunk per round; of the others, those that can
+/// share a batched step (same fixed plan, no adapter: groups within the batch's capacity and
+/// [`MAX_PREFILL_ROWS`]) are prefilled together, each other one alone.
 fn start_all<'t>(
     weights: &Arc<GpuWeights>,
     tokenizer: &'t ModelTokenizer,
     jobs: Vec<Job>,
     batch: Option<&mut DecodeBatch>,
+    chunk: usize,
     counts: &Counts,
-) -> Vec<Running<'t>> {
-    let mut opened: Vec<Option<Opened>> = jobs.into_iter().map(|job| open(weights, job)).collect();
+) -> (Vec<Running<'t>>, Vec<Prefilling>) {
+    let mut long = Vec::new();
+    let mut opened: Vec<Option<Opened>> = Vec::new();
+    for o in jobs.into_iter().filter_map(|job| open(weights, job)) {
+        if o.chunked && o.prompt_ids.len() > chunk {
+            long.push(Prefilling { opened: Some(o), done: 0, t0: Instant::now() });
+        } else {
+            opened.push(Some(o));
+        }
+    }
     let mut started = Vec::new();
     if let Some(b) = batch {
         // Groups (indices into `opened`) that can share a prefill.
@@ -534,7 +569,62 @@ fn start_all<'t>(
     for o in opened.into_iter().flatten() {
         started.extend(begin(tokenizer, o, None));
     }
-    started
+    (started, long)
+}
+
+/// Prompt tokens a long prompt's prefill runs per round by default (`--prefill-chunk`).
+pub const PREFILL_CHUNK: usize = 256;
+
+/// How the scheduler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerOptions {
+    /// Sequences generating (or being prefilled) at once, at least 1.
+    pub max_concurrent: usize,
+    /// Requests that may wait beyond those.
+    pub queue: usize,
+    /// Batch the decode steps (and prefills) of sequences that share a plan.
+    pub batch: bool,
+    /// A prompt longer than this is prefilled this many tokens per round (static plans; a
+    /// routed prompt is prefilled whole, its routers reading all of it): the other sequences
+    /// get a decode step between its chunks, and a client that leaves stops it at the next one.
+    pub prefill_chunk: usize,
+}
+
+/// A sequence whose long prompt is being prefilled a chunk per round.
+struct Prefilling {
+    /// The job; None once it has started.
+    opened: Option<Opened>,
+    /// Prompt tokens prefilled so far.
+    done: usize,
+    /// When its prefill started.
+    t0: Instant,
+}
+
+impl Prefilling {
+    /// Prefill the next `chunk` tokens: `Ok(Some(out))` after the last (the candidates for the first
+    /// token), `Ok(None)` while more remain, `Err(())` when the client has gone or the prefill
+    /// failed (its client told).
+    fn advance(&mut self, chunk: usize) -> Result<Option<StepOutput>, ()> {
+        let o = self.opened.as_mut().ok_or(())?;
+        if o.events.is_closed() {
+            return Err(());
+        }
+        let end = (self.done + chunk).min(o.prompt_ids.len());
+        let chunk = guarded("prefilling a chunk", || {
+            o.session.prepare_prefill(end - self.done).map_err(|e| format!("prefill: {e}"))?;
+            o.session.prefill(&o.prompt_ids[self.done..end]).map_err(|e| format!("prefill: {e}"))
+        });
+        match chunk {
+            Ok(out) => {
+                self.done = end;
+                Ok((end == o.prompt_ids.len()).then_some(out))
+            }
+            Err(message) => {
+                fail(&o.events, message);
+                Err(())
+            }
+        }
+    }
 }
 
 /// One decode step of a running sequence and its events; false when it has ended (finished,
