@@ -573,7 +573,7 @@ fn start_all<'t>(
 }
 
 /// Prompt tokens a long prompt's prefill runs per round by default (`--prefill-chunk`).
-pub const PREFILL_CHUNK: usize = 256;
+pub const PREFILL_CHUNK: usize = 128;
 
 /// How the scheduler runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
