@@ -276,9 +276,12 @@ fn run(
                 Message::CancelAll => {
                     draining = true;
                     waiting.drain(..).for_each(|job| refuse(*job));
+                    let cut = || JobEvent::Failed(ApiError::unavailable("the server shut down before this answer was complete"));
                     for r in running.drain(..) {
-                        let cut = ApiError::unavailable("the server shut down before this answer was complete");
-                        let _ = r.events.send(JobEvent::Failed(cut));
+                        let _ = r.events.send(cut());
+                    }
+                    for o in prefilling.drain(..).filter_map(|p| p.opened) {
+                        let _ = o.events.send(cut());
                     }
                     if let Some(b) = batch.as_mut() {
                         b.forget();
@@ -306,7 +309,7 @@ fn run(
             match p.advance(prefill_chunk) {
                 Ok(None) => true,
                 Ok(Some(out)) => {
-                    // The prompt is in: the sequence starts (a placeholder is left to drop).
+                    // The prompt is in: the sequence starts.
                     let o = p.opened.take();
                     running.extend(o.and_then(|o| begin(tokenizer, o, Some((out, p.t0)))));
                     false
