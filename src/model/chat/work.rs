@@ -29,7 +29,7 @@ use minijinja::machinery::{Span, WhitespaceConfig, parse};
 use minijinja::value::{Object, Value, ValueKind};
 use minijinja::{Environment, Error, Expression, State, context};
 
-use super::over_limit;
+use super::{MAX_SEQUENCE_ITEMS, over_limit};
 
 /// Units of work (bytes of strings, items of sequences and maps handled by operators, filters
 /// and printing) one render may spend: about a second of the slowest kind of step, and far
@@ -136,12 +136,18 @@ fn is_sequence(value: &Value) -> bool {
 }
 
 /// `__firstrt_add(a, b)`, the rewritten `a + b`: both operands are charged; two sized sequences
-/// are joined into a list (minijinja joins lazily, and a join of joins `n` deep costs `n` steps
+/// are joined into a list of at most [`MAX_SEQUENCE_ITEMS`] items (minijinja joins lazily, and a join of joins `n` deep costs `n` steps
 /// per item); everything else is minijinja's `+`, with its errors.
 pub(super) fn bounded_add(state: &State, a: Value, b: Value) -> Result<Value, Error> {
     charge_value(state, &a)?;
     charge_value(state, &b)?;
-    if is_sequence(&a) && is_sequence(&b) && a.len().is_some() && b.len().is_some() {
+    if is_sequence(&a)
+        && is_sequence(&b)
+        && let (Some(a_len), Some(b_len)) = (a.len(), b.len())
+    {
+        if a_len.saturating_add(b_len) > MAX_SEQUENCE_ITEMS {
+            return Err(over_limit("items in one sequence", MAX_SEQUENCE_ITEMS as u64));
+        }
         let joined: Vec<Value> = a.try_iter()?.chain(b.try_iter()?).collect();
         return Ok(Value::from(joined));
     }
@@ -150,7 +156,8 @@ pub(super) fn bounded_add(state: &State, a: Value, b: Value) -> Result<Value, Er
 
 /// `__firstrt_mul(a, b)`, the rewritten `a * b`. A string repeated `n` times costs its length
 /// in bytes; a sequence of `len` items repeated `n` times is built eagerly (minijinja's is lazy:
-/// `[] * 10**9` would cost nothing to make and 10^9 steps to iterate) and costs `len * n`.
+/// `[] * 10**9` would cost nothing to make and 10^9 steps to iterate), at most
+/// [`MAX_SEQUENCE_ITEMS`] items, and costs `len * n`.
 /// Operands of other types, and counts that are not integers, go to minijinja's `*`, with its
 /// errors.
 pub(super) fn bounded_mul(state: &State, a: Value, b: Value) -> Result<Value, Error> {
@@ -174,7 +181,11 @@ pub(super) fn bounded_mul(state: &State, a: Value, b: Value) -> Result<Value, Er
         if len == 0 || count == 0 {
             return Ok(Value::from(Vec::<Value>::new()));
         }
-        charge(state, (len as u64).saturating_mul(count as u64))?;
+        let items = len.saturating_mul(count);
+        if items > MAX_SEQUENCE_ITEMS {
+            return Err(over_limit("items in one sequence", MAX_SEQUENCE_ITEMS as u64));
+        }
+        charge(state, items as u64)?;
         let items: Vec<Value> = sequence.try_iter()?.collect();
         let mut repeated = Vec::with_capacity(items.len() * count);
         for _ in 0..count {
