@@ -273,7 +273,8 @@ fn check_filter_args(filter: &str, args: &[Value]) -> Result<(), Error> {
     match filter {
         // Every line is padded: lines times the width.
         "indent" => {
-            let lines = args.first().and_then(Value::as_str).map_or(1, |s| s.bytes().filter(|&b| b == b'\n').count() as u64 + 1);
+            let newlines = |s: &str| s.bytes().filter(|&b| b == b'\n').count() as u64;
+            let lines = args.first().map_or(0, |v| v.as_str().map_or_else(|| newlines(&v.to_string()), newlines)) + 1;
             match args.get(1).and_then(|w| w.as_i64()) {
                 Some(width) if width.unsigned_abs().saturating_mul(lines) > MAX_RENDERED_BYTES as u64 => {
                     Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64))
@@ -284,7 +285,7 @@ fn check_filter_args(filter: &str, args: &[Value]) -> Result<(), Error> {
         // The separator between every two items.
         "join" => {
             let items = args.first().and_then(Value::len).unwrap_or(0) as u64;
-            let separator = args.get(1).and_then(Value::as_str).map_or(0, str::len) as u64;
+            let separator = args.get(1).map_or(0, text_len);
             if items.saturating_mul(separator) > MAX_RENDERED_BYTES as u64 {
                 Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64))
             } else {
@@ -302,11 +303,17 @@ fn check_filter_args(filter: &str, args: &[Value]) -> Result<(), Error> {
     }
 }
 
+/// Length in bytes of `value` as a string argument: a string's own, or what minijinja formats
+/// another value to (a list passed as `replace`'s `new` is formatted as its `[...]` text).
+fn text_len(value: &Value) -> u64 {
+    value.as_str().map_or_else(|| value.to_string().len(), str::len) as u64
+}
+
 /// Refuses `text.replace(old, new)` (filter or method) whose result could pass
 /// [`MAX_RENDERED_BYTES`]: every match of `old` (every character boundary when it is empty)
 /// becomes `new`.
 fn check_growth(text: Option<&Value>, old_new: &[Value]) -> Result<(), Error> {
-    let len = |v: Option<&Value>| v.and_then(Value::as_str).map_or(0, str::len) as u64;
+    let len = |v: Option<&Value>| v.map_or(0, text_len);
     let (text_len, old_len, new_len) = (len(text), len(old_new.first()), len(old_new.get(1)));
     let matches = if old_len == 0 { text_len + 1 } else { text_len / old_len };
     if text_len.saturating_add(matches.saturating_mul(new_len)) > MAX_RENDERED_BYTES as u64 {
@@ -757,6 +764,7 @@ mod tests {
             // Results that outgrow their charged inputs.
             ("{{ ('x' * 1000000) | replace('x', 'y' * 1000000) }}", "bytes of output"),
             ("{{ ('x' * 1000000).replace('', 'y' * 100) }}", "bytes of output"),
+            ("{{ ('x' * 1000000) | replace('x', ['y'] * 1000000) }}", "bytes of output"),
             ("{{ ('\n' * 1000000) | indent(1000) }}", "bytes of output"),
             ("{{ ([1] * 1000000) | join('y' * 1000) }}", "bytes of output"),
             ("{{ ('y' * 1000).join([1] * 1000000) }}", "bytes of output"),
