@@ -315,7 +315,7 @@ fn text_len(value: &Value) -> u64 {
 fn check_growth(text: Option<&Value>, old_new: &[Value]) -> Result<(), Error> {
     let len = |v: Option<&Value>| v.map_or(0, text_len);
     let (text_len, old_len, new_len) = (len(text), len(old_new.first()), len(old_new.get(1)));
-    let matches = if old_len == 0 { text_len + 1 } else { text_len / old_len };
+    let matches = text_len.checked_div(old_len).unwrap_or(text_len + 1);
     if text_len.saturating_add(matches.saturating_mul(new_len)) > MAX_RENDERED_BYTES as u64 {
         Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64))
     } else {

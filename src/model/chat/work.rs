@@ -3,23 +3,23 @@
 //! minijinja's fuel counts instructions, and one instruction can do unbounded work: iterating
 //! `[] * 10**9` (a lazily repeated empty sequence: no item, so no fuel spent, 10^9 steps),
 //! `-1 in range(100000)` inside a loop, `s ~ s` doubling a string, comparing or printing a
-//! value nested 100,000 lists deep (a stack overflow). Before compiling, [`bound_operators`]
+//! value nested 100,000 lists deep (a stack overflow). Before compiling, `bound_operators`
 //! rewrites the template so that this work goes through two functions of this module:
 //!
-//! - `a * b` becomes `__firstrt_mul(a, b)` ([`bounded_mul`]): a repeated string or sequence is
+//! - `a * b` becomes `__firstrt_mul(a, b)` (`bounded_mul`): a repeated string or sequence is
 //!   built eagerly and costs its length; everything else is minijinja's own `*`.
-//! - `a + b` becomes `__firstrt_add(a, b)` ([`bounded_add`]): two sequences are joined eagerly
+//! - `a + b` becomes `__firstrt_add(a, b)` (`bounded_add`): two sequences are joined eagerly
 //!   (minijinja's lazy join of joins makes each item cost one step per level); both operands
 //!   are charged.
 //! - the operands of `~`, comparisons (`==`, `<`, `in`, ...), the input of every filter,
 //!   the items of list and map literals and the arguments of calls become
-//!   `__firstrt_charge(x)` ([`charge_value`]): `x` unchanged, after charging its size.
+//!   `__firstrt_charge(x)` (`charge_value`): `x` unchanged, after charging its size.
 //!
 //! The size of a value is 1 plus its bytes (a string) or the sizes of its items (a sized list
 //! or map, walked without recursion); the walk refuses a value nested deeper than
 //! [`MAX_VALUE_DEPTH`]. Printing, the guarded filters of `model::chat` and Python methods charge
-//! too. Over [`MAX_TEMPLATE_WORK`] in one render is [`TokenizerError::TemplateLimit`]
-//! (`crate::model::tokenizer::TokenizerError`).
+//! too. Over [`MAX_TEMPLATE_WORK`] in one render is
+//! [`TokenizerError::TemplateLimit`](crate::model::tokenizer::TokenizerError::TemplateLimit).
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
