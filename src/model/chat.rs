@@ -798,6 +798,22 @@ mod tests {
         for (source, expected) in cases {
             assert_eq!(render(source, &[ChatMessage::user("hi")]).unwrap(), expected, "{source}");
         }
+        // The same text as minijinja renders without the rewrite, undefined values included.
+        let plain_sources = [
+            "{{ x ~ 'a' }}|{{ (x or 'b') + 'c' }}|{% if x == none %}n{% endif %}|{{ x is undefined }}|{{ [x] | length }}",
+            "{{ 1 + 2.5 }}|{{ 7 // 2 * 3 }}|{{ 2 * 3 ** 2 }}|{{ 'a' * 0 }}|{{ [1] * 0 }}|{{ (1, 2) + (3,) }}|{{ 1 ~ 2 == '12' }}",
+            "{% for m in messages %}{{ loop.index0 * 2 + 1 }}{{ m.role[0] * 2 }}{% if m.role in ['user', 'system'] %}!{% endif %}{% endfor %}",
+            "{% set a, b = (1 + 1, [2] * 2) %}{{ a }}{{ b }}{{ {'k': a * 3}.k }}{{ dict(x=b + [a]).x }}{{ (a if a > 1 else b) * 2 }}",
+        ];
+        let messages = [ChatMessage::system("s"), ChatMessage::user("hi"), ChatMessage::assistant("yo")];
+        for source in plain_sources {
+            let mut plain = Environment::new();
+            plain.set_trim_blocks(true);
+            plain.set_lstrip_blocks(true);
+            plain.add_template("t", source).unwrap();
+            let expected = plain.get_template("t").unwrap().render(context! { messages => &messages[..] }).unwrap();
+            assert_eq!(render(source, &messages).unwrap(), expected, "{source}");
+        }
         // The rewrite's functions cannot be replaced by the template.
         let reserved = ChatTemplate::new("{% macro __firstrt_mul(a, b) %}{% endmacro %}{{ [] * 2 }}", None, None);
         assert!(matches!(reserved, Err(TokenizerError::TemplateSyntax { .. })), "{reserved:?}");
