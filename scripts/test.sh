@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test command: set-up (Vulkan driver where missing, test model), then every test.
+# The test command: set-up (Vulkan driver where missing, test model, OpenAI's Python client for the
+# server's tests), then every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
+scripts/setup-openai-client.sh >/dev/null
 cargo test --release "$@"

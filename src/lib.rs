@@ -25,6 +25,9 @@
 //!   (tokenizer, chat template): sampling, stop strings, conversations and the token loop that
 //!   the command line and a server drive. Nothing below depends on it.
 //!
+//! [`server`] (`firstrt serve`: the OpenAI-compatible HTTP API, its scheduler of sequences)
+//! sits above [`generate`] and [`runtime`].
+//!
 //! [`eval`] (task data, ROUGE, the runs that compare plans) sits above [`generate`];
 //! [`train`] (FiRST routers and LoRA trained on the GPU: the engine, training sequences,
 //! checkpoints) sits above [`eval`], whose task files and prompts it uses, and [`runtime`].
@@ -39,6 +42,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod runtime;
+pub mod server;
 #[doc(hidden)]
 pub mod testdata;
 pub mod train;

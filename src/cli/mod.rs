@@ -7,6 +7,7 @@ mod generate;
 mod inspect;
 mod profiling;
 mod routers;
+mod serve;
 mod static_plan;
 mod train;
 
@@ -59,6 +60,9 @@ enum Command {
     /// Train FiRST routers and/or a LoRA adapter on the GPU (stages routers, lora, joint), with
     /// checkpoints and --resume; writes routers.safetensors and a PEFT adapter/.
     Train(train::TrainArgs),
+    /// An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, streaming),
+    /// with a FiRST plan and a LoRA adapter chosen per request.
+    Serve(serve::ServeArgs),
 }
 
 /// Options every command that loads a model shares.
@@ -142,6 +146,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::EvalMerge(args) => eval_merge::run(args),
         Command::StaticPlan(args) => static_plan::run(&gpu, args),
         Command::Train(args) => train::run(&gpu, args),
+        Command::Serve(args) => serve::run(&gpu, args),
     }
 }
 

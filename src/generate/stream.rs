@@ -4,6 +4,7 @@
 //! a command line prints them and a server can send each as it comes (SSE) or stop by dropping
 //! the stream.
 
+use std::borrow::BorrowMut;
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -116,8 +117,13 @@ pub enum Event {
 /// prints tokens shows each one before the next step starts. Between `start` and the first
 /// `next`, [`TokenStream::session`] shows the session after prefill (its logits are those of
 /// the last prompt position).
-pub struct TokenStream<'a> {
-    session: &'a mut Session,
+///
+/// `S` is how the stream holds its session: borrowed (`&mut Session`, the default, as `run`
+/// and `chat` do) or owned (`Session`, as the server's scheduler keeps many streams alive
+/// side by side; [`TokenStream::into_parts`] gives the session back). `'a` is the borrow of the
+/// tokenizer that the [`TextDecoder`] reads.
+pub struct TokenStream<'a, S: BorrowMut<Session> = &'a mut Session> {
+    session: S,
     sampler: Sampler,
     max_tokens: usize,
     end_ids: Vec<u32>,
@@ -135,7 +141,7 @@ pub struct TokenStream<'a> {
     finish: Option<FinishReason>,
 }
 
-impl<'a> TokenStream<'a> {
+impl<'a, S: BorrowMut<Session>> TokenStream<'a, S> {
     /// Prefill `prompt_ids` after what the session holds and get ready to generate. With
     /// `text`, generated tokens are also detokenised and checked for stop strings. The steps
     /// are prepared first ([`Session::prepare_prefill`]; for a routed session, the decode step
@@ -145,17 +151,18 @@ impl<'a> TokenStream<'a> {
     /// Errors: the session's ([`RuntimeError`](crate::runtime::RuntimeError): an empty prompt,
     /// a token outside the vocabulary, a prompt beyond the context, a GPU failure).
     pub fn start(
-        session: &'a mut Session,
+        mut session: S,
         prompt_ids: &[u32],
         options: &GenerateOptions,
         text: Option<TextDecoder<'a>>,
-    ) -> Result<TokenStream<'a>, GenerateError> {
+    ) -> Result<TokenStream<'a, S>, GenerateError> {
         let mut timings = Timings { prefill_tokens: prompt_ids.len(), ..Timings::default() };
-        session.prepare_prefill(prompt_ids.len())?;
+        let s = session.borrow_mut();
+        s.prepare_prefill(prompt_ids.len())?;
         let start = Instant::now();
-        let out = session.prefill(prompt_ids)?;
+        let out = s.prefill(prompt_ids)?;
         timings.prefill_s = start.elapsed().as_secs_f64();
-        session.prepare()?;
+        s.prepare()?;
         Ok(TokenStream {
             session,
             sampler: Sampler::new(options.sampler),
@@ -176,7 +183,24 @@ impl<'a> TokenStream<'a> {
 
     /// The session (after prefill, and after each step).
     pub fn session(&self) -> &Session {
-        self.session
+        self.session.borrow()
+    }
+
+    /// True when events of the last step are waiting: the next `next` returns one of them
+    /// without running a step. A caller that runs one step at a time (the server's scheduler)
+    /// drains them before moving on.
+    pub fn has_queued(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// Tokens generated so far (end token excluded).
+    pub fn generated_len(&self) -> usize {
+        self.generated.len()
+    }
+
+    /// True once `Finished` has been queued (or an error ended the stream): no step will run.
+    pub fn finished(&self) -> bool {
+        self.finish.is_some()
     }
 
     /// Stop: the next events are the held-back text, if any, and `Finished` with
@@ -194,27 +218,35 @@ impl<'a> TokenStream<'a> {
     /// counts as stopped by the caller; its text is what was detokenised so far (held-back text
     /// included, bytes of an incomplete character left out).
     pub fn into_generation(self) -> Generation {
+        self.into_parts().0
+    }
+
+    /// [`TokenStream::into_generation`], and the session back (positioned after the last token
+    /// fed back: a token sampled but not yet decoded is not in its KV cache).
+    pub fn into_parts(self) -> (Generation, S) {
         let text = self.text.as_ref().map_or_else(String::new, |t| t.text().to_string());
-        Generation {
+        let generation = Generation {
             prompt_ids: self.prompt_ids,
             generated_ids: self.generated,
             text,
             finish: self.finish.unwrap_or(FinishReason::Caller),
             timings: self.timings,
-        }
+        };
+        (generation, self.session)
     }
 
     /// One step: feed back the last token, then sample and report the next, or finish.
     fn step(&mut self) -> Result<(), GenerateError> {
         self.decode_start.get_or_insert_with(Instant::now);
         if let Some(token) = self.to_decode.take() {
-            self.out = self.session.decode(token)?;
+            self.out = self.session.borrow_mut().decode(token)?;
             self.timings.decode_tokens += 1;
         }
         if self.generated.len() >= self.max_tokens {
             return self.finish_with(FinishReason::MaxTokens);
         }
-        let clock = self.session.profiler().map(|p| p.host_clock());
+        let session: &Session = self.session.borrow();
+        let clock = session.profiler().map(|p| p.host_clock());
         let t_sample = Instant::now();
         let token = self.sampler.pick(&self.out.candidates);
         if let Some(clock) = &clock {
@@ -244,7 +276,8 @@ impl<'a> TokenStream<'a> {
         if self.generated.len() >= self.max_tokens {
             return self.finish_with(FinishReason::MaxTokens);
         }
-        if self.session.position() >= self.session.ctx_len() {
+        let session: &Session = self.session.borrow();
+        if session.position() >= session.ctx_len() {
             return self.finish_with(FinishReason::ContextFull);
         }
         self.to_decode = Some(token);
@@ -266,7 +299,7 @@ impl<'a> TokenStream<'a> {
     }
 }
 
-impl Iterator for TokenStream<'_> {
+impl<S: BorrowMut<Session>> Iterator for TokenStream<'_, S> {
     type Item = Result<Event, GenerateError>;
 
     /// The next event; `None` after `Finished` or after an error.
