@@ -2,7 +2,10 @@
 //! 1. the full model: prefill tok/s for a 128-token prompt and decode over 64 greedy tokens, and
 //!    the routers' share of prefill time;
 //! 2. static skip plans of 0, 3, 6, 9, 12 and 15 of the 30 layers: decode ms/token (prompt 16,
-//!    32 tokens) against the ideal saving.
+//!    32 tokens) against the ideal saving;
+//! 3. batched decode (`runtime::batch`, what `firstrt serve` does for sequences that share a
+//!    plan): B = 1, 2, 4, 8, 16 sequences, ms per round of one token each, batched against each
+//!    sequence stepping alone, and the aggregate tokens/s of both.
 //!
 //! `cargo bench --bench generate [-- FILTER] [--repeat N]`. Rows are printed as they finish.
 
@@ -10,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use firstrt::gpu::{DType, GpuContext, GpuOptions};
+use firstrt::runtime::batch::DecodeBatch;
 use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
 use firstrt::testdata::{TempDir, load_model, median};
 
@@ -96,6 +100,72 @@ fn routers_share(model: &LoadedModel, ids: &[u32], repeat: usize) {
     );
 }
 
+/// Rounds timed per batched-decode measurement.
+const BATCH_ROUNDS: usize = 8;
+
+/// `b` sessions over `ids`, prefilled (with their first token), ready to decode.
+fn prefilled(model: &LoadedModel, ids: &[u32], b: usize) -> (Vec<Session>, Vec<u32>) {
+    let n = model.weights.config.n_layers;
+    (0..b)
+        .map(|_| {
+            let options = SessionOptions { ctx_len: ids.len() + BATCH_ROUNDS + 2, candidates: 1 };
+            let mut s = Session::new(&model.weights, options, LayerPlan::full(n)).expect("session");
+            let first = s.prefill(ids).expect("prefill").candidates[0].0;
+            (s, first)
+        })
+        .unzip()
+}
+
+/// Seconds per round of one decode step for each of `b` sessions: batched, or one at a time.
+fn round_seconds(model: &LoadedModel, batch: &mut DecodeBatch, ids: &[u32], b: usize, batched: bool) -> f64 {
+    let (mut sessions, mut next) = prefilled(model, ids, b);
+    batch.forget();
+    let mut times = Vec::new();
+    for _ in 0..BATCH_ROUNDS {
+        let t0 = Instant::now();
+        if batched {
+            let mut members: Vec<&mut Session> = sessions.iter_mut().collect();
+            let outs = batch.step(&mut members, &next).expect("batched step");
+            next = outs.iter().map(|o| o.candidates[0].0).collect();
+        } else {
+            for (s, id) in sessions.iter_mut().zip(next.iter_mut()) {
+                *id = s.decode(*id).expect("decode").candidates[0].0;
+            }
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    // The first round builds the batch's program (or each session's decode program).
+    median(&mut times[1..].to_vec())
+}
+
+fn batched_decode(model: &LoadedModel, name: &str, repeat: usize) {
+    let ids = prompt_ids(model, SKIP_PROMPT_LEN);
+    println!(
+        "{:<6} {:<4} {:>18} {:>18} {:>8} {:>14} {:>14}",
+        "dtype", "B", "batched ms/round", "alone ms/round", "ratio", "batched tok/s", "alone tok/s"
+    );
+    for b in [1usize, 2, 4, 8, 16] {
+        let mut batch = DecodeBatch::new(&model.weights, b).expect("batch buffers");
+        round_seconds(model, &mut batch, &ids, b, true);
+        let (mut batched, mut alone) = (Vec::new(), Vec::new());
+        for _ in 0..repeat {
+            batched.push(round_seconds(model, &mut batch, &ids, b, true));
+            alone.push(round_seconds(model, &mut batch, &ids, b, false));
+        }
+        let (tb, ta) = (median(&mut batched), median(&mut alone));
+        println!(
+            "{:<6} {:<4} {:>18.1} {:>18.1} {:>8.2} {:>14.1} {:>14.1}",
+            name,
+            b,
+            1000.0 * tb,
+            1000.0 * ta,
+            ta / tb,
+            b as f64 / tb,
+            b as f64 / ta
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let repeat = args.iter().position(|a| a == "--repeat").and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(5usize);
@@ -128,6 +198,7 @@ fn main() {
             model.weights.byte_len() as f64 / (1 << 20) as f64
         );
         routers_share(&model, &ids, repeat);
+        batched_decode(&model, &name, repeat);
 
         println!("{:<6} {:<8} {:>12} {:>10} {:>16}", "dtype", "skipped", "decode ms", "vs full", "ideal 1-k/L");
         let ids = prompt_ids(&model, SKIP_PROMPT_LEN);

@@ -26,7 +26,7 @@ struct AttnParams {
     splits: u32,          // attn_split/attn_combine: splits per query row
     keys_per_split: u32,
     scale: f32,           // 1 / sqrt(head_dim)
-    _pad0: u32,
+    row0: u32,            // step row t reads q row row0 + t and writes out row row0 + t
     _pad1: u32,
     _pad2: u32,
 };
@@ -59,7 +59,7 @@ const NEG_BIG: f32 = -3.0e38;
 // (Tried: fully unrolling the head_dim loops into named vec4 registers; on llvmpipe it was
 // 2-3x slower than these loops, presumably register spills, and shader compiles took much longer.)
 fn attend(t: u32, h: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>, HD4>>) -> vec2<f32> {
-    let qb = t * p.q_stride + h * HD;
+    let qb = (p.row0 + t) * p.q_stride + h * HD;
     var qv: array<vec4<f32>, HD4>;
     for (var j = 0u; j < HD4; j++) {
         qv[j] = q4(qb, j) * p.scale;
@@ -126,7 +126,7 @@ fn attn_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     var acc: array<vec4<f32>, HD4>;
     let ml = attend(t, h, 0u, n_keys(t), &acc);
     let inv = 1.0 / ml.y;
-    let ob = t * p.q_stride + h * HD;
+    let ob = (p.row0 + t) * p.q_stride + h * HD;
     for (var j = 0u; j < HD4; j++) {
         store_out(ob, j, acc[j] * inv);
     }
@@ -178,5 +178,5 @@ fn attn_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         l += c_ml[i].y * w;
         o += c_acc[i * HD4 + j] * w;
     }
-    store_cout(t * p.q_stride + h * HD, j, o / l);
+    store_cout((p.row0 + t) * p.q_stride + h * HD, j, o / l);
 }

@@ -13,7 +13,7 @@ struct RopeParams {
     head_dim: u32,
     half_dim: u32,   // head_dim / 2
     max_pos: u32,    // rows of the caches and tables; positions at or beyond are not written
-    _pad0: u32,
+    row0: u32,       // step row t reads qkv row row0 + t and writes q_out row row0 + t
     _pad1: u32,
 };
 
@@ -26,10 +26,10 @@ struct StepParams {
 
 @group(0) @binding(0) var<uniform> p: RopeParams;
 @group(0) @binding(1) var<uniform> step: StepParams;
-@group(0) @binding(2) var<storage, read> qkv: array<f32>;            // [T, (n_heads + 2*n_kv_heads) * head_dim]
+@group(0) @binding(2) var<storage, read> qkv: array<f32>;            // [row0 + T, (n_heads + 2*n_kv_heads) * head_dim]
 @group(0) @binding(3) var<storage, read> cos_t: array<f32>;          // [max_pos, head_dim/2]
 @group(0) @binding(4) var<storage, read> sin_t: array<f32>;          // [max_pos, head_dim/2]
-@group(0) @binding(5) var<storage, read_write> q_out: array<f32>;    // [T, n_heads * head_dim]
+@group(0) @binding(5) var<storage, read_write> q_out: array<f32>;    // [row0 + T, n_heads * head_dim]
 @group(0) @binding(6) var<storage, read_write> k_cache: array<f32>;  // [max_pos, n_kv_heads * head_dim]
 @group(0) @binding(7) var<storage, read_write> v_cache: array<f32>;  // [max_pos, n_kv_heads * head_dim]
 
@@ -49,7 +49,8 @@ fn rope_qkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let rem = idx - t * per_row;
     let j = rem / p.half_dim;
     let i = rem - j * p.half_dim;
-    let src = t * slots * p.head_dim + j * p.head_dim + i;
+    let r = p.row0 + t;
+    let src = r * slots * p.head_dim + j * p.head_dim + i;
     let x1 = qkv[src];
     let x2 = qkv[src + p.half_dim];
     let kv_dim = p.n_kv_heads * p.head_dim;
@@ -59,7 +60,7 @@ fn rope_qkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
         let o1 = x1 * c - x2 * s;
         let o2 = x2 * c + x1 * s;
         if (j < p.n_heads) {
-            let dst = t * p.n_heads * p.head_dim + j * p.head_dim + i;
+            let dst = r * p.n_heads * p.head_dim + j * p.head_dim + i;
             q_out[dst] = o1;
             q_out[dst + p.half_dim] = o2;
         } else {

@@ -87,15 +87,26 @@ def check(spec):
     expect(finishes == [r.choices[0].finish_reason], f"finish reasons in the stream: {finishes}")
     expect(usage is not None and usage.completion_tokens == r.usage.completion_tokens, f"stream usage {usage}")
 
-    # Requests with different plans at once: each gets the ids transformers gives for its plan.
+    # A stop string: the text ends before it, and the finish reason is "stop".
+    expect(len(text) > 12, f"the answer {text!r} is too short to test a stop string")
+    stop = text[8:12]
+    r = c.chat.completions.create(model=model, messages=chat["messages"], temperature=0, max_tokens=chat["max_tokens"], stop=[stop, "\u2603"])
+    cut = r.choices[0].message.content
+    expect(cut == text[:text.index(stop)] and r.choices[0].finish_reason == "stop", f"stop {stop!r}: {cut!r}, {r.choices[0].finish_reason}")
+
+    # Requests at once, some sharing a plan (batched) and some not: each gets the ids transformers
+    # gives for its plan.
     def one(case):
         extra = {"first": {"skip_layers": case["skip_layers"]}, "return_token_ids": True}
         r = c.completions.create(model=model, prompt=case["prompt_ids"], temperature=0, max_tokens=len(case["expected_ids"]),
                                  extra_body=extra)
         return r
 
+    batched_before = health(url)["batched_steps"]
     with concurrent.futures.ThreadPoolExecutor(len(spec["plans"])) as pool:
         results = list(pool.map(one, spec["plans"]))
+    batched = health(url)["batched_steps"] - batched_before
+    expect(batched > 0, "the requests that share a plan never had a batched decode step")
     for case, r in zip(spec["plans"], results):
         ids = r.choices[0].model_extra["token_ids"]
         expect(ids == case["expected_ids"], f"{case['name']}: ids {ids} != the fixture's {case['expected_ids']}")
@@ -113,7 +124,7 @@ def check(spec):
     stream.close()
     after = wait_idle(url)
     expect(after["gpu_bytes"] == idle["gpu_bytes"], f"GPU bytes {after['gpu_bytes']} after a disconnect, {idle['gpu_bytes']} before")
-    print(json.dumps({"checked": True, "chat_text": text, "gpu_bytes": after["gpu_bytes"]}))
+    print(json.dumps({"checked": True, "chat_text": text, "gpu_bytes": after["gpu_bytes"], "batched_steps": batched}))
 
 
 def load(url, model, total, concurrency, max_tokens):

@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Requests that may wait for a free sequence; more get 429.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
+    /// Step every sequence alone instead of batching the decode steps of sequences that share
+    /// a plan (for comparison: batching reads each weight once per step for all of them).
+    #[arg(long)]
+    pub no_batch: bool,
     /// Require `Authorization: Bearer KEY` on /v1/* (default: FIRSTRT_API_KEY; none: open).
     #[arg(long, env = "FIRSTRT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -133,7 +137,7 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
     let n_layers = model.weights.config.n_layers;
     let mut session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: MAX_CANDIDATES }, LayerPlan::full(n_layers))
         .with_context(|| format!("--ctx {ctx_len}: one sequence of the whole context"))?;
-    for rows in [1, 8, 64.min(ctx_len)] {
+    for rows in [1, 2, 4, 8, 64.min(ctx_len)] {
         session.prepare_prefill(rows).with_context(|| format!("preparing a {rows}-token prefill"))?;
     }
     drop(session);
@@ -145,7 +149,7 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
         adapters,
         default_routers: args.default_routers.clone(),
     });
-    let scheduler = Scheduler::start(served.loaded.clone(), args.max_concurrent, args.queue);
+    let scheduler = Scheduler::start(served.loaded.clone(), args.max_concurrent, args.queue, !args.no_batch);
     let state = Arc::new(AppState::new(served.clone(), scheduler, args.api_key.clone()));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async {

@@ -235,6 +235,43 @@ impl<'a, S: BorrowMut<Session>> TokenStream<'a, S> {
         (generation, self.session)
     }
 
+    /// True when the next `next` would run a decode step: a token waits to be fed back, no
+    /// event waits, not finished ([`TokenStream::take_decode`] would return it).
+    pub fn wants_decode(&self) -> bool {
+        self.finish.is_none() && self.events.is_empty() && self.to_decode.is_some()
+    }
+
+    /// The token that the next step would feed back, taken, when the next `next` would run a
+    /// decode step (no event waiting, not finished); None otherwise. A caller that runs the
+    /// decode step itself (the server's scheduler batches several streams into one step with
+    /// [`DecodeBatch`](crate::runtime::batch::DecodeBatch)) takes the token here, runs the step
+    /// on [`TokenStream::session_mut`], and hands the candidates to [`TokenStream::feed`].
+    pub fn take_decode(&mut self) -> Option<u32> {
+        if !self.wants_decode() {
+            return None;
+        }
+        let token = self.to_decode.take()?;
+        self.decode_start.get_or_insert_with(Instant::now);
+        Some(token)
+    }
+
+    /// The candidates of the decode step that fed back the token from
+    /// [`TokenStream::take_decode`]: sample the next token and queue its events (`next` returns
+    /// them). Errors: detokenising; the stream then ends, as after an error in `next`.
+    pub fn feed(&mut self, out: StepOutput) -> Result<(), GenerateError> {
+        self.out = out;
+        self.timings.decode_tokens += 1;
+        self.sample_next().inspect_err(|_| {
+            self.finish = Some(FinishReason::Caller);
+            self.events.clear();
+        })
+    }
+
+    /// The session, to run a step on it (see [`TokenStream::take_decode`]).
+    pub fn session_mut(&mut self) -> &mut Session {
+        self.session.borrow_mut()
+    }
+
     /// One step: feed back the last token, then sample and report the next, or finish.
     fn step(&mut self) -> Result<(), GenerateError> {
         self.decode_start.get_or_insert_with(Instant::now);
@@ -242,6 +279,11 @@ impl<'a, S: BorrowMut<Session>> TokenStream<'a, S> {
             self.out = self.session.borrow_mut().decode(token)?;
             self.timings.decode_tokens += 1;
         }
+        self.sample_next()
+    }
+
+    /// Sample the next token from `self.out` and queue its events, or finish.
+    fn sample_next(&mut self) -> Result<(), GenerateError> {
         if self.generated.len() >= self.max_tokens {
             return self.finish_with(FinishReason::MaxTokens);
         }

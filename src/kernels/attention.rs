@@ -64,10 +64,13 @@ impl AttnShape {
 /// The operands of one attention op (see [`attention`]).
 #[derive(Debug, Clone, Copy)]
 pub struct AttnOp<'a> {
-    /// Rotated queries, `[rows, n_heads * head_dim]` f32.
+    /// Rotated queries, `[row0 + rows, n_heads * head_dim]` f32.
     pub q: &'a GpuTensor,
     /// Query rows the dispatch is sized for (the step's `n_tokens` may be fewer); at least 1.
     pub rows: usize,
+    /// First row of `q` and `out` the step's rows use: step row t is row `row0 + t` (0 but in a
+    /// batched decode step, where each sequence has its row of the batch's tensors).
+    pub row0: usize,
     /// Key cache, `[max_pos, n_kv_heads * head_dim]` f32.
     pub k_cache: &'a GpuTensor,
     /// Value cache, `[max_pos, n_kv_heads * head_dim]` f32.
@@ -76,7 +79,7 @@ pub struct AttnOp<'a> {
     pub shape: AttnShape,
     /// The per-step uniform (`pos0`, `n_tokens`), read at run time.
     pub step: &'a StepBuffer,
-    /// Output, `[rows, n_heads * head_dim]` f32.
+    /// Output, `[row0 + rows, n_heads * head_dim]` f32.
     pub out: &'a GpuTensor,
 }
 
@@ -120,8 +123,8 @@ pub struct AttnParams {
     pub keys_per_split: u32,
     /// Score scale `1 / sqrt(head_dim)`.
     pub scale: f32,
-    /// Padding to 48 bytes.
-    pub _pad0: u32,
+    /// First row of q and out that the step's rows use.
+    pub row0: u32,
     /// Padding to 48 bytes.
     pub _pad1: u32,
     /// Padding to 48 bytes.
@@ -205,12 +208,14 @@ pub fn attention(ctx: &GpuContext, label: &str, op: &AttnOp) -> Result<Vec<Dispa
 /// is not f32 or too small for `rows` rows, a cache is not f32 or not a whole number of rows,
 /// `keys_per_split` is 0, or the dispatch would need more than 2^32 invocations.
 pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_choice: AttnVariant) -> Result<Vec<Dispatch>, GpuError> {
-    let AttnOp { q, rows, k_cache, v_cache, shape, step, out } = *op;
+    let AttnOp { q, rows, row0, k_cache, v_cache, shape, step, out } = *op;
     shape.check(label)?;
     check_rows(label, rows)?;
     let hd = shape.head_dim;
-    check_f32(label, q, rows * shape.q_dim(), "q")?;
-    check_f32(label, out, rows * shape.q_dim(), "out")?;
+    let end =
+        row0.checked_add(rows).filter(|&e| e <= u32::MAX as usize).ok_or_else(|| invalid(label, format!("row0 {row0} is too large")))?;
+    check_f32(label, q, end * shape.q_dim(), "q")?;
+    check_f32(label, out, end * shape.q_dim(), "out")?;
     let k_rows = cache_rows(label, k_cache, shape.kv_dim(), "k_cache")?;
     let v_rows = cache_rows(label, v_cache, shape.kv_dim(), "v_cache")?;
     let max_pos = k_rows.min(v_rows);
@@ -241,7 +246,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
         splits: splits as u32,
         keys_per_split: keys_per_split as u32,
         scale: 1.0 / (hd as f32).sqrt(),
-        _pad0: 0,
+        row0: row0 as u32,
         _pad1: 0,
         _pad2: 0,
     };
@@ -390,22 +395,32 @@ mod tests {
     /// Prepare `variant` for `rows` rows, run it at pos0 with a random q scaled by `q_scale`,
     /// and compare with the reference.
     fn check(shape: AttnShape, c: &Cache, rows: usize, pos0: usize, variant: AttnVariant, q_scale: f32, seed: u64) {
+        check_at(shape, c, 0, rows, pos0, variant, q_scale, seed);
+    }
+
+    /// [`check`] with the step's rows at `row0..row0 + rows` of q and out (earlier rows of out
+    /// must stay zero).
+    #[allow(clippy::too_many_arguments)]
+    fn check_at(shape: AttnShape, c: &Cache, row0: usize, rows: usize, pos0: usize, variant: AttnVariant, q_scale: f32, seed: u64) {
         let ctx = test_context();
         let q: Vec<f32> = random_vec(rows * shape.q_dim(), seed).iter().map(|v| v * q_scale).collect();
-        let gq = GpuTensor::from_f32(&ctx, "q", &[rows, shape.q_dim()], &q).unwrap();
-        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[rows, shape.q_dim()]).unwrap();
+        let mut padded = random_vec(row0 * shape.q_dim(), seed + 9);
+        padded.extend_from_slice(&q);
+        let gq = GpuTensor::from_f32(&ctx, "q", &[row0 + rows, shape.q_dim()], &padded).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[row0 + rows, shape.q_dim()]).unwrap();
         let step = StepBuffer::new(&ctx);
         step.write(&ctx, &StepParams::new(pos0, rows));
         let ds = attention_variant(
             &ctx,
             "attn",
-            &AttnOp { q: &gq, rows, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+            &AttnOp { q: &gq, rows, row0, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
             variant,
         )
         .unwrap();
         ctx.run("attn", &ds.iter().collect::<Vec<_>>()).unwrap();
-        let want = attention_ref(&q, rows, &c.k, &c.v, pos0, shape);
-        let what = format!("{shape:?} {variant:?} T={rows} pos0={pos0} q_scale={q_scale}");
+        let mut want = vec![0.0; row0 * shape.q_dim()];
+        want.extend(attention_ref(&q, rows, &c.k, &c.v, pos0, shape));
+        let what = format!("{shape:?} {variant:?} T={rows} pos0={pos0} row0={row0} q_scale={q_scale}");
         assert_close(&out.read_f32(&ctx).unwrap(), &want, 2e-5, 1e-4, &what);
     }
 
@@ -449,6 +464,18 @@ mod tests {
         }
     }
 
+    /// A batched decode step's row of the batch's q and out (`row0`), in both variants.
+    #[test]
+    fn attention_at_a_row_offset_matches_reference() {
+        for (i, shape) in [GQA, MHA_ODD].into_iter().enumerate() {
+            let c = cache(shape, 420, 120 + i as u64);
+            for (row0, rows, pos0) in [(5, 1, 37), (2, 3, 200)] {
+                check_at(shape, &c, row0, rows, pos0, AttnVariant::Rows, 1.0, 500);
+                check_at(shape, &c, row0, rows, pos0, AttnVariant::Split { keys_per_split: 7 }, 1.0, 501);
+            }
+        }
+    }
+
     #[test]
     fn attention_is_stable_for_large_scores() {
         // Scores up to ~|q| |k| / 8 with q scaled by 60: exp would overflow without the running max.
@@ -477,14 +504,16 @@ mod tests {
             ];
             for v in variants {
                 let ds = match v {
-                    None => {
-                        attention(&ctx, "attn", &AttnOp { q: &gq, rows: 1, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out })
-                            .unwrap()
-                    }
+                    None => attention(
+                        &ctx,
+                        "attn",
+                        &AttnOp { q: &gq, rows: 1, row0: 0, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                    )
+                    .unwrap(),
                     Some(v) => attention_variant(
                         &ctx,
                         "attn",
-                        &AttnOp { q: &gq, rows: 1, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                        &AttnOp { q: &gq, rows: 1, row0: 0, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
                         v,
                     )
                     .unwrap(),
@@ -518,7 +547,7 @@ mod tests {
             let ds = attention_variant(
                 &ctx,
                 "attn",
-                &AttnOp { q: &gq, rows: 7, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                &AttnOp { q: &gq, rows: 7, row0: 0, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
                 variant,
             )
             .unwrap();
@@ -537,21 +566,21 @@ mod tests {
         let q = GpuTensor::zeros(&ctx, "q", DType::F32, &[2, shape.q_dim()]).unwrap();
         let k = GpuTensor::zeros(&ctx, "k", DType::F32, &[8, shape.kv_dim()]).unwrap();
         let bad_heads = AttnShape { n_heads: 6, n_kv_heads: 4, head_dim: 12 };
-        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 2, k_cache: &k, v_cache: &k, shape: bad_heads, step: &step, out: &q });
+        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 2, row0: 0, k_cache: &k, v_cache: &k, shape: bad_heads, step: &step, out: &q });
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "6/4 heads");
-        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 3, k_cache: &k, v_cache: &k, shape, step: &step, out: &q });
+        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 3, row0: 0, k_cache: &k, v_cache: &k, shape, step: &step, out: &q });
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "q too small for 3 rows");
         let odd_cache = GpuTensor::zeros(&ctx, "k", DType::F32, &[8 * shape.kv_dim() + 1]).unwrap();
-        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 2, k_cache: &odd_cache, v_cache: &k, shape, step: &step, out: &q });
+        let r = attention(&ctx, "a", &AttnOp { q: &q, rows: 2, row0: 0, k_cache: &odd_cache, v_cache: &k, shape, step: &step, out: &q });
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "cache not a whole number of rows");
         let r = attention_variant(
             &ctx,
             "a",
-            &AttnOp { q: &q, rows: 2, k_cache: &k, v_cache: &k, shape, step: &step, out: &q },
+            &AttnOp { q: &q, rows: 2, row0: 0, k_cache: &k, v_cache: &k, shape, step: &step, out: &q },
             AttnVariant::Split { keys_per_split: 0 },
         );
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "zero keys per split");
-        assert!(attention(&ctx, "a", &AttnOp { q: &q, rows: 2, k_cache: &k, v_cache: &k, shape, step: &step, out: &q }).is_ok());
+        assert!(attention(&ctx, "a", &AttnOp { q: &q, rows: 2, row0: 0, k_cache: &k, v_cache: &k, shape, step: &step, out: &q }).is_ok());
     }
 
     /// Rough timings for SmolLM2's shape (9/3/64) on the current adapter; prints, asserts nothing
@@ -584,7 +613,7 @@ mod tests {
                 let ds = attention_variant(
                     &ctx,
                     "a",
-                    &AttnOp { q: &gq, rows: 1, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                    &AttnOp { q: &gq, rows: 1, row0: 0, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
                     v,
                 )
                 .unwrap();
@@ -597,7 +626,7 @@ mod tests {
                 let ds = attention_variant(
                     &ctx,
                     "a",
-                    &AttnOp { q: &gq, rows: 128, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+                    &AttnOp { q: &gq, rows: 128, row0: 0, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
                     v,
                 )
                 .unwrap();
@@ -609,7 +638,7 @@ mod tests {
         let ds = attention_variant(
             &ctx,
             "a",
-            &AttnOp { q: &gq, rows: 1, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
+            &AttnOp { q: &gq, rows: 1, row0: 0, k_cache: &c.gk, v_cache: &c.gv, shape, step: &step, out: &out },
             AttnVariant::Rows,
         )
         .unwrap();

@@ -137,8 +137,9 @@ pub struct RopeParams {
     pub half_dim: u32,
     /// Positions the caches and tables hold; later positions are skipped.
     pub max_pos: u32,
-    /// Padding to 32 bytes.
-    pub _pad0: u32,
+    /// First row of qkv and q_out that the step's rows use (0 but in a batched decode step;
+    /// padding in the backward shader).
+    pub row0: u32,
     /// Padding to 32 bytes.
     pub _pad1: u32,
 }
@@ -169,7 +170,7 @@ impl RopeParams {
             head_dim: hd as u32,
             half_dim: (hd / 2) as u32,
             max_pos: tables.max_pos as u32,
-            _pad0: 0,
+            row0: 0,
             _pad1: 0,
         };
         Ok((params, invocations as u32))
@@ -179,18 +180,21 @@ impl RopeParams {
 /// The operands of one fused RoPE + KV-cache write (see [`rope_qkv_write`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RopeQkvOp<'a> {
-    /// The QKV projection, `[rows, (n_heads + 2 n_kv_heads) head_dim]` f32 (q | k | v per row,
-    /// Hugging Face order).
+    /// The QKV projection, `[row0 + rows, (n_heads + 2 n_kv_heads) head_dim]` f32 (q | k | v per
+    /// row, Hugging Face order).
     pub qkv: &'a GpuTensor,
     /// Rows the dispatch is sized for (the step's `n_tokens` may be fewer); at least 1.
     pub rows: usize,
+    /// First row of `qkv` and `q_out` the step's rows use: step row t is row `row0 + t` (0 but
+    /// in a batched decode step, where each sequence has its row of the batch's tensors).
+    pub row0: usize,
     /// Heads and head size (head_dim even, equal to the tables').
     pub shape: AttnShape,
     /// The cos/sin tables.
     pub tables: &'a RopeTables,
     /// The per-step uniform (`pos0`, `n_tokens`), read at run time.
     pub step: &'a StepBuffer,
-    /// Rotated queries out, `[rows, n_heads head_dim]` f32.
+    /// Rotated queries out, `[row0 + rows, n_heads head_dim]` f32.
     pub q_out: &'a GpuTensor,
     /// Key cache, `[max_pos, n_kv_heads head_dim]` f32: rotated keys are written at their positions.
     pub k_cache: &'a GpuTensor,
@@ -199,7 +203,8 @@ pub struct RopeQkvOp<'a> {
 }
 
 /// Fused step after the QKV projection: for t < T (the step's `n_tokens`, at most `op.rows`) at
-/// position `pos = pos0 + t`: `q_out[t] = rope(q)`, `k_cache[pos] = rope(k)`, `v_cache[pos] = v`,
+/// position `pos = pos0 + t`, from row `r = row0 + t` of qkv: `q_out[r] = rope(q)`,
+/// `k_cache[pos] = rope(k)`, `v_cache[pos] = v`,
 /// with rope the rotate-half rotation of Hugging Face's `apply_rotary_pos_emb`. Positions at or
 /// beyond the caches' or tables' length are skipped.
 ///
@@ -208,10 +213,13 @@ pub struct RopeQkvOp<'a> {
 /// differs from the tables', rows is 0, qkv or q_out is not f32 or too small, a cache is not f32
 /// or not a whole number of rows, or the dispatch would need more than 2^32 invocations.
 pub fn rope_qkv_write(ctx: &GpuContext, label: &str, op: &RopeQkvOp) -> Result<Dispatch, GpuError> {
-    let RopeQkvOp { qkv, rows, shape, tables, step, q_out, k_cache, v_cache } = *op;
+    let RopeQkvOp { qkv, rows, row0, shape, tables, step, q_out, k_cache, v_cache } = *op;
     let (mut params, invocations) = RopeParams::checked(label, shape, tables, rows)?;
-    check_f32(label, qkv, rows * shape.qkv_dim(), "qkv")?;
-    check_f32(label, q_out, rows * shape.q_dim(), "q_out")?;
+    let end =
+        row0.checked_add(rows).filter(|&e| e <= u32::MAX as usize).ok_or_else(|| invalid(label, format!("row0 {row0} is too large")))?;
+    check_f32(label, qkv, end * shape.qkv_dim(), "qkv")?;
+    check_f32(label, q_out, end * shape.q_dim(), "q_out")?;
+    params.row0 = row0 as u32;
     let k_rows = cache_rows(label, k_cache, shape.kv_dim(), "k_cache")?;
     let v_rows = cache_rows(label, v_cache, shape.kv_dim(), "v_cache")?;
     // Positions past either cache are skipped too.
@@ -344,14 +352,22 @@ mod tests {
     /// Runs rope_qkv_write for `t_rows` rows at `pos0` and checks q_out and both caches (rows
     /// outside the step must keep their old contents).
     fn check_rope_write(shape: AttnShape, t_rows: usize, pos0: usize, max_pos: usize, seed: u64) {
+        check_rope_write_at(shape, 0, t_rows, pos0, max_pos, seed);
+    }
+
+    /// [`check_rope_write`] with the step's rows at `row0..row0 + t_rows` of qkv and q_out
+    /// (earlier rows of q_out must stay as they were).
+    fn check_rope_write_at(shape: AttnShape, row0: usize, t_rows: usize, pos0: usize, max_pos: usize, seed: u64) {
         let ctx = test_context();
         let (qd, kvd, qkvd, hd) = (shape.q_dim(), shape.kv_dim(), shape.qkv_dim(), shape.head_dim);
         let qkv = random_vec(t_rows * qkvd, seed);
         let k_old = random_vec(max_pos * kvd, seed + 1);
         let v_old = random_vec(max_pos * kvd, seed + 2);
         let tables = RopeTables::new(&ctx, hd, 10000.0, None, max_pos).unwrap();
-        let g_qkv = GpuTensor::from_f32(&ctx, "qkv", &[t_rows, qkvd], &qkv).unwrap();
-        let g_q = GpuTensor::zeros(&ctx, "q", DType::F32, &[t_rows, qd]).unwrap();
+        let mut padded = random_vec(row0 * qkvd, seed + 3);
+        padded.extend_from_slice(&qkv);
+        let g_qkv = GpuTensor::from_f32(&ctx, "qkv", &[row0 + t_rows, qkvd], &padded).unwrap();
+        let g_q = GpuTensor::zeros(&ctx, "q", DType::F32, &[row0 + t_rows, qd]).unwrap();
         let g_k = GpuTensor::from_f32(&ctx, "k", &[max_pos, kvd], &k_old).unwrap();
         let g_v = GpuTensor::from_f32(&ctx, "v", &[max_pos, kvd], &v_old).unwrap();
         let step = StepBuffer::new(&ctx);
@@ -359,14 +375,14 @@ mod tests {
         let d = rope_qkv_write(
             &ctx,
             "rope",
-            &RopeQkvOp { qkv: &g_qkv, rows: t_rows, shape, tables: &tables, step: &step, q_out: &g_q, k_cache: &g_k, v_cache: &g_v },
+            &RopeQkvOp { qkv: &g_qkv, rows: t_rows, row0, shape, tables: &tables, step: &step, q_out: &g_q, k_cache: &g_k, v_cache: &g_v },
         )
         .unwrap();
         ctx.run("rope", &[&d]).unwrap();
 
         let inv = rope_inv_freq(hd, 10000.0, None);
         let positions: Vec<usize> = (pos0..pos0 + t_rows).collect();
-        let mut q_want = Vec::new();
+        let mut q_want = vec![0.0; row0 * qd];
         let mut k_want = k_old.clone();
         let mut v_want = v_old.clone();
         for t in 0..t_rows {
@@ -375,9 +391,9 @@ mod tests {
             k_want[(pos0 + t) * kvd..][..kvd].copy_from_slice(&row[qd..qd + kvd]);
             v_want[(pos0 + t) * kvd..][..kvd].copy_from_slice(&row[qd + kvd..]);
         }
-        rope_ref(&mut q_want, &positions, shape.n_heads, hd, &inv);
+        rope_ref(&mut q_want[row0 * qd..], &positions, shape.n_heads, hd, &inv);
         rope_ref(&mut k_want[pos0 * kvd..(pos0 + t_rows) * kvd], &positions, shape.n_kv_heads, hd, &inv);
-        let what = format!("{shape:?} T={t_rows} pos0={pos0}");
+        let what = format!("{shape:?} T={t_rows} pos0={pos0} row0={row0}");
         assert_close(&g_q.read_f32(&ctx).unwrap(), &q_want, 1e-6, 1e-5, &format!("q {what}"));
         assert_close(&g_k.read_f32(&ctx).unwrap(), &k_want, 1e-6, 1e-5, &format!("k cache {what}"));
         assert_eq!(g_v.read_f32(&ctx).unwrap(), v_want, "v cache {what}");
@@ -391,6 +407,7 @@ mod tests {
         for (i, &(t_rows, pos0)) in [(1, 0), (1, 399), (7, 0), (7, 100), (300, 0), (300, 57)].iter().enumerate() {
             check_rope_write(gqa, t_rows, pos0, 400, 10 + i as u64);
             check_rope_write(mha, t_rows, pos0, 400, 20 + i as u64);
+            check_rope_write_at(gqa, 3, t_rows, pos0, 400, 30 + i as u64);
         }
         check_rope_write(tiny, 7, 3, 10, 30);
     }
@@ -411,7 +428,7 @@ mod tests {
         let d = rope_qkv_write(
             &ctx,
             "rope",
-            &RopeQkvOp { qkv: &g_qkv, rows: 7, shape, tables: &tables, step: &step, q_out: &g_q, k_cache: &g_k, v_cache: &g_v },
+            &RopeQkvOp { qkv: &g_qkv, rows: 7, row0: 0, shape, tables: &tables, step: &step, q_out: &g_q, k_cache: &g_k, v_cache: &g_v },
         )
         .unwrap();
         let mut k_want = vec![0.0; max_pos * kvd];
@@ -453,7 +470,7 @@ mod tests {
         let r = rope_qkv_write(
             &ctx,
             "rope",
-            &RopeQkvOp { qkv: &qkv, rows: 2, shape: odd, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
+            &RopeQkvOp { qkv: &qkv, rows: 2, row0: 0, shape: odd, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
         );
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "odd head_dim: {r:?}");
         // GQA needs n_heads to be a multiple of n_kv_heads.
@@ -461,7 +478,7 @@ mod tests {
         let r = rope_qkv_write(
             &ctx,
             "rope",
-            &RopeQkvOp { qkv: &qkv, rows: 2, shape: bad, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
+            &RopeQkvOp { qkv: &qkv, rows: 2, row0: 0, shape: bad, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
         );
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "4/3 heads: {r:?}");
         // qkv too small for the rows.
@@ -472,13 +489,13 @@ mod tests {
         let r = rope_qkv_write(
             &ctx,
             "rope",
-            &RopeQkvOp { qkv: &small, rows: 2, shape: ok, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
+            &RopeQkvOp { qkv: &small, rows: 2, row0: 0, shape: ok, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
         );
         assert!(matches!(r, Err(GpuError::InvalidArgument(_))), "small qkv: {r:?}");
         let r = rope_qkv_write(
             &ctx,
             "rope",
-            &RopeQkvOp { qkv: &small, rows: 1, shape: ok, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
+            &RopeQkvOp { qkv: &small, rows: 1, row0: 0, shape: ok, tables: &tables, step: &step, q_out: &q, k_cache: &k, v_cache: &k },
         );
         assert!(r.is_ok(), "{r:?}");
     }

@@ -2,6 +2,7 @@
 //! cache, the layer plan, the routed prefill, block influence for static plans and profiling. The token loop, sampling and text
 //! are in [`crate::generate`].
 
+pub mod batch;
 pub mod calibration;
 pub mod kv_cache;
 pub mod loaded;

@@ -29,6 +29,9 @@ use super::{LayerPlan, RuntimeError};
 /// The most candidates the sampler sees per token (GPU top-k, then the CPU samples).
 pub const MAX_CANDIDATES: usize = 256;
 
+/// The next [`Session`]'s id.
+static NEXT_SESSION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Per-sequence options.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
@@ -103,17 +106,17 @@ pub struct Session {
     /// The model's weights, shared with other sessions.
     pub weights: Arc<GpuWeights>,
     pub(super) ctx: Arc<GpuContext>,
-    options: SessionOptions,
+    pub(super) options: SessionOptions,
     pub(super) plan: LayerPlan,
     /// Tokens in the cache.
-    pos: usize,
+    pub(super) pos: usize,
     /// Decode steps run so far (for errors naming the step).
-    decode_steps: usize,
+    pub(super) decode_steps: usize,
     /// KV cache, RoPE tables, step uniform, logits and picked candidates.
     pub(super) bufs: StepBuffers,
-    staging: wgpu::Buffer, // MAP_READ copy of `bufs.picked`
+    pub(super) staging: wgpu::Buffer, // MAP_READ copy of `bufs.picked`
     pub(super) prefill_acts: Option<Activations>,
-    decode_acts: Activations,
+    pub(super) decode_acts: Activations,
     /// The prepared decode step, built on the first decode after the plan is fixed.
     decode_program: Option<Vec<Dispatch>>,
     /// A prepared prefill step and its token count ([`Session::prepare_prefill`]), used by the
@@ -126,9 +129,11 @@ pub struct Session {
     /// Each layer's router probability from the routed prefill (None: no router, or static plan).
     pub(super) probs: Vec<Option<f32>>,
     /// Times every step when set (`--profile`, `--trace`); None costs nothing.
-    profiler: Option<Profiler>,
+    pub(super) profiler: Option<Profiler>,
     /// The unmerged LoRA adapter and its user scale S (the B products use S · alpha / r).
-    lora: Option<(Arc<GpuLora>, f32)>,
+    pub(super) lora: Option<(Arc<GpuLora>, f32)>,
+    /// Unique among this process's sessions: names it in a batched step's cached program.
+    pub(super) id: u64,
 }
 
 impl Session {
@@ -192,6 +197,7 @@ impl Session {
             probs: vec![None; c.n_layers],
             profiler: None,
             lora: None,
+            id: NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 

@@ -228,20 +228,28 @@ impl StepBuilder<'_> {
         l: usize,
         kept: Option<&KeptActivations>,
     ) -> Result<Vec<Dispatch>, RuntimeError> {
+        self.layer_with_core(a, rows, l, kept, || self.attention_core(a, rows, l))
+    }
+
+    /// [`StepBuilder::layer_keeping`] with the attention core (`a.qkv` to `a.attn`) given by
+    /// `core`: [`StepBuilder::attention_core`] over this builder's cache, or, for a batched
+    /// decode step (`runtime::batch`), one core per sequence over that sequence's own cache.
+    pub(super) fn layer_with_core(
+        &self,
+        a: &Activations,
+        rows: usize,
+        l: usize,
+        kept: Option<&KeptActivations>,
+        core: impl FnOnce() -> Result<Vec<Dispatch>, RuntimeError>,
+    ) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, c, lw) = (self.ctx, &self.weights.config, &self.weights.layers[l]);
-        let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Internal(format!("layer {l} runs but has no KV cache")))?;
-        let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
-        let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
         let at = |op| Tag::layer(self.phase, l, op);
         let norm = |x, weight, y| RmsNormOp { x, x_row0: 0, rows, weight, y, eps: c.rms_eps };
         // Attention half: x += o(attention(rope(qkv(norm(x))))).
         let xn_attn = kept.map_or(&a.xn, |k| &k.xn_attn);
         let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, xn_attn)).map(|d| [d]))?;
         p.extend(self.project(l, Proj::Qkv, &LinearOp::new(xn_attn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref()))?);
-        let rope = RopeQkvOp { qkv: &a.qkv, rows, shape, tables: &self.bufs.rope, step, q_out: &a.q, k_cache, v_cache };
-        p.extend(tagged(at("attn.rope"), |n| rope_qkv_write(ctx, n, &rope).map(|d| [d]))?);
-        let attn = AttnOp { q: &a.q, rows, k_cache, v_cache, shape, step, out: &a.attn };
-        p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
+        p.extend(core()?);
         p.extend(self.project(l, Proj::O, &LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true))?);
         if let Some(k) = kept {
             p.extend(tagged(at("attn.keep"), |n| copy(ctx, n, &a.x, &k.x_mid).map(|d| [d]))?);
@@ -251,6 +259,31 @@ impl StepBuilder<'_> {
         p.extend(self.project(l, Proj::GateUp, &LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up))?);
         p.extend(tagged(at("mlp.act"), |n| swiglu(ctx, n, &a.gate_up, rows, c.d_ff, &a.act).map(|d| [d]))?);
         p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.act, rows, &lw.down, &a.x).accumulate(true))?);
+        Ok(p)
+    }
+
+    /// Layer `l`'s attention core over `rows` tokens of `a`: RoPE on the queries and keys of
+    /// `a.qkv` `[rows, (n_heads + 2 n_kv_heads) hd]` (rotated queries to `a.q`, keys and values
+    /// written to layer `l`'s KV cache at the step's positions), then attention over the cache
+    /// into `a.attn` `[rows, n_heads hd]`. Errors: `RuntimeError::Internal` when layer `l` has no
+    /// KV cache; `RuntimeError::Gpu` when a kernel rejects its arguments.
+    pub fn attention_core(&self, a: &Activations, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+        self.attention_core_at(a, 0, rows, l)
+    }
+
+    /// [`StepBuilder::attention_core`] on rows `row0..row0 + rows` of `a.qkv`, `a.q` and
+    /// `a.attn`: a batched decode step runs each sequence's core, over its own cache and
+    /// positions, on its row of the batch's activations.
+    pub(super) fn attention_core_at(&self, a: &Activations, row0: usize, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+        let (ctx, c) = (self.ctx, &self.weights.config);
+        let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Internal(format!("layer {l} runs but has no KV cache")))?;
+        let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
+        let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let at = |op| Tag::layer(self.phase, l, op);
+        let rope = RopeQkvOp { qkv: &a.qkv, rows, row0, shape, tables: &self.bufs.rope, step, q_out: &a.q, k_cache, v_cache };
+        let mut p = tagged(at("attn.rope"), |n| rope_qkv_write(ctx, n, &rope).map(|d| [d]))?;
+        let attn = AttnOp { q: &a.q, rows, row0, k_cache, v_cache, shape, step, out: &a.attn };
+        p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
         Ok(p)
     }
 
@@ -264,15 +297,21 @@ impl StepBuilder<'_> {
         let mut p = tagged(at("final_norm"), |n| rmsnorm(ctx, n, &norm).map(|d| [d]))?;
         let lm_head = LinearOp::new(&b.final_row, 1, w.output(), &b.logits);
         p.extend(tagged(at("lm_head"), |n| matvec(ctx, n, &lm_head, matvec_variant(ctx)))?);
-        let n = c.vocab_size;
-        p.extend(tagged(at("sample"), |label| {
+        p.extend(self.sample()?);
+        Ok(p)
+    }
+
+    /// The sampling kernel over the logits `bufs.logits` `[vocab]`: argmax when one candidate is
+    /// read back, else the top `bufs.candidates`, into `bufs.picked`.
+    pub fn sample(&self) -> Result<Vec<Dispatch>, RuntimeError> {
+        let (ctx, b, n) = (self.ctx, self.bufs, self.weights.config.vocab_size);
+        tagged(Tag::step(self.phase, "sample"), |label| {
             if b.candidates == 1 {
                 argmax(ctx, label, &b.logits, n, &b.picked)
             } else {
                 top_k(ctx, label, &b.logits, n, b.candidates, &b.picked)
             }
-        })?);
-        Ok(p)
+        })
     }
 
     /// Layer `l`'s FiRST router over the hidden states `a.x` `[rows, d]` that reach the layer:
@@ -296,7 +335,7 @@ impl StepBuilder<'_> {
 
     /// The linear product `op` as matvec (decode, one row) or matmul (prefill), each with the
     /// adapter's variant (for matmul, the one chosen for prefills of `op.rows` tokens).
-    fn linear(&self, label: &str, op: &LinearOp) -> Result<Vec<Dispatch>, RuntimeError> {
+    pub(super) fn linear(&self, label: &str, op: &LinearOp) -> Result<Vec<Dispatch>, RuntimeError> {
         Ok(if self.phase == Phase::Decode {
             matvec(self.ctx, label, op, matvec_variant(self.ctx))?
         } else {

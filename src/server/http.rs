@@ -97,8 +97,9 @@ fn rss_bytes() -> u64 {
     pages.map_or(0, |p| p * page.max(0) as u64)
 }
 
-/// `GET /health`: 200 `{"status": "ok", ...}` with the running and waiting sequences, the bytes
-/// the GPU holds and the process's resident memory; 503 while shutting down.
+/// `GET /health`: 200 `{"status": "ok", ...}` with the running and waiting sequences, the
+/// batched decode steps so far (and the sequence steps they held), the bytes the GPU holds and
+/// the process's resident memory; 503 while shutting down.
 async fn health(State(s): State<Arc<AppState>>) -> Response {
     let (running, waiting) = s.scheduler.counts();
     let draining = s.scheduler.draining();
@@ -108,6 +109,8 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         "running": running,
         "waiting": waiting,
         "in_flight": s.scheduler.in_flight(),
+        "batched_steps": s.scheduler.batched().0,
+        "batched_rows": s.scheduler.batched().1,
         "gpu_bytes": s.model.loaded.weights.ctx.memory.live_bytes(),
         "rss_bytes": rss_bytes(),
     });

@@ -13,8 +13,10 @@
 //! by [`Slot`]s, taken by the HTTP side before a job is built (a full server answers 429 at
 //! once) and given back when the job ends, however it ends.
 //!
-//! One decode step per sequence per round means sequences with the same plan are not batched
-//! into one matrix-matrix step: each step is a matrix-vector pass over the weights.
+//! Running sequences that wait for a decode step and share a layer plan (no adapter, plan
+//! fixed) take it together as one batched step ([`DecodeBatch`]: the projections run over all
+//! their rows at once, so each weight is read once per round instead of once per sequence);
+//! the others step alone. The first token of a sequence comes from its prefill.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -27,6 +29,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::generate::{Event, FinishReason, GenerateOptions, TextDecoder, Timings, TokenStream};
 use crate::model::tokenizer::ModelTokenizer;
+use crate::runtime::batch::DecodeBatch;
 use crate::runtime::{GpuLora, GpuWeights, LoadedModel, PlanChoice, Session, SessionOptions};
 
 use super::api::ApiError;
@@ -108,6 +111,9 @@ enum Message {
 struct Counts {
     running: AtomicUsize,
     waiting: AtomicUsize,
+    /// Batched decode steps run, and the sequence steps they held.
+    batched_steps: AtomicUsize,
+    batched_rows: AtomicUsize,
 }
 
 /// The handle the HTTP side holds: submit jobs, take capacity, drain and stop.
@@ -122,15 +128,20 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Start the scheduler thread over `model` (its weights for the sessions, its tokenizer
-    /// for the text): `max_concurrent` sequences run at once (≥ 1), `queue` more may wait.
-    pub fn start(model: Arc<LoadedModel>, max_concurrent: usize, queue: usize) -> Scheduler {
+    /// for the text): `max_concurrent` sequences run at once (≥ 1), `queue` more may wait; with
+    /// `batch`, the decode steps of running sequences that share a plan run as one
+    /// ([`DecodeBatch`]), else each sequence steps alone.
+    pub fn start(model: Arc<LoadedModel>, max_concurrent: usize, queue: usize, batch: bool) -> Scheduler {
         let (tx, rx) = mpsc::channel();
         let counts = Arc::new(Counts::default());
         let thread_counts = counts.clone();
         let max_concurrent = max_concurrent.max(1);
         let thread = std::thread::Builder::new()
             .name("firstrt-scheduler".into())
-            .spawn(move || run(&model.weights, &model.tokenizer, &rx, max_concurrent, &thread_counts))
+            .spawn(move || {
+                let batch_capacity = if batch { max_concurrent } else { 0 };
+                run(&model.weights, &model.tokenizer, &rx, max_concurrent, batch_capacity, &thread_counts)
+            })
             .expect("spawning the scheduler thread");
         Scheduler {
             tx,
@@ -187,6 +198,12 @@ impl Scheduler {
         (self.counts.running.load(Ordering::SeqCst), self.counts.waiting.load(Ordering::SeqCst))
     }
 
+    /// Batched decode steps run so far, and the sequence steps they held (their sum of batch
+    /// sizes).
+    pub fn batched(&self) -> (usize, usize) {
+        (self.counts.batched_steps.load(Ordering::SeqCst), self.counts.batched_rows.load(Ordering::SeqCst))
+    }
+
     /// Requests holding capacity now (running, waiting, or being prepared by the HTTP side).
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
@@ -211,10 +228,21 @@ struct Running<'t> {
 }
 
 /// The scheduler thread: see the module docs.
-fn run(weights: &Arc<GpuWeights>, tokenizer: &ModelTokenizer, rx: &mpsc::Receiver<Message>, max_concurrent: usize, counts: &Counts) {
+fn run(
+    weights: &Arc<GpuWeights>,
+    tokenizer: &ModelTokenizer,
+    rx: &mpsc::Receiver<Message>,
+    max_concurrent: usize,
+    batch_capacity: usize,
+    counts: &Counts,
+) {
     let mut waiting: VecDeque<Box<Job>> = VecDeque::new();
     let mut running: Vec<Running<'_>> = Vec::new();
     let mut draining = false;
+    let mut batch = match batch_capacity {
+        0 | 1 => None,
+        n => DecodeBatch::new(weights, n).inspect_err(|e| log::warn!("decoding one sequence per step: no batch buffers ({e})")).ok(),
+    };
     loop {
         let idle = running.is_empty() && waiting.is_empty();
         if idle && draining {
@@ -241,6 +269,10 @@ fn run(weights: &Arc<GpuWeights>, tokenizer: &ModelTokenizer, rx: &mpsc::Receive
                     draining = true;
                     waiting.drain(..).for_each(|job| refuse(*job));
                     running.clear();
+                    if let Some(b) = batch.as_mut() {
+                        b.forget();
+                    }
+                    let _ = weights.ctx.device.poll(wgpu::PollType::Poll);
                 }
             }
         }
@@ -255,16 +287,103 @@ fn run(weights: &Arc<GpuWeights>, tokenizer: &ModelTokenizer, rx: &mpsc::Receive
         counts.running.store(running.len(), Ordering::SeqCst);
         counts.waiting.store(waiting.len(), Ordering::SeqCst);
         let before = running.len();
-        running.retain_mut(step);
+        let alive = round(&mut running, batch.as_mut(), counts);
+        let mut keep = alive.into_iter();
+        running.retain(|_| keep.next().unwrap_or(false));
         counts.running.store(running.len(), Ordering::SeqCst);
         if running.len() < before {
-            // wgpu frees a dropped session's buffers when the device is next polled: do it now,
-            // not at the next request.
+            // The batch's program holds the ended sessions' buffers; wgpu frees them when the
+            // device is next polled: do both now, not at the next request.
+            if let Some(b) = batch.as_mut() {
+                b.forget();
+            }
             let _ = weights.ctx.device.poll(wgpu::PollType::Poll);
         }
     }
     counts.running.store(0, Ordering::SeqCst);
     counts.waiting.store(0, Ordering::SeqCst);
+}
+
+/// One round: every running sequence advances by at most one step. Sequences waiting for a
+/// decode step that share a plan (and can be batched) run it together, up to the batch's
+/// capacity at a time; every other sequence steps alone. Returns, per sequence, whether it is
+/// still running.
+fn round(running: &mut [Running<'_>], batch: Option<&mut DecodeBatch>, counts: &Counts) -> Vec<bool> {
+    // Groups of sequences (by index) whose decode steps can run as one.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    if let Some(b) = batch.as_deref() {
+        for (i, r) in running.iter().enumerate() {
+            if r.events.is_closed() || !r.stream.wants_decode() || !b.can_join(r.stream.session()) {
+                continue;
+            }
+            let session = r.stream.session();
+            match groups.iter_mut().find(|g| g.len() < b.capacity() && b.same_step(running[g[0]].stream.session(), session)) {
+                Some(g) => g.push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        groups.retain(|g| g.len() > 1);
+    }
+    let mut alive = vec![true; running.len()];
+    let mut batched = vec![false; running.len()];
+    if let Some(b) = batch {
+        for group in &groups {
+            group.iter().for_each(|&i| batched[i] = true);
+            counts.batched_steps.fetch_add(1, Ordering::SeqCst);
+            counts.batched_rows.fetch_add(group.len(), Ordering::SeqCst);
+            let results = step_batch(b, running, group);
+            for (&i, ok) in group.iter().zip(results) {
+                alive[i] = ok && step(&mut running[i]);
+            }
+        }
+    }
+    for (i, r) in running.iter_mut().enumerate() {
+        if !batched[i] {
+            alive[i] = step(r);
+        }
+    }
+    alive
+}
+
+/// One batched decode step of the sequences `group` (indices into `running`), each fed its
+/// candidates; per sequence, false when it failed (its client has been told).
+fn step_batch(batch: &mut DecodeBatch, running: &mut [Running<'_>], group: &[usize]) -> Vec<bool> {
+    let ids: Vec<u32> = group.iter().filter_map(|&i| running[i].stream.take_decode()).collect();
+    let stepped = catch_unwind(AssertUnwindSafe(|| {
+        let mut sessions: Vec<&mut Session> = Vec::with_capacity(group.len());
+        for (i, r) in running.iter_mut().enumerate() {
+            if group.contains(&i) {
+                sessions.push(r.stream.session_mut());
+            }
+        }
+        batch.step(&mut sessions, &ids)
+    }));
+    let outputs = match stepped {
+        Ok(Ok(outputs)) if outputs.len() == group.len() => outputs,
+        failed => {
+            let message = match failed {
+                Ok(Ok(_)) => "internal error (a bug in firstrt): a batched step returned the wrong count".to_string(),
+                Ok(Err(e)) => format!("generation failed: {e}"),
+                Err(payload) => format!("internal error (a bug in firstrt) in a batched decode step: {}", panic_message(payload.as_ref())),
+            };
+            log::error!("{message}");
+            for &i in group {
+                let _ = running[i].events.send(JobEvent::Failed(ApiError::internal(message.clone())));
+            }
+            return vec![false; group.len()];
+        }
+    };
+    group
+        .iter()
+        .zip(outputs)
+        .map(|(&i, out)| match running[i].stream.feed(out) {
+            Ok(()) => true,
+            Err(e) => {
+                let _ = running[i].events.send(JobEvent::Failed(ApiError::internal(format!("generation failed: {e}"))));
+                false
+            }
+        })
+        .collect()
 }
 
 fn refuse(job: Job) {
