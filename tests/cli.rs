@@ -410,6 +410,21 @@ fn plan_and_adapter_flags_outside_their_range_are_refused() {
     }
 }
 
+/// Issue 15: a router file that cannot be read or parsed is named once in the one-line error,
+/// with the flag (`run` used to say "loading PATH: router file PATH: ...").
+#[test]
+fn router_file_errors_name_the_file_once() {
+    let dir = TempDir::new("cli-router-file-errors");
+    let junk = dir.path.join("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").unwrap();
+    for path in [junk, dir.path.join("missing.safetensors")] {
+        let err = refused(firstrt().arg("run").arg("-m").arg(model_path()).args(["-p", "hi", "--routers"]).arg(&path));
+        let named = path.display().to_string();
+        assert_eq!(err.matches(&named).count(), 1, "{err}");
+        assert!(err.contains("--routers") && err.contains("router file"), "{err}");
+    }
+}
+
 /// Issue 15 §5: sampling flags outside their range (negative or NaN temperature, top-p outside
 /// 0..=1 or NaN, top-k over the candidates read back) are refused before the model loads, naming
 /// the flag and the allowed range, in `run` and `chat` alike (they were clamped or made greedy).

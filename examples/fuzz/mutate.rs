@@ -72,7 +72,7 @@ const JSON_VALUES: [&str; 26] = [
 ];
 
 /// Template fragments inserted into Jinja sources.
-const JINJA_FRAGMENTS: [&str; 74] = [
+const JINJA_FRAGMENTS: [&str; 88] = [
     "{% for x in range(100000) %}",
     "{% for y in range(100000) %}{{ y }}{% endfor %}",
     "{% endfor %}",
@@ -147,6 +147,21 @@ const JINJA_FRAGMENTS: [&str; 74] = [
     "-9223372036854775808",
     "1e308",
     "((((((((((((((((((((((((((((((((((((((((1))))))))))))))))))))))))))))))))))))))))",
+    // Work that one instruction does and fuel does not count (`model::chat::work`).
+    "{{ [] * 1000000000 }}",
+    "{% for e in [] * 1000000000 %}{% endfor %}",
+    "{% set r = range(100000) %}",
+    "{% if -1 in r %}{% endif %}",
+    "{% set ns = namespace(a=[1], s='x', d={}) %}",
+    "{% set ns.a = ns.a + ns.a %}",
+    "{% set ns.s = ns.s ~ ns.s %}",
+    "{% set ns.a = [ns.a] %}",
+    "{% set ns.d = {'k': ns.d} %}",
+    ".replace('', 'yyyyyyyy')",
+    "('y' * 1000).join(range(100000))",
+    " == ",
+    " * ",
+    " + ",
 ];
 
 /// Applies 1 to 4 mutations to `data`; `other` is another input of the same part, for splicing.

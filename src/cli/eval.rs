@@ -206,7 +206,7 @@ fn plans(args: &EvalArgs, model: &LoadedModel, skip_layers: Option<&[usize]>, ct
         }
     }
     if let Some(path) = &args.routers {
-        let (file, choice) = model.load_routers(path, &PlanPolicyArgs::default()).with_context(|| format!("loading {}", path.display()))?;
+        let (file, choice) = model.load_routers(path, &PlanPolicyArgs::default()).context("--routers")?;
         match choice {
             PlanChoice::Static(_) if !args.thresholds.is_empty() => {
                 bail!("--thresholds: {} holds a static plan (fixed decisions); thresholds do not apply to it", path.display())

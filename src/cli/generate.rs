@@ -107,7 +107,7 @@ impl PlanArgs {
         match &self.routers {
             Some(path) => {
                 let policy = PlanPolicyArgs { threshold: self.router_threshold, max_skip: self.max_skip, min_skip: self.min_skip };
-                let (_, plan) = model.load_routers(path, &policy).with_context(|| format!("loading {}", path.display()))?;
+                let (_, plan) = model.load_routers(path, &policy).context("--routers")?;
                 Ok(plan)
             }
             None => Ok(PlanChoice::skipping(model.weights.config.n_layers, &self.skip_layers)?),

@@ -515,7 +515,7 @@ fn evaluate(engine: &mut Engine, rows: &[TrainSequence], rule: &GateRule) -> Res
 fn save_outputs(engine: &Engine, out: &Path, routers: bool, adapter: bool, model_path: &Path) -> Result<()> {
     if routers && let Some(file) = engine.router_file()? {
         let path = out.join("routers.safetensors");
-        file.save(&path).with_context(|| format!("saving {}", path.display()))?;
+        file.save(&path).context("saving the routers")?;
         eprintln!("saved {}", path.display());
     }
     if adapter && let Some(lora) = engine.lora() {

@@ -7,12 +7,11 @@
 //!
 //! A template comes from the model file, so rendering is bounded: [`TEMPLATE_FUEL`]
 //! instructions, [`MAX_RENDERED_BYTES`] of output, sequences of at most [`MAX_SEQUENCE_ITEMS`]
-//! items collected by a filter, and format widths of at most [`MAX_FORMAT_WIDTH`]; going over
-//! one is [`TokenizerError::TemplateLimit`]. Not bounded: strings and sequences that the
-//! operators `~`, `+` and `*` build in memory (minijinja caps one string repetition at 100 MB
-//! but has no memory budget; a sequence repeated `n` times is lazy and joined with `~` it is
-//! formatted whole), and iterating a repeated empty sequence (`[] * 10**9`: no item to count,
-//! no fuel spent, but `n` steps).
+//! items collected by a filter, format widths of at most [`MAX_FORMAT_WIDTH`], and
+//! [`MAX_TEMPLATE_WORK`] units of work in operators, filters and printing, whose cost fuel does
+//! not count (an instruction such as `x in seq` or iterating `[] * 10**9` can take any time:
+//! see [`work`]), on values nested at most [`MAX_VALUE_DEPTH`] deep; going over one is
+//! [`TokenizerError::TemplateLimit`].
 
 use std::fmt::Write as _;
 
@@ -21,6 +20,10 @@ use minijinja::{Environment, Error, ErrorKind, State, context};
 use serde::{Deserialize, Serialize};
 
 use crate::model::tokenizer::TokenizerError;
+
+pub mod work;
+
+pub use work::{MAX_TEMPLATE_WORK, MAX_VALUE_DEPTH};
 
 const TEMPLATE_NAME: &str = "chat";
 
@@ -42,6 +45,9 @@ macro_rules! add_guarded_filters {
         $env.add_filter(concat!("unchecked ", $name), $filter);
         $env.add_filter($name, |state: &State, args: Rest<Value>| -> Result<Value, Error> {
             check_filter_args($name, &args)?;
+            for arg in args.iter() {
+                work::charge_value(state, arg)?;
+            }
             state.apply_filter(concat!("unchecked ", $name), &args)
         });
     )*};
@@ -115,11 +121,19 @@ impl ChatTemplate {
         // is captured (`set` blocks, macros) or discarded (outside the blocks of `extends`).
         env.set_formatter(|out, state, value| {
             check_filter_args("print", std::slice::from_ref(value))?;
+            work::charge_value(state, value)?;
             minijinja::escape_formatter(out, state, value)
         });
         env.set_unknown_method_callback(|state, value, method, args| {
-            if method == "format" {
-                value.as_str().map_or(Ok(()), check_format_widths)?;
+            for operand in std::iter::once(value).chain(args) {
+                work::charge_value(state, operand)?;
+            }
+            match method {
+                "format" => value.as_str().map_or(Ok(()), check_format_widths)?,
+                "replace" => check_growth(Some(value), args)?,
+                // `separator.join(items)`
+                "join" => check_filter_args("join", &[args.first().cloned().unwrap_or_default(), value.clone()])?,
+                _ => {}
             }
             minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
         });
@@ -144,21 +158,31 @@ impl ChatTemplate {
             "dictsort" => minijinja::filters::dictsort,
             "items" => minijinja::filters::items,
             "indent" => minijinja::filters::indent,
+            "replace" => minijinja::filters::replace,
             "format" => minijinja::filters::format,
             "string" => minijinja::filters::string,
             "pprint" => minijinja::filters::pprint,
         );
+        env.add_function(work::MUL_FUNCTION, work::bounded_mul);
+        env.add_function(work::ADD_FUNCTION, work::bounded_add);
+        env.add_function(work::CHARGE_FUNCTION, work::charge_function);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", python_tojson);
         // minijinja 2.24's code generator panics ("unreachable") on some statements its parser
         // accepts, such as a filter after `{% import ... as name %}`: that is a syntax error too.
+        if source.contains(work::RESERVED_PREFIX) {
+            return Err(TokenizerError::TemplateSyntax {
+                message: format!("the name prefix `{}` is reserved by firstrt", work::RESERVED_PREFIX),
+            });
+        }
         let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
+            let source = rewrite_generation_tags(source);
+            let bounded = work::bound_operators(&source)
+                .ok_or_else(|| TokenizerError::TemplateSyntax { message: "the template's operators could not be bounded".into() })?;
+            env.add_template_owned(TEMPLATE_NAME, bounded).map_err(|e| TokenizerError::TemplateSyntax { message: e.to_string() })
         }));
-        compiled
-            .map_err(|_| TokenizerError::TemplateSyntax { message: "the template compiler failed on this template".into() })?
-            .map_err(|e| TokenizerError::TemplateSyntax { message: e.to_string() })?;
+        compiled.map_err(|_| TokenizerError::TemplateSyntax { message: "the template compiler failed on this template".into() })??;
         Ok(Self { env, bos_token: bos_token.unwrap_or_default().to_string(), eos_token: eos_token.unwrap_or_default().to_string() })
     }
 
@@ -214,7 +238,7 @@ impl std::io::Write for LimitedOutput {
     }
 }
 
-/// Marks an error raised by one of the limits of this module.
+/// Marks an error raised by one of the limits of this module and of [`work`].
 #[derive(Debug)]
 struct OverLimit {
     what: &'static str,
@@ -240,26 +264,62 @@ fn over_limit(what: &'static str, limit: u64) -> Error {
 /// [`MAX_RENDERED_BYTES`] for `indent`, and wide fields in a `format` string.
 fn check_filter_args(filter: &str, args: &[Value]) -> Result<(), Error> {
     // These keep a string a string: its length is already in memory.
-    let string_ok = matches!(filter, "print" | "string" | "indent" | "format" | "join" | "reverse" | "last");
+    let string_ok = matches!(filter, "print" | "string" | "indent" | "format" | "join" | "reverse" | "last" | "replace");
     for arg in args {
         if arg.len().is_some_and(|n| n > MAX_SEQUENCE_ITEMS) && !(string_ok && arg.kind() == ValueKind::String) {
             return Err(over_limit("items in one sequence", MAX_SEQUENCE_ITEMS as u64));
         }
     }
     match filter {
-        "indent" => match args.get(1).and_then(|w| w.as_i64()) {
-            Some(width) if width.unsigned_abs() > MAX_RENDERED_BYTES as u64 => {
-                Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64))
+        // Every line is padded: lines times the width.
+        "indent" => {
+            let newlines = |s: &str| s.bytes().filter(|&b| b == b'\n').count() as u64;
+            let lines = args.first().map_or(0, |v| v.as_str().map_or_else(|| newlines(&v.to_string()), newlines)) + 1;
+            match args.get(1).and_then(|w| w.as_i64()) {
+                Some(width) if width.unsigned_abs().saturating_mul(lines) > MAX_RENDERED_BYTES as u64 => {
+                    Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64))
+                }
+                _ => Ok(()),
             }
-            _ => Ok(()),
-        },
+        }
+        // The separator between every two items.
+        "join" => {
+            let items = args.first().and_then(Value::len).unwrap_or(0) as u64;
+            let separator = args.get(1).map_or(0, text_len);
+            if items.saturating_mul(separator) > MAX_RENDERED_BYTES as u64 {
+                Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64))
+            } else {
+                Ok(())
+            }
+        }
         "format" => args.first().and_then(Value::as_str).map_or(Ok(()), check_format_widths),
+        "replace" => check_growth(args.first(), &args[1.min(args.len())..]),
         // The size of a batch or the number of slices is allocated up front.
         "batch" | "slice" => match args.get(1).and_then(|n| n.as_i64()) {
             Some(n) if n.unsigned_abs() > MAX_SEQUENCE_ITEMS as u64 => Err(over_limit("items in one sequence", MAX_SEQUENCE_ITEMS as u64)),
             _ => Ok(()),
         },
         _ => Ok(()),
+    }
+}
+
+/// Length in bytes of `value` as a string argument: a string's own, or what minijinja formats
+/// another value to (a list passed as `replace`'s `new` is formatted as its `[...]` text).
+fn text_len(value: &Value) -> u64 {
+    value.as_str().map_or_else(|| value.to_string().len(), str::len) as u64
+}
+
+/// Refuses `text.replace(old, new)` (filter or method) whose result could pass
+/// [`MAX_RENDERED_BYTES`]: every match of `old` (every character boundary when it is empty)
+/// becomes `new`.
+fn check_growth(text: Option<&Value>, old_new: &[Value]) -> Result<(), Error> {
+    let len = |v: Option<&Value>| v.map_or(0, text_len);
+    let (text_len, old_len, new_len) = (len(text), len(old_new.first()), len(old_new.get(1)));
+    let matches = text_len.checked_div(old_len).unwrap_or(text_len + 1);
+    if text_len.saturating_add(matches.saturating_mul(new_len)) > MAX_RENDERED_BYTES as u64 {
+        Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64))
+    } else {
+        Ok(())
     }
 }
 
@@ -414,7 +474,8 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 
 /// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=indent,
 /// sort_keys=False)`, i.e. Python's separators (`", "`, `": "`) and no HTML escaping.
-fn python_tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+fn python_tojson(state: &State, value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+    work::charge_value(state, value)?;
     let indent: Option<usize> = kwargs.get("indent")?;
     if indent.is_some_and(|i| i > MAX_RENDERED_BYTES) {
         return Err(over_limit("bytes of output", MAX_RENDERED_BYTES as u64));
@@ -665,18 +726,48 @@ mod tests {
     fn runaway_templates_hit_a_limit() {
         let cases = [
             ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "instructions"),
-            ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "bytes of output"),
+            ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "units of work"),
+            (
+                "{% for i in range(100000) %}0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789{% endfor %}",
+                "bytes of output",
+            ),
+            // Repetition is built eagerly, bounded and charged: `[1] * 10**12` never exists.
             ("{{ ([1] * 1000000000000) | list | length }}", "items in one sequence"),
             ("{{ ([1] * 1000000000000) | tojson }}", "items in one sequence"),
             ("{{ ([1] * 1000000000000) | string | length }}", "items in one sequence"),
-            ("{{ [[1, 2] * 1000000] * 1000000 }}", "bytes of output"),
+            ("{{ [[1, 2] * 1000000] * 1000000 }}", "items in one sequence"),
             ("{{ messages | batch(1000000000000) | list }}", "items in one sequence"),
             ("{% extends 'chat' %}{{ [1, 2] * 1000000000000 }}", "items in one sequence"),
             ("{% set x %}{{ [1, 2] * 1000000000000 }}{% endset %}", "items in one sequence"),
+            ("{{ 'ab' * 100000000 }}", "units of work"),
+            ("{% set a = [1] * 1000000 %}{{ [a] * 1000 }}", "units of work"),
+            // Under the work budget but over one allocation the fuzzer's cap allows (fuzz found).
+            ("{{ ([1] * 14000000) | list }}", "items in one sequence"),
+            ("{{ ([1] * 1000000) + ([2] * 100000) }}", "items in one sequence"),
+            // One instruction, unbounded work: a scan, doubling by `~` or `+`, a filter's input.
+            ("{% set r = range(100000) %}{% for i in range(100000) %}{% if -1 in r %}{% endif %}{% endfor %}", "units of work"),
+            ("{% set r = range(100000) | list %}{% for i in range(100000) %}{% if r == r[1:] %}{% endif %}{% endfor %}", "units of work"),
+            ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "units of work"),
+            ("{% set ns = namespace(s=[1]) %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "items in one sequence"),
+            ("{% set r = range(100000) | list %}{% for i in range(100000) %}{{ r | length }}{% endfor %}", "units of work"),
+            ("{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{% if s.startswith('y') %}{% endif %}{% endfor %}", "units of work"),
+            // Values nested deeper than comparisons, printing and serialisation can recurse.
+            (
+                "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}",
+                "levels of nesting",
+            ),
+            ("{% set ns = namespace(x={}) %}{% for i in range(1000) %}{% set ns.x = {'a': ns.x} %}{% endfor %}", "levels of nesting"),
             ("{{ messages | tojson(indent=1000000000000) }}", "bytes of output"),
             ("{{ 'x\ny' | indent(1000000000000) }}", "bytes of output"),
             ("{{ '%01000000000d' | format(1) }}", "format width"),
             ("{{ '{:>1000000000}'.format(1) }}", "format width"),
+            // Results that outgrow their charged inputs.
+            ("{{ ('x' * 1000000) | replace('x', 'y' * 1000000) }}", "bytes of output"),
+            ("{{ ('x' * 1000000).replace('', 'y' * 100) }}", "bytes of output"),
+            ("{{ ('x' * 1000000) | replace('x', ['y'] * 1000000) }}", "bytes of output"),
+            ("{{ ('\n' * 1000000) | indent(1000) }}", "bytes of output"),
+            ("{{ ([1] * 1000000) | join('y' * 1000) }}", "bytes of output"),
+            ("{{ ('y' * 1000).join([1] * 1000000) }}", "bytes of output"),
         ];
         for (source, what) in cases {
             match render(source, &[ChatMessage::user("hi")]) {
@@ -684,9 +775,51 @@ mod tests {
                 other => panic!("{source}: expected a TemplateLimit error, got {other:?}"),
             }
         }
+        // Repeating an empty sequence is free and instant whatever the count (minijinja's lazy
+        // repetition took 10^9 steps to iterate it); so is repeating zero times.
+        assert_eq!(render("{{ [] * 1000000000 }}|{% for x in [] * 1000000000 %}{% endfor %}|{{ 0 * [1] }}", &[]).unwrap(), "[]||[]");
         // The guarded built-in filters still take their positional and keyword arguments.
         assert_eq!(render("{{ [3, 1, 2] | sort(reverse=true) | join(',') }}", &[]).unwrap(), "3,2,1");
         assert_eq!(render("{{ 'a\nb' | indent(2) }}|{{ '%03d' | format(7) }}", &[]).unwrap(), "a\n  b|007");
+    }
+
+    #[test]
+    fn bounded_operators_keep_their_meaning() {
+        let cases = [
+            ("{{ 3 * 4 }}|{{ 2.5 * 2 }}|{{ (1 + 2) * (3) }}|{{ -2 * 3 * 2 }}|{{ 2 ** 3 * 2 }}", "12|5.0|9|-12|16"),
+            ("{{ 'ab' * 3 }}|{{ 2 * 'x' }}|{{ [1, 2] * 2 }}|{{ 2 * ['a'] }}|{{ ([1] * 3)[1] }}", "ababab|xx|[1, 2, 1, 2]|[\"a\", \"a\"]|1"),
+            ("{{ 'a' ~ 1 ~ 'b' }}|{{ [1] + [2] }}|{{ 'x' + 'y' }}|{{ 1 + 2 * 3 }}", "a1b|[1, 2]|xy|7"),
+            ("{{ 1 < 2 < 3 }}|{{ 'a' in 'cat' }}|{{ 2 not in [1, 3] }}|{{ not 1 == 2 }}", "True|True|True|True"),
+            ("{% set a, b = [1, 2] * 1 %}{{ a }}{{ b }}|{% for k, v in {'x': 3 * 2}.items() %}{{ k }}={{ v }}{% endfor %}", "12|x=6"),
+            ("{{ messages[0].content | upper | replace('I', 'i' * 2) }}|{{ (1 if 2 * 1 == 2 else 0) * 5 }}", "Hii|5"),
+            ("{{ [1, 2, 3] | map('string') | join('-' * 2) }}|{{ {'k': [1] * 2}['k'] | length }}", "1--2--3|2"),
+            ("{% macro m(x, y=2 * 3) %}{{ x * y }}{% endmacro %}{{ m(2) }}|{{ m(y=1, x=4 * 1) }}", "12|4"),
+        ];
+        for (source, expected) in cases {
+            assert_eq!(render(source, &[ChatMessage::user("hi")]).unwrap(), expected, "{source}");
+        }
+        // The same text as minijinja renders without the rewrite, undefined values included.
+        let plain_sources = [
+            "{{ x ~ 'a' }}|{{ (x or 'b') + 'c' }}|{% if x == none %}n{% endif %}|{{ x is undefined }}|{{ [x] | length }}",
+            "{{ 1 + 2.5 }}|{{ 7 // 2 * 3 }}|{{ 2 * 3 ** 2 }}|{{ 'a' * 0 }}|{{ [1] * 0 }}|{{ (1, 2) + (3,) }}|{{ 1 ~ 2 == '12' }}",
+            "{% for m in messages %}{{ loop.index0 * 2 + 1 }}{{ m.role[0] * 2 }}{% if m.role in ['user', 'system'] %}!{% endif %}{% endfor %}",
+            "{% set a, b = (1 + 1, [2] * 2) %}{{ a }}{{ b }}{{ {'k': a * 3}.k }}{{ dict(x=b + [a]).x }}{{ (a if a > 1 else b) * 2 }}",
+        ];
+        let messages = [ChatMessage::system("s"), ChatMessage::user("hi"), ChatMessage::assistant("yo")];
+        for source in plain_sources {
+            let mut plain = Environment::new();
+            plain.set_trim_blocks(true);
+            plain.set_lstrip_blocks(true);
+            plain.add_template("t", source).unwrap();
+            let expected = plain.get_template("t").unwrap().render(context! { messages => &messages[..] }).unwrap();
+            assert_eq!(render(source, &messages).unwrap(), expected, "{source}");
+        }
+        // The rewrite's functions cannot be replaced by the template.
+        let reserved = ChatTemplate::new("{% macro __firstrt_mul(a, b) %}{% endmacro %}{{ [] * 2 }}", None, None);
+        assert!(matches!(reserved, Err(TokenizerError::TemplateSyntax { .. })), "{reserved:?}");
+        // A syntax error is still the compiler's, unchanged.
+        let error = ChatTemplate::new("{{ 1 * }}", None, None).unwrap_err().to_string();
+        assert!(error.contains("unexpected end of variable block") || error.contains("expected expression"), "{error}");
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub enum TokenizerError {
         message: String,
     },
     /// Rendering went over one of the template's limits (instructions, output bytes, items in
-    /// one sequence, format width: see `model::chat`).
+    /// one sequence, format width, units of work, levels of nesting: see `model::chat`).
     #[error("rendering the chat template went over its limit of {limit} {what}")]
     TemplateLimit {
         /// What was counted, e.g. "bytes of output".

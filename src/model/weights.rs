@@ -175,6 +175,22 @@ fn check_layer_count<'a>(
     Ok(())
 }
 
+/// Checks the shape of every canonical tensor the file holds (embedding, final norm, head and
+/// each layer's [`LayerTensor::ALL`]) against the configuration when the file opens, so a wrong
+/// one is refused before anything is uploaded or sized by it ([`ModelError::ShapeMismatch`]).
+/// `shape_of` gives a tensor's row-major shape, `None` when the file lacks it: a missing tensor
+/// is reported where it is read, since biases and the head are optional. The layer count was
+/// checked against the tensor table first, which bounds the number of names looked up.
+fn check_shapes_at_open(config: &ModelConfig, shape_of: impl Fn(TensorName) -> Option<Vec<usize>>) -> Result<(), ModelError> {
+    let layers = (0..config.n_layers).flat_map(|i| LayerTensor::ALL.into_iter().map(move |t| TensorName::Layer(i, t)));
+    for name in [TensorName::EmbedTokens, TensorName::FinalNorm, TensorName::LmHead].into_iter().chain(layers) {
+        if let Some(found) = shape_of(name) {
+            check_shape(&name.hf_name(), &tensor_shape(name, config), &found)?;
+        }
+    }
+    Ok(())
+}
+
 fn to_usize_shape(dims: &[u64]) -> Option<Vec<usize>> {
     dims.iter().map(|&d| usize::try_from(d).ok()).collect()
 }
@@ -199,10 +215,11 @@ impl GgufWeights {
         let arch = file.meta_str("general.architecture")?;
         let key = |field: &str| gguf_key(arch, field);
         check_layer_count(&file.path, &config, &key, file.tensors.iter().map(|t| t.name.as_str()), "blk.")?;
-        if let Some(embed) = file.tensor_info(&TensorName::EmbedTokens.gguf_name()) {
-            let found = to_usize_shape(&embed.row_major_shape()).unwrap_or_default();
-            check_shape(&TensorName::EmbedTokens.hf_name(), &tensor_shape(TensorName::EmbedTokens, &config), &found)?;
-        }
+        let by_name: HashMap<&str, &GgufTensorInfo> = file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        // dims that do not fit in usize read as no shape, which no expected shape equals
+        check_shapes_at_open(&config, |t| {
+            by_name.get(t.gguf_name().as_str()).map(|i| to_usize_shape(&i.row_major_shape()).unwrap_or_default())
+        })?;
         Ok(GgufWeights { file, config })
     }
 
@@ -378,9 +395,7 @@ impl HfWeights {
             shards.push(Shard { path, mmap });
         }
         check_layer_count(&dir.join("config.json"), &config, &hf_key, tensors.keys().map(String::as_str), "model.layers.")?;
-        if let Some(embed) = tensors.get("model.embed_tokens.weight") {
-            check_shape(&TensorName::EmbedTokens.hf_name(), &tensor_shape(TensorName::EmbedTokens, &config), &embed.shape)?;
-        }
+        check_shapes_at_open(&config, |t| tensors.get(&t.hf_name()).map(|e| e.shape.clone()))?;
         Ok(HfWeights { dir: dir.to_path_buf(), config, shards, tensors })
     }
 
@@ -637,14 +652,16 @@ mod tests {
         assert_eq!(w.get("model.layers.0.self_attn.q_proj.bias").unwrap().data, hf_matrix(8, 1, 10.0));
     }
 
+    /// Issue 15: a layer tensor of the wrong shape is refused when the file opens (it used to be
+    /// found only when read, after the layers before it were uploaded), in GGUF files and HF
+    /// folders alike.
     #[test]
     fn gguf_shape_mismatch_names_tensor_and_shapes() {
         let mut b = tiny_gguf("llama", false);
         let t = b.tensors.iter_mut().find(|t| t.name == "blk.0.ffn_up.weight").unwrap();
         t.dims = vec![12, 8]; // transposed: reads as [8, 12] instead of [12, 8]
         let file = b.write_temp("shape");
-        let w = GgufWeights::open(&file.path).unwrap();
-        let err = w.get("model.layers.0.mlp.up_proj.weight").unwrap_err();
+        let err = GgufWeights::open(&file.path).unwrap_err();
         match &err {
             ModelError::ShapeMismatch { tensor, expected, found } => {
                 assert_eq!(tensor, "model.layers.0.mlp.up_proj.weight");
@@ -654,6 +671,9 @@ mod tests {
         }
         let msg = err.to_string();
         assert!(msg.contains("[12, 8]") && msg.contains("[8, 12]"), "{msg}");
+        // a missing optional tensor is still reported where it is read, by its GGUF name
+        let file = tiny_gguf("llama", false).write_temp("no-bias");
+        let w = GgufWeights::open(&file.path).unwrap();
         let err = w.get("model.layers.0.self_attn.q_proj.bias").unwrap_err();
         assert!(err.to_string().contains("attn_q.bias"), "{err}");
     }
@@ -730,7 +750,7 @@ mod tests {
             ("model.layers.0.self_attn.o_proj.weight", "F32", vec![8, 8], f32_bytes(&hf_matrix(64, 1, 4000.0))),
             ("model.layers.0.mlp.gate_proj.weight", "F32", vec![12, 8], f32_bytes(&hf_matrix(96, 1, 5000.0))),
             ("model.layers.0.mlp.down_proj.weight", "F32", vec![8, 12], f32_bytes(&hf_matrix(96, 1, 7000.0))),
-            ("model.layers.0.mlp.up_proj.weight", "F32", vec![12, 7], f32_bytes(&hf_matrix(84, 1, 6000.0))),
+            ("model.layers.0.mlp.up_proj.weight", "F32", vec![12, 8], f32_bytes(&hf_matrix(96, 1, 6000.0))),
             ("model.layers.0.extra.ints", "I32", vec![2], vec![0; 8]),
         ]
     }
@@ -744,10 +764,22 @@ mod tests {
         check_tiny_model(w.as_ref());
         assert!(w.describe_dtypes().starts_with("F32 x7"), "{}", w.describe_dtypes());
 
-        let err = w.get("model.layers.0.mlp.up_proj.weight").unwrap_err();
-        assert!(matches!(err, ModelError::ShapeMismatch { ref found, .. } if found == &[12, 7]), "{err}");
+        assert_eq!(w.get("model.layers.0.mlp.up_proj.weight").unwrap().data, hf_matrix(96, 1, 6000.0));
         let err = w.get("model.layers.0.extra.ints").unwrap_err();
         assert!(matches!(err, ModelError::UnsupportedType { ref ty, .. } if ty == "I32"), "{err}");
+
+        // a layer tensor of the wrong shape: refused at open
+        let wrong = TempDir::new("hf-shape");
+        std::fs::write(wrong.path.join("config.json"), TINY_CONFIG).unwrap();
+        let mut tensors = tiny_hf_tensors();
+        let up = tensors.iter_mut().find(|t| t.0 == "model.layers.0.mlp.up_proj.weight").unwrap();
+        (up.2, up.3) = (vec![12, 7], f32_bytes(&hf_matrix(84, 1, 6000.0)));
+        write_safetensors(&wrong.path.join("model.safetensors"), &tensors);
+        let err = open_model(&wrong.path).err().expect("refused");
+        assert!(
+            matches!(err, ModelError::ShapeMismatch { ref tensor, ref found, .. } if tensor == "model.layers.0.mlp.up_proj.weight" && found == &[12, 7]),
+            "{err}"
+        );
 
         // the same tensors split over two shards with an index
         let sharded = TempDir::new("hf-sharded");
