@@ -151,12 +151,12 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
     for (name, path) in &args.routers {
         let (_, choice) =
             model.load_routers(path, &PlanPolicyArgs::default()).with_context(|| format!("--routers {name}={}", path.display()))?;
-        routers.insert(name.clone(), ServedRouters { path: path.clone(), choice });
+        routers.insert(name.clone(), ServedRouters { choice });
     }
     let mut adapters = BTreeMap::new();
     for (name, dir) in &args.lora {
         let gpu = model.load_lora(dir).with_context(|| format!("--lora {name}={}", dir.display()))?;
-        adapters.insert(name.clone(), ServedAdapter { dir: dir.clone(), gpu });
+        adapters.insert(name.clone(), ServedAdapter { gpu });
     }
     // One sequence of the whole context must fit the device; its steps are compiled now, so
     // that the first request's time is its own.

@@ -217,7 +217,7 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body
         options: prepared.options,
         stop: prepared.stop,
         plan: prepared.plan,
-        lora: prepared.lora.map(|(_, gpu, scale)| (gpu, scale)),
+        lora: prepared.lora,
         ctx_len: prepared.ctx_len,
         events: tx,
         slot,

@@ -20,7 +20,6 @@ pub mod http;
 pub mod scheduler;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::generate::{GenerateOptions, SamplerConfig};
@@ -32,8 +31,6 @@ use api::{ApiError, FirstRequest, GenRequest, Input};
 /// A router file loaded at start under a name.
 #[derive(Debug, Clone)]
 pub struct ServedRouters {
-    /// Where it was read from (shown by `/v1/models`).
-    pub path: PathBuf,
     /// Its plan choice under the file's own threshold: routed (uploaded once, shared by every
     /// request that names it) or the static plan it holds.
     pub choice: PlanChoice,
@@ -42,8 +39,6 @@ pub struct ServedRouters {
 /// A LoRA adapter uploaded at start (unmerged) under a name.
 #[derive(Clone)]
 pub struct ServedAdapter {
-    /// The PEFT folder it was read from.
-    pub dir: PathBuf,
     /// The adapter on the GPU, shared by every request that names it.
     pub gpu: Arc<GpuLora>,
 }
@@ -81,8 +76,8 @@ pub struct Prepared {
     pub plan: PlanChoice,
     /// The router file's name, if one decides.
     pub routers: Option<String>,
-    /// The adapter's name, the adapter and its scale.
-    pub lora: Option<(String, Arc<GpuLora>, f32)>,
+    /// The adapter and its user scale.
+    pub lora: Option<(Arc<GpuLora>, f32)>,
     /// KV-cache rows: prompt + `max_tokens`.
     pub ctx_len: usize,
 }
@@ -141,7 +136,7 @@ impl ServedModel {
         let (plan, routers) = self.plan(req.first.as_ref())?;
         let lora = match &req.lora {
             None => None,
-            Some(l) => Some((l.name.clone(), self.adapter(&l.name)?.gpu.clone(), l.scale)),
+            Some(l) => Some((self.adapter(&l.name)?.gpu.clone(), l.scale)),
         };
         let seed = req.seed.unwrap_or_else(rand::random);
         let sampler = SamplerConfig { temperature: req.temperature, top_k: req.top_k, top_p: req.top_p, seed };
