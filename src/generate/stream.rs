@@ -120,8 +120,7 @@ pub enum Event {
 ///
 /// `S` is how the stream holds its session: borrowed (`&mut Session`, the default, as `run`
 /// and `chat` do) or owned (`Session`, as the server's scheduler keeps many streams alive
-/// side by side; [`TokenStream::into_parts`] gives the session back). `'a` is the borrow of the
-/// tokenizer that the [`TextDecoder`] reads.
+/// side by side). `'a` is the borrow of the tokenizer that the [`TextDecoder`] reads.
 pub struct TokenStream<'a, S: BorrowMut<Session> = &'a mut Session> {
     session: S,
     sampler: Sampler,
@@ -212,11 +211,6 @@ impl<'a, S: BorrowMut<Session>> TokenStream<'a, S> {
         self.generated.len()
     }
 
-    /// True once `Finished` has been queued (or an error ended the stream): no step will run.
-    pub fn finished(&self) -> bool {
-        self.finish.is_some()
-    }
-
     /// Stop: the next events are the held-back text, if any, and `Finished` with
     /// [`FinishReason::Caller`]. Does nothing once finished.
     ///
@@ -232,21 +226,14 @@ impl<'a, S: BorrowMut<Session>> TokenStream<'a, S> {
     /// counts as stopped by the caller; its text is what was detokenised so far (held-back text
     /// included, bytes of an incomplete character left out).
     pub fn into_generation(self) -> Generation {
-        self.into_parts().0
-    }
-
-    /// [`TokenStream::into_generation`], and the session back (positioned after the last token
-    /// fed back: a token sampled but not yet decoded is not in its KV cache).
-    pub fn into_parts(self) -> (Generation, S) {
         let text = self.text.as_ref().map_or_else(String::new, |t| t.text().to_string());
-        let generation = Generation {
+        Generation {
             prompt_ids: self.prompt_ids,
             generated_ids: self.generated,
             text,
             finish: self.finish.unwrap_or(FinishReason::Caller),
             timings: self.timings,
-        };
-        (generation, self.session)
+        }
     }
 
     /// True when the next `next` would run a decode step: a token waits to be fed back, no

@@ -198,7 +198,7 @@ impl DecodeBatch {
             p.extend(batch.layer_with_core(a, total, l, None, || {
                 let mut core = Vec::new();
                 for (i, s) in sessions.iter().enumerate() {
-                    core.extend(s.builder(Phase::Decode).attention_core_at(a, row0[i], rows[i], l)?);
+                    core.extend(s.builder(Phase::Decode).attention_core(a, row0[i], rows[i], l)?);
                 }
                 Ok(core)
             })?);

@@ -39,6 +39,17 @@ impl PlanPolicyArgs {
             .into_iter()
             .find_map(|(given, flag)| given.then_some(flag))
     }
+
+    /// `base` with the threshold and skip budgets given here in place of its own (its
+    /// first/last rule kept).
+    pub fn apply(&self, base: &PlanPolicy) -> PlanPolicy {
+        PlanPolicy {
+            threshold: self.threshold.unwrap_or(base.threshold),
+            max_skip: self.max_skip.or(base.max_skip),
+            min_skip: self.min_skip.or(base.min_skip),
+            skip_first_last: base.skip_first_last,
+        }
+    }
 }
 
 /// How the sessions of a run choose their layers: known before any input (the full model,
@@ -178,12 +189,7 @@ impl LoadedModel {
             let plan = PlanChoice::skipping(self.weights.config.n_layers, skip)?;
             return Ok((file, plan));
         }
-        let policy = PlanPolicy {
-            threshold: policy.threshold.unwrap_or(file.threshold),
-            max_skip: policy.max_skip,
-            min_skip: policy.min_skip,
-            skip_first_last: file.skip_first_last,
-        };
+        let policy = policy.apply(&PlanPolicy::from_routers(&file));
         policy.validate()?;
         let routers = Arc::new(GpuRouters::upload(&self.weights.ctx, &file)?);
         Ok((file, PlanChoice::Routed(Routing { routers, policy })))

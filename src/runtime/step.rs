@@ -228,7 +228,7 @@ impl StepBuilder<'_> {
         l: usize,
         kept: Option<&KeptActivations>,
     ) -> Result<Vec<Dispatch>, RuntimeError> {
-        self.layer_with_core(a, rows, l, kept, || self.attention_core(a, rows, l))
+        self.layer_with_core(a, rows, l, kept, || self.attention_core(a, 0, rows, l))
     }
 
     /// [`StepBuilder::layer_keeping`] with the attention core (`a.qkv` to `a.attn`) given by
@@ -262,19 +262,14 @@ impl StepBuilder<'_> {
         Ok(p)
     }
 
-    /// Layer `l`'s attention core over `rows` tokens of `a`: RoPE on the queries and keys of
-    /// `a.qkv` `[rows, (n_heads + 2 n_kv_heads) hd]` (rotated queries to `a.q`, keys and values
-    /// written to layer `l`'s KV cache at the step's positions), then attention over the cache
-    /// into `a.attn` `[rows, n_heads hd]`. Errors: `RuntimeError::Internal` when layer `l` has no
-    /// KV cache; `RuntimeError::Gpu` when a kernel rejects its arguments.
-    pub fn attention_core(&self, a: &Activations, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
-        self.attention_core_at(a, 0, rows, l)
-    }
-
-    /// [`StepBuilder::attention_core`] on rows `row0..row0 + rows` of `a.qkv`, `a.q` and
-    /// `a.attn`: a batched decode step runs each sequence's core, over its own cache and
-    /// positions, on its row of the batch's activations.
-    pub(super) fn attention_core_at(&self, a: &Activations, row0: usize, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+    /// Layer `l`'s attention core over rows `row0..row0 + rows` of `a`: RoPE on the queries and
+    /// keys of `a.qkv` `[.., (n_heads + 2 n_kv_heads) hd]` (rotated queries to `a.q`, keys and
+    /// values written to layer `l`'s KV cache at the step's positions), then attention over the
+    /// cache into `a.attn` `[.., n_heads hd]`. `row0` is 0 but in a batched step, where each
+    /// sequence's core runs on its rows of the batch's activations over its own cache.
+    /// Errors: `RuntimeError::Internal` when layer `l` has no KV cache; `RuntimeError::Gpu`
+    /// when a kernel rejects its arguments.
+    pub(super) fn attention_core(&self, a: &Activations, row0: usize, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, c) = (self.ctx, &self.weights.config);
         let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Internal(format!("layer {l} runs but has no KV cache")))?;
         let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
@@ -303,7 +298,7 @@ impl StepBuilder<'_> {
 
     /// The sampling kernel over the logits `bufs.logits` `[vocab]`: argmax when one candidate is
     /// read back, else the top `bufs.candidates`, into `bufs.picked`.
-    pub fn sample(&self) -> Result<Vec<Dispatch>, RuntimeError> {
+    pub(super) fn sample(&self) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, b, n) = (self.ctx, self.bufs, self.weights.config.vocab_size);
         tagged(Tag::step(self.phase, "sample"), |label| {
             if b.candidates == 1 {

@@ -1,7 +1,8 @@
 //! The HTTP side: axum routes, the API-key check, whole responses and server-sent events.
 //!
-//! A generation request is parsed and checked ([`api::parse_request`]), takes a unit of
-//! capacity (429 when none is left), has its prompt encoded on tokio's blocking pool
+//! A generation request is parsed and checked ([`api::parse_request`]), has its model, plan
+//! and adapter names resolved ([`ServedModel::resolve`]), takes a unit of capacity (429 when
+//! none is left), has its prompt encoded on tokio's blocking pool
 //! ([`ServedModel::prepare`]), and goes to the scheduler. The handler waits for the prefill
 //! (`Started`, or an error, still answered as a 4xx/5xx), then either collects the whole text or
 //! streams a chunk per decode step. When a client disconnects, its receiver is dropped and the
@@ -9,7 +10,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -37,14 +37,12 @@ pub struct AppState {
     pub scheduler: Scheduler,
     /// `--api-key`: requests to `/v1/*` must carry `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
-    /// Counter behind response ids.
-    next_id: AtomicU64,
 }
 
 impl AppState {
     /// Serve `model` with `scheduler`, checking `api_key` when given.
     pub fn new(model: Arc<ServedModel>, scheduler: Scheduler, api_key: Option<String>) -> AppState {
-        AppState { model, scheduler, api_key, next_id: AtomicU64::new(rand::random::<u32>() as u64) }
+        AppState { model, scheduler, api_key }
     }
 
     fn check_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -113,6 +111,7 @@ fn rss_bytes() -> u64 {
 /// the process's resident memory; 503 while shutting down.
 async fn health(State(s): State<Arc<AppState>>) -> Response {
     let (running, waiting) = s.scheduler.counts();
+    let (batched_steps, batched_rows, batched_prefills) = s.scheduler.batched();
     let draining = s.scheduler.draining();
     let body = json!({
         "status": if draining { "shutting_down" } else { "ok" },
@@ -120,9 +119,9 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         "running": running,
         "waiting": waiting,
         "in_flight": s.scheduler.in_flight(),
-        "batched_steps": s.scheduler.batched().0,
-        "batched_rows": s.scheduler.batched().1,
-        "batched_prefills": s.scheduler.batched().2,
+        "batched_steps": batched_steps,
+        "batched_rows": batched_rows,
+        "batched_prefills": batched_prefills,
         "gpu_bytes": s.model.loaded.weights.ctx.memory.live_bytes(),
         "rss_bytes": rss_bytes(),
     });
@@ -200,11 +199,11 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body
         code: None,
     })?;
     let req = api::parse_request(endpoint, &bytes)?;
-    s.model.check_names(&req)?;
+    let resolved = s.model.resolve(&req)?;
     let slot = s.scheduler.reserve()?;
     let prepared = {
         let (s, req) = (s.clone(), req.clone());
-        tokio::task::spawn_blocking(move || s.model.prepare(&req))
+        tokio::task::spawn_blocking(move || s.model.prepare(&req, resolved))
             .await
             .map_err(|e| ApiError::internal(format!("internal error (a bug in firstrt) preparing the request: {e}")))??
     };
@@ -234,7 +233,7 @@ async fn generate(s: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body
         extra.insert("prompt_token_ids".into(), json!(ids));
     }
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let id = format!("{}{:016x}{:08x}", endpoint.id_prefix(), rand::random::<u64>(), s.next_id.fetch_add(1, Ordering::Relaxed) as u32);
+    let id = format!("{}{:024x}", endpoint.id_prefix(), rand::random::<u128>() >> 32);
     let head = ResponseHead { endpoint, id, created, model: s.model.id.clone() };
     if req.stream {
         return Ok(stream_response(head, rx, extra, prompt_tokens, &req).into_response());

@@ -63,6 +63,16 @@ pub struct ServedModel {
     pub default_max_tokens: usize,
 }
 
+/// What a request's names resolve to ([`ServedModel::resolve`]).
+pub struct Resolved {
+    /// The plan: static, or routers deciding in the prefill.
+    pub plan: PlanChoice,
+    /// The router file's name, if one decides.
+    pub routers: Option<String>,
+    /// The adapter and its user scale.
+    pub lora: Option<(Arc<GpuLora>, f32)>,
+}
+
 /// A checked request with its prompt encoded and its names resolved: a job once it has a
 /// channel and a slot.
 pub struct Prepared {
@@ -83,15 +93,13 @@ pub struct Prepared {
 }
 
 impl ServedModel {
-    /// Encode the request's prompt and resolve its model, plan and adapter names.
+    /// Encode the request's prompt and check its length and `max_tokens` against the context;
+    /// `resolved` is what [`ServedModel::resolve`] made of its names.
     ///
-    /// Errors (400 unless said): `model` other than [`ServedModel::id`] (404,
-    /// `model_not_found`); a chat request to a model without a usable chat template, or
-    /// messages its template refuses; a token id outside the vocabulary; a prompt that leaves
-    /// no room in the context or a `max_tokens` beyond it (`context_length_exceeded`); an
-    /// unknown router or adapter name; `first` fields that contradict each other or the file.
-    pub fn prepare(&self, req: &GenRequest) -> Result<Prepared, ApiError> {
-        self.check_names(req)?;
+    /// Errors (400): a chat request to a model without a usable chat template, or messages its
+    /// template refuses; a token id outside the vocabulary; a prompt that leaves no room in the
+    /// context or a `max_tokens` beyond it (`context_length_exceeded`).
+    pub fn prepare(&self, req: &GenRequest, resolved: Resolved) -> Result<Prepared, ApiError> {
         let (prompt_ids, field) = match &req.input {
             Input::Messages(messages) => {
                 let ids = self.loaded.chat_ids(messages).map_err(|e| ApiError::bad_field("messages", format!("messages: {e}")))?;
@@ -133,33 +141,33 @@ impl ServedModel {
             Some(m) => m,
             None => self.default_max_tokens.min(room),
         };
-        let (plan, routers) = self.plan(req.first.as_ref())?;
-        let lora = match &req.lora {
-            None => None,
-            Some(l) => Some((self.adapter(&l.name)?.gpu.clone(), l.scale)),
-        };
+        let Resolved { plan, routers, lora } = resolved;
         let seed = req.seed.unwrap_or_else(rand::random);
         let sampler = SamplerConfig { temperature: req.temperature, top_k: req.top_k, top_p: req.top_p, seed };
         let options = GenerateOptions { max_tokens, sampler, end_ids: self.loaded.tokenizer.end_ids().to_vec() };
         Ok(Prepared { prompt_ids, options, stop: req.stop.clone(), plan, routers, lora, ctx_len: n + max_tokens })
     }
 
-    /// What can be checked of a request without encoding its prompt: the model, the plan
-    /// (`first`) and the adapter's name; errors as [`ServedModel::prepare`]'s. The server
-    /// checks these before it counts the request against its capacity, so that a full server
-    /// still answers a wrong name with its 4xx, not 429.
-    pub fn check_names(&self, req: &GenRequest) -> Result<(), ApiError> {
+    /// Resolve what a request names, without encoding its prompt: the model, the plan
+    /// (`first`) and the adapter. The server does this before it counts the request against
+    /// its capacity, so that a full server still answers a wrong name with its 4xx, not 429.
+    ///
+    /// Errors (400 unless said): `model` other than [`ServedModel::id`] (404,
+    /// `model_not_found`); an unknown router or adapter name; `first` fields that contradict
+    /// each other or the file.
+    pub fn resolve(&self, req: &GenRequest) -> Result<Resolved, ApiError> {
         if req.model != self.id {
             return Err(ApiError::not_found(
                 "model_not_found",
                 format!("the model '{}' does not exist; this server has '{}'", req.model, self.id),
             ));
         }
-        self.plan(req.first.as_ref())?;
-        if let Some(l) = &req.lora {
-            self.adapter(&l.name)?;
-        }
-        Ok(())
+        let (plan, routers) = self.plan(req.first.as_ref())?;
+        let lora = match &req.lora {
+            None => None,
+            Some(l) => Some((self.adapter(&l.name)?.gpu.clone(), l.scale)),
+        };
+        Ok(Resolved { plan, routers, lora })
     }
 
     /// The adapter loaded under `name`; a 400 naming `lora.name` when there is none.
@@ -217,10 +225,7 @@ impl ServedModel {
                 served.choice.clone()
             }
             PlanChoice::Routed(routing) => {
-                let mut p = routing.policy.clone();
-                p.threshold = policy.threshold.unwrap_or(p.threshold);
-                p.max_skip = policy.max_skip.or(p.max_skip);
-                p.min_skip = policy.min_skip.or(p.min_skip);
+                let p = policy.apply(&routing.policy);
                 p.validate().map_err(|e| ApiError::bad_field(policy_field.unwrap_or("first"), format!("first: {e}")))?;
                 PlanChoice::Routed(Routing { routers: routing.routers.clone(), policy: p })
             }

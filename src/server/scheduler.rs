@@ -320,8 +320,6 @@ fn run(
         if prefilling.len() < before_chunks {
             let _ = weights.ctx.device.poll(wgpu::PollType::Poll);
         }
-        counts.running.store(running.len() + prefilling.len(), Ordering::SeqCst);
-        counts.waiting.store(waiting.len(), Ordering::SeqCst);
         let before = running.len();
         let alive = round(&mut running, batch.as_mut(), counts);
         let mut keep = alive.into_iter();
@@ -385,40 +383,26 @@ fn round(running: &mut [Running<'_>], batch: Option<&mut DecodeBatch>, counts: &
 /// candidates; per sequence, false when it failed (its client has been told).
 fn step_batch(batch: &mut DecodeBatch, running: &mut [Running<'_>], group: &[usize]) -> Vec<bool> {
     let ids: Vec<u32> = group.iter().filter_map(|&i| running[i].stream.take_decode()).collect();
-    let stepped = catch_unwind(AssertUnwindSafe(|| {
+    let stepped = guarded("in a batched decode step", || {
         let mut sessions: Vec<&mut Session> = Vec::with_capacity(group.len());
         for (i, r) in running.iter_mut().enumerate() {
             if group.contains(&i) {
                 sessions.push(r.stream.session_mut());
             }
         }
-        batch.step(&mut sessions, &ids)
-    }));
+        batch.step(&mut sessions, &ids).map_err(|e| format!("generation failed: {e}"))
+    });
     let outputs = match stepped {
-        Ok(Ok(outputs)) if outputs.len() == group.len() => outputs,
-        failed => {
-            let message = match failed {
-                Ok(Ok(_)) => "internal error (a bug in firstrt): a batched step returned the wrong count".to_string(),
-                Ok(Err(e)) => format!("generation failed: {e}"),
-                Err(payload) => format!("internal error (a bug in firstrt) in a batched decode step: {}", panic_message(payload.as_ref())),
-            };
-            log::error!("{message}");
-            for &i in group {
-                let _ = running[i].events.send(JobEvent::Failed(ApiError::internal(message.clone())));
-            }
+        Ok(outputs) => outputs,
+        Err(message) => {
+            group.iter().for_each(|&i| fail(&running[i].events, message.clone()));
             return vec![false; group.len()];
         }
     };
     group
         .iter()
         .zip(outputs)
-        .map(|(&i, out)| match running[i].stream.feed(out) {
-            Ok(()) => true,
-            Err(e) => {
-                let _ = running[i].events.send(JobEvent::Failed(ApiError::internal(format!("generation failed: {e}"))));
-                false
-            }
-        })
+        .map(|(&i, out)| running[i].stream.feed(out).map_err(|e| fail(&running[i].events, format!("generation failed: {e}"))).is_ok())
         .collect()
 }
 
@@ -639,7 +623,7 @@ fn step(r: &mut Running<'_>) -> bool {
     let mut ids = Vec::new();
     let mut text = String::new();
     let mut finished = None;
-    let stepped = catch_unwind(AssertUnwindSafe(|| -> Result<(), String> {
+    let stepped = guarded("in a decode step", || {
         loop {
             match r.stream.next() {
                 None => break,
@@ -653,15 +637,9 @@ fn step(r: &mut Running<'_>) -> bool {
             }
         }
         Ok(())
-    }));
-    let failure = match stepped {
-        Ok(Ok(())) => None,
-        Ok(Err(message)) => Some(message),
-        Err(payload) => Some(format!("internal error (a bug in firstrt) in a decode step: {}", panic_message(payload.as_ref()))),
-    };
-    if let Some(message) = failure {
-        log::error!("{message}");
-        let _ = r.events.send(JobEvent::Failed(ApiError::internal(message)));
+    });
+    if let Err(message) = stepped {
+        fail(&r.events, message);
         return false;
     }
     if (!ids.is_empty() || !text.is_empty()) && r.events.send(JobEvent::Delta { ids, text }).is_err() {
