@@ -5,10 +5,10 @@
 // over W's rows: a matrix in several chunks is several dispatches, all but the first adding into y.
 //
 // Placeholders (filled from Rust): X_DECL / W_DECL declare x (f32) and the chunk's weights with
-// accessors x_1 and w_4, w_1 (any WeightKind: f32, f16, the wide kinds, quantised blocks); ALIGNED
-// is true when K % 4 == 0 (rows of w start on a group of 4); XVEC is true when every chunk's
-// first column of x is on a group of 4 (N % 4 == 0 and every row0 % 4 == 0), so that x is read
-// four values of n per load; WG is the workgroup size.
+// accessors x_4, x_1 and w_4, w_1 (dense kinds) or w_scales, w_words, w_pair_of (quantised
+// blocks); ALIGNED is true when K % 4 == 0 (rows of w start on a group of 4); WG is the
+// workgroup size; TM x KC the block of outputs per invocation (rows of y x columns of y) and
+// XW_BODY its body, generated from Rust (`matmul_xw::xw_body_dense`, `xw_body_quant`).
 
 struct MatmulXwParams {
     t: u32,         // rows of x and y (tokens)
@@ -31,12 +31,13 @@ struct MatmulXwParams {
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;  // [t, y_stride]
 
 const ALIGNED: bool = {{ALIGNED}};
-const XVEC: bool = {{XVEC}};
 const WG: u32 = {{WG}}u;
-const TM: u32 = 4u;  // rows of x per invocation (`matmul_xw::XW_TM`)
+const TM: u32 = {{TM}}u;
+const KC: u32 = {{KC}}u;
 
-// w[n, k0 .. k0 + 4]; columns past the end are clamped to the last one (their outputs are not
-// stored).
+// w[n, k0 .. k0 + 4] of a dense kind; with K % 4 == 0 one w_4 load (k0 is then clamped by the
+// caller to a group inside the row), else four w_1 loads with the columns past the end clamped to
+// the last one (their outputs are not stored).
 fn w_row4(n: u32, k0: u32) -> vec4<f32> {
     if (ALIGNED) {
         return w_4((n * p.k + k0) / 4u);
@@ -45,6 +46,14 @@ fn w_row4(n: u32, k0: u32) -> vec4<f32> {
     let last = p.k - 1u;
     return vec4<f32>(w_1(e + min(k0, last)), w_1(e + min(k0 + 1u, last)), w_1(e + min(k0 + 2u, last)),
                      w_1(e + min(k0 + 3u, last)));
+}
+
+// The first column of the group of 4 that column k0 starts, kept inside the row when K % 4 == 0.
+fn col4(k0: u32) -> u32 {
+    if (ALIGNED) {
+        return min(k0, p.k - 4u);
+    }
+    return k0;
 }
 
 fn store(t: u32, k: u32, v: f32) {
@@ -59,66 +68,20 @@ fn store(t: u32, k: u32, v: f32) {
     y[i] = s;
 }
 
-// Each invocation computes TM rows of y times 4 consecutive columns: per row n of w one group
-// of 4 weights (w_4, or four w_1 when K % 4 != 0) and TM values of x feed 4 TM multiply-adds.
-// With XVEC, four rows of w at a time against one x_4 load per row of x (TM + 4 loads for 16 TM
-// multiply-adds instead of 4 TM + 4: on CPU drivers the cost is per load), the rest of the
-// chunk's rows one at a time.
-// Consecutive invocations take consecutive groups of columns (the lanes of a SIMD group read
-// consecutive weights and the same x values). Rows of x past the end are clamped.
+// Register blocking, as matmul_regblock: each invocation computes TM rows of y times KC
+// consecutive columns, the accumulators in named registers; per row n of w (four at a time where
+// x is read four values of n per load) each w load feeds TM multiply-adds per value and each x
+// load 4 KC / 4. Consecutive invocations take consecutive blocks of rows of y, so the lanes of a
+// SIMD group read the same rows of w. Rows of x past the end are clamped.
 @compute @workgroup_size(WG)
 fn matmul_xw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let inv = gid.x + gid.y * nwg.x * WG;
-    let kg = (p.k + 3u) / 4u;
+    let kb = (p.k + KC - 1u) / KC;
     let tb = (p.t + TM - 1u) / TM;
-    if (inv >= kg * tb) {
+    if (inv >= kb * tb) {
         return;
     }
-    let k0 = (inv % kg) * 4u;
-    let t0 = (inv / kg) * TM;
-    let xb0 = min(t0, p.t - 1u) * p.x_stride + p.row0;
-    let xb1 = min(t0 + 1u, p.t - 1u) * p.x_stride + p.row0;
-    let xb2 = min(t0 + 2u, p.t - 1u) * p.x_stride + p.row0;
-    let xb3 = min(t0 + 3u, p.t - 1u) * p.x_stride + p.row0;
-    var a0 = vec4<f32>(0.0);
-    var a1 = vec4<f32>(0.0);
-    var a2 = vec4<f32>(0.0);
-    var a3 = vec4<f32>(0.0);
-    var n_done = 0u;
-    if (XVEC) {
-        let n4 = p.n / 4u;
-        for (var nn = 0u; nn < n4; nn++) {
-            let n = nn * 4u;
-            let w0 = w_row4(n, k0);
-            let w1 = w_row4(n + 1u, k0);
-            let w2 = w_row4(n + 2u, k0);
-            let w3 = w_row4(n + 3u, k0);
-            let x0 = x_4(xb0 / 4u + nn);
-            let x1 = x_4(xb1 / 4u + nn);
-            let x2 = x_4(xb2 / 4u + nn);
-            let x3 = x_4(xb3 / 4u + nn);
-            a0 = fma(vec4<f32>(x0.w), w3, fma(vec4<f32>(x0.z), w2, fma(vec4<f32>(x0.y), w1, fma(vec4<f32>(x0.x), w0, a0))));
-            a1 = fma(vec4<f32>(x1.w), w3, fma(vec4<f32>(x1.z), w2, fma(vec4<f32>(x1.y), w1, fma(vec4<f32>(x1.x), w0, a1))));
-            a2 = fma(vec4<f32>(x2.w), w3, fma(vec4<f32>(x2.z), w2, fma(vec4<f32>(x2.y), w1, fma(vec4<f32>(x2.x), w0, a2))));
-            a3 = fma(vec4<f32>(x3.w), w3, fma(vec4<f32>(x3.z), w2, fma(vec4<f32>(x3.y), w1, fma(vec4<f32>(x3.x), w0, a3))));
-        }
-        n_done = n4 * 4u;
-    }
-    for (var n = n_done; n < p.n; n++) {
-        let w = w_row4(n, k0);
-        a0 = fma(vec4<f32>(x_1(xb0 + n)), w, a0);
-        a1 = fma(vec4<f32>(x_1(xb1 + n)), w, a1);
-        a2 = fma(vec4<f32>(x_1(xb2 + n)), w, a2);
-        a3 = fma(vec4<f32>(x_1(xb3 + n)), w, a3);
-    }
-    var acc = array<vec4<f32>, 4>(a0, a1, a2, a3);
-    for (var i = 0u; i < TM; i++) {
-        if (t0 + i < p.t) {
-            for (var j = 0u; j < 4u; j++) {
-                if (k0 + j < p.k) {
-                    store(t0 + i, k0 + j, acc[i][j]);
-                }
-            }
-        }
-    }
+    let t0 = (inv % tb) * TM;
+    let k0 = (inv / tb) * KC;
+{{XW_BODY}}
 }

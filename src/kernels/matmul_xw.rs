@@ -16,8 +16,19 @@ const SOURCE: &str = include_str!("../../shaders/matmul_xw.wgsl");
 
 /// Workgroup size of `matmul_xw`.
 pub const XW_WG: u32 = 64;
-/// Rows of x per invocation of `matmul_xw` (each invocation computes `XW_TM` x 4 outputs).
+/// Dense kinds: rows of y per invocation of `matmul_xw`.
+///
+/// Blocks measured on lavapipe (`cargo bench --bench kernels -- linear_xw`, T = 128, gate_up
+/// 3072x576 and down 576x1536, alternated rounds under a load average of 4-6): dense 4 x 8
+/// (this) was as fast as 8 x 4 in f32 and 1.3-1.8x faster in f16, 8 x 8 no faster; quantised
+/// 4 x 32 and 8 x 32 were alike and 2 x 32 slower.
 pub const XW_TM: u32 = 4;
+/// Dense kinds: groups of 4 columns of y per invocation (`4 XW_KB` columns, so `XW_TM` x
+/// `4 XW_KB` outputs in registers).
+pub const XW_KB: u32 = 2;
+/// Quantised kinds: rows of y per invocation; each invocation computes one unit of 32 columns
+/// (the accessors' unit), so that a unit's scales and quant words are loaded once per row of W.
+pub const XW_QUANT_TM: u32 = 4;
 
 /// Uniform of `shaders/matmul_xw.wgsl` (`struct MatmulXwParams` there, same fields in the same
 /// order), one per chunk of W.
@@ -51,6 +62,12 @@ pub struct MatmulXwParams {
     pub _pad2: u32,
 }
 
+/// The block of outputs of one `matmul_xw` invocation for weights of `kind`: (rows of y,
+/// columns of y).
+fn xw_block(kind: WeightKind) -> (u32, u32) {
+    if matches!(kind, WeightKind::Quant(_)) { (XW_QUANT_TM, 32) } else { (XW_TM, 4 * XW_KB) }
+}
+
 /// Prepares the backward product `op` (form [`LinearForm::XW`]: `y[t, y_col0 + k] (+)= scale ·
 /// sum_n x[t, n] · W[n, k]` for `t < op.rows`, `k < K`): one dispatch per chunk of W, named
 /// `label` (`label[row0]` when W is split). The first chunk overwrites or accumulates as
@@ -70,17 +87,24 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
     // x read four values of n per load where every chunk's first column of x is on a group of 4.
     let xvec = n_total.is_multiple_of(4) && op.w.chunks.iter().all(|c| c.row0.is_multiple_of(4));
     let pipeline = |kind: WeightKind| {
+        let (tm, kc) = xw_block(kind);
+        let body = match kind {
+            WeightKind::Quant(_) => xw_body_quant(tm, xvec),
+            _ => xw_body_dense(tm, kc / 4, xvec),
+        };
         let shader = ShaderVariant::new("matmul_xw", SOURCE, "matmul_xw")
+            .define("XW_BODY", body)
             .weights("X_DECL", WeightKind::F32, 1, "x")
             .weights("W_DECL", kind, 2, "w")
             .define("ALIGNED", k.is_multiple_of(4))
-            .define("XVEC", xvec)
-            .define("WG", XW_WG);
+            .define("WG", XW_WG)
+            .define("TM", tm)
+            .define("KC", kc);
         ctx.pipeline(&shader)
     };
     let flags = op.flags();
     let y_stride = op.y_row_stride();
-    op.chunk_dispatches(ctx, label, kind, pipeline, |c, _| {
+    op.chunk_dispatches(ctx, label, kind, pipeline, |c, kind| {
         let params = MatmulXwParams {
             t: rows as u32,
             n: c.rows as u32,
@@ -93,7 +117,8 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
             scale: op.scale.unwrap_or(1.0),
             ..Zeroable::zeroed()
         };
-        let invocations = (rows as u32).div_ceil(XW_TM) * (k as u32).div_ceil(4);
+        let (tm, kc) = xw_block(kind);
+        let invocations = (rows as u32).div_ceil(tm) * (k as u32).div_ceil(kc);
         let outputs = (rows * k) as u64;
         let accumulates = op.accumulate || c.row0 > 0;
         let cost = Cost {
@@ -102,6 +127,145 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
         };
         (params, grid(invocations.div_ceil(XW_WG)), cost)
     })
+}
+
+/// The start of both bodies: each row of x's offset `xb{i}` in elements (rows past the end
+/// clamped to the last).
+fn xw_prologue(s: &mut String, tm: u32) {
+    use std::fmt::Write;
+    for i in 0..tm {
+        let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * p.x_stride + p.row0;");
+    }
+}
+
+/// The WGSL statements of `matmul_xw` for the dense kinds once `t0` and `k0` are known: a `tm`
+/// x `4 kb` block of outputs in named vec4 registers `a{i}_{j}` (row i, columns `k0 + 4j ..
+/// k0 + 4j + 4`). With `xvec` (every chunk's first column of x on a group of 4), rows of W four
+/// at a time against one `x_4` load per row of x (`tm + 4 kb` loads per `16 tm kb`
+/// multiply-adds), then the remaining rows one at a time (`x_1`); stores guarded by `t < p.t`
+/// and `k < p.k`.
+pub fn xw_body_dense(tm: u32, kb: u32, xvec: bool) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    xw_prologue(&mut s, tm);
+    for j in 0..kb {
+        let _ = writeln!(s, "    let kc{j} = col4(k0 + {}u);", 4 * j);
+    }
+    for i in 0..tm {
+        for j in 0..kb {
+            let _ = writeln!(s, "    var a{i}_{j} = vec4<f32>(0.0);");
+        }
+    }
+    let mut n_done = "0u";
+    if xvec {
+        let _ = writeln!(s, "    for (var nn = 0u; nn < p.n / 4u; nn++) {{");
+        for r in 0..4 {
+            for j in 0..kb {
+                let _ = writeln!(s, "        let w{r}_{j} = w_row4(nn * 4u + {r}u, kc{j});");
+            }
+        }
+        for i in 0..tm {
+            let _ = writeln!(s, "        let x{i} = x_4(xb{i} / 4u + nn);");
+            for j in 0..kb {
+                let mut e = format!("a{i}_{j}");
+                for (r, c) in "xyzw".chars().enumerate() {
+                    e = format!("fma(vec4<f32>(x{i}.{c}), w{r}_{j}, {e})");
+                }
+                let _ = writeln!(s, "        a{i}_{j} = {e};");
+            }
+        }
+        let _ = writeln!(s, "    }}");
+        n_done = "(p.n / 4u) * 4u";
+    }
+    let _ = writeln!(s, "    for (var n = {n_done}; n < p.n; n++) {{");
+    for j in 0..kb {
+        let _ = writeln!(s, "        let w{j} = w_row4(n, kc{j});");
+    }
+    for i in 0..tm {
+        let _ = writeln!(s, "        let x{i} = vec4<f32>(x_1(xb{i} + n));");
+        for j in 0..kb {
+            let _ = writeln!(s, "        a{i}_{j} = fma(x{i}, w{j}, a{i}_{j});");
+        }
+    }
+    let _ = writeln!(s, "    }}");
+    for i in 0..tm {
+        let _ = writeln!(s, "    if (t0 + {i}u < p.t) {{");
+        for j in 0..kb {
+            for (c, comp) in "xyzw".chars().enumerate() {
+                let col = 4 * j as usize + c;
+                let _ = writeln!(s, "        if (k0 + {col}u < p.k) {{ store(t0 + {i}u, k0 + {col}u, a{i}_{j}.{comp}); }}");
+            }
+        }
+        let _ = writeln!(s, "    }}");
+    }
+    s
+}
+
+/// The WGSL statements of `matmul_xw` for the quantised kinds once `t0` and `k0` (a multiple of
+/// 32: K is a whole number of units) are known: `tm` rows of y times one unit of 32 columns, in
+/// named vec4 registers `l{i}_{q}` (columns `k0 + 4q ..`) and `h{i}_{q}` (`k0 + 16 + 4q ..`),
+/// q < 4. Per row n of W the unit's scales and quant words are loaded once
+/// (`w_scales`, `w_words`) and dequantised in registers (`w_pair_of`), then feed `32 tm`
+/// multiply-adds; with `xvec`, x is read four rows of W at a time by one `x_4` load per row of
+/// x, then the remaining rows one at a time (`x_1`).
+pub fn xw_body_quant(tm: u32, xvec: bool) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    xw_prologue(&mut s, tm);
+    let _ = writeln!(s, "    let units = p.k / 32u;");
+    let _ = writeln!(s, "    let u = k0 / 32u;");
+    for i in 0..tm {
+        for q in 0..4 {
+            let _ = writeln!(s, "    var l{i}_{q} = vec4<f32>(0.0);");
+            let _ = writeln!(s, "    var h{i}_{q} = vec4<f32>(0.0);");
+        }
+    }
+    // One row `n` of W (a WGSL expression) against x values `x{i}` (vec4 splats), at `indent`.
+    let row = |s: &mut String, n: &str, x_of: &dyn Fn(u32) -> String, indent: &str| {
+        let _ = writeln!(s, "{indent}{{");
+        let _ = writeln!(s, "{indent}    let b = ({n}) * units + u;");
+        let _ = writeln!(s, "{indent}    let sc = w_scales(b);");
+        let _ = writeln!(s, "{indent}    let wd = w_words(b);");
+        for q in 0..4 {
+            let _ = writeln!(s, "{indent}    let p{q} = w_pair_of(wd, {q}u);");
+            let _ = writeln!(s, "{indent}    let wl{q} = fma(p{q}.lo, vec4<f32>(sc.x), vec4<f32>(sc.z));");
+            let _ = writeln!(s, "{indent}    let wh{q} = fma(p{q}.hi, vec4<f32>(sc.y), vec4<f32>(sc.z));");
+        }
+        for i in 0..tm {
+            let _ = writeln!(s, "{indent}    let xs{i} = vec4<f32>({});", x_of(i));
+            for q in 0..4 {
+                let _ = writeln!(s, "{indent}    l{i}_{q} = fma(xs{i}, wl{q}, l{i}_{q});");
+                let _ = writeln!(s, "{indent}    h{i}_{q} = fma(xs{i}, wh{q}, h{i}_{q});");
+            }
+        }
+        let _ = writeln!(s, "{indent}}}");
+    };
+    let mut n_done = "0u";
+    if xvec {
+        let _ = writeln!(s, "    for (var nn = 0u; nn < p.n / 4u; nn++) {{");
+        for i in 0..tm {
+            let _ = writeln!(s, "        let x{i} = x_4(xb{i} / 4u + nn);");
+        }
+        for (r, c) in "xyzw".chars().enumerate() {
+            row(&mut s, &format!("nn * 4u + {r}u"), &|i| format!("x{i}.{c}"), "        ");
+        }
+        let _ = writeln!(s, "    }}");
+        n_done = "(p.n / 4u) * 4u";
+    }
+    let _ = writeln!(s, "    for (var n = {n_done}; n < p.n; n++) {{");
+    row(&mut s, "n", &|i| format!("x_1(xb{i} + n)"), "        ");
+    let _ = writeln!(s, "    }}");
+    for i in 0..tm {
+        let _ = writeln!(s, "    if (t0 + {i}u < p.t) {{");
+        for q in 0..4u32 {
+            for (c, comp) in "xyzw".chars().enumerate() {
+                let _ = writeln!(s, "        store(t0 + {i}u, k0 + {}u, l{i}_{q}.{comp});", 4 * q as usize + c);
+                let _ = writeln!(s, "        store(t0 + {i}u, k0 + {}u, h{i}_{q}.{comp});", 16 + 4 * q as usize + c);
+            }
+        }
+        let _ = writeln!(s, "    }}");
+    }
+    s
 }
 
 /// CPU reference of the backward form: `[rows, k]` = x (`[rows, n]`) times w (`[n, k]`), in
@@ -203,9 +367,10 @@ mod tests {
     #[test]
     fn xw_matches_dequantised_reference_every_block_type() {
         let ctx = test_context();
-        for q in QuantType::ALL {
+        // 44 rows: x read four rows of W at a time; 45: one at a time.
+        for (q, n) in QuantType::ALL.into_iter().flat_map(|q| [(q, 44), (q, 45)]) {
             let k = if q.block_elems() == 256 { 768 } else { 576 };
-            let blocks = random_blocks(q, 44, k, 5);
+            let blocks = random_blocks(q, n, k, 5);
             let wv = blocks.dequantize().unwrap();
             let w = GpuMatrix::upload_parts(&ctx, "w", k, &[MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
             for t in [1, 3, 17] {
