@@ -78,19 +78,22 @@ fn attn_bwd_q(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         m = m_new;
     }
     let lse = m + log(l);
-    // Pass 2: dq = scale * sum_j P_j (dP_j - D) k_j.
+    // Pass 2: dq = scale * sum_j P_j (dP_j - D) k_j, each key row loaded once (on CPU drivers a
+    // storage load costs a per-lane loop; the private copy does not).
     var acc: array<vec4<f32>, HD4>;
+    var kr: array<vec4<f32>, HD4>;
     for (var key = 0u; key <= t; key++) {
         let kb = key * p.kv_stride + kvb;
         var s = 0.0;
         var dp = 0.0;
         for (var j = 0u; j < HD4; j++) {
-            s += dot(qv[j], k4(kb, j));
+            kr[j] = k4(kb, j);
+            s += dot(qv[j], kr[j]);
             dp += dot(dov[j], v4(kb, j));
         }
         let ds = exp(s - lse) * (dp - d_row);
         for (var j = 0u; j < HD4; j++) {
-            acc[j] += ds * k4(kb, j);
+            acc[j] += ds * kr[j];
         }
     }
     for (var j = 0u; j < HD4; j++) {
@@ -117,6 +120,9 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
     var dk: array<vec4<f32>, HD4>;
     var dv: array<vec4<f32>, HD4>;
+    // The query row and its dO, each loaded once per (t, h) and used twice.
+    var qr: array<vec4<f32>, HD4>;
+    var dor: array<vec4<f32>, HD4>;
     for (var hh = 0u; hh < p.group; hh++) {
         let h = g * p.group + hh;
         for (var t = key; t < p.rows; t++) {
@@ -125,14 +131,16 @@ fn attn_bwd_kv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             var s = 0.0;
             var dp = 0.0;
             for (var j = 0u; j < HD4; j++) {
-                s += dot(q4(qb, j), kv[j]);
-                dp += dot(do4(qb, j), vv[j]);
+                qr[j] = q4(qb, j);
+                dor[j] = do4(qb, j);
+                s += dot(qr[j], kv[j]);
+                dp += dot(dor[j], vv[j]);
             }
             let pr = exp(s - st.x);
             let ds = pr * (dp - st.y);
             for (var j = 0u; j < HD4; j++) {
-                dv[j] += pr * do4(qb, j);
-                dk[j] += ds * q4(qb, j);
+                dv[j] += pr * dor[j];
+                dk[j] += ds * qr[j];
             }
         }
     }
