@@ -1,7 +1,10 @@
 //! `firstrt train` as a user runs it on the test model: a few steps lower the loss on a handful
 //! of E2E rows, a seed repeats its loss curve, a resumed run equals an uninterrupted one, the
-//! files load in `run`, Ctrl-C saves whole files and resumes exactly, and bad input is refused
-//! with one clear line.
+//! files load in `run`, Ctrl-C saves whole files and resumes exactly, the adapter means the same
+//! in Hugging Face PEFT, and bad input is refused with one clear line.
+//!
+//! The PEFT test runs `scripts/check-peft.py` in the virtual environment that
+//! `scripts/setup-peft.sh` makes (scripts/test.sh runs it first).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -11,7 +14,7 @@ use firstrt::model::WeightSource;
 use firstrt::model::lora::LoraAdapter;
 use firstrt::model::routers::{RouterFile, model_identity};
 use firstrt::model::weights::GgufWeights;
-use firstrt::testdata::{TempDir, data_dir, model_path};
+use firstrt::testdata::{TempDir, cache_dir, data_dir, fixtures_dir, model_path};
 use firstrt::train::checkpoint::Checkpoint;
 
 fn firstrt() -> Command {
@@ -161,6 +164,57 @@ fn training_lowers_the_loss_repeats_for_a_seed_resumes_exactly_and_its_files_loa
     );
     assert!(ok, "{err}");
     assert!(err.contains("plan") || stdout.contains("plan"), "no plan printed: {stdout} {err}");
+}
+
+/// The virtual environment's python with torch, transformers and PEFT.
+fn peft_python() -> PathBuf {
+    let python = std::env::var_os("FIRSTRT_PEFT_PYTHON").map_or_else(|| cache_dir().join("venv-peft/bin/python"), PathBuf::from);
+    assert!(python.exists(), "{} is missing: run scripts/setup-peft.sh (scripts/test.sh does) to install PEFT", python.display());
+    python
+}
+
+/// An adapter that `train` wrote, on all seven projections, gives in PEFT (transformers on the
+/// same GGUF weights) the logits that `run --lora` gives, as close as the base model's logits
+/// are without an adapter; so does the fixture adapter that PEFT itself wrote.
+#[test]
+fn a_trained_adapter_means_the_same_in_hugging_face_peft() {
+    let dir = TempDir::new("train-peft");
+    let data = rows(&dir, 2);
+    let out = dir.join("lora");
+    let (ok, _, err) = output(firstrt().arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out).args([
+        "--stage",
+        "lora",
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--ctx",
+        "48",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-targets",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    ]));
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = output(
+        Command::new(peft_python())
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/check-peft.py"))
+            .arg("--firstrt")
+            .arg(env!("CARGO_BIN_EXE_firstrt"))
+            .arg("--model")
+            .arg(model_path())
+            .arg(out.join("adapter"))
+            .arg(fixtures_dir().join("lora")),
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("check-peft.py printed no JSON ({e}): {stdout}\n{err}"));
+    assert!(ok, "check-peft.py found a difference: {report}\n{err}");
+    let adapters = report["adapters"].as_array().unwrap();
+    assert!(adapters.len() == 2 && adapters.iter().all(|a| a["ok"] == true), "{report}");
 }
 
 #[test]
