@@ -15,10 +15,7 @@ struct SwigluParams {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>; // [rows, ff] f32; backward: [rows, 2 * ff]
 @group(0) @binding(3) var<storage, read> d_act: array<f32>;     // [rows, ff] f32 (backward only)
 
-fn sigmoid(x: f32) -> f32 {
-    let e = exp(-abs(x));
-    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
-}
+{{SIGMOID}}
 
 @compute @workgroup_size(256)
 fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor};
 use crate::kernels::checks::{check_f32, check_rows, check_u32, invalid};
 
 const SOURCE: &str = include_str!("../../shaders/swiglu.wgsl");
@@ -37,7 +37,7 @@ pub fn swiglu(ctx: &GpuContext, label: &str, gate_up: &GpuTensor, rows: usize, f
     check_f32(label, gate_up, 2 * n, "gate_up")?;
     check_f32(label, out, n, "out")?;
     check_u32(label, 2 * n, "gate_up elements")?;
-    let pipeline = ctx.pipeline(&ShaderVariant::new("swiglu", SOURCE, "swiglu"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("swiglu", SOURCE, "swiglu"))?;
     let params = SwigluParams { rows: rows as u32, ff: ff as u32, _pad0: 0, _pad1: 0 };
     let u = uniform(ctx, label, &params);
     let cost = Cost { flops: (6 * n) as u64, bytes: (12 * n) as u64 };
@@ -78,7 +78,7 @@ pub fn swiglu_backward(
     check_f32(label, gate_up, 2 * n, "gate_up")?;
     check_f32(label, d_act, n, "d_act")?;
     check_f32(label, d_gate_up, 2 * n, "d_gate_up")?;
-    let pipeline = ctx.pipeline(&ShaderVariant::new("swiglu", SOURCE, "swiglu_backward"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("swiglu", SOURCE, "swiglu_backward"))?;
     let params = SwigluParams { rows: rows as u32, ff: ff as u32, _pad0: 0, _pad1: 0 };
     let u = uniform(ctx, label, &params);
     let cost = Cost { flops: (12 * n) as u64, bytes: (20 * n) as u64 };
