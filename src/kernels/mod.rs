@@ -43,11 +43,14 @@ mod quant_tests;
 /// - `SIGMOID` (`sigmoid.wgsl`): the overflow-free `sigmoid(x)` (swiglu, router,
 ///   router_backward);
 /// - `ROUTER_GROUPS` (`router_groups.wgsl`): `LANES` and `GROUPS`, the router kernels' split of a
-///   workgroup into one group of lanes per hidden unit (router, router_backward).
-const SNIPPETS: [(&str, &str); 3] = [
+///   workgroup into one group of lanes per hidden unit (router, router_backward);
+/// - `ROPE_INDEX` (`rope_index.wgsl`): `rope_item(idx)`, the (t, pos, head slot, pair) of one
+///   invocation and whether it writes, and `rope_slots()` (rope, rope_backward).
+const SNIPPETS: [(&str, &str); 4] = [
     ("TREE_SUM", include_str!("../../shaders/tree_sum.wgsl")),
     ("SIGMOID", include_str!("../../shaders/sigmoid.wgsl")),
     ("ROUTER_GROUPS", include_str!("../../shaders/router_groups.wgsl")),
+    ("ROPE_INDEX", include_str!("../../shaders/rope_index.wgsl")),
 ];
 
 /// `entry` of `source` (family `family`) with every shared snippet whose placeholder `source`
