@@ -2,7 +2,7 @@
 # The FiRST result (BENCHMARKS.md, "FiRST: trained routers against static plans"): SmolLM2-135M-
 # Instruct trained on E2E NLG's training rows and evaluated with `firstrt eval` on all 46 test
 # inputs (greedy, ROUGE-Lsum):
-#   1. routers   `train --stage routers` (model frozen, hard gates, λ, --keep-target KEEP);
+#   1. routers   `train --stage routers` (model frozen, GATE gates, λ, --keep-target KEEP);
 #   2. plans     each threshold τ of TAUS is evaluated without an adapter, which gives its mean
 #                number of skipped layers N(τ); static block-influence plans skip the same
 #                round(N(τ)) layers (`static-plan`);
@@ -14,8 +14,10 @@
 #   scripts/first-result.sh [OUT_DIR]     (default: first-result/)
 #
 # Sizes (environment): ROUTER_STEPS (200), LORA_STEPS (200), BATCH (8), LR_ROUTERS (1e-2),
-# LR_LORA (1e-3), KEEP (0.75), TAUS ("0.3 0.5 0.7": evaluated without LoRA), LORA_TAUS (TAUS:
-# those also given an adapter and a static plan of their size), LIMIT (46 test rows), SEED (0);
+# LR_LORA (1e-3), KEEP (0.75), GATE (hard; or soft), TAUS ("0.3 0.5 0.7": evaluated without
+# LoRA), LORA_TAUS (TAUS: those also given an adapter and a static plan of their size),
+# MAX_SKIP (none: every routers plan, trained and evaluated, skips at most that many layers, as
+# `run --max-skip`), LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), LIMIT (46 test rows), SEED (0);
 # FIRSTRT_BIN runs that binary instead of building the checkout's. Steps already done (their
 # output files exist) are not run again, so an interrupted run continues. Every
 # training run writes its --json log beside its files (OUT_DIR/*/train.jsonl) with tokens/s; the
@@ -32,7 +34,9 @@ model="${FIRSTRT_MODEL:-${XDG_CACHE_HOME:-$HOME/.cache}/firstrt/SmolLM2-135M-Ins
 if [ -n "${FIRSTRT_BIN:-}" ]; then bin="$FIRSTRT_BIN"; else (cd "$root" && cargo build --release --quiet); bin="$root/target/release/firstrt"; fi
 router_steps="${ROUTER_STEPS:-200}" lora_steps="${LORA_STEPS:-200}" batch="${BATCH:-8}"
 lr_routers="${LR_ROUTERS:-1e-2}" lr_lora="${LR_LORA:-1e-3}" keep="${KEEP:-0.75}" taus="${TAUS:-0.3 0.5 0.7}" lora_taus="${LORA_TAUS:-$taus}"
-limit="${LIMIT:-46}" seed="${SEED:-0}"
+limit="${LIMIT:-46}" seed="${SEED:-0}" gate="${GATE:-hard}" targets="${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}"
+budget=() suffix=""
+if [ -n "${MAX_SKIP:-}" ]; then budget=(--max-skip "$MAX_SKIP"); suffix=" skip≤$MAX_SKIP"; fi
 train="$data/e2e_nlg/train.jsonl" test="$data/e2e_nlg/test.jsonl"
 mkdir -p "$out"
 stamp() { echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg): $*"; }
@@ -42,21 +46,21 @@ timed() { # LABEL LOG CMD...: runs CMD (stdout into LOG, or the terminal for -) 
     if [ "$log" = - ]; then "$@"; else "$@" > "$log"; fi
     stamp "$label took $(( $(date +%s) - t0 )) s"
 }
-stamp "firstrt $(git -C "$root" rev-parse --short HEAD), routers $router_steps steps, LoRA $lora_steps steps, batch $batch"
+stamp "firstrt $(git -C "$root" rev-parse --short HEAD), routers $router_steps steps ($gate gates), LoRA $lora_steps steps ($targets), batch $batch${MAX_SKIP:+, at most $MAX_SKIP layers skipped}"
 
 # 1. Routers.
 [ -f "$out/routers/routers.safetensors" ] || timed "stage routers" "$out/routers.train.jsonl" \
     "$bin" train -m "$model" --data "$train" --stage routers --steps "$router_steps" --batch "$batch" \
-    --lr "$lr_routers" --keep-target "$keep" --seed "$seed" --json --out "$out/routers"
+    --lr "$lr_routers" --keep-target "$keep" --gate "$gate" --seed "$seed" --json --out "$out/routers"
 routers="$out/routers/routers.safetensors"
 
 # 2. The routers' plans without an adapter, and static plans of the same sizes.
 tau_list="$(echo "$taus" | tr ' ' ',')"
 [ -f "$out/eval-routers/results.json" ] || timed "eval routers" - \
-    "$bin" eval -m "$model" --data "$test" --limit "$limit" --routers "$routers" --thresholds "$tau_list" --out "$out/eval-routers"
+    "$bin" eval -m "$model" --data "$test" --limit "$limit" --routers "$routers" --thresholds "$tau_list" "${budget[@]}" --out "$out/eval-routers"
 counts=""
 for tau in $lora_taus; do
-    n="$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(next(c for c in r['configurations'] if c['label']=='routers $tau')['layers_skipped']['mean']))" "$out/eval-routers/results.json")"
+    n="$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(round(next(c for c in r['configurations'] if c['label']=='routers $tau$suffix')['layers_skipped']['mean']))" "$out/eval-routers/results.json")"
     echo "τ = $tau skips $n layers on average"
     [ "$n" -gt 0 ] && counts="$counts $n"
 done
@@ -70,10 +74,10 @@ lora() { # NAME [ROUTER ARGS...]
     local name="$1"; shift
     [ -f "$out/$name/adapter/adapter_model.safetensors" ] || timed "stage lora ($name)" "$out/$name.train.jsonl" \
         "$bin" train -m "$model" --data "$train" --stage lora "$@" --steps "$lora_steps" --batch "$batch" --lr "$lr_lora" \
-        --seed "$seed" --json --out "$out/$name"
+        --lora-targets "$targets" --seed "$seed" --json --out "$out/$name"
 }
 lora lora-full
-for tau in $lora_taus; do lora "lora-routers-$tau" --routers "$routers" --threshold "$tau"; done
+for tau in $lora_taus; do lora "lora-routers-$tau" --routers "$routers" --threshold "$tau" "${budget[@]}"; done
 for n in $counts; do lora "lora-static-$n" --routers "$out/static-$n.safetensors"; done
 
 # 4. Each plan with its own adapter (--lora-only: not again without it), then one table.
@@ -84,8 +88,8 @@ ev() { # NAME EVAL ARGS...
 ev lora-full --lora "$out/lora-full/adapter" --lora-only
 inputs=("without LoRA=$out/eval-routers/results.json" "full + LoRA=$out/eval-lora-full/results.json")
 for tau in $lora_taus; do
-    ev "lora-routers-$tau" --no-full --routers "$routers" --thresholds "$tau" --lora "$out/lora-routers-$tau/adapter" --lora-only
-    inputs+=("FiRST τ $tau + LoRA=$out/eval-lora-routers-$tau/results.json")
+    ev "lora-routers-$tau" --no-full --routers "$routers" --thresholds "$tau" "${budget[@]}" --lora "$out/lora-routers-$tau/adapter" --lora-only
+    inputs+=("FiRST τ $tau$suffix + LoRA=$out/eval-lora-routers-$tau/results.json")
 done
 for n in $counts; do
     ev "lora-static-$n" --no-full --routers "$out/static-$n.safetensors" --lora "$out/lora-static-$n/adapter" --lora-only

@@ -227,3 +227,49 @@ fn no_full_and_lora_only_evaluate_just_the_plans_asked_for() {
     let labels: Vec<&str> = json["configurations"].as_array().unwrap().iter().map(|c| c["label"].as_str().unwrap()).collect();
     assert_eq!(labels, ["skip 14 + lora"]);
 }
+
+/// `eval --routers --max-skip/--min-skip` evaluates each threshold under that budget, says so in
+/// its label, records it in results.json, and skips exactly that many layers where the budget
+/// decides (init routers: p ≈ 0.88 everywhere, below τ 0.99).
+#[test]
+fn eval_bounds_the_routers_plans_by_the_skip_budget() {
+    let dir = TempDir::new("eval-budget");
+    let data = dir.join("rows.jsonl");
+    std::fs::write(&data, "{\"id\": \"a\", \"prompt\": \"Say hi.\", \"references\": [\"Hi.\"]}\n").unwrap();
+    let routers = dir.join("init.safetensors");
+    let (ok, _, err) = output(firstrt().args(["routers", "init", "-m"]).arg(model_path()).arg("-o").arg(&routers));
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = output(
+        eval_cmd(&data)
+            .args([
+                "--max-tokens",
+                "2",
+                "--no-full",
+                "--json",
+                "--thresholds",
+                "0.99,0.5",
+                "--max-skip",
+                "3",
+                "--min-skip",
+                "1",
+                "--routers",
+            ])
+            .arg(&routers),
+    );
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let configs = json["configurations"].as_array().unwrap();
+    let got: Vec<(&str, f64, u64, u64)> = configs
+        .iter()
+        .map(|c| {
+            let plan = &c["plan"];
+            (
+                c["label"].as_str().unwrap(),
+                c["layers_skipped"]["mean"].as_f64().unwrap(),
+                plan["max_skip"].as_u64().unwrap(),
+                plan["min_skip"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [("routers 0.99 skip≥1 skip≤3", 3.0, 3, 1), ("routers 0.5 skip≥1 skip≤3", 1.0, 3, 1)]);
+}

@@ -234,6 +234,7 @@ fn bad_training_input_is_one_clear_line() {
             vec!["--data".into(), data.display().to_string(), "--stage".into(), "routers".into(), "--threshold".into(), "1.5".into()],
             "--threshold",
         ),
+        (vec!["--data".into(), data.display().to_string(), "--stage".into(), "lora".into(), "--max-skip".into(), "2".into()], "--max-skip"),
     ];
     for (args, want) in cases {
         let out = dir.join("out");
@@ -280,4 +281,43 @@ fn bad_training_input_is_one_clear_line() {
     base(&mut other);
     let (ok, _, err) = output(other.args(["--resume", "--lr", "0.5", "--steps", "2"]));
     assert!(!ok && err.contains("lr"), "{err}");
+}
+
+/// `--max-skip` and `--min-skip` bound the lora stage's plan exactly as they bound `run`'s: init
+/// routers give p = sigmoid(2) ≈ 0.88 everywhere, so at τ 0.99 every routed layer is below the
+/// threshold and the budget alone decides how many are skipped.
+#[test]
+fn the_lora_stage_trains_under_the_skip_budget_run_would_use() {
+    let dir = TempDir::new("train-budget");
+    let data = rows(&dir, 2);
+    let routers = dir.join("init.safetensors");
+    let (ok, _, err) = output(firstrt().args(["routers", "init", "-m"]).arg(model_path()).arg("-o").arg(&routers));
+    assert!(ok, "{err}");
+    for (budget, want) in [(vec!["--max-skip", "2"], 2.0), (vec!["--max-skip", "5", "--min-skip", "5"], 5.0)] {
+        let out = dir.join(format!("out{want}"));
+        let mut cmd = firstrt();
+        cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out).arg("--routers").arg(&routers);
+        cmd.args(["--stage", "lora", "--steps", "1", "--batch", "1", "--ctx", "48", "--threshold", "0.99", "--json"]).args(&budget);
+        let (ok, stdout, err) = output(&mut cmd);
+        assert!(ok, "{budget:?}: {err}");
+        let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+        assert_eq!(line["skipped"].as_f64(), Some(want), "{budget:?}: {stdout}");
+    }
+    // The budget is checked before anything is trained.
+    let out = dir.join("bad");
+    let (ok, _, err) = output(
+        firstrt()
+            .arg("train")
+            .arg("-m")
+            .arg(model_path())
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .arg("--routers")
+            .arg(&routers)
+            .args(["--stage", "lora", "--steps", "1", "--min-skip", "4", "--max-skip", "2"]),
+    );
+    assert!(!ok && err.contains("--max-skip") && !err.contains("panicked"), "{err}");
+    assert!(!out.join("checkpoint.safetensors").exists());
 }

@@ -52,6 +52,13 @@ pub struct EvalArgs {
     /// Router thresholds to evaluate (default: the file's own).
     #[arg(long, value_delimiter = ',', requires = "routers")]
     pub thresholds: Vec<f32>,
+    /// With --routers: skip at most N layers per example (the N lowest probabilities among
+    /// those below the threshold), as `run --max-skip`; applies to every threshold.
+    #[arg(long, requires = "routers")]
+    pub max_skip: Option<usize>,
+    /// With --routers: skip at least N layers per example, as `run --min-skip`.
+    #[arg(long, requires = "routers")]
+    pub min_skip: Option<usize>,
     /// One static plan: skip these layers (0-based, comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub skip_layers: Vec<usize>,
@@ -206,7 +213,8 @@ fn plans(args: &EvalArgs, model: &LoadedModel, skip_layers: Option<&[usize]>, ct
         }
     }
     if let Some(path) = &args.routers {
-        let (file, choice) = model.load_routers(path, &PlanPolicyArgs::default()).context("--routers")?;
+        let budget = PlanPolicyArgs { threshold: None, max_skip: args.max_skip, min_skip: args.min_skip };
+        let (file, choice) = model.load_routers(path, &budget).context("--routers")?;
         match choice {
             PlanChoice::Static(_) if !args.thresholds.is_empty() => {
                 bail!("--thresholds: {} holds a static plan (fixed decisions); thresholds do not apply to it", path.display())
@@ -217,8 +225,15 @@ fn plans(args: &EvalArgs, model: &LoadedModel, skip_layers: Option<&[usize]>, ct
             }
             PlanChoice::Routed(routing) => {
                 let thresholds = if args.thresholds.is_empty() { vec![file.threshold] } else { args.thresholds.clone() };
+                let mut bounds = String::new();
+                if let Some(n) = args.min_skip {
+                    bounds += &format!(" skip≥{n}");
+                }
+                if let Some(n) = args.max_skip {
+                    bounds += &format!(" skip≤{n}");
+                }
                 for t in thresholds {
-                    plans.push((format!("routers {t}"), PlanChoice::Routed(EvalConfig::with_threshold(&routing, t))));
+                    plans.push((format!("routers {t}{bounds}"), PlanChoice::Routed(EvalConfig::with_threshold(&routing, t))));
                 }
             }
         }
@@ -322,7 +337,12 @@ pub fn run(gpu: &GpuOptions, args: EvalArgs) -> Result<()> {
             v["lora"] = serde_json::json!(c.lora.is_some());
             v["plan"] = match &c.plan {
                 PlanChoice::Static(plan) => serde_json::json!({"kind": "static", "skip_layers": plan.skipped_layers()}),
-                PlanChoice::Routed(routing) => serde_json::json!({"kind": "routers", "threshold": routing.policy.threshold}),
+                PlanChoice::Routed(routing) => serde_json::json!({
+                    "kind": "routers",
+                    "threshold": routing.policy.threshold,
+                    "max_skip": routing.policy.max_skip,
+                    "min_skip": routing.policy.min_skip,
+                }),
             };
             v["per_example"] = r.iter().map(|e| example_json(names, e)).collect();
             v

@@ -97,6 +97,13 @@ pub struct TrainArgs {
     /// default). Default: the router file's, 0.5 for new routers.
     #[arg(long)]
     pub threshold: Option<f32>,
+    /// Skip at most N layers per sequence (the N lowest probabilities among those below τ), as
+    /// `run --max-skip`: the lora stage's plan and --eval's. Needs --routers or new routers.
+    #[arg(long)]
+    pub max_skip: Option<usize>,
+    /// Skip at least N layers per sequence (the N lowest probabilities), as `run --min-skip`.
+    #[arg(long)]
+    pub min_skip: Option<usize>,
     /// Rank of new routers (0: linear).
     #[arg(long, default_value_t = 16)]
     pub router_rank: usize,
@@ -155,6 +162,10 @@ struct RunOptions<'a> {
     keep_weight: f32,
     gate: Gate,
     threshold: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_skip: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_skip: Option<usize>,
     lora_r: usize,
     lora_alpha: f32,
     lora_targets: &'a [String],
@@ -321,12 +332,19 @@ pub fn run(gpu: &GpuOptions, args: TrainArgs) -> Result<()> {
     };
     // A static plan's file fixes the plan; routers decide one per sequence at τ.
     let static_skip = routers.as_ref().and_then(|r| r.static_skip.clone());
+    let budget_given = args.max_skip.is_some() || args.min_skip.is_some();
+    if budget_given && (routers.is_none() || static_skip.is_some()) {
+        bail!("--max-skip/--min-skip: they bound what routers skip; give --routers with routers (not a static plan)");
+    }
     let policy = routers.as_ref().filter(|r| r.static_skip.is_none()).map(|r| PlanPolicy {
         threshold,
-        max_skip: None,
-        min_skip: None,
+        max_skip: args.max_skip,
+        min_skip: args.min_skip,
         skip_first_last: r.skip_first_last,
     });
+    if let Some(policy) = &policy {
+        policy.validate().context("--max-skip/--min-skip")?;
+    }
     // The inference plan: what --eval measures and what the lora stage trains under.
     let inference = match &policy {
         Some(policy) => GateRule::Plan(policy.clone()),
@@ -361,6 +379,8 @@ pub fn run(gpu: &GpuOptions, args: TrainArgs) -> Result<()> {
         keep_weight: args.keep_weight,
         gate: args.gate,
         threshold: args.threshold,
+        max_skip: args.max_skip,
+        min_skip: args.min_skip,
         lora_r: args.lora_r,
         lora_alpha: args.lora_alpha,
         lora_targets: &args.lora_targets,

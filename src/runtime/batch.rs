@@ -31,10 +31,9 @@ use crate::kernels::choice::choose_all;
 use crate::kernels::copy::copy_words;
 use crate::kernels::linear::LinearOp;
 use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
-use crate::kernels::sample::{decode_pairs, saw_non_finite};
 use crate::kernels::step::StepParams;
 
-use super::session::{NonFiniteAt, StepId, StepOutput};
+use super::session::{StepId, StepOutput};
 use super::step::{Activations, StepBuilder};
 use super::{GpuWeights, RuntimeError, Session};
 
@@ -234,20 +233,15 @@ impl DecodeBatch {
             record_grouped(&mut pass, program, |pass, d| d.record(pass));
         }
         for s in sessions {
-            let bytes = 8 * s.options.candidates;
-            encoder.copy_buffer_to_buffer(&s.bufs.picked.buffer, 0, &s.staging, 0, bytes as u64);
+            s.copy_picked(&mut encoder);
         }
         ctx.queue.submit([encoder.finish()]);
-        let mut outputs = Vec::with_capacity(sessions.len());
-        for s in sessions {
-            let raw = crate::gpu::buffer::map_and_read(ctx, &s.staging, 8 * s.options.candidates, "picked")?;
-            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&raw);
-            if saw_non_finite(&words) {
+        sessions
+            .iter()
+            .map(|s| {
                 let step = if decode { StepId::Decode { n: s.decode_steps + 1, pos: s.pos } } else { StepId::Prefill { pos0: s.pos } };
-                return Err(RuntimeError::NonFinite { step, at: NonFiniteAt::Unknown });
-            }
-            outputs.push(StepOutput { candidates: decode_pairs(&words) });
-        }
-        Ok(outputs)
+                s.read_picked(step)
+            })
+            .collect()
     }
 }

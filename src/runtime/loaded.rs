@@ -35,9 +35,16 @@ pub struct PlanPolicyArgs {
 impl PlanPolicyArgs {
     /// The first option given, by its flag (`--router-threshold`, `--min-skip`, `--max-skip`).
     fn first_given(&self) -> Option<&'static str> {
-        [(self.threshold.is_some(), "--router-threshold"), (self.min_skip.is_some(), "--min-skip"), (self.max_skip.is_some(), "--max-skip")]
+        self.first_given_as(["--router-threshold", "--min-skip", "--max-skip"])
+    }
+
+    /// The first option given, in the order threshold, min_skip, max_skip, by its name in
+    /// `names` (in that order: the CLI's flags, or a request's fields).
+    pub fn first_given_as(&self, names: [&'static str; 3]) -> Option<&'static str> {
+        [self.threshold.is_some(), self.min_skip.is_some(), self.max_skip.is_some()]
             .into_iter()
-            .find_map(|(given, flag)| given.then_some(flag))
+            .zip(names)
+            .find_map(|(given, name)| given.then_some(name))
     }
 
     /// `base` with the threshold and skip budgets given here in place of its own (its

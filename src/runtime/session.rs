@@ -507,8 +507,7 @@ impl Session {
                 record_grouped(&mut pass, program, |pass, d| d.record(pass));
             }
         }
-        let bytes = 8 * self.options.candidates;
-        encoder.copy_buffer_to_buffer(&self.bufs.picked.buffer, 0, &self.staging, 0, bytes as u64);
+        self.copy_picked(&mut encoder);
         let t1 = t0.map(|_| std::time::Instant::now());
         if let (Some(p), Some(t1)) = (self.profiler.as_mut(), t1) {
             p.mark_submit(t1);
@@ -519,16 +518,31 @@ impl Session {
             p.end_step()?;
         }
         self.last_dispatch_count = program.len();
-        let raw = crate::gpu::buffer::map_and_read(ctx, &self.staging, bytes, "picked")?;
+        let step = match phase {
+            Phase::Prefill => StepId::Prefill { pos0: self.pos },
+            Phase::Decode => StepId::Decode { n: self.decode_steps, pos: self.pos },
+        };
+        let out = self.read_picked(step);
         if let (Some(p), Some(t0), Some(t1), Some(t2)) = (self.profiler.as_ref(), t0, t1, t2) {
             p.host_step(phase, t0, t1, t2, std::time::Instant::now());
         }
+        out
+    }
+
+    /// Record the copy of this step's picked candidates (`[candidates]` (id, logit) pairs, 8
+    /// bytes each) into the staging buffer; [`Session::read_picked`] reads them after submit.
+    pub(super) fn copy_picked(&self, encoder: &mut wgpu::CommandEncoder) {
+        let bytes = 8 * self.options.candidates;
+        encoder.copy_buffer_to_buffer(&self.bufs.picked.buffer, 0, &self.staging, 0, bytes as u64);
+    }
+
+    /// Map the staging buffer that [`Session::copy_picked`] filled and decode the candidates.
+    /// Errors: a failed map, or [`RuntimeError::NonFinite`] for `step` when the logits were
+    /// NaN or infinite.
+    pub(super) fn read_picked(&self, step: StepId) -> Result<StepOutput, RuntimeError> {
+        let raw = crate::gpu::buffer::map_and_read(&self.ctx, &self.staging, 8 * self.options.candidates, "picked")?;
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(&raw);
         if saw_non_finite(&words) {
-            let step = match phase {
-                Phase::Prefill => StepId::Prefill { pos0: self.pos },
-                Phase::Decode => StepId::Decode { n: self.decode_steps, pos: self.pos },
-            };
             return Err(RuntimeError::NonFinite { step, at: NonFiniteAt::Unknown });
         }
         Ok(StepOutput { candidates: decode_pairs(&words) })

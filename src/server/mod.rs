@@ -183,13 +183,7 @@ impl ServedModel {
         let default = FirstRequest::default();
         let first = first.unwrap_or(&default);
         let policy = PlanPolicyArgs { threshold: first.threshold, max_skip: first.max_skip, min_skip: first.min_skip };
-        let policy_field = [
-            (first.threshold.is_some(), "first.threshold"),
-            (first.max_skip.is_some(), "first.max_skip"),
-            (first.min_skip.is_some(), "first.min_skip"),
-        ]
-        .into_iter()
-        .find_map(|(given, field)| given.then_some(field));
+        let policy_field = policy.first_given_as(["first.threshold", "first.min_skip", "first.max_skip"]);
         if let Some(skip) = &first.skip_layers {
             if first.routers.is_some() {
                 return Err(ApiError::bad_field("first.skip_layers", "first.skip_layers and first.routers exclude each other: give one"));
