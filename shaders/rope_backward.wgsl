@@ -35,22 +35,19 @@ struct StepParams {
 @group(0) @binding(6) var<storage, read> dv: array<f32>;             // [T, n_kv_heads * head_dim]
 @group(0) @binding(7) var<storage, read_write> d_qkv: array<f32>;    // [T, (n_heads + 2*n_kv_heads) * head_dim]
 
+{{ROPE_INDEX}}
+
 @compute @workgroup_size(64)
 fn rope_qkv_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = gid.x + gid.y * nwg.x * 64u;
-    let slots = p.n_heads + 2u * p.n_kv_heads;
-    let per_row = slots * p.half_dim;
-    let t = idx / per_row;
-    if (t >= min(step.n_tokens, p.rows)) {
+    let item = rope_item(gid.x + gid.y * nwg.x * 64u);
+    if (!item.valid) {
         return;
     }
-    let pos = step.pos0 + t;
-    if (pos >= p.max_pos) {
-        return;
-    }
-    let rem = idx - t * per_row;
-    let j = rem / p.half_dim;
-    let i = rem - j * p.half_dim;
+    let slots = rope_slots();
+    let t = item.t;
+    let pos = item.pos;
+    let j = item.slot;
+    let i = item.i;
     let q_dim = p.n_heads * p.head_dim;
     let kv_dim = p.n_kv_heads * p.head_dim;
     let dst = t * slots * p.head_dim + j * p.head_dim + i;

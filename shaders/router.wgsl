@@ -44,15 +44,11 @@ fn router_colsum(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgro
     partial[b * p.dim + c] = s;
 }
 
-const LANES: u32 = 32u;
-const GROUPS: u32 = 8u; // 256 / LANES
+{{ROUTER_GROUPS}}
 
 {{TREE_SUM}}
 
-fn sigmoid(x: f32) -> f32 {
-    let e = exp(-abs(x));
-    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
-}
+{{SIGMOID}}
 
 @compute @workgroup_size(256)
 fn router_mlp(@builtin(local_invocation_index) tid: u32) {

@@ -58,15 +58,11 @@ struct RouterBackwardParams {
 @group(0) @binding(2) var<storage, read_write> dnorm: array<f32>;
 @group(0) @binding(2) var<storage, read_write> grad: array<f32>;
 
-const LANES: u32 = 32u;
-const GROUPS: u32 = 8u; // 256 / LANES
+{{ROUTER_GROUPS}}
 
 {{TREE_SUM}}
 
-fn sigmoid(x: f32) -> f32 {
-    let e = exp(-abs(x));
-    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
-}
+{{SIGMOID}}
 
 // The forward up to the hidden units' pre-activations: m, s, x and a into scratch.
 @compute @workgroup_size(256)

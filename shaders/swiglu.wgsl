@@ -15,9 +15,22 @@ struct SwigluParams {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>; // [rows, ff] f32; backward: [rows, 2 * ff]
 @group(0) @binding(3) var<storage, read> d_act: array<f32>;     // [rows, ff] f32 (backward only)
 
-fn sigmoid(x: f32) -> f32 {
-    let e = exp(-abs(x));
-    return select(e / (1.0 + e), 1.0 / (1.0 + e), x >= 0.0);
+{{SIGMOID}}
+
+// Output element i = (t, j) of the forward: gate_up's offsets of its gate and up values, and the
+// values.
+struct GateUp {
+    at_gate: u32, // t * 2 * ff + j
+    at_up: u32,   // at_gate + ff
+    g: f32,
+    u: f32,
+};
+
+fn gate_up_of(i: u32) -> GateUp {
+    let t = i / p.ff;
+    let at_gate = t * 2u * p.ff + (i - t * p.ff);
+    let at_up = at_gate + p.ff;
+    return GateUp(at_gate, at_up, gate_up[at_gate], gate_up[at_up]);
 }
 
 @compute @workgroup_size(256)
@@ -26,12 +39,8 @@ fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if (i >= p.rows * p.ff) {
         return;
     }
-    let t = i / p.ff;
-    let j = i - t * p.ff;
-    let base = t * 2u * p.ff;
-    let g = gate_up[base + j];
-    let u = gate_up[base + p.ff + j];
-    out[i] = g * sigmoid(g) * u;
+    let x = gate_up_of(i);
+    out[i] = x.g * sigmoid(x.g) * x.u;
 }
 
 @compute @workgroup_size(256)
@@ -40,13 +49,9 @@ fn swiglu_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     if (i >= p.rows * p.ff) {
         return;
     }
-    let t = i / p.ff;
-    let j = i - t * p.ff;
-    let base = t * 2u * p.ff;
-    let g = gate_up[base + j];
-    let u = gate_up[base + p.ff + j];
-    let s = sigmoid(g);
+    let x = gate_up_of(i);
+    let s = sigmoid(x.g);
     let d = d_act[i];
-    out[base + j] = d * u * s * (1.0 + g * (1.0 - s));
-    out[base + p.ff + j] = d * g * s;
+    out[x.at_gate] = d * x.u * s * (1.0 + x.g * (1.0 - s));
+    out[x.at_up] = d * x.g * s;
 }

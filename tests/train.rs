@@ -1,15 +1,21 @@
 //! `firstrt train` as a user runs it on the test model: a few steps lower the loss on a handful
 //! of E2E rows, a seed repeats its loss curve, a resumed run equals an uninterrupted one, the
-//! files load in `run`, and bad input is refused with one clear line.
+//! files load in `run`, Ctrl-C saves whole files and resumes exactly, the adapter means the same
+//! in Hugging Face PEFT, and bad input is refused with one clear line.
+//!
+//! The PEFT test runs `scripts/check-peft.py` in the virtual environment that
+//! `scripts/setup-peft.sh` makes (scripts/test.sh runs it first).
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus, Stdio};
 
 use firstrt::model::WeightSource;
 use firstrt::model::lora::LoraAdapter;
 use firstrt::model::routers::{RouterFile, model_identity};
 use firstrt::model::weights::GgufWeights;
-use firstrt::testdata::{TempDir, data_dir, model_path};
+use firstrt::testdata::{TempDir, cache_dir, data_dir, fixtures_dir, model_path};
+use firstrt::train::checkpoint::Checkpoint;
 
 fn firstrt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_firstrt"))
@@ -34,6 +40,32 @@ fn train(data: &Path, out: &Path, steps: usize) -> Command {
     cmd.args(["--stage", "joint", "--steps", &steps.to_string(), "--batch", "2", "--lr", "1e-2", "--ctx", "48"]);
     cmd.args(["--checkpoint-every", "2", "--eval-every", "2", "--lora-r", "4", "--router-rank", "4", "--seed", "3", "--json"]);
     cmd
+}
+
+/// Runs `cmd` and sends it SIGINT, as Ctrl-C does, once its first `--json` step line is out
+/// (the handler is installed before step 1); returns (exit status, stdout, stderr).
+fn interrupt_after_first_step(cmd: &mut Command) -> (ExitStatus, String, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("starting firstrt");
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).unwrap();
+        text
+    });
+    let (mut stdout, mut sent) = (String::new(), false);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if !sent && line.contains("\"loss\"") {
+            let pid = libc::pid_t::try_from(child.id()).unwrap();
+            // SAFETY: kill(2) with a live child's pid (not yet waited for) and a valid signal.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0, "kill -INT {pid}");
+            sent = true;
+        }
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let status = child.wait().unwrap();
+    (status, stdout, stderr.join().unwrap())
 }
 
 /// (step, value) pairs of one curve.
@@ -87,6 +119,37 @@ fn training_lowers_the_loss_repeats_for_a_seed_resumes_exactly_and_its_files_loa
     let adapter = |dir: &Path| LoraAdapter::load(&dir.join("adapter"), source.config()).unwrap().layers;
     assert!(adapter(&a) == adapter(&c), "adapters differ after --resume");
 
+    // Ctrl-C after a step: exit status 1 and one line saying where the checkpoint is; the
+    // checkpoint, routers and adapter are whole (they load, no temporary file is left), and
+    // `--resume` continues to the same steps and files as the uninterrupted run.
+    let d = dir.join("d");
+    let (status, out_d1, err) = interrupt_after_first_step(&mut train(&data, &d, 4));
+    let ckpt_path = d.join("checkpoint.safetensors");
+    let interrupted = err
+        .lines()
+        .find_map(|l| l.strip_prefix("error: interrupted after step "))
+        .and_then(|rest| rest.strip_suffix(&format!(": saved {}; continue with --resume", ckpt_path.display())))
+        .unwrap_or_else(|| panic!("no interruption line: {err}"));
+    let done: usize = interrupted.parse().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}: {err}");
+    let (steps_d, _) = curves(&out_d1);
+    assert!((1..4).contains(&done) && steps_d == steps_a[..done], "stopped at {done}: {steps_d:?}, uninterrupted {steps_a:?}");
+    let mut names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["adapter", "checkpoint.safetensors", "routers.safetensors"]);
+    let ckpt = Checkpoint::load(&ckpt_path).unwrap();
+    assert_eq!(ckpt.step, done as u64);
+    assert_eq!(ckpt.losses.iter().map(|&l| l as f32).collect::<Vec<_>>(), steps_d.iter().map(|s| s.1 as f32).collect::<Vec<_>>());
+    routers(&d);
+    adapter(&d);
+    let (ok, out_d2, err) = output(train(&data, &d, 4).arg("--resume"));
+    assert!(ok && err.contains(&format!("resuming {} at step {done}", ckpt_path.display())), "{err}");
+    let mut steps_d = steps_d;
+    steps_d.extend(curves(&out_d2).0);
+    assert_eq!(steps_d, steps_a);
+    assert!(routers(&a) == routers(&d), "routers differ after Ctrl-C and --resume");
+    assert!(adapter(&a) == adapter(&d), "adapters differ after Ctrl-C and --resume");
+
     // The trained files load in `run`, which prints the plan the routers chose.
     let (ok, stdout, err) = output(
         firstrt()
@@ -101,6 +164,57 @@ fn training_lowers_the_loss_repeats_for_a_seed_resumes_exactly_and_its_files_loa
     );
     assert!(ok, "{err}");
     assert!(err.contains("plan") || stdout.contains("plan"), "no plan printed: {stdout} {err}");
+}
+
+/// The virtual environment's python with torch, transformers and PEFT.
+fn peft_python() -> PathBuf {
+    let python = std::env::var_os("FIRSTRT_PEFT_PYTHON").map_or_else(|| cache_dir().join("venv-peft/bin/python"), PathBuf::from);
+    assert!(python.exists(), "{} is missing: run scripts/setup-peft.sh (scripts/test.sh does) to install PEFT", python.display());
+    python
+}
+
+/// An adapter that `train` wrote, on all seven projections, gives in PEFT (transformers on the
+/// same GGUF weights) the logits that `run --lora` gives, as close as the base model's logits
+/// are without an adapter; so does the fixture adapter that PEFT itself wrote.
+#[test]
+fn a_trained_adapter_means_the_same_in_hugging_face_peft() {
+    let dir = TempDir::new("train-peft");
+    let data = rows(&dir, 2);
+    let out = dir.join("lora");
+    let (ok, _, err) = output(firstrt().arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out).args([
+        "--stage",
+        "lora",
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--ctx",
+        "48",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-targets",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    ]));
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = output(
+        Command::new(peft_python())
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/check-peft.py"))
+            .arg("--firstrt")
+            .arg(env!("CARGO_BIN_EXE_firstrt"))
+            .arg("--model")
+            .arg(model_path())
+            .arg(out.join("adapter"))
+            .arg(fixtures_dir().join("lora")),
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("check-peft.py printed no JSON ({e}): {stdout}\n{err}"));
+    assert!(ok, "check-peft.py found a difference: {report}\n{err}");
+    let adapters = report["adapters"].as_array().unwrap();
+    assert!(adapters.len() == 2 && adapters.iter().all(|a| a["ok"] == true), "{report}");
 }
 
 #[test]

@@ -72,7 +72,7 @@ pub fn gate_mix(ctx: &GpuContext, label: &str, h: &GpuTensor, y: &GpuTensor, n: 
     check_u32(label, n, "n")?;
     check_f32(label, h, n, "h")?;
     check_f32(label, y, n, "y")?;
-    let pipeline = ctx.pipeline(&super::tree_sum_variant("gate", SOURCE, "gate_mix"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("gate", SOURCE, "gate_mix"))?;
     let u = uniform(ctx, label, &GateParams { n: n as u32, g, groups: 0, slot: 0 });
     Ok(Dispatch::new(
         ctx,
@@ -130,8 +130,8 @@ pub fn gate_backward(ctx: &GpuContext, label: &str, op: &GateBackwardOp) -> Resu
     let params = GateParams { n: n as u32, g, groups: groups as u32, slot: slot as u32 };
     let u = uniform(ctx, label, &params);
     let partial = GpuTensor::zeros(ctx, &format!("{label}.partial"), DType::F32, &[groups])?;
-    let first = ctx.pipeline(&super::tree_sum_variant("gate", SOURCE, "gate_backward"))?;
-    let finish = ctx.pipeline(&super::tree_sum_variant("gate", SOURCE, "gate_finish"))?;
+    let first = ctx.pipeline(&super::snippet_variant("gate", SOURCE, "gate_backward"))?;
+    let finish = ctx.pipeline(&super::snippet_variant("gate", SOURCE, "gate_finish"))?;
     Ok(vec![
         Dispatch::new(
             ctx,

@@ -109,7 +109,7 @@ impl GradClip {
             slots += groups;
         }
         let sums = GpuTensor::zeros(ctx, &format!("{label}.sums"), DType::F32, &[slots + 2])?;
-        let sumsq = ctx.pipeline(&super::tree_sum_variant("grad_clip", SOURCE, "grad_sumsq"))?;
+        let sumsq = ctx.pipeline(&super::snippet_variant("grad_clip", SOURCE, "grad_sumsq"))?;
         let mut dispatches = Vec::with_capacity(grads.len() + 1);
         for (i, (g, n, first, groups)) in plan.into_iter().enumerate() {
             let params = ClipParams {
@@ -133,7 +133,7 @@ impl GradClip {
         }
         let params = ClipParams { n: 0, first: 0, groups: 1, slots: slots as u32, max_norm, grad_scale, ..Zeroable::zeroed() };
         let u = uniform(ctx, label, &params);
-        let scale = ctx.pipeline(&super::tree_sum_variant("grad_clip", SOURCE, "clip_scale"))?;
+        let scale = ctx.pipeline(&super::snippet_variant("grad_clip", SOURCE, "clip_scale"))?;
         dispatches.push(Dispatch::new(
             ctx,
             &scale,

@@ -36,11 +36,28 @@ mod linear_grad_tests;
 #[cfg(test)]
 mod quant_tests;
 
-/// The one-workgroup sum (`shaders/tree_sum.wgsl`: `red`, `tree_sum(lane)`) that the kernels
-/// reducing within a workgroup of 256 paste into their `{{TREE_SUM}}` placeholder.
-const TREE_SUM: &str = include_str!("../../shaders/tree_sum.wgsl");
+/// WGSL that several kernels share, written once in `shaders/` and pasted into the `{{NAME}}`
+/// placeholder of each kernel that holds it ([`snippet_variant`]):
+/// - `TREE_SUM` (`tree_sum.wgsl`): the one-workgroup sum `red`, `tree_sum(lane)` of the kernels
+///   reducing within a workgroup of 256 (gate, grad_clip, router, router_backward);
+/// - `SIGMOID` (`sigmoid.wgsl`): the overflow-free `sigmoid(x)` (swiglu, router,
+///   router_backward);
+/// - `ROUTER_GROUPS` (`router_groups.wgsl`): `LANES` and `GROUPS`, the router kernels' split of a
+///   workgroup into one group of lanes per hidden unit (router, router_backward);
+/// - `ROPE_INDEX` (`rope_index.wgsl`): `rope_item(idx)`, the (t, pos, head slot, pair) of one
+///   invocation and whether it writes, and `rope_slots()` (rope, rope_backward).
+const SNIPPETS: [(&str, &str); 4] = [
+    ("TREE_SUM", include_str!("../../shaders/tree_sum.wgsl")),
+    ("SIGMOID", include_str!("../../shaders/sigmoid.wgsl")),
+    ("ROUTER_GROUPS", include_str!("../../shaders/router_groups.wgsl")),
+    ("ROPE_INDEX", include_str!("../../shaders/rope_index.wgsl")),
+];
 
-/// `entry` of `source` (family `family`) with the shared workgroup sum filled in.
-fn tree_sum_variant(family: &'static str, source: &'static str, entry: &'static str) -> crate::gpu::ShaderVariant {
-    crate::gpu::ShaderVariant::new(family, source, entry).define("TREE_SUM", TREE_SUM)
+/// `entry` of `source` (family `family`) with every shared snippet whose placeholder `source`
+/// holds filled in.
+fn snippet_variant(family: &'static str, source: &'static str, entry: &'static str) -> crate::gpu::ShaderVariant {
+    SNIPPETS
+        .iter()
+        .filter(|(name, _)| source.contains(&format!("{{{{{name}}}}}")))
+        .fold(crate::gpu::ShaderVariant::new(family, source, entry), |variant, (name, text)| variant.define(name, text))
 }

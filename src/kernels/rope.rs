@@ -8,7 +8,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::checks::{cache_rows, check_f32, check_rows, invalid};
 use crate::kernels::step::StepBuffer;
@@ -225,7 +225,7 @@ pub fn rope_qkv_write(ctx: &GpuContext, label: &str, op: &RopeQkvOp) -> Result<D
     // Positions past either cache are skipped too.
     params.max_pos = k_rows.min(v_rows).min(tables.max_pos) as u32;
     let hd = shape.head_dim;
-    let pipeline = ctx.pipeline(&ShaderVariant::new("rope", SOURCE, "rope_qkv"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("rope", SOURCE, "rope_qkv"))?;
     let u = uniform(ctx, label, &params);
     let cost = Cost {
         flops: (6 * rows * (shape.n_heads + shape.n_kv_heads) * hd / 2) as u64,

@@ -17,7 +17,7 @@
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::checks::check_f32;
 use crate::kernels::rope::{RopeParams, RopeTables};
@@ -66,7 +66,7 @@ pub fn rope_qkv_backward(ctx: &GpuContext, label: &str, op: &RopeBackwardOp) -> 
     check_f32(label, dv, rows * shape.kv_dim(), "dv")?;
     check_f32(label, d_qkv, rows * shape.qkv_dim(), "d_qkv")?;
     let hd = shape.head_dim;
-    let pipeline = ctx.pipeline(&ShaderVariant::new("rope_backward", SOURCE, "rope_qkv_backward"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("rope_backward", SOURCE, "rope_qkv_backward"))?;
     let u = uniform(ctx, label, &params);
     let rotated = rows * (shape.n_heads + shape.n_kv_heads) * hd;
     let cost = Cost { flops: (3 * rotated) as u64, bytes: (4 * (2 * rows * shape.qkv_dim() + rotated)) as u64 };

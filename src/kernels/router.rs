@@ -143,7 +143,7 @@ pub(crate) fn column_sums(
     let params =
         RouterParams { rows: rows as u32, dim: d as u32, blocks: blocks as u32, block_rows: BLOCK_ROWS as u32, ..Zeroable::zeroed() };
     let u = uniform(ctx, label, &params);
-    let pipeline = ctx.pipeline(&super::tree_sum_variant("router", SOURCE, "router_colsum"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("router", SOURCE, "router_colsum"))?;
     Ok(Dispatch::new(
         ctx,
         &pipeline,
@@ -193,7 +193,7 @@ pub fn router_gate(
     if blocks > 0 {
         dispatches.push(column_sums(ctx, label, h, rows, d, blocks, &scratch)?);
     }
-    let pipeline = ctx.pipeline(&super::tree_sum_variant("router", SOURCE, "router_mlp"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("router", SOURCE, "router_mlp"))?;
     let read = if blocks > 0 { blocks * d } else { rows * d };
     dispatches.push(Dispatch::new(
         ctx,

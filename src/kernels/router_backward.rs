@@ -185,7 +185,7 @@ pub fn router_backward(ctx: &GpuContext, label: &str, op: &RouterBackwardOp) -> 
     };
     let u = uniform(ctx, label, &params);
     let scratch = GpuTensor::zeros(ctx, &format!("{label}.scratch"), DType::F32, &[s_at + 1])?;
-    let pipeline = |entry: &'static str| ctx.pipeline(&super::tree_sum_variant("router_backward", SOURCE, entry));
+    let pipeline = |entry: &'static str| ctx.pipeline(&super::snippet_variant("router_backward", SOURCE, entry));
     let (ub, sb) = (u.as_entire_binding(), scratch.buffer.as_entire_binding());
     let mut dispatches = Vec::with_capacity(6);
     if blocks > 0 {

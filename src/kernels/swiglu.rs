@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor};
 use crate::kernels::checks::{check_f32, check_rows, check_u32, invalid};
 
 const SOURCE: &str = include_str!("../../shaders/swiglu.wgsl");
@@ -25,19 +25,30 @@ pub struct SwigluParams {
     pub _pad1: u32,
 }
 
+/// `rows * ff`, the forward's output elements, after the checks both directions share: rows
+/// and ff at least 1, and `2 * rows * ff` (gate_up's elements) within u32.
+fn elements(label: &str, rows: usize, ff: usize) -> Result<usize, GpuError> {
+    check_rows(label, rows)?;
+    if ff == 0 {
+        return Err(invalid(label, "ff must be at least 1"));
+    }
+    let n = rows.checked_mul(ff).ok_or_else(|| invalid(label, format!("{rows} x {ff} elements overflow")))?;
+    check_u32(label, n.saturating_mul(2), "gate_up elements")?;
+    Ok(n)
+}
+
 /// `out` (`[rows, ff]` f32) = silu(gate) * up, with `gate_up` `[rows, 2 * ff]` f32 holding the
 /// gate in columns `0..ff` and the up projection in `ff..2 * ff` (Shazeer 2020, as Hugging Face's
 /// `LlamaMLP` with `hidden_act = "silu"`).
 ///
 /// # Errors
-/// [`GpuError::InvalidArgument`] naming `label` when gate_up or out is not f32 or too small, or
-/// `2 * rows * ff` does not fit in u32.
+/// [`GpuError::InvalidArgument`] naming `label` when rows or ff is 0, gate_up or out is not f32
+/// or too small, or `2 * rows * ff` does not fit in u32.
 pub fn swiglu(ctx: &GpuContext, label: &str, gate_up: &GpuTensor, rows: usize, ff: usize, out: &GpuTensor) -> Result<Dispatch, GpuError> {
-    let n = rows * ff;
+    let n = elements(label, rows, ff)?;
     check_f32(label, gate_up, 2 * n, "gate_up")?;
     check_f32(label, out, n, "out")?;
-    check_u32(label, 2 * n, "gate_up elements")?;
-    let pipeline = ctx.pipeline(&ShaderVariant::new("swiglu", SOURCE, "swiglu"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("swiglu", SOURCE, "swiglu"))?;
     let params = SwigluParams { rows: rows as u32, ff: ff as u32, _pad0: 0, _pad1: 0 };
     let u = uniform(ctx, label, &params);
     let cost = Cost { flops: (6 * n) as u64, bytes: (12 * n) as u64 };
@@ -69,16 +80,11 @@ pub fn swiglu_backward(
     ff: usize,
     d_gate_up: &GpuTensor,
 ) -> Result<Dispatch, GpuError> {
-    check_rows(label, rows)?;
-    if ff == 0 {
-        return Err(invalid(label, "ff must be at least 1"));
-    }
-    let n = rows.checked_mul(ff).ok_or_else(|| invalid(label, format!("{rows} x {ff} elements overflow")))?;
-    check_u32(label, n.saturating_mul(2), "gate_up elements")?;
+    let n = elements(label, rows, ff)?;
     check_f32(label, gate_up, 2 * n, "gate_up")?;
     check_f32(label, d_act, n, "d_act")?;
     check_f32(label, d_gate_up, 2 * n, "d_gate_up")?;
-    let pipeline = ctx.pipeline(&ShaderVariant::new("swiglu", SOURCE, "swiglu_backward"))?;
+    let pipeline = ctx.pipeline(&super::snippet_variant("swiglu", SOURCE, "swiglu_backward"))?;
     let params = SwigluParams { rows: rows as u32, ff: ff as u32, _pad0: 0, _pad1: 0 };
     let u = uniform(ctx, label, &params);
     let cost = Cost { flops: (12 * n) as u64, bytes: (20 * n) as u64 };
@@ -168,11 +174,21 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_rejects_short_buffers() {
+    fn swiglu_rejects_bad_operands() {
         let ctx = test_context();
         let g = GpuTensor::zeros(&ctx, "gate_up", DType::F32, &[2, 10]).unwrap();
         let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[2, 5]).unwrap();
-        assert!(swiglu(&ctx, "swiglu", &g, 2, 6, &out).is_err());
+        assert!(swiglu(&ctx, "swiglu", &g, 2, 5, &out).is_ok());
+        let huge = usize::MAX / 2 + 1;
+        for (rows, ff, what) in
+            [(0, 5, "rows"), (2, 0, "ff"), (2, 6, "gate_up ("), (3, 5, "gate_up ("), (huge, 2, "overflow"), (1 << 16, 1 << 15, "32-bit")]
+        {
+            let err = swiglu(&ctx, "s.fwd", &g, rows, ff, &out).err().unwrap().to_string();
+            assert!(err.contains("s.fwd: ") && err.contains(what), "{rows} x {ff}: {err}");
+        }
+        let big = GpuTensor::zeros(&ctx, "gate_up", DType::F32, &[2, 12]).unwrap();
+        let err = swiglu(&ctx, "s.fwd", &big, 2, 6, &out).err().unwrap().to_string();
+        assert!(err.contains("out ("), "{err}");
     }
 
     #[test]
