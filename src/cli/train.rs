@@ -16,6 +16,7 @@ use firstrt::gpu::GpuOptions;
 use firstrt::kernels::adamw::AdamWConfig;
 use firstrt::model::lora::{LoraAdapter, LoraConfig, LoraDims, Projection};
 use firstrt::model::routers::{RouterFile, model_identity};
+use firstrt::runtime::PlanPolicyArgs;
 use firstrt::runtime::plan::PlanPolicy;
 use firstrt::train::checkpoint::Checkpoint;
 use firstrt::train::data::{Overflow, TrainSequence, prepare};
@@ -320,7 +321,6 @@ pub fn run(gpu: &GpuOptions, args: TrainArgs) -> Result<()> {
     if let (Some(r), Some(t)) = (routers.as_mut(), args.threshold) {
         r.threshold = t;
     }
-    let threshold = routers.as_ref().map_or(0.5, |r| r.threshold);
     // The adapter: given, or a new one for the stages that train it.
     let adapter = match &args.lora {
         Some(dir) => Some(LoraAdapter::load(dir, config)?),
@@ -336,12 +336,8 @@ pub fn run(gpu: &GpuOptions, args: TrainArgs) -> Result<()> {
     if budget_given && (routers.is_none() || static_skip.is_some()) {
         bail!("--max-skip/--min-skip: they bound what routers skip; give --routers with routers (not a static plan)");
     }
-    let policy = routers.as_ref().filter(|r| r.static_skip.is_none()).map(|r| PlanPolicy {
-        threshold,
-        max_skip: args.max_skip,
-        min_skip: args.min_skip,
-        skip_first_last: r.skip_first_last,
-    });
+    let budget = PlanPolicyArgs { threshold: None, max_skip: args.max_skip, min_skip: args.min_skip };
+    let policy = routers.as_ref().filter(|r| r.static_skip.is_none()).map(|r| budget.apply(&PlanPolicy::from_routers(r)));
     if let Some(policy) = &policy {
         policy.validate().context("--max-skip/--min-skip")?;
     }
