@@ -263,14 +263,21 @@ fn main() {
         let ds = attention_backward(&ctx, "attention_backward", &op).unwrap();
         b.case("attention_backward", &shape, &ds, false);
     }
-    for (t, vocab, d) in [(128, 49152, 576)] {
-        let dtype = DType::F16;
-        let name = format!("cross_entropy+dh {}", weight_kind(&ctx, dtype).for_k(d).name());
+    // The LM head as f16 values and as Q8_0 blocks (SmolLM2's Q4_1 file stores it so).
+    let (t, vocab, d) = (128, 49152, 576);
+    for head in [None, Some(QuantType::Q8_0)] {
+        let name = match head {
+            None => format!("cross_entropy+dh {}", weight_kind(&ctx, DType::F16).for_k(d).name()),
+            Some(q) => format!("cross_entropy+dh {q}"),
+        };
         let shape = format!("T={t} {vocab}x{d}");
         if !b.wanted(&format!("{name} {shape}")) {
             continue;
         }
-        let w = GpuMatrix::upload(&ctx, "w", vocab, d, &pseudo_random(vocab * d, 11), dtype).unwrap();
+        let w = match head {
+            None => GpuMatrix::upload(&ctx, "w", vocab, d, &pseudo_random(vocab * d, 11), DType::F16).unwrap(),
+            Some(q) => quant_weights(&ctx, q, vocab, d, 11),
+        };
         let h = GpuTensor::from_f32(&ctx, "h", &[t, d], &pseudo_random(t * d, 12)).unwrap();
         let ids: Vec<u32> = (0..t as u32).map(|i| i * 383 % vocab as u32).collect();
         let targets = GpuTensor::from_u32(&ctx, "targets", &[t], &ids).unwrap();

@@ -1,5 +1,5 @@
-// Matrix product for prefill: y[t, y_col0 + row0 + n] (+)= sum_k x[t, k] * w[n, k] (+ bias[row0 + n])
-// for t < p.t and the rows n < p.n of one chunk of a weight matrix ([out, in], so this is X * W^T).
+// Matrix product for prefill: y[t, y_col0 + row0 + n] (+)= sum_k x[t, k] * w[w_row0 + n, k] (+ bias[row0 + n])
+// for t < p.t and the rows n < p.n read from one chunk of a weight matrix ([out, in], so this is X * W^T).
 // Accumulation is in f32.
 //
 // Placeholders (filled from Rust): W_DECL / X_DECL declare the weights / input with accessors w_4,
@@ -9,13 +9,17 @@
 
 struct MatmulParams {
     t: u32,         // rows of x (tokens)
-    n: u32,         // rows of this chunk of w
+    n: u32,         // rows of this chunk of w read
     k: u32,         // columns of x and w
-    row0: u32,      // first row of the chunk in the whole matrix (bias index, y column)
+    row0: u32,      // index of the first row read in the product's N (bias index, y column)
     y_stride: u32,  // elements between rows of y
     y_col0: u32,    // y column of row 0 of the whole matrix
     flags: u32,     // bit 0: accumulate into y; bit 1: add bias; bit 2: multiply the product by scale
     scale: f32,     // used with flag bit 2 (LoRA: S * alpha / r), before bias and accumulation
+    w_row0: u32,    // first row of the chunk read (a block of W's rows, e.g. a vocabulary chunk)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 };
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -97,7 +101,7 @@ fn load_w4(n: u32, k: u32) -> vec4<f32> {
     if (n >= p.n) {
         return vec4<f32>(0.0);
     }
-    let e = n * p.k + k;
+    let e = (p.w_row0 + n) * p.k + k;
     if (ALIGNED) {
         if (k < p.k) {
             return w_4(e / 4u);
@@ -173,7 +177,7 @@ fn matmul_xbcast(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     }
     var wb: array<u32, BNR>;
     for (var j = 0u; j < BNR; j++) {
-        wb[j] = min(n0 + j, p.n - 1u) * p.k;
+        wb[j] = (p.w_row0 + min(n0 + j, p.n - 1u)) * p.k;
     }
     let tn = min(BM, p.t - t0);            // uniform
     var acc: array<f32, BM * BNR>;

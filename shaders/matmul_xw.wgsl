@@ -1,5 +1,5 @@
 // The backward form of the linear product (`LinearForm::XW`): y[t, y_col0 + k] (+)= scale *
-// sum_n x[t, row0 + n] * w[n, k] for t < p.t, k < p.k over the rows n < p.n of one chunk of a
+// sum_n x[t, row0 + n] * w[w_row0 + n, k] for t < p.t, k < p.k over the rows n < p.n read from one chunk of a
 // weight matrix W [N, K] ([out, in], read as stored, not transposed). With x = dY and y = dX this
 // is the input gradient dX = dY * W of Y = X * W^T. Accumulation is in f32. The reduction runs
 // over W's rows: a matrix in several chunks is several dispatches, all but the first adding into y.
@@ -12,15 +12,15 @@
 
 struct MatmulXwParams {
     t: u32,         // rows of x and y (tokens)
-    n: u32,         // rows of this chunk of w (the reduction length of this dispatch)
+    n: u32,         // rows of this chunk of w read (the reduction length of this dispatch)
     k: u32,         // columns of w: outputs per row of y
-    row0: u32,      // first row of the chunk in W: the first column of x it reads
-    x_stride: u32,  // elements between rows of x (N, the rows of the whole matrix)
+    row0: u32,      // index of the first row read in the product's N: the first column of x it reads
+    x_stride: u32,  // elements between rows of x (N, the rows of the product)
     y_stride: u32,  // elements between rows of y
     y_col0: u32,    // first column of y written
     flags: u32,     // bit 0: accumulate into y; bit 2: multiply the product by scale
     scale: f32,     // used with flag bit 2, before accumulation
-    _pad0: u32,
+    w_row0: u32,    // first row of the chunk read (a block of W's rows, e.g. a vocabulary chunk)
     _pad1: u32,
     _pad2: u32,
 };
@@ -40,9 +40,9 @@ const KC: u32 = {{KC}}u;
 // the last one (their outputs are not stored).
 fn w_row4(n: u32, k0: u32) -> vec4<f32> {
     if (ALIGNED) {
-        return w_4((n * p.k + k0) / 4u);
+        return w_4(((p.w_row0 + n) * p.k + k0) / 4u);
     }
-    let e = n * p.k;
+    let e = (p.w_row0 + n) * p.k;
     let last = p.k - 1u;
     return vec4<f32>(w_1(e + min(k0, last)), w_1(e + min(k0 + 1u, last)), w_1(e + min(k0 + 2u, last)),
                      w_1(e + min(k0 + 3u, last)));

@@ -8,10 +8,13 @@
 //! `shaders/cross_entropy.wgsl` for the kernels.
 //!
 //! W is the LM head `[vocab, d]` (with tied embeddings, the embedding table) as a
-//! [`GpuMatrix`], read the way the forward reads it: dense chunks as a [`WeightKind`] (f32, f16,
-//! packed f16, wide), quantised chunks as their block type, through the generic `w_4`/`w_1`
-//! accessors. A matrix split into several buffers is handled chunk by chunk (vocabulary chunks
-//! never straddle two buffers).
+//! [`GpuMatrix`]. The two products of a vocabulary chunk are the linear kernels' on that block
+//! of W's rows ([`LinearOp::w_rows`]): the logits `h · W_chunkᵀ` by
+//! [`crate::kernels::matmul::matmul`] (the adapter's prefill variant), the gradient
+//! `grad · W_chunk` by its backward form ([`LinearForm::XW`](crate::kernels::linear::LinearForm),
+//! `matmul_xw`). So W is read the way the forward reads it (dense chunks as a [`WeightKind`],
+//! quantised chunks as their block type) and a vocabulary chunk may straddle two buffers of a
+//! split matrix.
 //!
 //! Memory besides the operands: the scratch of one chunk's logits, `rows × chunk` f32
 //! (T = 512, chunk 4096: 8 MiB), and `(rows + 1) × 4` f32 of row statistics
@@ -24,6 +27,9 @@ use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, ShaderVariant, WeightKind};
 use crate::kernels::checks::{check_f32, check_rows, check_u32, check_weight_kind, invalid};
+use crate::kernels::choice::matmul_variant;
+use crate::kernels::linear::LinearOp;
+use crate::kernels::matmul::matmul;
 
 const SOURCE: &str = include_str!("../../shaders/cross_entropy.wgsl");
 
@@ -38,20 +44,12 @@ pub const DEFAULT_VOCAB_CHUNK: usize = 4096;
 pub struct CeParams {
     /// Rows T of h.
     pub rows: u32,
-    /// Width d of h and W.
-    pub dim: u32,
     /// Rows of the whole W (the vocabulary).
     pub vocab: u32,
     /// Vocabulary index of the chunk's first column.
     pub col0: u32,
-    /// Columns in the chunk.
+    /// Columns in the chunk: also the row stride of the logits scratch.
     pub cols: u32,
-    /// Row of the weight chunk (buffer) that holds column `col0`.
-    pub w_row0: u32,
-    /// Row stride of the logits scratch (the chunk size).
-    pub chunk: u32,
-    /// Bit 0: `ce_dh` adds into dh instead of overwriting it.
-    pub flags: u32,
 }
 
 /// The operands of one cross-entropy (see [`cross_entropy`]).
@@ -63,8 +61,9 @@ pub struct CrossEntropyOp<'a> {
     pub rows: usize,
     /// The LM head, `[vocab, d]` (Hugging Face's `[out, in]`; the embedding table when tied).
     pub w: &'a GpuMatrix,
-    /// How dense chunks of W are read; `None`: the adapter's choice for `w.dtype`
-    /// ([`crate::kernels::choice::weight_kind`]). Quantised chunks are read as their block type.
+    /// How dense chunks of W are read ([`LinearOp::kind`]); `None`: the adapter's choice for
+    /// `w.dtype` ([`crate::kernels::choice::weight_kind`]). Quantised chunks are read as their
+    /// block type.
     pub kind: Option<WeightKind>,
     /// Target token of each row, `[rows]` u32; a counted row's target must be below vocab.
     pub targets: &'a GpuTensor,
@@ -95,11 +94,8 @@ pub fn cross_entropy_scratch_bytes(rows: usize, chunk: usize) -> usize {
     4 * (rows * chunk + 4 * (rows + 1))
 }
 
-fn pipeline_variant(entry: &'static str, kind: WeightKind, dim: usize) -> ShaderVariant {
+fn pipeline_variant(entry: &'static str) -> ShaderVariant {
     ShaderVariant::new("cross_entropy", SOURCE, entry)
-        .weights("H_DECL", WeightKind::F32, 1, "h")
-        .weights("W_DECL", kind, 2, "w")
-        .define("ALIGNED", dim.is_multiple_of(4))
 }
 
 /// Prepares the cross-entropy of `op` (see the module docs): with `z = h · Wᵀ` over the rows t
@@ -108,17 +104,18 @@ fn pipeline_variant(entry: &'static str, kind: WeightKind, dim: usize) -> Shader
 /// `dh[t] = (1 / count) Σ_v (softmax(z[t])_v − [v = target_t]) W[v]` (0 for rows not counted),
 /// overwritten or, with `op.accumulate`, added.
 ///
-/// Dispatches, in order: per vocabulary chunk `label.logits[c]`, `label.lse[c]`; then
-/// `label.finish`; then, with dh, per chunk `label.logits[c]` again, `label.grad[c]`,
-/// `label.dh[c]`. Scratch: [`cross_entropy_scratch_bytes`] (the logits scratch is checked
-/// against the binding limit).
+/// Dispatches, in order: per vocabulary chunk c the logits product `label.logits[c]` (one
+/// dispatch per buffer of W the chunk reads, as [`matmul`] names them), `label.lse[c]`; then
+/// `label.finish`; then, with dh, per chunk `label.logits[c]` again, `label.grad[c]`, the
+/// product `label.dh[c]`. Scratch: [`cross_entropy_scratch_bytes`] (the logits scratch is
+/// checked against the binding limit).
 ///
 /// # Errors
 /// [`GpuError::InvalidArgument`] naming `label` when rows, d, vocab or the chunk size is 0; h,
 /// loss or dh is not f32 or too small; targets or mask is not u32 or has fewer than `rows`
-/// values; the weight kind cannot read W's dtype (or needs a feature the adapter lacks); a chunk
-/// of W does not match the matrix; an index does not fit in u32. A scratch larger than a binding
-/// is [`GpuError::BufferTooLarge`].
+/// values; the products reject W ([`LinearOp::check`]: a weight kind that cannot read W's
+/// dtype or needs a feature the adapter lacks, a chunk of W that does not match the matrix); an
+/// index does not fit in u32. A scratch larger than a binding is [`GpuError::BufferTooLarge`].
 pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Result<Vec<Dispatch>, GpuError> {
     let CrossEntropyOp { h, rows, w, kind, targets, mask, chunk, loss, dh, accumulate } = *op;
     let (vocab, dim) = (w.rows, w.cols);
@@ -136,63 +133,40 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
             return Err(invalid(label, format!("{what} ({}) needs at least {rows} u32 values, has {} {}", t.label, t.numel(), t.dtype)));
         }
     }
-    let dense = kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype));
-    check_weight_kind(ctx, label, dense, w.dtype)?;
-    let dense = dense.for_k(dim);
-    for c in &w.chunks {
-        if !c.fits(dim, w.dtype) {
-            return Err(invalid(label, format!("chunk at row {} does not match the matrix", c.row0)));
-        }
-        check_u32(label, c.rows * dim, "weight chunk elements")?;
-    }
-    // The scratch holds one vocabulary chunk, never more columns than a weight chunk has.
-    let chunk = chunk.min(w.chunks.iter().map(|c| c.rows).max().unwrap_or(1));
+    // The products check W too, under their own labels; a kind that cannot read W is the
+    // cross-entropy's argument, so it is named here.
+    check_weight_kind(ctx, label, kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype)), w.dtype)?;
+    let chunk = chunk.min(vocab);
     check_u32(label, rows * chunk.max(dim), "rows x chunk columns")?;
     check_u32(label, vocab, "vocab")?;
 
     let logits = GpuTensor::zeros_bound(ctx, &format!("{label}.logits"), DType::F32, &[rows, chunk])?;
     let stats = GpuTensor::zeros(ctx, &format!("{label}.stats"), DType::F32, &[rows + 1, 4])?;
-    let plain = |entry| ctx.pipeline(&pipeline_variant(entry, WeightKind::F32, dim));
-    let (update, finish, grad) = (plain("ce_update")?, plain("ce_finish")?, plain("ce_grad")?);
-
-    // (uniform, weight chunk, columns) of every vocabulary chunk, in vocabulary order.
-    let mut chunks = Vec::new();
-    for wc in &w.chunks {
-        let mut local = 0;
-        while local < wc.rows {
-            let cols = chunk.min(wc.rows - local);
-            let params = CeParams {
-                rows: rows as u32,
-                dim: dim as u32,
-                vocab: vocab as u32,
-                col0: (wc.row0 + local) as u32,
-                cols: cols as u32,
-                w_row0: local as u32,
-                chunk: chunk as u32,
-                flags: u32::from(accumulate || wc.row0 + local > 0),
-            };
-            chunks.push((uniform(ctx, label, &params), wc, cols));
-            local += cols;
-        }
-    }
-    let bytes_per_value = |wc: &crate::gpu::MatrixChunk| wc.tensor.byte_len() as f64 / (wc.rows * dim) as f64;
-    let logits_pass = |c: usize| -> Result<Dispatch, GpuError> {
-        let (u, wc, cols) = &chunks[c];
-        let pipe = ctx.pipeline(&pipeline_variant("ce_logits", wc.kind(dense), dim))?;
-        let w_bytes = (bytes_per_value(wc) * (cols * dim) as f64) as u64;
-        Ok(Dispatch::new(
-            ctx,
-            &pipe,
-            format!("{label}.logits[{c}]"),
-            &[u.as_entire_binding(), h.buffer.as_entire_binding(), wc.tensor.buffer.as_entire_binding(), logits.buffer.as_entire_binding()],
-            grid((rows.div_ceil(4) * cols.div_ceil(4)).div_ceil(64) as u32),
-            Cost { flops: (2 * rows * cols * dim) as u64, bytes: w_bytes + (4 * rows * (dim + cols)) as u64 },
-        ))
+    let (update, finish, grad) = (
+        ctx.pipeline(&pipeline_variant("ce_update"))?,
+        ctx.pipeline(&pipeline_variant("ce_finish"))?,
+        ctx.pipeline(&pipeline_variant("ce_grad"))?,
+    );
+    let variant = matmul_variant(ctx, rows);
+    // Both products of vocabulary chunk `col0 .. col0 + cols`: its logits `[rows, cols]` into the
+    // scratch, and dh (+)= the scratch (then the logits' gradient) times the chunk's rows of W.
+    let logits_of = |c: usize, col0: usize, cols: usize| {
+        let product = LinearOp { kind, ..LinearOp::new(h, rows, w, &logits).w_rows(col0, cols) };
+        matmul(ctx, &format!("{label}.logits[{c}]"), &product, variant)
     };
+    // (uniform, first column, columns) of every vocabulary chunk, in vocabulary order.
+    let chunks: Vec<(wgpu::Buffer, usize, usize)> = (0..vocab)
+        .step_by(chunk)
+        .map(|col0| {
+            let cols = chunk.min(vocab - col0);
+            let params = CeParams { rows: rows as u32, vocab: vocab as u32, col0: col0 as u32, cols: cols as u32 };
+            (uniform(ctx, label, &params), col0, cols)
+        })
+        .collect();
     let row_groups = grid(rows.div_ceil(64) as u32);
     let mut out = Vec::new();
-    for (c, (u, _, cols)) in chunks.iter().enumerate() {
-        out.push(logits_pass(c)?);
+    for (c, (u, col0, cols)) in chunks.iter().enumerate() {
+        out.extend(logits_of(c, *col0, *cols)?);
         out.push(Dispatch::new(
             ctx,
             &update,
@@ -208,7 +182,7 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
             Cost { flops: (4 * rows * cols) as u64, bytes: (4 * rows * (cols + 10)) as u64 },
         ));
     }
-    let finish_params = uniform(ctx, label, &CeParams { rows: rows as u32, dim: dim as u32, vocab: vocab as u32, ..Zeroable::zeroed() });
+    let finish_params = uniform(ctx, label, &CeParams { rows: rows as u32, vocab: vocab as u32, ..Zeroable::zeroed() });
     out.push(Dispatch::new(
         ctx,
         &finish,
@@ -224,10 +198,8 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
         Cost { flops: (4 * rows) as u64, bytes: (4 * 12 * rows) as u64 },
     ));
     let Some(dh) = dh else { return Ok(out) };
-    let dh_pipes: Vec<_> =
-        chunks.iter().map(|(_, wc, _)| ctx.pipeline(&pipeline_variant("ce_dh", wc.kind(dense), dim))).collect::<Result<_, _>>()?;
-    for (c, (u, wc, cols)) in chunks.iter().enumerate() {
-        out.push(logits_pass(c)?);
+    for (c, (u, col0, cols)) in chunks.iter().enumerate() {
+        out.extend(logits_of(c, *col0, *cols)?);
         out.push(Dispatch::new(
             ctx,
             &grad,
@@ -242,20 +214,8 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
             grid((rows * cols).div_ceil(64) as u32),
             Cost { flops: (3 * rows * cols) as u64, bytes: (8 * rows * cols + 4 * 6 * rows) as u64 },
         ));
-        let w_bytes = (bytes_per_value(wc) * (cols * dim) as f64) as u64;
-        out.push(Dispatch::new(
-            ctx,
-            &dh_pipes[c],
-            format!("{label}.dh[{c}]"),
-            &[
-                u.as_entire_binding(),
-                logits.buffer.as_entire_binding(),
-                wc.tensor.buffer.as_entire_binding(),
-                dh.buffer.as_entire_binding(),
-            ],
-            grid((rows.div_ceil(4) * dim.div_ceil(4)).div_ceil(64) as u32),
-            Cost { flops: (2 * rows * cols * dim) as u64, bytes: w_bytes + (4 * rows * (cols + 2 * dim)) as u64 },
-        ));
+        let product = LinearOp { kind, ..LinearOp::new_xw(&logits, rows, w, dh).w_rows(*col0, *cols).accumulate(accumulate || c > 0) };
+        out.extend(matmul(ctx, &format!("{label}.dh[{c}]"), &product, variant)?);
     }
     Ok(out)
 }

@@ -81,13 +81,54 @@ pub struct LinearOp<'a> {
     /// applied to `a · Bᵀ`). It lives in the dispatch's uniform: a new scale means preparing the
     /// dispatch again, not re-uploading W.
     pub scale: Option<f32>,
+    /// `Some((start, len))`: only rows `start .. start + len` of W take part, as if W were that
+    /// block of rows (one vocabulary chunk of the LM head): N is `len`, the outputs (or, in the
+    /// [`LinearForm::XW`] form, the columns of x) are numbered from `start`, and a bias has
+    /// `len` values. `None`: all of W. Taken by `matmul` and the XW form; `matvec`'s forward
+    /// form rejects it.
+    pub w_rows: Option<(usize, usize)>,
+}
+
+/// The part of one chunk of W that a [`LinearOp`] reads (the whole chunk unless
+/// [`LinearOp::w_rows`] cuts it): rows `w_row0 .. w_row0 + rows` of the chunk's tensor, which are
+/// rows `row0 .. row0 + rows` of the product's N.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkPart<'a> {
+    /// The chunk.
+    pub chunk: &'a MatrixChunk,
+    /// First row of the chunk's tensor read.
+    pub w_row0: usize,
+    /// Index of that row in the product's N (output column, or XW form's column of x).
+    pub row0: usize,
+    /// Rows read.
+    pub rows: usize,
+}
+
+impl ChunkPart<'_> {
+    /// Bytes of the chunk's tensor that the part reads (the tensor's share for its rows).
+    pub fn byte_len(&self) -> u64 {
+        (self.chunk.tensor.byte_len() as u128 * self.rows as u128 / self.chunk.rows.max(1) as u128) as u64
+    }
 }
 
 impl<'a> LinearOp<'a> {
     /// `y = x · Wᵀ` over `rows` rows of x (`[rows, K]` f32) into y (`[rows, N]` f32, packed), with
     /// no bias, no scale, overwriting y, W read the adapter's way.
     pub fn new(x: &'a GpuTensor, rows: usize, w: &'a GpuMatrix, y: &'a GpuTensor) -> LinearOp<'a> {
-        LinearOp { x, rows, w, kind: None, form: LinearForm::XWt, bias: None, y, y_stride: None, y_col0: 0, accumulate: false, scale: None }
+        LinearOp {
+            x,
+            rows,
+            w,
+            kind: None,
+            form: LinearForm::XWt,
+            bias: None,
+            y,
+            y_stride: None,
+            y_col0: 0,
+            accumulate: false,
+            scale: None,
+            w_rows: None,
+        }
     }
 
     /// `y = x · W` (the [`LinearForm::XW`] form: x `[rows, N]` f32, y `[rows, K]` f32 packed,
@@ -122,6 +163,11 @@ impl<'a> LinearOp<'a> {
         LinearOp { scale: Some(scale), ..self }
     }
 
+    /// Uses only rows `start .. start + len` of W (see [`LinearOp::w_rows`]).
+    pub fn w_rows(self, start: usize, len: usize) -> Self {
+        LinearOp { w_rows: Some((start, len)), ..self }
+    }
+
     /// Reads W as `kind` instead of the adapter's choice (tests and benches cover every kind).
     pub fn kind(self, kind: WeightKind) -> Self {
         LinearOp { kind: Some(kind), ..self }
@@ -129,9 +175,10 @@ impl<'a> LinearOp<'a> {
 
     /// The reduction length K and the output count N of the product.
     pub fn k_n(&self) -> (usize, usize) {
+        let n = self.w_rows.map_or(self.w.rows, |(_, len)| len);
         match self.form {
-            LinearForm::XWt => (self.w.cols, self.w.rows),
-            LinearForm::XW => (self.w.rows, self.w.cols),
+            LinearForm::XWt => (self.w.cols, n),
+            LinearForm::XW => (n, self.w.cols),
         }
     }
 
@@ -169,6 +216,11 @@ impl<'a> LinearOp<'a> {
         }
         if n == 0 || k == 0 || rows == 0 {
             return Err(invalid(label, format!("empty product: {rows} rows times [{}, {}]", w.rows, w.cols)));
+        }
+        if let Some((start, len)) = self.w_rows
+            && start.checked_add(len).is_none_or(|end| end > w.rows)
+        {
+            return Err(invalid(label, format!("rows {start} + {len} of W are past its {} rows", w.rows)));
         }
         if self.x.numel() < rows * k {
             return Err(invalid(label, format!("x has {} elements, needs {rows} x {k}", self.x.numel())));
@@ -211,11 +263,13 @@ impl<'a> LinearOp<'a> {
         Ok(kind.for_k(w.cols))
     }
 
-    /// One dispatch per chunk of W, named `label` (or `label[row0]` when W is split), with
+    /// One dispatch per chunk of W that the product reads ([`ChunkPart`]: all of them unless
+    /// [`LinearOp::w_rows`] cuts W), named `label` (or `label[row0]`, row0 the part's first row
+    /// in N, when W is split), with
     /// bindings params, x, the chunk's weights, bias, y (the [`LinearForm::XW`] form, which has
     /// no bias: params, x, the chunk's weights, y). A chunk is read as its block type, else
     /// as `dense` (the kind [`LinearOp::check`] returned); `pipeline` gives the pipeline for a
-    /// kind (called once per kind) and `per_chunk` a chunk's uniform parameters, workgroup
+    /// kind (called once per kind) and `per_chunk` a part's uniform parameters, workgroup
     /// counts and cost. Call after [`LinearOp::check`].
     pub(crate) fn chunk_dispatches<P: Pod>(
         &self,
@@ -223,13 +277,24 @@ impl<'a> LinearOp<'a> {
         label: &str,
         dense: WeightKind,
         pipeline: impl Fn(WeightKind) -> Result<Arc<Pipeline>, GpuError>,
-        per_chunk: impl Fn(&MatrixChunk, WeightKind) -> (P, [u32; 3], Cost),
+        per_chunk: impl Fn(&ChunkPart, WeightKind) -> (P, [u32; 3], Cost),
     ) -> Result<Vec<Dispatch>, GpuError> {
         // An absent bias is never read (its flag is clear); bind x in its place.
         let bias = (self.form == LinearForm::XWt).then(|| self.bias.unwrap_or(self.x));
         let mut pipelines: Vec<(WeightKind, Arc<Pipeline>)> = Vec::new();
-        let mut out = Vec::with_capacity(self.w.chunks.len());
-        for c in &self.w.chunks {
+        let (start, len) = self.w_rows.unwrap_or((0, self.w.rows));
+        let parts: Vec<ChunkPart> = self
+            .w
+            .chunks
+            .iter()
+            .filter_map(|c| {
+                let (lo, hi) = (start.max(c.row0), (start + len).min(c.row0 + c.rows));
+                (lo < hi).then_some(ChunkPart { chunk: c, w_row0: lo - c.row0, row0: lo - start, rows: hi - lo })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let c = part.chunk;
             let kind = c.kind(dense);
             let pipe = match pipelines.iter().find(|(k, _)| *k == kind) {
                 Some((_, p)) => p.clone(),
@@ -239,9 +304,9 @@ impl<'a> LinearOp<'a> {
                     p
                 }
             };
-            let (params, workgroups, cost) = per_chunk(c, kind);
+            let (params, workgroups, cost) = per_chunk(part, kind);
             let u = uniform(ctx, label, &params);
-            let name = if self.w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", c.row0) };
+            let name = if self.w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", part.row0) };
             let mut bindings = vec![u.as_entire_binding(), self.x.buffer.as_entire_binding(), c.tensor.buffer.as_entire_binding()];
             bindings.extend(bias.map(|b| b.buffer.as_entire_binding()));
             bindings.push(self.y.buffer.as_entire_binding());

@@ -84,18 +84,19 @@ impl MatmulVariant {
     }
 }
 
-/// Uniform of `shaders/matmul.wgsl` (`struct Params` there, same fields in the same order), one
-/// per chunk of W.
+/// Uniform of `shaders/matmul.wgsl` (`struct MatmulParams` there, same fields in the same
+/// order), one per chunk of W.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct MatmulParams {
     /// Rows of x (tokens) T.
     pub t: u32,
-    /// Rows of W in this chunk (output columns it computes).
+    /// Rows of W this dispatch reads from its chunk (output columns it computes).
     pub n: u32,
     /// Reduction length K (`w.cols`).
     pub k: u32,
-    /// Index of the chunk's first row in W (and in the bias, and the output column offset).
+    /// Index of the first row read in the product's N (the bias index and output column
+    /// offset; the row's index in W unless [`LinearOp::w_rows`] cuts W).
     pub row0: u32,
     /// Row stride of y in elements.
     pub y_stride: u32,
@@ -105,6 +106,14 @@ pub struct MatmulParams {
     pub flags: u32,
     /// Multiplies the product when `flags` has `FLAG_SCALE` (before bias and accumulation).
     pub scale: f32,
+    /// First row of the chunk's tensor read (0 unless [`LinearOp::w_rows`] cuts W).
+    pub w_row0: u32,
+    /// Padding to 48 bytes.
+    pub _pad0: u32,
+    /// Padding to 48 bytes.
+    pub _pad1: u32,
+    /// Padding to 48 bytes.
+    pub _pad2: u32,
 }
 
 /// Prepares the prefill product `op` (`y[t, y_col0 + n] (+)= scale · sum_k x[t, k] · W[n, k]
@@ -164,6 +173,8 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
             y_col0: op.y_col0 as u32,
             flags,
             scale: op.scale.unwrap_or(1.0),
+            w_row0: c.w_row0 as u32,
+            ..Zeroable::zeroed()
         };
         let (t, n) = (rows as u32, c.rows as u32);
         let workgroups = match variant {
@@ -177,7 +188,7 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         let outputs = (rows * c.rows) as u64;
         let cost = Cost {
             flops: 2 * outputs * k as u64,
-            bytes: c.tensor.byte_len() as u64
+            bytes: c.byte_len()
                 + 4 * (rows * k) as u64
                 + outputs * if op.accumulate { 8 } else { 4 }
                 + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
@@ -299,7 +310,8 @@ pub fn regblock_body_quant(tm: u32, tn: u32, wide_x: bool) -> String {
 }
 
 /// The start of both regblock bodies: `steps` (K over `step`), each x row's offset in x loads
-/// (`loads_per_step` per step of K), each w row's offset in steps (rows past the end clamped) and
+/// (`loads_per_step` per step of K), each w row's offset in steps (from the chunk's row
+/// `p.w_row0`; rows past the end clamped) and
 /// the `tm` x `tn` accumulators `a{i}_{j}`.
 fn regblock_prologue(tm: u32, tn: u32, step: usize, loads_per_step: u32) -> String {
     use std::fmt::Write;
@@ -310,7 +322,7 @@ fn regblock_prologue(tm: u32, tn: u32, step: usize, loads_per_step: u32) -> Stri
         let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps{x_scale};");
     }
     for j in 0..tn {
-        let _ = writeln!(s, "    let wb{j} = min(n0 + {j}u, p.n - 1u) * steps;");
+        let _ = writeln!(s, "    let wb{j} = (p.w_row0 + min(n0 + {j}u, p.n - 1u)) * steps;");
     }
     for i in 0..tm {
         for j in 0..tn {
@@ -449,6 +461,65 @@ mod tests {
                 check(&ctx, &Case { t: 3, n: 97, k: 257, bias: true, accumulate: true, y_col0: 1, y_extra: 0 }, kind, variant);
             }
         }
+    }
+
+    /// A block of W's rows ([`LinearOp::w_rows`], the cross-entropy's vocabulary chunks): the
+    /// forward product (every variant) and the backward form over rows `start .. start + len`
+    /// equal the references on those rows alone, for dense kinds and a block type, with W split
+    /// into buffers that the block straddles.
+    #[test]
+    fn products_over_a_block_of_rows() {
+        use crate::gpu::MatrixPart;
+        use crate::kernels::matmul_xw::matmul_xw_ref;
+        use crate::kernels::testing::random_blocks;
+        use crate::model::QuantType;
+        let ctx = GpuContext::new(&GpuOptions { max_binding_override: Some(4096), ..Default::default() }).unwrap();
+        let (n, k, t) = (301, 64, 7);
+        let (dense, blocks) = (random_vec(n * k, 6), random_blocks(QuantType::Q8_0, n, k, 5));
+        let up = |dtype| GpuMatrix::upload(&ctx, "w", n, k, &dense, dtype).unwrap();
+        let weights = [
+            (WeightKind::F32, up(DType::F32), dense.clone()),
+            (WeightKind::F16Packed, up(DType::F16), round_f16(&dense)),
+            (
+                WeightKind::Quant(QuantType::Q8_0),
+                GpuMatrix::upload_parts(&ctx, "w", k, &[MatrixPart::Blocks(&blocks)], DType::F32).unwrap(),
+                blocks.dequantize().unwrap(),
+            ),
+        ];
+        let x = random_vec(t * k, 7);
+        let gx = GpuTensor::from_f32(&ctx, "x", &[t, k], &x).unwrap();
+        for (kind, gw, wv) in &weights {
+            assert!(gw.chunks.len() > 2, "{}: W must be split", kind.name());
+            let atol = 1e-4 * (k as f32).sqrt() * wv.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (start, len) in [(0, n), (5, 3), (37, 150), (n - 1, 1)] {
+                let block = &wv[start * k..(start + len) * k];
+                let what = format!("{} rows {start} + {len}", kind.name());
+                for variant in MatmulVariant::ALL {
+                    let gy = GpuTensor::from_f32(&ctx, "y", &[t, len], &random_vec(t * len, 8)).unwrap();
+                    let ds = matmul(&ctx, "mm", &LinearOp::new(&gx, t, gw, &gy).w_rows(start, len).kind(*kind), variant).unwrap();
+                    ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+                    let want = matmul_ref(&x, t, block, len, k, None);
+                    assert_close(&gy.read_f32(&ctx).unwrap(), &want, atol, 1e-5, &format!("{what} {variant:?} x W_blockᵀ"));
+                }
+                let g = random_vec(t * len, 9);
+                let gg = GpuTensor::from_f32(&ctx, "g", &[t, len], &g).unwrap();
+                let gdx = GpuTensor::from_f32(&ctx, "dx", &[t, k], &random_vec(t * k, 10)).unwrap();
+                let ds = matmul(&ctx, "xw", &LinearOp::new_xw(&gg, t, gw, &gdx).w_rows(start, len).kind(*kind), MatmulVariant::RegBlock)
+                    .unwrap();
+                ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+                let want = matmul_xw_ref(&g, t, block, len, k);
+                assert_close(
+                    &gdx.read_f32(&ctx).unwrap(),
+                    &want,
+                    atol * (len as f32 / k as f32).sqrt().max(1.0),
+                    1e-5,
+                    &format!("{what} g x W_block"),
+                );
+            }
+        }
+        let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, 2]).unwrap();
+        let past = LinearOp::new(&gx, t, &weights[0].1, &gy).w_rows(n - 1, 2);
+        assert!(matmul(&ctx, "mm", &past, MatmulVariant::RegBlock).is_err(), "rows past the end of W");
     }
 
     #[test]

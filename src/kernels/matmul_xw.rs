@@ -37,13 +37,14 @@ pub const XW_QUANT_TM: u32 = 4;
 pub struct MatmulXwParams {
     /// Rows of x and y (tokens) T.
     pub t: u32,
-    /// Rows of W in this chunk: the reduction length of this dispatch.
+    /// Rows of W this dispatch reads from its chunk: its reduction length.
     pub n: u32,
     /// Columns of W (`w.cols`): outputs per row of y.
     pub k: u32,
-    /// Index of the chunk's first row in W: the first column of x it reads.
+    /// Index of the first row read in the product's N: the first column of x it reads.
     pub row0: u32,
-    /// Row stride of x in elements (`w.rows`, the whole matrix's N).
+    /// Row stride of x in elements (the product's N: `w.rows`, or the length of
+    /// [`LinearOp::w_rows`]).
     pub x_stride: u32,
     /// Row stride of y in elements.
     pub y_stride: u32,
@@ -54,8 +55,8 @@ pub struct MatmulXwParams {
     pub flags: u32,
     /// Multiplies the product when `flags` has `FLAG_SCALE` (before accumulation).
     pub scale: f32,
-    /// Padding to 48 bytes.
-    pub _pad0: u32,
+    /// First row of the chunk's tensor read (0 unless [`LinearOp::w_rows`] cuts W).
+    pub w_row0: u32,
     /// Padding to 48 bytes.
     pub _pad1: u32,
     /// Padding to 48 bytes.
@@ -84,8 +85,9 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
     let kind = op.check(ctx, label)?;
     let (n_total, k) = op.k_n();
     let rows = op.rows;
-    // x read four values of n per load where every chunk's first column of x is on a group of 4.
-    let xvec = n_total.is_multiple_of(4) && op.w.chunks.iter().all(|c| c.row0.is_multiple_of(4));
+    // x read four values of n per load where every part's first column of x is on a group of 4.
+    let (start, _) = op.w_rows.unwrap_or((0, n_total));
+    let xvec = n_total.is_multiple_of(4) && op.w.chunks.iter().all(|c| c.row0.saturating_sub(start).is_multiple_of(4));
     let pipeline = |kind: WeightKind| {
         let (tm, kc) = xw_block(kind);
         let body = match kind {
@@ -115,6 +117,7 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
             y_col0: op.y_col0 as u32,
             flags: if c.row0 == 0 { flags } else { flags | FLAG_ACCUMULATE },
             scale: op.scale.unwrap_or(1.0),
+            w_row0: c.w_row0 as u32,
             ..Zeroable::zeroed()
         };
         let (tm, kc) = xw_block(kind);
@@ -123,7 +126,7 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
         let accumulates = op.accumulate || c.row0 > 0;
         let cost = Cost {
             flops: 2 * outputs * c.rows as u64,
-            bytes: c.tensor.byte_len() as u64 + 4 * (rows * c.rows) as u64 + outputs * if accumulates { 8 } else { 4 },
+            bytes: c.byte_len() + 4 * (rows * c.rows) as u64 + outputs * if accumulates { 8 } else { 4 },
         };
         (params, grid(invocations.div_ceil(XW_WG)), cost)
     })
@@ -223,7 +226,7 @@ pub fn xw_body_quant(tm: u32, xvec: bool) -> String {
     // One row `n` of W (a WGSL expression) against x values `x{i}` (vec4 splats), at `indent`.
     let row = |s: &mut String, n: &str, x_of: &dyn Fn(u32) -> String, indent: &str| {
         let _ = writeln!(s, "{indent}{{");
-        let _ = writeln!(s, "{indent}    let b = ({n}) * units + u;");
+        let _ = writeln!(s, "{indent}    let b = (p.w_row0 + {n}) * units + u;");
         let _ = writeln!(s, "{indent}    let sc = w_scales(b);");
         let _ = writeln!(s, "{indent}    let wd = w_words(b);");
         for q in 0..4 {

@@ -92,6 +92,9 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
     if op.form == LinearForm::XW {
         return matmul_xw(ctx, label, op);
     }
+    if op.w_rows.is_some() {
+        return Err(invalid(label, "matvec multiplies by all of W (a block of its rows needs matmul)"));
+    }
     let (k, _) = op.k_n();
     let aligned = k.is_multiple_of(4);
     let (entry, wg) = match variant {
@@ -112,7 +115,8 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         ctx.pipeline(&shader)
     };
     let flags = op.flags();
-    op.chunk_dispatches(ctx, label, kind, pipeline, |c, _| {
+    op.chunk_dispatches(ctx, label, kind, pipeline, |part, _| {
+        let c = part.chunk;
         let params = MatvecParams {
             rows: c.rows as u32,
             k: k as u32,
@@ -321,6 +325,8 @@ mod tests {
         assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy).bias(Some(&gb)), MatvecVariant::Rows).is_err());
         matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy), MatvecVariant::Rows).unwrap();
         assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy).kind(WeightKind::F16Packed), MatvecVariant::Rows).is_err());
+        // A block of W's rows is matmul's (the forward form here reads all of W).
+        assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy).w_rows(2, 3), MatvecVariant::Rows).is_err());
     }
 
     /// The scale flag (LoRA's `y += s · a · B^T`): every variant, with an offset and accumulation,
