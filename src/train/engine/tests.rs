@@ -86,6 +86,19 @@ fn write_at(ctx: &GpuContext, t: &GpuTensor, i: usize, v: f32) {
     ctx.queue.write_buffer(&t.buffer, 4 * i as u64, &v.to_le_bytes());
 }
 
+/// `(f(θ + ε) − f(θ − ε)) / 2ε` in entry i of trained tensor `param` (whose value there is
+/// `value`; restored after), ε = 1e-2.
+fn central_difference(engine: &mut Engine, param: usize, i: usize, value: f32, f: impl Fn(&mut Engine) -> f64) -> f64 {
+    let (ctx, eps) = (test_context(), 1e-2f32);
+    let t = engine.params()[param].value.clone();
+    write_at(&ctx, &t, i, value + eps);
+    let plus = f(engine);
+    write_at(&ctx, &t, i, value - eps);
+    let minus = f(engine);
+    write_at(&ctx, &t, i, value);
+    (plus - minus) / (2.0 * eps as f64)
+}
+
 /// Every trained tensor's gradient at three entries against central differences of the loss
 /// (evaluated with `rule`, which must be deterministic); returns the tensors' names.
 fn check_gradients(tiny: &Tiny, routers: RouterFile, options: EngineOptions) -> Vec<String> {
@@ -109,14 +122,7 @@ fn check_gradients(tiny: &Tiny, routers: RouterFile, options: EngineOptions) -> 
         let middle = (grad.len() / 3..grad.len()).find(|&i| live(i)).unwrap();
         let last = (0..grad.len()).rev().find(|&i| live(i)).unwrap();
         for i in [largest, middle, last] {
-            let eps = 1e-2f32;
-            let t = engine.params()[pi].value.clone();
-            write_at(&ctx, &t, i, value[i] + eps);
-            let plus = loss(&mut engine);
-            write_at(&ctx, &t, i, value[i] - eps);
-            let minus = loss(&mut engine);
-            write_at(&ctx, &t, i, value[i]);
-            let fd = (plus - minus) / (2.0 * eps as f64);
+            let fd = central_difference(&mut engine, pi, i, value[i], loss);
             let got = grad[i] as f64;
             assert!(
                 (fd - got).abs() <= 0.03 * fd.abs().max(got.abs()) + 3e-4,
@@ -261,14 +267,7 @@ fn the_score_gate_gradient_averages_to_the_expected_loss_gradient() {
         let value = engine.params()[pi].value.read_f32(&ctx).unwrap();
         let largest = (0..value.len()).max_by(|&a, &b| mean[pi][a].abs().total_cmp(&mean[pi][b].abs())).unwrap();
         for i in [largest, value.len() - 1] {
-            let eps = 1e-2f32;
-            let t = engine.params()[pi].value.clone();
-            write_at(&ctx, &t, i, value[i] + eps);
-            let plus = expected(&mut engine);
-            write_at(&ctx, &t, i, value[i] - eps);
-            let minus = expected(&mut engine);
-            write_at(&ctx, &t, i, value[i]);
-            let fd = (plus - minus) / (2.0 * eps as f64);
+            let fd = central_difference(&mut engine, pi, i, value[i], expected);
             let got = mean[pi][i];
             assert!((fd - got).abs() <= 0.03 * fd.abs().max(got.abs()) + 3e-4, "{name}[{i}]: mean gradient {got}, finite differences {fd}");
         }
