@@ -14,10 +14,11 @@
 #   scripts/first-result.sh [OUT_DIR]     (default: first-result/)
 #
 # Sizes (environment): ROUTER_STEPS (200), LORA_STEPS (200), BATCH (8), LR_ROUTERS (1e-2),
-# LR_LORA (1e-3), KEEP (0.75), GATE (hard; or soft), TAUS ("0.3 0.5 0.7": evaluated without
+# LR_LORA (1e-3), KEEP (0.75), KEEP_WEIGHT (1: μ), GATE (hard; or soft, or score), ROUTERS_FROM
+# (none: new routers; else the router file the routers stage starts from), TAUS ("0.3 0.5 0.7": evaluated without
 # LoRA), LORA_TAUS (TAUS: those also given an adapter and a static plan of their size),
 # MAX_SKIP (none: every routers plan, trained and evaluated, skips at most that many layers, as
-# `run --max-skip`), LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), LIMIT (46 test rows), SEED (0);
+# `run --max-skip`), MIN_SKIP (likewise, at least), LORA_TARGETS (q_proj,k_proj,v_proj,o_proj), LIMIT (46 test rows), SEED (0);
 # FIRSTRT_BIN runs that binary instead of building the checkout's. Steps already done (their
 # output files exist) are not run again, so an interrupted run continues. Every
 # training run writes its --json log beside its files (OUT_DIR/*/train.jsonl) with tokens/s; the
@@ -35,8 +36,11 @@ if [ -n "${FIRSTRT_BIN:-}" ]; then bin="$FIRSTRT_BIN"; else (cd "$root" && cargo
 router_steps="${ROUTER_STEPS:-200}" lora_steps="${LORA_STEPS:-200}" batch="${BATCH:-8}"
 lr_routers="${LR_ROUTERS:-1e-2}" lr_lora="${LR_LORA:-1e-3}" keep="${KEEP:-0.75}" taus="${TAUS:-0.3 0.5 0.7}" lora_taus="${LORA_TAUS:-$taus}"
 limit="${LIMIT:-46}" seed="${SEED:-0}" gate="${GATE:-hard}" targets="${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}"
-budget=() suffix=""
-if [ -n "${MAX_SKIP:-}" ]; then budget=(--max-skip "$MAX_SKIP"); suffix=" skip≤$MAX_SKIP"; fi
+budget=() suffix="" from=()
+if [ -n "${MIN_SKIP:-}" ]; then budget+=(--min-skip "$MIN_SKIP"); suffix=" skip≥$MIN_SKIP"; fi
+if [ -n "${MAX_SKIP:-}" ]; then budget+=(--max-skip "$MAX_SKIP"); suffix="$suffix skip≤$MAX_SKIP"; fi
+if [ -n "${ROUTERS_FROM:-}" ]; then from=(--routers "$ROUTERS_FROM"); fi
+keep_weight="${KEEP_WEIGHT:-1}"
 train="$data/e2e_nlg/train.jsonl" test="$data/e2e_nlg/test.jsonl"
 mkdir -p "$out"
 stamp() { echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg): $*"; }
@@ -46,12 +50,12 @@ timed() { # LABEL LOG CMD...: runs CMD (stdout into LOG, or the terminal for -) 
     if [ "$log" = - ]; then "$@"; else "$@" > "$log"; fi
     stamp "$label took $(( $(date +%s) - t0 )) s"
 }
-stamp "firstrt $(git -C "$root" rev-parse --short HEAD), routers $router_steps steps ($gate gates), LoRA $lora_steps steps ($targets), batch $batch${MAX_SKIP:+, at most $MAX_SKIP layers skipped}"
+stamp "firstrt $(git -C "$root" rev-parse --short HEAD), routers $router_steps steps ($gate gates), LoRA $lora_steps steps ($targets), batch $batch${MIN_SKIP:+, at least $MIN_SKIP layers skipped}${MAX_SKIP:+, at most $MAX_SKIP layers skipped}"
 
 # 1. Routers.
 [ -f "$out/routers/routers.safetensors" ] || timed "stage routers" "$out/routers.train.jsonl" \
     "$bin" train -m "$model" --data "$train" --stage routers --steps "$router_steps" --batch "$batch" \
-    --lr "$lr_routers" --keep-target "$keep" --gate "$gate" --seed "$seed" --json --out "$out/routers"
+    --lr "$lr_routers" --keep-target "$keep" --keep-weight "$keep_weight" "${from[@]}" --gate "$gate" --seed "$seed" --json --out "$out/routers"
 routers="$out/routers/routers.safetensors"
 
 # 2. The routers' plans without an adapter, and static plans of the same sizes.

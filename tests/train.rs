@@ -235,6 +235,10 @@ fn bad_training_input_is_one_clear_line() {
             "--threshold",
         ),
         (vec!["--data".into(), data.display().to_string(), "--stage".into(), "lora".into(), "--max-skip".into(), "2".into()], "--max-skip"),
+        (
+            vec!["--data".into(), data.display().to_string(), "--stage".into(), "joint".into(), "--gate".into(), "score".into()],
+            "--gate score",
+        ),
     ];
     for (args, want) in cases {
         let out = dir.join("out");
@@ -320,4 +324,35 @@ fn the_lora_stage_trains_under_the_skip_budget_run_would_use() {
     );
     assert!(!ok && err.contains("--max-skip") && !err.contains("panicked"), "{err}");
     assert!(!out.join("checkpoint.safetensors").exists());
+}
+
+/// `--gate score` trains the routers from forward passes alone (the engine's unit test checks its
+/// gradient): the routers move, and the file they are saved in routes `run`.
+#[test]
+fn the_score_gate_trains_routers_that_run_loads() {
+    let dir = TempDir::new("train-score");
+    let data = rows(&dir, 4);
+    let out = dir.join("out");
+    let mut cmd = firstrt();
+    cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out);
+    cmd.args(["--stage", "routers", "--gate", "score", "--steps", "2", "--batch", "2", "--lr", "5e-2", "--ctx", "48", "--json"]);
+    let (ok, stdout, err) = output(&mut cmd);
+    assert!(ok, "{err}");
+    let steps: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(steps.len(), 2, "{stdout}");
+    for s in &steps {
+        assert!(s["ce"].as_f64().is_some_and(f64::is_finite) && s["grad_norm"].as_f64().is_some_and(|g| g > 0.0), "{s}");
+    }
+    let routers = out.join("routers.safetensors");
+    let (ok, _, err) = output(firstrt().args(["run", "-m"]).arg(model_path()).arg("--routers").arg(&routers).args([
+        "--show-plan",
+        "--max-tokens",
+        "1",
+        "-p",
+        "Hi",
+    ]));
+    assert!(ok && err.contains("layer  14: p = "), "{err}");
+    // Init routers give every layer p = sigmoid(2) = 0.881; trained ones no longer do.
+    let ps: Vec<&str> = err.lines().filter_map(|l| l.split("p = ").nth(1)).map(|r| &r[..5]).collect();
+    assert!(ps.len() >= 28 && ps.iter().any(|p| *p != "0.881"), "{err}");
 }

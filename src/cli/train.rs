@@ -44,6 +44,10 @@ pub enum Gate {
     Hard,
     /// g = p.
     Soft,
+    /// z ~ Bernoulli(p) per sequence, as hard, with the score-function (REINFORCE) gradient:
+    /// (loss under the drawn plan − the full model's cross-entropy) · (z − p) / (p (1 − p)).
+    /// Forward passes only; the routers stage alone.
+    Score,
 }
 
 #[derive(Args, Debug)]
@@ -350,6 +354,8 @@ pub fn run(gpu: &GpuOptions, args: TrainArgs) -> Result<()> {
         (Stage::Lora, _) => inference.clone(),
         (_, Gate::Soft) => GateRule::Soft,
         (_, Gate::Hard) => GateRule::Hard,
+        (Stage::Routers, Gate::Score) => GateRule::Score,
+        (Stage::Joint, Gate::Score) => bail!("--gate score trains routers alone: use it with --stage routers"),
     };
     let options = EngineOptions {
         ctx_len,

@@ -7,7 +7,7 @@
 //! ```text
 //! h_0 = embed(ids)                                           [T, d]
 //! p_l = router_l(h_{l-1}[0..P])                              (routed layers)
-//! g_l = z_l ~ Bernoulli(p_l) (hard, straight-through) | p_l (soft) | plan_l in {0, 1} (plan)
+//! g_l = z_l ~ Bernoulli(p_l) (hard, straight-through | score) | p_l (soft) | plan_l in {0, 1} (plan)
 //! h_l = h_{l-1} + g_l · (layer_l(h_{l-1}) − h_{l-1})         (g_l = 1 for unrouted layers)
 //! L   = CE(final_norm(h_L) · W_headᵀ, completion targets) + λ · mean_l p_l
 //!       [+ μ · |mean_l p_l − keep_target|]
@@ -20,6 +20,10 @@
 //! that of `p_l`), and back-propagates `g_l · ∂L/∂h_l` through the layer (skipped when
 //! `g_l = 0`) and `(1 − g_l) · ∂L/∂h_l` past it. The router's own backward adds its share to
 //! `∂L/∂h_{l-1}` on the prompt rows.
+//!
+//! With the score gate ([`GateRule::Score`]) there is no backward through the model: the routers
+//! get the score-function gradient of the drawn plan, with the full model's cross-entropy as the
+//! baseline.
 //!
 //! LoRA groups (the stacked q|k|v, o, gate|up, down of [`GpuLora`]) get `dA = s · (dY B)ᵀ x`
 //! and `dB = s · dYᵀ (x Aᵀ)` on the diagonal blocks of the stacked B only, so the zero blocks
@@ -70,6 +74,16 @@ pub enum GateRule {
     Hard,
     /// `g_l = p_l` (`--gate soft`): every layer is mixed in by its probability.
     Soft,
+    /// `z_l ~ Bernoulli(p_l)` as [`GateRule::Hard`], with the score-function (REINFORCE)
+    /// gradient instead of the straight-through one (`--gate score`, routers only): the pass is
+    /// a forward only, and each routed layer gets `∂L/∂p_l = ∂R/∂p_l + (L(z) − b) · (z_l − p_l)
+    /// / (p_l (1 − p_l))`, where `L(z) = CE(z) + R` is the sequence's loss under the drawn plan
+    /// and the baseline `b` is its cross-entropy with every layer run (a forward of its own;
+    /// any baseline that does not depend on z leaves the estimate unbiased). Its mean is the
+    /// gradient of the expected loss over the draws (Williams 1992, "Simple statistical
+    /// gradient-following algorithms"): it prices removing the whole layer, where the
+    /// straight-through gradient is a first-order slope at the drawn plan.
+    Score,
     /// The inference plan: layers run or are skipped as `run` would decide with this policy
     /// (routers frozen; `--stage lora`).
     Plan(PlanPolicy),
@@ -309,6 +323,9 @@ impl Engine {
         if options.train_routers && matches!(options.gate, GateRule::Fixed(_)) {
             return Err(RuntimeError::Internal("routers cannot be trained under a fixed plan".into()));
         }
+        if options.gate == GateRule::Score && (options.train_lora || !options.train_routers) {
+            return Err(RuntimeError::Internal("the score-function gate trains routers alone (the routers stage)".into()));
+        }
         if options.train_lora && lora.is_none() {
             return Err(RuntimeError::Internal("training LoRA needs an adapter".into()));
         }
@@ -447,7 +464,13 @@ impl Engine {
     /// [`RuntimeError::Internal`] for sizes out of range; GPU errors.
     pub fn accumulate(&mut self, ids: &[u32], prompt_len: usize, seed: u64) -> Result<SequenceStats, RuntimeError> {
         let rule = self.options.gate.clone();
-        self.forward(ids, prompt_len, seed, &rule, true)
+        let baseline = if rule == GateRule::Score {
+            let full = GateRule::Fixed(vec![true; self.weights.config.n_layers]);
+            Some(self.forward(ids, prompt_len, seed, &full, false, None)?.ce)
+        } else {
+            None
+        };
+        self.forward(ids, prompt_len, seed, &rule, true, baseline)
     }
 
     /// The forward pass only (no gradient) of one sequence with gates chosen by `rule` (as
@@ -455,7 +478,7 @@ impl Engine {
     /// [`GateRule::Plan`], the loss under the inference plan). Errors: as [`Engine::accumulate`],
     /// and a plan rule without routers.
     pub fn evaluate(&mut self, ids: &[u32], prompt_len: usize, seed: u64, rule: &GateRule) -> Result<SequenceStats, RuntimeError> {
-        self.forward(ids, prompt_len, seed, rule, false)
+        self.forward(ids, prompt_len, seed, rule, false, None)
     }
 
     /// Whether layer l's router decides its gate: it has one and the file does not protect it
@@ -494,6 +517,7 @@ impl Engine {
         seed: u64,
         rule: &GateRule,
         backward: bool,
+        baseline: Option<f32>,
     ) -> Result<SequenceStats, RuntimeError> {
         let t = ids.len();
         let c = self.weights.config.clone();
@@ -559,7 +583,7 @@ impl Engine {
                 // rules see the same stream.
                 let u: f32 = rng.random();
                 gates[l] = match rule {
-                    GateRule::Hard => f32::from(u8::from(u < p)),
+                    GateRule::Hard | GateRule::Score => f32::from(u8::from(u < p)),
                     GateRule::Soft => p,
                     GateRule::Plan(_) => f32::from(u8::from(decider.as_mut().expect("plan rule has a decider").decide(l, Some(p))?)),
                     GateRule::Fixed(_) => gates[l],
@@ -589,6 +613,10 @@ impl Engine {
 
         let routed: Vec<f32> = probs.iter().flatten().copied().collect();
         let (reg, dreg) = regulariser(&routed, self.options.lambda, self.options.keep_target);
+        if backward && *rule == GateRule::Score {
+            let baseline = baseline.ok_or_else(|| RuntimeError::Internal("the score-function gate needs a baseline".into()))?;
+            return self.score_backward(segment, prompt_len, probs, gates, reg, dreg, baseline);
+        }
         if backward {
             // ∂L/∂h_L is zero on the rows the loss does not read.
             self.ctx.queue.write_buffer(&self.grads.dh.buffer, 0, &vec![0u8; 4 * t * c.d_model]);
@@ -612,6 +640,43 @@ impl Engine {
         }
         self.run(&segment, "train.backward")?;
         let ce = self.loss.read_f32(&self.ctx)?[0];
+        let skipped = gates.iter().filter(|&&g| g == 0.0).count();
+        Ok(SequenceStats { ce, probs, gates, skipped, reg })
+    }
+
+    /// The score-function gradient ([`GateRule::Score`]) of one sequence whose forward is
+    /// recorded in `segment`: runs it, reads the cross-entropy, and adds each routed layer's
+    /// `∂R/∂p_l + (CE + R − baseline) · (z_l − p_l) / (p_l (1 − p_l))` through its router's
+    /// backward (the router's input `h_{l-1}` is still in `saved[l]`; nothing flows into h).
+    #[allow(clippy::too_many_arguments)]
+    fn score_backward(
+        &mut self,
+        mut segment: Vec<Dispatch>,
+        prompt_len: usize,
+        probs: Vec<Option<f32>>,
+        gates: Vec<f32>,
+        reg: f32,
+        dreg: f32,
+        baseline: f32,
+    ) -> Result<SequenceStats, RuntimeError> {
+        self.run(&segment, "train.forward")?;
+        segment.clear();
+        let ce = self.loss.read_f32(&self.ctx)?[0];
+        let advantage = ce + reg - baseline;
+        let dp: Vec<f32> = probs
+            .iter()
+            .zip(&gates)
+            // A saturated router (p(1 − p) below f32's reach) has no gradient through its sigmoid.
+            .map(|(p, &z)| p.map_or(0.0, |p| dreg + advantage * (z - p) / (p * (1.0 - p)).max(1e-20)))
+            .collect();
+        self.dp.write_f32(&self.ctx, &dp);
+        for l in 0..self.weights.config.n_layers {
+            if let (Some(rw), Some(rg)) = (self.routed(l), self.router_grads[l].as_ref()) {
+                let op = RouterBackwardOp { h: &self.saved[l], rows: prompt_len, weights: rw, dp: &self.dp, slot: l, grads: rg, dh: None };
+                segment.extend(router_backward(&self.ctx, &format!("train.{l}.router.backward"), &op)?);
+            }
+        }
+        self.run(&segment, "train.router_backward")?;
         let skipped = gates.iter().filter(|&&g| g == 0.0).count();
         Ok(SequenceStats { ce, probs, gates, skipped, reg })
     }

@@ -86,6 +86,19 @@ fn write_at(ctx: &GpuContext, t: &GpuTensor, i: usize, v: f32) {
     ctx.queue.write_buffer(&t.buffer, 4 * i as u64, &v.to_le_bytes());
 }
 
+/// `(f(θ + ε) − f(θ − ε)) / 2ε` in entry i of trained tensor `param` (whose value there is
+/// `value`; restored after), ε = 1e-2.
+fn central_difference(engine: &mut Engine, param: usize, i: usize, value: f32, f: impl Fn(&mut Engine) -> f64) -> f64 {
+    let (ctx, eps) = (test_context(), 1e-2f32);
+    let t = engine.params()[param].value.clone();
+    write_at(&ctx, &t, i, value + eps);
+    let plus = f(engine);
+    write_at(&ctx, &t, i, value - eps);
+    let minus = f(engine);
+    write_at(&ctx, &t, i, value);
+    (plus - minus) / (2.0 * eps as f64)
+}
+
 /// Every trained tensor's gradient at three entries against central differences of the loss
 /// (evaluated with `rule`, which must be deterministic); returns the tensors' names.
 fn check_gradients(tiny: &Tiny, routers: RouterFile, options: EngineOptions) -> Vec<String> {
@@ -109,14 +122,7 @@ fn check_gradients(tiny: &Tiny, routers: RouterFile, options: EngineOptions) -> 
         let middle = (grad.len() / 3..grad.len()).find(|&i| live(i)).unwrap();
         let last = (0..grad.len()).rev().find(|&i| live(i)).unwrap();
         for i in [largest, middle, last] {
-            let eps = 1e-2f32;
-            let t = engine.params()[pi].value.clone();
-            write_at(&ctx, &t, i, value[i] + eps);
-            let plus = loss(&mut engine);
-            write_at(&ctx, &t, i, value[i] - eps);
-            let minus = loss(&mut engine);
-            write_at(&ctx, &t, i, value[i]);
-            let fd = (plus - minus) / (2.0 * eps as f64);
+            let fd = central_difference(&mut engine, pi, i, value[i], loss);
             let got = grad[i] as f64;
             assert!(
                 (fd - got).abs() <= 0.03 * fd.abs().max(got.abs()) + 3e-4,
@@ -207,4 +213,67 @@ fn the_regulariser_and_its_derivative() {
     let (_, d) = regulariser(&[0.1, 0.3], 0.0, Some((0.5, 2.0)));
     assert!((d + 1.0).abs() < 1e-6, "{d}");
     assert_eq!(regulariser(&[], 0.01, Some((0.5, 1.0))), (0.0, 0.0));
+}
+
+/// Every plan of the tiny model's three routed layers, each with a seed whose draws give it and
+/// that draw's stats (probabilities, gates, loss).
+fn every_plan(engine: &mut Engine, ids: &[u32], prompt: usize) -> Vec<(u64, SequenceStats)> {
+    let mut found: Vec<Option<(u64, SequenceStats)>> = vec![None; 1 << DIMS.n_layers];
+    for seed in 0..4096 {
+        if found.iter().all(Option::is_some) {
+            break;
+        }
+        let s = engine.evaluate(ids, prompt, seed, &GateRule::Hard).unwrap();
+        let plan = s.gates.iter().enumerate().map(|(l, &g)| usize::from(g == 1.0) << l).sum::<usize>();
+        found[plan].get_or_insert((seed, s));
+    }
+    found.into_iter().enumerate().map(|(k, f)| f.unwrap_or_else(|| panic!("plan {k:03b} never drawn"))).collect()
+}
+
+/// The probability of the plan a draw made: `prod_l p_l` over run layers times `1 − p_l` over
+/// skipped ones.
+fn plan_probability(s: &SequenceStats) -> f64 {
+    s.probs.iter().zip(&s.gates).map(|(p, &g)| if g == 1.0 { p.unwrap() as f64 } else { 1.0 - p.unwrap() as f64 }).product()
+}
+
+#[test]
+fn the_score_gate_gradient_averages_to_the_expected_loss_gradient() {
+    let tiny = tiny(14);
+    let ctx = test_context();
+    let score = EngineOptions { train_lora: false, ..options(GateRule::Score) };
+    let mut engine = Engine::new(tiny.weights.clone(), Some(tiny.routers.clone()), None, score).unwrap();
+    let ids = sequence(12, 3);
+    let prompt = 4;
+    // E_z[L(z)] over the 8 plans, exactly: L does not depend on the routers given the plan,
+    // except through the regulariser, which the stats include.
+    let expected = |e: &mut Engine| every_plan(e, &ids, prompt).iter().map(|(_, s)| plan_probability(s) * s.loss() as f64).sum::<f64>();
+    // The estimator's mean: each plan's gradient (drawn by its seed) weighted by its probability.
+    let plans = every_plan(&mut engine, &ids, prompt);
+    let names: Vec<String> = engine.params().iter().map(|p| p.name.clone()).collect();
+    assert_eq!(names.len(), 3 * 5, "{names:?}");
+    let mut mean: Vec<Vec<f64>> = engine.params().iter().map(|p| vec![0.0; p.value.numel()]).collect();
+    for (seed, drawn) in &plans {
+        let stats = engine.accumulate(&ids, prompt, *seed).unwrap();
+        assert_eq!((&stats.gates, stats.ce), (&drawn.gates, drawn.ce), "seed {seed} draws the same plan and loss");
+        let weight = plan_probability(&stats);
+        for (m, p) in mean.iter_mut().zip(engine.params()) {
+            for (mi, g) in m.iter_mut().zip(p.grad.read_f32(&ctx).unwrap()) {
+                *mi += weight * g as f64;
+            }
+        }
+        engine.zero_grads();
+    }
+    for (pi, name) in names.iter().enumerate() {
+        let value = engine.params()[pi].value.read_f32(&ctx).unwrap();
+        let largest = (0..value.len()).max_by(|&a, &b| mean[pi][a].abs().total_cmp(&mean[pi][b].abs())).unwrap();
+        for i in [largest, value.len() - 1] {
+            let fd = central_difference(&mut engine, pi, i, value[i], expected);
+            let got = mean[pi][i];
+            assert!((fd - got).abs() <= 0.03 * fd.abs().max(got.abs()) + 3e-4, "{name}[{i}]: mean gradient {got}, finite differences {fd}");
+        }
+    }
+    // The score gate trains routers alone.
+    let joint = EngineOptions { train_lora: true, ..options(GateRule::Score) };
+    let err = Engine::new(tiny.weights.clone(), Some(tiny.routers.clone()), Some(&tiny.adapter), joint).unwrap_err();
+    assert!(err.to_string().contains("routers alone"), "{err}");
 }
