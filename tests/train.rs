@@ -34,9 +34,16 @@ fn rows(dir: &TempDir, n: usize) -> PathBuf {
     path
 }
 
-fn train(data: &Path, out: &Path, steps: usize) -> Command {
+/// `firstrt train -m MODEL --data DATA --out OUT`, to which a test adds the rest.
+fn train_on(data: &Path, out: &Path) -> Command {
     let mut cmd = firstrt();
-    cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(data).arg("--eval").arg(data).arg("--out").arg(out);
+    cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(data).arg("--out").arg(out);
+    cmd
+}
+
+fn train(data: &Path, out: &Path, steps: usize) -> Command {
+    let mut cmd = train_on(data, out);
+    cmd.arg("--eval").arg(data);
     cmd.args(["--stage", "joint", "--steps", &steps.to_string(), "--batch", "2", "--lr", "1e-2", "--ctx", "48"]);
     cmd.args(["--checkpoint-every", "2", "--eval-every", "2", "--lora-r", "4", "--router-rank", "4", "--seed", "3", "--json"]);
     cmd
@@ -181,7 +188,7 @@ fn a_trained_adapter_means_the_same_in_hugging_face_peft() {
     let dir = TempDir::new("train-peft");
     let data = rows(&dir, 2);
     let out = dir.join("lora");
-    let (ok, _, err) = output(firstrt().arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out).args([
+    let (ok, _, err) = output(train_on(&data, &out).args([
         "--stage",
         "lora",
         "--steps",
@@ -251,7 +258,7 @@ fn bad_training_input_is_one_clear_line() {
     // A learning rate that blows the adapter up: the run stops at the first non-finite loss and
     // keeps the last good checkpoint.
     let out = dir.join("nan");
-    let (ok, _, err) = output(firstrt().arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out).args([
+    let (ok, _, err) = output(train_on(&data, &out).args([
         "--stage",
         "lora",
         "--steps",
@@ -269,21 +276,16 @@ fn bad_training_input_is_one_clear_line() {
     assert!(out.join("checkpoint.safetensors").is_file());
     // A checkpoint refuses a resumed run with other options, naming what differs.
     let out = dir.join("resume");
-    let base = |cmd: &mut Command| {
-        cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out);
+    let base = || {
+        let mut cmd = train_on(&data, &out);
         cmd.args(["--stage", "routers", "--batch", "1", "--ctx", "48"]);
+        cmd
     };
-    let mut first = firstrt();
-    base(&mut first);
-    let (ok, _, err) = output(first.args(["--steps", "1"]));
+    let (ok, _, err) = output(base().args(["--steps", "1"]));
     assert!(ok, "{err}");
-    let mut again = firstrt();
-    base(&mut again);
-    let (ok, _, err) = output(again.args(["--steps", "1"]));
+    let (ok, _, err) = output(base().args(["--steps", "1"]));
     assert!(!ok && err.contains("--resume"), "{err}");
-    let mut other = firstrt();
-    base(&mut other);
-    let (ok, _, err) = output(other.args(["--resume", "--lr", "0.5", "--steps", "2"]));
+    let (ok, _, err) = output(base().args(["--resume", "--lr", "0.5", "--steps", "2"]));
     assert!(!ok && err.contains("lr"), "{err}");
 }
 
@@ -299,8 +301,8 @@ fn the_lora_stage_trains_under_the_skip_budget_run_would_use() {
     assert!(ok, "{err}");
     for (budget, want) in [(vec!["--max-skip", "2"], 2.0), (vec!["--max-skip", "5", "--min-skip", "5"], 5.0)] {
         let out = dir.join(format!("out{want}"));
-        let mut cmd = firstrt();
-        cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out).arg("--routers").arg(&routers);
+        let mut cmd = train_on(&data, &out);
+        cmd.arg("--routers").arg(&routers);
         cmd.args(["--stage", "lora", "--steps", "1", "--batch", "1", "--ctx", "48", "--threshold", "0.99", "--json"]).args(&budget);
         let (ok, stdout, err) = output(&mut cmd);
         assert!(ok, "{budget:?}: {err}");
@@ -309,19 +311,16 @@ fn the_lora_stage_trains_under_the_skip_budget_run_would_use() {
     }
     // The budget is checked before anything is trained.
     let out = dir.join("bad");
-    let (ok, _, err) = output(
-        firstrt()
-            .arg("train")
-            .arg("-m")
-            .arg(model_path())
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&out)
-            .arg("--routers")
-            .arg(&routers)
-            .args(["--stage", "lora", "--steps", "1", "--min-skip", "4", "--max-skip", "2"]),
-    );
+    let (ok, _, err) = output(train_on(&data, &out).arg("--routers").arg(&routers).args([
+        "--stage",
+        "lora",
+        "--steps",
+        "1",
+        "--min-skip",
+        "4",
+        "--max-skip",
+        "2",
+    ]));
     assert!(!ok && err.contains("--max-skip") && !err.contains("panicked"), "{err}");
     assert!(!out.join("checkpoint.safetensors").exists());
 }
@@ -333,8 +332,7 @@ fn the_score_gate_trains_routers_that_run_loads() {
     let dir = TempDir::new("train-score");
     let data = rows(&dir, 4);
     let out = dir.join("out");
-    let mut cmd = firstrt();
-    cmd.arg("train").arg("-m").arg(model_path()).arg("--data").arg(&data).arg("--out").arg(&out);
+    let mut cmd = train_on(&data, &out);
     cmd.args(["--stage", "routers", "--gate", "score", "--steps", "2", "--batch", "2", "--lr", "5e-2", "--ctx", "48", "--json"]);
     let (ok, stdout, err) = output(&mut cmd);
     assert!(ok, "{err}");
