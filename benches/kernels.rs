@@ -16,15 +16,20 @@ use std::time::{Duration, Instant};
 
 use firstrt::gpu::MatrixPart;
 use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor};
-use firstrt::kernels::attention::AttnShape;
+use firstrt::kernels::attention::{AttnOp, AttnShape, AttnVariant, attention_variant};
 use firstrt::kernels::attention_backward::{AttnBackwardOp, attention_backward};
 use firstrt::kernels::choice::{read_candidates, weight_kind};
 use firstrt::kernels::copy::copy;
 use firstrt::kernels::cross_entropy::{CrossEntropyOp, cross_entropy};
+use firstrt::kernels::embedding::embedding;
 use firstrt::kernels::linear::LinearOp;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
 use firstrt::kernels::matmul_tn::{MatmulTnOp, matmul_tn};
 use firstrt::kernels::matvec::{MatvecVariant, matvec};
+use firstrt::kernels::rmsnorm::{RmsNormOp, rmsnorm};
+use firstrt::kernels::rope::{RopeQkvOp, RopeTables, rope_qkv_write};
+use firstrt::kernels::step::{StepBuffer, StepParams};
+use firstrt::kernels::swiglu::swiglu;
 use firstrt::kernels::testing::random_blocks;
 use firstrt::model::QuantType;
 use firstrt::testdata::median;
@@ -143,7 +148,7 @@ fn main() {
             let w = GpuMatrix::upload(&ctx, "w", n, k, &pseudo_random(n * k, 2), dtype).unwrap();
             let x = GpuTensor::from_f32(&ctx, "x", &[k], &pseudo_random(k, 3)).unwrap();
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
-            for v in MatvecVariant::ALL {
+            for v in MatvecVariant::available(&ctx) {
                 let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y), v).unwrap();
                 b.case(&format!("matvec {} {}", v.name(), weight_kind(&ctx, dtype).for_k(k).name()), &format!("{n}x{k}"), &ds, true);
                 // The other ways of reading these weights (the row above used the adapter's choice).
@@ -161,9 +166,60 @@ fn main() {
             let w = quant_weights(&ctx, q, n, kq, 2);
             let x = GpuTensor::from_f32(&ctx, "x", &[kq], &pseudo_random(kq, 3)).unwrap();
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
-            for v in MatvecVariant::ALL {
+            for v in MatvecVariant::available(&ctx) {
                 let ds = matvec(&ctx, "matvec", &LinearOp::new(&x, 1, &w, &y), v).unwrap();
                 b.case(&format!("matvec {} {q}", v.name()), &shape, &ds, true);
+            }
+        }
+    }
+
+    // The decode step's small kernels, one token of SmolLM2-135M (d 576, ff 1536, 9/3 heads of
+    // 64, a 4096-row KV cache at position 128): each call is mostly its dispatch's fixed cost,
+    // paid about 5 times per layer. The embedding row is the cheapest dispatch of a step.
+    if ["embedding", "rmsnorm", "swiglu", "rope", "attention"].iter().any(|f| b.wanted(&format!("{f} decode"))) {
+        let (d, ff, max_pos, pos) = (576, 1536, 4096, 128);
+        let heads = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+        let rand = |name: &str, n: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[n], &pseudo_random(n, seed)).unwrap();
+        let (x, w, y) = (rand("x", d, 1), rand("w", d, 2), rand("y", d, 0));
+        let table = GpuMatrix::upload(&ctx, "table", 1024, d, &pseudo_random(1024 * d, 3), DType::F32).unwrap();
+        let ids = GpuTensor::from_u32(&ctx, "ids", &[1], &[7]).unwrap();
+        let ds = embedding(&ctx, "embedding", &ids, 1, &table, &y).unwrap();
+        b.case("embedding decode", &format!("1x{d}"), &ds, false);
+        let d1 = rmsnorm(&ctx, "rmsnorm", &RmsNormOp { x: &x, x_row0: 0, rows: 1, weight: &w, y: &y, eps: 1e-5 }).unwrap();
+        b.case("rmsnorm decode", &format!("1x{d}"), &[d1], false);
+        let (gate_up, act) = (rand("gate_up", 2 * ff, 4), rand("act", ff, 0));
+        let d1 = swiglu(&ctx, "swiglu", &gate_up, 1, ff, &act).unwrap();
+        b.case("swiglu decode", &format!("1x{ff}"), &[d1], false);
+        let step = StepBuffer::new(&ctx);
+        step.write(&ctx, &StepParams::new(pos, 1));
+        let tables = RopeTables::new(&ctx, heads.head_dim, 10000.0, None, max_pos).unwrap();
+        let (qkv, q) = (rand("qkv", heads.qkv_dim(), 5), rand("q", heads.q_dim(), 0));
+        let (k_cache, v_cache) = (rand("k_cache", max_pos * heads.kv_dim(), 6), rand("v_cache", max_pos * heads.kv_dim(), 7));
+        let out = rand("out", heads.q_dim(), 0);
+        let rope = RopeQkvOp {
+            qkv: &qkv,
+            rows: 1,
+            row0: 0,
+            shape: heads,
+            tables: &tables,
+            step: &step,
+            q_out: &q,
+            k_cache: &k_cache,
+            v_cache: &v_cache,
+        };
+        let d1 = rope_qkv_write(&ctx, "rope", &rope).unwrap();
+        b.case("rope decode", "1 row 9/3/64", &[d1], false);
+        // Attention: the split and combine dispatches at a few positions and split sizes (the
+        // step uniform is written before each case; the dispatches read it at run time).
+        let op = AttnOp { q: &q, rows: 1, row0: 0, k_cache: &k_cache, v_cache: &v_cache, shape: heads, step: &step, out: &out };
+        for at in [128, 1024] {
+            step.write(&ctx, &StepParams::new(at, 1));
+            for keys_per_split in [8, 16, 32, 64] {
+                let ds = attention_variant(&ctx, "attention", &op, AttnVariant::Split { keys_per_split }).unwrap();
+                let shape = format!("9/3/64 pos {at} of {max_pos}, {keys_per_split} keys per split");
+                b.case("attention decode split", &shape, &ds[..1], false);
+                b.case("attention decode combine", &shape, &ds[1..], false);
+                b.case("attention decode split+combine", &shape, &ds, false);
             }
         }
     }

@@ -94,3 +94,7 @@ fn matvec_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
         store(n, partial[0]);
     }
 }
+
+// Subgroup variant (generated from Rust, `matvec::subgroup_entry`; empty in the other variants,
+// so that adapters without subgroups compile this module).
+{{SUBGROUP_ENTRY}}

@@ -361,6 +361,12 @@ impl GpuContext {
         self.features.contains(wgpu::Features::SHADER_INT64)
     }
 
+    /// Whether shaders may use subgroup operations and builtins (SUBGROUP), which
+    /// [`crate::kernels::matvec::MatvecVariant::Subgroup`] needs.
+    pub fn has_subgroups(&self) -> bool {
+        self.features.contains(wgpu::Features::SUBGROUP)
+    }
+
     /// A key naming this adapter and driver, for on-disk caches of measured choices.
     pub fn adapter_key(&self) -> String {
         let i = &self.info;

@@ -1,7 +1,7 @@
 //! Which kernel variant to use on this adapter, decided once per process per family.
 //!
 //! In order: the environment variable `FIRSTRT_KERNEL` (e.g. `matmul=tiled,matvec=reduce`, or a
-//! bare variant name such as `tiled`, `regblock`, `rows`, `reduce`); the on-disk cache
+//! bare variant name such as `tiled`, `regblock`, `rows`, `reduce`, `subgroup`); the on-disk cache
 //! `$FIRSTRT_CACHE/kernel-choice.json` (default `~/.cache/firstrt`) keyed by
 //! [`GpuContext::adapter_key`], the candidate variants and the measuring method; else a
 //! measurement of every candidate, whose result is written to the cache. The choice is kept in
@@ -40,7 +40,7 @@ use crate::kernels::matvec::{MatvecVariant, matvec};
 pub struct Forced {
     /// `matmul=regblock|tiled|xbcast` (or the bare name).
     pub matmul: Option<MatmulVariant>,
-    /// `matvec=rows|reduce` (or the bare name).
+    /// `matvec=rows|reduce|subgroup` (or the bare name).
     pub matvec: Option<MatvecVariant>,
     /// `f16read=native|packed|wide`.
     pub f16read: Option<WeightKind>,
@@ -96,7 +96,7 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
             (None | Some("matvec"), _, Some(v)) => f.matvec = Some(v),
             _ => {
                 return Err(format!(
-                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled|xbcast, matvec=rows|reduce, \
+                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled|xbcast, matvec=rows|reduce|subgroup, \
                      f32read=plain|wide, f16read=native|packed|wide)"
                 ));
             }
@@ -228,7 +228,7 @@ fn cache_key(ctx: &GpuContext) -> String {
         "{}|matmul={}|matvec={}|f32read=plain,wide|f16read=native,packed,wide|{METHOD}",
         ctx.adapter_key(),
         names(&MatmulVariant::ALL.map(MatmulVariant::name)),
-        names(&MatvecVariant::ALL.map(MatvecVariant::name)),
+        names(&matvec_candidates(ctx).into_iter().map(MatvecVariant::name).collect::<Vec<_>>()),
     )
 }
 
@@ -268,10 +268,28 @@ fn matvec_fallback(ctx: &GpuContext) -> MatvecVariant {
     if is_cpu(ctx) { MatvecVariant::Rows } else { MatvecVariant::Reduce }
 }
 
+/// The matvec variants measured on this adapter: those it can run
+/// ([`MatvecVariant::available`]), less `subgroup` on a CPU adapter. On lavapipe the subgroup
+/// GEMV lost to `rows` on every decode shape of `cargo bench --bench kernels -- matvec` (by up
+/// to 1.8x; its lanes split K, which suits a GPU's memory system, not a CPU's SIMD lanes), yet
+/// the short measurement picked it in one of three fresh runs, so it is left out there; it can
+/// still be forced with `FIRSTRT_KERNEL=matvec=subgroup`.
+fn matvec_candidates(ctx: &GpuContext) -> Vec<MatvecVariant> {
+    MatvecVariant::available(ctx).into_iter().filter(|&v| v != MatvecVariant::Subgroup || !is_cpu(ctx)).collect()
+}
+
 /// The matvec variant for this adapter (decided once per process).
 pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
     let fallback = matvec_fallback(ctx);
-    let forced = forced_from_env().matvec.map(MatvecVariant::name);
+    let available = MatvecVariant::available(ctx);
+    let forced = forced_from_env().matvec.filter(|v| {
+        let ok = available.contains(v);
+        if !ok {
+            log::warn!("FIRSTRT_KERNEL: matvec={} needs SUBGROUP, which adapter {} lacks; measuring instead", v.name(), ctx.info.name);
+        }
+        ok
+    });
+    let forced = forced.map(MatvecVariant::name);
     let name =
         choose(ctx, "matvec", forced, cache_path().as_deref(), || measure_matvec(ctx, fallback).map(MatvecVariant::name), fallback.name());
     MatvecVariant::parse(&name).unwrap_or(fallback)
@@ -495,7 +513,7 @@ fn pseudo_random(n: usize) -> Vec<f32> {
 fn measure_matvec(ctx: &GpuContext, preferred: MatvecVariant) -> Result<MatvecVariant, GpuError> {
     let set = GemvSet::new(ctx, DType::F32)?;
     let kind = weight_kind(ctx, DType::F32);
-    let order = preference_order(&MatvecVariant::ALL, preferred);
+    let order = preference_order(&matvec_candidates(ctx), preferred);
     measure_candidates(ctx, "matvec", &order, MatvecVariant::name, |v| set.program(ctx, kind, v))
 }
 

@@ -2,10 +2,12 @@
 //! `y[y_col0 + n] (+)= scale · dot(w[n, :], x) (+ bias[n])` with `w` a `[N, K]` weight matrix
 //! (Hugging Face `[out, in]`) in f32 or f16 and f32 maths.
 //!
-//! Two variants: [`MatvecVariant::Rows`] (each invocation owns a few rows, register-blocked vec4
-//! loads, no workgroup memory: the fast one on CPU drivers such as lavapipe) and
-//! [`MatvecVariant::Reduce`] (one workgroup per row, reduction through workgroup memory: the usual
-//! GPU shape). [`crate::kernels::choice::matvec_variant`] picks one per adapter.
+//! Three variants: [`MatvecVariant::Rows`] (each invocation owns a few rows, register-blocked vec4
+//! loads, no workgroup memory: the fast one on CPU drivers such as lavapipe),
+//! [`MatvecVariant::Reduce`] (one workgroup per row, reduction through workgroup memory) and
+//! [`MatvecVariant::Subgroup`] (a subgroup per few rows, lanes striding over K, `subgroupAdd`: the
+//! usual GPU GEMV where the adapter has subgroups).
+//! [`crate::kernels::choice::matvec_variant`] picks one per adapter by measurement.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -24,6 +26,11 @@ pub const ROWS_PER_INVOCATION: u32 = 4;
 pub const ROWS_WG: u32 = 64;
 /// Workgroup size of the `Reduce` variant (a power of two).
 pub const REDUCE_WG: u32 = 64;
+/// Workgroup size of the `Subgroup` variant.
+pub const SUBGROUP_WG: u32 = 64;
+/// Row groups ([`ROWS_PER_INVOCATION`] rows each) per workgroup of the `Subgroup` variant: its
+/// subgroups take them in turn, whatever the adapter's subgroup size.
+pub const SUBGROUP_GROUPS: u32 = 8;
 
 /// The matvec kernel variants; [`crate::kernels::choice::matvec_variant`] picks one per adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,18 +40,29 @@ pub enum MatvecVariant {
     Rows,
     /// Workgroup reduction per row: one workgroup of [`REDUCE_WG`] invocations per row of W.
     Reduce,
+    /// Subgroup reduction: each subgroup owns [`ROWS_PER_INVOCATION`] rows at a time, its lanes
+    /// stride over K (adjacent lanes read adjacent memory) and `subgroupAdd` sums them; no
+    /// workgroup memory or barrier. Needs the adapter's SUBGROUP feature.
+    Subgroup,
 }
 
 impl MatvecVariant {
     /// Every variant, in the order the kernel choice measures them.
-    pub const ALL: [MatvecVariant; 2] = [MatvecVariant::Rows, MatvecVariant::Reduce];
+    pub const ALL: [MatvecVariant; 3] = [MatvecVariant::Rows, MatvecVariant::Reduce, MatvecVariant::Subgroup];
 
     /// The variant's name in `FIRSTRT_KERNEL`, the choice cache and bench rows (`rows`, `reduce`).
     pub fn name(self) -> &'static str {
         match self {
             MatvecVariant::Rows => "rows",
             MatvecVariant::Reduce => "reduce",
+            MatvecVariant::Subgroup => "subgroup",
         }
+    }
+
+    /// The variants this adapter can run, in the order of [`MatvecVariant::ALL`]: all but
+    /// `Subgroup` where the adapter lacks SUBGROUP.
+    pub fn available(ctx: &GpuContext) -> Vec<MatvecVariant> {
+        MatvecVariant::ALL.into_iter().filter(|&v| v != MatvecVariant::Subgroup || ctx.has_subgroups()).collect()
     }
 
     /// The variant called `s` ([`MatvecVariant::name`]), if any.
@@ -95,16 +113,28 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
     if op.w_rows.is_some() {
         return Err(invalid(label, "matvec multiplies by all of W (a block of its rows needs matmul)"));
     }
+    if variant == MatvecVariant::Subgroup && !ctx.has_subgroups() {
+        return Err(invalid(label, format!("the subgroup matvec needs SUBGROUP, which adapter {} lacks", ctx.info.name)));
+    }
     let (k, _) = op.k_n();
     let aligned = k.is_multiple_of(4);
     let (entry, wg) = match variant {
         MatvecVariant::Rows => ("matvec_rows", ROWS_WG),
         MatvecVariant::Reduce => ("matvec_reduce", REDUCE_WG),
+        MatvecVariant::Subgroup => ("matvec_subgroup", SUBGROUP_WG),
     };
     let pipeline = |kind: WeightKind| {
         let x_kind = kind.activations_on(ctx);
         let shader = ShaderVariant::new("matvec", SOURCE, entry)
-            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide))
+            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false))
+            .define(
+                "SUBGROUP_ENTRY",
+                if variant == MatvecVariant::Subgroup {
+                    subgroup_entry(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide)
+                } else {
+                    String::new()
+                },
+            )
             .weights("X_DECL", x_kind, 1, "x")
             .weights("W_DECL", kind, 2, "w")
             .define("ALIGNED", aligned)
@@ -129,6 +159,7 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         let groups = match variant {
             MatvecVariant::Rows => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * ROWS_WG),
             MatvecVariant::Reduce => c.rows as u32,
+            MatvecVariant::Subgroup => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * SUBGROUP_GROUPS),
         };
         let y_bytes = if op.accumulate { 8 } else { 4 } * c.rows as u64;
         let cost = Cost {
@@ -156,7 +187,7 @@ const REDUCE_UNITS: &str = "        let units = p.k / 32u;
 /// multiply-adds, and stores guarded by `n < p.rows`. Rows past the end are clamped, so every
 /// load stays in bounds. With `wide_x` (x declared `F32Wide`; only for step 32) a unit's x comes
 /// in four eight-value loads instead of eight vec4 loads.
-pub fn rows_body(r: u32, step: usize, wide_x: bool) -> String {
+pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let zero = if step == 1 || step == 32 { "0.0" } else { "vec4<f32>(0.0)" };
@@ -165,7 +196,11 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool) -> String {
         let _ = writeln!(s, "    let wb{j} = min(first + {j}u, p.rows - 1u) * steps;");
         let _ = writeln!(s, "    var a{j} = {zero};");
     }
-    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    if lanes {
+        let _ = writeln!(s, "    for (var kk = sg_lane; kk < steps; kk += sg_size) {{");
+    } else {
+        let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    }
     if step == 32 && wide_x {
         // Loads 0 and 1 hold values 0..15 (x0..x3), loads 2 and 3 values 16..31 (x4..x7).
         for l in 0..4 {
@@ -195,9 +230,39 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool) -> String {
     let _ = writeln!(s, "    }}");
     for j in 0..r {
         let sum = if step == 1 || step == 32 { format!("a{j}") } else { format!("(a{j}.x + a{j}.y) + (a{j}.z + a{j}.w)") };
-        let _ = writeln!(s, "    if (first + {j}u < p.rows) {{ store(first + {j}u, {sum}); }}");
+        if lanes {
+            let _ = writeln!(s, "    let s{j} = subgroupAdd({sum});");
+            let _ = writeln!(s, "    if (sg_lane == 0u && first + {j}u < p.rows) {{ store(first + {j}u, s{j}); }}");
+        } else {
+            let _ = writeln!(s, "    if (first + {j}u < p.rows) {{ store(first + {j}u, {sum}); }}");
+        }
     }
     s
+}
+
+/// The WGSL entry point `matvec_subgroup` ([`MatvecVariant::Subgroup`]): workgroup w owns rows
+/// `w · SUBGROUP_GROUPS · r ..` in [`SUBGROUP_GROUPS`] groups of `r`; subgroup s takes groups
+/// s, s + num_subgroups, .., and in each its lanes walk K `step` elements at a time from their
+/// lane index by the subgroup size ([`rows_body`] with `lanes`), then `subgroupAdd` the row sums
+/// and lane 0 stores them. Every `subgroupAdd` sits in subgroup-uniform control flow.
+pub fn subgroup_entry(r: u32, step: usize, wide_x: bool) -> String {
+    let body: String = rows_body(r, step, wide_x, true).lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "@compute @workgroup_size({SUBGROUP_WG})
+fn matvec_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(subgroup_invocation_id) sg_lane: u32, @builtin(subgroup_size) sg_size: u32,
+                   @builtin(subgroup_id) sg_id: u32, @builtin(num_subgroups) n_sg: u32) {{
+    let wg_row0 = (wg.x + wg.y * nwg.x) * {groups}u * {r}u;
+    for (var g = sg_id; g < {groups}u; g += n_sg) {{
+        let first = wg_row0 + g * {r}u;
+        if (first >= p.rows) {{
+            break;
+        }}
+{body}    }}
+}}
+",
+        groups = SUBGROUP_GROUPS
+    )
 }
 
 /// CPU reference: `dot(w[n, :], x) (+ bias[n])` for each of the `n` rows of `w` (`[n, k]`), in f64.
@@ -262,7 +327,7 @@ mod tests {
     #[test]
     fn matvec_matches_reference_all_variants_and_kinds() {
         let ctx = test_context();
-        for variant in MatvecVariant::ALL {
+        for variant in MatvecVariant::available(&ctx) {
             for kind in weight_kinds(&ctx) {
                 for (n, k) in [(1, 1), (7, 7), (257, 257), (13, 1757), (1757, 12), (5, 8), (300, 576)] {
                     check(&ctx, &case(n, k), kind, variant);
@@ -274,7 +339,7 @@ mod tests {
     #[test]
     fn matvec_bias_accumulate_and_offset() {
         let ctx = test_context();
-        for variant in MatvecVariant::ALL {
+        for variant in MatvecVariant::available(&ctx) {
             for kind in weight_kinds(&ctx) {
                 check(&ctx, &Case { n: 37, k: 64, bias: true, accumulate: false, y_col0: 5 }, kind, variant);
                 check(&ctx, &Case { n: 37, k: 63, bias: true, accumulate: true, y_col0: 2 }, kind, variant);
@@ -286,7 +351,7 @@ mod tests {
     #[test]
     fn matvec_large() {
         let ctx = test_context();
-        for variant in MatvecVariant::ALL {
+        for variant in MatvecVariant::available(&ctx) {
             check(&ctx, &case(3072, 576), WeightKind::F32, variant);
             check(
                 &ctx,
@@ -301,7 +366,7 @@ mod tests {
     fn matvec_over_split_weights() {
         // A binding of 4 KiB forces the matrix into several chunks.
         let ctx = GpuContext::new(&GpuOptions { max_binding_override: Some(4096), ..Default::default() }).unwrap();
-        for variant in MatvecVariant::ALL {
+        for variant in MatvecVariant::available(&ctx) {
             for kind in [WeightKind::F32, WeightKind::F16Packed] {
                 let (n, k) = (301, 36);
                 let gw = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 9), kind.dtype()).unwrap();
@@ -334,7 +399,7 @@ mod tests {
     #[test]
     fn matvec_scaled_accumulates_scaled_product() {
         let ctx = test_context();
-        for variant in MatvecVariant::ALL {
+        for variant in MatvecVariant::available(&ctx) {
             for (n, k, y_col0, scale) in [(37usize, 8usize, 5usize, -1.75f32), (8, 576, 0, 2.0), (19, 6, 3, 0.0)] {
                 let x = random_vec(k, 11);
                 let wv = random_vec(n * k, 12);
