@@ -4,8 +4,8 @@
 // sum acc) in f32.
 //
 // Entry points (each uses bindings 0..n in order; names differ because the bindings differ):
-//   attn_rows:    one invocation per (t, h) over all its keys, writes out directly (prefill).
-//   attn_split:   flash-decoding: one invocation per (t, split s, h) over keys
+//   attn_rows:    one invocation per (t, block of GB heads) over all its keys, writes out directly (prefill).
+//   attn_split:   flash-decoding: one invocation per (t, split s, block of GB heads) over keys
 //                 [s*keys_per_split, (s+1)*keys_per_split) ∩ [0, pos], writes partial (m, l, acc).
 //   attn_combine: one invocation per (t, h, 4-lane group j of head_dim) merges the partials.
 // The placeholder HD is head_dim and HD4 = ceil(head_dim / 4); q/k/v are read through q4/k4/v4 (a vec4
@@ -15,6 +15,8 @@
 
 const HD: u32 = {{HD}}u;
 const HD4: u32 = {{HD4}}u;
+const GB: u32 = {{GB}}u;         // query heads per invocation, sharing one kv head (divides group)
+const GBHD4: u32 = {{GBHD4}}u;   // GB * HD4
 
 struct AttnParams {
     rows: u32,            // T the dispatch was prepared for (the step's n_tokens may be smaller)
@@ -55,18 +57,26 @@ struct StepParams {
 
 const NEG_BIG: f32 = -3.0e38;
 
-// Online softmax over keys [k0, k1) for query head h of row t; returns (m, l) and fills acc.
+// Online softmax over keys [k0, k1) for the GB query heads h0 .. h0 + GB - 1 of row t, which
+// share one kv head (GB divides the group): each key's k and v are loaded once for all GB heads
+// (grouped-query attention read once per group, as llama.cpp's and FlashAttention-2's GQA
+// kernels do). Returns (m, l) per head and fills acc (head g's lanes at g * HD4 ..).
 // (Tried: fully unrolling the head_dim loops into named vec4 registers; on llvmpipe it was
 // 2-3x slower than these loops, presumably register spills, and shader compiles took much longer.)
-fn attend(t: u32, h: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>, HD4>>) -> vec2<f32> {
-    let qb = (p.row0 + t) * p.q_stride + h * HD;
-    var qv: array<vec4<f32>, HD4>;
-    for (var j = 0u; j < HD4; j++) {
-        qv[j] = q4(qb, j) * p.scale;
+fn attend(t: u32, h0: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>, GBHD4>>) -> array<vec2<f32>, GB> {
+    var qv: array<vec4<f32>, GBHD4>;
+    for (var g = 0u; g < GB; g++) {
+        let qb = (p.row0 + t) * p.q_stride + (h0 + g) * HD;
+        for (var j = 0u; j < HD4; j++) {
+            qv[g * HD4 + j] = q4(qb, j) * p.scale;
+        }
     }
-    let kvb = (h / p.group) * HD;
-    var m = NEG_BIG;
-    var l = 0.0;
+    let kvb = (h0 / p.group) * HD;
+    var m: array<f32, GB>;
+    var l: array<f32, GB>;
+    for (var g = 0u; g < GB; g++) {
+        m[g] = NEG_BIG;
+    }
     var key = k0;
     // Blocks of four keys: one rescale of acc per block, and each q/acc lane is touched once per
     // four keys.
@@ -75,36 +85,70 @@ fn attend(t: u32, h: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>, 
         let kb1 = kb0 + p.kv_stride;
         let kb2 = kb1 + p.kv_stride;
         let kb3 = kb2 + p.kv_stride;
-        var s4 = vec4<f32>(0.0);
+        var s4: array<vec4<f32>, GB>;
         for (var j = 0u; j < HD4; j++) {
-            let qj = qv[j];
-            s4 += vec4<f32>(dot(qj, k4(kb0, j)), dot(qj, k4(kb1, j)), dot(qj, k4(kb2, j)), dot(qj, k4(kb3, j)));
+            let c0 = k4(kb0, j);
+            let c1 = k4(kb1, j);
+            let c2 = k4(kb2, j);
+            let c3 = k4(kb3, j);
+            for (var g = 0u; g < GB; g++) {
+                let qj = qv[g * HD4 + j];
+                s4[g] += vec4<f32>(dot(qj, c0), dot(qj, c1), dot(qj, c2), dot(qj, c3));
+            }
         }
-        let m_new = max(m, max(max(s4.x, s4.y), max(s4.z, s4.w)));
-        let corr = exp(m - m_new);
-        let e = exp(s4 - vec4<f32>(m_new));
-        l = l * corr + (e.x + e.y + e.z + e.w);
+        var corr: array<f32, GB>;
+        var e: array<vec4<f32>, GB>;
+        for (var g = 0u; g < GB; g++) {
+            let s = s4[g];
+            let m_new = max(m[g], max(max(s.x, s.y), max(s.z, s.w)));
+            corr[g] = exp(m[g] - m_new);
+            e[g] = exp(s - vec4<f32>(m_new));
+            l[g] = l[g] * corr[g] + (e[g].x + e[g].y + e[g].z + e[g].w);
+            m[g] = m_new;
+        }
         for (var j = 0u; j < HD4; j++) {
-            (*acc)[j] = (*acc)[j] * corr + e.x * v4(kb0, j) + e.y * v4(kb1, j) + e.z * v4(kb2, j) + e.w * v4(kb3, j);
+            let v0 = v4(kb0, j);
+            let v1 = v4(kb1, j);
+            let v2 = v4(kb2, j);
+            let v3 = v4(kb3, j);
+            for (var g = 0u; g < GB; g++) {
+                let i = g * HD4 + j;
+                let eg = e[g];
+                (*acc)[i] = (*acc)[i] * corr[g] + eg.x * v0 + eg.y * v1 + eg.z * v2 + eg.w * v3;
+            }
         }
-        m = m_new;
     }
     for (; key < k1; key++) {
         let kb = key * p.kv_stride + kvb;
-        var s = 0.0;
+        var s: array<f32, GB>;
         for (var j = 0u; j < HD4; j++) {
-            s += dot(qv[j], k4(kb, j));
+            let c = k4(kb, j);
+            for (var g = 0u; g < GB; g++) {
+                s[g] += dot(qv[g * HD4 + j], c);
+            }
         }
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let e = exp(s - m_new);
-        l = l * corr + e;
+        var corr: array<f32, GB>;
+        var e: array<f32, GB>;
+        for (var g = 0u; g < GB; g++) {
+            let m_new = max(m[g], s[g]);
+            corr[g] = exp(m[g] - m_new);
+            e[g] = exp(s[g] - m_new);
+            l[g] = l[g] * corr[g] + e[g];
+            m[g] = m_new;
+        }
         for (var j = 0u; j < HD4; j++) {
-            (*acc)[j] = (*acc)[j] * corr + e * v4(kb, j);
+            let v = v4(kb, j);
+            for (var g = 0u; g < GB; g++) {
+                let i = g * HD4 + j;
+                (*acc)[i] = (*acc)[i] * corr[g] + e[g] * v;
+            }
         }
-        m = m_new;
     }
-    return vec2<f32>(m, l);
+    var ml: array<vec2<f32>, GB>;
+    for (var g = 0u; g < GB; g++) {
+        ml[g] = vec2<f32>(m[g], l[g]);
+    }
+    return ml;
 }
 
 fn n_rows() -> u32 {
@@ -118,25 +162,29 @@ fn n_keys(t: u32) -> u32 {
 @compute @workgroup_size(64)
 fn attn_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = gid.x + gid.y * nwg.x * 64u;
-    let t = idx / p.n_heads;
-    let h = idx - t * p.n_heads;
+    let blocks = p.n_heads / GB;
+    let t = idx / blocks;
+    let h0 = (idx - t * blocks) * GB;
     if (t >= n_rows()) {
         return;
     }
-    var acc: array<vec4<f32>, HD4>;
-    let ml = attend(t, h, 0u, n_keys(t), &acc);
-    let inv = 1.0 / ml.y;
-    let ob = (p.row0 + t) * p.q_stride + h * HD;
-    for (var j = 0u; j < HD4; j++) {
-        store_out(ob, j, acc[j] * inv);
+    var acc: array<vec4<f32>, GBHD4>;
+    let ml = attend(t, h0, 0u, n_keys(t), &acc);
+    for (var g = 0u; g < GB; g++) {
+        let inv = 1.0 / ml[g].y;
+        let ob = (p.row0 + t) * p.q_stride + (h0 + g) * HD;
+        for (var j = 0u; j < HD4; j++) {
+            store_out(ob, j, acc[g * HD4 + j] * inv);
+        }
     }
 }
 
 @compute @workgroup_size(64)
 fn attn_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = gid.x + gid.y * nwg.x * 64u;
-    let ts = idx / p.n_heads;           // t * splits + s
-    let h = idx - ts * p.n_heads;
+    let blocks = p.n_heads / GB;
+    let ts = idx / blocks;              // t * splits + s
+    let h0 = (idx - ts * blocks) * GB;
     let t = ts / p.splits;
     let s = ts - t * p.splits;
     if (t >= n_rows()) {
@@ -147,10 +195,14 @@ fn attn_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     if (k0 >= k1) {
         return;
     }
-    var acc: array<vec4<f32>, HD4>;
-    part_ml[idx] = attend(t, h, k0, k1, &acc);
-    for (var j = 0u; j < HD4; j++) {
-        part_acc[idx * HD4 + j] = acc[j];
+    var acc: array<vec4<f32>, GBHD4>;
+    let ml = attend(t, h0, k0, k1, &acc);
+    for (var g = 0u; g < GB; g++) {
+        let part = ts * p.n_heads + h0 + g;
+        part_ml[part] = ml[g];
+        for (var j = 0u; j < HD4; j++) {
+            part_acc[part * HD4 + j] = acc[g * HD4 + j];
+        }
     }
 }
 

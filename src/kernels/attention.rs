@@ -170,7 +170,21 @@ pub(crate) fn head_access(binding: u32, var: &str, f: &str, head_dim: usize, wri
     }
 }
 
-fn variant(entry: &'static str, head_dim: usize) -> ShaderVariant {
+/// Query heads per invocation of `attn_rows` and `attn_split`: the largest divisor of the group
+/// size `n_heads / n_kv_heads` that is at most [`MAX_HEADS_PER_INVOCATION`]. The heads of one
+/// invocation share their kv head, so each key's k and v rows are read once for all of them
+/// (on lavapipe, SmolLM2's 9/3 heads: decode attention 1.3x faster at position 128 and 1.6x at
+/// 1024, `cargo bench --bench kernels -- "attention decode"`; BENCHMARKS.md).
+pub fn heads_per_invocation(shape: AttnShape) -> usize {
+    let group = shape.n_heads / shape.n_kv_heads.max(1);
+    (1..=MAX_HEADS_PER_INVOCATION.min(group)).rev().find(|g| group.is_multiple_of(*g)).unwrap_or(1)
+}
+
+/// The most query heads one attention invocation takes (its private q and acc hold
+/// `heads x head_dim` values each).
+pub const MAX_HEADS_PER_INVOCATION: usize = 4;
+
+fn variant(entry: &'static str, head_dim: usize, heads: usize) -> ShaderVariant {
     let read = |binding, var, f| head_access(binding, var, f, head_dim, false);
     let qkv = read(2, "q", "q4") + &read(3, "k_cache", "k4") + &read(4, "v_cache", "v4");
     let out = head_access(5, "out", "store_out", head_dim, true);
@@ -178,6 +192,8 @@ fn variant(entry: &'static str, head_dim: usize) -> ShaderVariant {
     ShaderVariant::new("attention", SOURCE, entry)
         .define("HD", head_dim)
         .define("HD4", head_dim.div_ceil(4))
+        .define("GB", heads)
+        .define("GBHD4", heads * head_dim.div_ceil(4))
         .define("DECLS_QKV", qkv)
         .define("DECLS_OUT", out)
         .define("DECLS_COUT", cout)
@@ -229,6 +245,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
         }
     };
     let hd4 = hd.div_ceil(4);
+    let gb = heads_per_invocation(shape);
     let invocations = match variant_choice {
         AttnVariant::Rows => rows * shape.n_heads,
         AttnVariant::Split { .. } => (rows * splits * shape.n_heads).max(rows * shape.n_heads * hd4),
@@ -258,7 +275,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
     };
     match variant_choice {
         AttnVariant::Rows => {
-            let pipeline = ctx.pipeline(&variant("attn_rows", hd))?;
+            let pipeline = ctx.pipeline(&variant("attn_rows", hd, gb))?;
             Ok(vec![Dispatch::new(
                 ctx,
                 &pipeline,
@@ -271,7 +288,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
                     v_cache.buffer.as_entire_binding(),
                     out.buffer.as_entire_binding(),
                 ],
-                grid((rows * shape.n_heads).div_ceil(64) as u32),
+                grid((rows * shape.n_heads / gb).div_ceil(64) as u32),
                 attn_cost,
             )])
         }
@@ -279,8 +296,8 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
             let n_part = rows * splits * shape.n_heads;
             let part_ml = GpuTensor::zeros(ctx, &format!("{label}.part_ml"), DType::F32, &[n_part, 2])?;
             let part_acc = GpuTensor::zeros(ctx, &format!("{label}.part_acc"), DType::F32, &[n_part, hd4 * 4])?;
-            let split = ctx.pipeline(&variant("attn_split", hd))?;
-            let combine = ctx.pipeline(&variant("attn_combine", hd))?;
+            let split = ctx.pipeline(&variant("attn_split", hd, gb))?;
+            let combine = ctx.pipeline(&variant("attn_combine", hd, 1))?;
             let partials = Dispatch::new(
                 ctx,
                 &split,
@@ -294,7 +311,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
                     part_ml.buffer.as_entire_binding(),
                     part_acc.buffer.as_entire_binding(),
                 ],
-                grid(n_part.div_ceil(64) as u32),
+                grid((n_part / gb).div_ceil(64) as u32),
                 Cost { bytes: attn_cost.bytes + (4 * n_part * (2 + hd4 * 4)) as u64, ..attn_cost },
             );
             let n_comb = rows * shape.n_heads * hd4;
@@ -374,6 +391,8 @@ mod tests {
     const GQA: AttnShape = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
     const MHA_ODD: AttnShape = AttnShape { n_heads: 4, n_kv_heads: 4, head_dim: 7 };
     const GQA_12: AttnShape = AttnShape { n_heads: 6, n_kv_heads: 2, head_dim: 12 };
+    /// Group 8: two invocations of [`MAX_HEADS_PER_INVOCATION`] heads per kv head.
+    const GQA_8: AttnShape = AttnShape { n_heads: 16, n_kv_heads: 2, head_dim: 16 };
 
     /// Caches of `max_pos` random rows on the GPU and the CPU.
     struct Cache {
@@ -425,6 +444,12 @@ mod tests {
     }
 
     #[test]
+    fn an_invocation_takes_a_divisor_of_the_group() {
+        let gb = |n_heads, n_kv_heads| heads_per_invocation(AttnShape { n_heads, n_kv_heads, head_dim: 64 });
+        assert_eq!([gb(9, 3), gb(32, 8), gb(16, 2), gb(14, 2), gb(4, 4), gb(12, 2)], [3, 4, 4, 1, 1, 3]);
+    }
+
+    #[test]
     fn attention_reference_is_softmax_weighted_values() {
         // One head, two keys: the weights are softmax(q.k / sqrt(d)); the first query sees key 0 only.
         let shape = AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 4 };
@@ -442,7 +467,7 @@ mod tests {
 
     #[test]
     fn attention_rows_matches_reference() {
-        for (i, shape) in [GQA, MHA_ODD, GQA_12].into_iter().enumerate() {
+        for (i, shape) in [GQA, MHA_ODD, GQA_12, GQA_8].into_iter().enumerate() {
             let c = cache(shape, 420, 100 + i as u64);
             for (j, &(rows, pos0)) in [(1, 0), (1, 419), (7, 3), (300, 0), (300, 117)].iter().enumerate() {
                 check(shape, &c, rows, pos0, AttnVariant::Rows, 1.0, 200 + j as u64);
@@ -452,7 +477,7 @@ mod tests {
 
     #[test]
     fn attention_split_matches_reference() {
-        for (i, shape) in [GQA, MHA_ODD, GQA_12].into_iter().enumerate() {
+        for (i, shape) in [GQA, MHA_ODD, GQA_12, GQA_8].into_iter().enumerate() {
             let c = cache(shape, 420, 110 + i as u64);
             for (j, &(rows, pos0)) in [(1, 0), (1, 256), (1, 419), (4, 30), (7, 100)].iter().enumerate() {
                 for kps in [1, 7, DEFAULT_KEYS_PER_SPLIT] {
