@@ -444,7 +444,23 @@ fn measure_candidates<T: Copy>(
     name: impl Fn(T) -> &'static str,
     build: impl Fn(T) -> Result<Vec<Dispatch>, GpuError>,
 ) -> Result<T, GpuError> {
-    let programs = candidates.iter().map(|&c| build(c)).collect::<Result<Vec<_>, _>>()?;
+    // A candidate this adapter's backend cannot build (a shader feature its translation lacks)
+    // drops out of the measurement instead of failing the choice.
+    let mut built = Vec::with_capacity(candidates.len());
+    let mut programs = Vec::with_capacity(candidates.len());
+    for &c in candidates {
+        match build(c) {
+            Ok(p) => {
+                built.push(c);
+                programs.push(p);
+            }
+            Err(e) => log::warn!("kernel choice: {family} {} cannot be built on this adapter, left out: {e}", name(c)),
+        }
+    }
+    let candidates = &built[..];
+    if candidates.is_empty() {
+        return Err(GpuError::Device(format!("kernel choice {family}: no candidate could be built")));
+    }
     let mut rounds = alternated_rounds(ctx, &programs)?;
     let ms = |t: &Duration| format!("{:.2}", 1e3 * t.as_secs_f64());
     for (&c, t) in candidates.iter().zip(&rounds) {
@@ -618,6 +634,22 @@ mod tests {
             let kinds = read_candidates(&ctx, dtype);
             assert!(kinds.contains(&measure_read(&ctx, "test-read", dtype, &kinds).unwrap()));
         }
+    }
+
+    #[test]
+    fn a_candidate_that_cannot_be_built_is_left_out() {
+        let ctx = test_context();
+        let set = GemvSet::new(&ctx, DType::F32).unwrap();
+        let kind = weight_kind(&ctx, DType::F32);
+        let unbuildable = |v: MatvecVariant| v == MatvecVariant::Rows;
+        let build = |v: MatvecVariant| {
+            if unbuildable(v) { Err(GpuError::Device("no such shader here".into())) } else { set.program(&ctx, kind, v) }
+        };
+        let picked =
+            measure_candidates(&ctx, "test-unbuildable", &[MatvecVariant::Rows, MatvecVariant::Reduce], MatvecVariant::name, build);
+        assert_eq!(picked.unwrap(), MatvecVariant::Reduce);
+        let none = measure_candidates(&ctx, "test-unbuildable", &[MatvecVariant::Rows], MatvecVariant::name, build);
+        assert!(none.is_err());
     }
 
     #[test]
