@@ -168,11 +168,18 @@ fetch_vulkan_headers() {
     rm -rf "$tmp"
 }
 
-# The system's Vulkan loader (libvulkan1), which the Vulkan build links against.
+# The system's Vulkan loader (libvulkan1), which the Vulkan build links against. The linker
+# cache is read whole first: an awk that exits at its first match would end ldconfig with
+# SIGPIPE, which pipefail turns into a failure.
 system_libvulkan() {
-    local lib
+    local lib cache path
+    cache="$(ldconfig -p 2>/dev/null || true)"
     for lib in libvulkan.so libvulkan.so.1; do
-        ldconfig -p 2>/dev/null | awk -v n="$lib" '$1==n {print $NF; exit}' | grep . && return 0
+        path="$(awk -v n="$lib" '$1 == n && !found { print $NF; found = 1 }' <<<"$cache")"
+        if [ -n "$path" ]; then
+            echo "$path"
+            return 0
+        fi
     done
     return 1
 }
