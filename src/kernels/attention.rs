@@ -170,12 +170,18 @@ pub(crate) fn head_access(binding: u32, var: &str, f: &str, head_dim: usize, wri
     }
 }
 
-/// Query heads per invocation of `attn_rows` and `attn_split`: the largest divisor of the group
-/// size `n_heads / n_kv_heads` that is at most [`MAX_HEADS_PER_INVOCATION`]. The heads of one
-/// invocation share their kv head, so each key's k and v rows are read once for all of them
-/// (on lavapipe, SmolLM2's 9/3 heads: decode attention 1.3x faster at position 128 and 1.6x at
-/// 1024, `cargo bench --bench kernels -- "attention decode"`; BENCHMARKS.md).
-pub fn heads_per_invocation(shape: AttnShape) -> usize {
+/// Query heads per invocation of `attn_rows` and `attn_split` on this adapter: on a CPU adapter
+/// the largest divisor of the group size `n_heads / n_kv_heads` that is at most
+/// [`MAX_HEADS_PER_INVOCATION`], elsewhere 1. The heads of one invocation share their kv head,
+/// so each key's k and v rows are read once for all of them (on lavapipe, SmolLM2's 9/3 heads:
+/// decode attention 1.3x faster at position 128 and 1.6x at 1024, `cargo bench --bench kernels
+/// -- "attention decode"`; BENCHMARKS.md). A GPU would hold each head's q and accumulator in
+/// registers (`2 x heads x head_dim` floats per invocation), which several heads would spill, and
+/// it has not been measured there.
+pub fn heads_per_invocation(ctx: &GpuContext, shape: AttnShape) -> usize {
+    if ctx.info.device_type != wgpu::DeviceType::Cpu {
+        return 1;
+    }
     let group = shape.n_heads / shape.n_kv_heads.max(1);
     (1..=MAX_HEADS_PER_INVOCATION.min(group)).rev().find(|g| group.is_multiple_of(*g)).unwrap_or(1)
 }
@@ -245,7 +251,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
         }
     };
     let hd4 = hd.div_ceil(4);
-    let gb = heads_per_invocation(shape);
+    let gb = heads_per_invocation(ctx, shape);
     let invocations = match variant_choice {
         AttnVariant::Rows => rows * shape.n_heads,
         AttnVariant::Split { .. } => (rows * splits * shape.n_heads).max(rows * shape.n_heads * hd4),
@@ -445,8 +451,14 @@ mod tests {
 
     #[test]
     fn an_invocation_takes_a_divisor_of_the_group() {
-        let gb = |n_heads, n_kv_heads| heads_per_invocation(AttnShape { n_heads, n_kv_heads, head_dim: 64 });
-        assert_eq!([gb(9, 3), gb(32, 8), gb(16, 2), gb(14, 2), gb(4, 4), gb(12, 2)], [3, 4, 4, 1, 1, 3]);
+        let ctx = test_context();
+        let gb = |n_heads, n_kv_heads| heads_per_invocation(&ctx, AttnShape { n_heads, n_kv_heads, head_dim: 64 });
+        let got = [gb(9, 3), gb(32, 8), gb(16, 2), gb(14, 2), gb(4, 4), gb(12, 2)];
+        if ctx.info.device_type == wgpu::DeviceType::Cpu {
+            assert_eq!(got, [3, 4, 4, 1, 1, 3]);
+        } else {
+            assert_eq!(got, [1; 6]);
+        }
     }
 
     #[test]

@@ -50,7 +50,8 @@ impl MatvecVariant {
     /// Every variant, in the order the kernel choice measures them.
     pub const ALL: [MatvecVariant; 3] = [MatvecVariant::Rows, MatvecVariant::Reduce, MatvecVariant::Subgroup];
 
-    /// The variant's name in `FIRSTRT_KERNEL`, the choice cache and bench rows (`rows`, `reduce`).
+    /// The variant's name in `FIRSTRT_KERNEL`, the choice cache and bench rows (`rows`, `reduce`,
+    /// `subgroup`).
     pub fn name(self) -> &'static str {
         match self {
             MatvecVariant::Rows => "rows",
@@ -186,7 +187,9 @@ const REDUCE_UNITS: &str = "        let units = p.k / 32u;
 /// all rows; 8 through the `_8` accessors of the wide kinds, 4 through `_4`, or 1), fused
 /// multiply-adds, and stores guarded by `n < p.rows`. Rows past the end are clamped, so every
 /// load stays in bounds. With `wide_x` (x declared `F32Wide`; only for step 32) a unit's x comes
-/// in four eight-value loads instead of eight vec4 loads.
+/// in four eight-value loads instead of eight vec4 loads. With `lanes` (the subgroup variant) the
+/// subgroup's lanes share the rows: lane `sg_lane` takes steps `sg_lane, sg_lane + sg_size, ..`,
+/// each row's sum is `subgroupAdd`ed and lane 0 stores it.
 pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool) -> String {
     use std::fmt::Write;
     let mut s = String::new();
