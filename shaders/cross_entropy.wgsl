@@ -4,22 +4,34 @@
 //   loss = (1 / count) sum_{counted t} (lse_t - z[t, target_t]),  lse_t = log sum_v exp(z[t, v])
 //   dh[t] = (1 / count) sum_v (softmax(z[t])_v - [v == target_t]) W[v]   (0 for rows not counted)
 // The products are the forward's and the backward's linear kernels on the chunk's rows of W
-// (`matmul`, `matmul_xw`, see `kernels::cross_entropy`); this file holds the rest. Pass 1, per
-// chunk: the logits product, ce_update (online logsumexp: running max m and sum l per row). Then
-// ce_finish (lse per row, count, loss). Pass 2, per chunk: the logits product again, ce_grad (the
-// chunk's logits become the gradient of the logits, in place), the product dh (+)= grad · W_chunk.
+// (`matmul`, `matmul_xw`, see `kernels::cross_entropy`); this file holds the rest. One pass over
+// the chunks: the logits product, ce_update (online logsumexp: running max m and sum l per row,
+// and the factor exp(m_old - m_new) by which the running max moved); with the gradient also
+// ce_prob (the chunk's logits become exp(z - m_new) in place, and the running sum
+// S[t] = sum_v exp(z[t, v] - m_t) W[v] is rescaled by that factor) and the product S += the
+// scratch · W_chunk. Then ce_finish (lse per row, count, loss) and, with the gradient, the
+// targets' rows of W gathered by the embedding kernel and ce_dh: dh[t] (+)= (S[t] / l_t -
+// W[target_t]) / count. The softmax-weighted sum is the online-softmax rescaling of Milakov and
+// Gimelshein (2018) applied to the gradient's sum, so each chunk's logits are computed once.
 //
 // Entry points (each uses bindings 0..n in order; names differ because the bindings differ):
 //   ce_update: 1 targets [T] u32, 2 mask [T] u32, 3 stats [T + 1] vec4, 4 logits_in [T, cols] f32
 //   ce_finish: 1 targets, 2 mask, 3 stats, 4 loss [1] f32
-//   ce_grad:   1 targets, 2 mask, 3 stats, 4 grad (= the logits scratch) [T, cols] f32
-// stats[t] = (m, l, z[t, target_t], lse_t) for a counted row t; stats[T] = (1 / count, count, 0, 0).
+//   ce_prob:   1 targets, 2 mask, 3 stats, 4 grad (= the logits scratch) [T, cols] f32,
+//              5 dh_sum [T, d] f32
+//   ce_dh:     1 targets, 2 mask, 3 stats, 4 dh [T, d] f32, 5 dh_sum, 6 w_target [T, d] f32
+// stats[t] = (m, l, z[t, target_t], exp(m_old - m)) for a counted row t during the chunks, the
+// last field lse_t after ce_finish; stats[T] = (1 / count, count, 0, 0).
 
 struct CeParams {
-    rows: u32,    // T
-    vocab: u32,   // rows of the whole W
-    col0: u32,    // vocabulary index of this chunk's first column
-    cols: u32,    // columns in this chunk (the row stride of the logits scratch)
+    rows: u32,        // T
+    vocab: u32,       // rows of the whole W
+    col0: u32,        // vocabulary index of this chunk's first column
+    cols: u32,        // columns in this chunk (the row stride of the logits scratch)
+    dim: u32,         // d: columns of h, W, dh
+    accumulate: u32,  // ce_dh: 1 adds into dh
+    _pad0: u32,
+    _pad1: u32,
 };
 
 @group(0) @binding(0) var<uniform> p: CeParams;
@@ -30,6 +42,9 @@ struct CeParams {
 @group(0) @binding(4) var<storage, read> logits_in: array<f32>;
 @group(0) @binding(4) var<storage, read_write> loss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dh: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dh_sum: array<f32>;
+@group(0) @binding(6) var<storage, read> w_target: array<f32>;
 
 const NEG_BIG: f32 = -3.0e38;
 
@@ -63,7 +78,7 @@ fn ce_update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     if (tgt >= p.col0 && tgt - p.col0 < p.cols) {
         zt = logits_in[lb + tgt - p.col0];
     }
-    stats[t] = vec4<f32>(m, l, zt, 0.0);
+    stats[t] = vec4<f32>(m, l, zt, exp(s.x - m));
 }
 
 // One invocation: lse per counted row, the count and the mean loss (NaN when a counted row's
@@ -93,23 +108,46 @@ fn ce_finish() {
     loss[0] = select(sum * inv, bitcast<f32>(nan_bits), bad);
 }
 
-// grad[t, c] = (softmax(z[t])_{col0 + c} - [col0 + c == target_t]) / count for counted rows, else 0.
+// Over [T, max(cols, d)]: grad[t, c] = exp(z[t, col0 + c] - m_t) for counted rows whose target
+// is in the vocabulary (the rows ce_dh fills), else 0; and dh_sum[t, :] *= exp(m_old - m_t) (set
+// to 0 on the first chunk and for the other rows).
 @compute @workgroup_size(64)
-fn ce_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn ce_prob(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let idx = linear_index(gid, nwg);
-    let t = idx / p.cols;
-    let c = idx - t * p.cols;
-    if (t >= p.rows) {
+    if (idx < p.rows * p.cols) {
+        let t = idx / p.cols;
+        var g = 0.0;
+        if (mask[t] != 0u && targets[t] < p.vocab) {
+            g = exp(grad[idx] - stats[t].x);
+        }
+        grad[idx] = g;
+    }
+    if (idx < p.rows * p.dim) {
+        let t = idx / p.dim;
+        var a = 0.0;
+        if (mask[t] != 0u && targets[t] < p.vocab && p.col0 != 0u) {
+            a = dh_sum[idx] * stats[t].w;
+        }
+        dh_sum[idx] = a;
+    }
+}
+
+// dh[t, j] (+)= (dh_sum[t, j] / l_t - w_target[t, j]) / count for counted rows whose target is in
+// the vocabulary; other rows get 0 (or keep dh with accumulate). A counted row with a target
+// outside the vocabulary has made the loss NaN already.
+@compute @workgroup_size(64)
+fn ce_dh(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let idx = linear_index(gid, nwg);
+    if (idx >= p.rows * p.dim) {
         return;
     }
-    let i = t * p.cols + c;
-    if (mask[t] == 0u) {
-        grad[i] = 0.0;
-        return;
+    let t = idx / p.dim;
+    var g = 0.0;
+    if (mask[t] != 0u && targets[t] < p.vocab) {
+        g = (dh_sum[idx] / stats[t].y - w_target[idx]) * stats[p.rows].x;
     }
-    var g = exp(grad[i] - stats[t].w);
-    if (p.col0 + c == targets[t]) {
-        g -= 1.0;
+    if (p.accumulate != 0u) {
+        g += dh[idx];
     }
-    grad[i] = g * stats[p.rows].x;
+    dh[idx] = g;
 }

@@ -2,9 +2,11 @@
 //! training: `loss = mean over counted rows t of (logsumexp(z[t]) − z[t, target_t])` with
 //! `z = h · Wᵀ`, and `dh = (softmax(z) − onehot(target)) · W / count`, computed **without ever
 //! holding `[T, vocab]` logits**: the vocabulary is processed in chunks of columns (default
-//! [`DEFAULT_VOCAB_CHUNK`]), a first pass keeping a running max and sum per row (the online
-//! logsumexp of Milakov and Gimelshein 2018, "Online normalizer calculation for softmax"), a
-//! second pass recomputing each chunk's logits and adding its share of dh. See
+//! [`DEFAULT_VOCAB_CHUNK`]) in one pass, keeping a running max and sum per row (the online
+//! logsumexp of Milakov and Gimelshein 2018, "Online normalizer calculation for softmax") and,
+//! for dh, the running sum `S[t] = Σ_v exp(z[t, v] − m_t) W[v]`, rescaled the same way when the
+//! running max grows; at the end `dh[t] = (S[t] / l_t − W[target_t]) / count`, with the targets'
+//! rows of W gathered by the embedding kernel. So each chunk's logits are computed once. See
 //! `shaders/cross_entropy.wgsl` for the kernels.
 //!
 //! W is the LM head `[vocab, d]` (with tied embeddings, the embedding table) as a
@@ -17,8 +19,8 @@
 //! split matrix.
 //!
 //! Memory besides the operands: the scratch of one chunk's logits, `rows × chunk` f32
-//! (T = 512, chunk 4096: 8 MiB), and `(rows + 1) × 4` f32 of row statistics
-//! ([`cross_entropy_scratch_bytes`]). The mask decides which rows count (completion tokens
+//! (T = 512, chunk 4096: 8 MiB), `(rows + 1) × 4` f32 of row statistics and, with dh, two
+//! `[rows, d]` f32 tensors (S and the targets' rows of W) ([`cross_entropy_scratch_bytes`]). The mask decides which rows count (completion tokens
 //! only); rows not counted get `dh = 0` (or are left as they are with `accumulate`).
 
 use bytemuck::{Pod, Zeroable};
@@ -28,6 +30,7 @@ use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, ShaderVariant, WeightKind};
 use crate::kernels::checks::{check_f32, check_rows, check_u32, check_weight_kind, invalid};
 use crate::kernels::choice::matmul_variant;
+use crate::kernels::embedding::embedding_with_kind;
 use crate::kernels::linear::LinearOp;
 use crate::kernels::matmul::matmul;
 
@@ -50,6 +53,14 @@ pub struct CeParams {
     pub col0: u32,
     /// Columns in the chunk: also the row stride of the logits scratch.
     pub cols: u32,
+    /// Columns d of h and W (the gradient passes).
+    pub dim: u32,
+    /// 1: add the gradient into dh (`ce_dh`).
+    pub accumulate: u32,
+    /// Padding to 32 bytes.
+    pub _pad0: u32,
+    /// Padding to 32 bytes.
+    pub _pad1: u32,
 }
 
 /// The operands of one cross-entropy (see [`cross_entropy`]).
@@ -88,10 +99,12 @@ impl<'a> CrossEntropyOp<'a> {
     }
 }
 
-/// Bytes of GPU scratch that [`cross_entropy`] allocates for `rows` rows and chunks of `chunk`
-/// columns: one chunk's logits (`rows × chunk` f32) and the row statistics (`(rows + 1) × 4` f32).
-pub fn cross_entropy_scratch_bytes(rows: usize, chunk: usize) -> usize {
-    4 * (rows * chunk + 4 * (rows + 1))
+/// Bytes of GPU scratch that [`cross_entropy`] allocates for `rows` rows of width `dim` and
+/// chunks of `chunk` columns: one chunk's logits (`rows × chunk` f32), the row statistics
+/// (`(rows + 1) × 4` f32) and, with the gradient, its running sum and the targets' rows of W
+/// (`2 × rows × dim` f32).
+pub fn cross_entropy_scratch_bytes(rows: usize, chunk: usize, dim: usize, with_grad: bool) -> usize {
+    4 * (rows * chunk + 4 * (rows + 1) + if with_grad { 2 * rows * dim } else { 0 })
 }
 
 fn pipeline_variant(entry: &'static str) -> ShaderVariant {
@@ -105,9 +118,9 @@ fn pipeline_variant(entry: &'static str) -> ShaderVariant {
 /// overwritten or, with `op.accumulate`, added.
 ///
 /// Dispatches, in order: per vocabulary chunk c the logits product `label.logits[c]` (one
-/// dispatch per buffer of W the chunk reads, as [`matmul`] names them), `label.lse[c]`; then
-/// `label.finish`; then, with dh, per chunk `label.logits[c]` again, `label.grad[c]`, the
-/// product `label.dh[c]`. Scratch: [`cross_entropy_scratch_bytes`] (the logits scratch is
+/// dispatch per buffer of W the chunk reads, as [`matmul`] names them), `label.lse[c]` and,
+/// with dh, `label.prob[c]` and the product `label.dh[c]` into the running sum; then
+/// `label.finish`; then, with dh, the gather `label.w_target` and `label.dh`. Scratch: [`cross_entropy_scratch_bytes`] (the logits scratch is
 /// checked against the binding limit).
 ///
 /// # Errors
@@ -142,31 +155,40 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
 
     let logits = GpuTensor::zeros_bound(ctx, &format!("{label}.logits"), DType::F32, &[rows, chunk])?;
     let stats = GpuTensor::zeros(ctx, &format!("{label}.stats"), DType::F32, &[rows + 1, 4])?;
-    let (update, finish, grad) = (
-        ctx.pipeline(&pipeline_variant("ce_update"))?,
-        ctx.pipeline(&pipeline_variant("ce_finish"))?,
-        ctx.pipeline(&pipeline_variant("ce_grad"))?,
-    );
+    let (update, finish) = (ctx.pipeline(&pipeline_variant("ce_update"))?, ctx.pipeline(&pipeline_variant("ce_finish"))?);
     let variant = matmul_variant(ctx, rows);
-    // Both products of vocabulary chunk `col0 .. col0 + cols`: its logits `[rows, cols]` into the
-    // scratch, and dh (+)= the scratch (then the logits' gradient) times the chunk's rows of W.
-    let logits_of = |c: usize, col0: usize, cols: usize| {
-        let product = LinearOp { kind, ..LinearOp::new(h, rows, w, &logits).w_rows(col0, cols) };
-        matmul(ctx, &format!("{label}.logits[{c}]"), &product, variant)
+    // With the gradient: its running sum `acc[t] = Σ_v exp(z[t, v] − m_t) W[v]` over the chunks
+    // seen (rescaled when a row's running max m_t grows), and the targets' rows of W.
+    let grad_scratch = match dh {
+        Some(_) => Some((
+            GpuTensor::zeros(ctx, &format!("{label}.dh_sum"), DType::F32, &[rows, dim])?,
+            GpuTensor::zeros(ctx, &format!("{label}.w_target"), DType::F32, &[rows, dim])?,
+            ctx.pipeline(&pipeline_variant("ce_prob"))?,
+        )),
+        None => None,
     };
     // (uniform, first column, columns) of every vocabulary chunk, in vocabulary order.
     let chunks: Vec<(wgpu::Buffer, usize, usize)> = (0..vocab)
         .step_by(chunk)
         .map(|col0| {
             let cols = chunk.min(vocab - col0);
-            let params = CeParams { rows: rows as u32, vocab: vocab as u32, col0: col0 as u32, cols: cols as u32 };
+            let params = CeParams {
+                rows: rows as u32,
+                vocab: vocab as u32,
+                col0: col0 as u32,
+                cols: cols as u32,
+                dim: dim as u32,
+                ..Zeroable::zeroed()
+            };
             (uniform(ctx, label, &params), col0, cols)
         })
         .collect();
     let row_groups = grid(rows.div_ceil(64) as u32);
     let mut out = Vec::new();
     for (c, (u, col0, cols)) in chunks.iter().enumerate() {
-        out.extend(logits_of(c, *col0, *cols)?);
+        // The chunk's logits `[rows, cols]` into the scratch, then the running logsumexp.
+        let product = LinearOp { kind, ..LinearOp::new(h, rows, w, &logits).w_rows(*col0, *cols) };
+        out.extend(matmul(ctx, &format!("{label}.logits[{c}]"), &product, variant)?);
         out.push(Dispatch::new(
             ctx,
             &update,
@@ -181,8 +203,32 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
             row_groups,
             Cost { flops: (4 * rows * cols) as u64, bytes: (4 * rows * (cols + 10)) as u64 },
         ));
+        let Some((dh_sum, _, prob)) = &grad_scratch else { continue };
+        // The logits become exp(z − m_t) in place and the running sum is rescaled; then the sum
+        // gains the chunk's share, the scratch times the chunk's rows of W.
+        out.push(Dispatch::new(
+            ctx,
+            prob,
+            format!("{label}.prob[{c}]"),
+            &[
+                u.as_entire_binding(),
+                targets.buffer.as_entire_binding(),
+                mask.buffer.as_entire_binding(),
+                stats.buffer.as_entire_binding(),
+                logits.buffer.as_entire_binding(),
+                dh_sum.buffer.as_entire_binding(),
+            ],
+            grid((rows * cols.max(&dim)).div_ceil(64) as u32),
+            Cost { flops: (2 * rows * (cols + dim)) as u64, bytes: (8 * rows * (cols + dim)) as u64 },
+        ));
+        let product = LinearOp { kind, ..LinearOp::new_xw(&logits, rows, w, dh_sum).w_rows(*col0, *cols).accumulate(true) };
+        out.extend(matmul(ctx, &format!("{label}.dh[{c}]"), &product, variant)?);
     }
-    let finish_params = uniform(ctx, label, &CeParams { rows: rows as u32, vocab: vocab as u32, ..Zeroable::zeroed() });
+    let finish_params = uniform(
+        ctx,
+        label,
+        &CeParams { rows: rows as u32, vocab: vocab as u32, dim: dim as u32, accumulate: accumulate as u32, ..Zeroable::zeroed() },
+    );
     out.push(Dispatch::new(
         ctx,
         &finish,
@@ -197,26 +243,26 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
         [1, 1, 1],
         Cost { flops: (4 * rows) as u64, bytes: (4 * 12 * rows) as u64 },
     ));
-    let Some(dh) = dh else { return Ok(out) };
-    for (c, (u, col0, cols)) in chunks.iter().enumerate() {
-        out.extend(logits_of(c, *col0, *cols)?);
-        out.push(Dispatch::new(
-            ctx,
-            &grad,
-            format!("{label}.grad[{c}]"),
-            &[
-                u.as_entire_binding(),
-                targets.buffer.as_entire_binding(),
-                mask.buffer.as_entire_binding(),
-                stats.buffer.as_entire_binding(),
-                logits.buffer.as_entire_binding(),
-            ],
-            grid((rows * cols).div_ceil(64) as u32),
-            Cost { flops: (3 * rows * cols) as u64, bytes: (8 * rows * cols + 4 * 6 * rows) as u64 },
-        ));
-        let product = LinearOp { kind, ..LinearOp::new_xw(&logits, rows, w, dh).w_rows(*col0, *cols).accumulate(accumulate || c > 0) };
-        out.extend(matmul(ctx, &format!("{label}.dh[{c}]"), &product, variant)?);
-    }
+    let (Some(dh), Some((dh_sum, w_target, _))) = (dh, &grad_scratch) else { return Ok(out) };
+    // dh[t] (+)= (dh_sum[t] / l_t − W[target_t]) / count for counted rows.
+    let gather_kind = kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype));
+    out.extend(embedding_with_kind(ctx, &format!("{label}.w_target"), targets, rows, w, w_target, gather_kind)?);
+    out.push(Dispatch::new(
+        ctx,
+        &ctx.pipeline(&pipeline_variant("ce_dh"))?,
+        format!("{label}.dh"),
+        &[
+            finish_params.as_entire_binding(),
+            targets.buffer.as_entire_binding(),
+            mask.buffer.as_entire_binding(),
+            stats.buffer.as_entire_binding(),
+            dh.buffer.as_entire_binding(),
+            dh_sum.buffer.as_entire_binding(),
+            w_target.buffer.as_entire_binding(),
+        ],
+        grid((rows * dim).div_ceil(64) as u32),
+        Cost { flops: (3 * rows * dim) as u64, bytes: (4 * 4 * rows * dim) as u64 },
+    ));
     Ok(out)
 }
 
