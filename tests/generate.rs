@@ -6,7 +6,11 @@ mod common;
 use firstrt::generate::{Conversation, Event, FinishReason, GenerateOptions, SamplerConfig, TextDecoder, TokenStream, generate};
 use firstrt::gpu::{DType, GpuContext, GpuOptions};
 use firstrt::model::chat::ChatMessage;
+use firstrt::model::routers::{RouterFile, model_identity};
+use firstrt::runtime::plan::PlanPolicy;
+use firstrt::runtime::routed::{GpuRouters, Routing};
 use firstrt::runtime::{LayerPlan, LoadedModel, Session, SessionOptions};
+use std::sync::Arc;
 
 fn session(model: &LoadedModel, ctx_len: usize) -> Session {
     let n = model.weights.config.n_layers;
@@ -175,4 +179,27 @@ fn steps_are_prepared_before_they_are_timed() {
         assert_eq!(g.timings.decode_tokens, 3);
         assert!(g.timings.prefill_s > 0.0 && g.timings.decode_s > 0.0, "{:?}", g.timings);
     }
+}
+
+/// The same for a routed session, whose plan is only decided inside its prefill:
+/// `Session::prepare_prefill` warms the routed prefill's pipelines (the embedding, a router, a
+/// layer and the tail: every layer runs the same ones), so the prefill the stream times builds
+/// and runs none cold; the decode step is prepared once the plan is fixed, as the test above
+/// checks.
+#[test]
+fn a_routed_prefill_is_prepared_before_it_is_timed() {
+    let ctx = GpuContext::new(&GpuOptions::default()).unwrap();
+    let model = firstrt::testdata::load_model(&ctx, DType::F16);
+    let identity = model_identity(model.source.as_ref()).unwrap();
+    let file = RouterFile::init(&identity, 4, 3.0, 1e-5, 0.5);
+    let routing = Routing { routers: Arc::new(GpuRouters::upload(&ctx, &file).unwrap()), policy: PlanPolicy::from_routers(&file) };
+    let question = question(&model);
+    let mut s = Session::with_routers(&model.weights, SessionOptions { ctx_len: 128, candidates: 1 }, routing).unwrap();
+    s.prepare_prefill(question.len()).unwrap();
+    let built = ctx.pipelines.len();
+    assert_eq!(ctx.pipelines.cold_len(), 0, "every pipeline built so far was warmed");
+    s.prefill(&question).unwrap();
+    assert_eq!(ctx.pipelines.len(), built, "pipelines built during the routed prefill");
+    assert_eq!(ctx.pipelines.cold_len(), 0);
+    assert!(s.router_probs().iter().any(Option::is_some), "the routers decided");
 }

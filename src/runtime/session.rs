@@ -253,13 +253,17 @@ impl Session {
     /// position (kept for the next [`Session::prefill`] of that many tokens) and have the driver
     /// compile its pipelines, so that the prefill's time is its own. Does nothing more when the
     /// prefill would be refused (no tokens, or more than the context holds: the prefill reports
-    /// it) or when the session is routed (its plan is decided during the prefill).
+    /// it). A routed session (its plan is decided during the prefill) has the pipelines of its
+    /// routed prefill compiled instead.
     /// Errors: as [`Session::prepare`]; `RuntimeError::Gpu` when the activation buffers cannot
     /// be allocated.
     pub fn prepare_prefill(&mut self, rows: usize) -> Result<(), RuntimeError> {
         self.prepare()?;
-        if rows == 0 || self.pos + rows > self.options.ctx_len || self.routing.is_some() {
+        if rows == 0 || self.pos + rows > self.options.ctx_len {
             return Ok(());
+        }
+        if let Some(routing) = self.routing.clone() {
+            return self.prepare_routed_prefill(rows, &routing);
         }
         if self.prefill_program.as_ref().is_some_and(|(r, _)| *r == rows) {
             return Ok(());
@@ -270,6 +274,25 @@ impl Session {
         self.warm_up(&program, rows)?;
         self.prefill_program = Some((rows, program));
         Ok(())
+    }
+
+    /// The routed half of [`Session::prepare_prefill`]: the plan is only known inside the
+    /// prefill, but every layer runs the same pipelines, so warming the embedding, one router,
+    /// layer 0 and the tail for `rows` tokens compiles everything the routed prefill (and a
+    /// budget's second prefill) dispatches. Layer 0's KV cache is made for it if the session
+    /// has none yet; the prefill drops it again if its plan skips layer 0.
+    fn prepare_routed_prefill(&mut self, rows: usize, routing: &Routing) -> Result<(), RuntimeError> {
+        self.ensure_prefill_acts(rows)?;
+        self.bufs.kv.ensure(&self.ctx, 0)?;
+        let acts = self.prefill_acts.as_ref().expect("allocated above");
+        let b = self.builder(Phase::Prefill);
+        let mut program = b.head(acts, rows)?;
+        if let Some((l, router)) = routing.routers.layers.iter().enumerate().find_map(|(l, r)| r.as_ref().map(|r| (l, r))) {
+            program.extend(b.router(acts, rows, l, router)?);
+        }
+        program.extend(b.layer(acts, rows, 0)?);
+        program.extend(b.tail(acts, rows)?);
+        self.warm_up(&program, rows)
     }
 
     /// Allocate the prefill activation buffers when they hold fewer than `rows` tokens (a
