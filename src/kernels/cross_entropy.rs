@@ -20,8 +20,9 @@
 //!
 //! Memory besides the operands: the scratch of one chunk's logits, `rows × chunk` f32
 //! (T = 512, chunk 4096: 8 MiB), `(rows + 1) × 4` f32 of row statistics and, with dh, two
-//! `[rows, d]` f32 tensors (S and the targets' rows of W) ([`cross_entropy_scratch_bytes`]). The mask decides which rows count (completion tokens
-//! only); rows not counted get `dh = 0` (or are left as they are with `accumulate`).
+//! `[rows, d]` f32 tensors (S and the targets' rows of W) ([`cross_entropy_scratch_bytes`]).
+//! The mask decides which rows count (completion tokens only); rows not counted get `dh = 0`
+//! (or are left as they are with `accumulate`).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -120,8 +121,8 @@ fn pipeline_variant(entry: &'static str) -> ShaderVariant {
 /// Dispatches, in order: per vocabulary chunk c the logits product `label.logits[c]` (one
 /// dispatch per buffer of W the chunk reads, as [`matmul`] names them), `label.lse[c]` and,
 /// with dh, `label.prob[c]` and the product `label.dh[c]` into the running sum; then
-/// `label.finish`; then, with dh, the gather `label.w_target` and `label.dh`. Scratch: [`cross_entropy_scratch_bytes`] (the logits scratch is
-/// checked against the binding limit).
+/// `label.finish`; then, with dh, the gather `label.w_target` and `label.dh`. Scratch:
+/// [`cross_entropy_scratch_bytes`] (the logits scratch is checked against the binding limit).
 ///
 /// # Errors
 /// [`GpuError::InvalidArgument`] naming `label` when rows, d, vocab or the chunk size is 0; h,
@@ -157,8 +158,8 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
     let stats = GpuTensor::zeros(ctx, &format!("{label}.stats"), DType::F32, &[rows + 1, 4])?;
     let (update, finish) = (ctx.pipeline(&pipeline_variant("ce_update"))?, ctx.pipeline(&pipeline_variant("ce_finish"))?);
     let variant = matmul_variant(ctx, rows);
-    // With the gradient: its running sum `acc[t] = Σ_v exp(z[t, v] − m_t) W[v]` over the chunks
-    // seen (rescaled when a row's running max m_t grows), and the targets' rows of W.
+    // With the gradient: its running sum `S[t] = Σ_v exp(z[t, v] − m_t) W[v]` (`dh_sum`) over
+    // the chunks seen (rescaled when a row's running max m_t grows), and the targets' rows of W.
     let grad_scratch = match dh {
         Some(_) => Some((
             GpuTensor::zeros(ctx, &format!("{label}.dh_sum"), DType::F32, &[rows, dim])?,
