@@ -149,7 +149,8 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
     }
     // The products check W too, under their own labels; a kind that cannot read W is the
     // cross-entropy's argument, so it is named here.
-    check_weight_kind(ctx, label, kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype)), w.dtype)?;
+    let dense_kind = kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype));
+    check_weight_kind(ctx, label, dense_kind, w.dtype)?;
     let chunk = chunk.min(vocab);
     check_u32(label, rows * chunk.max(dim), "rows x chunk columns")?;
     check_u32(label, vocab, "vocab")?;
@@ -246,8 +247,7 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
     ));
     let (Some(dh), Some((dh_sum, w_target, _))) = (dh, &grad_scratch) else { return Ok(out) };
     // dh[t] (+)= (dh_sum[t] / l_t − W[target_t]) / count for counted rows.
-    let gather_kind = kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype));
-    out.extend(embedding_with_kind(ctx, &format!("{label}.w_target"), targets, rows, w, w_target, gather_kind)?);
+    out.extend(embedding_with_kind(ctx, &format!("{label}.w_target"), targets, rows, w, w_target, dense_kind)?);
     out.push(Dispatch::new(
         ctx,
         &ctx.pipeline(&pipeline_variant("ce_dh"))?,

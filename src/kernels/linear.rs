@@ -263,6 +263,20 @@ impl<'a> LinearOp<'a> {
         Ok(kind.for_k(w.cols))
     }
 
+    /// The parts of W's chunks that the product reads, in order: every chunk, or with
+    /// [`LinearOp::w_rows`] the chunks that hold some of those rows, each cut to them.
+    pub(crate) fn chunk_parts(&self) -> Vec<ChunkPart<'a>> {
+        let (start, len) = self.w_rows.unwrap_or((0, self.w.rows));
+        self.w
+            .chunks
+            .iter()
+            .filter_map(|c| {
+                let (lo, hi) = (start.max(c.row0), (start + len).min(c.row0 + c.rows));
+                (lo < hi).then_some(ChunkPart { chunk: c, w_row0: lo - c.row0, row0: lo - start, rows: hi - lo })
+            })
+            .collect()
+    }
+
     /// One dispatch per chunk of W that the product reads ([`ChunkPart`]: all of them unless
     /// [`LinearOp::w_rows`] cuts W), named `label` (or `label[row0]`, row0 the part's first row
     /// in N, when W is split), with
@@ -282,16 +296,7 @@ impl<'a> LinearOp<'a> {
         // An absent bias is never read (its flag is clear); bind x in its place.
         let bias = (self.form == LinearForm::XWt).then(|| self.bias.unwrap_or(self.x));
         let mut pipelines: Vec<(WeightKind, Arc<Pipeline>)> = Vec::new();
-        let (start, len) = self.w_rows.unwrap_or((0, self.w.rows));
-        let parts: Vec<ChunkPart> = self
-            .w
-            .chunks
-            .iter()
-            .filter_map(|c| {
-                let (lo, hi) = (start.max(c.row0), (start + len).min(c.row0 + c.rows));
-                (lo < hi).then_some(ChunkPart { chunk: c, w_row0: lo - c.row0, row0: lo - start, rows: hi - lo })
-            })
-            .collect();
+        let parts = self.chunk_parts();
         let mut out = Vec::with_capacity(parts.len());
         for part in &parts {
             let c = part.chunk;

@@ -86,8 +86,7 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
     let (n_total, k) = op.k_n();
     let rows = op.rows;
     // x read four values of n per load where every part's first column of x is on a group of 4.
-    let (start, _) = op.w_rows.unwrap_or((0, n_total));
-    let xvec = n_total.is_multiple_of(4) && op.w.chunks.iter().all(|c| c.row0.saturating_sub(start).is_multiple_of(4));
+    let xvec = n_total.is_multiple_of(4) && op.chunk_parts().iter().all(|part| part.row0.is_multiple_of(4));
     let pipeline = |kind: WeightKind| {
         let (tm, kc) = xw_block(kind);
         let body = match kind {
