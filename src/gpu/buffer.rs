@@ -55,8 +55,10 @@ pub fn checked_bytes(dtype: DType, shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
 }
 
+/// Every tensor is storage, copyable, and bindable as a uniform: the decode GEMV binds its input
+/// vector as a uniform (`kernels::matvec::uniform_x_bytes`).
 const STORAGE_USAGE: wgpu::BufferUsages =
-    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST);
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC).union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::UNIFORM);
 
 /// Checks that `shape` elements of `dtype` fit one storage binding (`ctx.max_binding`, the
 /// adapter's `max_storage_buffer_binding_size`), with checked arithmetic, before anything is

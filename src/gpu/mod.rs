@@ -130,6 +130,7 @@ impl std::fmt::Display for AdapterReport {
         writeln!(f, "  features:     {feats}")?;
         let l = &self.limits;
         writeln!(f, "  max_storage_buffer_binding_size:       {}", l.max_storage_buffer_binding_size)?;
+        writeln!(f, "  max_uniform_buffer_binding_size:       {}", l.max_uniform_buffer_binding_size)?;
         writeln!(f, "  max_buffer_size:                       {}", l.max_buffer_size)?;
         writeln!(f, "  max_compute_workgroup_storage_size:    {}", l.max_compute_workgroup_storage_size)?;
         write!(f, "  max_compute_invocations_per_workgroup: {}", l.max_compute_invocations_per_workgroup)

@@ -123,40 +123,77 @@ impl WeightKind {
     /// `{var_name}_1(i) -> f32` (the i-th element); the wide kinds add
     /// `{var_name}_8(i) -> array<vec4<f32>, 2>` (the i-th group of 8 elements).
     pub fn declare(self, binding: u32, var_name: &str) -> String {
+        self.declare_in(binding, var_name, None)
+    }
+
+    /// Bytes of the uniform binding that holds a vector of `k` f32 values read as this kind
+    /// ([`WeightKind::declare_uniform`]): `⌈k/4⌉` vec4 for `F32`, `k/8` `vec4<u64>` for
+    /// `F32Wide` (K % 8 == 0); `None` for the other kinds, which are never activations. At most
+    /// the f32 tensor's own padded size, so the binding stays inside its buffer.
+    pub fn uniform_bytes(self, k: usize) -> Option<u64> {
+        match self {
+            WeightKind::F32 => Some(k.div_ceil(4) as u64 * 16),
+            WeightKind::F32Wide if k.is_multiple_of(8) => Some(k as u64 * 4),
+            _ => None,
+        }
+    }
+
+    /// [`WeightKind::declare`] of a vector of `k` f32 values as a uniform binding
+    /// (`var<uniform> {var_name}: array<.., n>`, [`WeightKind::uniform_bytes`] bytes) with the
+    /// same accessors. A load whose index is the same in every invocation is then one load
+    /// for the whole SIMD group on lavapipe, where a storage load is one per lane (see
+    /// `matvec`); `None` where [`WeightKind::uniform_bytes`] is.
+    pub fn declare_uniform(self, binding: u32, var_name: &str, k: usize) -> Option<String> {
+        let elems = self.uniform_bytes(k)? / if self == WeightKind::F32Wide { 32 } else { 16 };
+        Some(self.declare_in(binding, var_name, Some(elems)))
+    }
+
+    /// The declaration of `var_name` as read-only storage (`uniform_len` `None`), or as a
+    /// uniform array of `uniform_len` elements, with the accessors of [`WeightKind::declare`].
+    fn declare_in(self, binding: u32, var_name: &str, uniform_len: Option<u64>) -> String {
         let v = var_name;
+        let head = |elem: &str| match uniform_len {
+            None => format!("@group(0) @binding({binding}) var<storage, read> {v}: array<{elem}>;\n"),
+            Some(n) => format!("@group(0) @binding({binding}) var<uniform> {v}: array<{elem}, {n}>;\n"),
+        };
         match self {
             WeightKind::F32 => format!(
-                "@group(0) @binding({binding}) var<storage, read> {v}: array<vec4<f32>>;\n\
+                "{}\
                  fn {v}_4(i: u32) -> vec4<f32> {{ return {v}[i]; }}\n\
-                 fn {v}_1(i: u32) -> f32 {{ return {v}[i >> 2u][i & 3u]; }}\n"
+                 fn {v}_1(i: u32) -> f32 {{ return {v}[i >> 2u][i & 3u]; }}\n",
+                head("vec4<f32>")
             ),
             WeightKind::F16 => format!(
-                "@group(0) @binding({binding}) var<storage, read> {v}: array<vec4<f16>>;\n\
+                "{}\
                  fn {v}_4(i: u32) -> vec4<f32> {{ return vec4<f32>({v}[i]); }}\n\
-                 fn {v}_1(i: u32) -> f32 {{ return f32({v}[i >> 2u][i & 3u]); }}\n"
+                 fn {v}_1(i: u32) -> f32 {{ return f32({v}[i >> 2u][i & 3u]); }}\n",
+                head("vec4<f16>")
             ),
             WeightKind::F16Packed => format!(
-                "@group(0) @binding({binding}) var<storage, read> {v}: array<vec2<u32>>;\n\
+                "{}\
                  fn {v}_4(i: u32) -> vec4<f32> {{ let p = {v}[i]; return vec4<f32>(unpack2x16float(p.x), unpack2x16float(p.y)); }}\n\
                  fn {v}_1(i: u32) -> f32 {{ let p = {v}[i >> 2u]; let w = select(p.x, p.y, (i & 2u) != 0u); \
-                 return unpack2x16float(w)[i & 1u]; }}\n"
+                 return unpack2x16float(w)[i & 1u]; }}\n",
+                head("vec2<u32>")
             ),
             WeightKind::F32Wide => format!(
-                "@group(0) @binding({binding}) var<storage, read> {v}: array<vec4<u64>>;\n\
+                "{}\
                  fn {v}_f32x2(a: u64) -> vec2<f32> {{ return bitcast<vec2<f32>>(vec2<u32>(u32(a), u32(a >> 32u))); }}\n\
                  fn {v}_8(i: u32) -> array<vec4<f32>, 2> {{ let a = {v}[i]; \
                  return array(vec4<f32>({v}_f32x2(a.x), {v}_f32x2(a.y)), vec4<f32>({v}_f32x2(a.z), {v}_f32x2(a.w))); }}\n\
                  fn {v}_4(i: u32) -> vec4<f32> {{ let a = {v}[i >> 1u]; let h = select(a.xy, a.zw, (i & 1u) != 0u); \
                  return vec4<f32>({v}_f32x2(h.x), {v}_f32x2(h.y)); }}\n\
-                 fn {v}_1(i: u32) -> f32 {{ let a = {v}[i >> 3u][(i >> 1u) & 3u]; return bitcast<f32>(u32(a >> (32u * (i & 1u)))); }}\n"
+                 fn {v}_1(i: u32) -> f32 {{ let a = {v}[i >> 3u][(i >> 1u) & 3u]; return bitcast<f32>(u32(a >> (32u * (i & 1u)))); }}\n",
+                head("vec4<u64>")
             ),
             WeightKind::F16Wide => format!(
-                "@group(0) @binding({binding}) var<storage, read> {v}: array<vec2<u64>>;\n\
+                "{}\
                  fn {v}_f16x4(a: u64) -> vec4<f32> {{ return vec4<f32>(unpack2x16float(u32(a)), unpack2x16float(u32(a >> 32u))); }}\n\
                  fn {v}_8(i: u32) -> array<vec4<f32>, 2> {{ let a = {v}[i]; return array({v}_f16x4(a.x), {v}_f16x4(a.y)); }}\n\
                  fn {v}_4(i: u32) -> vec4<f32> {{ return {v}_f16x4({v}[i >> 1u][i & 1u]); }}\n\
                  fn {v}_1(i: u32) -> f32 {{ let a = {v}[i >> 3u][(i >> 2u) & 1u]; \
-                 return unpack2x16float(u32(a >> (32u * ((i >> 1u) & 1u))))[i & 1u]; }}\n"
+                 return unpack2x16float(u32(a >> (32u * ((i >> 1u) & 1u))))[i & 1u]; }}\n",
+                head("vec2<u64>")
             ),
             WeightKind::Quant(q) => super::quant::declare(q, binding, v),
         }

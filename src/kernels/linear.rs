@@ -284,13 +284,17 @@ impl<'a> LinearOp<'a> {
     /// no bias: params, x, the chunk's weights, y). A chunk is read as its block type, else
     /// as `dense` (the kind [`LinearOp::check`] returned); `pipeline` gives the pipeline for a
     /// kind (called once per kind) and `per_chunk` a part's uniform parameters, workgroup
-    /// counts and cost. Call after [`LinearOp::check`].
+    /// counts and cost. `x_uniform` gives, for a chunk's kind, the bytes of x to bind as a
+    /// uniform buffer (from offset 0) when its pipeline declares x so
+    /// ([`WeightKind::declare_uniform`]), `None` to bind x whole as storage. Call after
+    /// [`LinearOp::check`].
     pub(crate) fn chunk_dispatches<P: Pod>(
         &self,
         ctx: &GpuContext,
         label: &str,
         dense: WeightKind,
         pipeline: impl Fn(WeightKind) -> Result<Arc<Pipeline>, GpuError>,
+        x_uniform: impl Fn(WeightKind) -> Option<u64>,
         per_chunk: impl Fn(&ChunkPart, WeightKind) -> (P, [u32; 3], Cost),
     ) -> Result<Vec<Dispatch>, GpuError> {
         // An absent bias is never read (its flag is clear); bind x in its place.
@@ -312,7 +316,15 @@ impl<'a> LinearOp<'a> {
             let (params, workgroups, cost) = per_chunk(part, kind);
             let u = uniform(ctx, label, &params);
             let name = if self.w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", part.row0) };
-            let mut bindings = vec![u.as_entire_binding(), self.x.buffer.as_entire_binding(), c.tensor.buffer.as_entire_binding()];
+            let x = match x_uniform(kind) {
+                Some(bytes) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &self.x.buffer,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(bytes),
+                }),
+                None => self.x.buffer.as_entire_binding(),
+            };
+            let mut bindings = vec![u.as_entire_binding(), x, c.tensor.buffer.as_entire_binding()];
             bindings.extend(bias.map(|b| b.buffer.as_entire_binding()));
             bindings.push(self.y.buffer.as_entire_binding());
             out.push(Dispatch::new(ctx, &pipe, name, &bindings, workgroups, cost));

@@ -124,8 +124,13 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         MatvecVariant::Reduce => ("matvec_reduce", REDUCE_WG),
         MatvecVariant::Subgroup => ("matvec_subgroup", SUBGROUP_WG),
     };
+    let x_uniform = |kind: WeightKind| uniform_x_bytes(ctx, op, variant, kind.activations_on(ctx), k);
     let pipeline = |kind: WeightKind| {
         let x_kind = kind.activations_on(ctx);
+        let x_decl = match x_uniform(kind) {
+            Some(_) => x_kind.declare_uniform(1, "x", k).unwrap_or_else(|| x_kind.declare(1, "x")),
+            None => x_kind.declare(1, "x"),
+        };
         let shader = ShaderVariant::new("matvec", SOURCE, entry)
             .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false))
             .define(
@@ -136,7 +141,7 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
                     String::new()
                 },
             )
-            .weights("X_DECL", x_kind, 1, "x")
+            .define("X_DECL", x_decl)
             .weights("W_DECL", kind, 2, "w")
             .define("ALIGNED", aligned)
             .define("QUANT", matches!(kind, WeightKind::Quant(_)))
@@ -146,7 +151,7 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         ctx.pipeline(&shader)
     };
     let flags = op.flags();
-    op.chunk_dispatches(ctx, label, kind, pipeline, |part, _| {
+    op.chunk_dispatches(ctx, label, kind, pipeline, x_uniform, |part, _| {
         let c = part.chunk;
         let params = MatvecParams {
             rows: c.rows as u32,
@@ -169,6 +174,19 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         };
         (params, grid(groups), cost)
     })
+}
+
+/// Bytes of x to bind as a uniform buffer for `variant` reading x as `x_kind`, or `None` for a
+/// storage binding. Only [`MatvecVariant::Rows`] takes x as a uniform: every invocation reads the
+/// same element of x at the same time there, which lavapipe then loads once per SIMD group
+/// instead of once per lane (its storage loads are a per-lane loop with a bounds check each),
+/// and which is the access a GPU's constant cache serves best. The lanes of the `Reduce` and
+/// `Subgroup` variants read different elements, which a constant cache serialises. x must fit
+/// the adapter's `max_uniform_buffer_binding_size` and its own buffer.
+pub fn uniform_x_bytes(ctx: &GpuContext, op: &LinearOp, variant: MatvecVariant, x_kind: WeightKind, k: usize) -> Option<u64> {
+    let bytes = x_kind.uniform_bytes(k)?;
+    let fits = bytes <= ctx.limits.max_uniform_buffer_binding_size && bytes <= op.x.buffer.size();
+    (variant == MatvecVariant::Rows && fits).then_some(bytes)
 }
 
 /// The loop of `matvec_reduce` over the 32-value units of a row of quantised weights: invocation
@@ -363,6 +381,36 @@ mod tests {
                 variant,
             );
         }
+    }
+
+    /// `Rows` binds x as a uniform where it fits and the other variants bind it as storage; an x
+    /// beyond its buffer or the adapter's uniform limit falls back to storage, with the same
+    /// result. (Binding fewer bytes than the uniform declaration makes wgpu reject every `Rows`
+    /// dispatch of the other tests, so they do run the uniform path.)
+    #[test]
+    fn rows_reads_x_as_a_uniform_where_it_fits() {
+        let mut ctx = GpuContext::new(&GpuOptions::default()).unwrap();
+        let (n, k) = (40, 576);
+        let gw = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 4), DType::F32).unwrap();
+        let gx = GpuTensor::from_f32(&ctx, "x", &[k], &random_vec(k, 5)).unwrap();
+        let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
+        let op = LinearOp::new(&gx, 1, &gw, &gy);
+        let x_kinds = if ctx.has_int64() { vec![WeightKind::F32, WeightKind::F32Wide] } else { vec![WeightKind::F32] };
+        for &x_kind in &x_kinds {
+            assert_eq!(uniform_x_bytes(&ctx, &op, MatvecVariant::Rows, x_kind, k), Some(4 * k as u64));
+            assert_eq!(uniform_x_bytes(&ctx, &op, MatvecVariant::Reduce, x_kind, k), None);
+            assert_eq!(uniform_x_bytes(&ctx, &op, MatvecVariant::Subgroup, x_kind, k), None);
+            assert_eq!(uniform_x_bytes(&ctx, &op, MatvecVariant::Rows, x_kind, k + 8), None, "x's buffer holds {k} values");
+        }
+        assert_eq!(WeightKind::F32.uniform_bytes(6), Some(32));
+        assert_eq!(WeightKind::F32Wide.uniform_bytes(12), None);
+        assert_eq!(WeightKind::F16Wide.uniform_bytes(k), None);
+        std::sync::Arc::get_mut(&mut ctx).expect("a fresh context").limits.max_uniform_buffer_binding_size = 1024;
+        for &x_kind in &x_kinds {
+            assert_eq!(uniform_x_bytes(&ctx, &op, MatvecVariant::Rows, x_kind, k), None);
+        }
+        check(&ctx, &case(n, k), WeightKind::F32, MatvecVariant::Rows);
+        check(&ctx, &case(n, 200), WeightKind::F32, MatvecVariant::Rows);
     }
 
     #[test]
