@@ -284,11 +284,22 @@ impl<'a> LinearOp<'a> {
     /// no bias: params, x, the chunk's weights, y). A chunk is read as its block type, else
     /// as `dense` (the kind [`LinearOp::check`] returned); `pipeline` gives the pipeline for a
     /// kind (called once per kind) and `per_chunk` a part's uniform parameters, workgroup
-    /// counts and cost. `x_uniform` gives, for a chunk's kind, the bytes of x to bind as a
-    /// uniform buffer (from offset 0) when its pipeline declares x so
-    /// ([`WeightKind::declare_uniform`]), `None` to bind x whole as storage. Call after
-    /// [`LinearOp::check`].
+    /// counts and cost. x is bound whole as storage. Call after [`LinearOp::check`].
     pub(crate) fn chunk_dispatches<P: Pod>(
+        &self,
+        ctx: &GpuContext,
+        label: &str,
+        dense: WeightKind,
+        pipeline: impl Fn(WeightKind) -> Result<Arc<Pipeline>, GpuError>,
+        per_chunk: impl Fn(&ChunkPart, WeightKind) -> (P, [u32; 3], Cost),
+    ) -> Result<Vec<Dispatch>, GpuError> {
+        self.chunk_dispatches_x(ctx, label, dense, pipeline, |_| None, per_chunk)
+    }
+
+    /// [`LinearOp::chunk_dispatches`] where `x_uniform` gives, for a chunk's kind, the bytes of
+    /// x to bind as a uniform buffer (from offset 0) when its pipeline declares x so
+    /// ([`WeightKind::declare_uniform`]), `None` to bind x whole as storage.
+    pub(crate) fn chunk_dispatches_x<P: Pod>(
         &self,
         ctx: &GpuContext,
         label: &str,

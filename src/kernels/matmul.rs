@@ -163,45 +163,38 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
     };
     let flags = op.flags();
     let y_stride = op.y_row_stride();
-    op.chunk_dispatches(
-        ctx,
-        label,
-        kind,
-        pipeline,
-        |_| None,
-        |c, kind| {
-            let params = MatmulParams {
-                t: rows as u32,
-                n: c.rows as u32,
-                k: k as u32,
-                row0: c.row0 as u32,
-                y_stride: y_stride as u32,
-                y_col0: op.y_col0 as u32,
-                flags,
-                scale: op.scale.unwrap_or(1.0),
-                w_row0: c.w_row0 as u32,
-                ..Zeroable::zeroed()
-            };
-            let (t, n) = (rows as u32, c.rows as u32);
-            let workgroups = match variant {
-                MatmulVariant::RegBlock => {
-                    let (tm, tn) = block_of(kind);
-                    grid((t.div_ceil(tm) * n.div_ceil(tn)).div_ceil(REGBLOCK_WG))
-                }
-                MatmulVariant::Tiled => grid(t.div_ceil(TILE) * n.div_ceil(TILE)),
-                MatmulVariant::XBcast => [n.div_ceil(REGBLOCK_WG * XBCAST_BNR), t.div_ceil(XBCAST_BM), 1],
-            };
-            let outputs = (rows * c.rows) as u64;
-            let cost = Cost {
-                flops: 2 * outputs * k as u64,
-                bytes: c.byte_len()
-                    + 4 * (rows * k) as u64
-                    + outputs * if op.accumulate { 8 } else { 4 }
-                    + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
-            };
-            (params, workgroups, cost)
-        },
-    )
+    op.chunk_dispatches(ctx, label, kind, pipeline, |c, kind| {
+        let params = MatmulParams {
+            t: rows as u32,
+            n: c.rows as u32,
+            k: k as u32,
+            row0: c.row0 as u32,
+            y_stride: y_stride as u32,
+            y_col0: op.y_col0 as u32,
+            flags,
+            scale: op.scale.unwrap_or(1.0),
+            w_row0: c.w_row0 as u32,
+            ..Zeroable::zeroed()
+        };
+        let (t, n) = (rows as u32, c.rows as u32);
+        let workgroups = match variant {
+            MatmulVariant::RegBlock => {
+                let (tm, tn) = block_of(kind);
+                grid((t.div_ceil(tm) * n.div_ceil(tn)).div_ceil(REGBLOCK_WG))
+            }
+            MatmulVariant::Tiled => grid(t.div_ceil(TILE) * n.div_ceil(TILE)),
+            MatmulVariant::XBcast => [n.div_ceil(REGBLOCK_WG * XBCAST_BNR), t.div_ceil(XBCAST_BM), 1],
+        };
+        let outputs = (rows * c.rows) as u64;
+        let cost = Cost {
+            flops: 2 * outputs * k as u64,
+            bytes: c.byte_len()
+                + 4 * (rows * k) as u64
+                + outputs * if op.accumulate { 8 } else { 4 }
+                + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
+        };
+        (params, workgroups, cost)
+    })
 }
 
 /// Rows of x per `RegBlock` invocation for a product of `rows` rows: the next power of two,

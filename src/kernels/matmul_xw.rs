@@ -105,37 +105,30 @@ pub(crate) fn matmul_xw(ctx: &GpuContext, label: &str, op: &LinearOp) -> Result<
     };
     let flags = op.flags();
     let y_stride = op.y_row_stride();
-    op.chunk_dispatches(
-        ctx,
-        label,
-        kind,
-        pipeline,
-        |_| None,
-        |c, kind| {
-            let params = MatmulXwParams {
-                t: rows as u32,
-                n: c.rows as u32,
-                k: k as u32,
-                row0: c.row0 as u32,
-                x_stride: n_total as u32,
-                y_stride: y_stride as u32,
-                y_col0: op.y_col0 as u32,
-                flags: if c.row0 == 0 { flags } else { flags | FLAG_ACCUMULATE },
-                scale: op.scale.unwrap_or(1.0),
-                w_row0: c.w_row0 as u32,
-                ..Zeroable::zeroed()
-            };
-            let (tm, kc) = xw_block(kind);
-            let invocations = (rows as u32).div_ceil(tm) * (k as u32).div_ceil(kc);
-            let outputs = (rows * k) as u64;
-            let accumulates = op.accumulate || c.row0 > 0;
-            let cost = Cost {
-                flops: 2 * outputs * c.rows as u64,
-                bytes: c.byte_len() + 4 * (rows * c.rows) as u64 + outputs * if accumulates { 8 } else { 4 },
-            };
-            (params, grid(invocations.div_ceil(XW_WG)), cost)
-        },
-    )
+    op.chunk_dispatches(ctx, label, kind, pipeline, |c, kind| {
+        let params = MatmulXwParams {
+            t: rows as u32,
+            n: c.rows as u32,
+            k: k as u32,
+            row0: c.row0 as u32,
+            x_stride: n_total as u32,
+            y_stride: y_stride as u32,
+            y_col0: op.y_col0 as u32,
+            flags: if c.row0 == 0 { flags } else { flags | FLAG_ACCUMULATE },
+            scale: op.scale.unwrap_or(1.0),
+            w_row0: c.w_row0 as u32,
+            ..Zeroable::zeroed()
+        };
+        let (tm, kc) = xw_block(kind);
+        let invocations = (rows as u32).div_ceil(tm) * (k as u32).div_ceil(kc);
+        let outputs = (rows * k) as u64;
+        let accumulates = op.accumulate || c.row0 > 0;
+        let cost = Cost {
+            flops: 2 * outputs * c.rows as u64,
+            bytes: c.byte_len() + 4 * (rows * c.rows) as u64 + outputs * if accumulates { 8 } else { 4 },
+        };
+        (params, grid(invocations.div_ceil(XW_WG)), cost)
+    })
 }
 
 /// The start of both bodies: each row of x's offset `xb{i}` in elements (rows past the end

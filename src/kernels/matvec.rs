@@ -127,10 +127,7 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
     let x_uniform = |kind: WeightKind| uniform_x_bytes(ctx, op, variant, kind.activations_on(ctx), k);
     let pipeline = |kind: WeightKind| {
         let x_kind = kind.activations_on(ctx);
-        let x_decl = match x_uniform(kind) {
-            Some(_) => x_kind.declare_uniform(1, "x", k).unwrap_or_else(|| x_kind.declare(1, "x")),
-            None => x_kind.declare(1, "x"),
-        };
+        let x_decl = x_uniform(kind).and_then(|_| x_kind.declare_uniform(1, "x", k)).unwrap_or_else(|| x_kind.declare(1, "x"));
         let shader = ShaderVariant::new("matvec", SOURCE, entry)
             .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false))
             .define(
@@ -151,7 +148,7 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         ctx.pipeline(&shader)
     };
     let flags = op.flags();
-    op.chunk_dispatches(ctx, label, kind, pipeline, x_uniform, |part, _| {
+    op.chunk_dispatches_x(ctx, label, kind, pipeline, x_uniform, |part, _| {
         let c = part.chunk;
         let params = MatvecParams {
             rows: c.rows as u32,
