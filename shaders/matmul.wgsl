@@ -4,8 +4,9 @@
 //
 // Placeholders (filled from Rust): W_DECL / X_DECL declare the weights / input with accessors w_4,
 // w_1, x_4, x_1 (and w_8, x_8 for the wide kinds); ALIGNED is true when K % 4 == 0 (rows start on
-// a vec4 boundary); WG is the workgroup size of matmul_regblock, TM x TN its block of outputs per
-// invocation and REGBLOCK_BODY its generated body.
+// a vec4 boundary); WG is the workgroup size of matmul_regblock (and matmul_xbcast), TM x TN its
+// block of outputs per invocation and REGBLOCK_BODY its generated body; NB and XBCAST_BODY are
+// matmul_xbcast's (each pipeline fills only its own entry point's body).
 
 struct MatmulParams {
     t: u32,         // rows of x (tokens)
@@ -17,7 +18,7 @@ struct MatmulParams {
     flags: u32,     // bit 0: accumulate into y; bit 1: add bias; bit 2: multiply the product by scale
     scale: f32,     // used with flag bit 2 (LoRA: S * alpha / r), before bias and accumulation
     w_row0: u32,    // first row of the chunk read (a block of W's rows, e.g. a vocabulary chunk)
-    _pad0: u32,
+    t0: u32,        // matmul_xbcast: the window's first row of x (and of y)
     _pad1: u32,
     _pad2: u32,
 };
@@ -161,66 +162,22 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     }
 }
 
-// x broadcast: a workgroup owns BM consecutive tokens (uniform across it, so the x loads are the
-// same address for every invocation and the driver can load once and broadcast) and WG * BNR
-// consecutive rows of w; each invocation keeps BM x BNR accumulators. Only the w loads differ
-// between invocations: BNR vec4 loads feed BM * BNR dot products per step of K.
-const BM: u32 = {{BM}}u;
-const BNR: u32 = {{BNR}}u;
+// x broadcast (`matmul::xbcast_body`): windows of TB consecutive rows of x, one or a few per
+// dispatch (workgroup y index wy picks the window), which the dispatch binds as a uniform array
+// (X_DECL), so every invocation of a workgroup reads the same x
+// values at the same time (the access a GPU's constant cache serves, and on lavapipe a branchless
+// gather instead of a per-lane loop with a bounds check each). Each invocation owns NB
+// consecutive rows of w from n0 and keeps TB x NB accumulators in named registers: per step of
+// K, NB loads of w feed TB x NB dot products. TB is the window's length, a constant of the
+// pipeline (windows of 16, then 8, 4, 2, 1 rows for the rest).
+const NB: u32 = {{NB}}u;
 
 @compute @workgroup_size(WG)
-fn matmul_xbcast(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let t0 = wg.y * BM;                    // uniform
-    let n0 = (wg.x * WG + lid) * BNR;      // this invocation's first w row
+fn matmul_xbcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let n0 = gid.x * NB;
+    let wy = wg.y; // the dispatch's window (uniform across the workgroup)
     if (n0 >= p.n) {
         return;
     }
-    var wb: array<u32, BNR>;
-    for (var j = 0u; j < BNR; j++) {
-        wb[j] = (p.w_row0 + min(n0 + j, p.n - 1u)) * p.k;
-    }
-    let tn = min(BM, p.t - t0);            // uniform
-    var acc: array<f32, BM * BNR>;
-    for (var i = 0u; i < BM * BNR; i++) {
-        acc[i] = 0.0;
-    }
-    if (ALIGNED) {
-        let k4 = p.k / 4u;
-        for (var j = 0u; j < BNR; j++) {
-            wb[j] = wb[j] / 4u;
-        }
-        let xrow = t0 * k4;
-        for (var kk = 0u; kk < k4; kk++) {
-            var wv: array<vec4<f32>, BNR>;
-            for (var j = 0u; j < BNR; j++) {
-                wv[j] = w_4(wb[j] + kk);
-            }
-            for (var i = 0u; i < BM; i++) {
-                let xv = x_4(xrow + min(i, tn - 1u) * k4 + kk);
-                for (var j = 0u; j < BNR; j++) {
-                    acc[i * BNR + j] += dot(xv, wv[j]);
-                }
-            }
-        }
-    } else {
-        for (var kk = 0u; kk < p.k; kk++) {
-            var wv: array<f32, BNR>;
-            for (var j = 0u; j < BNR; j++) {
-                wv[j] = w_1(wb[j] + kk);
-            }
-            for (var i = 0u; i < BM; i++) {
-                let xv = x_1((t0 + min(i, tn - 1u)) * p.k + kk);
-                for (var j = 0u; j < BNR; j++) {
-                    acc[i * BNR + j] = fma(xv, wv[j], acc[i * BNR + j]);
-                }
-            }
-        }
-    }
-    for (var i = 0u; i < tn; i++) {
-        for (var j = 0u; j < BNR; j++) {
-            if (n0 + j < p.n) {
-                store(t0 + i, n0 + j, acc[i * BNR + j]);
-            }
-        }
-    }
+{{XBCAST_BODY}}
 }

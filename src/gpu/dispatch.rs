@@ -169,11 +169,15 @@ impl Dispatch {
     }
 
     /// The operation as the profiler's tables name it: the tag's op plus the kernel's own part
-    /// (`attn.core.split`, `lm_head[1]`); the whole label for an untagged dispatch.
+    /// (`attn.core.split`, `lm_head[1]`); the whole label for an untagged dispatch. A numbered
+    /// repeat of one product (`mlp.down#2`: the matmul's second window of rows of x, see
+    /// [`crate::kernels::matmul::xbcast_dispatches`]) counts as the product itself.
     pub fn op_name(&self) -> Cow<'_, str> {
+        let part = &self.label[self.part_at..];
+        let part = part.find('#').map_or(part, |i| &part[..i]);
         match &self.tag {
-            Some(t) if self.part_at == self.label.len() => Cow::Borrowed(t.op),
-            Some(t) => Cow::Owned(format!("{}{}", t.op, &self.label[self.part_at..])),
+            Some(t) if part.is_empty() => Cow::Borrowed(t.op),
+            Some(t) => Cow::Owned(format!("{}{part}", t.op)),
             None => Cow::Borrowed(&self.label),
         }
     }

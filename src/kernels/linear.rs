@@ -308,38 +308,87 @@ impl<'a> LinearOp<'a> {
         x_uniform: impl Fn(WeightKind) -> Option<u64>,
         per_chunk: impl Fn(&ChunkPart, WeightKind) -> (P, [u32; 3], Cost),
     ) -> Result<Vec<Dispatch>, GpuError> {
+        self.chunk_dispatches_each(
+            ctx,
+            label,
+            dense,
+            |kind, _| pipeline(kind),
+            |part, kind| {
+                let (params, workgroups, cost) = per_chunk(part, kind);
+                let x = x_uniform(kind).map_or(XBinding::Storage, |size| XBinding::Uniform { offset: 0, size });
+                vec![(0, params, workgroups, cost, x)]
+            },
+        )
+    }
+
+    /// The most general form of [`LinearOp::chunk_dispatches`]: `per_chunk` gives any number of
+    /// dispatches for a part (e.g. one per window of x rows), each with a pipeline selector
+    /// (`pipeline(kind, selector)` builds its pipeline, once per kind and selector), its own
+    /// uniform parameters, workgroup counts, cost and binding of x ([`XBinding`]). A part's
+    /// dispatches follow each other in the order given, parts in the order of W's rows; the second
+    /// and later of a part are named `name#2`, `name#3`, ...
+    pub(crate) fn chunk_dispatches_each<P: Pod>(
+        &self,
+        ctx: &GpuContext,
+        label: &str,
+        dense: WeightKind,
+        pipeline: impl Fn(WeightKind, u32) -> Result<Arc<Pipeline>, GpuError>,
+        per_chunk: impl Fn(&ChunkPart, WeightKind) -> Vec<(u32, P, [u32; 3], Cost, XBinding)>,
+    ) -> Result<Vec<Dispatch>, GpuError> {
         // An absent bias is never read (its flag is clear); bind x in its place.
         let bias = (self.form == LinearForm::XWt).then(|| self.bias.unwrap_or(self.x));
-        let mut pipelines: Vec<(WeightKind, Arc<Pipeline>)> = Vec::new();
+        let mut pipelines: Vec<((WeightKind, u32), Arc<Pipeline>)> = Vec::new();
         let parts = self.chunk_parts();
         let mut out = Vec::with_capacity(parts.len());
         for part in &parts {
             let c = part.chunk;
             let kind = c.kind(dense);
-            let pipe = match pipelines.iter().find(|(k, _)| *k == kind) {
-                Some((_, p)) => p.clone(),
-                None => {
-                    let p = pipeline(kind)?;
-                    pipelines.push((kind, p.clone()));
-                    p
-                }
-            };
-            let (params, workgroups, cost) = per_chunk(part, kind);
-            let u = uniform(ctx, label, &params);
             let name = if self.w.chunks.len() == 1 { label.to_string() } else { format!("{label}[{}]", part.row0) };
-            let x = match x_uniform(kind) {
-                Some(bytes) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &self.x.buffer,
-                    offset: 0,
-                    size: wgpu::BufferSize::new(bytes),
-                }),
-                None => self.x.buffer.as_entire_binding(),
-            };
-            let mut bindings = vec![u.as_entire_binding(), x, c.tensor.buffer.as_entire_binding()];
-            bindings.extend(bias.map(|b| b.buffer.as_entire_binding()));
-            bindings.push(self.y.buffer.as_entire_binding());
-            out.push(Dispatch::new(ctx, &pipe, name, &bindings, workgroups, cost));
+            let dispatches = per_chunk(part, kind);
+            let repeated = dispatches.len() > 1;
+            for (i, (selector, params, workgroups, cost, x)) in dispatches.into_iter().enumerate() {
+                // Several dispatches of one part are numbered from the second (`name#2`), which
+                // the profiler counts as the operation itself (`Dispatch::op_name`).
+                let name = if repeated && i > 0 { format!("{name}#{}", i + 1) } else { name.clone() };
+                let pipe = match pipelines.iter().find(|(key, _)| *key == (kind, selector)) {
+                    Some((_, p)) => p.clone(),
+                    None => {
+                        let p = pipeline(kind, selector)?;
+                        pipelines.push(((kind, selector), p.clone()));
+                        p
+                    }
+                };
+                let u = uniform(ctx, label, &params);
+                let x = match x {
+                    XBinding::Uniform { offset, size } => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &self.x.buffer,
+                        offset,
+                        size: wgpu::BufferSize::new(size),
+                    }),
+                    XBinding::Storage => self.x.buffer.as_entire_binding(),
+                };
+                let mut bindings = vec![u.as_entire_binding(), x, c.tensor.buffer.as_entire_binding()];
+                bindings.extend(bias.map(|b| b.buffer.as_entire_binding()));
+                bindings.push(self.y.buffer.as_entire_binding());
+                out.push(Dispatch::new(ctx, &pipe, name, &bindings, workgroups, cost));
+            }
         }
         Ok(out)
     }
+}
+
+/// How one dispatch of a [`LinearOp`] binds x (binding 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum XBinding {
+    /// The whole buffer, as read-only storage.
+    Storage,
+    /// `size` bytes from byte `offset`, as a uniform buffer (the pipeline declares x with
+    /// [`WeightKind::declare_uniform`]); `offset` is a multiple of the adapter's
+    /// `min_uniform_buffer_offset_alignment` and the range lies inside the buffer.
+    Uniform {
+        /// First byte bound.
+        offset: u64,
+        /// Bytes bound.
+        size: u64,
+    },
 }

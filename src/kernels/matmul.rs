@@ -5,14 +5,15 @@
 //! Three variants: [`MatmulVariant::RegBlock`] (each invocation a small block of outputs held in
 //! registers, vec4 loads along K, no workgroup memory: the fast one on CPU drivers such as
 //! lavapipe), [`MatmulVariant::Tiled`] (64 x 64 tiles staged through workgroup memory: the usual
-//! GPU shape) and [`MatmulVariant::XBcast`] (a block of tokens per workgroup, x read by uniform
-//! loads). [`crate::kernels::choice::matmul_variant`] picks one per adapter.
+//! GPU shape) and [`MatmulVariant::XBcast`] (a window of tokens per dispatch, x bound as a
+//! uniform buffer and read by every invocation at once: on lavapipe a branchless gather instead
+//! of a storage load's per-lane loop). [`crate::kernels::choice::matmul_variant`] picks one per adapter.
 
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
-use crate::kernels::linear::{LinearForm, LinearOp};
+use crate::kernels::linear::{LinearForm, LinearOp, XBinding};
 use crate::kernels::matmul_xw::matmul_xw;
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
@@ -45,10 +46,22 @@ pub fn regblock_quant_block(rows: usize) -> (u32, u32) {
 pub const REGBLOCK_TN: u32 = 4;
 /// Output tile of one `Tiled` workgroup (rows of x and rows of w).
 pub const TILE: u32 = 64;
-/// `XBcast` variant: tokens (rows of x) per workgroup, read as uniform (broadcast) loads.
-pub const XBCAST_BM: u32 = 8;
-/// `XBcast` variant: rows of w per invocation.
-pub const XBCAST_BNR: u32 = 2;
+/// `XBcast` variant: rows of x per window (per dispatch), the most ([`xbcast_windows`]).
+/// Measured on lavapipe against `RegBlock` in process CPU time, alternated in one process (f16
+/// and f32, T = 128, 3072 x 576 and 576 x 1536): 8 x 8 (rows of x x rows of w) 1.2-1.45x
+/// faster, 16 x 8 as fast as 8 x 8 but 2.5x the driver's compile time (2.0-2.4 s against
+/// 0.8-1.1 s), 10 x 8 no faster, 8 x 4 and 16 x 4 1.0-1.1x (see BENCHMARKS.md).
+pub const XBCAST_TB: u32 = 8;
+/// `XBcast` variant: rows of w per invocation ([`XBCAST_TB`] x this many accumulators).
+pub const XBCAST_NB: u32 = 8;
+/// `XBcast` variant: full windows per dispatch, the most (fewer where
+/// `max_uniform_buffer_binding_size` holds fewer: 3 for SmolLM2-135M's K = 576 on lavapipe's
+/// 64 KiB, 1 for K = 1536).
+pub const XBCAST_WINDOWS_PER_DISPATCH: u32 = 8;
+/// `XBcast` variant: workgroup size. Small, so that a product of few rows of w (576 at
+/// SmolLM2-135M's d_model) still spreads over the CPU's threads: lavapipe hands whole workgroups
+/// to its threads, and a window is one dispatch.
+pub const XBCAST_WG: u32 = 8;
 
 /// The matmul kernel variants; [`crate::kernels::choice::matmul_variant`] picks one per adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +72,10 @@ pub enum MatmulVariant {
     /// Tiled through workgroup memory (for real GPUs): a [`TILE`] x [`TILE`] output tile per
     /// workgroup.
     Tiled,
-    /// A block of [`XBCAST_BM`] tokens per workgroup so that x loads are uniform (broadcast),
-    /// [`XBCAST_BNR`] w rows per lane.
+    /// One dispatch per window of up to [`XBCAST_TB`] rows of x, bound as a uniform buffer so
+    /// that every invocation reads the same x values (broadcast); [`XBCAST_NB`] rows of w per
+    /// invocation. Dense f32/f16 weights only, where [`xbcast_window`] fits a window; other
+    /// products fall back to `RegBlock`.
     XBcast,
 }
 
@@ -108,8 +123,8 @@ pub struct MatmulParams {
     pub scale: f32,
     /// First row of the chunk's tensor read (0 unless [`LinearOp::w_rows`] cuts W).
     pub w_row0: u32,
-    /// Padding to 48 bytes.
-    pub _pad0: u32,
+    /// `XBcast` only: the window's first row of x and of y.
+    pub t0: u32,
     /// Padding to 48 bytes.
     pub _pad1: u32,
     /// Padding to 48 bytes.
@@ -135,7 +150,10 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
     let entry = match variant {
         MatmulVariant::RegBlock => "matmul_regblock",
         MatmulVariant::Tiled => "matmul_tiled",
-        MatmulVariant::XBcast => "matmul_xbcast",
+        MatmulVariant::XBcast => match xbcast_window(ctx, op, kind) {
+            Some(tb) => return matmul_xbcast(ctx, label, op, kind, tb),
+            None => return matmul(ctx, label, op, MatmulVariant::RegBlock),
+        },
     };
     // Only `matmul_regblock` depends on the token count; the other entry points keep one
     // pipeline (one cache key, one driver compile) whatever the prompt length.
@@ -157,8 +175,8 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
             .define("WG", REGBLOCK_WG)
             .define("TM", tm)
             .define("TN", tn)
-            .define("BM", XBCAST_BM)
-            .define("BNR", XBCAST_BNR);
+            .define("NB", XBCAST_NB)
+            .define("XBCAST_BODY", "");
         ctx.pipeline(&shader)
     };
     let flags = op.flags();
@@ -183,7 +201,7 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
                 grid((t.div_ceil(tm) * n.div_ceil(tn)).div_ceil(REGBLOCK_WG))
             }
             MatmulVariant::Tiled => grid(t.div_ceil(TILE) * n.div_ceil(TILE)),
-            MatmulVariant::XBcast => [n.div_ceil(REGBLOCK_WG * XBCAST_BNR), t.div_ceil(XBCAST_BM), 1],
+            MatmulVariant::XBcast => unreachable!("the XBcast variant returned above"),
         };
         let outputs = (rows * c.rows) as u64;
         let cost = Cost {
@@ -195,6 +213,179 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         };
         (params, workgroups, cost)
     })
+}
+
+/// Rows of x per window of the `XBcast` variant for `op` read as `kind`, or `None` where the
+/// variant does not apply and `RegBlock` runs instead: every chunk of W dense (f32 or f16, K % 4
+/// == 0, so that a row of x is whole vec4s), a row of x a multiple of the adapter's
+/// `min_uniform_buffer_offset_alignment` bytes (every window starts on it), and a window of
+/// [`XBCAST_TB`] rows within `max_uniform_buffer_binding_size`. Shorter products take shorter
+/// windows ([`xbcast_windows`]).
+pub fn xbcast_window(ctx: &GpuContext, op: &LinearOp, kind: WeightKind) -> Option<u32> {
+    let (k, _) = op.k_n();
+    let dense = op.chunk_parts().iter().all(|part| !matches!(part.chunk.kind(kind), WeightKind::Quant(_)));
+    let row_bytes = 4 * k as u64;
+    let aligned = k.is_multiple_of(4) && row_bytes.is_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment).max(1));
+    let (_, n) = op.k_n();
+    let groups_fit = n.div_ceil((XBCAST_WG * XBCAST_NB) as usize) <= ctx.limits.max_compute_workgroups_per_dimension as usize;
+    if !dense || !aligned || !groups_fit {
+        return None;
+    }
+    (u64::from(XBCAST_TB) * row_bytes <= ctx.limits.max_uniform_buffer_binding_size).then_some(XBCAST_TB)
+}
+
+/// The windows of `rows` rows of x for windows of at most `tb` rows (a power of two):
+/// `(first row, rows)`, full windows of `tb` rows from row 0, then the rest in windows of
+/// decreasing powers of two (13 rows after the last full window: 8, 4, 1), so that every row is
+/// computed once and a window's rows are a compile-time constant of its pipeline.
+pub fn xbcast_windows(rows: usize, tb: usize) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = (0..rows / tb).map(|i| (i * tb, tb)).collect();
+    let mut t0 = rows / tb * tb;
+    let mut len = tb / 2;
+    while len > 0 {
+        if (rows - t0) & len != 0 {
+            out.push((t0, len));
+            t0 += len;
+        }
+        len /= 2;
+    }
+    out
+}
+
+/// The dispatches of the `XBcast` variant over [`xbcast_windows`]: `(first row, rows per window,
+/// windows)`, up to `per_dispatch` consecutive full windows in one dispatch (its workgroups'
+/// second index picks the window), each shorter window alone. Fewer, larger dispatches keep a
+/// CPU driver's threads busy: each dispatch ends with its threads waiting for the slowest.
+pub fn xbcast_dispatches(rows: usize, tb: usize, per_dispatch: usize) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    let windows = xbcast_windows(rows, tb);
+    let (full, rest) = windows.split_at(rows / tb);
+    for run in full.chunks(per_dispatch.max(1)) {
+        out.push((run[0].0, tb, run.len()));
+    }
+    out.extend(rest.iter().map(|&(t0, len)| (t0, len, 1)));
+    out
+}
+
+/// [`matmul`] as `MatmulVariant::XBcast` with windows of at most `tb` rows ([`xbcast_window`]):
+/// per chunk of W, the dispatches of [`xbcast_dispatches`] (as many windows per dispatch as
+/// `max_uniform_buffer_binding_size` holds, at most [`XBCAST_WINDOWS_PER_DISPATCH`]), the
+/// dispatch's rows of x bound as a uniform buffer; one pipeline per window length and count.
+fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind, tb: u32) -> Result<Vec<Dispatch>, GpuError> {
+    let (k, _) = op.k_n();
+    let row_bytes = 4 * k as u64;
+    let fit = ctx.limits.max_uniform_buffer_binding_size / (u64::from(tb) * row_bytes);
+    let per_dispatch = fit.clamp(1, XBCAST_WINDOWS_PER_DISPATCH as u64) as usize;
+    // Pipeline selector: window length and windows per dispatch.
+    let pipeline = |kind: WeightKind, selector: u32| {
+        let (len, count) = (selector >> 8, selector & 0xff);
+        let x_decl = WeightKind::F32
+            .declare_uniform(1, "x", (len * count) as usize * k)
+            .ok_or_else(|| GpuError::InvalidArgument(format!("{label}: a window of x cannot be a uniform array")))?;
+        let shader = ShaderVariant::new("matmul", SOURCE, "matmul_xbcast")
+            .define("XBCAST_BODY", xbcast_body(len, XBCAST_NB, kind.step(k)))
+            .define("REGBLOCK_BODY", "")
+            .define("X_DECL", x_decl)
+            .weights("W_DECL", kind, 2, "w")
+            .define("ALIGNED", true)
+            .define("WG", XBCAST_WG)
+            .define("TM", 1)
+            .define("TN", 1)
+            .define("NB", XBCAST_NB);
+        ctx.pipeline(&shader)
+    };
+    let flags = op.flags();
+    let y_stride = op.y_row_stride();
+    let dispatches = xbcast_dispatches(op.rows, tb as usize, per_dispatch);
+    op.chunk_dispatches_each(ctx, label, kind, pipeline, |c, _kind| {
+        let n = c.rows as u32;
+        dispatches
+            .iter()
+            .map(|&(t0, len, count)| {
+                let params = MatmulParams {
+                    t: op.rows as u32,
+                    n,
+                    k: k as u32,
+                    row0: c.row0 as u32,
+                    y_stride: y_stride as u32,
+                    y_col0: op.y_col0 as u32,
+                    flags,
+                    scale: op.scale.unwrap_or(1.0),
+                    w_row0: c.w_row0 as u32,
+                    t0: t0 as u32,
+                    ..Zeroable::zeroed()
+                };
+                let rows = (len * count) as u64;
+                let outputs = rows * c.rows as u64;
+                let cost = Cost {
+                    flops: 2 * outputs * k as u64,
+                    bytes: count as u64 * c.byte_len()
+                        + rows * row_bytes
+                        + outputs * if op.accumulate { 8 } else { 4 }
+                        + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
+                };
+                let x = XBinding::Uniform { offset: t0 as u64 * row_bytes, size: rows * row_bytes };
+                let selector = ((len as u32) << 8) | count as u32;
+                (selector, params, [n.div_ceil(XBCAST_WG * XBCAST_NB), count as u32, 1], cost, x)
+            })
+            .collect()
+    })
+}
+
+/// The WGSL statements of `matmul_xbcast` once `n0` is known: `nb` rows of w from `n0` (rows past
+/// the end clamped, so every load stays in bounds) against the `tb` rows of x of the window, in
+/// `tb` x `nb` named f32 accumulators; K walked `step` elements at a time (8 through `w_8`, 4
+/// through `w_4`), x always through `x_4` (a uniform array of vec4) from the row `xw` of the
+/// binding (the dispatch's window `wg.y`: `xw = wg.y * tb`); stores to rows `p.t0 + xw + i`,
+/// guarded by `n < p.n`.
+pub fn xbcast_body(tb: u32, nb: u32, step: usize) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "    let steps = p.k / {step}u;");
+    let _ = writeln!(s, "    let xs = p.k / 4u;");
+    let _ = writeln!(s, "    let xw = wy * {tb}u;");
+    for j in 0..nb {
+        let _ = writeln!(s, "    let wb{j} = (p.w_row0 + min(n0 + {j}u, p.n - 1u)) * steps;");
+    }
+    for i in 0..tb {
+        for j in 0..nb {
+            let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
+        }
+    }
+    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    for j in 0..nb {
+        let _ = writeln!(s, "        let w{j} = w_{step}(wb{j} + kk);");
+    }
+    for i in 0..tb {
+        let _ = writeln!(s, "        {{");
+        // (x value, w value) pairs of one step of K for row i of x and row j of w.
+        let pairs: Vec<(String, String)> = if step == 8 {
+            let _ = writeln!(s, "            let xl = x_4((xw + {i}u) * xs + kk * 2u);");
+            let _ = writeln!(s, "            let xh = x_4((xw + {i}u) * xs + kk * 2u + 1u);");
+            [("xl", 0), ("xh", 1)]
+                .iter()
+                .flat_map(|&(x, h)| "xyzw".chars().map(move |c| (format!("{x}.{c}"), format!("[{h}].{c}"))))
+                .collect()
+        } else {
+            let _ = writeln!(s, "            let xv = x_4((xw + {i}u) * xs + kk);");
+            "xyzw".chars().map(|c| (format!("xv.{c}"), format!(".{c}"))).collect()
+        };
+        for j in 0..nb {
+            let mut e = format!("a{i}_{j}");
+            for (x, w) in &pairs {
+                e = format!("fma({x}, w{j}{w}, {e})");
+            }
+            let _ = writeln!(s, "            a{i}_{j} = {e};");
+        }
+        let _ = writeln!(s, "        }}");
+    }
+    let _ = writeln!(s, "    }}");
+    for i in 0..tb {
+        for j in 0..nb {
+            let _ = writeln!(s, "    if (n0 + {j}u < p.n) {{ store(p.t0 + xw + {i}u, n0 + {j}u, a{i}_{j}); }}");
+        }
+    }
+    s
 }
 
 /// Rows of x per `RegBlock` invocation for a product of `rows` rows: the next power of two,
@@ -533,6 +724,95 @@ mod tests {
         assert!(matmul(&ctx, "mm", &LinearOp::new(&gx, 2, &gw, &gy).y_stride(9), MatmulVariant::RegBlock).is_err());
         assert!(matmul(&ctx, "mm", &LinearOp::new(&gx, 0, &gw, &gy).y_stride(8), MatmulVariant::RegBlock).is_err());
         matmul(&ctx, "mm", &LinearOp::new(&gx, 2, &gw, &gy).y_stride(8), MatmulVariant::Tiled).unwrap();
+    }
+
+    /// The windows of the `XBcast` variant cover every row exactly once, in order: full windows
+    /// of `tb` rows, then powers of two below `tb`, each at most once; its dispatches group up to
+    /// `per_dispatch` full windows and cover the same rows.
+    #[test]
+    fn xbcast_windows_cover_each_row_once() {
+        for tb in [8usize, 16] {
+            for rows in 1..4 * tb + 3 {
+                let windows = xbcast_windows(rows, tb);
+                let mut next = 0;
+                for &(t0, len) in &windows {
+                    assert!(t0 == next && len.is_power_of_two() && len <= tb, "rows {rows} tb {tb}: {windows:?}");
+                    next += len;
+                }
+                assert_eq!(next, rows, "rows {rows} tb {tb}: {windows:?}");
+                assert_eq!(windows.len(), rows / tb + (rows % tb).count_ones() as usize);
+                for per_dispatch in [1, 3, 8] {
+                    let dispatches = xbcast_dispatches(rows, tb, per_dispatch);
+                    let mut next = 0;
+                    for &(t0, len, count) in &dispatches {
+                        assert!(t0 == next && (count == 1 || len == tb) && count <= per_dispatch, "{dispatches:?}");
+                        next += len * count;
+                    }
+                    assert_eq!(next, rows, "rows {rows} tb {tb} per dispatch {per_dispatch}: {dispatches:?}");
+                    assert_eq!(dispatches.len(), (rows / tb).div_ceil(per_dispatch) + (rows % tb).count_ones() as usize);
+                }
+            }
+        }
+    }
+
+    /// `XBcast` runs as one dispatch per window and chunk where it applies (dense weights,
+    /// aligned rows of x), also over split weights with bias and accumulation and windows of 8,
+    /// 4 and 1 rows (37 rows; results checked), and falls back to `RegBlock` (one dispatch per
+    /// chunk) for quantised weights and unaligned rows of x.
+    #[test]
+    fn xbcast_windows_and_fallbacks() {
+        use crate::model::QuantType;
+        let ctx = GpuContext::new(&GpuOptions { max_binding_override: Some(8192), ..Default::default() }).unwrap();
+        let align = ctx.limits.min_uniform_buffer_offset_alignment as usize;
+        let k = align.max(64);
+        let (t, n) = (37, 301);
+        let (x, wv, b, y0) = (random_vec(t * k, 31), random_vec(n * k, 32), random_vec(n, 33), random_vec(t * n, 34));
+        let gx = GpuTensor::from_f32(&ctx, "x", &[t, k], &x).unwrap();
+        let gb = GpuTensor::from_f32(&ctx, "b", &[n], &b).unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            let gw = GpuMatrix::upload(&ctx, "w", n, k, &wv, dtype).unwrap();
+            let chunks = gw.chunks.len();
+            assert!(chunks > 1, "W must be split");
+            let gy = GpuTensor::from_f32(&ctx, "y", &[t, n], &y0).unwrap();
+            let op = LinearOp::new(&gx, t, &gw, &gy).bias(Some(&gb)).accumulate(true);
+            let kind = WeightKind::for_dtype(&ctx, dtype);
+            let op = op.kind(kind);
+            let tb = xbcast_window(&ctx, &op, kind).expect("XBcast applies");
+            assert_eq!(tb, XBCAST_TB);
+            let tag = crate::gpu::Tag::layer(crate::gpu::Phase::Prefill, 3, "mlp.down");
+            let ds: Vec<Dispatch> =
+                matmul(&ctx, &tag.label(), &op, MatmulVariant::XBcast).unwrap().into_iter().map(|d| d.tagged(tag)).collect();
+            // Every dispatch its own label (the profiler times each once), one operation in the tables.
+            let mut labels: Vec<&str> = ds.iter().map(|d| d.label.as_str()).collect();
+            labels.sort_unstable();
+            labels.dedup();
+            assert_eq!(labels.len(), ds.len(), "{labels:?}");
+            assert!(ds.iter().all(|d| d.op_name().starts_with("mlp.down") && !d.op_name().contains('#')));
+            let per_dispatch = (ctx.limits.max_uniform_buffer_binding_size as usize / (tb as usize * 4 * k))
+                .clamp(1, XBCAST_WINDOWS_PER_DISPATCH as usize);
+            assert_eq!(ds.len(), chunks * xbcast_dispatches(t, tb as usize, per_dispatch).len(), "{dtype}: dispatches per chunk");
+            ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+            let w_read = if dtype == DType::F16 { round_f16(&wv) } else { wv.clone() };
+            let r = matmul_ref(&x, t, &w_read, n, k, Some(&b));
+            let want: Vec<f32> = y0.iter().zip(&r).map(|(a, b)| a + b).collect();
+            assert_close(&gy.read_f32(&ctx).unwrap(), &want, 4e-5 * (k as f32).sqrt(), 1e-5, &format!("xbcast {dtype} accumulate"));
+        }
+        // Fallbacks: as many dispatches as RegBlock's (one per chunk).
+        let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
+        let blocks = crate::kernels::testing::random_blocks(QuantType::Q8_0, n, k, 35);
+        let gq = GpuMatrix::upload_parts(&ctx, "q", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
+        // Kinds given: the kernel choice is not measured in this context (split weights).
+        let quant = LinearOp::new(&gx, t, &gq, &gy).kind(WeightKind::F32);
+        assert_eq!(xbcast_window(&ctx, &quant, WeightKind::F32), None, "quantised weights");
+        let ds = matmul(&ctx, "mm", &quant, MatmulVariant::XBcast).unwrap();
+        assert_eq!(ds.len(), matmul(&ctx, "mm", &quant, MatmulVariant::RegBlock).unwrap().len());
+        let k_odd = k + 4;
+        let gx_odd = GpuTensor::from_f32(&ctx, "x", &[t, k_odd], &random_vec(t * k_odd, 36)).unwrap();
+        let gw_odd = GpuMatrix::upload(&ctx, "w", n, k_odd, &random_vec(n * k_odd, 37), DType::F32).unwrap();
+        let odd = LinearOp::new(&gx_odd, t, &gw_odd, &gy).kind(WeightKind::F32);
+        if !(4 * k_odd).is_multiple_of(align) {
+            assert_eq!(xbcast_window(&ctx, &odd, WeightKind::F32), None, "rows of x not aligned");
+        }
     }
 
     /// The scale flag (LoRA's `y[:, col0..] += s · a · B^T`): every variant, strided y with an
