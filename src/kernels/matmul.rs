@@ -13,7 +13,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
-use crate::kernels::linear::{LinearForm, LinearOp, XBinding};
+use crate::kernels::linear::{ChunkPart, LinearForm, LinearOp, XBinding};
 use crate::kernels::matmul_xw::matmul_xw;
 
 const SOURCE: &str = include_str!("../../shaders/matmul.wgsl");
@@ -179,21 +179,8 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
             .define("XBCAST_BODY", "");
         ctx.pipeline(&shader)
     };
-    let flags = op.flags();
-    let y_stride = op.y_row_stride();
     op.chunk_dispatches(ctx, label, kind, pipeline, |c, kind| {
-        let params = MatmulParams {
-            t: rows as u32,
-            n: c.rows as u32,
-            k: k as u32,
-            row0: c.row0 as u32,
-            y_stride: y_stride as u32,
-            y_col0: op.y_col0 as u32,
-            flags,
-            scale: op.scale.unwrap_or(1.0),
-            w_row0: c.w_row0 as u32,
-            ..Zeroable::zeroed()
-        };
+        let params = chunk_params(op, k, c);
         let (t, n) = (rows as u32, c.rows as u32);
         let workgroups = match variant {
             MatmulVariant::RegBlock => {
@@ -213,6 +200,22 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
         };
         (params, workgroups, cost)
     })
+}
+
+/// The uniform of the product `op` (reduction length `k`) over one part of W (`t0` 0).
+fn chunk_params(op: &LinearOp, k: usize, c: &ChunkPart) -> MatmulParams {
+    MatmulParams {
+        t: op.rows as u32,
+        n: c.rows as u32,
+        k: k as u32,
+        row0: c.row0 as u32,
+        y_stride: op.y_row_stride() as u32,
+        y_col0: op.y_col0 as u32,
+        flags: op.flags(),
+        scale: op.scale.unwrap_or(1.0),
+        w_row0: c.w_row0 as u32,
+        ..Zeroable::zeroed()
+    }
 }
 
 /// Rows of x per window of the `XBcast` variant for `op` read as `kind`, or `None` where the
@@ -294,27 +297,13 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
             .define("NB", XBCAST_NB);
         ctx.pipeline(&shader)
     };
-    let flags = op.flags();
-    let y_stride = op.y_row_stride();
     let dispatches = xbcast_dispatches(op.rows, tb as usize, per_dispatch);
     op.chunk_dispatches_each(ctx, label, kind, pipeline, |c, _kind| {
         let n = c.rows as u32;
         dispatches
             .iter()
             .map(|&(t0, len, count)| {
-                let params = MatmulParams {
-                    t: op.rows as u32,
-                    n,
-                    k: k as u32,
-                    row0: c.row0 as u32,
-                    y_stride: y_stride as u32,
-                    y_col0: op.y_col0 as u32,
-                    flags,
-                    scale: op.scale.unwrap_or(1.0),
-                    w_row0: c.w_row0 as u32,
-                    t0: t0 as u32,
-                    ..Zeroable::zeroed()
-                };
+                let params = MatmulParams { t0: t0 as u32, ..chunk_params(op, k, c) };
                 let rows = (len * count) as u64;
                 let outputs = rows * c.rows as u64;
                 let cost = Cost {
@@ -344,14 +333,7 @@ pub fn xbcast_body(tb: u32, nb: u32, step: usize) -> String {
     let _ = writeln!(s, "    let steps = p.k / {step}u;");
     let _ = writeln!(s, "    let xs = p.k / 4u;");
     let _ = writeln!(s, "    let xw = wy * {tb}u;");
-    for j in 0..nb {
-        let _ = writeln!(s, "    let wb{j} = (p.w_row0 + min(n0 + {j}u, p.n - 1u)) * steps;");
-    }
-    for i in 0..tb {
-        for j in 0..nb {
-            let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
-        }
-    }
+    w_rows_and_accumulators(&mut s, tb, nb);
     let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
     for j in 0..nb {
         let _ = writeln!(s, "        let w{j} = w_{step}(wb{j} + kk);");
@@ -512,6 +494,15 @@ fn regblock_prologue(tm: u32, tn: u32, step: usize, loads_per_step: u32) -> Stri
     for i in 0..tm {
         let _ = writeln!(s, "    let xb{i} = min(t0 + {i}u, p.t - 1u) * steps{x_scale};");
     }
+    w_rows_and_accumulators(&mut s, tm, tn);
+    s
+}
+
+/// Statements shared by the generated bodies: each of `tn` w rows' offset in steps of K from
+/// `n0` (from the chunk's row `p.w_row0`; rows past the end clamped, so every load stays in
+/// bounds) and the `tm` x `tn` accumulators `a{i}_{j}`, zeroed.
+fn w_rows_and_accumulators(s: &mut String, tm: u32, tn: u32) {
+    use std::fmt::Write;
     for j in 0..tn {
         let _ = writeln!(s, "    let wb{j} = (p.w_row0 + min(n0 + {j}u, p.n - 1u)) * steps;");
     }
@@ -520,7 +511,6 @@ fn regblock_prologue(tm: u32, tn: u32, step: usize, loads_per_step: u32) -> Stri
             let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
         }
     }
-    s
 }
 
 /// The end of both regblock bodies: each accumulator stored, guarded by `t < p.t`, `n < p.n`.
