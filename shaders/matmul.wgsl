@@ -169,7 +169,7 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
 // gather instead of a per-lane loop with a bounds check each). Each invocation owns NB
 // consecutive rows of w from n0 and keeps TB x NB accumulators in named registers: per step of
 // K, NB loads of w feed TB x NB dot products. TB is the window's length, a constant of the
-// pipeline (windows of 16, then 8, 4, 2, 1 rows for the rest).
+// pipeline (windows of 8 rows, then 4, 2, 1 for the rest).
 const NB: u32 = {{NB}}u;
 
 @compute @workgroup_size(WG)

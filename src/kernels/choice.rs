@@ -218,7 +218,7 @@ fn choose(
 
 /// The way choices are measured, in the cache key: a choice measured another way (before the
 /// alternated medians and the tie margin) is measured again.
-const METHOD: &str = "medians-tie5-short32-xbcast16";
+const METHOD: &str = "medians-tie5-short32-xbcast8x8";
 
 /// The on-disk cache key: the adapter and driver, the candidates of every family and the
 /// measuring [`METHOD`], so that a choice measured before a variant existed is measured again.

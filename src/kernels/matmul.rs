@@ -46,7 +46,8 @@ pub fn regblock_quant_block(rows: usize) -> (u32, u32) {
 pub const REGBLOCK_TN: u32 = 4;
 /// Output tile of one `Tiled` workgroup (rows of x and rows of w).
 pub const TILE: u32 = 64;
-/// `XBcast` variant: rows of x per window (per dispatch), the most ([`xbcast_windows`]).
+/// `XBcast` variant: rows of x per window, the most ([`xbcast_windows`]; a dispatch holds up to
+/// [`XBCAST_WINDOWS_PER_DISPATCH`] of them).
 /// Measured on lavapipe against `RegBlock` in process CPU time, alternated in one process (f16
 /// and f32, T = 128, 3072 x 576 and 576 x 1536): 8 x 8 (rows of x x rows of w) 1.2-1.45x
 /// faster, 16 x 8 as fast as 8 x 8 but 2.5x the driver's compile time (2.0-2.4 s against
@@ -60,7 +61,7 @@ pub const XBCAST_NB: u32 = 8;
 pub const XBCAST_WINDOWS_PER_DISPATCH: u32 = 8;
 /// `XBcast` variant: workgroup size. Small, so that a product of few rows of w (576 at
 /// SmolLM2-135M's d_model) still spreads over the CPU's threads: lavapipe hands whole workgroups
-/// to its threads, and a window is one dispatch.
+/// to its threads, and a dispatch holds only a few windows.
 pub const XBCAST_WG: u32 = 8;
 
 /// The matmul kernel variants; [`crate::kernels::choice::matmul_variant`] picks one per adapter.
@@ -72,9 +73,9 @@ pub enum MatmulVariant {
     /// Tiled through workgroup memory (for real GPUs): a [`TILE`] x [`TILE`] output tile per
     /// workgroup.
     Tiled,
-    /// One dispatch per window of up to [`XBCAST_TB`] rows of x, bound as a uniform buffer so
-    /// that every invocation reads the same x values (broadcast); [`XBCAST_NB`] rows of w per
-    /// invocation. Dense f32/f16 weights only, where [`xbcast_window`] fits a window; other
+    /// Windows of up to [`XBCAST_TB`] rows of x, a few per dispatch, bound as a uniform buffer
+    /// so that every invocation of a workgroup reads the same x values (broadcast); [`XBCAST_NB`]
+    /// rows of w per invocation. Dense f32/f16 weights only, where [`xbcast_window`] fits a window; other
     /// products fall back to `RegBlock`.
     XBcast,
 }
@@ -239,7 +240,7 @@ pub fn xbcast_window(ctx: &GpuContext, op: &LinearOp, kind: WeightKind) -> Optio
 
 /// The windows of `rows` rows of x for windows of at most `tb` rows (a power of two):
 /// `(first row, rows)`, full windows of `tb` rows from row 0, then the rest in windows of
-/// decreasing powers of two (13 rows after the last full window: 8, 4, 1), so that every row is
+/// decreasing powers of two (with `tb` 16 and 13 rows left: 8, 4, 1), so that every row is
 /// computed once and a window's rows are a compile-time constant of its pipeline.
 pub fn xbcast_windows(rows: usize, tb: usize) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = (0..rows / tb).map(|i| (i * tb, tb)).collect();
