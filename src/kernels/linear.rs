@@ -293,51 +293,35 @@ impl<'a> LinearOp<'a> {
         pipeline: impl Fn(WeightKind) -> Result<Arc<Pipeline>, GpuError>,
         per_chunk: impl Fn(&ChunkPart, WeightKind) -> (P, [u32; 3], Cost),
     ) -> Result<Vec<Dispatch>, GpuError> {
-        self.chunk_dispatches_x(ctx, label, dense, pipeline, |_| None, per_chunk)
-    }
-
-    /// [`LinearOp::chunk_dispatches`] where `x_uniform` gives, for a chunk's kind, the bytes of
-    /// x to bind as a uniform buffer (from offset 0) when its pipeline declares x so
-    /// ([`WeightKind::declare_uniform`]), `None` to bind x whole as storage.
-    pub(crate) fn chunk_dispatches_x<P: Pod>(
-        &self,
-        ctx: &GpuContext,
-        label: &str,
-        dense: WeightKind,
-        pipeline: impl Fn(WeightKind) -> Result<Arc<Pipeline>, GpuError>,
-        x_uniform: impl Fn(WeightKind) -> Option<u64>,
-        per_chunk: impl Fn(&ChunkPart, WeightKind) -> (P, [u32; 3], Cost),
-    ) -> Result<Vec<Dispatch>, GpuError> {
         self.chunk_dispatches_each(
             ctx,
             label,
             dense,
-            |kind, _| pipeline(kind),
+            |kind, ()| pipeline(kind),
             |part, kind| {
                 let (params, workgroups, cost) = per_chunk(part, kind);
-                let x = x_uniform(kind).map_or(XBinding::Storage, |size| XBinding::Uniform { offset: 0, size });
-                vec![(0, params, workgroups, cost, x)]
+                vec![((), params, workgroups, cost, XBinding::Storage)]
             },
         )
     }
 
     /// The most general form of [`LinearOp::chunk_dispatches`]: `per_chunk` gives any number of
-    /// dispatches for a part (e.g. one per window of x rows), each with a pipeline selector
+    /// dispatches for a part (e.g. one per window of x rows), each with a pipeline selector `S`
     /// (`pipeline(kind, selector)` builds its pipeline, once per kind and selector), its own
     /// uniform parameters, workgroup counts, cost and binding of x ([`XBinding`]). A part's
     /// dispatches follow each other in the order given, parts in the order of W's rows; the second
     /// and later of a part are named `name#2`, `name#3`, ...
-    pub(crate) fn chunk_dispatches_each<P: Pod>(
+    pub(crate) fn chunk_dispatches_each<P: Pod, S: Copy + PartialEq>(
         &self,
         ctx: &GpuContext,
         label: &str,
         dense: WeightKind,
-        pipeline: impl Fn(WeightKind, u32) -> Result<Arc<Pipeline>, GpuError>,
-        per_chunk: impl Fn(&ChunkPart, WeightKind) -> Vec<(u32, P, [u32; 3], Cost, XBinding)>,
+        pipeline: impl Fn(WeightKind, S) -> Result<Arc<Pipeline>, GpuError>,
+        per_chunk: impl Fn(&ChunkPart, WeightKind) -> Vec<(S, P, [u32; 3], Cost, XBinding)>,
     ) -> Result<Vec<Dispatch>, GpuError> {
         // An absent bias is never read (its flag is clear); bind x in its place.
         let bias = (self.form == LinearForm::XWt).then(|| self.bias.unwrap_or(self.x));
-        let mut pipelines: Vec<((WeightKind, u32), Arc<Pipeline>)> = Vec::new();
+        let mut pipelines: Vec<((WeightKind, S), Arc<Pipeline>)> = Vec::new();
         let parts = self.chunk_parts();
         let mut out = Vec::with_capacity(parts.len());
         for part in &parts {

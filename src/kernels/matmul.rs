@@ -226,11 +226,10 @@ fn chunk_params(op: &LinearOp, k: usize, c: &ChunkPart) -> MatmulParams {
 /// [`XBCAST_TB`] rows within `max_uniform_buffer_binding_size`. Shorter products take shorter
 /// windows ([`xbcast_windows`]).
 pub fn xbcast_window(ctx: &GpuContext, op: &LinearOp, kind: WeightKind) -> Option<u32> {
-    let (k, _) = op.k_n();
+    let (k, n) = op.k_n();
     let dense = op.chunk_parts().iter().all(|part| !matches!(part.chunk.kind(kind), WeightKind::Quant(_)));
     let row_bytes = 4 * k as u64;
     let aligned = k.is_multiple_of(4) && row_bytes.is_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment).max(1));
-    let (_, n) = op.k_n();
     let groups_fit = n.div_ceil((XBCAST_WG * XBCAST_NB) as usize) <= ctx.limits.max_compute_workgroups_per_dimension as usize;
     if !dense || !aligned || !groups_fit {
         return None;
@@ -281,13 +280,12 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
     let fit = ctx.limits.max_uniform_buffer_binding_size / (u64::from(tb) * row_bytes);
     let per_dispatch = fit.clamp(1, XBCAST_WINDOWS_PER_DISPATCH as u64) as usize;
     // Pipeline selector: window length and windows per dispatch.
-    let pipeline = |kind: WeightKind, selector: u32| {
-        let (len, count) = (selector >> 8, selector & 0xff);
+    let pipeline = |kind: WeightKind, (len, count): (usize, usize)| {
         let x_decl = WeightKind::F32
-            .declare_uniform(1, "x", (len * count) as usize * k)
+            .declare_uniform(1, "x", len * count * k)
             .ok_or_else(|| GpuError::InvalidArgument(format!("{label}: a window of x cannot be a uniform array")))?;
         let shader = ShaderVariant::new("matmul", SOURCE, "matmul_xbcast")
-            .define("XBCAST_BODY", xbcast_body(len, XBCAST_NB, kind.step(k)))
+            .define("XBCAST_BODY", xbcast_body(len as u32, XBCAST_NB, kind.step(k)))
             .define("REGBLOCK_BODY", "")
             .define("X_DECL", x_decl)
             .weights("W_DECL", kind, 2, "w")
@@ -315,8 +313,7 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
                         + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
                 };
                 let x = XBinding::Uniform { offset: t0 as u64 * row_bytes, size: rows * row_bytes };
-                let selector = ((len as u32) << 8) | count as u32;
-                (selector, params, [n.div_ceil(XBCAST_WG * XBCAST_NB), count as u32, 1], cost, x)
+                ((len, count), params, [n.div_ceil(XBCAST_WG * XBCAST_NB), count as u32, 1], cost, x)
             })
             .collect()
     })

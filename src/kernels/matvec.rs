@@ -14,7 +14,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
 use crate::kernels::checks::invalid;
-use crate::kernels::linear::{LinearForm, LinearOp};
+use crate::kernels::linear::{LinearForm, LinearOp, XBinding};
 use crate::kernels::matmul_xw::matmul_xw;
 
 const SOURCE: &str = include_str!("../../shaders/matvec.wgsl");
@@ -148,29 +148,36 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         ctx.pipeline(&shader)
     };
     let flags = op.flags();
-    op.chunk_dispatches_x(ctx, label, kind, pipeline, x_uniform, |part, _| {
-        let c = part.chunk;
-        let params = MatvecParams {
-            rows: c.rows as u32,
-            k: k as u32,
-            row0: c.row0 as u32,
-            y_col0: op.y_col0 as u32,
-            flags,
-            scale: op.scale.unwrap_or(1.0),
-            ..Zeroable::zeroed()
-        };
-        let groups = match variant {
-            MatvecVariant::Rows => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * ROWS_WG),
-            MatvecVariant::Reduce => c.rows as u32,
-            MatvecVariant::Subgroup => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * SUBGROUP_GROUPS),
-        };
-        let y_bytes = if op.accumulate { 8 } else { 4 } * c.rows as u64;
-        let cost = Cost {
-            flops: 2 * (c.rows * k) as u64,
-            bytes: c.tensor.byte_len() as u64 + 4 * k as u64 + y_bytes + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
-        };
-        (params, grid(groups), cost)
-    })
+    op.chunk_dispatches_each(
+        ctx,
+        label,
+        kind,
+        |kind, ()| pipeline(kind),
+        |part, kind| {
+            let c = part.chunk;
+            let params = MatvecParams {
+                rows: c.rows as u32,
+                k: k as u32,
+                row0: c.row0 as u32,
+                y_col0: op.y_col0 as u32,
+                flags,
+                scale: op.scale.unwrap_or(1.0),
+                ..Zeroable::zeroed()
+            };
+            let groups = match variant {
+                MatvecVariant::Rows => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * ROWS_WG),
+                MatvecVariant::Reduce => c.rows as u32,
+                MatvecVariant::Subgroup => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * SUBGROUP_GROUPS),
+            };
+            let y_bytes = if op.accumulate { 8 } else { 4 } * c.rows as u64;
+            let cost = Cost {
+                flops: 2 * (c.rows * k) as u64,
+                bytes: c.tensor.byte_len() as u64 + 4 * k as u64 + y_bytes + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
+            };
+            let x = x_uniform(kind).map_or(XBinding::Storage, |size| XBinding::Uniform { offset: 0, size });
+            vec![((), params, grid(groups), cost, x)]
+        },
+    )
 }
 
 /// Bytes of x to bind as a uniform buffer for `variant` reading x as `x_kind`, or `None` for a
