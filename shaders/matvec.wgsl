@@ -4,8 +4,9 @@
 // Placeholders (filled from Rust): W_DECL / X_DECL declare the weights / input with accessors w_4, w_1,
 // x_4, x_1 (and w_8, x_8 for the wide kinds; w_dot32 for the quantised ones, for which QUANT is
 // true and REDUCE_UNITS the reduce variant's loop over units); ALIGNED is true when K % 4 == 0
-// (rows start on a vec4 boundary); WG is the workgroup size; R the rows per invocation and ROWS_BODY the generated body
-// of matvec_rows.
+// (rows start on a vec4 boundary); WG is the workgroup size; R the outputs per invocation and
+// ROWS_BODY the generated body of matvec_rows (with the SwiGLU epilogue, `matvec::MatvecEpilogue`,
+// an output takes two rows of w).
 
 struct MatvecParams {
     rows: u32,    // rows of this chunk of w
@@ -23,6 +24,8 @@ struct MatvecParams {
 {{W_DECL}}  // binding 2, w: [rows, k] f32 or f16 (this chunk)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;       // [rows of the whole matrix] (x when unused)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;    // [>= y_col0 + rows of the whole matrix]
+
+{{SIGMOID}}
 
 const ALIGNED: bool = {{ALIGNED}};
 const QUANT: bool = {{QUANT}};

@@ -12,7 +12,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, WeightKind};
 use crate::kernels::checks::invalid;
 use crate::kernels::linear::{LinearForm, LinearOp, XBinding};
 use crate::kernels::matmul_xw::matmul_xw;
@@ -95,6 +95,23 @@ pub struct MatvecParams {
     pub _pad2: u32,
 }
 
+/// What the decode GEMV stores: the product itself, or SwiGLU of it, which saves a decode step
+/// the `mlp.act` dispatch of every layer (on lavapipe a dispatch costs 65–85 us whatever its
+/// size: BENCHMARKS.md, "Fusing into the decode GEMV").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MatvecEpilogue {
+    /// `y[y_col0 + n] (+)= scale · dot(W[n, :], x) (+ bias[n])`.
+    #[default]
+    Store,
+    /// `LlamaMLP`'s `act_fn(gate_proj(x)) * up_proj(x)` (Hugging Face transformers) from the fused
+    /// gate_up product: W is `[2 ff, K]`, its `ff` gate rows then its `ff` up rows, and
+    /// `y[j] = silu(g_j) · u_j` for `j < ff`, with `g_j = dot(W[j, :], x)`,
+    /// `u_j = dot(W[ff + j, :], x)` and `silu(g) = g · sigmoid(g)` (`kernels::swiglu`'s maths). y
+    /// still needs room for N = 2 ff values ([`LinearOp::check`]); the rest is left as it was.
+    /// Only [`MatvecVariant::Rows`]; no bias, scale, accumulation or `y_col0`; W in one chunk.
+    SwiGlu,
+}
+
 /// Prepares the decode GEMV `op` (one row: `y[y_col0 + n] (+)= scale · dot(W[n, :], x) (+ bias[n])`)
 /// as `variant`: one dispatch per chunk of W, named `label` (`label[row0]` when W is split).
 /// The backward form [`LinearForm::XW`] (one row of `dX = dY · W`) has one kernel whatever
@@ -104,9 +121,41 @@ pub struct MatvecParams {
 /// [`GpuError::InvalidArgument`] naming `label` when `op.rows` is not 1 or [`LinearOp::check`]
 /// rejects the op; a pipeline build error as [`GpuError::Device`].
 pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVariant) -> Result<Vec<Dispatch>, GpuError> {
+    matvec_with(ctx, label, op, variant, MatvecEpilogue::Store)
+}
+
+/// [`matvec`] storing `epilogue` of the product (see [`MatvecEpilogue`]).
+///
+/// # Errors
+/// As [`matvec`], and [`GpuError::InvalidArgument`] naming `label` when the
+/// [`MatvecEpilogue::SwiGlu`] epilogue gets another variant than `Rows`, the [`LinearForm::XW`]
+/// form, an odd N, a W split into chunks, a bias, a scale, accumulation or a `y_col0`.
+pub fn matvec_with(
+    ctx: &GpuContext,
+    label: &str,
+    op: &LinearOp,
+    variant: MatvecVariant,
+    epilogue: MatvecEpilogue,
+) -> Result<Vec<Dispatch>, GpuError> {
     let kind = op.check(ctx, label)?;
     if op.rows != 1 {
         return Err(invalid(label, format!("matvec multiplies one row of x, got {} (use matmul)", op.rows)));
+    }
+    let swiglu = epilogue == MatvecEpilogue::SwiGlu;
+    if swiglu {
+        let n = op.k_n().1;
+        if variant != MatvecVariant::Rows || op.form == LinearForm::XW {
+            return Err(invalid(label, format!("only the rows matvec of x · Wᵀ has the SwiGLU epilogue (got {})", variant.name())));
+        }
+        if !n.is_multiple_of(2) || op.w.chunks.len() != 1 {
+            return Err(invalid(
+                label,
+                format!("the SwiGLU epilogue needs W [2 ff, K] in one chunk (got {n} rows in {} chunks)", op.w.chunks.len()),
+            ));
+        }
+        if op.flags() != 0 || op.y_col0 != 0 {
+            return Err(invalid(label, "the SwiGLU epilogue takes no bias, scale, accumulation or y_col0"));
+        }
     }
     if op.form == LinearForm::XW {
         return matmul_xw(ctx, label, op);
@@ -125,11 +174,13 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         MatvecVariant::Subgroup => ("matvec_subgroup", SUBGROUP_WG),
     };
     let x_uniform = |kind: WeightKind| uniform_x_bytes(ctx, op, variant, kind.activations_on(ctx), k);
+    // The SwiGLU epilogue takes a gate and an up row per output: half the outputs per invocation.
+    let outputs = if swiglu { ROWS_PER_INVOCATION / 2 } else { ROWS_PER_INVOCATION };
     let pipeline = |kind: WeightKind| {
         let x_kind = kind.activations_on(ctx);
         let x_decl = x_uniform(kind).and_then(|_| x_kind.declare_uniform(1, "x", k)).unwrap_or_else(|| x_kind.declare(1, "x"));
-        let shader = ShaderVariant::new("matvec", SOURCE, entry)
-            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false))
+        let shader = crate::kernels::snippet_variant("matvec", SOURCE, entry)
+            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false, swiglu))
             .define(
                 "SUBGROUP_ENTRY",
                 if variant == MatvecVariant::Subgroup {
@@ -144,7 +195,7 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
             .define("QUANT", matches!(kind, WeightKind::Quant(_)))
             .define("REDUCE_UNITS", if matches!(kind, WeightKind::Quant(_)) { REDUCE_UNITS } else { "" })
             .define("WG", wg)
-            .define("R", ROWS_PER_INVOCATION);
+            .define("R", outputs);
         ctx.pipeline(&shader)
     };
     let flags = op.flags();
@@ -155,8 +206,9 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
         |kind, ()| pipeline(kind),
         |part, kind| {
             let c = part.chunk;
+            let outputs_here = if swiglu { c.rows / 2 } else { c.rows };
             let params = MatvecParams {
-                rows: c.rows as u32,
+                rows: outputs_here as u32,
                 k: k as u32,
                 row0: c.row0 as u32,
                 y_col0: op.y_col0 as u32,
@@ -165,11 +217,11 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
                 ..Zeroable::zeroed()
             };
             let groups = match variant {
-                MatvecVariant::Rows => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * ROWS_WG),
+                MatvecVariant::Rows => (outputs_here as u32).div_ceil(outputs * ROWS_WG),
                 MatvecVariant::Reduce => c.rows as u32,
                 MatvecVariant::Subgroup => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * SUBGROUP_GROUPS),
             };
-            let y_bytes = if op.accumulate { 8 } else { 4 } * c.rows as u64;
+            let y_bytes = if op.accumulate { 8 } else { 4 } * outputs_here as u64;
             let cost = Cost {
                 flops: 2 * (c.rows * k) as u64,
                 bytes: c.tensor.byte_len() as u64 + 4 * k as u64 + y_bytes + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
@@ -211,14 +263,22 @@ const REDUCE_UNITS: &str = "        let units = p.k / 32u;
 /// load stays in bounds. With `wide_x` (x declared `F32Wide`; only for step 32) a unit's x comes
 /// in four eight-value loads instead of eight vec4 loads. With `lanes` (the subgroup variant) the
 /// subgroup's lanes share the rows: lane `sg_lane` takes steps `sg_lane, sg_lane + sg_size, ..`,
-/// each row's sum is `subgroupAdd`ed and lane 0 stores it.
-pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool) -> String {
+/// each row's sum is `subgroupAdd`ed and lane 0 stores it. With `swiglu` ([`MatvecEpilogue::SwiGlu`];
+/// not with `lanes`) the invocation owns `r / 2` outputs from `first`: accumulators `0..r/2` take
+/// their gate rows and `r/2..r` their up rows (`p.rows` further on in W), and output j stores
+/// `silu(gate_j) · up_j`.
+pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, swiglu: bool) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let zero = if step == 1 || step == 32 { "0.0" } else { "vec4<f32>(0.0)" };
     let _ = writeln!(s, "    let steps = p.k / {step}u;");
+    let half = r / 2;
     for j in 0..r {
-        let _ = writeln!(s, "    let wb{j} = min(first + {j}u, p.rows - 1u) * steps;");
+        let row = match swiglu {
+            true if j >= half => format!("(min(first + {}u, p.rows - 1u) + p.rows)", j - half),
+            _ => format!("min(first + {j}u, p.rows - 1u)"),
+        };
+        let _ = writeln!(s, "    let wb{j} = {row} * steps;");
         let _ = writeln!(s, "    var a{j} = {zero};");
     }
     if lanes {
@@ -253,8 +313,16 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool) -> String {
         }
     }
     let _ = writeln!(s, "    }}");
+    let sum = |j: u32| if step == 1 || step == 32 { format!("a{j}") } else { format!("(a{j}.x + a{j}.y) + (a{j}.z + a{j}.w)") };
+    if swiglu {
+        for j in 0..half {
+            let _ = writeln!(s, "    let g{j} = {};", sum(j));
+            let _ = writeln!(s, "    if (first + {j}u < p.rows) {{ store(first + {j}u, g{j} * sigmoid(g{j}) * ({})); }}", sum(j + half));
+        }
+        return s;
+    }
     for j in 0..r {
-        let sum = if step == 1 || step == 32 { format!("a{j}") } else { format!("(a{j}.x + a{j}.y) + (a{j}.z + a{j}.w)") };
+        let sum = sum(j);
         if lanes {
             let _ = writeln!(s, "    let s{j} = subgroupAdd({sum});");
             let _ = writeln!(s, "    if (sg_lane == 0u && first + {j}u < p.rows) {{ store(first + {j}u, s{j}); }}");
@@ -271,7 +339,7 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool) -> String {
 /// lane index by the subgroup size ([`rows_body`] with `lanes`), then `subgroupAdd` the row sums
 /// and lane 0 stores them. Every `subgroupAdd` sits in subgroup-uniform control flow.
 pub fn subgroup_entry(r: u32, step: usize, wide_x: bool) -> String {
-    let body: String = rows_body(r, step, wide_x, true).lines().map(|l| format!("    {l}\n")).collect();
+    let body: String = rows_body(r, step, wide_x, true, false).lines().map(|l| format!("    {l}\n")).collect();
     format!(
         "@compute @workgroup_size({SUBGROUP_WG})
 fn matvec_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -447,6 +515,90 @@ mod tests {
         assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy).kind(WeightKind::F16Packed), MatvecVariant::Rows).is_err());
         // A block of W's rows is matmul's (the forward form here reads all of W).
         assert!(matvec(&ctx, "mv", &LinearOp::new(&gx, 1, &gw, &gy).w_rows(2, 3), MatvecVariant::Rows).is_err());
+    }
+
+    /// One GEMV with the SwiGLU epilogue of a random `[n, k]` W read as `kind` (`None`: the
+    /// adapter's way for W's blocks) against `matvec_ref` then `swiglu_ref`; y past the `n / 2`
+    /// outputs keeps its values.
+    fn check_swiglu(ctx: &GpuContext, w: &GpuMatrix, wv: &[f32], kind: Option<WeightKind>, what: &str) {
+        let (n, k) = (w.rows, w.cols);
+        let seed = (n * 7 + k) as u64;
+        let x: Vec<f32> = random_vec(k, seed).iter().map(|v| 3.0 * v).collect();
+        let gx = GpuTensor::from_f32(ctx, "x", &[k], &x).unwrap();
+        let y0 = random_vec(n, seed + 3);
+        let gy = GpuTensor::from_f32(ctx, "y", &[n], &y0).unwrap();
+        let mut op = LinearOp::new(&gx, 1, w, &gy);
+        if let Some(kind) = kind {
+            op = op.kind(kind);
+        }
+        let ds = matvec_with(ctx, "mv", &op, MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap();
+        ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+        let got = gy.read_f32(ctx).unwrap();
+        let product = matvec_ref(&x, wv, n, k, None);
+        let mut want = y0.clone();
+        want[..n / 2].copy_from_slice(&crate::kernels::swiglu::swiglu_ref(&product, 1, n / 2));
+        let scale = wv.iter().fold(0f32, |a, v| a.max(v.abs())) * x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let atol = 2e-5 * (k as f32).sqrt() * scale * 4.0;
+        assert_close(&got, &want, atol, 1e-4, &format!("{what} n={n} k={k}"));
+    }
+
+    /// The SwiGLU epilogue ([`MatvecEpilogue::SwiGlu`]) matches matvec then swiglu, for every
+    /// dense kind and every block type that stays quantised, K aligned to 4 or not, outputs not
+    /// a multiple of an invocation's or a workgroup's.
+    #[test]
+    fn swiglu_epilogue_matches_matvec_then_swiglu() {
+        let ctx = test_context();
+        for kind in weight_kinds(&ctx) {
+            for (n, k) in [(2, 8), (14, 576), (262, 64), (6, 37), (3072, 576)] {
+                let mut wv = random_vec(n * k, (n + k) as u64);
+                let w = GpuMatrix::upload(&ctx, "w", n, k, &wv, kind.dtype()).unwrap();
+                if kind.dtype() == DType::F16 {
+                    wv = round_f16(&wv);
+                }
+                check_swiglu(&ctx, &w, &wv, Some(kind), &format!("swiglu matvec {}", kind.name()));
+            }
+        }
+        for q in crate::model::QuantType::ALL {
+            let (n, k) = (10, if q.block_elems() == 256 { 512 } else { 96 });
+            let blocks = crate::kernels::testing::random_blocks(q, n, k, 3);
+            let wv = blocks.dequantize().unwrap();
+            let w = GpuMatrix::upload_parts(&ctx, "w", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
+            if w.format() == q.name() {
+                check_swiglu(&ctx, &w, &wv, None, &format!("swiglu matvec {q}"));
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_epilogue_refuses_what_it_cannot_compute() {
+        let ctx = test_context();
+        let w = GpuMatrix::upload(&ctx, "w", 8, 16, &random_vec(128, 1), DType::F32).unwrap();
+        let w_odd = GpuMatrix::upload(&ctx, "w", 7, 16, &random_vec(112, 1), DType::F32).unwrap();
+        let gx = GpuTensor::from_f32(&ctx, "x", &[16], &random_vec(16, 2)).unwrap();
+        let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[9]).unwrap();
+        let op = LinearOp::new(&gx, 1, &w, &gy);
+        let err = |op: &LinearOp, v| matvec_with(&ctx, "mlp.gate_up", op, v, MatvecEpilogue::SwiGlu).unwrap_err().to_string();
+        assert!(err(&op, MatvecVariant::Reduce).contains("only the rows matvec"));
+        assert!(err(&op, MatvecVariant::Reduce).contains("mlp.gate_up"));
+        assert!(err(&LinearOp::new(&gx, 1, &w_odd, &gy), MatvecVariant::Rows).contains("2 ff"));
+        assert!(err(&op.accumulate(true), MatvecVariant::Rows).contains("no bias"));
+        assert!(err(&op.y_col0(1), MatvecVariant::Rows).contains("no bias"));
+        let gb = GpuTensor::zeros(&ctx, "b", DType::F32, &[8]).unwrap();
+        assert!(err(&op.bias(Some(&gb)), MatvecVariant::Rows).contains("no bias"));
+        matvec_with(&ctx, "mv", &op, MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap();
+    }
+
+    /// A W over the binding limit is split into chunks, which the SwiGLU epilogue refuses.
+    #[test]
+    fn swiglu_epilogue_refuses_split_weights() {
+        let ctx = GpuContext::new(&GpuOptions { max_binding_override: Some(4096), ..Default::default() }).unwrap();
+        let (n, k) = (300, 36);
+        let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 9), DType::F32).unwrap();
+        assert!(w.chunks.len() > 1);
+        let gx = GpuTensor::from_f32(&ctx, "x", &[k], &random_vec(k, 2)).unwrap();
+        let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
+        let err = matvec_with(&ctx, "mv", &LinearOp::new(&gx, 1, &w, &gy), MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap_err();
+        assert!(err.to_string().contains("one chunk"), "{err}");
     }
 
     /// The scale flag (LoRA's `y += s · a · B^T`): every variant, with an offset and accumulation,

@@ -13,7 +13,7 @@ use crate::kernels::copy::copy;
 use crate::kernels::embedding::embedding;
 use crate::kernels::linear::LinearOp;
 use crate::kernels::matmul::matmul;
-use crate::kernels::matvec::matvec;
+use crate::kernels::matvec::{MatvecEpilogue, MatvecVariant, matvec, matvec_with};
 use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
 use crate::kernels::rope::{RopeQkvOp, RopeTables, rope_qkv_write};
 use crate::kernels::router::{RouterWeights, router_gate};
@@ -44,9 +44,10 @@ pub struct Activations {
     pub q: GpuTensor,
     /// Attention output, heads side by side `[rows, n_heads * hd]`.
     pub attn: GpuTensor,
-    /// Gate and up projections side by side `[rows, 2 d_ff]`.
+    /// Gate and up projections side by side `[rows, 2 d_ff]`; after a decode step's gate_up with
+    /// the SwiGLU epilogue (`StepBuilder::swiglu_in_gate_up`), SwiGLU's output in `[0..d_ff]`.
     pub gate_up: GpuTensor,
-    /// SwiGLU output `silu(gate) * up` `[rows, d_ff]`.
+    /// SwiGLU output `silu(gate) * up` `[rows, d_ff]` (where SwiGLU is its own dispatch).
     pub act: GpuTensor,
 }
 
@@ -256,10 +257,31 @@ impl StepBuilder<'_> {
         }
         // MLP half: x += down(swiglu(gate_up(norm(x)))).
         p.extend(tagged(at("mlp.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.ffn_norm, &a.xn)).map(|d| [d]))?);
-        p.extend(self.project(l, Proj::GateUp, &LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up))?);
-        p.extend(tagged(at("mlp.act"), |n| swiglu(ctx, n, &a.gate_up, rows, c.d_ff, &a.act).map(|d| [d]))?);
-        p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.act, rows, &lw.down, &a.x).accumulate(true))?);
+        let gate_up = LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up);
+        if self.swiglu_in_gate_up(rows, l, kept) {
+            // One dispatch instead of two: gate_up writes silu(gate) · up to gate_up[0..d_ff].
+            p.extend(tagged(at("mlp.gate_up"), |n| matvec_with(ctx, n, &gate_up, MatvecVariant::Rows, MatvecEpilogue::SwiGlu))?);
+            p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.gate_up, rows, &lw.down, &a.x).accumulate(true))?);
+        } else {
+            p.extend(self.project(l, Proj::GateUp, &gate_up)?);
+            p.extend(tagged(at("mlp.act"), |n| swiglu(ctx, n, &a.gate_up, rows, c.d_ff, &a.act).map(|d| [d]))?);
+            p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.act, rows, &lw.down, &a.x).accumulate(true))?);
+        }
         Ok(p)
+    }
+
+    /// Whether layer `l`'s MLP over `rows` tokens runs SwiGLU as the epilogue of its gate_up
+    /// GEMV ([`MatvecEpilogue::SwiGlu`], one dispatch fewer): in a one-token decode step of a
+    /// single sequence, where the adapter's matvec variant is `Rows` (the kernel with the
+    /// epilogue), no unmerged adapter adds a delta to gate_up (it would land after SwiGLU),
+    /// nothing is kept for a backward pass (which reads gate_up) and gate_up is one chunk of W.
+    fn swiglu_in_gate_up(&self, rows: usize, l: usize, kept: Option<&KeptActivations>) -> bool {
+        self.phase == Phase::Decode
+            && rows == 1
+            && kept.is_none()
+            && self.lora.is_none_or(|(g, _)| g.layers[l].gate_up.is_none())
+            && self.weights.layers[l].gate_up.chunks.len() == 1
+            && matvec_variant(self.ctx) == MatvecVariant::Rows
     }
 
     /// Layer `l`'s attention core over rows `row0..row0 + rows` of `a`: RoPE on the queries and
