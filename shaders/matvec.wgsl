@@ -5,8 +5,9 @@
 // x_4, x_1 (and w_8, x_8 for the wide kinds; w_dot32 for the quantised ones, for which QUANT is
 // true and REDUCE_UNITS the reduce variant's loop over units); ALIGNED is true when K % 4 == 0
 // (rows start on a vec4 boundary); WG is the workgroup size; R the outputs per invocation and
-// ROWS_BODY the generated body of matvec_rows (with the SwiGLU epilogue, `matvec::MatvecEpilogue`,
-// an output takes two rows of w).
+// ROWS_BODY the generated body of matvec_rows (with the SwiGLU or RoPE epilogue,
+// `matvec::MatvecEpilogue`, an output takes two rows of w). ROPE_DECL is empty, or the RoPE
+// epilogue's bindings and `rope_pair` (`matvec::ROPE_DECL`).
 
 struct MatvecParams {
     rows: u32,    // rows of this chunk of w
@@ -32,7 +33,8 @@ const QUANT: bool = {{QUANT}};
 const WG: u32 = {{WG}}u;
 const R: u32 = {{R}}u;
 
-fn store(n: u32, v: f32) {
+// Stores row n's product (scaled, biased, accumulated as the flags say) and returns what it stored.
+fn store(n: u32, v: f32) -> f32 {
     var s = v;
     if ((p.flags & 4u) != 0u) {
         s *= p.scale;
@@ -45,7 +47,10 @@ fn store(n: u32, v: f32) {
         s += y[i];
     }
     y[i] = s;
+    return s;
 }
+
+{{ROPE_DECL}}
 
 // Each invocation owns R consecutive rows; consecutive invocations own consecutive row groups.
 // No workgroup memory. ROWS_BODY is generated from Rust (`matvec::rows_body`): it walks K in

@@ -35,39 +35,15 @@ struct StepParams {
 
 {{ROPE_INDEX}}
 
+{{ROPE_WRITE}}
+
 @compute @workgroup_size(64)
 fn rope_qkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let item = rope_item(gid.x + gid.y * nwg.x * 64u);
     if (!item.valid) {
         return;
     }
-    let slots = rope_slots();
-    let t = item.t;
-    let pos = item.pos;
-    let j = item.slot;
-    let i = item.i;
-    let r = p.row0 + t;
-    let src = r * slots * p.head_dim + j * p.head_dim + i;
-    let x1 = qkv[src];
-    let x2 = qkv[src + p.half_dim];
-    let kv_dim = p.n_kv_heads * p.head_dim;
-    if (j < p.n_heads + p.n_kv_heads) {
-        let c = cos_t[pos * p.half_dim + i];
-        let s = sin_t[pos * p.half_dim + i];
-        let o1 = x1 * c - x2 * s;
-        let o2 = x2 * c + x1 * s;
-        if (j < p.n_heads) {
-            let dst = r * p.n_heads * p.head_dim + j * p.head_dim + i;
-            q_out[dst] = o1;
-            q_out[dst + p.half_dim] = o2;
-        } else {
-            let dst = pos * kv_dim + (j - p.n_heads) * p.head_dim + i;
-            k_cache[dst] = o1;
-            k_cache[dst + p.half_dim] = o2;
-        }
-    } else {
-        let dst = pos * kv_dim + (j - p.n_heads - p.n_kv_heads) * p.head_dim + i;
-        v_cache[dst] = x1;
-        v_cache[dst + p.half_dim] = x2;
-    }
+    let r = p.row0 + item.t;
+    let src = r * rope_slots() * p.head_dim + item.slot * p.head_dim + item.i;
+    rope_write(p, r, item.pos, item.slot, item.i, qkv[src], qkv[src + p.half_dim]);
 }

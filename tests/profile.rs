@@ -140,12 +140,13 @@ fn check_profile(mode: ProfileMode) {
         );
         let families: Vec<&str> = phase.families.iter().map(|g| g.name.as_str()).collect();
         let linear = if phase.phase == "prefill" { "matmul" } else { "matvec" };
-        // Decode through the rows GEMV runs SwiGLU as gate_up's epilogue: no swiglu dispatch.
-        let swiglu_fused = phase.phase == "decode" && matvec_variant(&ctx) == MatvecVariant::Rows;
+        // Decode through the rows GEMV runs RoPE as qkv's epilogue and SwiGLU as gate_up's: no
+        // rope or swiglu dispatch.
+        let fused = phase.phase == "decode" && matvec_variant(&ctx) == MatvecVariant::Rows;
         for f in ["embedding", "rmsnorm", linear, "rope", "attention", "swiglu", "sample"] {
-            if f == "swiglu" && swiglu_fused {
-                assert!(!families.contains(&f), "{mode:?} decode: the swiglu epilogue left a swiglu dispatch: {families:?}");
-                assert!(phase.ops.iter().all(|g| g.name != "mlp.act"), "{mode:?} decode: an mlp.act dispatch");
+            if fused && (f == "swiglu" || f == "rope") {
+                assert!(!families.contains(&f), "{mode:?} decode: an epilogue left a {f} dispatch: {families:?}");
+                assert!(phase.ops.iter().all(|g| g.name != "mlp.act" && g.name != "attn.rope"), "{mode:?} decode: {:?}", phase.ops);
                 continue;
             }
             assert!(families.contains(&f), "{mode:?} {}: family {f} missing from {families:?}", phase.phase);

@@ -297,6 +297,7 @@ impl<'a> LinearOp<'a> {
             ctx,
             label,
             dense,
+            &[],
             |kind, ()| pipeline(kind),
             |part, kind| {
                 let (params, workgroups, cost) = per_chunk(part, kind);
@@ -310,12 +311,14 @@ impl<'a> LinearOp<'a> {
     /// (`pipeline(kind, selector)` builds its pipeline, once per kind and selector), its own
     /// uniform parameters, workgroup counts, cost and binding of x ([`XBinding`]). A part's
     /// dispatches follow each other in the order given, parts in the order of W's rows; the second
-    /// and later of a part are named `name#2`, `name#3`, ...
+    /// and later of a part are named `name#2`, `name#3`, ... `extra` are bound after y, in
+    /// order, in every dispatch: an epilogue's operands.
     pub(crate) fn chunk_dispatches_each<P: Pod, S: Copy + PartialEq>(
         &self,
         ctx: &GpuContext,
         label: &str,
         dense: WeightKind,
+        extra: &[wgpu::BindingResource<'_>],
         pipeline: impl Fn(WeightKind, S) -> Result<Arc<Pipeline>, GpuError>,
         per_chunk: impl Fn(&ChunkPart, WeightKind) -> Vec<(S, P, [u32; 3], Cost, XBinding)>,
     ) -> Result<Vec<Dispatch>, GpuError> {
@@ -354,6 +357,7 @@ impl<'a> LinearOp<'a> {
                 let mut bindings = vec![u.as_entire_binding(), x, c.tensor.buffer.as_entire_binding()];
                 bindings.extend(bias.map(|b| b.buffer.as_entire_binding()));
                 bindings.push(self.y.buffer.as_entire_binding());
+                bindings.extend(extra.iter().cloned());
                 out.push(Dispatch::new(ctx, &pipe, name, &bindings, workgroups, cost));
             }
         }

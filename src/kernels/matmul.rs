@@ -297,7 +297,7 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
         ctx.pipeline(&shader)
     };
     let dispatches = xbcast_dispatches(op.rows, tb as usize, per_dispatch);
-    op.chunk_dispatches_each(ctx, label, kind, pipeline, |c, _kind| {
+    op.chunk_dispatches_each(ctx, label, kind, &[], pipeline, |c, _kind| {
         let n = c.rows as u32;
         dispatches
             .iter()

@@ -11,11 +11,13 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
 use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, WeightKind};
 use crate::kernels::checks::invalid;
 use crate::kernels::linear::{LinearForm, LinearOp, XBinding};
 use crate::kernels::matmul_xw::matmul_xw;
+use crate::kernels::rope::RopeQkvOp;
 
 const SOURCE: &str = include_str!("../../shaders/matvec.wgsl");
 
@@ -95,11 +97,13 @@ pub struct MatvecParams {
     pub _pad2: u32,
 }
 
-/// What the decode GEMV stores: the product itself, or SwiGLU of it, which saves a decode step
-/// the `mlp.act` dispatch of every layer (on lavapipe a dispatch costs 65–85 us whatever its
-/// size: BENCHMARKS.md, "Fusing into the decode GEMV").
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum MatvecEpilogue {
+/// What the decode GEMV stores besides (or instead of) the product: an epilogue that does the
+/// work of the small kernel after it, which saves a decode step one dispatch per layer (on
+/// lavapipe a dispatch costs 65–85 us whatever its size: BENCHMARKS.md, "Epilogues of the
+/// decode GEMV"). The epilogues pair two rows of W per output, so an invocation of the rows
+/// kernel takes `ROWS_PER_INVOCATION / 2` outputs.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum MatvecEpilogue<'a> {
     /// `y[y_col0 + n] (+)= scale · dot(W[n, :], x) (+ bias[n])`.
     #[default]
     Store,
@@ -110,7 +114,72 @@ pub enum MatvecEpilogue {
     /// still needs room for N = 2 ff values ([`LinearOp::check`]); the rest is left as it was.
     /// Only [`MatvecVariant::Rows`]; no bias, scale, accumulation or `y_col0`; W in one chunk.
     SwiGlu,
+    /// The fused QKV projection followed by [`crate::kernels::rope::rope_qkv_write`] of its one
+    /// row: y (`[N]`, N = `(n_heads + 2 n_kv_heads) head_dim`) gets the product (with bias) as
+    /// [`MatvecEpilogue::Store`], and each pair `(i, i + head_dim / 2)` of a head is rotated and
+    /// written where the op says (q to `q_out` row 0, k and v to the caches at the step's
+    /// position `pos0`), as the RoPE kernel does. The op's `qkv` is y, `rows` 1 and `row0` 0.
+    /// Only [`MatvecVariant::Rows`]; no scale, accumulation or `y_col0` (a bias is fine); W in
+    /// one chunk; the adapter must allow 8 storage buffers per shader stage.
+    Rope(&'a RopeQkvOp<'a>),
 }
+
+impl MatvecEpilogue<'_> {
+    /// The epilogue's name in errors: `store`, `swiglu` or `rope`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MatvecEpilogue::Store => "store",
+            MatvecEpilogue::SwiGlu => "swiglu",
+            MatvecEpilogue::Rope(_) => "rope",
+        }
+    }
+}
+
+/// The WGSL of the RoPE epilogue ([`MatvecEpilogue::Rope`]) pasted into `ROPE_DECL`: its
+/// bindings 5 to 11 (step uniform, RoPE uniform `rp`, cos and sin tables, q_out, k and v caches),
+/// `pair_row(o)`, the row of W of pair o's first value, and `rope_pair(o, x1, x2)`.
+const ROPE_DECL: &str = "struct StepParams {
+    pos0: u32,
+    n_tokens: u32,
+    kv_len: u32,
+    _pad: u32,
+};
+
+// kernels::rope::RopeParams
+struct RopeParams {
+    rows: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    half_dim: u32,
+    max_pos: u32,
+    row0: u32,
+    _pad1: u32,
+};
+
+@group(0) @binding(5) var<uniform> step: StepParams;
+@group(0) @binding(6) var<uniform> rp: RopeParams;
+@group(0) @binding(7) var<storage, read> cos_t: array<f32>;          // [max_pos, head_dim/2]
+@group(0) @binding(8) var<storage, read> sin_t: array<f32>;          // [max_pos, head_dim/2]
+@group(0) @binding(9) var<storage, read_write> q_out: array<f32>;    // [1, n_heads * head_dim]
+@group(0) @binding(10) var<storage, read_write> k_cache: array<f32>; // [max_pos, n_kv_heads * head_dim]
+@group(0) @binding(11) var<storage, read_write> v_cache: array<f32>; // [max_pos, n_kv_heads * head_dim]
+
+fn pair_row(o: u32) -> u32 {
+    let slot = o / rp.half_dim;
+    return slot * rp.head_dim + (o - slot * rp.half_dim);
+}
+
+// Pair o's values x1, x2 (product with bias) rotated and written, at the step's first position
+// (none past the caches, or when the step has no token).
+fn rope_pair(o: u32, x1: f32, x2: f32) {
+    if (step.n_tokens == 0u || step.pos0 >= rp.max_pos) {
+        return;
+    }
+    let slot = o / rp.half_dim;
+    rope_write(rp, 0u, step.pos0, slot, o - slot * rp.half_dim, x1, x2);
+}
+";
 
 /// Prepares the decode GEMV `op` (one row: `y[y_col0 + n] (+)= scale · dot(W[n, :], x) (+ bias[n])`)
 /// as `variant`: one dispatch per chunk of W, named `label` (`label[row0]` when W is split).
@@ -127,9 +196,12 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
 /// [`matvec`] storing `epilogue` of the product (see [`MatvecEpilogue`]).
 ///
 /// # Errors
-/// As [`matvec`], and [`GpuError::InvalidArgument`] naming `label` when the
-/// [`MatvecEpilogue::SwiGlu`] epilogue gets another variant than `Rows`, the [`LinearForm::XW`]
-/// form, an odd N, a W split into chunks, a bias, a scale, accumulation or a `y_col0`.
+/// As [`matvec`], and [`GpuError::InvalidArgument`] naming `label` when an epilogue other than
+/// `Store` gets another variant than `Rows`, the [`LinearForm::XW`] form, an odd N, a W split into
+/// chunks, a scale, accumulation or a `y_col0`, or a bias but for RoPE; when the RoPE epilogue's
+/// op is not one row 0 of this GEMV's y with N its qkv width, the adapter has fewer than 8 storage
+/// buffers per stage, or the op fails [`rope_qkv_write`](crate::kernels::rope::rope_qkv_write)'s
+/// checks.
 pub fn matvec_with(
     ctx: &GpuContext,
     label: &str,
@@ -141,22 +213,38 @@ pub fn matvec_with(
     if op.rows != 1 {
         return Err(invalid(label, format!("matvec multiplies one row of x, got {} (use matmul)", op.rows)));
     }
-    let swiglu = epilogue == MatvecEpilogue::SwiGlu;
-    if swiglu {
-        let n = op.k_n().1;
+    let paired = !matches!(epilogue, MatvecEpilogue::Store);
+    let n = op.k_n().1;
+    if paired {
         if variant != MatvecVariant::Rows || op.form == LinearForm::XW {
-            return Err(invalid(label, format!("only the rows matvec of x · Wᵀ has the SwiGLU epilogue (got {})", variant.name())));
+            return Err(invalid(
+                label,
+                format!("only the rows matvec of x · Wᵀ has the {} epilogue (got {})", epilogue.name(), variant.name()),
+            ));
         }
         if !n.is_multiple_of(2) || op.w.chunks.len() != 1 {
             return Err(invalid(
                 label,
-                format!("the SwiGLU epilogue needs W [2 ff, K] in one chunk (got {n} rows in {} chunks)", op.w.chunks.len()),
+                format!("the epilogue pairs rows of W in one chunk (got {n} rows in {} chunks)", op.w.chunks.len()),
             ));
         }
-        if op.flags() != 0 || op.y_col0 != 0 {
-            return Err(invalid(label, "the SwiGLU epilogue takes no bias, scale, accumulation or y_col0"));
+        let bias_ok = matches!(epilogue, MatvecEpilogue::Rope(_));
+        if op.accumulate || op.scale.is_some() || op.y_col0 != 0 || (op.bias.is_some() && !bias_ok) {
+            return Err(invalid(label, "the epilogue takes no scale, accumulation or y_col0 (nor a bias, but for RoPE)"));
         }
     }
+    let rope = match epilogue {
+        MatvecEpilogue::Rope(r) => {
+            if r.rows != 1 || r.row0 != 0 || !std::ptr::eq(r.qkv, op.y) || n != r.shape.qkv_dim() {
+                return Err(invalid(label, "the RoPE epilogue takes one row 0 of the GEMV's own y, its N the qkv width"));
+            }
+            if ctx.limits.max_storage_buffers_per_shader_stage < 8 {
+                return Err(invalid(label, "the RoPE epilogue needs 8 storage buffers per shader stage"));
+            }
+            Some((r, r.checked(label)?.0))
+        }
+        _ => None,
+    };
     if op.form == LinearForm::XW {
         return matmul_xw(ctx, label, op);
     }
@@ -174,13 +262,19 @@ pub fn matvec_with(
         MatvecVariant::Subgroup => ("matvec_subgroup", SUBGROUP_WG),
     };
     let x_uniform = |kind: WeightKind| uniform_x_bytes(ctx, op, variant, kind.activations_on(ctx), k);
-    // The SwiGLU epilogue takes a gate and an up row per output: half the outputs per invocation.
-    let outputs = if swiglu { ROWS_PER_INVOCATION / 2 } else { ROWS_PER_INVOCATION };
+    // The epilogues take two rows per output: half the outputs per invocation.
+    let outputs = if paired { ROWS_PER_INVOCATION / 2 } else { ROWS_PER_INVOCATION };
+    let body_epilogue = match epilogue {
+        MatvecEpilogue::Store => RowsEpilogue::Store,
+        MatvecEpilogue::SwiGlu => RowsEpilogue::SwiGlu,
+        MatvecEpilogue::Rope(_) => RowsEpilogue::Rope,
+    };
     let pipeline = |kind: WeightKind| {
         let x_kind = kind.activations_on(ctx);
         let x_decl = x_uniform(kind).and_then(|_| x_kind.declare_uniform(1, "x", k)).unwrap_or_else(|| x_kind.declare(1, "x"));
         let shader = crate::kernels::snippet_variant("matvec", SOURCE, entry)
-            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false, swiglu))
+            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false, body_epilogue))
+            .define("ROPE_DECL", if rope.is_some() { format!("{ROPE_DECL}\n{}", crate::kernels::rope::ROPE_WRITE) } else { String::new() })
             .define(
                 "SUBGROUP_ENTRY",
                 if variant == MatvecVariant::Subgroup {
@@ -198,15 +292,29 @@ pub fn matvec_with(
             .define("R", outputs);
         ctx.pipeline(&shader)
     };
+    let rope_uniform = rope.map(|(_, params)| uniform(ctx, label, &params));
+    let extra: Vec<wgpu::BindingResource> = match (rope, &rope_uniform) {
+        (Some((r, _)), Some(u)) => vec![
+            r.step.buffer.as_entire_binding(),
+            u.as_entire_binding(),
+            r.tables.cos.buffer.as_entire_binding(),
+            r.tables.sin.buffer.as_entire_binding(),
+            r.q_out.buffer.as_entire_binding(),
+            r.k_cache.buffer.as_entire_binding(),
+            r.v_cache.buffer.as_entire_binding(),
+        ],
+        _ => Vec::new(),
+    };
     let flags = op.flags();
     op.chunk_dispatches_each(
         ctx,
         label,
         kind,
+        &extra,
         |kind, ()| pipeline(kind),
         |part, kind| {
             let c = part.chunk;
-            let outputs_here = if swiglu { c.rows / 2 } else { c.rows };
+            let outputs_here = if paired { c.rows / 2 } else { c.rows };
             let params = MatvecParams {
                 rows: outputs_here as u32,
                 k: k as u32,
@@ -263,19 +371,22 @@ const REDUCE_UNITS: &str = "        let units = p.k / 32u;
 /// load stays in bounds. With `wide_x` (x declared `F32Wide`; only for step 32) a unit's x comes
 /// in four eight-value loads instead of eight vec4 loads. With `lanes` (the subgroup variant) the
 /// subgroup's lanes share the rows: lane `sg_lane` takes steps `sg_lane, sg_lane + sg_size, ..`,
-/// each row's sum is `subgroupAdd`ed and lane 0 stores it. With `swiglu` ([`MatvecEpilogue::SwiGlu`];
-/// not with `lanes`) the invocation owns `r / 2` outputs from `first`: accumulators `0..r/2` take
-/// their gate rows and `r/2..r` their up rows (`p.rows` further on in W), and output j stores
-/// `silu(gate_j) · up_j`.
-pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, swiglu: bool) -> String {
+/// each row's sum is `subgroupAdd`ed and lane 0 stores it. With a paired `epilogue` (not with
+/// `lanes`) the invocation owns `r / 2` outputs from `first`, output j taking two rows of W in
+/// accumulators j and `r/2 + j`: for `SwiGlu` gate row j and up row `p.rows + j`, storing
+/// `silu(gate_j) · up_j`; for `Rope` the pair `pair_row(j)`, `pair_row(j) + half_dim`, storing both
+/// and passing them to `rope_pair` (`ROPE_DECL`).
+pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: RowsEpilogue) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let zero = if step == 1 || step == 32 { "0.0" } else { "vec4<f32>(0.0)" };
     let _ = writeln!(s, "    let steps = p.k / {step}u;");
     let half = r / 2;
     for j in 0..r {
-        let row = match swiglu {
-            true if j >= half => format!("(min(first + {}u, p.rows - 1u) + p.rows)", j - half),
+        let row = match epilogue {
+            RowsEpilogue::SwiGlu if j >= half => format!("(min(first + {}u, p.rows - 1u) + p.rows)", j - half),
+            RowsEpilogue::Rope if j >= half => format!("(pair_row(min(first + {}u, p.rows - 1u)) + rp.half_dim)", j - half),
+            RowsEpilogue::Rope => format!("pair_row(min(first + {j}u, p.rows - 1u))"),
             _ => format!("min(first + {j}u, p.rows - 1u)"),
         };
         let _ = writeln!(s, "    let wb{j} = {row} * steps;");
@@ -314,12 +425,27 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, swiglu: bool) -
     }
     let _ = writeln!(s, "    }}");
     let sum = |j: u32| if step == 1 || step == 32 { format!("a{j}") } else { format!("(a{j}.x + a{j}.y) + (a{j}.z + a{j}.w)") };
-    if swiglu {
-        for j in 0..half {
-            let _ = writeln!(s, "    let g{j} = {};", sum(j));
-            let _ = writeln!(s, "    if (first + {j}u < p.rows) {{ store(first + {j}u, g{j} * sigmoid(g{j}) * ({})); }}", sum(j + half));
+    match epilogue {
+        RowsEpilogue::SwiGlu => {
+            for j in 0..half {
+                let _ = writeln!(s, "    let g{j} = {};", sum(j));
+                let _ =
+                    writeln!(s, "    if (first + {j}u < p.rows) {{ store(first + {j}u, g{j} * sigmoid(g{j}) * ({})); }}", sum(j + half));
+            }
+            return s;
         }
-        return s;
+        RowsEpilogue::Rope => {
+            for j in 0..half {
+                let _ = writeln!(s, "    if (first + {j}u < p.rows) {{");
+                let _ = writeln!(s, "        let ra{j} = pair_row(first + {j}u);");
+                let _ = writeln!(s, "        let x1_{j} = store(ra{j}, {});", sum(j));
+                let _ = writeln!(s, "        let x2_{j} = store(ra{j} + rp.half_dim, {});", sum(j + half));
+                let _ = writeln!(s, "        rope_pair(first + {j}u, x1_{j}, x2_{j});");
+                let _ = writeln!(s, "    }}");
+            }
+            return s;
+        }
+        RowsEpilogue::Store => {}
     }
     for j in 0..r {
         let sum = sum(j);
@@ -333,13 +459,24 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, swiglu: bool) -
     s
 }
 
+/// What [`rows_body`] stores (the generated side of [`MatvecEpilogue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowsEpilogue {
+    /// Each row's product.
+    Store,
+    /// SwiGLU of gate and up row pairs.
+    SwiGlu,
+    /// Each rotary pair's two products, then `rope_pair`.
+    Rope,
+}
+
 /// The WGSL entry point `matvec_subgroup` ([`MatvecVariant::Subgroup`]): workgroup w owns rows
 /// `w · SUBGROUP_GROUPS · r ..` in [`SUBGROUP_GROUPS`] groups of `r`; subgroup s takes groups
 /// s, s + num_subgroups, .., and in each its lanes walk K `step` elements at a time from their
 /// lane index by the subgroup size ([`rows_body`] with `lanes`), then `subgroupAdd` the row sums
 /// and lane 0 stores them. Every `subgroupAdd` sits in subgroup-uniform control flow.
 pub fn subgroup_entry(r: u32, step: usize, wide_x: bool) -> String {
-    let body: String = rows_body(r, step, wide_x, true, false).lines().map(|l| format!("    {l}\n")).collect();
+    let body: String = rows_body(r, step, wide_x, true, RowsEpilogue::Store).lines().map(|l| format!("    {l}\n")).collect();
     format!(
         "@compute @workgroup_size({SUBGROUP_WG})
 fn matvec_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -372,6 +509,9 @@ pub fn matvec_ref(x: &[f32], w: &[f32], n: usize, k: usize, bias: Option<&[f32]>
 mod tests {
     use super::*;
     use crate::gpu::{DType, GpuMatrix, GpuOptions, GpuTensor, WeightKind, test_context};
+    use crate::kernels::attention::AttnShape;
+    use crate::kernels::rope::RopeTables;
+    use crate::kernels::step::{StepBuffer, StepParams};
     use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
     struct Case {
@@ -580,11 +720,12 @@ mod tests {
         let err = |op: &LinearOp, v| matvec_with(&ctx, "mlp.gate_up", op, v, MatvecEpilogue::SwiGlu).unwrap_err().to_string();
         assert!(err(&op, MatvecVariant::Reduce).contains("only the rows matvec"));
         assert!(err(&op, MatvecVariant::Reduce).contains("mlp.gate_up"));
-        assert!(err(&LinearOp::new(&gx, 1, &w_odd, &gy), MatvecVariant::Rows).contains("2 ff"));
-        assert!(err(&op.accumulate(true), MatvecVariant::Rows).contains("no bias"));
-        assert!(err(&op.y_col0(1), MatvecVariant::Rows).contains("no bias"));
+        assert!(err(&LinearOp::new(&gx, 1, &w_odd, &gy), MatvecVariant::Rows).contains("pairs rows of W"));
+        assert!(err(&op.accumulate(true), MatvecVariant::Rows).contains("no scale"));
+        assert!(err(&op.y_col0(1), MatvecVariant::Rows).contains("no scale"));
+        assert!(err(&op.scale(2.0), MatvecVariant::Rows).contains("no scale"));
         let gb = GpuTensor::zeros(&ctx, "b", DType::F32, &[8]).unwrap();
-        assert!(err(&op.bias(Some(&gb)), MatvecVariant::Rows).contains("no bias"));
+        assert!(err(&op.bias(Some(&gb)), MatvecVariant::Rows).contains("nor a bias"));
         matvec_with(&ctx, "mv", &op, MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap();
     }
 
@@ -598,7 +739,125 @@ mod tests {
         let gx = GpuTensor::from_f32(&ctx, "x", &[k], &random_vec(k, 2)).unwrap();
         let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
         let err = matvec_with(&ctx, "mv", &LinearOp::new(&gx, 1, &w, &gy), MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap_err();
-        assert!(err.to_string().contains("one chunk"), "{err}");
+        assert!(err.to_string().contains("in one chunk"), "{err}");
+    }
+
+    /// The RoPE epilogue against the unfused path (matvec, then `rope_qkv_write`, each tested
+    /// against its CPU reference): y, q_out and both caches agree, for `shape` with x of `k`
+    /// values, W read as `kind`, at position `pos0` of caches of `max_pos` rows (at or past
+    /// `max_pos`: nothing is written but y).
+    #[allow(clippy::too_many_arguments)]
+    fn check_rope(
+        ctx: &GpuContext,
+        shape: AttnShape,
+        k: usize,
+        w: &GpuMatrix,
+        kind: Option<WeightKind>,
+        bias: bool,
+        pos0: usize,
+        max_pos: usize,
+    ) {
+        let (qd, kvd, n) = (shape.q_dim(), shape.kv_dim(), shape.qkv_dim());
+        let seed = (n * 3 + k + pos0) as u64;
+        let gx = GpuTensor::from_f32(ctx, "x", &[k], &random_vec(k, seed)).unwrap();
+        let gb = GpuTensor::from_f32(ctx, "b", &[n], &random_vec(n, seed + 1)).unwrap();
+        let tables = RopeTables::new(ctx, shape.head_dim, 10000.0, None, max_pos).unwrap();
+        let step = StepBuffer::new(ctx);
+        step.write(ctx, &StepParams::new(pos0, 1));
+        let k_old = random_vec(max_pos * kvd, seed + 2);
+        let v_old = random_vec(max_pos * kvd, seed + 3);
+        let q_old = random_vec(qd, seed + 4);
+        let mut outs = Vec::new();
+        for fused in [false, true] {
+            let y = GpuTensor::from_f32(ctx, "y", &[n], &random_vec(n, seed + 5)).unwrap();
+            let q = GpuTensor::from_f32(ctx, "q", &[qd], &q_old).unwrap();
+            let kc = GpuTensor::from_f32(ctx, "k", &[max_pos, kvd], &k_old).unwrap();
+            let vc = GpuTensor::from_f32(ctx, "v", &[max_pos, kvd], &v_old).unwrap();
+            let mut op = LinearOp::new(&gx, 1, w, &y).bias(bias.then_some(&gb));
+            if let Some(kind) = kind {
+                op = op.kind(kind);
+            }
+            let rope = RopeQkvOp { qkv: &y, rows: 1, row0: 0, shape, tables: &tables, step: &step, q_out: &q, k_cache: &kc, v_cache: &vc };
+            let ds = if fused {
+                matvec_with(ctx, "mv", &op, MatvecVariant::Rows, MatvecEpilogue::Rope(&rope)).unwrap()
+            } else {
+                let mut ds = matvec(ctx, "mv", &op, MatvecVariant::Rows).unwrap();
+                ds.push(crate::kernels::rope::rope_qkv_write(ctx, "rope", &rope).unwrap());
+                ds
+            };
+            ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+            outs.push([&y, &q, &kc, &vc].map(|t| t.read_f32(ctx).unwrap()));
+        }
+        let what = format!("rope matvec {kind:?} {shape:?} k={k} bias={bias} pos0={pos0} max_pos={max_pos}");
+        for (i, name) in ["y", "q_out", "k_cache", "v_cache"].iter().enumerate() {
+            assert_close(&outs[1][i], &outs[0][i], 1e-5, 1e-5, &format!("{what}: {name}"));
+        }
+        if pos0 >= max_pos {
+            assert_eq!(outs[1][1], q_old, "{what}: q_out past the tables");
+            assert_eq!(outs[1][2], k_old, "{what}: k_cache past its rows");
+        } else {
+            assert_ne!(outs[1][2], k_old, "{what}: the key was written");
+        }
+    }
+
+    /// The RoPE epilogue ([`MatvecEpilogue::Rope`]) writes what matvec then `rope_qkv_write`
+    /// write: every dense kind and a block type, GQA and plain heads, an odd K, half a head of 1
+    /// (pairs of one invocation in two heads), with and without bias, and a position past the
+    /// caches.
+    #[test]
+    fn rope_epilogue_matches_matvec_then_rope() {
+        let ctx = test_context();
+        let shapes = [
+            (AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 }, 576),
+            (AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 6 }, 37),
+            (AttnShape { n_heads: 2, n_kv_heads: 2, head_dim: 2 }, 8),
+        ];
+        for kind in weight_kinds(&ctx) {
+            for (shape, k) in shapes {
+                let n = shape.qkv_dim();
+                let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, (n + k) as u64), kind.dtype()).unwrap();
+                check_rope(&ctx, shape, k, &w, Some(kind), true, 5, 9);
+            }
+        }
+        let (shape, k) = shapes[0];
+        let n = shape.qkv_dim();
+        let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 1), DType::F32).unwrap();
+        check_rope(&ctx, shape, k, &w, None, false, 0, 4);
+        check_rope(&ctx, shape, k, &w, None, true, 4, 4);
+        let blocks = crate::kernels::testing::random_blocks(crate::model::QuantType::Q4_1, n, k, 3);
+        let w = GpuMatrix::upload_parts(&ctx, "w", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
+        assert_eq!(w.format(), crate::model::QuantType::Q4_1.name());
+        check_rope(&ctx, shape, k, &w, None, true, 3, 8);
+    }
+
+    #[test]
+    fn rope_epilogue_refuses_an_op_it_cannot_fuse() {
+        let ctx = test_context();
+        let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 4 };
+        let (n, k) = (shape.qkv_dim(), 8);
+        let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 1), DType::F32).unwrap();
+        let gx = GpuTensor::from_f32(&ctx, "x", &[k], &random_vec(k, 2)).unwrap();
+        let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
+        let other = GpuTensor::zeros(&ctx, "other", DType::F32, &[n]).unwrap();
+        let q = GpuTensor::zeros(&ctx, "q", DType::F32, &[shape.q_dim()]).unwrap();
+        let cache = GpuTensor::zeros(&ctx, "c", DType::F32, &[4, shape.kv_dim()]).unwrap();
+        let short = GpuTensor::zeros(&ctx, "c", DType::F32, &[3]).unwrap();
+        let tables = RopeTables::new(&ctx, 4, 10000.0, None, 4).unwrap();
+        let step = StepBuffer::new(&ctx);
+        let rope =
+            RopeQkvOp { qkv: &y, rows: 1, row0: 0, shape, tables: &tables, step: &step, q_out: &q, k_cache: &cache, v_cache: &cache };
+        let op = LinearOp::new(&gx, 1, &w, &y);
+        let err = |op: &LinearOp, r: &RopeQkvOp| {
+            matvec_with(&ctx, "attn.qkv", op, MatvecVariant::Rows, MatvecEpilogue::Rope(r)).unwrap_err().to_string()
+        };
+        assert!(err(&op, &RopeQkvOp { qkv: &other, ..rope }).contains("own y"));
+        assert!(err(&op, &RopeQkvOp { row0: 1, ..rope }).contains("own y"));
+        assert!(err(&op, &RopeQkvOp { shape: AttnShape { n_heads: 3, ..shape }, ..rope }).contains("qkv width"));
+        assert!(err(&op, &RopeQkvOp { k_cache: &short, ..rope }).contains("k_cache"));
+        assert!(err(&op.accumulate(true), &rope).contains("no scale"));
+        let e = matvec_with(&ctx, "attn.qkv", &op, MatvecVariant::Reduce, MatvecEpilogue::Rope(&rope)).unwrap_err().to_string();
+        assert!(e.contains("attn.qkv") && e.contains("rope epilogue"), "{e}");
+        matvec_with(&ctx, "attn.qkv", &op, MatvecVariant::Rows, MatvecEpilogue::Rope(&rope)).unwrap();
     }
 
     /// The scale flag (LoRA's `y += s · a · B^T`): every variant, with an offset and accumulation,

@@ -45,12 +45,15 @@ mod quant_tests;
 /// - `ROUTER_GROUPS` (`router_groups.wgsl`): `LANES` and `GROUPS`, the router kernels' split of a
 ///   workgroup into one group of lanes per hidden unit (router, router_backward);
 /// - `ROPE_INDEX` (`rope_index.wgsl`): `rope_item(idx)`, the (t, pos, head slot, pair) of one
-///   invocation and whether it writes, and `rope_slots()` (rope, rope_backward).
-const SNIPPETS: [(&str, &str); 4] = [
+///   invocation and whether it writes, and `rope_slots()` (rope, rope_backward);
+/// - `ROPE_WRITE` (`rope_write.wgsl`): `rope_write(..)`, one pair rotated and written to q_out or
+///   the KV cache (rope, and the decode GEMV's RoPE epilogue, `matvec::MatvecEpilogue::Rope`).
+const SNIPPETS: [(&str, &str); 5] = [
     ("TREE_SUM", include_str!("../../shaders/tree_sum.wgsl")),
     ("SIGMOID", include_str!("../../shaders/sigmoid.wgsl")),
     ("ROUTER_GROUPS", include_str!("../../shaders/router_groups.wgsl")),
     ("ROPE_INDEX", include_str!("../../shaders/rope_index.wgsl")),
+    ("ROPE_WRITE", rope::ROPE_WRITE),
 ];
 
 /// `entry` of `source` (family `family`) with every shared snippet whose placeholder `source`

@@ -177,6 +177,11 @@ impl RopeParams {
     }
 }
 
+/// `rope_write(..)` (`shaders/rope_write.wgsl`): one pair rotated and written, for the decode
+/// GEMV's RoPE epilogue ([`crate::kernels::matvec::MatvecEpilogue::Rope`]); rope.wgsl gets it
+/// through its `ROPE_WRITE` placeholder.
+pub(crate) const ROPE_WRITE: &str = include_str!("../../shaders/rope_write.wgsl");
+
 /// The operands of one fused RoPE + KV-cache write (see [`rope_qkv_write`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RopeQkvOp<'a> {
@@ -202,6 +207,29 @@ pub struct RopeQkvOp<'a> {
     pub v_cache: &'a GpuTensor,
 }
 
+impl RopeQkvOp<'_> {
+    /// Checks every operand (as [`rope_qkv_write`] documents) and returns the uniform parameters
+    /// (`max_pos` the positions the tables and both caches hold) and the invocation count, one
+    /// per rotated pair. Also the checks of the decode GEMV's RoPE epilogue
+    /// ([`crate::kernels::matvec::MatvecEpilogue::Rope`]).
+    pub(crate) fn checked(&self, label: &str) -> Result<(RopeParams, u32), GpuError> {
+        let RopeQkvOp { qkv, rows, row0, shape, tables, q_out, k_cache, v_cache, .. } = *self;
+        let (mut params, invocations) = RopeParams::checked(label, shape, tables, rows)?;
+        let end = row0
+            .checked_add(rows)
+            .filter(|&e| e <= u32::MAX as usize)
+            .ok_or_else(|| invalid(label, format!("row0 {row0} is too large")))?;
+        check_f32(label, qkv, end * shape.qkv_dim(), "qkv")?;
+        check_f32(label, q_out, end * shape.q_dim(), "q_out")?;
+        params.row0 = row0 as u32;
+        let k_rows = cache_rows(label, k_cache, shape.kv_dim(), "k_cache")?;
+        let v_rows = cache_rows(label, v_cache, shape.kv_dim(), "v_cache")?;
+        // Positions past either cache are skipped too.
+        params.max_pos = k_rows.min(v_rows).min(tables.max_pos) as u32;
+        Ok((params, invocations))
+    }
+}
+
 /// Fused step after the QKV projection: for t < T (the step's `n_tokens`, at most `op.rows`) at
 /// position `pos = pos0 + t`, from row `r = row0 + t` of qkv: `q_out[r] = rope(q)`,
 /// `k_cache[pos] = rope(k)`, `v_cache[pos] = v`,
@@ -213,17 +241,8 @@ pub struct RopeQkvOp<'a> {
 /// differs from the tables', rows is 0, qkv or q_out is not f32 or too small, a cache is not f32
 /// or not a whole number of rows, or the dispatch would need more than 2^32 invocations.
 pub fn rope_qkv_write(ctx: &GpuContext, label: &str, op: &RopeQkvOp) -> Result<Dispatch, GpuError> {
-    let RopeQkvOp { qkv, rows, row0, shape, tables, step, q_out, k_cache, v_cache } = *op;
-    let (mut params, invocations) = RopeParams::checked(label, shape, tables, rows)?;
-    let end =
-        row0.checked_add(rows).filter(|&e| e <= u32::MAX as usize).ok_or_else(|| invalid(label, format!("row0 {row0} is too large")))?;
-    check_f32(label, qkv, end * shape.qkv_dim(), "qkv")?;
-    check_f32(label, q_out, end * shape.q_dim(), "q_out")?;
-    params.row0 = row0 as u32;
-    let k_rows = cache_rows(label, k_cache, shape.kv_dim(), "k_cache")?;
-    let v_rows = cache_rows(label, v_cache, shape.kv_dim(), "v_cache")?;
-    // Positions past either cache are skipped too.
-    params.max_pos = k_rows.min(v_rows).min(tables.max_pos) as u32;
+    let RopeQkvOp { qkv, rows, shape, tables, step, q_out, k_cache, v_cache, .. } = *op;
+    let (params, invocations) = op.checked(label)?;
     let hd = shape.head_dim;
     let pipeline = ctx.pipeline(&super::snippet_variant("rope", SOURCE, "rope_qkv"))?;
     let u = uniform(ctx, label, &params);

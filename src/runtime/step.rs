@@ -6,7 +6,7 @@
 //! decoder layer, the tail (final norm, LM head, sampling) or a whole step, each with its
 //! [`Tag`]. It records and submits nothing: the [`Session`](super::Session) does that.
 
-use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase, Tag};
+use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuTensor, Phase, Tag};
 use crate::kernels::attention::{AttnOp, AttnShape, attention};
 use crate::kernels::choice::{matmul_variant, matvec_variant};
 use crate::kernels::copy::copy;
@@ -45,7 +45,7 @@ pub struct Activations {
     /// Attention output, heads side by side `[rows, n_heads * hd]`.
     pub attn: GpuTensor,
     /// Gate and up projections side by side `[rows, 2 d_ff]`; after a decode step's gate_up with
-    /// the SwiGLU epilogue (`StepBuilder::swiglu_in_gate_up`), SwiGLU's output in `[0..d_ff]`.
+    /// the SwiGLU epilogue (`StepBuilder::fuses_decode_epilogues`), SwiGLU's output in `[0..d_ff]`.
     pub gate_up: GpuTensor,
     /// SwiGLU output `silu(gate) * up` `[rows, d_ff]` (where SwiGLU is its own dispatch).
     pub act: GpuTensor,
@@ -249,8 +249,18 @@ impl StepBuilder<'_> {
         // Attention half: x += o(attention(rope(qkv(norm(x))))).
         let xn_attn = kept.map_or(&a.xn, |k| &k.xn_attn);
         let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, xn_attn)).map(|d| [d]))?;
-        p.extend(self.project(l, Proj::Qkv, &LinearOp::new(xn_attn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref()))?);
-        p.extend(core()?);
+        let qkv = LinearOp::new(xn_attn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref());
+        if self.fuses_decode_epilogues(rows, l, kept, |ll| ll.qkv.is_some(), &lw.qkv) {
+            // One dispatch instead of two: the qkv GEMV rotates q and k and writes the KV cache
+            // (the core of this builder's own cache, whose RoPE the epilogue does).
+            let (rope, attn) = self.core_ops(a, 0, rows, l)?;
+            let epilogue = MatvecEpilogue::Rope(&rope);
+            p.extend(tagged(at("attn.qkv"), |n| matvec_with(ctx, n, &qkv, MatvecVariant::Rows, epilogue))?);
+            p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
+        } else {
+            p.extend(self.project(l, Proj::Qkv, &qkv)?);
+            p.extend(core()?);
+        }
         p.extend(self.project(l, Proj::O, &LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true))?);
         if let Some(k) = kept {
             p.extend(tagged(at("attn.keep"), |n| copy(ctx, n, &a.x, &k.x_mid).map(|d| [d]))?);
@@ -258,7 +268,7 @@ impl StepBuilder<'_> {
         // MLP half: x += down(swiglu(gate_up(norm(x)))).
         p.extend(tagged(at("mlp.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.ffn_norm, &a.xn)).map(|d| [d]))?);
         let gate_up = LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up);
-        if self.swiglu_in_gate_up(rows, l, kept) {
+        if self.fuses_decode_epilogues(rows, l, kept, |ll| ll.gate_up.is_some(), &lw.gate_up) {
             // One dispatch instead of two: gate_up writes silu(gate) · up to gate_up[0..d_ff].
             p.extend(tagged(at("mlp.gate_up"), |n| matvec_with(ctx, n, &gate_up, MatvecVariant::Rows, MatvecEpilogue::SwiGlu))?);
             p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.gate_up, rows, &lw.down, &a.x).accumulate(true))?);
@@ -270,17 +280,27 @@ impl StepBuilder<'_> {
         Ok(p)
     }
 
-    /// Whether layer `l`'s MLP over `rows` tokens runs SwiGLU as the epilogue of its gate_up
-    /// GEMV ([`MatvecEpilogue::SwiGlu`], one dispatch fewer): in a one-token decode step of a
-    /// single sequence, where the adapter's matvec variant is `Rows` (the kernel with the
-    /// epilogue), no unmerged adapter adds a delta to gate_up (it would land after SwiGLU),
-    /// nothing is kept for a backward pass (which reads gate_up) and gate_up is one chunk of W.
-    fn swiglu_in_gate_up(&self, rows: usize, l: usize, kept: Option<&KeptActivations>) -> bool {
+    /// Whether layer `l`'s product by `w` over `rows` tokens runs the epilogue of the decode GEMV
+    /// that saves the next dispatch ([`MatvecEpilogue`]: RoPE and the KV-cache write after qkv,
+    /// SwiGLU after gate_up): in a one-token decode step of a single sequence (`layer_with_core`
+    /// with this builder's own attention core), where the adapter's matvec variant is `Rows` (the
+    /// kernel with the epilogues), no unmerged adapter adds a delta to this projection
+    /// (`adapted`; it would land after the epilogue), nothing is kept for a backward pass and W
+    /// is one chunk.
+    fn fuses_decode_epilogues(
+        &self,
+        rows: usize,
+        l: usize,
+        kept: Option<&KeptActivations>,
+        adapted: impl Fn(&GpuLoraLayer) -> bool,
+        w: &GpuMatrix,
+    ) -> bool {
         self.phase == Phase::Decode
             && rows == 1
             && kept.is_none()
-            && self.lora.is_none_or(|(g, _)| g.layers[l].gate_up.is_none())
-            && self.weights.layers[l].gate_up.chunks.len() == 1
+            && self.lora.is_none_or(|(g, _)| !adapted(&g.layers[l]))
+            && w.chunks.len() == 1
+            && self.ctx.limits.max_storage_buffers_per_shader_stage >= 8
             && matvec_variant(self.ctx) == MatvecVariant::Rows
     }
 
@@ -292,16 +312,22 @@ impl StepBuilder<'_> {
     /// Errors: `RuntimeError::Internal` when layer `l` has no KV cache; `RuntimeError::Gpu`
     /// when a kernel rejects its arguments.
     pub(super) fn attention_core(&self, a: &Activations, row0: usize, rows: usize, l: usize) -> Result<Vec<Dispatch>, RuntimeError> {
-        let (ctx, c) = (self.ctx, &self.weights.config);
+        let at = |op| Tag::layer(self.phase, l, op);
+        let (rope, attn) = self.core_ops(a, row0, rows, l)?;
+        let mut p = tagged(at("attn.rope"), |n| rope_qkv_write(self.ctx, n, &rope).map(|d| [d]))?;
+        p.extend(tagged(at("attn.core"), |n| attention(self.ctx, n, &attn))?);
+        Ok(p)
+    }
+
+    /// The two ops of [`StepBuilder::attention_core`]: RoPE with the KV-cache write, and
+    /// attention. Errors: `RuntimeError::Internal` when layer `l` has no KV cache.
+    fn core_ops<'b>(&'b self, a: &'b Activations, row0: usize, rows: usize, l: usize) -> Result<(RopeQkvOp<'b>, AttnOp<'b>), RuntimeError> {
+        let c = &self.weights.config;
         let kv = self.bufs.kv.layer(l).ok_or_else(|| RuntimeError::Internal(format!("layer {l} runs but has no KV cache")))?;
         let (k_cache, v_cache, step) = (&kv.k, &kv.v, &self.bufs.step);
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        let at = |op| Tag::layer(self.phase, l, op);
         let rope = RopeQkvOp { qkv: &a.qkv, rows, row0, shape, tables: &self.bufs.rope, step, q_out: &a.q, k_cache, v_cache };
-        let mut p = tagged(at("attn.rope"), |n| rope_qkv_write(ctx, n, &rope).map(|d| [d]))?;
-        let attn = AttnOp { q: &a.q, rows, row0, k_cache, v_cache, shape, step, out: &a.attn };
-        p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
-        Ok(p)
+        Ok((rope, AttnOp { q: &a.q, rows, row0, k_cache, v_cache, shape, step, out: &a.attn }))
     }
 
     /// The tail: final norm of the last row `a.x[rows - 1]`, LM head into the logits `[vocab]`,
