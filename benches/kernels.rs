@@ -25,7 +25,7 @@ use firstrt::kernels::embedding::embedding;
 use firstrt::kernels::linear::LinearOp;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
 use firstrt::kernels::matmul_tn::{MatmulTnOp, matmul_tn};
-use firstrt::kernels::matvec::{MatvecVariant, matvec};
+use firstrt::kernels::matvec::{MatvecEpilogue, MatvecVariant, matvec, matvec_with};
 use firstrt::kernels::rmsnorm::{RmsNormOp, rmsnorm};
 use firstrt::kernels::rope::{RopeQkvOp, RopeTables, rope_qkv_write};
 use firstrt::kernels::step::{StepBuffer, StepParams};
@@ -176,7 +176,17 @@ fn main() {
     // The decode step's small kernels, one token of SmolLM2-135M (d 576, ff 1536, 9/3 heads of
     // 64, a 4096-row KV cache at position 128): each call is mostly its dispatch's fixed cost,
     // paid about 5 times per layer. The embedding row is the cheapest dispatch of a step.
-    if ["embedding", "rmsnorm", "swiglu", "rope", "attention"].iter().any(|f| b.wanted(&format!("{f} decode"))) {
+    // The GEMV rows with the epilogues that replace SwiGLU's and RoPE's dispatches live here too.
+    let epilogue_rows: Vec<String> = [DType::F32, DType::F16]
+        .into_iter()
+        .flat_map(|dtype| {
+            let kind = weight_kind(&ctx, dtype).for_k(576).name();
+            [format!("matvec rows {kind} swiglu epilogue decode 3072x576"), format!("matvec rows {kind} rope epilogue decode 960x576")]
+        })
+        .collect();
+    if ["embedding", "rmsnorm", "swiglu", "rope", "attention"].iter().any(|f| b.wanted(&format!("{f} decode")))
+        || epilogue_rows.iter().any(|r| b.wanted(r))
+    {
         let (d, ff, max_pos, pos) = (576, 1536, 4096, 128);
         let heads = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
         let rand = |name: &str, n: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[n], &pseudo_random(n, seed)).unwrap();
@@ -209,6 +219,20 @@ fn main() {
         };
         let d1 = rope_qkv_write(&ctx, "rope", &rope).unwrap();
         b.case("rope decode", "1 row 9/3/64", &[d1], false);
+        // The decode GEMVs with the epilogues that replace the SwiGLU and RoPE dispatches (rows
+        // variant): compare with the plain matvec rows of the same shapes and the kernels above.
+        let x = rand("x", d, 8);
+        for dtype in [DType::F32, DType::F16] {
+            let kind = weight_kind(&ctx, dtype).for_k(d).name();
+            let w_gate_up = GpuMatrix::upload(&ctx, "w", 2 * ff, d, &pseudo_random(2 * ff * d, 9), dtype).unwrap();
+            let op = LinearOp::new(&x, 1, &w_gate_up, &gate_up);
+            let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap();
+            b.case(&format!("matvec rows {kind} swiglu epilogue decode"), &format!("{}x{d}", 2 * ff), &ds, true);
+            let w_qkv = GpuMatrix::upload(&ctx, "w", heads.qkv_dim(), d, &pseudo_random(heads.qkv_dim() * d, 10), dtype).unwrap();
+            let op = LinearOp::new(&x, 1, &w_qkv, &qkv);
+            let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::Rope(&rope)).unwrap();
+            b.case(&format!("matvec rows {kind} rope epilogue decode"), &format!("{}x{d}", heads.qkv_dim()), &ds, true);
+        }
         // Attention: the split and combine dispatches at a few positions and split sizes (the
         // step uniform is written before each case; the dispatches read it at run time).
         let op = AttnOp { q: &q, rows: 1, row0: 0, k_cache: &k_cache, v_cache: &v_cache, shape: heads, step: &step, out: &out };

@@ -194,13 +194,19 @@ impl DecodeBatch {
         let batch = StepBuilder { ctx, weights: w, lora: None, bufs: &first.bufs, plan: &first.plan, phase: Phase::Prefill };
         let mut p = batch.head(a, total)?;
         for l in (0..c.n_layers).filter(|&l| first.plan.runs(l)) {
-            p.extend(batch.layer_with_core(a, total, l, None, || {
-                let mut core = Vec::new();
-                for (i, s) in sessions.iter().enumerate() {
-                    core.extend(s.builder(Phase::Decode).attention_core(a, row0[i], rows[i], l)?);
-                }
-                Ok(core)
-            })?);
+            p.extend(batch.layer_with_core(
+                a,
+                total,
+                l,
+                None,
+                Some(|| {
+                    let mut core = Vec::new();
+                    for (i, s) in sessions.iter().enumerate() {
+                        core.extend(s.builder(Phase::Decode).attention_core(a, row0[i], rows[i], l)?);
+                    }
+                    Ok(core)
+                }),
+            )?);
         }
         // The LM head's input: each sequence's last row (in a decode step, the rows themselves).
         let last = if total == b {

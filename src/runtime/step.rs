@@ -229,19 +229,20 @@ impl StepBuilder<'_> {
         l: usize,
         kept: Option<&KeptActivations>,
     ) -> Result<Vec<Dispatch>, RuntimeError> {
-        self.layer_with_core(a, rows, l, kept, || self.attention_core(a, 0, rows, l))
+        self.layer_with_core(a, rows, l, kept, None::<fn() -> Result<Vec<Dispatch>, RuntimeError>>)
     }
 
     /// [`StepBuilder::layer_keeping`] with the attention core (`a.qkv` to `a.attn`) given by
-    /// `core`: [`StepBuilder::attention_core`] over this builder's cache, or, for a batched
-    /// decode step (`runtime::batch`), one core per sequence over that sequence's own cache.
+    /// `core`: `None` for [`StepBuilder::attention_core`] over this builder's cache (whose RoPE a
+    /// one-token decode step may run as the qkv GEMV's epilogue), or, for a batched step
+    /// (`runtime::batch`), one core per sequence over that sequence's own cache.
     pub(super) fn layer_with_core(
         &self,
         a: &Activations,
         rows: usize,
         l: usize,
         kept: Option<&KeptActivations>,
-        core: impl FnOnce() -> Result<Vec<Dispatch>, RuntimeError>,
+        core: Option<impl FnOnce() -> Result<Vec<Dispatch>, RuntimeError>>,
     ) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, c, lw) = (self.ctx, &self.weights.config, &self.weights.layers[l]);
         let at = |op| Tag::layer(self.phase, l, op);
@@ -250,7 +251,7 @@ impl StepBuilder<'_> {
         let xn_attn = kept.map_or(&a.xn, |k| &k.xn_attn);
         let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, xn_attn)).map(|d| [d]))?;
         let qkv = LinearOp::new(xn_attn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref());
-        if self.fuses_decode_epilogues(rows, l, kept, |ll| ll.qkv.is_some(), &lw.qkv) {
+        if core.is_none() && self.fuses_decode_epilogues(rows, l, kept, |ll| ll.qkv.is_some(), &lw.qkv) {
             // One dispatch instead of two: the qkv GEMV rotates q and k and writes the KV cache
             // (the core of this builder's own cache, whose RoPE the epilogue does).
             let (rope, attn) = self.core_ops(a, 0, rows, l)?;
@@ -259,7 +260,10 @@ impl StepBuilder<'_> {
             p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
         } else {
             p.extend(self.project(l, Proj::Qkv, &qkv)?);
-            p.extend(core()?);
+            p.extend(match core {
+                Some(core) => core()?,
+                None => self.attention_core(a, 0, rows, l)?,
+            });
         }
         p.extend(self.project(l, Proj::O, &LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true))?);
         if let Some(k) = kept {
@@ -282,8 +286,8 @@ impl StepBuilder<'_> {
 
     /// Whether layer `l`'s product by `w` over `rows` tokens runs the epilogue of the decode GEMV
     /// that saves the next dispatch ([`MatvecEpilogue`]: RoPE and the KV-cache write after qkv,
-    /// SwiGLU after gate_up): in a one-token decode step of a single sequence (`layer_with_core`
-    /// with this builder's own attention core), where the adapter's matvec variant is `Rows` (the
+    /// SwiGLU after gate_up): in a one-token decode step of a single sequence (for RoPE also
+    /// over this builder's own attention core, `layer_with_core`'s `None`), where the adapter's matvec variant is `Rows` (the
     /// kernel with the epilogues), no unmerged adapter adds a delta to this projection
     /// (`adapted`; it would land after the epilogue), nothing is kept for a backward pass and W
     /// is one chunk.
