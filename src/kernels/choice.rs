@@ -157,12 +157,28 @@ pub fn on_first_measurement(say: fn(&str)) {
     let _ = NOTICE.set(say);
 }
 
+/// How long a first run on `ctx`'s adapter prepares, as the notices say it: a CPU driver such as
+/// lavapipe compiles every shader with LLVM, about a minute for the test model on 2 cores
+/// (BENCHMARKS.md, "First run on an adapter"); a GPU's driver takes seconds.
+pub fn first_run_wait(ctx: &GpuContext) -> &'static str {
+    if ctx.info.device_type == wgpu::DeviceType::Cpu {
+        "up to a minute on a CPU driver (the next runs reuse the compiled shaders)"
+    } else {
+        "a few seconds"
+    }
+}
+
 /// The notice of [`on_first_measurement`], once per process.
 fn give_notice(ctx: &GpuContext) {
     if NOTICE_GIVEN.swap(true, Ordering::Relaxed) {
         return;
     }
-    let text = format!("first run on {} ({:?}): choosing kernels and compiling shaders, a few seconds…", ctx.info.name, ctx.info.backend);
+    let text = format!(
+        "first run on {} ({:?}): choosing kernels and compiling shaders, {}…",
+        ctx.info.name,
+        ctx.info.backend,
+        first_run_wait(ctx)
+    );
     match NOTICE.get() {
         Some(say) => say(&text),
         None => log::info!("{text}"),
