@@ -30,6 +30,10 @@ pub const ROWS_WG: u32 = 64;
 pub const REDUCE_WG: u32 = 64;
 /// Workgroup size of the `Subgroup` variant.
 pub const SUBGROUP_WG: u32 = 64;
+/// Storage buffers per shader stage that the RoPE epilogue binds ([`MatvecEpilogue::Rope`]: w,
+/// bias, y, the cos and sin tables, q_out and both caches); an adapter allowing fewer keeps the
+/// separate RoPE kernel.
+pub const ROPE_EPILOGUE_STORAGE_BUFFERS: u32 = 8;
 /// Row groups ([`ROWS_PER_INVOCATION`] rows each) per workgroup of the `Subgroup` variant: its
 /// subgroups take them in turn, whatever the adapter's subgroup size.
 pub const SUBGROUP_GROUPS: u32 = 8;
@@ -120,7 +124,8 @@ pub enum MatvecEpilogue<'a> {
     /// written where the op says (q to `q_out` row 0, k and v to the caches at the step's
     /// position `pos0`), as the RoPE kernel does. The op's `qkv` is y, `rows` 1 and `row0` 0.
     /// Only [`MatvecVariant::Rows`]; no scale, accumulation or `y_col0` (a bias is fine); W in
-    /// one chunk; the adapter must allow 8 storage buffers per shader stage.
+    /// one chunk; the adapter must allow [`ROPE_EPILOGUE_STORAGE_BUFFERS`] storage buffers per
+    /// shader stage.
     Rope(&'a RopeQkvOp<'a>),
 }
 
@@ -199,9 +204,9 @@ pub fn matvec(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatvecVaria
 /// As [`matvec`], and [`GpuError::InvalidArgument`] naming `label` when an epilogue other than
 /// `Store` gets another variant than `Rows`, the [`LinearForm::XW`] form, an odd N, a W split into
 /// chunks, a scale, accumulation or a `y_col0`, or a bias but for RoPE; when the RoPE epilogue's
-/// op is not one row 0 of this GEMV's y with N its qkv width, the adapter has fewer than 8 storage
-/// buffers per stage, or the op fails [`rope_qkv_write`](crate::kernels::rope::rope_qkv_write)'s
-/// checks.
+/// op is not one row 0 of this GEMV's y with N its qkv width, the adapter has fewer than
+/// [`ROPE_EPILOGUE_STORAGE_BUFFERS`] storage buffers per stage, or the op fails
+/// [`rope_qkv_write`](crate::kernels::rope::rope_qkv_write)'s checks.
 pub fn matvec_with(
     ctx: &GpuContext,
     label: &str,
@@ -214,7 +219,7 @@ pub fn matvec_with(
         return Err(invalid(label, format!("matvec multiplies one row of x, got {} (use matmul)", op.rows)));
     }
     let paired = !matches!(epilogue, MatvecEpilogue::Store);
-    let n = op.k_n().1;
+    let (k, n) = op.k_n();
     if paired {
         if variant != MatvecVariant::Rows || op.form == LinearForm::XW {
             return Err(invalid(
@@ -238,8 +243,11 @@ pub fn matvec_with(
             if r.rows != 1 || r.row0 != 0 || !std::ptr::eq(r.qkv, op.y) || n != r.shape.qkv_dim() {
                 return Err(invalid(label, "the RoPE epilogue takes one row 0 of the GEMV's own y, its N the qkv width"));
             }
-            if ctx.limits.max_storage_buffers_per_shader_stage < 8 {
-                return Err(invalid(label, "the RoPE epilogue needs 8 storage buffers per shader stage"));
+            if ctx.limits.max_storage_buffers_per_shader_stage < ROPE_EPILOGUE_STORAGE_BUFFERS {
+                return Err(invalid(
+                    label,
+                    format!("the RoPE epilogue needs {ROPE_EPILOGUE_STORAGE_BUFFERS} storage buffers per shader stage"),
+                ));
             }
             Some((r, r.checked(label)?.0))
         }
@@ -254,7 +262,6 @@ pub fn matvec_with(
     if variant == MatvecVariant::Subgroup && !ctx.has_subgroups() {
         return Err(invalid(label, format!("the subgroup matvec needs SUBGROUP, which adapter {} lacks", ctx.info.name)));
     }
-    let (k, _) = op.k_n();
     let aligned = k.is_multiple_of(4);
     let (entry, wg) = match variant {
         MatvecVariant::Rows => ("matvec_rows", ROWS_WG),
@@ -264,16 +271,11 @@ pub fn matvec_with(
     let x_uniform = |kind: WeightKind| uniform_x_bytes(ctx, op, variant, kind.activations_on(ctx), k);
     // The epilogues take two rows per output: half the outputs per invocation.
     let outputs = if paired { ROWS_PER_INVOCATION / 2 } else { ROWS_PER_INVOCATION };
-    let body_epilogue = match epilogue {
-        MatvecEpilogue::Store => RowsEpilogue::Store,
-        MatvecEpilogue::SwiGlu => RowsEpilogue::SwiGlu,
-        MatvecEpilogue::Rope(_) => RowsEpilogue::Rope,
-    };
     let pipeline = |kind: WeightKind| {
         let x_kind = kind.activations_on(ctx);
         let x_decl = x_uniform(kind).and_then(|_| x_kind.declare_uniform(1, "x", k)).unwrap_or_else(|| x_kind.declare(1, "x"));
         let shader = crate::kernels::snippet_variant("matvec", SOURCE, entry)
-            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false, body_epilogue))
+            .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false, &epilogue))
             .define("ROPE_DECL", if rope.is_some() { format!("{ROPE_DECL}\n{}", crate::kernels::rope::ROPE_WRITE) } else { String::new() })
             .define(
                 "SUBGROUP_ENTRY",
@@ -376,7 +378,7 @@ const REDUCE_UNITS: &str = "        let units = p.k / 32u;
 /// accumulators j and `r/2 + j`: for `SwiGlu` gate row j and up row `p.rows + j`, storing
 /// `silu(gate_j) · up_j`; for `Rope` the pair `pair_row(j)`, `pair_row(j) + half_dim`, storing both
 /// and passing them to `rope_pair` (`ROPE_DECL`).
-pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: RowsEpilogue) -> String {
+pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: &MatvecEpilogue) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let zero = if step == 1 || step == 32 { "0.0" } else { "vec4<f32>(0.0)" };
@@ -384,9 +386,9 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: RowsE
     let half = r / 2;
     for j in 0..r {
         let row = match epilogue {
-            RowsEpilogue::SwiGlu if j >= half => format!("(min(first + {}u, p.rows - 1u) + p.rows)", j - half),
-            RowsEpilogue::Rope if j >= half => format!("(pair_row(min(first + {}u, p.rows - 1u)) + rp.half_dim)", j - half),
-            RowsEpilogue::Rope => format!("pair_row(min(first + {j}u, p.rows - 1u))"),
+            MatvecEpilogue::SwiGlu if j >= half => format!("(min(first + {}u, p.rows - 1u) + p.rows)", j - half),
+            MatvecEpilogue::Rope(_) if j >= half => format!("(pair_row(min(first + {}u, p.rows - 1u)) + rp.half_dim)", j - half),
+            MatvecEpilogue::Rope(_) => format!("pair_row(min(first + {j}u, p.rows - 1u))"),
             _ => format!("min(first + {j}u, p.rows - 1u)"),
         };
         let _ = writeln!(s, "    let wb{j} = {row} * steps;");
@@ -426,7 +428,7 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: RowsE
     let _ = writeln!(s, "    }}");
     let sum = |j: u32| if step == 1 || step == 32 { format!("a{j}") } else { format!("(a{j}.x + a{j}.y) + (a{j}.z + a{j}.w)") };
     match epilogue {
-        RowsEpilogue::SwiGlu => {
+        MatvecEpilogue::SwiGlu => {
             for j in 0..half {
                 let _ = writeln!(s, "    let g{j} = {};", sum(j));
                 let _ =
@@ -434,7 +436,7 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: RowsE
             }
             return s;
         }
-        RowsEpilogue::Rope => {
+        MatvecEpilogue::Rope(_) => {
             for j in 0..half {
                 let _ = writeln!(s, "    if (first + {j}u < p.rows) {{");
                 let _ = writeln!(s, "        let ra{j} = pair_row(first + {j}u);");
@@ -445,7 +447,7 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: RowsE
             }
             return s;
         }
-        RowsEpilogue::Store => {}
+        MatvecEpilogue::Store => {}
     }
     for j in 0..r {
         let sum = sum(j);
@@ -459,24 +461,13 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: RowsE
     s
 }
 
-/// What [`rows_body`] stores (the generated side of [`MatvecEpilogue`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowsEpilogue {
-    /// Each row's product.
-    Store,
-    /// SwiGLU of gate and up row pairs.
-    SwiGlu,
-    /// Each rotary pair's two products, then `rope_pair`.
-    Rope,
-}
-
 /// The WGSL entry point `matvec_subgroup` ([`MatvecVariant::Subgroup`]): workgroup w owns rows
 /// `w · SUBGROUP_GROUPS · r ..` in [`SUBGROUP_GROUPS`] groups of `r`; subgroup s takes groups
 /// s, s + num_subgroups, .., and in each its lanes walk K `step` elements at a time from their
 /// lane index by the subgroup size ([`rows_body`] with `lanes`), then `subgroupAdd` the row sums
 /// and lane 0 stores them. Every `subgroupAdd` sits in subgroup-uniform control flow.
 pub fn subgroup_entry(r: u32, step: usize, wide_x: bool) -> String {
-    let body: String = rows_body(r, step, wide_x, true, RowsEpilogue::Store).lines().map(|l| format!("    {l}\n")).collect();
+    let body: String = rows_body(r, step, wide_x, true, &MatvecEpilogue::Store).lines().map(|l| format!("    {l}\n")).collect();
     format!(
         "@compute @workgroup_size({SUBGROUP_WG})
 fn matvec_subgroup(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

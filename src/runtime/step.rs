@@ -13,7 +13,7 @@ use crate::kernels::copy::copy;
 use crate::kernels::embedding::embedding;
 use crate::kernels::linear::LinearOp;
 use crate::kernels::matmul::matmul;
-use crate::kernels::matvec::{MatvecEpilogue, MatvecVariant, matvec, matvec_with};
+use crate::kernels::matvec::{MatvecEpilogue, MatvecVariant, ROPE_EPILOGUE_STORAGE_BUFFERS, matvec, matvec_with};
 use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
 use crate::kernels::rope::{RopeQkvOp, RopeTables, rope_qkv_write};
 use crate::kernels::router::{RouterWeights, router_gate};
@@ -286,11 +286,13 @@ impl StepBuilder<'_> {
 
     /// Whether layer `l`'s product by `w` over `rows` tokens runs the epilogue of the decode GEMV
     /// that saves the next dispatch ([`MatvecEpilogue`]: RoPE and the KV-cache write after qkv,
-    /// SwiGLU after gate_up): in a one-token decode step of a single sequence (for RoPE also
-    /// over this builder's own attention core, `layer_with_core`'s `None`), where the adapter's matvec variant is `Rows` (the
-    /// kernel with the epilogues), no unmerged adapter adds a delta to this projection
-    /// (`adapted`; it would land after the epilogue), nothing is kept for a backward pass and W
-    /// is one chunk.
+    /// SwiGLU after gate_up): in a one-token decode step of a single sequence, where the
+    /// adapter's matvec variant is `Rows` (the kernel with the epilogues), no unmerged adapter
+    /// adds a delta to this projection (`adapted`; it would land after the epilogue), nothing is
+    /// kept for a backward pass, W is one chunk and the adapter allows
+    /// [`ROPE_EPILOGUE_STORAGE_BUFFERS`] storage buffers per stage (for both epilogues, though
+    /// SwiGLU binds fewer). RoPE's caller also asks for this builder's own attention core
+    /// (`layer_with_core`'s `None`).
     fn fuses_decode_epilogues(
         &self,
         rows: usize,
@@ -304,7 +306,7 @@ impl StepBuilder<'_> {
             && kept.is_none()
             && self.lora.is_none_or(|(g, _)| !adapted(&g.layers[l]))
             && w.chunks.len() == 1
-            && self.ctx.limits.max_storage_buffers_per_shader_stage >= 8
+            && self.ctx.limits.max_storage_buffers_per_shader_stage >= ROPE_EPILOGUE_STORAGE_BUFFERS
             && matvec_variant(self.ctx) == MatvecVariant::Rows
     }
 
