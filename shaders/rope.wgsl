@@ -5,17 +5,7 @@
 // cos/sin come from CPU-computed tables, so no transcendental functions run here.
 // One invocation per (t, head slot, i < hd/2): head slots are n_heads q heads, then n_kv_heads k
 // heads (rotated), then n_kv_heads v heads (copied); each invocation moves the pair (i, i + hd/2).
-
-struct RopeParams {
-    rows: u32,       // T the dispatch was prepared for (the step's n_tokens may be smaller)
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    half_dim: u32,   // head_dim / 2
-    max_pos: u32,    // rows of the caches and tables; positions at or beyond are not written
-    row0: u32,       // step row t reads qkv row row0 + t and writes q_out row row0 + t
-    _pad1: u32,
-};
+// RopeParams (the uniform p) comes with rope_write, in the ROPE_WRITE placeholder.
 
 struct StepParams {
     pos0: u32,

@@ -5,7 +5,19 @@
 // that head, and x1, x2 its two values. q and k are rotated (HF LLaMA rotate-half:
 // out1 = x1 * cos - x2 * sin, out2 = x2 * cos + x1 * sin, from the cos_t / sin_t tables); q goes
 // to q_out row r, k and v to the caches at row pos. The includer declares cos_t, sin_t, q_out,
-// k_cache and v_cache.
+// k_cache and v_cache; this snippet declares RopeParams (kernels::rope::RopeParams), the shape's
+// uniform, for both.
+struct RopeParams {
+    rows: u32,       // T the dispatch was prepared for (the step's n_tokens may be smaller)
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    half_dim: u32,   // head_dim / 2
+    max_pos: u32,    // rows of the caches and tables; positions at or beyond are not written
+    row0: u32,       // step row t reads qkv row row0 + t and writes q_out row row0 + t
+    _pad1: u32,
+};
+
 fn rope_write(rp: RopeParams, r: u32, pos: u32, j: u32, i: u32, x1: f32, x2: f32) {
     let kv_dim = rp.n_kv_heads * rp.head_dim;
     if (j < rp.n_heads + rp.n_kv_heads) {

@@ -140,26 +140,14 @@ impl MatvecEpilogue<'_> {
     }
 }
 
-/// The WGSL of the RoPE epilogue ([`MatvecEpilogue::Rope`]) pasted into `ROPE_DECL`: its
-/// bindings 5 to 11 (step uniform, RoPE uniform `rp`, cos and sin tables, q_out, k and v caches),
+/// The WGSL of the RoPE epilogue ([`MatvecEpilogue::Rope`]) pasted into `ROPE_DECL` before
+/// `rope_write.wgsl` (which declares `RopeParams`): its bindings 5 to 11 (step uniform, RoPE uniform `rp`, cos and sin tables, q_out, k and v caches),
 /// `pair_row(o)`, the row of W of pair o's first value, and `rope_pair(o, x1, x2)`.
 const ROPE_DECL: &str = "struct StepParams {
     pos0: u32,
     n_tokens: u32,
     kv_len: u32,
     _pad: u32,
-};
-
-// kernels::rope::RopeParams
-struct RopeParams {
-    rows: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    half_dim: u32,
-    max_pos: u32,
-    row0: u32,
-    _pad1: u32,
 };
 
 @group(0) @binding(5) var<uniform> step: StepParams;

@@ -121,7 +121,8 @@ impl RopeTables {
     }
 }
 
-/// Uniform of `shaders/rope.wgsl` (`struct Params` there, same fields in the same order).
+/// Uniform of `shaders/rope.wgsl`, `rope_backward.wgsl` and the decode GEMV's RoPE epilogue (`struct
+/// RopeParams` in `rope_write.wgsl` and `rope_backward.wgsl`, same fields in the same order).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct RopeParams {
