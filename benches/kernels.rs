@@ -176,19 +176,21 @@ fn main() {
     // The decode step's small kernels, one token of SmolLM2-135M (d 576, ff 1536, 9/3 heads of
     // 64, a 4096-row KV cache at position 128): each call is mostly its dispatch's fixed cost,
     // paid about 5 times per layer. The embedding row is the cheapest dispatch of a step.
-    // The GEMV rows with the epilogues that replace SwiGLU's and RoPE's dispatches live here too.
-    let epilogue_rows: Vec<String> = [DType::F32, DType::F16]
-        .into_iter()
-        .flat_map(|dtype| {
-            let kind = weight_kind(&ctx, dtype).for_k(576).name();
-            [format!("matvec rows {kind} swiglu epilogue decode 3072x576"), format!("matvec rows {kind} rope epilogue decode 960x576")]
+    // The GEMV rows with the epilogues that replace SwiGLU's and RoPE's dispatches live here too:
+    // `epilogue_row(dtype, "swiglu" | "rope")` is such a row's name and shape.
+    let (d, ff, max_pos, pos) = (576, 1536, 4096, 128);
+    let heads = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+    let epilogue_row = |dtype: DType, what: &str| {
+        let n = if what == "swiglu" { 2 * ff } else { heads.qkv_dim() };
+        (format!("matvec rows {} {what} epilogue decode", weight_kind(&ctx, dtype).for_k(d).name()), format!("{n}x{d}"))
+    };
+    let epilogue_wanted = [DType::F32, DType::F16].into_iter().any(|dtype| {
+        ["swiglu", "rope"].iter().any(|what| {
+            let (name, shape) = epilogue_row(dtype, what);
+            b.wanted(&format!("{name} {shape}"))
         })
-        .collect();
-    if ["embedding", "rmsnorm", "swiglu", "rope", "attention"].iter().any(|f| b.wanted(&format!("{f} decode")))
-        || epilogue_rows.iter().any(|r| b.wanted(r))
-    {
-        let (d, ff, max_pos, pos) = (576, 1536, 4096, 128);
-        let heads = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
+    });
+    if ["embedding", "rmsnorm", "swiglu", "rope", "attention"].iter().any(|f| b.wanted(&format!("{f} decode"))) || epilogue_wanted {
         let rand = |name: &str, n: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[n], &pseudo_random(n, seed)).unwrap();
         let (x, w, y) = (rand("x", d, 1), rand("w", d, 2), rand("y", d, 0));
         let table = GpuMatrix::upload(&ctx, "table", 1024, d, &pseudo_random(1024 * d, 3), DType::F32).unwrap();
@@ -223,15 +225,16 @@ fn main() {
         // variant): compare with the plain matvec rows of the same shapes and the kernels above.
         let x = rand("x", d, 8);
         for dtype in [DType::F32, DType::F16] {
-            let kind = weight_kind(&ctx, dtype).for_k(d).name();
             let w_gate_up = GpuMatrix::upload(&ctx, "w", 2 * ff, d, &pseudo_random(2 * ff * d, 9), dtype).unwrap();
             let op = LinearOp::new(&x, 1, &w_gate_up, &gate_up);
             let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap();
-            b.case(&format!("matvec rows {kind} swiglu epilogue decode"), &format!("{}x{d}", 2 * ff), &ds, true);
+            let (name, shape) = epilogue_row(dtype, "swiglu");
+            b.case(&name, &shape, &ds, true);
             let w_qkv = GpuMatrix::upload(&ctx, "w", heads.qkv_dim(), d, &pseudo_random(heads.qkv_dim() * d, 10), dtype).unwrap();
             let op = LinearOp::new(&x, 1, &w_qkv, &qkv);
             let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::Rope(&rope)).unwrap();
-            b.case(&format!("matvec rows {kind} rope epilogue decode"), &format!("{}x{d}", heads.qkv_dim()), &ds, true);
+            let (name, shape) = epilogue_row(dtype, "rope");
+            b.case(&name, &shape, &ds, true);
         }
         // Attention: the split and combine dispatches at a few positions and split sizes (the
         // step uniform is written before each case; the dispatches read it at run time).
