@@ -19,7 +19,7 @@ struct MatmulParams {
     scale: f32,     // used with flag bit 2 (LoRA: S * alpha / r), before bias and accumulation
     w_row0: u32,    // first row of the chunk read (a block of W's rows, e.g. a vocabulary chunk)
     t0: u32,        // matmul_xbcast: the window's first row of x (and of y)
-    _pad1: u32,
+    skip: u32,      // matmul_xbcast: the window's first rows, computed but not stored (an earlier window stored them)
     _pad2: u32,
 };
 
@@ -169,7 +169,8 @@ fn matmul_tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
 // gather instead of a per-lane loop with a bounds check each). Each invocation owns NB
 // consecutive rows of w from n0 and keeps TB x NB accumulators in named registers: per step of
 // K, NB loads of w feed TB x NB dot products. TB is the window's length, a constant of the
-// pipeline (windows of 8 rows, then 4, 2, 1 for the rest).
+// pipeline (windows of 8 rows; the last one ends at the last row and skips storing its first
+// p.skip rows, which the window before it stored).
 const NB: u32 = {{NB}}u;
 
 @compute @workgroup_size(WG)

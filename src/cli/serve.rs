@@ -165,7 +165,10 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
     let n_layers = model.weights.config.n_layers;
     let mut session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: MAX_CANDIDATES }, LayerPlan::full(n_layers))
         .with_context(|| format!("--ctx {ctx_len}: one sequence of the whole context"))?;
-    for rows in [1, 2, 4, 8, 64.min(ctx_len)] {
+    // Short turns, a long prompt, and the longer batched prefills of several prompts at once: on
+    // lavapipe products of more than 64 rows of x on quantised weights run another kernel
+    // (`matmul::XBCAST_QUANT_MAX_ROWS`), whose compile would otherwise stall requests under load.
+    for rows in [1, 2, 4, 8, 64, 128].map(|r| r.min(ctx_len)) {
         session.prepare_prefill(rows).with_context(|| format!("preparing a {rows}-token prefill"))?;
     }
     drop(session);

@@ -53,6 +53,18 @@ pub const TILE: u32 = 64;
 /// faster, 16 x 8 as fast as 8 x 8 but 2.5x the driver's compile time (2.0-2.4 s against
 /// 0.8-1.1 s), 10 x 8 no faster, 8 x 4 and 16 x 4 1.0-1.1x (see BENCHMARKS.md).
 pub const XBCAST_TB: u32 = 8;
+/// `XBcast` variant: the most rows of x (tokens) it takes on quantised weights; longer products
+/// run `RegBlock` with its 8 x 16 quantised block ([`regblock_quant_block`]).
+///
+/// Measured on lavapipe (Mesa 25.0.7, Intel Xeon, 2 cores), `firstrt bench --dtype native`
+/// (SmolLM2-135M Q4_1) with and without it, alternated three times, prefill tok/s: at 16 tokens
+/// `XBcast` 45-56 against `RegBlock`'s 2 x 4 block 28-29; at 37 tokens the two are within the
+/// noise (53-63 and 56-69); at 64 `RegBlock` 8 x 16 is 1.0-1.07x faster, at 128 1.15x. But the
+/// driver compiles that block in 38 s (the README question's first run on a fresh machine) and a
+/// quantised `XBcast` window in 4-5.6 s (8 rows; shorter ones 0.6-2.2 s), so `XBcast` runs up
+/// to 64 rows (a chat turn's prompt), and only longer prompts pay the 8 x 16 block's compile
+/// (once: the driver caches it; `serve` compiles both at start-up).
+pub const XBCAST_QUANT_MAX_ROWS: usize = 64;
 /// `XBcast` variant: rows of w per invocation ([`XBCAST_TB`] x this many accumulators).
 pub const XBCAST_NB: u32 = 8;
 /// `XBcast` variant: full windows per dispatch, the most (fewer where
@@ -126,8 +138,9 @@ pub struct MatmulParams {
     pub w_row0: u32,
     /// `XBcast` only: the window's first row of x and of y.
     pub t0: u32,
-    /// Padding to 48 bytes.
-    pub _pad1: u32,
+    /// `XBcast` only: the window's first rows that it computes but does not store (an earlier
+    /// window stored them; [`xbcast_windows`]).
+    pub skip: u32,
     /// Padding to 48 bytes.
     pub _pad2: u32,
 }
@@ -220,60 +233,64 @@ fn chunk_params(op: &LinearOp, k: usize, c: &ChunkPart) -> MatmulParams {
 }
 
 /// Rows of x per window of the `XBcast` variant for `op` read as `kind`, or `None` where the
-/// variant does not apply and `RegBlock` runs instead: every chunk of W dense (f32 or f16, K % 4
-/// == 0, so that a row of x is whole vec4s), a row of x a multiple of the adapter's
+/// variant does not apply and `RegBlock` runs instead: K % 4 == 0 (a row of x is whole vec4s),
+/// at most [`XBCAST_QUANT_MAX_ROWS`] rows of x where a chunk of W is quantised, a row of x a multiple of the adapter's
 /// `min_uniform_buffer_offset_alignment` bytes (every window starts on it), and a window of
 /// [`XBCAST_TB`] rows within `max_uniform_buffer_binding_size`. Shorter products take shorter
 /// windows ([`xbcast_windows`]).
 pub fn xbcast_window(ctx: &GpuContext, op: &LinearOp, kind: WeightKind) -> Option<u32> {
     let (k, n) = op.k_n();
-    let dense = op.chunk_parts().iter().all(|part| !matches!(part.chunk.kind(kind), WeightKind::Quant(_)));
     let row_bytes = 4 * k as u64;
     let aligned = k.is_multiple_of(4) && row_bytes.is_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment).max(1));
     let groups_fit = n.div_ceil((XBCAST_WG * XBCAST_NB) as usize) <= ctx.limits.max_compute_workgroups_per_dimension as usize;
-    if !dense || !aligned || !groups_fit {
+    let quant = op.chunk_parts().iter().any(|part| matches!(part.chunk.kind(kind), WeightKind::Quant(_)));
+    if !aligned || !groups_fit || (quant && op.rows > XBCAST_QUANT_MAX_ROWS) {
         return None;
     }
     (u64::from(XBCAST_TB) * row_bytes <= ctx.limits.max_uniform_buffer_binding_size).then_some(XBCAST_TB)
 }
 
 /// The windows of `rows` rows of x for windows of at most `tb` rows (a power of two):
-/// `(first row, rows)`, full windows of `tb` rows from row 0, then the rest in windows of
-/// decreasing powers of two (with `tb` 16 and 13 rows left: 8, 4, 1), so that every row is
-/// computed once and a window's rows are a compile-time constant of its pipeline.
-pub fn xbcast_windows(rows: usize, tb: usize) -> Vec<(usize, usize)> {
-    let mut out: Vec<(usize, usize)> = (0..rows / tb).map(|i| (i * tb, tb)).collect();
-    let mut t0 = rows / tb * tb;
-    let mut len = tb / 2;
-    while len > 0 {
-        if (rows - t0) & len != 0 {
-            out.push((t0, len));
-            t0 += len;
-        }
-        len /= 2;
+/// `(first row, rows, skip)`. All have the same length `w`, the largest power of two at most
+/// `rows` and `tb`: whole windows from row 0, then, where rows are left over, one more window
+/// ending at the last row, whose first `skip` rows the window before it computed (its stores
+/// leave them, so an accumulating product adds each row once). A window's length is a
+/// compile-time constant of its pipeline, so every prompt of `tb` rows or more runs the same
+/// pipelines (37 rows with `tb` 8: windows at rows 0, 8, 16, 24 and 29, the last skipping 3),
+/// and a left-over row costs what a whole window does (on lavapipe a window's cost is mostly its
+/// loads of W, whatever its length).
+pub fn xbcast_windows(rows: usize, tb: usize) -> Vec<(usize, usize, usize)> {
+    if rows == 0 {
+        return Vec::new();
+    }
+    let w = tb.min(1 << rows.ilog2());
+    let mut out: Vec<(usize, usize, usize)> = (0..rows / w).map(|i| (i * w, w, 0)).collect();
+    let left = rows % w;
+    if left > 0 {
+        out.push((rows - w, w, w - left));
     }
     out
 }
 
 /// The dispatches of the `XBcast` variant over [`xbcast_windows`]: `(first row, rows per window,
-/// windows)`, up to `per_dispatch` consecutive full windows in one dispatch (its workgroups'
-/// second index picks the window), each shorter window alone. Fewer, larger dispatches keep a
-/// CPU driver's threads busy: each dispatch ends with its threads waiting for the slowest.
-pub fn xbcast_dispatches(rows: usize, tb: usize, per_dispatch: usize) -> Vec<(usize, usize, usize)> {
-    let mut out = Vec::new();
+/// windows, skip)`, up to `per_dispatch` consecutive windows without a skip in one dispatch (its
+/// workgroups' second index picks the window), the overlapping last window alone with its
+/// `skip`. Fewer, larger dispatches keep a CPU driver's threads busy: each dispatch ends with its
+/// threads waiting for the slowest.
+pub fn xbcast_dispatches(rows: usize, tb: usize, per_dispatch: usize) -> Vec<(usize, usize, usize, usize)> {
     let windows = xbcast_windows(rows, tb);
-    let (full, rest) = windows.split_at(rows / tb);
-    for run in full.chunks(per_dispatch.max(1)) {
-        out.push((run[0].0, tb, run.len()));
-    }
-    out.extend(rest.iter().map(|&(t0, len)| (t0, len, 1)));
+    let whole = windows.iter().take_while(|w| w.2 == 0).count();
+    let (full, rest) = windows.split_at(whole);
+    let mut out: Vec<_> = full.chunks(per_dispatch.max(1)).map(|run| (run[0].0, run[0].1, run.len(), 0)).collect();
+    out.extend(rest.iter().map(|&(t0, len, skip)| (t0, len, 1, skip)));
     out
 }
 
 /// [`matmul`] as `MatmulVariant::XBcast` with windows of at most `tb` rows ([`xbcast_window`]):
 /// per chunk of W, the dispatches of [`xbcast_dispatches`] (as many windows per dispatch as
 /// `max_uniform_buffer_binding_size` holds, at most [`XBCAST_WINDOWS_PER_DISPATCH`]), the
-/// dispatch's rows of x bound as a uniform buffer; one pipeline per window length and count.
+/// dispatch's rows of x bound as a uniform buffer; one pipeline per window length and count
+/// (and per K and kind of W).
 fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind, tb: u32) -> Result<Vec<Dispatch>, GpuError> {
     let (k, _) = op.k_n();
     let row_bytes = 4 * k as u64;
@@ -285,7 +302,13 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
             .declare_uniform(1, "x", len * count * k)
             .ok_or_else(|| GpuError::InvalidArgument(format!("{label}: a window of x cannot be a uniform array")))?;
         let shader = ShaderVariant::new("matmul", SOURCE, "matmul_xbcast")
-            .define("XBCAST_BODY", xbcast_body(len as u32, XBCAST_NB, kind.step(k)))
+            .define(
+                "XBCAST_BODY",
+                match kind {
+                    WeightKind::Quant(_) => xbcast_body_quant(len as u32, XBCAST_NB),
+                    _ => xbcast_body(len as u32, XBCAST_NB, kind.step(k)),
+                },
+            )
             .define("REGBLOCK_BODY", "")
             .define("X_DECL", x_decl)
             .weights("W_DECL", kind, 2, "w")
@@ -301,10 +324,11 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
         let n = c.rows as u32;
         dispatches
             .iter()
-            .map(|&(t0, len, count)| {
-                let params = MatmulParams { t0: t0 as u32, ..chunk_params(op, k, c) };
+            .map(|&(t0, len, count, skip)| {
+                let params = MatmulParams { t0: t0 as u32, skip: skip as u32, ..chunk_params(op, k, c) };
                 let rows = (len * count) as u64;
-                let outputs = rows * c.rows as u64;
+                // The product's work: the rows this dispatch stores (not those it skips).
+                let outputs = (rows - skip as u64) * c.rows as u64;
                 let cost = Cost {
                     flops: 2 * outputs * k as u64,
                     bytes: count as u64 * c.byte_len()
@@ -323,8 +347,7 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
 /// the end clamped, so every load stays in bounds) against the `tb` rows of x of the window, in
 /// `tb` x `nb` named f32 accumulators; K walked `step` elements at a time (8 through `w_8`, 4
 /// through `w_4`), x always through `x_4` (a uniform array of vec4) from the row `xw` of the
-/// binding (the dispatch's window `wg.y`: `xw = wg.y * tb`); stores to rows `p.t0 + xw + i`,
-/// guarded by `n < p.n`.
+/// binding (the dispatch's window `wg.y`: `xw = wg.y * tb`); stores as [`xbcast_stores`].
 pub fn xbcast_body(tb: u32, nb: u32, step: usize) -> String {
     use std::fmt::Write;
     let mut s = String::new();
@@ -360,11 +383,7 @@ pub fn xbcast_body(tb: u32, nb: u32, step: usize) -> String {
         let _ = writeln!(s, "        }}");
     }
     let _ = writeln!(s, "    }}");
-    for i in 0..tb {
-        for j in 0..nb {
-            let _ = writeln!(s, "    if (n0 + {j}u < p.n) {{ store(p.t0 + xw + {i}u, n0 + {j}u, a{i}_{j}); }}");
-        }
-    }
+    xbcast_stores(&mut s, tb, nb);
     s
 }
 
@@ -511,6 +530,19 @@ fn w_rows_and_accumulators(s: &mut String, tm: u32, tn: u32) {
     }
 }
 
+/// The end of both xbcast bodies: each accumulator stored to row `p.t0 + xw + i` of y, guarded
+/// by `i >= p.skip` (rows an earlier window stored) and `n < p.n`.
+fn xbcast_stores(s: &mut String, tb: u32, nb: u32) {
+    use std::fmt::Write;
+    for i in 0..tb {
+        let _ = writeln!(s, "    if ({i}u >= p.skip) {{");
+        for j in 0..nb {
+            let _ = writeln!(s, "        if (n0 + {j}u < p.n) {{ store(p.t0 + xw + {i}u, n0 + {j}u, a{i}_{j}); }}");
+        }
+        let _ = writeln!(s, "    }}");
+    }
+}
+
 /// The end of both regblock bodies: each accumulator stored, guarded by `t < p.t`, `n < p.n`.
 fn regblock_stores(s: &mut String, tm: u32, tn: u32) {
     use std::fmt::Write;
@@ -521,6 +553,53 @@ fn regblock_stores(s: &mut String, tm: u32, tn: u32) {
         }
         let _ = writeln!(s, "    }}");
     }
+}
+
+/// [`xbcast_body`] for the quantised kinds: K walked one unit of 32 values at a time. Per unit
+/// and w row the scales and the quant words are loaded once (`w_scales`, `w_words`); then for
+/// each quarter q of the unit, values 4q..4q+3 and 16+4q..16+4q+3 of every w row are dequantised
+/// in registers (`w_pair_of`) and multiply the matching x values of each row of the window (two
+/// `x_4` loads of the uniform per row), so that what is live at once is a quarter of a unit of
+/// the `nb` rows of w, not all 32 values. Stores as [`xbcast_stores`].
+pub fn xbcast_body_quant(tb: u32, nb: u32) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "    let steps = p.k / 32u;");
+    let _ = writeln!(s, "    let xs = p.k / 4u;");
+    let _ = writeln!(s, "    let xw = wy * {tb}u;");
+    w_rows_and_accumulators(&mut s, tb, nb);
+    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    for j in 0..nb {
+        let _ = writeln!(s, "        let s{j} = w_scales(wb{j} + kk);");
+        let _ = writeln!(s, "        let u{j} = w_words(wb{j} + kk);");
+    }
+    for q in 0..4 {
+        let _ = writeln!(s, "        {{");
+        for j in 0..nb {
+            let _ = writeln!(s, "            let p{j} = w_pair_of(u{j}, {q}u);");
+            let _ = writeln!(s, "            let wl{j} = fma(p{j}.lo, vec4<f32>(s{j}.x), vec4<f32>(s{j}.z));");
+            let _ = writeln!(s, "            let wh{j} = fma(p{j}.hi, vec4<f32>(s{j}.y), vec4<f32>(s{j}.z));");
+        }
+        for i in 0..tb {
+            let _ = writeln!(s, "            {{");
+            let _ = writeln!(s, "                let xl = x_4((xw + {i}u) * xs + kk * 8u + {q}u);");
+            let _ = writeln!(s, "                let xh = x_4((xw + {i}u) * xs + kk * 8u + {}u);", q + 4);
+            for j in 0..nb {
+                let mut e = format!("a{i}_{j}");
+                for (x, w) in [("xl", "wl"), ("xh", "wh")] {
+                    for c in ["x", "y", "z", "w"] {
+                        e = format!("fma({x}.{c}, {w}{j}.{c}, {e})");
+                    }
+                }
+                let _ = writeln!(s, "                a{i}_{j} = {e};");
+            }
+            let _ = writeln!(s, "            }}");
+        }
+        let _ = writeln!(s, "        }}");
+    }
+    let _ = writeln!(s, "    }}");
+    xbcast_stores(&mut s, tb, nb);
+    s
 }
 
 /// CPU reference: `[rows, n]` = x (`[rows, k]`) times w (`[n, k]`) transposed, plus bias; in f64.
@@ -714,39 +793,45 @@ mod tests {
         matmul(&ctx, "mm", &LinearOp::new(&gx, 2, &gw, &gy).y_stride(8), MatmulVariant::Tiled).unwrap();
     }
 
-    /// The windows of the `XBcast` variant cover every row exactly once, in order: full windows
-    /// of `tb` rows, then powers of two below `tb`, each at most once; its dispatches group up to
-    /// `per_dispatch` full windows and cover the same rows.
+    /// The windows of the `XBcast` variant store every row exactly once, in order: all of one
+    /// length (the largest power of two at most `tb` and the rows), the last one overlapping the
+    /// one before by its `skip`; its dispatches group up to `per_dispatch` whole windows and store
+    /// the same rows.
     #[test]
     fn xbcast_windows_cover_each_row_once() {
+        assert!(xbcast_windows(0, 8).is_empty());
+        assert_eq!(xbcast_windows(37, 8), [(0, 8, 0), (8, 8, 0), (16, 8, 0), (24, 8, 0), (29, 8, 3)]);
         for tb in [8usize, 16] {
             for rows in 1..4 * tb + 3 {
                 let windows = xbcast_windows(rows, tb);
+                let w = tb.min(1 << rows.ilog2());
                 let mut next = 0;
-                for &(t0, len) in &windows {
-                    assert!(t0 == next && len.is_power_of_two() && len <= tb, "rows {rows} tb {tb}: {windows:?}");
-                    next += len;
+                for (i, &(t0, len, skip)) in windows.iter().enumerate() {
+                    let last = i + 1 == windows.len();
+                    assert!(len == w && t0 + skip == next && skip < len && (last || skip == 0), "rows {rows} tb {tb}: {windows:?}");
+                    next = t0 + len;
                 }
                 assert_eq!(next, rows, "rows {rows} tb {tb}: {windows:?}");
-                assert_eq!(windows.len(), rows / tb + (rows % tb).count_ones() as usize);
+                assert_eq!(windows.len(), rows.div_ceil(w));
                 for per_dispatch in [1, 3, 8] {
                     let dispatches = xbcast_dispatches(rows, tb, per_dispatch);
                     let mut next = 0;
-                    for &(t0, len, count) in &dispatches {
-                        assert!(t0 == next && (count == 1 || len == tb) && count <= per_dispatch, "{dispatches:?}");
-                        next += len * count;
+                    for &(t0, len, count, skip) in &dispatches {
+                        assert!(len == w && t0 + skip == next && (count == 1 || skip == 0) && count <= per_dispatch, "{dispatches:?}");
+                        next = t0 + len * count;
                     }
                     assert_eq!(next, rows, "rows {rows} tb {tb} per dispatch {per_dispatch}: {dispatches:?}");
-                    assert_eq!(dispatches.len(), (rows / tb).div_ceil(per_dispatch) + (rows % tb).count_ones() as usize);
+                    assert_eq!(dispatches.len(), (rows / w).div_ceil(per_dispatch) + usize::from(!rows.is_multiple_of(w)));
                 }
             }
         }
     }
 
     /// `XBcast` runs as one dispatch per window and chunk where it applies (dense weights,
-    /// aligned rows of x), also over split weights with bias and accumulation and windows of 8,
-    /// 4 and 1 rows (37 rows; results checked), and falls back to `RegBlock` (one dispatch per
-    /// chunk) for quantised weights and unaligned rows of x.
+    /// aligned rows of x), also over split weights with bias and accumulation and windows of 8
+    /// rows, the last overlapping (37 rows; results checked: an overlapping row stored twice
+    /// would be added twice), and falls back to `RegBlock` (one dispatch per
+    /// chunk) for quantised weights past [`XBCAST_QUANT_MAX_ROWS`] rows and unaligned rows of x.
     #[test]
     fn xbcast_windows_and_fallbacks() {
         use crate::model::QuantType;
@@ -785,15 +870,20 @@ mod tests {
             let want: Vec<f32> = y0.iter().zip(&r).map(|(a, b)| a + b).collect();
             assert_close(&gy.read_f32(&ctx).unwrap(), &want, 4e-5 * (k as f32).sqrt(), 1e-5, &format!("xbcast {dtype} accumulate"));
         }
-        // Fallbacks: as many dispatches as RegBlock's (one per chunk).
-        let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
+        // Quantised weights: XBcast up to XBCAST_QUANT_MAX_ROWS rows (its body is checked on
+        // every block type in quant_tests), RegBlock beyond, with as many dispatches as
+        // RegBlock's (one per chunk).
+        let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[XBCAST_QUANT_MAX_ROWS + 1, n]).unwrap();
         let blocks = crate::kernels::testing::random_blocks(QuantType::Q8_0, n, k, 35);
         let gq = GpuMatrix::upload_parts(&ctx, "q", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
         // Kinds given: the kernel choice is not measured in this context (split weights).
         let quant = LinearOp::new(&gx, t, &gq, &gy).kind(WeightKind::F32);
-        assert_eq!(xbcast_window(&ctx, &quant, WeightKind::F32), None, "quantised weights");
-        let ds = matmul(&ctx, "mm", &quant, MatmulVariant::XBcast).unwrap();
-        assert_eq!(ds.len(), matmul(&ctx, "mm", &quant, MatmulVariant::RegBlock).unwrap().len());
+        assert_eq!(xbcast_window(&ctx, &quant, WeightKind::F32), Some(XBCAST_TB), "quantised weights, {t} rows");
+        let long_x = GpuTensor::zeros(&ctx, "x", DType::F32, &[XBCAST_QUANT_MAX_ROWS + 1, k]).unwrap();
+        let long = LinearOp::new(&long_x, XBCAST_QUANT_MAX_ROWS + 1, &gq, &gy).kind(WeightKind::F32);
+        assert_eq!(xbcast_window(&ctx, &long, WeightKind::F32), None, "quantised weights, more rows");
+        let ds = matmul(&ctx, "mm", &long, MatmulVariant::XBcast).unwrap();
+        assert_eq!(ds.len(), matmul(&ctx, "mm", &long, MatmulVariant::RegBlock).unwrap().len());
         let k_odd = k + 4;
         let gx_odd = GpuTensor::from_f32(&ctx, "x", &[t, k_odd], &random_vec(t * k_odd, 36)).unwrap();
         let gw_odd = GpuMatrix::upload(&ctx, "w", n, k_odd, &random_vec(n * k_odd, 37), DType::F32).unwrap();

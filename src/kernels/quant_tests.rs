@@ -5,7 +5,7 @@
 use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor, MatrixPart, test_context};
 use crate::kernels::embedding::{embedding, embedding_ref};
 use crate::kernels::linear::LinearOp;
-use crate::kernels::matmul::{MatmulVariant, matmul, matmul_ref};
+use crate::kernels::matmul::{MatmulVariant, XBCAST_QUANT_MAX_ROWS, matmul, matmul_ref, xbcast_window};
 use crate::kernels::matvec::{MatvecVariant, matvec, matvec_ref};
 use crate::kernels::testing::{assert_close, random_blocks, random_vec};
 use crate::model::QuantType;
@@ -50,6 +50,14 @@ fn check(ctx: &GpuContext, q: QuantType, t: usize, n: usize, k: usize, accumulat
             format!("matvec {v:?} {q} n={n} k={k}")
         }
         Product::Matmul(v) => {
+            if v == MatmulVariant::XBcast {
+                // The quantised XBcast body runs where rows of x are aligned uniform windows,
+                // up to XBCAST_QUANT_MAX_ROWS rows; RegBlock runs instead otherwise.
+                let kind = op.check(ctx, "mm").unwrap();
+                let aligned = (4 * k).is_multiple_of(ctx.limits.min_uniform_buffer_offset_alignment as usize);
+                let applies = aligned && t <= XBCAST_QUANT_MAX_ROWS;
+                assert_eq!(xbcast_window(ctx, &op, kind).is_some(), applies, "xbcast {q} t={t} k={k}");
+            }
             run(ctx, &matmul(ctx, "mm", &op, v).unwrap());
             format!("matmul {v:?} {q} t={t} n={n} k={k}")
         }
@@ -95,6 +103,13 @@ fn quant_matmul_matches_dequantised_reference() {
             for (t, n) in [(5, 7), (70, 257)] {
                 check(&ctx, q, t, n, k, t == 5, Product::Matmul(v));
             }
+        }
+        // The quantised XBcast body itself (windows of 8 rows, several per dispatch where the
+        // uniform limit allows, the last overlapping), on a K whose rows of x are aligned windows,
+        // and RegBlock past XBCAST_QUANT_MAX_ROWS.
+        let k = *ks(q).last().unwrap();
+        for (t, n) in [(37, 257), (XBCAST_QUANT_MAX_ROWS + 1, 9)] {
+            check(&ctx, q, t, n, k, t == 37, Product::Matmul(MatmulVariant::XBcast));
         }
     }
 }
