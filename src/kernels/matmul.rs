@@ -350,12 +350,7 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
 /// binding (the dispatch's window `wg.y`: `xw = wg.y * tb`); stores as [`xbcast_stores`].
 pub fn xbcast_body(tb: u32, nb: u32, step: usize) -> String {
     use std::fmt::Write;
-    let mut s = String::new();
-    let _ = writeln!(s, "    let steps = p.k / {step}u;");
-    let _ = writeln!(s, "    let xs = p.k / 4u;");
-    let _ = writeln!(s, "    let xw = wy * {tb}u;");
-    w_rows_and_accumulators(&mut s, tb, nb);
-    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    let mut s = xbcast_prologue(tb, nb, step);
     for j in 0..nb {
         let _ = writeln!(s, "        let w{j} = w_{step}(wb{j} + kk);");
     }
@@ -530,26 +525,40 @@ fn w_rows_and_accumulators(s: &mut String, tm: u32, tn: u32) {
     }
 }
 
+/// The start of both xbcast bodies, up to the opening of the loop over K: `steps` (K over
+/// `step`), `xs` (vec4 of x per row), `xw` (the window's first row in the binding), the `nb` rows
+/// of w and the `tb` x `nb` accumulators.
+fn xbcast_prologue(tb: u32, nb: u32, step: usize) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "    let steps = p.k / {step}u;");
+    let _ = writeln!(s, "    let xs = p.k / 4u;");
+    let _ = writeln!(s, "    let xw = wy * {tb}u;");
+    w_rows_and_accumulators(&mut s, tb, nb);
+    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    s
+}
+
 /// The end of both xbcast bodies: each accumulator stored to row `p.t0 + xw + i` of y, guarded
 /// by `i >= p.skip` (rows an earlier window stored) and `n < p.n`.
 fn xbcast_stores(s: &mut String, tb: u32, nb: u32) {
-    use std::fmt::Write;
-    for i in 0..tb {
-        let _ = writeln!(s, "    if ({i}u >= p.skip) {{");
-        for j in 0..nb {
-            let _ = writeln!(s, "        if (n0 + {j}u < p.n) {{ store(p.t0 + xw + {i}u, n0 + {j}u, a{i}_{j}); }}");
-        }
-        let _ = writeln!(s, "    }}");
-    }
+    block_stores(s, tb, nb, |i| format!("{i}u >= p.skip"), |i| format!("p.t0 + xw + {i}u"));
 }
 
 /// The end of both regblock bodies: each accumulator stored, guarded by `t < p.t`, `n < p.n`.
 fn regblock_stores(s: &mut String, tm: u32, tn: u32) {
+    block_stores(s, tm, tn, |i| format!("t0 + {i}u < p.t"), |i| format!("t0 + {i}u"));
+}
+
+/// Stores of a `rows` x `cols` block of accumulators `a{i}_{j}`: row i of the block to row
+/// `row(i)` of y where `guard(i)` holds, column j to `n0 + j` where `n0 + j < p.n`.
+fn block_stores(s: &mut String, rows: u32, cols: u32, guard: impl Fn(u32) -> String, row: impl Fn(u32) -> String) {
     use std::fmt::Write;
-    for i in 0..tm {
-        let _ = writeln!(s, "    if (t0 + {i}u < p.t) {{");
-        for j in 0..tn {
-            let _ = writeln!(s, "        if (n0 + {j}u < p.n) {{ store(t0 + {i}u, n0 + {j}u, a{i}_{j}); }}");
+    for i in 0..rows {
+        let (guard, row) = (guard(i), row(i));
+        let _ = writeln!(s, "    if ({guard}) {{");
+        for j in 0..cols {
+            let _ = writeln!(s, "        if (n0 + {j}u < p.n) {{ store({row}, n0 + {j}u, a{i}_{j}); }}");
         }
         let _ = writeln!(s, "    }}");
     }
@@ -563,12 +572,7 @@ fn regblock_stores(s: &mut String, tm: u32, tn: u32) {
 /// the `nb` rows of w, not all 32 values. Stores as [`xbcast_stores`].
 pub fn xbcast_body_quant(tb: u32, nb: u32) -> String {
     use std::fmt::Write;
-    let mut s = String::new();
-    let _ = writeln!(s, "    let steps = p.k / 32u;");
-    let _ = writeln!(s, "    let xs = p.k / 4u;");
-    let _ = writeln!(s, "    let xw = wy * {tb}u;");
-    w_rows_and_accumulators(&mut s, tb, nb);
-    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    let mut s = xbcast_prologue(tb, nb, 32);
     for j in 0..nb {
         let _ = writeln!(s, "        let s{j} = w_scales(wb{j} + kk);");
         let _ = writeln!(s, "        let u{j} = w_words(wb{j} + kk);");
