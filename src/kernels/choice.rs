@@ -158,7 +158,8 @@ pub fn on_first_measurement(say: fn(&str)) {
 }
 
 /// How long a first run on `ctx`'s adapter prepares, as the notices say it: a CPU driver such as
-/// lavapipe compiles every shader with LLVM, about a minute for the test model on 2 cores
+/// lavapipe compiles every shader with LLVM, about 40 s for the test model on 2 cores (up to a
+/// minute on a loaded machine or with `serve`, which also prepares long prompts)
 /// (BENCHMARKS.md, "First run on an adapter"); a GPU's driver takes seconds.
 pub fn first_run_wait(ctx: &GpuContext) -> &'static str {
     if ctx.info.device_type == wgpu::DeviceType::Cpu {
