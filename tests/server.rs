@@ -191,6 +191,12 @@ fn openai_client_chat_stream_and_plans() {
 #[test]
 fn bounded_load_answers_every_request() {
     let server = Server::start(&["--max-concurrent", "4", "--queue", "8", "--ctx", "256"]);
+    // The start-up notice says how long the first start takes on this adapter: serve prepares
+    // more than a run does (prefills of 1 to 128 tokens).
+    let ctx = firstrt::gpu::GpuContext::new(&Default::default()).unwrap();
+    let wait = if ctx.info.device_type == wgpu::DeviceType::Cpu { "up to two minutes on a CPU driver" } else { "a few seconds" };
+    let notice = format!("preparing the kernels (the first time on this machine: {wait}");
+    assert!(server.stderr().contains(&notice), "{}", server.stderr());
     let t0 = Instant::now();
     let out = run_python(&["load", &server.url(), MODEL_ID, "200", "32", "3"], &server);
     let statuses = out["statuses"].as_object().unwrap();

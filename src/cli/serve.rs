@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use firstrt::gpu::GpuOptions;
-use firstrt::kernels::choice::first_run_wait;
+use firstrt::kernels::choice::serve_first_run_wait;
 use firstrt::runtime::session::MAX_CANDIDATES;
 use firstrt::runtime::{LayerPlan, PlanPolicyArgs, Session, SessionOptions};
 use firstrt::server::http::AppState;
@@ -161,7 +161,7 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
     }
     // One sequence of the whole context must fit the device; its steps are compiled now, so
     // that the first request's time is its own.
-    eprintln!("preparing the kernels (the first time on this machine: {})", first_run_wait(&model.weights.ctx));
+    eprintln!("preparing the kernels (the first time on this machine: {})", serve_first_run_wait(&model.weights.ctx));
     let n_layers = model.weights.config.n_layers;
     let mut session = Session::new(&model.weights, SessionOptions { ctx_len, candidates: MAX_CANDIDATES }, LayerPlan::full(n_layers))
         .with_context(|| format!("--ctx {ctx_len}: one sequence of the whole context"))?;

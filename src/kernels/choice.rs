@@ -169,6 +169,17 @@ pub fn first_run_wait(ctx: &GpuContext) -> &'static str {
     }
 }
 
+/// [`first_run_wait`] for `serve`'s start-up, which prepares prefills from 1 to 128 tokens and so
+/// compiles more: about 95 s with lavapipe on 2 cores (BENCHMARKS.md, "First run on an
+/// adapter"), seconds on a GPU.
+pub fn serve_first_run_wait(ctx: &GpuContext) -> &'static str {
+    if ctx.info.device_type == wgpu::DeviceType::Cpu {
+        "up to two minutes on a CPU driver (the next starts reuse the compiled shaders)"
+    } else {
+        "a few seconds"
+    }
+}
+
 /// The notice of [`on_first_measurement`], once per process.
 fn give_notice(ctx: &GpuContext) {
     if NOTICE_GIVEN.swap(true, Ordering::Relaxed) {
