@@ -233,11 +233,12 @@ fn chunk_params(op: &LinearOp, k: usize, c: &ChunkPart) -> MatmulParams {
 }
 
 /// Rows of x per window of the `XBcast` variant for `op` read as `kind`, or `None` where the
-/// variant does not apply and `RegBlock` runs instead: K % 4 == 0 (a row of x is whole vec4s),
-/// at most [`XBCAST_QUANT_MAX_ROWS`] rows of x where a chunk of W is quantised, a row of x a multiple of the adapter's
-/// `min_uniform_buffer_offset_alignment` bytes (every window starts on it), and a window of
-/// [`XBCAST_TB`] rows within `max_uniform_buffer_binding_size`. Shorter products take shorter
-/// windows ([`xbcast_windows`]).
+/// variant does not apply and `RegBlock` runs instead. It applies where K % 4 == 0 (a row of x
+/// is whole vec4s), a row of x is a multiple of the adapter's
+/// `min_uniform_buffer_offset_alignment` bytes (every window starts on it), a window of
+/// [`XBCAST_TB`] rows fits `max_uniform_buffer_binding_size`, and, where a chunk of W is
+/// quantised, there are at most [`XBCAST_QUANT_MAX_ROWS`] rows of x. Products of fewer rows take
+/// shorter windows ([`xbcast_windows`]).
 pub fn xbcast_window(ctx: &GpuContext, op: &LinearOp, kind: WeightKind) -> Option<u32> {
     let (k, n) = op.k_n();
     let row_bytes = 4 * k as u64;
