@@ -348,7 +348,8 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
 /// the end clamped, so every load stays in bounds) against the `tb` rows of x of the window, in
 /// `tb` x `nb` named f32 accumulators; K walked `step` elements at a time (8 through `w_8`, 4
 /// through `w_4`), x always through `x_4` (a uniform array of vec4) from the row `xw` of the
-/// binding (the dispatch's window `wg.y`: `xw = wg.y * tb`); stores as [`xbcast_stores`].
+/// binding (the dispatch's window `wg.y`: `xw = wg.y * tb`); stores row i of the block to row
+/// `p.t0 + xw + i` of y, guarded by `i >= p.skip` (rows an earlier window stored) and `n < p.n`.
 pub fn xbcast_body(tb: u32, nb: u32, step: usize) -> String {
     use std::fmt::Write;
     let mut s = xbcast_prologue(tb, nb, step);
@@ -570,7 +571,7 @@ fn block_stores(s: &mut String, rows: u32, cols: u32, guard: impl Fn(u32) -> Str
 /// each quarter q of the unit, values 4q..4q+3 and 16+4q..16+4q+3 of every w row are dequantised
 /// in registers (`w_pair_of`) and multiply the matching x values of each row of the window (two
 /// `x_4` loads of the uniform per row), so that what is live at once is a quarter of a unit of
-/// the `nb` rows of w, not all 32 values. Stores as [`xbcast_stores`].
+/// the `nb` rows of w, not all 32 values. Stores as [`xbcast_body`] does.
 pub fn xbcast_body_quant(tb: u32, nb: u32) -> String {
     use std::fmt::Write;
     let mut s = xbcast_prologue(tb, nb, 32);
