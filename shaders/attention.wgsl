@@ -33,12 +33,7 @@ struct AttnParams {
     _pad2: u32,
 };
 
-struct StepParams {
-    pos0: u32,
-    n_tokens: u32,
-    kv_len: u32,
-    _pad: u32,
-};
+{{STEP_PARAMS}}
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<uniform> step: StepParams;

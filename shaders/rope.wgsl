@@ -7,12 +7,7 @@
 // heads (rotated), then n_kv_heads v heads (copied); each invocation moves the pair (i, i + hd/2).
 // RopeParams (the uniform p) comes with rope_write, in the ROPE_WRITE placeholder.
 
-struct StepParams {
-    pos0: u32,
-    n_tokens: u32,
-    kv_len: u32,
-    _pad: u32,
-};
+{{STEP_PARAMS}}
 
 @group(0) @binding(0) var<uniform> p: RopeParams;
 @group(0) @binding(1) var<uniform> step: StepParams;

@@ -195,7 +195,7 @@ fn variant(entry: &'static str, head_dim: usize, heads: usize) -> ShaderVariant 
     let qkv = read(2, "q", "q4") + &read(3, "k_cache", "k4") + &read(4, "v_cache", "v4");
     let out = head_access(5, "out", "store_out", head_dim, true);
     let cout = head_access(4, "c_out", "store_cout", head_dim, true);
-    ShaderVariant::new("attention", SOURCE, entry)
+    super::snippet_variant("attention", SOURCE, entry)
         .define("HD", head_dim)
         .define("HD4", head_dim.div_ceil(4))
         .define("GB", heads)

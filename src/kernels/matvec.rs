@@ -140,17 +140,10 @@ impl MatvecEpilogue<'_> {
     }
 }
 
-/// The WGSL of the RoPE epilogue ([`MatvecEpilogue::Rope`]) pasted into `ROPE_DECL` before
-/// `rope_write.wgsl` (which declares `RopeParams`): its bindings 5 to 11 (step uniform, RoPE uniform `rp`, cos and sin tables, q_out, k and v caches),
+/// The WGSL of the RoPE epilogue ([`MatvecEpilogue::Rope`]) pasted into `ROPE_DECL` after
+/// `step_params.wgsl` and before `rope_write.wgsl` (which declares `RopeParams`): its bindings 5 to 11 (step uniform, RoPE uniform `rp`, cos and sin tables, q_out, k and v caches),
 /// `pair_row(o)`, the row of W of pair o's first value, and `rope_pair(o, x1, x2)`.
-const ROPE_DECL: &str = "struct StepParams {
-    pos0: u32,
-    n_tokens: u32,
-    kv_len: u32,
-    _pad: u32,
-};
-
-@group(0) @binding(5) var<uniform> step: StepParams;
+const ROPE_DECL: &str = "@group(0) @binding(5) var<uniform> step: StepParams;
 @group(0) @binding(6) var<uniform> rp: RopeParams;
 @group(0) @binding(7) var<storage, read> cos_t: array<f32>;          // [max_pos, head_dim/2]
 @group(0) @binding(8) var<storage, read> sin_t: array<f32>;          // [max_pos, head_dim/2]
@@ -264,7 +257,14 @@ pub fn matvec_with(
         let x_decl = x_uniform(kind).and_then(|_| x_kind.declare_uniform(1, "x", k)).unwrap_or_else(|| x_kind.declare(1, "x"));
         let shader = crate::kernels::snippet_variant("matvec", SOURCE, entry)
             .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false, &epilogue))
-            .define("ROPE_DECL", if rope.is_some() { format!("{ROPE_DECL}\n{}", crate::kernels::rope::ROPE_WRITE) } else { String::new() })
+            .define(
+                "ROPE_DECL",
+                if rope.is_some() {
+                    format!("{}\n{ROPE_DECL}\n{}", crate::kernels::step::STEP_PARAMS_WGSL, crate::kernels::rope::ROPE_WRITE)
+                } else {
+                    String::new()
+                },
+            )
             .define(
                 "SUBGROUP_ENTRY",
                 if variant == MatvecVariant::Subgroup {

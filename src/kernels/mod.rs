@@ -48,12 +48,15 @@ mod quant_tests;
 ///   invocation and whether it writes, and `rope_slots()` (rope, rope_backward);
 /// - `ROPE_WRITE` (`rope_write.wgsl`): `rope_write(..)`, one pair rotated and written to q_out or
 ///   the KV cache (rope, and the decode GEMV's RoPE epilogue, `matvec::MatvecEpilogue::Rope`).
-const SNIPPETS: [(&str, &str); 5] = [
+/// - `STEP_PARAMS` (`step_params.wgsl`): `struct StepParams`, the WGSL mirror of
+///   [`step::StepParams`] (attention, rope, rope_backward, and the RoPE epilogue).
+const SNIPPETS: [(&str, &str); 6] = [
     ("TREE_SUM", include_str!("../../shaders/tree_sum.wgsl")),
     ("SIGMOID", include_str!("../../shaders/sigmoid.wgsl")),
     ("ROUTER_GROUPS", include_str!("../../shaders/router_groups.wgsl")),
     ("ROPE_INDEX", include_str!("../../shaders/rope_index.wgsl")),
     ("ROPE_WRITE", rope::ROPE_WRITE),
+    ("STEP_PARAMS", step::STEP_PARAMS_WGSL),
 ];
 
 /// `entry` of `source` (family `family`) with every shared snippet whose placeholder `source`

@@ -7,7 +7,11 @@ use bytemuck::{Pod, Zeroable};
 use crate::gpu::GpuContext;
 use crate::gpu::buffer::uniform;
 
-/// Mirrored by `struct StepParams` in the WGSL of every kernel that reads the step uniform.
+/// The WGSL declaration of [`StepParams`], the `STEP_PARAMS` snippet.
+pub const STEP_PARAMS_WGSL: &str = include_str!("../../shaders/step_params.wgsl");
+
+/// Mirrored by `struct StepParams` in `shaders/step_params.wgsl` ([`STEP_PARAMS_WGSL`]), which
+/// every kernel that reads the step uniform pastes in.
 #[repr(C)]
 #[derive(Pod, Zeroable, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StepParams {
