@@ -55,6 +55,12 @@ pub fn checked_bytes(dtype: DType, shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
 }
 
+/// Bytes after the elements of a [`GpuTensor::zeros_bound`] tensor (an activation): a uniform
+/// binding of this size starting at any of its rows stays inside the buffer. 64 KiB, the
+/// `max_uniform_buffer_binding_size` of lavapipe, Metal and most Vulkan drivers, and the WebGPU
+/// default. It costs 64 KiB per activation buffer, a few MiB per model.
+pub const UNIFORM_WINDOW_BYTES: u64 = 65536;
+
 /// Every tensor is storage, copyable, and bindable as a uniform: the decode GEMV binds its input
 /// vector as a uniform (`kernels::matvec::uniform_x_bytes`).
 const STORAGE_USAGE: wgpu::BufferUsages =
@@ -124,15 +130,7 @@ impl GpuTensor {
     /// [`GpuError::BufferTooLarge`] beyond the adapter's `max_buffer_size` (or when the byte
     /// count of `shape` overflows).
     pub fn zeros(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize]) -> Result<GpuTensor, GpuError> {
-        let bytes = Self::check_size(ctx, label, dtype, shape)?;
-        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes,
-            usage: STORAGE_USAGE,
-            mapped_at_creation: false,
-        });
-        let _held = ctx.memory.hold(bytes);
-        Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string(), _held })
+        Self::zeros_with_slack(ctx, label, dtype, shape, 0)
     }
 
     /// A zero-filled tensor that kernels bind whole (activations, KV cache, logits): its size is
@@ -142,9 +140,33 @@ impl GpuTensor {
     ///
     /// # Errors
     /// [`GpuError::BufferTooLarge`] beyond `max_storage_buffer_binding_size` or `max_buffer_size`.
+    ///
+    /// The buffer holds [`UNIFORM_WINDOW_BYTES`] more bytes past the last element, so that a
+    /// uniform binding of that fixed size can start at any row (the prefill product's windows of
+    /// x, `kernels::matmul::matmul_xbcast`).
     pub fn zeros_bound(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize]) -> Result<GpuTensor, GpuError> {
         check_binding(ctx, label, dtype, shape)?;
-        Self::zeros(ctx, label, dtype, shape)
+        Self::zeros_with_slack(ctx, label, dtype, shape, UNIFORM_WINDOW_BYTES)
+    }
+
+    /// [`GpuTensor::zeros`] with `slack` zero bytes after the padded elements.
+    fn zeros_with_slack(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize], slack: u64) -> Result<GpuTensor, GpuError> {
+        let padded = Self::check_size(ctx, label, dtype, shape)?;
+        let limit = ctx.limits.max_buffer_size;
+        let bytes = padded.checked_add(slack).filter(|&b| b <= limit).ok_or_else(|| GpuError::BufferTooLarge {
+            label: label.to_string(),
+            needed: padded.checked_add(slack),
+            limit,
+            limit_name: "max_buffer_size",
+        })?;
+        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: STORAGE_USAGE,
+            mapped_at_creation: false,
+        });
+        let _held = ctx.memory.hold(bytes);
+        Ok(GpuTensor { buffer, dtype, shape: shape.to_vec(), label: label.to_string(), _held })
     }
 
     fn from_bytes(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<GpuTensor, GpuError> {

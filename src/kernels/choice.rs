@@ -573,7 +573,10 @@ fn measure_matmul(ctx: &GpuContext, family: &str, preferred: MatmulVariant, leng
     let w = GpuMatrix::upload(ctx, "choice.w", n, k, &pseudo_random(n * k), DType::F32)?;
     let mut buffers = Vec::new();
     for &(t, repeats) in lengths {
-        let x = GpuTensor::from_f32(ctx, "choice.x", &[t, k], &pseudo_random(t * k))?;
+        // An activation buffer, as the model's: xbcast binds windows of it at the fixed size,
+        // so that the pipeline measured here is the one prefills of any length run.
+        let x = GpuTensor::zeros_bound(ctx, "choice.x", DType::F32, &[t, k])?;
+        x.write_f32(ctx, &pseudo_random(t * k));
         let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[t, n])?;
         buffers.push((t, repeats, x, y));
     }

@@ -11,8 +11,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::gpu::buffer::UNIFORM_WINDOW_BYTES;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, ShaderVariant, WeightKind};
+use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant, WeightKind};
 use crate::kernels::linear::{ChunkPart, LinearForm, LinearOp, XBinding};
 use crate::kernels::matmul_xw::matmul_xw;
 
@@ -287,20 +288,35 @@ pub fn xbcast_dispatches(rows: usize, tb: usize, per_dispatch: usize) -> Vec<(us
     out
 }
 
+/// Bytes of x that an `XBcast` dispatch of `rows` rows of `row_bytes` bytes from byte `offset`
+/// of `x` declares and binds: [`UNIFORM_WINDOW_BYTES`] (or the adapter's smaller
+/// `max_uniform_buffer_binding_size`) where the rows fit in it and the buffer holds that many
+/// bytes from `offset` (activations do: [`GpuTensor::zeros_bound`]), else just the rows.
+///
+/// The declared size is part of the pipeline: a fixed size lets one pipeline serve every K and
+/// every count of windows per dispatch (SmolLM2-135M's prefill compiled three quantised `XBcast`
+/// pipelines of 4-5 s each on lavapipe, for K = 576 with one and three windows and K = 1536;
+/// now one).
+pub fn xbcast_x_bytes(ctx: &GpuContext, x: &GpuTensor, offset: u64, rows: u64, row_bytes: u64) -> u64 {
+    let fixed = ctx.limits.max_uniform_buffer_binding_size.min(UNIFORM_WINDOW_BYTES) / 16 * 16;
+    let exact = rows * row_bytes;
+    if exact <= fixed && offset + fixed <= x.buffer.size() { fixed } else { exact }
+}
+
 /// [`matmul`] as `MatmulVariant::XBcast` with windows of at most `tb` rows ([`xbcast_window`]):
 /// per chunk of W, the dispatches of [`xbcast_dispatches`] (as many windows per dispatch as
 /// `max_uniform_buffer_binding_size` holds, at most [`XBCAST_WINDOWS_PER_DISPATCH`]), the
-/// dispatch's rows of x bound as a uniform buffer; one pipeline per window length and count
-/// (and per K and kind of W).
+/// dispatch's rows of x bound as a uniform buffer of [`xbcast_x_bytes`]; one pipeline per
+/// window length and declared size of x (and per kind of W).
 fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind, tb: u32) -> Result<Vec<Dispatch>, GpuError> {
     let (k, _) = op.k_n();
     let row_bytes = 4 * k as u64;
     let fit = ctx.limits.max_uniform_buffer_binding_size / (u64::from(tb) * row_bytes);
     let per_dispatch = fit.clamp(1, XBCAST_WINDOWS_PER_DISPATCH as u64) as usize;
-    // Pipeline selector: window length and windows per dispatch.
-    let pipeline = |kind: WeightKind, (len, count): (usize, usize)| {
+    // Pipeline selector: window length and bytes of x declared.
+    let pipeline = |kind: WeightKind, (len, x_bytes): (usize, u64)| {
         let x_decl = WeightKind::F32
-            .declare_uniform(1, "x", len * count * k)
+            .declare_uniform(1, "x", (x_bytes / 4) as usize)
             .ok_or_else(|| GpuError::InvalidArgument(format!("{label}: a window of x cannot be a uniform array")))?;
         let shader = ShaderVariant::new("matmul", SOURCE, "matmul_xbcast")
             .define(
@@ -337,8 +353,10 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
                         + outputs * if op.accumulate { 8 } else { 4 }
                         + if op.bias.is_some() { 4 * c.rows as u64 } else { 0 },
                 };
-                let x = XBinding::Uniform { offset: t0 as u64 * row_bytes, size: rows * row_bytes };
-                ((len, count), params, [n.div_ceil(XBCAST_WG * XBCAST_NB), count as u32, 1], cost, x)
+                let offset = t0 as u64 * row_bytes;
+                let x_bytes = xbcast_x_bytes(ctx, op.x, offset, rows, row_bytes);
+                let x = XBinding::Uniform { offset, size: x_bytes };
+                ((len, x_bytes), params, [n.div_ceil(XBCAST_WG * XBCAST_NB), count as u32, 1], cost, x)
             })
             .collect()
     })
@@ -896,6 +914,58 @@ mod tests {
         let odd = LinearOp::new(&gx_odd, t, &gw_odd, &gy).kind(WeightKind::F32);
         if !(4 * k_odd).is_multiple_of(align) {
             assert_eq!(xbcast_window(&ctx, &odd, WeightKind::F32), None, "rows of x not aligned");
+        }
+    }
+
+    /// On activations ([`GpuTensor::zeros_bound`], with room past their rows) every `XBcast`
+    /// dispatch binds and declares the same [`xbcast_x_bytes`], so one pipeline per kind of W
+    /// serves K = 576 (three windows per dispatch, then one) and K = 1536 (one); on a tensor
+    /// without that room past its last windows they bind just their rows. Results are checked
+    /// both ways.
+    #[test]
+    fn xbcast_one_pipeline_for_every_k_and_window_count() {
+        let ctx = GpuContext::new(&GpuOptions::default()).unwrap();
+        let fixed = ctx.limits.max_uniform_buffer_binding_size.min(UNIFORM_WINDOW_BYTES);
+        if fixed < 8 * 4 * 1536 || ctx.limits.min_uniform_buffer_offset_alignment > 4 * 576 {
+            return; // xbcast does not apply to both shapes here
+        }
+        let (t, n) = (37, 67);
+        for dtype in [DType::F32, DType::F16] {
+            let kind = WeightKind::for_dtype(&ctx, dtype);
+            for activation in [true, false] {
+                let before = ctx.pipelines.len();
+                for (i, k) in [576usize, 1536].into_iter().enumerate() {
+                    let x = random_vec(t * k, 40 + i as u64);
+                    let wv = random_vec(n * k, 50 + i as u64);
+                    let gw = GpuMatrix::upload(&ctx, "w", n, k, &wv, dtype).unwrap();
+                    let w_read = if dtype == DType::F16 { round_f16(&wv) } else { wv.clone() };
+                    let gx = if activation {
+                        let gx = GpuTensor::zeros_bound(&ctx, "x", DType::F32, &[t, k]).unwrap();
+                        gx.write_f32(&ctx, &x);
+                        gx
+                    } else {
+                        GpuTensor::from_f32(&ctx, "x", &[t, k], &x).unwrap()
+                    };
+                    assert_eq!(gx.buffer.size() >= 4 * (t * k) as u64 + fixed, activation);
+                    let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
+                    let op = LinearOp::new(&gx, t, &gw, &gy).kind(kind);
+                    let ds = matmul(&ctx, "mm", &op, MatmulVariant::XBcast).unwrap();
+                    ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+                    let what = format!("xbcast {dtype} K = {k}, activation {activation}");
+                    assert_close(
+                        &gy.read_f32(&ctx).unwrap(),
+                        &matmul_ref(&x, t, &w_read, n, k, None),
+                        4e-5 * (k as f32).sqrt(),
+                        1e-5,
+                        &what,
+                    );
+                }
+                // A plain tensor's last windows bind just their rows (one window: 18 KiB at
+                // K = 576, 48 KiB at K = 1536), each size its own pipeline; its earlier windows
+                // still have 64 KiB of the buffer after them and share the activations' one.
+                let added = ctx.pipelines.len() - before;
+                assert_eq!(added, if activation { 1 } else { 2 }, "{dtype}: pipelines built, activation {activation}");
+            }
         }
     }
 
