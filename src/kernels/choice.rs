@@ -255,7 +255,7 @@ fn cache_key(ctx: &GpuContext) -> String {
     format!(
         "{}|matmul={}|matvec={}|f32read=plain,wide|f16read=native,packed,wide|{METHOD}",
         ctx.adapter_key(),
-        names(&MatmulVariant::ALL.map(MatmulVariant::name)),
+        names(&matmul_candidates(ctx).into_iter().map(MatmulVariant::name).collect::<Vec<_>>()),
         names(&matvec_candidates(ctx).into_iter().map(MatvecVariant::name).collect::<Vec<_>>()),
     )
 }
@@ -297,16 +297,30 @@ fn matvec_fallback(ctx: &GpuContext) -> MatvecVariant {
 }
 
 /// The matvec variants measured on this adapter: those it can run
-/// ([`MatvecVariant::available`]), less `subgroup` on a CPU adapter. On lavapipe the subgroup
-/// GEMV lost to `rows` on every decode shape of `cargo bench --bench kernels -- matvec` (by up
-/// to 1.8x; its lanes split K, which suits a GPU's memory system, not a CPU's SIMD lanes), yet
-/// the short measurement picked it in one of three fresh runs, so it is left out there; it can
-/// still be forced with `FIRSTRT_KERNEL=matvec=subgroup`.
+/// ([`MatvecVariant::available`]); on a CPU adapter only `rows`. On lavapipe the subgroup GEMV
+/// lost to `rows` on every decode shape of `cargo bench --bench kernels -- matvec` (by up to
+/// 1.8x; its lanes split K, which suits a GPU's memory system, not a CPU's SIMD lanes), yet the
+/// short measurement picked it in one of three fresh runs; `reduce` (a workgroup reduction
+/// through workgroup memory and barriers) took 9-10x as long as `rows` in every fresh run's
+/// measurement (251 ms against 26). Both can still be forced there
+/// (`FIRSTRT_KERNEL=matvec=subgroup`).
 fn matvec_candidates(ctx: &GpuContext) -> Vec<MatvecVariant> {
-    MatvecVariant::available(ctx).into_iter().filter(|&v| v != MatvecVariant::Subgroup || !is_cpu(ctx)).collect()
+    if is_cpu(ctx) {
+        return vec![MatvecVariant::Rows];
+    }
+    MatvecVariant::available(ctx)
 }
 
-/// The matvec variant for this adapter (decided once per process).
+/// The matmul variants measured on this adapter: all ([`MatmulVariant::ALL`]), less `tiled` on a
+/// CPU adapter, where its workgroup memory and barriers made it 4-20x slower than the others in
+/// every fresh run's measurement (at T = 12: 207 ms against `xbcast`'s 10.6; at T = 128: 153
+/// against 33). It can still be forced (`FIRSTRT_KERNEL=matmul=tiled`).
+fn matmul_candidates(ctx: &GpuContext) -> Vec<MatmulVariant> {
+    MatmulVariant::ALL.into_iter().filter(|&v| v != MatmulVariant::Tiled || !is_cpu(ctx)).collect()
+}
+
+/// The matvec variant for this adapter: forced, the only candidate of [`matvec_candidates`], or
+/// measured (once per process, cached on disk).
 pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
     let fallback = matvec_fallback(ctx);
     let available = MatvecVariant::available(ctx);
@@ -317,6 +331,10 @@ pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
         }
         ok
     });
+    let candidates = matvec_candidates(ctx);
+    if let (None, [only]) = (forced, &candidates[..]) {
+        return *only;
+    }
     let forced = forced.map(MatvecVariant::name);
     let name =
         choose(ctx, "matvec", forced, cache_path().as_deref(), || measure_matvec(ctx, fallback).map(MatvecVariant::name), fallback.name());
@@ -580,7 +598,7 @@ fn measure_matmul(ctx: &GpuContext, family: &str, preferred: MatmulVariant, leng
         let y = GpuTensor::zeros(ctx, "choice.y", DType::F32, &[t, n])?;
         buffers.push((t, repeats, x, y));
     }
-    let order = preference_order(&MatmulVariant::ALL, preferred);
+    let order = preference_order(&matmul_candidates(ctx), preferred);
     measure_candidates(ctx, family, &order, MatmulVariant::name, |variant| {
         let mut program = Vec::new();
         for (t, repeats, x, y) in &buffers {
@@ -664,6 +682,25 @@ mod tests {
         for dtype in [DType::F32, DType::F16] {
             let kinds = read_candidates(&ctx, dtype);
             assert!(kinds.contains(&measure_read(&ctx, "test-read", dtype, &kinds).unwrap()));
+        }
+    }
+
+    /// A CPU adapter measures neither `tiled` nor `reduce` (nor `subgroup`), and with `rows` the
+    /// only matvec candidate it measures no matvec at all; any other adapter measures them all.
+    #[test]
+    fn cpu_adapters_measure_only_the_cpu_variants() {
+        let ctx = test_context();
+        if is_cpu(&ctx) {
+            assert_eq!(matmul_candidates(&ctx), [MatmulVariant::RegBlock, MatmulVariant::XBcast]);
+            assert_eq!(matvec_candidates(&ctx), [MatvecVariant::Rows]);
+            if forced_from_env().matvec.is_none() {
+                assert_eq!(matvec_variant(&ctx), MatvecVariant::Rows);
+                let choices = ctx.kernel_choices.lock().unwrap();
+                assert!(!choices.contains_key("matvec"), "matvec must not be measured: {choices:?}");
+            }
+        } else {
+            assert_eq!(matmul_candidates(&ctx), MatmulVariant::ALL);
+            assert_eq!(matvec_candidates(&ctx), MatvecVariant::available(&ctx));
         }
     }
 
