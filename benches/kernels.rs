@@ -251,6 +251,23 @@ fn main() {
         }
     }
 
+    // Prefill attention (`attn_rows`): a prompt of T tokens from position 0 over a cache of T rows
+    // (the profiler's cost: every row against the whole cache, twice the causal work).
+    for t in [128, 512] {
+        let shape = format!("9/3/64 T={t} pos 0");
+        if !b.wanted(&format!("attention prefill rows {shape}")) {
+            continue;
+        }
+        let rand = |name: &str, n: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[n], &pseudo_random(n, seed)).unwrap();
+        let (q, out) = (rand("q", t * heads.q_dim(), 11), rand("out", t * heads.q_dim(), 0));
+        let (k_cache, v_cache) = (rand("k_cache", t * heads.kv_dim(), 12), rand("v_cache", t * heads.kv_dim(), 13));
+        let step = StepBuffer::new(&ctx);
+        step.write(&ctx, &StepParams::new(0, t));
+        let op = AttnOp { q: &q, rows: t, row0: 0, k_cache: &k_cache, v_cache: &v_cache, shape: heads, step: &step, out: &out };
+        let ds = attention_variant(&ctx, "attention", &op, AttnVariant::Rows).unwrap();
+        b.case("attention prefill rows", &shape, &ds, false);
+    }
+
     // Matmul: prefill T = 128 on the model's shapes, short prompts (T = 1, 4, 16) on gate_up, and 1024^3.
     let matmul_shapes =
         [(1, 3072, 576), (4, 3072, 576), (16, 3072, 576), (128, 576, 576), (128, 3072, 576), (128, 576, 1536), (1024, 1024, 1024)];

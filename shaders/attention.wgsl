@@ -4,7 +4,8 @@
 // sum acc) in f32.
 //
 // Entry points (each uses bindings 0..n in order; names differ because the bindings differ):
-//   attn_rows:    one invocation per (t, block of GB heads) over all its keys, writes out directly (prefill).
+//   attn_rows:    one invocation per (t, block of GB heads) over all its keys, writes out directly (prefill);
+//                 a workgroup's rows walk the same keys (see attn_rows).
 //   attn_split:   flash-decoding: one invocation per (t, split s, block of GB heads) over keys
 //                 [s*keys_per_split, (s+1)*keys_per_split) ∩ [0, pos], writes partial (m, l, acc).
 //   attn_combine: one invocation per (t, h, 4-lane group j of head_dim) merges the partials.
@@ -17,6 +18,7 @@ const HD: u32 = {{HD}}u;
 const HD4: u32 = {{HD4}}u;
 const GB: u32 = {{GB}}u;         // query heads per invocation, sharing one kv head (divides group)
 const GBHD4: u32 = {{GBHD4}}u;   // GB * HD4
+const WGR: u32 = {{WGR}}u;       // attn_rows: query rows per workgroup
 
 struct AttnParams {
     rows: u32,            // T the dispatch was prepared for (the step's n_tokens may be smaller)
@@ -55,10 +57,12 @@ const NEG_BIG: f32 = -3.0e38;
 // Online softmax over keys [k0, k1) for the GB query heads h0 .. h0 + GB - 1 of row t, which
 // share one kv head (GB divides the group): each key's k and v are loaded once for all GB heads
 // (grouped-query attention read once per group, as llama.cpp's and FlashAttention-2's GQA
-// kernels do). Returns (m, l) per head and fills acc (head g's lanes at g * HD4 ..).
+// kernels do). Keys from kl on (kl <= k1) are masked: they weigh 0 (attn_rows walks a
+// workgroup's keys in every invocation). Returns (m, l) per head and fills acc (head g's lanes
+// at g * HD4 ..). Needs k0 < kl.
 // (Tried: fully unrolling the head_dim loops into named vec4 registers; on llvmpipe it was
 // 2-3x slower than these loops, presumably register spills, and shader compiles took much longer.)
-fn attend(t: u32, h0: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>, GBHD4>>) -> array<vec2<f32>, GB> {
+fn attend(t: u32, h0: u32, k0: u32, k1: u32, kl: u32, acc: ptr<function, array<vec4<f32>, GBHD4>>) -> array<vec2<f32>, GB> {
     var qv: array<vec4<f32>, GBHD4>;
     for (var g = 0u; g < GB; g++) {
         let qb = (p.row0 + t) * p.q_stride + (h0 + g) * HD;
@@ -80,6 +84,7 @@ fn attend(t: u32, h0: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>,
         let kb1 = kb0 + p.kv_stride;
         let kb2 = kb1 + p.kv_stride;
         let kb3 = kb2 + p.kv_stride;
+        let live = vec4<bool>(key < kl, key + 1u < kl, key + 2u < kl, key + 3u < kl);
         var s4: array<vec4<f32>, GB>;
         for (var j = 0u; j < HD4; j++) {
             let c0 = k4(kb0, j);
@@ -94,7 +99,7 @@ fn attend(t: u32, h0: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>,
         var corr: array<f32, GB>;
         var e: array<vec4<f32>, GB>;
         for (var g = 0u; g < GB; g++) {
-            let s = s4[g];
+            let s = select(vec4<f32>(NEG_BIG), s4[g], live);
             let m_new = max(m[g], max(max(s.x, s.y), max(s.z, s.w)));
             corr[g] = exp(m[g] - m_new);
             e[g] = exp(s - vec4<f32>(m_new));
@@ -125,9 +130,10 @@ fn attend(t: u32, h0: u32, k0: u32, k1: u32, acc: ptr<function, array<vec4<f32>,
         var corr: array<f32, GB>;
         var e: array<f32, GB>;
         for (var g = 0u; g < GB; g++) {
-            let m_new = max(m[g], s[g]);
+            let sg = select(NEG_BIG, s[g], key < kl);
+            let m_new = max(m[g], sg);
             corr[g] = exp(m[g] - m_new);
-            e[g] = exp(s[g] - m_new);
+            e[g] = exp(sg - m_new);
             l[g] = l[g] * corr[g] + e[g];
             m[g] = m_new;
         }
@@ -154,17 +160,26 @@ fn n_keys(t: u32) -> u32 {
     return min(step.pos0 + t + 1u, p.max_pos);
 }
 
-@compute @workgroup_size(64)
-fn attn_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = gid.x + gid.y * nwg.x * 64u;
-    let blocks = p.n_heads / GB;
-    let t = idx / blocks;
-    let h0 = (idx - t * blocks) * GB;
-    if (t >= n_rows()) {
+// attn_rows: workgroup (x, y) takes query rows x * WGR .. x * WGR + WGR - 1 (one per
+// invocation) of the GB heads from y * GB. Its invocations walk the same keys, up to the last
+// row's, each masking the keys past its own position, so that the kv head and the key are the
+// same across the workgroup (from workgroup_id and a uniform loop): lavapipe then loads each key's
+// k and v once per SIMD group instead of once per lane.
+@compute @workgroup_size(WGR)
+fn attn_rows(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
+    let rows = n_rows();
+    let first = wg.x * WGR;
+    if (first >= rows) {
         return;
     }
+    let last = min(first + WGR, rows) - 1u;
+    let t = min(first + lid.x, last);
+    let h0 = wg.y * GB;
     var acc: array<vec4<f32>, GBHD4>;
-    let ml = attend(t, h0, 0u, n_keys(t), &acc);
+    let ml = attend(t, h0, 0u, n_keys(last), n_keys(t), &acc);
+    if (first + lid.x > last) {
+        return;
+    }
     for (var g = 0u; g < GB; g++) {
         let inv = 1.0 / ml[g].y;
         let ob = (p.row0 + t) * p.q_stride + (h0 + g) * HD;
@@ -191,7 +206,7 @@ fn attn_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         return;
     }
     var acc: array<vec4<f32>, GBHD4>;
-    let ml = attend(t, h0, k0, k1, &acc);
+    let ml = attend(t, h0, k0, k1, k1, &acc);
     for (var g = 0u; g < GB; g++) {
         let part = ts * p.n_heads + h0 + g;
         part_ml[part] = ml[g];

@@ -190,7 +190,14 @@ pub fn heads_per_invocation(ctx: &GpuContext, shape: AttnShape) -> usize {
 /// `heads x head_dim` values each).
 pub const MAX_HEADS_PER_INVOCATION: usize = 4;
 
-fn variant(entry: &'static str, head_dim: usize, heads: usize) -> ShaderVariant {
+/// Query rows per `attn_rows` workgroup: 8 (one SIMD group of lavapipe's 256-bit lanes) on a CPU
+/// adapter, 64 elsewhere. Every row of a workgroup walks the keys of its last row, so fewer rows
+/// waste fewer masked keys.
+pub fn rows_per_workgroup(ctx: &GpuContext) -> usize {
+    if ctx.info.device_type == wgpu::DeviceType::Cpu { 8 } else { 64 }
+}
+
+fn variant(ctx: &GpuContext, entry: &'static str, head_dim: usize, heads: usize) -> ShaderVariant {
     let read = |binding, var, f| head_access(binding, var, f, head_dim, false);
     let qkv = read(2, "q", "q4") + &read(3, "k_cache", "k4") + &read(4, "v_cache", "v4");
     let out = head_access(5, "out", "store_out", head_dim, true);
@@ -200,6 +207,7 @@ fn variant(entry: &'static str, head_dim: usize, heads: usize) -> ShaderVariant 
         .define("HD4", head_dim.div_ceil(4))
         .define("GB", heads)
         .define("GBHD4", heads * head_dim.div_ceil(4))
+        .define("WGR", rows_per_workgroup(ctx))
         .define("DECLS_QKV", qkv)
         .define("DECLS_OUT", out)
         .define("DECLS_COUT", cout)
@@ -256,7 +264,11 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
         AttnVariant::Rows => rows * shape.n_heads,
         AttnVariant::Split { .. } => (rows * splits * shape.n_heads).max(rows * shape.n_heads * hd4),
     };
-    if invocations > u32::MAX as usize || rows * splits * shape.n_heads * hd4 > u32::MAX as usize {
+    let row_groups = rows.div_ceil(rows_per_workgroup(ctx));
+    if invocations > u32::MAX as usize
+        || rows * splits * shape.n_heads * hd4 > u32::MAX as usize
+        || row_groups > crate::gpu::dispatch::MAX_GROUPS_PER_DIM as usize
+    {
         return Err(invalid(label, format!("{rows} rows are too many for one dispatch")));
     }
     let params = AttnParams {
@@ -281,7 +293,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
     };
     match variant_choice {
         AttnVariant::Rows => {
-            let pipeline = ctx.pipeline(&variant("attn_rows", hd, gb))?;
+            let pipeline = ctx.pipeline(&variant(ctx, "attn_rows", hd, gb))?;
             Ok(vec![Dispatch::new(
                 ctx,
                 &pipeline,
@@ -294,7 +306,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
                     v_cache.buffer.as_entire_binding(),
                     out.buffer.as_entire_binding(),
                 ],
-                grid((rows * shape.n_heads / gb).div_ceil(64) as u32),
+                [row_groups as u32, (shape.n_heads / gb) as u32, 1],
                 attn_cost,
             )])
         }
@@ -302,8 +314,8 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
             let n_part = rows * splits * shape.n_heads;
             let part_ml = GpuTensor::zeros(ctx, &format!("{label}.part_ml"), DType::F32, &[n_part, 2])?;
             let part_acc = GpuTensor::zeros(ctx, &format!("{label}.part_acc"), DType::F32, &[n_part, hd4 * 4])?;
-            let split = ctx.pipeline(&variant("attn_split", hd, gb))?;
-            let combine = ctx.pipeline(&variant("attn_combine", hd, 1))?;
+            let split = ctx.pipeline(&variant(ctx, "attn_split", hd, gb))?;
+            let combine = ctx.pipeline(&variant(ctx, "attn_combine", hd, 1))?;
             let partials = Dispatch::new(
                 ctx,
                 &split,
