@@ -319,8 +319,9 @@ fn matmul_candidates(ctx: &GpuContext) -> Vec<MatmulVariant> {
     MatmulVariant::ALL.into_iter().filter(|&v| v != MatmulVariant::Tiled || !is_cpu(ctx)).collect()
 }
 
-/// The matvec variant for this adapter: forced, the only candidate of [`matvec_candidates`], or
-/// measured (once per process, cached on disk).
+/// The matvec variant for this adapter: forced (`FIRSTRT_KERNEL`), the only variant measured on
+/// it where there is one (`rows` on a CPU adapter), or measured (once per process, cached on
+/// disk).
 pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
     let fallback = matvec_fallback(ctx);
     let available = MatvecVariant::available(ctx);
