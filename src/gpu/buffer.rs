@@ -56,9 +56,9 @@ pub fn checked_bytes(dtype: DType, shape: &[usize]) -> Option<usize> {
 }
 
 /// Bytes after the elements of a [`GpuTensor::zeros_bound`] tensor (an activation): a uniform
-/// binding of this size starting at any of its rows stays inside the buffer. 64 KiB, the
-/// `max_uniform_buffer_binding_size` of lavapipe, Metal and most Vulkan drivers, and the WebGPU
-/// default. It costs 64 KiB per activation buffer, a few MiB per model.
+/// binding of this size starting at any of its rows stays inside the buffer. 64 KiB: lavapipe's
+/// `max_uniform_buffer_binding_size` and WebGPU's default limit. It costs 64 KiB per activation
+/// buffer, a few MiB per model.
 pub const UNIFORM_WINDOW_BYTES: u64 = 65536;
 
 /// Every tensor is storage, copyable, and bindable as a uniform: the decode GEMV binds its input
