@@ -190,8 +190,8 @@ fn main() {
             b.wanted(&format!("{name} {shape}"))
         })
     });
+    let rand = |name: &str, n: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[n], &pseudo_random(n, seed)).unwrap();
     if ["embedding", "rmsnorm", "swiglu", "rope", "attention"].iter().any(|f| b.wanted(&format!("{f} decode"))) || epilogue_wanted {
-        let rand = |name: &str, n: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[n], &pseudo_random(n, seed)).unwrap();
         let (x, w, y) = (rand("x", d, 1), rand("w", d, 2), rand("y", d, 0));
         let table = GpuMatrix::upload(&ctx, "table", 1024, d, &pseudo_random(1024 * d, 3), DType::F32).unwrap();
         let ids = GpuTensor::from_u32(&ctx, "ids", &[1], &[7]).unwrap();
@@ -258,7 +258,6 @@ fn main() {
         if !b.wanted(&format!("attention prefill rows {shape}")) {
             continue;
         }
-        let rand = |name: &str, n: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[n], &pseudo_random(n, seed)).unwrap();
         let (q, out) = (rand("q", t * heads.q_dim(), 11), rand("out", t * heads.q_dim(), 0));
         let (k_cache, v_cache) = (rand("k_cache", t * heads.kv_dim(), 12), rand("v_cache", t * heads.kv_dim(), 13));
         let step = StepBuffer::new(&ctx);

@@ -194,7 +194,7 @@ fn bounded_load_answers_every_request() {
     // The start-up notice says how long the first start takes on this adapter: serve prepares
     // more than a run does (prefills of 1 to 128 tokens).
     let ctx = firstrt::gpu::GpuContext::new(&Default::default()).unwrap();
-    let wait = if ctx.info.device_type == wgpu::DeviceType::Cpu { "up to two minutes on a CPU driver" } else { "a few seconds" };
+    let wait = if ctx.is_cpu() { "up to two minutes on a CPU driver" } else { "a few seconds" };
     let notice = format!("preparing the kernels (the first time on this machine: {wait}");
     assert!(server.stderr().contains(&notice), "{}", server.stderr());
     let t0 = Instant::now();

@@ -111,17 +111,18 @@ impl GpuTensor {
         self.numel() * self.dtype.size()
     }
 
-    /// The padded size of `shape` elements of `dtype`, checked against `max_buffer_size` (with
-    /// checked arithmetic: a shape whose byte count overflows is too large, not 0 bytes).
-    fn check_size(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize]) -> Result<u64, GpuError> {
+    /// The padded size of `shape` elements of `dtype` plus `slack` bytes, checked against
+    /// `max_buffer_size` (with checked arithmetic: a shape whose byte count overflows is too
+    /// large, not 0 bytes).
+    fn check_size(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize], slack: u64) -> Result<u64, GpuError> {
         let limit = ctx.limits.max_buffer_size;
         let too_large = |needed| GpuError::BufferTooLarge { label: label.to_string(), needed, limit, limit_name: "max_buffer_size" };
         let bytes = checked_bytes(dtype, shape).filter(|&b| b <= usize::MAX - 32).ok_or_else(|| too_large(None))?;
-        let padded = padded_size(bytes);
-        if padded > limit {
-            return Err(too_large(Some(padded)));
+        let size = padded_size(bytes).checked_add(slack);
+        match size {
+            Some(size) if size <= limit => Ok(size),
+            _ => Err(too_large(size)),
         }
-        Ok(padded)
     }
 
     /// A zero-filled tensor.
@@ -151,14 +152,7 @@ impl GpuTensor {
 
     /// [`GpuTensor::zeros`] with `slack` zero bytes after the padded elements.
     fn zeros_with_slack(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize], slack: u64) -> Result<GpuTensor, GpuError> {
-        let padded = Self::check_size(ctx, label, dtype, shape)?;
-        let limit = ctx.limits.max_buffer_size;
-        let bytes = padded.checked_add(slack).filter(|&b| b <= limit).ok_or_else(|| GpuError::BufferTooLarge {
-            label: label.to_string(),
-            needed: padded.checked_add(slack),
-            limit,
-            limit_name: "max_buffer_size",
-        })?;
+        let bytes = Self::check_size(ctx, label, dtype, shape, slack)?;
         let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes,
@@ -171,7 +165,7 @@ impl GpuTensor {
 
     fn from_bytes(ctx: &GpuContext, label: &str, dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<GpuTensor, GpuError> {
         debug_assert_eq!(bytes.len(), shape.iter().product::<usize>() * dtype.size());
-        let size = Self::check_size(ctx, label, dtype, shape)?;
+        let size = Self::check_size(ctx, label, dtype, shape, 0)?;
         let buffer = if size as usize == bytes.len() {
             ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: bytes, usage: STORAGE_USAGE })
         } else {

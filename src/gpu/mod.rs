@@ -362,6 +362,12 @@ impl GpuContext {
         self.features.contains(wgpu::Features::SHADER_INT64)
     }
 
+    /// Whether the adapter is a CPU (lavapipe, llvmpipe, SwiftShader): kernels there take the
+    /// variants measured fast on CPU SIMD lanes, and first runs compile with LLVM.
+    pub fn is_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Whether shaders may use subgroup operations and builtins (SUBGROUP), which
     /// [`crate::kernels::matvec::MatvecVariant::Subgroup`] needs.
     pub fn has_subgroups(&self) -> bool {

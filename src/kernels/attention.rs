@@ -179,7 +179,7 @@ pub(crate) fn head_access(binding: u32, var: &str, f: &str, head_dim: usize, wri
 /// registers (`2 x heads x head_dim` floats per invocation), which several heads would spill, and
 /// it has not been measured there.
 pub fn heads_per_invocation(ctx: &GpuContext, shape: AttnShape) -> usize {
-    if ctx.info.device_type != wgpu::DeviceType::Cpu {
+    if !ctx.is_cpu() {
         return 1;
     }
     let group = shape.n_heads / shape.n_kv_heads.max(1);
@@ -194,7 +194,7 @@ pub const MAX_HEADS_PER_INVOCATION: usize = 4;
 /// adapter, 64 elsewhere. Every row of a workgroup walks the keys of its last row, so fewer rows
 /// waste fewer masked keys.
 pub fn rows_per_workgroup(ctx: &GpuContext) -> usize {
-    if ctx.info.device_type == wgpu::DeviceType::Cpu { 8 } else { 64 }
+    if ctx.is_cpu() { 8 } else { 64 }
 }
 
 fn variant(ctx: &GpuContext, entry: &'static str, head_dim: usize, heads: usize) -> ShaderVariant {
@@ -466,7 +466,7 @@ mod tests {
         let ctx = test_context();
         let gb = |n_heads, n_kv_heads| heads_per_invocation(&ctx, AttnShape { n_heads, n_kv_heads, head_dim: 64 });
         let got = [gb(9, 3), gb(32, 8), gb(16, 2), gb(14, 2), gb(4, 4), gb(12, 2)];
-        if ctx.info.device_type == wgpu::DeviceType::Cpu {
+        if ctx.is_cpu() {
             assert_eq!(got, [3, 4, 4, 1, 1, 3]);
         } else {
             assert_eq!(got, [1; 6]);

@@ -162,22 +162,14 @@ pub fn on_first_measurement(say: fn(&str)) {
 /// minute on a loaded machine or with `serve`, which also prepares long prompts)
 /// (BENCHMARKS.md, "First run on an adapter"); a GPU's driver takes seconds.
 pub fn first_run_wait(ctx: &GpuContext) -> &'static str {
-    if ctx.info.device_type == wgpu::DeviceType::Cpu {
-        "up to a minute on a CPU driver (the next runs reuse the compiled shaders)"
-    } else {
-        "a few seconds"
-    }
+    if ctx.is_cpu() { "up to a minute on a CPU driver (the next runs reuse the compiled shaders)" } else { "a few seconds" }
 }
 
 /// [`first_run_wait`] for `serve`'s start-up, which prepares prefills from 1 to 128 tokens and so
 /// compiles more: about 95 s with lavapipe on 2 cores (BENCHMARKS.md, "First run on an
 /// adapter"), seconds on a GPU.
 pub fn serve_first_run_wait(ctx: &GpuContext) -> &'static str {
-    if ctx.info.device_type == wgpu::DeviceType::Cpu {
-        "up to two minutes on a CPU driver (the next starts reuse the compiled shaders)"
-    } else {
-        "a few seconds"
-    }
+    if ctx.is_cpu() { "up to two minutes on a CPU driver (the next starts reuse the compiled shaders)" } else { "a few seconds" }
 }
 
 /// The notice of [`on_first_measurement`], once per process.
@@ -260,10 +252,6 @@ fn cache_key(ctx: &GpuContext) -> String {
     )
 }
 
-fn is_cpu(ctx: &GpuContext) -> bool {
-    ctx.info.device_type == wgpu::DeviceType::Cpu
-}
-
 /// Prefills of at most this many tokens are short: their products use the `matmul.short`
 /// choice, longer ones the `matmul` choice. On lavapipe the best variant at T = 12 and at
 /// T = 128 differ, each by about 20%, and one choice over both lengths sat within noise of a
@@ -274,7 +262,7 @@ pub const SHORT_PREFILL_ROWS: usize = 32;
 /// for short prefills, up to [`SHORT_PREFILL_ROWS`], and once for longer ones).
 pub fn matmul_variant(ctx: &GpuContext, rows: usize) -> MatmulVariant {
     let (family, lengths) = if rows <= SHORT_PREFILL_ROWS { ("matmul.short", SHORT_LENGTHS) } else { ("matmul", LONG_LENGTHS) };
-    let fallback = if is_cpu(ctx) { MatmulVariant::RegBlock } else { MatmulVariant::Tiled };
+    let fallback = if ctx.is_cpu() { MatmulVariant::RegBlock } else { MatmulVariant::Tiled };
     let forced = forced_from_env().matmul.map(MatmulVariant::name);
     let measure = || measure_matmul(ctx, family, fallback, &lengths).map(MatmulVariant::name);
     let name = choose(ctx, family, forced, cache_path().as_deref(), measure, fallback.name());
@@ -293,7 +281,7 @@ pub fn choose_all(ctx: &GpuContext, dtype: DType) {
 
 /// The matvec variant used where none is measured: `rows` on a CPU adapter, else `reduce`.
 fn matvec_fallback(ctx: &GpuContext) -> MatvecVariant {
-    if is_cpu(ctx) { MatvecVariant::Rows } else { MatvecVariant::Reduce }
+    if ctx.is_cpu() { MatvecVariant::Rows } else { MatvecVariant::Reduce }
 }
 
 /// The matvec variants measured on this adapter: those it can run
@@ -305,7 +293,7 @@ fn matvec_fallback(ctx: &GpuContext) -> MatvecVariant {
 /// measurement (251 ms against 26). Both can still be forced there
 /// (`FIRSTRT_KERNEL=matvec=subgroup`).
 fn matvec_candidates(ctx: &GpuContext) -> Vec<MatvecVariant> {
-    if is_cpu(ctx) {
+    if ctx.is_cpu() {
         return vec![MatvecVariant::Rows];
     }
     MatvecVariant::available(ctx)
@@ -316,7 +304,7 @@ fn matvec_candidates(ctx: &GpuContext) -> Vec<MatvecVariant> {
 /// every fresh run's measurement (at T = 12: 207 ms against `xbcast`'s 10.6; at T = 128: 153
 /// against 33). It can still be forced (`FIRSTRT_KERNEL=matmul=tiled`).
 fn matmul_candidates(ctx: &GpuContext) -> Vec<MatmulVariant> {
-    MatmulVariant::ALL.into_iter().filter(|&v| v != MatmulVariant::Tiled || !is_cpu(ctx)).collect()
+    MatmulVariant::ALL.into_iter().filter(|&v| v != MatmulVariant::Tiled || !ctx.is_cpu()).collect()
 }
 
 /// The matvec variant for this adapter: forced (`FIRSTRT_KERNEL`), the only variant measured on
@@ -425,7 +413,7 @@ enum Clock {
 impl Clock {
     /// [`Clock::ProcessCpu`] for a CPU adapter where the clock exists, else [`Clock::Wall`].
     fn for_adapter(ctx: &GpuContext) -> Clock {
-        if is_cpu(ctx) && process_cpu_time().is_some() { Clock::ProcessCpu } else { Clock::Wall }
+        if ctx.is_cpu() && process_cpu_time().is_some() { Clock::ProcessCpu } else { Clock::Wall }
     }
 
     /// The clock's reading (from an arbitrary origin).
@@ -691,7 +679,7 @@ mod tests {
     #[test]
     fn cpu_adapters_measure_only_the_cpu_variants() {
         let ctx = test_context();
-        if is_cpu(&ctx) {
+        if ctx.is_cpu() {
             assert_eq!(matmul_candidates(&ctx), [MatmulVariant::RegBlock, MatmulVariant::XBcast]);
             assert_eq!(matvec_candidates(&ctx), [MatvecVariant::Rows]);
             if forced_from_env().matvec.is_none() {
