@@ -168,7 +168,9 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
     // Short turns, a long prompt, and the longer batched prefills of several prompts at once: on
     // lavapipe products of more than 64 rows of x on quantised weights run another kernel
     // (`matmul::XBCAST_QUANT_MAX_ROWS`), whose compile would otherwise stall requests under load.
-    for rows in [1, 2, 4, 8, 64, 128].map(|r| r.min(ctx_len)) {
+    let mut lengths = [1, 2, 4, 8, 64, 128].map(|r| r.min(ctx_len)).to_vec();
+    lengths.dedup(); // a short context caps several lengths at the same one
+    for rows in lengths {
         session.prepare_prefill(rows).with_context(|| format!("preparing a {rows}-token prefill"))?;
     }
     drop(session);
