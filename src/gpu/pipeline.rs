@@ -34,6 +34,13 @@ pub enum WeightKind {
     /// f16 in `array<vec2<u64>>` through SHADER_INT64 (eight elements per load, unpacked with
     /// `unpack2x16float`); K % 8 == 0 as for [`WeightKind::F32Wide`].
     F16Wide,
+    /// f16 in `array<vec4<u64>>` through SHADER_INT64: sixteen elements per load, twice
+    /// [`WeightKind::F16Wide`]'s, so that f16 weights take half the loads of
+    /// [`WeightKind::F32Wide`] for the same K (a load's cost on lavapipe is per load, not per
+    /// byte). Only the decode GEMV's `rows` kernel reads it, as its form of `F16Wide` where
+    /// K % 16 == 0 ([`WeightKind::for_k`]); the buffer is the same. Besides `_16` it declares
+    /// `_8`, `_4` and `_1`.
+    F16Wide16,
     /// ggml blocks of a [`QuantType`] in `array<u32>` (the GPU layout of
     /// [`crate::model::quant`]), dequantised in registers; K is a multiple of the block size.
     /// Besides `_4` and `_1` it declares `{v}_dot32(b, x0, .., x7)` (unit b of 32 values against
@@ -61,13 +68,14 @@ impl WeightKind {
             WeightKind::F16Packed => "f16packed",
             WeightKind::F32Wide => "f32wide",
             WeightKind::F16Wide => "f16wide",
+            WeightKind::F16Wide16 => "f16wide16",
             WeightKind::Quant(q) => q.name(),
         }
     }
 
     /// Whether the kind needs SHADER_INT64 (the wide kinds).
     pub fn needs_int64(self) -> bool {
-        matches!(self, WeightKind::F32Wide | WeightKind::F16Wide)
+        matches!(self, WeightKind::F32Wide | WeightKind::F16Wide | WeightKind::F16Wide16)
     }
 
     /// The kind to read rows of `k` elements with: a wide kind needs K % 8 == 0 and falls back to
@@ -76,15 +84,18 @@ impl WeightKind {
         match self {
             WeightKind::F32Wide if !k.is_multiple_of(8) => WeightKind::F32,
             WeightKind::F16Wide if !k.is_multiple_of(8) => WeightKind::F16Packed,
+            WeightKind::F16Wide16 if !k.is_multiple_of(16) => WeightKind::F16Wide.for_k(k),
             other => other,
         }
     }
 
     /// How many elements a kernel walks per step of K with this kind for rows of `k` elements:
-    /// 32 (quantised kinds, one unit), 8 (wide kinds), 4 (K % 4 == 0) or 1.
+    /// 32 (quantised kinds, one unit), 16 ([`WeightKind::F16Wide16`]), 8 (the other wide kinds),
+    /// 4 (K % 4 == 0) or 1.
     pub fn step(self, k: usize) -> usize {
         match self.for_k(k) {
             WeightKind::Quant(_) => 32,
+            WeightKind::F16Wide16 => 16,
             WeightKind::F32Wide | WeightKind::F16Wide => 8,
             _ if k.is_multiple_of(4) => 4,
             _ => 1,
@@ -113,7 +124,7 @@ impl WeightKind {
     pub fn dtype(self) -> DType {
         match self {
             WeightKind::F32 | WeightKind::F32Wide => DType::F32,
-            WeightKind::F16 | WeightKind::F16Packed | WeightKind::F16Wide => DType::F16,
+            WeightKind::F16 | WeightKind::F16Packed | WeightKind::F16Wide | WeightKind::F16Wide16 => DType::F16,
             WeightKind::Quant(_) => DType::U32,
         }
     }
@@ -194,6 +205,18 @@ impl WeightKind {
                  fn {v}_1(i: u32) -> f32 {{ let a = {v}[i >> 3u][(i >> 2u) & 1u]; \
                  return unpack2x16float(u32(a >> (32u * ((i >> 1u) & 1u))))[i & 1u]; }}\n",
                 head("vec2<u64>")
+            ),
+            WeightKind::F16Wide16 => format!(
+                "{}\
+                 fn {v}_f16x4(a: u64) -> vec4<f32> {{ return vec4<f32>(unpack2x16float(u32(a)), unpack2x16float(u32(a >> 32u))); }}\n\
+                 fn {v}_16(i: u32) -> array<vec4<f32>, 4> {{ let a = {v}[i]; \
+                 return array({v}_f16x4(a.x), {v}_f16x4(a.y), {v}_f16x4(a.z), {v}_f16x4(a.w)); }}\n\
+                 fn {v}_8(i: u32) -> array<vec4<f32>, 2> {{ let a = {v}[i >> 1u]; let h = select(a.xy, a.zw, (i & 1u) != 0u); \
+                 return array({v}_f16x4(h.x), {v}_f16x4(h.y)); }}\n\
+                 fn {v}_4(i: u32) -> vec4<f32> {{ return {v}_f16x4({v}[i >> 2u][i & 3u]); }}\n\
+                 fn {v}_1(i: u32) -> f32 {{ let a = {v}[i >> 4u][(i >> 2u) & 3u]; \
+                 return unpack2x16float(u32(a >> (32u * ((i >> 1u) & 1u))))[i & 1u]; }}\n",
+                head("vec4<u64>")
             ),
             WeightKind::Quant(q) => super::quant::declare(q, binding, v),
         }

@@ -54,7 +54,7 @@ fn read_name(kind: WeightKind) -> &'static str {
         WeightKind::F32 => "plain",
         WeightKind::F16 => "native",
         WeightKind::F16Packed => "packed",
-        WeightKind::F32Wide | WeightKind::F16Wide => "wide",
+        WeightKind::F32Wide | WeightKind::F16Wide | WeightKind::F16Wide16 => "wide",
         WeightKind::Quant(q) => q.name(),
     }
 }

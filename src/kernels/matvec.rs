@@ -253,6 +253,7 @@ pub fn matvec_with(
     // The epilogues take two rows per output: half the outputs per invocation.
     let outputs = if paired { ROWS_PER_INVOCATION / 2 } else { ROWS_PER_INVOCATION };
     let pipeline = |kind: WeightKind| {
+        let kind = rows_kind(variant, kind, k);
         let x_kind = kind.activations_on(ctx);
         let x_decl = x_uniform(kind).and_then(|_| x_kind.declare_uniform(1, "x", k)).unwrap_or_else(|| x_kind.declare(1, "x"));
         let shader = crate::kernels::snippet_variant("matvec", SOURCE, entry)
@@ -330,6 +331,16 @@ pub fn matvec_with(
     )
 }
 
+/// How `variant` declares weights that the op reads as `kind` with rows of `k` elements: the
+/// `rows` kernel reads [`WeightKind::F16Wide`] as [`WeightKind::F16Wide16`] (sixteen values per
+/// load, the same buffer) where K % 16 == 0; everything else as `kind`.
+pub fn rows_kind(variant: MatvecVariant, kind: WeightKind, k: usize) -> WeightKind {
+    match kind {
+        WeightKind::F16Wide if variant == MatvecVariant::Rows => WeightKind::F16Wide16.for_k(k),
+        other => other,
+    }
+}
+
 /// Bytes of x to bind as a uniform buffer for `variant` reading x as `x_kind`, or `None` for a
 /// storage binding. Only [`MatvecVariant::Rows`] takes x as a uniform: every invocation reads the
 /// same element of x at the same time there, which lavapipe then loads once per SIMD group
@@ -404,6 +415,14 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: &Matv
         }
         for j in 0..r {
             let _ = writeln!(s, "        a{j} += w_dot32(wb{j} + kk, x0, x1, x2, x3, x4, x5, x6, x7);");
+        }
+    } else if step == 16 {
+        // Sixteen values of w per load (`F16Wide16`), x in two eight-value loads.
+        let _ = writeln!(s, "        let xa = x_8(kk * 2u);");
+        let _ = writeln!(s, "        let xb = x_8(kk * 2u + 1u);");
+        for j in 0..r {
+            let _ = writeln!(s, "        let w{j} = w_16(wb{j} + kk);");
+            let _ = writeln!(s, "        a{j} = fma(w{j}[3], xb[1], fma(w{j}[2], xb[0], fma(w{j}[1], xa[1], fma(w{j}[0], xa[0], a{j}))));");
         }
     } else {
         let _ = writeln!(s, "        let xv = x_{step}(kk);");
@@ -541,11 +560,23 @@ mod tests {
         let ctx = test_context();
         for variant in MatvecVariant::available(&ctx) {
             for kind in weight_kinds(&ctx) {
-                for (n, k) in [(1, 1), (7, 7), (257, 257), (13, 1757), (1757, 12), (5, 8), (300, 576)] {
+                for (n, k) in [(1, 1), (7, 7), (257, 257), (13, 1757), (1757, 12), (5, 8), (3, 56), (2, 16), (300, 576)] {
                     check(&ctx, &case(n, k), kind, variant);
                 }
             }
         }
+    }
+
+    /// The `rows` kernel reads f16 weights sixteen values per load where K % 16 == 0 (the
+    /// cases above with K = 16, 64 and 576 run it), eight where K % 8 == 0 only (K = 56).
+    #[test]
+    fn rows_reads_f16_sixteen_values_per_load_where_k_allows() {
+        assert_eq!(rows_kind(MatvecVariant::Rows, WeightKind::F16Wide, 576), WeightKind::F16Wide16);
+        assert_eq!(rows_kind(MatvecVariant::Rows, WeightKind::F16Wide, 56), WeightKind::F16Wide);
+        assert_eq!(rows_kind(MatvecVariant::Rows, WeightKind::F16Wide, 12), WeightKind::F16Packed);
+        assert_eq!(rows_kind(MatvecVariant::Subgroup, WeightKind::F16Wide, 576), WeightKind::F16Wide);
+        assert_eq!(rows_kind(MatvecVariant::Rows, WeightKind::F32Wide, 576), WeightKind::F32Wide);
+        assert_eq!(WeightKind::F16Wide16.step(576), 16);
     }
 
     #[test]
