@@ -168,6 +168,18 @@ fn steps_are_prepared_before_they_are_timed() {
     let g = generate(&mut session(&model, 128), &question[..3], &common::greedy_options(2)).unwrap();
     assert_eq!(g.generated_ids.len(), 2);
     assert!(!ctx.pipelines.is_empty() && ctx.pipelines.cold_len() == 0, "the stream warmed what it built");
+    // On lavapipe with two cores or more a second device compiled part of those pipelines (the
+    // compile helper), and it could build and bind every one it took.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let helper_wanted = ctx.is_cpu()
+        && ctx.info.backend == wgpu::Backend::Vulkan
+        && cores >= 2
+        && std::env::var_os("FIRSTRT_COMPILE_HELPER").is_none()
+        && std::env::var_os("MESA_SHADER_CACHE_DISABLE").is_none();
+    match ctx.compile_helper_counts() {
+        Some(c) => assert!(c.compiled > 0 && c.failed == 0, "{c:?}"),
+        None => assert!(!helper_wanted, "no compile helper on {:?}", ctx.info),
+    }
     for prompt in [&question[..], &question[..2]] {
         let mut s = session(&model, 128);
         s.prepare_prefill(prompt.len()).unwrap();
@@ -178,6 +190,25 @@ fn steps_are_prepared_before_they_are_timed() {
         assert_eq!(ctx.pipelines.cold_len(), 0);
         assert_eq!(g.timings.decode_tokens, 3);
         assert!(g.timings.prefill_s > 0.0 && g.timings.decode_s > 0.0, "{:?}", g.timings);
+    }
+}
+
+/// `Session::prepare_prefills` (what `serve` prepares at start-up) compiles the decode step's
+/// and several prefill lengths' pipelines in one warm-up: prefills of those lengths and the
+/// decode steps after them then build no pipeline. A length past the context is left out.
+#[test]
+fn several_prefill_lengths_are_prepared_at_once() {
+    let ctx = GpuContext::new(&GpuOptions::default()).unwrap();
+    let model = firstrt::testdata::load_model(&ctx, DType::F16);
+    let question = question(&model);
+    let mut s = session(&model, 128);
+    s.prepare_prefills(&[2, question.len(), 1000]).unwrap();
+    let built = ctx.pipelines.len();
+    assert!(built > 0 && ctx.pipelines.cold_len() == 0, "every pipeline built was warmed");
+    for prompt in [&question[..2], &question[..]] {
+        let g = generate(&mut session(&model, 128), prompt, &common::greedy_options(3)).unwrap();
+        assert_eq!(g.generated_ids.len(), 3);
+        assert_eq!(ctx.pipelines.len(), built, "a {}-token prompt built pipelines", prompt.len());
     }
 }
 

@@ -334,7 +334,9 @@ pub fn run(gpu: &GpuOptions, args: RunArgs) -> Result<()> {
     if let Some((g, scale)) = &lora {
         session.set_lora(Some(g.clone()), *scale)?;
     }
-    session.prepare()?;
+    // The decode step's and the prefill's pipelines compile in one warm-up (TokenStream::start
+    // finds the prefill prepared).
+    session.prepare_prefill(prompt_ids.len())?;
     session.set_profiler(args.profiling.profiler(&ctx)?);
     let mut capture = super::profiling::Capture::start(&ctx, args.profiling.capture);
     let text = TextDecoder::new(&model.tokenizer, &args.sampling.stop);

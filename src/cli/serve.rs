@@ -170,9 +170,7 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
     // (`matmul::XBCAST_QUANT_MAX_ROWS`), whose compile would otherwise stall requests under load.
     let mut lengths = [1, 2, 4, 8, 64, 128].map(|r| r.min(ctx_len)).to_vec();
     lengths.dedup(); // a short context caps several lengths at the same one
-    for rows in lengths {
-        session.prepare_prefill(rows).with_context(|| format!("preparing a {rows}-token prefill"))?;
-    }
+    session.prepare_prefills(&lengths).with_context(|| format!("preparing prefills of {lengths:?} tokens"))?;
     drop(session);
     let served = Arc::new(ServedModel {
         loaded: Arc::new(model),

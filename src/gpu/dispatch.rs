@@ -119,6 +119,15 @@ pub struct Dispatch {
     pub cost: Cost,
 }
 
+/// Bytes that `resource` binds: a buffer binding's size (the rest of the buffer from its offset
+/// when unsized); 0 for anything else (which the compile helper then does not build).
+fn binding_bytes(resource: &wgpu::BindingResource<'_>) -> u64 {
+    match resource {
+        wgpu::BindingResource::Buffer(b) => b.size.map_or(b.buffer.size().saturating_sub(b.offset), |s| s.get()),
+        _ => 0,
+    }
+}
+
 /// The largest workgroup count per dimension that every adapter supports.
 pub const MAX_GROUPS_PER_DIM: u32 = 65535;
 
@@ -144,6 +153,7 @@ impl Dispatch {
         cost: Cost,
     ) -> Dispatch {
         let label = label.into();
+        pipeline.binding_sizes.get_or_init(|| resources.iter().map(binding_bytes).collect());
         let entries: Vec<wgpu::BindGroupEntry<'_>> =
             resources.iter().enumerate().map(|(i, r)| wgpu::BindGroupEntry { binding: i as u32, resource: r.clone() }).collect();
         let bind_group =
@@ -235,6 +245,11 @@ impl GpuContext {
     /// pass; then wait. Dispatches with indirect workgroup counts are left out (they may be
     /// meant to run zero workgroups). Returns how many pipelines were dispatched.
     ///
+    /// Where the compile helper is open (a CPU adapter: [`super::compile_helper`]) and two or more
+    /// pipelines are cold, this device and the helper's each take the next cold pipeline (the
+    /// longest WGSL first) until none is left, and this device then dispatches those the helper
+    /// compiled, finding their code in Mesa's shader cache.
+    ///
     /// The single workgroup writes where the full dispatch would: call this only where the
     /// dispatches' outputs are overwritten before they are read (a step's scratch buffers, and
     /// KV-cache rows at or after the positions the next step writes).
@@ -248,23 +263,73 @@ impl GpuContext {
             return Ok(0);
         }
         let start = std::time::Instant::now();
+        let helper = if cold.len() >= 2 { self.compile_helper() } else { None };
+        let mut helped = 0;
+        match helper {
+            None => self.dispatch_once(&cold)?,
+            Some(h) => {
+                // Both devices take the next cold pipeline from one queue, the longest WGSL
+                // first (a rough measure of its compile time), until none is left; then this
+                // device dispatches what the helper took (cache hits).
+                let mut queue = cold.clone();
+                queue.sort_by_key(|d| std::cmp::Reverse(d.pipeline.source.len()));
+                let next = std::sync::atomic::AtomicUsize::new(0);
+                let take = || queue.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).copied();
+                let theirs = std::thread::scope(|s| {
+                    let job = s.spawn(|| {
+                        let mut taken = Vec::new();
+                        while let Some(d) = take() {
+                            h.compile(&[&*d.pipeline]);
+                            taken.push(d);
+                        }
+                        taken
+                    });
+                    let mut mine = Ok(());
+                    while let Some(d) = take() {
+                        mine = self.dispatch_once(&[d]);
+                        if mine.is_err() {
+                            break;
+                        }
+                    }
+                    // Had the helper's thread panicked, what it took is unknown: this device
+                    // dispatches every pipeline again (those it compiled are cheap now).
+                    let theirs = job.join().unwrap_or_else(|_| queue.clone());
+                    mine.map(|()| theirs)
+                })?;
+                helped = theirs.len();
+                self.dispatch_once(&theirs)?;
+            }
+        }
+        for d in &cold {
+            d.pipeline.mark_warm();
+        }
+        let names: Vec<&str> = cold.iter().map(|d| d.pipeline.key.split('|').next().unwrap_or_default()).collect();
+        log::debug!(
+            "warmed {} pipelines in {:.2} s ({helped} taken by the compile helper): {}",
+            cold.len(),
+            start.elapsed().as_secs_f64(),
+            names.join(", ")
+        );
+        Ok(cold.len())
+    }
+
+    /// One workgroup of each of `dispatches` in one pass, submitted and waited for (nothing
+    /// for an empty list).
+    fn dispatch_once(&self, dispatches: &[&Dispatch]) -> Result<(), GpuError> {
+        if dispatches.is_empty() {
+            return Ok(());
+        }
         let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("warm-up") });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("warm-up"), timestamp_writes: None });
-            for d in &cold {
+            for d in dispatches {
                 pass.set_pipeline(&d.pipeline.pipeline);
                 pass.set_bind_group(0, &d.bind_group, &[]);
                 pass.dispatch_workgroups(1, 1, 1);
             }
         }
         self.queue.submit([encoder.finish()]);
-        self.wait()?;
-        for d in &cold {
-            d.pipeline.mark_warm();
-        }
-        let names: Vec<&str> = cold.iter().map(|d| d.pipeline.key.split('|').next().unwrap_or_default()).collect();
-        log::debug!("warmed {} pipelines in {:.2} s: {}", cold.len(), start.elapsed().as_secs_f64(), names.join(", "));
-        Ok(cold.len())
+        self.wait()
     }
 }
 

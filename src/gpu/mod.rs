@@ -4,6 +4,7 @@
 //! Every other module reaches the GPU through an `Arc<GpuContext>`.
 
 pub mod buffer;
+pub mod compile_helper;
 pub mod dispatch;
 pub mod matrix;
 pub mod pipeline;
@@ -11,9 +12,10 @@ pub mod quant;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub use buffer::{DType, GpuTensor};
+pub use compile_helper::CompileHelperCounts;
 pub use dispatch::{Cost, Dispatch, Phase, Tag};
 pub use matrix::{GpuMatrix, MatrixChunk, MatrixPart};
 pub use pipeline::{PipelineCache, ShaderVariant, WeightKind};
@@ -257,6 +259,11 @@ pub struct GpuContext {
     /// Bytes held by `GpuTensor` buffers (for `firstrt bench`'s peak GPU memory).
     pub memory: GpuMemory,
     errors: Arc<ErrorSink>,
+    /// The adapter the device was opened on (the compile helper opens a second device on it).
+    adapter: wgpu::Adapter,
+    /// The compile helper's device, opened at the first warm-up that can use it; None where it
+    /// is not used ([`GpuContext::compile_helper`]).
+    helper: OnceLock<Option<compile_helper::CompileHelper>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -348,6 +355,8 @@ impl GpuContext {
             kernel_choices: Mutex::new(HashMap::new()),
             memory: GpuMemory::default(),
             errors,
+            adapter,
+            helper: OnceLock::new(),
         }))
     }
 
@@ -366,6 +375,26 @@ impl GpuContext {
     /// variants measured fast on CPU SIMD lanes, and first runs compile with LLVM.
     pub fn is_cpu(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The second device that compiles part of a warm-up's pipelines meanwhile
+    /// ([`compile_helper`]): opened on first use on a CPU adapter under Vulkan with two cores or
+    /// more, where the environment allows it ([`compile_helper::allowed_by_env`]); None elsewhere.
+    fn compile_helper(&self) -> Option<&compile_helper::CompileHelper> {
+        self.helper
+            .get_or_init(|| {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let wanted = self.is_cpu() && self.info.backend == wgpu::Backend::Vulkan && cores >= 2 && compile_helper::allowed_by_env();
+                wanted.then(|| compile_helper::CompileHelper::open(&self.adapter, self.features, &self.limits)).flatten()
+            })
+            .as_ref()
+    }
+
+    /// What the compile helper has done for this context ([`compile_helper`]: a second device
+    /// that compiles part of each warm-up's pipelines on a CPU adapter), opening it if this
+    /// adapter and environment use one; None where they do not.
+    pub fn compile_helper_counts(&self) -> Option<CompileHelperCounts> {
+        self.compile_helper().map(compile_helper::CompileHelper::counts)
     }
 
     /// Whether shaders may use subgroup operations and builtins (SUBGROUP), which

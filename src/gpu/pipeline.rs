@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{DType, GpuContext, GpuError};
 use crate::model::quant::QuantType;
@@ -303,6 +303,15 @@ pub struct Pipeline {
     pub family: &'static str,
     /// Set once [`GpuContext::warm_up`](super::GpuContext::warm_up) has dispatched it.
     warm: AtomicBool,
+    /// The expanded WGSL and its entry point, for the compile helper
+    /// ([`super::compile_helper`]), which builds the same pipeline on its own device.
+    pub(super) source: String,
+    /// See `source`.
+    pub(super) entry: &'static str,
+    /// Bytes bound at each binding (0, 1, ..) by the first dispatch built on the pipeline
+    /// ([`super::Dispatch::new`]); the compile helper binds buffers of these sizes (at most
+    /// [`super::compile_helper::MAX_BINDING_BYTES`]).
+    pub(super) binding_sizes: OnceLock<Vec<u64>>,
 }
 
 impl Pipeline {
@@ -356,7 +365,7 @@ impl GpuContext {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(variant.family),
-            source: wgpu::ShaderSource::Wgsl(text.into()),
+            source: wgpu::ShaderSource::Wgsl(text.as_str().into()),
         });
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
@@ -370,7 +379,16 @@ impl GpuContext {
             return Err(GpuError::Device(format!("building pipeline {key}: {err}")));
         }
         let layout = pipeline.get_bind_group_layout(0);
-        let p = Arc::new(Pipeline { pipeline, layout, key: key.clone(), family: variant.family, warm: AtomicBool::new(false) });
+        let p = Arc::new(Pipeline {
+            pipeline,
+            layout,
+            key: key.clone(),
+            family: variant.family,
+            warm: AtomicBool::new(false),
+            source: text,
+            entry: variant.entry,
+            binding_sizes: OnceLock::new(),
+        });
         log::debug!("pipeline built: {key}");
         self.pipelines.pipelines.lock().unwrap_or_else(|p| p.into_inner()).insert(key, p.clone());
         Ok(p)

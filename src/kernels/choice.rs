@@ -158,16 +158,17 @@ pub fn on_first_measurement(say: fn(&str)) {
 }
 
 /// How long a first run on `ctx`'s adapter prepares, as the notices say it: a CPU driver such as
-/// lavapipe compiles every shader with LLVM, 30-37 s for the test model on 2 cores (up to a
-/// minute on a loaded machine; `serve` has its own, [`serve_first_run_wait`]) (BENCHMARKS.md,
-/// "First run on an adapter"); a GPU's driver takes seconds.
+/// lavapipe compiles every shader with LLVM, 23-24 s for the test model on 2 cores with the
+/// compile helper (40-45 s without; more on a loaded machine; `serve` has its own,
+/// [`serve_first_run_wait`]) (BENCHMARKS.md, "First run on an adapter"); a GPU's driver takes
+/// seconds.
 pub fn first_run_wait(ctx: &GpuContext) -> &'static str {
     if ctx.is_cpu() { "up to a minute on a CPU driver (the next runs reuse the compiled shaders)" } else { "a few seconds" }
 }
 
 /// [`first_run_wait`] for `serve`'s start-up, which prepares prefills from 1 to 128 tokens and so
-/// compiles more: 72-79 s with lavapipe on 2 cores (BENCHMARKS.md, "First run on an
-/// adapter"), seconds on a GPU.
+/// compiles more: 55 s with lavapipe on 2 cores with the compile helper, 96 s without
+/// (BENCHMARKS.md, "First run on an adapter"), seconds on a GPU.
 pub fn serve_first_run_wait(ctx: &GpuContext) -> &'static str {
     if ctx.is_cpu() { "up to two minutes on a CPU driver (the next starts reuse the compiled shaders)" } else { "a few seconds" }
 }

@@ -235,18 +235,28 @@ impl Session {
     /// fixed the plan.
     /// Errors: as [`StepBuilder::layer`]; `RuntimeError::Gpu` when the warm-up fails.
     pub fn prepare(&mut self) -> Result<(), RuntimeError> {
-        choose_all(&self.ctx, self.weights.dtype);
-        if self.routing.is_some() {
+        if !self.build_decode_program()? {
             return Ok(());
         }
-        let acts = &self.decode_acts;
-        let program = match self.decode_program.take() {
-            Some(p) => p,
-            None => self.builder(Phase::Decode).step(1, acts, |_| acts)?,
-        };
-        let warmed = self.warm_up(&program, 1);
+        let program = self.decode_program.take().expect("built above");
+        let warmed = self.warm_up(&[&program], 1);
         self.decode_program = Some(program);
         warmed
+    }
+
+    /// Resolve the kernel choices and build the decode program if it is not built yet (not
+    /// warmed up). Returns false, building nothing, for a routed session before its plan is
+    /// fixed. Errors: as [`StepBuilder::layer`].
+    fn build_decode_program(&mut self) -> Result<bool, RuntimeError> {
+        choose_all(&self.ctx, self.weights.dtype);
+        if self.routing.is_some() {
+            return Ok(false);
+        }
+        if self.decode_program.is_none() {
+            let acts = &self.decode_acts;
+            self.decode_program = Some(self.builder(Phase::Decode).step(1, acts, |_| acts)?);
+        }
+        Ok(true)
     }
 
     /// [`Session::prepare`], then build the program of a prefill of `rows` tokens at the current
@@ -258,22 +268,57 @@ impl Session {
     /// Errors: as [`Session::prepare`]; `RuntimeError::Gpu` when the activation buffers cannot
     /// be allocated.
     pub fn prepare_prefill(&mut self, rows: usize) -> Result<(), RuntimeError> {
-        self.prepare()?;
-        if rows == 0 || self.pos + rows > self.options.ctx_len {
-            return Ok(());
+        let refused = rows == 0 || self.pos + rows > self.options.ctx_len;
+        if refused || self.routing.is_some() || self.prefill_program.as_ref().is_some_and(|(r, _)| *r == rows) {
+            self.prepare()?;
+            return match self.routing.clone() {
+                Some(routing) if !refused => self.prepare_routed_prefill(rows, &routing),
+                _ => Ok(()),
+            };
         }
-        if let Some(routing) = self.routing.clone() {
-            return self.prepare_routed_prefill(rows, &routing);
-        }
-        if self.prefill_program.as_ref().is_some_and(|(r, _)| *r == rows) {
-            return Ok(());
-        }
+        self.build_decode_program()?;
         self.ensure_prefill_acts(rows)?;
         let acts = self.prefill_acts.as_ref().expect("allocated above");
         let program = self.builder(Phase::Prefill).step(rows, acts, |_| acts)?;
-        self.warm_up(&program, rows)?;
+        // One warm-up for both programs, so that their pipelines compile together (on two
+        // devices where the compile helper runs), at the prefill's positions: the decode
+        // program's single workgroups write KV-cache rows that the prefill writes again.
+        let decode = self.decode_program.take().expect("built above");
+        let warmed = self.warm_up(&[&decode, &program], rows);
+        self.decode_program = Some(decode);
+        warmed?;
         self.prefill_program = Some((rows, program));
         Ok(())
+    }
+
+    /// Have the driver compile the pipelines of the decode step and of prefills of each of
+    /// `lengths` tokens in one warm-up (on two devices where the compile helper runs: see
+    /// [`GpuContext::warm_up`]), so that none compiles inside a later step; for a server
+    /// preparing the prefill lengths its requests will have. The prepared prefill programs are
+    /// not kept (the next [`Session::prefill`] builds its own, from warm pipelines). Lengths
+    /// that the context cannot hold from the current position are left out; a routed session
+    /// prepares each length in turn ([`Session::prepare_prefill`]).
+    /// Errors: as [`Session::prepare_prefill`].
+    pub fn prepare_prefills(&mut self, lengths: &[usize]) -> Result<(), RuntimeError> {
+        let fits: Vec<usize> = lengths.iter().copied().filter(|&r| r > 0 && self.pos + r <= self.options.ctx_len).collect();
+        let Some(&longest) = fits.iter().max() else {
+            return self.prepare();
+        };
+        if self.routing.is_some() {
+            return fits.iter().try_for_each(|&rows| self.prepare_prefill(rows));
+        }
+        self.build_decode_program()?;
+        self.ensure_prefill_acts(longest)?;
+        let acts = self.prefill_acts.as_ref().expect("allocated above");
+        let b = self.builder(Phase::Prefill);
+        let programs = fits.iter().map(|&rows| b.step(rows, acts, |_| acts)).collect::<Result<Vec<_>, _>>()?;
+        let decode = self.decode_program.take().expect("built above");
+        let mut all: Vec<&[Dispatch]> = vec![&decode];
+        all.extend(programs.iter().map(Vec::as_slice));
+        // The longest prefill's positions: every warm-up dispatch writes within them.
+        let warmed = self.warm_up(&all, longest);
+        self.decode_program = Some(decode);
+        warmed
     }
 
     /// The routed half of [`Session::prepare_prefill`]: the plan is only known inside the
@@ -292,7 +337,7 @@ impl Session {
         }
         program.extend(b.layer(acts, rows, 0)?);
         program.extend(b.tail(acts, rows)?);
-        self.warm_up(&program, rows)
+        self.warm_up(&[&program], rows)
     }
 
     /// Allocate the prefill activation buffers when they hold fewer than `rows` tokens (a
@@ -305,16 +350,18 @@ impl Session {
         Ok(())
     }
 
-    /// [`GpuContext::warm_up`] over `program`, a step of `rows` tokens at the current position,
-    /// when one of its pipelines has not run yet. The step uniform is first set as that step
-    /// will set it, so that the warm-up writes only KV-cache rows that the step writes again.
-    fn warm_up(&self, program: &[Dispatch], rows: usize) -> Result<(), RuntimeError> {
-        if !program.iter().any(Dispatch::is_cold) || self.pos + rows > self.options.ctx_len {
+    /// [`GpuContext::warm_up`] over `programs`, before a step of `rows` tokens at the current
+    /// position, when one of their pipelines has not run yet. The step uniform is first set as
+    /// that step will set it, so that the warm-up writes only KV-cache rows that the step writes
+    /// again (a decode program warmed with a prefill's `rows` writes the first of them).
+    fn warm_up(&self, programs: &[&[Dispatch]], rows: usize) -> Result<(), RuntimeError> {
+        let all = || programs.iter().flat_map(|p| p.iter());
+        if !all().any(Dispatch::is_cold) || self.pos + rows > self.options.ctx_len {
             return Ok(());
         }
         let (pos0, n) = (self.pos as u32, rows as u32);
         self.bufs.step.write(&self.ctx, &StepParams { pos0, n_tokens: n, kv_len: pos0 + n, _pad: 0 });
-        let warmed = self.ctx.warm_up(program)?;
+        let warmed = self.ctx.warm_up(all())?;
         log::debug!("warmed {warmed} pipelines for a {rows}-token step");
         Ok(())
     }
