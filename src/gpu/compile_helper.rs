@@ -9,8 +9,8 @@
 //! it there (a prototype: 3.05 s to compile a matmul on one device, then 0.03 s on the other).
 //! In [`GpuContext::warm_up`](super::GpuContext::warm_up) both devices take the next cold
 //! pipeline from one queue (the longest WGSL first) until none is left, then the context's
-//! device dispatches those the helper took. Where the cache misses (disabled, full, not written yet) the context's device
-//! compiles those pipelines itself, as it did without the helper: the output is the same either
+//! device dispatches those the helper took. Where the cache misses (disabled, full, not written
+//! yet) the context's device compiles those pipelines itself, as it did without the helper: the output is the same either
 //! way, only the time differs.
 //!
 //! The helper is opened only on a CPU adapter under Vulkan, with two cores or more and Mesa's
@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::pipeline::Pipeline;
+use super::pipeline::{Pipeline, create_compute_pipeline};
 
 /// The most bytes the helper binds at one binding. Storage bindings of the model are larger
 /// (weights, caches), but a kernel's bind group layout asks only for one element of a
@@ -80,83 +80,60 @@ impl CompileHelper {
         }
     }
 
-    /// Build every pipeline of `jobs` on the helper's device from its WGSL, bind zeroed buffers
-    /// of the sizes its first dispatch bound (at most [`MAX_BINDING_BYTES`]), dispatch one
-    /// workgroup of each in one pass and wait. Every uniform is zero, so each kernel's loops run
-    /// zero times and it writes nothing past its first elements: the driver's compile at the
-    /// dispatch is the point. Returns how many pipelines were dispatched; one that cannot be
-    /// built or bound here is left out (logged at debug level) and compiled by the context's
-    /// own device as before.
-    pub(crate) fn compile(&self, jobs: &[&Pipeline]) -> usize {
-        let mut built = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let Some(sizes) = job.binding_sizes.get().filter(|s| s.iter().all(|&b| b > 0)) else {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-            let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(job.family),
-                source: wgpu::ShaderSource::Wgsl(job.source.as_str().into()),
-            });
-            let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&job.key),
-                layout: None,
-                module: &module,
-                entry_point: Some(job.entry),
-                compilation_options: wgpu::PipelineCompilationOptions::default(),
-                cache: None,
-            });
-            let buffers: Vec<wgpu::Buffer> = sizes
-                .iter()
-                .map(|&b| {
-                    self.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("compile helper"),
-                        size: b.min(MAX_BINDING_BYTES).next_multiple_of(16),
-                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
-                        mapped_at_creation: false,
-                    })
-                })
-                .collect();
-            let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
-                .iter()
-                .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
-                .collect();
-            let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("compile helper"),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
-            match pollster::block_on(scope.pop()) {
-                None => built.push((pipeline, bind_group)),
-                Some(e) => {
-                    self.failed.fetch_add(1, Ordering::Relaxed);
-                    log::debug!("compile helper: {} left to the context's device: {e}", job.key);
-                }
+    /// Build `job` on the helper's device from its WGSL, bind zeroed buffers of the sizes its
+    /// first dispatch bound (at most [`MAX_BINDING_BYTES`]), dispatch one workgroup and wait.
+    /// Every uniform is zero, so the kernel's loops run zero times and it writes nothing past its
+    /// first elements: the driver's compile at the dispatch is the point. Returns whether it was
+    /// dispatched; a pipeline that cannot be built or bound here is counted as failed (logged at
+    /// debug level) and compiled by the context's own device as before.
+    pub(crate) fn compile(&self, job: &Pipeline) -> bool {
+        let done = self.try_compile(job);
+        match &done {
+            Ok(()) => self.compiled.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                log::debug!("compile helper: {} left to the context's device: {e}", job.key);
+                self.failed.fetch_add(1, Ordering::Relaxed)
             }
-        }
-        if built.is_empty() {
-            return 0;
+        };
+        done.is_ok()
+    }
+
+    /// [`CompileHelper::compile`] without the counting: why the helper could not, if it could not.
+    fn try_compile(&self, job: &Pipeline) -> Result<(), String> {
+        let sizes = job.binding_sizes.get().filter(|s| s.iter().all(|&b| b > 0)).ok_or("no recorded buffer bindings")?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = create_compute_pipeline(&self.device, job.family, &job.key, &job.source, job.entry);
+        let buffers: Vec<wgpu::Buffer> = sizes
+            .iter()
+            .map(|&b| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("compile helper"),
+                    size: b.min(MAX_BINDING_BYTES).next_multiple_of(16),
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
+        let entries: Vec<wgpu::BindGroupEntry<'_>> =
+            buffers.iter().enumerate().map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() }).collect();
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("compile helper"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(e.to_string());
         }
         let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("compile helper") });
         {
             let mut pass =
                 encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("compile helper"), timestamp_writes: None });
-            for (pipeline, bind_group) in &built {
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, bind_group, &[]);
-                pass.dispatch_workgroups(1, 1, 1);
-            }
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
         }
         self.queue.submit([encoder.finish()]);
-        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
-            self.failed.fetch_add(built.len(), Ordering::Relaxed);
-            log::debug!("compile helper: waiting failed ({e})");
-            return 0;
-        }
-        self.compiled.fetch_add(built.len(), Ordering::Relaxed);
-        built.len()
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).map_err(|e| format!("waiting failed ({e})"))
     }
 
     /// What the helper has done so far.

@@ -279,7 +279,7 @@ impl GpuContext {
                     let job = s.spawn(|| {
                         let mut taken = Vec::new();
                         while let Some(d) = take() {
-                            h.compile(&[&*d.pipeline]);
+                            h.compile(&d.pipeline);
                             taken.push(d);
                         }
                         taken

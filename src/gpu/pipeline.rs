@@ -327,6 +327,22 @@ impl Pipeline {
     }
 }
 
+/// The compute pipeline of entry point `entry` of the WGSL `source` on `device`, its bind group
+/// layout derived from the shader, labelled `family` (the module) and `key` (the pipeline).
+/// Validation errors go to the device's error scope, which the caller opens and reads.
+pub(super) fn create_compute_pipeline(device: &wgpu::Device, family: &str, key: &str, source: &str, entry: &str) -> wgpu::ComputePipeline {
+    let module =
+        device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(family), source: wgpu::ShaderSource::Wgsl(source.into()) });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(key),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry),
+        compilation_options: wgpu::PipelineCompilationOptions::default(),
+        cache: None,
+    })
+}
+
 /// Pipelines by variant key; created once per process.
 #[derive(Default)]
 pub struct PipelineCache {
@@ -363,18 +379,7 @@ impl GpuContext {
         }
         let text = variant.expand()?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(variant.family),
-            source: wgpu::ShaderSource::Wgsl(text.as_str().into()),
-        });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&key),
-            layout: None,
-            module: &module,
-            entry_point: Some(variant.entry),
-            compilation_options: wgpu::PipelineCompilationOptions::default(),
-            cache: None,
-        });
+        let pipeline = create_compute_pipeline(&self.device, variant.family, &key, &text, variant.entry);
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Device(format!("building pipeline {key}: {err}")));
         }

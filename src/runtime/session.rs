@@ -238,9 +238,17 @@ impl Session {
         if !self.build_decode_program()? {
             return Ok(());
         }
-        let program = self.decode_program.take().expect("built above");
-        let warmed = self.warm_up(&[&program], 1);
-        self.decode_program = Some(program);
+        self.warm_up_with_decode(&[], 1)
+    }
+
+    /// [`Session::warm_up`] over the built decode program and `others`, before a step of `rows`
+    /// tokens (the decode program, taken out of the session meanwhile, is put back).
+    fn warm_up_with_decode(&mut self, others: &[&[Dispatch]], rows: usize) -> Result<(), RuntimeError> {
+        let decode = self.decode_program.take().expect("the decode program is built first");
+        let mut programs: Vec<&[Dispatch]> = vec![&decode];
+        programs.extend_from_slice(others);
+        let warmed = self.warm_up(&programs, rows);
+        self.decode_program = Some(decode);
         warmed
     }
 
@@ -283,10 +291,7 @@ impl Session {
         // One warm-up for both programs, so that their pipelines compile together (on two
         // devices where the compile helper runs), at the prefill's positions: the decode
         // program's single workgroups write KV-cache rows that the prefill writes again.
-        let decode = self.decode_program.take().expect("built above");
-        let warmed = self.warm_up(&[&decode, &program], rows);
-        self.decode_program = Some(decode);
-        warmed?;
+        self.warm_up_with_decode(&[&program], rows)?;
         self.prefill_program = Some((rows, program));
         Ok(())
     }
@@ -312,13 +317,9 @@ impl Session {
         let acts = self.prefill_acts.as_ref().expect("allocated above");
         let b = self.builder(Phase::Prefill);
         let programs = fits.iter().map(|&rows| b.step(rows, acts, |_| acts)).collect::<Result<Vec<_>, _>>()?;
-        let decode = self.decode_program.take().expect("built above");
-        let mut all: Vec<&[Dispatch]> = vec![&decode];
-        all.extend(programs.iter().map(Vec::as_slice));
+        let programs: Vec<&[Dispatch]> = programs.iter().map(Vec::as_slice).collect();
         // The longest prefill's positions: every warm-up dispatch writes within them.
-        let warmed = self.warm_up(&all, longest);
-        self.decode_program = Some(decode);
-        warmed
+        self.warm_up_with_decode(&programs, longest)
     }
 
     /// The routed half of [`Session::prepare_prefill`]: the plan is only known inside the
