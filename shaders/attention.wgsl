@@ -9,15 +9,18 @@
 //   attn_split:   flash-decoding: one invocation per (t, split s, block of GB heads) over keys
 //                 [s*keys_per_split, (s+1)*keys_per_split) ∩ [0, pos], writes partial (m, l, acc).
 //   attn_combine: one invocation per (t, h, 4-lane group j of head_dim) merges the partials.
-// The placeholder HD is head_dim and HD4 = ceil(head_dim / 4); q/k/v are read through q4/k4/v4 (a vec4
-// of head_dim lanes 4j..4j+3 of the head starting at element `base`, zero past head_dim) and out
-// written through store_out; the DECLS_* placeholders declare them for the vec4 (head_dim % 4 == 0) or the
-// scalar layout.
+// The placeholder HD is head_dim and HD4 = ceil(head_dim / 4); q is read through q4 (a vec4 of
+// head_dim lanes 4j..4j+3 of the head starting at element `base`, zero past head_dim), k and v
+// through k8/v8 (lanes 8j..8j+7 as two vec4, zero past head_dim) and out written through
+// store_out; the DECLS_* placeholders declare them for the vec4 (head_dim % 4 == 0), the scalar
+// or, on CPU adapters with 64-bit integers and head_dim % 8 == 0, the wide layout (k and v as
+// array<vec4<u64>>: one load per eight lanes, `attention::wide_kv`).
 
 const HD: u32 = {{HD}}u;
 const HD4: u32 = {{HD4}}u;
 const GB: u32 = {{GB}}u;         // query heads per invocation, sharing one kv head (divides group)
 const GBHD4: u32 = {{GBHD4}}u;   // GB * HD4
+const HP: u32 = {{HP}}u;         // ceil(HD4 / 2): k and v are read eight lanes (two vec4) at a time
 const WGR: u32 = {{WGR}}u;       // attn_rows: query rows per workgroup
 
 struct AttnParams {
@@ -86,14 +89,18 @@ fn attend(t: u32, h0: u32, k0: u32, k1: u32, kl: u32, acc: ptr<function, array<v
         let kb3 = kb2 + p.kv_stride;
         let live = vec4<bool>(key < kl, key + 1u < kl, key + 2u < kl, key + 3u < kl);
         var s4: array<vec4<f32>, GB>;
-        for (var j = 0u; j < HD4; j++) {
-            let c0 = k4(kb0, j);
-            let c1 = k4(kb1, j);
-            let c2 = k4(kb2, j);
-            let c3 = k4(kb3, j);
+        for (var jp = 0u; jp < HP; jp++) {
+            let c0 = k8(kb0, jp);
+            let c1 = k8(kb1, jp);
+            let c2 = k8(kb2, jp);
+            let c3 = k8(kb3, jp);
             for (var g = 0u; g < GB; g++) {
-                let qj = qv[g * HD4 + j];
-                s4[g] += vec4<f32>(dot(qj, c0), dot(qj, c1), dot(qj, c2), dot(qj, c3));
+                let qa = qv[g * HD4 + 2u * jp];
+                s4[g] += vec4<f32>(dot(qa, c0[0]), dot(qa, c1[0]), dot(qa, c2[0]), dot(qa, c3[0]));
+                if (2u * jp + 1u < HD4) {
+                    let qb = qv[g * HD4 + 2u * jp + 1u];
+                    s4[g] += vec4<f32>(dot(qb, c0[1]), dot(qb, c1[1]), dot(qb, c2[1]), dot(qb, c3[1]));
+                }
             }
         }
         var corr: array<f32, GB>;
@@ -106,25 +113,31 @@ fn attend(t: u32, h0: u32, k0: u32, k1: u32, kl: u32, acc: ptr<function, array<v
             l[g] = l[g] * corr[g] + (e[g].x + e[g].y + e[g].z + e[g].w);
             m[g] = m_new;
         }
-        for (var j = 0u; j < HD4; j++) {
-            let v0 = v4(kb0, j);
-            let v1 = v4(kb1, j);
-            let v2 = v4(kb2, j);
-            let v3 = v4(kb3, j);
+        for (var jp = 0u; jp < HP; jp++) {
+            let v0 = v8(kb0, jp);
+            let v1 = v8(kb1, jp);
+            let v2 = v8(kb2, jp);
+            let v3 = v8(kb3, jp);
             for (var g = 0u; g < GB; g++) {
-                let i = g * HD4 + j;
+                let i = g * HD4 + 2u * jp;
                 let eg = e[g];
-                (*acc)[i] = (*acc)[i] * corr[g] + eg.x * v0 + eg.y * v1 + eg.z * v2 + eg.w * v3;
+                (*acc)[i] = (*acc)[i] * corr[g] + eg.x * v0[0] + eg.y * v1[0] + eg.z * v2[0] + eg.w * v3[0];
+                if (2u * jp + 1u < HD4) {
+                    (*acc)[i + 1u] = (*acc)[i + 1u] * corr[g] + eg.x * v0[1] + eg.y * v1[1] + eg.z * v2[1] + eg.w * v3[1];
+                }
             }
         }
     }
     for (; key < k1; key++) {
         let kb = key * p.kv_stride + kvb;
         var s: array<f32, GB>;
-        for (var j = 0u; j < HD4; j++) {
-            let c = k4(kb, j);
+        for (var jp = 0u; jp < HP; jp++) {
+            let c = k8(kb, jp);
             for (var g = 0u; g < GB; g++) {
-                s[g] += dot(qv[g * HD4 + j], c);
+                s[g] += dot(qv[g * HD4 + 2u * jp], c[0]);
+                if (2u * jp + 1u < HD4) {
+                    s[g] += dot(qv[g * HD4 + 2u * jp + 1u], c[1]);
+                }
             }
         }
         var corr: array<f32, GB>;
@@ -137,11 +150,14 @@ fn attend(t: u32, h0: u32, k0: u32, k1: u32, kl: u32, acc: ptr<function, array<v
             l[g] = l[g] * corr[g] + e[g];
             m[g] = m_new;
         }
-        for (var j = 0u; j < HD4; j++) {
-            let v = v4(kb, j);
+        for (var jp = 0u; jp < HP; jp++) {
+            let v = v8(kb, jp);
             for (var g = 0u; g < GB; g++) {
-                let i = g * HD4 + j;
-                (*acc)[i] = (*acc)[i] * corr[g] + e[g] * v;
+                let i = g * HD4 + 2u * jp;
+                (*acc)[i] = (*acc)[i] * corr[g] + e[g] * v[0];
+                if (2u * jp + 1u < HD4) {
+                    (*acc)[i + 1u] = (*acc)[i + 1u] * corr[g] + e[g] * v[1];
+                }
             }
         }
     }

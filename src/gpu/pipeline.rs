@@ -151,9 +151,9 @@ impl WeightKind {
 
     /// [`WeightKind::declare`] of a vector of `k` f32 values as a uniform binding
     /// (`var<uniform> {var_name}: array<.., n>`, [`WeightKind::uniform_bytes`] bytes) with the
-    /// same accessors. A load whose index is the same in every invocation is then one load
-    /// for the whole SIMD group on lavapipe, where a storage load is one per lane (see
-    /// `matvec`); `None` where [`WeightKind::uniform_bytes`] is.
+    /// same accessors. On lavapipe a load from it inside a loop is a branchless gather, where
+    /// a storage load is a per-lane loop with a bounds branch per component (see `matvec`);
+    /// `None` where [`WeightKind::uniform_bytes`] is.
     pub fn declare_uniform(self, binding: u32, var_name: &str, k: usize) -> Option<String> {
         let elems = self.uniform_bytes(k)? / if self == WeightKind::F32Wide { 32 } else { 16 };
         Some(self.declare_in(binding, var_name, Some(elems)))

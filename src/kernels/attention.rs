@@ -197,9 +197,45 @@ pub fn rows_per_workgroup(ctx: &GpuContext) -> usize {
     if ctx.is_cpu() { 8 } else { 64 }
 }
 
+/// Whether `attn_rows` and `attn_split` read the k and v caches eight lanes per load, as
+/// `array<vec4<u64>>` (the wide layout): on a CPU adapter with SHADER_INT64 where `head_dim` is a
+/// multiple of 8 (every head, and so every cache row, starts on a 32-byte boundary). On lavapipe
+/// each storage load in a loop is a per-lane loop with a bounds check per component, whatever its
+/// width, so half as many loads of twice the width halves that work; the driver also compiles
+/// the kernels faster, having half as many loads to expand (BENCHMARKS.md, "Attention reads k and
+/// v eight lanes per load").
+pub fn wide_kv(ctx: &GpuContext, head_dim: usize) -> bool {
+    ctx.is_cpu() && ctx.has_int64() && head_dim.is_multiple_of(8)
+}
+
+/// WGSL declaring the cache `var` (read-only storage at `binding`) with `f8(base, j) ->
+/// array<vec4<f32>, 2>`: lanes 8j..8j+7 of the head starting at element `base`, zero past
+/// head_dim. Wide ([`wide_kv`]): one `vec4<u64>` load; otherwise two loads through the `f4`
+/// accessor of [`head_access`].
+fn kv_access(binding: u32, var: &str, f8: &str, f4: &str, head_dim: usize, wide: bool) -> String {
+    if wide {
+        return format!(
+            "@group(0) @binding({binding}) var<storage, read> {var}: array<vec4<u64>>;\n\
+             fn {var}_f32x2(a: u64) -> vec2<f32> {{ return bitcast<vec2<f32>>(vec2<u32>(u32(a), u32(a >> 32u))); }}\n\
+             fn {f8}(base: u32, j: u32) -> array<vec4<f32>, 2> {{ let a = {var}[(base >> 3u) + j]; \
+             return array<vec4<f32>, 2>(vec4<f32>({var}_f32x2(a.x), {var}_f32x2(a.y)), vec4<f32>({var}_f32x2(a.z), {var}_f32x2(a.w))); }}\n"
+        );
+    }
+    head_access(binding, var, f4, head_dim, false)
+        + &format!(
+            "fn {f8}(base: u32, j: u32) -> array<vec4<f32>, 2> {{\n\
+             \x20   var hi = vec4<f32>(0.0);\n\
+             \x20   if (2u * j + 1u < HD4) {{ hi = {f4}(base, 2u * j + 1u); }}\n\
+             \x20   return array<vec4<f32>, 2>({f4}(base, 2u * j), hi);\n\
+             }}\n"
+        )
+}
+
 fn variant(ctx: &GpuContext, entry: &'static str, head_dim: usize, heads: usize) -> ShaderVariant {
-    let read = |binding, var, f| head_access(binding, var, f, head_dim, false);
-    let qkv = read(2, "q", "q4") + &read(3, "k_cache", "k4") + &read(4, "v_cache", "v4");
+    let wide = wide_kv(ctx, head_dim);
+    let qkv = head_access(2, "q", "q4", head_dim, false)
+        + &kv_access(3, "k_cache", "k8", "k4", head_dim, wide)
+        + &kv_access(4, "v_cache", "v8", "v4", head_dim, wide);
     let out = head_access(5, "out", "store_out", head_dim, true);
     let cout = head_access(4, "c_out", "store_cout", head_dim, true);
     super::snippet_variant("attention", SOURCE, entry)
@@ -207,6 +243,7 @@ fn variant(ctx: &GpuContext, entry: &'static str, head_dim: usize, heads: usize)
         .define("HD4", head_dim.div_ceil(4))
         .define("GB", heads)
         .define("GBHD4", heads * head_dim.div_ceil(4))
+        .define("HP", head_dim.div_ceil(4).div_ceil(2))
         .define("WGR", rows_per_workgroup(ctx))
         .define("DECLS_QKV", qkv)
         .define("DECLS_OUT", out)
@@ -470,6 +507,22 @@ mod tests {
             assert_eq!(got, [3, 4, 4, 1, 1, 3]);
         } else {
             assert_eq!(got, [1; 6]);
+        }
+    }
+
+    /// The reference checks below run each layout this adapter has: on a CPU adapter with
+    /// SHADER_INT64 (lavapipe), k and v are read wide where head_dim % 8 == 0 (GQA, GQA_8) and
+    /// two vec4 per step elsewhere (GQA_12: an odd number of vec4 per head, the second of the
+    /// last pair zero; MHA_ODD: the scalar layout).
+    #[test]
+    fn kv_reads_are_wide_where_the_head_allows() {
+        let ctx = test_context();
+        let wide = ctx.is_cpu() && ctx.has_int64();
+        for (shape, allows) in [(GQA, true), (GQA_8, true), (GQA_12, false), (MHA_ODD, false)] {
+            let source = variant(&ctx, "attn_split", shape.head_dim, 1).expand().unwrap();
+            let declared = source.contains("var<storage, read> k_cache: array<vec4<u64>>");
+            assert_eq!(declared, wide && allows, "head_dim {}", shape.head_dim);
+            assert_eq!(wide_kv(&ctx, shape.head_dim), declared);
         }
     }
 

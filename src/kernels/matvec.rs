@@ -343,9 +343,9 @@ pub fn rows_kind(variant: MatvecVariant, kind: WeightKind, k: usize) -> WeightKi
 
 /// Bytes of x to bind as a uniform buffer for `variant` reading x as `x_kind`, or `None` for a
 /// storage binding. Only [`MatvecVariant::Rows`] takes x as a uniform: every invocation reads the
-/// same element of x at the same time there, which lavapipe then loads once per SIMD group
-/// instead of once per lane (its storage loads are a per-lane loop with a bounds check each),
-/// and which is the access a GPU's constant cache serves best. The lanes of the `Reduce` and
+/// same element of x at the same time there, which lavapipe then loads as a branchless gather
+/// (a scalar load per lane) instead of a per-lane loop with a bounds check and branch per
+/// component (its storage loads), and which is the access a GPU's constant cache serves best. The lanes of the `Reduce` and
 /// `Subgroup` variants read different elements, which a constant cache serialises. x must fit
 /// the adapter's `max_uniform_buffer_binding_size` and its own buffer.
 pub fn uniform_x_bytes(ctx: &GpuContext, op: &LinearOp, variant: MatvecVariant, x_kind: WeightKind, k: usize) -> Option<u64> {
