@@ -19,8 +19,8 @@
 //! Besides the matmul and matvec variants, the families `f32read` and `f16read` choose how
 //! kernels read weights ([`read_candidates`]): f32 `plain` ([`WeightKind::F32`]) or `wide`
 //! ([`WeightKind::F32Wide`], where SHADER_INT64 exists); f16 `native` ([`WeightKind::F16`], where
-//! SHADER_F16 exists), `packed` ([`WeightKind::F16Packed`]) or `wide` ([`WeightKind::F16Wide`]), the default
-//! (the first of [`read_candidates`]) preferred on a tie.
+//! SHADER_F16 exists), `wide` ([`WeightKind::F16Wide`]) or `packed` ([`WeightKind::F16Packed`]), the default
+//! (the first of [`read_candidates`]) preferred on a tie, then the wide form.
 //! On lavapipe the wide forms are faster: every load is a per-lane loop there, so fewer, wider
 //! loads win.
 
@@ -246,7 +246,7 @@ const METHOD: &str = "medians-tie5-short32-xbcast8x8";
 fn cache_key(ctx: &GpuContext) -> String {
     let names = |v: &[&str]| v.join(",");
     format!(
-        "{}|matmul={}|matvec={}|f32read=plain,wide|f16read=native,packed,wide|{METHOD}",
+        "{}|matmul={}|matvec={}|f32read=plain,wide|f16read=native,wide,packed|{METHOD}",
         ctx.adapter_key(),
         names(&matmul_candidates(ctx).into_iter().map(MatmulVariant::name).collect::<Vec<_>>()),
         names(&matvec_candidates(ctx).into_iter().map(MatvecVariant::name).collect::<Vec<_>>()),
@@ -331,20 +331,25 @@ pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
     MatvecVariant::parse(&name).unwrap_or(fallback)
 }
 
-/// The ways this adapter can read weights of `dtype`, the default first: f32 plain, then wide
-/// with SHADER_INT64; f16 native with SHADER_F16 (else packed), then packed, then wide with
-/// SHADER_INT64; u32 (no weights, only f32 reads): plain f32.
+/// The ways this adapter can read weights of `dtype`, in preference order (the default first):
+/// f32 plain, then wide with SHADER_INT64; f16 native with SHADER_F16 (else packed), then wide
+/// with SHADER_INT64, then packed; u32 (no weights, only f32 reads): plain f32. The
+/// measurement times decode GEMVs, and where wide and packed f16 tie there (within
+/// [`TIE_MARGIN`], as on an AMD EPYC under lavapipe: 34.3 against 33.7 ms), the wide form goes
+/// first because the prefill matmul reads eight values per load with it against four packed
+/// (`firstrt bench --dtype f16 --prompt-len 128`, forced each way, alternated twice: prefill
+/// 81.5 and 84.7 tok/s wide, 75.5 and 67.7 packed; decode within noise).
 pub fn read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
     let mut kinds = vec![WeightKind::for_dtype(ctx, dtype)];
-    if dtype == DType::F16 && kinds[0] == WeightKind::F16 {
-        kinds.push(WeightKind::F16Packed);
-    }
     if ctx.has_int64() {
         match dtype {
             DType::F16 => kinds.push(WeightKind::F16Wide),
             DType::F32 => kinds.push(WeightKind::F32Wide),
             DType::U32 => {}
         }
+    }
+    if dtype == DType::F16 && kinds[0] == WeightKind::F16 {
+        kinds.push(WeightKind::F16Packed);
     }
     kinds
 }
