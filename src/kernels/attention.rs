@@ -14,7 +14,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant};
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, ShaderVariant, WeightKind};
 use crate::kernels::checks::{cache_rows, check_f32, check_rows, invalid};
 use crate::kernels::step::StepBuffer;
 
@@ -201,25 +201,22 @@ pub fn rows_per_workgroup(ctx: &GpuContext) -> usize {
 /// `array<vec4<u64>>` (the wide layout): on a CPU adapter with SHADER_INT64 where `head_dim` is a
 /// multiple of 8 (every head, and so every cache row, starts on a 32-byte boundary). On lavapipe
 /// each storage load in a loop is a per-lane loop with a bounds check per component, whatever its
-/// width, so half as many loads of twice the width halves that work; the driver also compiles
-/// the kernels faster, having half as many loads to expand (BENCHMARKS.md, "Attention reads k and
-/// v eight lanes per load").
+/// width, so half as many loads of twice the width halves that work (BENCHMARKS.md, "Attention
+/// reads k and v eight lanes per load": about 10% of attention's time in the model; the driver's
+/// compile of the kernels was not measurably shorter).
 pub fn wide_kv(ctx: &GpuContext, head_dim: usize) -> bool {
     ctx.is_cpu() && ctx.has_int64() && head_dim.is_multiple_of(8)
 }
 
 /// WGSL declaring the cache `var` (read-only storage at `binding`) with `f8(base, j) ->
 /// array<vec4<f32>, 2>`: lanes 8j..8j+7 of the head starting at element `base`, zero past
-/// head_dim. Wide ([`wide_kv`]): one `vec4<u64>` load; otherwise two loads through the `f4`
-/// accessor of [`head_access`].
+/// head_dim. Wide ([`wide_kv`]): one `vec4<u64>` load, through the `{var}_8` accessor of
+/// [`WeightKind::F32Wide`]'s declaration; otherwise two loads through the `f4` accessor of
+/// [`head_access`].
 fn kv_access(binding: u32, var: &str, f8: &str, f4: &str, head_dim: usize, wide: bool) -> String {
     if wide {
-        return format!(
-            "@group(0) @binding({binding}) var<storage, read> {var}: array<vec4<u64>>;\n\
-             fn {var}_f32x2(a: u64) -> vec2<f32> {{ return bitcast<vec2<f32>>(vec2<u32>(u32(a), u32(a >> 32u))); }}\n\
-             fn {f8}(base: u32, j: u32) -> array<vec4<f32>, 2> {{ let a = {var}[(base >> 3u) + j]; \
-             return array<vec4<f32>, 2>(vec4<f32>({var}_f32x2(a.x), {var}_f32x2(a.y)), vec4<f32>({var}_f32x2(a.z), {var}_f32x2(a.w))); }}\n"
-        );
+        return WeightKind::F32Wide.declare(binding, var)
+            + &format!("fn {f8}(base: u32, j: u32) -> array<vec4<f32>, 2> {{ return {var}_8((base >> 3u) + j); }}\n");
     }
     head_access(binding, var, f4, head_dim, false)
         + &format!(
