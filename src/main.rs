@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    firstrt::kernels::choice::on_first_measurement(|notice| eprintln!("firstrt: {notice}"));
+    firstrt::gpu::notice::on_first_run(|notice| eprintln!("firstrt: {notice}"));
     let args = cli::Cli::parse();
     if let Err(e) = cli::run(args) {
         eprintln!("error: {}", one_line(&e));

@@ -87,9 +87,9 @@ fn run_chat_streams_text_to_stdout_only() {
     assert!(stderr.contains("prefill:"));
 }
 
-/// Issue 10 §5: the first run on an adapter (no kernel choice cached) says so once on stderr
-/// while it chooses kernels; a later run with the choices cached says nothing of it. Both
-/// report their prefill and decode timings.
+/// Issue 10 §5: the first run on an adapter (no kernel choice cached, no pipeline recorded as
+/// compiled) says so once on stderr while it prepares its kernels; a later run says nothing of
+/// it. Both report their prefill and decode timings.
 #[test]
 fn only_the_first_run_on_an_adapter_announces_its_preparation() {
     let cache = TempDir::new("cli-first-run");
@@ -114,7 +114,7 @@ fn only_the_first_run_on_an_adapter_announces_its_preparation() {
     // How long it may take: a CPU driver such as lavapipe (where the tests run) needs a minute.
     let cpu_driver = first.contains("llvmpipe");
     assert!(first.contains(if cpu_driver { "up to a minute on a CPU driver" } else { "a few seconds" }), "{first}");
-    assert!(cache.join("kernel-choice.json").is_file(), "the choices are cached");
+    assert!(cache.join("compiled-pipelines.json").is_file(), "the compiled pipelines are recorded");
     let later = run();
     assert!(!later.contains("first run on"), "a later run is quiet: {later}");
 }

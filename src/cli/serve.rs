@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use firstrt::gpu::GpuOptions;
-use firstrt::kernels::choice::serve_first_run_wait;
+use firstrt::gpu::notice::serve_first_run_wait;
 use firstrt::runtime::session::MAX_CANDIDATES;
 use firstrt::runtime::{LayerPlan, PlanPolicyArgs, Session, SessionOptions};
 use firstrt::server::http::AppState;

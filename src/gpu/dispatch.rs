@@ -254,6 +254,10 @@ impl GpuContext {
     /// dispatches' outputs are overwritten before they are read (a step's scratch buffers, and
     /// KV-cache rows at or after the positions the next step writes).
     ///
+    /// Where a cold pipeline has never been compiled on this adapter by firstrt's record, the
+    /// first-run notice is given before (once per process) and the pipelines are recorded after
+    /// ([`super::notice`]).
+    ///
     /// # Errors
     /// As [`GpuContext::wait`].
     pub fn warm_up<'a>(&self, dispatches: impl IntoIterator<Item = &'a Dispatch>) -> Result<usize, GpuError> {
@@ -261,6 +265,12 @@ impl GpuContext {
         let cold: Vec<&Dispatch> = dispatches.into_iter().filter(|d| d.is_cold() && seen.insert(Arc::as_ptr(&d.pipeline))).collect();
         if cold.is_empty() {
             return Ok(0);
+        }
+        // A pipeline never compiled on this adapter (by firstrt's record) may take the driver
+        // seconds: say so once before starting, and record them once they ran.
+        let unrecorded = super::notice::any_unrecorded(self, cold.iter().map(|d| d.pipeline.key.as_str()));
+        if unrecorded {
+            super::notice::give(self, "compiling shaders");
         }
         let start = std::time::Instant::now();
         let helper = if cold.len() >= 2 { self.compile_helper() } else { None };
@@ -302,6 +312,9 @@ impl GpuContext {
         }
         for d in &cold {
             d.pipeline.mark_warm();
+        }
+        if unrecorded {
+            super::notice::record_compiled(self, cold.iter().map(|d| d.pipeline.key.as_str()));
         }
         let names: Vec<&str> = cold.iter().map(|d| d.pipeline.key.split('|').next().unwrap_or_default()).collect();
         log::debug!(

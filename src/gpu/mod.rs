@@ -7,6 +7,7 @@ pub mod buffer;
 pub mod compile_helper;
 pub mod dispatch;
 pub mod matrix;
+pub mod notice;
 pub mod pipeline;
 pub mod quant;
 

@@ -14,7 +14,7 @@
 //! fallback first); the first whose median is within [`TIE_MARGIN`] of the fastest wins, so
 //! that variants within noise of each other give the same choice in every fresh run. It takes
 //! one to a few seconds on lavapipe, plus the driver's compilation of the candidates when its
-//! shader cache is empty; [`on_first_measurement`] announces it.
+//! shader cache is empty; [`crate::gpu::notice`] announces it.
 //!
 //! Besides the matmul and matvec variants, the families `f32read` and `f16read` choose how
 //! kernels read weights ([`read_candidates`]): f32 `plain` ([`WeightKind::F32`]) or `wide`
@@ -27,7 +27,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::gpu::{DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, WeightKind};
@@ -117,11 +116,7 @@ fn forced_from_env() -> Forced {
 
 /// `$FIRSTRT_CACHE/kernel-choice.json`, default `~/.cache/firstrt/kernel-choice.json`.
 pub fn cache_path() -> Option<PathBuf> {
-    let dir = match std::env::var_os("FIRSTRT_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache").join("firstrt"),
-    };
-    Some(dir.join("kernel-choice.json"))
+    Some(crate::gpu::notice::cache_dir()?.join("kernel-choice.json"))
 }
 
 /// The cache file: adapter key -> family -> variant name.
@@ -143,51 +138,6 @@ pub fn write_cache_at(path: &Path, key: &str, family: &str, variant: &str) -> st
     }
     let text = serde_json::to_string_pretty(&cache).map_err(std::io::Error::other)?;
     std::fs::write(path, text)
-}
-
-/// Where the notice of a first measurement goes ([`on_first_measurement`]).
-static NOTICE: OnceLock<fn(&str)> = OnceLock::new();
-/// Set once the notice has been given in this process.
-static NOTICE_GIVEN: AtomicBool = AtomicBool::new(false);
-
-/// Have `say` receive the one-line notice given once per process before the first kernel
-/// measurement starts (a first run on this adapter: nothing is cached), e.g. to print it on
-/// stderr. Without it the notice goes to the log at info level. The first call wins.
-pub fn on_first_measurement(say: fn(&str)) {
-    let _ = NOTICE.set(say);
-}
-
-/// How long a first run on `ctx`'s adapter prepares, as the notices say it: a CPU driver such as
-/// lavapipe compiles every shader with LLVM, 23-24 s for the test model on 2 cores with the
-/// compile helper (40-45 s without; more on a loaded machine; `serve` has its own,
-/// [`serve_first_run_wait`]) (BENCHMARKS.md, "First run on an adapter"); a GPU's driver takes
-/// seconds.
-pub fn first_run_wait(ctx: &GpuContext) -> &'static str {
-    if ctx.is_cpu() { "up to a minute on a CPU driver (the next runs reuse the compiled shaders)" } else { "a few seconds" }
-}
-
-/// [`first_run_wait`] for `serve`'s start-up, which prepares prefills from 1 to 128 tokens and so
-/// compiles more: 55 s with lavapipe on 2 cores with the compile helper, 96 s without
-/// (BENCHMARKS.md, "First run on an adapter"), seconds on a GPU.
-pub fn serve_first_run_wait(ctx: &GpuContext) -> &'static str {
-    if ctx.is_cpu() { "up to two minutes on a CPU driver (the next starts reuse the compiled shaders)" } else { "a few seconds" }
-}
-
-/// The notice of [`on_first_measurement`], once per process.
-fn give_notice(ctx: &GpuContext) {
-    if NOTICE_GIVEN.swap(true, Ordering::Relaxed) {
-        return;
-    }
-    let text = format!(
-        "first run on {} ({:?}): choosing kernels and compiling shaders, {}…",
-        ctx.info.name,
-        ctx.info.backend,
-        first_run_wait(ctx)
-    );
-    match NOTICE.get() {
-        Some(say) => say(&text),
-        None => log::info!("{text}"),
-    }
 }
 
 /// The choice for `family`: forced, cached in memory or on disk, or measured by `measure`.
@@ -215,7 +165,7 @@ fn choose(
         );
         v
     } else {
-        give_notice(ctx);
+        crate::gpu::notice::give(ctx, "choosing kernels and compiling shaders");
         let start = Instant::now();
         match measure() {
             Ok(v) => {
@@ -270,13 +220,44 @@ pub fn matmul_variant(ctx: &GpuContext, rows: usize) -> MatmulVariant {
     MatmulVariant::parse(&name).unwrap_or(fallback)
 }
 
-/// Decide every kernel choice that the steps of a model with `dtype` weights use (how the
-/// weights are read, the matmul variant of short and of long prefills, the matvec variant),
-/// measuring what is not cached.
-pub fn choose_all(ctx: &GpuContext, dtype: DType) {
-    weight_kind(ctx, dtype);
-    matmul_variant(ctx, 1);
-    matmul_variant(ctx, SHORT_PREFILL_ROWS + 1);
+/// The matmul variant for a prefill of `rows` tokens over the weights `w`: forced
+/// (`FIRSTRT_KERNEL`); else `xbcast`, without measuring, where every chunk of `w` is quantised
+/// and the adapter is a CPU; else [`matmul_variant`]. Why: the matmul families are measured on
+/// f32 weights, whose kernels a quantised model never runs (on lavapipe that measurement
+/// compiled the f32 `regblock` and `xbcast` pipelines for 5–8 s of a first run); on quantised
+/// weights `xbcast` ran 1.8x as fast as `regblock` at 16 rows and as fast at 37
+/// (BENCHMARKS.md, "Quantised weights on `xbcast`"), and past
+/// [`crate::kernels::matmul::XBCAST_QUANT_MAX_ROWS`] rows it runs `regblock` itself.
+pub fn matmul_variant_for(ctx: &GpuContext, rows: usize, w: &GpuMatrix) -> MatmulVariant {
+    if forced_from_env().matmul.is_none() && quantised_on_cpu(ctx, w) {
+        return MatmulVariant::XBcast;
+    }
+    matmul_variant(ctx, rows)
+}
+
+/// Whether `w`'s prefill products take `xbcast` on this adapter without a measurement
+/// ([`matmul_variant_for`]): a CPU adapter and every chunk of `w` quantised.
+fn quantised_on_cpu(ctx: &GpuContext, w: &GpuMatrix) -> bool {
+    ctx.is_cpu() && !w.chunks.is_empty() && w.chunks.iter().all(|c| c.quant.is_some())
+}
+
+/// Decide every kernel choice that the steps over these weights use, measuring what is not
+/// cached, so that no measurement falls inside a timed step: how dense weights are read, for
+/// each dtype of the dense chunks of `read` (every matrix a step reads, the embedding table
+/// included: [`weight_kind`]); the matmul variants of short and of long prefills where a
+/// matrix of `multiplied` (those a prefill multiplies by) needs them ([`matmul_variant_for`]);
+/// the matvec variant. A choice that no step needs is not measured: a model whose matrices are
+/// all quantised measures no f32 reads and, on a CPU adapter, no matmul.
+pub fn choose_all(ctx: &GpuContext, read: &[&GpuMatrix], multiplied: &[&GpuMatrix]) {
+    for dtype in [DType::F32, DType::F16] {
+        if read.iter().any(|m| m.dtype == dtype && m.chunks.iter().any(|c| c.quant.is_none())) {
+            weight_kind(ctx, dtype);
+        }
+    }
+    if let Some(w) = multiplied.iter().find(|w| !quantised_on_cpu(ctx, w)) {
+        matmul_variant_for(ctx, 1, w);
+        matmul_variant_for(ctx, SHORT_PREFILL_ROWS + 1, w);
+    }
     matvec_variant(ctx);
 }
 
@@ -369,6 +350,14 @@ pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
     let measure = || measure_read(ctx, family, dtype, &candidates).map(read_name);
     let name = choose(ctx, family, forced, cache_path().as_deref(), measure, read_name(candidates[0]));
     read_parse(dtype, &name).filter(|k| candidates.contains(k)).unwrap_or(candidates[0])
+}
+
+/// The kind that reads the dense chunks of `w` ([`weight_kind`] of its dtype), measured only
+/// where `w` has a dense chunk: for a matrix of quantised blocks only, the kind is never used to
+/// read a value, and the adapter's fallback (the first of [`read_candidates`]) is returned
+/// without a measurement.
+pub fn dense_kind(ctx: &GpuContext, w: &GpuMatrix) -> WeightKind {
+    if w.chunks.iter().any(|c| c.quant.is_none()) { weight_kind(ctx, w.dtype) } else { read_candidates(ctx, w.dtype)[0] }
 }
 
 /// Candidates whose median time is within this fraction of the fastest one's count as tied; a
@@ -759,6 +748,41 @@ mod tests {
         let ms = |v: &[u64]| v.iter().map(|&t| Duration::from_millis(t)).collect::<Vec<_>>();
         assert_eq!(median(&mut ms(&[5, 1, 9, 3, 40])), Duration::from_millis(5));
         assert_eq!(median(&mut ms(&[7])), Duration::from_millis(7));
+    }
+
+    /// A model whose matrices are all quantised measures nothing on a CPU adapter: its prefill
+    /// products take `xbcast` and no f32 or f16 read is chosen; a dense matrix in `read` or in
+    /// `multiplied` brings back the choices it needs.
+    #[test]
+    fn quantised_weights_need_no_measurement_on_a_cpu() {
+        use crate::gpu::{GpuOptions, MatrixPart};
+        use crate::kernels::testing::random_blocks;
+        use crate::model::QuantType;
+        // A context of its own: the shared one holds the choices other tests made.
+        let ctx = GpuContext::new(&GpuOptions::default()).unwrap();
+        let blocks = random_blocks(QuantType::Q4_1, 64, 64, 3);
+        let quant = GpuMatrix::upload_parts(&ctx, "w", 64, &[MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
+        let dense = GpuMatrix::upload(&ctx, "d", 8, 64, &pseudo_random(8 * 64), DType::F16).unwrap();
+        let forced = forced_from_env();
+        let chosen = || ctx.kernel_choices.lock().unwrap().keys().copied().collect::<std::collections::BTreeSet<_>>();
+        choose_all(&ctx, &[&quant], &[&quant]);
+        if !ctx.is_cpu() {
+            assert!(chosen().contains("matmul"), "{:?}", chosen());
+            return;
+        }
+        assert!(chosen().iter().all(|f| *f == "matvec"), "nothing but matvec may be chosen: {:?}", chosen());
+        if forced.matmul.is_none() {
+            assert_eq!(matmul_variant_for(&ctx, 12, &quant), MatmulVariant::XBcast);
+            assert!(!chosen().contains("matmul.short"), "{:?}", chosen());
+        }
+        // An f16 table (read, not multiplied) needs the f16 read only.
+        choose_all(&ctx, &[&quant, &dense], &[&quant]);
+        assert!(chosen().contains("f16read") && !chosen().contains("f32read"), "{:?}", chosen());
+        assert!(!chosen().contains("matmul"), "{:?}", chosen());
+        // A dense product needs the matmul choices.
+        choose_all(&ctx, &[&dense], &[&quant, &dense]);
+        assert!(chosen().contains("matmul.short") && chosen().contains("matmul"), "{:?}", chosen());
+        assert_eq!(matmul_variant_for(&ctx, 12, &dense), matmul_variant(&ctx, 12));
     }
 
     #[test]

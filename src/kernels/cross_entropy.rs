@@ -149,7 +149,7 @@ pub fn cross_entropy(ctx: &GpuContext, label: &str, op: &CrossEntropyOp) -> Resu
     }
     // The products check W too, under their own labels; a kind that cannot read W is the
     // cross-entropy's argument, so it is named here.
-    let dense_kind = kind.unwrap_or_else(|| crate::kernels::choice::weight_kind(ctx, w.dtype));
+    let dense_kind = kind.unwrap_or_else(|| crate::kernels::choice::dense_kind(ctx, w));
     check_weight_kind(ctx, label, dense_kind, w.dtype)?;
     let chunk = chunk.min(vocab);
     check_u32(label, rows * chunk.max(dim), "rows x chunk columns")?;

@@ -42,7 +42,7 @@ pub fn embedding(
     table: &GpuMatrix,
     out: &GpuTensor,
 ) -> Result<Vec<Dispatch>, GpuError> {
-    embedding_with_kind(ctx, label, ids, rows, table, out, crate::kernels::choice::weight_kind(ctx, table.dtype))
+    embedding_with_kind(ctx, label, ids, rows, table, out, crate::kernels::choice::dense_kind(ctx, table))
 }
 
 /// [`embedding`] with an explicit way of reading the table (tests use every kind).

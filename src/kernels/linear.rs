@@ -254,10 +254,10 @@ impl<'a> LinearOp<'a> {
                 if let Some(c) = w.chunks.iter().find(|c| c.quant != Some(q)) {
                     return Err(invalid(label, format!("chunk at row {} is not {q} blocks", c.row0)));
                 }
-                crate::kernels::choice::weight_kind(ctx, w.dtype)
+                crate::kernels::choice::dense_kind(ctx, w)
             }
             Some(kind) => kind,
-            None => crate::kernels::choice::weight_kind(ctx, w.dtype),
+            None => crate::kernels::choice::dense_kind(ctx, w),
         };
         check_weight_kind(ctx, label, kind, w.dtype)?;
         Ok(kind.for_k(w.cols))

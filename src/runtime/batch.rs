@@ -27,7 +27,6 @@ use std::sync::Arc;
 
 use crate::gpu::dispatch::record_grouped;
 use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase};
-use crate::kernels::choice::choose_all;
 use crate::kernels::copy::copy_words;
 use crate::kernels::linear::LinearOp;
 use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
@@ -172,7 +171,7 @@ impl DecodeBatch {
 
     /// Write the step's token ids (one list after another) and each session's step uniform.
     fn write_inputs(&self, acts: &Activations, sessions: &[&mut Session], tokens: &[&[u32]]) {
-        choose_all(&self.ctx, self.weights.dtype);
+        self.weights.choose_kernels(None);
         acts.ids.write_u32(&self.ctx, &tokens.concat());
         for (s, t) in sessions.iter().zip(tokens) {
             let (pos0, n) = (s.pos as u32, t.len() as u32);

@@ -212,7 +212,12 @@ impl GpuLora {
 
     /// Bytes of all adapter matrices on the GPU.
     pub fn byte_len(&self) -> u64 {
-        self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]).flatten().map(|p| p.a.byte_len() + p.b.byte_len()).sum()
+        self.matrices().map(GpuMatrix::byte_len).sum()
+    }
+
+    /// Every adapter matrix, each pair's A then its B, layer by layer.
+    pub fn matrices(&self) -> impl Iterator<Item = &GpuMatrix> {
+        self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]).flatten().flat_map(|p| [&p.a, &p.b])
     }
 }
 

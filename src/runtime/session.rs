@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use crate::gpu::dispatch::record_grouped;
 use crate::gpu::{DType, Dispatch, GpuContext, GpuTensor, Phase};
-use crate::kernels::choice::choose_all;
 use crate::kernels::rope::{RopeScalingParams, RopeTables};
 use crate::kernels::sample::{decode_pairs, saw_non_finite};
 use crate::kernels::step::{StepBuffer, StepParams};
@@ -256,7 +255,7 @@ impl Session {
     /// warmed up). Returns false, building nothing, for a routed session before its plan is
     /// fixed. Errors: as [`StepBuilder::layer`].
     fn build_decode_program(&mut self) -> Result<bool, RuntimeError> {
-        choose_all(&self.ctx, self.weights.dtype);
+        self.weights.choose_kernels(self.lora.as_ref().map(|(g, _)| &**g));
         if self.routing.is_some() {
             return Ok(false);
         }

@@ -8,7 +8,7 @@
 
 use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuTensor, Phase, Tag};
 use crate::kernels::attention::{AttnOp, AttnShape, attention};
-use crate::kernels::choice::{matmul_variant, matvec_variant};
+use crate::kernels::choice::{matmul_variant_for, matvec_variant};
 use crate::kernels::copy::copy;
 use crate::kernels::embedding::embedding;
 use crate::kernels::linear::LinearOp;
@@ -388,7 +388,7 @@ impl StepBuilder<'_> {
         Ok(if self.phase == Phase::Decode {
             matvec(self.ctx, label, op, matvec_variant(self.ctx))?
         } else {
-            matmul(self.ctx, label, op, matmul_variant(self.ctx, op.rows))?
+            matmul(self.ctx, label, op, matmul_variant_for(self.ctx, op.rows, op.w))?
         })
     }
 

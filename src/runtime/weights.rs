@@ -10,6 +10,7 @@ use crate::model::quant::quantize;
 use crate::model::{HostBlocks, HostTensor, ModelConfig, QuantType, WeightSource};
 
 use super::RuntimeError;
+use super::lora::GpuLora;
 
 /// One decoder layer's weights.
 #[derive(Debug)]
@@ -350,6 +351,21 @@ impl GpuWeights {
         std::iter::once(&self.embed)
             .chain(self.lm_head.as_ref())
             .chain(self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]))
+    }
+
+    /// Every matrix a prefill multiplies by: each layer's four stacks (the embedding table is
+    /// gathered, and the LM head runs on the last row only, as a GEMV).
+    pub fn prefill_products(&self) -> impl Iterator<Item = &GpuMatrix> {
+        self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+    }
+
+    /// Decide every kernel choice that steps over these weights and `lora` (unmerged) use
+    /// ([`crate::kernels::choice::choose_all`]), measuring what is not cached.
+    pub fn choose_kernels(&self, lora: Option<&GpuLora>) {
+        let adapter = || lora.into_iter().flat_map(GpuLora::matrices);
+        let read: Vec<&GpuMatrix> = self.matrices().chain(adapter()).collect();
+        let multiplied: Vec<&GpuMatrix> = self.prefill_products().chain(adapter()).collect();
+        crate::kernels::choice::choose_all(&self.ctx, &read, &multiplied);
     }
 
     /// How the matrices are stored, most common first: e.g. `q4_1 x120, q8_0 x1`
