@@ -176,12 +176,12 @@ impl ChatTemplate {
                 message: format!("the name prefix `{}` is reserved by firstrt", work::RESERVED_PREFIX),
             });
         }
-        let compiled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let compiled = catch_quietly(|| {
             let source = rewrite_generation_tags(source);
             let bounded = work::bound_operators(&source)
                 .ok_or_else(|| TokenizerError::TemplateSyntax { message: "the template's operators could not be bounded".into() })?;
             env.add_template_owned(TEMPLATE_NAME, bounded).map_err(|e| TokenizerError::TemplateSyntax { message: e.to_string() })
-        }));
+        });
         compiled.map_err(|_| TokenizerError::TemplateSyntax { message: "the template compiler failed on this template".into() })??;
         Ok(Self { env, bos_token: bos_token.unwrap_or_default().to_string(), eos_token: eos_token.unwrap_or_default().to_string() })
     }
@@ -211,6 +211,38 @@ impl ChatTemplate {
             Err(payload) => std::panic::resume_unwind(payload),
         }
     }
+}
+
+thread_local! {
+    /// Nesting depth of [`catch_quietly`] on this thread.
+    static QUIET: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Panics of this thread that the hook of [`catch_quietly`] kept off stderr.
+    static SILENCED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Run `f`, catching a panic, without the panic hook printing it: the template compiler's
+/// panics on templates it cannot compile become [`TokenizerError::TemplateSyntax`] with nothing
+/// on the user's stderr but firstrt's own one-line error. The first call installs, for the whole
+/// process, a panic hook that logs a panic at debug level while this thread is inside
+/// `catch_quietly` and hands every other panic to the hook it replaced (the default hook, or the
+/// one its caller set before), so no other panic is hidden.
+fn catch_quietly<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET.with(|q| q.get()) > 0 {
+                SILENCED.with(|n| n.set(n.get() + 1));
+                log::debug!("caught in the template compiler: {info}");
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(q.get() + 1));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(q.get() - 1));
+    result
 }
 
 /// Unwind payload of a write past [`MAX_RENDERED_BYTES`].
@@ -668,6 +700,21 @@ mod tests {
             }
             other => panic!("expected TemplateException, got {other:?}"),
         }
+    }
+
+    /// minijinja 2.24's code generator panics on a filter after `{% import ... as name %}`; that
+    /// is a syntax error, and the panic stays inside [`catch_quietly`].
+    #[test]
+    fn a_template_the_compiler_panics_on_is_a_syntax_error() {
+        let silenced = SILENCED.with(|n| n.get());
+        let result = ChatTemplate::new("{% import 'chat' as c | upper %}x", None, None);
+        assert_eq!(SILENCED.with(|n| n.get()), silenced + 1, "the compiler's panic went to the default hook");
+        match result {
+            Err(TokenizerError::TemplateSyntax { message }) => assert!(message.contains("compiler failed"), "{message}"),
+            Err(other) => panic!("expected the compiler's failure, got {other}"),
+            Ok(_) => panic!("expected the compiler's failure, got a template"),
+        }
+        assert_eq!(QUIET.with(|q| q.get()), 0, "left the quiet section");
     }
 
     #[test]
