@@ -172,6 +172,11 @@ pub fn run(gpu: &GpuOptions, args: ServeArgs) -> Result<()> {
     lengths.dedup(); // a short context caps several lengths at the same one
     session.prepare_prefills(&lengths).with_context(|| format!("preparing prefills of {lengths:?} tokens"))?;
     drop(session);
+    // The kernel choices an adapter's f32 matrices need (a quantised model's own steps need
+    // none on a CPU driver): measured now rather than inside the first request that names it.
+    for adapter in adapters.values() {
+        model.weights.choose_kernels(Some(&adapter.gpu));
+    }
     let served = Arc::new(ServedModel {
         loaded: Arc::new(model),
         id: args.model_id(),
