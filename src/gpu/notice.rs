@@ -31,10 +31,10 @@ pub fn on_first_run(say: fn(&str)) {
 }
 
 /// How long a first run on `ctx`'s adapter prepares, as the notices say it: a CPU driver such as
-/// lavapipe compiles every shader with LLVM, 23-24 s for the test model on 2 cores with the
-/// compile helper (40-45 s without; more on a loaded machine; `serve` has its own,
-/// [`serve_first_run_wait`]) (BENCHMARKS.md, "First run on an adapter"); a GPU's driver takes
-/// seconds.
+/// lavapipe compiles every shader with LLVM, 30-31 s for the README question with the test model
+/// on a slow 2-core machine with the compile helper (more without it or on a loaded machine;
+/// `serve` has its own, [`serve_first_run_wait`]) (BENCHMARKS.md, "First run on an adapter");
+/// a GPU's driver takes seconds.
 pub fn first_run_wait(ctx: &GpuContext) -> &'static str {
     if ctx.is_cpu() { "up to a minute on a CPU driver (the next runs reuse the compiled shaders)" } else { "a few seconds" }
 }
