@@ -18,12 +18,10 @@ pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The fixture set for that model (a folder name under the fixtures root).
 pub const FIXTURE_SET: &str = "smollm2-135m-instruct";
 
-/// `$FIRSTRT_CACHE`, default `~/.cache/firstrt`.
+/// `$FIRSTRT_CACHE`, default `~/.cache/firstrt` ([`crate::gpu::notice::cache_dir`]), and
+/// `/root/.cache/firstrt` without `HOME`.
 pub fn cache_dir() -> PathBuf {
-    match std::env::var_os("FIRSTRT_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/firstrt"),
-    }
+    crate::gpu::notice::cache_dir().unwrap_or_else(|| PathBuf::from("/root/.cache/firstrt"))
 }
 
 /// The test model: `$FIRSTRT_MODEL`, else `cache_dir()/MODEL_FILE`. Panics, naming the fetch

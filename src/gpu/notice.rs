@@ -12,7 +12,7 @@
 //! one notice more, never an error.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -68,6 +68,29 @@ pub fn cache_dir() -> Option<PathBuf> {
     }
 }
 
+/// The JSON file at `path` as a `T`; `T::default()` where it is missing or unreadable.
+pub(crate) fn read_json_file<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {
+    std::fs::read_to_string(path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+}
+
+/// Read the JSON file at `path` ([`read_json_file`]), `update` it and write it back (pretty
+/// printed), creating its folder where missing.
+///
+/// # Errors
+/// Creating the folder or writing the file.
+pub(crate) fn update_json_file<T>(path: &Path, update: impl FnOnce(&mut T)) -> std::io::Result<()>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize + Default,
+{
+    let mut value: T = read_json_file(path);
+    update(&mut value);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(&value).map_err(std::io::Error::other)?;
+    std::fs::write(path, text)
+}
+
 /// The record file: adapter key -> hashes of the pipelines compiled on it (16 hex digits each).
 type Record = BTreeMap<String, BTreeSet<String>>;
 
@@ -76,7 +99,7 @@ fn record_path() -> Option<PathBuf> {
 }
 
 fn read_record() -> Record {
-    record_path().and_then(|p| std::fs::read_to_string(p).ok()).and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+    record_path().map(|p| read_json_file(&p)).unwrap_or_default()
 }
 
 /// 64-bit FNV-1a of `key`, as 16 hex digits.
@@ -97,13 +120,9 @@ pub(crate) fn any_unrecorded<'a>(ctx: &GpuContext, keys: impl IntoIterator<Item 
 /// entry. A failure is logged, not returned: it costs a later run one notice more.
 pub(crate) fn record_compiled<'a>(ctx: &GpuContext, keys: impl IntoIterator<Item = &'a str>) {
     let Some(path) = record_path() else { return };
-    let mut record = read_record();
-    record.entry(ctx.adapter_key()).or_default().extend(keys.into_iter().map(key_hash));
-    let written = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| serde_json::to_string(&record).map_err(std::io::Error::other))
-        .and_then(|text| std::fs::write(&path, text));
+    let written = update_json_file(&path, |record: &mut Record| {
+        record.entry(ctx.adapter_key()).or_default().extend(keys.into_iter().map(key_hash));
+    });
     if let Err(e) = written {
         log::warn!("could not record the compiled pipelines in {}: {e}", path.display());
     }

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::gpu::notice::{read_json_file, update_json_file};
 use crate::gpu::{DType, Dispatch, GpuContext, GpuError, GpuMatrix, GpuTensor, WeightKind};
 use crate::kernels::linear::LinearOp;
 use crate::kernels::matmul::{MatmulVariant, matmul};
@@ -124,20 +125,15 @@ type CacheFile = BTreeMap<String, BTreeMap<String, String>>;
 
 /// The cached variant of `family` for adapter `key` in the cache file at `path`, if any.
 pub fn read_cache_at(path: &Path, key: &str, family: &str) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let cache: CacheFile = serde_json::from_str(&text).ok()?;
+    let cache: CacheFile = read_json_file(path);
     cache.get(key)?.get(family).cloned()
 }
 
 /// Record `variant` for (`key`, `family`) in the cache file at `path`, keeping other entries.
 pub fn write_cache_at(path: &Path, key: &str, family: &str, variant: &str) -> std::io::Result<()> {
-    let mut cache: CacheFile = std::fs::read_to_string(path).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
-    cache.entry(key.to_string()).or_default().insert(family.to_string(), variant.to_string());
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let text = serde_json::to_string_pretty(&cache).map_err(std::io::Error::other)?;
-    std::fs::write(path, text)
+    update_json_file(path, |cache: &mut CacheFile| {
+        cache.entry(key.to_string()).or_default().insert(family.to_string(), variant.to_string());
+    })
 }
 
 /// The choice for `family`: forced, cached in memory or on disk, or measured by `measure`.
@@ -244,19 +240,17 @@ fn quantised_on_cpu(ctx: &GpuContext, w: &GpuMatrix) -> bool {
 /// Decide every kernel choice that the steps over these weights use, measuring what is not
 /// cached, so that no measurement falls inside a timed step: how dense weights are read, for
 /// each dtype of the dense chunks of `read` (every matrix a step reads, the embedding table
-/// included: [`weight_kind`]); the matmul variants of short and of long prefills where a
+/// included: [`dense_kind`]); the matmul variants of short and of long prefills where a
 /// matrix of `multiplied` (those a prefill multiplies by) needs them ([`matmul_variant_for`]);
 /// the matvec variant. A choice that no step needs is not measured: a model whose matrices are
 /// all quantised measures no f32 reads and, on a CPU adapter, no matmul.
 pub fn choose_all(ctx: &GpuContext, read: &[&GpuMatrix], multiplied: &[&GpuMatrix]) {
-    for dtype in [DType::F32, DType::F16] {
-        if read.iter().any(|m| m.dtype == dtype && m.chunks.iter().any(|c| c.quant.is_none())) {
-            weight_kind(ctx, dtype);
-        }
+    for m in read {
+        dense_kind(ctx, m);
     }
-    if let Some(w) = multiplied.iter().find(|w| !quantised_on_cpu(ctx, w)) {
-        matmul_variant_for(ctx, 1, w);
-        matmul_variant_for(ctx, SHORT_PREFILL_ROWS + 1, w);
+    if multiplied.iter().any(|w| !quantised_on_cpu(ctx, w)) {
+        matmul_variant(ctx, 1);
+        matmul_variant(ctx, SHORT_PREFILL_ROWS + 1);
     }
     matvec_variant(ctx);
 }

@@ -348,9 +348,7 @@ impl GpuWeights {
 
     /// Every matrix: the embedding table, the LM head when not tied, each layer's four stacks.
     pub fn matrices(&self) -> impl Iterator<Item = &GpuMatrix> {
-        std::iter::once(&self.embed)
-            .chain(self.lm_head.as_ref())
-            .chain(self.layers.iter().flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down]))
+        std::iter::once(&self.embed).chain(self.lm_head.as_ref()).chain(self.prefill_products())
     }
 
     /// Every matrix a prefill multiplies by: each layer's four stacks (the embedding table is
