@@ -171,7 +171,6 @@ impl DecodeBatch {
 
     /// Write the step's token ids (one list after another) and each session's step uniform.
     fn write_inputs(&self, acts: &Activations, sessions: &[&mut Session], tokens: &[&[u32]]) {
-        self.weights.choose_kernels(None);
         acts.ids.write_u32(&self.ctx, &tokens.concat());
         for (s, t) in sessions.iter().zip(tokens) {
             let (pos0, n) = (s.pos as u32, t.len() as u32);
@@ -183,6 +182,8 @@ impl DecodeBatch {
     /// `rows[i]` are sequence i's rows (1 in a decode step), in `a` from the sum of the earlier
     /// ones on.
     fn build(&self, sessions: &[&mut Session], rows: &[usize], a: &Activations) -> Result<Vec<Dispatch>, RuntimeError> {
+        // Once per program, not per step: a decode step reuses the program it built.
+        self.weights.choose_kernels(None);
         let (ctx, w, b) = (&*self.ctx, &*self.weights, sessions.len());
         let total: usize = rows.iter().sum();
         let row0: Vec<usize> = rows.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
