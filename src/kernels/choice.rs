@@ -22,7 +22,8 @@
 //! SHADER_F16 exists), `wide` ([`WeightKind::F16Wide`]) or `packed` ([`WeightKind::F16Packed`]), the default
 //! (the first of [`read_candidates`]) preferred on a tie, then the wide form.
 //! On lavapipe the wide forms are faster: every load is a per-lane loop there, so fewer, wider
-//! loads win.
+//! loads win; a CPU adapter with SHADER_INT64 takes them without measuring
+//! ([`measured_read_candidates`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -329,8 +330,28 @@ pub fn read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
     kinds
 }
 
-/// How kernels read weights of `dtype` on this adapter: the only candidate of
-/// [`read_candidates`], else the forced, cached or measured `f32read` / `f16read` choice.
+/// The ways of reading weights of `dtype` that this adapter measures: on a CPU adapter with
+/// SHADER_INT64 only the wide form ([`WeightKind::F32Wide`], [`WeightKind::F16Wide`]), elsewhere
+/// every one of [`read_candidates`]. Why: on lavapipe every load is a per-lane loop with a bounds
+/// branch per component, so the wide forms do the fewest loads, and they won on every decode
+/// shape of `cargo bench --bench kernels -- "matvec rows"` (f16 against packed, AMD EPYC,
+/// 2026-12-02: 3072x576 662 against 1094 us, 576x1536 250 against 397, 49152x576 12.4 against
+/// 13.6 ms) and in the prefill (f16 128 tokens: 81.5 and 84.7 tok/s wide, 75.5 and 67.7 packed);
+/// yet the `f16read` measurement, whose rounds varied 2x on that shared 2-core machine, picked
+/// `packed` in two of five fresh runs. The others can still be forced (`FIRSTRT_KERNEL=f16read=packed`).
+pub fn measured_read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
+    let all = read_candidates(ctx, dtype);
+    let wide = match dtype {
+        DType::F16 => WeightKind::F16Wide,
+        DType::F32 => WeightKind::F32Wide,
+        DType::U32 => return all,
+    };
+    if ctx.is_cpu() && all.contains(&wide) { vec![wide] } else { all }
+}
+
+/// How kernels read weights of `dtype` on this adapter: the forced `f32read` / `f16read` choice
+/// (`FIRSTRT_KERNEL`, any of [`read_candidates`]); else the only candidate of
+/// [`measured_read_candidates`]; else the cached or measured choice among them.
 pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
     let candidates = read_candidates(ctx, dtype);
     if candidates.len() == 1 {
@@ -341,9 +362,13 @@ pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
         _ => ("f32read", forced_from_env().f32read),
     };
     let forced = forced.filter(|k| candidates.contains(k)).map(read_name);
-    let measure = || measure_read(ctx, family, dtype, &candidates).map(read_name);
-    let name = choose(ctx, family, forced, cache_path().as_deref(), measure, read_name(candidates[0]));
-    read_parse(dtype, &name).filter(|k| candidates.contains(k)).unwrap_or(candidates[0])
+    let measured = measured_read_candidates(ctx, dtype);
+    if let (None, [only]) = (forced, &measured[..]) {
+        return *only;
+    }
+    let measure = || measure_read(ctx, family, dtype, &measured).map(read_name);
+    let name = choose(ctx, family, forced, cache_path().as_deref(), measure, read_name(measured[0]));
+    read_parse(dtype, &name).filter(|k| candidates.contains(k)).unwrap_or(measured[0])
 }
 
 /// The kind that reads the dense chunks of `w` ([`weight_kind`] of its dtype), measured only
@@ -664,7 +689,8 @@ mod tests {
     }
 
     /// A CPU adapter measures neither `tiled` nor `reduce` (nor `subgroup`), and with `rows` the
-    /// only matvec candidate it measures no matvec at all; any other adapter measures them all.
+    /// only matvec candidate it measures no matvec at all, nor (with SHADER_INT64) a way of
+    /// reading weights; any other adapter measures them all.
     #[test]
     fn cpu_adapters_measure_only_the_cpu_variants() {
         let ctx = test_context();
@@ -676,9 +702,28 @@ mod tests {
                 let choices = ctx.kernel_choices.lock().unwrap();
                 assert!(!choices.contains_key("matvec"), "matvec must not be measured: {choices:?}");
             }
+            // With SHADER_INT64 weights are read the wide way, unmeasured (unless forced).
+            if ctx.has_int64() {
+                let forced = forced_from_env();
+                for (dtype, wide, family, forced) in [
+                    (DType::F32, WeightKind::F32Wide, "f32read", forced.f32read),
+                    (DType::F16, WeightKind::F16Wide, "f16read", forced.f16read),
+                ] {
+                    assert_eq!(measured_read_candidates(&ctx, dtype), [wide]);
+                    assert!(read_candidates(&ctx, dtype).len() > 1, "every way stays available to force");
+                    if forced.is_none() {
+                        assert_eq!(weight_kind(&ctx, dtype), wide);
+                        let choices = ctx.kernel_choices.lock().unwrap();
+                        assert!(!choices.contains_key(family), "{family} must not be measured: {choices:?}");
+                    }
+                }
+            }
         } else {
             assert_eq!(matmul_candidates(&ctx), MatmulVariant::ALL);
             assert_eq!(matvec_candidates(&ctx), MatvecVariant::available(&ctx));
+            for dtype in [DType::F32, DType::F16] {
+                assert_eq!(measured_read_candidates(&ctx, dtype), read_candidates(&ctx, dtype));
+            }
         }
     }
 
@@ -769,9 +814,12 @@ mod tests {
             assert_eq!(matmul_variant_for(&ctx, 12, &quant), MatmulVariant::XBcast);
             assert!(!chosen().contains("matmul.short"), "{:?}", chosen());
         }
-        // An f16 table (read, not multiplied) needs the f16 read only.
+        // An f16 table (read, not multiplied) needs the f16 read only (measured where there is
+        // more than one way to measure).
         choose_all(&ctx, &[&quant, &dense], &[&quant]);
-        assert!(chosen().contains("f16read") && !chosen().contains("f32read"), "{:?}", chosen());
+        let f16_measured = forced.f16read.is_some() || measured_read_candidates(&ctx, DType::F16).len() > 1;
+        assert_eq!(chosen().contains("f16read"), f16_measured, "{:?}", chosen());
+        assert!(!chosen().contains("f32read"), "{:?}", chosen());
         assert!(!chosen().contains("matmul"), "{:?}", chosen());
         // A dense product needs the matmul choices.
         choose_all(&ctx, &[&dense], &[&quant, &dense]);
