@@ -25,7 +25,7 @@ use firstrt::kernels::embedding::embedding;
 use firstrt::kernels::linear::LinearOp;
 use firstrt::kernels::matmul::{MatmulVariant, matmul};
 use firstrt::kernels::matmul_tn::{MatmulTnOp, matmul_tn};
-use firstrt::kernels::matvec::{MatvecEpilogue, MatvecVariant, matvec, matvec_with};
+use firstrt::kernels::matvec::{MatvecEpilogue, MatvecVariant, NormEpilogue, matvec, matvec_with};
 use firstrt::kernels::rmsnorm::{RmsNormOp, rmsnorm};
 use firstrt::kernels::rope::{RopeQkvOp, RopeTables, rope_qkv_write};
 use firstrt::kernels::step::{StepBuffer, StepParams};
@@ -177,15 +177,21 @@ fn main() {
     // 64, a 4096-row KV cache at position 128): each call is mostly its dispatch's fixed cost,
     // paid about 5 times per layer. The embedding row is the cheapest dispatch of a step.
     // The GEMV rows with the epilogues that replace SwiGLU's and RoPE's dispatches live here too:
-    // `epilogue_row(dtype, "swiglu" | "rope")` is such a row's name and shape.
+    // `epilogue_row(dtype, "swiglu" | "rope" | "norm" | "unfused norm")` is such a row's name and
+    // shape; "norm" (the o projection's GEMV writing the MLP half's RMSNorm, CPU adapters only)
+    // is to be compared with "unfused norm", the same GEMV then an rmsnorm dispatch.
     let (d, ff, max_pos, pos) = (576, 1536, 4096, 128);
     let heads = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
     let epilogue_row = |dtype: DType, what: &str| {
-        let n = if what == "swiglu" { 2 * ff } else { heads.qkv_dim() };
+        let n = match what {
+            "swiglu" => 2 * ff,
+            "rope" => heads.qkv_dim(),
+            _ => d,
+        };
         (format!("matvec rows {} {what} epilogue decode", weight_kind(&ctx, dtype).for_k(d).name()), format!("{n}x{d}"))
     };
     let epilogue_wanted = [DType::F32, DType::F16].into_iter().any(|dtype| {
-        ["swiglu", "rope"].iter().any(|what| {
+        ["swiglu", "rope", "norm", "unfused norm"].iter().any(|what| {
             let (name, shape) = epilogue_row(dtype, what);
             b.wanted(&format!("{name} {shape}"))
         })
@@ -235,6 +241,19 @@ fn main() {
             let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::Rope(&rope)).unwrap();
             let (name, shape) = epilogue_row(dtype, "rope");
             b.case(&name, &shape, &ds, true);
+            if ctx.is_cpu() {
+                let w_o = GpuMatrix::upload(&ctx, "w", d, d, &pseudo_random(d * d, 11), dtype).unwrap();
+                let (resid, xn) = (rand("resid", d, 12), rand("xn", d, 0));
+                let op = LinearOp::new(&x, 1, &w_o, &resid).accumulate(true);
+                let ne = NormEpilogue { weight: &w, out: &xn, eps: 1e-5 };
+                let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)).unwrap();
+                let (name, shape) = epilogue_row(dtype, "norm");
+                b.case(&name, &shape, &ds, true);
+                let mut ds = matvec(&ctx, "matvec", &op, MatvecVariant::Rows).unwrap();
+                ds.push(rmsnorm(&ctx, "rmsnorm", &RmsNormOp { x: &resid, x_row0: 0, rows: 1, weight: &w, y: &xn, eps: 1e-5 }).unwrap());
+                let (name, shape) = epilogue_row(dtype, "unfused norm");
+                b.case(&name, &shape, &ds, true);
+            }
         }
         // Attention: the split and combine dispatches at a few positions and split sizes (the
         // step uniform is written before each case; the dispatches read it at run time).

@@ -6,8 +6,9 @@
 // true and REDUCE_UNITS the reduce variant's loop over units); ALIGNED is true when K % 4 == 0
 // (rows start on a vec4 boundary); WG is the workgroup size; R the outputs per invocation and
 // ROWS_BODY the generated body of matvec_rows (with the SwiGLU or RoPE epilogue,
-// `matvec::MatvecEpilogue`, an output takes two rows of w). ROPE_DECL is empty, or the RoPE
-// epilogue's bindings and `rope_pair` (`matvec::ROPE_DECL`).
+// `matvec::MatvecEpilogue`, an output takes two rows of w; with the norm epilogue, one).
+// EPILOGUE_DECL is empty, the RoPE epilogue's bindings and `rope_pair` (`matvec::ROPE_DECL`), or
+// the norm epilogue's bindings and `norm_hand_off` (`matvec::norm_decl`).
 
 struct MatvecParams {
     rows: u32,    // rows of this chunk of w
@@ -50,7 +51,7 @@ fn store(n: u32, v: f32) -> f32 {
     return s;
 }
 
-{{ROPE_DECL}}
+{{EPILOGUE_DECL}}
 
 // Each invocation owns R consecutive rows; consecutive invocations own consecutive row groups.
 // No workgroup memory. ROWS_BODY is generated from Rust (`matvec::rows_body`): it walks K in

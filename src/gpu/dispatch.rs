@@ -117,6 +117,8 @@ pub struct Dispatch {
     groups: Groups,
     /// Work done, for the profiler's GFLOP/s and GB/s.
     pub cost: Cost,
+    /// Warm up over the whole grid instead of one workgroup ([`Dispatch::warmed_whole`]).
+    whole_warm_up: bool,
 }
 
 /// Bytes that `resource` binds: a buffer binding's size (the rest of the buffer from its offset
@@ -166,7 +168,17 @@ impl Dispatch {
             bind_group,
             groups: Groups::Direct(workgroups),
             cost,
+            whole_warm_up: false,
         }
+    }
+
+    /// Have [`GpuContext::warm_up`] dispatch the whole grid of this dispatch, not one workgroup:
+    /// for a kernel whose invocations hand state on to the next dispatch (the norm epilogue's
+    /// counter of invocations done, `kernels::matvec::MatvecEpilogue::Norm`), which one
+    /// workgroup alone would leave part-counted.
+    pub fn warmed_whole(mut self) -> Dispatch {
+        self.whole_warm_up = true;
+        self
     }
 
     /// Attach `tag`. The kernel was given `tag.label()` as its label; whatever it appended is the
@@ -241,8 +253,8 @@ impl Dispatch {
 impl GpuContext {
     /// Have the driver compile every pipeline of `dispatches` that has not been warmed yet, by
     /// dispatching each such pipeline once, with its own bind group, over a single workgroup
-    /// (workgroup 0 of its grid: the accesses of a dispatch the kernel already does), in one
-    /// pass; then wait. Dispatches with indirect workgroup counts are left out (they may be
+    /// (workgroup 0 of its grid: the accesses of a dispatch the kernel already does; the whole
+    /// grid for a dispatch [`Dispatch::warmed_whole`]), in one pass; then wait. Dispatches with indirect workgroup counts are left out (they may be
     /// meant to run zero workgroups). Returns how many pipelines were dispatched.
     ///
     /// Where the compile helper is open (a CPU adapter: [`super::compile_helper`]) and two or more
@@ -338,7 +350,10 @@ impl GpuContext {
             for d in dispatches {
                 pass.set_pipeline(&d.pipeline.pipeline);
                 pass.set_bind_group(0, &d.bind_group, &[]);
-                pass.dispatch_workgroups(1, 1, 1);
+                match d.groups {
+                    Groups::Direct([x, y, z]) if d.whole_warm_up => pass.dispatch_workgroups(x, y, z),
+                    _ => pass.dispatch_workgroups(1, 1, 1),
+                }
             }
         }
         self.queue.submit([encoder.finish()]);

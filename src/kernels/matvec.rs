@@ -13,7 +13,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
 use crate::gpu::dispatch::grid;
-use crate::gpu::{Cost, Dispatch, GpuContext, GpuError, WeightKind};
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, WeightKind};
 use crate::kernels::checks::invalid;
 use crate::kernels::linear::{LinearForm, LinearOp, XBinding};
 use crate::kernels::matmul_xw::matmul_xw;
@@ -127,20 +127,108 @@ pub enum MatvecEpilogue<'a> {
     /// one chunk; the adapter must allow [`ROPE_EPILOGUE_STORAGE_BUFFERS`] storage buffers per
     /// shader stage.
     Rope(&'a RopeQkvOp<'a>),
+    /// A product into the residual stream followed by the RMSNorm of its result (`kernels::rmsnorm`'s
+    /// maths, `LlamaRMSNorm` of Hugging Face transformers): y gets the product as
+    /// [`MatvecEpilogue::Store`] (with accumulation and bias as the op says), then
+    /// `out[n] = y[n] / sqrt(mean(y²) + eps) · weight[n]` over the N values of y. Each invocation
+    /// records the sum of squares of the values it stored and counts itself done on an atomic
+    /// counter; the last one to finish sums the records and writes `out`, then resets the counter.
+    /// That hand-off between workgroups relies on what WGSL does not promise (its atomics are
+    /// relaxed) but lavapipe gives (sequentially consistent atomics on a CPU's coherent memory),
+    /// so it is offered on CPU adapters only. Only [`MatvecVariant::Rows`]; no scale or
+    /// `y_col0`; W in one chunk.
+    Norm(&'a NormEpilogue<'a>),
+}
+
+/// The RMSNorm of [`MatvecEpilogue::Norm`].
+#[derive(Debug, Clone, Copy)]
+pub struct NormEpilogue<'a> {
+    /// The norm's weight γ, `[N]` f32.
+    pub weight: &'a GpuTensor,
+    /// The normalised row, `[N]` f32 (or longer); distinct from the GEMV's y.
+    pub out: &'a GpuTensor,
+    /// The epsilon added to the mean square (`rms_norm_eps` of config.json).
+    pub eps: f32,
 }
 
 impl MatvecEpilogue<'_> {
-    /// The epilogue's name in errors: `store`, `swiglu` or `rope`.
+    /// The epilogue's name in errors: `store`, `swiglu`, `rope` or `norm`.
     pub fn name(&self) -> &'static str {
         match self {
             MatvecEpilogue::Store => "store",
             MatvecEpilogue::SwiGlu => "swiglu",
             MatvecEpilogue::Rope(_) => "rope",
+            MatvecEpilogue::Norm(_) => "norm",
         }
+    }
+
+    /// Whether an output takes two rows of W (`SwiGlu`, `Rope`).
+    fn paired(&self) -> bool {
+        matches!(self, MatvecEpilogue::SwiGlu | MatvecEpilogue::Rope(_))
     }
 }
 
-/// The WGSL of the RoPE epilogue ([`MatvecEpilogue::Rope`]) pasted into `ROPE_DECL` after
+/// Uniform of the norm epilogue ([`norm_decl`]): N, the invocations that store rows, epsilon.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+struct NormParams {
+    n: u32,
+    n_inv: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+/// The WGSL of the norm epilogue ([`MatvecEpilogue::Norm`]) pasted into `EPILOGUE_DECL`: its
+/// bindings 5 to 8 (uniform `np`, γ, the output, the counter and per-invocation sums of squares)
+/// and `norm_hand_off`. With `vec4` (N % 4 == 0) γ and the output are read and written four
+/// values per access: the one invocation that normalises does every access alone, and on lavapipe
+/// each costs a loop over the SIMD lanes whatever its width.
+fn norm_decl(vec4: bool) -> String {
+    let (elem, normalise) = if vec4 {
+        (
+            "vec4<f32>",
+            "for (var i = 0u; i < np.n / 4u; i++) {
+        let j = 4u * i;
+        norm_out[i] = vec4<f32>(y[j], y[j + 1u], y[j + 2u], y[j + 3u]) * inv_rms * norm_w[i];
+    }",
+        )
+    } else {
+        (
+            "f32",
+            "for (var i = 0u; i < np.n; i++) {
+        norm_out[i] = y[i] * inv_rms * norm_w[i];
+    }",
+        )
+    };
+    format!(
+        "struct NormParams {{ n: u32, n_inv: u32, eps: f32, _pad: u32 }};
+struct NormScratch {{ done: atomic<u32>, partial: array<f32> }};
+@group(0) @binding(5) var<uniform> np: NormParams;
+@group(0) @binding(6) var<storage, read> norm_w: array<{elem}>;         // [n] gamma
+@group(0) @binding(7) var<storage, read_write> norm_out: array<{elem}>; // [n]
+@group(0) @binding(8) var<storage, read_write> scratch: NormScratch;  // counter, [n_inv] sums of squares
+
+// Invocation inv has stored its rows of y, whose squares sum to ss: record it and count it done;
+// the last invocation to finish sums the records, writes the normalised y and resets the counter
+// for the next dispatch.
+fn norm_hand_off(inv: u32, ss: f32) {{
+    scratch.partial[inv] = ss;
+    if (atomicAdd(&scratch.done, 1u) != np.n_inv - 1u) {{
+        return;
+    }}
+    var total = 0.0;
+    for (var i = 0u; i < np.n_inv; i++) {{
+        total += scratch.partial[i];
+    }}
+    let inv_rms = inverseSqrt(total / f32(np.n) + np.eps);
+    {normalise}
+    atomicStore(&scratch.done, 0u);
+}}
+"
+    )
+}
+
+/// The WGSL of the RoPE epilogue ([`MatvecEpilogue::Rope`]) pasted into `EPILOGUE_DECL` after
 /// `step_params.wgsl` and before `rope_write.wgsl` (which declares `RopeParams`): its bindings 5 to 11 (step uniform, RoPE uniform `rp`, cos and sin tables, q_out, k and v caches),
 /// `pair_row(o)`, the row of W of pair o's first value, and `rope_pair(o, x1, x2)`.
 const ROPE_DECL: &str = "@group(0) @binding(5) var<uniform> step: StepParams;
@@ -199,8 +287,30 @@ pub fn matvec_with(
     if op.rows != 1 {
         return Err(invalid(label, format!("matvec multiplies one row of x, got {} (use matmul)", op.rows)));
     }
-    let paired = !matches!(epilogue, MatvecEpilogue::Store);
+    let paired = epilogue.paired();
     let (k, n) = op.k_n();
+    if let MatvecEpilogue::Norm(ne) = epilogue {
+        if variant != MatvecVariant::Rows || op.form == LinearForm::XW || op.w.chunks.len() != 1 || op.w_rows.is_some() {
+            return Err(invalid(label, "only the rows matvec of x · Wᵀ over one chunk of W has the norm epilogue"));
+        }
+        if op.scale.is_some() || op.y_col0 != 0 {
+            return Err(invalid(label, "the norm epilogue takes no scale or y_col0"));
+        }
+        if !ctx.is_cpu() {
+            return Err(invalid(label, format!("the norm epilogue needs a CPU adapter (adapter {} is not)", ctx.info.name)));
+        }
+        let f32_of = |t: &GpuTensor, what: &str| {
+            if t.dtype != DType::F32 || t.numel() < n {
+                return Err(invalid(label, format!("the norm epilogue's {what} must be f32 with at least N = {n} values")));
+            }
+            Ok(())
+        };
+        f32_of(ne.weight, "weight")?;
+        f32_of(ne.out, "output")?;
+        if std::ptr::eq(ne.out, op.y) {
+            return Err(invalid(label, "the norm epilogue's output must not be the GEMV's y"));
+        }
+    }
     if paired {
         if variant != MatvecVariant::Rows || op.form == LinearForm::XW {
             return Err(invalid(
@@ -259,11 +369,13 @@ pub fn matvec_with(
         let shader = crate::kernels::snippet_variant("matvec", SOURCE, entry)
             .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false, &epilogue))
             .define(
-                "ROPE_DECL",
-                if rope.is_some() {
-                    format!("{}\n{ROPE_DECL}\n{}", crate::kernels::step::STEP_PARAMS_WGSL, crate::kernels::rope::ROPE_WRITE)
-                } else {
-                    String::new()
+                "EPILOGUE_DECL",
+                match epilogue {
+                    MatvecEpilogue::Rope(_) => {
+                        format!("{}\n{ROPE_DECL}\n{}", crate::kernels::step::STEP_PARAMS_WGSL, crate::kernels::rope::ROPE_WRITE)
+                    }
+                    MatvecEpilogue::Norm(_) => norm_decl(n.is_multiple_of(4)),
+                    _ => String::new(),
                 },
             )
             .define(
@@ -284,17 +396,37 @@ pub fn matvec_with(
         ctx.pipeline(&shader)
     };
     let rope_uniform = rope.map(|(_, params)| uniform(ctx, label, &params));
-    let extra: Vec<wgpu::BindingResource> = match (rope, &rope_uniform) {
-        (Some((r, _)), Some(u)) => vec![
-            r.step.buffer.as_entire_binding(),
+    // The norm epilogue's uniform and its scratch buffer (a zeroed counter, then a sum of squares
+    // per invocation that stores rows): one chunk of W, so one dispatch.
+    let norm_bufs = match epilogue {
+        MatvecEpilogue::Norm(ne) => {
+            let n_inv = n.div_ceil(ROWS_PER_INVOCATION as usize);
+            let params = NormParams { n: n as u32, n_inv: n_inv as u32, eps: ne.eps, _pad: 0 };
+            let scratch = GpuTensor::zeros(ctx, &format!("{label}.norm_scratch"), DType::F32, &[1 + n_inv])?;
+            Some((ne, uniform(ctx, label, &params), scratch))
+        }
+        _ => None,
+    };
+    let extra: Vec<wgpu::BindingResource> = if let Some((ne, u, scratch)) = &norm_bufs {
+        vec![
             u.as_entire_binding(),
-            r.tables.cos.buffer.as_entire_binding(),
-            r.tables.sin.buffer.as_entire_binding(),
-            r.q_out.buffer.as_entire_binding(),
-            r.k_cache.buffer.as_entire_binding(),
-            r.v_cache.buffer.as_entire_binding(),
-        ],
-        _ => Vec::new(),
+            ne.weight.buffer.as_entire_binding(),
+            ne.out.buffer.as_entire_binding(),
+            scratch.buffer.as_entire_binding(),
+        ]
+    } else {
+        match (rope, &rope_uniform) {
+            (Some((r, _)), Some(u)) => vec![
+                r.step.buffer.as_entire_binding(),
+                u.as_entire_binding(),
+                r.tables.cos.buffer.as_entire_binding(),
+                r.tables.sin.buffer.as_entire_binding(),
+                r.q_out.buffer.as_entire_binding(),
+                r.k_cache.buffer.as_entire_binding(),
+                r.v_cache.buffer.as_entire_binding(),
+            ],
+            _ => Vec::new(),
+        }
     };
     let flags = op.flags();
     op.chunk_dispatches_each(
@@ -329,6 +461,7 @@ pub fn matvec_with(
             vec![((), params, grid(groups), cost, x)]
         },
     )
+    .map(|ds| if norm_bufs.is_some() { ds.into_iter().map(Dispatch::warmed_whole).collect() } else { ds })
 }
 
 /// How `variant` declares weights that the op reads as `kind` with rows of `k` elements: the
@@ -376,7 +509,8 @@ const REDUCE_UNITS: &str = "        let units = p.k / 32u;
 /// `lanes`) the invocation owns `r / 2` outputs from `first`, output j taking two rows of W in
 /// accumulators j and `r/2 + j`: for `SwiGlu` gate row j and up row `p.rows + j`, storing
 /// `silu(gate_j) · up_j`; for `Rope` the pair `pair_row(j)`, `pair_row(j) + half_dim`, storing both
-/// and passing them to `rope_pair` (`ROPE_DECL`).
+/// and passing them to `rope_pair` (`ROPE_DECL`); with `Norm` (not paired) it stores its `r` rows
+/// and passes the sum of their squares to `norm_hand_off` ([`norm_decl`]).
 pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: &MatvecEpilogue) -> String {
     use std::fmt::Write;
     let mut s = String::new();
@@ -452,6 +586,18 @@ pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: &Matv
                 let _ = writeln!(s, "        rope_pair(first + {j}u, x1_{j}, x2_{j});");
                 let _ = writeln!(s, "    }}");
             }
+            return s;
+        }
+        MatvecEpilogue::Norm(_) => {
+            let _ = writeln!(s, "    var ss = 0.0;");
+            for j in 0..r {
+                let _ = writeln!(
+                    s,
+                    "    if (first + {j}u < p.rows) {{ let v{j} = store(first + {j}u, {}); ss = fma(v{j}, v{j}, ss); }}",
+                    sum(j)
+                );
+            }
+            let _ = writeln!(s, "    norm_hand_off(first / {r}u, ss);");
             return s;
         }
         MatvecEpilogue::Store => {}
@@ -717,6 +863,127 @@ mod tests {
                 check_swiglu(&ctx, &w, &wv, None, &format!("swiglu matvec {q}"));
             }
         }
+    }
+
+    /// The norm epilogue ([`MatvecEpilogue::Norm`]) of `x · Wᵀ` accumulated into y (with a bias
+    /// where `bias`) against matvec then `rmsnorm_ref`, for `runs` dispatches in one submission
+    /// (the counter must be back at 0 after each).
+    fn check_norm(ctx: &GpuContext, w: &GpuMatrix, wv: &[f32], kind: Option<WeightKind>, bias: bool, runs: usize, what: &str) {
+        let (n, k) = (w.rows, w.cols);
+        let seed = (n * 5 + k) as u64;
+        let x = random_vec(k, seed);
+        let gx = GpuTensor::from_f32(ctx, "x", &[k], &x).unwrap();
+        let y0 = random_vec(n, seed + 1);
+        let gy = GpuTensor::from_f32(ctx, "y", &[n], &y0).unwrap();
+        let gamma: Vec<f32> = random_vec(n, seed + 2).iter().map(|v| 1.0 + v).collect();
+        let gw = GpuTensor::from_f32(ctx, "gamma", &[n], &gamma).unwrap();
+        let out = GpuTensor::zeros(ctx, "out", DType::F32, &[n]).unwrap();
+        let b = random_vec(n, seed + 3);
+        let gb = GpuTensor::from_f32(ctx, "bias", &[n], &b).unwrap();
+        let mut op = LinearOp::new(&gx, 1, w, &gy).accumulate(true);
+        if bias {
+            op = op.bias(Some(&gb));
+        }
+        if let Some(kind) = kind {
+            op = op.kind(kind);
+        }
+        let ne = NormEpilogue { weight: &gw, out: &out, eps: 1e-5 };
+        let ds = matvec_with(ctx, "mv", &op, MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)).unwrap();
+        let list: Vec<&Dispatch> = std::iter::repeat_n(ds.iter(), runs).flatten().collect();
+        ctx.run("test", &list).unwrap();
+        let product = matvec_ref(&x, wv, n, k, bias.then_some(&b[..]));
+        let mut want_y = y0.clone();
+        for _ in 0..runs {
+            for (y, p) in want_y.iter_mut().zip(&product) {
+                *y += p;
+            }
+        }
+        let atol = 2e-5 * (k as f32).sqrt() * runs as f32 * 4.0;
+        assert_close(&gy.read_f32(ctx).unwrap(), &want_y, atol, 1e-4, &format!("{what} y n={n} k={k}"));
+        let want = crate::kernels::rmsnorm::rmsnorm_ref(&want_y, &gamma, 1e-5);
+        assert_close(&out.read_f32(ctx).unwrap(), &want, 1e-4, 1e-3, &format!("{what} norm n={n} k={k}"));
+    }
+
+    /// The norm epilogue matches matvec then RMSNorm on a CPU adapter, for every dense kind and
+    /// a block type that stays quantised, N not a multiple of an invocation's or a workgroup's
+    /// rows, with and without a bias, and again and again in one submission.
+    #[test]
+    fn norm_epilogue_matches_matvec_then_rmsnorm() {
+        let ctx = test_context();
+        if !ctx.is_cpu() {
+            return;
+        }
+        for kind in weight_kinds(&ctx) {
+            for (i, (n, k)) in [(1, 8), (7, 576), (576, 576), (300, 1536), (1030, 64)].into_iter().enumerate() {
+                let mut wv = random_vec(n * k, (n + k) as u64);
+                let w = GpuMatrix::upload(&ctx, "w", n, k, &wv, kind.dtype()).unwrap();
+                if kind.dtype() == DType::F16 {
+                    wv = round_f16(&wv);
+                }
+                check_norm(&ctx, &w, &wv, Some(kind), i % 2 == 1, 1 + i % 3, &format!("norm matvec {}", kind.name()));
+            }
+        }
+        let (n, k) = (100, 96);
+        let blocks = crate::kernels::testing::random_blocks(crate::model::QuantType::Q4_1, n, k, 5);
+        let wv = blocks.dequantize().unwrap();
+        let w = GpuMatrix::upload_parts(&ctx, "w", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
+        check_norm(&ctx, &w, &wv, None, false, 2, "norm matvec q4_1");
+    }
+
+    /// A warm-up before the first run (the decode program's, one workgroup of every other
+    /// kernel) leaves the norm epilogue's counter at 0: its dispatch warms over the whole grid.
+    #[test]
+    fn norm_epilogue_survives_the_warm_up() {
+        // A context of its own, so that the pipeline is cold here whatever other tests ran.
+        let ctx = GpuContext::new(&GpuOptions::default()).unwrap();
+        if !ctx.is_cpu() {
+            return;
+        }
+        let (n, k) = (576, 64);
+        let wv = random_vec(n * k, 9);
+        let w = GpuMatrix::upload(&ctx, "w", n, k, &wv, DType::F32).unwrap();
+        let x = random_vec(k, 10);
+        let gx = GpuTensor::from_f32(&ctx, "x", &[k], &x).unwrap();
+        let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
+        let gamma = GpuTensor::from_f32(&ctx, "gamma", &[n], &vec![1.0; n]).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[n]).unwrap();
+        let ne = NormEpilogue { weight: &gamma, out: &out, eps: 1e-5 };
+        let ds = matvec_with(&ctx, "mv", &LinearOp::new(&gx, 1, &w, &gy), MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)).unwrap();
+        assert!(ds.iter().all(Dispatch::is_cold));
+        assert_eq!(ctx.warm_up(&ds).unwrap(), 1);
+        ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
+        let want = crate::kernels::rmsnorm::rmsnorm_ref(&matvec_ref(&x, &wv, n, k, None), &vec![1.0; n], 1e-5);
+        assert_close(&out.read_f32(&ctx).unwrap(), &want, 1e-4, 1e-3, "norm after a warm-up");
+    }
+
+    #[test]
+    fn norm_epilogue_refuses_what_it_cannot_compute() {
+        let ctx = test_context();
+        let (n, k) = (8, 16);
+        let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 1), DType::F32).unwrap();
+        let x = GpuTensor::from_f32(&ctx, "x", &[k], &random_vec(k, 2)).unwrap();
+        let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
+        let gamma = GpuTensor::from_f32(&ctx, "gamma", &[n], &random_vec(n, 3)).unwrap();
+        let short = GpuTensor::zeros(&ctx, "short", DType::F32, &[n - 1]).unwrap();
+        let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[n]).unwrap();
+        let ne = NormEpilogue { weight: &gamma, out: &out, eps: 1e-5 };
+        let op = LinearOp::new(&x, 1, &w, &y);
+        let err = |op: &LinearOp, variant, ne: &NormEpilogue| {
+            matvec_with(&ctx, "mv", op, variant, MatvecEpilogue::Norm(ne)).err().map(|e| e.to_string())
+        };
+        if !ctx.is_cpu() {
+            assert!(err(&op, MatvecVariant::Rows, &ne).unwrap().contains("CPU adapter"));
+            return;
+        }
+        assert!(err(&op, MatvecVariant::Rows, &ne).is_none());
+        assert!(err(&op, MatvecVariant::Reduce, &ne).unwrap().contains("rows matvec"));
+        assert!(err(&op.scale(2.0), MatvecVariant::Rows, &ne).unwrap().contains("no scale"));
+        let bad_weight = NormEpilogue { weight: &short, ..ne };
+        assert!(err(&op, MatvecVariant::Rows, &bad_weight).unwrap().contains("weight"));
+        let bad_out = NormEpilogue { out: &short, ..ne };
+        assert!(err(&op, MatvecVariant::Rows, &bad_out).unwrap().contains("output"));
+        let onto_y = NormEpilogue { out: &y, ..ne };
+        assert!(err(&op, MatvecVariant::Rows, &onto_y).unwrap().contains("must not be the GEMV's y"));
     }
 
     #[test]

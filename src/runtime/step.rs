@@ -13,7 +13,7 @@ use crate::kernels::copy::copy;
 use crate::kernels::embedding::embedding;
 use crate::kernels::linear::LinearOp;
 use crate::kernels::matmul::matmul;
-use crate::kernels::matvec::{MatvecEpilogue, MatvecVariant, ROPE_EPILOGUE_STORAGE_BUFFERS, matvec, matvec_with};
+use crate::kernels::matvec::{MatvecEpilogue, MatvecVariant, NormEpilogue, ROPE_EPILOGUE_STORAGE_BUFFERS, matvec, matvec_with};
 use crate::kernels::rmsnorm::{RmsNormOp, rmsnorm};
 use crate::kernels::rope::{RopeQkvOp, RopeTables, rope_qkv_write};
 use crate::kernels::router::{RouterWeights, router_gate};
@@ -265,12 +265,20 @@ impl StepBuilder<'_> {
                 None => self.attention_core(a, 0, rows, l)?,
             });
         }
-        p.extend(self.project(l, Proj::O, &LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true))?);
-        if let Some(k) = kept {
-            p.extend(tagged(at("attn.keep"), |n| copy(ctx, n, &a.x, &k.x_mid).map(|d| [d]))?);
+        let o = LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true);
+        if self.fuses_decode_epilogues(rows, l, kept, |ll| ll.o.is_some(), &lw.o) && ctx.is_cpu() {
+            // One dispatch instead of two: the o GEMV's last invocation writes the MLP half's
+            // norm of the residual stream it has just updated (on a CPU adapter only).
+            let ne = NormEpilogue { weight: &lw.ffn_norm, out: &a.xn, eps: c.rms_eps };
+            p.extend(tagged(at("attn.o"), |n| matvec_with(ctx, n, &o, MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)))?);
+        } else {
+            p.extend(self.project(l, Proj::O, &o)?);
+            if let Some(k) = kept {
+                p.extend(tagged(at("attn.keep"), |n| copy(ctx, n, &a.x, &k.x_mid).map(|d| [d]))?);
+            }
+            p.extend(tagged(at("mlp.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.ffn_norm, &a.xn)).map(|d| [d]))?);
         }
         // MLP half: x += down(swiglu(gate_up(norm(x)))).
-        p.extend(tagged(at("mlp.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.ffn_norm, &a.xn)).map(|d| [d]))?);
         let gate_up = LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up);
         if self.fuses_decode_epilogues(rows, l, kept, |ll| ll.gate_up.is_some(), &lw.gate_up) {
             // One dispatch instead of two: gate_up writes silu(gate) · up to gate_up[0..d_ff].
@@ -286,7 +294,8 @@ impl StepBuilder<'_> {
 
     /// Whether layer `l`'s product by `w` over `rows` tokens runs the epilogue of the decode GEMV
     /// that saves the next dispatch ([`MatvecEpilogue`]: RoPE and the KV-cache write after qkv,
-    /// SwiGLU after gate_up): in a one-token decode step of a single sequence, where the
+    /// SwiGLU after gate_up, and on a CPU adapter the MLP half's RMSNorm after o): in a
+    /// one-token decode step of a single sequence, where the
     /// adapter's matvec variant is `Rows` (the kernel with the epilogues), no unmerged adapter
     /// adds a delta to this projection (`adapted`; it would land after the epilogue), nothing is
     /// kept for a backward pass, W is one chunk and the adapter allows
