@@ -199,6 +199,8 @@ impl DecodeBatch {
                 total,
                 l,
                 None,
+                false,
+                None,
                 Some(|| {
                     let mut core = Vec::new();
                     for (i, s) in sessions.iter().enumerate() {

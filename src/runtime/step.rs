@@ -193,12 +193,23 @@ impl StepBuilder<'_> {
         layer_acts: impl Fn(usize) -> &'s Activations,
     ) -> Result<Vec<Dispatch>, RuntimeError> {
         let mut p = self.head(acts, rows)?;
-        for l in 0..self.weights.layers.len() {
-            if self.plan.runs(l) {
-                p.extend(self.layer(layer_acts(l), rows, l)?);
-            }
+        let kept: Vec<usize> = (0..self.weights.layers.len()).filter(|&l| self.plan.runs(l)).collect();
+        // Whether the layer's input norm is already written (by the layer before's down GEMV).
+        let mut normed_in = false;
+        for (i, &l) in kept.iter().enumerate() {
+            let after = self.norm_after(rows, l, kept.get(i + 1).map(|&next| (next, layer_acts(next))));
+            p.extend(self.layer_with_core(
+                layer_acts(l),
+                rows,
+                l,
+                None,
+                normed_in,
+                after,
+                None::<fn() -> Result<Vec<Dispatch>, RuntimeError>>,
+            )?);
+            normed_in = after.is_some();
         }
-        p.extend(self.tail(acts, rows)?);
+        p.extend(self.tail_normed(acts, rows, normed_in)?);
         Ok(p)
     }
 
@@ -229,19 +240,43 @@ impl StepBuilder<'_> {
         l: usize,
         kept: Option<&KeptActivations>,
     ) -> Result<Vec<Dispatch>, RuntimeError> {
-        self.layer_with_core(a, rows, l, kept, None::<fn() -> Result<Vec<Dispatch>, RuntimeError>>)
+        self.layer_with_core(a, rows, l, kept, false, None, None::<fn() -> Result<Vec<Dispatch>, RuntimeError>>)
+    }
+
+    /// The norm that layer `l`'s down GEMV writes as its epilogue in a step of [`StepBuilder::step`]
+    /// ([`MatvecEpilogue::Norm`]), saving the dispatch of the norm after it: the input norm of
+    /// the next kept layer `next` (into its activations' `xn`), or after the last kept layer the
+    /// final norm (into `bufs.final_row`). None where the down GEMV cannot take the epilogue: as
+    /// for the o GEMV's, a one-token decode step on a CPU adapter with no unmerged adapter on
+    /// down ([`StepBuilder::fuses_decode_epilogues`]).
+    fn norm_after<'b>(&'b self, rows: usize, l: usize, next: Option<(usize, &'b Activations)>) -> Option<NormEpilogue<'b>> {
+        let lw = &self.weights.layers[l];
+        if !(self.ctx.is_cpu() && self.fuses_decode_epilogues(rows, l, None, |ll| ll.down.is_some(), &lw.down)) {
+            return None;
+        }
+        let eps = self.weights.config.rms_eps;
+        Some(match next {
+            Some((next, a)) => NormEpilogue { weight: &self.weights.layers[next].attn_norm, out: &a.xn, eps },
+            None => NormEpilogue { weight: &self.weights.final_norm, out: &self.bufs.final_row, eps },
+        })
     }
 
     /// [`StepBuilder::layer_keeping`] with the attention core (`a.qkv` to `a.attn`) given by
     /// `core`: `None` for [`StepBuilder::attention_core`] over this builder's cache (whose RoPE a
     /// one-token decode step may run as the qkv GEMV's epilogue), or, for a batched step
-    /// (`runtime::batch`), one core per sequence over that sequence's own cache.
+    /// (`runtime::batch`), one core per sequence over that sequence's own cache. With
+    /// `normed_in` the attention half's norm of `a.x` is already in `a.xn` (written by the layer
+    /// before, [`StepBuilder::norm_after`]) and is not dispatched; with `norm_after` the down GEMV
+    /// writes that norm (the caller has checked that it can).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn layer_with_core(
         &self,
         a: &Activations,
         rows: usize,
         l: usize,
         kept: Option<&KeptActivations>,
+        normed_in: bool,
+        norm_after: Option<NormEpilogue<'_>>,
         core: Option<impl FnOnce() -> Result<Vec<Dispatch>, RuntimeError>>,
     ) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, c, lw) = (self.ctx, &self.weights.config, &self.weights.layers[l]);
@@ -249,7 +284,10 @@ impl StepBuilder<'_> {
         let norm = |x, weight, y| RmsNormOp { x, x_row0: 0, rows, weight, y, eps: c.rms_eps };
         // Attention half: x += o(attention(rope(qkv(norm(x))))).
         let xn_attn = kept.map_or(&a.xn, |k| &k.xn_attn);
-        let mut p = tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, xn_attn)).map(|d| [d]))?;
+        let mut p = Vec::new();
+        if !normed_in {
+            p.extend(tagged(at("attn.norm"), |n| rmsnorm(ctx, n, &norm(&a.x, &lw.attn_norm, xn_attn)).map(|d| [d]))?);
+        }
         let qkv = LinearOp::new(xn_attn, rows, &lw.qkv, &a.qkv).bias(lw.qkv_bias.as_ref());
         if core.is_none() && self.fuses_decode_epilogues(rows, l, kept, |ll| ll.qkv.is_some(), &lw.qkv) {
             // One dispatch instead of two: the qkv GEMV rotates q and k and writes the KV cache
@@ -280,14 +318,20 @@ impl StepBuilder<'_> {
         }
         // MLP half: x += down(swiglu(gate_up(norm(x)))).
         let gate_up = LinearOp::new(&a.xn, rows, &lw.gate_up, &a.gate_up);
-        if self.fuses_decode_epilogues(rows, l, kept, |ll| ll.gate_up.is_some(), &lw.gate_up) {
+        let fused_swiglu = self.fuses_decode_epilogues(rows, l, kept, |ll| ll.gate_up.is_some(), &lw.gate_up);
+        if fused_swiglu {
             // One dispatch instead of two: gate_up writes silu(gate) · up to gate_up[0..d_ff].
             p.extend(tagged(at("mlp.gate_up"), |n| matvec_with(ctx, n, &gate_up, MatvecVariant::Rows, MatvecEpilogue::SwiGlu))?);
-            p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.gate_up, rows, &lw.down, &a.x).accumulate(true))?);
         } else {
             p.extend(self.project(l, Proj::GateUp, &gate_up)?);
             p.extend(tagged(at("mlp.act"), |n| swiglu(ctx, n, &a.gate_up, rows, c.d_ff, &a.act).map(|d| [d]))?);
-            p.extend(self.project(l, Proj::Down, &LinearOp::new(&a.act, rows, &lw.down, &a.x).accumulate(true))?);
+        }
+        let act = if fused_swiglu { &a.gate_up } else { &a.act };
+        let down = LinearOp::new(act, rows, &lw.down, &a.x).accumulate(true);
+        match norm_after {
+            // One dispatch instead of two: the down GEMV's last invocation writes the next norm.
+            Some(ne) => p.extend(tagged(at("mlp.down"), |n| matvec_with(ctx, n, &down, MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)))?),
+            None => p.extend(self.project(l, Proj::Down, &down)?),
         }
         Ok(p)
     }
@@ -348,11 +392,20 @@ impl StepBuilder<'_> {
     /// The tail: final norm of the last row `a.x[rows - 1]`, LM head into the logits `[vocab]`,
     /// and the sampling kernel (argmax, or top-k of `bufs.candidates`) into `bufs.picked`.
     pub fn tail(&self, a: &Activations, rows: usize) -> Result<Vec<Dispatch>, RuntimeError> {
+        self.tail_normed(a, rows, false)
+    }
+
+    /// [`StepBuilder::tail`], without the final norm's dispatch where `normed` (the last layer's
+    /// down GEMV wrote it, [`StepBuilder::norm_after`]).
+    fn tail_normed(&self, a: &Activations, rows: usize, normed: bool) -> Result<Vec<Dispatch>, RuntimeError> {
         let (ctx, w, b) = (self.ctx, self.weights, self.bufs);
         let c = &w.config;
         let at = |op| Tag::step(self.phase, op);
         let norm = RmsNormOp { x: &a.x, x_row0: rows - 1, rows: 1, weight: &w.final_norm, y: &b.final_row, eps: c.rms_eps };
-        let mut p = tagged(at("final_norm"), |n| rmsnorm(ctx, n, &norm).map(|d| [d]))?;
+        let mut p = Vec::new();
+        if !normed {
+            p.extend(tagged(at("final_norm"), |n| rmsnorm(ctx, n, &norm).map(|d| [d]))?);
+        }
         let lm_head = LinearOp::new(&b.final_row, 1, w.output(), &b.logits);
         p.extend(tagged(at("lm_head"), |n| matvec(ctx, n, &lm_head, matvec_variant(ctx)))?);
         p.extend(self.sample()?);
