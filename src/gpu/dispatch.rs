@@ -254,8 +254,9 @@ impl GpuContext {
     /// Have the driver compile every pipeline of `dispatches` that has not been warmed yet, by
     /// dispatching each such pipeline once, with its own bind group, over a single workgroup
     /// (workgroup 0 of its grid: the accesses of a dispatch the kernel already does; the whole
-    /// grid for a dispatch [`Dispatch::warmed_whole`]), in one pass; then wait. Dispatches with indirect workgroup counts are left out (they may be
-    /// meant to run zero workgroups). Returns how many pipelines were dispatched.
+    /// grid for a dispatch [`Dispatch::warmed_whole`]), in one pass; then wait. Dispatches with
+    /// indirect workgroup counts are left out (they may be meant to run zero workgroups). Returns
+    /// how many pipelines were dispatched.
     ///
     /// Where the compile helper is open (a CPU adapter: [`super::compile_helper`]) and two or more
     /// pipelines are cold, this device and the helper's each take the next cold pipeline (the

@@ -289,9 +289,15 @@ pub fn matvec_with(
     }
     let paired = epilogue.paired();
     let (k, n) = op.k_n();
+    if !matches!(epilogue, MatvecEpilogue::Store) && (variant != MatvecVariant::Rows || op.form == LinearForm::XW) {
+        return Err(invalid(
+            label,
+            format!("only the rows matvec of x · Wᵀ has the {} epilogue (got {})", epilogue.name(), variant.name()),
+        ));
+    }
     if let MatvecEpilogue::Norm(ne) = epilogue {
-        if variant != MatvecVariant::Rows || op.form == LinearForm::XW || op.w.chunks.len() != 1 || op.w_rows.is_some() {
-            return Err(invalid(label, "only the rows matvec of x · Wᵀ over one chunk of W has the norm epilogue"));
+        if op.w.chunks.len() != 1 {
+            return Err(invalid(label, format!("the norm epilogue needs W in one chunk (got {} chunks)", op.w.chunks.len())));
         }
         if op.scale.is_some() || op.y_col0 != 0 {
             return Err(invalid(label, "the norm epilogue takes no scale or y_col0"));
@@ -312,12 +318,6 @@ pub fn matvec_with(
         }
     }
     if paired {
-        if variant != MatvecVariant::Rows || op.form == LinearForm::XW {
-            return Err(invalid(
-                label,
-                format!("only the rows matvec of x · Wᵀ has the {} epilogue (got {})", epilogue.name(), variant.name()),
-            ));
-        }
         if !n.is_multiple_of(2) || op.w.chunks.len() != 1 {
             return Err(invalid(
                 label,
@@ -510,7 +510,7 @@ const REDUCE_UNITS: &str = "        let units = p.k / 32u;
 /// accumulators j and `r/2 + j`: for `SwiGlu` gate row j and up row `p.rows + j`, storing
 /// `silu(gate_j) · up_j`; for `Rope` the pair `pair_row(j)`, `pair_row(j) + half_dim`, storing both
 /// and passing them to `rope_pair` (`ROPE_DECL`); with `Norm` (not paired) it stores its `r` rows
-/// and passes the sum of their squares to `norm_hand_off` ([`norm_decl`]).
+/// and passes the sum of their squares to `norm_hand_off` (`norm_decl`).
 pub fn rows_body(r: u32, step: usize, wide_x: bool, lanes: bool, epilogue: &MatvecEpilogue) -> String {
     use std::fmt::Write;
     let mut s = String::new();

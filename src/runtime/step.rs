@@ -246,12 +246,11 @@ impl StepBuilder<'_> {
     /// The norm that layer `l`'s down GEMV writes as its epilogue in a step of [`StepBuilder::step`]
     /// ([`MatvecEpilogue::Norm`]), saving the dispatch of the norm after it: the input norm of
     /// the next kept layer `next` (into its activations' `xn`), or after the last kept layer the
-    /// final norm (into `bufs.final_row`). None where the down GEMV cannot take the epilogue: as
-    /// for the o GEMV's, a one-token decode step on a CPU adapter with no unmerged adapter on
-    /// down ([`StepBuilder::fuses_decode_epilogues`]).
+    /// final norm (into `bufs.final_row`). None where the down GEMV cannot take the epilogue
+    /// ([`StepBuilder::fuses_norm_epilogue`]).
     fn norm_after<'b>(&'b self, rows: usize, l: usize, next: Option<(usize, &'b Activations)>) -> Option<NormEpilogue<'b>> {
         let lw = &self.weights.layers[l];
-        if !(self.ctx.is_cpu() && self.fuses_decode_epilogues(rows, l, None, |ll| ll.down.is_some(), &lw.down)) {
+        if !self.fuses_norm_epilogue(rows, l, None, |ll| ll.down.is_some(), &lw.down) {
             return None;
         }
         let eps = self.weights.config.rms_eps;
@@ -304,7 +303,7 @@ impl StepBuilder<'_> {
             });
         }
         let o = LinearOp::new(&a.attn, rows, &lw.o, &a.x).accumulate(true);
-        if self.fuses_decode_epilogues(rows, l, kept, |ll| ll.o.is_some(), &lw.o) && ctx.is_cpu() {
+        if self.fuses_norm_epilogue(rows, l, kept, |ll| ll.o.is_some(), &lw.o) {
             // One dispatch instead of two: the o GEMV's last invocation writes the MLP half's
             // norm of the residual stream it has just updated (on a CPU adapter only).
             let ne = NormEpilogue { weight: &lw.ffn_norm, out: &a.xn, eps: c.rms_eps };
@@ -338,8 +337,9 @@ impl StepBuilder<'_> {
 
     /// Whether layer `l`'s product by `w` over `rows` tokens runs the epilogue of the decode GEMV
     /// that saves the next dispatch ([`MatvecEpilogue`]: RoPE and the KV-cache write after qkv,
-    /// SwiGLU after gate_up, and on a CPU adapter the MLP half's RMSNorm after o): in a
-    /// one-token decode step of a single sequence, where the
+    /// SwiGLU after gate_up, and on a CPU adapter the RMSNorms after o and down,
+    /// [`StepBuilder::fuses_norm_epilogue`]): in a one-token decode step of a single sequence,
+    /// where the
     /// adapter's matvec variant is `Rows` (the kernel with the epilogues), no unmerged adapter
     /// adds a delta to this projection (`adapted`; it would land after the epilogue), nothing is
     /// kept for a backward pass, W is one chunk and the adapter allows
@@ -361,6 +361,21 @@ impl StepBuilder<'_> {
             && w.chunks.len() == 1
             && self.ctx.limits.max_storage_buffers_per_shader_stage >= ROPE_EPILOGUE_STORAGE_BUFFERS
             && matvec_variant(self.ctx) == MatvecVariant::Rows
+    }
+
+    /// Whether layer `l`'s product by `w` can write an RMSNorm as its epilogue
+    /// ([`MatvecEpilogue::Norm`]: the MLP half's after o, the next one after down): where
+    /// [`StepBuilder::fuses_decode_epilogues`] holds and the adapter is a CPU, the only kind on
+    /// which the epilogue's hand-off between workgroups holds.
+    fn fuses_norm_epilogue(
+        &self,
+        rows: usize,
+        l: usize,
+        kept: Option<&KeptActivations>,
+        adapted: impl Fn(&GpuLoraLayer) -> bool,
+        w: &GpuMatrix,
+    ) -> bool {
+        self.ctx.is_cpu() && self.fuses_decode_epilogues(rows, l, kept, adapted, w)
     }
 
     /// Layer `l`'s attention core over rows `row0..row0 + rows` of `a`: RoPE on the queries and
