@@ -20,10 +20,10 @@
 //! kernels read weights ([`read_candidates`]): f32 `plain` ([`WeightKind::F32`]) or `wide`
 //! ([`WeightKind::F32Wide`], where SHADER_INT64 exists); f16 `native` ([`WeightKind::F16`], where
 //! SHADER_F16 exists), `wide` ([`WeightKind::F16Wide`]) or `packed` ([`WeightKind::F16Packed`]), the default
-//! (the first of [`read_candidates`]) preferred on a tie, then the wide form.
-//! On lavapipe the wide forms are faster: every load is a per-lane loop there, so fewer, wider
-//! loads win; a CPU adapter with SHADER_INT64 takes them without measuring
-//! ([`measured_read_candidates`]).
+//! (the first of [`read_candidates`]) preferred on a tie, then the wide form; on a CPU adapter
+//! the wide form is preferred ([`measured_read_candidates`]): on lavapipe every load is a
+//! per-lane loop, so fewer, wider loads win where the CPU handles 64-bit lanes well, and lose
+//! where it does not (AVX2 without AVX-512), which only a measurement tells.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -186,7 +186,7 @@ fn choose(
 
 /// The way choices are measured, in the cache key: a choice measured another way (before the
 /// alternated medians and the tie margin) is measured again.
-const METHOD: &str = "medians-tie5-short32-xbcast8x8";
+const METHOD: &str = "medians-tie5-short32-xbcast8x8-cpuwide1st";
 
 /// The on-disk cache key: the adapter and driver, the candidates of every family and the
 /// measuring [`METHOD`], so that a choice measured before a variant existed is measured again.
@@ -330,15 +330,17 @@ pub fn read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
     kinds
 }
 
-/// The ways of reading weights of `dtype` that this adapter measures: on a CPU adapter with
-/// SHADER_INT64 only the wide form ([`WeightKind::F32Wide`], [`WeightKind::F16Wide`]), elsewhere
-/// every one of [`read_candidates`]. Why: on lavapipe every load is a per-lane loop with a bounds
-/// branch per component, so the wide forms do the fewest loads, and they won on every decode
-/// shape of `cargo bench --bench kernels -- "matvec rows"` (f16 against packed, AMD EPYC,
-/// 2026-12-02: 3072x576 662 against 1094 us, 576x1536 250 against 397, 49152x576 12.4 against
-/// 13.6 ms) and in the prefill (f16 128 tokens: 81.5 and 84.7 tok/s wide, 75.5 and 67.7 packed);
-/// yet the `f16read` measurement, whose rounds varied 2x on that shared 2-core machine, picked
-/// `packed` in two of five fresh runs. The others can still be forced (`FIRSTRT_KERNEL=f16read=packed`).
+/// The ways of reading weights of `dtype` that this adapter measures, in preference order: on a
+/// CPU adapter with SHADER_INT64 the wide form first ([`WeightKind::F32Wide`],
+/// [`WeightKind::F16Wide`]), then the others of [`read_candidates`]; elsewhere
+/// [`read_candidates`] as they are. Why wide first on a CPU: on lavapipe every load is a per-lane
+/// loop with a bounds branch per component, so where the CPU handles 64-bit lanes well the wide
+/// forms do the fewest loads and win or tie (AMD EPYC with AVX-512, 2026-12-02, `cargo bench
+/// --bench kernels -- "matvec rows"`, f16 wide against packed: 3072x576 662 against 1094 us,
+/// 49152x576 12.4 against 13.6 ms; the decode measurement's medians 34.3 against 33.7 ms), and a
+/// tie must go to them every time. Where it does not (an AMD EPYC, Zen 3: AVX2, no AVX-512,
+/// 2026-12-03: f16 wide 1,041 against packed 559 us at 3072x576, decode 9.5 against 16.1 tok/s)
+/// the measurement picks the faster form, far outside the tie margin.
 pub fn measured_read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKind> {
     let all = read_candidates(ctx, dtype);
     let wide = match dtype {
@@ -346,12 +348,13 @@ pub fn measured_read_candidates(ctx: &GpuContext, dtype: DType) -> Vec<WeightKin
         DType::F32 => WeightKind::F32Wide,
         DType::U32 => return all,
     };
-    if ctx.is_cpu() && all.contains(&wide) { vec![wide] } else { all }
+    if ctx.is_cpu() && all.contains(&wide) { preference_order(&all, wide) } else { all }
 }
 
 /// How kernels read weights of `dtype` on this adapter: the forced `f32read` / `f16read` choice
 /// (`FIRSTRT_KERNEL`, any of [`read_candidates`]); else the only candidate of
-/// [`measured_read_candidates`]; else the cached or measured choice among them.
+/// [`measured_read_candidates`]; else the cached or measured choice among them (the first of
+/// them where the measurement fails).
 pub fn weight_kind(ctx: &GpuContext, dtype: DType) -> WeightKind {
     let candidates = read_candidates(ctx, dtype);
     if candidates.len() == 1 {
@@ -689,8 +692,9 @@ mod tests {
     }
 
     /// A CPU adapter measures neither `tiled` nor `reduce` (nor `subgroup`), and with `rows` the
-    /// only matvec candidate it measures no matvec at all, nor (with SHADER_INT64) a way of
-    /// reading weights; any other adapter measures them all.
+    /// only matvec candidate it measures no matvec at all; it measures every way of reading
+    /// weights, the wide one (with SHADER_INT64) first; any other adapter measures them all in
+    /// their default order.
     #[test]
     fn cpu_adapters_measure_only_the_cpu_variants() {
         let ctx = test_context();
@@ -702,20 +706,16 @@ mod tests {
                 let choices = ctx.kernel_choices.lock().unwrap();
                 assert!(!choices.contains_key("matvec"), "matvec must not be measured: {choices:?}");
             }
-            // With SHADER_INT64 weights are read the wide way, unmeasured (unless forced).
-            if ctx.has_int64() {
-                let forced = forced_from_env();
-                for (dtype, wide, family, forced) in [
-                    (DType::F32, WeightKind::F32Wide, "f32read", forced.f32read),
-                    (DType::F16, WeightKind::F16Wide, "f16read", forced.f16read),
-                ] {
-                    assert_eq!(measured_read_candidates(&ctx, dtype), [wide]);
-                    assert!(read_candidates(&ctx, dtype).len() > 1, "every way stays available to force");
-                    if forced.is_none() {
-                        assert_eq!(weight_kind(&ctx, dtype), wide);
-                        let choices = ctx.kernel_choices.lock().unwrap();
-                        assert!(!choices.contains_key(family), "{family} must not be measured: {choices:?}");
-                    }
+            for (dtype, wide) in [(DType::F32, WeightKind::F32Wide), (DType::F16, WeightKind::F16Wide)] {
+                let all = read_candidates(&ctx, dtype);
+                let measured = measured_read_candidates(&ctx, dtype);
+                assert_eq!(measured.len(), all.len(), "{dtype}: every way is measured: {measured:?}");
+                assert!(all.iter().all(|k| measured.contains(k)), "{dtype}: {measured:?} against {all:?}");
+                if ctx.has_int64() {
+                    assert_eq!(measured[0], wide, "{dtype}: the wide form goes first on a CPU");
+                    assert_eq!(measured[1..], all.iter().copied().filter(|&k| k != wide).collect::<Vec<_>>()[..]);
+                } else {
+                    assert_eq!(measured, all);
                 }
             }
         } else {
