@@ -11,7 +11,8 @@
 //! GEMVs with the 49152 x 576 LM head, or prefill products, short and long prompts apart) in
 //! alternated rounds
 //! and compares medians. Candidates are listed in a fixed preference order (the adapter's
-//! fallback first); the first whose median is within [`TIE_MARGIN`] of the fastest wins, so
+//! fallback first); the first whose median is within [`TIE_MARGIN`] of the fastest wins
+//! ([`READ_TIE_MARGIN`] for the ways of reading weights), so
 //! that variants within noise of each other give the same choice in every fresh run. It takes
 //! one to a few seconds on lavapipe, plus the driver's compilation of the candidates when its
 //! shader cache is empty; [`crate::gpu::notice`] announces it.
@@ -186,7 +187,7 @@ fn choose(
 
 /// The way choices are measured, in the cache key: a choice measured another way (before the
 /// alternated medians and the tie margin) is measured again.
-const METHOD: &str = "medians-tie5-short32-xbcast8x8-cpuwide1st";
+const METHOD: &str = "paired-medians-tie5-read10-short32-xbcast8x8-cpuwide1st";
 
 /// The on-disk cache key: the adapter and driver, the candidates of every family and the
 /// measuring [`METHOD`], so that a choice measured before a variant existed is measured again.
@@ -311,7 +312,7 @@ pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
 /// f32 plain, then wide with SHADER_INT64; f16 native with SHADER_F16 (else packed), then wide
 /// with SHADER_INT64, then packed; u32 (no weights, only f32 reads): plain f32. The
 /// measurement times decode GEMVs, and where wide and packed f16 tie there (within
-/// [`TIE_MARGIN`], as on an AMD EPYC under lavapipe: 34.3 against 33.7 ms), the wide form goes
+/// [`READ_TIE_MARGIN`], as on an AMD EPYC under lavapipe: 34.3 against 33.7 ms), the wide form goes
 /// first because the prefill matmul reads eight values per load with it against four packed
 /// (`firstrt bench --dtype f16 --prompt-len 128`, forced each way, alternated twice: prefill
 /// 81.5 and 84.7 tok/s wide, 75.5 and 67.7 packed; decode within noise).
@@ -387,6 +388,13 @@ pub fn dense_kind(ctx: &GpuContext, w: &GpuMatrix) -> WeightKind {
 /// between near-equal variants cannot flip the choice from one run to the next.
 pub const TIE_MARGIN: f64 = 0.05;
 
+/// The tie margin, instead of [`TIE_MARGIN`], of the ways of reading weights (`f32read`,
+/// `f16read`): on a CPU adapter the wide read comes first and keeps a tie up to this margin. Why wider: on an AMD EPYC (Zen 3,
+/// 2026-12-03) the `f32read` medians of wide against plain were 33–38 against 38–42 ms (wide
+/// 15.2 against 12.7 tok/s decode and 79 against 66 prefill end to end), and one fresh run in
+/// eleven measured plain more than 5% faster and picked it.
+pub const READ_TIE_MARGIN: f64 = 0.10;
+
 /// Alternated rounds of timing per candidate; the median of each candidate's rounds is compared.
 const ROUNDS: usize = 5;
 
@@ -397,12 +405,31 @@ const DROP_AFTER: usize = 2;
 /// See [`DROP_AFTER`].
 const SLOW_FACTOR: f64 = 2.0;
 
-/// The choice among candidates listed in preference order, from their measured times: the
-/// index of the first candidate whose time is at most `(1 + margin)` times the fastest time;
-/// None for an empty list.
-pub fn pick_within_margin(times: &[Duration], margin: f64) -> Option<usize> {
-    let fastest = times.iter().min()?.as_secs_f64();
-    times.iter().position(|t| t.as_secs_f64() <= fastest * (1.0 + margin))
+/// The choice among candidates listed in preference order, from their measured times (any unit,
+/// e.g. [`relative_medians`]): the index of the first candidate whose time is at most
+/// `(1 + margin)` times the fastest time; None for an empty list.
+pub fn pick_within_margin(times: &[f64], margin: f64) -> Option<usize> {
+    let fastest = times.iter().copied().reduce(f64::min)?;
+    times.iter().position(|&t| t <= fastest * (1.0 + margin))
+}
+
+/// Each candidate's median over rounds of its time divided by the fastest time of the same
+/// round (`rounds[c][r]`: candidate c's time in round r; a candidate dropped after a few rounds
+/// has fewer): 1.0 for a candidate fastest in most rounds. Pairing each time with its own round's
+/// cancels a change of the machine's speed from one round to the next (a shared 2-core machine's
+/// rounds varied 2x within one measurement), which independent medians do not.
+pub fn relative_medians(rounds: &[Vec<Duration>]) -> Vec<f64> {
+    let len = rounds.iter().map(Vec::len).max().unwrap_or(0);
+    let fastest: Vec<f64> =
+        (0..len).map(|r| rounds.iter().filter_map(|t| t.get(r)).map(Duration::as_secs_f64).fold(f64::INFINITY, f64::min)).collect();
+    rounds
+        .iter()
+        .map(|t| {
+            let mut ratios: Vec<f64> = t.iter().zip(&fastest).map(|(d, &f)| if f > 0.0 { d.as_secs_f64() / f } else { 1.0 }).collect();
+            ratios.sort_unstable_by(f64::total_cmp);
+            ratios.get(ratios.len() / 2).copied().unwrap_or(f64::INFINITY)
+        })
+        .collect()
 }
 
 /// `all` in preference order: `preferred` first, then the others in their list order.
@@ -488,10 +515,12 @@ fn alternated_rounds(ctx: &GpuContext, programs: &[Vec<Dispatch>]) -> Result<Vec
 }
 
 /// Time `build(candidate)` for every candidate (in preference order) with
-/// [`alternated_rounds`], and pick from the medians with [`pick_within_margin`] and [`TIE_MARGIN`].
+/// [`alternated_rounds`], and pick with [`pick_within_margin`] and `margin` ([`TIE_MARGIN`] or
+/// [`READ_TIE_MARGIN`]) from the [`relative_medians`] of the rounds.
 fn measure_candidates<T: Copy>(
     ctx: &GpuContext,
     family: &str,
+    margin: f64,
     candidates: &[T],
     name: impl Fn(T) -> &'static str,
     build: impl Fn(T) -> Result<Vec<Dispatch>, GpuError>,
@@ -518,10 +547,16 @@ fn measure_candidates<T: Copy>(
     for (&c, t) in candidates.iter().zip(&rounds) {
         log::debug!("kernel choice: {family} {} rounds (ms): {}", name(c), t.iter().map(ms).collect::<Vec<_>>().join(" "));
     }
+    let relative = relative_medians(&rounds);
     let medians: Vec<Duration> = rounds.iter_mut().map(|t| median(t)).collect();
-    let i = pick_within_margin(&medians, TIE_MARGIN).ok_or_else(|| GpuError::Device(format!("kernel choice {family}: no candidate")))?;
-    let line: Vec<String> = candidates.iter().zip(&medians).map(|(&c, t)| format!("{} {} ms", name(c), ms(t))).collect();
-    log::debug!("kernel choice: {family} medians, in preference order: {}; picked {}", line.join(", "), name(candidates[i]));
+    let i = pick_within_margin(&relative, margin).ok_or_else(|| GpuError::Device(format!("kernel choice {family}: no candidate")))?;
+    let line: Vec<String> =
+        candidates.iter().zip(medians.iter().zip(&relative)).map(|(&c, (t, r))| format!("{} {} ms ({r:.3}x)", name(c), ms(t))).collect();
+    log::debug!(
+        "kernel choice: {family} medians and medians relative to each round's fastest, in preference order: {}; picked {}",
+        line.join(", "),
+        name(candidates[i])
+    );
     Ok(candidates[i])
 }
 
@@ -569,7 +604,7 @@ impl GemvSet {
 fn measure_read(ctx: &GpuContext, family: &str, dtype: DType, kinds: &[WeightKind]) -> Result<WeightKind, GpuError> {
     let set = GemvSet::new(ctx, dtype)?;
     let variant = matvec_fallback(ctx);
-    measure_candidates(ctx, family, kinds, read_name, |kind| set.program(ctx, kind, variant))
+    measure_candidates(ctx, family, READ_TIE_MARGIN, kinds, read_name, |kind| set.program(ctx, kind, variant))
 }
 
 fn pseudo_random(n: usize) -> Vec<f32> {
@@ -582,7 +617,7 @@ fn measure_matvec(ctx: &GpuContext, preferred: MatvecVariant) -> Result<MatvecVa
     let set = GemvSet::new(ctx, DType::F32)?;
     let kind = weight_kind(ctx, DType::F32);
     let order = preference_order(&matvec_candidates(ctx), preferred);
-    measure_candidates(ctx, "matvec", &order, MatvecVariant::name, |v| set.program(ctx, kind, v))
+    measure_candidates(ctx, "matvec", TIE_MARGIN, &order, MatvecVariant::name, |v| set.program(ctx, kind, v))
 }
 
 /// The prompt lengths `matmul.short` is timed on, each with how often it runs per program.
@@ -605,7 +640,7 @@ fn measure_matmul(ctx: &GpuContext, family: &str, preferred: MatmulVariant, leng
         buffers.push((t, repeats, x, y));
     }
     let order = preference_order(&matmul_candidates(ctx), preferred);
-    measure_candidates(ctx, family, &order, MatmulVariant::name, |variant| {
+    measure_candidates(ctx, family, TIE_MARGIN, &order, MatmulVariant::name, |variant| {
         let mut program = Vec::new();
         for (t, repeats, x, y) in &buffers {
             let ds = matmul(ctx, "choice.matmul", &LinearOp::new(x, *t, &w, y), variant)?;
@@ -736,16 +771,36 @@ mod tests {
         let build = |v: MatvecVariant| {
             if unbuildable(v) { Err(GpuError::Device("no such shader here".into())) } else { set.program(&ctx, kind, v) }
         };
-        let picked =
-            measure_candidates(&ctx, "test-unbuildable", &[MatvecVariant::Rows, MatvecVariant::Reduce], MatvecVariant::name, build);
+        let picked = measure_candidates(
+            &ctx,
+            "test-unbuildable",
+            TIE_MARGIN,
+            &[MatvecVariant::Rows, MatvecVariant::Reduce],
+            MatvecVariant::name,
+            build,
+        );
         assert_eq!(picked.unwrap(), MatvecVariant::Reduce);
-        let none = measure_candidates(&ctx, "test-unbuildable", &[MatvecVariant::Rows], MatvecVariant::name, build);
+        let none = measure_candidates(&ctx, "test-unbuildable", TIE_MARGIN, &[MatvecVariant::Rows], MatvecVariant::name, build);
         assert!(none.is_err());
+    }
+
+    /// A slow round slows every candidate timed in it: relative to each round's fastest, the
+    /// candidate 10% slower stays 10% slower, where its own median would put it 3.3x behind.
+    #[test]
+    fn relative_medians_pair_each_time_with_its_round() {
+        let ms = |v: &[u64]| v.iter().map(|&t| Duration::from_millis(t)).collect::<Vec<_>>();
+        let rounds = [ms(&[10, 10, 10, 30, 30]), ms(&[11, 11, 33, 33, 33]), ms(&[40, 40])];
+        let r = relative_medians(&rounds);
+        assert!((r[0] - 1.0).abs() < 1e-9 && (r[1] - 1.1).abs() < 1e-9 && (r[2] - 4.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(pick_within_margin(&r, 0.05), Some(0));
+        assert_eq!(pick_within_margin(&r, 0.10), Some(0));
+        assert_eq!(pick_within_margin(&relative_medians(&[ms(&[12, 36]), ms(&[10, 30])]), 0.10), Some(1));
+        assert!(relative_medians(&[]).is_empty());
     }
 
     #[test]
     fn ties_go_to_the_preferred_candidate() {
-        let ms = |v: &[u64]| v.iter().map(|&t| Duration::from_micros(t)).collect::<Vec<_>>();
+        let ms = |v: &[u64]| v.iter().map(|&t| t as f64).collect::<Vec<_>>();
         // Within the margin of the fastest: the first in preference order.
         assert_eq!(pick_within_margin(&ms(&[1030, 1000]), 0.05), Some(0));
         assert_eq!(pick_within_margin(&ms(&[1050, 1000, 1010]), 0.05), Some(0));
