@@ -9,11 +9,11 @@
 //!
 //! The measurement runs each candidate's program (a mix of the test model's shapes: its decode
 //! GEMVs with the 49152 x 576 LM head, or prefill products, short and long prompts apart) in
-//! alternated rounds
-//! and compares medians. Candidates are listed in a fixed preference order (the adapter's
-//! fallback first); the first whose median is within [`TIE_MARGIN`] of the fastest wins
-//! ([`READ_TIE_MARGIN`] for the ways of reading weights), so
-//! that variants within noise of each other give the same choice in every fresh run. It takes
+//! alternated rounds and compares each candidate's median time relative to the fastest of each
+//! round ([`relative_medians`]). Candidates are listed in a fixed preference order (the
+//! adapter's fallback first); the first within [`TIE_MARGIN`] of the fastest wins
+//! ([`READ_TIE_MARGIN`] for the ways of reading weights), so that variants within noise of each
+//! other give the same choice in every fresh run. It takes
 //! one to a few seconds on lavapipe, plus the driver's compilation of the candidates when its
 //! shader cache is empty; [`crate::gpu::notice`] announces it.
 //!
@@ -389,13 +389,15 @@ pub fn dense_kind(ctx: &GpuContext, w: &GpuMatrix) -> WeightKind {
 pub const TIE_MARGIN: f64 = 0.05;
 
 /// The tie margin, instead of [`TIE_MARGIN`], of the ways of reading weights (`f32read`,
-/// `f16read`): on a CPU adapter the wide read comes first and keeps a tie up to this margin. Why wider: on an AMD EPYC (Zen 3,
-/// 2026-12-03) the `f32read` medians of wide against plain were 33–38 against 38–42 ms (wide
-/// 15.2 against 12.7 tok/s decode and 79 against 66 prefill end to end), and one fresh run in
-/// eleven measured plain more than 5% faster and picked it.
+/// `f16read`): on a CPU adapter the wide read comes first and keeps a tie up to this margin.
+/// Why wider: on an AMD EPYC (Zen 3, 2026-12-03) the `f32read` medians of wide against plain
+/// were 33–41 against 38–44 ms (wide 15.2 against 12.7 tok/s decode and 79 against 66 prefill
+/// end to end), and one fresh measurement in eleven found plain more than 5% faster and
+/// picked it.
 pub const READ_TIE_MARGIN: f64 = 0.10;
 
-/// Alternated rounds of timing per candidate; the median of each candidate's rounds is compared.
+/// Alternated rounds of timing per candidate; each candidate's median over them, relative to
+/// each round's fastest ([`relative_medians`]), is compared.
 const ROUNDS: usize = 5;
 
 /// After this many rounds, a candidate whose fastest run so far is [`SLOW_FACTOR`] times the
