@@ -428,8 +428,7 @@ pub fn relative_medians(rounds: &[Vec<Duration>]) -> Vec<f64> {
         .iter()
         .map(|t| {
             let mut ratios: Vec<f64> = t.iter().zip(&fastest).map(|(d, &f)| if f > 0.0 { d.as_secs_f64() / f } else { 1.0 }).collect();
-            ratios.sort_unstable_by(f64::total_cmp);
-            ratios.get(ratios.len() / 2).copied().unwrap_or(f64::INFINITY)
+            upper_median(&mut ratios, f64::total_cmp).unwrap_or(f64::INFINITY)
         })
         .collect()
 }
@@ -441,8 +440,15 @@ fn preference_order<T: Copy + PartialEq>(all: &[T], preferred: T) -> Vec<T> {
 
 /// The median of `times` (the upper one of the middle two for an even count).
 fn median(times: &mut [Duration]) -> Duration {
-    times.sort_unstable();
-    times.get(times.len() / 2).copied().unwrap_or(Duration::ZERO)
+    upper_median(times, Ord::cmp).unwrap_or(Duration::ZERO)
+}
+
+/// The middle of `values` after sorting them in place by `cmp`, the upper one of the middle two
+/// for an even count; None when empty. The one median rule of [`median`] and
+/// [`relative_medians`].
+fn upper_median<T: Copy>(values: &mut [T], cmp: impl FnMut(&T, &T) -> std::cmp::Ordering) -> Option<T> {
+    values.sort_unstable_by(cmp);
+    values.get(values.len() / 2).copied()
 }
 
 /// What a candidate's run is timed by.
