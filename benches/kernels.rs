@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use firstrt::gpu::MatrixPart;
 use firstrt::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuOptions, GpuTensor};
-use firstrt::kernels::attention::{AttnOp, AttnShape, AttnVariant, attention_variant};
+use firstrt::kernels::attention::{AttnOp, AttnShape, AttnVariant, attention_variant, heads_per_invocation, split_count};
 use firstrt::kernels::attention_backward::{AttnBackwardOp, attention_backward};
 use firstrt::kernels::choice::{read_candidates, weight_kind};
 use firstrt::kernels::copy::copy;
@@ -262,7 +262,8 @@ fn main() {
             step.write(&ctx, &StepParams::new(at, 1));
             for keys_per_split in [8, 16, 32, 64] {
                 let ds = attention_variant(&ctx, "attention", &op, AttnVariant::Split { keys_per_split }).unwrap();
-                let shape = format!("9/3/64 pos {at} of {max_pos}, {keys_per_split} keys per split");
+                let splits = split_count(&ctx, max_pos, keys_per_split, heads.n_heads / heads_per_invocation(&ctx, heads));
+                let shape = format!("9/3/64 pos {at} of {max_pos}, at least {keys_per_split} keys in each of {splits} splits");
                 b.case("attention decode split", &shape, &ds[..1], false);
                 b.case("attention decode combine", &shape, &ds[1..], false);
                 b.case("attention decode split+combine", &shape, &ds, false);

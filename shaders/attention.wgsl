@@ -7,7 +7,8 @@
 //   attn_rows:    one invocation per (t, block of GB heads) over all its keys, writes out directly (prefill);
 //                 a workgroup's rows walk the same keys (see attn_rows).
 //   attn_split:   flash-decoding: one invocation per (t, split s, block of GB heads) over keys
-//                 [s*keys_per_split, (s+1)*keys_per_split) ∩ [0, pos], writes partial (m, l, acc).
+//                 [s*kps, (s+1)*kps) ∩ [0, pos], writes partial (m, l, acc); kps = split_keys(t),
+//                 keys_per_split or more when the splits would not cover the keys.
 //   attn_combine: one invocation per (t, h, 4-lane group j of head_dim) merges the partials.
 // The placeholder HD is head_dim and HD4 = ceil(head_dim / 4); q is read through q4 (a vec4 of
 // head_dim lanes 4j..4j+3 of the head starting at element `base`, zero past head_dim), k and v
@@ -22,6 +23,7 @@ const GB: u32 = {{GB}}u;         // query heads per invocation, sharing one kv h
 const GBHD4: u32 = {{GBHD4}}u;   // GB * HD4
 const HP: u32 = {{HP}}u;         // ceil(HD4 / 2): k and v are read eight lanes (two vec4) at a time
 const WGR: u32 = {{WGR}}u;       // attn_rows: query rows per workgroup
+const WGS: u32 = {{WGS}}u;       // attn_split: invocations per workgroup
 
 struct AttnParams {
     rows: u32,            // T the dispatch was prepared for (the step's n_tokens may be smaller)
@@ -30,8 +32,8 @@ struct AttnParams {
     q_stride: u32,        // n_heads * head_dim (row stride of q and out)
     kv_stride: u32,       // n_kv_heads * head_dim (row stride of the caches)
     max_pos: u32,         // rows of the caches
-    splits: u32,          // attn_split/attn_combine: splits per query row
-    keys_per_split: u32,
+    splits: u32,          // attn_split/attn_combine: splits per query row (the partials' rows)
+    keys_per_split: u32,  // the fewest keys a split takes (split_keys)
     scale: f32,           // 1 / sqrt(head_dim)
     row0: u32,            // step row t reads q row row0 + t and writes out row row0 + t
     _pad1: u32,
@@ -206,9 +208,16 @@ fn attn_rows(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     }
 }
 
-@compute @workgroup_size(64)
+// Keys per split of row t: keys_per_split, or as many more as it takes for p.splits splits to
+// cover its n_keys(t) keys (the dispatch's splits may be capped below max_pos / keys_per_split,
+// `attention::split_count`). attn_split and attn_combine agree on it.
+fn split_keys(t: u32) -> u32 {
+    return max(p.keys_per_split, (n_keys(t) + p.splits - 1u) / p.splits);
+}
+
+@compute @workgroup_size(WGS)
 fn attn_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = gid.x + gid.y * nwg.x * 64u;
+    let idx = gid.x + gid.y * nwg.x * WGS;
     let blocks = p.n_heads / GB;
     let ts = idx / blocks;              // t * splits + s
     let h0 = (idx - ts * blocks) * GB;
@@ -217,8 +226,9 @@ fn attn_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     if (t >= n_rows()) {
         return;
     }
-    let k0 = s * p.keys_per_split;
-    let k1 = min(k0 + p.keys_per_split, n_keys(t));
+    let kps = split_keys(t);
+    let k0 = s * kps;
+    let k1 = min(k0 + kps, n_keys(t));
     if (k0 >= k1) {
         return;
     }
@@ -243,7 +253,8 @@ fn attn_combine(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (t >= n_rows()) {
         return;
     }
-    let used = (n_keys(t) + p.keys_per_split - 1u) / p.keys_per_split;
+    let kps = split_keys(t);
+    let used = (n_keys(t) + kps - 1u) / kps;
     let base = t * p.splits * p.n_heads + h;
     var m = NEG_BIG;
     for (var s = 0u; s < used; s++) {

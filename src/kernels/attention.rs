@@ -2,11 +2,13 @@
 //!
 //! Two variants (see `shaders/attention.wgsl`):
 //! - [`AttnVariant::Rows`]: one invocation per (query row, head) over all its keys; the prefill path.
-//! - [`AttnVariant::Split`]: flash-decoding; the key range is cut into fixed chunks of
+//! - [`AttnVariant::Split`]: flash-decoding; the key range is cut into chunks of at least
 //!   `keys_per_split` keys, one invocation per (row, chunk, head) computes a partial online
 //!   softmax, and a second dispatch merges the partials. The dispatch is sized for the whole
 //!   cache (`max_pos`), so one prepared pair serves every decode step; chunks past the step's
-//!   keys return at once.
+//!   keys return at once. On a CPU adapter the chunks are few ([`cpu_max_splits`]) and grow
+//!   with the step's keys ([`split_count`]), and a workgroup is one SIMD group of 8
+//!   invocations, so that a short context's few chunks still spread over every core.
 //!
 //! Both read `pos0` and `n_tokens` from the per-step uniform ([`StepBuffer`]).
 
@@ -83,8 +85,21 @@ pub struct AttnOp<'a> {
     pub out: &'a GpuTensor,
 }
 
-/// Keys per split of the flash-decoding variant chosen by [`attention`].
+/// Keys per split of the flash-decoding variant chosen by [`attention`] on a GPU.
 pub const DEFAULT_KEYS_PER_SPLIT: usize = 32;
+
+/// The fewest keys per split of the flash-decoding variant chosen by [`attention`] on a CPU
+/// adapter, where [`cpu_max_splits`] caps the splits (BENCHMARKS.md, "Decode attention over
+/// every core").
+pub const CPU_KEYS_PER_SPLIT: usize = 8;
+
+/// Invocations per `attn_split` workgroup on a CPU adapter: one SIMD group of lavapipe's
+/// 256-bit lanes.
+pub const CPU_SPLIT_WORKGROUP: usize = 8;
+
+/// Workgroups per thread that [`cpu_max_splits`] aims at, so that the threads stay balanced
+/// when one ends early.
+pub const CPU_WORKGROUPS_PER_THREAD: usize = 3;
 
 /// [`attention`] uses the split variant up to this many rows, the rows variant above.
 pub const SPLIT_MAX_ROWS: usize = 4;
@@ -96,7 +111,7 @@ pub enum AttnVariant {
     Rows,
     /// Flash-decoding (Dao et al. 2023): two dispatches (partials, combine).
     Split {
-        /// Keys per split (at least 1).
+        /// Keys per split (at least 1); more where [`split_count`] caps the splits.
         keys_per_split: usize,
     },
 }
@@ -117,9 +132,10 @@ pub struct AttnParams {
     pub kv_stride: u32,
     /// Rows of the caches.
     pub max_pos: u32,
-    /// Key-range splits (`Split`), else 1.
+    /// Key-range splits (`Split`, [`split_count`]), else 1.
     pub splits: u32,
-    /// Keys per split (`Split`), else `max_pos`.
+    /// The fewest keys per split (`Split`; a step with more keys than `splits` such splits
+    /// hold gives each split `ceil(keys / splits)`), else `max_pos`.
     pub keys_per_split: u32,
     /// Score scale `1 / sqrt(head_dim)`.
     pub scale: f32,
@@ -190,6 +206,38 @@ pub fn heads_per_invocation(ctx: &GpuContext, shape: AttnShape) -> usize {
 /// `heads x head_dim` values each).
 pub const MAX_HEADS_PER_INVOCATION: usize = 4;
 
+/// Splits of a row's keys that [`attention_variant`] prepares for `max_pos` cache rows, at
+/// least `keys_per_split` keys per split and `head_blocks` invocations per split:
+/// `ceil(max_pos / keys_per_split)`, at most [`cpu_max_splits`] on a CPU adapter. Where the cap
+/// binds, a step with `n` keys gives each split `max(keys_per_split, ceil(n / splits))` keys
+/// (`split_keys` in the shader).
+pub fn split_count(ctx: &GpuContext, max_pos: usize, keys_per_split: usize, head_blocks: usize) -> usize {
+    let splits = max_pos.div_ceil(keys_per_split.max(1)).max(1);
+    if ctx.is_cpu() { splits.min(cpu_max_splits(head_blocks, cpu_threads())) } else { splits }
+}
+
+/// The most splits of a row's keys on a CPU adapter for `head_blocks` invocations per split
+/// (query heads / heads per invocation) and `threads` threads: enough for
+/// [`CPU_WORKGROUPS_PER_THREAD`] workgroups of [`CPU_SPLIT_WORKGROUP`] per thread (SmolLM2's 3
+/// blocks on 2 threads: 16 splits, 48 invocations, 6 workgroups), at least 1. lavapipe hands
+/// whole workgroups to its threads, one per core, and runs a workgroup of 8 as one SIMD group;
+/// each further split is one more q load and partial to write and merge.
+pub fn cpu_max_splits(head_blocks: usize, threads: usize) -> usize {
+    (CPU_WORKGROUPS_PER_THREAD * CPU_SPLIT_WORKGROUP * threads.max(1)).div_ceil(head_blocks.max(1)).max(1)
+}
+
+/// Threads lavapipe runs a dispatch's workgroups on: one per core it may use.
+fn cpu_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Invocations per `attn_split` workgroup: 8 (one SIMD group of lavapipe's 256-bit lanes) on a
+/// CPU adapter, so that the few splits that hold keys at a short position reach every thread;
+/// 64 elsewhere.
+pub fn split_workgroup(ctx: &GpuContext) -> usize {
+    if ctx.is_cpu() { CPU_SPLIT_WORKGROUP } else { 64 }
+}
+
 /// Query rows per `attn_rows` workgroup: 8 (one SIMD group of lavapipe's 256-bit lanes) on a CPU
 /// adapter, 64 elsewhere. Every row of a workgroup walks the keys of its last row, so fewer rows
 /// waste fewer masked keys.
@@ -242,14 +290,18 @@ fn variant(ctx: &GpuContext, entry: &'static str, head_dim: usize, heads: usize)
         .define("GBHD4", heads * head_dim.div_ceil(4))
         .define("HP", head_dim.div_ceil(4).div_ceil(2))
         .define("WGR", rows_per_workgroup(ctx))
+        .define("WGS", split_workgroup(ctx))
         .define("DECLS_QKV", qkv)
         .define("DECLS_OUT", out)
         .define("DECLS_COUT", cout)
 }
 
-/// The variant [`attention`] picks for `rows` query rows.
-pub fn default_variant(rows: usize) -> AttnVariant {
-    if rows <= SPLIT_MAX_ROWS { AttnVariant::Split { keys_per_split: DEFAULT_KEYS_PER_SPLIT } } else { AttnVariant::Rows }
+/// The variant [`attention`] picks for `rows` query rows on `ctx`'s adapter: `Split` up to
+/// [`SPLIT_MAX_ROWS`] rows ([`CPU_KEYS_PER_SPLIT`] keys per split on a CPU adapter,
+/// [`DEFAULT_KEYS_PER_SPLIT`] elsewhere), `Rows` above.
+pub fn default_variant(ctx: &GpuContext, rows: usize) -> AttnVariant {
+    let keys_per_split = if ctx.is_cpu() { CPU_KEYS_PER_SPLIT } else { DEFAULT_KEYS_PER_SPLIT };
+    if rows <= SPLIT_MAX_ROWS { AttnVariant::Split { keys_per_split } } else { AttnVariant::Rows }
 }
 
 /// Causal attention with GQA (kv head = h / (n_heads / n_kv_heads)): for t < rows (the step's
@@ -261,7 +313,7 @@ pub fn default_variant(rows: usize) -> AttnVariant {
 /// # Errors
 /// As [`attention_variant`].
 pub fn attention(ctx: &GpuContext, label: &str, op: &AttnOp) -> Result<Vec<Dispatch>, GpuError> {
-    attention_variant(ctx, label, op, default_variant(op.rows))
+    attention_variant(ctx, label, op, default_variant(ctx, op.rows))
 }
 
 /// [`attention`] with an explicit variant: one dispatch (`Rows`) or two (`Split`: partials named
@@ -289,7 +341,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
             if keys_per_split == 0 {
                 return Err(invalid(label, "keys_per_split must be at least 1"));
             }
-            (max_pos.div_ceil(keys_per_split), keys_per_split)
+            (split_count(ctx, max_pos, keys_per_split, shape.n_heads / heads_per_invocation(ctx, shape)), keys_per_split)
         }
     };
     let hd4 = hd.div_ceil(4);
@@ -363,7 +415,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
                     part_ml.buffer.as_entire_binding(),
                     part_acc.buffer.as_entire_binding(),
                 ],
-                grid((n_part / gb).div_ceil(64) as u32),
+                grid((n_part / gb).div_ceil(split_workgroup(ctx)) as u32),
                 Cost { bytes: attn_cost.bytes + (4 * n_part * (2 + hd4 * 4)) as u64, ..attn_cost },
             );
             let n_comb = rows * shape.n_heads * hd4;
@@ -521,6 +573,27 @@ mod tests {
             assert_eq!(declared, wide && allows, "head_dim {}", shape.head_dim);
             assert_eq!(wide_kv(&ctx, shape.head_dim), declared);
         }
+    }
+
+    /// The CPU cap on splits: three workgroups of 8 per thread, whatever the head blocks; a GPU
+    /// keeps one split per `keys_per_split` keys of the cache.
+    #[test]
+    fn cpu_splits_fill_three_workgroups_per_thread() {
+        assert_eq!(cpu_max_splits(3, 2), 16); // SmolLM2: 9 heads in 3 blocks, 2 cores
+        assert_eq!(cpu_max_splits(8, 2), 6); // Llama-3.2-1B: 32 heads in 8 blocks
+        assert_eq!(cpu_max_splits(3, 16), 128);
+        assert_eq!(cpu_max_splits(100, 1), 1);
+        assert_eq!(cpu_max_splits(0, 0), 24);
+        let ctx = test_context();
+        let splits = split_count(&ctx, 4096, 8, 3);
+        if ctx.is_cpu() {
+            assert_eq!(splits, cpu_max_splits(3, cpu_threads()).min(512));
+            // Few cache rows: one split per keys_per_split keys, under the cap.
+            assert_eq!(split_count(&ctx, 16, 8, 3), 2);
+        } else {
+            assert_eq!(splits, 512);
+        }
+        assert_eq!(split_count(&ctx, 1, 8, 3), 1);
     }
 
     #[test]
