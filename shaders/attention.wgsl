@@ -22,8 +22,7 @@ const HD4: u32 = {{HD4}}u;
 const GB: u32 = {{GB}}u;         // query heads per invocation, sharing one kv head (divides group)
 const GBHD4: u32 = {{GBHD4}}u;   // GB * HD4
 const HP: u32 = {{HP}}u;         // ceil(HD4 / 2): k and v are read eight lanes (two vec4) at a time
-const WGR: u32 = {{WGR}}u;       // attn_rows: query rows per workgroup
-const WGS: u32 = {{WGS}}u;       // attn_split: invocations per workgroup
+const WG: u32 = {{WG}}u;         // invocations per workgroup (attn_rows: query rows; attn_split)
 
 struct AttnParams {
     rows: u32,            // T the dispatch was prepared for (the step's n_tokens may be smaller)
@@ -178,20 +177,20 @@ fn n_keys(t: u32) -> u32 {
     return min(step.pos0 + t + 1u, p.max_pos);
 }
 
-// attn_rows: workgroup (x, y) takes query rows x * WGR .. x * WGR + WGR - 1 (one per
+// attn_rows: workgroup (x, y) takes query rows x * WG .. x * WG + WG - 1 (one per
 // invocation) of the GB heads from y * GB. Its invocations walk the same keys, up to the last
 // row's, each masking the keys past its own position, so that the kv head and the key are the
 // same across the workgroup (from workgroup_id and a uniform loop): every lane reads the same k
 // and v addresses at once. On lavapipe that ran 1.25-1.35x faster than one invocation per
 // (row, head group) in consecutive order (BENCHMARKS.md, "Prefill attention").
-@compute @workgroup_size(WGR)
+@compute @workgroup_size(WG)
 fn attn_rows(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>) {
     let rows = n_rows();
-    let first = wg.x * WGR;
+    let first = wg.x * WG;
     if (first >= rows) {
         return;
     }
-    let last = min(first + WGR, rows) - 1u;
+    let last = min(first + WG, rows) - 1u;
     let t = min(first + lid.x, last);
     let h0 = wg.y * GB;
     var acc: array<vec4<f32>, GBHD4>;
@@ -215,9 +214,9 @@ fn split_keys(t: u32) -> u32 {
     return max(p.keys_per_split, (n_keys(t) + p.splits - 1u) / p.splits);
 }
 
-@compute @workgroup_size(WGS)
+@compute @workgroup_size(WG)
 fn attn_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = gid.x + gid.y * nwg.x * WGS;
+    let idx = gid.x + gid.y * nwg.x * WG;
     let blocks = p.n_heads / GB;
     let ts = idx / blocks;              // t * splits + s
     let h0 = (idx - ts * blocks) * GB;

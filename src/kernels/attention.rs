@@ -93,9 +93,9 @@ pub const DEFAULT_KEYS_PER_SPLIT: usize = 32;
 /// every core").
 pub const CPU_KEYS_PER_SPLIT: usize = 8;
 
-/// Invocations per `attn_split` workgroup on a CPU adapter: one SIMD group of lavapipe's
-/// 256-bit lanes.
-pub const CPU_SPLIT_WORKGROUP: usize = 8;
+/// Invocations per `attn_rows` and `attn_split` workgroup on a CPU adapter: one SIMD group of
+/// lavapipe's 256-bit lanes ([`workgroup_size`]).
+pub const CPU_SIMD_WORKGROUP: usize = 8;
 
 /// Workgroups per thread that [`cpu_max_splits`] aims at, so that the threads stay balanced
 /// when one ends early.
@@ -218,12 +218,12 @@ pub fn split_count(ctx: &GpuContext, max_pos: usize, keys_per_split: usize, head
 
 /// The most splits of a row's keys on a CPU adapter for `head_blocks` invocations per split
 /// (query heads / heads per invocation) and `threads` threads: enough for
-/// [`CPU_WORKGROUPS_PER_THREAD`] workgroups of [`CPU_SPLIT_WORKGROUP`] per thread (SmolLM2's 3
+/// [`CPU_WORKGROUPS_PER_THREAD`] workgroups of [`CPU_SIMD_WORKGROUP`] per thread (SmolLM2's 3
 /// blocks on 2 threads: 16 splits, 48 invocations, 6 workgroups), at least 1. lavapipe hands
 /// whole workgroups to its threads, one per core, and runs a workgroup of 8 as one SIMD group;
 /// each further split is one more q load and partial to write and merge.
 pub fn cpu_max_splits(head_blocks: usize, threads: usize) -> usize {
-    (CPU_WORKGROUPS_PER_THREAD * CPU_SPLIT_WORKGROUP * threads.max(1)).div_ceil(head_blocks.max(1)).max(1)
+    (CPU_WORKGROUPS_PER_THREAD * CPU_SIMD_WORKGROUP * threads.max(1)).div_ceil(head_blocks.max(1)).max(1)
 }
 
 /// Threads lavapipe runs a dispatch's workgroups on: one per core it may use.
@@ -231,18 +231,13 @@ fn cpu_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Invocations per `attn_split` workgroup: 8 (one SIMD group of lavapipe's 256-bit lanes) on a
-/// CPU adapter, so that the few splits that hold keys at a short position reach every thread;
-/// 64 elsewhere.
-pub fn split_workgroup(ctx: &GpuContext) -> usize {
-    if ctx.is_cpu() { CPU_SPLIT_WORKGROUP } else { 64 }
-}
-
-/// Query rows per `attn_rows` workgroup: 8 (one SIMD group of lavapipe's 256-bit lanes) on a CPU
-/// adapter, 64 elsewhere. Every row of a workgroup walks the keys of its last row, so fewer rows
-/// waste fewer masked keys.
-pub fn rows_per_workgroup(ctx: &GpuContext) -> usize {
-    if ctx.is_cpu() { 8 } else { 64 }
+/// Invocations per workgroup of `attn_rows` (one query row each) and `attn_split`:
+/// [`CPU_SIMD_WORKGROUP`] (one SIMD group of lavapipe's 256-bit lanes) on a CPU adapter, 64
+/// elsewhere. Every row of an `attn_rows` workgroup walks the keys of its last row, so fewer
+/// rows waste fewer masked keys; and the few splits of `attn_split` that hold keys at a short
+/// position reach every thread.
+pub fn workgroup_size(ctx: &GpuContext) -> usize {
+    if ctx.is_cpu() { CPU_SIMD_WORKGROUP } else { 64 }
 }
 
 /// Whether `attn_rows` and `attn_split` read the k and v caches eight lanes per load, as
@@ -289,8 +284,7 @@ fn variant(ctx: &GpuContext, entry: &'static str, head_dim: usize, heads: usize)
         .define("GB", heads)
         .define("GBHD4", heads * head_dim.div_ceil(4))
         .define("HP", head_dim.div_ceil(4).div_ceil(2))
-        .define("WGR", rows_per_workgroup(ctx))
-        .define("WGS", split_workgroup(ctx))
+        .define("WG", workgroup_size(ctx))
         .define("DECLS_QKV", qkv)
         .define("DECLS_OUT", out)
         .define("DECLS_COUT", cout)
@@ -335,22 +329,22 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
     let k_rows = cache_rows(label, k_cache, shape.kv_dim(), "k_cache")?;
     let v_rows = cache_rows(label, v_cache, shape.kv_dim(), "v_cache")?;
     let max_pos = k_rows.min(v_rows);
+    let gb = heads_per_invocation(ctx, shape);
     let (splits, keys_per_split) = match variant_choice {
         AttnVariant::Rows => (1, max_pos),
         AttnVariant::Split { keys_per_split } => {
             if keys_per_split == 0 {
                 return Err(invalid(label, "keys_per_split must be at least 1"));
             }
-            (split_count(ctx, max_pos, keys_per_split, shape.n_heads / heads_per_invocation(ctx, shape)), keys_per_split)
+            (split_count(ctx, max_pos, keys_per_split, shape.n_heads / gb), keys_per_split)
         }
     };
     let hd4 = hd.div_ceil(4);
-    let gb = heads_per_invocation(ctx, shape);
     let invocations = match variant_choice {
         AttnVariant::Rows => rows * shape.n_heads,
         AttnVariant::Split { .. } => (rows * splits * shape.n_heads).max(rows * shape.n_heads * hd4),
     };
-    let row_groups = rows.div_ceil(rows_per_workgroup(ctx));
+    let row_groups = rows.div_ceil(workgroup_size(ctx));
     if invocations > u32::MAX as usize
         || rows * splits * shape.n_heads * hd4 > u32::MAX as usize
         || row_groups > crate::gpu::dispatch::MAX_GROUPS_PER_DIM as usize
@@ -415,7 +409,7 @@ pub fn attention_variant(ctx: &GpuContext, label: &str, op: &AttnOp, variant_cho
                     part_ml.buffer.as_entire_binding(),
                     part_acc.buffer.as_entire_binding(),
                 ],
-                grid((n_part / gb).div_ceil(split_workgroup(ctx)) as u32),
+                grid((n_part / gb).div_ceil(workgroup_size(ctx)) as u32),
                 Cost { bytes: attn_cost.bytes + (4 * n_part * (2 + hd4 * 4)) as u64, ..attn_cost },
             );
             let n_comb = rows * shape.n_heads * hd4;
