@@ -299,7 +299,7 @@ fn main() {
             let w = GpuMatrix::upload(&ctx, "w", n, k, &pseudo_random(n * k, 4), dtype).unwrap();
             let x = GpuTensor::from_f32(&ctx, "x", &[t, k], &pseudo_random(t * k, 5)).unwrap();
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
-            for v in MatmulVariant::ALL {
+            for v in MatmulVariant::available(&ctx) {
                 for kind in read_candidates(&ctx, dtype) {
                     let ds = matmul(&ctx, "matmul", &LinearOp::new(&x, t, &w, &y).kind(kind), v).unwrap();
                     b.case(&format!("matmul {} {}", v.name(), kind.name()), &format!("T={t} {n}x{k}"), &ds, false);
@@ -315,7 +315,7 @@ fn main() {
             let w = quant_weights(&ctx, q, n, kq, 4);
             let x = GpuTensor::from_f32(&ctx, "x", &[t, kq], &pseudo_random(t * kq, 5)).unwrap();
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
-            for v in MatmulVariant::ALL {
+            for v in MatmulVariant::available(&ctx) {
                 let ds = matmul(&ctx, "matmul", &LinearOp::new(&x, t, &w, &y), v).unwrap();
                 b.case(&format!("matmul {} {q}", v.name()), &shape, &ds, false);
             }

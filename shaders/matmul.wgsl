@@ -6,7 +6,8 @@
 // w_1, x_4, x_1 (and w_8, x_8 for the wide kinds); ALIGNED is true when K % 4 == 0 (rows start on
 // a vec4 boundary); WG is the workgroup size of matmul_regblock (and matmul_xbcast), TM x TN its
 // block of outputs per invocation and REGBLOCK_BODY its generated body; NB and XBCAST_BODY are
-// matmul_xbcast's (each pipeline fills only its own entry point's body).
+// matmul_xbcast's, XBCAST_SUBGROUP_ENTRY the whole entry point matmul_xbcast_subgroup
+// (`matmul::xbcast_subgroup_entry`; each pipeline fills only its own entry point's body).
 
 struct MatmulParams {
     t: u32,         // rows of x (tokens)
@@ -182,3 +183,7 @@ fn matmul_xbcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgro
     }
 {{XBCAST_BODY}}
 }
+
+// x handed across lanes (`matmul::xbcast_subgroup_entry`, `MatmulVariant::XBcastSubgroup`):
+// generated whole, as it declares the subgroup builtin that other pipelines' adapters may lack.
+{{XBCAST_SUBGROUP_ENTRY}}

@@ -98,7 +98,7 @@ pub fn parse_forced(spec: &str) -> Result<Forced, String> {
             (None | Some("matvec"), _, Some(v)) => f.matvec = Some(v),
             _ => {
                 return Err(format!(
-                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled|xbcast, matvec=rows|reduce|subgroup, \
+                    "FIRSTRT_KERNEL: unknown entry {item:?} (expected matmul=regblock|tiled|xbcast|xbcast-subgroup, matvec=rows|reduce|subgroup, \
                      f32read=plain|wide, f16read=native|packed|wide)"
                 ));
             }
@@ -212,7 +212,21 @@ pub const SHORT_PREFILL_ROWS: usize = 32;
 pub fn matmul_variant(ctx: &GpuContext, rows: usize) -> MatmulVariant {
     let (family, lengths) = if rows <= SHORT_PREFILL_ROWS { ("matmul.short", SHORT_LENGTHS) } else { ("matmul", LONG_LENGTHS) };
     let fallback = if ctx.is_cpu() { MatmulVariant::RegBlock } else { MatmulVariant::Tiled };
-    let forced = forced_from_env().matmul.map(MatmulVariant::name);
+    let forced = forced_from_env()
+        .matmul
+        .filter(|v| {
+            let ok = MatmulVariant::available(ctx).contains(v);
+            if !ok {
+                log::warn!(
+                    "FIRSTRT_KERNEL: matmul={} needs SUBGROUP with subgroups of {} lanes, which adapter {} lacks; measuring instead",
+                    v.name(),
+                    crate::kernels::matmul::XBCAST_WG,
+                    ctx.info.name
+                );
+            }
+            ok
+        })
+        .map(MatmulVariant::name);
     let measure = || measure_matmul(ctx, family, fallback, &lengths).map(MatmulVariant::name);
     let name = choose(ctx, family, forced, cache_path().as_deref(), measure, fallback.name());
     MatmulVariant::parse(&name).unwrap_or(fallback)
@@ -277,12 +291,17 @@ fn matvec_candidates(ctx: &GpuContext) -> Vec<MatvecVariant> {
     MatvecVariant::available(ctx)
 }
 
-/// The matmul variants measured on this adapter: all ([`MatmulVariant::ALL`]), less `tiled` on a
-/// CPU adapter, where its workgroup memory and barriers made it 4-20x slower than the others in
-/// every fresh run's measurement (at T = 12: 207 ms against `xbcast`'s 10.6; at T = 128: 153
-/// against 33). It can still be forced (`FIRSTRT_KERNEL=matmul=tiled`).
+/// The matmul variants measured on this adapter: those it can run ([`MatmulVariant::available`]),
+/// less two on a CPU adapter. `tiled`: its workgroup memory and barriers made it 4-20x slower
+/// than the others in every fresh run's measurement (at T = 12: 207 ms against `xbcast`'s 10.6;
+/// at T = 128: 153 against 33). `xbcast` where `xbcast-subgroup` runs: the same windows with
+/// fewer loads of x, 1.2-3.5x as fast on the model's shapes in `cargo bench --bench kernels`
+/// (BENCHMARKS.md, "x handed across lanes"), so measuring both would only add its compile to a
+/// first run. Both can still be forced (`FIRSTRT_KERNEL=matmul=tiled`, `matmul=xbcast`).
 fn matmul_candidates(ctx: &GpuContext) -> Vec<MatmulVariant> {
-    MatmulVariant::ALL.into_iter().filter(|&v| v != MatmulVariant::Tiled || !ctx.is_cpu()).collect()
+    let available = MatmulVariant::available(ctx);
+    let subgroup = available.contains(&MatmulVariant::XBcastSubgroup);
+    available.into_iter().filter(|&v| !ctx.is_cpu() || (v != MatmulVariant::Tiled && (v != MatmulVariant::XBcast || !subgroup))).collect()
 }
 
 /// The matvec variant for this adapter: forced (`FIRSTRT_KERNEL`), the only variant measured on
@@ -734,7 +753,8 @@ mod tests {
         }
     }
 
-    /// A CPU adapter measures neither `tiled` nor `reduce` (nor `subgroup`), and with `rows` the
+    /// A CPU adapter measures neither `tiled` nor `reduce` (nor `subgroup`), nor `xbcast` where
+    /// it runs `xbcast-subgroup`, and with `rows` the
     /// only matvec candidate it measures no matvec at all; it measures every way of reading
     /// weights, the wide one (with SHADER_INT64) first; any other adapter measures them all in
     /// their default order.
@@ -742,7 +762,10 @@ mod tests {
     fn cpu_adapters_measure_only_the_cpu_variants() {
         let ctx = test_context();
         if ctx.is_cpu() {
-            assert_eq!(matmul_candidates(&ctx), [MatmulVariant::RegBlock, MatmulVariant::XBcast]);
+            // One of the two xbcast forms: the subgroup one where the adapter runs it.
+            let xbcast =
+                if crate::kernels::matmul::xbcast_lanes(&ctx).is_some() { MatmulVariant::XBcastSubgroup } else { MatmulVariant::XBcast };
+            assert_eq!(matmul_candidates(&ctx), [MatmulVariant::RegBlock, xbcast]);
             assert_eq!(matvec_candidates(&ctx), [MatvecVariant::Rows]);
             if forced_from_env().matvec.is_none() {
                 assert_eq!(matvec_variant(&ctx), MatvecVariant::Rows);
@@ -762,7 +785,7 @@ mod tests {
                 }
             }
         } else {
-            assert_eq!(matmul_candidates(&ctx), MatmulVariant::ALL);
+            assert_eq!(matmul_candidates(&ctx), MatmulVariant::available(&ctx));
             assert_eq!(matvec_candidates(&ctx), MatvecVariant::available(&ctx));
             for dtype in [DType::F32, DType::F16] {
                 assert_eq!(measured_read_candidates(&ctx, dtype), read_candidates(&ctx, dtype));
@@ -827,7 +850,7 @@ mod tests {
     fn preference_puts_the_fallback_first() {
         assert_eq!(
             preference_order(&MatmulVariant::ALL, MatmulVariant::Tiled),
-            [MatmulVariant::Tiled, MatmulVariant::RegBlock, MatmulVariant::XBcast]
+            [MatmulVariant::Tiled, MatmulVariant::RegBlock, MatmulVariant::XBcast, MatmulVariant::XBcastSubgroup]
         );
         assert_eq!(preference_order(&MatvecVariant::ALL, MatvecVariant::ALL[0]), MatvecVariant::ALL);
     }

@@ -2,12 +2,14 @@
 //! `y[t, y_col0 + n] (+)= scale · sum_k x[t, k] * w[n, k] (+ bias[n])`, i.e. `X · W^T` with `w` a
 //! `[N, K]` weight matrix (Hugging Face `[out, in]`) in f32 or f16, f32 maths.
 //!
-//! Three variants: [`MatmulVariant::RegBlock`] (each invocation a small block of outputs held in
-//! registers, vec4 loads along K, no workgroup memory: the fast one on CPU drivers such as
-//! lavapipe), [`MatmulVariant::Tiled`] (64 x 64 tiles staged through workgroup memory: the usual
-//! GPU shape) and [`MatmulVariant::XBcast`] (a window of tokens per dispatch, x bound as a
-//! uniform buffer and read by every invocation at once: on lavapipe a branchless gather instead
-//! of a storage load's per-lane loop). [`crate::kernels::choice::matmul_variant`] picks one per adapter.
+//! Four variants: [`MatmulVariant::RegBlock`] (each invocation a small block of outputs held in
+//! registers, vec4 loads along K, no workgroup memory), [`MatmulVariant::Tiled`] (64 x 64 tiles
+//! staged through workgroup memory: the usual GPU shape), [`MatmulVariant::XBcast`] (a window of
+//! tokens per dispatch, x bound as a uniform buffer and read by every invocation at once: on
+//! lavapipe a branchless gather instead of a storage load's per-lane loop) and
+//! [`MatmulVariant::XBcastSubgroup`] (the same windows, each lane loading one value of x per step
+//! and `subgroupBroadcast` handing it to the others: the fast one on lavapipe).
+//! [`crate::kernels::choice::matmul_variant`] picks one per adapter.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -72,6 +74,21 @@ pub const XBCAST_NB: u32 = 8;
 /// `max_uniform_buffer_binding_size` holds fewer: 3 for SmolLM2-135M's K = 576 on lavapipe's
 /// 64 KiB, 1 for K = 1536).
 pub const XBCAST_WINDOWS_PER_DISPATCH: u32 = 8;
+/// `XBcastSubgroup` variant: rows of x per window, the most (where a window of them fits
+/// `max_uniform_buffer_binding_size`, else [`XBCAST_TB`]: SmolLM2-135M's K = 576 takes 16, the
+/// down projection's K = 1536 8).
+///
+/// Its x loads no longer grow with the window (one value per lane per step of K, handed to the
+/// other lanes by `subgroupBroadcast`), so a longer window shares each load of W among more
+/// multiply-adds. Measured in `cargo bench --bench kernels` (lavapipe, AMD EPYC Zen 3, T = 128,
+/// 3072 x 576, alternated, two rounds): 16 x 4 (rows of x x rows of w) f32wide 16.0-30.9 GFLOP/s
+/// and f16packed 15.0-19.8 against 8 x 8's 9.4-15.7 and 11.2-23.4, and `XBcast`'s 7.0-8.6 and
+/// 12.0; 16 x 8 12.5-28.0 and 16.2-16.3, 32 x 2 13.0-20.3 and 14.8-18.6 (BENCHMARKS.md, "x
+/// handed across lanes").
+pub const XBCAST_SG_TB: u32 = 16;
+/// `XBcastSubgroup` variant: rows of w per invocation in windows of [`XBCAST_SG_TB`] rows (64
+/// accumulators, as [`XBCAST_TB`] x [`XBCAST_NB`]); shorter windows take [`XBCAST_NB`].
+pub const XBCAST_SG_NB: u32 = 4;
 /// `XBcast` variant: workgroup size. Small, so that a product of few rows of w (576 at
 /// SmolLM2-135M's d_model) still spreads over the CPU's threads: lavapipe hands whole workgroups
 /// to its threads, and a dispatch holds only a few windows.
@@ -91,20 +108,34 @@ pub enum MatmulVariant {
     /// rows of w per invocation. Dense f32/f16 weights only, where [`xbcast_window`] fits a window; other
     /// products fall back to `RegBlock`.
     XBcast,
+    /// `XBcast`'s windows (of up to [`XBCAST_SG_TB`] rows) where each lane of a subgroup loads
+    /// one value of x per step of K and `subgroupBroadcast` hands it to the others, instead of
+    /// every lane loading every value: on lavapipe a uniform load at a loop-dependent offset is
+    /// still a gather of one value per lane. Needs SUBGROUP with subgroups of exactly
+    /// [`XBCAST_WG`] lanes ([`xbcast_lanes`]; lavapipe's 8 on 256-bit SIMD); quantised chunks of
+    /// W, and K not a multiple of the lanes, run `XBcast`'s body.
+    XBcastSubgroup,
 }
 
 impl MatmulVariant {
     /// Every variant, in the order the kernel choice measures them.
-    pub const ALL: [MatmulVariant; 3] = [MatmulVariant::RegBlock, MatmulVariant::Tiled, MatmulVariant::XBcast];
+    pub const ALL: [MatmulVariant; 4] =
+        [MatmulVariant::RegBlock, MatmulVariant::Tiled, MatmulVariant::XBcast, MatmulVariant::XBcastSubgroup];
 
     /// The variant's name in `FIRSTRT_KERNEL`, the choice cache and bench rows (`regblock`,
-    /// `tiled`, `xbcast`).
+    /// `tiled`, `xbcast`, `xbcast-subgroup`).
     pub fn name(self) -> &'static str {
         match self {
             MatmulVariant::RegBlock => "regblock",
             MatmulVariant::Tiled => "tiled",
             MatmulVariant::XBcast => "xbcast",
+            MatmulVariant::XBcastSubgroup => "xbcast-subgroup",
         }
+    }
+
+    /// The variants this adapter can run: all but `XBcastSubgroup` where [`xbcast_lanes`] is None.
+    pub fn available(ctx: &GpuContext) -> Vec<MatmulVariant> {
+        MatmulVariant::ALL.into_iter().filter(|&v| v != MatmulVariant::XBcastSubgroup || xbcast_lanes(ctx).is_some()).collect()
     }
 
     /// The variant called `s` ([`MatmulVariant::name`]), if any.
@@ -153,8 +184,9 @@ pub struct MatmulParams {
 /// [`crate::kernels::matmul_xw`].
 ///
 /// # Errors
-/// [`GpuError::InvalidArgument`] naming `label` when [`LinearOp::check`] rejects the op; a
-/// pipeline build error as [`GpuError::Device`].
+/// [`GpuError::InvalidArgument`] naming `label` when [`LinearOp::check`] rejects the op or
+/// `variant` is `XBcastSubgroup` on an adapter without [`xbcast_lanes`]; a pipeline build error
+/// as [`GpuError::Device`].
 pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVariant) -> Result<Vec<Dispatch>, GpuError> {
     if op.form == LinearForm::XW {
         return matmul_xw(ctx, label, op);
@@ -165,10 +197,21 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
     let entry = match variant {
         MatmulVariant::RegBlock => "matmul_regblock",
         MatmulVariant::Tiled => "matmul_tiled",
-        MatmulVariant::XBcast => match xbcast_window(ctx, op, kind) {
-            Some(tb) => return matmul_xbcast(ctx, label, op, kind, tb),
-            None => return matmul(ctx, label, op, MatmulVariant::RegBlock),
-        },
+        MatmulVariant::XBcast | MatmulVariant::XBcastSubgroup => {
+            let lanes = match variant {
+                MatmulVariant::XBcastSubgroup => Some(xbcast_lanes(ctx).ok_or_else(|| {
+                    GpuError::InvalidArgument(format!(
+                        "{label}: matmul xbcast-subgroup needs SUBGROUP with subgroups of {XBCAST_WG} lanes, which adapter {} lacks",
+                        ctx.info.name
+                    ))
+                })?),
+                _ => None,
+            };
+            return match xbcast_window_of(ctx, op, kind, lanes) {
+                Some(tb) => matmul_xbcast(ctx, label, op, kind, tb, lanes),
+                None => matmul(ctx, label, op, MatmulVariant::RegBlock),
+            };
+        }
     };
     // Only `matmul_regblock` depends on the token count; the other entry points keep one
     // pipeline (one cache key, one driver compile) whatever the prompt length.
@@ -191,7 +234,8 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
             .define("TM", tm)
             .define("TN", tn)
             .define("NB", XBCAST_NB)
-            .define("XBCAST_BODY", "");
+            .define("XBCAST_BODY", "")
+            .define("XBCAST_SUBGROUP_ENTRY", "");
         ctx.pipeline(&shader)
     };
     op.chunk_dispatches(ctx, label, kind, pipeline, |c, kind| {
@@ -203,7 +247,7 @@ pub fn matmul(ctx: &GpuContext, label: &str, op: &LinearOp, variant: MatmulVaria
                 grid((t.div_ceil(tm) * n.div_ceil(tn)).div_ceil(REGBLOCK_WG))
             }
             MatmulVariant::Tiled => grid(t.div_ceil(TILE) * n.div_ceil(TILE)),
-            MatmulVariant::XBcast => unreachable!("the XBcast variant returned above"),
+            MatmulVariant::XBcast | MatmulVariant::XBcastSubgroup => unreachable!("the XBcast variants returned above"),
         };
         let outputs = (rows * c.rows) as u64;
         let cost = Cost {
@@ -241,6 +285,13 @@ fn chunk_params(op: &LinearOp, k: usize, c: &ChunkPart) -> MatmulParams {
 /// quantised, there are at most [`XBCAST_QUANT_MAX_ROWS`] rows of x. Products of fewer rows take
 /// shorter windows ([`xbcast_windows`]).
 pub fn xbcast_window(ctx: &GpuContext, op: &LinearOp, kind: WeightKind) -> Option<u32> {
+    xbcast_window_of(ctx, op, kind, None)
+}
+
+/// [`xbcast_window`] for `XBcast` (`lanes` None) or `XBcastSubgroup` (`lanes` from
+/// [`xbcast_lanes`]): the latter takes windows of [`XBCAST_SG_TB`] rows where every chunk of W
+/// is dense, K is a multiple of `lanes` and such a window fits the uniform binding.
+pub fn xbcast_window_of(ctx: &GpuContext, op: &LinearOp, kind: WeightKind, lanes: Option<u32>) -> Option<u32> {
     let (k, n) = op.k_n();
     let row_bytes = 4 * k as u64;
     let aligned = k.is_multiple_of(4) && row_bytes.is_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment).max(1));
@@ -249,7 +300,89 @@ pub fn xbcast_window(ctx: &GpuContext, op: &LinearOp, kind: WeightKind) -> Optio
     if !aligned || !groups_fit || (quant && op.rows > XBCAST_QUANT_MAX_ROWS) {
         return None;
     }
-    (u64::from(XBCAST_TB) * row_bytes <= ctx.limits.max_uniform_buffer_binding_size).then_some(XBCAST_TB)
+    let fits = |tb: u32| u64::from(tb) * row_bytes <= ctx.limits.max_uniform_buffer_binding_size;
+    let long = lanes.is_some_and(|l| !quant && k.is_multiple_of(l as usize));
+    [XBCAST_SG_TB, XBCAST_TB].into_iter().filter(|&tb| long || tb == XBCAST_TB).find(|&tb| fits(tb))
+}
+
+/// The subgroup size that `XBcastSubgroup` uses on this adapter: SUBGROUP with every subgroup
+/// of exactly [`XBCAST_WG`] lanes (`AdapterInfo::subgroup_min_size` = `subgroup_max_size`), so
+/// that a workgroup is one subgroup and its constant lane indices exist; None elsewhere.
+pub fn xbcast_lanes(ctx: &GpuContext) -> Option<u32> {
+    let (lo, hi) = (ctx.info.subgroup_min_size, ctx.info.subgroup_max_size);
+    (ctx.has_subgroups() && lo == XBCAST_WG && hi == XBCAST_WG).then_some(XBCAST_WG)
+}
+
+/// Whether a chunk of W read as `kind` runs the subgroup body ([`xbcast_subgroup_entry`]) in a
+/// `XBcastSubgroup` product of reduction length `k`: dense weights and K a multiple of `lanes`.
+fn xbcast_subgroup_applies(lanes: Option<u32>, kind: WeightKind, k: usize) -> Option<u32> {
+    lanes.filter(|&l| !matches!(kind, WeightKind::Quant(_)) && k.is_multiple_of(l as usize))
+}
+
+/// Rows of w per invocation of an `XBcast` pipeline with windows of `len` rows:
+/// [`XBCAST_SG_NB`] for the subgroup body's long windows, else [`XBCAST_NB`].
+fn xbcast_nb(subgroup: bool, len: usize) -> u32 {
+    if subgroup && len > XBCAST_TB as usize { XBCAST_SG_NB } else { XBCAST_NB }
+}
+
+/// The WGSL entry point `matmul_xbcast_subgroup` (`MatmulVariant::XBcastSubgroup`) for windows
+/// of `tb` rows of x and `nb` rows of w per invocation, in workgroups of one subgroup of `lanes`
+/// lanes: K walked `lanes` values at a time; per step each lane loads its `nb` rows' `lanes`
+/// values of w (`w_8` where `wide`, the wide kinds, else `w_4`) and, for each row i of the
+/// window, the one value of x at `kk · lanes + lane` (`x_1` of the uniform window), which
+/// `subgroupBroadcast` with the constant lane c hands to every lane for the multiply-adds by
+/// value c of each w row. So a step costs `tb` one-value loads of x per lane instead of
+/// `tb · lanes`. No invocation returns early (every lane takes part in the broadcasts): rows of
+/// w past the end are clamped for loading and not stored; stores as `XBcast`'s.
+pub fn xbcast_subgroup_entry(tb: u32, nb: u32, lanes: u32, wide: bool) -> String {
+    use std::fmt::Write;
+    let unit = if wide && lanes.is_multiple_of(8) { 8 } else { 4 };
+    let loads = lanes / unit;
+    let mut s = String::new();
+    let _ = writeln!(s, "@compute @workgroup_size(WG)");
+    let _ = writeln!(s, "fn matmul_xbcast_subgroup(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wg: vec3<u32>,");
+    let _ = writeln!(s, "                          @builtin(subgroup_invocation_id) lane: u32) {{");
+    let _ = writeln!(s, "    let n0 = gid.x * {nb}u;");
+    let _ = writeln!(s, "    let steps = p.k / {lanes}u;");
+    let _ = writeln!(s, "    let xw = wg.y * {tb}u; // the dispatch's window (uniform across the workgroup)");
+    for j in 0..nb {
+        let _ = writeln!(s, "    let wb{j} = (p.w_row0 + min(n0 + {j}u, p.n - 1u)) * (p.k / {unit}u);");
+    }
+    for i in 0..tb {
+        for j in 0..nb {
+            let _ = writeln!(s, "    var a{i}_{j} = 0.0;");
+        }
+    }
+    let _ = writeln!(s, "    for (var kk = 0u; kk < steps; kk++) {{");
+    for j in 0..nb {
+        for m in 0..loads {
+            let _ = writeln!(s, "        let w{j}_{m} = w_{unit}(wb{j} + kk * {loads}u + {m}u);");
+        }
+    }
+    // Value c of a step of w row j.
+    let w_value = |j: u32, c: u32| -> String {
+        let xyzw = ["x", "y", "z", "w"][(c % 4) as usize];
+        if unit == 8 { format!("w{j}_{}[{}].{xyzw}", c / 8, (c % 8) / 4) } else { format!("w{j}_{}.{xyzw}", c / 4) }
+    };
+    for i in 0..tb {
+        let _ = writeln!(s, "        {{");
+        let _ = writeln!(s, "            let xl = x_1((xw + {i}u) * p.k + kk * {lanes}u + lane);");
+        for c in 0..lanes {
+            let _ = writeln!(s, "            let x{c} = subgroupBroadcast(xl, {c}u);");
+        }
+        for j in 0..nb {
+            let mut e = format!("a{i}_{j}");
+            for c in 0..lanes {
+                e = format!("fma(x{c}, {}, {e})", w_value(j, c));
+            }
+            let _ = writeln!(s, "            a{i}_{j} = {e};");
+        }
+        let _ = writeln!(s, "        }}");
+    }
+    let _ = writeln!(s, "    }}");
+    xbcast_stores(&mut s, tb, nb);
+    let _ = writeln!(s, "}}");
+    s
 }
 
 /// The windows of `rows` rows of x for windows of at most `tb` rows (a power of two):
@@ -307,8 +440,16 @@ pub fn xbcast_x_bytes(ctx: &GpuContext, x: &GpuTensor, offset: u64, rows: u64, r
 /// per chunk of W, the dispatches of [`xbcast_dispatches`] (as many windows per dispatch as
 /// `max_uniform_buffer_binding_size` holds, at most [`XBCAST_WINDOWS_PER_DISPATCH`]), the
 /// dispatch's rows of x bound as a uniform buffer of [`xbcast_x_bytes`]; one pipeline per
-/// window length and declared size of x (and per kind of W).
-fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind, tb: u32) -> Result<Vec<Dispatch>, GpuError> {
+/// window length and declared size of x (and per kind of W). With `lanes` (`XBcastSubgroup`),
+/// dense chunks run [`xbcast_subgroup_entry`].
+fn matmul_xbcast(
+    ctx: &GpuContext,
+    label: &str,
+    op: &LinearOp,
+    kind: WeightKind,
+    tb: u32,
+    lanes: Option<u32>,
+) -> Result<Vec<Dispatch>, GpuError> {
     let (k, _) = op.k_n();
     let row_bytes = 4 * k as u64;
     let fit = ctx.limits.max_uniform_buffer_binding_size / (u64::from(tb) * row_bytes);
@@ -318,14 +459,25 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
         let x_decl = WeightKind::F32
             .declare_uniform(1, "x", (x_bytes / 4) as usize)
             .ok_or_else(|| GpuError::InvalidArgument(format!("{label}: a window of x cannot be a uniform array")))?;
-        let shader = ShaderVariant::new("matmul", SOURCE, "matmul_xbcast")
-            .define(
-                "XBCAST_BODY",
+        let subgroup = xbcast_subgroup_applies(lanes, kind, k);
+        let (entry, body, sg_entry) = match subgroup {
+            Some(lanes) => (
+                "matmul_xbcast_subgroup",
+                String::new(),
+                xbcast_subgroup_entry(len as u32, xbcast_nb(true, len), lanes, kind.needs_int64()),
+            ),
+            None => (
+                "matmul_xbcast",
                 match kind {
                     WeightKind::Quant(_) => xbcast_body_quant(len as u32, XBCAST_NB),
                     _ => xbcast_body(len as u32, XBCAST_NB, kind.step(k)),
                 },
-            )
+                String::new(),
+            ),
+        };
+        let shader = ShaderVariant::new("matmul", SOURCE, entry)
+            .define("XBCAST_BODY", body)
+            .define("XBCAST_SUBGROUP_ENTRY", sg_entry)
             .define("REGBLOCK_BODY", "")
             .define("X_DECL", x_decl)
             .weights("W_DECL", kind, 2, "w")
@@ -337,8 +489,9 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
         ctx.pipeline(&shader)
     };
     let dispatches = xbcast_dispatches(op.rows, tb as usize, per_dispatch);
-    op.chunk_dispatches_each(ctx, label, kind, &[], pipeline, |c, _kind| {
+    op.chunk_dispatches_each(ctx, label, kind, &[], pipeline, |c, kind| {
         let n = c.rows as u32;
+        let subgroup = xbcast_subgroup_applies(lanes, kind, k).is_some();
         dispatches
             .iter()
             .map(|&(t0, len, count, skip)| {
@@ -356,7 +509,8 @@ fn matmul_xbcast(ctx: &GpuContext, label: &str, op: &LinearOp, kind: WeightKind,
                 let offset = t0 as u64 * row_bytes;
                 let x_bytes = xbcast_x_bytes(ctx, op.x, offset, rows, row_bytes);
                 let x = XBinding::Uniform { offset, size: x_bytes };
-                ((len, x_bytes), params, [n.div_ceil(XBCAST_WG * XBCAST_NB), count as u32, 1], cost, x)
+                let groups = n.div_ceil(XBCAST_WG * xbcast_nb(subgroup, len));
+                ((len, x_bytes), params, [groups, count as u32, 1], cost, x)
             })
             .collect()
     })
@@ -699,7 +853,7 @@ mod tests {
     #[test]
     fn matmul_matches_reference_all_variants_and_kinds() {
         let ctx = test_context();
-        for variant in MatmulVariant::ALL {
+        for variant in MatmulVariant::available(&ctx) {
             for kind in weight_kinds(&ctx) {
                 for (t, n, k) in
                     [(1, 1, 1), (7, 7, 7), (3, 257, 257), (5, 9, 1757), (1757, 5, 12), (70, 67, 20), (65, 130, 64), (17, 33, 576)]
@@ -713,7 +867,7 @@ mod tests {
     #[test]
     fn matmul_bias_accumulate_and_strided_y() {
         let ctx = test_context();
-        for variant in MatmulVariant::ALL {
+        for variant in MatmulVariant::available(&ctx) {
             for kind in weight_kinds(&ctx) {
                 check(&ctx, &Case { t: 9, n: 37, k: 64, bias: true, accumulate: false, y_col0: 5, y_extra: 3 }, kind, variant);
                 check(&ctx, &Case { t: 66, n: 37, k: 63, bias: true, accumulate: true, y_col0: 2, y_extra: 0 }, kind, variant);
@@ -725,7 +879,7 @@ mod tests {
     #[test]
     fn matmul_large() {
         let ctx = test_context();
-        for variant in MatmulVariant::ALL {
+        for variant in MatmulVariant::available(&ctx) {
             check(&ctx, &case(64, 576, 576), WeightKind::F32, variant);
             let c = Case { t: 33, n: 576, k: 1536, bias: true, accumulate: true, y_col0: 0, y_extra: 0 };
             check(&ctx, &c, WeightKind::for_dtype(&ctx, DType::F16), variant);
@@ -735,7 +889,7 @@ mod tests {
     #[test]
     fn matmul_over_split_weights() {
         let ctx = GpuContext::new(&GpuOptions { max_binding_override: Some(4096), ..Default::default() }).unwrap();
-        for variant in MatmulVariant::ALL {
+        for variant in MatmulVariant::available(&ctx) {
             for kind in [WeightKind::F32, WeightKind::F16Packed] {
                 let gw = GpuMatrix::upload(&ctx, "w", 301, 36, &random_vec(301 * 36, 9), kind.dtype()).unwrap();
                 assert!(gw.chunks.len() > 1);
@@ -776,7 +930,7 @@ mod tests {
             for (start, len) in [(0, n), (5, 3), (37, 150), (n - 1, 1)] {
                 let block = &wv[start * k..(start + len) * k];
                 let what = format!("{} rows {start} + {len}", kind.name());
-                for variant in MatmulVariant::ALL {
+                for variant in MatmulVariant::available(&ctx) {
                     let gy = GpuTensor::from_f32(&ctx, "y", &[t, len], &random_vec(t * len, 8)).unwrap();
                     let ds = matmul(&ctx, "mm", &LinearOp::new(&gx, t, gw, &gy).w_rows(start, len).kind(*kind), variant).unwrap();
                     ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
@@ -866,7 +1020,10 @@ mod tests {
         let (x, wv, b, y0) = (random_vec(t * k, 31), random_vec(n * k, 32), random_vec(n, 33), random_vec(t * n, 34));
         let gx = GpuTensor::from_f32(&ctx, "x", &[t, k], &x).unwrap();
         let gb = GpuTensor::from_f32(&ctx, "b", &[n], &b).unwrap();
-        for dtype in [DType::F32, DType::F16] {
+        let lanes = xbcast_lanes(&ctx);
+        // XBcast, and XBcastSubgroup (windows of 16 rows) where the adapter runs it.
+        let variants = [(MatmulVariant::XBcast, None)].into_iter().chain(lanes.map(|l| (MatmulVariant::XBcastSubgroup, Some(l))));
+        for ((variant, lanes), dtype) in variants.flat_map(|v| [DType::F32, DType::F16].map(|d| (v, d))) {
             let gw = GpuMatrix::upload(&ctx, "w", n, k, &wv, dtype).unwrap();
             let chunks = gw.chunks.len();
             assert!(chunks > 1, "W must be split");
@@ -874,11 +1031,10 @@ mod tests {
             let op = LinearOp::new(&gx, t, &gw, &gy).bias(Some(&gb)).accumulate(true);
             let kind = WeightKind::for_dtype(&ctx, dtype);
             let op = op.kind(kind);
-            let tb = xbcast_window(&ctx, &op, kind).expect("XBcast applies");
-            assert_eq!(tb, XBCAST_TB);
+            let tb = xbcast_window_of(&ctx, &op, kind, lanes).expect("XBcast applies");
+            assert_eq!(tb, if lanes.is_some() { XBCAST_SG_TB } else { XBCAST_TB }, "{variant:?}");
             let tag = crate::gpu::Tag::layer(crate::gpu::Phase::Prefill, 3, "mlp.down");
-            let ds: Vec<Dispatch> =
-                matmul(&ctx, &tag.label(), &op, MatmulVariant::XBcast).unwrap().into_iter().map(|d| d.tagged(tag)).collect();
+            let ds: Vec<Dispatch> = matmul(&ctx, &tag.label(), &op, variant).unwrap().into_iter().map(|d| d.tagged(tag)).collect();
             // Every dispatch its own label (the profiler times each once), one operation in the tables.
             let mut labels: Vec<&str> = ds.iter().map(|d| d.label.as_str()).collect();
             labels.sort_unstable();
@@ -892,7 +1048,7 @@ mod tests {
             let w_read = if dtype == DType::F16 { round_f16(&wv) } else { wv.clone() };
             let r = matmul_ref(&x, t, &w_read, n, k, Some(&b));
             let want: Vec<f32> = y0.iter().zip(&r).map(|(a, b)| a + b).collect();
-            assert_close(&gy.read_f32(&ctx).unwrap(), &want, 4e-5 * (k as f32).sqrt(), 1e-5, &format!("xbcast {dtype} accumulate"));
+            assert_close(&gy.read_f32(&ctx).unwrap(), &want, 4e-5 * (k as f32).sqrt(), 1e-5, &format!("{variant:?} {dtype} accumulate"));
         }
         // Quantised weights: XBcast up to XBCAST_QUANT_MAX_ROWS rows (its body is checked on
         // every block type in quant_tests), RegBlock beyond, with as many dispatches as
@@ -903,37 +1059,52 @@ mod tests {
         // Kinds given: the kernel choice is not measured in this context (split weights).
         let quant = LinearOp::new(&gx, t, &gq, &gy).kind(WeightKind::F32);
         assert_eq!(xbcast_window(&ctx, &quant, WeightKind::F32), Some(XBCAST_TB), "quantised weights, {t} rows");
+        // XBcastSubgroup runs XBcast's quantised body, in XBcast's windows.
+        assert_eq!(xbcast_window_of(&ctx, &quant, WeightKind::F32, lanes), Some(XBCAST_TB), "quantised weights, subgroup");
         let long_x = GpuTensor::zeros(&ctx, "x", DType::F32, &[XBCAST_QUANT_MAX_ROWS + 1, k]).unwrap();
         let long = LinearOp::new(&long_x, XBCAST_QUANT_MAX_ROWS + 1, &gq, &gy).kind(WeightKind::F32);
         assert_eq!(xbcast_window(&ctx, &long, WeightKind::F32), None, "quantised weights, more rows");
         let ds = matmul(&ctx, "mm", &long, MatmulVariant::XBcast).unwrap();
         assert_eq!(ds.len(), matmul(&ctx, "mm", &long, MatmulVariant::RegBlock).unwrap().len());
         let k_odd = k + 4;
-        let gx_odd = GpuTensor::from_f32(&ctx, "x", &[t, k_odd], &random_vec(t * k_odd, 36)).unwrap();
-        let gw_odd = GpuMatrix::upload(&ctx, "w", n, k_odd, &random_vec(n * k_odd, 37), DType::F32).unwrap();
+        let (x_odd, w_odd) = (random_vec(t * k_odd, 36), random_vec(n * k_odd, 37));
+        let gx_odd = GpuTensor::from_f32(&ctx, "x", &[t, k_odd], &x_odd).unwrap();
+        let gw_odd = GpuMatrix::upload(&ctx, "w", n, k_odd, &w_odd, DType::F32).unwrap();
         let odd = LinearOp::new(&gx_odd, t, &gw_odd, &gy).kind(WeightKind::F32);
         if !(4 * k_odd).is_multiple_of(align) {
             assert_eq!(xbcast_window(&ctx, &odd, WeightKind::F32), None, "rows of x not aligned");
+        } else if let Some(l) = lanes {
+            // K not a multiple of the lanes: XBcastSubgroup runs XBcast's body and windows.
+            assert!(!k_odd.is_multiple_of(l as usize));
+            assert_eq!(xbcast_window_of(&ctx, &odd, WeightKind::F32, lanes), Some(XBCAST_TB));
+            let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
+            let odd = LinearOp::new(&gx_odd, t, &gw_odd, &gy).kind(WeightKind::F32);
+            ctx.run("test", &matmul(&ctx, "mm", &odd, MatmulVariant::XBcastSubgroup).unwrap().iter().collect::<Vec<_>>()).unwrap();
+            let want = matmul_ref(&x_odd, t, &w_odd, n, k_odd, None);
+            assert_close(&gy.read_f32(&ctx).unwrap(), &want, 4e-5 * (k_odd as f32).sqrt(), 1e-5, "xbcast-subgroup, K % lanes != 0");
         }
     }
 
     /// On activations ([`GpuTensor::zeros_bound`], with room past their rows) every `XBcast`
-    /// dispatch binds and declares the same [`xbcast_x_bytes`], so one pipeline per kind of W
-    /// serves K = 576 (three windows per dispatch, then one) and K = 1536 (one); on a tensor
-    /// without that room past its last windows they bind just their rows. Results are checked
-    /// both ways.
+    /// dispatch binds and declares the same [`xbcast_x_bytes`], so one pipeline per kind of W and
+    /// window length serves K = 576 (three windows per dispatch, then one; `XBcastSubgroup`: one
+    /// window of 16 rows) and K = 1536 (one); on a tensor without that room past its last windows
+    /// they bind just their rows. Results are checked both ways, for both xbcast variants.
     #[test]
-    fn xbcast_one_pipeline_for_every_k_and_window_count() {
+    fn xbcast_one_pipeline_per_window_length_for_every_k_and_window_count() {
         let ctx = GpuContext::new(&GpuOptions::default()).unwrap();
         let fixed = ctx.limits.max_uniform_buffer_binding_size.min(UNIFORM_WINDOW_BYTES);
         if fixed < 8 * 4 * 1536 || ctx.limits.min_uniform_buffer_offset_alignment > 4 * 576 {
             return; // xbcast does not apply to both shapes here
         }
         let (t, n) = (37, 67);
-        for dtype in [DType::F32, DType::F16] {
+        let lanes = xbcast_lanes(&ctx);
+        let variants = [(MatmulVariant::XBcast, None)].into_iter().chain(lanes.map(|l| (MatmulVariant::XBcastSubgroup, Some(l))));
+        for ((variant, lanes), dtype) in variants.flat_map(|v| [DType::F32, DType::F16].map(|d| (v, d))) {
             let kind = WeightKind::for_dtype(&ctx, dtype);
             for activation in [true, false] {
                 let before = ctx.pipelines.len();
+                let mut lengths = Vec::new();
                 for (i, k) in [576usize, 1536].into_iter().enumerate() {
                     let x = random_vec(t * k, 40 + i as u64);
                     let wv = random_vec(n * k, 50 + i as u64);
@@ -949,9 +1120,10 @@ mod tests {
                     assert_eq!(gx.buffer.size() >= 4 * (t * k) as u64 + fixed, activation);
                     let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[t, n]).unwrap();
                     let op = LinearOp::new(&gx, t, &gw, &gy).kind(kind);
-                    let ds = matmul(&ctx, "mm", &op, MatmulVariant::XBcast).unwrap();
+                    lengths.push(xbcast_window_of(&ctx, &op, kind, lanes).expect("xbcast applies"));
+                    let ds = matmul(&ctx, "mm", &op, variant).unwrap();
                     ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
-                    let what = format!("xbcast {dtype} K = {k}, activation {activation}");
+                    let what = format!("{variant:?} {dtype} K = {k}, activation {activation}");
                     assert_close(
                         &gy.read_f32(&ctx).unwrap(),
                         &matmul_ref(&x, t, &w_read, n, k, None),
@@ -960,11 +1132,18 @@ mod tests {
                         &what,
                     );
                 }
-                // A plain tensor's last windows bind just their rows (one window: 18 KiB at
-                // K = 576, 48 KiB at K = 1536), each size its own pipeline; its earlier windows
-                // still have 64 KiB of the buffer after them and share the activations' one.
+                // One pipeline per window length (XBcast: 8 rows at both K; XBcastSubgroup: 16
+                // at K = 576, 8 at K = 1536). A plain tensor's last windows bind just their rows
+                // (XBcast: 18 KiB at K = 576, XBcastSubgroup 36 KiB; 48 KiB at K = 1536), each
+                // size its own pipeline; its earlier windows still have 64 KiB of the buffer after
+                // them and share the activations' one.
+                lengths.dedup();
                 let added = ctx.pipelines.len() - before;
-                assert_eq!(added, if activation { 1 } else { 2 }, "{dtype}: pipelines built, activation {activation}");
+                assert_eq!(
+                    added,
+                    if activation { lengths.len() } else { 2 },
+                    "{variant:?} {dtype}: pipelines built, activation {activation}"
+                );
             }
         }
     }
@@ -974,7 +1153,7 @@ mod tests {
     #[test]
     fn matmul_scaled_accumulates_scaled_product() {
         let ctx = test_context();
-        for variant in MatmulVariant::ALL {
+        for variant in MatmulVariant::available(&ctx) {
             for (t, n, k, y_col0, scale) in [(9usize, 37usize, 8usize, 5usize, -1.75f32), (70, 8, 576, 0, 2.0), (3, 19, 6, 2, 0.0)] {
                 let y_stride = y_col0 + n + 4;
                 let x = random_vec(t * k, 21);

@@ -99,7 +99,7 @@ fn quant_matmul_matches_dequantised_reference() {
             }
         }
         let k = ks(q)[1];
-        for v in [MatmulVariant::Tiled, MatmulVariant::XBcast] {
+        for v in MatmulVariant::available(&ctx).into_iter().filter(|&v| v != MatmulVariant::RegBlock) {
             for (t, n) in [(5, 7), (70, 257)] {
                 check(&ctx, q, t, n, k, t == 5, Product::Matmul(v));
             }
