@@ -295,7 +295,9 @@ pub fn xbcast_window_of(ctx: &GpuContext, op: &LinearOp, kind: WeightKind, lanes
     let (k, n) = op.k_n();
     let row_bytes = 4 * k as u64;
     let aligned = k.is_multiple_of(4) && row_bytes.is_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment).max(1));
-    let groups_fit = n.div_ceil((XBCAST_WG * XBCAST_NB) as usize) <= ctx.limits.max_compute_workgroups_per_dimension as usize;
+    // The most workgroups either body takes: rows of w per invocation, the fewest of the two.
+    let groups_fit =
+        n.div_ceil((XBCAST_WG * XBCAST_NB.min(XBCAST_SG_NB)) as usize) <= ctx.limits.max_compute_workgroups_per_dimension as usize;
     let quant = op.chunk_parts().iter().any(|part| matches!(part.chunk.kind(kind), WeightKind::Quant(_)));
     if !aligned || !groups_fit || (quant && op.rows > XBCAST_QUANT_MAX_ROWS) {
         return None;
