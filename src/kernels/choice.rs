@@ -295,13 +295,18 @@ fn matvec_candidates(ctx: &GpuContext) -> Vec<MatvecVariant> {
 /// less two on a CPU adapter. `tiled`: its workgroup memory and barriers made it 4-20x slower
 /// than the others in every fresh run's measurement (at T = 12: 207 ms against `xbcast`'s 10.6;
 /// at T = 128: 153 against 33). `xbcast` where `xbcast-subgroup` runs: the same windows with
-/// fewer loads of x, 1.2-3.5x as fast on the model's shapes in `cargo bench --bench kernels`
-/// (BENCHMARKS.md, "x handed across lanes"), so measuring both would only add its compile to a
-/// first run. Both can still be forced (`FIRSTRT_KERNEL=matmul=tiled`, `matmul=xbcast`).
+/// fewer loads of x, in `cargo bench --bench kernels` 1.25-3.6x as fast at K = 576 (16-row
+/// windows) and 0.86-1.55x at K = 1536 (8-row windows, f16 slightly slower), and end to end
+/// 1.8x (f32) and 1.4-1.8x (f16) at 128 tokens (BENCHMARKS.md, "x handed across lanes"), so
+/// measuring both would only add its compile to a first run. Both can still be forced
+/// (`FIRSTRT_KERNEL=matmul=tiled`, `matmul=xbcast`).
 fn matmul_candidates(ctx: &GpuContext) -> Vec<MatmulVariant> {
     let available = MatmulVariant::available(ctx);
+    if !ctx.is_cpu() {
+        return available;
+    }
     let subgroup = available.contains(&MatmulVariant::XBcastSubgroup);
-    available.into_iter().filter(|&v| !ctx.is_cpu() || (v != MatmulVariant::Tiled && (v != MatmulVariant::XBcast || !subgroup))).collect()
+    available.into_iter().filter(|&v| v != MatmulVariant::Tiled && !(v == MatmulVariant::XBcast && subgroup)).collect()
 }
 
 /// The matvec variant for this adapter: forced (`FIRSTRT_KERNEL`), the only variant measured on

@@ -303,7 +303,7 @@ pub fn xbcast_window_of(ctx: &GpuContext, op: &LinearOp, kind: WeightKind, lanes
         return None;
     }
     let fits = |tb: u32| u64::from(tb) * row_bytes <= ctx.limits.max_uniform_buffer_binding_size;
-    let long = lanes.is_some_and(|l| !quant && k.is_multiple_of(l as usize));
+    let long = !quant && xbcast_subgroup_applies(lanes, kind, k).is_some();
     [XBCAST_SG_TB, XBCAST_TB].into_iter().filter(|&tb| long || tb == XBCAST_TB).find(|&tb| fits(tb))
 }
 
