@@ -182,18 +182,23 @@ fn main() {
     // is to be compared with "unfused norm", the same GEMV then an rmsnorm dispatch.
     let (d, ff, max_pos, pos) = (576, 1536, 4096, 128);
     let heads = AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 64 };
-    let epilogue_row = |dtype: DType, what: &str| {
+    // The GEMV variants with the epilogues: `rows`, and `windows` where the adapter runs it.
+    let epilogue_variants: Vec<MatvecVariant> =
+        MatvecVariant::available(&ctx).into_iter().filter(|v| matches!(v, MatvecVariant::Rows | MatvecVariant::Windows)).collect();
+    let epilogue_row = |variant: MatvecVariant, dtype: DType, what: &str| {
         let n = match what {
             "swiglu" => 2 * ff,
             "rope" => heads.qkv_dim(),
             _ => d,
         };
-        (format!("matvec rows {} {what} epilogue decode", weight_kind(&ctx, dtype).for_k(d).name()), format!("{n}x{d}"))
+        (format!("matvec {} {} {what} epilogue decode", variant.name(), weight_kind(&ctx, dtype).for_k(d).name()), format!("{n}x{d}"))
     };
-    let epilogue_wanted = [DType::F32, DType::F16].into_iter().any(|dtype| {
-        ["swiglu", "rope", "norm", "unfused norm"].iter().any(|what| {
-            let (name, shape) = epilogue_row(dtype, what);
-            b.wanted(&format!("{name} {shape}"))
+    let epilogue_wanted = epilogue_variants.iter().any(|&v| {
+        [DType::F32, DType::F16].into_iter().any(|dtype| {
+            ["swiglu", "rope", "norm", "unfused norm"].iter().any(|what| {
+                let (name, shape) = epilogue_row(v, dtype, what);
+                b.wanted(&format!("{name} {shape}"))
+            })
         })
     });
     let rand = |name: &str, n: usize, seed: usize| GpuTensor::from_f32(&ctx, name, &[n], &pseudo_random(n, seed)).unwrap();
@@ -228,30 +233,31 @@ fn main() {
         let d1 = rope_qkv_write(&ctx, "rope", &rope).unwrap();
         b.case("rope decode", "1 row 9/3/64", &[d1], false);
         // The decode GEMVs with the epilogues that replace the SwiGLU and RoPE dispatches (rows
-        // variant): compare with the plain matvec rows of the same shapes and the kernels above.
+        // and windows variants): compare with the plain matvec rows of the same shapes and the
+        // kernels above.
         let x = rand("x", d, 8);
-        for dtype in [DType::F32, DType::F16] {
+        for (variant, dtype) in epilogue_variants.iter().flat_map(|&v| [(v, DType::F32), (v, DType::F16)]) {
             let w_gate_up = GpuMatrix::upload(&ctx, "w", 2 * ff, d, &pseudo_random(2 * ff * d, 9), dtype).unwrap();
             let op = LinearOp::new(&x, 1, &w_gate_up, &gate_up);
-            let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap();
-            let (name, shape) = epilogue_row(dtype, "swiglu");
+            let ds = matvec_with(&ctx, "matvec", &op, variant, MatvecEpilogue::SwiGlu).unwrap();
+            let (name, shape) = epilogue_row(variant, dtype, "swiglu");
             b.case(&name, &shape, &ds, true);
             let w_qkv = GpuMatrix::upload(&ctx, "w", heads.qkv_dim(), d, &pseudo_random(heads.qkv_dim() * d, 10), dtype).unwrap();
             let op = LinearOp::new(&x, 1, &w_qkv, &qkv);
-            let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::Rope(&rope)).unwrap();
-            let (name, shape) = epilogue_row(dtype, "rope");
+            let ds = matvec_with(&ctx, "matvec", &op, variant, MatvecEpilogue::Rope(&rope)).unwrap();
+            let (name, shape) = epilogue_row(variant, dtype, "rope");
             b.case(&name, &shape, &ds, true);
             if ctx.is_cpu() {
                 let w_o = GpuMatrix::upload(&ctx, "w", d, d, &pseudo_random(d * d, 11), dtype).unwrap();
                 let (resid, xn) = (rand("resid", d, 12), rand("xn", d, 0));
                 let op = LinearOp::new(&x, 1, &w_o, &resid).accumulate(true);
                 let ne = NormEpilogue { weight: &w, out: &xn, eps: 1e-5 };
-                let ds = matvec_with(&ctx, "matvec", &op, MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)).unwrap();
-                let (name, shape) = epilogue_row(dtype, "norm");
+                let ds = matvec_with(&ctx, "matvec", &op, variant, MatvecEpilogue::Norm(&ne)).unwrap();
+                let (name, shape) = epilogue_row(variant, dtype, "norm");
                 b.case(&name, &shape, &ds, true);
-                let mut ds = matvec(&ctx, "matvec", &op, MatvecVariant::Rows).unwrap();
+                let mut ds = matvec(&ctx, "matvec", &op, variant).unwrap();
                 ds.push(rmsnorm(&ctx, "rmsnorm", &RmsNormOp { x: &resid, x_row0: 0, rows: 1, weight: &w, y: &xn, eps: 1e-5 }).unwrap());
-                let (name, shape) = epilogue_row(dtype, "unfused norm");
+                let (name, shape) = epilogue_row(variant, dtype, "unfused norm");
                 b.case(&name, &shape, &ds, true);
             }
         }

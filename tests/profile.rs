@@ -140,9 +140,9 @@ fn check_profile(mode: ProfileMode) {
         );
         let families: Vec<&str> = phase.families.iter().map(|g| g.name.as_str()).collect();
         let linear = if phase.phase == "prefill" { "matmul" } else { "matvec" };
-        // Decode through the rows GEMV runs RoPE as qkv's epilogue and SwiGLU as gate_up's: no
+        // Decode through the rows or windows GEMV runs RoPE as qkv's epilogue and SwiGLU as gate_up's: no
         // rope or swiglu dispatch.
-        let fused = phase.phase == "decode" && matvec_variant(&ctx) == MatvecVariant::Rows;
+        let fused = phase.phase == "decode" && matches!(matvec_variant(&ctx), MatvecVariant::Rows | MatvecVariant::Windows);
         for f in ["embedding", "rmsnorm", linear, "rope", "attention", "swiglu", "sample"] {
             if fused && (f == "swiglu" || f == "rope") {
                 assert!(!families.contains(&f), "{mode:?} decode: an epilogue left a {f} dispatch: {families:?}");

@@ -172,10 +172,10 @@ fn decode_encodes_only_kept_layers() {
     let fixed = full.iter().filter(|l| !l.contains("/layer.")).count();
     let per_layer = full.iter().filter(|l| l.contains("/layer.3/")).count();
     // A layer's decode: norm, qkv, RoPE, attention (split and combine), o, norm, gate_up,
-    // SwiGLU, down; through the rows GEMV, RoPE and SwiGLU are epilogues of qkv and gate_up, and
+    // SwiGLU, down; through the rows or windows GEMV, RoPE and SwiGLU are epilogues of qkv and gate_up, and
     // on a CPU adapter the norms are epilogues of o and down, but for the first layer's input norm
     // (the last layer's down writes the final norm).
-    let rows_gemv = matvec_variant(&model.weights.ctx) == MatvecVariant::Rows;
+    let rows_gemv = matches!(matvec_variant(&model.weights.ctx), MatvecVariant::Rows | MatvecVariant::Windows);
     let norms_fused = rows_gemv && model.weights.ctx.is_cpu();
     let want_per_layer = match (rows_gemv, norms_fused) {
         (true, true) => 6,

@@ -247,6 +247,17 @@ pub fn matmul_variant_for(ctx: &GpuContext, rows: usize, w: &GpuMatrix) -> Matmu
     matmul_variant(ctx, rows)
 }
 
+/// The matvec variant for a decode product by `w`: forced (`FIRSTRT_KERNEL`); else `rows`,
+/// without measuring, where every chunk of `w` is quantised and the adapter is a CPU (`windows`
+/// reads no quantised blocks and runs them as `rows`, and its measurement, on f32 weights, would
+/// only add 1.5–2.5 s to a quantised model's first run on lavapipe); else [`matvec_variant`].
+pub fn matvec_variant_for(ctx: &GpuContext, w: &GpuMatrix) -> MatvecVariant {
+    if forced_from_env().matvec.is_none() && quantised_on_cpu(ctx, w) {
+        return MatvecVariant::Rows;
+    }
+    matvec_variant(ctx)
+}
+
 /// Whether `w`'s prefill products take `xbcast` on this adapter without a measurement
 /// ([`matmul_variant_for`]): a CPU adapter and every chunk of `w` quantised.
 fn quantised_on_cpu(ctx: &GpuContext, w: &GpuMatrix) -> bool {
@@ -258,8 +269,9 @@ fn quantised_on_cpu(ctx: &GpuContext, w: &GpuMatrix) -> bool {
 /// each dtype of the dense chunks of `read` (every matrix a step reads, the embedding table
 /// included: [`dense_kind`]); the matmul variants of short and of long prefills where a
 /// matrix of `multiplied` (those a prefill multiplies by) needs them ([`matmul_variant_for`]);
-/// the matvec variant. A choice that no step needs is not measured: a model whose matrices are
-/// all quantised measures no f32 reads and, on a CPU adapter, no matmul.
+/// the matvec variant where a matrix of `read` needs it ([`matvec_variant_for`]). A choice that
+/// no step needs is not measured: a model whose matrices are all quantised measures no f32
+/// reads and, on a CPU adapter, no matmul and no matvec.
 pub fn choose_all(ctx: &GpuContext, read: &[&GpuMatrix], multiplied: &[&GpuMatrix]) {
     for m in read {
         dense_kind(ctx, m);
@@ -268,7 +280,9 @@ pub fn choose_all(ctx: &GpuContext, read: &[&GpuMatrix], multiplied: &[&GpuMatri
         matmul_variant(ctx, 1);
         matmul_variant(ctx, SHORT_PREFILL_ROWS + 1);
     }
-    matvec_variant(ctx);
+    if read.iter().any(|w| !quantised_on_cpu(ctx, w)) {
+        matvec_variant(ctx);
+    }
 }
 
 /// The matvec variant used where none is measured: `rows` on a CPU adapter, else `reduce`.
@@ -277,18 +291,19 @@ fn matvec_fallback(ctx: &GpuContext) -> MatvecVariant {
 }
 
 /// The matvec variants measured on this adapter: those it can run
-/// ([`MatvecVariant::available`]); on a CPU adapter only `rows`. On lavapipe the subgroup GEMV
-/// lost to `rows` on every decode shape of `cargo bench --bench kernels -- matvec` (by up to
-/// 1.8x; its lanes split K, which suits a GPU's memory system, not a CPU's SIMD lanes), yet the
-/// short measurement picked it in one of three fresh runs; `reduce` (a workgroup reduction
-/// through workgroup memory and barriers) took 9-10x as long as `rows` in every fresh run's
-/// measurement (251 ms against 26). Both can still be forced there
+/// ([`MatvecVariant::available`]); on a CPU adapter only `rows` and `windows`. On lavapipe the
+/// subgroup GEMV lost to `rows` on every decode shape of `cargo bench --bench kernels -- matvec`
+/// (by up to 1.8x; its lanes split K, which suits a GPU's memory system, not a CPU's SIMD lanes),
+/// yet the short measurement picked it in one of three fresh runs; `reduce` (a workgroup
+/// reduction through workgroup memory and barriers) took 9-10x as long as `rows` in every fresh
+/// run's measurement (251 ms against 26). Both can still be forced there
 /// (`FIRSTRT_KERNEL=matvec=subgroup`).
 fn matvec_candidates(ctx: &GpuContext) -> Vec<MatvecVariant> {
+    let available = MatvecVariant::available(ctx);
     if ctx.is_cpu() {
-        return vec![MatvecVariant::Rows];
+        return available.into_iter().filter(|v| matches!(v, MatvecVariant::Rows | MatvecVariant::Windows)).collect();
     }
-    MatvecVariant::available(ctx)
+    available
 }
 
 /// The matmul variants measured on this adapter: those it can run ([`MatmulVariant::available`]),
@@ -318,7 +333,7 @@ pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
     let forced = forced_from_env().matvec.filter(|v| {
         let ok = available.contains(v);
         if !ok {
-            log::warn!("FIRSTRT_KERNEL: matvec={} needs SUBGROUP, which adapter {} lacks; measuring instead", v.name(), ctx.info.name);
+            log::warn!("FIRSTRT_KERNEL: matvec={} is not available on adapter {}; measuring instead", v.name(), ctx.info.name);
         }
         ok
     });
@@ -759,10 +774,10 @@ mod tests {
     }
 
     /// A CPU adapter measures neither `tiled` nor `reduce` (nor `subgroup`), nor `xbcast` where
-    /// it runs `xbcast-subgroup`, and with `rows` the
-    /// only matvec candidate it measures no matvec at all; it measures every way of reading
-    /// weights, the wide one (with SHADER_INT64) first; any other adapter measures them all in
-    /// their default order.
+    /// it runs `xbcast-subgroup`; of the matvec variants it measures `rows` and `windows` where
+    /// it runs `windows`, and no matvec at all where `rows` is the only one; it measures every
+    /// way of reading weights, the wide one (with SHADER_INT64) first; any other adapter
+    /// measures them all in their default order.
     #[test]
     fn cpu_adapters_measure_only_the_cpu_variants() {
         let ctx = test_context();
@@ -771,11 +786,15 @@ mod tests {
             let xbcast =
                 if crate::kernels::matmul::xbcast_lanes(&ctx).is_some() { MatmulVariant::XBcastSubgroup } else { MatmulVariant::XBcast };
             assert_eq!(matmul_candidates(&ctx), [MatmulVariant::RegBlock, xbcast]);
-            assert_eq!(matvec_candidates(&ctx), [MatvecVariant::Rows]);
-            if forced_from_env().matvec.is_none() {
-                assert_eq!(matvec_variant(&ctx), MatvecVariant::Rows);
-                let choices = ctx.kernel_choices.lock().unwrap();
-                assert!(!choices.contains_key("matvec"), "matvec must not be measured: {choices:?}");
+            if MatvecVariant::available(&ctx).contains(&MatvecVariant::Windows) {
+                assert_eq!(matvec_candidates(&ctx), [MatvecVariant::Rows, MatvecVariant::Windows]);
+            } else {
+                assert_eq!(matvec_candidates(&ctx), [MatvecVariant::Rows]);
+                if forced_from_env().matvec.is_none() {
+                    assert_eq!(matvec_variant(&ctx), MatvecVariant::Rows);
+                    let choices = ctx.kernel_choices.lock().unwrap();
+                    assert!(!choices.contains_key("matvec"), "matvec must not be measured: {choices:?}");
+                }
             }
             for (dtype, wide) in [(DType::F32, WeightKind::F32Wide), (DType::F16, WeightKind::F16Wide)] {
                 let all = read_candidates(&ctx, dtype);
@@ -900,17 +919,26 @@ mod tests {
             assert!(chosen().contains("matmul"), "{:?}", chosen());
             return;
         }
-        assert!(chosen().iter().all(|f| *f == "matvec"), "nothing but matvec may be chosen: {:?}", chosen());
+        assert!(chosen().is_empty(), "nothing may be measured for quantised weights: {:?}", chosen());
+        if forced.matvec.is_none() {
+            assert_eq!(matvec_variant_for(&ctx, &quant), MatvecVariant::Rows);
+            assert!(chosen().is_empty(), "{:?}", chosen());
+        }
         if forced.matmul.is_none() {
             assert_eq!(matmul_variant_for(&ctx, 12, &quant), MatmulVariant::XBcast);
             assert!(!chosen().contains("matmul.short"), "{:?}", chosen());
         }
-        // An f16 table (read, not multiplied) needs the f16 read only (measured where there is
-        // more than one way to measure).
+        // An f16 table (read, not multiplied: the LM head) needs the f16 read (measured where
+        // there is more than one way to measure) and the matvec variant, whose measurement reads
+        // f32 weights the adapter's way; no matmul.
         choose_all(&ctx, &[&quant, &dense], &[&quant]);
         let f16_measured = forced.f16read.is_some() || measured_read_candidates(&ctx, DType::F16).len() > 1;
         assert_eq!(chosen().contains("f16read"), f16_measured, "{:?}", chosen());
-        assert!(!chosen().contains("f32read"), "{:?}", chosen());
+        let matvec_measured = forced.matvec.is_some() || matvec_candidates(&ctx).len() > 1;
+        assert_eq!(chosen().contains("matvec"), matvec_measured, "{:?}", chosen());
+        if !matvec_measured {
+            assert!(!chosen().contains("f32read"), "{:?}", chosen());
+        }
         assert!(!chosen().contains("matmul"), "{:?}", chosen());
         // A dense product needs the matmul choices.
         choose_all(&ctx, &[&dense], &[&quant, &dense]);

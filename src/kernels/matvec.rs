@@ -2,8 +2,9 @@
 //! `y[y_col0 + n] (+)= scale · dot(w[n, :], x) (+ bias[n])` with `w` a `[N, K]` weight matrix
 //! (Hugging Face `[out, in]`) in f32 or f16 and f32 maths.
 //!
-//! Three variants: [`MatvecVariant::Rows`] (each invocation owns a few rows, register-blocked vec4
-//! loads, no workgroup memory: the fast one on CPU drivers such as lavapipe),
+//! Four variants: [`MatvecVariant::Rows`] (each invocation owns a few rows, register-blocked vec4
+//! loads, no workgroup memory), [`MatvecVariant::Windows`] (the same with W read through uniform
+//! windows, [`crate::kernels::matvec_windows`]: the fast one on CPU drivers such as lavapipe),
 //! [`MatvecVariant::Reduce`] (one workgroup per row, reduction through workgroup memory) and
 //! [`MatvecVariant::Subgroup`] (a subgroup per few rows, lanes striding over K, `subgroupAdd`: the
 //! usual GPU GEMV where the adapter has subgroups).
@@ -17,6 +18,7 @@ use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, WeightK
 use crate::kernels::checks::invalid;
 use crate::kernels::linear::{LinearForm, LinearOp, XBinding};
 use crate::kernels::matmul_xw::matmul_xw;
+use crate::kernels::matvec_windows::{WINDOW_LANES, WINDOWS_PER_DISPATCH, window_plan, windows_dispatches};
 use crate::kernels::rope::RopeQkvOp;
 
 const SOURCE: &str = include_str!("../../shaders/matvec.wgsl");
@@ -50,26 +52,43 @@ pub enum MatvecVariant {
     /// stride over K (adjacent lanes read adjacent memory) and `subgroupAdd` sums them; no
     /// workgroup memory or barrier. Needs the adapter's SUBGROUP feature.
     Subgroup,
+    /// `Rows`' product and epilogues with W read through uniform windows of whole rows, one per
+    /// workgroup of [`crate::kernels::matvec_windows::WINDOW_LANES`]; an op that does not suit
+    /// them ([`crate::kernels::matvec_windows::window_plan`]: quantised or split weights, K % 16
+    /// != 0, ..) runs as `Rows`. Needs room for a dispatch's windows in the adapter's uniform
+    /// buffers per shader stage ([`MatvecVariant::available`]).
+    Windows,
 }
 
 impl MatvecVariant {
     /// Every variant, in the order the kernel choice measures them.
-    pub const ALL: [MatvecVariant; 3] = [MatvecVariant::Rows, MatvecVariant::Reduce, MatvecVariant::Subgroup];
+    pub const ALL: [MatvecVariant; 4] = [MatvecVariant::Rows, MatvecVariant::Reduce, MatvecVariant::Subgroup, MatvecVariant::Windows];
 
     /// The variant's name in `FIRSTRT_KERNEL`, the choice cache and bench rows (`rows`, `reduce`,
-    /// `subgroup`).
+    /// `subgroup`, `windows`).
     pub fn name(self) -> &'static str {
         match self {
             MatvecVariant::Rows => "rows",
             MatvecVariant::Reduce => "reduce",
             MatvecVariant::Subgroup => "subgroup",
+            MatvecVariant::Windows => "windows",
         }
     }
 
     /// The variants this adapter can run, in the order of [`MatvecVariant::ALL`]: all but
-    /// `Subgroup` where the adapter lacks SUBGROUP.
+    /// `Subgroup` where the adapter lacks SUBGROUP, and `Windows` where a dispatch's windows
+    /// (two bindings each for the paired epilogues) would not fit its uniform buffers per shader
+    /// stage.
     pub fn available(ctx: &GpuContext) -> Vec<MatvecVariant> {
-        MatvecVariant::ALL.into_iter().filter(|&v| v != MatvecVariant::Subgroup || ctx.has_subgroups()).collect()
+        let windows_fit = u64::from(ctx.limits.max_uniform_buffers_per_shader_stage) >= 5 + 2 * WINDOWS_PER_DISPATCH as u64;
+        MatvecVariant::ALL
+            .into_iter()
+            .filter(|&v| match v {
+                MatvecVariant::Subgroup => ctx.has_subgroups(),
+                MatvecVariant::Windows => windows_fit,
+                _ => true,
+            })
+            .collect()
     }
 
     /// The variant called `s` ([`MatvecVariant::name`]), if any.
@@ -116,14 +135,14 @@ pub enum MatvecEpilogue<'a> {
     /// `y[j] = silu(g_j) · u_j` for `j < ff`, with `g_j = dot(W[j, :], x)`,
     /// `u_j = dot(W[ff + j, :], x)` and `silu(g) = g · sigmoid(g)` (`kernels::swiglu`'s maths). y
     /// still needs room for N = 2 ff values ([`LinearOp::check`]); the rest is left as it was.
-    /// Only [`MatvecVariant::Rows`]; no bias, scale, accumulation or `y_col0`; W in one chunk.
+    /// Only [`MatvecVariant::Rows`] and [`MatvecVariant::Windows`]; no bias, scale, accumulation or `y_col0`; W in one chunk.
     SwiGlu,
     /// The fused QKV projection followed by [`crate::kernels::rope::rope_qkv_write`] of its one
     /// row: y (`[N]`, N = `(n_heads + 2 n_kv_heads) head_dim`) gets the product (with bias) as
     /// [`MatvecEpilogue::Store`], and each pair `(i, i + head_dim / 2)` of a head is rotated and
     /// written where the op says (q to `q_out` row 0, k and v to the caches at the step's
     /// position `pos0`), as the RoPE kernel does. The op's `qkv` is y, `rows` 1 and `row0` 0.
-    /// Only [`MatvecVariant::Rows`]; no scale, accumulation or `y_col0` (a bias is fine); W in
+    /// Only [`MatvecVariant::Rows`] and [`MatvecVariant::Windows`]; no scale, accumulation or `y_col0` (a bias is fine); W in
     /// one chunk; the adapter must allow [`ROPE_EPILOGUE_STORAGE_BUFFERS`] storage buffers per
     /// shader stage.
     Rope(&'a RopeQkvOp<'a>),
@@ -135,7 +154,8 @@ pub enum MatvecEpilogue<'a> {
     /// counter; the last one to finish sums the records and writes `out`, then resets the counter.
     /// That hand-off between workgroups relies on what WGSL does not promise (its atomics are
     /// relaxed) but lavapipe gives (sequentially consistent atomics on a CPU's coherent memory),
-    /// so it is offered on CPU adapters only. Only [`MatvecVariant::Rows`]; no scale or
+    /// so it is offered on CPU adapters only. Only [`MatvecVariant::Rows`] and
+    /// [`MatvecVariant::Windows`]; no scale or
     /// `y_col0`; W in one chunk.
     Norm(&'a NormEpilogue<'a>),
 }
@@ -228,6 +248,19 @@ fn norm_hand_off(inv: u32, ss: f32) {{
     )
 }
 
+/// The WGSL pasted into `EPILOGUE_DECL` of matvec.wgsl and matvec_windows.wgsl for `epilogue` on
+/// a product of N = `n` rows: the RoPE epilogue's ([`ROPE_DECL`] with `StepParams` and
+/// `rope_write`), the norm epilogue's ([`norm_decl`]), or nothing.
+fn epilogue_decl(epilogue: &MatvecEpilogue, n: usize) -> String {
+    match epilogue {
+        MatvecEpilogue::Rope(_) => {
+            format!("{}\n{ROPE_DECL}\n{}", crate::kernels::step::STEP_PARAMS_WGSL, crate::kernels::rope::ROPE_WRITE)
+        }
+        MatvecEpilogue::Norm(_) => norm_decl(n.is_multiple_of(4)),
+        _ => String::new(),
+    }
+}
+
 /// The WGSL of the RoPE epilogue ([`MatvecEpilogue::Rope`]) pasted into `EPILOGUE_DECL` after
 /// `step_params.wgsl` and before `rope_write.wgsl` (which declares `RopeParams`): its bindings 5 to 11 (step uniform, RoPE uniform `rp`, cos and sin tables, q_out, k and v caches),
 /// `pair_row(o)`, the row of W of pair o's first value, and `rope_pair(o, x1, x2)`.
@@ -289,10 +322,11 @@ pub fn matvec_with(
     }
     let paired = epilogue.paired();
     let (k, n) = op.k_n();
-    if !matches!(epilogue, MatvecEpilogue::Store) && (variant != MatvecVariant::Rows || op.form == LinearForm::XW) {
+    let rows_like = matches!(variant, MatvecVariant::Rows | MatvecVariant::Windows);
+    if !matches!(epilogue, MatvecEpilogue::Store) && (!rows_like || op.form == LinearForm::XW) {
         return Err(invalid(
             label,
-            format!("only the rows matvec of x · Wᵀ has the {} epilogue (got {})", epilogue.name(), variant.name()),
+            format!("only the rows and windows matvec of x · Wᵀ have the {} epilogue (got {})", epilogue.name(), variant.name()),
         ));
     }
     if let MatvecEpilogue::Norm(ne) = epilogue {
@@ -350,12 +384,15 @@ pub fn matvec_with(
     if op.w_rows.is_some() {
         return Err(invalid(label, "matvec multiplies by all of W (a block of its rows needs matmul)"));
     }
+    // The windows where the op suits them; otherwise `Windows` runs as `Rows`.
+    let windows = if variant == MatvecVariant::Windows { window_plan(ctx, op, kind, &epilogue) } else { None };
+    let variant = if variant == MatvecVariant::Windows { MatvecVariant::Rows } else { variant };
     if variant == MatvecVariant::Subgroup && !ctx.has_subgroups() {
         return Err(invalid(label, format!("the subgroup matvec needs SUBGROUP, which adapter {} lacks", ctx.info.name)));
     }
     let aligned = k.is_multiple_of(4);
     let (entry, wg) = match variant {
-        MatvecVariant::Rows => ("matvec_rows", ROWS_WG),
+        MatvecVariant::Rows | MatvecVariant::Windows => ("matvec_rows", ROWS_WG),
         MatvecVariant::Reduce => ("matvec_reduce", REDUCE_WG),
         MatvecVariant::Subgroup => ("matvec_subgroup", SUBGROUP_WG),
     };
@@ -368,16 +405,7 @@ pub fn matvec_with(
         let x_decl = x_uniform(kind).and_then(|_| x_kind.declare_uniform(1, "x", k)).unwrap_or_else(|| x_kind.declare(1, "x"));
         let shader = crate::kernels::snippet_variant("matvec", SOURCE, entry)
             .define("ROWS_BODY", rows_body(ROWS_PER_INVOCATION, kind.step(k), x_kind == WeightKind::F32Wide, false, &epilogue))
-            .define(
-                "EPILOGUE_DECL",
-                match epilogue {
-                    MatvecEpilogue::Rope(_) => {
-                        format!("{}\n{ROPE_DECL}\n{}", crate::kernels::step::STEP_PARAMS_WGSL, crate::kernels::rope::ROPE_WRITE)
-                    }
-                    MatvecEpilogue::Norm(_) => norm_decl(n.is_multiple_of(4)),
-                    _ => String::new(),
-                },
-            )
+            .define("EPILOGUE_DECL", epilogue_decl(&epilogue, n))
             .define(
                 "SUBGROUP_ENTRY",
                 if variant == MatvecVariant::Subgroup {
@@ -400,7 +428,9 @@ pub fn matvec_with(
     // per invocation that stores rows): one chunk of W, so one dispatch.
     let norm_bufs = match epilogue {
         MatvecEpilogue::Norm(ne) => {
-            let n_inv = n.div_ceil(ROWS_PER_INVOCATION as usize);
+            // Invocations that hand off a sum of squares: every one of the windows' workgroups,
+            // or each rows invocation that stores rows.
+            let n_inv = windows.map_or(n.div_ceil(ROWS_PER_INVOCATION as usize), |w| w.windows * WINDOW_LANES);
             let params = NormParams { n: n as u32, n_inv: n_inv as u32, eps: ne.eps, _pad: 0 };
             let scratch = GpuTensor::zeros(ctx, &format!("{label}.norm_scratch"), DType::F32, &[1 + n_inv])?;
             Some((ne, uniform(ctx, label, &params), scratch))
@@ -429,6 +459,18 @@ pub fn matvec_with(
         }
     };
     let flags = op.flags();
+    if let Some(plan) = windows {
+        let params = MatvecParams {
+            rows: plan.nout as u32,
+            k: k as u32,
+            y_col0: op.y_col0 as u32,
+            flags,
+            scale: op.scale.unwrap_or(1.0),
+            ..Zeroable::zeroed()
+        };
+        let ds = windows_dispatches(ctx, label, op, &plan, &epilogue, &epilogue_decl(&epilogue, n), &extra, params)?;
+        return Ok(if norm_bufs.is_some() { ds.into_iter().map(Dispatch::warmed_whole).collect() } else { ds });
+    }
     op.chunk_dispatches_each(
         ctx,
         label,
@@ -448,7 +490,7 @@ pub fn matvec_with(
                 ..Zeroable::zeroed()
             };
             let groups = match variant {
-                MatvecVariant::Rows => (outputs_here as u32).div_ceil(outputs * ROWS_WG),
+                MatvecVariant::Rows | MatvecVariant::Windows => (outputs_here as u32).div_ceil(outputs * ROWS_WG),
                 MatvecVariant::Reduce => c.rows as u32,
                 MatvecVariant::Subgroup => (c.rows as u32).div_ceil(ROWS_PER_INVOCATION * SUBGROUP_GROUPS),
             };
@@ -658,6 +700,31 @@ mod tests {
     use crate::kernels::step::{StepBuffer, StepParams};
     use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
+    /// Whether `variant` must read W (`k` columns of `dtype`, at least eight rows) through uniform
+    /// windows on this adapter: `windows`, the model's K = 576, and eight rows fitting one
+    /// uniform binding at an offset the adapter allows (as on lavapipe).
+    fn windowed(ctx: &GpuContext, variant: MatvecVariant, dtype: DType, k: usize) -> bool {
+        let row = (k * dtype.size()) as u64;
+        let limits = &ctx.limits;
+        variant == MatvecVariant::Windows
+            && k == 576
+            && matches!(dtype, DType::F32 | DType::F16)
+            && row.is_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment))
+            && limits.max_uniform_buffer_binding_size / row >= 8
+    }
+
+    /// Asserts that `ds` ran through windows where [`windowed`] says they must.
+    fn assert_windowed(ctx: &GpuContext, ds: &[Dispatch], variant: MatvecVariant, w: &GpuMatrix, what: &str) {
+        if w.format() == w.dtype.to_string() && w.chunks.len() == 1 && windowed(ctx, variant, w.dtype, w.cols) {
+            assert!(ds.iter().all(|d| d.family() == "matvec_windows"), "{what}: read through uniform windows");
+        }
+    }
+
+    /// The variants that take the epilogues on this adapter: `rows`, and `windows` where available.
+    fn rows_variants(ctx: &GpuContext) -> Vec<MatvecVariant> {
+        MatvecVariant::available(ctx).into_iter().filter(|v| matches!(v, MatvecVariant::Rows | MatvecVariant::Windows)).collect()
+    }
+
     struct Case {
         n: usize,
         k: usize,
@@ -688,6 +755,7 @@ mod tests {
         let gy = GpuTensor::from_f32(ctx, "y", &[y_len], &y0).unwrap();
         let op = LinearOp::new(&gx, 1, &gw, &gy).bias(with_bias.then_some(&gb)).y_col0(y_col0).accumulate(accumulate).kind(kind);
         let ds = matvec(ctx, "mv", &op, variant).unwrap();
+        assert_windowed(ctx, &ds, variant, &gw, &format!("matvec {} n={n} k={k}", kind.name()));
         let refs: Vec<&Dispatch> = ds.iter().collect();
         ctx.run("test", &refs).unwrap();
         let got = gy.read_f32(ctx).unwrap();
@@ -816,7 +884,7 @@ mod tests {
     /// One GEMV with the SwiGLU epilogue of a random `[n, k]` W read as `kind` (`None`: the
     /// adapter's way for W's blocks) against `matvec_ref` then `swiglu_ref`; y past the `n / 2`
     /// outputs keeps its values.
-    fn check_swiglu(ctx: &GpuContext, w: &GpuMatrix, wv: &[f32], kind: Option<WeightKind>, what: &str) {
+    fn check_swiglu(ctx: &GpuContext, w: &GpuMatrix, wv: &[f32], kind: Option<WeightKind>, variant: MatvecVariant, what: &str) {
         let (n, k) = (w.rows, w.cols);
         let seed = (n * 7 + k) as u64;
         let x: Vec<f32> = random_vec(k, seed).iter().map(|v| 3.0 * v).collect();
@@ -827,7 +895,8 @@ mod tests {
         if let Some(kind) = kind {
             op = op.kind(kind);
         }
-        let ds = matvec_with(ctx, "mv", &op, MatvecVariant::Rows, MatvecEpilogue::SwiGlu).unwrap();
+        let ds = matvec_with(ctx, "mv", &op, variant, MatvecEpilogue::SwiGlu).unwrap();
+        assert_windowed(ctx, &ds, variant, w, what);
         ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
         let got = gy.read_f32(ctx).unwrap();
         let product = matvec_ref(&x, wv, n, k, None);
@@ -835,7 +904,7 @@ mod tests {
         want[..n / 2].copy_from_slice(&crate::kernels::swiglu::swiglu_ref(&product, 1, n / 2));
         let scale = wv.iter().fold(0f32, |a, v| a.max(v.abs())) * x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let atol = 2e-5 * (k as f32).sqrt() * scale * 4.0;
-        assert_close(&got, &want, atol, 1e-4, &format!("{what} n={n} k={k}"));
+        assert_close(&got, &want, atol, 1e-4, &format!("{what} {} n={n} k={k}", variant.name()));
     }
 
     /// The SwiGLU epilogue ([`MatvecEpilogue::SwiGlu`]) matches matvec then swiglu, for every
@@ -851,7 +920,9 @@ mod tests {
                 if kind.dtype() == DType::F16 {
                     wv = round_f16(&wv);
                 }
-                check_swiglu(&ctx, &w, &wv, Some(kind), &format!("swiglu matvec {}", kind.name()));
+                for variant in rows_variants(&ctx) {
+                    check_swiglu(&ctx, &w, &wv, Some(kind), variant, &format!("swiglu matvec {}", kind.name()));
+                }
             }
         }
         for q in crate::model::QuantType::ALL {
@@ -860,7 +931,9 @@ mod tests {
             let wv = blocks.dequantize().unwrap();
             let w = GpuMatrix::upload_parts(&ctx, "w", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
             if w.format() == q.name() {
-                check_swiglu(&ctx, &w, &wv, None, &format!("swiglu matvec {q}"));
+                for variant in rows_variants(&ctx) {
+                    check_swiglu(&ctx, &w, &wv, None, variant, &format!("swiglu matvec {q}"));
+                }
             }
         }
     }
@@ -868,7 +941,18 @@ mod tests {
     /// The norm epilogue ([`MatvecEpilogue::Norm`]) of `x · Wᵀ` accumulated into y (with a bias
     /// where `bias`) against matvec then `rmsnorm_ref`, for `runs` dispatches in one submission
     /// (the counter must be back at 0 after each).
-    fn check_norm(ctx: &GpuContext, w: &GpuMatrix, wv: &[f32], kind: Option<WeightKind>, bias: bool, runs: usize, what: &str) {
+    #[allow(clippy::too_many_arguments)]
+    fn check_norm(
+        ctx: &GpuContext,
+        w: &GpuMatrix,
+        wv: &[f32],
+        kind: Option<WeightKind>,
+        variant: MatvecVariant,
+        bias: bool,
+        runs: usize,
+        what: &str,
+    ) {
+        let what = format!("{what} {}", variant.name());
         let (n, k) = (w.rows, w.cols);
         let seed = (n * 5 + k) as u64;
         let x = random_vec(k, seed);
@@ -888,7 +972,8 @@ mod tests {
             op = op.kind(kind);
         }
         let ne = NormEpilogue { weight: &gw, out: &out, eps: 1e-5 };
-        let ds = matvec_with(ctx, "mv", &op, MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)).unwrap();
+        let ds = matvec_with(ctx, "mv", &op, variant, MatvecEpilogue::Norm(&ne)).unwrap();
+        assert_windowed(ctx, &ds, variant, w, &what);
         let list: Vec<&Dispatch> = std::iter::repeat_n(ds.iter(), runs).flatten().collect();
         ctx.run("test", &list).unwrap();
         let product = matvec_ref(&x, wv, n, k, bias.then_some(&b[..]));
@@ -920,14 +1005,18 @@ mod tests {
                 if kind.dtype() == DType::F16 {
                     wv = round_f16(&wv);
                 }
-                check_norm(&ctx, &w, &wv, Some(kind), i % 2 == 1, 1 + i % 3, &format!("norm matvec {}", kind.name()));
+                for variant in rows_variants(&ctx) {
+                    check_norm(&ctx, &w, &wv, Some(kind), variant, i % 2 == 1, 1 + i % 3, &format!("norm matvec {}", kind.name()));
+                }
             }
         }
         let (n, k) = (100, 96);
         let blocks = crate::kernels::testing::random_blocks(crate::model::QuantType::Q4_1, n, k, 5);
         let wv = blocks.dequantize().unwrap();
         let w = GpuMatrix::upload_parts(&ctx, "w", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
-        check_norm(&ctx, &w, &wv, None, false, 2, "norm matvec q4_1");
+        for variant in rows_variants(&ctx) {
+            check_norm(&ctx, &w, &wv, None, variant, false, 2, "norm matvec q4_1");
+        }
     }
 
     /// A warm-up before the first run (the decode program's, one workgroup of every other
@@ -976,7 +1065,7 @@ mod tests {
             return;
         }
         assert!(err(&op, MatvecVariant::Rows, &ne).is_none());
-        assert!(err(&op, MatvecVariant::Reduce, &ne).unwrap().contains("rows matvec"));
+        assert!(err(&op, MatvecVariant::Reduce, &ne).unwrap().contains("rows and windows matvec"));
         assert!(err(&op.scale(2.0), MatvecVariant::Rows, &ne).unwrap().contains("no scale"));
         let bad_weight = NormEpilogue { weight: &short, ..ne };
         assert!(err(&op, MatvecVariant::Rows, &bad_weight).unwrap().contains("weight"));
@@ -995,7 +1084,7 @@ mod tests {
         let gy = GpuTensor::zeros(&ctx, "y", DType::F32, &[9]).unwrap();
         let op = LinearOp::new(&gx, 1, &w, &gy);
         let err = |op: &LinearOp, v| matvec_with(&ctx, "mlp.gate_up", op, v, MatvecEpilogue::SwiGlu).unwrap_err().to_string();
-        assert!(err(&op, MatvecVariant::Reduce).contains("only the rows matvec"));
+        assert!(err(&op, MatvecVariant::Reduce).contains("only the rows and windows matvec"));
         assert!(err(&op, MatvecVariant::Reduce).contains("mlp.gate_up"));
         assert!(err(&LinearOp::new(&gx, 1, &w_odd, &gy), MatvecVariant::Rows).contains("pairs rows of W"));
         assert!(err(&op.accumulate(true), MatvecVariant::Rows).contains("no scale"));
@@ -1030,6 +1119,7 @@ mod tests {
         k: usize,
         w: &GpuMatrix,
         kind: Option<WeightKind>,
+        variant: MatvecVariant,
         bias: bool,
         pos0: usize,
         max_pos: usize,
@@ -1056,7 +1146,9 @@ mod tests {
             }
             let rope = RopeQkvOp { qkv: &y, rows: 1, row0: 0, shape, tables: &tables, step: &step, q_out: &q, k_cache: &kc, v_cache: &vc };
             let ds = if fused {
-                matvec_with(ctx, "mv", &op, MatvecVariant::Rows, MatvecEpilogue::Rope(&rope)).unwrap()
+                let ds = matvec_with(ctx, "mv", &op, variant, MatvecEpilogue::Rope(&rope)).unwrap();
+                assert_windowed(ctx, &ds, variant, w, "rope");
+                ds
             } else {
                 let mut ds = matvec(ctx, "mv", &op, MatvecVariant::Rows).unwrap();
                 ds.push(crate::kernels::rope::rope_qkv_write(ctx, "rope", &rope).unwrap());
@@ -1065,7 +1157,7 @@ mod tests {
             ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
             outs.push([&y, &q, &kc, &vc].map(|t| t.read_f32(ctx).unwrap()));
         }
-        let what = format!("rope matvec {kind:?} {shape:?} k={k} bias={bias} pos0={pos0} max_pos={max_pos}");
+        let what = format!("rope matvec {} {kind:?} {shape:?} k={k} bias={bias} pos0={pos0} max_pos={max_pos}", variant.name());
         for (i, name) in ["y", "q_out", "k_cache", "v_cache"].iter().enumerate() {
             assert_close(&outs[1][i], &outs[0][i], 1e-5, 1e-5, &format!("{what}: {name}"));
         }
@@ -1089,22 +1181,24 @@ mod tests {
             (AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 6 }, 37),
             (AttnShape { n_heads: 2, n_kv_heads: 2, head_dim: 2 }, 8),
         ];
-        for kind in weight_kinds(&ctx) {
-            for (shape, k) in shapes {
-                let n = shape.qkv_dim();
-                let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, (n + k) as u64), kind.dtype()).unwrap();
-                check_rope(&ctx, shape, k, &w, Some(kind), true, 5, 9);
+        for variant in rows_variants(&ctx) {
+            for kind in weight_kinds(&ctx) {
+                for (shape, k) in shapes {
+                    let n = shape.qkv_dim();
+                    let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, (n + k) as u64), kind.dtype()).unwrap();
+                    check_rope(&ctx, shape, k, &w, Some(kind), variant, true, 5, 9);
+                }
             }
+            let (shape, k) = shapes[0];
+            let n = shape.qkv_dim();
+            let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 1), DType::F32).unwrap();
+            check_rope(&ctx, shape, k, &w, None, variant, false, 0, 4);
+            check_rope(&ctx, shape, k, &w, None, variant, true, 4, 4);
+            let blocks = crate::kernels::testing::random_blocks(crate::model::QuantType::Q4_1, n, k, 3);
+            let w = GpuMatrix::upload_parts(&ctx, "w", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
+            assert_eq!(w.format(), crate::model::QuantType::Q4_1.name());
+            check_rope(&ctx, shape, k, &w, None, variant, true, 3, 8);
         }
-        let (shape, k) = shapes[0];
-        let n = shape.qkv_dim();
-        let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 1), DType::F32).unwrap();
-        check_rope(&ctx, shape, k, &w, None, false, 0, 4);
-        check_rope(&ctx, shape, k, &w, None, true, 4, 4);
-        let blocks = crate::kernels::testing::random_blocks(crate::model::QuantType::Q4_1, n, k, 3);
-        let w = GpuMatrix::upload_parts(&ctx, "w", k, &[crate::gpu::MatrixPart::Blocks(&blocks)], DType::F32).unwrap();
-        assert_eq!(w.format(), crate::model::QuantType::Q4_1.name());
-        check_rope(&ctx, shape, k, &w, None, true, 3, 8);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod matmul;
 pub mod matmul_tn;
 pub mod matmul_xw;
 pub mod matvec;
+pub mod matvec_windows;
 pub mod rmsnorm;
 pub mod rmsnorm_backward;
 pub mod rope;
@@ -49,14 +50,17 @@ mod quant_tests;
 /// - `ROPE_WRITE` (`rope_write.wgsl`): `rope_write(..)`, one pair rotated and written to q_out or
 ///   the KV cache (rope, and the decode GEMV's RoPE epilogue, `matvec::MatvecEpilogue::Rope`).
 /// - `STEP_PARAMS` (`step_params.wgsl`): `struct StepParams`, the WGSL mirror of
-///   [`step::StepParams`] (attention, rope, rope_backward, and the RoPE epilogue).
-const SNIPPETS: [(&str, &str); 6] = [
+///   [`step::StepParams`] (attention, rope, rope_backward, and the RoPE epilogue);
+/// - `MATVEC_STORE` (`matvec_store.wgsl`): the decode GEMV's `MatvecParams`, its bindings 0, 3
+///   and 4 and `store(n, v)` (matvec, matvec_windows).
+const SNIPPETS: [(&str, &str); 7] = [
     ("TREE_SUM", include_str!("../../shaders/tree_sum.wgsl")),
     ("SIGMOID", include_str!("../../shaders/sigmoid.wgsl")),
     ("ROUTER_GROUPS", include_str!("../../shaders/router_groups.wgsl")),
     ("ROPE_INDEX", include_str!("../../shaders/rope_index.wgsl")),
     ("ROPE_WRITE", rope::ROPE_WRITE),
     ("STEP_PARAMS", step::STEP_PARAMS_WGSL),
+    ("MATVEC_STORE", include_str!("../../shaders/matvec_store.wgsl")),
 ];
 
 /// `entry` of `source` (family `family`) with every shared snippet whose placeholder `source`

@@ -8,7 +8,7 @@
 
 use crate::gpu::{DType, Dispatch, GpuContext, GpuMatrix, GpuTensor, Phase, Tag};
 use crate::kernels::attention::{AttnOp, AttnShape, attention};
-use crate::kernels::choice::{matmul_variant_for, matvec_variant};
+use crate::kernels::choice::{matmul_variant_for, matvec_variant_for};
 use crate::kernels::copy::copy;
 use crate::kernels::embedding::embedding;
 use crate::kernels::linear::LinearOp;
@@ -293,7 +293,7 @@ impl StepBuilder<'_> {
             // (the core of this builder's own cache, whose RoPE the epilogue does).
             let (rope, attn) = self.core_ops(a, 0, rows, l)?;
             let epilogue = MatvecEpilogue::Rope(&rope);
-            p.extend(tagged(at("attn.qkv"), |n| matvec_with(ctx, n, &qkv, MatvecVariant::Rows, epilogue))?);
+            p.extend(tagged(at("attn.qkv"), |n| matvec_with(ctx, n, &qkv, matvec_variant_for(ctx, qkv.w), epilogue))?);
             p.extend(tagged(at("attn.core"), |n| attention(ctx, n, &attn))?);
         } else {
             p.extend(self.project(l, Proj::Qkv, &qkv)?);
@@ -307,7 +307,7 @@ impl StepBuilder<'_> {
             // One dispatch instead of two: the o GEMV's last invocation writes the MLP half's
             // norm of the residual stream it has just updated (on a CPU adapter only).
             let ne = NormEpilogue { weight: &lw.ffn_norm, out: &a.xn, eps: c.rms_eps };
-            p.extend(tagged(at("attn.o"), |n| matvec_with(ctx, n, &o, MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)))?);
+            p.extend(tagged(at("attn.o"), |n| matvec_with(ctx, n, &o, matvec_variant_for(ctx, o.w), MatvecEpilogue::Norm(&ne)))?);
         } else {
             p.extend(self.project(l, Proj::O, &o)?);
             if let Some(k) = kept {
@@ -320,7 +320,9 @@ impl StepBuilder<'_> {
         let fused_swiglu = self.fuses_decode_epilogues(rows, l, kept, |ll| ll.gate_up.is_some(), &lw.gate_up);
         if fused_swiglu {
             // One dispatch instead of two: gate_up writes silu(gate) · up to gate_up[0..d_ff].
-            p.extend(tagged(at("mlp.gate_up"), |n| matvec_with(ctx, n, &gate_up, MatvecVariant::Rows, MatvecEpilogue::SwiGlu))?);
+            p.extend(tagged(at("mlp.gate_up"), |n| {
+                matvec_with(ctx, n, &gate_up, matvec_variant_for(ctx, gate_up.w), MatvecEpilogue::SwiGlu)
+            })?);
         } else {
             p.extend(self.project(l, Proj::GateUp, &gate_up)?);
             p.extend(tagged(at("mlp.act"), |n| swiglu(ctx, n, &a.gate_up, rows, c.d_ff, &a.act).map(|d| [d]))?);
@@ -329,7 +331,9 @@ impl StepBuilder<'_> {
         let down = LinearOp::new(act, rows, &lw.down, &a.x).accumulate(true);
         match norm_after {
             // One dispatch instead of two: the down GEMV's last invocation writes the next norm.
-            Some(ne) => p.extend(tagged(at("mlp.down"), |n| matvec_with(ctx, n, &down, MatvecVariant::Rows, MatvecEpilogue::Norm(&ne)))?),
+            Some(ne) => p.extend(tagged(at("mlp.down"), |n| {
+                matvec_with(ctx, n, &down, matvec_variant_for(ctx, down.w), MatvecEpilogue::Norm(&ne))
+            })?),
             None => p.extend(self.project(l, Proj::Down, &down)?),
         }
         Ok(p)
@@ -340,7 +344,7 @@ impl StepBuilder<'_> {
     /// SwiGLU after gate_up, and on a CPU adapter the RMSNorms after o and down,
     /// [`StepBuilder::fuses_norm_epilogue`]): in a one-token decode step of a single sequence,
     /// where the
-    /// adapter's matvec variant is `Rows` (the kernel with the epilogues), no unmerged adapter
+    /// adapter's matvec variant is `Rows` or `Windows` (the kernels with the epilogues), no unmerged adapter
     /// adds a delta to this projection (`adapted`; it would land after the epilogue), nothing is
     /// kept for a backward pass, W is one chunk and the adapter allows
     /// [`ROPE_EPILOGUE_STORAGE_BUFFERS`] storage buffers per stage (for both epilogues, though
@@ -360,7 +364,7 @@ impl StepBuilder<'_> {
             && self.lora.is_none_or(|(g, _)| !adapted(&g.layers[l]))
             && w.chunks.len() == 1
             && self.ctx.limits.max_storage_buffers_per_shader_stage >= ROPE_EPILOGUE_STORAGE_BUFFERS
-            && matvec_variant(self.ctx) == MatvecVariant::Rows
+            && matches!(matvec_variant_for(self.ctx, w), MatvecVariant::Rows | MatvecVariant::Windows)
     }
 
     /// Whether layer `l`'s product by `w` can write an RMSNorm as its epilogue
@@ -422,7 +426,7 @@ impl StepBuilder<'_> {
             p.extend(tagged(at("final_norm"), |n| rmsnorm(ctx, n, &norm).map(|d| [d]))?);
         }
         let lm_head = LinearOp::new(&b.final_row, 1, w.output(), &b.logits);
-        p.extend(tagged(at("lm_head"), |n| matvec(ctx, n, &lm_head, matvec_variant(ctx)))?);
+        p.extend(tagged(at("lm_head"), |n| matvec(ctx, n, &lm_head, matvec_variant_for(ctx, lm_head.w)))?);
         p.extend(self.sample()?);
         Ok(p)
     }
@@ -463,7 +467,7 @@ impl StepBuilder<'_> {
     /// adapter's variant (for matmul, the one chosen for prefills of `op.rows` tokens).
     pub(super) fn linear(&self, label: &str, op: &LinearOp) -> Result<Vec<Dispatch>, RuntimeError> {
         Ok(if self.phase == Phase::Decode {
-            matvec(self.ctx, label, op, matvec_variant(self.ctx))?
+            matvec(self.ctx, label, op, matvec_variant_for(self.ctx, op.w))?
         } else {
             matmul(self.ctx, label, op, matmul_variant_for(self.ctx, op.rows, op.w))?
         })
