@@ -139,7 +139,15 @@ fn check_profile(mode: ProfileMode) {
             phase.kernel_s / phase.gpu_span_s
         );
         let families: Vec<&str> = phase.families.iter().map(|g| g.name.as_str()).collect();
-        let linear = if phase.phase == "prefill" { "matmul" } else { "matvec" };
+        // The GEMV's shader family: `matvec_windows` where the adapter's variant is `windows`
+        // (which reads this f32 model's products through windows), else `matvec`.
+        let linear = if phase.phase == "prefill" {
+            "matmul"
+        } else if matvec_variant(&ctx) == MatvecVariant::Windows {
+            "matvec_windows"
+        } else {
+            "matvec"
+        };
         // Decode through the rows or windows GEMV runs RoPE as qkv's epilogue and SwiGLU as gate_up's: no
         // rope or swiglu dispatch.
         let fused = phase.phase == "decode" && matches!(matvec_variant(&ctx), MatvecVariant::Rows | MatvecVariant::Windows);
