@@ -135,16 +135,17 @@ pub enum MatvecEpilogue<'a> {
     /// `y[j] = silu(g_j) · u_j` for `j < ff`, with `g_j = dot(W[j, :], x)`,
     /// `u_j = dot(W[ff + j, :], x)` and `silu(g) = g · sigmoid(g)` (`kernels::swiglu`'s maths). y
     /// still needs room for N = 2 ff values ([`LinearOp::check`]); the rest is left as it was.
-    /// Only [`MatvecVariant::Rows`] and [`MatvecVariant::Windows`]; no bias, scale, accumulation or `y_col0`; W in one chunk.
+    /// Only [`MatvecVariant::Rows`] and [`MatvecVariant::Windows`]; no bias, scale, accumulation
+    /// or `y_col0`; W in one chunk.
     SwiGlu,
     /// The fused QKV projection followed by [`crate::kernels::rope::rope_qkv_write`] of its one
     /// row: y (`[N]`, N = `(n_heads + 2 n_kv_heads) head_dim`) gets the product (with bias) as
     /// [`MatvecEpilogue::Store`], and each pair `(i, i + head_dim / 2)` of a head is rotated and
     /// written where the op says (q to `q_out` row 0, k and v to the caches at the step's
     /// position `pos0`), as the RoPE kernel does. The op's `qkv` is y, `rows` 1 and `row0` 0.
-    /// Only [`MatvecVariant::Rows`] and [`MatvecVariant::Windows`]; no scale, accumulation or `y_col0` (a bias is fine); W in
-    /// one chunk; the adapter must allow [`ROPE_EPILOGUE_STORAGE_BUFFERS`] storage buffers per
-    /// shader stage.
+    /// Only [`MatvecVariant::Rows`] and [`MatvecVariant::Windows`]; no scale, accumulation or
+    /// `y_col0` (a bias is fine); W in one chunk; the adapter must allow
+    /// [`ROPE_EPILOGUE_STORAGE_BUFFERS`] storage buffers per shader stage.
     Rope(&'a RopeQkvOp<'a>),
     /// A product into the residual stream followed by the RMSNorm of its result (`kernels::rmsnorm`'s
     /// maths, `LlamaRMSNorm` of Hugging Face transformers): y gets the product as
@@ -155,8 +156,7 @@ pub enum MatvecEpilogue<'a> {
     /// That hand-off between workgroups relies on what WGSL does not promise (its atomics are
     /// relaxed) but lavapipe gives (sequentially consistent atomics on a CPU's coherent memory),
     /// so it is offered on CPU adapters only. Only [`MatvecVariant::Rows`] and
-    /// [`MatvecVariant::Windows`]; no scale or
-    /// `y_col0`; W in one chunk.
+    /// [`MatvecVariant::Windows`]; no scale or `y_col0`; W in one chunk.
     Norm(&'a NormEpilogue<'a>),
 }
 
