@@ -258,8 +258,9 @@ pub fn matvec_variant_for(ctx: &GpuContext, w: &GpuMatrix) -> MatvecVariant {
     matvec_variant(ctx)
 }
 
-/// Whether `w`'s prefill products take `xbcast` on this adapter without a measurement
-/// ([`matmul_variant_for`]): a CPU adapter and every chunk of `w` quantised.
+/// Whether `w`'s products take a variant on this adapter without a measurement (`xbcast` for
+/// prefill, [`matmul_variant_for`]; `rows` for decode, [`matvec_variant_for`]): a CPU adapter
+/// and every chunk of `w` quantised.
 fn quantised_on_cpu(ctx: &GpuContext, w: &GpuMatrix) -> bool {
     ctx.is_cpu() && !w.chunks.is_empty() && w.chunks.iter().all(|c| c.quant.is_some())
 }
@@ -325,8 +326,8 @@ fn matmul_candidates(ctx: &GpuContext) -> Vec<MatmulVariant> {
 }
 
 /// The matvec variant for this adapter: forced (`FIRSTRT_KERNEL`), the only variant measured on
-/// it where there is one (`rows` on a CPU adapter), or measured (once per process, cached on
-/// disk).
+/// it where there is one (`rows` on a CPU adapter that cannot run `windows`), or measured (once
+/// per process, cached on disk).
 pub fn matvec_variant(ctx: &GpuContext) -> MatvecVariant {
     let fallback = matvec_fallback(ctx);
     let available = MatvecVariant::available(ctx);

@@ -517,8 +517,8 @@ pub fn rows_kind(variant: MatvecVariant, kind: WeightKind, k: usize) -> WeightKi
 }
 
 /// Bytes of x to bind as a uniform buffer for `variant` reading x as `x_kind`, or `None` for a
-/// storage binding. Only [`MatvecVariant::Rows`] takes x as a uniform: every invocation reads the
-/// same element of x at the same time there, which lavapipe then loads as a branchless gather
+/// storage binding. Only [`MatvecVariant::Rows`] and [`MatvecVariant::Windows`] take x as a
+/// uniform: every invocation reads the same element of x at the same time there, which lavapipe then loads as a branchless gather
 /// (a scalar load per lane) instead of a per-lane loop with a bounds check and branch per
 /// component (its storage loads), and which is the access a GPU's constant cache serves best. The lanes of the `Reduce` and
 /// `Subgroup` variants read different elements, which a constant cache serialises. x must fit
@@ -526,7 +526,7 @@ pub fn rows_kind(variant: MatvecVariant, kind: WeightKind, k: usize) -> WeightKi
 pub fn uniform_x_bytes(ctx: &GpuContext, op: &LinearOp, variant: MatvecVariant, x_kind: WeightKind, k: usize) -> Option<u64> {
     let bytes = x_kind.uniform_bytes(k)?;
     let fits = bytes <= ctx.limits.max_uniform_buffer_binding_size && bytes <= op.x.buffer.size();
-    (variant == MatvecVariant::Rows && fits).then_some(bytes)
+    (matches!(variant, MatvecVariant::Rows | MatvecVariant::Windows) && fits).then_some(bytes)
 }
 
 /// The loop of `matvec_reduce` over the 32-value units of a row of quantised weights: invocation

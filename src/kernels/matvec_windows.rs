@@ -23,7 +23,7 @@ use crate::gpu::buffer::uniform;
 use crate::gpu::pipeline::Pipeline;
 use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, WeightKind};
 use crate::kernels::linear::{LinearForm, LinearOp};
-use crate::kernels::matvec::{MatvecEpilogue, MatvecParams};
+use crate::kernels::matvec::{MatvecEpilogue, MatvecParams, MatvecVariant, uniform_x_bytes};
 
 const SOURCE: &str = include_str!("../../shaders/matvec_windows.wgsl");
 
@@ -56,8 +56,6 @@ struct WindowParams {
 pub struct WindowPlan {
     /// Outputs per window: rows of W per window binding.
     pub outputs: usize,
-    /// Outputs per invocation, `⌈outputs / WINDOW_LANES⌉`.
-    pub per_lane: usize,
     /// Outputs of the op: N, or N / 2 where an output pairs two rows.
     pub nout: usize,
     /// Windows over the outputs, `⌈nout / outputs⌉`.
@@ -72,9 +70,16 @@ pub struct WindowPlan {
     pub f16: bool,
     /// Bytes of one row of W.
     pub row_bytes: u64,
+    /// Bytes of x bound as a uniform ([`uniform_x_bytes`]: K f32 values).
+    pub x_bytes: u64,
 }
 
 impl WindowPlan {
+    /// Outputs per invocation, `⌈outputs / WINDOW_LANES⌉`.
+    pub fn per_lane(&self) -> usize {
+        self.outputs.div_ceil(WINDOW_LANES)
+    }
+
     /// Window bindings per window: 2 where outputs pair rows, else 1.
     fn bindings(&self) -> usize {
         if self.paired { 2 } else { 1 }
@@ -117,7 +122,8 @@ pub fn window_plan(ctx: &GpuContext, op: &LinearOp, kind: WeightKind, epilogue: 
     let (k, n) = (op.w.cols, op.w.rows);
     let limits = &ctx.limits;
     let max_uniform = limits.max_uniform_buffer_binding_size;
-    if !k.is_multiple_of(16) || 4 * k as u64 > max_uniform.min(op.x.buffer.size()) {
+    let x_bytes = uniform_x_bytes(ctx, op, MatvecVariant::Windows, WeightKind::F32, k)?;
+    if !k.is_multiple_of(16) {
         return None;
     }
     let row_bytes = k as u64 * if f16 { 2 } else { 4 };
@@ -152,7 +158,7 @@ pub fn window_plan(ctx: &GpuContext, op: &LinearOp, kind: WeightKind, epilogue: 
     if matches!(epilogue, MatvecEpilogue::Norm(_)) && windows > NORM_WINDOWS_MAX {
         return None;
     }
-    let plan = WindowPlan { outputs, per_lane: outputs.div_ceil(WINDOW_LANES), nout, windows, paired, rope, f16, row_bytes };
+    let plan = WindowPlan { outputs, nout, windows, paired, rope, f16, row_bytes, x_bytes };
     // p, x and wp, the epilogue's uniforms (RoPE's step and rp, the norm's np), the windows.
     let per_dispatch = if matches!(epilogue, MatvecEpilogue::Norm(_)) { windows } else { windows.min(WINDOWS_PER_DISPATCH) };
     let uniforms = 3 + 2 + per_dispatch * plan.bindings();
@@ -184,7 +190,7 @@ pub fn window_decls(plan: &WindowPlan, k: usize, nw: usize, first_binding: usize
 /// says (as `matvec::rows_body` does: SwiGLU `silu(a) · b`, RoPE through `rope_pair`, the norm's
 /// sum of squares to `norm_hand_off` by every invocation, at index `wg.x · WINDOW_LANES + lid`).
 pub fn windows_entry(plan: &WindowPlan, k: usize, nw: usize, epilogue: &MatvecEpilogue) -> String {
-    let (rw, pl, steps) = (plan.outputs, plan.per_lane, k / 8);
+    let (rw, pl, steps) = (plan.outputs, plan.per_lane(), k / 8);
     let mut s = String::new();
     let _ = writeln!(s, "@compute @workgroup_size({WINDOW_LANES})");
     let _ = writeln!(s, "fn matvec_windows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
@@ -299,7 +305,7 @@ pub(crate) fn windows_dispatches(
             wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                 buffer: &op.x.buffer,
                 offset: 0,
-                size: wgpu::BufferSize::new(4 * k as u64),
+                size: wgpu::BufferSize::new(plan.x_bytes),
             }),
             wp.as_entire_binding(),
             bias.buffer.as_entire_binding(),
@@ -308,8 +314,7 @@ pub(crate) fn windows_dispatches(
         resources.extend(extra.iter().cloned());
         for g in win0..win0 + nw {
             let (a, b) = plan.rows_of(g);
-            let rows = if plan.paired { [a, b].to_vec() } else { vec![a] };
-            for row in rows {
+            for row in [a, b].into_iter().take(plan.bindings()) {
                 resources.push(wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: &chunk.buffer,
                     offset: row as u64 * plan.row_bytes,
@@ -355,7 +360,7 @@ mod tests {
             let x = GpuTensor::zeros(&ctx, "x", DType::F32, &[k]).unwrap();
             let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
             let kind = crate::kernels::choice::weight_kind(&ctx, dtype);
-            window_plan(&ctx, &LinearOp::new(&x, 1, &w, &y), kind, epilogue).map(|p| (p.outputs, p.per_lane, p.nout, p.windows))
+            window_plan(&ctx, &LinearOp::new(&x, 1, &w, &y), kind, epilogue).map(|p| (p.outputs, p.per_lane(), p.nout, p.windows))
         };
         let store = MatvecEpilogue::Store;
         assert_eq!(plan(49152, 576, DType::F16, &store), Some((56, 7, 49152, 878)));
