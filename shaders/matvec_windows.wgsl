@@ -3,7 +3,9 @@
 // window of whole rows of W bound as a uniform buffer of at most the adapter's uniform binding
 // size. On lavapipe a uniform load whose offset varies by lane is a branchless gather, where a
 // storage load is a loop over the lanes with a bounds branch per component (BENCHMARKS.md,
-// Kernels, "W through uniform windows").
+// Kernels, "W through uniform windows"). The windows are cut from W's copy in the eight-row
+// interleaved layout (shaders/interleave8.wgsl), so the eight invocations' loads at one step are
+// adjacent in memory.
 //
 // Placeholders (filled from Rust, `matvec_windows`): X_VEC4, the vec4 of x; EPILOGUE_DECL as in
 // matvec.wgsl; WINDOW_DECLS, the window bindings `wa{c}` (and `wb{c}` for the epilogues that

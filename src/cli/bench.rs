@@ -153,6 +153,7 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
             "memory": {
                 "peak_gpu_bytes": peak,
                 "weights_bytes": model.weights.byte_len(),
+                "interleaved_bytes": model.weights.interleaved_bytes(),
                 "kv_bytes": kv_bytes,
             },
             "profiled": profiler.is_some(),
@@ -179,9 +180,13 @@ pub fn run(gpu: &GpuOptions, args: BenchArgs) -> Result<()> {
         }
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         println!(
-            "peak GPU memory {:.1} MiB (weights {:.1} MiB, KV cache {:.1} MiB, the rest activations and logits)",
+            "peak GPU memory {:.1} MiB (weights {:.1} MiB{}, KV cache {:.1} MiB, the rest activations and logits)",
             mib(peak),
             mib(model.weights.byte_len()),
+            match model.weights.interleaved_bytes() {
+                0 => String::new(),
+                b => format!(" with {:.1} MiB of interleaved copies for the windows GEMV", mib(b)),
+            },
             mib(kv_bytes)
         );
         println!("matrices: {} ({:.2} bits per weight)", model.weights.format_summary(), model.weights.bits_per_weight());

@@ -1,6 +1,8 @@
 //! Weight matrices on the GPU, split by rows over several buffers when one binding cannot hold
 //! them (lavapipe binds at most 128 MiB; a 128k x 2048 f16 embedding table is 512 MiB).
 
+use std::sync::{Arc, OnceLock};
+
 use super::{DType, GpuContext, GpuError, GpuTensor, WeightKind};
 use crate::model::quant::{HostBlocks, QuantType};
 
@@ -17,6 +19,10 @@ pub struct MatrixChunk {
     pub rows: usize,
     /// The block type when the chunk holds quantised blocks; `None` for f32/f16 values.
     pub quant: Option<QuantType>,
+    /// A second copy of a dense chunk in the decode GEMV's eight-row interleaved layout, built on
+    /// the first use of the windows GEMV (`kernels::matvec_windows::interleaved8`); empty until
+    /// then and for every other kernel. Shared by the chunk's clones.
+    pub interleaved8: Arc<OnceLock<GpuTensor>>,
 }
 
 impl MatrixChunk {
@@ -181,7 +187,7 @@ impl GpuMatrix {
                     (GpuTensor::from_u32(ctx, &name, &[words.len()], &words)?, Some(*ty))
                 }
             };
-            chunks.push(MatrixChunk { tensor, row0, rows: n, quant });
+            chunks.push(MatrixChunk { tensor, row0, rows: n, quant, interleaved8: Arc::default() });
         }
         Ok(GpuMatrix { label: label.to_string(), rows: total, cols, dtype, chunks })
     }
@@ -202,5 +208,11 @@ impl GpuMatrix {
     /// Bytes of weights (what one full read of the matrix costs).
     pub fn byte_len(&self) -> u64 {
         self.chunks.iter().map(|c| c.tensor.byte_len() as u64).sum()
+    }
+
+    /// Bytes of the chunks' interleaved copies built so far ([`MatrixChunk::interleaved8`]): 0
+    /// until the windows GEMV first reads the matrix, then as much again as [`GpuMatrix::byte_len`].
+    pub fn interleaved_bytes(&self) -> u64 {
+        self.chunks.iter().filter_map(|c| c.interleaved8.get()).map(|t| t.byte_len() as u64).sum()
     }
 }

@@ -186,8 +186,9 @@ fn choose(
 }
 
 /// The way choices are measured, in the cache key: a choice measured another way (before the
-/// alternated medians and the tie margin) is measured again.
-const METHOD: &str = "paired-medians-tie5-read10-short32-xbcast8x8-cpuwide1st";
+/// alternated medians and the tie margin, or against the windows GEMV before it read the
+/// interleaved layout: `il8`) is measured again.
+const METHOD: &str = "paired-medians-tie5-read10-short32-xbcast8x8-cpuwide1st-il8";
 
 /// The on-disk cache key: the adapter and driver, the candidates of every family and the
 /// measuring [`METHOD`], so that a choice measured before a variant existed is measured again.

@@ -700,22 +700,26 @@ mod tests {
     use crate::kernels::step::{StepBuffer, StepParams};
     use crate::kernels::testing::{assert_close, random_vec, round_f16, weight_kinds};
 
-    /// Whether `variant` must read W (`k` columns of `dtype`, at least eight rows) through uniform
-    /// windows on this adapter: `windows`, the model's K = 576, and eight rows fitting one
-    /// uniform binding at an offset the adapter allows (as on lavapipe).
-    fn windowed(ctx: &GpuContext, variant: MatvecVariant, dtype: DType, k: usize) -> bool {
+    /// Whether `variant` must read W (`k` columns of `dtype`, `outputs` outputs) through uniform
+    /// windows on this adapter: `windows`, the model's K = 576, outputs a positive multiple of
+    /// eight, and eight rows fitting one uniform binding at an offset the adapter allows (as on
+    /// lavapipe).
+    fn windowed(ctx: &GpuContext, variant: MatvecVariant, dtype: DType, k: usize, outputs: usize) -> bool {
         let row = (k * dtype.size()) as u64;
         let limits = &ctx.limits;
         variant == MatvecVariant::Windows
             && k == 576
+            && outputs > 0
+            && outputs.is_multiple_of(8)
             && matches!(dtype, DType::F32 | DType::F16)
             && row.is_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment))
             && limits.max_uniform_buffer_binding_size / row >= 8
     }
 
-    /// Asserts that `ds` ran through windows where [`windowed`] says they must.
-    fn assert_windowed(ctx: &GpuContext, ds: &[Dispatch], variant: MatvecVariant, w: &GpuMatrix, what: &str) {
-        if w.format() == w.dtype.to_string() && w.chunks.len() == 1 && windowed(ctx, variant, w.dtype, w.cols) {
+    /// Asserts that `ds` ran through windows where [`windowed`] says they must (`outputs`: W's rows,
+    /// or half of them where an epilogue pairs rows).
+    fn assert_windowed(ctx: &GpuContext, ds: &[Dispatch], variant: MatvecVariant, w: &GpuMatrix, outputs: usize, what: &str) {
+        if w.format() == w.dtype.to_string() && w.chunks.len() == 1 && windowed(ctx, variant, w.dtype, w.cols, outputs) {
             assert!(ds.iter().all(|d| d.family() == "matvec_windows"), "{what}: read through uniform windows");
         }
     }
@@ -755,7 +759,7 @@ mod tests {
         let gy = GpuTensor::from_f32(ctx, "y", &[y_len], &y0).unwrap();
         let op = LinearOp::new(&gx, 1, &gw, &gy).bias(with_bias.then_some(&gb)).y_col0(y_col0).accumulate(accumulate).kind(kind);
         let ds = matvec(ctx, "mv", &op, variant).unwrap();
-        assert_windowed(ctx, &ds, variant, &gw, &format!("matvec {} n={n} k={k}", kind.name()));
+        assert_windowed(ctx, &ds, variant, &gw, n, &format!("matvec {} n={n} k={k}", kind.name()));
         let refs: Vec<&Dispatch> = ds.iter().collect();
         ctx.run("test", &refs).unwrap();
         let got = gy.read_f32(ctx).unwrap();
@@ -774,7 +778,7 @@ mod tests {
         let ctx = test_context();
         for variant in MatvecVariant::available(&ctx) {
             for kind in weight_kinds(&ctx) {
-                for (n, k) in [(1, 1), (7, 7), (257, 257), (13, 1757), (1757, 12), (5, 8), (3, 56), (2, 16), (300, 576)] {
+                for (n, k) in [(1, 1), (7, 7), (257, 257), (13, 1757), (1757, 12), (5, 8), (3, 56), (2, 16), (300, 576), (296, 576)] {
                     check(&ctx, &case(n, k), kind, variant);
                 }
             }
@@ -896,7 +900,7 @@ mod tests {
             op = op.kind(kind);
         }
         let ds = matvec_with(ctx, "mv", &op, variant, MatvecEpilogue::SwiGlu).unwrap();
-        assert_windowed(ctx, &ds, variant, w, what);
+        assert_windowed(ctx, &ds, variant, w, n / 2, what);
         ctx.run("test", &ds.iter().collect::<Vec<_>>()).unwrap();
         let got = gy.read_f32(ctx).unwrap();
         let product = matvec_ref(&x, wv, n, k, None);
@@ -914,7 +918,7 @@ mod tests {
     fn swiglu_epilogue_matches_matvec_then_swiglu() {
         let ctx = test_context();
         for kind in weight_kinds(&ctx) {
-            for (n, k) in [(2, 8), (14, 576), (262, 64), (6, 37), (3072, 576)] {
+            for (n, k) in [(2, 8), (14, 576), (262, 64), (6, 37), (208, 576), (3072, 576)] {
                 let mut wv = random_vec(n * k, (n + k) as u64);
                 let w = GpuMatrix::upload(&ctx, "w", n, k, &wv, kind.dtype()).unwrap();
                 if kind.dtype() == DType::F16 {
@@ -973,7 +977,7 @@ mod tests {
         }
         let ne = NormEpilogue { weight: &gw, out: &out, eps: 1e-5 };
         let ds = matvec_with(ctx, "mv", &op, variant, MatvecEpilogue::Norm(&ne)).unwrap();
-        assert_windowed(ctx, &ds, variant, w, &what);
+        assert_windowed(ctx, &ds, variant, w, n, &what);
         let list: Vec<&Dispatch> = std::iter::repeat_n(ds.iter(), runs).flatten().collect();
         ctx.run("test", &list).unwrap();
         let product = matvec_ref(&x, wv, n, k, bias.then_some(&b[..]));
@@ -1147,7 +1151,7 @@ mod tests {
             let rope = RopeQkvOp { qkv: &y, rows: 1, row0: 0, shape, tables: &tables, step: &step, q_out: &q, k_cache: &kc, v_cache: &vc };
             let ds = if fused {
                 let ds = matvec_with(ctx, "mv", &op, variant, MatvecEpilogue::Rope(&rope)).unwrap();
-                assert_windowed(ctx, &ds, variant, w, "rope");
+                assert_windowed(ctx, &ds, variant, w, n / 2, "rope");
                 ds
             } else {
                 let mut ds = matvec(ctx, "mv", &op, MatvecVariant::Rows).unwrap();

@@ -5,6 +5,16 @@
 //! up to [`WINDOWS_PER_DISPATCH`] windows, one binding each (two where an output pairs two rows of
 //! W), its workgroup picking its own through a `switch`.
 //!
+//! The windows are cut from a second copy of W in an eight-row interleaved layout
+//! ([`interleave8`]), built on the first use and kept with the matrix
+//! ([`crate::gpu::MatrixChunk::interleaved8`]): invocation `l` of a workgroup reads rows `l`,
+//! `l + 8`, .. of its window, and in that layout the eight invocations' values at one step lie side
+//! by side (128 bytes of f16), where in the row-major layout they lie a row apart. On lavapipe that
+//! halved the time of f16 products that do not fit the caches (the LM head: 20.5 ms to 8.4–10 ms)
+//! and cut f32's by a quarter (BENCHMARKS.md, Kernels, "Interleaved rows"). The cost is memory: a
+//! model whose products run through windows (a CPU adapter's measured choice) holds its dense
+//! weights twice.
+//!
 //! Why: on lavapipe (Mesa 25.0) a storage load whose offset is not a constant is a loop over the
 //! SIMD lanes with a bounds branch per component, while a uniform load is a branchless gather;
 //! a GEMV there is bound by those per-lane loads, not by memory (BENCHMARKS.md, Kernels, "W through
@@ -20,18 +30,21 @@ use std::sync::Arc;
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::buffer::uniform;
-use crate::gpu::pipeline::Pipeline;
-use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, WeightKind};
+use crate::gpu::dispatch::grid;
+use crate::gpu::pipeline::{Pipeline, ShaderVariant};
+use crate::gpu::{Cost, DType, Dispatch, GpuContext, GpuError, GpuTensor, MatrixChunk, WeightKind};
+use crate::kernels::checks::invalid;
 use crate::kernels::linear::{LinearForm, LinearOp};
 use crate::kernels::matvec::{MatvecEpilogue, MatvecParams, MatvecVariant, uniform_x_bytes};
 
 const SOURCE: &str = include_str!("../../shaders/matvec_windows.wgsl");
+const INTERLEAVE_SOURCE: &str = include_str!("../../shaders/interleave8.wgsl");
 
 /// Invocations per workgroup: one SIMD group of lavapipe's 256-bit code (eight 32-bit lanes).
 pub const WINDOW_LANES: usize = 8;
 /// Most outputs one invocation computes (one f32 accumulator each, two with a paired epilogue),
 /// so a window holds at most `WINDOW_LANES * 7` = 56 outputs: 56 rows of f16 at K = 576 fill
-/// 63 KiB.
+/// 63 KiB. (4 and 3 measured no better for f16 on lavapipe: BENCHMARKS.md.)
 pub const WINDOW_MAX_PER_LANE: usize = 7;
 /// Most windows one dispatch binds. Each is a case of the shader's `switch` with its own copy of
 /// the loop over K, and LLVM's compile time grows faster than the case count (a prototype: 0.3 s
@@ -106,7 +119,8 @@ impl WindowPlan {
 /// The windows of `op` read as `kind` with `epilogue` on `ctx`, or `None` where the op does not
 /// suit them and the caller reads W from storage instead: the forward form of one row over all
 /// of W in one chunk of f32 or f16 (not quantised) weights; K % 16 == 0 and x small enough for a
-/// uniform binding; rows whose byte length is a multiple of the adapter's
+/// uniform binding; outputs (N, or N / 2 where paired) a multiple of [`WINDOW_LANES`], so that
+/// every window starts at a group of the eight-row interleaved layout ([`interleave8`]); rows whose byte length is a multiple of the adapter's
 /// `min_uniform_buffer_offset_alignment`, at least [`WINDOW_LANES`] of which fit one uniform
 /// binding (or all of them where N is smaller); for RoPE a multiple of 8 outputs that divides
 /// half a head; for the norm epilogue at most [`NORM_WINDOWS_MAX`] windows; and enough uniform
@@ -134,7 +148,7 @@ pub fn window_plan(ctx: &GpuContext, op: &LinearOp, kind: WeightKind, epilogue: 
     let fit = (max_uniform / row_bytes).min((WINDOW_LANES * WINDOW_MAX_PER_LANE) as u64) as usize;
     let paired = matches!(epilogue, MatvecEpilogue::SwiGlu | MatvecEpilogue::Rope(_));
     let nout = if paired { n / 2 } else { n };
-    if nout == 0 {
+    if nout == 0 || !nout.is_multiple_of(WINDOW_LANES) {
         return None;
     }
     let (outputs, rope) = match epilogue {
@@ -185,7 +199,9 @@ pub fn window_decls(plan: &WindowPlan, k: usize, nw: usize, first_binding: usize
 }
 
 /// The WGSL entry point `matvec_windows` for `nw` windows: workgroup c reads window c's rows
-/// (invocation `lid` rows `lid · per_lane ..`, clamped into the window) against x eight values a
+/// (invocation `lid` rows `lid`, `lid + 8`, .. `lid + 8 · (per_lane - 1)`, read from the
+/// eight-row interleaved layout of [`interleave8`]: the group of row `8j + lid` starts at
+/// `8j · K` values, its eight values of step kk at `+ 64 · kk + 8 · lid`) against x eight values a
 /// step in one f32 accumulator per row, then stores the outputs its window owns as `epilogue`
 /// says (as `matvec::rows_body` does: SwiGLU `silu(a) · b`, RoPE through `rope_pair`, the norm's
 /// sum of squares to `norm_hand_off` by every invocation, at index `wg.x · WINDOW_LANES + lid`).
@@ -200,9 +216,8 @@ pub fn windows_entry(plan: &WindowPlan, k: usize, nw: usize, epilogue: &MatvecEp
     } else {
         let _ = writeln!(s, "    let ob = min(g * {rw}u, wp.nout - {rw}u);");
     }
-    let _ = writeln!(s, "    let l0 = lid * {pl}u;");
     for j in 0..pl {
-        let _ = writeln!(s, "    let i{j} = min(l0 + {j}u, {}u) * {steps}u;", rw - 1);
+        let _ = writeln!(s, "    let i{j} = {}u + lid;", j * WINDOW_LANES * steps);
         let _ = writeln!(s, "    var a{j} = 0.0;");
         if plan.paired {
             let _ = writeln!(s, "    var b{j} = 0.0;");
@@ -210,9 +225,9 @@ pub fn windows_entry(plan: &WindowPlan, k: usize, nw: usize, epilogue: &MatvecEp
     }
     let dot = |w: &str, j: usize| {
         if plan.f16 {
-            format!("dot8_f16({w}[i{j} + kk], xa, xb)")
+            format!("dot8_f16({w}[i{j} + kk * {WINDOW_LANES}u], xa, xb)")
         } else {
-            format!("dot({w}[2u * (i{j} + kk)], xa) + dot({w}[2u * (i{j} + kk) + 1u], xb)")
+            format!("dot({w}[2u * (i{j} + kk * {WINDOW_LANES}u)], xa) + dot({w}[2u * (i{j} + kk * {WINDOW_LANES}u) + 1u], xb)")
         }
     };
     let _ = writeln!(s, "    switch wg.x {{");
@@ -236,8 +251,8 @@ pub fn windows_entry(plan: &WindowPlan, k: usize, nw: usize, epilogue: &MatvecEp
         let _ = writeln!(s, "    var ss = 0.0;");
     }
     for j in 0..pl {
-        let _ = writeln!(s, "    let o{j} = ob + l0 + {j}u;");
-        let owned = format!("l0 + {j}u < {rw}u && o{j} >= g * {rw}u && o{j} < wp.nout");
+        let _ = writeln!(s, "    let o{j} = ob + {}u + lid;", j * WINDOW_LANES);
+        let owned = format!("o{j} >= g * {rw}u && o{j} < wp.nout");
         let body = match epilogue {
             MatvecEpilogue::Store => format!("store(o{j}, a{j});"),
             MatvecEpilogue::SwiGlu => format!("store(o{j}, a{j} * sigmoid(a{j}) * b{j});"),
@@ -259,11 +274,12 @@ pub fn windows_entry(plan: &WindowPlan, k: usize, nw: usize, epilogue: &MatvecEp
 /// The dispatches of `op` through the windows of `plan`: groups of up to [`WINDOWS_PER_DISPATCH`]
 /// windows (all of them in one for the norm epilogue), named `label`, `label#2`, ..; bindings
 /// p, x (a uniform of K f32), wp, bias (x when absent), y, `extra` (the epilogue's operands,
-/// declared by `epilogue_decl` from binding 5) and the windows. `params` is the op's
+/// declared by `epilogue_decl` from binding 5) and the windows, cut from W's interleaved copy
+/// ([`interleaved8`], built here on the first call for this W). `params` is the op's
 /// [`MatvecParams`] (rows = outputs).
 ///
 /// # Errors
-/// A pipeline build error as [`GpuError::Device`].
+/// A pipeline build error as [`GpuError::Device`]; building the interleaved copy's errors.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn windows_dispatches(
     ctx: &GpuContext,
@@ -276,7 +292,7 @@ pub(crate) fn windows_dispatches(
     params: MatvecParams,
 ) -> Result<Vec<Dispatch>, GpuError> {
     let k = op.w.cols;
-    let chunk = &op.w.chunks[0].tensor;
+    let chunk = interleaved8(ctx, label, &op.w.chunks[0], k)?;
     let first_binding = 5 + extra.len();
     let per_dispatch = if matches!(epilogue, MatvecEpilogue::Norm(_)) { plan.windows } else { WINDOWS_PER_DISPATCH };
     let mut pipelines: Vec<(usize, Arc<Pipeline>)> = Vec::new();
@@ -331,6 +347,96 @@ pub(crate) fn windows_dispatches(
     Ok(out)
 }
 
+/// Uniform `p` of `shaders/interleave8.wgsl` (`struct InterleaveParams`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+struct InterleaveParams {
+    n: u32,
+    row_words: u32,
+    chunk_words: u32,
+    _pad: u32,
+}
+
+/// The words of one chunk of eight values of `dtype` (8 for f32, 4 for f16), or `None` for a
+/// dtype the layout does not take.
+fn chunk_words(dtype: DType) -> Option<usize> {
+    match dtype {
+        DType::F32 => Some(8),
+        DType::F16 => Some(4),
+        _ => None,
+    }
+}
+
+/// The dispatch that writes `dst` as `src` (`[rows, cols]` f32 or f16, row-major) in the decode
+/// GEMV's eight-row interleaved layout: rows in groups of [`WINDOW_LANES`], each group stored
+/// chunk by chunk of eight values, the group's eight rows' chunk c side by side. Value
+/// `(r, k)` sits at value index `(r / 8) · 8 · cols + (k / 8) · 64 + (r % 8) · 8 + k % 8`
+/// ([`interleave8_ref`]). So the eight invocations of a windows workgroup, each reading its own
+/// row, read 8 · 8 adjacent values: 128 bytes of f16 in two cache lines, where the row-major
+/// layout puts them in eight lines `cols` values apart (BENCHMARKS.md, Kernels, "Interleaved
+/// rows"). llama.cpp's CPU backend repacks its quantised weights the same way for its SIMD
+/// kernels (`block_q4_0x8`).
+///
+/// # Errors
+/// [`GpuError::InvalidArgument`] naming `label` when the dtypes or sizes differ, rows % 8 != 0,
+/// cols % 8 != 0, or the word count exceeds u32.
+pub fn interleave8(
+    ctx: &GpuContext,
+    label: &str,
+    src: &GpuTensor,
+    rows: usize,
+    cols: usize,
+    dst: &GpuTensor,
+) -> Result<Dispatch, GpuError> {
+    let cw = chunk_words(src.dtype).ok_or_else(|| invalid(label, format!("interleave8 takes f32 or f16 values, not {:?}", src.dtype)))?;
+    if dst.dtype != src.dtype || src.numel() != rows * cols || dst.numel() != rows * cols {
+        return Err(invalid(label, format!("interleave8 needs src and dst of {rows}x{cols} {:?} values", src.dtype)));
+    }
+    if !rows.is_multiple_of(WINDOW_LANES) || !cols.is_multiple_of(8) {
+        return Err(invalid(label, format!("interleave8 needs rows and cols multiples of 8, not {rows}x{cols}")));
+    }
+    let row_words = cols * cw / 8;
+    let n = u32::try_from(rows * row_words).map_err(|_| invalid(label, format!("{rows}x{cols} is more words than u32 counts")))?;
+    let pipeline = ctx.pipeline(&ShaderVariant::new("interleave8", INTERLEAVE_SOURCE, "interleave8"))?;
+    let u = uniform(ctx, label, &InterleaveParams { n, row_words: row_words as u32, chunk_words: cw as u32, _pad: 0 });
+    Ok(Dispatch::new(
+        ctx,
+        &pipeline,
+        label,
+        &[u.as_entire_binding(), src.buffer.as_entire_binding(), dst.buffer.as_entire_binding()],
+        grid(n.div_ceil(64)),
+        Cost { flops: 0, bytes: 8 * u64::from(n) },
+    ))
+}
+
+/// CPU reference of [`interleave8`] on `[rows, cols]` values (rows and cols multiples of 8).
+pub fn interleave8_ref<T: Copy>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = src.to_vec();
+    for r in 0..rows {
+        for k in 0..cols {
+            out[(r / 8) * 8 * cols + (k / 8) * 64 + (r % 8) * 8 + k % 8] = src[r * cols + k];
+        }
+    }
+    out
+}
+
+/// `chunk`'s rows in the eight-row interleaved layout ([`interleave8`]) for the windows GEMV:
+/// built on first use into `chunk.interleaved8` (one more copy of the chunk's bytes on the
+/// adapter, run and waited for here), then shared.
+///
+/// # Errors
+/// As [`interleave8`]; buffer creation errors.
+pub fn interleaved8<'a>(ctx: &GpuContext, label: &str, chunk: &'a MatrixChunk, cols: usize) -> Result<&'a GpuTensor, GpuError> {
+    if let Some(t) = chunk.interleaved8.get() {
+        return Ok(t);
+    }
+    let src = &chunk.tensor;
+    let dst = GpuTensor::zeros(ctx, &format!("{label}.interleaved8"), src.dtype, &[chunk.rows, cols])?;
+    let d = interleave8(ctx, &format!("{label}.interleave8"), src, chunk.rows, cols, &dst)?;
+    ctx.run(label, &[&d])?;
+    Ok(chunk.interleaved8.get_or_init(|| dst))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,8 +473,11 @@ mod tests {
         assert_eq!(plan(49152, 576, DType::F32, &store), Some((24, 3, 49152, 2048)));
         assert_eq!(plan(3072, 576, DType::F16, &MatvecEpilogue::SwiGlu), Some((56, 7, 1536, 28)));
         assert_eq!(plan(3072, 576, DType::F32, &MatvecEpilogue::SwiGlu), Some((24, 3, 1536, 64)));
-        // Fewer rows than a window: one window of all of them.
-        assert_eq!(plan(5, 576, DType::F16, &store), Some((5, 1, 5, 1)));
+        // Fewer rows than a window: one window of all of them; outputs not a multiple of eight
+        // (no whole groups of the interleaved layout): rows.
+        assert_eq!(plan(40, 576, DType::F16, &store), Some((40, 5, 40, 1)));
+        assert_eq!(plan(5, 576, DType::F16, &store), None);
+        assert_eq!(plan(3068, 576, DType::F16, &MatvecEpilogue::SwiGlu), None);
         let gamma = GpuTensor::zeros(&ctx, "gamma", DType::F32, &[1032]).unwrap();
         let out = GpuTensor::zeros(&ctx, "out", DType::F32, &[1032]).unwrap();
         let norm = MatvecEpilogue::Norm(&NormEpilogue { weight: &gamma, out: &out, eps: 1e-5 });
@@ -383,14 +492,14 @@ mod tests {
 
     /// Quantised and split weights are not read through windows; the LM head's many windows
     /// take several dispatches of at most WINDOWS_PER_DISPATCH windows, whose products match
-    /// the `rows` kernel's.
+    /// the `rows` kernel's; the first builds W's interleaved copy, which the second reuses.
     #[test]
     fn windows_fall_back_and_split_into_dispatches() {
         let ctx = test_context();
         if !lavapipe_like(&ctx) {
             return;
         }
-        let (n, k) = (56 * WINDOWS_PER_DISPATCH + 61, 576);
+        let (n, k) = (56 * WINDOWS_PER_DISPATCH + 64, 576);
         let x = GpuTensor::from_f32(&ctx, "x", &[k], &random_vec(k, 2)).unwrap();
         for dtype in [DType::F16, DType::F32] {
             let w = GpuMatrix::upload(&ctx, "w", n, k, &random_vec(n * k, 3), dtype).unwrap();
@@ -399,6 +508,10 @@ mod tests {
                 let y = GpuTensor::zeros(&ctx, "y", DType::F32, &[n]).unwrap();
                 let ds = crate::kernels::matvec::matvec(&ctx, "lm_head", &LinearOp::new(&x, 1, &w, &y), variant).unwrap();
                 if variant == MatvecVariant::Windows {
+                    let copy = w.chunks[0].interleaved8.get().expect("built by the first windows dispatch list");
+                    let again = crate::kernels::matvec::matvec(&ctx, "lm_head", &LinearOp::new(&x, 1, &w, &y), variant).unwrap();
+                    assert_eq!(again.len(), ds.len());
+                    assert!(std::ptr::eq(copy, w.chunks[0].interleaved8.get().unwrap()), "the copy is built once");
                     let per_row = if dtype == DType::F16 { 56 } else { 24 };
                     assert_eq!(ds.len(), n.div_ceil(per_row).div_ceil(WINDOWS_PER_DISPATCH), "{dtype}");
                     assert!(ds.iter().all(|d| d.family() == "matvec_windows"));
@@ -423,5 +536,26 @@ mod tests {
         assert_eq!(window_plan(&split, &op, WeightKind::F32, &MatvecEpilogue::Store), None);
         let ds = crate::kernels::matvec::matvec(&split, "mv", &op, MatvecVariant::Windows).unwrap();
         assert!(ds.iter().all(|d| d.family() == "matvec"), "split weights run the rows kernel");
+        assert!(ws.chunks.iter().all(|c| c.interleaved8.get().is_none()), "and build no interleaved copy");
+    }
+
+    /// The interleaving kernel against its reference, f32 and f16, and its
+    /// argument checks.
+    #[test]
+    fn interleave8_matches_reference() {
+        let ctx = test_context();
+        let (rows, cols) = (24, 40);
+        let v = random_vec(rows * cols, 11);
+        let src = GpuTensor::from_f32(&ctx, "src", &[rows, cols], &v).unwrap();
+        let dst = GpuTensor::zeros(&ctx, "dst", DType::F32, &[rows, cols]).unwrap();
+        ctx.run("test", &[&interleave8(&ctx, "il", &src, rows, cols, &dst).unwrap()]).unwrap();
+        assert_eq!(dst.read_f32(&ctx).unwrap(), interleave8_ref(&v, rows, cols));
+        let src16 = GpuTensor::from_f32_as(&ctx, "src", &[rows, cols], &v, DType::F16).unwrap();
+        let dst16 = GpuTensor::zeros(&ctx, "dst", DType::F16, &[rows, cols]).unwrap();
+        ctx.run("test", &[&interleave8(&ctx, "il", &src16, rows, cols, &dst16).unwrap()]).unwrap();
+        assert_eq!(dst16.read_f32(&ctx).unwrap(), interleave8_ref(&src16.read_f32(&ctx).unwrap(), rows, cols));
+        let e = interleave8(&ctx, "il", &src, 12, 80, &GpuTensor::zeros(&ctx, "d", DType::F32, &[12, 80]).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("multiples of 8"), "{e}");
+        assert!(interleave8(&ctx, "il", &src, rows, cols, &dst16).is_err(), "dtypes differ");
     }
 }

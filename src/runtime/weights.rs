@@ -401,9 +401,15 @@ impl GpuWeights {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Bytes of all matrices and vectors on the GPU.
+    /// Bytes of the interleaved copies of matrices that the windows GEMV built so far
+    /// ([`GpuMatrix::interleaved_bytes`]; a tied embedding table counted once).
+    pub fn interleaved_bytes(&self) -> u64 {
+        self.matrices().map(GpuMatrix::interleaved_bytes).sum()
+    }
+
+    /// Bytes of all matrices and vectors on the GPU, the interleaved copies built so far included.
     pub fn byte_len(&self) -> u64 {
-        let mut total = self.matrix_bytes() + self.final_norm.byte_len() as u64;
+        let mut total = self.matrix_bytes() + self.interleaved_bytes() + self.final_norm.byte_len() as u64;
         for l in &self.layers {
             total += (l.attn_norm.byte_len() + l.ffn_norm.byte_len()) as u64;
             total += l.qkv_bias.as_ref().map_or(0, |b| b.byte_len() as u64);
