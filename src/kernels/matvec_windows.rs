@@ -120,11 +120,12 @@ impl WindowPlan {
 /// suit them and the caller reads W from storage instead: the forward form of one row over all
 /// of W in one chunk of f32 or f16 (not quantised) weights; K % 16 == 0 and x small enough for a
 /// uniform binding; outputs (N, or N / 2 where paired) a multiple of [`WINDOW_LANES`], so that
-/// every window starts at a group of the eight-row interleaved layout ([`interleave8`]); rows whose byte length is a multiple of the adapter's
-/// `min_uniform_buffer_offset_alignment`, at least [`WINDOW_LANES`] of which fit one uniform
-/// binding (or all of them where N is smaller); for RoPE a multiple of 8 outputs that divides
-/// half a head; for the norm epilogue at most [`NORM_WINDOWS_MAX`] windows; and enough uniform
-/// buffers per shader stage for a dispatch's bindings.
+/// every window starts at a group of the eight-row interleaved layout ([`interleave8`]); rows
+/// whose byte length is a multiple of the adapter's `min_uniform_buffer_offset_alignment`, at
+/// least [`WINDOW_LANES`] of which fit one uniform binding (or all of them where N is smaller);
+/// for RoPE a multiple of 8 outputs that divides half a head; for the norm epilogue at most
+/// [`NORM_WINDOWS_MAX`] windows; and enough uniform buffers per shader stage for a dispatch's
+/// bindings.
 pub fn window_plan(ctx: &GpuContext, op: &LinearOp, kind: WeightKind, epilogue: &MatvecEpilogue) -> Option<WindowPlan> {
     if op.form != LinearForm::XWt || op.rows != 1 || op.w_rows.is_some() || op.w.chunks.len() != 1 {
         return None;
@@ -374,8 +375,8 @@ fn chunk_words(dtype: DType) -> Option<usize> {
 /// ([`interleave8_ref`]). So the eight invocations of a windows workgroup, each reading its own
 /// row, read 8 · 8 adjacent values: 128 bytes of f16 in two cache lines, where the row-major
 /// layout puts them in eight lines `cols` values apart (BENCHMARKS.md, Kernels, "Interleaved
-/// rows"). llama.cpp's CPU backend repacks its quantised weights the same way for its SIMD
-/// kernels (`block_q4_0x8`).
+/// rows"). llama.cpp's CPU backend likewise repacks quantised weights, rows interleaved in
+/// groups, for its SIMD kernels (`block_q4_0x8`).
 ///
 /// # Errors
 /// [`GpuError::InvalidArgument`] naming `label` when the dtypes or sizes differ, rows % 8 != 0,
