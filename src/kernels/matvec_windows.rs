@@ -423,7 +423,8 @@ pub fn interleave8_ref<T: Copy>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
 
 /// `chunk`'s rows in the eight-row interleaved layout ([`interleave8`]) for the windows GEMV:
 /// built on first use into `chunk.interleaved8` (one more copy of the chunk's bytes on the
-/// adapter, run and waited for here), then shared.
+/// adapter; the kernel warmed through [`GpuContext::warm_up`], then run and waited for here),
+/// then shared.
 ///
 /// # Errors
 /// As [`interleave8`]; buffer creation errors.
@@ -434,6 +435,9 @@ pub fn interleaved8<'a>(ctx: &GpuContext, label: &str, chunk: &'a MatrixChunk, c
     let src = &chunk.tensor;
     let dst = GpuTensor::zeros(ctx, &format!("{label}.interleaved8"), src.dtype, &[chunk.rows, cols])?;
     let d = interleave8(ctx, &format!("{label}.interleave8"), src, chunk.rows, cols, &dst)?;
+    // Warmed like every other pipeline (the run that prepares a step must leave none cold), then
+    // run whole.
+    ctx.warm_up([&d])?;
     ctx.run(label, &[&d])?;
     Ok(chunk.interleaved8.get_or_init(|| dst))
 }
